@@ -1,0 +1,63 @@
+//! The admin listener: `GET /metrics` (Prometheus text), `/healthz` (the process
+//! runs), `/readyz` (accepting traffic; 503 while draining). Nothing else.
+
+use crate::server::Gateway;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::{body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::{convert::Infallible, sync::Arc, time::Duration};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Admin requests are tiny; a scraper that takes longer than this is cut off.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Concurrent admin connections, at most; more wait in the kernel backlog.
+const MAX_ADMIN_CONNECTIONS: usize = 64;
+
+pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, stop: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    loop {
+        let permit = tokio::select! {
+            _ = stop.cancelled() => return,
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+        };
+        let tcp = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok((tcp, _)) => tcp,
+                Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue; }
+            },
+        };
+        let gw = gw.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let service = service_fn(move |req| {
+                let gw = gw.clone();
+                async move { Ok::<_, Infallible>(answer(&gw, &req)) }
+            });
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(ADMIN_TIMEOUT)
+                .max_buf_size(16 * 1024)
+                .serve_connection(TokioIo::new(tcp), service);
+            let _ = tokio::time::timeout(ADMIN_TIMEOUT * 3, conn).await;
+        });
+    }
+}
+
+fn answer(gw: &Gateway, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let (status, ctype, body) = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => (StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", gw.metrics.render()),
+        (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", "ok\n".to_string()),
+        (&Method::GET, "/readyz") if gw.is_draining() => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n".to_string()),
+        (&Method::GET, "/readyz") => (StatusCode::OK, "text/plain", "ready\n".to_string()),
+        (&Method::GET, _) => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_string()),
+        _ => (StatusCode::METHOD_NOT_ALLOWED, "text/plain", "method not allowed\n".to_string()),
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(ctype));
+    resp
+}

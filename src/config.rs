@@ -1,0 +1,788 @@
+//! Configuration in two layers.
+//!
+//! 1. `raw`: serde structs that mirror the TOML file exactly, with unknown keys
+//!    rejected and typed values (durations, sizes, addresses) parsed on the way in.
+//! 2. [`Config`]: the validated form the gateway runs on. Cross-key checks happen
+//!    in [`Config::from_toml_str`]; every error names the key and the line and
+//!    never echoes a secret.
+//!
+//! Loading what the config *points to* (certificates, JWT secrets) is done by
+//! [`crate::tls`] and [`crate::auth`], which report errors through [`Located`].
+
+use crate::units::{ByteSize, HumanDuration};
+use ipnet::IpNet;
+use jsonwebtoken::Algorithm;
+use serde::Deserialize;
+use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
+use toml::Spanned;
+
+/// Default config file, relative to the working directory.
+pub const DEFAULT_CONFIG_PATH: &str = "config/gateway.toml";
+/// Accept → request head read, TLS included.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A larger upgrade request head is answered with 431.
+pub const DEFAULT_MAX_REQUEST_HEAD: usize = 16 * 1024;
+/// No data frame either way for this long → close 1001.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// The gateway pings each client this often; no pong within one interval → close.
+pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(30);
+/// Global concurrent connection cap → 503.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Drain time on SIGTERM.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Upstream TCP connect + TLS + WebSocket handshake → 504 when exceeded.
+pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time both peers get to answer a close frame before the sockets are dropped.
+pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Largest message accepted from either side → close 1009.
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 1 << 20;
+/// Largest frame accepted from either side → close 1009.
+pub const DEFAULT_MAX_FRAME_SIZE: usize = 256 * 1024;
+/// JWT clock skew allowance.
+pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
+/// Environment variable holding the HS* secret when no `secret_file` is set.
+pub const DEFAULT_SECRET_ENV: &str = "WSGATE_JWT_SECRET";
+
+/// A config error: which file, which line, which key, and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: Option<usize>,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{}: {}: {}", self.file, line, self.key, self.message),
+            None => write!(f, "{}: {}: {}", self.file, self.key, self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// A value with the config line it came from, so later loading errors can point at it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Located<T> {
+    pub value: T,
+    pub key: String,
+    pub line: Option<usize>,
+}
+
+impl<T> Located<T> {
+    /// An error about this value, for the config file `file`.
+    pub fn error(&self, file: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError { file: file.to_string(), line: self.line, key: self.key.clone(), message: message.into() }
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the config came from (a path, or `<inline>` for tests); used in error messages.
+    pub origin: String,
+    pub server: Server,
+    pub tls: Tls,
+    pub admin: Admin,
+    pub log: Log,
+    pub limits: Limits,
+    pub jwt: Jwt,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Server {
+    pub listen: Vec<SocketAddr>,
+    pub handshake_timeout: Duration,
+    pub max_request_head: usize,
+    pub idle_timeout: Duration,
+    pub ping_interval: Duration,
+    pub max_connections: usize,
+    pub shutdown_grace: Duration,
+    pub upstream_timeout: Duration,
+    pub close_timeout: Duration,
+    pub trusted_proxies: Vec<IpNet>,
+    pub client_ip_source: ClientIpSource,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientIpSource {
+    Peer,
+    XForwardedFor,
+}
+
+#[derive(Debug, Clone)]
+pub struct Tls {
+    pub cert: Located<PathBuf>,
+    pub key: Located<PathBuf>,
+    pub self_signed_if_missing: bool,
+    pub min_version: TlsVersion,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum TlsVersion {
+    #[serde(rename = "1.2")]
+    V1_2,
+    #[serde(rename = "1.3")]
+    V1_3,
+}
+
+#[derive(Debug, Clone)]
+pub struct Admin {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct Log {
+    pub format: LogFormat,
+    pub level: String,
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_message_size: usize,
+    pub max_frame_size: usize,
+}
+
+/// Where the HS* secret comes from. Holds names, never the secret itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    Env(Located<String>),
+    File { path: Located<PathBuf>, generate_if_missing: bool },
+}
+
+/// Where a token may be found in the upgrade request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    /// `Authorization: Bearer <t>`
+    Authorization,
+    /// A `Sec-WebSocket-Protocol` entry `bearer.<t>`.
+    Protocol,
+    /// A query parameter.
+    Query(String),
+    /// A cookie.
+    Cookie(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Jwt {
+    pub algorithms: Vec<Algorithm>,
+    pub secret: SecretSource,
+    pub issuer: Option<String>,
+    pub audience: Vec<String>,
+    pub leeway: Duration,
+    pub required_claims: Vec<String>,
+    pub token_sources: Vec<TokenSource>,
+    /// Close live sessions with 4401 when the token's `exp` (plus leeway) passes.
+    pub close_on_expiry: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    Jwt,
+    None,
+}
+
+/// How a route matches the request path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathMatch {
+    /// `/echo`: this path only.
+    Exact(String),
+    /// `/chat/*`: `/chat` and everything below it. Holds `/chat`.
+    Prefix(String),
+}
+
+/// One upstream of a route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Upstream {
+    /// The in-process echo backend.
+    BuiltinEcho,
+    /// A WebSocket server reached over TCP (`ws://`) or TLS (`wss://`).
+    Remote {
+        tls: bool,
+        host: String,
+        port: u16,
+        /// `None` when the URL has no path (or just `/`): the client's path goes upstream unchanged.
+        path: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: String,
+    pub path: PathMatch,
+    pub upstreams: Vec<Upstream>,
+    pub auth: AuthMode,
+    pub forward_token: bool,
+    /// Extra trust anchors (PEM) for `wss://` upstreams, besides the webpki roots.
+    pub upstream_ca: Option<Located<PathBuf>>,
+}
+
+impl Route {
+    /// Whether this route serves `path`; longer prefixes are preferred by [`Config::route`].
+    fn matches(&self, path: &str) -> bool {
+        match &self.path {
+            PathMatch::Exact(p) => p == path,
+            PathMatch::Prefix(p) => {
+                path.strip_prefix(p.as_str()).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+            }
+        }
+    }
+}
+
+impl Config {
+    /// The route for a request path: an exact match first, then the longest prefix.
+    pub fn route(&self, path: &str) -> Option<&Route> {
+        self.route_index(path).map(|i| &self.routes[i])
+    }
+
+    /// Index into `routes` of the route for `path`.
+    pub fn route_index(&self, path: &str) -> Option<usize> {
+        let exact = self.routes.iter().position(|r| matches!(&r.path, PathMatch::Exact(p) if p == path));
+        exact.or_else(|| {
+            let prefixes = self.routes.iter().enumerate().filter(|(_, r)| matches!(r.path, PathMatch::Prefix(_)) && r.matches(path));
+            prefixes
+                .max_by_key(|(_, r)| match &r.path {
+                    PathMatch::Prefix(p) => p.len(),
+                    PathMatch::Exact(_) => 0,
+                })
+                .map(|(i, _)| i)
+        })
+    }
+
+    /// Read and validate a config file. Relative paths inside resolve against the working directory.
+    pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let origin = path.display().to_string();
+        let src = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: origin.clone(),
+            line: None,
+            key: "(file)".into(),
+            message: format!("cannot read: {e}"),
+        })?;
+        Config::from_toml_str(&src, &origin)
+    }
+
+    /// Parse and validate TOML text. `origin` names the source in error messages.
+    pub fn from_toml_str(src: &str, origin: &str) -> Result<Config, ConfigError> {
+        let raw: raw::File = toml::from_str(src).map_err(|e| toml_error(src, origin, &e))?;
+        Validator { src, origin }.validate(raw)
+    }
+}
+
+/// Turn a TOML/serde error into a [`ConfigError`] without echoing the source line
+/// (it could hold a secret pasted where it does not belong).
+fn toml_error(src: &str, origin: &str, e: &toml::de::Error) -> ConfigError {
+    let (line, key) = match e.span() {
+        Some(span) => (Some(line_of(src, span.start)), key_at(src, span.start)),
+        None => (None, "(file)".to_string()),
+    };
+    ConfigError { file: origin.to_string(), line, key, message: e.message().trim().to_string() }
+}
+
+fn line_of(src: &str, offset: usize) -> usize {
+    src.as_bytes()[..offset.min(src.len())].iter().filter(|&&b| b == b'\n').count() + 1
+}
+
+/// Best-effort `table.key` name for the config position `offset`, from the text around it.
+fn key_at(src: &str, offset: usize) -> String {
+    let offset = offset.min(src.len());
+    let line_start = src[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = src[line_start..].lines().next().unwrap_or("");
+    let key: String = match line.split_once('=') {
+        Some((k, _)) => k.trim().to_string(),
+        None => line.trim().trim_matches(|c| c == '[' || c == ']').to_string(),
+    };
+    let table = src[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    let key: String = key.chars().filter(|c| !c.is_control()).take(64).collect();
+    match table {
+        Some(t) if !line.trim_start().starts_with('[') => format!("{t}.{key}"),
+        _ => key,
+    }
+}
+
+struct Validator<'a> {
+    src: &'a str,
+    origin: &'a str,
+}
+
+impl Validator<'_> {
+    fn err<T>(&self, spanned: &Spanned<T>, key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.origin.to_string(),
+            line: Some(line_of(self.src, spanned.span().start)),
+            key: key.to_string(),
+            message: message.into(),
+        }
+    }
+
+    fn located<T: Clone>(&self, spanned: &Spanned<T>, key: &str) -> Located<T> {
+        Located { value: spanned.get_ref().clone(), key: key.to_string(), line: Some(line_of(self.src, spanned.span().start)) }
+    }
+
+    fn validate(&self, raw: raw::File) -> Result<Config, ConfigError> {
+        let s = raw.server;
+        let listen = match &s.listen {
+            Some(l) if l.get_ref().is_empty() => return Err(self.err(l, "server.listen", "needs at least one address")),
+            Some(l) => l.get_ref().clone(),
+            None => vec![SocketAddr::from(([127, 0, 0, 1], 8443))],
+        };
+        let max_request_head = s.max_request_head.map_or(DEFAULT_MAX_REQUEST_HEAD, |v| v.0 as usize);
+        if max_request_head < 1024 {
+            return Err(self.err_key("server.max_request_head", "must be at least 1KiB"));
+        }
+        let max_connections = s.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        if max_connections == 0 {
+            return Err(self.err_key("server.max_connections", "must be at least 1"));
+        }
+        let server = Server {
+            listen,
+            handshake_timeout: nonzero(s.handshake_timeout, DEFAULT_HANDSHAKE_TIMEOUT, "server.handshake_timeout", self)?,
+            max_request_head,
+            idle_timeout: nonzero(s.idle_timeout, DEFAULT_IDLE_TIMEOUT, "server.idle_timeout", self)?,
+            ping_interval: nonzero(s.ping_interval, DEFAULT_PING_INTERVAL, "server.ping_interval", self)?,
+            max_connections,
+            shutdown_grace: s.shutdown_grace.map_or(DEFAULT_SHUTDOWN_GRACE, |d| d.0),
+            upstream_timeout: nonzero(s.upstream_timeout, DEFAULT_UPSTREAM_TIMEOUT, "server.upstream_timeout", self)?,
+            close_timeout: nonzero(s.close_timeout, DEFAULT_CLOSE_TIMEOUT, "server.close_timeout", self)?,
+            trusted_proxies: s.trusted_proxies.into_iter().map(|n| n.trunc()).collect(),
+            client_ip_source: s.client_ip_source.unwrap_or(ClientIpSource::Peer),
+        };
+
+        let t = raw.tls;
+        let tls = Tls {
+            cert: t.cert.as_ref().map_or_else(|| unlocated("tls.cert", "certs/dev/server.crt"), |c| self.located(c, "tls.cert")),
+            key: t.key.as_ref().map_or_else(|| unlocated("tls.key", "certs/dev/server.key"), |c| self.located(c, "tls.key")),
+            self_signed_if_missing: t.self_signed_if_missing.unwrap_or(false),
+            min_version: t.min_version.unwrap_or(TlsVersion::V1_2),
+        };
+
+        let admin = Admin { listen: raw.admin.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9090))) };
+        let log = Log {
+            format: raw.log.format.unwrap_or(LogFormat::Text),
+            level: raw.log.level.unwrap_or_else(|| "info".into()),
+            file: raw.log.file,
+        };
+        if tracing_subscriber::EnvFilter::try_new(&log.level).is_err() {
+            return Err(self.err_key("log.level", "not a valid level or filter (try \"info\" or \"debug\")"));
+        }
+
+        let l = raw.limits;
+        let limits = Limits {
+            max_message_size: l.max_message_size.map_or(DEFAULT_MAX_MESSAGE_SIZE, |v| v.0 as usize),
+            max_frame_size: l.max_frame_size.map_or(DEFAULT_MAX_FRAME_SIZE, |v| v.0 as usize),
+        };
+        if limits.max_message_size == 0 || limits.max_frame_size == 0 {
+            return Err(self.err_key("limits.max_message_size", "sizes must be larger than zero"));
+        }
+        if limits.max_frame_size > limits.max_message_size {
+            return Err(self.err_key("limits.max_frame_size", "must not exceed limits.max_message_size"));
+        }
+
+        let jwt = self.jwt(raw.jwt)?;
+        let routes = self.routes(raw.routes)?;
+        if routes.iter().any(|r| r.auth == AuthMode::Jwt) && jwt.algorithms.is_empty() {
+            return Err(self.err_key("jwt.algorithms", "a route has auth = \"jwt\" but no algorithm is allowed"));
+        }
+        Ok(Config { origin: self.origin.to_string(), server, tls, admin, log, limits, jwt, routes })
+    }
+
+    fn err_key(&self, key: &str, message: impl Into<String>) -> ConfigError {
+        let (table, leaf) = key.rsplit_once('.').unwrap_or(("", key));
+        ConfigError { file: self.origin.to_string(), line: find_key_line(self.src, table, leaf), key: key.into(), message: message.into() }
+    }
+
+    fn jwt(&self, j: raw::Jwt) -> Result<Jwt, ConfigError> {
+        let mut algorithms = Vec::new();
+        let names = j.algorithms.unwrap_or_else(|| Spanned::new(0..0, vec!["HS256".to_string()]));
+        for name in names.get_ref() {
+            let alg = match name.to_ascii_lowercase().as_str() {
+                "none" => return Err(self.err(&names, "jwt.algorithms", "\"none\" can never be enabled")),
+                "hs256" => Algorithm::HS256,
+                "hs384" => Algorithm::HS384,
+                "hs512" => Algorithm::HS512,
+                _ => {
+                    return Err(self.err(
+                        &names,
+                        "jwt.algorithms",
+                        format!("unsupported algorithm {:?} (this build verifies HS256, HS384, HS512)", name.escape_debug().to_string()),
+                    ));
+                }
+            };
+            if !algorithms.contains(&alg) {
+                algorithms.push(alg);
+            }
+        }
+        let secret = match (&j.secret_env, &j.secret_file) {
+            (Some(env), Some(_)) => return Err(self.err(env, "jwt.secret_env", "set either secret_env or secret_file, not both")),
+            (_, Some(file)) => SecretSource::File {
+                path: self.located(file, "jwt.secret_file"),
+                generate_if_missing: j.generate_secret_if_missing.unwrap_or(false),
+            },
+            (Some(env), None) => {
+                if env.get_ref().is_empty() {
+                    return Err(self.err(env, "jwt.secret_env", "must name an environment variable"));
+                }
+                SecretSource::Env(self.located(env, "jwt.secret_env"))
+            }
+            (None, None) => SecretSource::Env(unlocated("jwt.secret_env", DEFAULT_SECRET_ENV)),
+        };
+        if j.generate_secret_if_missing == Some(true) && j.secret_file.is_none() {
+            return Err(self.err_key("jwt.generate_secret_if_missing", "needs jwt.secret_file"));
+        }
+        let required_claims = j.required_claims.unwrap_or_else(|| vec!["exp".into(), "sub".into()]);
+        let mut token_sources = Vec::new();
+        let sources = j.token_sources.unwrap_or_else(|| {
+            Spanned::new(
+                0..0,
+                ["authorization", "protocol", "query:access_token", "cookie:wsgate_token"].map(String::from).to_vec(),
+            )
+        });
+        for s in sources.get_ref() {
+            let src = match s.split_once(':') {
+                None if s == "authorization" => TokenSource::Authorization,
+                None if s == "protocol" => TokenSource::Protocol,
+                Some(("query", name)) if !name.is_empty() => TokenSource::Query(name.to_string()),
+                Some(("cookie", name)) if !name.is_empty() => TokenSource::Cookie(name.to_string()),
+                _ => {
+                    return Err(self.err(
+                        &sources,
+                        "jwt.token_sources",
+                        format!(
+                            "unknown token source {:?} (use \"authorization\", \"protocol\", \"query:NAME\" or \"cookie:NAME\")",
+                            s.escape_debug().to_string()
+                        ),
+                    ));
+                }
+            };
+            token_sources.push(src);
+        }
+        Ok(Jwt {
+            algorithms,
+            secret,
+            issuer: j.issuer,
+            audience: j.audience.unwrap_or_default(),
+            leeway: j.leeway.map_or(DEFAULT_LEEWAY, |d| d.0),
+            required_claims,
+            token_sources,
+            close_on_expiry: j.close_on_expiry.unwrap_or(true),
+        })
+    }
+
+    fn routes(&self, raws: Vec<raw::Route>) -> Result<Vec<Route>, ConfigError> {
+        let mut routes: Vec<Route> = Vec::with_capacity(raws.len());
+        for r in raws {
+            let name = r.name.get_ref().clone();
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+                return Err(self.err(&r.name, "routes.name", "use letters, digits, '_' and '-' (it is a metric label)"));
+            }
+            if routes.iter().any(|o| o.name == name) {
+                return Err(self.err(&r.name, "routes.name", "duplicate route name"));
+            }
+            let p = r.path.get_ref();
+            let path = if !p.starts_with('/') || p.contains(['?', '#', ' ']) {
+                return Err(self.err(&r.path, "routes.path", "must start with '/' and hold no query"));
+            } else if let Some(prefix) = p.strip_suffix("/*") {
+                PathMatch::Prefix(prefix.to_string())
+            } else if p.contains('*') {
+                return Err(self.err(&r.path, "routes.path", "a wildcard is only allowed as a final \"/*\""));
+            } else {
+                PathMatch::Exact(p.clone())
+            };
+            if routes.iter().any(|o| o.path == path) {
+                return Err(self.err(&r.path, "routes.path", "another route has the same path"));
+            }
+            if r.upstreams.get_ref().is_empty() {
+                return Err(self.err(&r.upstreams, "routes.upstreams", "needs at least one upstream"));
+            }
+            let upstreams = r
+                .upstreams
+                .get_ref()
+                .iter()
+                .map(|u| parse_upstream(u).map_err(|m| self.err(&r.upstreams, "routes.upstreams", m)))
+                .collect::<Result<Vec<_>, _>>()?;
+            routes.push(Route {
+                name,
+                path,
+                upstreams,
+                auth: r.auth.unwrap_or(AuthMode::Jwt),
+                forward_token: r.forward_token.unwrap_or(false),
+                upstream_ca: r.upstream_ca.as_ref().map(|c| self.located(c, "routes.upstream_ca")),
+            });
+        }
+        Ok(routes)
+    }
+}
+
+fn unlocated<T: From<&'static str>>(key: &str, value: &'static str) -> Located<T> {
+    Located { value: T::from(value), key: key.into(), line: None }
+}
+
+fn nonzero(v: Option<HumanDuration>, default: Duration, key: &str, val: &Validator) -> Result<Duration, ConfigError> {
+    match v {
+        None => Ok(default),
+        Some(d) if d.0.is_zero() => Err(val.err_key(key, "must be longer than zero")),
+        Some(d) => Ok(d.0),
+    }
+}
+
+/// The line of `leaf` inside `[table]` (or the first `[[table]]`), by scanning the text.
+fn find_key_line(src: &str, table: &str, leaf: &str) -> Option<usize> {
+    let mut current = String::new();
+    for (i, line) in src.lines().enumerate() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            current = t.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+        } else if current == table && t.split_once('=').is_some_and(|(k, _)| k.trim() == leaf) {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
+/// Parse `builtin:echo`, `ws://host:port/path` or `wss://…`. The message never echoes
+/// credentials: URLs with a user part are refused without printing them.
+fn parse_upstream(s: &str) -> Result<Upstream, String> {
+    if s == "builtin:echo" {
+        return Ok(Upstream::BuiltinEcho);
+    }
+    let uri: http::Uri = s.parse().map_err(|_| "not a valid URL (use \"ws://host:port/path\", \"wss://…\" or \"builtin:echo\")".to_string())?;
+    let tls = match uri.scheme_str() {
+        Some("ws") => false,
+        Some("wss") => true,
+        _ => return Err("the scheme must be ws://, wss:// or builtin:echo".into()),
+    };
+    let auth = uri.authority().ok_or("the URL needs a host")?;
+    if auth.as_str().contains('@') {
+        return Err("credentials in upstream URLs are not supported".into());
+    }
+    let host = auth.host().trim_start_matches('[').trim_end_matches(']').to_string();
+    if host.is_empty() {
+        return Err("the URL needs a host".into());
+    }
+    let port = auth.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    if uri.query().is_some() {
+        return Err("upstream URLs take no query".into());
+    }
+    let path = match uri.path() {
+        "" | "/" => None,
+        p => Some(p.trim_end_matches('/').to_string()),
+    };
+    Ok(Upstream::Remote { tls, host, port, path })
+}
+
+/// The TOML file as written. Every table rejects unknown keys.
+mod raw {
+    use super::*;
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct File {
+        pub server: Server,
+        pub tls: Tls,
+        pub admin: Admin,
+        pub log: Log,
+        pub limits: Limits,
+        pub jwt: Jwt,
+        pub routes: Vec<Route>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Server {
+        pub listen: Option<Spanned<Vec<SocketAddr>>>,
+        pub handshake_timeout: Option<HumanDuration>,
+        pub max_request_head: Option<ByteSize>,
+        pub idle_timeout: Option<HumanDuration>,
+        pub ping_interval: Option<HumanDuration>,
+        pub max_connections: Option<usize>,
+        pub shutdown_grace: Option<HumanDuration>,
+        pub upstream_timeout: Option<HumanDuration>,
+        pub close_timeout: Option<HumanDuration>,
+        pub trusted_proxies: Vec<IpNet>,
+        pub client_ip_source: Option<ClientIpSource>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Tls {
+        pub cert: Option<Spanned<PathBuf>>,
+        pub key: Option<Spanned<PathBuf>>,
+        pub self_signed_if_missing: Option<bool>,
+        pub min_version: Option<TlsVersion>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Admin {
+        pub listen: Option<SocketAddr>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Log {
+        pub format: Option<LogFormat>,
+        pub level: Option<String>,
+        pub file: Option<PathBuf>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Limits {
+        pub max_message_size: Option<ByteSize>,
+        pub max_frame_size: Option<ByteSize>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Jwt {
+        pub algorithms: Option<Spanned<Vec<String>>>,
+        pub secret_env: Option<Spanned<String>>,
+        pub secret_file: Option<Spanned<PathBuf>>,
+        pub generate_secret_if_missing: Option<bool>,
+        pub issuer: Option<String>,
+        pub audience: Option<Vec<String>>,
+        pub leeway: Option<HumanDuration>,
+        pub required_claims: Option<Vec<String>>,
+        pub token_sources: Option<Spanned<Vec<String>>>,
+        pub close_on_expiry: Option<bool>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Route {
+        pub name: Spanned<String>,
+        pub path: Spanned<String>,
+        pub upstreams: Spanned<Vec<String>>,
+        pub auth: Option<AuthMode>,
+        pub forward_token: Option<bool>,
+        pub upstream_ca: Option<Spanned<PathBuf>>,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[[routes]]
+name = "echo"
+path = "/echo"
+upstreams = ["builtin:echo"]
+"#;
+
+    fn err(src: &str) -> ConfigError {
+        Config::from_toml_str(src, "t.toml").unwrap_err()
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let c = Config::from_toml_str(MINIMAL, "t.toml").unwrap();
+        assert_eq!(c.server.handshake_timeout, DEFAULT_HANDSHAKE_TIMEOUT);
+        assert_eq!(c.limits.max_message_size, 1 << 20);
+        assert_eq!(c.routes[0].auth, AuthMode::Jwt);
+        assert_eq!(c.jwt.algorithms, vec![Algorithm::HS256]);
+        assert_eq!(c.jwt.token_sources.len(), 4);
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let e = err("[server]\nlisten = [\"127.0.0.1:1\"]\nlisten_backlog = 5\n");
+        assert_eq!(e.line, Some(3));
+        assert!(e.message.contains("listen_backlog"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_names_key_and_line() {
+        let e = err("[server]\n\nidle_timeout = \"5 fortnights\"\n");
+        assert_eq!(e.line, Some(3));
+        assert_eq!(e.key, "server.idle_timeout");
+        assert!(e.message.contains("invalid duration"), "{e}");
+    }
+
+    #[test]
+    fn error_never_echoes_a_misplaced_secret() {
+        let e = err("[jwt]\nsecret = \"hunter2-super-secret\"\n");
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        assert_eq!(e.line, Some(2));
+    }
+
+    #[test]
+    fn none_algorithm_refused() {
+        let e = err("[jwt]\nalgorithms = [\"HS256\", \"None\"]\n");
+        assert_eq!((e.key.as_str(), e.line), ("jwt.algorithms", Some(2)));
+    }
+
+    #[test]
+    fn bad_route_path_and_upstream() {
+        let e = err("[[routes]]\nname = \"a\"\npath = \"echo\"\nupstreams = [\"builtin:echo\"]\n");
+        assert_eq!((e.key.as_str(), e.line), ("routes.path", Some(3)));
+        let e = err("[[routes]]\nname = \"a\"\npath = \"/a\"\nupstreams = [\"http://x\"]\n");
+        assert_eq!((e.key.as_str(), e.line), ("routes.upstreams", Some(4)));
+        let e = err("[[routes]]\nname = \"a\"\npath = \"/a\"\nupstreams = [\"ws://user:pw@x/\"]\n");
+        assert!(!e.to_string().contains("pw"), "{e}");
+    }
+
+    #[test]
+    fn both_secret_sources_refused() {
+        let e = err("[jwt]\nsecret_env = \"X\"\nsecret_file = \"f\"\n");
+        assert_eq!((e.key.as_str(), e.line), ("jwt.secret_env", Some(2)));
+    }
+
+    #[test]
+    fn frame_larger_than_message_refused() {
+        let e = err("[limits]\nmax_message_size = \"1KiB\"\nmax_frame_size = \"2KiB\"\n");
+        assert_eq!((e.key.as_str(), e.line), ("limits.max_frame_size", Some(3)));
+    }
+
+    #[test]
+    fn routing_prefers_exact_then_longest_prefix() {
+        let c = Config::from_toml_str(
+            r#"
+[[routes]]
+name = "a"
+path = "/chat/*"
+upstreams = ["ws://127.0.0.1:1"]
+[[routes]]
+name = "b"
+path = "/chat/admin/*"
+upstreams = ["ws://127.0.0.1:2/x"]
+[[routes]]
+name = "c"
+path = "/chat/exact"
+upstreams = ["builtin:echo"]
+"#,
+            "t",
+        )
+        .unwrap();
+        let name = |p: &str| c.route(p).map(|r| r.name.as_str());
+        assert_eq!(name("/chat/room"), Some("a"));
+        assert_eq!(name("/chat"), Some("a"));
+        assert_eq!(name("/chatroom"), None);
+        assert_eq!(name("/chat/admin/x"), Some("b"));
+        assert_eq!(name("/chat/exact"), Some("c"));
+        assert_eq!(c.routes[1].upstreams[0], Upstream::Remote { tls: false, host: "127.0.0.1".into(), port: 2, path: Some("/x".into()) });
+    }
+
+    #[test]
+    fn shipped_config_is_valid() {
+        let src = include_str!("../config/gateway.toml");
+        Config::from_toml_str(src, "config/gateway.toml").unwrap();
+    }
+}

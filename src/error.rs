@@ -1,0 +1,292 @@
+//! Why a connection ends: one mapping from a reason to its outcome.
+//!
+//! Before the 101 a [`Reject`] becomes an HTTP status, a `reason` metric label and
+//! a log level; after it a [`CloseReason`] becomes a close code, an `errors_total`
+//! kind and the initiator label. Both tables are pinned by the tests below.
+
+use http::StatusCode;
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+/// Why a connection was refused before the 101.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Reject {
+    #[error("global connection cap reached")]
+    GlobalConnLimit,
+    #[error("gateway is draining")]
+    Draining,
+    #[error("TLS handshake failed")]
+    TlsHandshake,
+    #[error("handshake timed out")]
+    HandshakeTimeout,
+    #[error("malformed upgrade request: {0}")]
+    BadRequest(&'static str),
+    #[error("request head too large")]
+    HeadTooLarge,
+    #[error("WebSocket version not supported")]
+    UnsupportedVersion,
+    #[error("not a WebSocket upgrade")]
+    NotUpgrade,
+    #[error("no route for path")]
+    NotFound,
+    #[error("authentication failed: {0}")]
+    Auth(AuthFailure),
+    #[error("upstream unavailable")]
+    UpstreamUnavailable,
+    #[error("upstream timed out")]
+    UpstreamTimeout,
+}
+
+/// Why a token was refused; the label of `wsgate_auth_failures_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthFailure {
+    #[error("no token")]
+    Missing,
+    #[error("malformed token")]
+    Malformed,
+    #[error("bad signature")]
+    BadSignature,
+    #[error("token expired")]
+    Expired,
+    #[error("token not yet valid")]
+    NotYetValid,
+    #[error("wrong issuer")]
+    BadIssuer,
+    #[error("wrong audience")]
+    BadAudience,
+    #[error("algorithm not allowed")]
+    Algorithm,
+    #[error("required claim missing")]
+    MissingClaim,
+}
+
+impl AuthFailure {
+    pub fn label(self) -> &'static str {
+        match self {
+            AuthFailure::Missing => "missing",
+            AuthFailure::Malformed => "malformed",
+            AuthFailure::BadSignature => "bad_signature",
+            AuthFailure::Expired => "expired",
+            AuthFailure::NotYetValid => "not_yet_valid",
+            AuthFailure::BadIssuer => "bad_issuer",
+            AuthFailure::BadAudience => "bad_audience",
+            AuthFailure::Algorithm => "algorithm",
+            AuthFailure::MissingClaim => "missing_claim",
+        }
+    }
+}
+
+impl Reject {
+    /// The HTTP status answered to the client, or `None` when the TCP connection is
+    /// simply closed (no HTTP exchange is possible or wanted).
+    pub fn status(&self) -> Option<StatusCode> {
+        Some(match self {
+            Reject::TlsHandshake | Reject::HandshakeTimeout => return None,
+            Reject::GlobalConnLimit | Reject::Draining => StatusCode::SERVICE_UNAVAILABLE,
+            Reject::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Reject::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Reject::UnsupportedVersion | Reject::NotUpgrade => StatusCode::UPGRADE_REQUIRED,
+            Reject::NotFound => StatusCode::NOT_FOUND,
+            Reject::Auth(_) => StatusCode::UNAUTHORIZED,
+            Reject::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            Reject::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        })
+    }
+
+    /// The `wsgate_connections_rejected_total{reason}` label, also the log `reason` field.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Reject::GlobalConnLimit | Reject::Draining => "global_conn_limit",
+            Reject::TlsHandshake => "tls_handshake",
+            Reject::HandshakeTimeout => "handshake_timeout",
+            Reject::BadRequest(_) | Reject::HeadTooLarge | Reject::UnsupportedVersion | Reject::NotUpgrade => "bad_request",
+            Reject::NotFound => "not_found",
+            Reject::Auth(_) => "auth",
+            Reject::UpstreamUnavailable => "upstream_unavailable",
+            Reject::UpstreamTimeout => "upstream_timeout",
+        }
+    }
+
+    /// Short response body; never echoes input.
+    pub fn body(&self) -> &'static str {
+        match self {
+            Reject::GlobalConnLimit => "server busy\n",
+            Reject::Draining => "server shutting down\n",
+            Reject::TlsHandshake | Reject::HandshakeTimeout => "",
+            Reject::BadRequest(_) => "bad websocket upgrade request\n",
+            Reject::HeadTooLarge => "request head too large\n",
+            Reject::UnsupportedVersion => "websocket version 13 required\n",
+            Reject::NotUpgrade => "websocket upgrade required\n",
+            Reject::NotFound => "not found\n",
+            Reject::Auth(_) => "unauthorized\n",
+            Reject::UpstreamUnavailable => "upstream unavailable\n",
+            Reject::UpstreamTimeout => "upstream timeout\n",
+        }
+    }
+
+    /// Whether the rejection is worth a WARN (someone may be attacking or misconfigured) or INFO.
+    pub fn is_warning(&self) -> bool {
+        matches!(self, Reject::Auth(_) | Reject::UpstreamUnavailable | Reject::UpstreamTimeout)
+    }
+
+    /// `Retry-After` to send, if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Reject::GlobalConnLimit | Reject::Draining => Some(Duration::from_secs(1)),
+            _ => None,
+        }
+    }
+}
+
+/// Who closed a session, the `initiator` label of `wsgate_closes_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Initiator {
+    Client,
+    Upstream,
+    Gateway,
+}
+
+impl Initiator {
+    pub fn label(self) -> &'static str {
+        match self {
+            Initiator::Client => "client",
+            Initiator::Upstream => "upstream",
+            Initiator::Gateway => "gateway",
+        }
+    }
+}
+
+/// Why the gateway itself ended a session after the 101.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// SIGTERM/SIGINT drain.
+    Shutdown,
+    /// No data frame either way for `idle_timeout`.
+    IdleTimeout,
+    /// The client did not answer the gateway's ping within `ping_interval`.
+    PingTimeout,
+    /// The client broke the protocol.
+    ClientProtocol,
+    /// The client sent text that is not UTF-8.
+    ClientInvalidUtf8,
+    /// The client sent a frame or message over the limit.
+    ClientTooBig,
+    /// The client's connection failed without a close frame.
+    ClientIo,
+    /// The upstream's connection failed without a close frame.
+    UpstreamReset,
+    /// The upstream broke the protocol.
+    UpstreamProtocol,
+    /// The upstream sent text that is not UTF-8.
+    UpstreamInvalidUtf8,
+    /// The upstream sent a frame or message over the limit.
+    UpstreamTooBig,
+    /// Something inside the gateway failed.
+    Internal,
+    /// The client's token expired during the session (`close_on_expiry`).
+    TokenExpired,
+}
+
+impl CloseReason {
+    /// Close codes sent to (client, upstream).
+    pub fn codes(self) -> (CloseCode, CloseCode) {
+        use CloseCode::*;
+        match self {
+            CloseReason::Shutdown | CloseReason::IdleTimeout | CloseReason::PingTimeout => (Away, Away),
+            CloseReason::ClientProtocol => (Protocol, Protocol),
+            CloseReason::ClientInvalidUtf8 => (Invalid, Invalid),
+            CloseReason::ClientTooBig => (Size, Size),
+            CloseReason::ClientIo => (Away, Away),
+            CloseReason::UpstreamReset | CloseReason::Internal => (Error, Error),
+            CloseReason::UpstreamProtocol => (Error, Protocol),
+            CloseReason::UpstreamInvalidUtf8 => (Error, Invalid),
+            CloseReason::UpstreamTooBig => (Size, Size),
+            CloseReason::TokenExpired => (Library(4401), Library(4401)),
+        }
+    }
+
+    /// Reason text in the close frames; says who caused it, never echoes input.
+    pub fn text(self) -> &'static str {
+        match self {
+            CloseReason::Shutdown => "gateway shutting down",
+            CloseReason::IdleTimeout => "idle timeout",
+            CloseReason::PingTimeout => "client did not answer ping",
+            CloseReason::ClientProtocol => "client protocol violation",
+            CloseReason::ClientInvalidUtf8 => "client sent invalid utf-8",
+            CloseReason::ClientTooBig => "client message too big",
+            CloseReason::ClientIo => "client connection lost",
+            CloseReason::UpstreamReset => "upstream connection lost",
+            CloseReason::UpstreamProtocol => "upstream protocol violation",
+            CloseReason::UpstreamInvalidUtf8 => "upstream sent invalid utf-8",
+            CloseReason::UpstreamTooBig => "upstream message too big",
+            CloseReason::Internal => "gateway error",
+            CloseReason::TokenExpired => "token expired",
+        }
+    }
+
+    /// The `wsgate_errors_total{kind}` label, or `None` for an orderly end.
+    pub fn error_kind(self) -> Option<&'static str> {
+        match self {
+            CloseReason::Shutdown | CloseReason::TokenExpired => None,
+            CloseReason::IdleTimeout => Some("idle_timeout"),
+            CloseReason::PingTimeout => Some("ping_timeout"),
+            CloseReason::ClientProtocol | CloseReason::ClientInvalidUtf8 => Some("protocol"),
+            CloseReason::ClientTooBig | CloseReason::UpstreamTooBig => Some("message_too_big"),
+            CloseReason::ClientIo => Some("io"),
+            CloseReason::UpstreamReset => Some("upstream_reset"),
+            CloseReason::UpstreamProtocol | CloseReason::UpstreamInvalidUtf8 => Some("upstream_protocol"),
+            CloseReason::Internal => Some("internal"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reject_table() {
+        let rows: &[(Reject, Option<u16>, &str)] = &[
+            (Reject::GlobalConnLimit, Some(503), "global_conn_limit"),
+            (Reject::Draining, Some(503), "global_conn_limit"),
+            (Reject::TlsHandshake, None, "tls_handshake"),
+            (Reject::HandshakeTimeout, None, "handshake_timeout"),
+            (Reject::BadRequest("x"), Some(400), "bad_request"),
+            (Reject::HeadTooLarge, Some(431), "bad_request"),
+            (Reject::UnsupportedVersion, Some(426), "bad_request"),
+            (Reject::NotUpgrade, Some(426), "bad_request"),
+            (Reject::NotFound, Some(404), "not_found"),
+            (Reject::Auth(AuthFailure::Expired), Some(401), "auth"),
+            (Reject::UpstreamUnavailable, Some(502), "upstream_unavailable"),
+            (Reject::UpstreamTimeout, Some(504), "upstream_timeout"),
+        ];
+        for (r, status, label) in rows {
+            assert_eq!(r.status().map(|s| s.as_u16()), *status, "{r:?}");
+            assert_eq!(r.label(), *label, "{r:?}");
+        }
+    }
+
+    #[test]
+    fn close_table() {
+        let rows: &[(CloseReason, u16, u16, Option<&str>)] = &[
+            (CloseReason::Shutdown, 1001, 1001, None),
+            (CloseReason::IdleTimeout, 1001, 1001, Some("idle_timeout")),
+            (CloseReason::PingTimeout, 1001, 1001, Some("ping_timeout")),
+            (CloseReason::ClientProtocol, 1002, 1002, Some("protocol")),
+            (CloseReason::ClientInvalidUtf8, 1007, 1007, Some("protocol")),
+            (CloseReason::ClientTooBig, 1009, 1009, Some("message_too_big")),
+            (CloseReason::ClientIo, 1001, 1001, Some("io")),
+            (CloseReason::UpstreamReset, 1011, 1011, Some("upstream_reset")),
+            (CloseReason::UpstreamProtocol, 1011, 1002, Some("upstream_protocol")),
+            (CloseReason::UpstreamInvalidUtf8, 1011, 1007, Some("upstream_protocol")),
+            (CloseReason::UpstreamTooBig, 1009, 1009, Some("message_too_big")),
+            (CloseReason::Internal, 1011, 1011, Some("internal")),
+            (CloseReason::TokenExpired, 4401, 4401, None),
+        ];
+        for (r, c, u, kind) in rows {
+            let (cc, uc) = r.codes();
+            assert_eq!((u16::from(cc), u16::from(uc)), (*c, *u), "{r:?}");
+            assert_eq!(r.error_kind(), *kind, "{r:?}");
+        }
+    }
+}

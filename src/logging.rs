@@ -1,0 +1,40 @@
+//! tracing setup: text or JSON, level from config (RUST_LOG overrides), colours only
+//! on a terminal, optional log file.
+
+use crate::config::{Log, LogFormat};
+use std::io::IsTerminal;
+use tracing_subscriber::{EnvFilter, fmt};
+
+/// Install the global subscriber. `Err` names what was wrong (e.g. an unwritable file).
+pub fn init(log: &Log) -> Result<(), String> {
+    let filter = EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(&log.level)).map_err(|e| format!("log.level: {e}"))?;
+    let builder = fmt().with_env_filter(filter).with_target(false);
+    let result = match &log.file {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| format!("log.file: cannot open {}: {e}", path.display()))?;
+            let b = builder.with_ansi(false).with_writer(std::sync::Mutex::new(file));
+            match log.format {
+                LogFormat::Json => b.json().try_init(),
+                LogFormat::Text => b.try_init(),
+            }
+        }
+        None => {
+            let b = builder.with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr);
+            match log.format {
+                LogFormat::Json => b.json().try_init(),
+                LogFormat::Text => b.try_init(),
+            }
+        }
+    };
+    result.map_err(|e| e.to_string())
+}
+
+/// Minimal logging before the config is read (errors of `check`, `token`, `echo`).
+pub fn init_default() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = fmt().with_env_filter(filter).with_target(false).with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr).try_init();
+}

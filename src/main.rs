@@ -1,0 +1,243 @@
+//! The `wsgate` command line (DESIGN.md section 2).
+#![forbid(unsafe_code)]
+
+use clap::{Parser, Subcommand};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+use wsgate::{
+    Config,
+    config::{AuthMode, ConfigError, DEFAULT_CONFIG_PATH, PathMatch, Upstream},
+    units::HumanDuration,
+};
+
+#[derive(Parser)]
+#[command(name = "wsgate", version, about = "A hardened WebSocket gateway")]
+struct Cli {
+    /// Config file.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway until SIGTERM/SIGINT (the default).
+    Run,
+    /// Validate the config and everything it points to; print problems and insecure settings.
+    Check,
+    /// Mint a token with the config's JWT secret, issuer and audience; prints it alone on stdout.
+    Token {
+        #[arg(long)]
+        sub: String,
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        ttl: HumanDuration,
+        /// Extra claim KEY=VALUE (JSON values keep their type); repeatable.
+        #[arg(long = "claim", value_name = "KEY=VALUE", value_parser = parse_claim)]
+        claims: Vec<(String, String)>,
+    },
+    /// Run the standalone echo backend (plain ws).
+    Echo {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// A line-oriented client: stdin lines out as text messages, replies on stdout.
+    Client {
+        url: String,
+        #[arg(long)]
+        token: Option<String>,
+        #[arg(long = "protocol")]
+        protocols: Vec<String>,
+        /// Trust this CA (PEM) instead of the system roots.
+        #[arg(long, conflicts_with = "insecure")]
+        ca: Option<PathBuf>,
+        /// Do not verify the server certificate.
+        #[arg(long)]
+        insecure: bool,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<HumanDuration, String> {
+    s.parse()
+}
+
+fn parse_claim(s: &str) -> Result<(String, String), String> {
+    s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).filter(|(k, _)| !k.is_empty()).ok_or_else(|| "use KEY=VALUE".to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config_path = cli.config.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("wsgate: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let code = match cli.command.unwrap_or(Command::Run) {
+        Command::Run => rt.block_on(run(&config_path, cli.config.is_some())),
+        Command::Check => check(&config_path),
+        Command::Token { sub, ttl, claims } => token(&config_path, &sub, ttl, &claims),
+        Command::Echo { listen } => rt.block_on(echo(listen)),
+        Command::Client { url, token, protocols, ca, insecure } => rt.block_on(client(&url, token, protocols, ca, insecure)),
+    };
+    ExitCode::from(code)
+}
+
+fn load(path: &std::path::Path) -> Result<Config, u8> {
+    Config::load(path).map_err(|e| {
+        eprintln!("wsgate: config error: {e}");
+        2
+    })
+}
+
+async fn run(path: &std::path::Path, explicit_config: bool) -> u8 {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if let Err(e) = wsgate::logging::init(&config.log) {
+        eprintln!("wsgate: config error: {e}");
+        return 2;
+    }
+    let hint = start_hint(&config, path, explicit_config);
+    let running = match wsgate::start(config).await {
+        Ok(r) => r,
+        Err(e) if e.is::<ConfigError>() => {
+            tracing::error!("config error: {e}");
+            return 2;
+        }
+        Err(e) => {
+            tracing::error!("cannot start: {e}");
+            return 1;
+        }
+    };
+    for addr in &running.wss_addrs {
+        tracing::info!(addr = %addr, "listening on wss://{addr}");
+    }
+    tracing::info!(addr = %running.admin_addr, "metrics on http://{}/metrics", running.admin_addr);
+    if let Some(hint) = hint {
+        tracing::info!("try it: {hint}");
+    }
+    wait_for_signal().await;
+    tracing::info!("shutdown requested");
+    running.shutdown();
+    running.wait().await;
+    0
+}
+
+#[cfg(unix)]
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signal() {
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// A ready-to-paste client command. The token is minted by a nested `token` command
+/// rather than printed, so no token ever lands in a log.
+fn start_hint(config: &Config, path: &std::path::Path, explicit_config: bool) -> Option<String> {
+    let route = config.routes.iter().find(|r| matches!(r.path, PathMatch::Exact(_)) && r.upstreams.contains(&Upstream::BuiltinEcho))?;
+    let PathMatch::Exact(route_path) = &route.path else { return None };
+    let addr = config.server.listen.first()?;
+    let host = match addr.ip() {
+        ip if ip.is_unspecified() => "localhost".to_string(),
+        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+        ip => ip.to_string(),
+    };
+    let exe = std::env::args().next().unwrap_or_else(|| "wsgate".into());
+    let cfg_arg = if explicit_config { format!(" --config {}", path.display()) } else { String::new() };
+    let ca = if config.tls.self_signed_if_missing { format!(" --ca {}", config.tls.cert.value.display()) } else { String::new() };
+    let token = match route.auth {
+        AuthMode::Jwt => format!(" --token \"$({exe} token --sub dev{cfg_arg})\""),
+        AuthMode::None => String::new(),
+    };
+    Some(format!("{exe} client wss://{host}:{}{route_path}{ca}{token}", addr.port()))
+}
+
+fn check(path: &std::path::Path) -> u8 {
+    wsgate::logging::init_default();
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(_) => return 1,
+    };
+    for w in wsgate::server::warnings(&config) {
+        println!("warning: {w}");
+    }
+    match wsgate::server::Runtime::load(config, false) {
+        Ok(_) => {
+            println!("{}: ok", path.display());
+            0
+        }
+        Err(e) => {
+            eprintln!("wsgate: config error: {e}");
+            1
+        }
+    }
+}
+
+fn token(path: &std::path::Path, sub: &str, ttl: HumanDuration, claims: &[(String, String)]) -> u8 {
+    wsgate::logging::init_default();
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let secret = match wsgate::auth::load_secret(&config.jwt.secret, &config.origin, true) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("wsgate: config error: {e}");
+            return 2;
+        }
+    };
+    match wsgate::auth::mint(&config.jwt, &secret, sub, ttl.0, claims) {
+        Ok(t) => {
+            println!("{t}");
+            0
+        }
+        Err(e) => {
+            eprintln!("wsgate: {e}");
+            1
+        }
+    }
+}
+
+async fn echo(listen: SocketAddr) -> u8 {
+    wsgate::logging::init_default();
+    let listener = match tokio::net::TcpListener::bind(listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("wsgate: cannot listen on {listen}: {e}");
+            return 1;
+        }
+    };
+    match listener.local_addr() {
+        Ok(a) => tracing::info!("echo listening on ws://{a}"),
+        Err(_) => return 1,
+    }
+    tokio::select! {
+        r = wsgate::echo::run(listener) => if r.is_err() { 1 } else { 0 },
+        _ = wait_for_signal() => 0,
+    }
+}
+
+async fn client(url: &str, token: Option<String>, protocols: Vec<String>, ca: Option<PathBuf>, insecure: bool) -> u8 {
+    let tls = match wsgate::tls::cli_client_config(ca.as_deref(), insecure) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("wsgate: {e}");
+            return 2;
+        }
+    };
+    let opts = wsgate::client::Options { token, protocols, headers: vec![], tls: Some(tls), ws_config: None };
+    wsgate::client::run_cli(url, &opts).await as u8
+}

@@ -1,0 +1,209 @@
+//! Metric names (DESIGN.md section 4), their descriptions, and the per-gateway recorder.
+//!
+//! Each [`crate::server::Gateway`] owns its own Prometheus recorder instead of a
+//! process-global one, so gateways started side by side (tests) keep separate numbers.
+//! Labels are bounded sets: route names from the config and `&'static str` reasons.
+//! Hot-path handles (messages, bytes) are created once per session, not per message.
+
+use metrics::{Counter, Gauge, Histogram, Key, Label, Recorder, SharedString, Unit};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use std::sync::Arc;
+
+pub const CONNECTIONS_ACCEPTED: &str = "wsgate_connections_accepted_total";
+pub const CONNECTIONS_ACTIVE: &str = "wsgate_connections_active";
+pub const CONNECTIONS_REJECTED: &str = "wsgate_connections_rejected_total";
+pub const AUTH_FAILURES: &str = "wsgate_auth_failures_total";
+pub const ERRORS: &str = "wsgate_errors_total";
+pub const MESSAGES: &str = "wsgate_messages_total";
+pub const BYTES: &str = "wsgate_bytes_total";
+pub const CLOSES: &str = "wsgate_closes_total";
+pub const HANDSHAKE_DURATION: &str = "wsgate_handshake_duration_seconds";
+pub const CONNECTION_DURATION: &str = "wsgate_connection_duration_seconds";
+pub const UPSTREAM_CONNECT_DURATION: &str = "wsgate_upstream_connect_duration_seconds";
+pub const CONFIG_RELOADS: &str = "wsgate_config_reloads_total";
+pub const BUILD_INFO: &str = "wsgate_build_info";
+
+const DESCRIPTIONS: &[(&str, &str)] = &[
+    (CONNECTIONS_ACCEPTED, "TCP connections accepted on the wss listeners."),
+    (CONNECTIONS_ACTIVE, "WebSocket sessions currently relayed, by route."),
+    (CONNECTIONS_REJECTED, "Connections refused before the 101, by reason."),
+    (AUTH_FAILURES, "Failed token checks, by route and reason."),
+    (ERRORS, "Errors that ended or disturbed a session, by kind."),
+    (MESSAGES, "Data messages relayed, by route and direction."),
+    (BYTES, "Payload bytes relayed, by route and direction."),
+    (CLOSES, "Sessions closed, by route, close code and who initiated the close."),
+    (HANDSHAKE_DURATION, "Time from TCP accept to the 101 response."),
+    (CONNECTION_DURATION, "Length of relayed sessions, by route."),
+    (UPSTREAM_CONNECT_DURATION, "Time to connect to an upstream and complete its WebSocket handshake."),
+    (CONFIG_RELOADS, "Configuration reloads, by result."),
+    (BUILD_INFO, "Always 1; the version label names the running build."),
+];
+
+/// Direction of a relayed message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    ClientToUpstream,
+    UpstreamToClient,
+}
+
+impl Direction {
+    pub fn label(self) -> &'static str {
+        match self {
+            Direction::ClientToUpstream => "client_to_upstream",
+            Direction::UpstreamToClient => "upstream_to_client",
+        }
+    }
+}
+
+/// The gateway's metrics: a recorder and the handle that renders it.
+#[derive(Clone)]
+pub struct Metrics {
+    recorder: Arc<PrometheusRecorder>,
+    handle: PrometheusHandle,
+    accepted: Counter,
+    handshake: Histogram,
+}
+
+/// Per-session counters, resolved once when the session starts.
+pub struct SessionMetrics {
+    pub messages: [Counter; 2],
+    pub bytes: [Counter; 2],
+    pub active: Gauge,
+}
+
+impl SessionMetrics {
+    pub fn count(&self, dir: Direction, payload_len: usize) {
+        let i = dir as usize;
+        self.messages[i].increment(1);
+        self.bytes[i].increment(payload_len as u64);
+    }
+}
+
+const SECONDS_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const SESSION_BUCKETS: &[f64] = &[0.1, 1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0];
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let builder = PrometheusBuilder::new()
+            .set_buckets(SECONDS_BUCKETS)
+            .and_then(|b| b.set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Full(CONNECTION_DURATION.into()), SESSION_BUCKETS))
+            .unwrap_or_else(|_| PrometheusBuilder::new());
+        let recorder = Arc::new(builder.build_recorder());
+        let handle = recorder.handle();
+        for (name, help) in DESCRIPTIONS {
+            let help = SharedString::from(*help);
+            let unit = name.ends_with("_seconds").then_some(Unit::Seconds);
+            if name.ends_with("_total") {
+                recorder.describe_counter((*name).into(), unit, help);
+            } else if name.ends_with("_seconds") {
+                recorder.describe_histogram((*name).into(), unit, help);
+            } else {
+                recorder.describe_gauge((*name).into(), unit, help);
+            }
+        }
+        let meta = metadata();
+        let accepted = recorder.register_counter(&Key::from_name(CONNECTIONS_ACCEPTED), &meta);
+        accepted.increment(0);
+        let handshake = recorder.register_histogram(&Key::from_name(HANDSHAKE_DURATION), &meta);
+        let build = recorder.register_gauge(&Key::from_parts(BUILD_INFO, vec![Label::new("version", env!("CARGO_PKG_VERSION"))]), &meta);
+        build.set(1.0);
+        let m = Metrics { recorder, handle, accepted, handshake };
+        m.counter(CONFIG_RELOADS, &[("result", "success")]).increment(0);
+        m.counter(CONFIG_RELOADS, &[("result", "failure")]).increment(0);
+        m
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+
+    fn counter(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Counter {
+        let labels: Vec<Label> = labels.iter().map(|(k, v)| Label::new(*k, v.to_string())).collect();
+        self.recorder.register_counter(&Key::from_parts(name, labels), &metadata())
+    }
+
+    fn histogram(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Histogram {
+        let labels: Vec<Label> = labels.iter().map(|(k, v)| Label::new(*k, v.to_string())).collect();
+        self.recorder.register_histogram(&Key::from_parts(name, labels), &metadata())
+    }
+
+    pub fn accepted(&self) {
+        self.accepted.increment(1);
+    }
+
+    pub fn rejected(&self, reason: &'static str) {
+        self.counter(CONNECTIONS_REJECTED, &[("reason", reason)]).increment(1);
+    }
+
+    pub fn auth_failure(&self, route: &str, reason: &'static str) {
+        self.counter(AUTH_FAILURES, &[("route", route), ("reason", reason)]).increment(1);
+    }
+
+    pub fn error(&self, kind: &'static str) {
+        self.counter(ERRORS, &[("kind", kind)]).increment(1);
+    }
+
+    pub fn closed(&self, route: &str, code: u16, initiator: &'static str) {
+        let code = code.to_string();
+        self.counter(CLOSES, &[("route", route), ("code", &code), ("initiator", initiator)]).increment(1);
+    }
+
+    pub fn handshake_done(&self, seconds: f64) {
+        self.handshake.record(seconds);
+    }
+
+    pub fn session_duration(&self, route: &str, seconds: f64) {
+        self.histogram(CONNECTION_DURATION, &[("route", route)]).record(seconds);
+    }
+
+    pub fn upstream_connect(&self, route: &str, seconds: f64) {
+        self.histogram(UPSTREAM_CONNECT_DURATION, &[("route", route)]).record(seconds);
+    }
+
+    pub fn reload(&self, ok: bool) {
+        self.counter(CONFIG_RELOADS, &[("result", if ok { "success" } else { "failure" })]).increment(1);
+    }
+
+    /// Make the route's series visible at zero before any traffic.
+    pub fn register_route(&self, route: &str) {
+        self.session(route).active.increment(0.0);
+    }
+
+    /// Handles for one session on `route`.
+    pub fn session(&self, route: &str) -> SessionMetrics {
+        let dirs = [Direction::ClientToUpstream, Direction::UpstreamToClient];
+        let messages = dirs.map(|d| self.counter(MESSAGES, &[("route", route), ("direction", d.label())]));
+        let bytes = dirs.map(|d| self.counter(BYTES, &[("route", route), ("direction", d.label())]));
+        let active = self.recorder.register_gauge(&Key::from_parts(CONNECTIONS_ACTIVE, vec![Label::new("route", route.to_string())]), &metadata());
+        SessionMetrics { messages, bytes, active }
+    }
+}
+
+fn metadata() -> metrics::Metadata<'static> {
+    metrics::Metadata::new(module_path!(), metrics::Level::INFO, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_has_help_text_and_separate_gateways_stay_separate() {
+        let a = Metrics::new();
+        let b = Metrics::new();
+        a.rejected("not_found");
+        a.register_route("echo");
+        let text = a.render();
+        assert!(text.contains("# HELP wsgate_connections_rejected_total"), "{text}");
+        assert!(text.contains("wsgate_connections_rejected_total{reason=\"not_found\"} 1"), "{text}");
+        assert!(text.contains("wsgate_build_info{version="), "{text}");
+        assert!(!b.render().contains("not_found"));
+    }
+}

@@ -1,0 +1,456 @@
+//! Stage 9: relay frames between client and upstream until one side closes, a limit
+//! trips, or the gateway shuts down.
+//!
+//! One task drives both WebSockets through a single `poll_fn` state machine, so:
+//! - both directions flow at once (no deadlock when both peers write), while a
+//!   direction whose receiver is slow stops reading from its sender (backpressure:
+//!   at most one message plus the write buffer is held per direction);
+//! - messages that are already readable are written as a batch and flushed once;
+//! - the gateway can send a close frame to either side at any moment.
+//!
+//! Ping/pong are per hop, as RFC 6455 treats control frames: each hop answers a ping
+//! itself at once (tungstenite does). Pings are also passed on so the far side sees
+//! them, and the far side's pong to such a ping is absorbed (the sender already has
+//! its answer). Unsolicited pongs (heartbeats) are passed on. The gateway's own
+//! keep-alive pings to the client are answered by the client and never forwarded.
+
+use crate::error::{CloseReason, Initiator};
+use crate::metrics::{Direction, SessionMetrics};
+use bytes::Bytes;
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use std::{
+    collections::VecDeque,
+    future::poll_fn,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    time::{Instant, Sleep, sleep_until},
+};
+use tokio_tungstenite::{
+    WebSocketStream,
+    tungstenite::{
+        Error as WsError, Message,
+        protocol::{CloseFrame, frame::coding::CloseCode},
+    },
+};
+use tokio_util::sync::CancellationToken;
+
+/// Messages read from one side before the relay flushes and yields to other tasks.
+const BATCH: usize = 64;
+/// Pings passed on to a side and not yet answered, at most; beyond this a ping is
+/// answered by the gateway only.
+const MAX_FORWARDED_PINGS: usize = 8;
+
+/// Timers and limits of one session.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub idle_timeout: Duration,
+    pub ping_interval: Duration,
+    pub close_timeout: Duration,
+}
+
+/// How a session ended, for the access log and metrics.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The close code of the session (1005 when a peer closed without a code, 1006
+    /// when a connection was lost without a close frame).
+    pub code: u16,
+    pub initiator: Initiator,
+    /// Set when the gateway ended the session.
+    pub reason: Option<CloseReason>,
+    /// Data messages and payload bytes, indexed by [`Direction`].
+    pub messages: [u64; 2],
+    pub bytes: [u64; 2],
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Side {
+    Client,
+    Upstream,
+}
+
+enum Event {
+    /// A peer sent a close frame (already answered by tungstenite).
+    Closed(Side, Option<CloseFrame>),
+    /// The gateway ends the session.
+    End(CloseReason),
+}
+
+/// One direction's state: a message waiting for its receiver, and whether the
+/// receiver has unflushed writes.
+#[derive(Default)]
+struct Flow {
+    pending: Option<Message>,
+    unflushed: bool,
+    /// Pings passed on to this flow's receiver, waiting for its pong.
+    forwarded_pings: VecDeque<Bytes>,
+}
+
+struct Relay<'a, C, U> {
+    client: &'a mut WebSocketStream<C>,
+    upstream: &'a mut WebSocketStream<U>,
+    to_upstream: Flow,
+    to_client: Flow,
+    metrics: &'a SessionMetrics,
+    counts: [u64; 2],
+    bytes: [u64; 2],
+    activity: bool,
+    // Keep-alive pings from the gateway to the client.
+    ping_seq: u64,
+    ping_payload: Option<Bytes>,
+    ping_due: bool,
+}
+
+/// Relay until the session ends; sends close frames as needed and returns how it ended.
+pub async fn run<C, U>(
+    client: &mut WebSocketStream<C>,
+    upstream: &mut WebSocketStream<U>,
+    settings: &Settings,
+    metrics: &SessionMetrics,
+    shutdown: &CancellationToken,
+    deadline: Option<(Instant, CloseReason)>,
+) -> Outcome
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut relay = Relay {
+        client,
+        upstream,
+        to_upstream: Flow::default(),
+        to_client: Flow::default(),
+        metrics,
+        counts: [0; 2],
+        bytes: [0; 2],
+        activity: false,
+        ping_seq: 0,
+        ping_payload: None,
+        ping_due: false,
+    };
+    let mut last_activity = Instant::now();
+    let mut idle = Box::pin(sleep_until(last_activity + settings.idle_timeout));
+    let mut ping = Box::pin(sleep_until(last_activity + settings.ping_interval));
+    let mut expiry = deadline.map(|(at, reason)| (Box::pin(sleep_until(at)), reason));
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
+
+    let event = poll_fn(|cx| {
+        if cancelled.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Event::End(CloseReason::Shutdown));
+        }
+        if let Some((timer, reason)) = expiry.as_mut() {
+            if timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::End(*reason));
+            }
+        }
+        if let Some(ev) = relay.poll_pings(cx, &mut ping, settings.ping_interval) {
+            return Poll::Ready(ev);
+        }
+        if let Some(ev) = relay.poll_flow(cx, Side::Client) {
+            return Poll::Ready(ev);
+        }
+        if let Some(ev) = relay.poll_flow(cx, Side::Upstream) {
+            return Poll::Ready(ev);
+        }
+        if std::mem::take(&mut relay.activity) {
+            last_activity = Instant::now();
+        }
+        if poll_sleep(&mut idle, cx) {
+            if last_activity.elapsed() >= settings.idle_timeout {
+                return Poll::Ready(Event::End(CloseReason::IdleTimeout));
+            }
+            idle.as_mut().reset(last_activity + settings.idle_timeout);
+            let _ = idle.as_mut().poll(cx);
+        }
+        Poll::Pending
+    })
+    .await;
+
+    let (counts, bytes) = (relay.counts, relay.bytes);
+    let (code, initiator, reason) = finish(relay.client, relay.upstream, event, settings.close_timeout).await;
+    Outcome { code, initiator, reason, messages: counts, bytes }
+}
+
+fn poll_sleep(s: &mut Pin<Box<Sleep>>, cx: &mut Context<'_>) -> bool {
+    s.as_mut().poll(cx).is_ready()
+}
+
+impl<C, U> Relay<'_, C, U>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    /// Send the gateway's keep-alive ping when due; end the session when the previous
+    /// one went unanswered for a whole interval.
+    fn poll_pings(&mut self, cx: &mut Context<'_>, timer: &mut Pin<Box<Sleep>>, interval: Duration) -> Option<Event> {
+        if poll_sleep(timer, cx) {
+            if self.ping_payload.is_some() {
+                return Some(Event::End(CloseReason::PingTimeout));
+            }
+            self.ping_seq += 1;
+            let mut payload = b"wsgate:".to_vec();
+            payload.extend_from_slice(&self.ping_seq.to_be_bytes());
+            self.ping_payload = Some(Bytes::from(payload));
+            self.ping_due = true;
+            timer.as_mut().reset(Instant::now() + interval);
+            let _ = timer.as_mut().poll(cx);
+        }
+        if self.ping_due {
+            if let Some(payload) = self.ping_payload.clone() {
+                match Pin::new(&mut *self.client).poll_ready(cx) {
+                    Poll::Ready(Ok(())) => {
+                        self.ping_due = false;
+                        if Pin::new(&mut *self.client).start_send(Message::Ping(payload)).is_err() {
+                            return Some(Event::End(CloseReason::ClientIo));
+                        }
+                        self.to_client.unflushed = true;
+                    }
+                    Poll::Ready(Err(_)) => return Some(Event::End(CloseReason::ClientIo)),
+                    Poll::Pending => {}
+                }
+            }
+        }
+        None
+    }
+
+    /// Move messages read from `from` to the other side until `from` has nothing
+    /// ready, the receiver pushes back, or the batch is used up.
+    fn poll_flow(&mut self, cx: &mut Context<'_>, from: Side) -> Option<Event> {
+        for _ in 0..BATCH {
+            let flow = match from {
+                Side::Client => &mut self.to_upstream,
+                Side::Upstream => &mut self.to_client,
+            };
+            if let Some(msg) = flow.pending.take() {
+                match poll_send(self.receiver(from), cx, msg) {
+                    Ok(None) => self.flow(from).unflushed = true,
+                    Ok(Some(msg)) => {
+                        self.flow(from).pending = Some(msg);
+                        return self.poll_flush(cx, from);
+                    }
+                    Err(_) => return Some(Event::End(write_error(from))),
+                }
+            }
+            let next = match from {
+                Side::Client => Pin::new(&mut *self.client).poll_next(cx),
+                Side::Upstream => Pin::new(&mut *self.upstream).poll_next(cx),
+            };
+            match next {
+                Poll::Pending => return self.poll_flush(cx, from),
+                Poll::Ready(None) => return Some(Event::End(lost(from))),
+                Poll::Ready(Some(Err(e))) => return Some(Event::End(read_error(from, &e))),
+                Poll::Ready(Some(Ok(msg))) => {
+                    if let Some(ev) = self.accept(from, msg) {
+                        return Some(ev);
+                    }
+                }
+            }
+        }
+        // Batch used up: flush, and come back after other tasks had their turn.
+        cx.waker().wake_by_ref();
+        self.poll_flush(cx, from)
+    }
+
+    /// Classify one message read from `from`; data and pings become the flow's pending message.
+    fn accept(&mut self, from: Side, msg: Message) -> Option<Event> {
+        let dir = match from {
+            Side::Client => Direction::ClientToUpstream,
+            Side::Upstream => Direction::UpstreamToClient,
+        };
+        match msg {
+            Message::Text(ref t) => self.count(dir, t.len()),
+            Message::Binary(ref b) => self.count(dir, b.len()),
+            Message::Ping(ref p) => {
+                self.activity = true;
+                let flow = self.flow(from);
+                if flow.forwarded_pings.len() >= MAX_FORWARDED_PINGS {
+                    return None; // answered by this hop only
+                }
+                flow.forwarded_pings.push_back(p.clone());
+            }
+            Message::Pong(p) => {
+                if from == Side::Client && self.ping_payload.as_ref() == Some(&p) {
+                    self.ping_payload = None;
+                    return None;
+                }
+                // A pong from `from` may answer a ping we passed on to it.
+                let sent_to_from = match from {
+                    Side::Client => &mut self.to_client.forwarded_pings,
+                    Side::Upstream => &mut self.to_upstream.forwarded_pings,
+                };
+                if let Some(i) = sent_to_from.iter().position(|q| *q == p) {
+                    sent_to_from.drain(..=i);
+                    return None;
+                }
+                self.activity = true;
+                self.flow(from).pending = Some(Message::Pong(p));
+                return None;
+            }
+            Message::Close(frame) => return Some(Event::Closed(from, frame)),
+            Message::Frame(_) => return None,
+        }
+        self.flow(from).pending = Some(msg);
+        None
+    }
+
+    fn count(&mut self, dir: Direction, len: usize) {
+        self.activity = true;
+        self.counts[dir as usize] += 1;
+        self.bytes[dir as usize] += len as u64;
+        self.metrics.count(dir, len);
+    }
+
+    fn flow(&mut self, from: Side) -> &mut Flow {
+        match from {
+            Side::Client => &mut self.to_upstream,
+            Side::Upstream => &mut self.to_client,
+        }
+    }
+
+    fn receiver(&mut self, from: Side) -> Receiver<'_, C, U> {
+        match from {
+            Side::Client => Receiver::Upstream(self.upstream),
+            Side::Upstream => Receiver::Client(self.client),
+        }
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>, from: Side) -> Option<Event> {
+        if !self.flow(from).unflushed {
+            return None;
+        }
+        let r = match from {
+            Side::Client => Pin::new(&mut *self.upstream).poll_flush(cx),
+            Side::Upstream => Pin::new(&mut *self.client).poll_flush(cx),
+        };
+        match r {
+            Poll::Ready(Ok(())) => {
+                self.flow(from).unflushed = false;
+                None
+            }
+            Poll::Ready(Err(_)) => Some(Event::End(write_error(from))),
+            Poll::Pending => None,
+        }
+    }
+}
+
+enum Receiver<'a, C, U> {
+    Client(&'a mut WebSocketStream<C>),
+    Upstream(&'a mut WebSocketStream<U>),
+}
+
+/// Try to hand `msg` to the receiver: `Ok(None)` when queued, `Ok(Some(msg))` when it
+/// must wait (backpressure).
+fn poll_send<C, U>(rx: Receiver<'_, C, U>, cx: &mut Context<'_>, msg: Message) -> Result<Option<Message>, WsError>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    fn send<S: Sink<Message, Error = WsError> + Unpin>(s: &mut S, cx: &mut Context<'_>, msg: Message) -> Result<Option<Message>, WsError> {
+        match Pin::new(&mut *s).poll_ready(cx) {
+            Poll::Pending => Ok(Some(msg)),
+            Poll::Ready(Err(e)) => Err(e),
+            Poll::Ready(Ok(())) => Pin::new(s).start_send(msg).map(|()| None),
+        }
+    }
+    match rx {
+        Receiver::Client(s) => send(s, cx, msg),
+        Receiver::Upstream(s) => send(s, cx, msg),
+    }
+}
+
+/// Writing to the receiver of `from`'s messages failed.
+fn write_error(from: Side) -> CloseReason {
+    match from {
+        Side::Client => CloseReason::UpstreamReset,
+        Side::Upstream => CloseReason::ClientIo,
+    }
+}
+
+fn lost(side: Side) -> CloseReason {
+    match side {
+        Side::Client => CloseReason::ClientIo,
+        Side::Upstream => CloseReason::UpstreamReset,
+    }
+}
+
+/// Map a read error from `side` to why the gateway ends the session.
+fn read_error(side: Side, e: &WsError) -> CloseReason {
+    let client = side == Side::Client;
+    match e {
+        WsError::Capacity(_) if client => CloseReason::ClientTooBig,
+        WsError::Capacity(_) => CloseReason::UpstreamTooBig,
+        WsError::Utf8(_) if client => CloseReason::ClientInvalidUtf8,
+        WsError::Utf8(_) => CloseReason::UpstreamInvalidUtf8,
+        WsError::Protocol(p) if !matches!(p, tokio_tungstenite::tungstenite::error::ProtocolError::ResetWithoutClosingHandshake) => {
+            if client { CloseReason::ClientProtocol } else { CloseReason::UpstreamProtocol }
+        }
+        _ => lost(side),
+    }
+}
+
+/// Complete the close handshakes after `event`; returns (code, initiator, gateway reason).
+async fn finish<C, U>(
+    client: &mut WebSocketStream<C>,
+    upstream: &mut WebSocketStream<U>,
+    event: Event,
+    timeout: Duration,
+) -> (u16, Initiator, Option<CloseReason>)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    match event {
+        Event::Closed(side, frame) => {
+            let code = frame.as_ref().map_or(1005, |f| u16::from(f.code));
+            let initiator = if side == Side::Client { Initiator::Client } else { Initiator::Upstream };
+            let _ = tokio::time::timeout(timeout, async {
+                match side {
+                    Side::Client => tokio::join!(drain(client), close_and_drain(upstream, frame)),
+                    Side::Upstream => tokio::join!(close_and_drain(client, frame), drain(upstream)),
+                }
+            })
+            .await;
+            (code, initiator, None)
+        }
+        Event::End(reason) => {
+            let (cc, uc) = reason.codes();
+            let frame = |code: CloseCode| Some(CloseFrame { code, reason: reason.text().into() });
+            let client_ok = !matches!(reason, CloseReason::ClientIo);
+            let upstream_ok = !matches!(reason, CloseReason::UpstreamReset);
+            let _ = tokio::time::timeout(timeout, async {
+                tokio::join!(
+                    async {
+                        if client_ok {
+                            close_and_drain(client, frame(cc)).await
+                        }
+                    },
+                    async {
+                        if upstream_ok {
+                            close_and_drain(upstream, frame(uc)).await
+                        }
+                    }
+                )
+            })
+            .await;
+            let code = if client_ok { u16::from(cc) } else { 1006 };
+            (code, Initiator::Gateway, Some(reason))
+        }
+    }
+}
+
+/// Send a close frame and read until the peer's reply (or the end of the stream).
+async fn close_and_drain<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>, frame: Option<CloseFrame>) {
+    if ws.send(Message::Close(frame)).await.is_ok() {
+        drain(ws).await;
+    }
+}
+
+/// Read until the stream ends, which also flushes any queued close reply. Messages
+/// that arrive after a close was sent cannot be delivered (RFC 6455 5.5.1).
+async fn drain<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>) {
+    let _ = ws.flush().await;
+    while let Some(Ok(_)) = ws.next().await {}
+}

@@ -1,0 +1,247 @@
+//! The gateway: shared state, the accept loops, and the three-step drain.
+//!
+//! [`start`] binds the listeners named in the config (port 0 works, for tests) and
+//! returns a [`Running`] handle; `main` waits for a signal and calls
+//! [`Running::shutdown`]. Everything loaded from one config lives in a [`Runtime`]
+//! behind an `ArcSwap`, so a reload can swap it without touching open sessions.
+
+use crate::auth::{Secret, Verifier, load_secret};
+use crate::config::{AuthMode, Config, ConfigError};
+use crate::metrics::Metrics;
+use arc_swap::ArcSwap;
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+use tokio::{net::TcpListener, task::JoinHandle, time::Instant};
+use tokio_rustls::TlsAcceptor;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+/// Read buffer per WebSocket side. Small: most messages are small, and an idle
+/// socket should cost little memory. Larger messages grow it on demand.
+const WS_READ_BUFFER: usize = 4 * 1024;
+/// Bytes queued before the codec writes to the socket; the relay flushes each batch anyway.
+const WS_WRITE_BUFFER: usize = 16 * 1024;
+/// Connections beyond `max_connections` that still get a 503; past this the TCP
+/// connection is closed at once, so a flood cannot make the gateway do TLS work.
+const OVER_CAP_SLACK: usize = 256;
+
+/// Everything derived from one configuration.
+pub struct Runtime {
+    pub config: Config,
+    pub tls: TlsAcceptor,
+    pub verifier: Option<Verifier>,
+    /// TLS connectors for `wss://` upstreams, by route index.
+    pub connectors: Vec<Option<tokio_rustls::TlsConnector>>,
+    /// Round-robin position, by route index.
+    pub next_upstream: Vec<AtomicUsize>,
+    pub ws_config: WebSocketConfig,
+}
+
+impl Runtime {
+    /// Load certificates and keys named by `config`. With `create_dev_files`, missing
+    /// development certificates and secrets are generated when the config allows it.
+    pub fn load(config: Config, create_dev_files: bool) -> Result<Runtime, ConfigError> {
+        let tls = TlsAcceptor::from(crate::tls::server_config(&config, create_dev_files)?);
+        let needs_jwt = config.routes.iter().any(|r| r.auth == AuthMode::Jwt);
+        let verifier = if needs_jwt {
+            let generate_pending = matches!(&config.jwt.secret,
+                crate::config::SecretSource::File { path, generate_if_missing: true } if !create_dev_files && !path.value.exists());
+            // `check` before the first run: the secret will be generated; verify with a stand-in.
+            let secret: Secret = if generate_pending { Secret::from(vec![0u8; 32]) } else { load_secret(&config.jwt.secret, &config.origin, create_dev_files)? };
+            Some(Verifier::new(&config.jwt, &secret))
+        } else {
+            None
+        };
+        let connectors = config.routes.iter().map(|r| crate::upstream::connector(r, &config.origin)).collect::<Result<_, _>>()?;
+        let next_upstream = config.routes.iter().map(|_| AtomicUsize::new(0)).collect();
+        let l = &config.limits;
+        let ws_config = WebSocketConfig::default()
+            .read_buffer_size(WS_READ_BUFFER)
+            .write_buffer_size(WS_WRITE_BUFFER)
+            .max_write_buffer_size(WS_WRITE_BUFFER + l.max_message_size + 64 * 1024)
+            .max_message_size(Some(l.max_message_size))
+            .max_frame_size(Some(l.max_frame_size));
+        Ok(Runtime { config, tls, verifier, connectors, next_upstream, ws_config })
+    }
+}
+
+/// State shared by every connection.
+pub struct Gateway {
+    runtime: ArcSwap<Runtime>,
+    pub metrics: Metrics,
+    /// Cancelled when sessions must close (drain).
+    pub sessions: CancellationToken,
+    tracker: TaskTracker,
+    open: AtomicUsize,
+    draining: AtomicBool,
+}
+
+impl Gateway {
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.load_full()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Connections accepted and not yet finished.
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+}
+
+/// A started gateway.
+pub struct Running {
+    pub wss_addrs: Vec<SocketAddr>,
+    pub admin_addr: SocketAddr,
+    pub gateway: Arc<Gateway>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Begin the drain: stop accepting, close sessions with 1001, wait up to `shutdown_grace`.
+    pub fn shutdown(&self) {
+        self.stop.cancel();
+    }
+
+    /// Wait until the drain has finished.
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+}
+
+/// Bind the config's listeners and start serving.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    let runtime = Runtime::load(config, true)?;
+    let mut listeners = Vec::new();
+    for addr in &runtime.config.server.listen {
+        let l = TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+        listeners.push(l);
+    }
+    let admin_addr = runtime.config.admin.listen;
+    let admin = TcpListener::bind(admin_addr).await.map_err(|e| anyhow::anyhow!("cannot listen on admin address {admin_addr}: {e}"))?;
+    let wss_addrs = listeners.iter().map(|l| l.local_addr()).collect::<Result<Vec<_>, _>>()?;
+    let admin_addr = admin.local_addr()?;
+    let metrics = Metrics::new();
+    for r in &runtime.config.routes {
+        metrics.register_route(&r.name);
+    }
+    let gateway = Arc::new(Gateway {
+        runtime: ArcSwap::from_pointee(runtime),
+        metrics,
+        sessions: CancellationToken::new(),
+        tracker: TaskTracker::new(),
+        open: AtomicUsize::new(0),
+        draining: AtomicBool::new(false),
+    });
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(serve(gateway.clone(), listeners, admin, stop.clone()));
+    Ok(Running { wss_addrs, admin_addr, gateway, stop, task })
+}
+
+async fn serve(gw: Arc<Gateway>, listeners: Vec<TcpListener>, admin: TcpListener, stop: CancellationToken) {
+    let admin_stop = CancellationToken::new();
+    let admin_task = tokio::spawn(crate::admin::serve(gw.clone(), admin, admin_stop.clone()));
+    let accept_tasks: Vec<_> = listeners.into_iter().map(|l| tokio::spawn(accept_loop(gw.clone(), l, stop.clone()))).collect();
+
+    stop.cancelled().await;
+    // 1. Stop accepting; /readyz turns 503; handshakes still in progress get a 503.
+    gw.draining.store(true, Ordering::Relaxed);
+    for t in accept_tasks {
+        let _ = t.await;
+    }
+    let grace = gw.runtime().config.server.shutdown_grace;
+    tracing::info!(open = gw.open_connections(), grace_ms = grace.as_millis() as u64, "draining");
+    // 2. Tell every session (close 1001 to client and upstream).
+    gw.sessions.cancel();
+    // 3. Bound the wait.
+    gw.tracker.close();
+    if tokio::time::timeout(grace, gw.tracker.wait()).await.is_err() {
+        tracing::warn!(open = gw.open_connections(), "shutdown grace expired with connections still open");
+    }
+    admin_stop.cancel();
+    let _ = admin_task.await;
+    tracing::info!("stopped");
+}
+
+async fn accept_loop(gw: Arc<Gateway>, listener: TcpListener, stop: CancellationToken) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of descriptors or memory: back off instead of spinning.
+                    tracing::error!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let accepted = Instant::now();
+        gw.metrics.accepted();
+        let rt = gw.runtime();
+        let cap = rt.config.server.max_connections;
+        let open = gw.open.fetch_add(1, Ordering::Relaxed) + 1;
+        let guard = OpenGuard(gw.clone());
+        if open > cap + OVER_CAP_SLACK {
+            gw.metrics.rejected("global_conn_limit");
+            tracing::debug!(peer = %peer, reason = "global_conn_limit", "rejected");
+            drop(guard);
+            continue;
+        }
+        let _ = tcp.set_nodelay(true);
+        let over_cap = open > cap;
+        let gw2 = gw.clone();
+        gw.tracker.spawn(async move {
+            let _guard = guard;
+            crate::conn::handle(gw2, rt, tcp, peer, accepted, over_cap).await;
+        });
+    }
+}
+
+/// Decrements the open-connection count when a connection ends, however it ends.
+struct OpenGuard(Arc<Gateway>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Insecure settings worth a warning from `wsgate check` (they are allowed, not errors).
+pub fn warnings(config: &Config) -> Vec<String> {
+    let mut w = Vec::new();
+    if config.tls.self_signed_if_missing {
+        w.push("tls.self_signed_if_missing = true: a self-signed development certificate may be served".to_string());
+    }
+    if let crate::config::SecretSource::File { generate_if_missing: true, .. } = config.jwt.secret {
+        w.push("jwt.generate_secret_if_missing = true: development only".to_string());
+    }
+    if let Ok(secret) = load_secret(&config.jwt.secret, &config.origin, false) {
+        if secret.len() < 32 && config.jwt.algorithms.iter().any(|a| format!("{a:?}").starts_with("HS")) {
+            w.push(format!("jwt secret is {} bytes; use at least 32", secret.len()));
+        }
+    }
+    if !config.admin.listen.ip().is_loopback() {
+        w.push(format!("admin.listen = {}: metrics are reachable beyond this host", config.admin.listen));
+    }
+    if config.jwt.leeway > Duration::from_secs(300) {
+        w.push("jwt.leeway is over 5 minutes".to_string());
+    }
+    let public = config.server.listen.iter().any(|a| !a.ip().is_loopback());
+    for r in &config.routes {
+        if r.auth == AuthMode::None && public {
+            w.push(format!("route {:?} has auth = \"none\" on a public listener", r.name));
+        }
+    }
+    w
+}

@@ -1,0 +1,172 @@
+//! TLS: the server config for the wss listeners, client configs for `wss://`
+//! upstreams and the `client` command, and the self-signed development certificate.
+
+use crate::config::{Config, ConfigError, Located, TlsVersion};
+use rustls::{
+    ClientConfig, RootCertStore, ServerConfig,
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    crypto::aws_lc_rs,
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject};
+use std::{path::Path, sync::Arc};
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(aws_lc_rs::default_provider())
+}
+
+/// Build the server TLS config from `[tls]`, creating a self-signed development
+/// certificate first when the files are missing and `self_signed_if_missing` is set.
+///
+/// With `create` false (`wsgate check`), missing development files are not written:
+/// a throw-away certificate is generated in memory so the rest can still be checked.
+pub fn server_config(cfg: &Config, create: bool) -> Result<Arc<ServerConfig>, ConfigError> {
+    let t = &cfg.tls;
+    let origin = &cfg.origin;
+    let missing = !t.cert.value.exists() && !t.key.value.exists();
+    let (certs, key) = if t.self_signed_if_missing && missing && !create {
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).map_err(|e| t.cert.error(origin, e.to_string()))?;
+        let key = PrivateKeyDer::try_from(ck.signing_key.serialize_der()).map_err(|e| t.key.error(origin, e.to_string()))?;
+        (vec![ck.cert.der().clone()], key)
+    } else {
+        if t.self_signed_if_missing && missing {
+            write_self_signed(&t.cert.value, &t.key.value)
+                .map_err(|e| t.cert.error(origin, format!("cannot create a self-signed certificate: {e}")))?;
+            tracing::warn!(cert = %t.cert.value.display(), "created a self-signed development certificate; use a real one in production");
+        }
+        let certs = load_certs(&t.cert, origin)?;
+        let key = PrivateKeyDer::from_pem_file(&t.key.value).map_err(|e| t.key.error(origin, pem_error("private key", &t.key.value, e)))?;
+        (certs, key)
+    };
+    let versions: &[&rustls::SupportedProtocolVersion] = match t.min_version {
+        TlsVersion::V1_2 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        TlsVersion::V1_3 => &[&rustls::version::TLS13],
+    };
+    let mut sc = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions)
+        .map_err(|e| t.cert.error(origin, format!("TLS setup failed: {e}")))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| t.key.error(origin, format!("certificate and key do not form a usable pair: {e}")))?;
+    sc.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // Resumption for returning clients: stateless tickets plus a bounded session cache.
+    sc.ticketer = aws_lc_rs::Ticketer::new().map_err(|e| t.cert.error(origin, format!("TLS ticketer: {e}")))?;
+    sc.session_storage = rustls::server::ServerSessionMemoryCache::new(4096);
+    Ok(Arc::new(sc))
+}
+
+fn pem_error(what: &str, path: &Path, e: rustls_pki_types::pem::Error) -> String {
+    match e {
+        rustls_pki_types::pem::Error::Io(io) => format!("cannot read {what} {}: {io}", path.display()),
+        rustls_pki_types::pem::Error::NoItemsFound => format!("no PEM {what} found in {}", path.display()),
+        other => format!("invalid PEM {what} in {}: {other:?}", path.display()),
+    }
+}
+
+fn load_certs(loc: &Located<std::path::PathBuf>, origin: &str) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+    let path = &loc.value;
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| loc.error(origin, pem_error("certificate", path, e)))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| loc.error(origin, pem_error("certificate", path, e)))?;
+    if certs.is_empty() {
+        return Err(loc.error(origin, format!("no PEM certificate found in {}", path.display())));
+    }
+    Ok(certs)
+}
+
+/// Create a self-signed certificate for localhost, 127.0.0.1 and ::1 (key file mode 0600).
+pub fn write_self_signed(cert: &Path, key: &Path) -> std::io::Result<()> {
+    let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    let ck = rcgen::generate_simple_self_signed(names).map_err(std::io::Error::other)?;
+    for p in [cert, key] {
+        if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+    }
+    crate::fsutil::write_private(key, ck.signing_key.serialize_pem().as_bytes())?;
+    std::fs::write(cert, ck.cert.pem())
+}
+
+/// Client config for `wss://` upstreams: webpki roots plus an optional CA file.
+pub fn upstream_client_config(extra_ca: Option<&Located<std::path::PathBuf>>, origin: &str) -> Result<Arc<ClientConfig>, ConfigError> {
+    let mut roots = RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(ca) = extra_ca {
+        for cert in load_certs(ca, origin)? {
+            roots.add(cert).map_err(|e| ca.error(origin, format!("unusable CA certificate: {e}")))?;
+        }
+    }
+    client_config(roots).map_err(|e| ConfigError { file: origin.into(), line: None, key: "tls".into(), message: e })
+}
+
+fn client_config(roots: RootCertStore) -> Result<Arc<ClientConfig>, String> {
+    let mut cc = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cc.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cc))
+}
+
+/// Client config for the `client` command and tests: webpki roots, or only `ca` when given,
+/// or no verification at all when `insecure`.
+pub fn cli_client_config(ca: Option<&Path>, insecure: bool) -> Result<Arc<ClientConfig>, String> {
+    if insecure {
+        let mut cc = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerification(provider())))
+            .with_no_client_auth();
+        cc.alpn_protocols = vec![b"http/1.1".to_vec()];
+        return Ok(Arc::new(cc));
+    }
+    let mut roots = RootCertStore::empty();
+    match ca {
+        Some(path) => {
+            for cert in CertificateDer::pem_file_iter(path).map_err(|e| pem_error("certificate", path, e))? {
+                let cert = cert.map_err(|e| pem_error("certificate", path, e))?;
+                roots.add(cert).map_err(|e| format!("unusable CA certificate in {}: {e}", path.display()))?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    client_config(roots)
+}
+
+/// `--insecure`: accepts any server certificate (still checks handshake signatures).
+#[derive(Debug)]
+struct NoVerification(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for NoVerification {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}

@@ -1,0 +1,146 @@
+//! Stage 5: the upgrade request. Validates the WebSocket handshake headers and
+//! builds the responses (101, or a short error with `Connection: close`).
+
+use crate::error::Reject;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version, header};
+use http_body_util::Full;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+
+/// What a valid upgrade request yields: the key to answer with.
+#[derive(Debug)]
+pub struct Upgrade {
+    pub key: HeaderValue,
+}
+
+fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Check that `req` is a well-formed WebSocket upgrade (RFC 6455 4.2.1).
+pub fn validate<B>(req: &Request<B>) -> Result<Upgrade, Reject> {
+    let h = req.headers();
+    if !has_token(h, header::UPGRADE, "websocket") {
+        return Err(Reject::NotUpgrade);
+    }
+    if req.method() != Method::GET {
+        return Err(Reject::BadRequest("method is not GET"));
+    }
+    if req.version() != Version::HTTP_11 {
+        return Err(Reject::BadRequest("HTTP version is not 1.1"));
+    }
+    if !has_token(h, header::CONNECTION, "upgrade") {
+        return Err(Reject::BadRequest("Connection header lacks upgrade"));
+    }
+    if !h.contains_key(header::HOST) {
+        return Err(Reject::BadRequest("no Host header"));
+    }
+    if h.contains_key(header::TRANSFER_ENCODING) || h.get(header::CONTENT_LENGTH).is_some_and(|v| v.as_bytes() != b"0") {
+        return Err(Reject::BadRequest("upgrade request with a body"));
+    }
+    match h.get(header::SEC_WEBSOCKET_VERSION) {
+        Some(v) if v.as_bytes() == b"13" => {}
+        Some(_) => return Err(Reject::UnsupportedVersion),
+        None => return Err(Reject::BadRequest("no Sec-WebSocket-Version")),
+    }
+    let mut keys = h.get_all(header::SEC_WEBSOCKET_KEY).iter();
+    let key = match (keys.next(), keys.next()) {
+        (Some(k), None) if key_is_valid(k.as_bytes()) => k.clone(),
+        _ => return Err(Reject::BadRequest("missing or invalid Sec-WebSocket-Key")),
+    };
+    Ok(Upgrade { key })
+}
+
+/// A key is 16 bytes, base64 encoded (24 characters).
+fn key_is_valid(k: &[u8]) -> bool {
+    use base64::Engine;
+    k.len() == 24 && base64::engine::general_purpose::STANDARD.decode(k).is_ok_and(|d| d.len() == 16)
+}
+
+/// The 101 answer, carrying the subprotocol the upstream chose.
+pub fn switching_protocols(up: &Upgrade, protocol: Option<HeaderValue>) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(up.key.as_bytes())) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    if let Some(p) = protocol {
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, p);
+    }
+    resp
+}
+
+/// The answer to a refused upgrade: status, short body, `Connection: close`.
+pub fn refusal(reject: &Reject) -> Response<Full<Bytes>> {
+    let status = reject.status().unwrap_or(StatusCode::BAD_REQUEST);
+    let mut resp = Response::new(Full::new(Bytes::from_static(reject.body().as_bytes())));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    match reject {
+        Reject::Auth(_) => {
+            h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer error=\"invalid_token\""));
+        }
+        Reject::NotUpgrade => {
+            h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        }
+        Reject::UnsupportedVersion => {
+            h.insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        }
+        _ => {}
+    }
+    if let Some(after) = reject.retry_after() {
+        h.insert(header::RETRY_AFTER, HeaderValue::from(after.as_secs().max(1)));
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(f: impl FnOnce(http::request::Builder) -> http::request::Builder) -> Request<()> {
+        let b = Request::get("/echo")
+            .header("host", "x")
+            .header("upgrade", "websocket")
+            .header("connection", "keep-alive, Upgrade")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==");
+        f(b).body(()).unwrap()
+    }
+
+    #[test]
+    fn valid_upgrade_and_accept_key() {
+        let up = validate(&req(|b| b)).unwrap();
+        let resp = switching_protocols(&up, Some(HeaderValue::from_static("chat")));
+        assert_eq!(resp.headers()["sec-websocket-accept"], "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        assert_eq!(resp.headers()["sec-websocket-protocol"], "chat");
+    }
+
+    #[test]
+    fn malformed_upgrades() {
+        let mut plain = req(|b| b);
+        plain.headers_mut().remove("upgrade");
+        assert_eq!(validate(&plain).unwrap_err(), Reject::NotUpgrade);
+        let mut post = req(|b| b);
+        *post.method_mut() = Method::POST;
+        assert!(matches!(validate(&post).unwrap_err(), Reject::BadRequest(_)));
+        let bad_key = req(|b| b.header("sec-websocket-key", "second"));
+        assert!(matches!(validate(&bad_key).unwrap_err(), Reject::BadRequest(_)));
+        let mut v8 = req(|b| b);
+        v8.headers_mut().insert("sec-websocket-version", HeaderValue::from_static("8"));
+        assert_eq!(validate(&v8).unwrap_err(), Reject::UnsupportedVersion);
+        let body = req(|b| b.header("content-length", "5"));
+        assert!(matches!(validate(&body).unwrap_err(), Reject::BadRequest(_)));
+    }
+}

@@ -1,0 +1,266 @@
+//! Stage 7: connect to an upstream and complete its WebSocket handshake, before the
+//! client gets its 101. Also builds the request the upstream sees.
+
+use crate::auth::protocols;
+use crate::config::{Route, TokenSource, Upstream};
+use crate::error::Reject;
+use http::{HeaderMap, HeaderName, HeaderValue, header};
+use std::{
+    io,
+    net::IpAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf},
+    net::TcpStream,
+};
+use tokio_tungstenite::{
+    WebSocketStream,
+    tungstenite::{client::IntoClientRequest, protocol::WebSocketConfig},
+};
+
+/// The transport to an upstream. An enum rather than a boxed trait object keeps the
+/// relay's reads and writes statically dispatched.
+pub enum UpstreamIo {
+    Tcp(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// The built-in echo backend, in process.
+    Mem(DuplexStream),
+}
+
+macro_rules! delegate {
+    ($self:ident, $io:ident => $e:expr) => {
+        match $self.get_mut() {
+            UpstreamIo::Tcp($io) => $e,
+            UpstreamIo::Tls($io) => $e,
+            UpstreamIo::Mem($io) => $e,
+        }
+    };
+}
+
+impl AsyncRead for UpstreamIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, io => Pin::new(io).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for UpstreamIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        delegate!(self, io => Pin::new(io).poll_write(cx, buf))
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, io => Pin::new(io).poll_flush(cx))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, io => Pin::new(io).poll_shutdown(cx))
+    }
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        delegate!(self, io => Pin::new(io).poll_write_vectored(cx, bufs))
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamIo::Tcp(io) => io.is_write_vectored(),
+            UpstreamIo::Tls(io) => io.is_write_vectored(),
+            UpstreamIo::Mem(io) => io.is_write_vectored(),
+        }
+    }
+}
+
+/// What the gateway knows about the client when it builds the upstream request.
+pub struct ClientFacts<'a> {
+    pub ip: IpAddr,
+    /// The peer is a trusted proxy: its `X-Forwarded-For` is kept and the peer appended.
+    pub peer_trusted: bool,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub headers: &'a HeaderMap,
+    /// The token the client authenticated with, when it is to be forwarded.
+    pub forward_token: Option<&'a str>,
+    /// Token sources whose copies must be removed before the request goes upstream.
+    pub token_sources: &'a [TokenSource],
+}
+
+/// Request headers that describe one hop, never forwarded (RFC 9110 7.6.1), plus the
+/// handshake headers the gateway generates itself for the upstream hop.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+    "sec-websocket-key",
+    "sec-websocket-version",
+    "sec-websocket-accept",
+    "sec-websocket-extensions",
+    "sec-websocket-protocol",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+];
+
+/// The path and query the upstream sees: the client's, with token query parameters
+/// removed, and the route prefix replaced when the upstream URL has a path.
+pub fn upstream_path(route: &Route, upstream_path: Option<&str>, facts: &ClientFacts) -> String {
+    let path = match (upstream_path, &route.path) {
+        (None, _) => facts.path.to_string(),
+        (Some(base), crate::config::PathMatch::Prefix(prefix)) => {
+            let rest = facts.path.strip_prefix(prefix.as_str()).unwrap_or("");
+            format!("{base}{rest}")
+        }
+        (Some(base), crate::config::PathMatch::Exact(_)) => base.to_string(),
+    };
+    let query: Vec<&str> = facts
+        .query
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .filter(|p| {
+            let name = p.split_once('=').map_or(*p, |(k, _)| k);
+            !facts.token_sources.iter().any(|s| matches!(s, TokenSource::Query(q) if q == name))
+        })
+        .collect();
+    if query.is_empty() { path } else { format!("{path}?{}", query.join("&")) }
+}
+
+/// Build the upstream handshake request from the client's.
+pub fn build_request(url: &str, facts: &ClientFacts) -> Result<http::Request<()>, Reject> {
+    let mut req = url.into_client_request().map_err(|_| Reject::UpstreamUnavailable)?;
+    let h = req.headers_mut();
+    let connection_named: Vec<String> = facts
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .collect();
+    for (name, value) in facts.headers {
+        let n = name.as_str();
+        if HOP_BY_HOP.contains(&n) || connection_named.iter().any(|c| c == n) || carries_token(n, facts.token_sources) {
+            continue;
+        }
+        h.append(name.clone(), value.clone());
+    }
+    if facts.token_sources.iter().any(|s| matches!(s, TokenSource::Cookie(_))) {
+        strip_token_cookies(h, facts);
+    }
+    if let Some(token) = facts.forward_token {
+        if let Ok(v) = HeaderValue::from_str(&format!("Bearer {token}")) {
+            h.insert(header::AUTHORIZATION, v);
+        }
+    }
+    let offer: Vec<&str> = protocols(facts.headers).filter(|p| !p.starts_with("bearer.")).collect();
+    if !offer.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&offer.join(", ")) {
+            h.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
+        }
+    }
+    let xff = match facts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) if facts.peer_trusted => format!("{prev}, {}", facts.ip),
+        _ => facts.ip.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert(HeaderName::from_static("x-forwarded-for"), v);
+    }
+    h.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("https"));
+    Ok(req)
+}
+
+fn carries_token(header: &str, sources: &[TokenSource]) -> bool {
+    header == "authorization" && sources.contains(&TokenSource::Authorization)
+}
+
+/// Remove token cookies from the `Cookie` headers the upstream sees.
+fn strip_token_cookies(h: &mut HeaderMap, facts: &ClientFacts) {
+    let names: Vec<&str> = facts
+        .token_sources
+        .iter()
+        .filter_map(|s| match s {
+            TokenSource::Cookie(n) => Some(n.as_str()),
+            _ => None,
+        })
+        .collect();
+    let kept: Vec<String> = h
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|c| !c.is_empty() && !names.iter().any(|n| c.split_once('=').is_some_and(|(k, _)| k == *n)))
+        .map(str::to_string)
+        .collect();
+    h.remove(header::COOKIE);
+    if !kept.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+            h.insert(header::COOKIE, v);
+        }
+    }
+}
+
+/// A connected upstream: the WebSocket and the subprotocol it chose.
+pub struct Connected {
+    pub ws: WebSocketStream<UpstreamIo>,
+    pub protocol: Option<HeaderValue>,
+}
+
+/// Connect to `upstream`, send `req`, and complete the WebSocket handshake within `timeout`.
+pub async fn connect(
+    upstream: &Upstream,
+    tls: Option<&tokio_rustls::TlsConnector>,
+    req: http::Request<()>,
+    ws_config: WebSocketConfig,
+    timeout: Duration,
+) -> Result<Connected, Reject> {
+    let fut = async {
+        let io = match upstream {
+            Upstream::BuiltinEcho => UpstreamIo::Mem(crate::echo::spawn_in_memory(ws_config)),
+            Upstream::Remote { tls: use_tls, host, port, .. } => {
+                let tcp = TcpStream::connect((host.as_str(), *port)).await.map_err(|_| Reject::UpstreamUnavailable)?;
+                let _ = tcp.set_nodelay(true);
+                if *use_tls {
+                    let connector = tls.ok_or(Reject::UpstreamUnavailable)?;
+                    let name = rustls_pki_types::ServerName::try_from(host.clone()).map_err(|_| Reject::UpstreamUnavailable)?;
+                    let stream = connector.connect(name, tcp).await.map_err(|_| Reject::UpstreamUnavailable)?;
+                    UpstreamIo::Tls(Box::new(stream))
+                } else {
+                    UpstreamIo::Tcp(tcp)
+                }
+            }
+        };
+        let (ws, resp) = tokio_tungstenite::client_async_with_config(req, io, Some(ws_config)).await.map_err(|e| {
+            tracing::debug!(error = %e, "upstream handshake failed");
+            Reject::UpstreamUnavailable
+        })?;
+        Ok(Connected { ws, protocol: resp.headers().get(header::SEC_WEBSOCKET_PROTOCOL).cloned() })
+    };
+    tokio::time::timeout(timeout, fut).await.map_err(|_| Reject::UpstreamTimeout)?
+}
+
+/// The URL for the upstream request.
+pub fn url_for(upstream: &Upstream, path_and_query: &str) -> String {
+    match upstream {
+        Upstream::BuiltinEcho => format!("ws://builtin.echo{path_and_query}"),
+        Upstream::Remote { tls, host, port, .. } => {
+            let scheme = if *tls { "wss" } else { "ws" };
+            let host = if host.contains(':') { format!("[{host}]") } else { host.clone() };
+            format!("{scheme}://{host}:{port}{path_and_query}")
+        }
+    }
+}
+
+/// TLS connector for a route's `wss://` upstreams, if it has any.
+pub fn connector(route: &Route, origin: &str) -> Result<Option<tokio_rustls::TlsConnector>, crate::config::ConfigError> {
+    if !route.upstreams.iter().any(|u| matches!(u, Upstream::Remote { tls: true, .. })) {
+        return Ok(None);
+    }
+    let cc: Arc<rustls::ClientConfig> = crate::tls::upstream_client_config(route.upstream_ca.as_ref(), origin)?;
+    Ok(Some(tokio_rustls::TlsConnector::from(cc)))
+}
