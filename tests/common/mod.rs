@@ -1,0 +1,343 @@
+//! Test harness: a gateway started in-process on 127.0.0.1 port 0 with a config built
+//! in code, real TLS, a programmable upstream, token minting and metric scraping.
+#![allow(dead_code)]
+
+use futures_util::{SinkExt, StreamExt};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+use tokio_tungstenite::tungstenite::{
+    self, Message,
+    handshake::server::{Request, Response},
+    http::HeaderValue,
+    protocol::{CloseFrame, frame::coding::CloseCode},
+};
+use wsgate::{Config, client::ClientStream};
+
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running gateway with its temp dir (certificate, secret).
+pub struct Gw {
+    pub running: Option<wsgate::Running>,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub config: Config,
+    tls: Arc<rustls::ClientConfig>,
+}
+
+/// Config text for a gateway: `[server]`, `[tls]`, `[admin]` and `[jwt]` are filled in;
+/// `extra_server` lands in `[server]`, `rest` after (limits, routes).
+pub fn config_text(dir: &std::path::Path, extra_server: &str, rest: &str) -> String {
+    let d = dir.display();
+    format!(
+        r#"
+[server]
+listen = ["127.0.0.1:0"]
+{extra_server}
+
+[tls]
+cert = "{d}/server.crt"
+key = "{d}/server.key"
+self_signed_if_missing = true
+
+[admin]
+listen = "127.0.0.1:0"
+
+[log]
+level = "warn"
+
+[jwt]
+secret_file = "{d}/jwt.secret"
+generate_secret_if_missing = true
+issuer = "wsgate-test"
+audience = ["wsgate"]
+
+{rest}
+"#
+    )
+}
+
+/// The usual route set: `/echo` (JWT) to the built-in echo.
+pub const ECHO_ROUTE: &str = r#"
+[[routes]]
+name = "echo"
+path = "/echo"
+upstreams = ["builtin:echo"]
+auth = "jwt"
+"#;
+
+pub fn route(name: &str, path: &str, upstream: &str, auth: &str) -> String {
+    format!("[[routes]]\nname = \"{name}\"\npath = \"{path}\"\nupstreams = [\"{upstream}\"]\nauth = \"{auth}\"\n")
+}
+
+impl Gw {
+    pub async fn start(extra_server: &str, rest: &str) -> Gw {
+        let _ = tracing_init();
+        let dir = tempfile::tempdir().unwrap();
+        let text = config_text(dir.path(), extra_server, rest);
+        let config = Config::from_toml_str(&text, "test.toml").unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let running = wsgate::start(config.clone()).await.unwrap();
+        let tls = wsgate::tls::cli_client_config(Some(&dir.path().join("server.crt")), false).unwrap();
+        Gw { addr: running.wss_addrs[0], admin: running.admin_addr, running: Some(running), dir, config, tls }
+    }
+
+    pub async fn echo() -> Gw {
+        Gw::start("", ECHO_ROUTE).await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("wss://localhost:{}{path}", self.addr.port())
+    }
+
+    pub fn options(&self, token: Option<String>) -> wsgate::client::Options {
+        wsgate::client::Options { token, protocols: vec![], headers: vec![], tls: Some(self.tls.clone()), ws_config: None }
+    }
+
+    pub fn tls(&self) -> Arc<rustls::ClientConfig> {
+        self.tls.clone()
+    }
+
+    pub fn secret_path(&self) -> PathBuf {
+        self.dir.path().join("jwt.secret")
+    }
+
+    pub fn token(&self, sub: &str) -> String {
+        self.token_with(sub, Duration::from_secs(600), &[])
+    }
+
+    pub fn token_with(&self, sub: &str, ttl: Duration, claims: &[(&str, &str)]) -> String {
+        let secret = wsgate::auth::load_secret(&self.config.jwt.secret, "test", true).unwrap();
+        let claims: Vec<(String, String)> = claims.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        wsgate::auth::mint(&self.config.jwt, &secret, sub, ttl, &claims).unwrap()
+    }
+
+    /// Connect to `path` with a valid token.
+    pub async fn connect(&self, path: &str) -> ClientStream {
+        let opts = self.options(Some(self.token("alice")));
+        tokio::time::timeout(TIMEOUT, wsgate::client::connect(&self.url(path), &opts)).await.unwrap().unwrap().0
+    }
+
+    /// Connect with `opts`; the HTTP status of a refusal, or the stream.
+    pub async fn try_connect(&self, path: &str, opts: &wsgate::client::Options) -> Result<(ClientStream, tungstenite::handshake::client::Response), u16> {
+        match tokio::time::timeout(TIMEOUT, wsgate::client::connect(&self.url(path), opts)).await.expect("connect timed out") {
+            Ok(x) => Ok(x),
+            Err(tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
+            Err(e) => panic!("unexpected connect error: {e}"),
+        }
+    }
+
+    /// Status of a refused connection attempt, with its headers.
+    pub async fn refusal(&self, path: &str, opts: &wsgate::client::Options) -> tungstenite::http::Response<Option<Vec<u8>>> {
+        match tokio::time::timeout(TIMEOUT, wsgate::client::connect(&self.url(path), opts)).await.expect("connect timed out") {
+            Ok(_) => panic!("connection to {path} was accepted"),
+            Err(tungstenite::Error::Http(resp)) => *resp,
+            Err(e) => panic!("unexpected connect error: {e}"),
+        }
+    }
+
+    /// The Prometheus text from the admin listener.
+    pub async fn metrics_text(&self) -> String {
+        http_get(self.admin, "/metrics").await.1
+    }
+
+    /// The value of one series, e.g. `wsgate_connections_rejected_total{reason="auth"}`; 0 when absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.metrics_text().await;
+        metric_value(&text, series)
+    }
+
+    /// Wait until `series` reaches `want` (metrics are recorded when a connection ends).
+    pub async fn wait_metric(&self, series: &str, want: f64) {
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            let v = self.metric(series).await;
+            if v >= want {
+                assert_eq!(v, want, "{series}");
+                return;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("{series} = {v}, want {want}\n{}", self.metrics_text().await);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown();
+            tokio::time::timeout(TIMEOUT, r.wait()).await.expect("drain took too long");
+        }
+    }
+}
+
+impl Drop for Gw {
+    fn drop(&mut self) {
+        if let Some(r) = &self.running {
+            r.shutdown();
+        }
+    }
+}
+
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok())).unwrap_or(0.0)
+}
+
+/// A plain HTTP/1.1 GET; returns (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(TIMEOUT, s.read_to_end(&mut buf)).await.unwrap().unwrap();
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+fn tracing_init() -> Result<(), ()> {
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init().map_err(|_| ())
+}
+
+/// Send a text message and wait for the next text message.
+pub async fn roundtrip(ws: &mut ClientStream, text: &str) -> String {
+    ws.send(Message::text(text)).await.unwrap();
+    loop {
+        match tokio::time::timeout(TIMEOUT, ws.next()).await.expect("no reply in time") {
+            Some(Ok(Message::Text(t))) => return t.to_string(),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            other => panic!("expected a text reply, got {other:?}"),
+        }
+    }
+}
+
+/// Read until a close frame (or the end); returns its code and reason (1006 if none came).
+pub async fn close_code(ws: &mut ClientStream) -> (u16, String) {
+    loop {
+        match tokio::time::timeout(TIMEOUT, ws.next()).await.expect("no close in time") {
+            Some(Ok(Message::Close(Some(f)))) => return (u16::from(f.code), f.reason.to_string()),
+            Some(Ok(Message::Close(None))) => return (1005, String::new()),
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => return (1006, String::new()),
+        }
+    }
+}
+
+/// What a test upstream does with a session.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Behaviour {
+    /// Echo text and binary.
+    Echo,
+    /// Echo, but drop the TCP connection after this many messages.
+    DieAfter(usize),
+    /// Send one binary message of this many bytes, then echo.
+    SendBig(usize),
+    /// Close with this code right after the handshake.
+    CloseWith(u16),
+    /// Never read (backpressure tests); the test flips `UpstreamLog::reading` to resume.
+    Stall,
+    /// Accept TCP but never answer the handshake.
+    Hang,
+}
+
+/// What a test upstream saw.
+#[derive(Default)]
+pub struct UpstreamLog {
+    pub requests: Vec<(String, Vec<(String, String)>)>,
+    pub messages: Vec<Message>,
+    pub closes: Vec<Option<(u16, String)>>,
+}
+
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub log: Arc<Mutex<UpstreamLog>>,
+    pub resume: Arc<tokio::sync::Notify>,
+}
+
+impl Upstream {
+    pub fn url(&self) -> String {
+        format!("ws://{}", self.addr)
+    }
+    pub fn requests(&self) -> usize {
+        self.log.lock().unwrap().requests.len()
+    }
+    pub fn header(&self, i: usize, name: &str) -> Option<String> {
+        self.log.lock().unwrap().requests.get(i)?.1.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+    }
+}
+
+/// Start a test upstream on 127.0.0.1:0. It chooses subprotocol "chat" when offered.
+pub async fn upstream(behaviour: Behaviour) -> Upstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let log = Arc::new(Mutex::new(UpstreamLog::default()));
+    let resume = Arc::new(tokio::sync::Notify::new());
+    let (log2, resume2) = (log.clone(), resume.clone());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (log, resume) = (log2.clone(), resume2.clone());
+            tokio::spawn(async move { upstream_session(tcp, behaviour, log, resume).await });
+        }
+    });
+    Upstream { addr, log, resume }
+}
+
+async fn upstream_session(tcp: TcpStream, behaviour: Behaviour, log: Arc<Mutex<UpstreamLog>>, resume: Arc<tokio::sync::Notify>) {
+    if behaviour == Behaviour::Hang {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        drop(tcp);
+        return;
+    }
+    let log2 = log.clone();
+    let callback = move |req: &Request, mut resp: Response| {
+        let headers = req.headers().iter().map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("?").to_string())).collect();
+        let offered = req.headers().get("sec-websocket-protocol").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        log2.lock().unwrap().requests.push((req.uri().to_string(), headers));
+        if offered.split(',').any(|p| p.trim() == "chat") {
+            resp.headers_mut().insert("sec-websocket-protocol", HeaderValue::from_static("chat"));
+        }
+        Ok(resp)
+    };
+    let config = tungstenite::protocol::WebSocketConfig::default().max_message_size(Some(64 << 20)).max_frame_size(Some(64 << 20));
+    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async_with_config(tcp, callback, Some(config)).await else { return };
+    match behaviour {
+        Behaviour::CloseWith(code) => {
+            let _ = ws.close(Some(CloseFrame { code: CloseCode::from(code), reason: "upstream says bye".into() })).await;
+        }
+        Behaviour::SendBig(n) => {
+            let _ = ws.send(Message::binary(vec![7u8; n])).await;
+        }
+        Behaviour::Stall => resume.notified().await,
+        _ => {}
+    }
+    let mut seen = 0;
+    while let Some(Ok(msg)) = ws.next().await {
+        match &msg {
+            Message::Close(f) => {
+                log.lock().unwrap().closes.push(f.as_ref().map(|f| (u16::from(f.code), f.reason.to_string())));
+            }
+            Message::Text(_) | Message::Binary(_) => {
+                log.lock().unwrap().messages.push(msg.clone());
+                seen += 1;
+                if let Behaviour::DieAfter(n) = behaviour {
+                    if seen >= n {
+                        return; // drops the TCP connection without a close frame
+                    }
+                }
+                if ws.send(msg).await.is_err() {
+                    return;
+                }
+            }
+            Message::Ping(_) => log.lock().unwrap().messages.push(msg.clone()),
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! Relay behaviour after the 101: messages both ways, control frames, close codes,
+//! limits, timeouts and backpressure.
+
+mod common;
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::{
+    Message,
+    protocol::{
+        CloseFrame,
+        frame::{
+            Frame,
+            coding::{CloseCode, Data, OpCode},
+        },
+    },
+};
+
+#[tokio::test]
+async fn text_binary_and_fragmented_messages_round_trip() {
+    let gw = Gw::echo().await;
+    let mut ws = gw.connect("/echo").await;
+    assert_eq!(roundtrip(&mut ws, "hello").await, "hello");
+    ws.send(Message::binary(vec![0u8, 1, 2, 255])).await.unwrap();
+    match ws.next().await {
+        Some(Ok(Message::Binary(b))) => assert_eq!(&b[..], &[0, 1, 2, 255]),
+        other => panic!("{other:?}"),
+    }
+    // One message in three fragments arrives whole.
+    ws.send(Message::Frame(Frame::message("frag", OpCode::Data(Data::Text), false))).await.unwrap();
+    ws.send(Message::Frame(Frame::message("ment", OpCode::Data(Data::Continue), false))).await.unwrap();
+    ws.send(Message::Frame(Frame::message("ed", OpCode::Data(Data::Continue), true))).await.unwrap();
+    match tokio::time::timeout(TIMEOUT, ws.next()).await.unwrap() {
+        Some(Ok(Message::Text(t))) => assert_eq!(t.as_str(), "fragmented"),
+        other => panic!("{other:?}"),
+    }
+    ws.close(Some(CloseFrame { code: CloseCode::Normal, reason: "done".into() })).await.unwrap();
+    assert_eq!(close_code(&mut ws).await, (1000, "done".into()));
+    gw.wait_metric(r#"wsgate_closes_total{route="echo",code="1000",initiator="client"}"#, 1.0).await;
+    assert_eq!(gw.metric(r#"wsgate_messages_total{route="echo",direction="client_to_upstream"}"#).await, 3.0);
+    assert_eq!(gw.metric(r#"wsgate_messages_total{route="echo",direction="upstream_to_client"}"#).await, 3.0);
+    assert_eq!(gw.metric(r#"wsgate_bytes_total{route="echo",direction="client_to_upstream"}"#).await, 19.0);
+}
+
+#[tokio::test]
+async fn many_messages_arrive_in_order() {
+    let gw = Gw::echo().await;
+    let mut ws = gw.connect("/echo").await;
+    let n = 2000;
+    let (mut tx, mut rx) = ws.split();
+    let sender = tokio::spawn(async move {
+        for i in 0..n {
+            tx.send(Message::text(format!("m{i}"))).await.unwrap();
+        }
+        tx
+    });
+    for i in 0..n {
+        match tokio::time::timeout(TIMEOUT, rx.next()).await.unwrap() {
+            Some(Ok(Message::Text(t))) => assert_eq!(t.as_str(), format!("m{i}")),
+            other => panic!("{other:?}"),
+        }
+    }
+    let tx = sender.await.unwrap();
+    ws = tx.reunite(rx).unwrap();
+    ws.close(None).await.unwrap();
+}
+
+#[tokio::test]
+async fn ping_is_answered_and_passed_on() {
+    let up = upstream(Behaviour::Echo).await;
+    let gw = Gw::start("", &route("r", "/r", &up.url(), "none")).await;
+    let mut ws = gw.connect("/r").await;
+    ws.send(Message::Ping(b"are you there".to_vec().into())).await.unwrap();
+    let mut pongs = 0;
+    // Exactly one pong comes back, then the echo of a text message.
+    ws.send(Message::text("after")).await.unwrap();
+    loop {
+        match tokio::time::timeout(TIMEOUT, ws.next()).await.unwrap() {
+            Some(Ok(Message::Pong(p))) => {
+                assert_eq!(&p[..], b"are you there");
+                pongs += 1;
+            }
+            Some(Ok(Message::Text(t))) => {
+                assert_eq!(t.as_str(), "after");
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // Give a duplicate pong (from the upstream's own answer) a chance to show up.
+    ws.send(Message::text("again")).await.unwrap();
+    loop {
+        match tokio::time::timeout(TIMEOUT, ws.next()).await.unwrap() {
+            Some(Ok(Message::Pong(_))) => pongs += 1,
+            Some(Ok(Message::Text(_))) => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(pongs, 1);
+    assert!(up.log.lock().unwrap().messages.iter().any(|m| matches!(m, Message::Ping(p) if &p[..] == b"are you there")));
+}
+
+#[tokio::test]
+async fn close_codes_pass_through_both_ways() {
+    let up = upstream(Behaviour::Echo).await;
+    let gw = Gw::start("", &route("r", "/r", &up.url(), "none")).await;
+    let mut ws = gw.connect("/r").await;
+    ws.close(Some(CloseFrame { code: CloseCode::from(4000), reason: "client bye".into() })).await.unwrap();
+    assert_eq!(close_code(&mut ws).await.0, 4000);
+    gw.wait_metric(r#"wsgate_closes_total{route="r",code="4000",initiator="client"}"#, 1.0).await;
+    assert_eq!(up.log.lock().unwrap().closes, vec![Some((4000, "client bye".to_string()))]);
+
+    let up = upstream(Behaviour::CloseWith(4002)).await;
+    let gw = Gw::start("", &route("r", "/r", &up.url(), "none")).await;
+    let mut ws = gw.connect("/r").await;
+    assert_eq!(close_code(&mut ws).await, (4002, "upstream says bye".into()));
+    gw.wait_metric(r#"wsgate_closes_total{route="r",code="4002",initiator="upstream"}"#, 1.0).await;
+}
+
+#[tokio::test]
+async fn client_close_with_forbidden_code_gets_1002() {
+    let up = upstream(Behaviour::Echo).await;
+    let gw = Gw::start("", &route("r", "/r", &up.url(), "none")).await;
+    let mut ws = gw.connect("/r").await;
+    // 1005 may never be sent on the wire; craft it as a raw close frame.
+    ws.send(Message::Frame(Frame::close(Some(CloseFrame { code: CloseCode::from(1005), reason: "".into() })))).await.unwrap();
+    assert_eq!(close_code(&mut ws).await.0, 1002);
+}
+
+#[tokio::test]
+async fn oversized_client_message_closes_1009() {
+    let gw = Gw::start("", &format!("[limits]\nmax_message_size = \"64KiB\"\nmax_frame_size = \"16KiB\"\n{ECHO_ROUTE}")).await;
+    let mut ws = gw.connect("/echo").await;
+    assert_eq!(roundtrip(&mut ws, "small").await, "small");
+    // Too big as one frame.
+    let _ = ws.send(Message::binary(vec![1u8; 20 * 1024])).await;
+    assert_eq!(close_code(&mut ws).await.0, 1009);
+    gw.wait_metric(r#"wsgate_errors_total{kind="message_too_big"}"#, 1.0).await;
+    // Too big as a message made of small frames.
+    let mut ws = gw.connect("/echo").await;
+    for i in 0..6 {
+        let op = if i == 0 { OpCode::Data(Data::Binary) } else { OpCode::Data(Data::Continue) };
+        if ws.send(Message::Frame(Frame::message(vec![2u8; 15 * 1024], op, i == 5))).await.is_err() {
+            break;
+        }
+    }
+    assert_eq!(close_code(&mut ws).await.0, 1009);
+    gw.wait_metric(r#"wsgate_closes_total{route="echo",code="1009",initiator="gateway"}"#, 2.0).await;
+}
+
+#[tokio::test]
+async fn oversized_upstream_message_closes_1009() {
+    let up = upstream(Behaviour::SendBig(200 * 1024)).await;
+    let gw = Gw::start("", &format!("[limits]\nmax_message_size = \"64KiB\"\nmax_frame_size = \"64KiB\"\n{}", route("r", "/r", &up.url(), "none"))).await;
+    let mut ws = gw.connect("/r").await;
+    assert_eq!(close_code(&mut ws).await.0, 1009);
+    gw.wait_metric(r#"wsgate_errors_total{kind="message_too_big"}"#, 1.0).await;
+    // The upstream was told too.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(up.log.lock().unwrap().closes.first().cloned().flatten().map(|c| c.0), Some(1009));
+}
+
+#[tokio::test]
+async fn invalid_utf8_from_client_closes_1007() {
+    let gw = Gw::echo().await;
+    let mut ws = gw.connect("/echo").await;
+    ws.send(Message::Frame(Frame::message(vec![0xffu8, 0xfe, 0x41], OpCode::Data(Data::Text), true))).await.unwrap();
+    assert_eq!(close_code(&mut ws).await.0, 1007);
+    gw.wait_metric(r#"wsgate_errors_total{kind="protocol"}"#, 1.0).await;
+}
+
+#[tokio::test]
+async fn upstream_dying_mid_session_closes_1011() {
+    let up = upstream(Behaviour::DieAfter(2)).await;
+    let gw = Gw::start("", &route("r", "/r", &up.url(), "none")).await;
+    let mut ws = gw.connect("/r").await;
+    assert_eq!(roundtrip(&mut ws, "one").await, "one");
+    ws.send(Message::text("two")).await.unwrap();
+    assert_eq!(close_code(&mut ws).await.0, 1011);
+    gw.wait_metric(r#"wsgate_errors_total{kind="upstream_reset"}"#, 1.0).await;
+    gw.wait_metric(r#"wsgate_closes_total{route="r",code="1011",initiator="gateway"}"#, 1.0).await;
+}
+
+#[tokio::test]
+async fn idle_session_closes_1001() {
+    let gw = Gw::start("idle_timeout = \"300ms\"", ECHO_ROUTE).await;
+    let mut ws = gw.connect("/echo").await;
+    assert_eq!(roundtrip(&mut ws, "x").await, "x");
+    let t0 = std::time::Instant::now();
+    assert_eq!(close_code(&mut ws).await, (1001, "idle timeout".into()));
+    assert!(t0.elapsed() >= Duration::from_millis(250), "{:?}", t0.elapsed());
+    gw.wait_metric(r#"wsgate_errors_total{kind="idle_timeout"}"#, 1.0).await;
+}
+
+#[tokio::test]
+async fn client_that_stops_answering_pings_is_closed() {
+    let up = upstream(Behaviour::Echo).await;
+    let gw = Gw::start("ping_interval = \"200ms\"", &route("r", "/r", &up.url(), "none")).await;
+    // A client that never reads never answers pings.
+    let ws = gw.connect("/r").await;
+    gw.wait_metric(r#"wsgate_errors_total{kind="ping_timeout"}"#, 1.0).await;
+    drop(ws);
+    // The upstream heard about it.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(up.log.lock().unwrap().closes.first().cloned().flatten().map(|c| c.0), Some(1001));
+    // A client that reads (and so answers pings) stays connected.
+    let mut ws = gw.connect("/r").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(900);
+    while tokio::time::Instant::now() < deadline {
+        assert_eq!(roundtrip(&mut ws, "alive").await, "alive");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(gw.metric(r#"wsgate_errors_total{kind="ping_timeout"}"#).await, 1.0);
+}
+
+#[tokio::test]
+async fn stalled_upstream_pushes_back_and_nothing_is_lost() {
+    let up = upstream(Behaviour::Stall).await;
+    let gw = Gw::start("", &route("r", "/r", &up.url(), "none")).await;
+    let ws = gw.connect("/r").await;
+    let (mut tx, mut rx) = ws.split();
+    // Push 64 MiB while the upstream reads nothing: the sender must block long before that.
+    let chunk = vec![9u8; 64 * 1024];
+    let mut sent = 0usize;
+    let blocked = loop {
+        match tokio::time::timeout(Duration::from_millis(500), tx.send(Message::binary(chunk.clone()))).await {
+            Ok(Ok(())) => sent += 1,
+            Ok(Err(e)) => panic!("send failed: {e}"),
+            Err(_) => break true,
+        }
+        if sent >= 1024 {
+            break false;
+        }
+    };
+    assert!(blocked, "sent {sent} x 64KiB without backpressure");
+    assert!(sent < 256, "gateway buffered {sent} x 64KiB");
+    // Let the upstream read: everything sent arrives, in order, and echoes come back.
+    up.resume.notify_waiters();
+    let reader = tokio::spawn(async move {
+        let mut got = 0usize;
+        while got < sent + 1 {
+            match tokio::time::timeout(TIMEOUT, rx.next()).await.expect("echo stalled") {
+                Some(Ok(Message::Binary(b))) => {
+                    assert_eq!(b.len(), 64 * 1024);
+                    got += 1;
+                }
+                Some(Ok(_)) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        got
+    });
+    // The message that was blocked completes too.
+    tokio::time::timeout(TIMEOUT, tx.flush()).await.unwrap().unwrap();
+    assert_eq!(reader.await.unwrap(), sent + 1);
+    assert_eq!(up.log.lock().unwrap().messages.len(), sent + 1);
+}
+
+#[tokio::test]
+async fn shutdown_closes_sessions_with_1001_and_readyz_turns_503() {
+    let up = upstream(Behaviour::Echo).await;
+    let gw = Gw::start("shutdown_grace = \"5s\"", &route("r", "/r", &up.url(), "none")).await;
+    assert_eq!(http_get(gw.admin, "/readyz").await.0, 200);
+    let mut ws = gw.connect("/r").await;
+    assert_eq!(roundtrip(&mut ws, "x").await, "x");
+    let running = gw.running.as_ref().unwrap();
+    running.shutdown();
+    assert_eq!(close_code(&mut ws).await, (1001, "gateway shutting down".into()));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(up.log.lock().unwrap().closes.first().cloned().flatten().map(|c| c.0), Some(1001));
+    gw.stop().await;
+}
