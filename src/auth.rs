@@ -93,7 +93,11 @@ pub struct Identity {
 
 impl fmt::Debug for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Identity").field("sub", &self.sub).field("exp", &self.exp).field("fingerprint", &self.fingerprint).finish()
+        f.debug_struct("Identity")
+            .field("sub", &self.sub)
+            .field("exp", &self.exp)
+            .field("fingerprint", &self.fingerprint)
+            .finish()
     }
 }
 
@@ -121,7 +125,10 @@ pub struct Verifier {
 
 impl fmt::Debug for Verifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Verifier").field("algorithms", &self.allowed).field("sources", &self.sources).finish_non_exhaustive()
+        f.debug_struct("Verifier")
+            .field("algorithms", &self.allowed)
+            .field("sources", &self.sources)
+            .finish_non_exhaustive()
     }
 }
 
@@ -149,14 +156,21 @@ impl Verifier {
             key: DecodingKey::from_secret(&secret.0),
             validation,
             allowed: cfg.algorithms.clone(),
-            extra_required: cfg.required_claims.iter().filter(|c| !REGISTERED.contains(&c.as_str())).cloned().collect(),
+            extra_required: cfg
+                .required_claims
+                .iter()
+                .filter(|c| !REGISTERED.contains(&c.as_str()))
+                .cloned()
+                .collect(),
             sources: cfg.token_sources.clone(),
         }
     }
 
     /// The first token found in the request, trying the configured sources in order.
     pub fn find_token(&self, headers: &HeaderMap, query: Option<&str>) -> Option<FoundToken> {
-        self.sources.iter().find_map(|s| find_in(s, headers, query).map(|token| FoundToken { token, source: s.clone() }))
+        self.sources
+            .iter()
+            .find_map(|s| find_in(s, headers, query).map(|token| FoundToken { token, source: s.clone() }))
     }
 
     /// The configured token sources.
@@ -168,16 +182,19 @@ impl Verifier {
     pub fn verify(&self, token: &str) -> Result<Identity, AuthFailure> {
         self.check_header(token)?;
         let data = jsonwebtoken::decode::<Map<String, Value>>(token, &self.key, &self.validation).map_err(|e| match e.kind() {
-            ErrorKind::InvalidSignature | ErrorKind::InvalidKeyFormat | ErrorKind::InvalidEcdsaKey | ErrorKind::InvalidEddsaKey | ErrorKind::InvalidRsaKey(_) => {
-                AuthFailure::BadSignature
-            }
+            ErrorKind::InvalidSignature
+            | ErrorKind::InvalidKeyFormat
+            | ErrorKind::InvalidEcdsaKey
+            | ErrorKind::InvalidEddsaKey
+            | ErrorKind::InvalidRsaKey(_) => AuthFailure::BadSignature,
             ErrorKind::ExpiredSignature => AuthFailure::Expired,
             ErrorKind::ImmatureSignature => AuthFailure::NotYetValid,
             ErrorKind::InvalidIssuer => AuthFailure::BadIssuer,
             ErrorKind::InvalidAudience => AuthFailure::BadAudience,
-            ErrorKind::InvalidAlgorithm | ErrorKind::MissingAlgorithm | ErrorKind::InvalidAlgorithmName | ErrorKind::UnsupportedAlgorithm => {
-                AuthFailure::Algorithm
-            }
+            ErrorKind::InvalidAlgorithm
+            | ErrorKind::MissingAlgorithm
+            | ErrorKind::InvalidAlgorithmName
+            | ErrorKind::UnsupportedAlgorithm => AuthFailure::Algorithm,
             ErrorKind::MissingRequiredClaim(_) => AuthFailure::MissingClaim,
             _ => AuthFailure::Malformed,
         })?;
@@ -192,9 +209,18 @@ impl Verifier {
         };
         let exp = match claims.get("exp") {
             None => None,
-            Some(v) => Some(v.as_u64().or_else(|| v.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64)).ok_or(AuthFailure::Malformed)?),
+            Some(v) => Some(
+                v.as_u64()
+                    .or_else(|| v.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
+                    .ok_or(AuthFailure::Malformed)?,
+            ),
         };
-        Ok(Identity { sub, exp, claims, fingerprint: fingerprint(token) })
+        Ok(Identity {
+            sub,
+            exp,
+            claims,
+            fingerprint: fingerprint(token),
+        })
     }
 
     /// Refuse `alg: none` (any spelling), algorithms outside the allowlist, and `crit`
@@ -204,7 +230,9 @@ impl Verifier {
         if head.len() > 4096 {
             return Err(AuthFailure::Malformed);
         }
-        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(head).map_err(|_| AuthFailure::Malformed)?;
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(head)
+            .map_err(|_| AuthFailure::Malformed)?;
         let header: Map<String, Value> = serde_json::from_slice(&raw).map_err(|_| AuthFailure::Malformed)?;
         let alg = header.get("alg").and_then(Value::as_str).ok_or(AuthFailure::Malformed)?;
         let allowed = self.allowed.iter().any(|a| format!("{a:?}") == alg);
@@ -224,7 +252,10 @@ fn find_in(source: &TokenSource, headers: &HeaderMap, query: Option<&str>) -> Op
         TokenSource::Authorization => headers.get_all(http::header::AUTHORIZATION).iter().find_map(|v| {
             let v = v.to_str().ok()?.trim();
             let (scheme, token) = v.split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_string()).filter(|t| !t.is_empty())
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then(|| token.trim().to_string())
+                .filter(|t| !t.is_empty())
         }),
         TokenSource::Protocol => protocols(headers).find_map(|p| p.strip_prefix("bearer.").filter(|t| !t.is_empty()).map(str::to_string)),
         TokenSource::Query(name) => query?.split('&').find_map(|pair| {
@@ -273,7 +304,10 @@ pub fn mint(cfg: &Jwt, secret: &Secret, sub: &str, ttl: std::time::Duration, ext
     }
     for (k, v) in extra {
         // Numbers, booleans, arrays and objects keep their JSON type; anything else is a string.
-        let value = serde_json::from_str::<Value>(v).ok().filter(|v| !v.is_string()).unwrap_or_else(|| Value::String(v.clone()));
+        let value = serde_json::from_str::<Value>(v)
+            .ok()
+            .filter(|v| !v.is_string())
+            .unwrap_or_else(|| Value::String(v.clone()));
         claims.insert(k.clone(), value);
     }
     jsonwebtoken::encode(&Header::new(alg), &claims, &EncodingKey::from_secret(&secret.0)).map_err(|e| format!("cannot sign: {e}"))
@@ -299,7 +333,10 @@ mod tests {
         assert_eq!(id.sub.as_deref(), Some("alice"));
         assert_eq!(id.claims["scope"], "echo");
         assert!(!format!("{secret:?}{id:?}{v:?}").contains("0123456789"));
-        let found = FoundToken { token: t.clone(), source: TokenSource::Authorization };
+        let found = FoundToken {
+            token: t.clone(),
+            source: TokenSource::Authorization,
+        };
         assert!(!format!("{found:?}").contains(&t));
     }
 
@@ -309,7 +346,14 @@ mod tests {
         let v = Verifier::new(&jwt, &secret);
         let expired = mint(&jwt, &secret, "a", Duration::ZERO, &[("exp".into(), "1000".into())]).unwrap();
         assert_eq!(v.verify(&expired).unwrap_err(), AuthFailure::Expired);
-        let other = mint(&jwt, &Secret(b"another-secret-another-secret-xx".to_vec()), "a", Duration::from_secs(60), &[]).unwrap();
+        let other = mint(
+            &jwt,
+            &Secret(b"another-secret-another-secret-xx".to_vec()),
+            "a",
+            Duration::from_secs(60),
+            &[],
+        )
+        .unwrap();
         assert_eq!(v.verify(&other).unwrap_err(), AuthFailure::BadSignature);
         let wrong_iss = mint(&jwt, &secret, "a", Duration::from_secs(60), &[("iss".into(), "\"x\"".into())]).unwrap();
         assert_eq!(v.verify(&wrong_iss).unwrap_err(), AuthFailure::BadIssuer);
@@ -318,9 +362,20 @@ mod tests {
         assert_eq!(v.verify("garbage").unwrap_err(), AuthFailure::Malformed);
         // alg none, hand made.
         let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
-        let none = format!("{}.{}.", b64(r#"{"alg":"none","typ":"JWT"}"#), b64(r#"{"sub":"a","exp":99999999999}"#));
+        let none = format!(
+            "{}.{}.",
+            b64(r#"{"alg":"none","typ":"JWT"}"#),
+            b64(r#"{"sub":"a","exp":99999999999}"#)
+        );
         assert_eq!(v.verify(&none).unwrap_err(), AuthFailure::Algorithm);
-        let string_exp = mint(&jwt, &secret, "a", Duration::from_secs(60), &[("exp".into(), "\"99999999999\"".into())]).unwrap();
+        let string_exp = mint(
+            &jwt,
+            &secret,
+            "a",
+            Duration::from_secs(60),
+            &[("exp".into(), "\"99999999999\"".into())],
+        )
+        .unwrap();
         assert!(v.verify(&string_exp).is_err());
     }
 
@@ -332,8 +387,14 @@ mod tests {
         h.insert("cookie", "a=1; wsgate_token=ck".parse().unwrap());
         assert_eq!(find_in(&TokenSource::Authorization, &h, None).as_deref(), Some("abc"));
         assert_eq!(find_in(&TokenSource::Protocol, &h, None).as_deref(), Some("xyz"));
-        assert_eq!(find_in(&TokenSource::Cookie("wsgate_token".into()), &h, None).as_deref(), Some("ck"));
-        assert_eq!(find_in(&TokenSource::Query("access_token".into()), &h, Some("x=1&access_token=q")).as_deref(), Some("q"));
+        assert_eq!(
+            find_in(&TokenSource::Cookie("wsgate_token".into()), &h, None).as_deref(),
+            Some("ck")
+        );
+        assert_eq!(
+            find_in(&TokenSource::Query("access_token".into()), &h, Some("x=1&access_token=q")).as_deref(),
+            Some("q")
+        );
         assert_eq!(find_in(&TokenSource::Query("access_token".into()), &h, Some("x=1")), None);
     }
 }

@@ -27,7 +27,10 @@ pub struct Options {
 
 impl std::fmt::Debug for Options {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Options").field("token", &self.token.as_ref().map(|_| "<redacted>")).field("protocols", &self.protocols).finish_non_exhaustive()
+        f.debug_struct("Options")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("protocols", &self.protocols)
+            .finish_non_exhaustive()
     }
 }
 
@@ -38,15 +41,26 @@ pub type ClientStream = WebSocketStream<UpstreamIo>;
 pub async fn connect(url: &str, opts: &Options) -> Result<(ClientStream, Response), tungstenite::Error> {
     let mut req = url.into_client_request()?;
     let uri = req.uri().clone();
-    let host = uri.host().unwrap_or("localhost").trim_start_matches('[').trim_end_matches(']').to_string();
+    let host = uri
+        .host()
+        .unwrap_or("localhost")
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
     let tls = uri.scheme_str() == Some("wss");
     let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
     let h = req.headers_mut();
     if let Some(t) = &opts.token {
-        h.insert(http::header::AUTHORIZATION, HeaderValue::from_str(&format!("Bearer {t}")).map_err(http::Error::from)?);
+        h.insert(
+            http::header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {t}")).map_err(http::Error::from)?,
+        );
     }
     if !opts.protocols.is_empty() {
-        h.insert(http::header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_str(&opts.protocols.join(", ")).map_err(http::Error::from)?);
+        h.insert(
+            http::header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_str(&opts.protocols.join(", ")).map_err(http::Error::from)?,
+        );
     }
     for (k, v) in &opts.headers {
         let name = http::HeaderName::from_bytes(k.as_bytes()).map_err(http::Error::from)?;

@@ -74,7 +74,12 @@ pub struct Located<T> {
 impl<T> Located<T> {
     /// An error about this value, for the config file `file`.
     pub fn error(&self, file: &str, message: impl Into<String>) -> ConfigError {
-        ConfigError { file: file.to_string(), line: self.line, key: self.key.clone(), message: message.into() }
+        ConfigError {
+            file: file.to_string(),
+            line: self.line,
+            key: self.key.clone(),
+            message: message.into(),
+        }
     }
 }
 
@@ -235,9 +240,9 @@ impl Route {
     fn matches(&self, path: &str) -> bool {
         match &self.path {
             PathMatch::Exact(p) => p == path,
-            PathMatch::Prefix(p) => {
-                path.strip_prefix(p.as_str()).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
-            }
+            PathMatch::Prefix(p) => path
+                .strip_prefix(p.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/')),
         }
     }
 }
@@ -252,7 +257,11 @@ impl Config {
     pub fn route_index(&self, path: &str) -> Option<usize> {
         let exact = self.routes.iter().position(|r| matches!(&r.path, PathMatch::Exact(p) if p == path));
         exact.or_else(|| {
-            let prefixes = self.routes.iter().enumerate().filter(|(_, r)| matches!(r.path, PathMatch::Prefix(_)) && r.matches(path));
+            let prefixes = self
+                .routes
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| matches!(r.path, PathMatch::Prefix(_)) && r.matches(path));
             prefixes
                 .max_by_key(|(_, r)| match &r.path {
                     PathMatch::Prefix(p) => p.len(),
@@ -288,7 +297,12 @@ fn toml_error(src: &str, origin: &str, e: &toml::de::Error) -> ConfigError {
         Some(span) => (Some(line_of(src, span.start)), key_at(src, span.start)),
         None => (None, "(file)".to_string()),
     };
-    ConfigError { file: origin.to_string(), line, key, message: e.message().trim().to_string() }
+    ConfigError {
+        file: origin.to_string(),
+        line,
+        key,
+        message: e.message().trim().to_string(),
+    }
 }
 
 fn line_of(src: &str, offset: usize) -> usize {
@@ -333,7 +347,11 @@ impl Validator<'_> {
     }
 
     fn located<T: Clone>(&self, spanned: &Spanned<T>, key: &str) -> Located<T> {
-        Located { value: spanned.get_ref().clone(), key: key.to_string(), line: Some(line_of(self.src, spanned.span().start)) }
+        Located {
+            value: spanned.get_ref().clone(),
+            key: key.to_string(),
+            line: Some(line_of(self.src, spanned.span().start)),
+        }
     }
 
     fn validate(&self, raw: raw::File) -> Result<Config, ConfigError> {
@@ -367,13 +385,21 @@ impl Validator<'_> {
 
         let t = raw.tls;
         let tls = Tls {
-            cert: t.cert.as_ref().map_or_else(|| unlocated("tls.cert", "certs/dev/server.crt"), |c| self.located(c, "tls.cert")),
-            key: t.key.as_ref().map_or_else(|| unlocated("tls.key", "certs/dev/server.key"), |c| self.located(c, "tls.key")),
+            cert: t
+                .cert
+                .as_ref()
+                .map_or_else(|| unlocated("tls.cert", "certs/dev/server.crt"), |c| self.located(c, "tls.cert")),
+            key: t
+                .key
+                .as_ref()
+                .map_or_else(|| unlocated("tls.key", "certs/dev/server.key"), |c| self.located(c, "tls.key")),
             self_signed_if_missing: t.self_signed_if_missing.unwrap_or(false),
             min_version: t.min_version.unwrap_or(TlsVersion::V1_2),
         };
 
-        let admin = Admin { listen: raw.admin.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9090))) };
+        let admin = Admin {
+            listen: raw.admin.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9090))),
+        };
         let log = Log {
             format: raw.log.format.unwrap_or(LogFormat::Text),
             level: raw.log.level.unwrap_or_else(|| "info".into()),
@@ -400,12 +426,26 @@ impl Validator<'_> {
         if routes.iter().any(|r| r.auth == AuthMode::Jwt) && jwt.algorithms.is_empty() {
             return Err(self.err_key("jwt.algorithms", "a route has auth = \"jwt\" but no algorithm is allowed"));
         }
-        Ok(Config { origin: self.origin.to_string(), server, tls, admin, log, limits, jwt, routes })
+        Ok(Config {
+            origin: self.origin.to_string(),
+            server,
+            tls,
+            admin,
+            log,
+            limits,
+            jwt,
+            routes,
+        })
     }
 
     fn err_key(&self, key: &str, message: impl Into<String>) -> ConfigError {
         let (table, leaf) = key.rsplit_once('.').unwrap_or(("", key));
-        ConfigError { file: self.origin.to_string(), line: find_key_line(self.src, table, leaf), key: key.into(), message: message.into() }
+        ConfigError {
+            file: self.origin.to_string(),
+            line: find_key_line(self.src, table, leaf),
+            key: key.into(),
+            message: message.into(),
+        }
     }
 
     fn jwt(&self, j: raw::Jwt) -> Result<Jwt, ConfigError> {
@@ -421,7 +461,10 @@ impl Validator<'_> {
                     return Err(self.err(
                         &names,
                         "jwt.algorithms",
-                        format!("unsupported algorithm {:?} (this build verifies HS256, HS384, HS512)", name.escape_debug().to_string()),
+                        format!(
+                            "unsupported algorithm {:?} (this build verifies HS256, HS384, HS512)",
+                            name.escape_debug().to_string()
+                        ),
                     ));
                 }
             };
@@ -451,7 +494,9 @@ impl Validator<'_> {
         let sources = j.token_sources.unwrap_or_else(|| {
             Spanned::new(
                 0..0,
-                ["authorization", "protocol", "query:access_token", "cookie:wsgate_token"].map(String::from).to_vec(),
+                ["authorization", "protocol", "query:access_token", "cookie:wsgate_token"]
+                    .map(String::from)
+                    .to_vec(),
             )
         });
         for s in sources.get_ref() {
@@ -531,7 +576,11 @@ impl Validator<'_> {
 }
 
 fn unlocated<T: From<&'static str>>(key: &str, value: &'static str) -> Located<T> {
-    Located { value: T::from(value), key: key.into(), line: None }
+    Located {
+        value: T::from(value),
+        key: key.into(),
+        line: None,
+    }
 }
 
 fn nonzero(v: Option<HumanDuration>, default: Duration, key: &str, val: &Validator) -> Result<Duration, ConfigError> {
@@ -562,7 +611,9 @@ fn parse_upstream(s: &str) -> Result<Upstream, String> {
     if s == "builtin:echo" {
         return Ok(Upstream::BuiltinEcho);
     }
-    let uri: http::Uri = s.parse().map_err(|_| "not a valid URL (use \"ws://host:port/path\", \"wss://…\" or \"builtin:echo\")".to_string())?;
+    let uri: http::Uri = s
+        .parse()
+        .map_err(|_| "not a valid URL (use \"ws://host:port/path\", \"wss://…\" or \"builtin:echo\")".to_string())?;
     let tls = match uri.scheme_str() {
         Some("ws") => false,
         Some("wss") => true,
@@ -777,7 +828,15 @@ upstreams = ["builtin:echo"]
         assert_eq!(name("/chatroom"), None);
         assert_eq!(name("/chat/admin/x"), Some("b"));
         assert_eq!(name("/chat/exact"), Some("c"));
-        assert_eq!(c.routes[1].upstreams[0], Upstream::Remote { tls: false, host: "127.0.0.1".into(), port: 2, path: Some("/x".into()) });
+        assert_eq!(
+            c.routes[1].upstreams[0],
+            Upstream::Remote {
+                tls: false,
+                host: "127.0.0.1".into(),
+                port: 2,
+                path: Some("/x".into())
+            }
+        );
     }
 
     #[test]

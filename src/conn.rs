@@ -7,8 +7,8 @@ use crate::config::{AuthMode, ClientIpSource, Config, Route, TokenSource};
 use crate::error::{CloseReason, Initiator, Reject};
 use crate::relay::{self, Outcome};
 use crate::server::{Gateway, Runtime};
-use crate::upstream::{self, ClientFacts, Connected};
 use crate::upgrade;
+use crate::upstream::{self, ClientFacts, Connected};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
@@ -135,7 +135,13 @@ async fn serve(
         Ok(Ok(tls)) => tls,
     };
 
-    let ctx = Arc::new(RequestCtx { gw: gw.clone(), rt: rt.clone(), peer_ip, over_cap, slot: slot.clone() });
+    let ctx = Arc::new(RequestCtx {
+        gw: gw.clone(),
+        rt: rt.clone(),
+        peer_ip,
+        over_cap,
+        slot: slot.clone(),
+    });
     let service = service_fn(move |req| {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(ctx.answer(req).await) }
@@ -152,7 +158,8 @@ async fn serve(
         .half_close(false);
     // The request stage itself is bounded (head timeout, upstream timeout); this guard
     // also bounds writing the answer to a client that never reads it.
-    let guard = server.handshake_timeout + server.upstream_timeout * rt.config.routes.iter().map(|r| r.upstreams.len()).max().unwrap_or(1) as u32;
+    let guard =
+        server.handshake_timeout + server.upstream_timeout * rt.config.routes.iter().map(|r| r.upstreams.len()).max().unwrap_or(1) as u32;
     let served = tokio::time::timeout(guard, builder.serve_connection(TokioIo::new(tls), service).with_upgrades()).await;
 
     let admitted = lock(slot).result.take();
@@ -174,7 +181,12 @@ async fn serve(
 }
 
 async fn relay_session(gw: &Arc<Gateway>, rt: &Arc<Runtime>, admission: Admission, accepted: Instant) -> Result<Done, Reject> {
-    let Admission { route_index, upstream, on_upgrade, expires_at } = admission;
+    let Admission {
+        route_index,
+        upstream,
+        on_upgrade,
+        expires_at,
+    } = admission;
     let mut upstream_ws = upstream.ws;
     let upgraded = match on_upgrade.await {
         Ok(u) => u,
@@ -185,7 +197,9 @@ async fn relay_session(gw: &Arc<Gateway>, rt: &Arc<Runtime>, admission: Admissio
     };
     // Unwrap hyper's boxed IO back to the TLS stream: the relay then reads and writes it
     // directly, with whatever the client sent right behind its request head.
-    let parts = upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>().map_err(|_| Reject::BadRequest("upgrade failed"))?;
+    let parts = upgraded
+        .downcast::<TokioIo<TlsStream<TcpStream>>>()
+        .map_err(|_| Reject::BadRequest("upgrade failed"))?;
     let mut client_ws =
         WebSocketStream::from_partially_read(parts.io.into_inner(), parts.read_buf.to_vec(), Role::Server, Some(rt.ws_config)).await;
     gw.metrics.handshake_done(accepted.elapsed().as_secs_f64());
@@ -195,17 +209,36 @@ async fn relay_session(gw: &Arc<Gateway>, rt: &Arc<Runtime>, admission: Admissio
     session_metrics.active.increment(1.0);
     let started = Instant::now();
     let s = &rt.config.server;
-    let settings = relay::Settings { idle_timeout: s.idle_timeout, ping_interval: s.ping_interval, close_timeout: s.close_timeout };
-    let deadline = expires_at.filter(|_| rt.config.jwt.close_on_expiry).map(|exp| (expiry_instant(exp, rt.config.jwt.leeway), CloseReason::TokenExpired));
-    let outcome = relay::run(&mut client_ws, &mut upstream_ws, &settings, &session_metrics, &gw.sessions, deadline).await;
+    let settings = relay::Settings {
+        idle_timeout: s.idle_timeout,
+        ping_interval: s.ping_interval,
+        close_timeout: s.close_timeout,
+    };
+    let deadline = expires_at
+        .filter(|_| rt.config.jwt.close_on_expiry)
+        .map(|exp| (expiry_instant(exp, rt.config.jwt.leeway), CloseReason::TokenExpired));
+    let outcome = relay::run(
+        &mut client_ws,
+        &mut upstream_ws,
+        &settings,
+        &session_metrics,
+        &gw.sessions,
+        deadline,
+    )
+    .await;
     session_metrics.active.decrement(1.0);
-    Ok(Done { outcome, duration: started.elapsed() })
+    Ok(Done {
+        outcome,
+        duration: started.elapsed(),
+    })
 }
 
 /// The monotonic instant at which a token with `exp` (seconds since the epoch) expires, plus `leeway`.
 fn expiry_instant(exp: u64, leeway: Duration) -> Instant {
-    let now_unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    let remaining = Duration::from_secs(exp).saturating_sub(now_unix) + leeway;
+    let now_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let remaining = (Duration::from_secs(exp) + leeway).saturating_sub(now_unix);
     Instant::now() + remaining.min(Duration::from_secs(10 * 365 * 86400))
 }
 
@@ -260,7 +293,9 @@ impl RequestCtx {
         let mut expires_at = None;
         if route.auth == AuthMode::Jwt {
             let verifier = self.rt.verifier.as_ref().ok_or(Reject::Auth(crate::error::AuthFailure::Missing))?;
-            let found = verifier.find_token(req.headers(), query.as_deref()).ok_or(Reject::Auth(crate::error::AuthFailure::Missing))?;
+            let found = verifier
+                .find_token(req.headers(), query.as_deref())
+                .ok_or(Reject::Auth(crate::error::AuthFailure::Missing))?;
             let fp = fingerprint(&found.token);
             self.note(|i| i.token_fingerprint = Some(fp));
             let identity = verifier.verify(&found.token).map_err(Reject::Auth)?;
@@ -284,7 +319,15 @@ impl RequestCtx {
         };
         let upstream = self.connect_upstream(route_index, route, &facts).await?;
         let on_upgrade = hyper::upgrade::on(req);
-        Ok((upgrade::switching_protocols(&up, upstream.protocol.clone()), Admission { route_index, upstream, on_upgrade, expires_at }))
+        Ok((
+            upgrade::switching_protocols(&up, upstream.protocol.clone()),
+            Admission {
+                route_index,
+                upstream,
+                on_upgrade,
+                expires_at,
+            },
+        ))
     }
 
     /// Try the route's upstreams round robin, each under `upstream_timeout`; the first
@@ -303,7 +346,15 @@ impl RequestCtx {
             let request = upstream::build_request(&url, facts)?;
             let t0 = Instant::now();
             let timeout = self.rt.config.server.upstream_timeout;
-            match upstream::connect(target, self.rt.connectors[route_index].as_ref(), request, self.rt.ws_config, timeout).await {
+            match upstream::connect(
+                target,
+                self.rt.connectors[route_index].as_ref(),
+                request,
+                self.rt.ws_config,
+                timeout,
+            )
+            .await
+            {
                 Ok(c) => {
                     self.gw.metrics.upstream_connect(&route.name, t0.elapsed().as_secs_f64());
                     return Ok(c);

@@ -7,7 +7,9 @@ use tracing_subscriber::{EnvFilter, fmt};
 
 /// Install the global subscriber. `Err` names what was wrong (e.g. an unwritable file).
 pub fn init(log: &Log) -> Result<(), String> {
-    let filter = EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(&log.level)).map_err(|e| format!("log.level: {e}"))?;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&log.level))
+        .map_err(|e| format!("log.level: {e}"))?;
     let builder = fmt().with_env_filter(filter).with_target(false);
     let result = match &log.file {
         Some(path) => {
@@ -36,5 +38,10 @@ pub fn init(log: &Log) -> Result<(), String> {
 /// Minimal logging before the config is read (errors of `check`, `token`, `echo`).
 pub fn init_default() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = fmt().with_env_filter(filter).with_target(false).with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr).try_init();
+    let _ = fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .try_init();
 }

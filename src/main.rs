@@ -61,7 +61,10 @@ fn parse_duration(s: &str) -> Result<HumanDuration, String> {
 }
 
 fn parse_claim(s: &str) -> Result<(String, String), String> {
-    s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).filter(|(k, _)| !k.is_empty()).ok_or_else(|| "use KEY=VALUE".to_string())
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| "use KEY=VALUE".to_string())
 }
 
 fn main() -> ExitCode {
@@ -79,7 +82,13 @@ fn main() -> ExitCode {
         Command::Check => check(&config_path),
         Command::Token { sub, ttl, claims } => token(&config_path, &sub, ttl, &claims),
         Command::Echo { listen } => rt.block_on(echo(listen)),
-        Command::Client { url, token, protocols, ca, insecure } => rt.block_on(client(&url, token, protocols, ca, insecure)),
+        Command::Client {
+            url,
+            token,
+            protocols,
+            ca,
+            insecure,
+        } => rt.block_on(client(&url, token, protocols, ca, insecure)),
     };
     ExitCode::from(code)
 }
@@ -147,7 +156,10 @@ async fn wait_for_signal() {
 /// A ready-to-paste client command. The token is minted by a nested `token` command
 /// rather than printed, so no token ever lands in a log.
 fn start_hint(config: &Config, path: &std::path::Path, explicit_config: bool) -> Option<String> {
-    let route = config.routes.iter().find(|r| matches!(r.path, PathMatch::Exact(_)) && r.upstreams.contains(&Upstream::BuiltinEcho))?;
+    let route = config
+        .routes
+        .iter()
+        .find(|r| matches!(r.path, PathMatch::Exact(_)) && r.upstreams.contains(&Upstream::BuiltinEcho))?;
     let PathMatch::Exact(route_path) = &route.path else { return None };
     let addr = config.server.listen.first()?;
     let host = match addr.ip() {
@@ -156,8 +168,16 @@ fn start_hint(config: &Config, path: &std::path::Path, explicit_config: bool) ->
         ip => ip.to_string(),
     };
     let exe = std::env::args().next().unwrap_or_else(|| "wsgate".into());
-    let cfg_arg = if explicit_config { format!(" --config {}", path.display()) } else { String::new() };
-    let ca = if config.tls.self_signed_if_missing { format!(" --ca {}", config.tls.cert.value.display()) } else { String::new() };
+    let cfg_arg = if explicit_config {
+        format!(" --config {}", path.display())
+    } else {
+        String::new()
+    };
+    let ca = if config.tls.self_signed_if_missing {
+        format!(" --ca {}", config.tls.cert.value.display())
+    } else {
+        String::new()
+    };
     let token = match route.auth {
         AuthMode::Jwt => format!(" --token \"$({exe} token --sub dev{cfg_arg})\""),
         AuthMode::None => String::new(),
@@ -238,6 +258,12 @@ async fn client(url: &str, token: Option<String>, protocols: Vec<String>, ca: Op
             return 2;
         }
     };
-    let opts = wsgate::client::Options { token, protocols, headers: vec![], tls: Some(tls), ws_config: None };
+    let opts = wsgate::client::Options {
+        token,
+        protocols,
+        headers: vec![],
+        tls: Some(tls),
+        ws_config: None,
+    };
     wsgate::client::run_cli(url, &opts).await as u8
 }

@@ -34,7 +34,10 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     (CLOSES, "Sessions closed, by route, close code and who initiated the close."),
     (HANDSHAKE_DURATION, "Time from TCP accept to the 101 response."),
     (CONNECTION_DURATION, "Length of relayed sessions, by route."),
-    (UPSTREAM_CONNECT_DURATION, "Time to connect to an upstream and complete its WebSocket handshake."),
+    (
+        UPSTREAM_CONNECT_DURATION,
+        "Time to connect to an upstream and complete its WebSocket handshake.",
+    ),
     (CONFIG_RELOADS, "Configuration reloads, by result."),
     (BUILD_INFO, "Always 1; the version label names the running build."),
 ];
@@ -92,7 +95,12 @@ impl Metrics {
     pub fn new() -> Metrics {
         let builder = PrometheusBuilder::new()
             .set_buckets(SECONDS_BUCKETS)
-            .and_then(|b| b.set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Full(CONNECTION_DURATION.into()), SESSION_BUCKETS))
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full(CONNECTION_DURATION.into()),
+                    SESSION_BUCKETS,
+                )
+            })
             .unwrap_or_else(|_| PrometheusBuilder::new());
         let recorder = Arc::new(builder.build_recorder());
         let handle = recorder.handle();
@@ -111,9 +119,17 @@ impl Metrics {
         let accepted = recorder.register_counter(&Key::from_name(CONNECTIONS_ACCEPTED), &meta);
         accepted.increment(0);
         let handshake = recorder.register_histogram(&Key::from_name(HANDSHAKE_DURATION), &meta);
-        let build = recorder.register_gauge(&Key::from_parts(BUILD_INFO, vec![Label::new("version", env!("CARGO_PKG_VERSION"))]), &meta);
+        let build = recorder.register_gauge(
+            &Key::from_parts(BUILD_INFO, vec![Label::new("version", env!("CARGO_PKG_VERSION"))]),
+            &meta,
+        );
         build.set(1.0);
-        let m = Metrics { recorder, handle, accepted, handshake };
+        let m = Metrics {
+            recorder,
+            handle,
+            accepted,
+            handshake,
+        };
         m.counter(CONFIG_RELOADS, &[("result", "success")]).increment(0);
         m.counter(CONFIG_RELOADS, &[("result", "failure")]).increment(0);
         m
@@ -152,7 +168,8 @@ impl Metrics {
 
     pub fn closed(&self, route: &str, code: u16, initiator: &'static str) {
         let code = code.to_string();
-        self.counter(CLOSES, &[("route", route), ("code", &code), ("initiator", initiator)]).increment(1);
+        self.counter(CLOSES, &[("route", route), ("code", &code), ("initiator", initiator)])
+            .increment(1);
     }
 
     pub fn handshake_done(&self, seconds: f64) {
@@ -168,7 +185,8 @@ impl Metrics {
     }
 
     pub fn reload(&self, ok: bool) {
-        self.counter(CONFIG_RELOADS, &[("result", if ok { "success" } else { "failure" })]).increment(1);
+        self.counter(CONFIG_RELOADS, &[("result", if ok { "success" } else { "failure" })])
+            .increment(1);
     }
 
     /// Make the route's series visible at zero before any traffic.
@@ -181,7 +199,10 @@ impl Metrics {
         let dirs = [Direction::ClientToUpstream, Direction::UpstreamToClient];
         let messages = dirs.map(|d| self.counter(MESSAGES, &[("route", route), ("direction", d.label())]));
         let bytes = dirs.map(|d| self.counter(BYTES, &[("route", route), ("direction", d.label())]));
-        let active = self.recorder.register_gauge(&Key::from_parts(CONNECTIONS_ACTIVE, vec![Label::new("route", route.to_string())]), &metadata());
+        let active = self.recorder.register_gauge(
+            &Key::from_parts(CONNECTIONS_ACTIVE, vec![Label::new("route", route.to_string())]),
+            &metadata(),
+        );
         SessionMetrics { messages, bytes, active }
     }
 }

@@ -171,7 +171,13 @@ where
 
     let (counts, bytes) = (relay.counts, relay.bytes);
     let (code, initiator, reason) = finish(relay.client, relay.upstream, event, settings.close_timeout).await;
-    Outcome { code, initiator, reason, messages: counts, bytes }
+    Outcome {
+        code,
+        initiator,
+        reason,
+        messages: counts,
+        bytes,
+    }
 }
 
 fn poll_sleep(s: &mut Pin<Box<Sleep>>, cx: &mut Context<'_>) -> bool {
@@ -384,8 +390,17 @@ fn read_error(side: Side, e: &WsError) -> CloseReason {
         WsError::Capacity(_) => CloseReason::UpstreamTooBig,
         WsError::Utf8(_) if client => CloseReason::ClientInvalidUtf8,
         WsError::Utf8(_) => CloseReason::UpstreamInvalidUtf8,
-        WsError::Protocol(p) if !matches!(p, tokio_tungstenite::tungstenite::error::ProtocolError::ResetWithoutClosingHandshake) => {
-            if client { CloseReason::ClientProtocol } else { CloseReason::UpstreamProtocol }
+        WsError::Protocol(p)
+            if !matches!(
+                p,
+                tokio_tungstenite::tungstenite::error::ProtocolError::ResetWithoutClosingHandshake
+            ) =>
+        {
+            if client {
+                CloseReason::ClientProtocol
+            } else {
+                CloseReason::UpstreamProtocol
+            }
         }
         _ => lost(side),
     }
@@ -405,7 +420,11 @@ where
     match event {
         Event::Closed(side, frame) => {
             let code = frame.as_ref().map_or(1005, |f| u16::from(f.code));
-            let initiator = if side == Side::Client { Initiator::Client } else { Initiator::Upstream };
+            let initiator = if side == Side::Client {
+                Initiator::Client
+            } else {
+                Initiator::Upstream
+            };
             let _ = tokio::time::timeout(timeout, async {
                 match side {
                     Side::Client => tokio::join!(drain(client), close_and_drain(upstream, frame)),
@@ -417,7 +436,12 @@ where
         }
         Event::End(reason) => {
             let (cc, uc) = reason.codes();
-            let frame = |code: CloseCode| Some(CloseFrame { code, reason: reason.text().into() });
+            let frame = |code: CloseCode| {
+                Some(CloseFrame {
+                    code,
+                    reason: reason.text().into(),
+                })
+            };
             let client_ok = !matches!(reason, CloseReason::ClientIo);
             let upstream_ok = !matches!(reason, CloseReason::UpstreamReset);
             let _ = tokio::time::timeout(timeout, async {

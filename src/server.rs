@@ -53,12 +53,20 @@ impl Runtime {
             let generate_pending = matches!(&config.jwt.secret,
                 crate::config::SecretSource::File { path, generate_if_missing: true } if !create_dev_files && !path.value.exists());
             // `check` before the first run: the secret will be generated; verify with a stand-in.
-            let secret: Secret = if generate_pending { Secret::from(vec![0u8; 32]) } else { load_secret(&config.jwt.secret, &config.origin, create_dev_files)? };
+            let secret: Secret = if generate_pending {
+                Secret::from(vec![0u8; 32])
+            } else {
+                load_secret(&config.jwt.secret, &config.origin, create_dev_files)?
+            };
             Some(Verifier::new(&config.jwt, &secret))
         } else {
             None
         };
-        let connectors = config.routes.iter().map(|r| crate::upstream::connector(r, &config.origin)).collect::<Result<_, _>>()?;
+        let connectors = config
+            .routes
+            .iter()
+            .map(|r| crate::upstream::connector(r, &config.origin))
+            .collect::<Result<_, _>>()?;
         let next_upstream = config.routes.iter().map(|_| AtomicUsize::new(0)).collect();
         let l = &config.limits;
         let ws_config = WebSocketConfig::default()
@@ -67,7 +75,14 @@ impl Runtime {
             .max_write_buffer_size(WS_WRITE_BUFFER + l.max_message_size + 64 * 1024)
             .max_message_size(Some(l.max_message_size))
             .max_frame_size(Some(l.max_frame_size));
-        Ok(Runtime { config, tls, verifier, connectors, next_upstream, ws_config })
+        Ok(Runtime {
+            config,
+            tls,
+            verifier,
+            connectors,
+            next_upstream,
+            ws_config,
+        })
     }
 }
 
@@ -123,11 +138,15 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let runtime = Runtime::load(config, true)?;
     let mut listeners = Vec::new();
     for addr in &runtime.config.server.listen {
-        let l = TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
         listeners.push(l);
     }
     let admin_addr = runtime.config.admin.listen;
-    let admin = TcpListener::bind(admin_addr).await.map_err(|e| anyhow::anyhow!("cannot listen on admin address {admin_addr}: {e}"))?;
+    let admin = TcpListener::bind(admin_addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on admin address {admin_addr}: {e}"))?;
     let wss_addrs = listeners.iter().map(|l| l.local_addr()).collect::<Result<Vec<_>, _>>()?;
     let admin_addr = admin.local_addr()?;
     let metrics = Metrics::new();
@@ -144,13 +163,22 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     });
     let stop = CancellationToken::new();
     let task = tokio::spawn(serve(gateway.clone(), listeners, admin, stop.clone()));
-    Ok(Running { wss_addrs, admin_addr, gateway, stop, task })
+    Ok(Running {
+        wss_addrs,
+        admin_addr,
+        gateway,
+        stop,
+        task,
+    })
 }
 
 async fn serve(gw: Arc<Gateway>, listeners: Vec<TcpListener>, admin: TcpListener, stop: CancellationToken) {
     let admin_stop = CancellationToken::new();
     let admin_task = tokio::spawn(crate::admin::serve(gw.clone(), admin, admin_stop.clone()));
-    let accept_tasks: Vec<_> = listeners.into_iter().map(|l| tokio::spawn(accept_loop(gw.clone(), l, stop.clone()))).collect();
+    let accept_tasks: Vec<_> = listeners
+        .into_iter()
+        .map(|l| tokio::spawn(accept_loop(gw.clone(), l, stop.clone())))
+        .collect();
 
     stop.cancelled().await;
     // 1. Stop accepting; /readyz turns 503; handshakes still in progress get a 503.
@@ -223,7 +251,10 @@ pub fn warnings(config: &Config) -> Vec<String> {
     if config.tls.self_signed_if_missing {
         w.push("tls.self_signed_if_missing = true: a self-signed development certificate may be served".to_string());
     }
-    if let crate::config::SecretSource::File { generate_if_missing: true, .. } = config.jwt.secret {
+    if let crate::config::SecretSource::File {
+        generate_if_missing: true, ..
+    } = config.jwt.secret
+    {
         w.push("jwt.generate_secret_if_missing = true: development only".to_string());
     }
     if let Ok(secret) = load_secret(&config.jwt.secret, &config.origin, false) {
@@ -232,7 +263,10 @@ pub fn warnings(config: &Config) -> Vec<String> {
         }
     }
     if !config.admin.listen.ip().is_loopback() {
-        w.push(format!("admin.listen = {}: metrics are reachable beyond this host", config.admin.listen));
+        w.push(format!(
+            "admin.listen = {}: metrics are reachable beyond this host",
+            config.admin.listen
+        ));
     }
     if config.jwt.leeway > Duration::from_secs(300) {
         w.push("jwt.leeway is over 5 minutes".to_string());

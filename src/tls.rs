@@ -93,10 +93,17 @@ pub fn upstream_client_config(extra_ca: Option<&Located<std::path::PathBuf>>, or
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(ca) = extra_ca {
         for cert in load_certs(ca, origin)? {
-            roots.add(cert).map_err(|e| ca.error(origin, format!("unusable CA certificate: {e}")))?;
+            roots
+                .add(cert)
+                .map_err(|e| ca.error(origin, format!("unusable CA certificate: {e}")))?;
         }
     }
-    client_config(roots).map_err(|e| ConfigError { file: origin.into(), line: None, key: "tls".into(), message: e })
+    client_config(roots).map_err(|e| ConfigError {
+        file: origin.into(),
+        line: None,
+        key: "tls".into(),
+        message: e,
+    })
 }
 
 fn client_config(roots: RootCertStore) -> Result<Arc<ClientConfig>, String> {
@@ -127,7 +134,9 @@ pub fn cli_client_config(ca: Option<&Path>, insecure: bool) -> Result<Arc<Client
         Some(path) => {
             for cert in CertificateDer::pem_file_iter(path).map_err(|e| pem_error("certificate", path, e))? {
                 let cert = cert.map_err(|e| pem_error("certificate", path, e))?;
-                roots.add(cert).map_err(|e| format!("unusable CA certificate in {}: {e}", path.display()))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("unusable CA certificate in {}: {e}", path.display()))?;
             }
         }
         None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),

@@ -13,9 +13,12 @@ pub struct HumanDuration(pub Duration);
 impl FromStr for HumanDuration {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        humantime::parse_duration(s.trim())
-            .map(HumanDuration)
-            .map_err(|_| format!("invalid duration {:?}: use a number and a unit, like \"250ms\", \"30s\" or \"5m\"", s.escape_debug().to_string()))
+        humantime::parse_duration(s.trim()).map(HumanDuration).map_err(|_| {
+            format!(
+                "invalid duration {:?}: use a number and a unit, like \"250ms\", \"30s\" or \"5m\"",
+                s.escape_debug().to_string()
+            )
+        })
     }
 }
 
@@ -26,7 +29,12 @@ pub struct ByteSize(pub u64);
 impl FromStr for ByteSize {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("invalid size {:?}: use a number and a unit, like \"64KiB\" or \"1MiB\"", s.escape_debug().to_string());
+        let bad = || {
+            format!(
+                "invalid size {:?}: use a number and a unit, like \"64KiB\" or \"1MiB\"",
+                s.escape_debug().to_string()
+            )
+        };
         let t = s.trim();
         let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
@@ -63,7 +71,12 @@ impl Rate {
 impl FromStr for Rate {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("invalid rate {:?}: use a count and a unit, like \"20/s\" or \"600/min\"", s.escape_debug().to_string());
+        let bad = || {
+            format!(
+                "invalid rate {:?}: use a count and a unit, like \"20/s\" or \"600/min\"",
+                s.escape_debug().to_string()
+            )
+        };
         let (count, unit) = s.trim().split_once('/').ok_or_else(bad)?;
         let count: u32 = count.trim().parse().map_err(|_| bad())?;
         if count == 0 {

@@ -127,7 +127,11 @@ pub fn upstream_path(route: &Route, upstream_path: Option<&str>, facts: &ClientF
             !facts.token_sources.iter().any(|s| matches!(s, TokenSource::Query(q) if q == name))
         })
         .collect();
-    if query.is_empty() { path } else { format!("{path}?{}", query.join("&")) }
+    if query.is_empty() {
+        path
+    } else {
+        format!("{path}?{}", query.join("&"))
+    }
 }
 
 /// Build the upstream handshake request from the client's.
@@ -222,8 +226,12 @@ pub async fn connect(
     let fut = async {
         let io = match upstream {
             Upstream::BuiltinEcho => UpstreamIo::Mem(crate::echo::spawn_in_memory(ws_config)),
-            Upstream::Remote { tls: use_tls, host, port, .. } => {
-                let tcp = TcpStream::connect((host.as_str(), *port)).await.map_err(|_| Reject::UpstreamUnavailable)?;
+            Upstream::Remote {
+                tls: use_tls, host, port, ..
+            } => {
+                let tcp = TcpStream::connect((host.as_str(), *port))
+                    .await
+                    .map_err(|_| Reject::UpstreamUnavailable)?;
                 let _ = tcp.set_nodelay(true);
                 if *use_tls {
                     let connector = tls.ok_or(Reject::UpstreamUnavailable)?;
@@ -235,11 +243,16 @@ pub async fn connect(
                 }
             }
         };
-        let (ws, resp) = tokio_tungstenite::client_async_with_config(req, io, Some(ws_config)).await.map_err(|e| {
-            tracing::debug!(error = %e, "upstream handshake failed");
-            Reject::UpstreamUnavailable
-        })?;
-        Ok(Connected { ws, protocol: resp.headers().get(header::SEC_WEBSOCKET_PROTOCOL).cloned() })
+        let (ws, resp) = tokio_tungstenite::client_async_with_config(req, io, Some(ws_config))
+            .await
+            .map_err(|e| {
+                tracing::debug!(error = %e, "upstream handshake failed");
+                Reject::UpstreamUnavailable
+            })?;
+        Ok(Connected {
+            ws,
+            protocol: resp.headers().get(header::SEC_WEBSOCKET_PROTOCOL).cloned(),
+        })
     };
     tokio::time::timeout(timeout, fut).await.map_err(|_| Reject::UpstreamTimeout)?
 }

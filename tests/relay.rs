@@ -27,19 +27,43 @@ async fn text_binary_and_fragmented_messages_round_trip() {
         other => panic!("{other:?}"),
     }
     // One message in three fragments arrives whole.
-    ws.send(Message::Frame(Frame::message("frag", OpCode::Data(Data::Text), false))).await.unwrap();
-    ws.send(Message::Frame(Frame::message("ment", OpCode::Data(Data::Continue), false))).await.unwrap();
-    ws.send(Message::Frame(Frame::message("ed", OpCode::Data(Data::Continue), true))).await.unwrap();
+    ws.send(Message::Frame(Frame::message("frag", OpCode::Data(Data::Text), false)))
+        .await
+        .unwrap();
+    ws.send(Message::Frame(Frame::message("ment", OpCode::Data(Data::Continue), false)))
+        .await
+        .unwrap();
+    ws.send(Message::Frame(Frame::message("ed", OpCode::Data(Data::Continue), true)))
+        .await
+        .unwrap();
     match tokio::time::timeout(TIMEOUT, ws.next()).await.unwrap() {
         Some(Ok(Message::Text(t))) => assert_eq!(t.as_str(), "fragmented"),
         other => panic!("{other:?}"),
     }
-    ws.close(Some(CloseFrame { code: CloseCode::Normal, reason: "done".into() })).await.unwrap();
+    ws.close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "done".into(),
+    }))
+    .await
+    .unwrap();
     assert_eq!(close_code(&mut ws).await, (1000, "done".into()));
-    gw.wait_metric(r#"wsgate_closes_total{route="echo",code="1000",initiator="client"}"#, 1.0).await;
-    assert_eq!(gw.metric(r#"wsgate_messages_total{route="echo",direction="client_to_upstream"}"#).await, 3.0);
-    assert_eq!(gw.metric(r#"wsgate_messages_total{route="echo",direction="upstream_to_client"}"#).await, 3.0);
-    assert_eq!(gw.metric(r#"wsgate_bytes_total{route="echo",direction="client_to_upstream"}"#).await, 19.0);
+    gw.wait_metric(r#"wsgate_closes_total{route="echo",code="1000",initiator="client"}"#, 1.0)
+        .await;
+    assert_eq!(
+        gw.metric(r#"wsgate_messages_total{route="echo",direction="client_to_upstream"}"#)
+            .await,
+        3.0
+    );
+    assert_eq!(
+        gw.metric(r#"wsgate_messages_total{route="echo",direction="upstream_to_client"}"#)
+            .await,
+        3.0
+    );
+    assert_eq!(
+        gw.metric(r#"wsgate_bytes_total{route="echo",direction="client_to_upstream"}"#)
+            .await,
+        19.0
+    );
 }
 
 #[tokio::test]
@@ -97,7 +121,14 @@ async fn ping_is_answered_and_passed_on() {
         }
     }
     assert_eq!(pongs, 1);
-    assert!(up.log.lock().unwrap().messages.iter().any(|m| matches!(m, Message::Ping(p) if &p[..] == b"are you there")));
+    assert!(
+        up.log
+            .lock()
+            .unwrap()
+            .messages
+            .iter()
+            .any(|m| matches!(m, Message::Ping(p) if &p[..] == b"are you there"))
+    );
 }
 
 #[tokio::test]
@@ -105,16 +136,23 @@ async fn close_codes_pass_through_both_ways() {
     let up = upstream(Behaviour::Echo).await;
     let gw = Gw::start("", &route("r", "/r", &up.url(), "none")).await;
     let mut ws = gw.connect("/r").await;
-    ws.close(Some(CloseFrame { code: CloseCode::from(4000), reason: "client bye".into() })).await.unwrap();
+    ws.close(Some(CloseFrame {
+        code: CloseCode::from(4000),
+        reason: "client bye".into(),
+    }))
+    .await
+    .unwrap();
     assert_eq!(close_code(&mut ws).await.0, 4000);
-    gw.wait_metric(r#"wsgate_closes_total{route="r",code="4000",initiator="client"}"#, 1.0).await;
+    gw.wait_metric(r#"wsgate_closes_total{route="r",code="4000",initiator="client"}"#, 1.0)
+        .await;
     assert_eq!(up.log.lock().unwrap().closes, vec![Some((4000, "client bye".to_string()))]);
 
     let up = upstream(Behaviour::CloseWith(4002)).await;
     let gw = Gw::start("", &route("r", "/r", &up.url(), "none")).await;
     let mut ws = gw.connect("/r").await;
     assert_eq!(close_code(&mut ws).await, (4002, "upstream says bye".into()));
-    gw.wait_metric(r#"wsgate_closes_total{route="r",code="4002",initiator="upstream"}"#, 1.0).await;
+    gw.wait_metric(r#"wsgate_closes_total{route="r",code="4002",initiator="upstream"}"#, 1.0)
+        .await;
 }
 
 #[tokio::test]
@@ -123,13 +161,22 @@ async fn client_close_with_forbidden_code_gets_1002() {
     let gw = Gw::start("", &route("r", "/r", &up.url(), "none")).await;
     let mut ws = gw.connect("/r").await;
     // 1005 may never be sent on the wire; craft it as a raw close frame.
-    ws.send(Message::Frame(Frame::close(Some(CloseFrame { code: CloseCode::from(1005), reason: "".into() })))).await.unwrap();
+    ws.send(Message::Frame(Frame::close(Some(CloseFrame {
+        code: CloseCode::from(1005),
+        reason: "".into(),
+    }))))
+    .await
+    .unwrap();
     assert_eq!(close_code(&mut ws).await.0, 1002);
 }
 
 #[tokio::test]
 async fn oversized_client_message_closes_1009() {
-    let gw = Gw::start("", &format!("[limits]\nmax_message_size = \"64KiB\"\nmax_frame_size = \"16KiB\"\n{ECHO_ROUTE}")).await;
+    let gw = Gw::start(
+        "",
+        &format!("[limits]\nmax_message_size = \"64KiB\"\nmax_frame_size = \"16KiB\"\n{ECHO_ROUTE}"),
+    )
+    .await;
     let mut ws = gw.connect("/echo").await;
     assert_eq!(roundtrip(&mut ws, "small").await, "small");
     // Too big as one frame.
@@ -139,19 +186,35 @@ async fn oversized_client_message_closes_1009() {
     // Too big as a message made of small frames.
     let mut ws = gw.connect("/echo").await;
     for i in 0..6 {
-        let op = if i == 0 { OpCode::Data(Data::Binary) } else { OpCode::Data(Data::Continue) };
-        if ws.send(Message::Frame(Frame::message(vec![2u8; 15 * 1024], op, i == 5))).await.is_err() {
+        let op = if i == 0 {
+            OpCode::Data(Data::Binary)
+        } else {
+            OpCode::Data(Data::Continue)
+        };
+        if ws
+            .send(Message::Frame(Frame::message(vec![2u8; 15 * 1024], op, i == 5)))
+            .await
+            .is_err()
+        {
             break;
         }
     }
     assert_eq!(close_code(&mut ws).await.0, 1009);
-    gw.wait_metric(r#"wsgate_closes_total{route="echo",code="1009",initiator="gateway"}"#, 2.0).await;
+    gw.wait_metric(r#"wsgate_closes_total{route="echo",code="1009",initiator="gateway"}"#, 2.0)
+        .await;
 }
 
 #[tokio::test]
 async fn oversized_upstream_message_closes_1009() {
     let up = upstream(Behaviour::SendBig(200 * 1024)).await;
-    let gw = Gw::start("", &format!("[limits]\nmax_message_size = \"64KiB\"\nmax_frame_size = \"64KiB\"\n{}", route("r", "/r", &up.url(), "none"))).await;
+    let gw = Gw::start(
+        "",
+        &format!(
+            "[limits]\nmax_message_size = \"64KiB\"\nmax_frame_size = \"64KiB\"\n{}",
+            route("r", "/r", &up.url(), "none")
+        ),
+    )
+    .await;
     let mut ws = gw.connect("/r").await;
     assert_eq!(close_code(&mut ws).await.0, 1009);
     gw.wait_metric(r#"wsgate_errors_total{kind="message_too_big"}"#, 1.0).await;
@@ -164,7 +227,13 @@ async fn oversized_upstream_message_closes_1009() {
 async fn invalid_utf8_from_client_closes_1007() {
     let gw = Gw::echo().await;
     let mut ws = gw.connect("/echo").await;
-    ws.send(Message::Frame(Frame::message(vec![0xffu8, 0xfe, 0x41], OpCode::Data(Data::Text), true))).await.unwrap();
+    ws.send(Message::Frame(Frame::message(
+        vec![0xffu8, 0xfe, 0x41],
+        OpCode::Data(Data::Text),
+        true,
+    )))
+    .await
+    .unwrap();
     assert_eq!(close_code(&mut ws).await.0, 1007);
     gw.wait_metric(r#"wsgate_errors_total{kind="protocol"}"#, 1.0).await;
 }
@@ -178,7 +247,8 @@ async fn upstream_dying_mid_session_closes_1011() {
     ws.send(Message::text("two")).await.unwrap();
     assert_eq!(close_code(&mut ws).await.0, 1011);
     gw.wait_metric(r#"wsgate_errors_total{kind="upstream_reset"}"#, 1.0).await;
-    gw.wait_metric(r#"wsgate_closes_total{route="r",code="1011",initiator="gateway"}"#, 1.0).await;
+    gw.wait_metric(r#"wsgate_closes_total{route="r",code="1011",initiator="gateway"}"#, 1.0)
+        .await;
 }
 
 #[tokio::test]

@@ -86,7 +86,14 @@ impl Gw {
         let config = Config::from_toml_str(&text, "test.toml").unwrap_or_else(|e| panic!("{e}\n{text}"));
         let running = wsgate::start(config.clone()).await.unwrap();
         let tls = wsgate::tls::cli_client_config(Some(&dir.path().join("server.crt")), false).unwrap();
-        Gw { addr: running.wss_addrs[0], admin: running.admin_addr, running: Some(running), dir, config, tls }
+        Gw {
+            addr: running.wss_addrs[0],
+            admin: running.admin_addr,
+            running: Some(running),
+            dir,
+            config,
+            tls,
+        }
     }
 
     pub async fn echo() -> Gw {
@@ -98,7 +105,13 @@ impl Gw {
     }
 
     pub fn options(&self, token: Option<String>) -> wsgate::client::Options {
-        wsgate::client::Options { token, protocols: vec![], headers: vec![], tls: Some(self.tls.clone()), ws_config: None }
+        wsgate::client::Options {
+            token,
+            protocols: vec![],
+            headers: vec![],
+            tls: Some(self.tls.clone()),
+            ws_config: None,
+        }
     }
 
     pub fn tls(&self) -> Arc<rustls::ClientConfig> {
@@ -122,12 +135,23 @@ impl Gw {
     /// Connect to `path` with a valid token.
     pub async fn connect(&self, path: &str) -> ClientStream {
         let opts = self.options(Some(self.token("alice")));
-        tokio::time::timeout(TIMEOUT, wsgate::client::connect(&self.url(path), &opts)).await.unwrap().unwrap().0
+        tokio::time::timeout(TIMEOUT, wsgate::client::connect(&self.url(path), &opts))
+            .await
+            .unwrap()
+            .unwrap()
+            .0
     }
 
     /// Connect with `opts`; the HTTP status of a refusal, or the stream.
-    pub async fn try_connect(&self, path: &str, opts: &wsgate::client::Options) -> Result<(ClientStream, tungstenite::handshake::client::Response), u16> {
-        match tokio::time::timeout(TIMEOUT, wsgate::client::connect(&self.url(path), opts)).await.expect("connect timed out") {
+    pub async fn try_connect(
+        &self,
+        path: &str,
+        opts: &wsgate::client::Options,
+    ) -> Result<(ClientStream, tungstenite::handshake::client::Response), u16> {
+        match tokio::time::timeout(TIMEOUT, wsgate::client::connect(&self.url(path), opts))
+            .await
+            .expect("connect timed out")
+        {
             Ok(x) => Ok(x),
             Err(tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
             Err(e) => panic!("unexpected connect error: {e}"),
@@ -136,7 +160,10 @@ impl Gw {
 
     /// Status of a refused connection attempt, with its headers.
     pub async fn refusal(&self, path: &str, opts: &wsgate::client::Options) -> tungstenite::http::Response<Option<Vec<u8>>> {
-        match tokio::time::timeout(TIMEOUT, wsgate::client::connect(&self.url(path), opts)).await.expect("connect timed out") {
+        match tokio::time::timeout(TIMEOUT, wsgate::client::connect(&self.url(path), opts))
+            .await
+            .expect("connect timed out")
+        {
             Ok(_) => panic!("connection to {path} was accepted"),
             Err(tungstenite::Error::Http(resp)) => *resp,
             Err(e) => panic!("unexpected connect error: {e}"),
@@ -187,13 +214,18 @@ impl Drop for Gw {
 }
 
 pub fn metric_value(text: &str, series: &str) -> f64 {
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok())).unwrap_or(0.0)
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
 }
 
 /// A plain HTTP/1.1 GET; returns (status, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
     let mut buf = Vec::new();
     tokio::time::timeout(TIMEOUT, s.read_to_end(&mut buf)).await.unwrap().unwrap();
     let text = String::from_utf8_lossy(&buf).to_string();
@@ -204,7 +236,11 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 
 fn tracing_init() -> Result<(), ()> {
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
-    tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init().map_err(|_| ())
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init()
+        .map_err(|_| ())
 }
 
 /// Send a text message and wait for the next text message.
@@ -270,7 +306,15 @@ impl Upstream {
         self.log.lock().unwrap().requests.len()
     }
     pub fn header(&self, i: usize, name: &str) -> Option<String> {
-        self.log.lock().unwrap().requests.get(i)?.1.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+        self.log
+            .lock()
+            .unwrap()
+            .requests
+            .get(i)?
+            .1
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
     }
 }
 
@@ -297,20 +341,40 @@ async fn upstream_session(tcp: TcpStream, behaviour: Behaviour, log: Arc<Mutex<U
         return;
     }
     let log2 = log.clone();
+    #[allow(clippy::result_large_err)] // the signature tungstenite asks for
     let callback = move |req: &Request, mut resp: Response| {
-        let headers = req.headers().iter().map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("?").to_string())).collect();
-        let offered = req.headers().get("sec-websocket-protocol").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        let headers = req
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("?").to_string()))
+            .collect();
+        let offered = req
+            .headers()
+            .get("sec-websocket-protocol")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
         log2.lock().unwrap().requests.push((req.uri().to_string(), headers));
         if offered.split(',').any(|p| p.trim() == "chat") {
-            resp.headers_mut().insert("sec-websocket-protocol", HeaderValue::from_static("chat"));
+            resp.headers_mut()
+                .insert("sec-websocket-protocol", HeaderValue::from_static("chat"));
         }
         Ok(resp)
     };
-    let config = tungstenite::protocol::WebSocketConfig::default().max_message_size(Some(64 << 20)).max_frame_size(Some(64 << 20));
-    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async_with_config(tcp, callback, Some(config)).await else { return };
+    let config = tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(64 << 20))
+        .max_frame_size(Some(64 << 20));
+    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async_with_config(tcp, callback, Some(config)).await else {
+        return;
+    };
     match behaviour {
         Behaviour::CloseWith(code) => {
-            let _ = ws.close(Some(CloseFrame { code: CloseCode::from(code), reason: "upstream says bye".into() })).await;
+            let _ = ws
+                .close(Some(CloseFrame {
+                    code: CloseCode::from(code),
+                    reason: "upstream says bye".into(),
+                }))
+                .await;
         }
         Behaviour::SendBig(n) => {
             let _ = ws.send(Message::binary(vec![7u8; n])).await;
@@ -322,7 +386,10 @@ async fn upstream_session(tcp: TcpStream, behaviour: Behaviour, log: Arc<Mutex<U
     while let Some(Ok(msg)) = ws.next().await {
         match &msg {
             Message::Close(f) => {
-                log.lock().unwrap().closes.push(f.as_ref().map(|f| (u16::from(f.code), f.reason.to_string())));
+                log.lock()
+                    .unwrap()
+                    .closes
+                    .push(f.as_ref().map(|f| (u16::from(f.code), f.reason.to_string())));
             }
             Message::Text(_) | Message::Binary(_) => {
                 log.lock().unwrap().messages.push(msg.clone());

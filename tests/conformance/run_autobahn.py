@@ -41,10 +41,6 @@ VERDICTS = ["OK", "NON-STRICT", "INFORMATIONAL", "UNIMPLEMENTED", "FAILED"]
 BAD = {"FAILED", "UNIMPLEMENTED", "UNCLEAN"}
 NOTE = {"NON-STRICT", "WRONG CODE", "FAILED BY CLIENT"}
 
-# ~300 connections back to back from one IP: lift the per-IP admission rate so that it is
-# the WebSocket implementation that gets tested, not the rate limiter.
-LIMITS_EXTRA = 'connection_rate_per_ip = "1000/s"\nconnection_burst_per_ip = 1000\n'
-
 
 def case_key(case_id: str):
     return tuple(int(p) if p.isdigit() else p for p in case_id.split("."))
@@ -85,6 +81,10 @@ def run_wstest(wstest: Path, spec_path: Path, out: Path, timeout: float) -> tupl
             except subprocess.TimeoutExpired:
                 pass
             now = time.monotonic()
+            if state["planned"] == 0:
+                # wstest idles forever when the case patterns match nothing.
+                print("autobahn: wstest planned 0 test cases: stopping it", flush=True)
+                break
             if now - start > timeout:
                 print(f"autobahn: wstest still running after {timeout:.0f}s: killing it", flush=True)
                 break
@@ -177,19 +177,9 @@ def main() -> int:
             else:
                 binary = (args.wsgate or default_binary()).resolve()
                 config = tmp / "gateway.toml"
-                config.write_text(render_config(tmp, auth="none", limits_extra=LIMITS_EXTRA))
+                config.write_text(render_config(tmp, auth="none"))
                 try:
-                    try:
-                        gateway = Gateway(binary, config, out / "wsgate.log")
-                    except RuntimeError as e:
-                        # A build without the admission limiter rejects these keys as unknown
-                        # (config errors name the key): then run without them.
-                        if "connection_rate_per_ip" not in str(e) and "connection_burst_per_ip" not in str(e):
-                            raise
-                        print("autobahn: this wsgate does not know [limits] connection_rate_per_ip: "
-                              "running without the raised connection rate", flush=True)
-                        config.write_text(render_config(tmp, auth="none"))
-                        gateway = Gateway(binary, config, out / "wsgate.log")
+                    gateway = Gateway(binary, config, out / "wsgate.log")
                 except (OSError, RuntimeError) as e:
                     print(f"autobahn: could not start wsgate: {e}", file=sys.stderr)
                     return 2

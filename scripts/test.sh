@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Runs every test of wsgate, installing what the tests need first (idempotent).
+#
+#   scripts/test.sh            format and lint checks, Rust tests, Python client tests,
+#                              Autobahn|Testsuite conformance
+#
+# Needs: cargo (Rust 1.85+), pyenv Pythons 3.11 and 2.7.18 (for Autobahn), git.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "Python environments (tests, Autobahn)"
+bash scripts/setup-python.sh
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy -D warnings"
+cargo clippy --all-targets --locked -- -D warnings
+
+step "cargo test"
+cargo test --locked
+
+step "Python websockets client tests"
+cargo build --locked --quiet
+WSGATE_BIN=target/debug/wsgate .venv/bin/python -m pytest -q tests/python
+
+step "Autobahn|Testsuite (fuzzing client, cases 1-7, 9.1, 10)"
+.venv/bin/python tests/conformance/run_autobahn.py --wsgate target/debug/wsgate --out target/autobahn
+
+step "all tests passed"

@@ -1,0 +1,184 @@
+//! The command line as a user runs it: exit codes, `check`, `token`, `echo`, `run` + SIGTERM.
+
+mod common;
+use futures_util::{SinkExt, StreamExt};
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+    time::Duration,
+};
+use tokio_tungstenite::tungstenite::Message;
+
+const BIN: &str = env!("CARGO_BIN_EXE_wsgate");
+
+fn write_config(dir: &std::path::Path, rest: &str) -> std::path::PathBuf {
+    let path = dir.join("gw.toml");
+    std::fs::write(&path, common::config_text(dir, "", rest)).unwrap();
+    path
+}
+
+#[test]
+fn check_accepts_the_shipped_config_and_warns_about_dev_settings() {
+    let out = Command::new(BIN)
+        .args(["check", "--config", "config/gateway.toml"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("warning: tls.self_signed_if_missing"), "{stdout}");
+}
+
+#[test]
+fn config_errors_name_key_and_line_and_exit_codes_follow_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "[server]\nlisten = [\"127.0.0.1:0\"]\nidle_timeout = \"soon\"\n").unwrap();
+    let out = Command::new(BIN).args(["check", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(":3: server.idle_timeout"), "{err}");
+    let out = Command::new(BIN).args(["run", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    // A secret pasted under an unknown key is never echoed.
+    std::fs::write(&path, "[jwt]\nsecret = \"hunter2hunter2\"\n").unwrap();
+    let out = Command::new(BIN).args(["run", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(":2:") && !err.contains("hunter2"), "{err}");
+    // A missing secret variable is named, and nothing else.
+    std::fs::write(
+        &path,
+        "[jwt]\nsecret_env = \"WSGATE_TEST_UNSET_VAR\"\n[[routes]]\nname = \"a\"\npath = \"/a\"\nupstreams = [\"builtin:echo\"]\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN).args(["check", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("WSGATE_TEST_UNSET_VAR is not set"));
+    // Usage errors exit 2.
+    assert_eq!(Command::new(BIN).arg("frobnicate").output().unwrap().status.code(), Some(2));
+    assert_eq!(Command::new(BIN).args(["token"]).output().unwrap().status.code(), Some(2));
+}
+
+#[test]
+fn token_prints_only_a_token_the_gateway_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), common::ECHO_ROUTE);
+    let out = Command::new(BIN)
+        .args(["token", "--sub", "carol", "--ttl", "5m", "--claim", "scope=echo", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let token = stdout.trim_end_matches('\n');
+    assert_eq!(token.lines().count(), 1);
+    assert_eq!(token.split('.').count(), 3);
+    let cfg = wsgate::Config::load(&path).unwrap();
+    let secret = wsgate::auth::load_secret(&cfg.jwt.secret, "t", false).unwrap();
+    let id = wsgate::auth::Verifier::new(&cfg.jwt, &secret).verify(token).unwrap();
+    assert_eq!(id.sub.as_deref(), Some("carol"));
+    assert_eq!(id.claims["scope"], "echo");
+    assert_eq!(id.claims["iss"], "wsgate-test");
+}
+
+/// Start a child and read stderr until a line matches; returns the captured port.
+fn wait_for_port(child: &mut std::process::Child, marker: &str) -> u16 {
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let marker = marker.to_string();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split(&marker).nth(1) {
+                let port: String = rest
+                    .split(':')
+                    .next_back()
+                    .unwrap_or("")
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect();
+                let _ = tx.send(port.parse::<u16>().ok());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(20)).expect("no listen line").expect("bad port")
+}
+
+#[tokio::test]
+async fn echo_command_echoes() {
+    let mut child = Command::new(BIN)
+        .args(["echo", "--listen", "127.0.0.1:0"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let port = wait_for_port(&mut child, "ws://");
+    let opts = wsgate::client::Options {
+        token: None,
+        protocols: vec![],
+        headers: vec![],
+        tls: None,
+        ws_config: None,
+    };
+    let (mut ws, _) = wsgate::client::connect(&format!("ws://127.0.0.1:{port}/"), &opts).await.unwrap();
+    ws.send(Message::text("ping")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("ping"));
+    ws.send(Message::Close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
+        code: 4123u16.into(),
+        reason: "x".into(),
+    })))
+    .await
+    .unwrap();
+    match ws.next().await {
+        Some(Ok(Message::Close(Some(f)))) => assert_eq!(u16::from(f.code), 4123),
+        other => panic!("{other:?}"),
+    }
+    child.kill().unwrap();
+    let _ = child.wait();
+}
+
+#[tokio::test]
+async fn run_serves_and_exits_0_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), common::ECHO_ROUTE);
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let port = wait_for_port(&mut child, "wss://");
+    let token = String::from_utf8(
+        Command::new(BIN)
+            .args(["token", "--sub", "dave", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let tls = wsgate::tls::cli_client_config(Some(&dir.path().join("server.crt")), false).unwrap();
+    let opts = wsgate::client::Options {
+        token: Some(token.trim().into()),
+        protocols: vec![],
+        headers: vec![],
+        tls: Some(tls),
+        ws_config: None,
+    };
+    let (mut ws, _) = wsgate::client::connect(&format!("wss://localhost:{port}/echo"), &opts)
+        .await
+        .unwrap();
+    assert_eq!(common::roundtrip(&mut ws, "through the binary").await, "through the binary");
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    assert_eq!(common::close_code(&mut ws).await.0, 1001);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert_eq!(status.code(), Some(0));
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "gateway did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
