@@ -10,6 +10,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
+step "Debian packages (promtool)"
+bash scripts/setup-system.sh
+
 step "Python environments (tests, Autobahn)"
 bash scripts/setup-python.sh
 

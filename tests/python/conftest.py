@@ -30,6 +30,7 @@ class GatewayInfo:
     dir: Path
     port: int
     token: str  # minted by `wsgate token --sub alice`
+    admin_port: int = 0
 
     @property
     def echo_url(self) -> str:
@@ -75,7 +76,7 @@ def gateway(tmp_path_factory) -> GatewayInfo:
             pytest.fail(f"`wsgate token` exited {minted.returncode}: {minted.stderr.decode(errors='replace')}")
         token = minted.stdout.decode().strip()
         assert token.count(".") == 2, f"`wsgate token` printed no JWT on stdout: {minted.stdout!r}"
-        yield GatewayInfo(gateway=gw, config=config, dir=tmp, port=gw.port, token=token)
+        yield GatewayInfo(gateway=gw, config=config, dir=tmp, port=gw.port, token=token, admin_port=gw.admin_port)
     finally:
         code = gw.stop()
         print(f"\nwsgate exited with {code}; log: {tmp / 'wsgate.log'}")

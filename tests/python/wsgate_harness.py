@@ -17,6 +17,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PORT_RE = re.compile(r"wss://127\.0\.0\.1:(\d+)")
+ADMIN_RE = re.compile(r"metrics on http://127\.0\.0\.1:(\d+)/metrics")
 ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
@@ -70,6 +71,7 @@ class Gateway:
         self.config = Path(config)
         self.log_path = Path(log_path)
         self.port: int | None = None
+        self.admin_port: int | None = None
         self._port_found = threading.Event()
         self._lock = threading.Lock()
         self._tail: list[str] = []
@@ -98,7 +100,7 @@ class Gateway:
                 raise RuntimeError(f"wsgate exited with {self.proc.returncode} before listening:\n{self.tail()}")
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"wsgate printed no wss://127.0.0.1:PORT line within {start_timeout}s:\n{self.tail()}")
+                raise RuntimeError(f"wsgate printed no wss:// and metrics lines within {start_timeout}s:\n{self.tail()}")
 
     def _drain(self, stream, name):
         for raw in iter(stream.readline, b""):
@@ -107,11 +109,15 @@ class Gateway:
                 self._log.write(f"[{name}] {line}\n")
                 self._log.flush()
                 self._tail = (self._tail + [line])[-40:]
+            if self.admin_port is None:
+                m = ADMIN_RE.search(line)
+                if m:
+                    self.admin_port = int(m.group(1))
+                    self._port_found.set()
             if self.port is None:
                 m = PORT_RE.search(line)
                 if m:
                     self.port = int(m.group(1))
-                    self._port_found.set()
 
     def _join_readers(self, timeout: float = 2.0):
         for t in self._readers:
