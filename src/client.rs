@@ -12,7 +12,7 @@ use tokio_tungstenite::{
 };
 
 /// How to connect.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct Options {
     /// Sent as `Authorization: Bearer <token>`.
     pub token: Option<String>,
@@ -23,6 +23,8 @@ pub struct Options {
     /// TLS settings for wss:// (see [`crate::tls::cli_client_config`]).
     pub tls: Option<Arc<rustls::ClientConfig>>,
     pub ws_config: Option<WebSocketConfig>,
+    /// Local address to connect from (tests and benchmarks use several 127.0.0.x).
+    pub source: Option<std::net::IpAddr>,
 }
 
 impl std::fmt::Debug for Options {
@@ -66,7 +68,22 @@ pub async fn connect(url: &str, opts: &Options) -> Result<(ClientStream, Respons
         let name = http::HeaderName::from_bytes(k.as_bytes()).map_err(http::Error::from)?;
         h.append(name, HeaderValue::from_str(v).map_err(http::Error::from)?);
     }
-    let tcp = TcpStream::connect((host.as_str(), port)).await?;
+    let tcp = match opts.source {
+        None => TcpStream::connect((host.as_str(), port)).await?,
+        Some(src) => {
+            let dest = tokio::net::lookup_host((host.as_str(), port))
+                .await?
+                .find(|a| a.is_ipv4() == src.is_ipv4())
+                .ok_or_else(|| std::io::Error::other("no address of the source's family"))?;
+            let sock = if src.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            sock.bind(std::net::SocketAddr::new(src, 0))?;
+            sock.connect(dest).await?
+        }
+    };
     let _ = tcp.set_nodelay(true);
     let io = if tls {
         let cc = match &opts.tls {

@@ -9,7 +9,7 @@
 //! Loading what the config *points to* (certificates, JWT secrets) is done by
 //! [`crate::tls`] and [`crate::auth`], which report errors through [`Located`].
 
-use crate::units::{ByteSize, HumanDuration};
+use crate::units::{ByteSize, HumanDuration, Rate};
 use ipnet::IpNet;
 use jsonwebtoken::Algorithm;
 use serde::Deserialize;
@@ -38,6 +38,22 @@ pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 1 << 20;
 /// Largest frame accepted from either side → close 1009.
 pub const DEFAULT_MAX_FRAME_SIZE: usize = 256 * 1024;
+/// New connections per client IP (GCRA) and the burst above it.
+pub const DEFAULT_CONNECTION_RATE: &str = "20/s";
+pub const DEFAULT_CONNECTION_BURST: u32 = 40;
+/// Concurrent connections per client IP.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: u32 = 100;
+/// IPv6 clients are keyed by this prefix length.
+pub const DEFAULT_IPV6_PREFIX: u8 = 64;
+/// Client → upstream messages per connection, and the burst above it.
+pub const DEFAULT_MESSAGE_RATE: &str = "200/s";
+pub const DEFAULT_MESSAGE_BURST: u32 = 400;
+/// Held back by the message rate without pause for this long → close 1008.
+pub const DEFAULT_RATE_ABUSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Auth failures per client IP within the window before a ban, and the ban length.
+pub const DEFAULT_AUTH_FAILURES_PER_IP: u32 = 10;
+pub const DEFAULT_AUTH_FAILURE_WINDOW: Duration = Duration::from_secs(60);
+pub const DEFAULT_AUTH_BAN: Duration = Duration::from_secs(600);
 /// JWT clock skew allowance.
 pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
 /// Environment variable holding the HS* secret when no `secret_file` is set.
@@ -93,6 +109,7 @@ pub struct Config {
     pub admin: Admin,
     pub log: Log,
     pub limits: Limits,
+    pub firewall: crate::firewall::Firewall,
     pub jwt: Jwt,
     pub routes: Vec<Route>,
 }
@@ -158,6 +175,13 @@ pub struct Log {
 pub struct Limits {
     pub max_message_size: usize,
     pub max_frame_size: usize,
+    /// Per-IP admission (new-connection rate, concurrency, auth-failure bans).
+    pub admission: crate::limits::Settings,
+    /// Client → upstream messages (pings included) per connection.
+    pub message_rate: Rate,
+    pub message_burst: u32,
+    /// A client held back by `message_rate` without pause for this long is closed with 1008.
+    pub rate_abuse_timeout: Duration,
 }
 
 /// Where the HS* secret comes from. Holds names, never the secret itself.
@@ -233,6 +257,30 @@ pub struct Route {
     pub forward_token: bool,
     /// Extra trust anchors (PEM) for `wss://` upstreams, besides the webpki roots.
     pub upstream_ca: Option<Located<PathBuf>>,
+    /// Normalised origins (`scheme://host[:port]`, default ports removed); `"*"` allows any.
+    pub allowed_origins: Vec<String>,
+    pub allow_missing_origin: bool,
+}
+
+/// `Origin` in the form routes compare: lower-case scheme and host, default port dropped.
+/// `None` when it is not a `scheme://host[:port]` origin (e.g. `null`).
+pub fn normalize_origin(origin: &str) -> Option<String> {
+    let (scheme, rest) = origin.trim().split_once("://")?;
+    let scheme = scheme.to_ascii_lowercase();
+    if rest.is_empty() || rest.contains(['/', '?', '#', '@']) {
+        return None;
+    }
+    let authority: http::uri::Authority = rest.parse().ok()?;
+    let host = authority.host().to_ascii_lowercase();
+    let default = match scheme.as_str() {
+        "http" | "ws" => Some(80),
+        "https" | "wss" => Some(443),
+        _ => None,
+    };
+    Some(match authority.port_u16() {
+        Some(p) if Some(p) != default => format!("{scheme}://{host}:{p}"),
+        _ => format!("{scheme}://{host}"),
+    })
 }
 
 impl Route {
@@ -410,9 +458,31 @@ impl Validator<'_> {
         }
 
         let l = raw.limits;
+        let parse_rate = |s: &str| {
+            s.parse::<Rate>().unwrap_or(Rate {
+                count: 1,
+                per: Duration::from_secs(1),
+            })
+        };
+        let ipv6_prefix = l.ipv6_prefix.unwrap_or(DEFAULT_IPV6_PREFIX);
+        if ipv6_prefix > 128 {
+            return Err(self.err_key("limits.ipv6_prefix", "must be between 0 and 128"));
+        }
         let limits = Limits {
             max_message_size: l.max_message_size.map_or(DEFAULT_MAX_MESSAGE_SIZE, |v| v.0 as usize),
             max_frame_size: l.max_frame_size.map_or(DEFAULT_MAX_FRAME_SIZE, |v| v.0 as usize),
+            admission: crate::limits::Settings {
+                connection_rate: l.connection_rate_per_ip.unwrap_or_else(|| parse_rate(DEFAULT_CONNECTION_RATE)),
+                connection_burst: l.connection_burst_per_ip.unwrap_or(DEFAULT_CONNECTION_BURST).max(1),
+                max_connections_per_ip: l.max_connections_per_ip.unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_IP).max(1),
+                ipv6_prefix,
+                auth_failures_per_ip: l.auth_failures_per_ip.unwrap_or(DEFAULT_AUTH_FAILURES_PER_IP),
+                auth_failure_window: l.auth_failure_window.map_or(DEFAULT_AUTH_FAILURE_WINDOW, |d| d.0),
+                auth_ban: l.auth_ban.map_or(DEFAULT_AUTH_BAN, |d| d.0),
+            },
+            message_rate: l.message_rate.unwrap_or_else(|| parse_rate(DEFAULT_MESSAGE_RATE)),
+            message_burst: l.message_burst.unwrap_or(DEFAULT_MESSAGE_BURST).max(1),
+            rate_abuse_timeout: nonzero(l.rate_abuse_timeout, DEFAULT_RATE_ABUSE_TIMEOUT, "limits.rate_abuse_timeout", self)?,
         };
         if limits.max_message_size == 0 || limits.max_frame_size == 0 {
             return Err(self.err_key("limits.max_message_size", "sizes must be larger than zero"));
@@ -421,6 +491,7 @@ impl Validator<'_> {
             return Err(self.err_key("limits.max_frame_size", "must not exceed limits.max_message_size"));
         }
 
+        let firewall = self.firewall(raw.firewall)?;
         let jwt = self.jwt(raw.jwt)?;
         let routes = self.routes(raw.routes)?;
         if routes.iter().any(|r| r.auth == AuthMode::Jwt) && jwt.algorithms.is_empty() {
@@ -433,6 +504,7 @@ impl Validator<'_> {
             admin,
             log,
             limits,
+            firewall,
             jwt,
             routes,
         })
@@ -446,6 +518,35 @@ impl Validator<'_> {
             key: key.into(),
             message: message.into(),
         }
+    }
+
+    fn firewall(&self, f: raw::Firewall) -> Result<crate::firewall::Firewall, ConfigError> {
+        use crate::firewall::{RangeSet, parse_rule, read_rule_file};
+        let mut sets = Vec::new();
+        for (key, inline, files) in [
+            ("firewall.allow", &f.allow, &f.allow_files),
+            ("firewall.deny", &f.deny, &f.deny_files),
+        ] {
+            let mut nets = Vec::new();
+            if let Some(list) = inline {
+                for rule in list.get_ref() {
+                    let net = parse_rule(rule).ok_or_else(|| {
+                        let shown: String = rule.chars().take(64).flat_map(char::escape_debug).collect();
+                        self.err(list, key, format!("not an address or CIDR: \"{shown}\""))
+                    })?;
+                    nets.push(net);
+                }
+            }
+            if let Some(files) = files {
+                for path in files.get_ref() {
+                    nets.extend(read_rule_file(path).map_err(|m| self.err(files, &format!("{key}_files"), m))?);
+                }
+            }
+            sets.push(RangeSet::from_nets(nets));
+        }
+        let deny = sets.pop().unwrap_or_default();
+        let allow = sets.pop().unwrap_or_default();
+        Ok(crate::firewall::Firewall::new(f.default.unwrap_or_default(), allow, deny))
     }
 
     fn jwt(&self, j: raw::Jwt) -> Result<Jwt, ConfigError> {
@@ -569,6 +670,28 @@ impl Validator<'_> {
                 auth: r.auth.unwrap_or(AuthMode::Jwt),
                 forward_token: r.forward_token.unwrap_or(false),
                 upstream_ca: r.upstream_ca.as_ref().map(|c| self.located(c, "routes.upstream_ca")),
+                allowed_origins: match &r.allowed_origins {
+                    None => Vec::new(),
+                    Some(list) => list
+                        .get_ref()
+                        .iter()
+                        .map(|o| {
+                            if o == "*" {
+                                Ok("*".to_string())
+                            } else {
+                                normalize_origin(o).ok_or_else(|| {
+                                    let shown: String = o.chars().take(64).flat_map(char::escape_debug).collect();
+                                    self.err(
+                                        list,
+                                        "routes.allowed_origins",
+                                        format!("not an origin (scheme://host[:port]): \"{shown}\""),
+                                    )
+                                })
+                            }
+                        })
+                        .collect::<Result<_, _>>()?,
+                },
+                allow_missing_origin: r.allow_missing_origin.unwrap_or(true),
             });
         }
         Ok(routes)
@@ -650,8 +773,19 @@ mod raw {
         pub admin: Admin,
         pub log: Log,
         pub limits: Limits,
+        pub firewall: Firewall,
         pub jwt: Jwt,
         pub routes: Vec<Route>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Firewall {
+        pub default: Option<crate::firewall::Default_>,
+        pub allow: Option<Spanned<Vec<String>>>,
+        pub deny: Option<Spanned<Vec<String>>>,
+        pub allow_files: Option<Spanned<Vec<PathBuf>>>,
+        pub deny_files: Option<Spanned<Vec<PathBuf>>>,
     }
 
     #[derive(Deserialize, Default)]
@@ -698,6 +832,16 @@ mod raw {
     pub struct Limits {
         pub max_message_size: Option<ByteSize>,
         pub max_frame_size: Option<ByteSize>,
+        pub connection_rate_per_ip: Option<Rate>,
+        pub connection_burst_per_ip: Option<u32>,
+        pub max_connections_per_ip: Option<u32>,
+        pub ipv6_prefix: Option<u8>,
+        pub message_rate: Option<Rate>,
+        pub message_burst: Option<u32>,
+        pub rate_abuse_timeout: Option<HumanDuration>,
+        pub auth_failures_per_ip: Option<u32>,
+        pub auth_failure_window: Option<HumanDuration>,
+        pub auth_ban: Option<HumanDuration>,
     }
 
     #[derive(Deserialize, Default)]
@@ -724,6 +868,8 @@ mod raw {
         pub auth: Option<AuthMode>,
         pub forward_token: Option<bool>,
         pub upstream_ca: Option<Spanned<PathBuf>>,
+        pub allowed_origins: Option<Spanned<Vec<String>>>,
+        pub allow_missing_origin: Option<bool>,
     }
 }
 
@@ -837,6 +983,26 @@ upstreams = ["builtin:echo"]
                 path: Some("/x".into())
             }
         );
+    }
+
+    #[test]
+    fn origins_normalise() {
+        assert_eq!(
+            normalize_origin("HTTPS://App.Example.com:443").as_deref(),
+            Some("https://app.example.com")
+        );
+        assert_eq!(normalize_origin("http://a.b:8080").as_deref(), Some("http://a.b:8080"));
+        assert_eq!(normalize_origin("null"), None);
+        assert_eq!(normalize_origin("https://a.b/path"), None);
+    }
+
+    #[test]
+    fn firewall_rules_are_checked() {
+        let e = err("[firewall]\ndeny = [\"10.0.0.0/8\", \"bogus\"]\n");
+        assert_eq!((e.key.as_str(), e.line), ("firewall.deny", Some(2)));
+        let c = Config::from_toml_str("[firewall]\ndefault = \"deny\"\nallow = [\"127.0.0.0/8\", \"::1\"]\n", "t").unwrap();
+        assert!(c.firewall.allows("127.0.0.9".parse().unwrap()));
+        assert!(!c.firewall.allows("10.0.0.1".parse().unwrap()));
     }
 
     #[test]

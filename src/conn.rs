@@ -42,6 +42,8 @@ struct Admission {
     upstream: Connected,
     on_upgrade: hyper::upgrade::OnUpgrade,
     expires_at: Option<u64>,
+    /// The per-IP slot of a client behind a trusted proxy, held for the session.
+    _ip_slot: Option<crate::limits::IpSlot>,
 }
 
 #[derive(Default)]
@@ -63,6 +65,7 @@ pub async fn handle(gw: Arc<Gateway>, rt: Arc<Runtime>, tcp: TcpStream, peer: So
         Err(reject) => {
             gw.metrics.rejected(reject.label());
             if let Reject::Auth(failure) = &reject {
+                gw.admission.auth_failed(client);
                 gw.metrics.auth_failure(route, failure.label());
                 tracing::warn!(
                     peer = %client,
@@ -186,6 +189,7 @@ async fn relay_session(gw: &Arc<Gateway>, rt: &Arc<Runtime>, admission: Admissio
         upstream,
         on_upgrade,
         expires_at,
+        _ip_slot,
     } = admission;
     let mut upstream_ws = upstream.ws;
     let upgraded = match on_upgrade.await {
@@ -209,7 +213,11 @@ async fn relay_session(gw: &Arc<Gateway>, rt: &Arc<Runtime>, admission: Admissio
     session_metrics.active.increment(1.0);
     let started = Instant::now();
     let s = &rt.config.server;
+    let l = &rt.config.limits;
     let settings = relay::Settings {
+        message_rate: l.message_rate,
+        message_burst: l.message_burst,
+        rate_abuse_timeout: l.rate_abuse_timeout,
         idle_timeout: s.idle_timeout,
         ping_interval: s.ping_interval,
         close_timeout: s.close_timeout,
@@ -288,6 +296,11 @@ impl RequestCtx {
         let route = &config.routes[route_index];
         self.note(|i| i.route = Some(route.name.clone()));
         let up = upgrade::validate(req)?;
+        upgrade::check_origin(route, req.headers())?;
+        if let Some(left) = self.gw.admission.banned(client_ip) {
+            return Err(Reject::AuthBanned(left));
+        }
+        let ip_slot = self.proxied_client_checks(client_ip)?;
 
         let mut token = None;
         let mut expires_at = None;
@@ -307,6 +320,7 @@ impl RequestCtx {
         let no_sources: &[TokenSource] = &[];
         let facts = ClientFacts {
             ip: client_ip,
+            peer: self.peer_ip,
             peer_trusted: is_trusted(config, self.peer_ip),
             path: &path,
             query: query.as_deref(),
@@ -326,8 +340,21 @@ impl RequestCtx {
                 upstream,
                 on_upgrade,
                 expires_at,
+                _ip_slot: ip_slot,
             },
         ))
+    }
+
+    /// Firewall and per-IP limits for a client identified by `X-Forwarded-For` behind a
+    /// trusted proxy (the TCP peer was checked before TLS in every other case).
+    fn proxied_client_checks(&self, client_ip: IpAddr) -> Result<Option<crate::limits::IpSlot>, Reject> {
+        if client_ip == self.peer_ip {
+            return Ok(None);
+        }
+        if !self.rt.config.firewall.allows(client_ip) {
+            return Err(Reject::Firewall);
+        }
+        self.gw.admission.admit(client_ip).map(Some)
     }
 
     /// Try the route's upstreams round robin, each under `upstream_timeout`; the first

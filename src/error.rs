@@ -11,6 +11,16 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 /// Why a connection was refused before the 101.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Reject {
+    #[error("refused by the firewall")]
+    Firewall,
+    #[error("new-connection rate per IP exceeded")]
+    RateLimited,
+    #[error("concurrent connections per IP exceeded")]
+    IpConnLimit,
+    #[error("origin not allowed")]
+    Origin,
+    #[error("too many auth failures from this IP")]
+    AuthBanned(Duration),
     #[error("global connection cap reached")]
     GlobalConnLimit,
     #[error("gateway is draining")]
@@ -81,7 +91,9 @@ impl Reject {
     /// simply closed (no HTTP exchange is possible or wanted).
     pub fn status(&self) -> Option<StatusCode> {
         Some(match self {
-            Reject::TlsHandshake | Reject::HandshakeTimeout => return None,
+            Reject::Firewall | Reject::RateLimited | Reject::IpConnLimit | Reject::TlsHandshake | Reject::HandshakeTimeout => return None,
+            Reject::Origin => StatusCode::FORBIDDEN,
+            Reject::AuthBanned(_) => StatusCode::TOO_MANY_REQUESTS,
             Reject::GlobalConnLimit | Reject::Draining => StatusCode::SERVICE_UNAVAILABLE,
             Reject::BadRequest(_) => StatusCode::BAD_REQUEST,
             Reject::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -96,6 +108,11 @@ impl Reject {
     /// The `wsgate_connections_rejected_total{reason}` label, also the log `reason` field.
     pub fn label(&self) -> &'static str {
         match self {
+            Reject::Firewall => "firewall",
+            Reject::RateLimited => "rate_limited",
+            Reject::IpConnLimit => "ip_conn_limit",
+            Reject::Origin => "origin",
+            Reject::AuthBanned(_) => "auth_banned",
             Reject::GlobalConnLimit | Reject::Draining => "global_conn_limit",
             Reject::TlsHandshake => "tls_handshake",
             Reject::HandshakeTimeout => "handshake_timeout",
@@ -112,7 +129,9 @@ impl Reject {
         match self {
             Reject::GlobalConnLimit => "server busy\n",
             Reject::Draining => "server shutting down\n",
-            Reject::TlsHandshake | Reject::HandshakeTimeout => "",
+            Reject::Firewall | Reject::RateLimited | Reject::IpConnLimit | Reject::TlsHandshake | Reject::HandshakeTimeout => "",
+            Reject::Origin => "origin not allowed\n",
+            Reject::AuthBanned(_) => "too many failed attempts\n",
             Reject::BadRequest(_) => "bad websocket upgrade request\n",
             Reject::HeadTooLarge => "request head too large\n",
             Reject::UnsupportedVersion => "websocket version 13 required\n",
@@ -126,13 +145,17 @@ impl Reject {
 
     /// Whether the rejection is worth a WARN (someone may be attacking or misconfigured) or INFO.
     pub fn is_warning(&self) -> bool {
-        matches!(self, Reject::Auth(_) | Reject::UpstreamUnavailable | Reject::UpstreamTimeout)
+        matches!(
+            self,
+            Reject::Auth(_) | Reject::AuthBanned(_) | Reject::Origin | Reject::UpstreamUnavailable | Reject::UpstreamTimeout
+        )
     }
 
     /// `Retry-After` to send, if any.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             Reject::GlobalConnLimit | Reject::Draining => Some(Duration::from_secs(1)),
+            Reject::AuthBanned(left) => Some(*left),
             _ => None,
         }
     }
@@ -185,6 +208,8 @@ pub enum CloseReason {
     Internal,
     /// The client's token expired during the session (`close_on_expiry`).
     TokenExpired,
+    /// The client kept pushing beyond `message_rate` for `rate_abuse_timeout`.
+    RateAbuse,
 }
 
 impl CloseReason {
@@ -202,6 +227,7 @@ impl CloseReason {
             CloseReason::UpstreamInvalidUtf8 => (Error, Invalid),
             CloseReason::UpstreamTooBig => (Size, Size),
             CloseReason::TokenExpired => (Library(4401), Library(4401)),
+            CloseReason::RateAbuse => (Policy, Policy),
         }
     }
 
@@ -221,6 +247,7 @@ impl CloseReason {
             CloseReason::UpstreamTooBig => "upstream message too big",
             CloseReason::Internal => "gateway error",
             CloseReason::TokenExpired => "token expired",
+            CloseReason::RateAbuse => "client exceeded the message rate",
         }
     }
 
@@ -236,6 +263,7 @@ impl CloseReason {
             CloseReason::UpstreamReset => Some("upstream_reset"),
             CloseReason::UpstreamProtocol | CloseReason::UpstreamInvalidUtf8 => Some("upstream_protocol"),
             CloseReason::Internal => Some("internal"),
+            CloseReason::RateAbuse => Some("protocol"),
         }
     }
 }
@@ -247,6 +275,11 @@ mod tests {
     #[test]
     fn reject_table() {
         let rows: &[(Reject, Option<u16>, &str)] = &[
+            (Reject::Firewall, None, "firewall"),
+            (Reject::RateLimited, None, "rate_limited"),
+            (Reject::IpConnLimit, None, "ip_conn_limit"),
+            (Reject::Origin, Some(403), "origin"),
+            (Reject::AuthBanned(Duration::from_secs(5)), Some(429), "auth_banned"),
             (Reject::GlobalConnLimit, Some(503), "global_conn_limit"),
             (Reject::Draining, Some(503), "global_conn_limit"),
             (Reject::TlsHandshake, None, "tls_handshake"),
@@ -282,6 +315,7 @@ mod tests {
             (CloseReason::UpstreamTooBig, 1009, 1009, Some("message_too_big")),
             (CloseReason::Internal, 1011, 1011, Some("internal")),
             (CloseReason::TokenExpired, 4401, 4401, None),
+            (CloseReason::RateAbuse, 1008, 1008, Some("protocol")),
         ];
         for (r, c, u, kind) in rows {
             let (cc, uc) = r.codes();

@@ -6,7 +6,7 @@
 //! | # | stage | module |
 //! |---|-------|--------|
 //! | 1 | accept, global cap | [`server`] |
-//! | 2–3 | firewall, per-IP limits (before TLS) | planned: `firewall`, `limits` |
+//! | 2–3 | firewall, per-IP rate and concurrency limits (before TLS) | [`firewall`], [`limits`] |
 //! | 4 | TLS handshake under `handshake_timeout` | [`tls`], [`conn`] |
 //! | 5 | upgrade request: head read by hyper with size/time bounds, route, validate | [`upgrade`], [`conn`] |
 //! | 6 | JWT authentication | [`auth`] |
@@ -26,7 +26,9 @@ pub mod config;
 pub mod conn;
 pub mod echo;
 pub mod error;
+pub mod firewall;
 pub mod fsutil;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod relay;

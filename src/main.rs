@@ -264,6 +264,7 @@ async fn client(url: &str, token: Option<String>, protocols: Vec<String>, ca: Op
         headers: vec![],
         tls: Some(tls),
         ws_config: None,
+        ..Default::default()
     };
     wsgate::client::run_cli(url, &opts).await as u8
 }

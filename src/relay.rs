@@ -15,6 +15,7 @@
 //! keep-alive pings to the client are answered by the client and never forwarded.
 
 use crate::error::{CloseReason, Initiator};
+use crate::limits::MessageRate;
 use crate::metrics::{Direction, SessionMetrics};
 use bytes::Bytes;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
@@ -50,6 +51,11 @@ pub struct Settings {
     pub idle_timeout: Duration,
     pub ping_interval: Duration,
     pub close_timeout: Duration,
+    /// Client → upstream message rate (pings count); excess is delayed by not reading.
+    pub message_rate: crate::units::Rate,
+    pub message_burst: u32,
+    /// Held back by the rate without pause for this long → close 1008.
+    pub rate_abuse_timeout: Duration,
 }
 
 /// How a session ended, for the access log and metrics.
@@ -102,6 +108,13 @@ struct Relay<'a, C, U> {
     ping_seq: u64,
     ping_payload: Option<Bytes>,
     ping_due: bool,
+    // Client → upstream message rate.
+    rate: MessageRate,
+    /// Not reading from the client until this sleep fires.
+    throttle: Option<Pin<Box<Sleep>>>,
+    /// Since when the client has been held back without a pause.
+    throttled_since: Option<Instant>,
+    rate_abuse_timeout: Duration,
 }
 
 /// Relay until the session ends; sends close frames as needed and returns how it ended.
@@ -129,6 +142,10 @@ where
         ping_seq: 0,
         ping_payload: None,
         ping_due: false,
+        rate: MessageRate::new(settings.message_rate, settings.message_burst),
+        throttle: None,
+        throttled_since: None,
+        rate_abuse_timeout: settings.rate_abuse_timeout,
     };
     let mut last_activity = Instant::now();
     let mut idle = Box::pin(sleep_until(last_activity + settings.idle_timeout));
@@ -240,17 +257,31 @@ where
                     Err(_) => return Some(Event::End(write_error(from))),
                 }
             }
+            if from == Side::Client && self.throttled(cx) {
+                return self.poll_flush(cx, from);
+            }
             let next = match from {
                 Side::Client => Pin::new(&mut *self.client).poll_next(cx),
                 Side::Upstream => Pin::new(&mut *self.upstream).poll_next(cx),
             };
             match next {
-                Poll::Pending => return self.poll_flush(cx, from),
+                Poll::Pending => {
+                    if from == Side::Client {
+                        self.throttled_since = None; // the client paused: it is within the rate
+                    }
+                    return self.poll_flush(cx, from);
+                }
                 Poll::Ready(None) => return Some(Event::End(lost(from))),
                 Poll::Ready(Some(Err(e))) => return Some(Event::End(read_error(from, &e))),
                 Poll::Ready(Some(Ok(msg))) => {
+                    let rated = from == Side::Client && matches!(msg, Message::Text(_) | Message::Binary(_) | Message::Ping(_));
                     if let Some(ev) = self.accept(from, msg) {
                         return Some(ev);
+                    }
+                    if rated {
+                        if let Some(ev) = self.charge() {
+                            return Some(ev);
+                        }
                     }
                 }
             }
@@ -258,6 +289,28 @@ where
         // Batch used up: flush, and come back after other tasks had their turn.
         cx.waker().wake_by_ref();
         self.poll_flush(cx, from)
+    }
+
+    /// Whether reading from the client must wait for the message rate; registers the timer.
+    fn throttled(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(sleep) = self.throttle.as_mut() else { return false };
+        if sleep.as_mut().poll(cx).is_pending() {
+            return true;
+        }
+        self.throttle = None;
+        false
+    }
+
+    /// Charge one client message to the rate; start holding the client back when it is ahead.
+    fn charge(&mut self) -> Option<Event> {
+        let now = Instant::now();
+        let until = self.rate.take(now)?;
+        let since = *self.throttled_since.get_or_insert(now);
+        if now.duration_since(since) >= self.rate_abuse_timeout {
+            return Some(Event::End(CloseReason::RateAbuse));
+        }
+        self.throttle = Some(Box::pin(sleep_until(until)));
+        None
     }
 
     /// Classify one message read from `from`; data and pings become the flow's pending message.

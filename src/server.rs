@@ -90,6 +90,8 @@ impl Runtime {
 pub struct Gateway {
     runtime: ArcSwap<Runtime>,
     pub metrics: Metrics,
+    /// Per-IP admission state (rates, concurrency, bans); kept across reloads.
+    pub admission: Arc<crate::limits::Admission>,
     /// Cancelled when sessions must close (drain).
     pub sessions: CancellationToken,
     tracker: TaskTracker,
@@ -153,9 +155,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     for r in &runtime.config.routes {
         metrics.register_route(&r.name);
     }
+    let admission = Arc::new(crate::limits::Admission::new(runtime.config.limits.admission.clone()));
     let gateway = Arc::new(Gateway {
         runtime: ArcSwap::from_pointee(runtime),
         metrics,
+        admission,
         sessions: CancellationToken::new(),
         tracker: TaskTracker::new(),
         open: AtomicUsize::new(0),
@@ -179,6 +183,7 @@ async fn serve(gw: Arc<Gateway>, listeners: Vec<TcpListener>, admin: TcpListener
         .into_iter()
         .map(|l| tokio::spawn(accept_loop(gw.clone(), l, stop.clone())))
         .collect();
+    let prune_task = tokio::spawn(prune_loop(gw.clone(), stop.clone()));
 
     stop.cancelled().await;
     // 1. Stop accepting; /readyz turns 503; handshakes still in progress get a 503.
@@ -186,6 +191,7 @@ async fn serve(gw: Arc<Gateway>, listeners: Vec<TcpListener>, admin: TcpListener
     for t in accept_tasks {
         let _ = t.await;
     }
+    let _ = prune_task.await;
     let grace = gw.runtime().config.server.shutdown_grace;
     tracing::info!(open = gw.open_connections(), grace_ms = grace.as_millis() as u64, "draining");
     // 2. Tell every session (close 1001 to client and upstream).
@@ -226,15 +232,52 @@ async fn accept_loop(gw: Arc<Gateway>, listener: TcpListener, stop: Cancellation
             drop(guard);
             continue;
         }
+        // Cheap checks before any TLS work: firewall, then per-IP rate and concurrency.
+        let slot = match pre_tls_checks(&gw, &rt, peer.ip().to_canonical()) {
+            Ok(slot) => slot,
+            Err(reject) => {
+                gw.metrics.rejected(reject.label());
+                tracing::info!(peer = %peer.ip().to_canonical(), reason = reject.label(), "rejected");
+                continue;
+            }
+        };
         let _ = tcp.set_nodelay(true);
         let over_cap = open > cap;
         let gw2 = gw.clone();
         gw.tracker.spawn(async move {
-            let _guard = guard;
+            let _guard = (guard, slot);
             crate::conn::handle(gw2, rt, tcp, peer, accepted, over_cap).await;
         });
     }
 }
+
+/// Firewall and per-IP limits on the TCP peer. A trusted proxy whose clients are
+/// identified by `X-Forwarded-For` is checked per client at the request stage instead.
+fn pre_tls_checks(gw: &Arc<Gateway>, rt: &Runtime, ip: std::net::IpAddr) -> Result<Option<crate::limits::IpSlot>, crate::error::Reject> {
+    let server = &rt.config.server;
+    if server.client_ip_source == crate::config::ClientIpSource::XForwardedFor && server.trusted_proxies.iter().any(|n| n.contains(&ip)) {
+        return Ok(None);
+    }
+    if !rt.config.firewall.allows(ip) {
+        return Err(crate::error::Reject::Firewall);
+    }
+    gw.admission.admit(ip).map(Some)
+}
+
+/// Prune per-IP limiter state on a timer so it does not grow with distinct clients.
+async fn prune_loop(gw: Arc<Gateway>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(PRUNE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => gw.admission.prune(),
+        }
+    }
+}
+
+/// How often per-IP limiter state is pruned.
+pub const PRUNE_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Decrements the open-connection count when a connection ends, however it ends.
 struct OpenGuard(Arc<Gateway>);

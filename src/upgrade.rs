@@ -62,6 +62,29 @@ fn key_is_valid(k: &[u8]) -> bool {
     k.len() == 24 && base64::engine::general_purpose::STANDARD.decode(k).is_ok_and(|d| d.len() == 16)
 }
 
+/// Check the `Origin` header against the route's `allowed_origins`.
+pub fn check_origin(route: &crate::config::Route, headers: &HeaderMap) -> Result<(), Reject> {
+    let mut origins = headers.get_all(header::ORIGIN).iter();
+    let origin = match (origins.next(), origins.next()) {
+        (None, _) => return if route.allow_missing_origin { Ok(()) } else { Err(Reject::Origin) },
+        (Some(o), None) => o,
+        (Some(_), Some(_)) => return Err(Reject::Origin),
+    };
+    if route.allowed_origins.iter().any(|a| a == "*") {
+        return Ok(());
+    }
+    let normal = origin
+        .to_str()
+        .ok()
+        .and_then(crate::config::normalize_origin)
+        .ok_or(Reject::Origin)?;
+    if route.allowed_origins.contains(&normal) {
+        Ok(())
+    } else {
+        Err(Reject::Origin)
+    }
+}
+
 /// The 101 answer, carrying the subprotocol the upstream chose.
 pub fn switching_protocols(up: &Upgrade, protocol: Option<HeaderValue>) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::new()));
@@ -80,7 +103,13 @@ pub fn switching_protocols(up: &Upgrade, protocol: Option<HeaderValue>) -> Respo
 
 /// The answer to a refused upgrade: status, short body, `Connection: close`.
 pub fn refusal(reject: &Reject) -> Response<Full<Bytes>> {
-    let status = reject.status().unwrap_or(StatusCode::BAD_REQUEST);
+    // Checks that normally close TCP before TLS can also run here, for clients behind a
+    // trusted proxy (`client_ip_source = "x_forwarded_for"`): answer them in HTTP.
+    let status = reject.status().unwrap_or(match reject {
+        Reject::Firewall => StatusCode::FORBIDDEN,
+        Reject::RateLimited | Reject::IpConnLimit => StatusCode::TOO_MANY_REQUESTS,
+        _ => StatusCode::BAD_REQUEST,
+    });
     let mut resp = Response::new(Full::new(Bytes::from_static(reject.body().as_bytes())));
     *resp.status_mut() = status;
     let h = resp.headers_mut();

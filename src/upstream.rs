@@ -72,6 +72,8 @@ impl AsyncWrite for UpstreamIo {
 /// What the gateway knows about the client when it builds the upstream request.
 pub struct ClientFacts<'a> {
     pub ip: IpAddr,
+    /// The TCP peer (the proxy, when the client is behind a trusted one).
+    pub peer: IpAddr,
     /// The peer is a trusted proxy: its `X-Forwarded-For` is kept and the peer appended.
     pub peer_trusted: bool,
     pub path: &'a str,
@@ -168,7 +170,7 @@ pub fn build_request(url: &str, facts: &ClientFacts) -> Result<http::Request<()>
         }
     }
     let xff = match facts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) if facts.peer_trusted => format!("{prev}, {}", facts.ip),
+        Some(prev) if facts.peer_trusted => format!("{prev}, {}", facts.peer),
         _ => facts.ip.to_string(),
     };
     if let Ok(v) = HeaderValue::from_str(&xff) {

@@ -118,6 +118,7 @@ async fn echo_command_echoes() {
         headers: vec![],
         tls: None,
         ws_config: None,
+        ..Default::default()
     };
     let (mut ws, _) = wsgate::client::connect(&format!("ws://127.0.0.1:{port}/"), &opts).await.unwrap();
     ws.send(Message::text("ping")).await.unwrap();
@@ -164,6 +165,7 @@ async fn run_serves_and_exits_0_on_sigterm() {
         headers: vec![],
         tls: Some(tls),
         ws_config: None,
+        ..Default::default()
     };
     let (mut ws, _) = wsgate::client::connect(&format!("wss://localhost:{port}/echo"), &opts)
         .await

@@ -80,9 +80,14 @@ pub fn route(name: &str, path: &str, upstream: &str, auth: &str) -> String {
 
 impl Gw {
     pub async fn start(extra_server: &str, rest: &str) -> Gw {
+        Gw::start_with(extra_server, rest, |t| t).await
+    }
+
+    /// Like [`Gw::start`], with a last edit of the whole config text.
+    pub async fn start_with(extra_server: &str, rest: &str, edit: impl FnOnce(String) -> String) -> Gw {
         let _ = tracing_init();
         let dir = tempfile::tempdir().unwrap();
-        let text = config_text(dir.path(), extra_server, rest);
+        let text = edit(config_text(dir.path(), extra_server, rest));
         let config = Config::from_toml_str(&text, "test.toml").unwrap_or_else(|e| panic!("{e}\n{text}"));
         let running = wsgate::start(config.clone()).await.unwrap();
         let tls = wsgate::tls::cli_client_config(Some(&dir.path().join("server.crt")), false).unwrap();
@@ -111,6 +116,7 @@ impl Gw {
             headers: vec![],
             tls: Some(self.tls.clone()),
             ws_config: None,
+            ..Default::default()
         }
     }
 

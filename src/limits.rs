@@ -1,0 +1,318 @@
+//! Stage 3: per-IP admission limits, before TLS, with bounded memory.
+//!
+//! - new-connection rate per client IP: governor's keyed GCRA limiter;
+//! - concurrent connections per client IP: a counted map whose entries disappear
+//!   when their last connection ends;
+//! - auth-failure bans per client IP.
+//!
+//! IPv6 clients are keyed by their `ipv6_prefix` so one host cannot rotate addresses
+//! inside its /64 to escape limits. Every map is capped and pruned on a timer
+//! ([`Admission::prune`]): memory does not grow with the number of distinct clients.
+
+use crate::error::Reject;
+use governor::{Quota, RateLimiter, clock::DefaultClock, state::keyed::DefaultKeyedStateStore};
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    num::NonZeroU32,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+/// Distinct keys the rate limiter tracks at most; past this it is pruned at once,
+/// and new keys are refused while it stays full.
+pub const MAX_TRACKED_KEYS: usize = 200_000;
+
+/// A client identity for limits: the IPv4 address, or the IPv6 prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IpKey {
+    V4(u32),
+    V6(u128),
+}
+
+impl IpKey {
+    pub fn new(ip: IpAddr, ipv6_prefix: u8) -> IpKey {
+        match ip.to_canonical() {
+            IpAddr::V4(a) => IpKey::V4(u32::from(a)),
+            IpAddr::V6(a) => {
+                let bits = u32::from(ipv6_prefix.min(128));
+                let mask = if bits == 0 { 0 } else { u128::MAX << (128 - bits) };
+                IpKey::V6(u128::from(a) & mask)
+            }
+        }
+    }
+}
+
+/// The `[limits]` values admission uses.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub connection_rate: crate::units::Rate,
+    pub connection_burst: u32,
+    pub max_connections_per_ip: u32,
+    pub ipv6_prefix: u8,
+    pub auth_failures_per_ip: u32,
+    pub auth_failure_window: Duration,
+    pub auth_ban: Duration,
+}
+
+type KeyedLimiter = RateLimiter<IpKey, DefaultKeyedStateStore<IpKey>, DefaultClock>;
+
+struct Failures {
+    count: u32,
+    window_start: Instant,
+    banned_until: Option<Instant>,
+}
+
+/// Per-IP admission state, shared by all listeners. Survives config reloads.
+pub struct Admission {
+    settings: Settings,
+    rate: KeyedLimiter,
+    open: Mutex<HashMap<IpKey, u32>>,
+    failures: Mutex<HashMap<IpKey, Failures>>,
+}
+
+/// Holds one per-IP connection slot; releases it on drop.
+pub struct IpSlot {
+    admission: Arc<Admission>,
+    key: IpKey,
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut open = lock(&self.admission.open);
+        if let Some(n) = open.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Admission {
+    pub fn new(settings: Settings) -> Admission {
+        let burst = NonZeroU32::new(settings.connection_burst.max(1)).unwrap_or(NonZeroU32::MIN);
+        let quota = Quota::with_period(settings.connection_rate.interval().max(Duration::from_nanos(1)))
+            .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
+            .allow_burst(burst);
+        Admission {
+            rate: RateLimiter::keyed(quota),
+            settings,
+            open: Mutex::default(),
+            failures: Mutex::default(),
+        }
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn key(&self, ip: IpAddr) -> IpKey {
+        IpKey::new(ip, self.settings.ipv6_prefix)
+    }
+
+    /// The new-connection rate and the per-IP concurrency cap. On success the
+    /// returned slot counts the connection until it is dropped.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<IpSlot, Reject> {
+        let key = self.key(ip);
+        if self.rate.len() >= MAX_TRACKED_KEYS {
+            self.rate.retain_recent();
+            if self.rate.len() >= MAX_TRACKED_KEYS {
+                return Err(Reject::RateLimited);
+            }
+        }
+        if self.rate.check_key(&key).is_err() {
+            return Err(Reject::RateLimited);
+        }
+        let mut open = lock(&self.open);
+        let n = open.entry(key).or_insert(0);
+        if *n >= self.settings.max_connections_per_ip {
+            if *n == 0 {
+                open.remove(&key);
+            }
+            return Err(Reject::IpConnLimit);
+        }
+        *n += 1;
+        Ok(IpSlot {
+            admission: self.clone(),
+            key,
+        })
+    }
+
+    /// How long `ip` stays banned for auth failures, if it is.
+    pub fn banned(&self, ip: IpAddr) -> Option<Duration> {
+        let key = self.key(ip);
+        let failures = lock(&self.failures);
+        let until = failures.get(&key)?.banned_until?;
+        until.checked_duration_since(Instant::now()).filter(|d| !d.is_zero())
+    }
+
+    /// Count an auth failure; bans the IP once `auth_failures_per_ip` failures fall in one window.
+    pub fn auth_failed(&self, ip: IpAddr) {
+        let s = &self.settings;
+        if s.auth_failures_per_ip == 0 {
+            return;
+        }
+        let key = self.key(ip);
+        let now = Instant::now();
+        let mut failures = lock(&self.failures);
+        if failures.len() >= MAX_TRACKED_KEYS && !failures.contains_key(&key) {
+            prune_failures(&mut failures, s, now);
+            if failures.len() >= MAX_TRACKED_KEYS {
+                return; // full of live entries: still refused with 401, just not tracked
+            }
+        }
+        let f = failures.entry(key).or_insert(Failures {
+            count: 0,
+            window_start: now,
+            banned_until: None,
+        });
+        if now.duration_since(f.window_start) > s.auth_failure_window {
+            f.count = 0;
+            f.window_start = now;
+        }
+        f.count += 1;
+        if f.count >= s.auth_failures_per_ip {
+            f.banned_until = Some(now + s.auth_ban);
+            f.count = 0;
+            f.window_start = now;
+        }
+    }
+
+    /// Drop state that no longer matters. Called on a timer.
+    pub fn prune(&self) {
+        self.rate.retain_recent();
+        self.rate.shrink_to_fit();
+        let mut failures = lock(&self.failures);
+        prune_failures(&mut failures, &self.settings, Instant::now());
+        failures.shrink_to_fit();
+        lock(&self.open).shrink_to_fit();
+    }
+
+    /// Keys tracked by (rate limiter, concurrency map, auth-failure map).
+    pub fn tracked(&self) -> (usize, usize, usize) {
+        (self.rate.len(), lock(&self.open).len(), lock(&self.failures).len())
+    }
+}
+
+fn prune_failures(failures: &mut HashMap<IpKey, Failures>, s: &Settings, now: Instant) {
+    failures.retain(|_, f| f.banned_until.is_some_and(|u| u > now) || now.duration_since(f.window_start) <= s.auth_failure_window);
+}
+
+/// A per-connection message-rate limiter (GCRA) for client → upstream traffic.
+/// Excess is delayed, never dropped: the relay stops reading until [`MessageRate::ready_at`].
+#[derive(Debug, Clone)]
+pub struct MessageRate {
+    interval: Duration,
+    tolerance: Duration,
+    tat: tokio::time::Instant,
+}
+
+impl MessageRate {
+    pub fn new(rate: crate::units::Rate, burst: u32) -> MessageRate {
+        let interval = rate.interval();
+        MessageRate {
+            interval,
+            tolerance: interval * burst.max(1).saturating_sub(1),
+            tat: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Account one message at `now`; returns when the next may be read, if that is later than `now`.
+    pub fn take(&mut self, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
+        self.tat = self.tat.max(now) + self.interval;
+        let ready = self.tat.checked_sub(self.tolerance).unwrap_or(now);
+        (ready > now).then_some(ready)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::units::Rate;
+
+    fn settings() -> Settings {
+        Settings {
+            connection_rate: "1000/s".parse().unwrap(),
+            connection_burst: 2,
+            max_connections_per_ip: 2,
+            ipv6_prefix: 64,
+            auth_failures_per_ip: 3,
+            auth_failure_window: Duration::from_secs(60),
+            auth_ban: Duration::from_secs(600),
+        }
+    }
+
+    #[test]
+    fn ipv6_hosts_share_their_prefix() {
+        let a = IpKey::new("2001:db8:1:2:aaaa::1".parse().unwrap(), 64);
+        let b = IpKey::new("2001:db8:1:2:bbbb::9".parse().unwrap(), 64);
+        let c = IpKey::new("2001:db8:1:3::1".parse().unwrap(), 64);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(
+            IpKey::new("::ffff:1.2.3.4".parse().unwrap(), 64),
+            IpKey::new("1.2.3.4".parse().unwrap(), 64)
+        );
+    }
+
+    #[test]
+    fn concurrency_cap_and_release() {
+        let adm = Arc::new(Admission::new(Settings {
+            connection_burst: 100,
+            ..settings()
+        }));
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let a = adm.admit(ip).unwrap();
+        let _b = adm.admit(ip).unwrap();
+        assert_eq!(adm.admit(ip).err(), Some(Reject::IpConnLimit));
+        drop(a);
+        assert!(adm.admit(ip).is_ok());
+        assert!(adm.admit("10.0.0.2".parse().unwrap()).is_ok());
+    }
+
+    #[test]
+    fn rate_limits_bursts() {
+        let adm = Arc::new(Admission::new(Settings {
+            connection_rate: "1/min".parse().unwrap(),
+            max_connections_per_ip: 100,
+            ..settings()
+        }));
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let _a = adm.admit(ip).unwrap();
+        let _b = adm.admit(ip).unwrap();
+        assert_eq!(adm.admit(ip).err(), Some(Reject::RateLimited));
+    }
+
+    #[test]
+    fn auth_failures_ban() {
+        let adm = Admission::new(settings());
+        let ip: IpAddr = "10.0.0.9".parse().unwrap();
+        adm.auth_failed(ip);
+        adm.auth_failed(ip);
+        assert!(adm.banned(ip).is_none());
+        adm.auth_failed(ip);
+        assert!(adm.banned(ip).unwrap() > Duration::from_secs(590));
+        assert!(adm.banned("10.0.0.10".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn message_rate_allows_burst_then_spaces() {
+        let mut r = MessageRate::new(
+            Rate {
+                count: 10,
+                per: Duration::from_secs(1),
+            },
+            3,
+        );
+        let t = tokio::time::Instant::now();
+        assert_eq!(r.take(t), None);
+        assert_eq!(r.take(t), None);
+        let wait = r.take(t).expect("a fourth message in the same instant waits");
+        assert!(wait > t && wait <= t + Duration::from_millis(101), "{:?}", wait - t);
+    }
+}
