@@ -9,7 +9,7 @@ use crate::config::{ConfigError, Jwt, SecretSource, TokenSource};
 use crate::error::AuthFailure;
 use base64::Engine;
 use http::HeaderMap;
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
+use jsonwebtoken::{Algorithm, EncodingKey, Header, Validation, errors::ErrorKind};
 use serde_json::{Map, Value};
 use std::fmt;
 
@@ -30,6 +30,9 @@ impl From<Vec<u8>> for Secret {
 }
 
 impl Secret {
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
     pub fn len(&self) -> usize {
         self.0.len()
     }
@@ -115,12 +118,13 @@ impl fmt::Debug for FoundToken {
 
 /// Verifies tokens with the keys and rules of one config.
 pub struct Verifier {
-    key: DecodingKey,
+    keys: crate::keys::KeyStore,
     validation: Validation,
     allowed: Vec<Algorithm>,
     /// Claims that must be present beyond the registered ones jsonwebtoken checks itself.
     extra_required: Vec<String>,
     sources: Vec<TokenSource>,
+    revoked: std::collections::HashSet<String>,
 }
 
 impl fmt::Debug for Verifier {
@@ -128,16 +132,66 @@ impl fmt::Debug for Verifier {
         f.debug_struct("Verifier")
             .field("algorithms", &self.allowed)
             .field("sources", &self.sources)
+            .field("keys", &self.keys)
+            .field("revoked", &self.revoked.len())
             .finish_non_exhaustive()
     }
 }
 
 const REGISTERED: [&str; 5] = ["exp", "nbf", "aud", "iss", "sub"];
 
+/// Read a revocation list: one `jti` per line, `#` comments.
+pub fn read_revoked(path: &std::path::Path) -> Result<std::collections::HashSet<String>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    Ok(text
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect())
+}
+
 impl Verifier {
+    /// Build from `[jwt]` with an already loaded secret (tests, benchmarks).
     pub fn new(cfg: &Jwt, secret: &Secret) -> Verifier {
+        let keys = crate::keys::KeyStore::load(
+            &Jwt {
+                public_key_files: vec![],
+                jwks_file: None,
+                jwks_url: None,
+                ..cfg.clone()
+            },
+            Some(secret),
+            "-",
+        )
+        .unwrap_or_else(|_| unreachable!("no files to read"));
+        Verifier::with_keys(cfg, keys, Default::default())
+    }
+
+    /// Load every key source and the revocation list named by `[jwt]`.
+    pub fn load(cfg: &Jwt, origin: &str, create_dev_files: bool) -> Result<Verifier, ConfigError> {
+        let secret = if cfg.uses_secret() {
+            let pending =
+                matches!(&cfg.secret, SecretSource::File { path, generate_if_missing: true } if !create_dev_files && !path.value.exists());
+            // `check` before the first run: the secret will be generated; verify with a stand-in.
+            Some(if pending {
+                Secret(vec![0u8; 32])
+            } else {
+                load_secret(&cfg.secret, origin, create_dev_files)?
+            })
+        } else {
+            None
+        };
+        let keys = crate::keys::KeyStore::load(cfg, secret.as_ref(), origin)?;
+        let revoked = match &cfg.revoked_jti_file {
+            None => Default::default(),
+            Some(f) => read_revoked(&f.value).map_err(|m| f.error(origin, m))?,
+        };
+        Ok(Verifier::with_keys(cfg, keys, revoked))
+    }
+
+    fn with_keys(cfg: &Jwt, keys: crate::keys::KeyStore, revoked: std::collections::HashSet<String>) -> Verifier {
         let mut validation = Validation::new(cfg.algorithms.first().copied().unwrap_or(Algorithm::HS256));
-        validation.algorithms = cfg.algorithms.clone();
         validation.leeway = cfg.leeway.as_secs();
         validation.validate_exp = true;
         validation.validate_nbf = true;
@@ -153,7 +207,7 @@ impl Verifier {
             validation.set_audience(&cfg.audience);
         }
         Verifier {
-            key: DecodingKey::from_secret(&secret.0),
+            keys,
             validation,
             allowed: cfg.algorithms.clone(),
             extra_required: cfg
@@ -163,7 +217,17 @@ impl Verifier {
                 .cloned()
                 .collect(),
             sources: cfg.token_sources.clone(),
+            revoked,
         }
+    }
+
+    pub fn keys(&self) -> &crate::keys::KeyStore {
+        &self.keys
+    }
+
+    /// Whether `jti` is on the revocation list.
+    pub fn is_revoked(&self, jti: Option<&str>) -> bool {
+        jti.is_some_and(|j| self.revoked.contains(j))
     }
 
     /// The first token found in the request, trying the configured sources in order.
@@ -178,10 +242,33 @@ impl Verifier {
         &self.sources
     }
 
-    /// Check signature, algorithm and claims.
-    pub fn verify(&self, token: &str) -> Result<Identity, AuthFailure> {
-        self.check_header(token)?;
-        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &self.key, &self.validation).map_err(|e| match e.kind() {
+    /// Check algorithm, key, signature and claims. An unknown `kid` triggers one
+    /// (rate-limited) JWKS refetch before it is refused.
+    pub async fn verify(&self, token: &str) -> Result<Identity, AuthFailure> {
+        let (alg, kid) = self.check_header(token)?;
+        match self.verify_with_keys(token, alg, kid.as_deref()) {
+            Err(AuthFailure::UnknownKid) if self.keys.refetch_for_unknown_kid().await => self.verify_with_keys(token, alg, kid.as_deref()),
+            other => other,
+        }
+    }
+
+    /// Verification without any network access (no JWKS refetch).
+    pub fn verify_now(&self, token: &str) -> Result<Identity, AuthFailure> {
+        let (alg, kid) = self.check_header(token)?;
+        self.verify_with_keys(token, alg, kid.as_deref())
+    }
+
+    fn verify_with_keys(&self, token: &str, alg: Algorithm, kid: Option<&str>) -> Result<Identity, AuthFailure> {
+        let mut validation = self.validation.clone();
+        validation.algorithms = vec![alg];
+        let outcome = self
+            .keys
+            .try_keys(alg, kid, |key| jsonwebtoken::decode::<Map<String, Value>>(token, key, &validation))
+            .map_err(|l| match l {
+                crate::keys::Lookup::UnknownKid => AuthFailure::UnknownKid,
+                crate::keys::Lookup::NoKey => AuthFailure::Algorithm,
+            })?;
+        let data = outcome.map_err(|e| match e.kind() {
             ErrorKind::InvalidSignature
             | ErrorKind::InvalidKeyFormat
             | ErrorKind::InvalidEcdsaKey
@@ -215,6 +302,9 @@ impl Verifier {
                     .ok_or(AuthFailure::Malformed)?,
             ),
         };
+        if self.is_revoked(claims.get("jti").and_then(Value::as_str)) {
+            return Err(AuthFailure::Revoked);
+        }
         Ok(Identity {
             sub,
             exp,
@@ -225,25 +315,65 @@ impl Verifier {
 
     /// Refuse `alg: none` (any spelling), algorithms outside the allowlist, and `crit`
     /// headers before any signature work, so each gets its own failure reason.
-    fn check_header(&self, token: &str) -> Result<(), AuthFailure> {
+    /// `jku`, `x5u`, `x5c` and `jwk` headers are never looked at; `kid` is only a lookup key.
+    fn check_header(&self, token: &str) -> Result<(Algorithm, Option<String>), AuthFailure> {
         let head = token.split('.').next().ok_or(AuthFailure::Malformed)?;
-        if head.len() > 4096 {
+        if head.len() > 4096 || token.len() > 16 * 1024 {
             return Err(AuthFailure::Malformed);
         }
         let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(head)
             .map_err(|_| AuthFailure::Malformed)?;
         let header: Map<String, Value> = serde_json::from_slice(&raw).map_err(|_| AuthFailure::Malformed)?;
-        let alg = header.get("alg").and_then(Value::as_str).ok_or(AuthFailure::Malformed)?;
-        let allowed = self.allowed.iter().any(|a| format!("{a:?}") == alg);
-        if !allowed {
-            return Err(AuthFailure::Algorithm);
-        }
+        let name = header.get("alg").and_then(Value::as_str).ok_or(AuthFailure::Malformed)?;
+        let alg = self
+            .allowed
+            .iter()
+            .copied()
+            .find(|a| format!("{a:?}") == name)
+            .ok_or(AuthFailure::Algorithm)?;
         if header.contains_key("crit") {
             return Err(AuthFailure::Malformed);
         }
-        Ok(())
+        let kid = match header.get("kid") {
+            None => None,
+            Some(Value::String(k)) if k.len() <= 256 => Some(k.clone()),
+            Some(_) => return Err(AuthFailure::Malformed),
+        };
+        Ok((alg, kid))
     }
+}
+
+/// Check a route's `require_claims`: equality, or membership for arrays and
+/// space-separated strings (such as `scope`).
+pub fn claims_grant(required: &[(String, String)], claims: &Map<String, Value>) -> bool {
+    required.iter().all(|(name, want)| match claims.get(name) {
+        Some(Value::String(s)) => s == want || s.split(' ').any(|p| p == want),
+        Some(Value::Array(items)) => items.iter().any(|i| i.as_str() == Some(want.as_str()) || i.to_string() == *want),
+        Some(Value::Bool(b)) => b.to_string() == *want,
+        Some(Value::Number(n)) => n.to_string() == *want,
+        _ => false,
+    })
+}
+
+/// A claim as a header value: strings as they are, other JSON values as JSON text.
+pub fn claim_header_value(v: &Value) -> Option<http::HeaderValue> {
+    let text = match v {
+        Value::String(s) => s.clone(),
+        Value::Null => return None,
+        other => other.to_string(),
+    };
+    http::HeaderValue::from_str(&text).ok()
+}
+
+/// Extract a token from a first message: raw, or JSON `{"token": "..."}`.
+pub fn token_from_message(text: &str) -> Option<String> {
+    let t = text.trim();
+    if t.starts_with('{') {
+        let v: Value = serde_json::from_str(t).ok()?;
+        return v.get("token").and_then(Value::as_str).map(str::to_string).filter(|s| !s.is_empty());
+    }
+    (!t.is_empty()).then(|| t.to_string())
 }
 
 /// Find a token in one source. Values are returned as sent; nothing is logged here.
@@ -262,6 +392,7 @@ fn find_in(source: &TokenSource, headers: &HeaderMap, query: Option<&str>) -> Op
             let (k, v) = pair.split_once('=')?;
             (k == name && !v.is_empty()).then(|| v.to_string())
         }),
+        TokenSource::FirstMessage => None,
         TokenSource::Cookie(name) => headers.get_all(http::header::COOKIE).iter().find_map(|v| {
             v.to_str().ok()?.split(';').find_map(|c| {
                 let (k, v) = c.trim().split_once('=')?;
@@ -329,7 +460,7 @@ mod tests {
         let (jwt, secret) = setup();
         let v = Verifier::new(&jwt, &secret);
         let t = mint(&jwt, &secret, "alice", Duration::from_secs(60), &[("scope".into(), "echo".into())]).unwrap();
-        let id = v.verify(&t).unwrap();
+        let id = v.verify_now(&t).unwrap();
         assert_eq!(id.sub.as_deref(), Some("alice"));
         assert_eq!(id.claims["scope"], "echo");
         assert!(!format!("{secret:?}{id:?}{v:?}").contains("0123456789"));
@@ -345,7 +476,7 @@ mod tests {
         let (jwt, secret) = setup();
         let v = Verifier::new(&jwt, &secret);
         let expired = mint(&jwt, &secret, "a", Duration::ZERO, &[("exp".into(), "1000".into())]).unwrap();
-        assert_eq!(v.verify(&expired).unwrap_err(), AuthFailure::Expired);
+        assert_eq!(v.verify_now(&expired).unwrap_err(), AuthFailure::Expired);
         let other = mint(
             &jwt,
             &Secret(b"another-secret-another-secret-xx".to_vec()),
@@ -354,12 +485,12 @@ mod tests {
             &[],
         )
         .unwrap();
-        assert_eq!(v.verify(&other).unwrap_err(), AuthFailure::BadSignature);
+        assert_eq!(v.verify_now(&other).unwrap_err(), AuthFailure::BadSignature);
         let wrong_iss = mint(&jwt, &secret, "a", Duration::from_secs(60), &[("iss".into(), "\"x\"".into())]).unwrap();
-        assert_eq!(v.verify(&wrong_iss).unwrap_err(), AuthFailure::BadIssuer);
+        assert_eq!(v.verify_now(&wrong_iss).unwrap_err(), AuthFailure::BadIssuer);
         let wrong_aud = mint(&jwt, &secret, "a", Duration::from_secs(60), &[("aud".into(), "\"x\"".into())]).unwrap();
-        assert_eq!(v.verify(&wrong_aud).unwrap_err(), AuthFailure::BadAudience);
-        assert_eq!(v.verify("garbage").unwrap_err(), AuthFailure::Malformed);
+        assert_eq!(v.verify_now(&wrong_aud).unwrap_err(), AuthFailure::BadAudience);
+        assert_eq!(v.verify_now("garbage").unwrap_err(), AuthFailure::Malformed);
         // alg none, hand made.
         let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
         let none = format!(
@@ -367,7 +498,7 @@ mod tests {
             b64(r#"{"alg":"none","typ":"JWT"}"#),
             b64(r#"{"sub":"a","exp":99999999999}"#)
         );
-        assert_eq!(v.verify(&none).unwrap_err(), AuthFailure::Algorithm);
+        assert_eq!(v.verify_now(&none).unwrap_err(), AuthFailure::Algorithm);
         let string_exp = mint(
             &jwt,
             &secret,
@@ -376,7 +507,7 @@ mod tests {
             &[("exp".into(), "\"99999999999\"".into())],
         )
         .unwrap();
-        assert!(v.verify(&string_exp).is_err());
+        assert!(v.verify_now(&string_exp).is_err());
     }
 
     #[test]

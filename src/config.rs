@@ -54,6 +54,12 @@ pub const DEFAULT_RATE_ABUSE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_AUTH_FAILURES_PER_IP: u32 = 10;
 pub const DEFAULT_AUTH_FAILURE_WINDOW: Duration = Duration::from_secs(60);
 pub const DEFAULT_AUTH_BAN: Duration = Duration::from_secs(600);
+/// Default JWKS refresh period.
+pub const DEFAULT_JWKS_REFRESH: Duration = Duration::from_secs(600);
+/// Time a client gets to send its token as the first message.
+pub const DEFAULT_FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Concurrent sessions per JWT `sub`.
+pub const DEFAULT_MAX_CONNECTIONS_PER_USER: u32 = 20;
 /// JWT clock skew allowance.
 pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
 /// Environment variable holding the HS* secret when no `secret_file` is set.
@@ -182,6 +188,8 @@ pub struct Limits {
     pub message_burst: u32,
     /// A client held back by `message_rate` without pause for this long is closed with 1008.
     pub rate_abuse_timeout: Duration,
+    /// Concurrent sessions per JWT `sub`.
+    pub max_connections_per_user: u32,
 }
 
 /// Where the HS* secret comes from. Holds names, never the secret itself.
@@ -202,6 +210,8 @@ pub enum TokenSource {
     Query(String),
     /// A cookie.
     Cookie(String),
+    /// The first text message after the 101 (raw, or JSON `{"token": "..."}`).
+    FirstMessage,
 }
 
 #[derive(Debug, Clone)]
@@ -215,6 +225,18 @@ pub struct Jwt {
     pub token_sources: Vec<TokenSource>,
     /// Close live sessions with 4401 when the token's `exp` (plus leeway) passes.
     pub close_on_expiry: bool,
+    pub public_key_files: Vec<Located<PathBuf>>,
+    pub jwks_file: Option<Located<PathBuf>>,
+    pub jwks_url: Option<crate::keys::JwksUrl>,
+    pub revoked_jti_file: Option<Located<PathBuf>>,
+    pub first_message_timeout: Duration,
+}
+
+impl Jwt {
+    /// Whether an HS* algorithm is allowed (and so a secret is needed).
+    pub fn uses_secret(&self) -> bool {
+        self.algorithms.iter().any(|a| a.family() == jsonwebtoken::AlgorithmFamily::Hmac)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -260,6 +282,10 @@ pub struct Route {
     /// Normalised origins (`scheme://host[:port]`, default ports removed); `"*"` allows any.
     pub allowed_origins: Vec<String>,
     pub allow_missing_origin: bool,
+    /// Claim → required value (equality, or membership for arrays and space-separated strings).
+    pub require_claims: Vec<(String, String)>,
+    /// Claim → header name sent upstream (lower case).
+    pub forward_claims: Vec<(String, http::HeaderName)>,
 }
 
 /// `Origin` in the form routes compare: lower-case scheme and host, default port dropped.
@@ -483,6 +509,7 @@ impl Validator<'_> {
             message_rate: l.message_rate.unwrap_or_else(|| parse_rate(DEFAULT_MESSAGE_RATE)),
             message_burst: l.message_burst.unwrap_or(DEFAULT_MESSAGE_BURST).max(1),
             rate_abuse_timeout: nonzero(l.rate_abuse_timeout, DEFAULT_RATE_ABUSE_TIMEOUT, "limits.rate_abuse_timeout", self)?,
+            max_connections_per_user: l.max_connections_per_user.unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_USER).max(1),
         };
         if limits.max_message_size == 0 || limits.max_frame_size == 0 {
             return Err(self.err_key("limits.max_message_size", "sizes must be larger than zero"));
@@ -496,6 +523,14 @@ impl Validator<'_> {
         let routes = self.routes(raw.routes)?;
         if routes.iter().any(|r| r.auth == AuthMode::Jwt) && jwt.algorithms.is_empty() {
             return Err(self.err_key("jwt.algorithms", "a route has auth = \"jwt\" but no algorithm is allowed"));
+        }
+        let asymmetric = jwt.algorithms.iter().any(|a| a.family() != jsonwebtoken::AlgorithmFamily::Hmac);
+        let has_public = !jwt.public_key_files.is_empty() || jwt.jwks_file.is_some() || jwt.jwks_url.is_some();
+        if asymmetric && !has_public && routes.iter().any(|r| r.auth == AuthMode::Jwt) {
+            return Err(self.err_key(
+                "jwt.algorithms",
+                "RS/PS/ES/EdDSA algorithms need public_key_files, jwks_file or jwks_url",
+            ));
         }
         Ok(Config {
             origin: self.origin.to_string(),
@@ -553,19 +588,26 @@ impl Validator<'_> {
         let mut algorithms = Vec::new();
         let names = j.algorithms.unwrap_or_else(|| Spanned::new(0..0, vec!["HS256".to_string()]));
         for name in names.get_ref() {
-            let alg = match name.to_ascii_lowercase().as_str() {
-                "none" => return Err(self.err(&names, "jwt.algorithms", "\"none\" can never be enabled")),
-                "hs256" => Algorithm::HS256,
-                "hs384" => Algorithm::HS384,
-                "hs512" => Algorithm::HS512,
+            let alg = match name.as_str() {
+                n if n.eq_ignore_ascii_case("none") => return Err(self.err(&names, "jwt.algorithms", "\"none\" can never be enabled")),
+                "HS256" => Algorithm::HS256,
+                "HS384" => Algorithm::HS384,
+                "HS512" => Algorithm::HS512,
+                "RS256" => Algorithm::RS256,
+                "RS384" => Algorithm::RS384,
+                "RS512" => Algorithm::RS512,
+                "PS256" => Algorithm::PS256,
+                "PS384" => Algorithm::PS384,
+                "PS512" => Algorithm::PS512,
+                "ES256" => Algorithm::ES256,
+                "ES384" => Algorithm::ES384,
+                "EdDSA" => Algorithm::EdDSA,
                 _ => {
+                    let shown: String = name.chars().take(32).flat_map(char::escape_debug).collect();
                     return Err(self.err(
                         &names,
                         "jwt.algorithms",
-                        format!(
-                            "unsupported algorithm {:?} (this build verifies HS256, HS384, HS512)",
-                            name.escape_debug().to_string()
-                        ),
+                        format!("unsupported algorithm \"{shown}\" (HS256/384/512, RS256/384/512, PS256/384/512, ES256/384, EdDSA)"),
                     ));
                 }
             };
@@ -606,12 +648,13 @@ impl Validator<'_> {
                 None if s == "protocol" => TokenSource::Protocol,
                 Some(("query", name)) if !name.is_empty() => TokenSource::Query(name.to_string()),
                 Some(("cookie", name)) if !name.is_empty() => TokenSource::Cookie(name.to_string()),
+                None if s == "first_message" => TokenSource::FirstMessage,
                 _ => {
                     return Err(self.err(
                         &sources,
                         "jwt.token_sources",
                         format!(
-                            "unknown token source {:?} (use \"authorization\", \"protocol\", \"query:NAME\" or \"cookie:NAME\")",
+                            "unknown token source {:?} (use \"authorization\", \"protocol\", \"query:NAME\", \"cookie:NAME\" or \"first_message\")",
                             s.escape_debug().to_string()
                         ),
                     ));
@@ -628,6 +671,42 @@ impl Validator<'_> {
             required_claims,
             token_sources,
             close_on_expiry: j.close_on_expiry.unwrap_or(true),
+            public_key_files: j
+                .public_key_files
+                .as_ref()
+                .map(|f| {
+                    f.get_ref()
+                        .iter()
+                        .map(|p| Located {
+                            value: p.clone(),
+                            key: "jwt.public_key_files".into(),
+                            line: Some(line_of(self.src, f.span().start)),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            jwks_file: j.jwks_file.as_ref().map(|f| self.located(f, "jwt.jwks_file")),
+            jwks_url: match &j.jwks_url {
+                None => None,
+                Some(u) => {
+                    let url: http::Uri = u.get_ref().parse().map_err(|_| self.err(u, "jwt.jwks_url", "not a valid URL"))?;
+                    if url.scheme_str() != Some("https") || url.host().is_none() {
+                        return Err(self.err(u, "jwt.jwks_url", "must be an https:// URL"));
+                    }
+                    Some(crate::keys::JwksUrl {
+                        url,
+                        refresh: nonzero(j.jwks_refresh, DEFAULT_JWKS_REFRESH, "jwt.jwks_refresh", self)?,
+                        ca: j.jwks_ca.as_ref().map(|c| self.located(c, "jwt.jwks_ca")),
+                    })
+                }
+            },
+            revoked_jti_file: j.revoked_jti_file.as_ref().map(|f| self.located(f, "jwt.revoked_jti_file")),
+            first_message_timeout: nonzero(
+                j.first_message_timeout,
+                DEFAULT_FIRST_MESSAGE_TIMEOUT,
+                "jwt.first_message_timeout",
+                self,
+            )?,
         })
     }
 
@@ -692,6 +771,23 @@ impl Validator<'_> {
                         .collect::<Result<_, _>>()?,
                 },
                 allow_missing_origin: r.allow_missing_origin.unwrap_or(true),
+                require_claims: r
+                    .require_claims
+                    .as_ref()
+                    .map(|m| m.get_ref().clone().into_iter().collect())
+                    .unwrap_or_default(),
+                forward_claims: match &r.forward_claims {
+                    None => Vec::new(),
+                    Some(m) => m
+                        .get_ref()
+                        .iter()
+                        .map(|(claim, header)| {
+                            let name = http::HeaderName::from_bytes(header.to_ascii_lowercase().as_bytes())
+                                .map_err(|_| self.err(m, "routes.forward_claims", format!("{claim:?}: not a valid header name")))?;
+                            Ok((claim.clone(), name))
+                        })
+                        .collect::<Result<_, ConfigError>>()?,
+                },
             });
         }
         Ok(routes)
@@ -842,6 +938,7 @@ mod raw {
         pub auth_failures_per_ip: Option<u32>,
         pub auth_failure_window: Option<HumanDuration>,
         pub auth_ban: Option<HumanDuration>,
+        pub max_connections_per_user: Option<u32>,
     }
 
     #[derive(Deserialize, Default)]
@@ -857,6 +954,13 @@ mod raw {
         pub required_claims: Option<Vec<String>>,
         pub token_sources: Option<Spanned<Vec<String>>>,
         pub close_on_expiry: Option<bool>,
+        pub public_key_files: Option<Spanned<Vec<PathBuf>>>,
+        pub jwks_file: Option<Spanned<PathBuf>>,
+        pub jwks_url: Option<Spanned<String>>,
+        pub jwks_refresh: Option<HumanDuration>,
+        pub jwks_ca: Option<Spanned<PathBuf>>,
+        pub revoked_jti_file: Option<Spanned<PathBuf>>,
+        pub first_message_timeout: Option<HumanDuration>,
     }
 
     #[derive(Deserialize)]
@@ -870,6 +974,8 @@ mod raw {
         pub upstream_ca: Option<Spanned<PathBuf>>,
         pub allowed_origins: Option<Spanned<Vec<String>>>,
         pub allow_missing_origin: Option<bool>,
+        pub require_claims: Option<Spanned<std::collections::BTreeMap<String, String>>>,
+        pub forward_claims: Option<Spanned<std::collections::BTreeMap<String, String>>>,
     }
 }
 

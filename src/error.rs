@@ -21,6 +21,8 @@ pub enum Reject {
     Origin,
     #[error("too many auth failures from this IP")]
     AuthBanned(Duration),
+    #[error("too many sessions for this user")]
+    UserConnLimit,
     #[error("global connection cap reached")]
     GlobalConnLimit,
     #[error("gateway is draining")]
@@ -68,6 +70,12 @@ pub enum AuthFailure {
     Algorithm,
     #[error("required claim missing")]
     MissingClaim,
+    #[error("unknown key id")]
+    UnknownKid,
+    #[error("claims do not grant this route")]
+    Forbidden,
+    #[error("token revoked")]
+    Revoked,
 }
 
 impl AuthFailure {
@@ -82,6 +90,9 @@ impl AuthFailure {
             AuthFailure::BadAudience => "bad_audience",
             AuthFailure::Algorithm => "algorithm",
             AuthFailure::MissingClaim => "missing_claim",
+            AuthFailure::UnknownKid => "unknown_kid",
+            AuthFailure::Forbidden => "forbidden",
+            AuthFailure::Revoked => "revoked",
         }
     }
 }
@@ -93,12 +104,13 @@ impl Reject {
         Some(match self {
             Reject::Firewall | Reject::RateLimited | Reject::IpConnLimit | Reject::TlsHandshake | Reject::HandshakeTimeout => return None,
             Reject::Origin => StatusCode::FORBIDDEN,
-            Reject::AuthBanned(_) => StatusCode::TOO_MANY_REQUESTS,
+            Reject::AuthBanned(_) | Reject::UserConnLimit => StatusCode::TOO_MANY_REQUESTS,
             Reject::GlobalConnLimit | Reject::Draining => StatusCode::SERVICE_UNAVAILABLE,
             Reject::BadRequest(_) => StatusCode::BAD_REQUEST,
             Reject::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Reject::UnsupportedVersion | Reject::NotUpgrade => StatusCode::UPGRADE_REQUIRED,
             Reject::NotFound => StatusCode::NOT_FOUND,
+            Reject::Auth(AuthFailure::Forbidden) => StatusCode::FORBIDDEN,
             Reject::Auth(_) => StatusCode::UNAUTHORIZED,
             Reject::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Reject::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -113,6 +125,7 @@ impl Reject {
             Reject::IpConnLimit => "ip_conn_limit",
             Reject::Origin => "origin",
             Reject::AuthBanned(_) => "auth_banned",
+            Reject::UserConnLimit => "user_conn_limit",
             Reject::GlobalConnLimit | Reject::Draining => "global_conn_limit",
             Reject::TlsHandshake => "tls_handshake",
             Reject::HandshakeTimeout => "handshake_timeout",
@@ -132,6 +145,7 @@ impl Reject {
             Reject::Firewall | Reject::RateLimited | Reject::IpConnLimit | Reject::TlsHandshake | Reject::HandshakeTimeout => "",
             Reject::Origin => "origin not allowed\n",
             Reject::AuthBanned(_) => "too many failed attempts\n",
+            Reject::UserConnLimit => "too many sessions for this user\n",
             Reject::BadRequest(_) => "bad websocket upgrade request\n",
             Reject::HeadTooLarge => "request head too large\n",
             Reject::UnsupportedVersion => "websocket version 13 required\n",
@@ -156,6 +170,7 @@ impl Reject {
         match self {
             Reject::GlobalConnLimit | Reject::Draining => Some(Duration::from_secs(1)),
             Reject::AuthBanned(left) => Some(*left),
+            Reject::UserConnLimit => Some(Duration::from_secs(5)),
             _ => None,
         }
     }
@@ -280,6 +295,7 @@ mod tests {
             (Reject::IpConnLimit, None, "ip_conn_limit"),
             (Reject::Origin, Some(403), "origin"),
             (Reject::AuthBanned(Duration::from_secs(5)), Some(429), "auth_banned"),
+            (Reject::UserConnLimit, Some(429), "user_conn_limit"),
             (Reject::GlobalConnLimit, Some(503), "global_conn_limit"),
             (Reject::Draining, Some(503), "global_conn_limit"),
             (Reject::TlsHandshake, None, "tls_handshake"),
@@ -290,6 +306,7 @@ mod tests {
             (Reject::NotUpgrade, Some(426), "bad_request"),
             (Reject::NotFound, Some(404), "not_found"),
             (Reject::Auth(AuthFailure::Expired), Some(401), "auth"),
+            (Reject::Auth(AuthFailure::Forbidden), Some(403), "auth"),
             (Reject::UpstreamUnavailable, Some(502), "upstream_unavailable"),
             (Reject::UpstreamTimeout, Some(504), "upstream_timeout"),
         ];

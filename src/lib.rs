@@ -20,6 +20,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod admit;
 pub mod auth;
 pub mod client;
 pub mod config;
@@ -28,6 +29,7 @@ pub mod echo;
 pub mod error;
 pub mod firewall;
 pub mod fsutil;
+pub mod keys;
 pub mod limits;
 pub mod logging;
 pub mod metrics;

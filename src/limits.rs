@@ -203,6 +203,53 @@ fn prune_failures(failures: &mut HashMap<IpKey, Failures>, s: &Settings, now: In
     failures.retain(|_, f| f.banned_until.is_some_and(|u| u > now) || now.duration_since(f.window_start) <= s.auth_failure_window);
 }
 
+/// Concurrent sessions per user (JWT `sub`); entries vanish with their last session.
+#[derive(Default)]
+pub struct UserSlots {
+    open: Mutex<HashMap<String, u32>>,
+}
+
+/// One user session slot; released on drop.
+pub struct UserSlot {
+    owner: Arc<UserSlots>,
+    sub: String,
+}
+
+impl UserSlots {
+    /// Take a slot for `sub`, or `None` when it already has `max` sessions.
+    pub fn acquire(self: &Arc<Self>, sub: &str, max: u32) -> Option<UserSlot> {
+        let mut open = lock(&self.open);
+        let n = open.entry(sub.to_string()).or_insert(0);
+        if *n >= max {
+            if *n == 0 {
+                open.remove(sub);
+            }
+            return None;
+        }
+        *n += 1;
+        Some(UserSlot {
+            owner: self.clone(),
+            sub: sub.to_string(),
+        })
+    }
+
+    pub fn tracked(&self) -> usize {
+        lock(&self.open).len()
+    }
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        let mut open = lock(&self.owner.open);
+        if let Some(n) = open.get_mut(&self.sub) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.sub);
+            }
+        }
+    }
+}
+
 /// A per-connection message-rate limiter (GCRA) for client → upstream traffic.
 /// Excess is delayed, never dropped: the relay stops reading until [`MessageRate::ready_at`].
 #[derive(Debug, Clone)]

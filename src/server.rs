@@ -5,7 +5,7 @@
 //! [`Running::shutdown`]. Everything loaded from one config lives in a [`Runtime`]
 //! behind an `ArcSwap`, so a reload can swap it without touching open sessions.
 
-use crate::auth::{Secret, Verifier, load_secret};
+use crate::auth::{Verifier, load_secret};
 use crate::config::{AuthMode, Config, ConfigError};
 use crate::metrics::Metrics;
 use arc_swap::ArcSwap;
@@ -50,15 +50,7 @@ impl Runtime {
         let tls = TlsAcceptor::from(crate::tls::server_config(&config, create_dev_files)?);
         let needs_jwt = config.routes.iter().any(|r| r.auth == AuthMode::Jwt);
         let verifier = if needs_jwt {
-            let generate_pending = matches!(&config.jwt.secret,
-                crate::config::SecretSource::File { path, generate_if_missing: true } if !create_dev_files && !path.value.exists());
-            // `check` before the first run: the secret will be generated; verify with a stand-in.
-            let secret: Secret = if generate_pending {
-                Secret::from(vec![0u8; 32])
-            } else {
-                load_secret(&config.jwt.secret, &config.origin, create_dev_files)?
-            };
-            Some(Verifier::new(&config.jwt, &secret))
+            Some(Verifier::load(&config.jwt, &config.origin, create_dev_files)?)
         } else {
             None
         };
@@ -92,6 +84,8 @@ pub struct Gateway {
     pub metrics: Metrics,
     /// Per-IP admission state (rates, concurrency, bans); kept across reloads.
     pub admission: Arc<crate::limits::Admission>,
+    /// Concurrent sessions per JWT `sub`.
+    pub users: Arc<crate::limits::UserSlots>,
     /// Cancelled when sessions must close (drain).
     pub sessions: CancellationToken,
     tracker: TaskTracker,
@@ -160,11 +154,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         runtime: ArcSwap::from_pointee(runtime),
         metrics,
         admission,
+        users: Arc::default(),
         sessions: CancellationToken::new(),
         tracker: TaskTracker::new(),
         open: AtomicUsize::new(0),
         draining: AtomicBool::new(false),
     });
+    start_jwks_refresh(&gateway.runtime()).await;
     let stop = CancellationToken::new();
     let task = tokio::spawn(serve(gateway.clone(), listeners, admin, stop.clone()));
     Ok(Running {
@@ -262,6 +258,32 @@ fn pre_tls_checks(gw: &Arc<Gateway>, rt: &Runtime, ip: std::net::IpAddr) -> Resu
         return Err(crate::error::Reject::Firewall);
     }
     gw.admission.admit(ip).map(Some)
+}
+
+/// Fetch the JWKS URL once now, then keep it fresh for as long as this runtime is in use.
+pub async fn start_jwks_refresh(rt: &Arc<Runtime>) {
+    let Some(v) = rt.verifier.as_ref().filter(|v| v.keys().has_remote()) else {
+        return;
+    };
+    let Some(every) = rt.config.jwt.jwks_url.as_ref().map(|u| u.refresh) else {
+        return;
+    };
+    match v.keys().refresh().await {
+        Ok(n) => tracing::info!(keys = n, "JWKS loaded"),
+        Err(e) => tracing::error!(error = %e, "JWKS fetch failed; tokens needing it are refused until a fetch succeeds"),
+    }
+    let weak = Arc::downgrade(rt);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            let Some(rt) = weak.upgrade() else { return };
+            if let Some(v) = &rt.verifier {
+                if let Err(e) = v.keys().refresh().await {
+                    tracing::warn!(error = %e, "JWKS refresh failed; keeping the last good key set");
+                }
+            }
+        }
+    });
 }
 
 /// Prune per-IP limiter state on a timer so it does not grow with distinct clients.

@@ -117,6 +117,12 @@ pub fn refusal(reject: &Reject) -> Response<Full<Bytes>> {
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     match reject {
+        Reject::Auth(crate::error::AuthFailure::Forbidden) => {
+            h.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer error=\"insufficient_scope\""),
+            );
+        }
         Reject::Auth(_) => {
             h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer error=\"invalid_token\""));
         }

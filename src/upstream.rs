@@ -83,6 +83,18 @@ pub struct ClientFacts<'a> {
     pub forward_token: Option<&'a str>,
     /// Token sources whose copies must be removed before the request goes upstream.
     pub token_sources: &'a [TokenSource],
+    /// The verified claims, and which of them go upstream as which header.
+    pub claims: Option<&'a serde_json::Map<String, serde_json::Value>>,
+    pub forward_claims: &'a [(String, HeaderName)],
+}
+
+/// Header names compared the way proxies and frameworks conflate them: case and `_`/`-`.
+fn same_header(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes().zip(b.bytes()).all(|(x, y)| {
+            let norm = |c: u8| if c == b'_' { b'-' } else { c.to_ascii_lowercase() };
+            norm(x) == norm(y)
+        })
 }
 
 /// Request headers that describe one hop, never forwarded (RFC 9110 7.6.1), plus the
@@ -153,10 +165,21 @@ pub fn build_request(url: &str, facts: &ClientFacts) -> Result<http::Request<()>
         if HOP_BY_HOP.contains(&n) || connection_named.iter().any(|c| c == n) || carries_token(n, facts.token_sources) {
             continue;
         }
+        // Identity headers come from the gateway only: a client's copy, in any spelling, is dropped.
+        if facts.forward_claims.iter().any(|(_, h)| same_header(h.as_str(), n)) {
+            continue;
+        }
         h.append(name.clone(), value.clone());
     }
     if facts.token_sources.iter().any(|s| matches!(s, TokenSource::Cookie(_))) {
         strip_token_cookies(h, facts);
+    }
+    if let Some(claims) = facts.claims {
+        for (claim, header) in facts.forward_claims {
+            if let Some(v) = claims.get(claim).and_then(crate::auth::claim_header_value) {
+                h.insert(header.clone(), v);
+            }
+        }
     }
     if let Some(token) = facts.forward_token {
         if let Ok(v) = HeaderValue::from_str(&format!("Bearer {token}")) {

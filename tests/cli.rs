@@ -76,7 +76,7 @@ fn token_prints_only_a_token_the_gateway_accepts() {
     assert_eq!(token.split('.').count(), 3);
     let cfg = wsgate::Config::load(&path).unwrap();
     let secret = wsgate::auth::load_secret(&cfg.jwt.secret, "t", false).unwrap();
-    let id = wsgate::auth::Verifier::new(&cfg.jwt, &secret).verify(token).unwrap();
+    let id = wsgate::auth::Verifier::new(&cfg.jwt, &secret).verify_now(token).unwrap();
     assert_eq!(id.sub.as_deref(), Some("carol"));
     assert_eq!(id.claims["scope"], "echo");
     assert_eq!(id.claims["iss"], "wsgate-test");

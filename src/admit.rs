@@ -1,0 +1,345 @@
+//! Stages 5–7 inside hyper's service: route, upgrade validation, Origin, auth,
+//! per-user cap, upstream connect. Also the `first_message` variant, where the client
+//! authenticates after the 101 and the upstream is connected only then.
+
+use crate::auth::{Identity, fingerprint};
+use crate::config::{AuthMode, ClientIpSource, Config, Route, TokenSource};
+use crate::conn::{Slot, lock};
+use crate::error::{AuthFailure, Reject};
+use crate::limits::{IpSlot, UserSlot};
+use crate::server::{Gateway, Runtime};
+use crate::upgrade;
+use crate::upstream::{self, ClientFacts, Connected};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{HeaderMap, Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use std::{
+    net::IpAddr,
+    sync::{Arc, Mutex},
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    time::Instant,
+};
+use tokio_tungstenite::{
+    WebSocketStream,
+    tungstenite::{
+        Message,
+        protocol::{CloseFrame, frame::coding::CloseCode},
+    },
+};
+
+/// A client admitted by the request stage, waiting for the 101 to be written.
+pub(crate) struct Admission {
+    pub(crate) route_index: usize,
+    /// `None` while the client still has to send its token as the first message.
+    pub(crate) upstream: Option<Connected>,
+    pub(crate) on_upgrade: hyper::upgrade::OnUpgrade,
+    pub(crate) identity: Option<Identity>,
+    pub(crate) pending: Option<PendingRequest>,
+    /// The per-IP slot of a client behind a trusted proxy, held for the session.
+    pub(crate) ip_slot: Option<IpSlot>,
+    pub(crate) user_slot: Option<UserSlot>,
+}
+
+/// What the upstream request needs when it is built after the 101 (`first_message`).
+pub(crate) struct PendingRequest {
+    path: String,
+    query: Option<String>,
+    headers: HeaderMap,
+    client_ip: IpAddr,
+    peer_ip: IpAddr,
+}
+
+/// What the request stage needs; shared with hyper's service closure.
+pub(crate) struct RequestCtx {
+    pub(crate) gw: Arc<Gateway>,
+    pub(crate) rt: Arc<Runtime>,
+    pub(crate) peer_ip: IpAddr,
+    pub(crate) over_cap: bool,
+    pub(crate) slot: Arc<Mutex<Slot>>,
+}
+
+impl RequestCtx {
+    /// hyper's service: answer the one request on this connection.
+    pub(crate) async fn answer(&self, mut req: Request<Incoming>) -> Response<Full<Bytes>> {
+        match self.admit(&mut req).await {
+            Ok((resp, admission)) => {
+                lock(&self.slot).result = Some(Ok(admission));
+                resp
+            }
+            Err(reject) => {
+                let resp = upgrade::refusal(&reject);
+                lock(&self.slot).result = Some(Err(reject));
+                resp
+            }
+        }
+    }
+
+    fn note(&self, f: impl FnOnce(&mut crate::conn::Info)) {
+        f(&mut lock(&self.slot).info)
+    }
+
+    /// Stages 5–7 in order; the first refusal wins.
+    async fn admit(&self, req: &mut Request<Incoming>) -> Result<(Response<Full<Bytes>>, Admission), Reject> {
+        let config: &Config = &self.rt.config;
+        let client_ip = client_ip(config, self.peer_ip, req.headers());
+        self.note(|i| i.client_ip = Some(client_ip));
+        if self.gw.is_draining() {
+            return Err(Reject::Draining);
+        }
+        if self.over_cap {
+            return Err(Reject::GlobalConnLimit);
+        }
+        let path = req.uri().path().to_string();
+        let query = req.uri().query().map(str::to_string);
+        let route_index = config.route_index(&path).ok_or(Reject::NotFound)?;
+        let route = &config.routes[route_index];
+        self.note(|i| i.route = Some(route.name.clone()));
+        let up = upgrade::validate(req)?;
+        upgrade::check_origin(route, req.headers())?;
+        if let Some(left) = self.gw.admission.banned(client_ip) {
+            return Err(Reject::AuthBanned(left));
+        }
+        let ip_slot = self.proxied_client_checks(client_ip)?;
+
+        let mut identity = None;
+        let mut token = None;
+        let mut user_slot = None;
+        if route.auth == AuthMode::Jwt {
+            let verifier = self.rt.verifier.as_ref().ok_or(Reject::Auth(AuthFailure::Missing))?;
+            match verifier.find_token(req.headers(), query.as_deref()) {
+                Some(found) => {
+                    self.note(|i| i.token_fingerprint = Some(fingerprint(&found.token)));
+                    let id = verifier.verify(&found.token).await.map_err(Reject::Auth)?;
+                    self.note(|i| i.sub = id.sub.clone());
+                    user_slot = authorize(&self.gw, config, route, &id)?;
+                    identity = Some(id);
+                    token = Some(found.token);
+                }
+                None if verifier.sources().contains(&TokenSource::FirstMessage) => {
+                    // Answer the 101 now; the token comes as the first message.
+                    let pending = PendingRequest {
+                        path,
+                        query,
+                        headers: req.headers().clone(),
+                        client_ip,
+                        peer_ip: self.peer_ip,
+                    };
+                    let on_upgrade = hyper::upgrade::on(req);
+                    let admission = Admission {
+                        route_index,
+                        upstream: None,
+                        on_upgrade,
+                        identity: None,
+                        pending: Some(pending),
+                        ip_slot,
+                        user_slot: None,
+                    };
+                    return Ok((upgrade::switching_protocols(&up, None), admission));
+                }
+                None => return Err(Reject::Auth(AuthFailure::Missing)),
+            }
+        }
+
+        let facts = facts(
+            &self.rt,
+            route,
+            client_ip,
+            self.peer_ip,
+            &path,
+            query.as_deref(),
+            req.headers(),
+            token.as_deref(),
+            identity.as_ref(),
+        );
+        let upstream = connect_upstream(&self.gw, &self.rt, route_index, &facts).await?;
+        let on_upgrade = hyper::upgrade::on(req);
+        let resp = upgrade::switching_protocols(&up, upstream.protocol.clone());
+        Ok((
+            resp,
+            Admission {
+                route_index,
+                upstream: Some(upstream),
+                on_upgrade,
+                identity,
+                pending: None,
+                ip_slot,
+                user_slot,
+            },
+        ))
+    }
+
+    /// Firewall and per-IP limits for a client identified by `X-Forwarded-For` behind a
+    /// trusted proxy (the TCP peer was checked before TLS in every other case).
+    fn proxied_client_checks(&self, client_ip: IpAddr) -> Result<Option<IpSlot>, Reject> {
+        if client_ip == self.peer_ip {
+            return Ok(None);
+        }
+        if !self.rt.config.firewall.allows(client_ip) {
+            return Err(Reject::Firewall);
+        }
+        self.gw.admission.admit(client_ip).map(Some)
+    }
+}
+
+/// Route claims and the per-user cap, after the token verified.
+fn authorize(gw: &Gateway, config: &Config, route: &Route, id: &Identity) -> Result<Option<UserSlot>, Reject> {
+    if !crate::auth::claims_grant(&route.require_claims, &id.claims) {
+        return Err(Reject::Auth(AuthFailure::Forbidden));
+    }
+    match &id.sub {
+        Some(sub) => gw
+            .users
+            .acquire(sub, config.limits.max_connections_per_user)
+            .map(Some)
+            .ok_or(Reject::UserConnLimit),
+        None => Ok(None),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn facts<'a>(
+    rt: &'a Runtime,
+    route: &'a Route,
+    client_ip: IpAddr,
+    peer_ip: IpAddr,
+    path: &'a str,
+    query: Option<&'a str>,
+    headers: &'a HeaderMap,
+    token: Option<&'a str>,
+    identity: Option<&'a Identity>,
+) -> ClientFacts<'a> {
+    let jwt = route.auth == AuthMode::Jwt;
+    ClientFacts {
+        ip: client_ip,
+        peer: peer_ip,
+        peer_trusted: is_trusted(&rt.config, peer_ip),
+        path,
+        query,
+        headers,
+        forward_token: token.filter(|_| route.forward_token),
+        token_sources: match &rt.verifier {
+            Some(v) if jwt => v.sources(),
+            _ => &[],
+        },
+        claims: identity.map(|i| &i.claims),
+        forward_claims: &route.forward_claims,
+    }
+}
+
+/// Try the route's upstreams round robin, each under `upstream_timeout`; the first
+/// that completes its handshake wins.
+async fn connect_upstream(gw: &Gateway, rt: &Runtime, route_index: usize, facts: &ClientFacts<'_>) -> Result<Connected, Reject> {
+    let route = &rt.config.routes[route_index];
+    let n = route.upstreams.len();
+    let start = rt.next_upstream[route_index].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut last = Reject::UpstreamUnavailable;
+    for i in 0..n {
+        let target = &route.upstreams[(start + i) % n];
+        let upstream_path = match target {
+            crate::config::Upstream::Remote { path, .. } => path.as_deref(),
+            crate::config::Upstream::BuiltinEcho => None,
+        };
+        let url = upstream::url_for(target, &upstream::upstream_path(route, upstream_path, facts));
+        let request = upstream::build_request(&url, facts)?;
+        let t0 = Instant::now();
+        let timeout = rt.config.server.upstream_timeout;
+        match upstream::connect(target, rt.connectors[route_index].as_ref(), request, rt.ws_config, timeout).await {
+            Ok(c) => {
+                gw.metrics.upstream_connect(&route.name, t0.elapsed().as_secs_f64());
+                return Ok(c);
+            }
+            Err(e) => {
+                tracing::warn!(route = %route.name, upstream = i, reason = e.label(), "upstream attempt failed");
+                last = e;
+            }
+        }
+    }
+    Err(last)
+}
+
+/// The `first_message` flow after the 101: wait for the token, verify it, then connect
+/// the upstream. Any failure closes the client with 1008 (auth) or 1011 (upstream).
+pub(crate) async fn first_message<S: AsyncRead + AsyncWrite + Unpin>(
+    gw: &Gateway,
+    rt: &Runtime,
+    route_index: usize,
+    client: &mut WebSocketStream<S>,
+    pending: PendingRequest,
+    slot: &Mutex<Slot>,
+) -> Result<(Connected, Option<Identity>, Option<UserSlot>), Reject> {
+    let route = &rt.config.routes[route_index];
+    let result = async {
+        let verifier = rt.verifier.as_ref().ok_or(Reject::Auth(AuthFailure::Missing))?;
+        let wait = rt.config.jwt.first_message_timeout;
+        let text = loop {
+            match tokio::time::timeout(wait, client.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => break t,
+                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+                _ => return Err(Reject::Auth(AuthFailure::Missing)),
+            }
+        };
+        let token = crate::auth::token_from_message(&text).ok_or(Reject::Auth(AuthFailure::Malformed))?;
+        lock(slot).info.token_fingerprint = Some(fingerprint(&token));
+        let id = verifier.verify(&token).await.map_err(Reject::Auth)?;
+        lock(slot).info.sub = id.sub.clone();
+        let user_slot = authorize(gw, &rt.config, route, &id)?;
+        let facts = facts(
+            rt,
+            route,
+            pending.client_ip,
+            pending.peer_ip,
+            &pending.path,
+            pending.query.as_deref(),
+            &pending.headers,
+            Some(&token),
+            Some(&id),
+        );
+        let upstream = connect_upstream(gw, rt, route_index, &facts).await?;
+        Ok((upstream, Some(id), user_slot))
+    }
+    .await;
+    if let Err(reject) = &result {
+        let (code, reason) = match reject {
+            Reject::UpstreamUnavailable | Reject::UpstreamTimeout => (CloseCode::Error, "upstream unavailable"),
+            Reject::UserConnLimit => (CloseCode::Policy, "too many sessions for this user"),
+            _ => (CloseCode::Policy, "authentication failed"),
+        };
+        let frame = CloseFrame {
+            code,
+            reason: reason.into(),
+        };
+        let _ = tokio::time::timeout(rt.config.server.close_timeout, async {
+            if client.send(Message::Close(Some(frame))).await.is_ok() {
+                while let Some(Ok(_)) = client.next().await {}
+            }
+        })
+        .await;
+    }
+    result
+}
+
+/// Whether the TCP peer is one of `trusted_proxies`.
+fn is_trusted(config: &Config, peer: IpAddr) -> bool {
+    config.server.trusted_proxies.iter().any(|n| n.contains(&peer))
+}
+
+/// The client's IP: the peer, or with `client_ip_source = "x_forwarded_for"` and a
+/// trusted peer, the right-most `X-Forwarded-For` address that is not a trusted proxy.
+fn client_ip(config: &Config, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+    if config.server.client_ip_source != ClientIpSource::XForwardedFor || !is_trusted(config, peer) {
+        return peer;
+    }
+    let hops: Vec<IpAddr> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|a| a.trim().parse::<IpAddr>().ok())
+        .map(|a| a.to_canonical())
+        .collect();
+    hops.into_iter().rev().find(|a| !is_trusted(config, *a)).unwrap_or(peer)
+}

@@ -1,0 +1,325 @@
+//! JWT verification keys: the HS* secret, PEM public keys, and JWKS from a file or an
+//! HTTPS URL (refreshed on a timer and on an unknown `kid`, rate-limited).
+//!
+//! Every key carries its algorithm family and is only ever tried with algorithms of
+//! that family: an RSA public key can never verify an HS256 token. Symmetric (`oct`)
+//! keys in a JWKS are ignored: a key set is public material.
+
+use crate::config::{ConfigError, Jwt, Located};
+use arc_swap::ArcSwap;
+use jsonwebtoken::{
+    Algorithm, DecodingKey,
+    jwk::{AlgorithmParameters, JwkSet, KeyAlgorithm},
+};
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+/// Largest JWKS document accepted.
+const MAX_JWKS_BYTES: usize = 1 << 20;
+/// Time allowed for one JWKS fetch.
+const JWKS_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Minimum time between two fetches triggered by unknown `kid`s.
+pub const JWKS_MIN_REFETCH: Duration = Duration::from_secs(10);
+
+/// One verification key.
+pub struct Key {
+    pub kid: Option<String>,
+    /// Algorithms this key may verify (all of its family, or the JWK's `alg`).
+    pub algorithms: Vec<Algorithm>,
+    pub key: DecodingKey,
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Key")
+            .field("kid", &self.kid)
+            .field("algorithms", &self.algorithms)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where a JWKS comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwksUrl {
+    pub url: http::Uri,
+    pub refresh: Duration,
+    /// Extra trust anchor for the identity provider (tests, private CAs).
+    pub ca: Option<Located<PathBuf>>,
+}
+
+/// All keys of one config.
+pub struct KeyStore {
+    fixed: Vec<Key>,
+    jwks: ArcSwap<Vec<Key>>,
+    remote: Option<Remote>,
+    has_jwks: bool,
+}
+
+struct Remote {
+    url: http::Uri,
+    tls: Arc<rustls::ClientConfig>,
+    last_fetch: Mutex<Option<Instant>>,
+    fetch_lock: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for KeyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyStore")
+            .field("fixed", &self.fixed.len())
+            .field("jwks", &self.jwks.load().len())
+            .finish()
+    }
+}
+
+fn family_algs(alg: Algorithm) -> Vec<Algorithm> {
+    alg.family().algorithms().to_vec()
+}
+
+/// Load a PEM public key, detecting RSA, EC or Ed25519.
+pub fn pem_key(data: &[u8]) -> Option<Key> {
+    let tries: [(fn(&[u8]) -> jsonwebtoken::errors::Result<DecodingKey>, Algorithm); 3] = [
+        (DecodingKey::from_rsa_pem, Algorithm::RS256),
+        (DecodingKey::from_ec_pem, Algorithm::ES256),
+        (DecodingKey::from_ed_pem, Algorithm::EdDSA),
+    ];
+    tries.iter().find_map(|(f, alg)| {
+        f(data).ok().map(|key| Key {
+            kid: None,
+            algorithms: family_algs(*alg),
+            key,
+        })
+    })
+}
+
+/// Keys of a JWKS document; keys that are symmetric, for encryption, or unparsable are skipped.
+pub fn jwks_keys(set: &JwkSet) -> Vec<Key> {
+    set.keys
+        .iter()
+        .filter_map(|jwk| {
+            let family_alg = match &jwk.algorithm {
+                AlgorithmParameters::RSA(_) => Algorithm::RS256,
+                AlgorithmParameters::EllipticCurve(_) => Algorithm::ES256,
+                AlgorithmParameters::OctetKeyPair(_) => Algorithm::EdDSA,
+                _ => return None,
+            };
+            if jwk
+                .common
+                .public_key_use
+                .as_ref()
+                .is_some_and(|u| !matches!(u, jsonwebtoken::jwk::PublicKeyUse::Signature))
+            {
+                return None;
+            }
+            let algorithms = match jwk.common.key_algorithm {
+                None => family_algs(family_alg),
+                Some(ka) => {
+                    let alg = key_alg(ka)?;
+                    if alg.family() != family_alg.family() {
+                        return None;
+                    }
+                    vec![alg]
+                }
+            };
+            let key = DecodingKey::from_jwk(jwk).ok()?;
+            Some(Key {
+                kid: jwk.common.key_id.clone(),
+                algorithms,
+                key,
+            })
+        })
+        .collect()
+}
+
+fn key_alg(ka: KeyAlgorithm) -> Option<Algorithm> {
+    Some(match ka {
+        KeyAlgorithm::RS256 => Algorithm::RS256,
+        KeyAlgorithm::RS384 => Algorithm::RS384,
+        KeyAlgorithm::RS512 => Algorithm::RS512,
+        KeyAlgorithm::PS256 => Algorithm::PS256,
+        KeyAlgorithm::PS384 => Algorithm::PS384,
+        KeyAlgorithm::PS512 => Algorithm::PS512,
+        KeyAlgorithm::ES256 => Algorithm::ES256,
+        KeyAlgorithm::ES384 => Algorithm::ES384,
+        KeyAlgorithm::EdDSA => Algorithm::EdDSA,
+        _ => return None,
+    })
+}
+
+/// Why a key lookup found nothing usable.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// A `kid` was given, a JWKS is configured, and no key has it.
+    UnknownKid,
+    /// No key of the token's algorithm family.
+    NoKey,
+}
+
+impl KeyStore {
+    /// Load keys from the `[jwt]` sources. `secret` is the HS* key, when HS* is allowed.
+    pub fn load(cfg: &Jwt, secret: Option<&crate::auth::Secret>, origin: &str) -> Result<KeyStore, ConfigError> {
+        let mut fixed = Vec::new();
+        if let Some(s) = secret {
+            let hs: Vec<Algorithm> = cfg
+                .algorithms
+                .iter()
+                .copied()
+                .filter(|a| a.family() == jsonwebtoken::AlgorithmFamily::Hmac)
+                .collect();
+            fixed.push(Key {
+                kid: None,
+                algorithms: hs,
+                key: DecodingKey::from_secret(s.bytes()),
+            });
+        }
+        for file in &cfg.public_key_files {
+            let data = std::fs::read(&file.value).map_err(|e| file.error(origin, format!("cannot read {}: {e}", file.value.display())))?;
+            let key = pem_key(&data).ok_or_else(|| {
+                file.error(
+                    origin,
+                    format!("{}: not an RSA, EC or Ed25519 public key in PEM", file.value.display()),
+                )
+            })?;
+            fixed.push(key);
+        }
+        let mut jwks = Vec::new();
+        if let Some(file) = &cfg.jwks_file {
+            let data = std::fs::read(&file.value).map_err(|e| file.error(origin, format!("cannot read {}: {e}", file.value.display())))?;
+            let set: JwkSet =
+                serde_json::from_slice(&data).map_err(|e| file.error(origin, format!("{}: not a JWKS: {e}", file.value.display())))?;
+            jwks.extend(jwks_keys(&set));
+        }
+        let remote = match &cfg.jwks_url {
+            None => None,
+            Some(u) => {
+                let tls = crate::tls::upstream_client_config(u.ca.as_ref(), origin)?;
+                Some(Remote {
+                    url: u.url.clone(),
+                    tls,
+                    last_fetch: Mutex::new(None),
+                    fetch_lock: tokio::sync::Mutex::new(()),
+                })
+            }
+        };
+        let has_jwks = cfg.jwks_file.is_some() || remote.is_some();
+        Ok(KeyStore {
+            fixed,
+            jwks: ArcSwap::from_pointee(jwks),
+            remote,
+            has_jwks,
+        })
+    }
+
+    /// Fetch the JWKS URL now (at start and on the refresh timer). On failure the
+    /// last good set stays in use.
+    pub async fn refresh(&self) -> Result<usize, String> {
+        let Some(remote) = &self.remote else { return Ok(0) };
+        let _one_at_a_time = remote.fetch_lock.lock().await;
+        *remote.last_fetch.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        let body = fetch(&remote.url, remote.tls.clone()).await?;
+        let set: JwkSet = serde_json::from_slice(&body).map_err(|e| format!("not a JWKS: {e}"))?;
+        let keys = jwks_keys(&set);
+        let n = keys.len();
+        self.jwks.store(Arc::new(keys));
+        Ok(n)
+    }
+
+    pub fn has_remote(&self) -> bool {
+        self.remote.is_some()
+    }
+
+    /// Try `f` on every key that may verify a token with `alg` and `kid`: the first
+    /// success wins, else the first error. `Err(Lookup)` when there is no such key.
+    pub fn try_keys<T, E>(
+        &self,
+        alg: Algorithm,
+        kid: Option<&str>,
+        mut f: impl FnMut(&DecodingKey) -> Result<T, E>,
+    ) -> Result<Result<T, E>, Lookup> {
+        let jwks = self.jwks.load();
+        let fixed = self.fixed.iter().filter(|k| k.algorithms.contains(&alg));
+        let from_jwks = jwks
+            .iter()
+            .filter(|k| k.algorithms.contains(&alg) && (kid.is_none() || k.kid.as_deref() == kid));
+        let mut first_err = None;
+        for key in fixed.chain(from_jwks) {
+            match f(&key.key) {
+                Ok(v) => return Ok(Ok(v)),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Ok(Err(e)),
+            None if kid.is_some() && self.has_jwks => Err(Lookup::UnknownKid),
+            None => Err(Lookup::NoKey),
+        }
+    }
+
+    /// Refetch on an unknown `kid`, at most once per [`JWKS_MIN_REFETCH`]. Returns
+    /// whether a fetch happened and succeeded.
+    pub async fn refetch_for_unknown_kid(&self) -> bool {
+        let Some(remote) = &self.remote else { return false };
+        {
+            let mut last = remote.last_fetch.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| t.elapsed() < JWKS_MIN_REFETCH) {
+                return false;
+            }
+            *last = Some(Instant::now());
+        }
+        match self.refresh().await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "JWKS refetch failed; keeping the last good key set");
+                false
+            }
+        }
+    }
+}
+
+/// GET an https URL with a bounded time and body size.
+pub async fn fetch(url: &http::Uri, tls: Arc<rustls::ClientConfig>) -> Result<Vec<u8>, String> {
+    use http_body_util::{BodyExt, Empty, Limited};
+    let work = async {
+        let host = url
+            .host()
+            .ok_or("URL has no host")?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = url.port_u16().unwrap_or(443);
+        let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let name = rustls_pki_types::ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
+        let stream = tokio_rustls::TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS: {e}"))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let path = url.path_and_query().map_or("/", |p| p.as_str());
+        let req = http::Request::get(path)
+            .header(http::header::HOST, url.authority().map_or(host.as_str(), |a| a.as_str()))
+            .header(http::header::ACCEPT, "application/json")
+            .body(Empty::<bytes::Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        if !resp.status().is_success() {
+            return Err(format!("HTTP {}", resp.status()));
+        }
+        let body = Limited::new(resp.into_body(), MAX_JWKS_BYTES)
+            .collect()
+            .await
+            .map_err(|e| format!("body: {e}"))?;
+        Ok(body.to_bytes().to_vec())
+    };
+    tokio::time::timeout(JWKS_FETCH_TIMEOUT, work)
+        .await
+        .map_err(|_| "timed out".to_string())?
+}
