@@ -349,7 +349,11 @@ impl Verifier {
 pub fn claims_grant(required: &[(String, String)], claims: &Map<String, Value>) -> bool {
     required.iter().all(|(name, want)| match claims.get(name) {
         Some(Value::String(s)) => s == want || s.split(' ').any(|p| p == want),
-        Some(Value::Array(items)) => items.iter().any(|i| i.as_str() == Some(want.as_str()) || i.to_string() == *want),
+        Some(Value::Array(items)) => items.iter().any(|i| match i {
+            Value::String(s) => s == want,
+            Value::Number(n) => n.to_string() == *want,
+            _ => false,
+        }),
         Some(Value::Bool(b)) => b.to_string() == *want,
         Some(Value::Number(n)) => n.to_string() == *want,
         _ => false,

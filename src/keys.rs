@@ -61,7 +61,8 @@ pub struct KeyStore {
 struct Remote {
     url: http::Uri,
     tls: Arc<rustls::ClientConfig>,
-    last_fetch: Mutex<Option<Instant>>,
+    /// When an unknown `kid` last caused a fetch (scheduled refreshes do not count).
+    last_kid_refetch: Mutex<Option<Instant>>,
     fetch_lock: tokio::sync::Mutex<()>,
 }
 
@@ -80,7 +81,8 @@ fn family_algs(alg: Algorithm) -> Vec<Algorithm> {
 
 /// Load a PEM public key, detecting RSA, EC or Ed25519.
 pub fn pem_key(data: &[u8]) -> Option<Key> {
-    let tries: [(fn(&[u8]) -> jsonwebtoken::errors::Result<DecodingKey>, Algorithm); 3] = [
+    type Parse = fn(&[u8]) -> jsonwebtoken::errors::Result<DecodingKey>;
+    let tries: [(Parse, Algorithm); 3] = [
         (DecodingKey::from_rsa_pem, Algorithm::RS256),
         (DecodingKey::from_ec_pem, Algorithm::ES256),
         (DecodingKey::from_ed_pem, Algorithm::EdDSA),
@@ -198,7 +200,7 @@ impl KeyStore {
                 Some(Remote {
                     url: u.url.clone(),
                     tls,
-                    last_fetch: Mutex::new(None),
+                    last_kid_refetch: Mutex::new(None),
                     fetch_lock: tokio::sync::Mutex::new(()),
                 })
             }
@@ -217,7 +219,6 @@ impl KeyStore {
     pub async fn refresh(&self) -> Result<usize, String> {
         let Some(remote) = &self.remote else { return Ok(0) };
         let _one_at_a_time = remote.fetch_lock.lock().await;
-        *remote.last_fetch.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         let body = fetch(&remote.url, remote.tls.clone()).await?;
         let set: JwkSet = serde_json::from_slice(&body).map_err(|e| format!("not a JWKS: {e}"))?;
         let keys = jwks_keys(&set);
@@ -264,7 +265,7 @@ impl KeyStore {
     pub async fn refetch_for_unknown_kid(&self) -> bool {
         let Some(remote) = &self.remote else { return false };
         {
-            let mut last = remote.last_fetch.lock().unwrap_or_else(|p| p.into_inner());
+            let mut last = remote.last_kid_refetch.lock().unwrap_or_else(|p| p.into_inner());
             if last.is_some_and(|t| t.elapsed() < JWKS_MIN_REFETCH) {
                 return false;
             }
