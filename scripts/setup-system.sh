@@ -1,13 +1,22 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the tests need, when they are missing (idempotent):
-#   prometheus  promtool checks the /metrics output
+# Installs the Debian packages the tests need, when they are missing (idempotent, quiet):
+#   prometheus  promtool: checks /metrics, deploy/wsgate.rules.yml (+ its unit tests) and the dashboard
+#               queries; prometheus: tests/python/test_prometheus.py scrapes a live gateway with it
 set -euo pipefail
 need=()
-command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+  need+=(prometheus)
+fi
 if ((${#need[@]})); then
   echo "setup-system: installing ${need[*]}" >&2
   sudo_cmd=()
   [[ $(id -u) -eq 0 ]] || sudo_cmd=(sudo)
   "${sudo_cmd[@]}" apt-get update -qq
   DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  # The package starts a system Prometheus on :9090 where systemd runs, which is also wsgate's
+  # default admin port; the tests start their own Prometheus, so stop the one we just installed.
+  if [[ -d /run/systemd/system ]] && systemctl is-active --quiet prometheus 2>/dev/null; then
+    echo "setup-system: stopping and disabling prometheus.service (it would hold port 9090)" >&2
+    "${sudo_cmd[@]}" systemctl disable --now --quiet prometheus
+  fi
 fi

@@ -10,7 +10,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
-step "Debian packages (promtool)"
+step "Debian packages (prometheus, promtool)"
 bash scripts/setup-system.sh
 
 step "Python environments (tests, Autobahn)"
