@@ -100,7 +100,7 @@ impl RequestCtx {
         self.note(|i| i.route = Some(route.name.clone()));
         let up = upgrade::validate(req)?;
         upgrade::check_origin(route, req.headers())?;
-        if let Some(left) = self.gw.admission.banned(client_ip) {
+        if let Some(left) = self.gw.admission().banned(client_ip) {
             return Err(Reject::AuthBanned(left));
         }
         let ip_slot = self.proxied_client_checks(client_ip)?;
@@ -181,7 +181,7 @@ impl RequestCtx {
         if !self.rt.config.firewall.allows(client_ip) {
             return Err(Reject::Firewall);
         }
-        self.gw.admission.admit(client_ip).map(Some)
+        self.gw.admission().admit(client_ip).map(Some)
     }
 }
 

@@ -175,7 +175,12 @@ pub struct Log {
     pub format: LogFormat,
     pub level: String,
     pub file: Option<PathBuf>,
+    /// Sessions open longer than this log a progress event at this interval.
+    pub progress_interval: Option<Duration>,
 }
+
+/// Default interval of the progress event for long sessions.
+pub const DEFAULT_PROGRESS_INTERVAL: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -478,6 +483,11 @@ impl Validator<'_> {
             format: raw.log.format.unwrap_or(LogFormat::Text),
             level: raw.log.level.unwrap_or_else(|| "info".into()),
             file: raw.log.file,
+            progress_interval: match raw.log.progress_interval.as_deref() {
+                None => Some(DEFAULT_PROGRESS_INTERVAL),
+                Some("off") => None,
+                Some(v) => Some(v.parse::<HumanDuration>().map_err(|m| self.err_key("log.progress_interval", m))?.0),
+            },
         };
         if tracing_subscriber::EnvFilter::try_new(&log.level).is_err() {
             return Err(self.err_key("log.level", "not a valid level or filter (try \"info\" or \"debug\")"));
@@ -921,6 +931,7 @@ mod raw {
         pub format: Option<LogFormat>,
         pub level: Option<String>,
         pub file: Option<PathBuf>,
+        pub progress_interval: Option<String>,
     }
 
     #[derive(Deserialize, Default)]

@@ -50,7 +50,7 @@ pub async fn handle(gw: Arc<Gateway>, rt: Arc<Runtime>, tcp: TcpStream, peer: So
         Err(reject) => {
             gw.metrics.rejected(reject.label());
             if let Reject::Auth(failure) = &reject {
-                gw.admission.auth_failed(client);
+                gw.admission().auth_failed(client);
                 gw.metrics.auth_failure(route, failure.label());
                 tracing::warn!(
                     peer = %client,
@@ -230,20 +230,52 @@ async fn relay_session(
     let deadline = expires_at
         .filter(|_| rt.config.jwt.close_on_expiry)
         .map(|exp| (expiry_instant(exp, rt.config.jwt.leeway), CloseReason::TokenExpired));
-    let outcome = relay::run(
-        &mut client_ws,
-        &mut upstream_ws,
-        &settings,
-        &session_metrics,
-        &gw.sessions,
+    let policy = SessionPolicy {
+        gw,
+        client_ip: lock(slot).info.client_ip,
+        jti: identity
+            .as_ref()
+            .and_then(|i| i.claims.get("jti"))
+            .and_then(|j| j.as_str())
+            .map(str::to_string),
+    };
+    let control = relay::Control {
+        shutdown: &gw.sessions,
+        drain_spread: s.shutdown_grace / 2,
         deadline,
-    )
-    .await;
+        policy: Some(&policy),
+        progress: rt.config.log.progress_interval,
+    };
+    let outcome = relay::run(&mut client_ws, &mut upstream_ws, &settings, &session_metrics, control).await;
     session_metrics.active.decrement(1.0);
     Ok(Done {
         outcome,
         duration: started.elapsed(),
     })
+}
+
+/// After a reload, a live session must still pass the firewall and its token must not be revoked.
+struct SessionPolicy<'a> {
+    gw: &'a Gateway,
+    client_ip: Option<IpAddr>,
+    jti: Option<String>,
+}
+
+impl relay::Policy for SessionPolicy<'_> {
+    fn generation(&self) -> tokio_util::sync::CancellationToken {
+        self.gw.generation()
+    }
+
+    fn check(&self) -> Option<CloseReason> {
+        let rt = self.gw.runtime();
+        if self.client_ip.is_some_and(|ip| !rt.config.firewall.allows(ip)) {
+            return Some(CloseReason::AccessRevoked);
+        }
+        if rt.verifier.as_ref().is_some_and(|v| v.is_revoked(self.jti.as_deref())) {
+            return Some(CloseReason::AccessRevoked);
+        }
+        None
+    }
 }
 
 /// The monotonic instant at which a token with `exp` (seconds since the epoch) expires, plus `leeway`.

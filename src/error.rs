@@ -225,6 +225,8 @@ pub enum CloseReason {
     TokenExpired,
     /// The client kept pushing beyond `message_rate` for `rate_abuse_timeout`.
     RateAbuse,
+    /// After a reload the client is denied by the firewall or its token is revoked.
+    AccessRevoked,
 }
 
 impl CloseReason {
@@ -242,7 +244,7 @@ impl CloseReason {
             CloseReason::UpstreamInvalidUtf8 => (Error, Invalid),
             CloseReason::UpstreamTooBig => (Size, Size),
             CloseReason::TokenExpired => (Library(4401), Library(4401)),
-            CloseReason::RateAbuse => (Policy, Policy),
+            CloseReason::RateAbuse | CloseReason::AccessRevoked => (Policy, Policy),
         }
     }
 
@@ -263,13 +265,14 @@ impl CloseReason {
             CloseReason::Internal => "gateway error",
             CloseReason::TokenExpired => "token expired",
             CloseReason::RateAbuse => "client exceeded the message rate",
+            CloseReason::AccessRevoked => "access revoked",
         }
     }
 
     /// The `wsgate_errors_total{kind}` label, or `None` for an orderly end.
     pub fn error_kind(self) -> Option<&'static str> {
         match self {
-            CloseReason::Shutdown | CloseReason::TokenExpired => None,
+            CloseReason::Shutdown | CloseReason::TokenExpired | CloseReason::AccessRevoked => None,
             CloseReason::IdleTimeout => Some("idle_timeout"),
             CloseReason::PingTimeout => Some("ping_timeout"),
             CloseReason::ClientProtocol | CloseReason::ClientInvalidUtf8 => Some("protocol"),
@@ -333,6 +336,7 @@ mod tests {
             (CloseReason::Internal, 1011, 1011, Some("internal")),
             (CloseReason::TokenExpired, 4401, 4401, None),
             (CloseReason::RateAbuse, 1008, 1008, Some("protocol")),
+            (CloseReason::AccessRevoked, 1008, 1008, None),
         ];
         for (r, c, u, kind) in rows {
             let (cc, uc) = r.codes();

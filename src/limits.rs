@@ -44,7 +44,7 @@ impl IpKey {
 }
 
 /// The `[limits]` values admission uses.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
     pub connection_rate: crate::units::Rate,
     pub connection_burst: u32,

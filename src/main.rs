@@ -128,11 +128,58 @@ async fn run(path: &std::path::Path, explicit_config: bool) -> u8 {
     if let Some(hint) = hint {
         tracing::info!("try it: {hint}");
     }
-    wait_for_signal().await;
+    serve_signals(&running, path).await;
     tracing::info!("shutdown requested");
     running.shutdown();
     running.wait().await;
     0
+}
+
+/// Until SIGTERM/SIGINT: SIGHUP reloads the config file.
+#[cfg(unix)]
+async fn serve_signals(running: &wsgate::Running, path: &std::path::Path) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        wait_for_signal().await;
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+            _ = hup.recv() => reload(running, path).await,
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn serve_signals(_: &wsgate::Running, _: &std::path::Path) {
+    wait_for_signal().await;
+}
+
+async fn reload(running: &wsgate::Running, path: &std::path::Path) {
+    tracing::info!(config = %path.display(), "reloading");
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            running.gateway.metrics.reload(false);
+            tracing::error!("reload failed, keeping the running config: {e}");
+            return;
+        }
+    };
+    match running.gateway.reload(config).await {
+        Ok(notes) => {
+            for n in notes {
+                tracing::warn!("reload: {n}");
+            }
+            tracing::info!("reloaded");
+        }
+        Err(e) => tracing::error!("reload failed, keeping the running config: {e}"),
+    }
 }
 
 #[cfg(unix)]

@@ -58,6 +58,28 @@ pub struct Settings {
     pub rate_abuse_timeout: Duration,
 }
 
+/// Re-checks a live session against the current configuration after a reload
+/// (firewall rules and revocations apply to open sessions too).
+pub trait Policy: Sync {
+    /// Cancelled when the configuration changes.
+    fn generation(&self) -> CancellationToken;
+    /// Why the session may no longer continue, if it may not.
+    fn check(&self) -> Option<CloseReason>;
+}
+
+/// What, besides the peers, can end a session.
+pub struct Control<'a> {
+    /// Cancelled on drain: the session closes with 1001 after a random part of `drain_spread`,
+    /// so clients do not all reconnect at the same instant.
+    pub shutdown: &'a CancellationToken,
+    pub drain_spread: Duration,
+    /// Token expiry.
+    pub deadline: Option<(Instant, CloseReason)>,
+    pub policy: Option<&'a dyn Policy>,
+    /// Log a progress event this often (bytes and messages so far).
+    pub progress: Option<Duration>,
+}
+
 /// How a session ended, for the access log and metrics.
 #[derive(Debug, Clone)]
 pub struct Outcome {
@@ -123,8 +145,7 @@ pub async fn run<C, U>(
     upstream: &mut WebSocketStream<U>,
     settings: &Settings,
     metrics: &SessionMetrics,
-    shutdown: &CancellationToken,
-    deadline: Option<(Instant, CloseReason)>,
+    control: Control<'_>,
 ) -> Outcome
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -150,13 +171,46 @@ where
     let mut last_activity = Instant::now();
     let mut idle = Box::pin(sleep_until(last_activity + settings.idle_timeout));
     let mut ping = Box::pin(sleep_until(last_activity + settings.ping_interval));
-    let mut expiry = deadline.map(|(at, reason)| (Box::pin(sleep_until(at)), reason));
-    let cancelled = shutdown.cancelled();
+    let mut expiry = control.deadline.map(|(at, reason)| (Box::pin(sleep_until(at)), reason));
+    let cancelled = control.shutdown.cancelled();
     tokio::pin!(cancelled);
+    let mut drain: Option<Pin<Box<Sleep>>> = None;
+    let mut generation = control.policy.map(|p| Box::pin(p.generation().cancelled_owned()));
+    let mut progress = control.progress.map(|every| Box::pin(sleep_until(Instant::now() + every)));
+    let started = Instant::now();
 
     let event = poll_fn(|cx| {
-        if cancelled.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Event::End(CloseReason::Shutdown));
+        if drain.is_none() && cancelled.as_mut().poll(cx).is_ready() {
+            drain = Some(Box::pin(sleep_until(Instant::now() + jitter(control.drain_spread))));
+        }
+        if let Some(d) = drain.as_mut() {
+            if d.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::End(CloseReason::Shutdown));
+            }
+        }
+        if let (Some(g), Some(policy)) = (generation.as_mut(), control.policy) {
+            if g.as_mut().poll(cx).is_ready() {
+                if let Some(reason) = policy.check() {
+                    return Poll::Ready(Event::End(reason));
+                }
+                let mut next = Box::pin(policy.generation().cancelled_owned());
+                let _ = next.as_mut().poll(cx);
+                *g = next;
+            }
+        }
+        if let (Some(p), Some(every)) = (progress.as_mut(), control.progress) {
+            if p.as_mut().poll(cx).is_ready() {
+                tracing::info!(
+                    duration_ms = started.elapsed().as_millis() as u64,
+                    bytes_in = relay.bytes[0],
+                    bytes_out = relay.bytes[1],
+                    messages_in = relay.counts[0],
+                    messages_out = relay.counts[1],
+                    "session progress"
+                );
+                p.as_mut().reset(Instant::now() + every);
+                let _ = p.as_mut().poll(cx);
+            }
         }
         if let Some((timer, reason)) = expiry.as_mut() {
             if timer.as_mut().poll(cx).is_ready() {
@@ -195,6 +249,15 @@ where
         messages: counts,
         bytes,
     }
+}
+
+/// A random duration in `[0, spread)`.
+fn jitter(spread: Duration) -> Duration {
+    let mut b = [0u8; 8];
+    if spread.is_zero() || aws_lc_rs::rand::fill(&mut b).is_err() {
+        return Duration::ZERO;
+    }
+    spread.mul_f64((u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64)
 }
 
 fn poll_sleep(s: &mut Pin<Box<Sleep>>, cx: &mut Context<'_>) -> bool {

@@ -82,8 +82,11 @@ impl Runtime {
 pub struct Gateway {
     runtime: ArcSwap<Runtime>,
     pub metrics: Metrics,
-    /// Per-IP admission state (rates, concurrency, bans); kept across reloads.
-    pub admission: Arc<crate::limits::Admission>,
+    /// Per-IP admission state (rates, concurrency, bans); kept across reloads unless
+    /// the `[limits]` that shape it change.
+    admission: ArcSwap<crate::limits::Admission>,
+    /// Cancelled and replaced on every successful reload; live sessions re-check then.
+    generation: ArcSwap<CancellationToken>,
     /// Concurrent sessions per JWT `sub`.
     pub users: Arc<crate::limits::UserSlots>,
     /// Cancelled when sessions must close (drain).
@@ -96,6 +99,54 @@ pub struct Gateway {
 impl Gateway {
     pub fn runtime(&self) -> Arc<Runtime> {
         self.runtime.load_full()
+    }
+
+    pub fn admission(&self) -> Arc<crate::limits::Admission> {
+        self.admission.load_full()
+    }
+
+    /// The current configuration generation (cancelled by the next reload).
+    pub fn generation(&self) -> CancellationToken {
+        (*self.generation.load_full()).clone()
+    }
+
+    /// Validate and load `config`, then swap it in atomically. Open sessions keep
+    /// running; they re-check firewall and revocations against the new config. An
+    /// invalid config changes nothing. Returns notes on what needs a restart.
+    pub async fn reload(&self, config: Config) -> Result<Vec<String>, ConfigError> {
+        let new = match Runtime::load(config, true) {
+            Ok(rt) => Arc::new(rt),
+            Err(e) => {
+                self.metrics.reload(false);
+                return Err(e);
+            }
+        };
+        let old = self.runtime();
+        let mut notes = Vec::new();
+        if new.config.server.listen != old.config.server.listen {
+            notes.push("server.listen changed: the old listeners stay until a restart".to_string());
+        }
+        if new.config.admin.listen != old.config.admin.listen {
+            notes.push("admin.listen changed: takes effect after a restart".to_string());
+        }
+        if new.config.log.format != old.config.log.format
+            || new.config.log.level != old.config.log.level
+            || new.config.log.file != old.config.log.file
+        {
+            notes.push("[log] changed: takes effect after a restart".to_string());
+        }
+        if new.config.limits.admission != old.config.limits.admission {
+            self.admission
+                .store(Arc::new(crate::limits::Admission::new(new.config.limits.admission.clone())));
+        }
+        for r in &new.config.routes {
+            self.metrics.register_route(&r.name);
+        }
+        start_jwks_refresh(&new).await;
+        self.runtime.store(new);
+        self.generation.swap(Arc::new(CancellationToken::new())).cancel();
+        self.metrics.reload(true);
+        Ok(notes)
     }
 
     pub fn is_draining(&self) -> bool {
@@ -153,7 +204,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let gateway = Arc::new(Gateway {
         runtime: ArcSwap::from_pointee(runtime),
         metrics,
-        admission,
+        admission: ArcSwap::new(admission),
+        generation: ArcSwap::from_pointee(CancellationToken::new()),
         users: Arc::default(),
         sessions: CancellationToken::new(),
         tracker: TaskTracker::new(),
@@ -257,7 +309,7 @@ fn pre_tls_checks(gw: &Arc<Gateway>, rt: &Runtime, ip: std::net::IpAddr) -> Resu
     if !rt.config.firewall.allows(ip) {
         return Err(crate::error::Reject::Firewall);
     }
-    gw.admission.admit(ip).map(Some)
+    gw.admission().admit(ip).map(Some)
 }
 
 /// Fetch the JWKS URL once now, then keep it fresh for as long as this runtime is in use.
@@ -293,7 +345,7 @@ async fn prune_loop(gw: Arc<Gateway>, stop: CancellationToken) {
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tick.tick() => gw.admission.prune(),
+            _ = tick.tick() => gw.admission().prune(),
         }
     }
 }

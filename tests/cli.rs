@@ -184,3 +184,56 @@ async fn run_serves_and_exits_0_on_sigterm() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[tokio::test]
+async fn sighup_reloads_and_a_bad_file_keeps_the_old_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), common::ECHO_ROUTE);
+    let original = std::fs::read_to_string(&path).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let port = wait_for_port(&mut child, "wss://");
+    let token = String::from_utf8(
+        Command::new(BIN)
+            .args(["token", "--sub", "hup", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let tls = wsgate::tls::cli_client_config(Some(&dir.path().join("server.crt")), false).unwrap();
+    let opts = |src: &str| wsgate::client::Options {
+        token: Some(token.trim().into()),
+        tls: Some(tls.clone()),
+        source: Some(src.parse().unwrap()),
+        ..Default::default()
+    };
+    let url = format!("wss://localhost:{port}/echo");
+    let pid = child.id().to_string();
+    let hup = || assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    let (mut live, _) = wsgate::client::connect(&url, &opts("127.0.0.33")).await.unwrap();
+    // A broken file: the gateway keeps running on the old config.
+    std::fs::write(&path, "[server\nbroken").unwrap();
+    hup();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(child.try_wait().unwrap().is_none(), "gateway died on a bad reload");
+    assert!(wsgate::client::connect(&url, &opts("127.0.0.31")).await.is_ok());
+    // A good file with a new deny rule: applies to new connections.
+    std::fs::write(&path, format!("[firewall]\ndeny = [\"127.0.0.31\"]\n{original}")).unwrap();
+    hup();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while wsgate::client::connect(&url, &opts("127.0.0.31")).await.is_ok() {
+        assert!(std::time::Instant::now() < deadline, "reload never applied");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(wsgate::client::connect(&url, &opts("127.0.0.32")).await.is_ok());
+    assert_eq!(common::roundtrip(&mut live, "survived two reloads").await, "survived two reloads");
+    child.kill().unwrap();
+    let _ = child.wait();
+}

@@ -34,7 +34,9 @@ def toml_str(value) -> str:
 
 
 def render_config(tmp: Path, *, auth: str = "none", jwt_extra: str = "", limits_extra: str = "",
-                  server_extra: str = "") -> str:
+                  server_extra: str = "", upstreams=("builtin:echo",), route_extra: str = "") -> str:
+    """The config of one route "echo" on /echo; `upstreams` and `route_extra` (TOML lines) shape that route."""
+    upstream_list = ", ".join(toml_str(u) for u in upstreams)
     return f"""\
 [server]
 listen = ["127.0.0.1:0"]
@@ -58,9 +60,9 @@ max_frame_size = "16MiB"
 [[routes]]
 name = "echo"
 path = "/echo"
-upstreams = ["builtin:echo"]
+upstreams = [{upstream_list}]
 auth = {toml_str(auth)}
-"""
+{route_extra}"""
 
 
 class Gateway:

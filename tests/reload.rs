@@ -1,0 +1,145 @@
+//! Reload in place: new config, certificates, firewall rules and revocations apply
+//! without dropping sessions; an invalid config changes nothing.
+
+mod common;
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::Message;
+
+async fn reload(gw: &Gw, text: &str) -> Result<Vec<String>, wsgate::config::ConfigError> {
+    let cfg = wsgate::Config::from_toml_str(text, "reload.toml")?;
+    gw.running.as_ref().unwrap().gateway.reload(cfg).await
+}
+
+#[tokio::test]
+async fn reload_under_traffic_loses_nothing_and_bad_config_changes_nothing() {
+    let gw = Gw::echo().await;
+    let text = config_text(gw.dir.path(), "", ECHO_ROUTE);
+    let ws = gw.connect("/echo").await;
+    let (mut tx, mut rx) = ws.split();
+    let n = 600;
+    let sender = tokio::spawn(async move {
+        for i in 0..n {
+            tx.send(Message::text(format!("{i}"))).await.unwrap();
+            if i % 50 == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        tx
+    });
+    let reader = tokio::spawn(async move {
+        for i in 0..n {
+            match tokio::time::timeout(TIMEOUT, rx.next()).await.expect("echo stalled") {
+                Some(Ok(Message::Text(t))) => assert_eq!(t.as_str(), i.to_string()),
+                other => panic!("{other:?}"),
+            }
+        }
+        rx
+    });
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let notes = reload(&gw, &text.replace("[server]", "[server]\nidle_timeout = \"9m\""))
+            .await
+            .unwrap();
+        assert!(notes.is_empty(), "{notes:?}");
+    }
+    let tx = sender.await.unwrap();
+    let rx = reader.await.unwrap();
+    gw.wait_metric(r#"wsgate_config_reloads_total{result="success"}"#, 5.0).await;
+    assert_eq!(
+        gw.running.as_ref().unwrap().gateway.runtime().config.server.idle_timeout,
+        Duration::from_secs(540)
+    );
+
+    // An invalid config is refused with its key and line, and nothing changes.
+    let err = reload(&gw, &text.replace("[server]", "[server]\nidle_timeout = \"forever\""))
+        .await
+        .unwrap_err();
+    assert_eq!(err.key, "server.idle_timeout");
+    assert!(err.line.is_some());
+    let missing_cert = text
+        .replace("server.crt", "missing.crt")
+        .replace("self_signed_if_missing = true", "self_signed_if_missing = false");
+    let err = reload(&gw, &missing_cert).await.unwrap_err();
+    assert_eq!(err.key, "tls.cert");
+    gw.wait_metric(r#"wsgate_config_reloads_total{result="failure"}"#, 1.0).await;
+    assert_eq!(
+        gw.running.as_ref().unwrap().gateway.runtime().config.server.idle_timeout,
+        Duration::from_secs(540)
+    );
+    let mut ws = tx.reunite(rx).unwrap();
+    assert_eq!(roundtrip(&mut ws, "still here").await, "still here");
+    let mut fresh = gw.connect("/echo").await;
+    assert_eq!(roundtrip(&mut fresh, "new session").await, "new session");
+    // A listener change is reported as needing a restart.
+    let notes = reload(&gw, &text.replace("127.0.0.1:0\"]", "127.0.0.1:1\"]")).await.unwrap();
+    assert!(notes.iter().any(|n| n.contains("server.listen")), "{notes:?}");
+}
+
+#[tokio::test]
+async fn renewed_certificate_is_served_to_the_next_client() {
+    let gw = Gw::echo().await;
+    let text = config_text(gw.dir.path(), "", ECHO_ROUTE);
+    let (cert, key) = (gw.dir.path().join("server.crt"), gw.dir.path().join("server.key"));
+    let old = std::fs::read_to_string(&cert).unwrap();
+    let mut before = gw.connect("/echo").await;
+    std::fs::remove_file(&cert).unwrap();
+    std::fs::remove_file(&key).unwrap();
+    wsgate::tls::write_self_signed(&cert, &key).unwrap();
+    let new = std::fs::read_to_string(&cert).unwrap();
+    assert_ne!(old, new);
+    reload(&gw, &text).await.unwrap();
+    // Only the new certificate is trusted by this client: the handshake proves which one is served.
+    let mut opts = gw.options(Some(gw.token("alice")));
+    opts.tls = Some(wsgate::tls::cli_client_config(Some(&cert), false).unwrap());
+    let (mut after, _) = wsgate::client::connect(&gw.url("/echo"), &opts).await.unwrap();
+    assert_eq!(roundtrip(&mut after, "new cert").await, "new cert");
+    assert_eq!(roundtrip(&mut before, "old session").await, "old session");
+}
+
+#[tokio::test]
+async fn new_firewall_rules_and_revocations_close_live_sessions_with_1008() {
+    let up = upstream(Behaviour::Echo).await;
+    let revoked = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(revoked.path(), "# none yet\n").unwrap();
+    let rest = route("app", "/app", &up.url(), "jwt");
+    let gw = Gw::start_with("", &rest, |t| {
+        t.replace(
+            "audience = [\"wsgate\"]",
+            &format!("audience = [\"wsgate\"]\nrevoked_jti_file = \"{}\"", revoked.path().display()),
+        )
+    })
+    .await;
+    let text = config_text(gw.dir.path(), "", &rest).replace(
+        "audience = [\"wsgate\"]",
+        &format!("audience = [\"wsgate\"]\nrevoked_jti_file = \"{}\"", revoked.path().display()),
+    );
+    let token_with_jti = |sub: &str, jti: &str| gw.token_with(sub, Duration::from_secs(600), &[("jti", jti)]);
+    let connect = |src: &str, token: String| {
+        let mut o = gw.options(Some(token));
+        o.source = Some(src.parse().unwrap());
+        let url = gw.url("/app");
+        async move { wsgate::client::connect(&url, &o).await.map(|(ws, _)| ws) }
+    };
+    let mut denied = connect("127.0.0.21", token_with_jti("a", "j-a")).await.unwrap();
+    let mut stolen = connect("127.0.0.22", token_with_jti("b", "j-stolen")).await.unwrap();
+    let mut fine = connect("127.0.0.23", token_with_jti("c", "j-c")).await.unwrap();
+    for ws in [&mut denied, &mut stolen, &mut fine] {
+        assert_eq!(roundtrip(ws, "before").await, "before");
+    }
+    std::fs::write(revoked.path(), "j-stolen\n").unwrap();
+    reload(&gw, &format!("[firewall]\ndeny = [\"127.0.0.21\"]\n{text}")).await.unwrap();
+    assert_eq!(close_code(&mut denied).await, (1008, "access revoked".into()));
+    assert_eq!(close_code(&mut stolen).await, (1008, "access revoked".into()));
+    assert_eq!(roundtrip(&mut fine, "after").await, "after");
+    // New connections: the denied IP is cut before TLS; the revoked token gets 401.
+    assert!(connect("127.0.0.21", token_with_jti("a", "j-a2")).await.is_err());
+    assert!(
+        matches!(connect("127.0.0.24", token_with_jti("b", "j-stolen")).await, Err(tokio_tungstenite::tungstenite::Error::Http(r)) if r.status() == 401)
+    );
+    gw.wait_metric(r#"wsgate_auth_failures_total{route="app",reason="revoked"}"#, 1.0)
+        .await;
+    gw.wait_metric(r#"wsgate_closes_total{route="app",code="1008",initiator="gateway"}"#, 2.0)
+        .await;
+}
