@@ -52,6 +52,11 @@ fn answer(gw: &Gateway, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         (&Method::GET, "/metrics") => (StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", gw.metrics.render()),
         (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", "ok\n".to_string()),
         (&Method::GET, "/readyz") if gw.is_draining() => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n".to_string()),
+        (&Method::GET, "/readyz") if !gw.is_ready() => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "no reachable upstream for a route\n".to_string(),
+        ),
         (&Method::GET, "/readyz") => (StatusCode::OK, "text/plain", "ready\n".to_string()),
         (&Method::GET, _) => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_string()),
         _ => (StatusCode::METHOD_NOT_ALLOWED, "text/plain", "method not allowed\n".to_string()),

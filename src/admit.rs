@@ -238,7 +238,12 @@ async fn connect_upstream(gw: &Gateway, rt: &Runtime, route_index: usize, facts:
     let start = rt.next_upstream[route_index].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut last = Reject::UpstreamUnavailable;
     for i in 0..n {
-        let target = &route.upstreams[(start + i) % n];
+        let idx = (start + i) % n;
+        let health = &rt.health[route_index][idx];
+        if health.is_down() {
+            continue; // in back-off after repeated failures
+        }
+        let target = &route.upstreams[idx];
         let upstream_path = match target {
             crate::config::Upstream::Remote { path, .. } => path.as_deref(),
             crate::config::Upstream::BuiltinEcho => None,
@@ -249,11 +254,13 @@ async fn connect_upstream(gw: &Gateway, rt: &Runtime, route_index: usize, facts:
         let timeout = rt.config.server.upstream_timeout;
         match upstream::connect(target, rt.connectors[route_index].as_ref(), request, rt.ws_config, timeout).await {
             Ok(c) => {
+                health.succeeded();
                 gw.metrics.upstream_connect(&route.name, t0.elapsed().as_secs_f64());
                 return Ok(c);
             }
             Err(e) => {
-                tracing::warn!(route = %route.name, upstream = i, reason = e.label(), "upstream attempt failed");
+                health.failed();
+                tracing::warn!(route = %route.name, upstream = idx, reason = e.label(), "upstream attempt failed");
                 last = e;
             }
         }

@@ -486,7 +486,13 @@ impl Validator<'_> {
             progress_interval: match raw.log.progress_interval.as_deref() {
                 None => Some(DEFAULT_PROGRESS_INTERVAL),
                 Some("off") => None,
-                Some(v) => Some(v.parse::<HumanDuration>().map_err(|m| self.err_key("log.progress_interval", m))?.0),
+                Some(v) => {
+                    let d = v.parse::<HumanDuration>().map_err(|m| self.err_key("log.progress_interval", m))?.0;
+                    if d < Duration::from_secs(1) {
+                        return Err(self.err_key("log.progress_interval", "must be at least 1s, or \"off\""));
+                    }
+                    Some(d)
+                }
             },
         };
         if tracing_subscriber::EnvFilter::try_new(&log.level).is_err() {

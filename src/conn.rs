@@ -246,7 +246,20 @@ async fn relay_session(
         policy: Some(&policy),
         progress: rt.config.log.progress_interval,
     };
-    let outcome = relay::run(&mut client_ws, &mut upstream_ws, &settings, &session_metrics, control).await;
+    let span = {
+        let info = &lock(slot).info;
+        tracing::info_span!(
+            "session",
+            peer = %info.client_ip.map_or_else(|| "-".to_string(), |i| i.to_string()),
+            route = %route.name,
+            sub = %info.sub.as_deref().map(escape).unwrap_or_else(|| "-".into()),
+        )
+    };
+    let outcome = tracing::Instrument::instrument(
+        relay::run(&mut client_ws, &mut upstream_ws, &settings, &session_metrics, control),
+        span,
+    )
+    .await;
     session_metrics.active.decrement(1.0);
     Ok(Done {
         outcome,

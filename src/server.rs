@@ -40,6 +40,8 @@ pub struct Runtime {
     pub connectors: Vec<Option<tokio_rustls::TlsConnector>>,
     /// Round-robin position, by route index.
     pub next_upstream: Vec<AtomicUsize>,
+    /// Passive health, by route index and upstream index.
+    pub health: Vec<Vec<crate::upstream::Health>>,
     pub ws_config: WebSocketConfig,
 }
 
@@ -60,6 +62,11 @@ impl Runtime {
             .map(|r| crate::upstream::connector(r, &config.origin))
             .collect::<Result<_, _>>()?;
         let next_upstream = config.routes.iter().map(|_| AtomicUsize::new(0)).collect();
+        let health = config
+            .routes
+            .iter()
+            .map(|r| r.upstreams.iter().map(|_| Default::default()).collect())
+            .collect();
         let l = &config.limits;
         let ws_config = WebSocketConfig::default()
             .read_buffer_size(WS_READ_BUFFER)
@@ -73,6 +80,7 @@ impl Runtime {
             verifier,
             connectors,
             next_upstream,
+            health,
             ws_config,
         })
     }
@@ -147,6 +155,11 @@ impl Gateway {
         self.generation.swap(Arc::new(CancellationToken::new())).cancel();
         self.metrics.reload(true);
         Ok(notes)
+    }
+
+    /// Ready to serve: not draining, and every route has an upstream not in back-off.
+    pub fn is_ready(&self) -> bool {
+        !self.is_draining() && self.runtime().health.iter().all(|route| route.iter().any(|h| !h.is_down()))
     }
 
     pub fn is_draining(&self) -> bool {
@@ -389,9 +402,18 @@ pub fn warnings(config: &Config) -> Vec<String> {
         w.push("jwt.leeway is over 5 minutes".to_string());
     }
     let public = config.server.listen.iter().any(|a| !a.ip().is_loopback());
+    if public && config.firewall.default == crate::firewall::Default_::Allow && !config.firewall.has_deny_rules() {
+        w.push("firewall default = \"allow\" with no deny rules on a public listener".to_string());
+    }
     for r in &config.routes {
         if r.auth == AuthMode::None && public {
             w.push(format!("route {:?} has auth = \"none\" on a public listener", r.name));
+        }
+        if r.allowed_origins.iter().any(|o| o == "*") {
+            w.push(format!(
+                "route {:?} has allowed_origins = [\"*\"]: any web page may open sockets",
+                r.name
+            ));
         }
     }
     w

@@ -237,3 +237,109 @@ async fn sighup_reloads_and_a_bad_file_keeps_the_old_config() {
     child.kill().unwrap();
     let _ = child.wait();
 }
+
+#[test]
+fn check_warns_about_insecure_settings_and_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("short.secret");
+    std::fs::write(&secret, "tooshort\n").unwrap();
+    let text = format!(
+        "[server]\nlisten = [\"0.0.0.0:0\"]\n[admin]\nlisten = \"0.0.0.0:0\"\n[tls]\ncert = \"{d}/c.pem\"\nkey = \"{d}/k.pem\"\nself_signed_if_missing = true\n\
+         [jwt]\nsecret_file = \"{s}\"\nleeway = \"10m\"\n[[routes]]\nname = \"open\"\npath = \"/open\"\nupstreams = [\"builtin:echo\"]\nauth = \"none\"\nallowed_origins = [\"*\"]\n\
+         [[routes]]\nname = \"jwt\"\npath = \"/jwt\"\nupstreams = [\"builtin:echo\"]\n",
+        d = dir.path().display(),
+        s = secret.display()
+    );
+    let path = dir.path().join("insecure.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(BIN).args(["check", "--config"]).arg(&path).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    for w in [
+        "self_signed_if_missing",
+        "jwt secret is 8 bytes",
+        "admin.listen",
+        "leeway",
+        "auth = \"none\"",
+        "allowed_origins = [\"*\"]",
+        "firewall default",
+    ] {
+        assert!(stdout.contains(w), "missing warning {w:?}:\n{stdout}");
+    }
+    assert!(!stdout.contains("tooshort"));
+    assert!(!dir.path().join("c.pem").exists(), "check must not write files");
+}
+
+#[tokio::test]
+async fn long_sessions_log_progress_and_logs_never_hold_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("gw.log");
+    let text = common::config_text(dir.path(), "", common::ECHO_ROUTE).replace(
+        "level = \"warn\"",
+        &format!(
+            "level = \"info\"\nformat = \"json\"\nfile = \"{}\"\nprogress_interval = \"1s\"",
+            log.display()
+        ),
+    );
+    let path = dir.path().join("gw.toml");
+    std::fs::write(&path, text).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .env_remove("RUST_LOG")
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let port: u16 = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(rest) = text.split("wss://127.0.0.1:").nth(1) {
+            break rest.chars().take_while(char::is_ascii_digit).collect::<String>().parse().unwrap();
+        }
+        assert!(std::time::Instant::now() < deadline, "no listen line in {}", log.display());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let token = String::from_utf8(
+        Command::new(BIN)
+            .args(["token", "--sub", "longrunner", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let token = token.trim().to_string();
+    let tls = wsgate::tls::cli_client_config(Some(&dir.path().join("server.crt")), false).unwrap();
+    let opts = wsgate::client::Options {
+        token: Some(token.clone()),
+        tls: Some(tls.clone()),
+        ..Default::default()
+    };
+    let (mut ws, _) = wsgate::client::connect(&format!("wss://localhost:{port}/echo"), &opts)
+        .await
+        .unwrap();
+    assert_eq!(common::roundtrip(&mut ws, "tick").await, "tick");
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    // A failed attempt with a token in the query string.
+    let bad = wsgate::client::Options {
+        tls: Some(tls),
+        ..Default::default()
+    };
+    let _ = wsgate::client::connect(&format!("wss://localhost:{port}/echo?access_token={token}x"), &bad).await;
+    ws.close(None).await.unwrap();
+    let _ = common::close_code(&mut ws).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    child.kill().unwrap();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let progress: Vec<&str> = text.lines().filter(|l| l.contains("session progress")).collect();
+    assert!(progress.len() >= 2, "{text}");
+    for line in &progress {
+        let v: serde_json::Value = serde_json::from_str(line).expect("JSON log line");
+        assert_eq!(v["fields"]["bytes_in"], 4, "{line}");
+        assert_eq!(v["span"]["route"], "echo", "{line}");
+    }
+    assert!(text.contains("\"sub\":\"longrunner\""), "{text}");
+    assert!(text.contains("authentication failed"), "{text}");
+    assert!(!text.contains(&token[..40]), "a token reached the log");
+    assert!(!text.contains('\u{1b}'), "ANSI colours in a log file");
+}

@@ -340,3 +340,34 @@ async fn shutdown_closes_sessions_with_1001_and_readyz_turns_503() {
     assert_eq!(up.log.lock().unwrap().closes.first().cloned().flatten().map(|c| c.0), Some(1001));
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn drain_spreads_the_1001_closes_over_the_grace() {
+    let gw = Gw::start("shutdown_grace = \"2s\"", ECHO_ROUTE).await;
+    let mut sessions = Vec::new();
+    for _ in 0..8 {
+        sessions.push(gw.connect("/echo").await);
+    }
+    let t0 = std::time::Instant::now();
+    gw.running.as_ref().unwrap().shutdown();
+    let mut times = Vec::new();
+    for mut ws in sessions {
+        times.push(tokio::spawn(async move {
+            let code = close_code(&mut ws).await.0;
+            (code, std::time::Instant::now())
+        }));
+    }
+    let mut arrivals = Vec::new();
+    for t in times {
+        let (code, at) = t.await.unwrap();
+        assert_eq!(code, 1001);
+        arrivals.push(at.duration_since(t0));
+    }
+    arrivals.sort();
+    assert!(arrivals[7] < Duration::from_millis(1500), "{arrivals:?}");
+    assert!(
+        arrivals[7] - arrivals[0] > Duration::from_millis(100),
+        "all closed at once: {arrivals:?}"
+    );
+    gw.stop().await;
+}
