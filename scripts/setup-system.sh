@@ -2,10 +2,15 @@
 # Installs the Debian packages the tests need, when they are missing (idempotent, quiet):
 #   prometheus  promtool: checks /metrics, deploy/wsgate.rules.yml (+ its unit tests) and the dashboard
 #               queries; prometheus: tests/python/test_prometheus.py scrapes a live gateway with it
+#   chromium    headless browser for tests/python/test_browser.py (WebSocket from a real page: Origin,
+#               `bearer.<token>` subprotocol, the upstream's chosen protocol)
 set -euo pipefail
 need=()
 if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
   need+=(prometheus)
+fi
+if [[ ! -x /usr/bin/chromium ]]; then
+  need+=(chromium)
 fi
 if ((${#need[@]})); then
   echo "setup-system: installing ${need[*]}" >&2

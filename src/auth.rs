@@ -282,6 +282,8 @@ impl Verifier {
             | ErrorKind::MissingAlgorithm
             | ErrorKind::InvalidAlgorithmName
             | ErrorKind::UnsupportedAlgorithm => AuthFailure::Algorithm,
+            // jsonwebtoken reports a registered claim of the wrong type (`"exp": "123"`) as missing.
+            ErrorKind::MissingRequiredClaim(c) if payload_has(token, c) => AuthFailure::Malformed,
             ErrorKind::MissingRequiredClaim(_) => AuthFailure::MissingClaim,
             _ => AuthFailure::Malformed,
         })?;
@@ -342,6 +344,16 @@ impl Verifier {
         };
         Ok((alg, kid))
     }
+}
+
+/// Whether the token's payload holds `claim` at all (whatever its type).
+fn payload_has(token: &str, claim: &str) -> bool {
+    token
+        .split('.')
+        .nth(1)
+        .and_then(|p| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(p).ok())
+        .and_then(|raw| serde_json::from_slice::<Map<String, Value>>(&raw).ok())
+        .is_some_and(|m| m.contains_key(claim))
 }
 
 /// Check a route's `require_claims`: equality, or membership for arrays and

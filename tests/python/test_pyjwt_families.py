@@ -266,11 +266,8 @@ def test_string_exp_is_refused(env):
     assert sum(after.values()) - sum(before.values()) == 1
 
 
-# Known gateway discrepancy (reported, not worked around): with "exp" in required_claims (the
-# default), jsonwebtoken treats an exp it cannot parse as a number as absent, so the gateway counts
-# reason="missing_claim" although the claim is present but has the wrong type. With "exp" not
-# required the gateway's own check labels the same token "malformed". Strict: passes once fixed.
-@pytest.mark.xfail(strict=True, reason="gateway labels a string exp missing_claim, not malformed")
+# jsonwebtoken reports a registered claim of the wrong type as missing; the gateway tells the two
+# apart and labels a present-but-string exp "malformed".
 def test_string_exp_reason_is_malformed(env):
     assert_rejected(env, string_exp_token(env), "malformed")
 
