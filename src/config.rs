@@ -139,6 +139,7 @@ pub struct Server {
 #[serde(rename_all = "snake_case")]
 pub enum ClientIpSource {
     Peer,
+    ProxyProtocol,
     XForwardedFor,
 }
 
@@ -461,6 +462,9 @@ impl Validator<'_> {
             trusted_proxies: s.trusted_proxies.into_iter().map(|n| n.trunc()).collect(),
             client_ip_source: s.client_ip_source.unwrap_or(ClientIpSource::Peer),
         };
+        if server.client_ip_source != ClientIpSource::Peer && server.trusted_proxies.is_empty() {
+            return Err(self.err_key("server.client_ip_source", "needs server.trusted_proxies"));
+        }
 
         let t = raw.tls;
         let tls = Tls {

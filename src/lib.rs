@@ -5,7 +5,7 @@
 //!
 //! | # | stage | module |
 //! |---|-------|--------|
-//! | 1 | accept, global cap | [`server`] |
+//! | 1 | accept, global cap; client address from PROXY protocol v1/v2 | [`server`], [`proxy_protocol`] |
 //! | 2–3 | firewall, per-IP rate and concurrency limits (before TLS) | [`firewall`], [`limits`] |
 //! | 4 | TLS handshake under `handshake_timeout` | [`tls`], [`conn`] |
 //! | 5 | upgrade request: head read by hyper with size/time bounds, route, validate | [`upgrade`], [`conn`] |
@@ -33,6 +33,7 @@ pub mod keys;
 pub mod limits;
 pub mod logging;
 pub mod metrics;
+pub mod proxy_protocol;
 pub mod relay;
 pub mod server;
 pub mod tls;

@@ -293,6 +293,28 @@ async fn accept_loop(gw: Arc<Gateway>, listener: TcpListener, stop: Cancellation
             drop(guard);
             continue;
         }
+        let _ = tcp.set_nodelay(true);
+        let over_cap = open > cap;
+        if rt.config.server.client_ip_source == crate::config::ClientIpSource::ProxyProtocol {
+            // The client address comes from the PROXY header, read in the connection's own task.
+            if !rt
+                .config
+                .server
+                .trusted_proxies
+                .iter()
+                .any(|n| n.contains(&peer.ip().to_canonical()))
+            {
+                gw.metrics.rejected("firewall");
+                tracing::info!(peer = %peer.ip().to_canonical(), reason = "firewall", "rejected: PROXY header from an untrusted peer");
+                continue;
+            }
+            let gw2 = gw.clone();
+            gw.tracker.spawn(async move {
+                let _guard = guard;
+                proxied(gw2, rt, tcp, peer, accepted, over_cap).await;
+            });
+            continue;
+        }
         // Cheap checks before any TLS work: firewall, then per-IP rate and concurrency.
         let slot = match pre_tls_checks(&gw, &rt, peer.ip().to_canonical()) {
             Ok(slot) => slot,
@@ -302,14 +324,51 @@ async fn accept_loop(gw: Arc<Gateway>, listener: TcpListener, stop: Cancellation
                 continue;
             }
         };
-        let _ = tcp.set_nodelay(true);
-        let over_cap = open > cap;
         let gw2 = gw.clone();
         gw.tracker.spawn(async move {
             let _guard = (guard, slot);
             crate::conn::handle(gw2, rt, tcp, peer, accepted, over_cap).await;
         });
     }
+}
+
+/// A connection from a trusted L4 proxy: read its PROXY header (within the handshake
+/// timeout), then run the cheap checks on the client it names, then the usual stages.
+async fn proxied(gw: Arc<Gateway>, rt: Arc<Runtime>, mut tcp: tokio::net::TcpStream, peer: SocketAddr, accepted: Instant, over_cap: bool) {
+    let deadline = accepted + rt.config.server.handshake_timeout;
+    let client = match tokio::time::timeout_at(deadline, crate::proxy_protocol::read_header(&mut tcp)).await {
+        Ok(Ok(addr)) => addr.map(|a| SocketAddr::new(a.ip().to_canonical(), a.port())).unwrap_or(peer),
+        Ok(Err(e)) => {
+            gw.metrics.rejected("bad_request");
+            tracing::info!(peer = %peer.ip(), reason = "bad_request", detail = %e, "rejected");
+            return;
+        }
+        Err(_) => {
+            gw.metrics.rejected("handshake_timeout");
+            tracing::info!(peer = %peer.ip(), reason = "handshake_timeout", "rejected: no PROXY header in time");
+            return;
+        }
+    };
+    let slot = if client.ip() == peer.ip().to_canonical() {
+        None
+    } else {
+        let ip = client.ip();
+        let check = if rt.config.firewall.allows(ip) {
+            gw.admission().admit(ip).map(Some)
+        } else {
+            Err(crate::error::Reject::Firewall)
+        };
+        match check {
+            Ok(s) => s,
+            Err(reject) => {
+                gw.metrics.rejected(reject.label());
+                tracing::info!(peer = %ip, reason = reject.label(), "rejected");
+                return;
+            }
+        }
+    };
+    let _slot = slot;
+    crate::conn::handle(gw, rt, tcp, client, accepted, over_cap).await;
 }
 
 /// Firewall and per-IP limits on the TCP peer. A trusted proxy whose clients are

@@ -293,3 +293,67 @@ fn limiter_state_stays_bounded_under_many_distinct_clients() {
     assert!(rate < 100, "rate limiter still tracks {rate} keys");
     assert_eq!((open, fails), (0, 0));
 }
+
+/// Connect through a fake L4 proxy: TCP from `src`, the raw PROXY `header`, then TLS and the upgrade.
+async fn via_proxy(gw: &Gw, src: &str, header: &[u8]) -> Result<wsgate::client::ClientStream, Option<u16>> {
+    use tokio::io::AsyncWriteExt;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
+    let mut tcp = sock.connect(gw.addr).await.map_err(|_| None)?;
+    tcp.write_all(header).await.map_err(|_| None)?;
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(gw.tls())
+        .connect(name, tcp)
+        .await
+        .map_err(|_| None)?;
+    let io = wsgate::upstream::UpstreamIo::Tls(Box::new(tls));
+    match tokio::time::timeout(TIMEOUT, tokio_tungstenite::client_async(gw.url("/r"), io))
+        .await
+        .expect("hung")
+    {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => Err(Some(r.status().as_u16())),
+        Err(_) => Err(None),
+    }
+}
+
+#[tokio::test]
+async fn proxy_protocol_v1_and_v2_from_trusted_proxies_only() {
+    let up = upstream(Behaviour::Echo).await;
+    let server = "client_ip_source = \"proxy_protocol\"\ntrusted_proxies = [\"127.0.0.40/32\"]";
+    let gw = Gw::start(server, &format!("[firewall]\ndeny = [\"203.0.113.66\"]\n{}", open_route(&up))).await;
+    // v1 from the trusted proxy: the upstream sees the client's address.
+    let mut ws = via_proxy(&gw, "127.0.0.40", b"PROXY TCP4 203.0.113.5 127.0.0.1 40000 443\r\n")
+        .await
+        .unwrap();
+    assert_eq!(roundtrip(&mut ws, "v1").await, "v1");
+    assert_eq!(up.header(0, "x-forwarded-for").as_deref(), Some("203.0.113.5"));
+    // v2 (binary), IPv6 client.
+    let mut v2 = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    v2.extend_from_slice(&[0x21, 0x21, 0, 36]);
+    v2.extend_from_slice(&"2001:db8::7".parse::<std::net::Ipv6Addr>().unwrap().octets());
+    v2.extend_from_slice(&std::net::Ipv6Addr::LOCALHOST.octets());
+    v2.extend_from_slice(&[0x9c, 0x40, 0x01, 0xbb]);
+    let mut ws = via_proxy(&gw, "127.0.0.40", &v2).await.unwrap();
+    assert_eq!(roundtrip(&mut ws, "v2").await, "v2");
+    assert_eq!(up.header(1, "x-forwarded-for").as_deref(), Some("2001:db8::7"));
+    // The firewall judges the client the header names.
+    assert_eq!(
+        via_proxy(&gw, "127.0.0.40", b"PROXY TCP4 203.0.113.66 127.0.0.1 40000 443\r\n")
+            .await
+            .err(),
+        Some(None)
+    );
+    gw.wait_metric(r#"wsgate_connections_rejected_total{reason="firewall"}"#, 1.0).await;
+    // An untrusted peer is refused, header or not; so is a garbled header.
+    assert!(
+        via_proxy(&gw, "127.0.0.41", b"PROXY TCP4 198.51.100.1 127.0.0.1 40000 443\r\n")
+            .await
+            .is_err()
+    );
+    gw.wait_metric(r#"wsgate_connections_rejected_total{reason="firewall"}"#, 2.0).await;
+    assert!(via_proxy(&gw, "127.0.0.40", b"PROXY TCP9 nonsense here\r\n").await.is_err());
+    gw.wait_metric(r#"wsgate_connections_rejected_total{reason="bad_request"}"#, 1.0)
+        .await;
+    assert_eq!(up.requests(), 2);
+}
