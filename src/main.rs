@@ -109,6 +109,7 @@ async fn run(path: &std::path::Path, explicit_config: bool) -> u8 {
         eprintln!("wsgate: config error: {e}");
         return 2;
     }
+    raise_nofile_limit();
     let hint = start_hint(&config, path, explicit_config);
     let running = match wsgate::start(config).await {
         Ok(r) => r,
@@ -133,6 +134,20 @@ async fn run(path: &std::path::Path, explicit_config: bool) -> u8 {
     running.shutdown();
     running.wait().await;
     0
+}
+
+/// Raise the soft open-file limit to the hard limit, as nginx's `worker_rlimit_nofile`
+/// does: each proxied session holds two descriptors.
+fn raise_nofile_limit() {
+    #[cfg(unix)]
+    match rlimit::getrlimit(rlimit::Resource::NOFILE) {
+        Ok((soft, hard)) if soft < hard => match rlimit::setrlimit(rlimit::Resource::NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "raised the open-file limit to the hard limit"),
+            Err(e) => tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit"),
+        },
+        Ok((soft, hard)) => tracing::info!(soft, hard, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-file limit"),
+    }
 }
 
 /// Until SIGTERM/SIGINT: SIGHUP reloads the config file.
@@ -280,6 +295,7 @@ fn token(path: &std::path::Path, sub: &str, ttl: HumanDuration, claims: &[(Strin
 
 async fn echo(listen: SocketAddr) -> u8 {
     wsgate::logging::init_default();
+    raise_nofile_limit();
     let listener = match tokio::net::TcpListener::bind(listen).await {
         Ok(l) => l,
         Err(e) => {
