@@ -63,23 +63,51 @@ struct Failures {
     banned_until: Option<Instant>,
 }
 
-/// Per-IP admission state, shared by all listeners. Survives config reloads.
-pub struct Admission {
-    settings: Settings,
-    rate: KeyedLimiter,
-    open: Mutex<HashMap<IpKey, u32>>,
-    failures: Mutex<HashMap<IpKey, Failures>>,
+/// Concurrent holders per key (client IP, user). An entry exists only while its key
+/// holds a slot, so the map is bounded by the open connections.
+pub struct Counted<K: std::hash::Hash + Eq + Clone> {
+    open: Mutex<HashMap<K, u32>>,
 }
 
-/// Holds one per-IP connection slot; releases it on drop.
-pub struct IpSlot {
-    admission: Arc<Admission>,
-    key: IpKey,
+impl<K: std::hash::Hash + Eq + Clone> Default for Counted<K> {
+    fn default() -> Self {
+        Counted { open: Mutex::default() }
+    }
 }
 
-impl Drop for IpSlot {
+/// One slot of a [`Counted`] map; released on drop.
+pub struct Slot<K: std::hash::Hash + Eq + Clone> {
+    owner: Arc<Counted<K>>,
+    key: K,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Counted<K> {
+    /// Take a slot for `key`, or `None` when it already holds `max`.
+    pub fn acquire(self: &Arc<Self>, key: &K, max: u32) -> Option<Slot<K>> {
+        let mut open = lock(&self.open);
+        let n = open.entry(key.clone()).or_insert(0);
+        if *n >= max {
+            if *n == 0 {
+                open.remove(key);
+            }
+            return None;
+        }
+        *n += 1;
+        Some(Slot {
+            owner: self.clone(),
+            key: key.clone(),
+        })
+    }
+
+    /// Keys holding at least one slot.
+    pub fn tracked(&self) -> usize {
+        lock(&self.open).len()
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Drop for Slot<K> {
     fn drop(&mut self) {
-        let mut open = lock(&self.admission.open);
+        let mut open = lock(&self.owner.open);
         if let Some(n) = open.get_mut(&self.key) {
             *n -= 1;
             if *n == 0 {
@@ -87,6 +115,21 @@ impl Drop for IpSlot {
             }
         }
     }
+}
+
+/// A per-IP connection slot.
+pub type IpSlot = Slot<IpKey>;
+/// Concurrent sessions per user (JWT `sub`).
+pub type UserSlots = Counted<String>;
+/// A per-user session slot.
+pub type UserSlot = Slot<String>;
+
+/// Per-IP admission state, shared by all listeners. Survives config reloads.
+pub struct Admission {
+    settings: Settings,
+    rate: KeyedLimiter,
+    open: Arc<Counted<IpKey>>,
+    failures: Mutex<HashMap<IpKey, Failures>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -102,7 +145,7 @@ impl Admission {
         Admission {
             rate: RateLimiter::keyed(quota),
             settings,
-            open: Mutex::default(),
+            open: Arc::default(),
             failures: Mutex::default(),
         }
     }
@@ -117,7 +160,7 @@ impl Admission {
 
     /// The new-connection rate and the per-IP concurrency cap. On success the
     /// returned slot counts the connection until it is dropped.
-    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<IpSlot, Reject> {
+    pub fn admit(&self, ip: IpAddr) -> Result<IpSlot, Reject> {
         let key = self.key(ip);
         if self.rate.len() >= MAX_TRACKED_KEYS {
             self.rate.retain_recent();
@@ -128,19 +171,9 @@ impl Admission {
         if self.rate.check_key(&key).is_err() {
             return Err(Reject::RateLimited);
         }
-        let mut open = lock(&self.open);
-        let n = open.entry(key).or_insert(0);
-        if *n >= self.settings.max_connections_per_ip {
-            if *n == 0 {
-                open.remove(&key);
-            }
-            return Err(Reject::IpConnLimit);
-        }
-        *n += 1;
-        Ok(IpSlot {
-            admission: self.clone(),
-            key,
-        })
+        self.open
+            .acquire(&key, self.settings.max_connections_per_ip)
+            .ok_or(Reject::IpConnLimit)
     }
 
     /// How long `ip` stays banned for auth failures, if it is.
@@ -190,64 +223,17 @@ impl Admission {
         let mut failures = lock(&self.failures);
         prune_failures(&mut failures, &self.settings, Instant::now());
         failures.shrink_to_fit();
-        lock(&self.open).shrink_to_fit();
+        lock(&self.open.open).shrink_to_fit();
     }
 
     /// Keys tracked by (rate limiter, concurrency map, auth-failure map).
     pub fn tracked(&self) -> (usize, usize, usize) {
-        (self.rate.len(), lock(&self.open).len(), lock(&self.failures).len())
+        (self.rate.len(), self.open.tracked(), lock(&self.failures).len())
     }
 }
 
 fn prune_failures(failures: &mut HashMap<IpKey, Failures>, s: &Settings, now: Instant) {
     failures.retain(|_, f| f.banned_until.is_some_and(|u| u > now) || now.duration_since(f.window_start) <= s.auth_failure_window);
-}
-
-/// Concurrent sessions per user (JWT `sub`); entries vanish with their last session.
-#[derive(Default)]
-pub struct UserSlots {
-    open: Mutex<HashMap<String, u32>>,
-}
-
-/// One user session slot; released on drop.
-pub struct UserSlot {
-    owner: Arc<UserSlots>,
-    sub: String,
-}
-
-impl UserSlots {
-    /// Take a slot for `sub`, or `None` when it already has `max` sessions.
-    pub fn acquire(self: &Arc<Self>, sub: &str, max: u32) -> Option<UserSlot> {
-        let mut open = lock(&self.open);
-        let n = open.entry(sub.to_string()).or_insert(0);
-        if *n >= max {
-            if *n == 0 {
-                open.remove(sub);
-            }
-            return None;
-        }
-        *n += 1;
-        Some(UserSlot {
-            owner: self.clone(),
-            sub: sub.to_string(),
-        })
-    }
-
-    pub fn tracked(&self) -> usize {
-        lock(&self.open).len()
-    }
-}
-
-impl Drop for UserSlot {
-    fn drop(&mut self) {
-        let mut open = lock(&self.owner.open);
-        if let Some(n) = open.get_mut(&self.sub) {
-            *n -= 1;
-            if *n == 0 {
-                open.remove(&self.sub);
-            }
-        }
-    }
 }
 
 /// A per-connection message-rate limiter (GCRA) for client → upstream traffic.
