@@ -74,14 +74,6 @@ pub struct SessionMetrics {
     pub active: Gauge,
 }
 
-impl SessionMetrics {
-    pub fn count(&self, dir: Direction, payload_len: usize) {
-        let i = dir as usize;
-        self.messages[i].increment(1);
-        self.bytes[i].increment(payload_len as u64);
-    }
-}
-
 const SECONDS_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 const SESSION_BUCKETS: &[f64] = &[0.1, 1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0];
 

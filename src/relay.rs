@@ -125,6 +125,9 @@ struct Relay<'a, C, U> {
     metrics: &'a SessionMetrics,
     counts: [u64; 2],
     bytes: [u64; 2],
+    /// What has been added to the shared counters so far: they are updated once per
+    /// wake-up, not per message, so sessions on other cores do not contend per message.
+    reported: ([u64; 2], [u64; 2]),
     activity: bool,
     // Keep-alive pings from the gateway to the client.
     ping_seq: u64,
@@ -159,6 +162,7 @@ where
         metrics,
         counts: [0; 2],
         bytes: [0; 2],
+        reported: ([0; 2], [0; 2]),
         activity: false,
         ping_seq: 0,
         ping_payload: None,
@@ -228,6 +232,7 @@ where
         }
         if std::mem::take(&mut relay.activity) {
             last_activity = Instant::now();
+            relay.report();
         }
         if poll_sleep(&mut idle, cx) {
             if last_activity.elapsed() >= settings.idle_timeout {
@@ -240,6 +245,7 @@ where
     })
     .await;
 
+    relay.report();
     let (counts, bytes) = (relay.counts, relay.bytes);
     let (code, initiator, reason) = finish(relay.client, relay.upstream, event, settings.close_timeout).await;
     Outcome {
@@ -422,7 +428,18 @@ where
         self.activity = true;
         self.counts[dir as usize] += 1;
         self.bytes[dir as usize] += len as u64;
-        self.metrics.count(dir, len);
+    }
+
+    /// Add what was relayed since the last report to the shared counters.
+    fn report(&mut self) {
+        for i in 0..2 {
+            let (m, b) = (self.counts[i] - self.reported.0[i], self.bytes[i] - self.reported.1[i]);
+            if m > 0 {
+                self.metrics.messages[i].increment(m);
+                self.metrics.bytes[i].increment(b);
+            }
+        }
+        self.reported = (self.counts, self.bytes);
     }
 
     fn flow(&mut self, from: Side) -> &mut Flow {
