@@ -117,7 +117,9 @@ async fn serve(
 ) -> Result<Done, Reject> {
     let server = &rt.config.server;
     let deadline = accepted + server.handshake_timeout;
-    let tls = match tokio::time::timeout_at(deadline, rt.tls.accept(tcp)).await {
+    // The handshake stages are boxed: their (large) state is freed once the session
+    // relays, which keeps the memory of an idle session small.
+    let tls = match tokio::time::timeout_at(deadline, Box::pin(rt.tls.accept(tcp))).await {
         Err(_) => return Err(Reject::HandshakeTimeout),
         Ok(Err(_)) => return Err(Reject::TlsHandshake),
         Ok(Ok(tls)) => tls,
@@ -148,7 +150,7 @@ async fn serve(
     // also bounds writing the answer to a client that never reads it.
     let guard =
         server.handshake_timeout + server.upstream_timeout * rt.config.routes.iter().map(|r| r.upstreams.len()).max().unwrap_or(1) as u32;
-    let served = tokio::time::timeout(guard, builder.serve_connection(TokioIo::new(tls), service).with_upgrades()).await;
+    let served = tokio::time::timeout(guard, Box::pin(builder.serve_connection(TokioIo::new(tls), service).with_upgrades())).await;
 
     let admitted = lock(slot).result.take();
     let admission = match (admitted, served) {
@@ -206,12 +208,15 @@ async fn relay_session(
     // With the `first_message` token source the client authenticates after the 101.
     let (upstream, identity, _user_slot) = match (upstream, pending) {
         (Some(u), _) => (u, identity, user_slot),
-        (None, Some(pending)) => crate::admit::first_message(gw, rt, route_index, &mut client_ws, pending, slot).await?,
+        (None, Some(pending)) => Box::pin(crate::admit::first_message(gw, rt, route_index, &mut client_ws, pending, slot)).await?,
         (None, None) => return Err(Reject::BadRequest("no upstream")),
     };
     let _ip_slot = ip_slot;
     let mut upstream_ws = upstream.ws;
+    // Keep only what the session needs from the token, not every claim.
     let expires_at = identity.as_ref().and_then(|i| i.exp);
+    let jti = identity.as_ref().and_then(|i| i.claims.get("jti")).and_then(|j| j.as_str()).map(str::to_string);
+    drop(identity);
     gw.metrics.handshake_done(accepted.elapsed().as_secs_f64());
 
     let session_metrics = gw.metrics.session(&route.name);
@@ -233,11 +238,7 @@ async fn relay_session(
     let policy = SessionPolicy {
         gw,
         client_ip: lock(slot).info.client_ip,
-        jti: identity
-            .as_ref()
-            .and_then(|i| i.claims.get("jti"))
-            .and_then(|j| j.as_str())
-            .map(str::to_string),
+        jti,
     };
     let control = relay::Control {
         shutdown: &gw.sessions,

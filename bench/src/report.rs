@@ -1,0 +1,304 @@
+//! `report`: turn the RESULT lines of a bench run into a markdown table of medians
+//! per target, with the ratios wsgate/nginx and wsgate/direct and the goals.
+
+use serde_json::Value;
+use std::{collections::BTreeMap, fmt::Write, path::Path};
+
+const TARGETS: [&str; 3] = ["direct", "wsgate", "nginx"];
+const AT_LEAST_1_2: Goal = Goal::RatioAtLeast(1.2);
+
+#[derive(Clone, Copy)]
+enum Goal {
+    None,
+    /// wsgate / nginx at least this.
+    RatioAtLeast(f64),
+    /// wsgate / nginx at most this.
+    RatioAtMost(f64),
+    /// wsgate's value at most this.
+    AtMost(f64),
+}
+
+struct Results {
+    /// (test, target) → RESULT objects, in run order.
+    runs: BTreeMap<(String, String), Vec<Value>>,
+}
+
+impl Results {
+    fn values(&self, test: &str, target: &str, field: &str) -> Vec<f64> {
+        self.runs
+            .get(&(test.to_string(), target.to_string()))
+            .map(|v| v.iter().filter_map(|r| r.get(field).and_then(Value::as_f64)).collect())
+            .unwrap_or_default()
+    }
+
+    fn median(&self, test: &str, target: &str, field: &str) -> Option<f64> {
+        median(self.values(test, target, field))
+    }
+
+    fn first(&self, test: &str) -> Option<&Value> {
+        TARGETS
+            .iter()
+            .find_map(|t| self.runs.get(&(test.to_string(), t.to_string())).and_then(|v| v.first()))
+    }
+}
+
+pub fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    Some(if v.len() % 2 == 1 { v[m] } else { (v[m - 1] + v[m]) / 2.0 })
+}
+
+fn fmt(v: Option<f64>, decimals: usize) -> String {
+    match v {
+        Some(x) => format!("{x:.decimals$}"),
+        None => "–".into(),
+    }
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b != 0.0 => Some(a / b),
+        _ => None,
+    }
+}
+
+pub fn run(raw: &Path, out: Option<&Path>) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(raw)?;
+    let mut runs: BTreeMap<(String, String), Vec<Value>> = BTreeMap::new();
+    for line in text.lines() {
+        let Some(json) = line.strip_prefix("RESULT ") else { continue };
+        let Ok(v) = serde_json::from_str::<Value>(json) else { continue };
+        let test = v.get("test").and_then(Value::as_str).unwrap_or("?").to_string();
+        let target = v.get("target").and_then(Value::as_str).unwrap_or("?").to_string();
+        runs.entry((test, target)).or_default().push(v);
+    }
+    let r = Results { runs };
+    let table = table(&r);
+    print!("{table}");
+    if let Some(out) = out {
+        std::fs::write(out, &table)?;
+    }
+    Ok(())
+}
+
+fn table(r: &Results) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "| measurement (median of runs) | direct | wsgate | nginx | wsgate/nginx | wsgate/direct | goal | met |"
+    );
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---|---|");
+    let mut row = |label: String, test: &str, field: &str, decimals: usize, goal: Goal, goal_text: &str| {
+        let v: Vec<Option<f64>> = TARGETS.iter().map(|t| r.median(test, t, field)).collect();
+        if v.iter().all(Option::is_none) {
+            return;
+        }
+        let (wn, wd) = (ratio(v[1], v[2]), ratio(v[1], v[0]));
+        let met = match goal {
+            Goal::None => None,
+            Goal::RatioAtLeast(x) => wn.map(|q| q >= x),
+            Goal::RatioAtMost(x) => wn.map(|q| q <= x),
+            Goal::AtMost(x) => v[1].map(|w| w <= x),
+        };
+        let _ = writeln!(
+            s,
+            "| {label} | {} | {} | {} | {} | {} | {goal_text} | {} |",
+            fmt(v[0], decimals),
+            fmt(v[1], decimals),
+            fmt(v[2], decimals),
+            fmt(wn, 2),
+            fmt(wd, 2),
+            match met {
+                Some(true) => "yes",
+                Some(false) => "**no**",
+                None => "",
+            }
+        );
+    };
+    let cpu = "server CPU µs per message";
+    for test in ["tp16", "tp1"] {
+        if let Some(f) = r.first(test) {
+            let k = &f["inflight"];
+            let what = format!("{} conns × {} B, {k} in flight", f["connections"], f["size"]);
+            row(
+                format!("throughput (msg/s), {what}"),
+                test,
+                "msgs_per_s",
+                0,
+                AT_LEAST_1_2,
+                "≥ 1.2× nginx",
+            );
+            row(
+                format!("throughput (MB/s payload), {k} in flight"),
+                test,
+                "mb_per_s",
+                1,
+                Goal::None,
+                "",
+            );
+            row(
+                format!("throughput: {cpu}, {k} in flight"),
+                test,
+                "server_cpu_us_per_unit",
+                2,
+                Goal::None,
+                "",
+            );
+        }
+    }
+    if let Some(f) = r.first("hs") {
+        let c = &f["concurrency"];
+        let what = format!("{c} concurrent (connect+TLS+upgrade+echo+close)");
+        row(
+            format!("handshakes/s, {what}"),
+            "hs",
+            "per_s",
+            0,
+            Goal::RatioAtLeast(1.5),
+            "≥ 1.5× nginx",
+        );
+        row(
+            format!("handshake iteration p99 (ms), {c} concurrent"),
+            "hs",
+            "p99_ms",
+            2,
+            Goal::None,
+            "",
+        );
+        row(
+            "handshakes: server CPU µs per handshake".into(),
+            "hs",
+            "server_cpu_us_per_unit",
+            0,
+            Goal::None,
+            "",
+        );
+    }
+    if let Some(f) = r.first("lat") {
+        let what = format!("@ {} msg/s over {} conns", f["rate"].as_f64().unwrap_or(f64::NAN), f["connections"]);
+        row(format!("latency p50 (ms) {what}"), "lat", "p50_ms", 3, Goal::None, "");
+        row(
+            format!("latency p99 (ms) {what}"),
+            "lat",
+            "p99_ms",
+            3,
+            Goal::RatioAtMost(1.0),
+            "≤ nginx",
+        );
+        row(format!("latency p99.9 (ms) {what}"), "lat", "p999_ms", 3, Goal::None, "");
+        row(
+            "latency: client pacer lag p99 (ms)".into(),
+            "lat",
+            "send_lag_p99_ms",
+            3,
+            Goal::None,
+            "",
+        );
+        row(format!("latency: {cpu}"), "lat", "server_cpu_us_per_unit", 2, Goal::None, "");
+    }
+    // Idle sockets: one row per socket count, in increasing order.
+    let mut idle: Vec<(u64, String)> = r
+        .runs
+        .keys()
+        .filter(|(t, _)| t.starts_with("idle"))
+        .filter_map(|(t, _)| r.first(t).and_then(|f| f["count"].as_u64()).map(|c| (c, t.clone())))
+        .collect();
+    idle.sort();
+    idle.dedup();
+    for (count, test) in &idle {
+        row(
+            format!("idle memory per socket (KB), {count} sockets"),
+            test,
+            "kb_per_socket",
+            1,
+            Goal::AtMost(14.0),
+            "≤ 14 KB",
+        );
+    }
+    if idle.len() >= 2 {
+        let (lo, hi) = (&idle[0], &idle[idle.len() - 1]);
+        let cells: Vec<Option<f64>> = TARGETS
+            .iter()
+            .map(|t| ratio(r.median(&hi.1, t, "kb_per_socket"), r.median(&lo.1, t, "kb_per_socket")))
+            .collect();
+        let met = cells[1].map(|q| if (0.85..=1.15).contains(&q) { "yes" } else { "**no**" });
+        let _ = writeln!(
+            s,
+            "| idle KB/socket at {} ÷ at {} (flat = 1.00) | {} | {} | {} | | | flat (±15%) | {} |",
+            hi.0,
+            lo.0,
+            fmt(cells[0], 2),
+            fmt(cells[1], 2),
+            fmt(cells[2], 2),
+            met.unwrap_or("")
+        );
+    }
+    for (count, test) in &idle {
+        let cells: Vec<String> = TARGETS
+            .iter()
+            .map(|t| {
+                let echoed = r.values(test, t, "echoed");
+                let held = r.values(test, t, "held_s");
+                match echoed.iter().copied().reduce(f64::min) {
+                    Some(min) => format!(
+                        "{min:.0}/{count} (held {:.0} s)",
+                        held.iter().copied().reduce(f64::min).unwrap_or(0.0)
+                    ),
+                    None => "–".into(),
+                }
+            })
+            .collect();
+        let all = cells.iter().filter(|c| *c != "–").all(|c| c.starts_with(&format!("{count}/")));
+        let _ = writeln!(
+            s,
+            "| idle sockets still echoing after the hold, worst run, {count} | {} | {} | {} | | | all | {} |",
+            cells[0],
+            cells[1],
+            cells[2],
+            if all { "yes" } else { "**no**" }
+        );
+    }
+    // Correctness over every run: payload mismatches, lost echoes, errors, failed connects.
+    let cells: Vec<String> = TARGETS
+        .iter()
+        .map(|t| {
+            let mut bad = 0.0;
+            let mut any = false;
+            for ((_, target), runs) in &r.runs {
+                if target != t {
+                    continue;
+                }
+                any = true;
+                for v in runs {
+                    for k in ["mismatches", "errors", "lost", "failed", "connect_failures"] {
+                        bad += v.get(k).and_then(Value::as_f64).unwrap_or(0.0);
+                    }
+                }
+            }
+            if any { format!("{bad:.0}") } else { "–".into() }
+        })
+        .collect();
+    let _ = writeln!(
+        s,
+        "| errors: mismatched/lost echoes, failed connections (all runs) | {} | {} | {} | | | 0 | {} |",
+        cells[0],
+        cells[1],
+        cells[2],
+        if cells.iter().all(|c| c == "0" || c == "–") {
+            "yes"
+        } else {
+            "**no**"
+        }
+    );
+    let runs: usize = r.runs.values().map(Vec::len).sum();
+    let _ = writeln!(
+        s,
+        "\n{runs} runs. Ratios divide medians; for latency, CPU and memory lower is better. Server CPU counts \
+         the target's processes only (nginx: master + workers): the echo backend behind wsgate and nginx is \
+         left out, while direct's figure is a whole wss echo."
+    );
+    s
+}
