@@ -150,7 +150,11 @@ async fn serve(
     // also bounds writing the answer to a client that never reads it.
     let guard =
         server.handshake_timeout + server.upstream_timeout * rt.config.routes.iter().map(|r| r.upstreams.len()).max().unwrap_or(1) as u32;
-    let served = tokio::time::timeout(guard, Box::pin(builder.serve_connection(TokioIo::new(tls), service).with_upgrades())).await;
+    let served = tokio::time::timeout(
+        guard,
+        Box::pin(builder.serve_connection(TokioIo::new(tls), service).with_upgrades()),
+    )
+    .await;
 
     let admitted = lock(slot).result.take();
     let admission = match (admitted, served) {
@@ -215,7 +219,11 @@ async fn relay_session(
     let mut upstream_ws = upstream.ws;
     // Keep only what the session needs from the token, not every claim.
     let expires_at = identity.as_ref().and_then(|i| i.exp);
-    let jti = identity.as_ref().and_then(|i| i.claims.get("jti")).and_then(|j| j.as_str()).map(str::to_string);
+    let jti = identity
+        .as_ref()
+        .and_then(|i| i.claims.get("jti"))
+        .and_then(|j| j.as_str())
+        .map(str::to_string);
     drop(identity);
     gw.metrics.handshake_done(accepted.elapsed().as_secs_f64());
 
