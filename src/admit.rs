@@ -67,7 +67,7 @@ impl RequestCtx {
     pub(crate) async fn answer(&self, mut req: Request<Incoming>) -> Response<Full<Bytes>> {
         match self.admit(&mut req).await {
             Ok((resp, admission)) => {
-                lock(&self.slot).result = Some(Ok(admission));
+                lock(&self.slot).result = Some(Ok(Box::new(admission)));
                 resp
             }
             Err(reject) => {

@@ -34,7 +34,7 @@ pub(crate) struct Info {
 #[derive(Default)]
 pub(crate) struct Slot {
     pub(crate) info: Info,
-    pub(crate) result: Option<Result<Admission, Reject>>,
+    pub(crate) result: Option<Result<Box<Admission>, Reject>>,
 }
 
 /// Run one accepted TCP connection to its end; logs and counts exactly once.
@@ -173,8 +173,22 @@ async fn serve(
         (None, Ok(_)) => return Err(Reject::BadRequest("connection closed without a request")),
         (None, Err(_)) => return Err(Reject::HandshakeTimeout),
     };
-    relay_session(gw, rt, admission, accepted, slot).await
+    relay_session(gw, rt, *admission, accepted, slot).await
 }
+
+/// A session ready to relay: both WebSockets and what the relay needs to keep.
+struct Open {
+    route_index: usize,
+    client: WebSocketStream<ClientIo>,
+    upstream: WebSocketStream<crate::upstream::UpstreamIo>,
+    expires_at: Option<u64>,
+    jti: Option<String>,
+    _slots: (Option<crate::limits::IpSlot>, Option<crate::limits::UserSlot>),
+}
+
+/// The client side after the 101: the TLS stream, boxed so it is allocated once and
+/// moved by pointer.
+type ClientIo = Box<TlsStream<TcpStream>>;
 
 async fn relay_session(
     gw: &Arc<Gateway>,
@@ -183,6 +197,14 @@ async fn relay_session(
     accepted: Instant,
     slot: &Arc<Mutex<Slot>>,
 ) -> Result<Done, Reject> {
+    // Opening is boxed: its state (hyper's upgrade, the first-message exchange) is freed
+    // before the long relay phase, so an idle session holds only what it needs.
+    let mut open = Box::pin(open_session(gw, rt, admission, slot)).await?;
+    gw.metrics.handshake_done(accepted.elapsed().as_secs_f64());
+    run_session(gw, rt, &mut open, slot).await
+}
+
+async fn open_session(gw: &Gateway, rt: &Runtime, admission: Admission, slot: &Mutex<Slot>) -> Result<Open, Reject> {
     let Admission {
         route_index,
         upstream,
@@ -206,17 +228,14 @@ async fn relay_session(
     let parts = upgraded
         .downcast::<TokioIo<TlsStream<TcpStream>>>()
         .map_err(|_| Reject::BadRequest("upgrade failed"))?;
-    let mut client_ws =
-        WebSocketStream::from_partially_read(parts.io.into_inner(), parts.read_buf.to_vec(), Role::Server, Some(rt.ws_config)).await;
-    let route = &rt.config.routes[route_index];
+    let io: ClientIo = Box::new(parts.io.into_inner());
+    let mut client = WebSocketStream::from_partially_read(io, parts.read_buf.to_vec(), Role::Server, Some(rt.ws_config)).await;
     // With the `first_message` token source the client authenticates after the 101.
-    let (upstream, identity, _user_slot) = match (upstream, pending) {
+    let (upstream, identity, user_slot) = match (upstream, pending) {
         (Some(u), _) => (u, identity, user_slot),
-        (None, Some(pending)) => Box::pin(crate::admit::first_message(gw, rt, route_index, &mut client_ws, pending, slot)).await?,
+        (None, Some(pending)) => crate::admit::first_message(gw, rt, route_index, &mut client, pending, slot).await?,
         (None, None) => return Err(Reject::BadRequest("no upstream")),
     };
-    let _ip_slot = ip_slot;
-    let mut upstream_ws = upstream.ws;
     // Keep only what the session needs from the token, not every claim.
     let expires_at = identity.as_ref().and_then(|i| i.exp);
     let jti = identity
@@ -224,9 +243,18 @@ async fn relay_session(
         .and_then(|i| i.claims.get("jti"))
         .and_then(|j| j.as_str())
         .map(str::to_string);
-    drop(identity);
-    gw.metrics.handshake_done(accepted.elapsed().as_secs_f64());
+    Ok(Open {
+        route_index,
+        client,
+        upstream: upstream.ws,
+        expires_at,
+        jti,
+        _slots: (ip_slot, user_slot),
+    })
+}
 
+async fn run_session(gw: &Gateway, rt: &Runtime, open: &mut Open, slot: &Mutex<Slot>) -> Result<Done, Reject> {
+    let route = &rt.config.routes[open.route_index];
     let session_metrics = gw.metrics.session(&route.name);
     session_metrics.active.increment(1.0);
     let started = Instant::now();
@@ -240,13 +268,14 @@ async fn relay_session(
         ping_interval: s.ping_interval,
         close_timeout: s.close_timeout,
     };
-    let deadline = expires_at
+    let deadline = open
+        .expires_at
         .filter(|_| rt.config.jwt.close_on_expiry)
         .map(|exp| (expiry_instant(exp, rt.config.jwt.leeway), CloseReason::TokenExpired));
     let policy = SessionPolicy {
         gw,
         client_ip: lock(slot).info.client_ip,
-        jti,
+        jti: open.jti.take(),
     };
     let control = relay::Control {
         shutdown: &gw.sessions,
@@ -265,7 +294,7 @@ async fn relay_session(
         )
     };
     let outcome = tracing::Instrument::instrument(
-        relay::run(&mut client_ws, &mut upstream_ws, &settings, &session_metrics, control),
+        relay::run(&mut open.client, &mut open.upstream, &settings, &session_metrics, control),
         span,
     )
     .await;
@@ -307,4 +336,31 @@ pub(crate) fn expiry_instant(exp: u64, leeway: Duration) -> Instant {
         .unwrap_or_default();
     let remaining = (Duration::from_secs(exp) + leeway).saturating_sub(now_unix);
     Instant::now() + remaining.min(Duration::from_secs(10 * 365 * 86400))
+}
+
+#[cfg(test)]
+mod tests {
+    /// Idle memory per session is dominated by the connection's future: keep it small
+    /// (the handshake stages are boxed and freed before the relay phase).
+    #[tokio::test]
+    async fn connection_future_stays_small() {
+        let cfg = crate::Config::from_toml_str(
+            "[server]\nlisten=[\"127.0.0.1:0\"]\n[admin]\nlisten=\"127.0.0.1:0\"\n[[routes]]\nname=\"a\"\npath=\"/a\"\nupstreams=[\"builtin:echo\"]\nauth=\"none\"\n",
+            "t",
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = cfg;
+        cfg.tls.cert.value = dir.path().join("c.pem");
+        cfg.tls.key.value = dir.path().join("k.pem");
+        cfg.tls.self_signed_if_missing = true;
+        let r = crate::start(cfg).await.unwrap();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _c = tokio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, peer) = l.accept().await.unwrap();
+        let gw = r.gateway.clone();
+        let f = super::handle(gw.clone(), gw.runtime(), s, peer, tokio::time::Instant::now(), false);
+        let size = std::mem::size_of_val(&f);
+        assert!(size <= 4096, "connection future is {size} bytes");
+    }
 }

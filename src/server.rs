@@ -24,7 +24,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 /// Read buffer per WebSocket side. Small: most messages are small, and an idle
 /// socket should cost little memory. Larger messages grow it on demand.
-const WS_READ_BUFFER: usize = 4 * 1024;
+const WS_READ_BUFFER: usize = 1024;
 /// Bytes queued before the codec writes to the socket; the relay flushes each batch anyway.
 const WS_WRITE_BUFFER: usize = 16 * 1024;
 /// Connections beyond `max_connections` that still get a 503; past this the TCP

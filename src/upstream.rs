@@ -19,7 +19,10 @@ use tokio::{
 };
 use tokio_tungstenite::{
     WebSocketStream,
-    tungstenite::{client::IntoClientRequest, protocol::WebSocketConfig},
+    tungstenite::{
+        client::IntoClientRequest,
+        protocol::{Role, WebSocketConfig},
+    },
 };
 
 /// The transport to an upstream. An enum rather than a boxed trait object keeps the
@@ -268,18 +271,85 @@ pub async fn connect(
                 }
             }
         };
-        let (ws, resp) = tokio_tungstenite::client_async_with_config(req, io, Some(ws_config))
-            .await
-            .map_err(|e| {
-                tracing::debug!(error = %e, "upstream handshake failed");
-                Reject::UpstreamUnavailable
-            })?;
-        Ok(Connected {
-            ws,
-            protocol: resp.headers().get(header::SEC_WEBSOCKET_PROTOCOL).cloned(),
-        })
+        handshake(io, req, ws_config).await
     };
     tokio::time::timeout(timeout, fut).await.map_err(|_| Reject::UpstreamTimeout)?
+}
+
+/// The client half of the WebSocket handshake, driven by hyper: the upgraded stream
+/// comes back with exactly the bytes the upstream sent after its 101, and no
+/// handshake buffer stays attached to the session.
+async fn handshake(io: UpstreamIo, req: http::Request<()>, ws_config: WebSocketConfig) -> Result<Connected, Reject> {
+    use http_body_util::Empty;
+    let fail = |why: &str| {
+        tracing::debug!(reason = why, "upstream handshake failed");
+        Reject::UpstreamUnavailable
+    };
+    let (mut parts, ()) = req.into_parts();
+    let key = parts
+        .headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .cloned()
+        .ok_or_else(|| fail("no key"))?;
+    let offered: Vec<String> = parts
+        .headers
+        .get(header::SEC_WEBSOCKET_PROTOCOL)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(',').map(|p| p.trim().to_string()).collect())
+        .unwrap_or_default();
+    // Origin-form request target; the Host header is already set.
+    parts.uri = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .parse()
+        .map_err(|_| fail("bad path"))?;
+    let req = http::Request::from_parts(parts, Empty::<bytes::Bytes>::new());
+    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+        .max_buf_size(16 * 1024)
+        .handshake(hyper_util::rt::TokioIo::new(io))
+        .await
+        .map_err(|_| fail("http"))?;
+    // One request only: with the sender gone, the connection ends after this response
+    // (handing the stream to the upgrade when it is a 101).
+    let response = sender.send_request(req);
+    drop(sender);
+    let (resp, conn) = tokio::join!(response, conn.with_upgrades());
+    let mut resp = resp.map_err(|_| fail("no response"))?;
+    conn.map_err(|_| fail("connection failed"))?;
+    if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+        return Err(fail("status"));
+    }
+    let h = resp.headers();
+    let has = |name: header::HeaderName, token: &str| {
+        h.get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    if !has(header::UPGRADE, "websocket") || !has(header::CONNECTION, "upgrade") {
+        return Err(fail("not a websocket upgrade"));
+    }
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    if h.get(header::SEC_WEBSOCKET_ACCEPT).map(|v| v.as_bytes()) != Some(accept.as_bytes()) {
+        return Err(fail("bad accept key"));
+    }
+    let protocol = h.get(header::SEC_WEBSOCKET_PROTOCOL).cloned();
+    if let Some(p) = &protocol {
+        if !offered.iter().any(|o| p.as_bytes() == o.as_bytes()) {
+            return Err(fail("protocol not offered"));
+        }
+    }
+    if h.contains_key(header::SEC_WEBSOCKET_EXTENSIONS) {
+        return Err(fail("extension not offered"));
+    }
+    let upgraded = hyper::upgrade::on(&mut resp).await.map_err(|_| fail("upgrade"))?;
+    let parts = upgraded
+        .downcast::<hyper_util::rt::TokioIo<UpstreamIo>>()
+        .map_err(|_| fail("upgrade io"))?;
+    let ws = WebSocketStream::from_partially_read(parts.io.into_inner(), parts.read_buf.to_vec(), Role::Client, Some(ws_config)).await;
+    Ok(Connected { ws, protocol })
 }
 
 /// The URL for the upstream request.
