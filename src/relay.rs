@@ -140,6 +140,8 @@ struct Relay<'a, C, U> {
     /// Since when the client has been held back without a pause.
     throttled_since: Option<Instant>,
     rate_abuse_timeout: Duration,
+    /// The time of the current wake-up, read once per wake-up rather than per message.
+    now: Option<Instant>,
 }
 
 /// Relay until the session ends; sends close frames as needed and returns how it ended.
@@ -171,6 +173,7 @@ where
         throttle: None,
         throttled_since: None,
         rate_abuse_timeout: settings.rate_abuse_timeout,
+        now: None,
     };
     let mut last_activity = Instant::now();
     let mut idle = Box::pin(sleep_until(last_activity + settings.idle_timeout));
@@ -184,6 +187,7 @@ where
     let started = Instant::now();
 
     let event = poll_fn(|cx| {
+        relay.now = None;
         if drain.is_none() && cancelled.as_mut().poll(cx).is_ready() {
             drain = Some(Box::pin(sleep_until(Instant::now() + jitter(control.drain_spread))));
         }
@@ -372,7 +376,7 @@ where
 
     /// Charge one client message to the rate; start holding the client back when it is ahead.
     fn charge(&mut self) -> Option<Event> {
-        let now = Instant::now();
+        let now = *self.now.get_or_insert_with(Instant::now);
         let until = self.rate.take(now)?;
         let since = *self.throttled_since.get_or_insert(now);
         if now.duration_since(since) >= self.rate_abuse_timeout {
