@@ -227,6 +227,17 @@ impl KeyStore {
         Ok(n)
     }
 
+    /// Start from another store's JWKS keys (a reload while the IdP is down keeps the
+    /// last good set instead of none).
+    pub fn adopt_jwks(&self, from: &KeyStore) {
+        self.jwks.store(from.jwks.load_full());
+    }
+
+    /// The JWKS URL, if any.
+    pub fn remote_url(&self) -> Option<&http::Uri> {
+        self.remote.as_ref().map(|r| &r.url)
+    }
+
     pub fn has_remote(&self) -> bool {
         self.remote.is_some()
     }

@@ -22,6 +22,7 @@ pub const CONNECTION_DURATION: &str = "wsgate_connection_duration_seconds";
 pub const UPSTREAM_CONNECT_DURATION: &str = "wsgate_upstream_connect_duration_seconds";
 pub const CONFIG_RELOADS: &str = "wsgate_config_reloads_total";
 pub const BUILD_INFO: &str = "wsgate_build_info";
+pub const JWKS_REFRESHES: &str = "wsgate_jwks_refreshes_total";
 
 const DESCRIPTIONS: &[(&str, &str)] = &[
     (CONNECTIONS_ACCEPTED, "TCP connections accepted on the wss listeners."),
@@ -40,6 +41,10 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     ),
     (CONFIG_RELOADS, "Configuration reloads, by result."),
     (BUILD_INFO, "Always 1; the version label names the running build."),
+    (
+        JWKS_REFRESHES,
+        "JWKS URL fetches, by result; on failure the last good key set stays in use.",
+    ),
 ];
 
 /// Direction of a relayed message.
@@ -174,6 +179,11 @@ impl Metrics {
 
     pub fn upstream_connect(&self, route: &str, seconds: f64) {
         self.histogram(UPSTREAM_CONNECT_DURATION, &[("route", route)]).record(seconds);
+    }
+
+    pub fn jwks_refresh(&self, ok: bool) {
+        self.counter(JWKS_REFRESHES, &[("result", if ok { "success" } else { "failure" })])
+            .increment(1);
     }
 
     pub fn reload(&self, ok: bool) {

@@ -150,7 +150,12 @@ impl Gateway {
         for r in &new.config.routes {
             self.metrics.register_route(&r.name);
         }
-        start_jwks_refresh(&new).await;
+        if let (Some(n), Some(o)) = (&new.verifier, &old.verifier) {
+            if n.keys().remote_url().is_some() && n.keys().remote_url() == o.keys().remote_url() {
+                n.keys().adopt_jwks(o.keys());
+            }
+        }
+        start_jwks_refresh(&new, &self.metrics).await;
         self.runtime.store(new);
         self.generation.swap(Arc::new(CancellationToken::new())).cancel();
         self.metrics.reload(true);
@@ -225,7 +230,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         open: AtomicUsize::new(0),
         draining: AtomicBool::new(false),
     });
-    start_jwks_refresh(&gateway.runtime()).await;
+    start_jwks_refresh(&gateway.runtime(), &gateway.metrics).await;
     let stop = CancellationToken::new();
     let task = tokio::spawn(serve(gateway.clone(), listeners, admin, stop.clone()));
     Ok(Running {
@@ -385,7 +390,7 @@ fn pre_tls_checks(gw: &Arc<Gateway>, rt: &Runtime, ip: std::net::IpAddr) -> Resu
 }
 
 /// Fetch the JWKS URL once now, then keep it fresh for as long as this runtime is in use.
-pub async fn start_jwks_refresh(rt: &Arc<Runtime>) {
+pub async fn start_jwks_refresh(rt: &Arc<Runtime>, metrics: &Metrics) {
     let Some(v) = rt.verifier.as_ref().filter(|v| v.keys().has_remote()) else {
         return;
     };
@@ -393,17 +398,28 @@ pub async fn start_jwks_refresh(rt: &Arc<Runtime>) {
         return;
     };
     match v.keys().refresh().await {
-        Ok(n) => tracing::info!(keys = n, "JWKS loaded"),
-        Err(e) => tracing::error!(error = %e, "JWKS fetch failed; tokens needing it are refused until a fetch succeeds"),
+        Ok(n) => {
+            metrics.jwks_refresh(true);
+            tracing::info!(keys = n, "JWKS loaded");
+        }
+        Err(e) => {
+            metrics.jwks_refresh(false);
+            tracing::error!(error = %e, "JWKS fetch failed; tokens needing it are refused until a fetch succeeds");
+        }
     }
     let weak = Arc::downgrade(rt);
+    let metrics = metrics.clone();
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(every).await;
             let Some(rt) = weak.upgrade() else { return };
             if let Some(v) = &rt.verifier {
-                if let Err(e) = v.keys().refresh().await {
-                    tracing::warn!(error = %e, "JWKS refresh failed; keeping the last good key set");
+                match v.keys().refresh().await {
+                    Ok(_) => metrics.jwks_refresh(true),
+                    Err(e) => {
+                        metrics.jwks_refresh(false);
+                        tracing::warn!(error = %e, "JWKS refresh failed; keeping the last good key set");
+                    }
                 }
             }
         }

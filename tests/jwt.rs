@@ -187,11 +187,12 @@ async fn jwks_url_with_rotation_and_rate_limited_refetch() {
     let hits = Arc::new(AtomicUsize::new(0));
     let (port, ca) = jwks_server(dir.path(), doc.clone(), hits.clone()).await;
     let jwt = format!(
-        "algorithms = [\"RS256\"]\njwks_url = \"https://localhost:{port}/.well-known/jwks.json\"\njwks_ca = \"{}\"\njwks_refresh = \"1h\"\n",
+        "algorithms = [\"RS256\"]\njwks_url = \"https://localhost:{port}/.well-known/jwks.json\"\njwks_ca = \"{}\"\njwks_refresh = \"1s\"\n",
         ca.display()
     );
     let (gw, _up) = app_gateway(&jwt, "").await;
     assert_eq!(hits.load(Ordering::SeqCst), 1, "fetched once at start");
+    gw.wait_metric_min(r#"wsgate_jwks_refreshes_total{result="success"}"#, 1.0).await;
     let t1 = sign(Algorithm::RS256, &k1, Some("k1"), &claims("alice"));
     let (mut ws, _) = gw.try_connect("/app", &gw.options(Some(t1))).await.unwrap();
     assert_eq!(roundtrip(&mut ws, "k1").await, "k1");

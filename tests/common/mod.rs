@@ -203,6 +203,17 @@ impl Gw {
         }
     }
 
+    /// Wait until `series` reaches at least `min` (for counters that keep rising).
+    pub async fn wait_metric_min(&self, series: &str, min: f64) {
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        while self.metric(series).await < min {
+            if tokio::time::Instant::now() > deadline {
+                panic!("{series} never reached {min}\n{}", self.metrics_text().await);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn stop(mut self) {
         if let Some(r) = self.running.take() {
             r.shutdown();
