@@ -47,14 +47,17 @@ fn config_errors_name_key_and_line_and_exit_codes_follow_the_contract() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(":2:") && !err.contains("hunter2"), "{err}");
     // A missing secret variable is named, and nothing else.
-    std::fs::write(
-        &path,
-        "[jwt]\nsecret_env = \"WSGATE_TEST_UNSET_VAR\"\n[[routes]]\nname = \"a\"\npath = \"/a\"\nupstreams = [\"builtin:echo\"]\n",
-    )
-    .unwrap();
+    // (TLS files in the temp dir, so nothing depends on the working directory.)
+    let tls = format!(
+        "[tls]\ncert = \"{d}/c.pem\"\nkey = \"{d}/k.pem\"\nself_signed_if_missing = true\n",
+        d = dir.path().display()
+    );
+    let routes = "[[routes]]\nname = \"a\"\npath = \"/a\"\nupstreams = [\"builtin:echo\"]\n";
+    std::fs::write(&path, format!("{tls}[jwt]\nsecret_env = \"WSGATE_TEST_UNSET_VAR\"\n{routes}")).unwrap();
     let out = Command::new(BIN).args(["check", "--config"]).arg(&path).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("WSGATE_TEST_UNSET_VAR is not set"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("WSGATE_TEST_UNSET_VAR is not set"), "{err}");
     // Usage errors exit 2.
     assert_eq!(Command::new(BIN).arg("frobnicate").output().unwrap().status.code(), Some(2));
     assert_eq!(Command::new(BIN).args(["token"]).output().unwrap().status.code(), Some(2));
