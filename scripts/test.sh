@@ -25,11 +25,12 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "cargo test"
 cargo test --locked
 
-step "Python websockets client tests"
+step "Python tests (websockets client, PyJWT, Prometheus, Chromium, deployment kit)"
 cargo build --locked --quiet
-WSGATE_BIN=target/debug/wsgate .venv/bin/python -m pytest -q tests/python
+bin="${CARGO_TARGET_DIR:-target}/debug/wsgate"
+WSGATE_BIN="$bin" .venv/bin/python -m pytest -q tests/python
 
 step "Autobahn|Testsuite (fuzzing client, cases 1-7, 9.1, 10)"
-.venv/bin/python tests/conformance/run_autobahn.py --wsgate target/debug/wsgate --out target/autobahn
+.venv/bin/python tests/conformance/run_autobahn.py --wsgate "$bin" --out target/autobahn
 
 step "all tests passed"
