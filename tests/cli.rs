@@ -140,28 +140,36 @@ async fn echo_command_echoes() {
     let _ = child.wait();
 }
 
-#[tokio::test]
-async fn run_serves_and_exits_0_on_sigterm() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = write_config(dir.path(), common::ECHO_ROUTE);
+/// `wsgate run` on `path` in a child process: returns it, its wss port, a token for
+/// `sub` minted by `wsgate token`, and a TLS config trusting its certificate.
+fn spawn_gateway(
+    dir: &std::path::Path,
+    path: &std::path::Path,
+    sub: &str,
+) -> (std::process::Child, u16, String, std::sync::Arc<rustls::ClientConfig>) {
     let mut child = Command::new(BIN)
         .args(["run", "--config"])
-        .arg(&path)
+        .arg(path)
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let port = wait_for_port(&mut child, "wss://");
-    let token = String::from_utf8(
-        Command::new(BIN)
-            .args(["token", "--sub", "dave", "--config"])
-            .arg(&path)
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
-    let tls = wsgate::tls::cli_client_config(Some(&dir.path().join("server.crt")), false).unwrap();
+    let out = Command::new(BIN)
+        .args(["token", "--sub", sub, "--config"])
+        .arg(path)
+        .output()
+        .unwrap();
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let tls = wsgate::tls::cli_client_config(Some(&dir.join("server.crt")), false).unwrap();
+    (child, port, token, tls)
+}
+
+#[tokio::test]
+async fn run_serves_and_exits_0_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), common::ECHO_ROUTE);
+    let (mut child, port, token, tls) = spawn_gateway(dir.path(), &path, "dave");
     let opts = wsgate::client::Options {
         token: Some(token.trim().into()),
         protocols: vec![],
@@ -193,24 +201,7 @@ async fn sighup_reloads_and_a_bad_file_keeps_the_old_config() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(dir.path(), common::ECHO_ROUTE);
     let original = std::fs::read_to_string(&path).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&path)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let port = wait_for_port(&mut child, "wss://");
-    let token = String::from_utf8(
-        Command::new(BIN)
-            .args(["token", "--sub", "hup", "--config"])
-            .arg(&path)
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
-    let tls = wsgate::tls::cli_client_config(Some(&dir.path().join("server.crt")), false).unwrap();
+    let (mut child, port, token, tls) = spawn_gateway(dir.path(), &path, "hup");
     let opts = |src: &str| wsgate::client::Options {
         token: Some(token.trim().into()),
         tls: Some(tls.clone()),
