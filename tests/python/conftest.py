@@ -87,6 +87,12 @@ def pytest_runtest_makereport(item, call):
     """On a failing test, attach the tail of the gateway's log to the report."""
     outcome = yield
     report = outcome.get_result()
-    info = item.funcargs.get("gateway") if hasattr(item, "funcargs") else None
-    if report.failed and isinstance(info, GatewayInfo):
-        report.sections.append(("wsgate log (tail)", info.gateway.tail()))
+    if not report.failed:
+        return
+    # Any fixture that carries a started gateway (GatewayInfo here, the per-module envs
+    # of test_pyjwt_families and test_browser) gets its log attached.
+    for value in getattr(item, "funcargs", {}).values():
+        gw = getattr(value, "gateway", None)
+        if gw is not None and hasattr(gw, "tail"):
+            report.sections.append(("wsgate log (tail)", gw.tail()))
+            return

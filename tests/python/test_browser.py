@@ -305,14 +305,6 @@ def env(tmp_path_factory):
             close()
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    report = outcome.get_result()
-    e = item.funcargs.get("env") if hasattr(item, "funcargs") else None
-    if report.failed and isinstance(e, Env):
-        report.sections.append(("wsgate log (tail)", e.gateway.tail()))
-
 
 def events(result: dict, kind: str) -> list[dict]:
     return [e for e in result.get("events", []) if e["type"] == kind]

@@ -112,14 +112,6 @@ def env(tmp_path_factory):
         print(f"\nwsgate exited with {code}; log: {tmp / 'wsgate.log'}")
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    report = outcome.get_result()
-    e = item.funcargs.get("env") if hasattr(item, "funcargs") else None
-    if report.failed and isinstance(e, Env):
-        report.sections.append(("wsgate log (tail)", e.gateway.tail()))
-
 
 def claims(**overrides) -> dict:
     now = int(time.time())
