@@ -161,8 +161,8 @@ fn relay(c: &mut Criterion) {
         let (client_io, gw_client_io) = tokio::io::duplex(64 * 1024);
         let (gw_up_io, up_io) = tokio::io::duplex(64 * 1024);
         let client = WebSocketStream::from_raw_socket(client_io, Role::Client, None).await;
-        let mut gw_client = WebSocketStream::from_raw_socket(gw_client_io, Role::Server, None).await;
-        let mut gw_up = WebSocketStream::from_raw_socket(gw_up_io, Role::Client, None).await;
+        let mut gw_client = wsgate::relay::Endpoint::client(gw_client_io, &[]);
+        let mut gw_up = wsgate::relay::Endpoint::upstream(gw_up_io, &[]);
         let up = WebSocketStream::from_raw_socket(up_io, Role::Server, None).await;
         tokio::spawn(wsgate::echo::serve(up));
         let task = tokio::spawn(async move {
@@ -173,6 +173,8 @@ fn relay(c: &mut Criterion) {
                 message_rate: "1000000/s".parse().unwrap(),
                 message_burst: 1_000_000,
                 rate_abuse_timeout: Duration::from_secs(3600),
+                max_frame_size: 1 << 20,
+                max_message_size: 1 << 20,
             };
             let metrics = wsgate::metrics::Metrics::new().session("bench");
             let shutdown = tokio_util::sync::CancellationToken::new();

@@ -11,7 +11,6 @@ use crate::server::{Gateway, Runtime};
 use crate::upgrade;
 use crate::upstream::{self, ClientFacts, Connected};
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
 use http::{HeaderMap, Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -22,13 +21,6 @@ use std::{
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     time::Instant,
-};
-use tokio_tungstenite::{
-    WebSocketStream,
-    tungstenite::{
-        Message,
-        protocol::{CloseFrame, frame::coding::CloseCode},
-    },
 };
 
 /// A client admitted by the request stage, waiting for the 101 to be written.
@@ -268,13 +260,16 @@ async fn connect_upstream(gw: &Gateway, rt: &Runtime, route_index: usize, facts:
     Err(last)
 }
 
+/// Largest `first_message` token message.
+const MAX_TOKEN_MESSAGE: usize = 16 * 1024;
+
 /// The `first_message` flow after the 101: wait for the token, verify it, then connect
 /// the upstream. Any failure closes the client with 1008 (auth) or 1011 (upstream).
 pub(crate) async fn first_message<S: AsyncRead + AsyncWrite + Unpin>(
     gw: &Gateway,
     rt: &Runtime,
     route_index: usize,
-    client: &mut WebSocketStream<S>,
+    client: &mut crate::relay::Endpoint<S>,
     pending: PendingRequest,
     slot: &Mutex<Slot>,
 ) -> Result<(Connected, Option<Identity>, Option<UserSlot>), Reject> {
@@ -282,12 +277,9 @@ pub(crate) async fn first_message<S: AsyncRead + AsyncWrite + Unpin>(
     let result = async {
         let verifier = rt.verifier.as_ref().ok_or(Reject::Auth(AuthFailure::Missing))?;
         let wait = rt.config.jwt.first_message_timeout;
-        let text = loop {
-            match tokio::time::timeout(wait, client.next()).await {
-                Ok(Some(Ok(Message::Text(t)))) => break t,
-                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
-                _ => return Err(Reject::Auth(AuthFailure::Missing)),
-            }
+        let text = match tokio::time::timeout(wait, client.first_text(MAX_TOKEN_MESSAGE)).await {
+            Ok(Some(t)) => t,
+            _ => return Err(Reject::Auth(AuthFailure::Missing)),
         };
         let token = crate::auth::token_from_message(&text).ok_or(Reject::Auth(AuthFailure::Malformed))?;
         lock(slot).info.token_fingerprint = Some(fingerprint(&token));
@@ -311,20 +303,11 @@ pub(crate) async fn first_message<S: AsyncRead + AsyncWrite + Unpin>(
     .await;
     if let Err(reject) = &result {
         let (code, reason) = match reject {
-            Reject::UpstreamUnavailable | Reject::UpstreamTimeout => (CloseCode::Error, "upstream unavailable"),
-            Reject::UserConnLimit => (CloseCode::Policy, "too many sessions for this user"),
-            _ => (CloseCode::Policy, "authentication failed"),
+            Reject::UpstreamUnavailable | Reject::UpstreamTimeout => (1011, "upstream unavailable"),
+            Reject::UserConnLimit => (1008, "too many sessions for this user"),
+            _ => (1008, "authentication failed"),
         };
-        let frame = CloseFrame {
-            code,
-            reason: reason.into(),
-        };
-        let _ = tokio::time::timeout(rt.config.server.close_timeout, async {
-            if client.send(Message::Close(Some(frame))).await.is_ok() {
-                while let Some(Ok(_)) = client.next().await {}
-            }
-        })
-        .await;
+        let _ = tokio::time::timeout(rt.config.server.close_timeout, client.close(Some((code, reason)))).await;
     }
     result
 }

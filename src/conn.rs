@@ -16,7 +16,6 @@ use std::{
 };
 use tokio::{net::TcpStream, time::Instant};
 use tokio_rustls::server::TlsStream;
-use tokio_tungstenite::{WebSocketStream, tungstenite::protocol::Role};
 
 /// hyper refuses read buffers below this size.
 const HYPER_MIN_BUF: usize = 8192;
@@ -179,8 +178,8 @@ async fn serve(
 /// A session ready to relay: both WebSockets and what the relay needs to keep.
 struct Open {
     route_index: usize,
-    client: WebSocketStream<ClientIo>,
-    upstream: WebSocketStream<crate::upstream::UpstreamIo>,
+    client: relay::Endpoint<ClientIo>,
+    upstream: relay::Endpoint<crate::upstream::UpstreamIo>,
     expires_at: Option<u64>,
     jti: Option<String>,
     _slots: (Option<crate::limits::IpSlot>, Option<crate::limits::UserSlot>),
@@ -229,7 +228,7 @@ async fn open_session(gw: &Gateway, rt: &Runtime, admission: Admission, slot: &M
         .downcast::<TokioIo<TlsStream<TcpStream>>>()
         .map_err(|_| Reject::BadRequest("upgrade failed"))?;
     let io: ClientIo = Box::new(parts.io.into_inner());
-    let mut client = WebSocketStream::from_partially_read(io, parts.read_buf.to_vec(), Role::Server, Some(rt.ws_config)).await;
+    let mut client = relay::Endpoint::client(io, &parts.read_buf);
     // With the `first_message` token source the client authenticates after the 101.
     let (upstream, identity, user_slot) = match (upstream, pending) {
         (Some(u), _) => (u, identity, user_slot),
@@ -267,6 +266,8 @@ async fn run_session(gw: &Gateway, rt: &Runtime, open: &mut Open, slot: &Mutex<S
         idle_timeout: s.idle_timeout,
         ping_interval: s.ping_interval,
         close_timeout: s.close_timeout,
+        max_frame_size: l.max_frame_size,
+        max_message_size: l.max_message_size,
     };
     let deadline = open
         .expires_at

@@ -12,7 +12,7 @@
 //! | 6 | JWT authentication | [`auth`] |
 //! | 7 | upstream connect + handshake, before the 101 | [`upstream`], [`echo`] |
 //! | 8 | 101 with the upstream's subprotocol | [`upgrade`] |
-//! | 9 | relay: both directions, limits, pings, idle, shutdown | [`relay`] |
+//! | 9 | relay: frames both ways, limits, pings, idle, shutdown | [`relay`], [`wire`] |
 //! | 10 | one access-log event; metrics | [`conn`], [`metrics`] |
 //!
 //! [`error`] maps every reason to its status code, close code and metric label.
@@ -40,6 +40,7 @@ pub mod tls;
 pub mod units;
 pub mod upgrade;
 pub mod upstream;
+pub mod wire;
 
 pub use config::Config;
 pub use server::{Running, start};

@@ -1,49 +1,60 @@
 //! Stage 9: relay frames between client and upstream until one side closes, a limit
 //! trips, or the gateway shuts down.
 //!
-//! One task drives both WebSockets through a single `poll_fn` state machine, so:
+//! The relay works on frames, not messages ([`crate::wire`]): each frame read from one
+//! side is checked (protocol, masking, fragmentation order, frame and message size,
+//! UTF-8 of text across fragments), unmasked and re-masked in place, and written to
+//! the other side in the same read buffer. A batch of frames costs one read and one
+//! write; nothing is allocated per message and no message is reassembled.
+//!
+//! One task drives both sides through a single `poll_fn` state machine, so:
 //! - both directions flow at once (no deadlock when both peers write), while a
 //!   direction whose receiver is slow stops reading from its sender (backpressure:
-//!   at most one message plus the write buffer is held per direction);
-//! - messages that are already readable are written as a batch and flushed once;
-//! - the gateway can send a close frame to either side at any moment.
+//!   at most one read's worth of frames waits per direction);
+//! - the gateway can send a close frame to either side at any moment: only whole
+//!   frames are written, so a gateway frame never lands inside a relayed one.
 //!
 //! Ping/pong are per hop, as RFC 6455 treats control frames: each hop answers a ping
-//! itself at once (tungstenite does). Pings are also passed on so the far side sees
-//! them, and the far side's pong to such a ping is absorbed (the sender already has
-//! its answer). Unsolicited pongs (heartbeats) are passed on. The gateway's own
-//! keep-alive pings to the client are answered by the client and never forwarded.
+//! itself at once. Pings are also passed on so the far side sees them, and the far
+//! side's pong to such a ping is absorbed (the sender already has its answer).
+//! Unsolicited pongs (heartbeats) are passed on. The gateway's own keep-alive pings
+//! to the client are answered by the client and never forwarded.
 
 use crate::error::{CloseReason, Initiator};
 use crate::limits::MessageRate;
-use crate::metrics::{Direction, SessionMetrics};
-use bytes::Bytes;
-use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use crate::metrics::SessionMetrics;
+use crate::wire::{self, OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, Utf8, Violation};
+use bytes::{Buf, Bytes, BytesMut};
 use std::{
+    cell::RefCell,
     collections::VecDeque,
     future::poll_fn,
+    io,
     pin::Pin,
     task::{Context, Poll},
     time::Duration,
 };
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
     time::{Instant, Sleep, sleep_until},
-};
-use tokio_tungstenite::{
-    WebSocketStream,
-    tungstenite::{
-        Error as WsError, Message,
-        protocol::{CloseFrame, frame::coding::CloseCode},
-    },
 };
 use tokio_util::sync::CancellationToken;
 
-/// Messages read from one side before the relay flushes and yields to other tasks.
-const BATCH: usize = 64;
+/// Bytes read from a side at once.
+const READ_CHUNK: usize = 16 * 1024;
+/// Reads from one side per wake-up before the relay yields to other tasks.
+const BATCH: usize = 16;
 /// Pings passed on to a side and not yet answered, at most; beyond this a ping is
 /// answered by the gateway only.
 const MAX_FORWARDED_PINGS: usize = 8;
+/// Pongs queued for a peer that does not read them: past this, stop reading from it.
+const REPLY_LIMIT: usize = 4 * 1024;
+
+thread_local! {
+    /// The read buffer of the common case (no partial frame waiting): per worker thread,
+    /// borrowed only inside one synchronous poll, so an idle session holds no buffer.
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; READ_CHUNK]);
+}
 
 /// Timers and limits of one session.
 #[derive(Clone, Debug)]
@@ -56,6 +67,9 @@ pub struct Settings {
     pub message_burst: u32,
     /// Held back by the rate without pause for this long → close 1008.
     pub rate_abuse_timeout: Duration,
+    /// Largest frame and message either side may send (1009 beyond).
+    pub max_frame_size: usize,
+    pub max_message_size: usize,
 }
 
 /// Re-checks a live session against the current configuration after a reload
@@ -89,40 +103,273 @@ pub struct Outcome {
     pub initiator: Initiator,
     /// Set when the gateway ended the session.
     pub reason: Option<CloseReason>,
-    /// Data messages and payload bytes, indexed by [`Direction`].
+    /// Data messages and payload bytes, indexed by [`crate::metrics::Direction`].
     pub messages: [u64; 2],
     pub bytes: [u64; 2],
 }
 
+/// One side of a session after its handshake: the stream, input read but not yet
+/// relayed (a partial frame, or frames held back by the message rate) and output the
+/// stream did not take yet. Both buffers are empty, without capacity, while idle.
+pub struct Endpoint<S> {
+    io: S,
+    rx: BytesMut,
+    tx: BytesMut,
+    /// Frames sent to this side are masked: it is the upstream (the gateway is its client).
+    masked: bool,
+    /// Written to since the last flush.
+    dirty: bool,
+}
+
+impl<S> Endpoint<S> {
+    /// The client side; `read_ahead` is what the client sent right behind its request.
+    pub fn client(io: S, read_ahead: &[u8]) -> Self {
+        Self::new(io, read_ahead, false)
+    }
+
+    /// The upstream side; `read_ahead` is what the upstream sent right behind its 101.
+    pub fn upstream(io: S, read_ahead: &[u8]) -> Self {
+        Self::new(io, read_ahead, true)
+    }
+
+    fn new(io: S, read_ahead: &[u8], masked: bool) -> Self {
+        Endpoint {
+            io,
+            rx: BytesMut::from(read_ahead),
+            tx: BytesMut::new(),
+            masked,
+            dirty: false,
+        }
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.io
+    }
+
+    /// Queue a whole frame the gateway sends to this side.
+    fn put(&mut self, opcode: u8, payload: &[u8]) {
+        wire::put_frame(&mut self.tx, opcode, payload, self.masked);
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Endpoint<S> {
+    /// Write `data` behind anything already queued; what the stream does not take now
+    /// is queued.
+    fn send(&mut self, cx: &mut Context<'_>, data: &[u8]) -> io::Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        if !self.tx.is_empty() {
+            self.tx.extend_from_slice(data);
+            return self.poll_drain(cx);
+        }
+        let mut off = 0;
+        while off < data.len() {
+            match Pin::new(&mut self.io).poll_write(cx, &data[off..]) {
+                Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(n)) => {
+                    off += n;
+                    self.dirty = true;
+                }
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => break,
+            }
+        }
+        self.tx.extend_from_slice(&data[off..]);
+        Ok(())
+    }
+
+    /// Write queued output until it is gone or the stream pushes back.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        while !self.tx.is_empty() {
+            match Pin::new(&mut self.io).poll_write(cx, &self.tx) {
+                Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(n)) => {
+                    self.tx.advance(n);
+                    self.dirty = true;
+                }
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => return Ok(()),
+            }
+        }
+        if self.tx.capacity() > 0 {
+            self.tx = BytesMut::new(); // idle sessions keep no buffer
+        }
+        Ok(())
+    }
+
+    /// Drain the queue, then flush the stream (TLS keeps records until flushed).
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_drain(cx)?;
+        if !self.tx.is_empty() {
+            return Poll::Pending;
+        }
+        if self.dirty {
+            std::task::ready!(Pin::new(&mut self.io).poll_flush(cx))?;
+            self.dirty = false;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        poll_fn(|cx| self.poll_flush(cx)).await
+    }
+
+    /// Send a close frame (`None`: without a code) and wait for the peer's reply.
+    pub async fn close(&mut self, frame: Option<(u16, &str)>) {
+        match frame {
+            Some((code, reason)) => {
+                let (p, n) = wire::close_payload(code, reason);
+                self.put(OP_CLOSE, &p[..n]);
+            }
+            None => self.put(OP_CLOSE, &[]),
+        }
+        if self.flush().await.is_ok() {
+            self.read_until_close().await;
+        }
+    }
+
+    /// Read and discard frames until a close frame or the end of the stream: messages
+    /// that arrive after a close was sent cannot be delivered (RFC 6455 5.5.1).
+    async fn read_until_close(&mut self) {
+        let mut skip = 0u64;
+        loop {
+            loop {
+                if skip > 0 {
+                    let n = skip.min(self.rx.len() as u64);
+                    self.rx.advance(n as usize);
+                    skip -= n;
+                    if skip > 0 {
+                        break;
+                    }
+                }
+                match wire::parse(&self.rx) {
+                    Ok(Some(h)) if h.opcode == OP_CLOSE => return,
+                    Ok(Some(h)) => {
+                        self.rx.advance(h.header_len);
+                        skip = h.len;
+                    }
+                    Ok(None) => break,
+                    Err(_) => return,
+                }
+            }
+            self.rx.reserve(4096);
+            match self.io.read_buf(&mut self.rx).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// The client's first data message, for `first_message` authentication: pings are
+    /// answered, pongs skipped; it must be text of at most `max` bytes. Frames behind it
+    /// stay for the relay. `None` on anything else.
+    pub async fn first_text(&mut self, max: usize) -> Option<String> {
+        let mut text = Vec::new();
+        let mut started = false;
+        loop {
+            match wire::parse(&self.rx) {
+                Err(_) => return None,
+                Ok(Some(h)) if h.len > max as u64 => return None,
+                Ok(Some(h)) if self.rx.len() as u64 >= h.header_len as u64 + h.len => {
+                    let mask = h.mask?; // a client's frames are masked
+                    let mut frame = self.rx.split_to(h.header_len + h.len as usize);
+                    let payload = &mut frame[h.header_len..];
+                    wire::apply_mask(payload, mask);
+                    match h.opcode {
+                        OP_PING => {
+                            self.put(OP_PONG, payload);
+                            self.flush().await.ok()?;
+                        }
+                        OP_PONG => {}
+                        OP_TEXT if !started => {
+                            text.extend_from_slice(payload);
+                            started = true;
+                        }
+                        OP_CONTINUATION if started && text.len() + payload.len() <= max => text.extend_from_slice(payload),
+                        _ => return None,
+                    }
+                    if started && h.fin {
+                        break;
+                    }
+                    continue;
+                }
+                Ok(_) => {}
+            }
+            self.rx.reserve(4096);
+            if self.io.read_buf(&mut self.rx).await.ok()? == 0 {
+                return None;
+            }
+        }
+        if self.rx.is_empty() {
+            self.rx = BytesMut::new();
+        }
+        String::from_utf8(text).ok()
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Side {
-    Client,
-    Upstream,
+    Client = 0,
+    Upstream = 1,
+}
+
+impl Side {
+    fn other(self) -> Side {
+        match self {
+            Side::Client => Side::Upstream,
+            Side::Upstream => Side::Client,
+        }
+    }
 }
 
 enum Event {
-    /// A peer sent a close frame (already answered by tungstenite).
-    Closed(Side, Option<CloseFrame>),
+    /// A peer sent a close frame (payload unmasked; code checked).
+    Closed {
+        side: Side,
+        code: Option<u16>,
+        payload: [u8; wire::MAX_CONTROL],
+        len: usize,
+    },
     /// The gateway ends the session.
     End(CloseReason),
 }
 
-/// One direction's state: a message waiting for its receiver, and whether the
-/// receiver has unflushed writes.
-#[derive(Default)]
-struct Flow {
-    pending: Option<Message>,
-    unflushed: bool,
-    /// Pings passed on to this flow's receiver, waiting for its pong.
-    forwarded_pings: VecDeque<Bytes>,
+/// Where processing a run of input stopped.
+struct Processed {
+    /// `buf[..out]` is to be written to the other side.
+    out: usize,
+    /// Input bytes used up.
+    used: usize,
+    /// Bytes the next (incomplete) frame needs in all.
+    need: usize,
+    /// Set when processing must stop before the end of the input.
+    stop: Option<Stop>,
 }
 
-struct Relay<'a, C, U> {
-    client: &'a mut WebSocketStream<C>,
-    upstream: &'a mut WebSocketStream<U>,
-    to_upstream: Flow,
-    to_client: Flow,
-    metrics: &'a SessionMetrics,
+enum Stop {
+    /// The message rate holds the client back: the rest of the input waits.
+    Throttle,
+    Event(Event),
+}
+
+/// Fragmentation state of one direction.
+#[derive(Default)]
+struct Decoder {
+    /// A fragmented data message in progress: whether it is text.
+    message: Option<bool>,
+    /// Payload bytes of that message so far.
+    message_len: u64,
+    utf8: Utf8,
+}
+
+/// Everything of a session but the two streams.
+struct Core {
+    dec: [Decoder; 2],
+    /// Pings from a side passed on to the other, waiting for the other's pong.
+    forwarded: [VecDeque<Bytes>; 2],
+    max_frame: u64,
+    max_message: u64,
     counts: [u64; 2],
     bytes: [u64; 2],
     /// What has been added to the shared counters so far: they are updated once per
@@ -131,8 +378,7 @@ struct Relay<'a, C, U> {
     activity: bool,
     // Keep-alive pings from the gateway to the client.
     ping_seq: u64,
-    ping_payload: Option<Bytes>,
-    ping_due: bool,
+    ping_payload: Option<[u8; 15]>,
     // Client → upstream message rate.
     rate: MessageRate,
     /// Not reading from the client until this sleep fires.
@@ -146,8 +392,8 @@ struct Relay<'a, C, U> {
 
 /// Relay until the session ends; sends close frames as needed and returns how it ended.
 pub async fn run<C, U>(
-    client: &mut WebSocketStream<C>,
-    upstream: &mut WebSocketStream<U>,
+    client: &mut Endpoint<C>,
+    upstream: &mut Endpoint<U>,
     settings: &Settings,
     metrics: &SessionMetrics,
     control: Control<'_>,
@@ -156,19 +402,17 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut relay = Relay {
-        client,
-        upstream,
-        to_upstream: Flow::default(),
-        to_client: Flow::default(),
-        metrics,
+    let mut core = Core {
+        dec: Default::default(),
+        forwarded: Default::default(),
+        max_frame: settings.max_frame_size as u64,
+        max_message: settings.max_message_size as u64,
         counts: [0; 2],
         bytes: [0; 2],
         reported: ([0; 2], [0; 2]),
         activity: false,
         ping_seq: 0,
         ping_payload: None,
-        ping_due: false,
         rate: MessageRate::new(settings.message_rate, settings.message_burst),
         throttle: None,
         throttled_since: None,
@@ -187,7 +431,7 @@ where
     let started = Instant::now();
 
     let event = poll_fn(|cx| {
-        relay.now = None;
+        core.now = None;
         if drain.is_none() && cancelled.as_mut().poll(cx).is_ready() {
             drain = Some(Box::pin(sleep_until(Instant::now() + jitter(control.drain_spread))));
         }
@@ -210,10 +454,10 @@ where
             if p.as_mut().poll(cx).is_ready() {
                 tracing::info!(
                     duration_ms = started.elapsed().as_millis() as u64,
-                    bytes_in = relay.bytes[0],
-                    bytes_out = relay.bytes[1],
-                    messages_in = relay.counts[0],
-                    messages_out = relay.counts[1],
+                    bytes_in = core.bytes[0],
+                    bytes_out = core.bytes[1],
+                    messages_in = core.counts[0],
+                    messages_out = core.counts[1],
                     "session progress"
                 );
                 p.as_mut().reset(Instant::now() + every);
@@ -225,18 +469,33 @@ where
                 return Poll::Ready(Event::End(*reason));
             }
         }
-        if let Some(ev) = relay.poll_pings(cx, &mut ping, settings.ping_interval) {
+        if poll_sleep(&mut ping, cx) {
+            if core.ping_payload.is_some() {
+                return Poll::Ready(Event::End(CloseReason::PingTimeout));
+            }
+            core.ping_seq += 1;
+            let mut payload = *b"wsgate:\0\0\0\0\0\0\0\0";
+            payload[7..].copy_from_slice(&core.ping_seq.to_be_bytes());
+            core.ping_payload = Some(payload);
+            client.put(OP_PING, &payload);
+            ping.as_mut().reset(Instant::now() + settings.ping_interval);
+            let _ = ping.as_mut().poll(cx);
+        }
+        if let Some(ev) = pump(&mut core, Side::Client, client, upstream, cx) {
             return Poll::Ready(ev);
         }
-        if let Some(ev) = relay.poll_flow(cx, Side::Client) {
+        if let Some(ev) = pump(&mut core, Side::Upstream, upstream, client, cx) {
             return Poll::Ready(ev);
         }
-        if let Some(ev) = relay.poll_flow(cx, Side::Upstream) {
-            return Poll::Ready(ev);
+        if let Poll::Ready(Err(_)) = client.poll_flush(cx) {
+            return Poll::Ready(Event::End(CloseReason::ClientIo));
         }
-        if std::mem::take(&mut relay.activity) {
+        if let Poll::Ready(Err(_)) = upstream.poll_flush(cx) {
+            return Poll::Ready(Event::End(CloseReason::UpstreamReset));
+        }
+        if std::mem::take(&mut core.activity) {
             last_activity = Instant::now();
-            relay.report();
+            core.report(metrics);
         }
         if poll_sleep(&mut idle, cx) {
             if last_activity.elapsed() >= settings.idle_timeout {
@@ -249,9 +508,9 @@ where
     })
     .await;
 
-    relay.report();
-    let (counts, bytes) = (relay.counts, relay.bytes);
-    let (code, initiator, reason) = finish(relay.client, relay.upstream, event, settings.close_timeout).await;
+    core.report(metrics);
+    let (counts, bytes) = (core.counts, core.bytes);
+    let (code, initiator, reason) = finish(client, upstream, event, settings.close_timeout).await;
     Outcome {
         code,
         initiator,
@@ -274,94 +533,329 @@ fn poll_sleep(s: &mut Pin<Box<Sleep>>, cx: &mut Context<'_>) -> bool {
     s.as_mut().poll(cx).is_ready()
 }
 
-impl<C, U> Relay<'_, C, U>
+/// Outcome of one read in [`pump`].
+enum Read {
+    /// Nothing to read now (or the receiver or the rate says wait).
+    Wait,
+    Again,
+    Event(Event),
+}
+
+/// Move frames read from `from` (the peer on `side`) to `to` until `from` has nothing
+/// ready, `to` pushes back, the rate holds the client back or the batch is used up.
+fn pump<A, B>(core: &mut Core, side: Side, from: &mut Endpoint<A>, to: &mut Endpoint<B>, cx: &mut Context<'_>) -> Option<Event>
 where
-    C: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
 {
-    /// Send the gateway's keep-alive ping when due; end the session when the previous
-    /// one went unanswered for a whole interval.
-    fn poll_pings(&mut self, cx: &mut Context<'_>, timer: &mut Pin<Box<Sleep>>, interval: Duration) -> Option<Event> {
-        if poll_sleep(timer, cx) {
-            if self.ping_payload.is_some() {
-                return Some(Event::End(CloseReason::PingTimeout));
-            }
-            self.ping_seq += 1;
-            let mut payload = b"wsgate:".to_vec();
-            payload.extend_from_slice(&self.ping_seq.to_be_bytes());
-            self.ping_payload = Some(Bytes::from(payload));
-            self.ping_due = true;
-            timer.as_mut().reset(Instant::now() + interval);
-            let _ = timer.as_mut().poll(cx);
+    for _ in 0..BATCH {
+        if to.poll_drain(cx).is_err() {
+            return Some(Event::End(write_error(side)));
         }
-        if self.ping_due {
-            if let Some(payload) = self.ping_payload.clone() {
-                match Pin::new(&mut *self.client).poll_ready(cx) {
-                    Poll::Ready(Ok(())) => {
-                        self.ping_due = false;
-                        if Pin::new(&mut *self.client).start_send(Message::Ping(payload)).is_err() {
-                            return Some(Event::End(CloseReason::ClientIo));
-                        }
-                        self.to_client.unflushed = true;
-                    }
-                    Poll::Ready(Err(_)) => return Some(Event::End(CloseReason::ClientIo)),
-                    Poll::Pending => {}
+        if !to.tx.is_empty() {
+            return None; // the receiver pushes back: stop reading from its sender
+        }
+        if from.tx.len() > REPLY_LIMIT {
+            if from.poll_drain(cx).is_err() {
+                return Some(Event::End(lost(side)));
+            }
+            if from.tx.len() > REPLY_LIMIT {
+                return None;
+            }
+        }
+        if side == Side::Client && core.throttled(cx) {
+            return None;
+        }
+        let step = if from.rx.is_empty() {
+            read_fresh(core, side, from, to, cx)
+        } else {
+            read_held(core, side, from, to, cx)
+        };
+        match step {
+            Read::Again => {}
+            Read::Wait => return None,
+            Read::Event(ev) => return Some(ev),
+        }
+    }
+    // Batch used up: come back after other tasks had their turn.
+    cx.waker().wake_by_ref();
+    None
+}
+
+/// The common case: nothing held from earlier reads. Read into the thread's scratch
+/// buffer, relay the whole frames in it, and keep only a trailing partial frame.
+fn read_fresh<A, B>(core: &mut Core, side: Side, from: &mut Endpoint<A>, to: &mut Endpoint<B>, cx: &mut Context<'_>) -> Read
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut relay_from = |buf: &mut Vec<u8>| {
+        let mut rb = ReadBuf::new(buf);
+        match Pin::new(&mut from.io).poll_read(cx, &mut rb) {
+            Poll::Pending => {
+                if side == Side::Client {
+                    core.throttled_since = None; // the client paused: it is within the rate
                 }
+                return Read::Wait;
+            }
+            Poll::Ready(Err(_)) => return Read::Event(Event::End(lost(side))),
+            Poll::Ready(Ok(())) if rb.filled().is_empty() => return Read::Event(Event::End(lost(side))),
+            Poll::Ready(Ok(())) => {}
+        }
+        let data = rb.filled_mut();
+        let p = core.process(side, data, &mut from.tx, from.masked);
+        if to.send(cx, &data[..p.out]).is_err() {
+            return Read::Event(Event::End(write_error(side)));
+        }
+        from.rx.extend_from_slice(&data[p.used..]);
+        match p.stop {
+            Some(Stop::Event(ev)) => Read::Event(ev),
+            Some(Stop::Throttle) | None => Read::Again,
+        }
+    };
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => relay_from(&mut buf),
+        // Not reached (polls do not nest); a private buffer keeps it correct anyway.
+        Err(_) => relay_from(&mut vec![0; READ_CHUNK]),
+    })
+}
+
+/// Input is held from earlier reads (a partial frame, or frames the rate held back):
+/// relay what is whole, then read more behind it when a frame is still incomplete.
+fn read_held<A, B>(core: &mut Core, side: Side, from: &mut Endpoint<A>, to: &mut Endpoint<B>, cx: &mut Context<'_>) -> Read
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let p = core.process(side, &mut from.rx, &mut from.tx, from.masked);
+    if to.send(cx, &from.rx[..p.out]).is_err() {
+        return Read::Event(Event::End(write_error(side)));
+    }
+    from.rx.advance(p.used);
+    if from.rx.is_empty() {
+        from.rx = BytesMut::new();
+    }
+    match p.stop {
+        Some(Stop::Event(ev)) => return Read::Event(ev),
+        Some(Stop::Throttle) => return Read::Again,
+        None if p.used > 0 => return Read::Again,
+        None => {}
+    }
+    // The held frame is incomplete: read the rest of it (bounded by the frame limit).
+    let want = p.need.saturating_sub(from.rx.len()).clamp(1024, 4 * READ_CHUNK);
+    from.rx.reserve(want);
+    match tokio_util::io::poll_read_buf(Pin::new(&mut from.io), cx, &mut from.rx) {
+        Poll::Pending => {
+            if side == Side::Client {
+                core.throttled_since = None;
+            }
+            Read::Wait
+        }
+        Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Read::Event(Event::End(lost(side))),
+        Poll::Ready(Ok(_)) => Read::Again,
+    }
+}
+
+impl Core {
+    /// Check and transform the whole frames at the start of `buf` in place; the frames
+    /// to pass on are compacted to `buf[..out]`. Replies to the sender (pongs) go to
+    /// `replies`; `reply_masked` when the sender is the upstream.
+    fn process(&mut self, from: Side, buf: &mut [u8], replies: &mut BytesMut, reply_masked: bool) -> Processed {
+        let (mut r, mut w) = (0usize, 0usize);
+        loop {
+            let stop = |w, r, ev| Processed {
+                out: w,
+                used: r,
+                need: 0,
+                stop: Some(Stop::Event(ev)),
+            };
+            let h = match wire::parse(&buf[r..]) {
+                Ok(Some(h)) => h,
+                Ok(None) => {
+                    return Processed {
+                        out: w,
+                        used: r,
+                        need: wire::MAX_HEADER,
+                        stop: None,
+                    };
+                }
+                Err(v) => return stop(w, r, violation(from, v)),
+            };
+            if let Err(v) = self.check(from, &h) {
+                return stop(w, r, violation(from, v));
+            }
+            // Within the frame limit (checked), so it fits in memory.
+            let total = h.header_len + h.len as usize;
+            if buf.len() - r < total {
+                return Processed {
+                    out: w,
+                    used: r,
+                    need: total,
+                    stop: None,
+                };
+            }
+            let (forward, step) = match self.frame(from, h, &mut buf[r..r + total], replies, reply_masked) {
+                Ok(x) => x,
+                Err(v) => return stop(w, r, violation(from, v)),
+            };
+            if forward {
+                if w != r {
+                    buf.copy_within(r..r + total, w);
+                }
+                w += total;
+            }
+            r += total;
+            if step.is_some() {
+                return Processed {
+                    out: w,
+                    used: r,
+                    need: 0,
+                    stop: step,
+                };
             }
         }
-        None
     }
 
-    /// Move messages read from `from` to the other side until `from` has nothing
-    /// ready, the receiver pushes back, or the batch is used up.
-    fn poll_flow(&mut self, cx: &mut Context<'_>, from: Side) -> Option<Event> {
-        for _ in 0..BATCH {
-            let flow = match from {
-                Side::Client => &mut self.to_upstream,
-                Side::Upstream => &mut self.to_client,
+    /// Masking, size and fragmentation rules for a header from `from`.
+    fn check(&self, from: Side, h: &wire::Header) -> Result<(), Violation> {
+        // A client masks every frame; a server masks none (RFC 6455 5.1).
+        if h.mask.is_some() != (from == Side::Client) {
+            return Err(Violation::Protocol);
+        }
+        if h.is_control() {
+            return Ok(());
+        }
+        let dec = &self.dec[from as usize];
+        if (h.opcode == OP_CONTINUATION) != dec.message.is_some() {
+            return Err(Violation::Protocol); // a continuation with no message, or a new message inside one
+        }
+        if h.len > self.max_frame || dec.message_len.saturating_add(h.len) > self.max_message {
+            return Err(Violation::TooBig);
+        }
+        Ok(())
+    }
+
+    /// Handle one whole frame (header checked) in place. Returns whether to pass it on,
+    /// and whether processing must stop after it.
+    fn frame(
+        &mut self,
+        from: Side,
+        h: wire::Header,
+        frame: &mut [u8],
+        replies: &mut BytesMut,
+        reply_masked: bool,
+    ) -> Result<(bool, Option<Stop>), Violation> {
+        let hl = h.header_len;
+        let (head, payload) = frame.split_at_mut(hl);
+        if !h.is_control() {
+            let dec = &mut self.dec[from as usize];
+            let text = match h.opcode {
+                OP_TEXT => true,
+                OP_BINARY => false,
+                _ => dec.message == Some(true),
             };
-            if let Some(msg) = flow.pending.take() {
-                match poll_send(self.receiver(from), cx, msg) {
-                    Ok(None) => self.flow(from).unflushed = true,
-                    Ok(Some(msg)) => {
-                        self.flow(from).pending = Some(msg);
-                        return self.poll_flush(cx, from);
+            match h.mask {
+                // Client → upstream: unmask, check text, mask again with the gateway's key.
+                Some(m) => {
+                    let k = wire::new_mask();
+                    if text {
+                        wire::apply_mask(payload, m);
+                        dec.utf8.feed(payload, h.fin)?;
+                        wire::apply_mask(payload, k);
+                    } else {
+                        wire::apply_mask(payload, wire::combine(m, k));
                     }
-                    Err(_) => return Some(Event::End(write_error(from))),
+                    head[hl - 4..].copy_from_slice(&k);
                 }
+                // Upstream → client: frames go on unmasked as they came.
+                None if text => dec.utf8.feed(payload, h.fin)?,
+                None => {}
             }
-            if from == Side::Client && self.throttled(cx) {
-                return self.poll_flush(cx, from);
+            if h.fin {
+                dec.message = None;
+                dec.message_len = 0;
+            } else {
+                dec.message = Some(text);
+                dec.message_len += h.len;
             }
-            let next = match from {
-                Side::Client => Pin::new(&mut *self.client).poll_next(cx),
-                Side::Upstream => Pin::new(&mut *self.upstream).poll_next(cx),
-            };
-            match next {
-                Poll::Pending => {
-                    if from == Side::Client {
-                        self.throttled_since = None; // the client paused: it is within the rate
-                    }
-                    return self.poll_flush(cx, from);
+            self.activity = true;
+            self.bytes[from as usize] += h.len;
+            if !h.fin {
+                return Ok((true, None));
+            }
+            self.counts[from as usize] += 1;
+            return Ok((true, self.charge(from)?));
+        }
+        // Control frames: at most 125 bytes, read whole.
+        let mut copy = [0u8; wire::MAX_CONTROL];
+        let body = &mut copy[..payload.len()];
+        body.copy_from_slice(payload);
+        if let Some(m) = h.mask {
+            wire::apply_mask(body, m);
+        }
+        let forward = match h.opcode {
+            OP_PING => {
+                self.activity = true;
+                wire::put_frame(replies, OP_PONG, body, reply_masked); // answered at this hop
+                let passed = &mut self.forwarded[from as usize];
+                let forward = passed.len() < MAX_FORWARDED_PINGS;
+                if forward {
+                    passed.push_back(Bytes::copy_from_slice(body));
                 }
-                Poll::Ready(None) => return Some(Event::End(lost(from))),
-                Poll::Ready(Some(Err(e))) => return Some(Event::End(read_error(from, &e))),
-                Poll::Ready(Some(Ok(msg))) => {
-                    let rated = from == Side::Client && matches!(msg, Message::Text(_) | Message::Binary(_) | Message::Ping(_));
-                    if let Some(ev) = self.accept(from, msg) {
-                        return Some(ev);
-                    }
-                    if rated {
-                        if let Some(ev) = self.charge() {
-                            return Some(ev);
-                        }
-                    }
+                forward
+            }
+            OP_PONG => {
+                if from == Side::Client && self.ping_payload.as_ref().is_some_and(|p| p[..] == *body) {
+                    self.ping_payload = None;
+                    return Ok((false, None));
                 }
+                // A pong from `from` may answer a ping passed on to it.
+                let passed = &mut self.forwarded[from.other() as usize];
+                if let Some(i) = passed.iter().position(|q| q[..] == *body) {
+                    passed.drain(..=i);
+                    return Ok((false, None));
+                }
+                self.activity = true;
+                true
+            }
+            _ => {
+                let code = wire::check_close(body)?;
+                let mut payload = [0u8; wire::MAX_CONTROL];
+                payload[..body.len()].copy_from_slice(body);
+                let ev = Event::Closed {
+                    side: from,
+                    code,
+                    payload,
+                    len: body.len(),
+                };
+                return Ok((false, Some(Stop::Event(ev))));
+            }
+        };
+        if forward {
+            if let Some(m) = h.mask {
+                let k = wire::new_mask();
+                wire::apply_mask(payload, wire::combine(m, k));
+                head[hl - 4..].copy_from_slice(&k);
             }
         }
-        // Batch used up: flush, and come back after other tasks had their turn.
-        cx.waker().wake_by_ref();
-        self.poll_flush(cx, from)
+        let step = if forward && h.opcode == OP_PING { self.charge(from)? } else { None };
+        Ok((forward, step))
+    }
+
+    /// Charge one client message (or ping) to the rate; start holding the client back
+    /// when it is ahead. `Err` never: the abuse case is an event.
+    fn charge(&mut self, from: Side) -> Result<Option<Stop>, Violation> {
+        if from != Side::Client {
+            return Ok(None);
+        }
+        let now = *self.now.get_or_insert_with(Instant::now);
+        let Some(until) = self.rate.take(now) else { return Ok(None) };
+        let since = *self.throttled_since.get_or_insert(now);
+        if now.duration_since(since) >= self.rate_abuse_timeout {
+            return Ok(Some(Stop::Event(Event::End(CloseReason::RateAbuse))));
+        }
+        self.throttle = Some(Box::pin(sleep_until(until)));
+        Ok(Some(Stop::Throttle))
     }
 
     /// Whether reading from the client must wait for the message rate; registers the timer.
@@ -374,142 +868,33 @@ where
         false
     }
 
-    /// Charge one client message to the rate; start holding the client back when it is ahead.
-    fn charge(&mut self) -> Option<Event> {
-        let now = *self.now.get_or_insert_with(Instant::now);
-        let until = self.rate.take(now)?;
-        let since = *self.throttled_since.get_or_insert(now);
-        if now.duration_since(since) >= self.rate_abuse_timeout {
-            return Some(Event::End(CloseReason::RateAbuse));
-        }
-        self.throttle = Some(Box::pin(sleep_until(until)));
-        None
-    }
-
-    /// Classify one message read from `from`; data and pings become the flow's pending message.
-    fn accept(&mut self, from: Side, msg: Message) -> Option<Event> {
-        let dir = match from {
-            Side::Client => Direction::ClientToUpstream,
-            Side::Upstream => Direction::UpstreamToClient,
-        };
-        match msg {
-            Message::Text(ref t) => self.count(dir, t.len()),
-            Message::Binary(ref b) => self.count(dir, b.len()),
-            Message::Ping(ref p) => {
-                self.activity = true;
-                let flow = self.flow(from);
-                if flow.forwarded_pings.len() >= MAX_FORWARDED_PINGS {
-                    return None; // answered by this hop only
-                }
-                flow.forwarded_pings.push_back(p.clone());
-            }
-            Message::Pong(p) => {
-                if from == Side::Client && self.ping_payload.as_ref() == Some(&p) {
-                    self.ping_payload = None;
-                    return None;
-                }
-                // A pong from `from` may answer a ping we passed on to it.
-                let sent_to_from = match from {
-                    Side::Client => &mut self.to_client.forwarded_pings,
-                    Side::Upstream => &mut self.to_upstream.forwarded_pings,
-                };
-                if let Some(i) = sent_to_from.iter().position(|q| *q == p) {
-                    sent_to_from.drain(..=i);
-                    return None;
-                }
-                self.activity = true;
-                self.flow(from).pending = Some(Message::Pong(p));
-                return None;
-            }
-            Message::Close(frame) => return Some(Event::Closed(from, frame)),
-            Message::Frame(_) => return None,
-        }
-        self.flow(from).pending = Some(msg);
-        None
-    }
-
-    fn count(&mut self, dir: Direction, len: usize) {
-        self.activity = true;
-        self.counts[dir as usize] += 1;
-        self.bytes[dir as usize] += len as u64;
-    }
-
     /// Add what was relayed since the last report to the shared counters.
-    fn report(&mut self) {
+    fn report(&mut self, metrics: &SessionMetrics) {
         for i in 0..2 {
             let (m, b) = (self.counts[i] - self.reported.0[i], self.bytes[i] - self.reported.1[i]);
-            if m > 0 {
-                self.metrics.messages[i].increment(m);
-                self.metrics.bytes[i].increment(b);
+            if m > 0 || b > 0 {
+                metrics.messages[i].increment(m);
+                metrics.bytes[i].increment(b);
             }
         }
         self.reported = (self.counts, self.bytes);
     }
-
-    fn flow(&mut self, from: Side) -> &mut Flow {
-        match from {
-            Side::Client => &mut self.to_upstream,
-            Side::Upstream => &mut self.to_client,
-        }
-    }
-
-    fn receiver(&mut self, from: Side) -> Receiver<'_, C, U> {
-        match from {
-            Side::Client => Receiver::Upstream(self.upstream),
-            Side::Upstream => Receiver::Client(self.client),
-        }
-    }
-
-    fn poll_flush(&mut self, cx: &mut Context<'_>, from: Side) -> Option<Event> {
-        if !self.flow(from).unflushed {
-            return None;
-        }
-        let r = match from {
-            Side::Client => Pin::new(&mut *self.upstream).poll_flush(cx),
-            Side::Upstream => Pin::new(&mut *self.client).poll_flush(cx),
-        };
-        match r {
-            Poll::Ready(Ok(())) => {
-                self.flow(from).unflushed = false;
-                None
-            }
-            Poll::Ready(Err(_)) => Some(Event::End(write_error(from))),
-            Poll::Pending => None,
-        }
-    }
 }
 
-enum Receiver<'a, C, U> {
-    Client(&'a mut WebSocketStream<C>),
-    Upstream(&'a mut WebSocketStream<U>),
+fn violation(from: Side, v: Violation) -> Event {
+    Event::End(match (from, v) {
+        (Side::Client, Violation::Protocol) => CloseReason::ClientProtocol,
+        (Side::Client, Violation::Utf8) => CloseReason::ClientInvalidUtf8,
+        (Side::Client, Violation::TooBig) => CloseReason::ClientTooBig,
+        (Side::Upstream, Violation::Protocol) => CloseReason::UpstreamProtocol,
+        (Side::Upstream, Violation::Utf8) => CloseReason::UpstreamInvalidUtf8,
+        (Side::Upstream, Violation::TooBig) => CloseReason::UpstreamTooBig,
+    })
 }
 
-/// Try to hand `msg` to the receiver: `Ok(None)` when queued, `Ok(Some(msg))` when it
-/// must wait (backpressure).
-fn poll_send<C, U>(rx: Receiver<'_, C, U>, cx: &mut Context<'_>, msg: Message) -> Result<Option<Message>, WsError>
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
-{
-    fn send<S: Sink<Message, Error = WsError> + Unpin>(s: &mut S, cx: &mut Context<'_>, msg: Message) -> Result<Option<Message>, WsError> {
-        match Pin::new(&mut *s).poll_ready(cx) {
-            Poll::Pending => Ok(Some(msg)),
-            Poll::Ready(Err(e)) => Err(e),
-            Poll::Ready(Ok(())) => Pin::new(s).start_send(msg).map(|()| None),
-        }
-    }
-    match rx {
-        Receiver::Client(s) => send(s, cx, msg),
-        Receiver::Upstream(s) => send(s, cx, msg),
-    }
-}
-
-/// Writing to the receiver of `from`'s messages failed.
+/// Writing to the receiver of `from`'s frames failed.
 fn write_error(from: Side) -> CloseReason {
-    match from {
-        Side::Client => CloseReason::UpstreamReset,
-        Side::Upstream => CloseReason::ClientIo,
-    }
+    lost(from.other())
 }
 
 fn lost(side: Side) -> CloseReason {
@@ -519,34 +904,10 @@ fn lost(side: Side) -> CloseReason {
     }
 }
 
-/// Map a read error from `side` to why the gateway ends the session.
-fn read_error(side: Side, e: &WsError) -> CloseReason {
-    let client = side == Side::Client;
-    match e {
-        WsError::Capacity(_) if client => CloseReason::ClientTooBig,
-        WsError::Capacity(_) => CloseReason::UpstreamTooBig,
-        WsError::Utf8(_) if client => CloseReason::ClientInvalidUtf8,
-        WsError::Utf8(_) => CloseReason::UpstreamInvalidUtf8,
-        WsError::Protocol(p)
-            if !matches!(
-                p,
-                tokio_tungstenite::tungstenite::error::ProtocolError::ResetWithoutClosingHandshake
-            ) =>
-        {
-            if client {
-                CloseReason::ClientProtocol
-            } else {
-                CloseReason::UpstreamProtocol
-            }
-        }
-        _ => lost(side),
-    }
-}
-
 /// Complete the close handshakes after `event`; returns (code, initiator, gateway reason).
 async fn finish<C, U>(
-    client: &mut WebSocketStream<C>,
-    upstream: &mut WebSocketStream<U>,
+    client: &mut Endpoint<C>,
+    upstream: &mut Endpoint<U>,
     event: Event,
     timeout: Duration,
 ) -> (u16, Initiator, Option<CloseReason>)
@@ -555,42 +916,62 @@ where
     U: AsyncRead + AsyncWrite + Unpin,
 {
     match event {
-        Event::Closed(side, frame) => {
-            let code = frame.as_ref().map_or(1005, |f| u16::from(f.code));
-            let initiator = if side == Side::Client {
-                Initiator::Client
-            } else {
-                Initiator::Upstream
-            };
+        Event::Closed { side, code, payload, len } => {
+            // Answer the side that closed with its own close frame (RFC 6455 5.5.1) and
+            // pass the frame on to the other side.
+            let frame = &payload[..len];
+            client.put(OP_CLOSE, frame);
+            upstream.put(OP_CLOSE, frame);
             let _ = tokio::time::timeout(timeout, async {
                 match side {
-                    Side::Client => tokio::join!(drain(client), close_and_drain(upstream, frame)),
-                    Side::Upstream => tokio::join!(close_and_drain(client, frame), drain(upstream)),
+                    Side::Client => {
+                        tokio::join!(
+                            async {
+                                let _ = client.flush().await;
+                                let _ = client.io.shutdown().await; // the server closes the connection first
+                            },
+                            async {
+                                if upstream.flush().await.is_ok() {
+                                    upstream.read_until_close().await;
+                                }
+                            }
+                        )
+                    }
+                    Side::Upstream => tokio::join!(
+                        async {
+                            if client.flush().await.is_ok() {
+                                client.read_until_close().await;
+                                let _ = client.io.shutdown().await;
+                            }
+                        },
+                        async {
+                            let _ = upstream.flush().await;
+                        }
+                    ),
                 }
             })
             .await;
-            (code, initiator, None)
+            let initiator = match side {
+                Side::Client => Initiator::Client,
+                Side::Upstream => Initiator::Upstream,
+            };
+            (code.unwrap_or(1005), initiator, None)
         }
         Event::End(reason) => {
             let (cc, uc) = reason.codes();
-            let frame = |code: CloseCode| {
-                Some(CloseFrame {
-                    code,
-                    reason: reason.text().into(),
-                })
-            };
             let client_ok = !matches!(reason, CloseReason::ClientIo);
             let upstream_ok = !matches!(reason, CloseReason::UpstreamReset);
             let _ = tokio::time::timeout(timeout, async {
                 tokio::join!(
                     async {
                         if client_ok {
-                            close_and_drain(client, frame(cc)).await
+                            client.close(Some((u16::from(cc), reason.text()))).await;
+                            let _ = client.io.shutdown().await;
                         }
                     },
                     async {
                         if upstream_ok {
-                            close_and_drain(upstream, frame(uc)).await
+                            upstream.close(Some((u16::from(uc), reason.text()))).await;
                         }
                     }
                 )
@@ -602,16 +983,149 @@ where
     }
 }
 
-/// Send a close frame and read until the peer's reply (or the end of the stream).
-async fn close_and_drain<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>, frame: Option<CloseFrame>) {
-    if ws.send(Message::Close(frame)).await.is_ok() {
-        drain(ws).await;
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Read until the stream ends, which also flushes any queued close reply. Messages
-/// that arrive after a close was sent cannot be delivered (RFC 6455 5.5.1).
-async fn drain<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>) {
-    let _ = ws.flush().await;
-    while let Some(Ok(_)) = ws.next().await {}
+    fn core() -> Core {
+        Core {
+            dec: Default::default(),
+            forwarded: Default::default(),
+            max_frame: 1 << 16,
+            max_message: 1 << 17,
+            counts: [0; 2],
+            bytes: [0; 2],
+            reported: ([0; 2], [0; 2]),
+            activity: false,
+            ping_seq: 0,
+            ping_payload: None,
+            rate: MessageRate::new("1000000/s".parse().unwrap(), 1_000_000),
+            throttle: None,
+            throttled_since: None,
+            rate_abuse_timeout: Duration::from_secs(10),
+            now: None,
+        }
+    }
+
+    fn frame(opcode: u8, fin: bool, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+        let (h, n) = wire::header(opcode, fin, payload.len(), mask);
+        let mut f = h[..n].to_vec();
+        let start = f.len();
+        f.extend_from_slice(payload);
+        if let Some(k) = mask {
+            wire::apply_mask(&mut f[start..], k);
+        }
+        f
+    }
+
+    /// Unmask every frame in `buf` and return (opcode, fin, payload) of each.
+    fn frames(mut buf: &[u8]) -> Vec<(u8, bool, Vec<u8>)> {
+        let mut out = vec![];
+        while let Some(h) = wire::parse(buf).unwrap() {
+            let mut p = buf[h.header_len..h.header_len + h.len as usize].to_vec();
+            if let Some(k) = h.mask {
+                wire::apply_mask(&mut p, k);
+            }
+            out.push((h.opcode, h.fin, p));
+            buf = &buf[h.header_len + h.len as usize..];
+        }
+        assert!(buf.is_empty());
+        out
+    }
+
+    #[tokio::test]
+    async fn client_frames_are_remasked_and_counted() {
+        let mut c = core();
+        let key = [1, 2, 3, 4];
+        let mut input = frame(OP_TEXT, false, "héllo ".as_bytes(), Some(key));
+        input.extend(frame(OP_PING, true, b"p", Some(key)));
+        input.extend(frame(OP_CONTINUATION, true, "wörld".as_bytes(), Some(key)));
+        input.extend(frame(OP_BINARY, true, &[0, 255], Some(key)));
+        let partial = frame(OP_BINARY, true, &[7; 300], Some(key));
+        input.extend(&partial[..100]);
+        let mut replies = BytesMut::new();
+        let p = c.process(Side::Client, &mut input, &mut replies, false);
+        assert!(p.stop.is_none());
+        assert_eq!(p.need, partial.len());
+        let out = &input[..p.out];
+        assert_eq!(
+            frames(out),
+            vec![
+                (OP_TEXT, false, "héllo ".as_bytes().to_vec()),
+                (OP_PING, true, b"p".to_vec()),
+                (OP_CONTINUATION, true, "wörld".as_bytes().to_vec()),
+                (OP_BINARY, true, vec![0, 255]),
+            ]
+        );
+        // Every frame to the upstream carries a gateway key, not the client's.
+        let mut rest = out;
+        while let Some(h) = wire::parse(rest).unwrap() {
+            assert!(h.mask.is_some_and(|k| k != key));
+            rest = &rest[h.header_len + h.len as usize..];
+        }
+        assert_eq!(frames(&replies), vec![(OP_PONG, true, b"p".to_vec())]);
+        assert_eq!(c.counts[0], 2, "two messages; the ping is no message");
+        assert_eq!(c.bytes[0], ("héllo wörld".len() + 2) as u64);
+    }
+
+    #[tokio::test]
+    async fn violations_stop_at_the_bad_frame() {
+        let cases: Vec<(Vec<u8>, Side, CloseReason)> = vec![
+            (frame(OP_TEXT, true, b"x", None), Side::Client, CloseReason::ClientProtocol), // unmasked
+            (
+                frame(OP_TEXT, true, b"x", Some([1; 4])),
+                Side::Upstream,
+                CloseReason::UpstreamProtocol,
+            ), // masked
+            (
+                frame(OP_CONTINUATION, true, b"x", None),
+                Side::Upstream,
+                CloseReason::UpstreamProtocol,
+            ),
+            (
+                frame(OP_TEXT, true, &[0xC0, 0x80], None),
+                Side::Upstream,
+                CloseReason::UpstreamInvalidUtf8,
+            ),
+            (
+                frame(OP_BINARY, true, &vec![0; 70_000], None),
+                Side::Upstream,
+                CloseReason::UpstreamTooBig,
+            ),
+            (frame(OP_CLOSE, true, &[3], Some([1; 4])), Side::Client, CloseReason::ClientProtocol),
+        ];
+        for (bad, side, want) in cases {
+            let mut c = core();
+            let mut input = frame(OP_BINARY, true, b"ok", if side == Side::Client { Some([5; 4]) } else { None });
+            let good = input.len();
+            input.extend(bad);
+            let p = c.process(side, &mut input, &mut BytesMut::new(), false);
+            assert_eq!((p.out, p.used), (good, good));
+            match p.stop {
+                Some(Stop::Event(Event::End(r))) => assert_eq!(r, want),
+                _ => panic!("no violation for {want:?}"),
+            }
+        }
+        // A message split over frames is held to the message limit.
+        let mut c = core();
+        let mut input = frame(OP_BINARY, false, &vec![0; 60_000], None);
+        input.extend(frame(OP_CONTINUATION, false, &vec![0; 60_000], None));
+        input.extend(frame(OP_CONTINUATION, true, &vec![0; 60_000], None));
+        let p = c.process(Side::Upstream, &mut input, &mut BytesMut::new(), true);
+        assert!(matches!(p.stop, Some(Stop::Event(Event::End(CloseReason::UpstreamTooBig)))));
+    }
+
+    #[tokio::test]
+    async fn pongs_to_passed_on_pings_are_absorbed() {
+        let mut c = core();
+        let mut ping = frame(OP_PING, true, b"hi", Some([9; 4]));
+        let p = c.process(Side::Client, &mut ping, &mut BytesMut::new(), false);
+        assert_eq!(p.out, ping.len());
+        let mut pong = frame(OP_PONG, true, b"hi", None);
+        let p = c.process(Side::Upstream, &mut pong, &mut BytesMut::new(), true);
+        assert_eq!(p.out, 0, "the client already has its pong");
+        let mut pong = frame(OP_PONG, true, b"heartbeat", None);
+        let p = c.process(Side::Upstream, &mut pong, &mut BytesMut::new(), true);
+        assert_eq!(p.out, pong.len(), "unsolicited pongs pass");
+    }
 }

@@ -17,13 +17,7 @@ use tokio::{
     io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf},
     net::TcpStream,
 };
-use tokio_tungstenite::{
-    WebSocketStream,
-    tungstenite::{
-        client::IntoClientRequest,
-        protocol::{Role, WebSocketConfig},
-    },
-};
+use tokio_tungstenite::tungstenite::{client::IntoClientRequest, protocol::WebSocketConfig};
 
 /// The transport to an upstream. An enum rather than a boxed trait object keeps the
 /// relay's reads and writes statically dispatched.
@@ -239,7 +233,7 @@ fn strip_token_cookies(h: &mut HeaderMap, facts: &ClientFacts) {
 
 /// A connected upstream: the WebSocket and the subprotocol it chose.
 pub struct Connected {
-    pub ws: WebSocketStream<UpstreamIo>,
+    pub ws: crate::relay::Endpoint<UpstreamIo>,
     pub protocol: Option<HeaderValue>,
 }
 
@@ -271,7 +265,7 @@ pub async fn connect(
                 }
             }
         };
-        handshake(io, req, ws_config).await
+        handshake(io, req).await
     };
     tokio::time::timeout(timeout, fut).await.map_err(|_| Reject::UpstreamTimeout)?
 }
@@ -279,7 +273,7 @@ pub async fn connect(
 /// The client half of the WebSocket handshake, driven by hyper: the upgraded stream
 /// comes back with exactly the bytes the upstream sent after its 101, and no
 /// handshake buffer stays attached to the session.
-async fn handshake(io: UpstreamIo, req: http::Request<()>, ws_config: WebSocketConfig) -> Result<Connected, Reject> {
+async fn handshake(io: UpstreamIo, req: http::Request<()>) -> Result<Connected, Reject> {
     use http_body_util::Empty;
     let fail = |why: &str| {
         tracing::debug!(reason = why, "upstream handshake failed");
@@ -348,7 +342,7 @@ async fn handshake(io: UpstreamIo, req: http::Request<()>, ws_config: WebSocketC
     let parts = upgraded
         .downcast::<hyper_util::rt::TokioIo<UpstreamIo>>()
         .map_err(|_| fail("upgrade io"))?;
-    let ws = WebSocketStream::from_partially_read(parts.io.into_inner(), parts.read_buf.to_vec(), Role::Client, Some(ws_config)).await;
+    let ws = crate::relay::Endpoint::upstream(parts.io.into_inner(), &parts.read_buf);
     Ok(Connected { ws, protocol })
 }
 
