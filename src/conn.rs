@@ -114,10 +114,24 @@ async fn serve(
     over_cap: bool,
     slot: &Arc<Mutex<Slot>>,
 ) -> Result<Done, Reject> {
+    // The handshake stages are boxed: their state (TLS accept, hyper's connection and
+    // builder) is freed before the session relays, so an idle session stays small.
+    let admission = Box::pin(handshake(gw, rt, tcp, peer_ip, accepted, over_cap, slot)).await?;
+    relay_session(gw, rt, admission, accepted, slot).await
+}
+
+/// TLS, then the upgrade request served by hyper up to the 101: the admitted session.
+async fn handshake(
+    gw: &Arc<Gateway>,
+    rt: &Arc<Runtime>,
+    tcp: TcpStream,
+    peer_ip: IpAddr,
+    accepted: Instant,
+    over_cap: bool,
+    slot: &Arc<Mutex<Slot>>,
+) -> Result<Box<Admission>, Reject> {
     let server = &rt.config.server;
     let deadline = accepted + server.handshake_timeout;
-    // The handshake stages are boxed: their (large) state is freed once the session
-    // relays, which keeps the memory of an idle session small.
     let tls = match tokio::time::timeout_at(deadline, Box::pin(rt.tls.accept(tcp))).await {
         Err(_) => return Err(Reject::HandshakeTimeout),
         Ok(Err(_)) => return Err(Reject::TlsHandshake),
@@ -172,7 +186,7 @@ async fn serve(
         (None, Ok(_)) => return Err(Reject::BadRequest("connection closed without a request")),
         (None, Err(_)) => return Err(Reject::HandshakeTimeout),
     };
-    relay_session(gw, rt, *admission, accepted, slot).await
+    Ok(admission)
 }
 
 /// A session ready to relay: both WebSockets and what the relay needs to keep.
@@ -192,7 +206,7 @@ type ClientIo = Box<TlsStream<TcpStream>>;
 async fn relay_session(
     gw: &Arc<Gateway>,
     rt: &Arc<Runtime>,
-    admission: Admission,
+    admission: Box<Admission>,
     accepted: Instant,
     slot: &Arc<Mutex<Slot>>,
 ) -> Result<Done, Reject> {
@@ -203,7 +217,7 @@ async fn relay_session(
     run_session(gw, rt, &mut open, slot).await
 }
 
-async fn open_session(gw: &Gateway, rt: &Runtime, admission: Admission, slot: &Mutex<Slot>) -> Result<Open, Reject> {
+async fn open_session(gw: &Gateway, rt: &Runtime, admission: Box<Admission>, slot: &Mutex<Slot>) -> Result<Open, Reject> {
     let Admission {
         route_index,
         upstream,
@@ -212,7 +226,7 @@ async fn open_session(gw: &Gateway, rt: &Runtime, admission: Admission, slot: &M
         pending,
         ip_slot,
         user_slot,
-    } = admission;
+    } = *admission;
     let upgraded = match on_upgrade.await {
         Ok(u) => u,
         Err(_) => {
@@ -362,6 +376,6 @@ mod tests {
         let gw = r.gateway.clone();
         let f = super::handle(gw.clone(), gw.runtime(), s, peer, tokio::time::Instant::now(), false);
         let size = std::mem::size_of_val(&f);
-        assert!(size <= 4096, "connection future is {size} bytes");
+        assert!(size <= 2560, "connection future is {size} bytes");
     }
 }

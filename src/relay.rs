@@ -510,7 +510,8 @@ where
 
     core.report(metrics);
     let (counts, bytes) = (core.counts, core.bytes);
-    let (code, initiator, reason) = finish(client, upstream, event, settings.close_timeout).await;
+    // Boxed: the closing handshakes need their state only at the end, not for the whole session.
+    let (code, initiator, reason) = Box::pin(finish(client, upstream, event, settings.close_timeout)).await;
     Outcome {
         code,
         initiator,
