@@ -109,12 +109,17 @@ pub struct Outcome {
 }
 
 /// One side of a session after its handshake: the stream, input read but not yet
-/// relayed (a partial frame, or frames held back by the message rate) and output the
-/// stream did not take yet. Both buffers are empty, without capacity, while idle.
+/// relayed (a partial frame, or frames held back by the message rate), relayed
+/// output the stream did not take yet, and the gateway's own frames for it (pongs,
+/// pings, close). All three are empty, without capacity, while idle.
 pub struct Endpoint<S> {
     io: S,
     rx: BytesMut,
+    /// Relayed frames; the sender of these is not read while any are left.
     tx: BytesMut,
+    /// Gateway frames, written when `tx` is empty (both hold whole frames only, so
+    /// neither lands inside a frame of the other).
+    ctl: BytesMut,
     /// Frames sent to this side are masked: it is the upstream (the gateway is its client).
     masked: bool,
     /// Written to since the last flush.
@@ -137,6 +142,7 @@ impl<S> Endpoint<S> {
             io,
             rx: BytesMut::from(read_ahead),
             tx: BytesMut::new(),
+            ctl: BytesMut::new(),
             masked,
             dirty: false,
         }
@@ -148,7 +154,7 @@ impl<S> Endpoint<S> {
 
     /// Queue a whole frame the gateway sends to this side.
     fn put(&mut self, opcode: u8, payload: &[u8]) {
-        wire::put_frame(&mut self.tx, opcode, payload, self.masked);
+        wire::put_frame(&mut self.ctl, opcode, payload, self.masked);
     }
 }
 
@@ -159,7 +165,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Endpoint<S> {
         if data.is_empty() {
             return Ok(());
         }
-        if !self.tx.is_empty() {
+        if !self.tx.is_empty() || !self.ctl.is_empty() {
             self.tx.extend_from_slice(data);
             return self.poll_drain(cx);
         }
@@ -181,7 +187,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Endpoint<S> {
 
     /// Write queued output until it is gone or the stream pushes back.
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
-        while !self.tx.is_empty() {
+        loop {
+            if self.tx.is_empty() {
+                if self.ctl.is_empty() {
+                    break;
+                }
+                std::mem::swap(&mut self.tx, &mut self.ctl);
+            }
             match Pin::new(&mut self.io).poll_write(cx, &self.tx) {
                 Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
                 Poll::Ready(Ok(n)) => {
@@ -192,8 +204,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Endpoint<S> {
                 Poll::Pending => return Ok(()),
             }
         }
+        // Idle sessions keep no buffer.
         if self.tx.capacity() > 0 {
-            self.tx = BytesMut::new(); // idle sessions keep no buffer
+            self.tx = BytesMut::new();
+        }
+        if self.ctl.capacity() > 0 {
+            self.ctl = BytesMut::new();
         }
         Ok(())
     }
@@ -201,7 +217,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Endpoint<S> {
     /// Drain the queue, then flush the stream (TLS keeps records until flushed).
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.poll_drain(cx)?;
-        if !self.tx.is_empty() {
+        if !self.tx.is_empty() || !self.ctl.is_empty() {
             return Poll::Pending;
         }
         if self.dirty {
@@ -556,11 +572,12 @@ where
         if !to.tx.is_empty() {
             return None; // the receiver pushes back: stop reading from its sender
         }
-        if from.tx.len() > REPLY_LIMIT {
+        if from.ctl.len() > REPLY_LIMIT {
+            // Pongs pile up for a peer that sends pings but does not read.
             if from.poll_drain(cx).is_err() {
                 return Some(Event::End(lost(side)));
             }
-            if from.tx.len() > REPLY_LIMIT {
+            if from.ctl.len() > REPLY_LIMIT {
                 return None;
             }
         }
@@ -604,7 +621,7 @@ where
             Poll::Ready(Ok(())) => {}
         }
         let data = rb.filled_mut();
-        let p = core.process(side, data, &mut from.tx, from.masked);
+        let p = core.process(side, data, &mut from.ctl, from.masked);
         if to.send(cx, &data[..p.out]).is_err() {
             return Read::Event(Event::End(write_error(side)));
         }
@@ -628,7 +645,7 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let p = core.process(side, &mut from.rx, &mut from.tx, from.masked);
+    let p = core.process(side, &mut from.rx, &mut from.ctl, from.masked);
     if to.send(cx, &from.rx[..p.out]).is_err() {
         return Read::Event(Event::End(write_error(side)));
     }
@@ -1128,5 +1145,109 @@ mod tests {
         let mut pong = frame(OP_PONG, true, b"heartbeat", None);
         let p = c.process(Side::Upstream, &mut pong, &mut BytesMut::new(), true);
         assert_eq!(p.out, pong.len(), "unsolicited pongs pass");
+    }
+}
+
+#[cfg(test)]
+mod pipe_tests {
+    use super::*;
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::{
+        WebSocketStream,
+        tungstenite::{Message, protocol::Role},
+    };
+
+    /// Client ⇄ relay ⇄ the built-in echo, over in-memory pipes; returns the client
+    /// WebSocket and the relay task.
+    async fn session() -> (WebSocketStream<tokio::io::DuplexStream>, tokio::task::JoinHandle<Outcome>) {
+        let (client_io, gw_client_io) = tokio::io::duplex(8 * 1024);
+        let (gw_up_io, up_io) = tokio::io::duplex(16 * 1024);
+        let client = WebSocketStream::from_raw_socket(client_io, Role::Client, None).await;
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .read_buffer_size(1024)
+            .write_buffer_size(16 * 1024)
+            .max_write_buffer_size(2 << 20)
+            .max_message_size(Some(1 << 20))
+            .max_frame_size(Some(1 << 20));
+        let up = WebSocketStream::from_raw_socket(up_io, Role::Server, Some(config)).await;
+        tokio::spawn(crate::echo::serve(up));
+        let relay = tokio::spawn(async move {
+            let settings = Settings {
+                idle_timeout: Duration::from_secs(60),
+                ping_interval: Duration::from_secs(60),
+                close_timeout: Duration::from_secs(1),
+                message_rate: "1000000/s".parse().unwrap(),
+                message_burst: 1_000_000,
+                rate_abuse_timeout: Duration::from_secs(60),
+                max_frame_size: 1 << 20,
+                max_message_size: 1 << 20,
+            };
+            let metrics = crate::metrics::Metrics::new().session("t");
+            let shutdown = CancellationToken::new();
+            let control = Control {
+                shutdown: &shutdown,
+                drain_spread: Duration::ZERO,
+                deadline: None,
+                policy: None,
+                progress: None,
+            };
+            let (mut c, mut u) = (Endpoint::client(gw_client_io, &[]), Endpoint::upstream(gw_up_io, &[]));
+            run(&mut c, &mut u, &settings, &metrics, control).await
+        });
+        (client, relay)
+    }
+
+    #[tokio::test]
+    async fn frames_larger_than_a_read_cross_small_pipes() {
+        let (mut client, relay) = session().await;
+        let big: Vec<u8> = (0..250 * 1024).map(|i| (i % 253) as u8).collect();
+        for _ in 0..3 {
+            client.send(Message::binary(big.clone())).await.unwrap();
+            let echo = tokio::time::timeout(Duration::from_secs(5), client.next())
+                .await
+                .expect("echo in time");
+            assert_eq!(echo.unwrap().unwrap(), Message::binary(big.clone()));
+        }
+        client.close(None).await.unwrap();
+        let outcome = tokio::time::timeout(Duration::from_secs(5), relay).await.unwrap().unwrap();
+        assert_eq!((outcome.code, outcome.messages), (1005, [3, 3]));
+        assert_eq!(outcome.bytes, [3 * big.len() as u64; 2]);
+    }
+
+    /// A client that floods pings and never reads is held back once its pongs fill a
+    /// small queue: the gateway stops reading from it instead of buffering answers.
+    #[tokio::test]
+    async fn ping_flood_from_a_client_that_does_not_read_is_held_back() {
+        let (client, relay) = session().await;
+        let (mut tx, mut rx) = client.split();
+        let mut sent = 0u32;
+        let flood = async {
+            for i in 0..100_000u32 {
+                tx.send(Message::Ping(i.to_be_bytes().to_vec().into())).await.unwrap();
+                sent += 1;
+            }
+        };
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), flood).await.is_err(),
+            "all pings were taken: nothing held the client back"
+        );
+        assert!(sent < 20_000, "{sent} pings taken from a client that reads nothing");
+        // Once the client reads, every ping is answered exactly once and the session still works.
+        let reader = tokio::spawn(async move {
+            let mut pongs = 0u32;
+            loop {
+                match rx.next().await {
+                    Some(Ok(Message::Pong(_))) => pongs += 1,
+                    Some(Ok(Message::Text(t))) => return (pongs, t.to_string()),
+                    other => panic!("{other:?}"),
+                }
+            }
+        });
+        tx.send(Message::text("end")).await.unwrap();
+        let (pongs, text) = tokio::time::timeout(Duration::from_secs(5), reader).await.unwrap().unwrap();
+        assert_eq!(text, "end");
+        assert!(pongs >= sent && pongs <= sent + 1, "{pongs} pongs for {sent} pings");
+        drop(tx);
+        let _ = tokio::time::timeout(Duration::from_secs(5), relay).await;
     }
 }

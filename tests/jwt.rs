@@ -5,7 +5,7 @@
 mod common;
 use base64::Engine;
 use common::*;
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::json;
 use std::{
@@ -297,7 +297,14 @@ async fn token_as_first_message() {
     let gw = Gw::start_with("", &rest, |t| t.replace("audience = [\"wsgate\"]", sources)).await;
     // Raw token.
     let (mut ws, _) = gw.try_connect("/app", &gw.options(None)).await.unwrap();
-    ws.send(Message::text(gw.token("alice"))).await.unwrap();
+    // A message sent right behind the token, in the same write, is relayed.
+    ws.feed(Message::text(gw.token("alice"))).await.unwrap();
+    ws.feed(Message::text("pipelined")).await.unwrap();
+    ws.flush().await.unwrap();
+    match tokio::time::timeout(TIMEOUT, ws.next()).await.unwrap() {
+        Some(Ok(Message::Text(t))) => assert_eq!(t.as_str(), "pipelined"),
+        other => panic!("{other:?}"),
+    }
     assert_eq!(roundtrip(&mut ws, "after auth").await, "after auth");
     // JSON form.
     let (mut ws2, _) = gw.try_connect("/app", &gw.options(None)).await.unwrap();
@@ -314,7 +321,7 @@ async fn token_as_first_message() {
         .iter()
         .filter_map(|m| m.to_text().ok().map(str::to_string))
         .collect();
-    assert_eq!(seen, vec!["after auth".to_string(), "json".to_string()]);
+    assert_eq!(seen, vec!["pipelined".to_string(), "after auth".to_string(), "json".to_string()]);
     // A bad token closes with 1008, and so does silence.
     let (mut bad, _) = gw.try_connect("/app", &gw.options(None)).await.unwrap();
     bad.send(Message::text("not-a-token")).await.unwrap();

@@ -371,3 +371,60 @@ async fn drain_spreads_the_1001_closes_over_the_grace() {
     );
     gw.stop().await;
 }
+
+/// Frames larger than one read, messages split across many frames (with code points
+/// split between fragments) and a burst of pipelined messages all arrive intact and in
+/// order: the relay forwards frames as they complete, never whole messages.
+#[tokio::test]
+async fn large_fragmented_and_pipelined_frames_arrive_intact() {
+    let gw = Gw::start(
+        "",
+        &format!("[limits]\nmax_frame_size = \"1MiB\"\nmax_message_size = \"2MiB\"\n{ECHO_ROUTE}"),
+    )
+    .await;
+    let ws = gw.connect("/echo").await;
+    let (mut tx, mut rx) = ws.split();
+    let big: Vec<u8> = (0..250 * 1024).map(|i| (i * 7 % 251) as u8).collect();
+    // 900 KiB of text in 100 KiB fragments; "é" (2 bytes) and "€" (3 bytes) straddle the cuts.
+    let text: String = "aé€".repeat(900 * 1024 / 6);
+    // The writer runs on its own while this task reads the echoes back (a client that
+    // stops reading would fill every buffer on the way and stall, as with any proxy).
+    let writer = {
+        let (big, text) = (big.clone(), text.clone());
+        tokio::spawn(async move {
+            tx.feed(Message::binary(big)).await.unwrap();
+            let bytes = text.as_bytes();
+            let cuts: Vec<usize> = (0..bytes.len()).step_by(100 * 1024 + 1).chain([bytes.len()]).collect();
+            for (i, w) in cuts.windows(2).enumerate() {
+                let op = if i == 0 {
+                    OpCode::Data(Data::Text)
+                } else {
+                    OpCode::Data(Data::Continue)
+                };
+                let last = w[1] == bytes.len();
+                tx.feed(Message::Frame(Frame::message(bytes[w[0]..w[1]].to_vec(), op, last)))
+                    .await
+                    .unwrap();
+            }
+            for i in 0..200u32 {
+                tx.feed(Message::binary(i.to_be_bytes().to_vec())).await.unwrap();
+            }
+            tx.flush().await.unwrap();
+            tx
+        })
+    };
+    async fn next(rx: &mut futures_util::stream::SplitStream<wsgate::client::ClientStream>) -> Message {
+        let m = tokio::time::timeout(TIMEOUT, rx.next()).await;
+        m.expect("echo in time").expect("open").expect("no error")
+    }
+    eprintln!("STEP big");
+    assert_eq!(next(&mut rx).await, Message::binary(big));
+    eprintln!("STEP text");
+    assert_eq!(next(&mut rx).await.into_text().unwrap().as_str(), text);
+    for i in 0..200u32 {
+        assert_eq!(next(&mut rx).await, Message::binary(i.to_be_bytes().to_vec()));
+    }
+    let tx = writer.await.unwrap();
+    let mut ws = tx.reunite(rx).unwrap();
+    assert_eq!(roundtrip(&mut ws, "still open").await, "still open");
+}
