@@ -14,6 +14,22 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(aws_lc_rs::default_provider())
 }
 
+/// The server's suites, AES-128-GCM first: as strong in practice (Mozilla's "modern"
+/// profile lists it first), and its SHA-256 key schedule runs on the CPU's SHA
+/// extensions where SHA-384 does not; SHA-384 was 7% of the gateway's CPU per
+/// handshake in the profile. The server's order wins (`ignore_client_order`).
+fn server_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    use rustls::CipherSuite::*;
+    let mut p = aws_lc_rs::default_provider();
+    p.cipher_suites.sort_by_key(|s| {
+        !matches!(
+            s.suite(),
+            TLS13_AES_128_GCM_SHA256 | TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 | TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256
+        )
+    });
+    Arc::new(p)
+}
+
 /// Build the server TLS config from `[tls]`, creating a self-signed development
 /// certificate first when the files are missing and `self_signed_if_missing` is set.
 ///
@@ -41,13 +57,14 @@ pub fn server_config(cfg: &Config, create: bool) -> Result<Arc<ServerConfig>, Co
         TlsVersion::V1_2 => &[&rustls::version::TLS13, &rustls::version::TLS12],
         TlsVersion::V1_3 => &[&rustls::version::TLS13],
     };
-    let mut sc = ServerConfig::builder_with_provider(provider())
+    let mut sc = ServerConfig::builder_with_provider(server_provider())
         .with_protocol_versions(versions)
         .map_err(|e| t.cert.error(origin, format!("TLS setup failed: {e}")))?
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(|e| t.key.error(origin, format!("certificate and key do not form a usable pair: {e}")))?;
     sc.alpn_protocols = vec![b"http/1.1".to_vec()];
+    sc.ignore_client_order = true;
     // Resumption for returning clients: stateless tickets plus a bounded session cache.
     sc.ticketer = aws_lc_rs::Ticketer::new().map_err(|e| t.cert.error(origin, format!("TLS ticketer: {e}")))?;
     sc.session_storage = rustls::server::ServerSessionMemoryCache::new(4096);

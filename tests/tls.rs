@@ -85,6 +85,36 @@ async fn min_version_and_alpn_are_enforced() {
         .await
         .unwrap();
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    // The server's suite order wins: AES-128-GCM even from clients that list AES-256 first
+    // (rustls' default order), for both TLS versions; AES-256 still when it is all a client has.
+    use rustls::CipherSuite::*;
+    assert_eq!(
+        tls.get_ref().1.negotiated_cipher_suite().map(|s| s.suite()),
+        Some(TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256)
+    );
+    let tls13 = client(&[&rustls::version::TLS13], vec![b"http/1.1".to_vec()])
+        .connect(name(), TcpStream::connect(gw.addr).await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        tls13.get_ref().1.negotiated_cipher_suite().map(|s| s.suite()),
+        Some(TLS13_AES_128_GCM_SHA256)
+    );
+    let mut only256 = rustls::crypto::aws_lc_rs::default_provider();
+    only256.cipher_suites.retain(|s| s.suite() == TLS13_AES_256_GCM_SHA384);
+    let cc256 = rustls::ClientConfig::builder_with_provider(Arc::new(only256))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots.clone())
+        .with_no_client_auth();
+    let tls256 = tokio_rustls::TlsConnector::from(Arc::new(cc256))
+        .connect(name(), TcpStream::connect(gw.addr).await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        tls256.get_ref().1.negotiated_cipher_suite().map(|s| s.suite()),
+        Some(TLS13_AES_256_GCM_SHA384)
+    );
     // A client that only speaks h2 is refused at the TLS layer.
     assert!(
         client(&[&rustls::version::TLS13], vec![b"h2".to_vec()])
