@@ -11,6 +11,7 @@
 #   BENCH_HOLD [3/1]            seconds the idle sockets are held before the echo check
 #   BENCH_IDLE_COUNTS ["1000 9000"]  idle socket counts
 #   BENCH_TARGETS ["direct wsgate nginx"]
+#   BENCH_TESTS ["tp16 tp1 hs lat idle"]  measurements to run (a subset for focused A/B runs)
 #   BENCH_SKIP_BUILD=1          use the binaries already in target/release
 #
 # Three targets stand in front of ONE plain-ws echo backend (`wsgate echo`, its own process):
@@ -36,6 +37,8 @@ else
 fi
 IDLE_COUNTS=${BENCH_IDLE_COUNTS:-"1000 9000"}
 TARGETS=${BENCH_TARGETS:-"direct wsgate nginx"}
+TESTS=" ${BENCH_TESTS:-tp16 tp1 hs lat idle} "
+wants() { [[ $TESTS == *" $1 "* ]]; }
 SOURCES=$(seq -s, -f '127.0.0.%g' 1 20)
 
 OUT=target/bench
@@ -328,19 +331,19 @@ for t in $TARGETS; do start "$t"; done
 
 for ((r = 1; r <= REPEAT; r++)); do
   say "bench: round $r/$REPEAT"
-  for t in $TARGETS; do
+  wants tp16 && for t in $TARGETS; do
     measure "$t" tp16 throughput --connections 64 --size 64 --inflight 16 --duration "$DURATION" --warmup "$WARMUP" \
       --cpu-pid "${PID[$t]}"
   done
-  for t in $TARGETS; do
+  wants tp1 && for t in $TARGETS; do
     measure "$t" tp1 throughput --connections 64 --size 64 --inflight 1 --duration "$DURATION" --warmup "$WARMUP" \
       --cpu-pid "${PID[$t]}"
   done
-  for t in $TARGETS; do
+  wants hs && for t in $TARGETS; do
     measure "$t" hs handshakes --concurrency 32 --duration "$DURATION" --warmup "$WARMUP" --sources "$SOURCES" \
       --cpu-pid "${PID[$t]}"
   done
-  for t in $TARGETS; do
+  wants lat && for t in $TARGETS; do
     measure "$t" lat latency --connections 64 --rate 5000 --duration "$DURATION" --warmup "$WARMUP" \
       --cpu-pid "${PID[$t]}"
   done
@@ -348,7 +351,7 @@ done
 
 # Idle memory: each reading on a freshly started target, so memory freed by earlier runs and
 # kept by the allocator does not hide the cost of new sockets.
-for ((r = 1; r <= REPEAT; r++)); do
+wants idle && for ((r = 1; r <= REPEAT; r++)); do
   for n in $IDLE_COUNTS; do
     for t in $TARGETS; do
       restart "$t"
