@@ -166,25 +166,10 @@ fn relay(c: &mut Criterion) {
         let up = WebSocketStream::from_raw_socket(up_io, Role::Server, None).await;
         tokio::spawn(wsgate::echo::serve(up));
         let task = tokio::spawn(async move {
-            let settings = wsgate::relay::Settings {
-                idle_timeout: Duration::from_secs(3600),
-                ping_interval: Duration::from_secs(3600),
-                close_timeout: Duration::from_secs(1),
-                message_rate: "1000000/s".parse().unwrap(),
-                message_burst: 1_000_000,
-                rate_abuse_timeout: Duration::from_secs(3600),
-                max_frame_size: 1 << 20,
-                max_message_size: 1 << 20,
-            };
+            let settings = wsgate::relay::Settings::unthrottled(1 << 20);
             let metrics = wsgate::metrics::Metrics::new().session("bench");
             let shutdown = tokio_util::sync::CancellationToken::new();
-            let control = wsgate::relay::Control {
-                shutdown: &shutdown,
-                drain_spread: Duration::ZERO,
-                deadline: None,
-                policy: None,
-                progress: None,
-            };
+            let control = wsgate::relay::Control::new(&shutdown);
             wsgate::relay::run(&mut gw_client, &mut gw_up, &settings, &metrics, control).await
         });
         (client, task)

@@ -40,7 +40,13 @@ pub(crate) struct Slot {
 pub async fn handle(gw: Arc<Gateway>, rt: Arc<Runtime>, tcp: TcpStream, peer: SocketAddr, accepted: Instant, over_cap: bool) {
     let peer_ip = peer.ip().to_canonical();
     let slot = Arc::new(Mutex::new(Slot::default()));
-    let result = serve(&gw, &rt, tcp, peer_ip, accepted, over_cap, &slot).await;
+    let result = async {
+        // The handshake stages are boxed: their state (TLS accept, hyper's connection
+        // and builder) is freed before the session relays, so an idle session stays small.
+        let admission = Box::pin(handshake(&gw, &rt, tcp, peer_ip, accepted, over_cap, &slot)).await?;
+        relay_session(&gw, &rt, admission, accepted, &slot).await
+    }
+    .await;
     let info = std::mem::take(&mut lock(&slot).info);
     let route = info.route.as_deref().unwrap_or("-");
     let client = info.client_ip.unwrap_or(peer_ip);
@@ -103,21 +109,6 @@ fn log_session(gw: &Gateway, info: &Info, client: IpAddr, route: &str, done: &Do
 /// Escape a client-controlled string for a log line (no control characters, no newlines).
 pub fn escape(s: &str) -> String {
     s.chars().take(256).flat_map(char::escape_debug).collect()
-}
-
-async fn serve(
-    gw: &Arc<Gateway>,
-    rt: &Arc<Runtime>,
-    tcp: TcpStream,
-    peer_ip: IpAddr,
-    accepted: Instant,
-    over_cap: bool,
-    slot: &Arc<Mutex<Slot>>,
-) -> Result<Done, Reject> {
-    // The handshake stages are boxed: their state (TLS accept, hyper's connection and
-    // builder) is freed before the session relays, so an idle session stays small.
-    let admission = Box::pin(handshake(gw, rt, tcp, peer_ip, accepted, over_cap, slot)).await?;
-    relay_session(gw, rt, admission, accepted, slot).await
 }
 
 /// TLS, then the upgrade request served by hyper up to the 101: the admitted session.

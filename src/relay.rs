@@ -72,6 +72,26 @@ pub struct Settings {
     pub max_message_size: usize,
 }
 
+impl Settings {
+    /// Timers that do not fire and a rate that does not hold back: for measuring and
+    /// testing the relay itself. Frames and messages up to `max_size`.
+    pub fn unthrottled(max_size: usize) -> Settings {
+        Settings {
+            idle_timeout: Duration::from_secs(3600),
+            ping_interval: Duration::from_secs(3600),
+            close_timeout: Duration::from_secs(1),
+            message_rate: crate::units::Rate {
+                count: 1_000_000,
+                per: Duration::from_secs(1),
+            },
+            message_burst: 1_000_000,
+            rate_abuse_timeout: Duration::from_secs(3600),
+            max_frame_size: max_size,
+            max_message_size: max_size,
+        }
+    }
+}
+
 /// Re-checks a live session against the current configuration after a reload
 /// (firewall rules and revocations apply to open sessions too).
 pub trait Policy: Sync {
@@ -92,6 +112,19 @@ pub struct Control<'a> {
     pub policy: Option<&'a dyn Policy>,
     /// Log a progress event this often (bytes and messages so far).
     pub progress: Option<Duration>,
+}
+
+impl<'a> Control<'a> {
+    /// Only a shutdown token: no expiry, no policy, no progress events.
+    pub fn new(shutdown: &'a CancellationToken) -> Control<'a> {
+        Control {
+            shutdown,
+            drain_spread: Duration::ZERO,
+            deadline: None,
+            policy: None,
+            progress: None,
+        }
+    }
 }
 
 /// How a session ended, for the access log and metrics.
@@ -418,23 +451,7 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut core = Core {
-        dec: Default::default(),
-        forwarded: Default::default(),
-        max_frame: settings.max_frame_size as u64,
-        max_message: settings.max_message_size as u64,
-        counts: [0; 2],
-        bytes: [0; 2],
-        reported: ([0; 2], [0; 2]),
-        activity: false,
-        ping_seq: 0,
-        ping_payload: None,
-        rate: MessageRate::new(settings.message_rate, settings.message_burst),
-        throttle: None,
-        throttled_since: None,
-        rate_abuse_timeout: settings.rate_abuse_timeout,
-        now: None,
-    };
+    let mut core = Core::new(settings);
     let mut last_activity = Instant::now();
     let mut idle = Box::pin(sleep_until(last_activity + settings.idle_timeout));
     let mut ping = Box::pin(sleep_until(last_activity + settings.ping_interval));
@@ -675,6 +692,26 @@ where
 }
 
 impl Core {
+    fn new(settings: &Settings) -> Core {
+        Core {
+            dec: Default::default(),
+            forwarded: Default::default(),
+            max_frame: settings.max_frame_size as u64,
+            max_message: settings.max_message_size as u64,
+            counts: [0; 2],
+            bytes: [0; 2],
+            reported: ([0; 2], [0; 2]),
+            activity: false,
+            ping_seq: 0,
+            ping_payload: None,
+            rate: MessageRate::new(settings.message_rate, settings.message_burst),
+            throttle: None,
+            throttled_since: None,
+            rate_abuse_timeout: settings.rate_abuse_timeout,
+            now: None,
+        }
+    }
+
     /// Check and transform the whole frames at the start of `buf` in place; the frames
     /// to pass on are compacted to `buf[..out]`. Replies to the sender (pongs) go to
     /// `replies`; `reply_masked` when the sender is the upstream.
@@ -1006,23 +1043,9 @@ mod tests {
     use super::*;
 
     fn core() -> Core {
-        Core {
-            dec: Default::default(),
-            forwarded: Default::default(),
-            max_frame: 1 << 16,
-            max_message: 1 << 17,
-            counts: [0; 2],
-            bytes: [0; 2],
-            reported: ([0; 2], [0; 2]),
-            activity: false,
-            ping_seq: 0,
-            ping_payload: None,
-            rate: MessageRate::new("1000000/s".parse().unwrap(), 1_000_000),
-            throttle: None,
-            throttled_since: None,
-            rate_abuse_timeout: Duration::from_secs(10),
-            now: None,
-        }
+        let mut s = Settings::unthrottled(1 << 16);
+        s.max_message_size = 1 << 17;
+        Core::new(&s)
     }
 
     fn frame(opcode: u8, fin: bool, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
@@ -1172,27 +1195,11 @@ mod pipe_tests {
         let up = WebSocketStream::from_raw_socket(up_io, Role::Server, Some(config)).await;
         tokio::spawn(crate::echo::serve(up));
         let relay = tokio::spawn(async move {
-            let settings = Settings {
-                idle_timeout: Duration::from_secs(60),
-                ping_interval: Duration::from_secs(60),
-                close_timeout: Duration::from_secs(1),
-                message_rate: "1000000/s".parse().unwrap(),
-                message_burst: 1_000_000,
-                rate_abuse_timeout: Duration::from_secs(60),
-                max_frame_size: 1 << 20,
-                max_message_size: 1 << 20,
-            };
+            let settings = Settings::unthrottled(1 << 20);
             let metrics = crate::metrics::Metrics::new().session("t");
             let shutdown = CancellationToken::new();
-            let control = Control {
-                shutdown: &shutdown,
-                drain_spread: Duration::ZERO,
-                deadline: None,
-                policy: None,
-                progress: None,
-            };
             let (mut c, mut u) = (Endpoint::client(gw_client_io, &[]), Endpoint::upstream(gw_up_io, &[]));
-            run(&mut c, &mut u, &settings, &metrics, control).await
+            run(&mut c, &mut u, &settings, &metrics, Control::new(&shutdown)).await
         });
         (client, relay)
     }

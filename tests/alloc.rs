@@ -55,25 +55,11 @@ fn relaying_allocates_nothing_per_message() {
         let (gw_up, up) = tokio::io::duplex(64 * 1024);
         tokio::spawn(raw_echo(up));
         tokio::spawn(async move {
-            let settings = relay::Settings {
-                idle_timeout: Duration::from_secs(3600),
-                ping_interval: Duration::from_secs(3600),
-                close_timeout: Duration::from_secs(1),
-                message_rate: "1000000/s".parse().unwrap(),
-                message_burst: 1_000_000,
-                rate_abuse_timeout: Duration::from_secs(3600),
-                max_frame_size: 1 << 20,
-                max_message_size: 1 << 20,
-            };
+            let settings = relay::Settings::unthrottled(1 << 20);
             let metrics = wsgate::metrics::Metrics::new().session("alloc");
             let shutdown = tokio_util::sync::CancellationToken::new();
-            let control = relay::Control {
-                shutdown: &shutdown,
-                drain_spread: Duration::ZERO,
-                deadline: None,
-                policy: None,
-                progress: Some(Duration::from_secs(3600)),
-            };
+            let mut control = relay::Control::new(&shutdown);
+            control.progress = Some(Duration::from_secs(3600));
             let (mut c, mut u) = (relay::Endpoint::client(gw_client, &[]), relay::Endpoint::upstream(gw_up, &[]));
             relay::run(&mut c, &mut u, &settings, &metrics, control).await
         });
