@@ -11,7 +11,7 @@
 #   BENCH_HOLD [3/1]            seconds the idle sockets are held before the echo check
 #   BENCH_IDLE_COUNTS ["1000 9000"]  idle socket counts
 #   BENCH_TARGETS ["direct wsgate nginx"]
-#   BENCH_TESTS ["tp16 tp1 hs lat idle"]  measurements to run (a subset for focused A/B runs)
+#   BENCH_TESTS ["tp16 tp1 hs hsr lat idle"]  measurements to run (a subset for focused A/B runs)
 #   BENCH_SKIP_BUILD=1          use the binaries already in target/release
 #
 # Three targets stand in front of ONE plain-ws echo backend (`wsgate echo`, its own process):
@@ -19,7 +19,8 @@
 #   wsgate  `wsgate run`: route /echo → ws://echo with JWT (HS256) auth, limits and firewall
 #   nginx   Debian's nginx as a TLS 1.3 WebSocket reverse proxy with the same certificate
 # Measurements (targets interleaved, each repeated): throughput at 16 and 1 messages in flight
-# (64 connections × 64 B), handshakes/s with 32 concurrent clients, p99 latency at 5000 msg/s
+# (64 connections × 64 B), handshakes/s with 32 concurrent clients (full TLS handshakes, and
+# resumed ones for returning clients), p99 latency at 5000 msg/s
 # over 64 connections (open loop), and idle memory per socket at 1000 and 9000 sockets (server
 # RSS, nginx master + workers, with the target restarted fresh for each reading).
 #
@@ -37,7 +38,7 @@ else
 fi
 IDLE_COUNTS=${BENCH_IDLE_COUNTS:-"1000 9000"}
 TARGETS=${BENCH_TARGETS:-"direct wsgate nginx"}
-TESTS=" ${BENCH_TESTS:-tp16 tp1 hs lat idle} "
+TESTS=" ${BENCH_TESTS:-tp16 tp1 hs hsr lat idle} "
 wants() { [[ $TESTS == *" $1 "* ]]; }
 SOURCES=$(seq -s, -f '127.0.0.%g' 1 20)
 
@@ -341,6 +342,11 @@ for ((r = 1; r <= REPEAT; r++)); do
   done
   wants hs && for t in $TARGETS; do
     measure "$t" hs handshakes --concurrency 32 --duration "$DURATION" --warmup "$WARMUP" --sources "$SOURCES" \
+      --cpu-pid "${PID[$t]}"
+  done
+  # Returning clients: each client keeps its TLS session (tickets or the session cache).
+  wants hsr && for t in $TARGETS; do
+    measure "$t" hsr handshakes --resume --concurrency 32 --duration "$DURATION" --warmup "$WARMUP" --sources "$SOURCES" \
       --cpu-pid "${PID[$t]}"
   done
   wants lat && for t in $TARGETS; do

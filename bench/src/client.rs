@@ -161,6 +161,14 @@ impl Connector {
 }
 
 /// "TLSv1_3 X25519MLKEM768": what the handshake negotiated, for the RESULT line.
+/// Whether the connection's TLS handshake resumed an earlier session.
+pub fn resumed(ws: &Ws) -> bool {
+    match ws.get_ref() {
+        UpstreamIo::Tls(s) => s.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+        _ => false,
+    }
+}
+
 pub fn tls_info(ws: &Ws) -> Option<String> {
     match ws.get_ref() {
         UpstreamIo::Tls(s) => {

@@ -34,6 +34,8 @@ pub struct Args {
 
 struct Outcome {
     ok: u64,
+    /// Counted iterations whose TLS handshake resumed a session (`--resume`).
+    resumed: u64,
     failed: u64,
     total: Histogram<u64>,
     upgrade: Histogram<u64>,
@@ -62,11 +64,12 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     });
     let mut total = histogram();
     let mut upgrade = histogram();
-    let (mut ok, mut failed) = (0u64, 0u64);
+    let (mut ok, mut failed, mut resumed) = (0u64, 0u64, 0u64);
     let (mut first_error, mut tls) = (None, None);
     for w in workers {
         if let Ok(o) = w.await {
             ok += o.ok;
+            resumed += o.resumed;
             failed += o.failed;
             total.add(&o.total).ok();
             upgrade.add(&o.upgrade).ok();
@@ -86,6 +89,8 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
                 "concurrency": a.concurrency,
                 "duration_s": a.duration,
                 "ok": ok,
+                "resumed": resumed,
+                "resumed_pct": if ok > 0 { (resumed as f64 * 100.0 / ok as f64).round() } else { 0.0 },
                 "failed": failed,
                 "per_s": (ok as f64 / a.duration).round(),
                 "p50_ms": num(ms(&total, 0.5)),
@@ -104,6 +109,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
 async fn worker(connector: &Arc<Connector>, w: u64, size: usize, window_start: Instant, window_end: Instant) -> Outcome {
     let mut o = Outcome {
         ok: 0,
+        resumed: 0,
         failed: 0,
         total: histogram(),
         upgrade: histogram(),
@@ -116,6 +122,7 @@ async fn worker(connector: &Arc<Connector>, w: u64, size: usize, window_start: I
         let r = tokio::time::timeout(Duration::from_secs(10), async {
             let mut ws = connector.connect().await?;
             let up = t.elapsed();
+            let resumed = crate::client::resumed(&ws);
             if o.tls.is_none() {
                 o.tls = tls_info(&ws);
             }
@@ -130,15 +137,16 @@ async fn worker(connector: &Arc<Connector>, w: u64, size: usize, window_start: I
                 }
             }
             crate::close(ws).await;
-            anyhow::Ok(up)
+            anyhow::Ok((up, resumed))
         })
         .await;
         let end = Instant::now();
         let counted = end >= window_start && end <= window_end;
         match r {
-            Ok(Ok(up)) => {
+            Ok(Ok((up, resumed))) => {
                 if counted {
                     o.ok += 1;
+                    o.resumed += u64::from(resumed);
                     record(&mut o.total, end - t);
                     record(&mut o.upgrade, up);
                 }

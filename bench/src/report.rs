@@ -177,6 +177,33 @@ fn table(r: &Results) -> String {
             "",
         );
     }
+    if let Some(f) = r.first("hsr") {
+        let c = &f["concurrency"];
+        row(
+            format!("handshakes/s with TLS resumption (returning clients), {c} concurrent"),
+            "hsr",
+            "per_s",
+            0,
+            Goal::None,
+            "",
+        );
+        row(
+            "handshakes with resumption: share resumed (%)".into(),
+            "hsr",
+            "resumed_pct",
+            0,
+            Goal::None,
+            "",
+        );
+        row(
+            "handshakes with resumption: server CPU µs per handshake".into(),
+            "hsr",
+            "server_cpu_us_per_unit",
+            0,
+            Goal::None,
+            "",
+        );
+    }
     if let Some(f) = r.first("lat") {
         let what = format!("@ {} msg/s over {} conns", f["rate"].as_f64().unwrap_or(f64::NAN), f["connections"]);
         row(format!("latency p50 (ms) {what}"), "lat", "p50_ms", 3, Goal::None, "");
