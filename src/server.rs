@@ -22,10 +22,10 @@ use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-/// Read buffer per WebSocket side. Small: most messages are small, and an idle
-/// socket should cost little memory. Larger messages grow it on demand.
+/// Read buffer of the built-in echo's WebSocket. Small: most messages are small, and
+/// an idle session should cost little memory. Larger messages grow it on demand.
 const WS_READ_BUFFER: usize = 1024;
-/// Bytes queued before the codec writes to the socket; the relay flushes each batch anyway.
+/// Bytes the built-in echo queues before writing; it flushes each batch anyway.
 const WS_WRITE_BUFFER: usize = 16 * 1024;
 /// Connections beyond `max_connections` that still get a 503; past this the TCP
 /// connection is closed at once, so a flood cannot make the gateway do TLS work.
@@ -42,6 +42,8 @@ pub struct Runtime {
     pub next_upstream: Vec<AtomicUsize>,
     /// Passive health, by route index and upstream index.
     pub health: Vec<Vec<crate::upstream::Health>>,
+    /// WebSocket settings of the built-in echo backend, with the configured size
+    /// limits. (The relay itself works on frames, see [`crate::relay`].)
     pub ws_config: WebSocketConfig,
 }
 
