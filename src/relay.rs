@@ -1156,6 +1156,50 @@ mod tests {
         assert!(matches!(p.stop, Some(Stop::Event(Event::End(CloseReason::UpstreamTooBig)))));
     }
 
+    /// Arbitrary bytes from either side never panic the codec, and what it reports
+    /// stays inside its input: `out <= used <= len`, with whole frames passed on.
+    #[tokio::test]
+    async fn arbitrary_input_never_panics() {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for round in 0..5_000 {
+            let side = if round % 2 == 0 { Side::Client } else { Side::Upstream };
+            let mut input = Vec::new();
+            // A mix of plausible frames (valid or with random header bits) and noise.
+            for _ in 0..(next() % 6) {
+                let r = next();
+                let len = [0, 1, 125, 126, 300, 70_000][(r % 6) as usize];
+                let opcode = [OP_TEXT, OP_BINARY, OP_CONTINUATION, OP_PING, OP_PONG, OP_CLOSE, 3, 11][((r >> 8) % 8) as usize];
+                let mask = (side == Side::Client) != (r >> 16 & 7 == 0);
+                let payload: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+                let mut f = frame(opcode, r >> 20 & 3 != 0, &payload, mask.then_some([r as u8, 1, 2, 3]));
+                if r >> 24 & 7 == 0 {
+                    f[0] ^= 1 << (next() % 8); // flip a header bit
+                }
+                input.extend(f);
+                if r >> 28 & 3 == 0 {
+                    input.extend((0..next() % 20).map(|_| next() as u8));
+                }
+            }
+            input.truncate(input.len().saturating_sub((next() % 4) as usize));
+            let len = input.len();
+            let mut c = core();
+            let p = c.process(side, &mut input, &mut BytesMut::new(), side == Side::Upstream);
+            assert!(p.out <= p.used && p.used <= len, "out {} used {} len {len}", p.out, p.used);
+            // What is passed on parses as whole frames.
+            let mut rest = &input[..p.out];
+            while !rest.is_empty() {
+                let h = wire::parse(rest).unwrap().expect("whole frames only");
+                rest = &rest[h.header_len + h.len as usize..];
+            }
+        }
+    }
+
     #[tokio::test]
     async fn pongs_to_passed_on_pings_are_absorbed() {
         let mut c = core();
