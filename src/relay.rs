@@ -410,6 +410,9 @@ struct Decoder {
     /// Payload bytes of that message so far.
     message_len: u64,
     utf8: Utf8,
+    /// A text frame still arriving: the UTF-8 state after its first `n` payload bytes,
+    /// so invalid text is refused before the rest of the frame comes (fail fast).
+    partial: Option<(Utf8, usize)>,
 }
 
 /// Everything of a session but the two streams.
@@ -676,7 +679,11 @@ where
         None if p.used > 0 => return Read::Again,
         None => {}
     }
-    // The held frame is incomplete: read the rest of it (bounded by the frame limit).
+    // The held frame is incomplete: check what has come of it, then read the rest
+    // (bounded by the frame limit).
+    if let Err(v) = core.check_partial(side, &from.rx) {
+        return Read::Event(violation(side, v));
+    }
     let want = p.need.saturating_sub(from.rx.len()).clamp(1024, 4 * READ_CHUNK);
     from.rx.reserve(want);
     match tokio_util::io::poll_read_buf(Pin::new(&mut from.io), cx, &mut from.rx) {
@@ -771,6 +778,36 @@ impl Core {
         }
     }
 
+    /// UTF-8 check of the part of an incomplete text frame at the start of `buf` not
+    /// checked yet (the header is already checked by [`Core::process`]).
+    fn check_partial(&mut self, from: Side, buf: &[u8]) -> Result<(), Violation> {
+        let Ok(Some(h)) = wire::parse(buf) else { return Ok(()) };
+        let dec = &mut self.dec[from as usize];
+        let text = match h.opcode {
+            OP_TEXT => true,
+            OP_CONTINUATION => dec.message == Some(true),
+            _ => false,
+        };
+        if !text {
+            return Ok(());
+        }
+        let payload = &buf[h.header_len.min(buf.len())..];
+        let (mut state, mut done) = dec.partial.take().unwrap_or((dec.utf8, 0));
+        let mut chunk = [0u8; 1024];
+        while done < payload.len() {
+            let n = (payload.len() - done).min(chunk.len());
+            let piece = &mut chunk[..n];
+            piece.copy_from_slice(&payload[done..done + n]);
+            if let Some(k) = h.mask {
+                wire::apply_mask(piece, wire::rotate(k, done));
+            }
+            state.feed(piece, false)?;
+            done += n;
+        }
+        dec.partial = Some((state, done));
+        Ok(())
+    }
+
     /// Masking, size and fragmentation rules for a header from `from`.
     fn check(&self, from: Side, h: &wire::Header) -> Result<(), Violation> {
         // A client masks every frame; a server masks none (RFC 6455 5.1).
@@ -804,6 +841,7 @@ impl Core {
         let (head, payload) = frame.split_at_mut(hl);
         if !h.is_control() {
             let dec = &mut self.dec[from as usize];
+            dec.partial = None;
             let text = match h.opcode {
                 OP_TEXT => true,
                 OP_BINARY => false,
@@ -1154,6 +1192,33 @@ mod tests {
         input.extend(frame(OP_CONTINUATION, true, &vec![0; 60_000], None));
         let p = c.process(Side::Upstream, &mut input, &mut BytesMut::new(), true);
         assert!(matches!(p.stop, Some(Stop::Event(Event::End(CloseReason::UpstreamTooBig)))));
+    }
+
+    /// Invalid text is refused while its frame is still arriving, valid text split
+    /// inside a code point is not.
+    #[tokio::test]
+    async fn text_frames_fail_fast_before_they_complete() {
+        let key = [3, 1, 4, 1];
+        let mut bad = "é".repeat(300).into_bytes();
+        bad[101] = 0xFF;
+        let f = frame(OP_TEXT, true, &bad, Some(key));
+        let mut c = core();
+        let mut head = f[..80].to_vec();
+        let p = c.process(Side::Client, &mut head, &mut BytesMut::new(), false);
+        assert_eq!((p.used, p.stop.is_none()), (0, true), "incomplete: nothing to do yet");
+        assert_eq!(c.check_partial(Side::Client, &head), Ok(()), "the first 72 payload bytes are valid");
+        assert_eq!(c.check_partial(Side::Client, &f[..200]), Err(Violation::Utf8));
+
+        let good = "€".repeat(400).into_bytes();
+        let f = frame(OP_TEXT, true, &good, Some(key));
+        let mut c = core();
+        for cut in [9, 10, 11, 500, 1000] {
+            assert_eq!(c.check_partial(Side::Client, &f[..cut]), Ok(()), "cut at {cut}");
+        }
+        let mut whole = f.clone();
+        let p = c.process(Side::Client, &mut whole, &mut BytesMut::new(), false);
+        assert!(p.stop.is_none() && p.used == f.len());
+        assert!(c.dec[0].partial.is_none(), "the check starts afresh for the next frame");
     }
 
     /// Arbitrary bytes from either side never panic the codec, and what it reports

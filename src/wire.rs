@@ -111,6 +111,11 @@ pub fn apply_mask(buf: &mut [u8], key: [u8; 4]) {
     }
 }
 
+/// `key` as it applies from payload offset `offset` on.
+pub fn rotate(key: [u8; 4], offset: usize) -> [u8; 4] {
+    [key[offset % 4], key[(offset + 1) % 4], key[(offset + 2) % 4], key[(offset + 3) % 4]]
+}
+
 /// The XOR of two masking keys: unmasks with `a` and masks with `b` in one pass.
 pub fn combine(a: [u8; 4], b: [u8; 4]) -> [u8; 4] {
     [a[0] ^ b[0], a[1] ^ b[1], a[2] ^ b[2], a[3] ^ b[3]]
@@ -219,7 +224,7 @@ pub fn check_close(payload: &[u8]) -> Result<Option<u16>, Violation> {
 
 /// UTF-8 check of a text message that arrives in pieces: a code point may be split
 /// between frames, so up to three trailing bytes are carried to the next piece.
-#[derive(Default, Debug)]
+#[derive(Default, Debug, Clone, Copy)]
 pub struct Utf8 {
     carry: [u8; 4],
     len: u8,
