@@ -545,15 +545,15 @@ where
     .await;
 
     core.report(metrics);
-    let (counts, bytes) = (core.counts, core.bytes);
     // Boxed: the closing handshakes need their state only at the end, not for the whole session.
-    let (code, initiator, reason) = Box::pin(finish(client, upstream, event, settings.close_timeout)).await;
+    let (code, initiator, reason) = Box::pin(finish(&mut core, client, upstream, event, settings.close_timeout)).await;
+    core.report(metrics); // what was relayed while closing
     Outcome {
         code,
         initiator,
         reason,
-        messages: counts,
-        bytes,
+        messages: core.counts,
+        bytes: core.bytes,
     }
 }
 
@@ -999,6 +999,7 @@ fn lost(side: Side) -> CloseReason {
 
 /// Complete the close handshakes after `event`; returns (code, initiator, gateway reason).
 async fn finish<C, U>(
+    core: &mut Core,
     client: &mut Endpoint<C>,
     upstream: &mut Endpoint<U>,
     event: Event,
@@ -1009,71 +1010,121 @@ where
     U: AsyncRead + AsyncWrite + Unpin,
 {
     match event {
-        Event::Closed { side, code, payload, len } => {
-            // Answer the side that closed with its own close frame (RFC 6455 5.5.1) and
-            // pass the frame on to the other side.
+        // The client's close goes on to the upstream first. What the upstream sends
+        // until its own close still reaches the client; then the client gets its own
+        // frame back (RFC 6455 5.5.1) and the gateway, its server, ends the connection.
+        Event::Closed {
+            side: Side::Client,
+            code,
+            payload,
+            len,
+        } => {
+            let frame = &payload[..len];
+            upstream.put(OP_CLOSE, frame);
+            let _ = tokio::time::timeout(timeout, relay_rest(core, Side::Upstream, upstream, client)).await;
+            client.put(OP_CLOSE, frame);
+            let _ = tokio::time::timeout(timeout, async {
+                let _ = client.flush().await;
+                let _ = client.io.shutdown().await;
+            })
+            .await;
+            (code.unwrap_or(1005), Initiator::Client, None)
+        }
+        // The upstream's close: answered at once, passed on to the client, whose
+        // answer ends the client connection.
+        Event::Closed {
+            side: Side::Upstream,
+            code,
+            payload,
+            len,
+        } => {
             let frame = &payload[..len];
             client.put(OP_CLOSE, frame);
             upstream.put(OP_CLOSE, frame);
             let _ = tokio::time::timeout(timeout, async {
-                match side {
-                    Side::Client => {
-                        tokio::join!(
-                            async {
-                                let _ = client.flush().await;
-                                let _ = client.io.shutdown().await; // the server closes the connection first
-                            },
-                            async {
-                                if upstream.flush().await.is_ok() {
-                                    upstream.read_until_close().await;
-                                }
-                            }
-                        )
-                    }
-                    Side::Upstream => tokio::join!(
-                        async {
-                            if client.flush().await.is_ok() {
-                                client.read_until_close().await;
-                                let _ = client.io.shutdown().await;
-                            }
-                        },
-                        async {
-                            let _ = upstream.flush().await;
+                tokio::join!(
+                    async {
+                        if client.flush().await.is_ok() {
+                            client.read_until_close().await;
+                            let _ = client.io.shutdown().await;
                         }
-                    ),
-                }
+                    },
+                    async {
+                        let _ = upstream.flush().await;
+                    }
+                )
             })
             .await;
-            let initiator = match side {
-                Side::Client => Initiator::Client,
-                Side::Upstream => Initiator::Upstream,
-            };
-            (code.unwrap_or(1005), initiator, None)
+            (code.unwrap_or(1005), Initiator::Upstream, None)
         }
         Event::End(reason) => {
             let (cc, uc) = reason.codes();
+            let (cc, uc) = (u16::from(cc), u16::from(uc));
             let client_ok = !matches!(reason, CloseReason::ClientIo);
             let upstream_ok = !matches!(reason, CloseReason::UpstreamReset);
+            let client_fault = matches!(
+                reason,
+                CloseReason::ClientProtocol | CloseReason::ClientInvalidUtf8 | CloseReason::ClientTooBig
+            );
+            if client_fault {
+                // Nothing more is read from the client, but what the upstream sent
+                // before it saw the close still reaches the client, ahead of its close.
+                let (p, n) = wire::close_payload(uc, reason.text());
+                upstream.put(OP_CLOSE, &p[..n]);
+                let _ = tokio::time::timeout(timeout, relay_rest(core, Side::Upstream, upstream, client)).await;
+                let _ = tokio::time::timeout(timeout, async {
+                    client.close(Some((cc, reason.text()))).await;
+                    let _ = client.io.shutdown().await;
+                })
+                .await;
+                return (cc, Initiator::Gateway, Some(reason));
+            }
             let _ = tokio::time::timeout(timeout, async {
                 tokio::join!(
                     async {
                         if client_ok {
-                            client.close(Some((u16::from(cc), reason.text()))).await;
+                            client.close(Some((cc, reason.text()))).await;
                             let _ = client.io.shutdown().await;
                         }
                     },
                     async {
                         if upstream_ok {
-                            upstream.close(Some((u16::from(uc), reason.text()))).await;
+                            upstream.close(Some((uc, reason.text()))).await;
                         }
                     }
                 )
             })
             .await;
-            let code = if client_ok { u16::from(cc) } else { 1006 };
+            let code = if client_ok { cc } else { 1006 };
             (code, Initiator::Gateway, Some(reason))
         }
     }
+}
+
+/// Keep relaying what `from` sends until its close frame arrives, it breaks the
+/// protocol or its connection ends: the close handshake passes through the gateway,
+/// and messages `from` sent before it saw the close are not lost.
+async fn relay_rest<A, B>(core: &mut Core, side: Side, from: &mut Endpoint<A>, to: &mut Endpoint<B>)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    poll_fn(|cx| {
+        core.now = None;
+        if pump(core, side, from, to, cx).is_some() {
+            return Poll::Ready(());
+        }
+        // `from` holds the close frame passed on to it; `to` what was relayed.
+        if let Poll::Ready(Err(_)) = from.poll_flush(cx) {
+            return Poll::Ready(());
+        }
+        if let Poll::Ready(Err(_)) = to.poll_flush(cx) {
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    })
+    .await;
+    let _ = to.flush().await;
 }
 
 #[cfg(test)]

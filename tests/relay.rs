@@ -428,3 +428,44 @@ async fn large_fragmented_and_pipelined_frames_arrive_intact() {
     let mut ws = tx.reunite(rx).unwrap();
     assert_eq!(roundtrip(&mut ws, "still open").await, "still open");
 }
+
+/// Closing passes through the gateway: what the upstream sent before it saw a close
+/// still reaches the client, ahead of the close, whether the client closed or broke
+/// the protocol.
+#[tokio::test]
+async fn messages_in_flight_from_the_upstream_arrive_before_the_close() {
+    let up = upstream(Behaviour::Echo).await;
+    let gw = Gw::start("", &route("r", "/r", &up.url(), "none")).await;
+    // A violation right behind two messages, in one write.
+    let mut ws = gw.connect("/r").await;
+    ws.feed(Message::text("one")).await.unwrap();
+    ws.feed(Message::text("two")).await.unwrap();
+    let mut bad = Frame::message("bad", OpCode::Data(Data::Text), true);
+    bad.header_mut().rsv1 = true;
+    ws.feed(Message::Frame(bad)).await.unwrap();
+    ws.flush().await.unwrap();
+    let mut got = vec![];
+    let code = loop {
+        match tokio::time::timeout(TIMEOUT, ws.next()).await.expect("in time") {
+            Some(Ok(Message::Text(t))) => got.push(t.to_string()),
+            Some(Ok(Message::Close(f))) => break f.map(|f| u16::from(f.code)),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!((got, code), (vec!["one".to_string(), "two".to_string()], Some(1002)));
+    // A close right behind a message: the echo comes first, then the close reply.
+    let mut ws = gw.connect("/r").await;
+    ws.feed(Message::text("last words")).await.unwrap();
+    ws.feed(Message::Close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "bye".into(),
+    })))
+    .await
+    .unwrap();
+    ws.flush().await.unwrap();
+    match tokio::time::timeout(TIMEOUT, ws.next()).await.unwrap() {
+        Some(Ok(Message::Text(t))) => assert_eq!(t.as_str(), "last words"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(close_code(&mut ws).await, (1000, "bye".into()));
+}
