@@ -14,6 +14,10 @@
 //! - the gateway can send a close frame to either side at any moment: only whole
 //!   frames are written, so a gateway frame never lands inside a relayed one.
 //!
+//! Closing passes through: a client's close (or its protocol violation) goes to the
+//! upstream first, and what the upstream still sends reaches the client before the
+//! client's close frame, so messages in flight are not lost ([`finish`]).
+//!
 //! Ping/pong are per hop, as RFC 6455 treats control frames: each hop answers a ping
 //! itself at once. Pings are also passed on so the far side sees them, and the far
 //! side's pong to such a ping is absorbed (the sender already has its answer).
