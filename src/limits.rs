@@ -237,7 +237,7 @@ fn prune_failures(failures: &mut HashMap<IpKey, Failures>, s: &Settings, now: In
 }
 
 /// A per-connection message-rate limiter (GCRA) for client → upstream traffic.
-/// Excess is delayed, never dropped: the relay stops reading until [`MessageRate::ready_at`].
+/// Excess is delayed, never dropped: the relay stops reading until the instant [`MessageRate::take`] returns.
 #[derive(Debug, Clone)]
 pub struct MessageRate {
     interval: Duration,

@@ -16,7 +16,7 @@
 //!
 //! Closing passes through: a client's close (or its protocol violation) goes to the
 //! upstream first, and what the upstream still sends reaches the client before the
-//! client's close frame, so messages in flight are not lost ([`finish`]).
+//! client's close frame, so messages in flight are not lost.
 //!
 //! Ping/pong are per hop, as RFC 6455 treats control frames: each hop answers a ping
 //! itself at once. Pings are also passed on so the far side sees them, and the far
