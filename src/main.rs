@@ -67,12 +67,6 @@ fn parse_claim(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| "use KEY=VALUE".to_string())
 }
 
-/// mimalloc rather than glibc's malloc: 4–8% less CPU per handshake in A/B runs of
-/// `wsgate-bench handshakes` (the handshake allocates; the relay does not), and no
-/// more memory per idle session.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let config_path = cli.config.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
