@@ -377,10 +377,9 @@ impl Side {
 }
 
 enum Event {
-    /// A peer sent a close frame (payload unmasked; code checked).
+    /// A peer sent a close frame (payload unmasked and checked).
     Closed {
         side: Side,
-        code: Option<u16>,
         payload: [u8; wire::MAX_CONTROL],
         len: usize,
     },
@@ -881,7 +880,7 @@ impl Core {
                 return Ok((true, None));
             }
             self.counts[from as usize] += 1;
-            return Ok((true, self.charge(from)?));
+            return Ok((true, self.charge(from)));
         }
         // Control frames: at most 125 bytes, read whole.
         let mut copy = [0u8; wire::MAX_CONTROL];
@@ -916,12 +915,11 @@ impl Core {
                 true
             }
             _ => {
-                let code = wire::check_close(body)?;
+                wire::check_close(body)?;
                 let mut payload = [0u8; wire::MAX_CONTROL];
                 payload[..body.len()].copy_from_slice(body);
                 let ev = Event::Closed {
                     side: from,
-                    code,
                     payload,
                     len: body.len(),
                 };
@@ -935,24 +933,24 @@ impl Core {
                 head[hl - 4..].copy_from_slice(&k);
             }
         }
-        let step = if forward && h.opcode == OP_PING { self.charge(from)? } else { None };
+        let step = if forward && h.opcode == OP_PING { self.charge(from) } else { None };
         Ok((forward, step))
     }
 
     /// Charge one client message (or ping) to the rate; start holding the client back
-    /// when it is ahead. `Err` never: the abuse case is an event.
-    fn charge(&mut self, from: Side) -> Result<Option<Stop>, Violation> {
+    /// when it is ahead, and end the session when it keeps pushing.
+    fn charge(&mut self, from: Side) -> Option<Stop> {
         if from != Side::Client {
-            return Ok(None);
+            return None;
         }
         let now = *self.now.get_or_insert_with(Instant::now);
-        let Some(until) = self.rate.take(now) else { return Ok(None) };
+        let until = self.rate.take(now)?;
         let since = *self.throttled_since.get_or_insert(now);
         if now.duration_since(since) >= self.rate_abuse_timeout {
-            return Ok(Some(Stop::Event(Event::End(CloseReason::RateAbuse))));
+            return Some(Stop::Event(Event::End(CloseReason::RateAbuse)));
         }
         self.throttle = Some(Box::pin(sleep_until(until)));
-        Ok(Some(Stop::Throttle))
+        Some(Stop::Throttle)
     }
 
     /// Whether reading from the client must wait for the message rate; registers the timer.
@@ -1019,26 +1017,23 @@ where
         // frame back (RFC 6455 5.5.1) and the gateway, its server, ends the connection.
         Event::Closed {
             side: Side::Client,
-            code,
             payload,
             len,
         } => {
             let frame = &payload[..len];
-            upstream.put(OP_CLOSE, frame);
-            let _ = tokio::time::timeout(timeout, relay_rest(core, Side::Upstream, upstream, client)).await;
+            close_upstream_first(core, client, upstream, frame, timeout).await;
             client.put(OP_CLOSE, frame);
             let _ = tokio::time::timeout(timeout, async {
                 let _ = client.flush().await;
                 let _ = client.io.shutdown().await;
             })
             .await;
-            (code.unwrap_or(1005), Initiator::Client, None)
+            (close_code(frame), Initiator::Client, None)
         }
         // The upstream's close: answered at once, passed on to the client, whose
         // answer ends the client connection.
         Event::Closed {
             side: Side::Upstream,
-            code,
             payload,
             len,
         } => {
@@ -1059,7 +1054,7 @@ where
                 )
             })
             .await;
-            (code.unwrap_or(1005), Initiator::Upstream, None)
+            (close_code(frame), Initiator::Upstream, None)
         }
         Event::End(reason) => {
             let (cc, uc) = reason.codes();
@@ -1074,8 +1069,7 @@ where
                 // Nothing more is read from the client, but what the upstream sent
                 // before it saw the close still reaches the client, ahead of its close.
                 let (p, n) = wire::close_payload(uc, reason.text());
-                upstream.put(OP_CLOSE, &p[..n]);
-                let _ = tokio::time::timeout(timeout, relay_rest(core, Side::Upstream, upstream, client)).await;
+                close_upstream_first(core, client, upstream, &p[..n], timeout).await;
                 let _ = tokio::time::timeout(timeout, async {
                     client.close(Some((cc, reason.text()))).await;
                     let _ = client.io.shutdown().await;
@@ -1103,6 +1097,22 @@ where
             (code, Initiator::Gateway, Some(reason))
         }
     }
+}
+
+/// The code of a checked close payload; 1005 when it has none.
+fn close_code(payload: &[u8]) -> u16 {
+    wire::check_close(payload).ok().flatten().unwrap_or(1005)
+}
+
+/// Pass a close (payload `frame`) on to the upstream, then keep relaying what the
+/// upstream still sends to the client until its own close, within `timeout`.
+async fn close_upstream_first<C, U>(core: &mut Core, client: &mut Endpoint<C>, upstream: &mut Endpoint<U>, frame: &[u8], timeout: Duration)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    upstream.put(OP_CLOSE, frame);
+    let _ = tokio::time::timeout(timeout, relay_rest(core, Side::Upstream, upstream, client)).await;
 }
 
 /// Keep relaying what `from` sends until its close frame arrives, it breaks the
