@@ -125,6 +125,10 @@ pub struct Verifier {
     extra_required: Vec<String>,
     sources: Vec<TokenSource>,
     revoked: std::collections::HashSet<String>,
+    /// The claim that names the user (`jwt.identity_claim`, default `sub`).
+    identity_claim: String,
+    /// Set explicitly in the config: a token without it is refused.
+    identity_required: bool,
 }
 
 impl fmt::Debug for Verifier {
@@ -218,6 +222,8 @@ impl Verifier {
                 .collect(),
             sources: cfg.token_sources.clone(),
             revoked,
+            identity_claim: cfg.identity_claim().to_string(),
+            identity_required: cfg.identity_claim.is_some(),
         }
     }
 
@@ -291,9 +297,11 @@ impl Verifier {
         if self.extra_required.iter().any(|c| !claims.contains_key(c)) {
             return Err(AuthFailure::MissingClaim);
         }
-        let sub = match claims.get("sub") {
+        let sub = match claims.get(&self.identity_claim) {
+            None if self.identity_required => return Err(AuthFailure::MissingClaim),
             None => None,
             Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Number(n)) => Some(n.to_string()),
             Some(_) => return Err(AuthFailure::Malformed),
         };
         let exp = match claims.get("exp") {
@@ -524,6 +532,26 @@ mod tests {
         )
         .unwrap();
         assert!(v.verify_now(&string_exp).is_err());
+    }
+
+    #[test]
+    fn identity_claim_names_the_user_and_is_required_when_set() {
+        let cfg = Config::from_toml_str("[jwt]\nrequired_claims = [\"exp\"]\nidentity_claim = \"user_id\"\n", "t").unwrap();
+        let secret = Secret(b"0123456789abcdef0123456789abcdef".to_vec());
+        let v = Verifier::new(&cfg.jwt, &secret);
+        let numeric = mint(&cfg.jwt, &secret, "ignored", Duration::from_secs(60), &[("user_id".into(), "42".into())]).unwrap();
+        assert_eq!(v.verify_now(&numeric).unwrap().sub.as_deref(), Some("42"));
+        let text = mint(&cfg.jwt, &secret, "ignored", Duration::from_secs(60), &[("user_id".into(), "bob".into())]).unwrap();
+        assert_eq!(v.verify_now(&text).unwrap().sub.as_deref(), Some("bob"));
+        let without = mint(&cfg.jwt, &secret, "alice", Duration::from_secs(60), &[]).unwrap();
+        assert_eq!(v.verify_now(&without).unwrap_err(), AuthFailure::MissingClaim);
+        let object = mint(&cfg.jwt, &secret, "a", Duration::from_secs(60), &[("user_id".into(), "{\"a\":1}".into())]).unwrap();
+        assert_eq!(v.verify_now(&object).unwrap_err(), AuthFailure::Malformed);
+        // Unset: `sub`, and a token without it has no user (when `sub` is not required).
+        let cfg = Config::from_toml_str("[jwt]\nrequired_claims = [\"exp\"]\n", "t").unwrap();
+        let v = Verifier::new(&cfg.jwt, &secret);
+        let t = mint(&cfg.jwt, &secret, "alice", Duration::from_secs(60), &[]).unwrap();
+        assert_eq!(v.verify_now(&t).unwrap().sub.as_deref(), Some("alice"));
     }
 
     #[test]

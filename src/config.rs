@@ -64,6 +64,8 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_USER: u32 = 20;
 pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
 /// Environment variable holding the HS* secret when no `secret_file` is set.
 pub const DEFAULT_SECRET_ENV: &str = "WSGATE_JWT_SECRET";
+/// The claim that names the user unless `jwt.identity_claim` says otherwise.
+pub const DEFAULT_IDENTITY_CLAIM: &str = "sub";
 
 /// A config error: which file, which line, which key, and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -236,6 +238,16 @@ pub struct Jwt {
     pub jwks_url: Option<crate::keys::JwksUrl>,
     pub revoked_jti_file: Option<Located<PathBuf>>,
     pub first_message_timeout: Duration,
+    /// The claim that names the user (logs, per-user caps, forwarding); `None` means
+    /// `sub`, and then a token without it simply has no user. When set, it is required.
+    pub identity_claim: Option<String>,
+}
+
+impl Jwt {
+    /// The claim that names the user.
+    pub fn identity_claim(&self) -> &str {
+        self.identity_claim.as_deref().unwrap_or(DEFAULT_IDENTITY_CLAIM)
+    }
 }
 
 impl Jwt {
@@ -727,6 +739,13 @@ impl Validator<'_> {
                 "jwt.first_message_timeout",
                 self,
             )?,
+            identity_claim: match &j.identity_claim {
+                None => None,
+                Some(c) if c.get_ref().is_empty() || c.get_ref().chars().any(char::is_control) => {
+                    return Err(self.err(c, "jwt.identity_claim", "must name a claim"));
+                }
+                Some(c) => Some(c.get_ref().clone()),
+            },
         })
     }
 
@@ -982,6 +1001,7 @@ mod raw {
         pub jwks_ca: Option<Spanned<PathBuf>>,
         pub revoked_jti_file: Option<Spanned<PathBuf>>,
         pub first_message_timeout: Option<HumanDuration>,
+        pub identity_claim: Option<Spanned<String>>,
     }
 
     #[derive(Deserialize)]

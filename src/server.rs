@@ -475,6 +475,14 @@ pub fn warnings(config: &Config) -> Vec<String> {
             config.admin.listen
         ));
     }
+    let jwt_routes = config.routes.iter().any(|r| r.auth == AuthMode::Jwt);
+    let exp_required = config.jwt.required_claims.iter().any(|c| c == "exp");
+    if jwt_routes && !exp_required {
+        w.push("jwt.required_claims does not hold \"exp\": tokens that never expire are accepted".to_string());
+    }
+    if jwt_routes && exp_required && !config.jwt.close_on_expiry {
+        w.push("jwt.close_on_expiry = false: sessions outlive their token's exp".to_string());
+    }
     if config.jwt.leeway > Duration::from_secs(300) {
         w.push("jwt.leeway is over 5 minutes".to_string());
     }
