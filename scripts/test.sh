@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Runs every test of wsgate, installing what the tests need first (idempotent).
 #
-#   scripts/test.sh            format and lint checks, Rust tests, Python client tests,
-#                              Autobahn|Testsuite conformance
+#   scripts/test.sh            format and lint checks, dependency audit, Rust tests,
+#                              Python client tests, Autobahn|Testsuite conformance
 #
-# Needs: cargo (Rust 1.85+), pyenv Pythons 3.11 and 2.7.18 (for Autobahn), git.
+# Needs: cargo (Rust 1.85+), pyenv Pythons 3.11 and 2.7.18 (for Autobahn), git, and the
+# RustSec advisory database snapshot in ../shared/advisory-db (beside the repository).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -21,6 +22,32 @@ cargo fmt --all -- --check
 
 step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo audit (RustSec advisories; unmaintained, unsound, yanked crates)"
+# Pinned: a new cargo-audit release (a newer MSRV, another database format) must not be
+# able to break CI by itself. The first install builds it from source (about 4-5 minutes).
+audit_version=0.22.2
+if [[ "$(cargo audit --version 2>/dev/null)" != *" $audit_version" ]]; then
+    cargo install --locked --version "$audit_version" cargo-audit
+fi
+# No network. The advisory database is the snapshot beside the repository, a plain
+# directory (no .git): with --no-fetch cargo-audit reads its crates/ folder as it is, and
+# never checks its age, so --stale changes nothing there and only documents the intent.
+# Yanked crates are looked up in cargo's local crates.io index cache, which the cargo
+# steps above have filled for every crate of Cargo.lock (--no-fetch: no index update, so
+# a yank is seen as of cargo's last index look-up of that crate on this machine).
+# A crate missing from that cache is printed as "couldn't check if the package is yanked"
+# without changing cargo-audit's exit code, so that line fails the step here.
+# Accepted exceptions go in .cargo/audit.toml. A finding prints the advisory id and the
+# dependency path from the crate up to wsgate, and exits 1.
+mkdir -p target
+cargo audit --db "$(pwd)/../shared/advisory-db" --no-fetch --stale --deny warnings 2>&1 |
+    tee target/cargo-audit.log
+if grep -q "couldn't check if the package is yanked" target/cargo-audit.log; then
+    echo "cargo audit: the yanked check missed crates absent from cargo's index cache" \
+        "(cargo fetch --locked fills it)" >&2
+    exit 1
+fi
 
 step "cargo test"
 cargo test --locked
