@@ -199,7 +199,21 @@ impl Verifier {
         validation.leeway = cfg.leeway.as_secs();
         validation.validate_exp = true;
         validation.validate_nbf = true;
-        let registered: Vec<&String> = cfg.required_claims.iter().filter(|c| REGISTERED.contains(&c.as_str())).collect();
+        // jsonwebtoken compares `iss` and `aud` only when the token has them: a configured
+        // issuer or audience must also make the claim required, or a token minted for
+        // another service (same IdP or secret, no `iss`/`aud`) would pass.
+        let mut registered: Vec<&str> = cfg
+            .required_claims
+            .iter()
+            .map(String::as_str)
+            .filter(|c| REGISTERED.contains(c))
+            .collect();
+        if cfg.issuer.is_some() && !registered.contains(&"iss") {
+            registered.push("iss");
+        }
+        if !cfg.audience.is_empty() && !registered.contains(&"aud") {
+            registered.push("aud");
+        }
         validation.set_required_spec_claims(&registered);
         match &cfg.issuer {
             Some(iss) => validation.set_issuer(&[iss]),
@@ -312,7 +326,7 @@ impl Verifier {
                     .ok_or(AuthFailure::Malformed)?,
             ),
         };
-        if self.is_revoked(claims.get("jti").and_then(Value::as_str)) {
+        if self.is_revoked(jti_text(&claims).as_deref()) {
             return Err(AuthFailure::Revoked);
         }
         Ok(Identity {
@@ -354,6 +368,16 @@ impl Verifier {
     }
 }
 
+/// The token's `jti` as text: a string as it is, a number as its decimal text (so a
+/// numeric `jti` can be revoked like any other); other types have no usable `jti`.
+pub fn jti_text(claims: &Map<String, Value>) -> Option<String> {
+    match claims.get("jti")? {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
 /// Whether the token's payload holds `claim` at all (whatever its type).
 fn payload_has(token: &str, claim: &str) -> bool {
     token
@@ -364,11 +388,13 @@ fn payload_has(token: &str, claim: &str) -> bool {
         .is_some_and(|m| m.contains_key(claim))
 }
 
-/// Check a route's `require_claims`: equality, or membership for arrays and
-/// space-separated strings (such as `scope`).
+/// Check a route's `require_claims`: equality, membership for arrays, and membership
+/// in the space-separated OAuth scope strings `scope` and `scp` only (RFC 8693 4.2);
+/// any other string claim must match exactly (`role: "x admin"` is not `admin`).
 pub fn claims_grant(required: &[(String, String)], claims: &Map<String, Value>) -> bool {
     required.iter().all(|(name, want)| match claims.get(name) {
-        Some(Value::String(s)) => s == want || s.split(' ').any(|p| p == want),
+        Some(Value::String(s)) if name == "scope" || name == "scp" => s.split(' ').any(|p| p == want),
+        Some(Value::String(s)) => s == want,
         Some(Value::Array(items)) => items.iter().any(|i| match i {
             Value::String(s) => s == want,
             Value::Number(n) => n.to_string() == *want,
@@ -535,17 +561,100 @@ mod tests {
     }
 
     #[test]
+    fn configured_issuer_and_audience_are_required_claims() {
+        let (jwt, secret) = setup();
+        let v = Verifier::new(&jwt, &secret);
+        let no_iss = mint(
+            &Jwt {
+                issuer: None,
+                ..jwt.clone()
+            },
+            &secret,
+            "a",
+            Duration::from_secs(60),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(v.verify_now(&no_iss).unwrap_err(), AuthFailure::MissingClaim);
+        let no_aud = mint(
+            &Jwt {
+                audience: vec![],
+                ..jwt.clone()
+            },
+            &secret,
+            "a",
+            Duration::from_secs(60),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(v.verify_now(&no_aud).unwrap_err(), AuthFailure::MissingClaim);
+        let both = mint(&jwt, &secret, "a", Duration::from_secs(60), &[]).unwrap();
+        assert!(v.verify_now(&both).is_ok());
+    }
+
+    #[test]
+    fn only_scope_strings_are_split_on_spaces() {
+        let claims = |v: Value| serde_json::from_value::<Map<String, Value>>(v).unwrap();
+        let need = |k: &str, v: &str| vec![(k.to_string(), v.to_string())];
+        let c = claims(serde_json::json!({"role": "x admin", "scope": "read echo", "scp": "a b", "roles": ["admin"], "n": 7}));
+        assert!(!claims_grant(&need("role", "admin"), &c));
+        assert!(claims_grant(&need("role", "x admin"), &c));
+        assert!(claims_grant(&need("scope", "echo"), &c));
+        assert!(claims_grant(&need("scp", "b"), &c));
+        assert!(claims_grant(&need("roles", "admin"), &c));
+        assert!(claims_grant(&need("n", "7"), &c));
+        assert!(!claims_grant(&need("missing", "x"), &c));
+    }
+
+    #[test]
+    fn numeric_jti_can_be_revoked() {
+        let (jwt, secret) = setup();
+        let v = Verifier::with_keys(
+            &jwt,
+            crate::keys::KeyStore::load(&jwt, Some(&secret), "-").unwrap(),
+            ["12345".to_string(), "abc".to_string()].into_iter().collect(),
+        );
+        let numeric = mint(&jwt, &secret, "a", Duration::from_secs(60), &[("jti".into(), "12345".into())]).unwrap();
+        assert_eq!(v.verify_now(&numeric).unwrap_err(), AuthFailure::Revoked);
+        let text = mint(&jwt, &secret, "a", Duration::from_secs(60), &[("jti".into(), "abc".into())]).unwrap();
+        assert_eq!(v.verify_now(&text).unwrap_err(), AuthFailure::Revoked);
+        let other = mint(&jwt, &secret, "a", Duration::from_secs(60), &[("jti".into(), "123456".into())]).unwrap();
+        assert!(v.verify_now(&other).is_ok());
+    }
+
+    #[test]
     fn identity_claim_names_the_user_and_is_required_when_set() {
         let cfg = Config::from_toml_str("[jwt]\nrequired_claims = [\"exp\"]\nidentity_claim = \"user_id\"\n", "t").unwrap();
         let secret = Secret(b"0123456789abcdef0123456789abcdef".to_vec());
         let v = Verifier::new(&cfg.jwt, &secret);
-        let numeric = mint(&cfg.jwt, &secret, "ignored", Duration::from_secs(60), &[("user_id".into(), "42".into())]).unwrap();
+        let numeric = mint(
+            &cfg.jwt,
+            &secret,
+            "ignored",
+            Duration::from_secs(60),
+            &[("user_id".into(), "42".into())],
+        )
+        .unwrap();
         assert_eq!(v.verify_now(&numeric).unwrap().sub.as_deref(), Some("42"));
-        let text = mint(&cfg.jwt, &secret, "ignored", Duration::from_secs(60), &[("user_id".into(), "bob".into())]).unwrap();
+        let text = mint(
+            &cfg.jwt,
+            &secret,
+            "ignored",
+            Duration::from_secs(60),
+            &[("user_id".into(), "bob".into())],
+        )
+        .unwrap();
         assert_eq!(v.verify_now(&text).unwrap().sub.as_deref(), Some("bob"));
         let without = mint(&cfg.jwt, &secret, "alice", Duration::from_secs(60), &[]).unwrap();
         assert_eq!(v.verify_now(&without).unwrap_err(), AuthFailure::MissingClaim);
-        let object = mint(&cfg.jwt, &secret, "a", Duration::from_secs(60), &[("user_id".into(), "{\"a\":1}".into())]).unwrap();
+        let object = mint(
+            &cfg.jwt,
+            &secret,
+            "a",
+            Duration::from_secs(60),
+            &[("user_id".into(), "{\"a\":1}".into())],
+        )
+        .unwrap();
         assert_eq!(v.verify_now(&object).unwrap_err(), AuthFailure::Malformed);
         // Unset: `sub`, and a token without it has no user (when `sub` is not required).
         let cfg = Config::from_toml_str("[jwt]\nrequired_claims = [\"exp\"]\n", "t").unwrap();

@@ -654,8 +654,13 @@ impl Validator<'_> {
                 generate_if_missing: j.generate_secret_if_missing.unwrap_or(false),
             },
             (Some(env), None) => {
-                if env.get_ref().is_empty() {
-                    return Err(self.err(env, "jwt.secret_env", "must name an environment variable"));
+                if !is_env_var_name(env.get_ref()) {
+                    // Often the secret itself pasted here: never print the value.
+                    return Err(self.err(
+                        env,
+                        "jwt.secret_env",
+                        "must name an environment variable (letters, digits and '_'; the value is not shown)",
+                    ));
                 }
                 SecretSource::Env(self.located(env, "jwt.secret_env"))
             }
@@ -831,6 +836,15 @@ impl Validator<'_> {
         }
         Ok(routes)
     }
+}
+
+/// Whether `s` looks like an environment variable name (`[A-Za-z_][A-Za-z0-9_]*`, at
+/// most 128 bytes). Anything else is not echoed: it may be a secret pasted by mistake.
+pub fn is_env_var_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    s.len() <= 128
+        && chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 fn unlocated<T: From<&'static str>>(key: &str, value: &'static str) -> Located<T> {
@@ -1085,6 +1099,11 @@ upstreams = ["builtin:echo"]
 
     #[test]
     fn both_secret_sources_refused() {
+        let pasted = "s3cr3t-Value/with+chars==";
+        let e = err(&format!("[jwt]\nsecret_env = \"{pasted}\"\n"));
+        assert_eq!((e.key.as_str(), e.line), ("jwt.secret_env", Some(2)));
+        assert!(!e.to_string().contains(pasted), "{e}");
+        assert!(is_env_var_name("WSGATE_JWT_SECRET") && !is_env_var_name("1A") && !is_env_var_name(""));
         let e = err("[jwt]\nsecret_env = \"X\"\nsecret_file = \"f\"\n");
         assert_eq!((e.key.as_str(), e.line), ("jwt.secret_env", Some(2)));
     }

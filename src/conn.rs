@@ -242,11 +242,7 @@ async fn open_session(gw: &Gateway, rt: &Runtime, admission: Box<Admission>, slo
     };
     // Keep only what the session needs from the token, not every claim.
     let expires_at = identity.as_ref().and_then(|i| i.exp);
-    let jti = identity
-        .as_ref()
-        .and_then(|i| i.claims.get("jti"))
-        .and_then(|j| j.as_str())
-        .map(str::to_string);
+    let jti = identity.as_ref().and_then(|i| crate::auth::jti_text(&i.claims));
     Ok(Open {
         route_index,
         client,
@@ -340,12 +336,21 @@ pub(crate) fn expiry_instant(exp: u64, leeway: Duration) -> Instant {
     let now_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
-    let remaining = (Duration::from_secs(exp) + leeway).saturating_sub(now_unix);
+    // `exp` comes from the token: saturate instead of overflowing near u64::MAX.
+    let remaining = Duration::from_secs(exp).saturating_add(leeway).saturating_sub(now_unix);
     Instant::now() + remaining.min(Duration::from_secs(10 * 365 * 86400))
 }
 
 #[cfg(test)]
 mod tests {
+    #[tokio::test]
+    async fn expiry_at_the_edge_of_the_integer_range_does_not_panic() {
+        let far = super::expiry_instant(u64::MAX, std::time::Duration::from_secs(u64::MAX));
+        assert!(far > tokio::time::Instant::now() + std::time::Duration::from_secs(86400));
+        let past = super::expiry_instant(0, std::time::Duration::ZERO);
+        assert!(past <= tokio::time::Instant::now());
+    }
+
     /// Idle memory per session is dominated by the connection's future: keep it small
     /// (the handshake stages are boxed and freed before the relay phase).
     #[tokio::test]

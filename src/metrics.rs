@@ -164,9 +164,11 @@ impl Metrics {
     }
 
     pub fn closed(&self, route: &str, code: u16, initiator: &'static str) {
-        let code = code.to_string();
-        self.counter(CLOSES, &[("route", route), ("code", &code), ("initiator", initiator)])
-            .increment(1);
+        self.counter(
+            CLOSES,
+            &[("route", route), ("code", close_code_label(code)), ("initiator", initiator)],
+        )
+        .increment(1);
     }
 
     pub fn handshake_done(&self, seconds: f64) {
@@ -213,6 +215,22 @@ fn metadata() -> metrics::Metadata<'static> {
     metrics::Metadata::new(module_path!(), metrics::Level::INFO, None)
 }
 
+/// The `code` label of a close: the registered codes 1000–1015 and 4401 as themselves,
+/// other application codes as `3xxx` / `4xxx`, anything else as `other`. A bounded set:
+/// a client choosing its close code cannot create new series.
+pub fn close_code_label(code: u16) -> &'static str {
+    const REGISTERED: [&str; 16] = [
+        "1000", "1001", "1002", "1003", "1004", "1005", "1006", "1007", "1008", "1009", "1010", "1011", "1012", "1013", "1014", "1015",
+    ];
+    match code {
+        1000..=1015 => REGISTERED[usize::from(code - 1000)],
+        4401 => "4401",
+        3000..=3999 => "3xxx",
+        4000..=4999 => "4xxx",
+        _ => "other",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,5 +246,25 @@ mod tests {
         assert!(text.contains("wsgate_connections_rejected_total{reason=\"not_found\"} 1"), "{text}");
         assert!(text.contains("wsgate_build_info{version="), "{text}");
         assert!(!b.render().contains("not_found"));
+    }
+}
+
+#[cfg(test)]
+mod close_label_tests {
+    use super::close_code_label;
+
+    #[test]
+    fn client_chosen_close_codes_cannot_create_series() {
+        assert_eq!(close_code_label(1000), "1000");
+        assert_eq!(close_code_label(1015), "1015");
+        assert_eq!(close_code_label(4401), "4401");
+        assert_eq!(close_code_label(3000), "3xxx");
+        assert_eq!(close_code_label(3999), "3xxx");
+        assert_eq!(close_code_label(4000), "4xxx");
+        assert_eq!(close_code_label(4999), "4xxx");
+        assert_eq!(close_code_label(999), "other");
+        assert_eq!(close_code_label(u16::MAX), "other");
+        let labels: std::collections::HashSet<_> = (0..=u16::MAX).map(close_code_label).collect();
+        assert_eq!(labels.len(), 16 + 4, "{labels:?}");
     }
 }
