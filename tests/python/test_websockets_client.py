@@ -98,6 +98,17 @@ def test_wrong_issuer_is_401(gateway):
     assert_401(run(expect_refused(gateway, pyjwt_token(gateway, iss="someone-else"))))
 
 
+@pytest.mark.parametrize("claim", ["iss", "aud"])
+def test_token_without_configured_issuer_or_audience_is_401(gateway, claim):
+    # The gateway has an issuer and an audience configured: a token minted by the same
+    # secret for another service, without the claim at all, must not pass.
+    now = int(time.time())
+    claims = {"sub": "bob", "iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + 300}
+    del claims[claim]
+    token = jwt.encode(claims, gateway.secret(), algorithm="HS256")
+    assert_401(run(expect_refused(gateway, token)))
+
+
 def test_expired_token_is_401(gateway):
     now = int(time.time())
     # Well past the default 30 s leeway.
