@@ -117,6 +117,57 @@ const HOP_BY_HOP: &[&str] = &[
     "x-forwarded-proto",
 ];
 
+/// Forwarding headers a backend behind the gateway may trust (nginx realip, Spring,
+/// Express `trust proxy`): a client's copies are dropped in any spelling (case, `_`),
+/// and the gateway sets `X-Forwarded-For`, `X-Forwarded-Proto` and `X-Real-IP` itself.
+const CLIENT_FORWARDING: &[&str] = &[
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-server",
+    "x-forwarded-ssl",
+    "x-real-ip",
+    "x-client-ip",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-original-forwarded-for",
+];
+
+/// A query parameter name as an upstream framework would read it: percent-decoded
+/// (`+` as a space). Invalid escapes stay as they are.
+fn decoded_param_name(raw: &str) -> String {
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether a query parameter named `raw` could be read by the upstream as the token
+/// parameter `name`: the decoded name compared without case (`ACCESS_TOKEN`,
+/// `access%5Ftoken`). Every such copy is removed, not only the exact one.
+fn is_token_param(raw: &str, name: &str) -> bool {
+    decoded_param_name(raw).trim().eq_ignore_ascii_case(name)
+}
+
 /// The path and query the upstream sees: the client's, with token query parameters
 /// removed, and the route prefix replaced when the upstream URL has a path.
 pub fn upstream_path(route: &Route, upstream_path: Option<&str>, facts: &ClientFacts) -> String {
@@ -135,7 +186,10 @@ pub fn upstream_path(route: &Route, upstream_path: Option<&str>, facts: &ClientF
         .filter(|p| !p.is_empty())
         .filter(|p| {
             let name = p.split_once('=').map_or(*p, |(k, _)| k);
-            !facts.token_sources.iter().any(|s| matches!(s, TokenSource::Query(q) if q == name))
+            !facts
+                .token_sources
+                .iter()
+                .any(|s| matches!(s, TokenSource::Query(q) if is_token_param(name, q)))
         })
         .collect();
     if query.is_empty() {
@@ -160,6 +214,9 @@ pub fn build_request(url: &str, facts: &ClientFacts) -> Result<http::Request<()>
     for (name, value) in facts.headers {
         let n = name.as_str();
         if HOP_BY_HOP.contains(&n) || connection_named.iter().any(|c| c == n) || carries_token(n, facts.token_sources) {
+            continue;
+        }
+        if CLIENT_FORWARDING.iter().any(|f| same_header(f, n)) {
             continue;
         }
         // Identity headers come from the gateway only: a client's copy, in any spelling, is dropped.
@@ -197,6 +254,9 @@ pub fn build_request(url: &str, facts: &ClientFacts) -> Result<http::Request<()>
         h.insert(HeaderName::from_static("x-forwarded-for"), v);
     }
     h.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("https"));
+    if let Ok(v) = HeaderValue::from_str(&facts.ip.to_string()) {
+        h.insert(HeaderName::from_static("x-real-ip"), v);
+    }
     Ok(req)
 }
 
@@ -402,5 +462,76 @@ impl Health {
 
     pub fn succeeded(&self) {
         *self.lock() = (0, None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts<'a>(headers: &'a HeaderMap, query: Option<&'a str>, sources: &'a [TokenSource]) -> ClientFacts<'a> {
+        ClientFacts {
+            ip: "203.0.113.7".parse().unwrap(),
+            peer: "203.0.113.7".parse().unwrap(),
+            peer_trusted: false,
+            path: "/echo",
+            query,
+            headers,
+            forward_token: None,
+            token_sources: sources,
+            claims: None,
+            forward_claims: &[],
+        }
+    }
+
+    #[test]
+    fn every_copy_of_a_query_token_is_stripped() {
+        let cfg = crate::Config::from_toml_str(
+            "[[routes]]\nname=\"a\"\npath=\"/echo\"\nupstreams=[\"builtin:echo\"]\nauth=\"none\"\n",
+            "t",
+        )
+        .unwrap();
+        let sources = [TokenSource::Query("access_token".into())];
+        let h = HeaderMap::new();
+        let q = "access_token=a&ACCESS_TOKEN=b&access%5Ftoken=c&Access%5ftoken=d&access_token%20=e&keep=1&x=%zz";
+        let out = upstream_path(&cfg.routes[0], None, &facts(&h, Some(q), &sources));
+        assert_eq!(out, "/echo?keep=1&x=%zz");
+        assert_eq!(decoded_param_name("a%2"), "a%2");
+        assert_eq!(decoded_param_name("%"), "%");
+        assert_eq!(decoded_param_name("a+b%41"), "a bA");
+    }
+
+    #[test]
+    fn client_forwarding_headers_never_reach_the_upstream() {
+        let mut h = HeaderMap::new();
+        for (n, v) in [
+            ("forwarded", "for=1.2.3.4"),
+            ("x-real-ip", "1.2.3.4"),
+            ("x-forwarded-host", "evil.example"),
+            ("x-forwarded-port", "1"),
+            ("x-forwarded-prefix", "/admin"),
+            ("x-original-url", "/admin"),
+            ("x-rewrite-url", "/admin"),
+            ("x_real_ip", "1.2.3.4"),
+            ("x-app", "kept"),
+        ] {
+            h.append(HeaderName::from_bytes(n.as_bytes()).unwrap(), HeaderValue::from_static(v));
+        }
+        let req = build_request("ws://127.0.0.1:1/echo", &facts(&h, None, &[])).unwrap();
+        let got = req.headers();
+        for n in [
+            "forwarded",
+            "x-forwarded-host",
+            "x-forwarded-port",
+            "x-forwarded-prefix",
+            "x-original-url",
+            "x-rewrite-url",
+            "x_real_ip",
+        ] {
+            assert!(got.get(n).is_none(), "{n} reached the upstream");
+        }
+        assert_eq!(got.get_all("x-real-ip").iter().collect::<Vec<_>>(), vec!["203.0.113.7"]);
+        assert_eq!(got.get("x-forwarded-for").unwrap(), "203.0.113.7");
+        assert_eq!(got.get("x-app").unwrap(), "kept");
     }
 }
