@@ -98,7 +98,8 @@ setup_autobahn() {
   .venv-tools/bin/virtualenv -q -p "$py27" .venv-autobahn
   .venv-autobahn/bin/python -m pip install -q -r "$req"
   # Smoke test: wstest starts and knows its modes.
-  .venv-autobahn/bin/wstest --help | grep -q fuzzingclient
+  # grep reads to the end (no -q): an early exit would break wstest's pipe under pipefail.
+  .venv-autobahn/bin/wstest --help | grep fuzzingclient >/dev/null
   echo "$h" > .venv-autobahn/.wsgate-setup-stamp
   log ".venv-autobahn ready in $((SECONDS - start))s"
 }

@@ -129,7 +129,8 @@ pub struct Admission {
     settings: Settings,
     rate: KeyedLimiter,
     open: Arc<Counted<IpKey>>,
-    failures: Mutex<HashMap<IpKey, Failures>>,
+    /// Shared with the admission that replaces this one on a reload: bans survive it.
+    failures: Arc<Mutex<HashMap<IpKey, Failures>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -146,7 +147,18 @@ impl Admission {
             rate: RateLimiter::keyed(quota),
             settings,
             open: Arc::default(),
-            failures: Mutex::default(),
+            failures: Arc::default(),
+        }
+    }
+
+    /// The admission for new `[limits]` after a reload: a fresh rate limiter with the new
+    /// quota, but the live per-IP counts and the auth-failure bans carried over, so a
+    /// reload neither lifts a ban nor lets old sessions escape the per-IP cap.
+    pub fn reconfigured(&self, settings: Settings) -> Admission {
+        Admission {
+            open: self.open.clone(),
+            failures: self.failures.clone(),
+            ..Admission::new(settings)
         }
     }
 
@@ -260,6 +272,41 @@ impl MessageRate {
         self.tat = self.tat.max(now) + self.interval;
         let ready = self.tat.checked_sub(self.tolerance).unwrap_or(now);
         (ready > now).then_some(ready)
+    }
+}
+
+#[cfg(test)]
+mod reload_tests {
+    use super::*;
+
+    fn settings(max_per_ip: u32) -> Settings {
+        Settings {
+            connection_rate: "100/s".parse().unwrap(),
+            connection_burst: 100,
+            max_connections_per_ip: max_per_ip,
+            ipv6_prefix: 64,
+            auth_failures_per_ip: 2,
+            auth_failure_window: Duration::from_secs(60),
+            auth_ban: Duration::from_secs(600),
+        }
+    }
+
+    #[test]
+    fn a_limits_reload_keeps_bans_and_live_counts() {
+        let a = Admission::new(settings(2));
+        let banned: IpAddr = "192.0.2.1".parse().unwrap();
+        a.auth_failed(banned);
+        a.auth_failed(banned);
+        assert!(a.banned(banned).is_some());
+        let ip: IpAddr = "192.0.2.2".parse().unwrap();
+        let _s1 = a.admit(ip).unwrap();
+        let _s2 = a.admit(ip).unwrap();
+        let b = a.reconfigured(settings(3));
+        assert!(b.banned(banned).is_some(), "the reload lifted a ban");
+        let _s3 = b.admit(ip).unwrap();
+        assert!(matches!(b.admit(ip), Err(Reject::IpConnLimit)), "old sessions no longer counted");
+        drop((_s1, _s2, _s3));
+        assert_eq!(b.tracked().1, 0);
     }
 }
 

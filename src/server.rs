@@ -146,8 +146,8 @@ impl Gateway {
             notes.push("[log] changed: takes effect after a restart".to_string());
         }
         if new.config.limits.admission != old.config.limits.admission {
-            self.admission
-                .store(Arc::new(crate::limits::Admission::new(new.config.limits.admission.clone())));
+            let next = self.admission().reconfigured(new.config.limits.admission.clone());
+            self.admission.store(Arc::new(next));
         }
         for r in &new.config.routes {
             self.metrics.register_route(&r.name);
