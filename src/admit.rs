@@ -87,6 +87,7 @@ impl RequestCtx {
         }
         let path = req.uri().path().to_string();
         let query = req.uri().query().map(str::to_string);
+        upgrade::check_path(&path)?;
         let route_index = config.route_index(&path).ok_or(Reject::NotFound)?;
         let route = &config.routes[route_index];
         self.note(|i| i.route = Some(route.name.clone()));

@@ -63,6 +63,62 @@ fn key_is_valid(k: &[u8]) -> bool {
 }
 
 /// Check the `Origin` header against the route's `allowed_origins`.
+/// How many times a segment is percent-decoded when looking for a hidden dot segment:
+/// enough for double and triple encoding (`%252e`), which some backends decode again.
+const PATH_DECODE_ROUNDS: usize = 3;
+
+/// The request path must mean the same to routing and to the upstream (DESIGN.md
+/// section 5): dot segments (`.`, `..`, percent-encoded in any case, also double
+/// encoded), encoded slashes and backslashes (`%2f`, `%5c`), raw backslashes and
+/// empty segments (`//`) are refused with 400 before routing.
+pub fn check_path(path: &str) -> Result<(), Reject> {
+    if !path.starts_with('/') {
+        return Err(Reject::BadRequest("the path must start with '/'"));
+    }
+    if path.contains('\\') {
+        return Err(Reject::BadRequest("backslash in the path"));
+    }
+    if path.contains("//") {
+        return Err(Reject::BadRequest("empty path segment"));
+    }
+    for segment in path[1..].split('/') {
+        let mut s = segment.to_string();
+        for _ in 0..=PATH_DECODE_ROUNDS {
+            if s == "." || s == ".." {
+                return Err(Reject::BadRequest("dot segment in the path"));
+            }
+            if s.contains(['/', '\\']) {
+                return Err(Reject::BadRequest("encoded slash or backslash in the path"));
+            }
+            if !s.contains('%') {
+                break;
+            }
+            s = percent_decode(&s);
+        }
+    }
+    Ok(())
+}
+
+/// Percent-decode once; invalid escapes stay as they are, invalid UTF-8 is replaced.
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 pub fn check_origin(route: &crate::config::Route, headers: &HeaderMap) -> Result<(), Reject> {
     let mut origins = headers.get_all(header::ORIGIN).iter();
     let origin = match (origins.next(), origins.next()) {
@@ -138,6 +194,40 @@ pub fn refusal(reject: &Reject) -> Response<Full<Bytes>> {
         h.insert(header::RETRY_AFTER, HeaderValue::from(after.as_secs().max(1)));
     }
     resp
+}
+
+#[cfg(test)]
+mod path_tests {
+    use super::check_path;
+
+    #[test]
+    fn paths_that_could_mean_something_else_upstream_are_refused() {
+        for bad in [
+            "/public/../admin",
+            "/public/%2e%2e/admin",
+            "/public/%2E%2e/admin",
+            "/public/.%2E/admin",
+            "/chat/../../x",
+            "/chat/./x",
+            "/chat/.",
+            "/chat/..",
+            "/a/%252e%252e/b",
+            "/a%2fb",
+            "/a%2Fb",
+            "/a%5cb",
+            "/a%255Cb",
+            "/a\\b",
+            "//a",
+            "/a//b",
+            "a/b",
+            "",
+        ] {
+            assert!(check_path(bad).is_err(), "{bad:?} passed");
+        }
+        for good in ["/", "/echo", "/chat/room", "/chat/room/", "/a.b/..c/...", "/%41", "/a%2", "/a%"] {
+            assert!(check_path(good).is_ok(), "{good:?} refused");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -255,3 +255,48 @@ async fn admin_endpoints() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn dot_segments_and_encoded_slashes_never_reach_an_open_route() {
+    let up = upstream(Behaviour::Echo).await;
+    let gw = Gw::start("", &route("public", "/public/*", &up.url(), "none")).await;
+    for path in [
+        "/public/../admin",
+        "/public/%2e%2e/admin",
+        "/public/%2E%2E/admin",
+        "/public/%252e%252e/admin",
+        "/public/a%2fb",
+        "/public/a%5Cb",
+        "/public//admin",
+    ] {
+        let resp = raw_exchange(&gw, upgrade_request(path, "").as_bytes()).await;
+        assert!(resp.starts_with("HTTP/1.1 400"), "{path}: {resp}");
+    }
+    gw.wait_metric(r#"wsgate_connections_rejected_total{reason="bad_request"}"#, 7.0)
+        .await;
+    assert!(up.log.lock().unwrap().requests.is_empty(), "a refused path reached the upstream");
+    let (mut ws, _) = gw.try_connect("/public/room", &gw.options(None)).await.unwrap();
+    assert_eq!(roundtrip(&mut ws, "ok").await, "ok");
+}
+
+#[tokio::test]
+async fn query_token_copies_and_client_forwarding_headers_are_stripped() {
+    let up = upstream(Behaviour::Echo).await;
+    let gw = Gw::start("", &route("plain", "/plain", &up.url(), "jwt")).await;
+    let token = gw.token("bob");
+    let mut opts = gw.options(None);
+    opts.headers = vec![
+        ("Forwarded".into(), "for=6.6.6.6".into()),
+        ("X-Real-IP".into(), "6.6.6.6".into()),
+        ("X-Forwarded-Host".into(), "evil.example".into()),
+        ("X-Original-URL".into(), "/admin".into()),
+    ];
+    let path = format!("/plain?access_token={token}&ACCESS_TOKEN=forged&access%5Ftoken=forged2&keep=1");
+    let (mut ws, _) = gw.try_connect(&path, &opts).await.unwrap();
+    assert_eq!(roundtrip(&mut ws, "hi").await, "hi");
+    let (uri, headers) = up.log.lock().unwrap().requests[0].clone();
+    assert_eq!(uri, "/plain?keep=1");
+    let get = |n: &str| headers.iter().filter(|(k, _)| k == n).map(|(_, v)| v.clone()).collect::<Vec<_>>();
+    assert!(get("forwarded").is_empty() && get("x-forwarded-host").is_empty() && get("x-original-url").is_empty());
+    assert_eq!(get("x-real-ip"), vec!["127.0.0.1".to_string()]);
+}
