@@ -157,9 +157,12 @@ impl Gateway {
                 n.keys().adopt_jwks(o.keys());
             }
         }
-        start_jwks_refresh(&new, &self.metrics).await;
+        // The new key set gets its own refresh loop, which ends at the next reload; the
+        // old runtime's loop ends now, even while old sessions still hold that runtime.
+        let next_generation = CancellationToken::new();
+        start_jwks_refresh(&new, &self.metrics, next_generation.clone()).await;
         self.runtime.store(new);
-        self.generation.swap(Arc::new(CancellationToken::new())).cancel();
+        self.generation.swap(Arc::new(next_generation)).cancel();
         self.metrics.reload(true);
         Ok(notes)
     }
@@ -232,7 +235,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         open: AtomicUsize::new(0),
         draining: AtomicBool::new(false),
     });
-    start_jwks_refresh(&gateway.runtime(), &gateway.metrics).await;
+    start_jwks_refresh(&gateway.runtime(), &gateway.metrics, gateway.generation()).await;
     let stop = CancellationToken::new();
     let task = tokio::spawn(serve(gateway.clone(), listeners, admin, stop.clone()));
     Ok(Running {
@@ -391,8 +394,9 @@ fn pre_tls_checks(gw: &Arc<Gateway>, rt: &Runtime, ip: std::net::IpAddr) -> Resu
     gw.admission().admit(ip).map(Some)
 }
 
-/// Fetch the JWKS URL once now, then keep it fresh for as long as this runtime is in use.
-pub async fn start_jwks_refresh(rt: &Arc<Runtime>, metrics: &Metrics) {
+/// Fetch the JWKS URL once now, then keep it fresh until `until` is cancelled (the next
+/// reload) or the runtime is gone: one refresh loop per live key set.
+pub async fn start_jwks_refresh(rt: &Arc<Runtime>, metrics: &Metrics, until: CancellationToken) {
     let Some(v) = rt.verifier.as_ref().filter(|v| v.keys().has_remote()) else {
         return;
     };
@@ -413,7 +417,10 @@ pub async fn start_jwks_refresh(rt: &Arc<Runtime>, metrics: &Metrics) {
     let metrics = metrics.clone();
     tokio::spawn(async move {
         loop {
-            tokio::time::sleep(every).await;
+            tokio::select! {
+                _ = until.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
             let Some(rt) = weak.upgrade() else { return };
             if let Some(v) = &rt.verifier {
                 match v.keys().refresh().await {

@@ -334,3 +334,42 @@ async fn token_as_first_message() {
         .await;
     assert_eq!(up.requests(), 2);
 }
+
+#[tokio::test]
+async fn a_reload_stops_the_old_key_sets_refresh_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let (k1, _) = keypair(&rcgen::PKCS_RSA_SHA256);
+    let doc = Arc::new(std::sync::Mutex::new(jwks_doc(&[("k1", &k1)])));
+    let (old_hits, new_hits) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (old_port, ca) = jwks_server(dir.path(), doc.clone(), old_hits.clone()).await;
+    let jwt = |port: u16| {
+        format!(
+            "algorithms = [\"RS256\"]\njwks_url = \"https://localhost:{port}/.well-known/jwks.json\"\njwks_ca = \"{}\"\njwks_refresh = \"1s\"\n",
+            ca.display()
+        )
+    };
+    let (gw, _up) = app_gateway(&jwt(old_port), "").await;
+    // A live session keeps the first runtime (and its key set) alive across the reload.
+    let t1 = sign(Algorithm::RS256, &k1, Some("k1"), &claims("alice"));
+    let (mut ws, _) = gw.try_connect("/app", &gw.options(Some(t1))).await.unwrap();
+    let new_dir = tempfile::tempdir().unwrap();
+    let (new_port, new_ca) = jwks_server(new_dir.path(), doc.clone(), new_hits.clone()).await;
+    let mut config = gw.config.clone();
+    let url = config.jwt.jwks_url.as_mut().unwrap();
+    url.url = format!("https://localhost:{new_port}/.well-known/jwks.json").parse().unwrap();
+    url.ca = Some(wsgate::config::Located {
+        value: new_ca,
+        key: "jwt.jwks_ca".into(),
+        line: None,
+    });
+    let gateway = gw.running.as_ref().unwrap().gateway.clone();
+    gateway.reload(config).await.unwrap();
+    assert!(new_hits.load(Ordering::SeqCst) >= 1, "the new key set was not fetched");
+    // Refreshing every second, a loop left running would fetch the old URL 2-3 times.
+    let before = old_hits.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let stale = old_hits.load(Ordering::SeqCst) - before;
+    assert_eq!(stale, 0, "the replaced key set was still refreshed {stale} times");
+    assert!(new_hits.load(Ordering::SeqCst) >= 2, "the current key set is not refreshed");
+    assert_eq!(roundtrip(&mut ws, "still here").await, "still here");
+}
