@@ -246,9 +246,16 @@ pub fn build_request(url: &str, facts: &ClientFacts) -> Result<http::Request<()>
             h.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
         }
     }
-    let xff = match facts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) if facts.peer_trusted => format!("{prev}, {}", facts.peer),
-        _ => facts.ip.to_string(),
+    let prev: Vec<&str> = facts
+        .headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let xff = if facts.peer_trusted && !prev.is_empty() {
+        format!("{}, {}", prev.join(", "), facts.peer)
+    } else {
+        facts.ip.to_string()
     };
     if let Ok(v) = HeaderValue::from_str(&xff) {
         h.insert(HeaderName::from_static("x-forwarded-for"), v);

@@ -256,11 +256,24 @@ async fn forwarded_client_ip_is_used_behind_a_trusted_proxy() {
     // The forwarded client is denied by the firewall: the proxy gets an HTTP 403.
     proxied.headers = vec![("X-Forwarded-For".into(), "203.0.113.9".into())];
     assert_eq!(attempt(&gw, "/r", &proxied).await.err(), Some(Some(403)));
+    // A hop the gateway cannot read is a 400, never skipped (the proxy is not the client).
+    proxied.headers = vec![("X-Forwarded-For".into(), "unknown".into())];
+    assert_eq!(attempt(&gw, "/r", &proxied).await.err(), Some(Some(400)));
+    // `ip:port` is read, and every header line counts: the proxy appended a second one.
+    proxied.headers = vec![
+        ("X-Forwarded-For".into(), "203.0.113.9".into()),
+        ("X-Forwarded-For".into(), "198.51.100.8:4711".into()),
+    ];
+    let _ws3 = attempt(&gw, "/r", &proxied).await.unwrap();
+    assert_eq!(
+        up.header(1, "x-forwarded-for").as_deref(),
+        Some("203.0.113.9, 198.51.100.8:4711, 127.0.0.13")
+    );
     // An untrusted peer's X-Forwarded-For is ignored and replaced.
     let mut direct = from(&gw, "127.0.0.14", None);
     direct.headers = vec![("X-Forwarded-For".into(), "203.0.113.9".into())];
     let _ws2 = attempt(&gw, "/r", &direct).await.unwrap();
-    assert_eq!(up.header(1, "x-forwarded-for").as_deref(), Some("127.0.0.14"));
+    assert_eq!(up.header(2, "x-forwarded-for").as_deref(), Some("127.0.0.14"));
 }
 
 #[test]
