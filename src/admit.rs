@@ -251,6 +251,12 @@ async fn connect_upstream(gw: &Gateway, rt: &Runtime, route_index: usize, facts:
                 gw.metrics.upstream_connect(&route.name, t0.elapsed().as_secs_f64());
                 return Ok(c);
             }
+            // A 4xx is the application's answer to this client, not a fault of the
+            // upstream: no failover, no back-off, passed through.
+            Err(e @ Reject::UpstreamRefused(_)) => {
+                tracing::info!(route = %route.name, upstream = idx, reason = e.label(), "upstream refused the upgrade");
+                return Err(e);
+            }
             Err(e) => {
                 health.failed();
                 tracing::warn!(route = %route.name, upstream = idx, reason = e.label(), "upstream attempt failed");
@@ -305,6 +311,7 @@ pub(crate) async fn first_message<S: AsyncRead + AsyncWrite + Unpin>(
     if let Err(reject) = &result {
         let (code, reason) = match reject {
             Reject::UpstreamUnavailable | Reject::UpstreamTimeout => (1011, "upstream unavailable"),
+            Reject::UpstreamRefused(_) => (1008, "refused by the application"),
             Reject::UserConnLimit => (1008, "too many sessions for this user"),
             _ => (1008, "authentication failed"),
         };

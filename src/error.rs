@@ -47,7 +47,24 @@ pub enum Reject {
     UpstreamUnavailable,
     #[error("upstream timed out")]
     UpstreamTimeout,
+    /// The application answered the upgrade with a well-formed 4xx: its answer to this
+    /// client, passed through (status and a bounded body), with no failover and no
+    /// effect on the upstream's health.
+    #[error("upstream refused the upgrade with {}", .0.status)]
+    UpstreamRefused(Box<UpstreamAnswer>),
 }
+
+/// A 4xx the upstream answered to the upgrade request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamAnswer {
+    pub status: StatusCode,
+    pub content_type: Option<http::HeaderValue>,
+    /// At most [`MAX_UPSTREAM_BODY`] bytes.
+    pub body: bytes::Bytes,
+}
+
+/// The largest body of an upstream refusal passed to the client; the rest is cut.
+pub const MAX_UPSTREAM_BODY: usize = 4096;
 
 /// Why a token was refused; the label of `wsgate_auth_failures_total{reason}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -114,6 +131,7 @@ impl Reject {
             Reject::Auth(_) => StatusCode::UNAUTHORIZED,
             Reject::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Reject::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Reject::UpstreamRefused(a) => a.status,
         })
     }
 
@@ -134,6 +152,7 @@ impl Reject {
             Reject::Auth(_) => "auth",
             Reject::UpstreamUnavailable => "upstream_unavailable",
             Reject::UpstreamTimeout => "upstream_timeout",
+            Reject::UpstreamRefused(_) => "upstream_refused",
         }
     }
 
@@ -154,6 +173,7 @@ impl Reject {
             Reject::Auth(_) => "unauthorized\n",
             Reject::UpstreamUnavailable => "upstream unavailable\n",
             Reject::UpstreamTimeout => "upstream timeout\n",
+            Reject::UpstreamRefused(_) => "",
         }
     }
 
@@ -312,6 +332,15 @@ mod tests {
             (Reject::Auth(AuthFailure::Forbidden), Some(403), "auth"),
             (Reject::UpstreamUnavailable, Some(502), "upstream_unavailable"),
             (Reject::UpstreamTimeout, Some(504), "upstream_timeout"),
+            (
+                Reject::UpstreamRefused(Box::new(UpstreamAnswer {
+                    status: StatusCode::FORBIDDEN,
+                    content_type: None,
+                    body: bytes::Bytes::new(),
+                })),
+                Some(403),
+                "upstream_refused",
+            ),
         ];
         for (r, status, label) in rows {
             assert_eq!(r.status().map(|s| s.as_u16()), *status, "{r:?}");

@@ -166,11 +166,23 @@ pub fn refusal(reject: &Reject) -> Response<Full<Bytes>> {
         Reject::RateLimited | Reject::IpConnLimit => StatusCode::TOO_MANY_REQUESTS,
         _ => StatusCode::BAD_REQUEST,
     });
-    let mut resp = Response::new(Full::new(Bytes::from_static(reject.body().as_bytes())));
+    let (body, content_type) = match reject {
+        Reject::UpstreamRefused(a) => (
+            a.body.clone(),
+            a.content_type
+                .clone()
+                .unwrap_or(HeaderValue::from_static("text/plain; charset=utf-8")),
+        ),
+        _ => (
+            Bytes::from_static(reject.body().as_bytes()),
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        ),
+    };
+    let mut resp = Response::new(Full::new(body));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
     h.insert(header::CONNECTION, HeaderValue::from_static("close"));
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    h.insert(header::CONTENT_TYPE, content_type);
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     match reject {
         Reject::Auth(crate::error::AuthFailure::Forbidden) => {

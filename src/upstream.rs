@@ -375,9 +375,40 @@ async fn handshake(io: UpstreamIo, req: http::Request<()>) -> Result<Connected, 
     // (handing the stream to the upgrade when it is a 101).
     let response = sender.send_request(req);
     drop(sender);
-    let (resp, conn) = tokio::join!(response, conn.with_upgrades());
+    // The connection is driven until the response head is in; with a 101 it ends by
+    // handing the stream to the upgrade, with a 4xx it goes on to deliver the body.
+    let mut response = std::pin::pin!(response);
+    let mut conn = std::pin::pin!(conn.with_upgrades());
+    let mut conn_result = None;
+    let resp = tokio::select! {
+        biased;
+        r = &mut response => r,
+        c = &mut conn => {
+            conn_result = Some(c);
+            response.await
+        }
+    };
     let mut resp = resp.map_err(|_| fail("no response"))?;
-    conn.map_err(|_| fail("connection failed"))?;
+    if resp.status().is_client_error() {
+        // The application's answer to this client: passed through, bounded.
+        let (parts, body) = resp.into_parts();
+        let limited = http_body_util::Limited::new(body, crate::error::MAX_UPSTREAM_BODY);
+        let collect = http_body_util::BodyExt::collect(limited);
+        let body = match conn_result {
+            Some(_) => collect.await,
+            None => tokio::join!(collect, &mut conn).0,
+        };
+        return Err(Reject::UpstreamRefused(Box::new(crate::error::UpstreamAnswer {
+            status: parts.status,
+            content_type: parts.headers.get(header::CONTENT_TYPE).cloned(),
+            body: body.map(|b| b.to_bytes()).unwrap_or_default(),
+        })));
+    }
+    match conn_result {
+        Some(c) => c,
+        None => conn.await,
+    }
+    .map_err(|_| fail("connection failed"))?;
     if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
         return Err(fail("status"));
     }

@@ -72,3 +72,72 @@ async fn readyz_reports_a_route_without_reachable_upstreams() {
     assert_eq!(gw.refusal("/lonely", &gw.options(None)).await.status(), 502);
     assert_eq!(hits.load(Ordering::SeqCst), 4);
 }
+
+/// An application that refuses every upgrade with `403` and a short body; counts requests.
+async fn refusing_upstream() -> (String, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}", l.local_addr().unwrap());
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = l.accept().await {
+            h.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut n = 0;
+                while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => n += k,
+                    }
+                }
+                let body = "no such room\n";
+                let resp = format!(
+                    "HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nX-Secret-Hop: 1\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tcp.write_all(resp.as_bytes()).await;
+                let _ = tcp.shutdown().await;
+            });
+        }
+    });
+    (url, hits)
+}
+
+#[tokio::test]
+async fn an_application_4xx_passes_through_without_failover_or_health_effect() {
+    let (refusing, hits) = refusing_upstream().await;
+    let spare = upstream(Behaviour::Echo).await;
+    let rest = format!(
+        "[[routes]]\nname = \"app\"\npath = \"/app\"\nupstreams = [\"{refusing}\", \"{}\"]\nauth = \"none\"\n",
+        spare.url()
+    );
+    let gw = Gw::start("", &rest).await;
+    // Round robin alternates between the two. An attempt that starts at the refusing app
+    // gets its 403 and body (no failover to the spare); the others reach the spare. Without
+    // the fix every attempt succeeded by failing over, and the app went into back-off.
+    let mut refused = 0;
+    for _ in 0..10 {
+        let opts = gw.options(None);
+        match tokio::time::timeout(TIMEOUT, wsgate::client::connect(&gw.url("/app"), &opts))
+            .await
+            .expect("connect timed out")
+        {
+            Ok((mut ws, _)) => assert_eq!(roundtrip(&mut ws, "x").await, "x"),
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                assert_eq!(resp.status(), 403);
+                assert_eq!(resp.body().as_deref(), Some(&b"no such room\n"[..]));
+                assert!(resp.headers().get("x-secret-hop").is_none());
+                refused += 1;
+            }
+            Err(e) => panic!("unexpected connect error: {e}"),
+        }
+    }
+    assert_eq!(refused, 5, "round robin: half the attempts start at the refusing app");
+    assert_eq!(hits.load(Ordering::SeqCst), 5, "the refusing app was put in back-off or retried");
+    assert_eq!(spare.requests(), 5, "a 4xx failed over to the spare");
+    assert_eq!(http_get(gw.admin, "/readyz").await.0, 200, "a client's 4xx took the route down");
+    gw.wait_metric(r#"wsgate_connections_rejected_total{reason="upstream_refused"}"#, 5.0)
+        .await;
+}
