@@ -88,6 +88,9 @@ pub fn fingerprint(token: &str) -> String {
 #[derive(Clone)]
 pub struct Identity {
     pub sub: Option<String>,
+    /// The verified token, kept so a live session can be re-verified after a reload
+    /// (a removed key or a changed issuer/audience cuts it). Never in `Debug`.
+    pub token: Box<str>,
     /// Expiry, seconds since the epoch.
     pub exp: Option<u64>,
     pub claims: Map<String, Value>,
@@ -272,6 +275,13 @@ impl Verifier {
         }
     }
 
+    /// Whether a live session's token still passes under this (reloaded) config:
+    /// key, signature, issuer, audience, required claims and revocation. Expiry is
+    /// left to `close_on_expiry`, so an expired token alone does not fail here.
+    pub fn still_valid(&self, token: &str) -> bool {
+        !matches!(self.verify_now(token), Err(f) if f != AuthFailure::Expired)
+    }
+
     /// Verification without any network access (no JWKS refetch).
     pub fn verify_now(&self, token: &str) -> Result<Identity, AuthFailure> {
         let (alg, kid) = self.check_header(token)?;
@@ -331,6 +341,7 @@ impl Verifier {
         }
         Ok(Identity {
             sub,
+            token: token.into(),
             exp,
             claims,
             fingerprint: fingerprint(token),

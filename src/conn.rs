@@ -187,6 +187,8 @@ struct Open {
     upstream: relay::Endpoint<crate::upstream::UpstreamIo>,
     expires_at: Option<u64>,
     jti: Option<String>,
+    /// The verified token, re-checked against the keys of each new config.
+    token: Option<Box<str>>,
     _slots: (Option<crate::limits::IpSlot>, Option<crate::limits::UserSlot>),
 }
 
@@ -243,12 +245,14 @@ async fn open_session(gw: &Gateway, rt: &Runtime, admission: Box<Admission>, slo
     // Keep only what the session needs from the token, not every claim.
     let expires_at = identity.as_ref().and_then(|i| i.exp);
     let jti = identity.as_ref().and_then(|i| crate::auth::jti_text(&i.claims));
+    let token = identity.map(|i| i.token);
     Ok(Open {
         route_index,
         client,
         upstream: upstream.ws,
         expires_at,
         jti,
+        token,
         _slots: (ip_slot, user_slot),
     })
 }
@@ -278,6 +282,8 @@ async fn run_session(gw: &Gateway, rt: &Runtime, open: &mut Open, slot: &Mutex<S
         gw,
         client_ip: lock(slot).info.client_ip,
         jti: open.jti.take(),
+        token: open.token.take(),
+        route: open.route_index,
     };
     let control = relay::Control {
         shutdown: &gw.sessions,
@@ -312,6 +318,8 @@ struct SessionPolicy<'a> {
     gw: &'a Gateway,
     client_ip: Option<IpAddr>,
     jti: Option<String>,
+    token: Option<Box<str>>,
+    route: usize,
 }
 
 impl relay::Policy for SessionPolicy<'_> {
@@ -326,6 +334,21 @@ impl relay::Policy for SessionPolicy<'_> {
         }
         if rt.verifier.as_ref().is_some_and(|v| v.is_revoked(self.jti.as_deref())) {
             return Some(CloseReason::AccessRevoked);
+        }
+        // Key rotation: a token that no longer verifies (its key removed, issuer or
+        // audience changed) stops working at once. A route that no longer exists by
+        // that index, or no longer needs a token, leaves the session as it is.
+        if let Some(token) = &self.token {
+            let needs_jwt = rt
+                .config
+                .routes
+                .get(self.route)
+                .is_some_and(|r| r.auth == crate::config::AuthMode::Jwt);
+            match &rt.verifier {
+                Some(v) if needs_jwt && !v.still_valid(token) => return Some(CloseReason::AccessRevoked),
+                None if needs_jwt => return Some(CloseReason::AccessRevoked),
+                _ => {}
+            }
         }
         None
     }

@@ -143,3 +143,26 @@ async fn new_firewall_rules_and_revocations_close_live_sessions_with_1008() {
     gw.wait_metric(r#"wsgate_closes_total{route="app",code="1008",initiator="gateway"}"#, 2.0)
         .await;
 }
+
+#[tokio::test]
+async fn a_reload_that_removes_the_key_cuts_sessions_whose_token_no_longer_verifies() {
+    let gw = Gw::echo().await;
+    let text = config_text(gw.dir.path(), "", ECHO_ROUTE);
+    let mut old = gw.connect("/echo").await;
+    assert_eq!(roundtrip(&mut old, "before").await, "before");
+    // The secret leaked: the operator replaces it and reloads.
+    std::fs::write(gw.dir.path().join("jwt.secret"), "a-brand-new-secret-of-32-bytes-or-more\n").unwrap();
+    reload(&gw, &text).await.unwrap();
+    assert_eq!(close_code(&mut old).await.0, 1008);
+    // A token signed with the new secret works.
+    let mut fresh = gw.connect("/echo").await;
+    assert_eq!(roundtrip(&mut fresh, "after").await, "after");
+    // A reload that changes nothing leaves a valid session alone.
+    reload(&gw, &text).await.unwrap();
+    assert_eq!(roundtrip(&mut fresh, "still").await, "still");
+    // Changing the audience cuts it.
+    reload(&gw, &text.replace("audience = [\"wsgate\"]", "audience = [\"other\"]"))
+        .await
+        .unwrap();
+    assert_eq!(close_code(&mut fresh).await.0, 1008);
+}
