@@ -342,7 +342,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Endpoint<S> {
                         OP_CONTINUATION if started && text.len() + payload.len() <= max => text.extend_from_slice(payload),
                         _ => return None,
                     }
-                    if started && h.fin {
+                    // A control frame may come between the fragments (RFC 6455 5.4): only
+                    // the final data frame ends the message.
+                    if started && h.fin && !h.is_control() {
                         break;
                     }
                     continue;
@@ -1163,6 +1165,26 @@ mod tests {
     }
 
     /// Unmask every frame in `buf` and return (opcode, fin, payload) of each.
+    #[tokio::test]
+    async fn a_ping_between_the_fragments_of_a_first_message_is_answered_and_skipped() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (gateway_side, mut client) = tokio::io::duplex(4096);
+        let mut ep = Endpoint::client(gateway_side, &[]);
+        let k = Some([1, 2, 3, 4]);
+        let mut wire_bytes = frame(OP_TEXT, false, b"{\"token\": \"ab", k);
+        wire_bytes.extend(frame(OP_PING, true, b"hi", k));
+        wire_bytes.extend(frame(OP_CONTINUATION, true, b"c\"}", k));
+        wire_bytes.extend(frame(OP_TEXT, true, b"next", k));
+        client.write_all(&wire_bytes).await.unwrap();
+        let text = ep.first_text(1024).await;
+        assert_eq!(text.as_deref(), Some("{\"token\": \"abc\"}"));
+        let mut pong = [0u8; 4];
+        client.read_exact(&mut pong).await.unwrap();
+        assert_eq!(frames(&pong), vec![(OP_PONG, true, b"hi".to_vec())]);
+        // The message behind the token is still there, whole.
+        assert_eq!(frames(&ep.rx), vec![(OP_TEXT, true, b"next".to_vec())]);
+    }
+
     fn frames(mut buf: &[u8]) -> Vec<(u8, bool, Vec<u8>)> {
         let mut out = vec![];
         while let Some(h) = wire::parse(buf).unwrap() {
