@@ -38,6 +38,8 @@ pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 1 << 20;
 /// Largest frame accepted from either side → close 1009.
 pub const DEFAULT_MAX_FRAME_SIZE: usize = 256 * 1024;
+/// Frames per client message (every frame, empty or not, also pays toward `message_rate`).
+pub const DEFAULT_MAX_FRAGMENTS: u32 = 1024;
 /// New connections per client IP (GCRA) and the burst above it.
 pub const DEFAULT_CONNECTION_RATE: &str = "20/s";
 pub const DEFAULT_CONNECTION_BURST: u32 = 40;
@@ -189,6 +191,8 @@ pub const DEFAULT_PROGRESS_INTERVAL: Duration = Duration::from_secs(3600);
 pub struct Limits {
     pub max_message_size: usize,
     pub max_frame_size: usize,
+    /// Frames per client message; more → close 1009.
+    pub max_fragments: u32,
     /// Per-IP admission (new-connection rate, concurrency, auth-failure bans).
     pub admission: crate::limits::Settings,
     /// Client → upstream messages (pings included) per connection.
@@ -529,6 +533,11 @@ impl Validator<'_> {
         let limits = Limits {
             max_message_size: l.max_message_size.map_or(DEFAULT_MAX_MESSAGE_SIZE, |v| v.0 as usize),
             max_frame_size: l.max_frame_size.map_or(DEFAULT_MAX_FRAME_SIZE, |v| v.0 as usize),
+            max_fragments: match l.max_fragments {
+                None => DEFAULT_MAX_FRAGMENTS,
+                Some(0) => return Err(self.err_key("limits.max_fragments", "must be at least 1")),
+                Some(n) => n,
+            },
             admission: crate::limits::Settings {
                 connection_rate: l.connection_rate_per_ip.unwrap_or_else(|| parse_rate(DEFAULT_CONNECTION_RATE)),
                 connection_burst: l.connection_burst_per_ip.unwrap_or(DEFAULT_CONNECTION_BURST).max(1),
@@ -982,6 +991,7 @@ mod raw {
     pub struct Limits {
         pub max_message_size: Option<ByteSize>,
         pub max_frame_size: Option<ByteSize>,
+        pub max_fragments: Option<u32>,
         pub connection_rate_per_ip: Option<Rate>,
         pub connection_burst_per_ip: Option<u32>,
         pub max_connections_per_ip: Option<u32>,

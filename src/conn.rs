@@ -273,6 +273,7 @@ async fn run_session(gw: &Gateway, rt: &Runtime, open: &mut Open, slot: &Mutex<S
         close_timeout: s.close_timeout,
         max_frame_size: l.max_frame_size,
         max_message_size: l.max_message_size,
+        max_fragments: l.max_fragments,
     };
     let deadline = open
         .expires_at

@@ -74,6 +74,8 @@ pub struct Settings {
     /// Largest frame and message either side may send (1009 beyond).
     pub max_frame_size: usize,
     pub max_message_size: usize,
+    /// Frames per client message; more → close 1009.
+    pub max_fragments: u32,
 }
 
 impl Settings {
@@ -92,6 +94,7 @@ impl Settings {
             rate_abuse_timeout: Duration::from_secs(3600),
             max_frame_size: max_size,
             max_message_size: max_size,
+            max_fragments: u32::MAX,
         }
     }
 }
@@ -414,6 +417,8 @@ struct Decoder {
     message: Option<bool>,
     /// Payload bytes of that message so far.
     message_len: u64,
+    /// Frames of that message so far.
+    fragments: u32,
     utf8: Utf8,
     /// A text frame still arriving: the UTF-8 state after its first `n` payload bytes,
     /// so invalid text is refused before the rest of the frame comes (fail fast).
@@ -427,6 +432,7 @@ struct Core {
     forwarded: [VecDeque<Bytes>; 2],
     max_frame: u64,
     max_message: u64,
+    max_fragments: u32,
     counts: [u64; 2],
     bytes: [u64; 2],
     /// What has been added to the shared counters so far: they are updated once per
@@ -710,6 +716,7 @@ impl Core {
             forwarded: Default::default(),
             max_frame: settings.max_frame_size as u64,
             max_message: settings.max_message_size as u64,
+            max_fragments: settings.max_fragments.max(1),
             counts: [0; 2],
             bytes: [0; 2],
             reported: ([0; 2], [0; 2]),
@@ -829,6 +836,10 @@ impl Core {
         if h.len > self.max_frame || dec.message_len.saturating_add(h.len) > self.max_message {
             return Err(Violation::TooBig);
         }
+        // Thousands of (empty) fragments are one message too many: 1009.
+        if from == Side::Client && h.opcode == OP_CONTINUATION && dec.fragments >= self.max_fragments {
+            return Err(Violation::TooBig);
+        }
         Ok(())
     }
 
@@ -872,16 +883,19 @@ impl Core {
             if h.fin {
                 dec.message = None;
                 dec.message_len = 0;
+                dec.fragments = 0;
             } else {
                 dec.message = Some(text);
                 dec.message_len += h.len;
+                dec.fragments += 1;
             }
             self.activity = true;
             self.bytes[from as usize] += h.len;
-            if !h.fin {
-                return Ok((true, None));
+            // Every data frame pays toward the message rate, final or not, empty or
+            // not: a stream of empty fragments costs the client like messages do.
+            if h.fin {
+                self.counts[from as usize] += 1;
             }
-            self.counts[from as usize] += 1;
             return Ok((true, self.charge(from)));
         }
         // Control frames: at most 125 bytes, read whole.
@@ -911,7 +925,7 @@ impl Core {
                 let passed = &mut self.forwarded[from.other() as usize];
                 if let Some(i) = passed.iter().position(|q| q[..] == *body) {
                     passed.drain(..=i);
-                    return Ok((false, None));
+                    return Ok((false, self.charge(from)));
                 }
                 self.activity = true;
                 true
@@ -935,8 +949,8 @@ impl Core {
                 head[hl - 4..].copy_from_slice(&k);
             }
         }
-        let step = if forward && h.opcode == OP_PING { self.charge(from) } else { None };
-        Ok((forward, step))
+        // Every ping and unsolicited pong pays toward the message rate, forwarded or not.
+        Ok((forward, self.charge(from)))
     }
 
     /// Charge one client message (or ping) to the rate; start holding the client back
@@ -1279,6 +1293,51 @@ mod tests {
         input.extend(frame(OP_CONTINUATION, true, &vec![0; 60_000], None));
         let p = c.process(Side::Upstream, &mut input, &mut BytesMut::new(), true);
         assert!(matches!(p.stop, Some(Stop::Event(Event::End(CloseReason::UpstreamTooBig)))));
+    }
+
+    /// Empty fragments, unforwarded pings and unsolicited pongs all pay toward the
+    /// message rate; a message with more than `max_fragments` frames gets 1009.
+    #[tokio::test]
+    async fn every_frame_pays_and_fragments_are_capped() {
+        let k = Some([7; 4]);
+        let throttled = |input: &mut Vec<u8>| {
+            let mut s = Settings::unthrottled(1 << 16);
+            s.message_rate = crate::units::Rate {
+                count: 1,
+                per: Duration::from_secs(1),
+            };
+            s.message_burst = 3;
+            let mut c = Core::new(&s);
+            let p = c.process(Side::Client, input, &mut BytesMut::new(), false);
+            (matches!(p.stop, Some(Stop::Throttle)), p.used)
+        };
+        let empty_fragments: Vec<u8> = std::iter::once(frame(OP_TEXT, false, b"", k))
+            .chain((0..20).map(|_| frame(OP_CONTINUATION, false, b"", k)))
+            .flatten()
+            .collect();
+        let pings: Vec<u8> = (0..20).flat_map(|_| frame(OP_PING, true, b"p", k)).collect();
+        let pongs: Vec<u8> = (0..20).flat_map(|_| frame(OP_PONG, true, b"q", k)).collect();
+        for (name, mut input) in [("empty fragments", empty_fragments), ("pings", pings), ("pongs", pongs)] {
+            let total = input.len();
+            let (held, used) = throttled(&mut input);
+            assert!(held && used < total, "{name}: {used} of {total} bytes read without paying");
+        }
+        let mut s = Settings::unthrottled(1 << 16);
+        s.max_fragments = 4;
+        let mut c = Core::new(&s);
+        let mut ok: Vec<u8> = frame(OP_BINARY, false, b"a", k);
+        for _ in 0..2 {
+            ok.extend(frame(OP_CONTINUATION, false, b"b", k));
+        }
+        ok.extend(frame(OP_CONTINUATION, true, b"c", k));
+        let p = c.process(Side::Client, &mut ok, &mut BytesMut::new(), false);
+        assert!(p.stop.is_none(), "4 frames are allowed");
+        let mut bad: Vec<u8> = frame(OP_BINARY, false, b"a", k);
+        for _ in 0..4 {
+            bad.extend(frame(OP_CONTINUATION, false, b"", k));
+        }
+        let p = c.process(Side::Client, &mut bad, &mut BytesMut::new(), false);
+        assert!(matches!(p.stop, Some(Stop::Event(Event::End(CloseReason::ClientTooBig)))));
     }
 
     /// Invalid text is refused while its frame is still arriving, valid text split
