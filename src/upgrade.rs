@@ -100,7 +100,7 @@ pub fn check_path(path: &str) -> Result<(), Reject> {
 }
 
 /// Percent-decode once; invalid escapes stay as they are, invalid UTF-8 is replaced.
-fn percent_decode(s: &str) -> String {
+pub(crate) fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

@@ -139,26 +139,7 @@ const CLIENT_FORWARDING: &[&str] = &[
 /// A query parameter name as an upstream framework would read it: percent-decoded
 /// (`+` as a space). Invalid escapes stay as they are.
 fn decoded_param_name(raw: &str) -> String {
-    let bytes = raw.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                (Some(h), Some(l)) => {
-                    out.push((h * 16 + l) as u8);
-                    i += 3;
-                    continue;
-                }
-                _ => out.push(b'%'),
-            },
-            b'+' => out.push(b' '),
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    crate::upgrade::percent_decode(&raw.replace('+', " "))
 }
 
 /// Whether a query parameter named `raw` could be read by the upstream as the token
