@@ -47,7 +47,16 @@ pub fn load_secret(src: &SecretSource, origin: &str, generate: bool) -> Result<S
     let bytes = match src {
         SecretSource::Env(name) => match std::env::var_os(&name.value) {
             Some(v) => v.into_encoded_bytes(),
-            None => return Err(name.error(origin, format!("environment variable {} is not set", name.value))),
+            // Only a conventional name (`WSGATE_JWT_SECRET`) is echoed: anything else may
+            // be the secret itself, pasted here by mistake (`sk_live_…`).
+            None if name
+                .value
+                .bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_') =>
+            {
+                return Err(name.error(origin, format!("environment variable {} is not set", name.value)));
+            }
+            None => return Err(name.error(origin, "the environment variable it names is not set (name not shown)")),
         },
         SecretSource::File { path, generate_if_missing } => {
             let p = &path.value;
@@ -569,6 +578,21 @@ mod tests {
         )
         .unwrap();
         assert!(v.verify_now(&string_exp).is_err());
+    }
+
+    #[test]
+    fn a_secret_env_name_that_may_be_a_secret_is_never_echoed() {
+        let src = |v: &str| {
+            SecretSource::Env(crate::config::Located {
+                value: v.to_string(),
+                key: "jwt.secret_env".into(),
+                line: Some(3),
+            })
+        };
+        let e = load_secret(&src("sk_live_51HxSECRETvalue"), "t", false).unwrap_err();
+        assert!(!e.to_string().contains("51HxSECRET"), "{e}");
+        let e = load_secret(&src("WSGATE_TEST_UNSET_VAR_X"), "t", false).unwrap_err();
+        assert!(e.to_string().contains("WSGATE_TEST_UNSET_VAR_X"), "{e}");
     }
 
     #[test]

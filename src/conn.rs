@@ -40,11 +40,15 @@ pub(crate) struct Slot {
 pub async fn handle(gw: Arc<Gateway>, rt: Arc<Runtime>, tcp: TcpStream, peer: SocketAddr, accepted: Instant, over_cap: bool) {
     let peer_ip = peer.ip().to_canonical();
     let slot = Arc::new(Mutex::new(Slot::default()));
+    // The configuration generation this connection is admitted under: a reload between
+    // now and the relay's start (a `first_message` token sent after it, a slow upstream
+    // connect) makes the relay re-check the session at once against the new config.
+    let admitted_under = gw.generation();
     let result = async {
         // The handshake stages are boxed: their state (TLS accept, hyper's connection
         // and builder) is freed before the session relays, so an idle session stays small.
         let admission = Box::pin(handshake(&gw, &rt, tcp, peer_ip, accepted, over_cap, &slot)).await?;
-        relay_session(&gw, &rt, admission, accepted, &slot).await
+        relay_session(&gw, &rt, admission, accepted, &slot, admitted_under).await
     }
     .await;
     let info = std::mem::take(&mut lock(&slot).info);
@@ -202,12 +206,13 @@ async fn relay_session(
     admission: Box<Admission>,
     accepted: Instant,
     slot: &Arc<Mutex<Slot>>,
+    admitted_under: tokio_util::sync::CancellationToken,
 ) -> Result<Done, Reject> {
     // Opening is boxed: its state (hyper's upgrade, the first-message exchange) is freed
     // before the long relay phase, so an idle session holds only what it needs.
     let mut open = Box::pin(open_session(gw, rt, admission, slot)).await?;
     gw.metrics.handshake_done(accepted.elapsed().as_secs_f64());
-    run_session(gw, rt, &mut open, slot).await
+    run_session(gw, rt, &mut open, slot, admitted_under).await
 }
 
 async fn open_session(gw: &Gateway, rt: &Runtime, admission: Box<Admission>, slot: &Mutex<Slot>) -> Result<Open, Reject> {
@@ -257,7 +262,13 @@ async fn open_session(gw: &Gateway, rt: &Runtime, admission: Box<Admission>, slo
     })
 }
 
-async fn run_session(gw: &Gateway, rt: &Runtime, open: &mut Open, slot: &Mutex<Slot>) -> Result<Done, Reject> {
+async fn run_session(
+    gw: &Gateway,
+    rt: &Runtime,
+    open: &mut Open,
+    slot: &Mutex<Slot>,
+    admitted_under: tokio_util::sync::CancellationToken,
+) -> Result<Done, Reject> {
     let route = &rt.config.routes[open.route_index];
     let session_metrics = gw.metrics.session(&route.name);
     session_metrics.active.increment(1.0);
@@ -281,6 +292,7 @@ async fn run_session(gw: &Gateway, rt: &Runtime, open: &mut Open, slot: &Mutex<S
         .map(|exp| (expiry_instant(exp, rt.config.jwt.leeway), CloseReason::TokenExpired));
     let policy = SessionPolicy {
         gw,
+        admitted_under: Mutex::new(Some(admitted_under)),
         client_ip: lock(slot).info.client_ip,
         jti: open.jti.take(),
         token: open.token.take(),
@@ -317,6 +329,8 @@ async fn run_session(gw: &Gateway, rt: &Runtime, open: &mut Open, slot: &Mutex<S
 /// After a reload, a live session must still pass the firewall and its token must not be revoked.
 struct SessionPolicy<'a> {
     gw: &'a Gateway,
+    /// The generation at admission, handed to the relay first (then the current one).
+    admitted_under: Mutex<Option<tokio_util::sync::CancellationToken>>,
     client_ip: Option<IpAddr>,
     jti: Option<String>,
     token: Option<Box<str>>,
@@ -325,7 +339,8 @@ struct SessionPolicy<'a> {
 
 impl relay::Policy for SessionPolicy<'_> {
     fn generation(&self) -> tokio_util::sync::CancellationToken {
-        self.gw.generation()
+        let first = self.admitted_under.lock().unwrap_or_else(|p| p.into_inner()).take();
+        first.unwrap_or_else(|| self.gw.generation())
     }
 
     fn check(&self) -> Option<CloseReason> {

@@ -81,22 +81,59 @@ pub fn check_path(path: &str) -> Result<(), Reject> {
     if path.contains("//") {
         return Err(Reject::BadRequest("empty path segment"));
     }
+    // Raw bytes outside visible ASCII are not a valid request target (RFC 3986); they
+    // would also fail later, at the upstream request, and must not count against it.
+    if !path.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Reject::BadRequest("invalid character in the path"));
+    }
+    if let Some(i) = path.find('%') {
+        // An encoded unreserved character (`%61` for `a`) means the same as the
+        // character itself to the upstream but not to routing: refused (RFC 3986 6.2.2.2).
+        if has_encoded_unreserved(&path[i..]) {
+            return Err(Reject::BadRequest("percent-encoded unreserved character in the path"));
+        }
+    }
     for segment in path[1..].split('/') {
         let mut s = segment.to_string();
-        for _ in 0..=PATH_DECODE_ROUNDS {
-            if s == "." || s == ".." {
+        for round in 0..=PATH_DECODE_ROUNDS + 1 {
+            // `..;x` is `..` to Tomcat and Spring (path parameters), `..%00` to C code.
+            let name = s.split([';', '\0']).next().unwrap_or("");
+            if name == "." || name == ".." {
                 return Err(Reject::BadRequest("dot segment in the path"));
             }
             if s.contains(['/', '\\']) {
                 return Err(Reject::BadRequest("encoded slash or backslash in the path"));
             }
-            if !s.contains('%') {
+            if s.chars().any(char::is_control) {
+                return Err(Reject::BadRequest("encoded control character in the path"));
+            }
+            let next = percent_decode(&s);
+            if next == s {
                 break;
             }
-            s = percent_decode(&s);
+            if round > PATH_DECODE_ROUNDS {
+                return Err(Reject::BadRequest("path encoded too many times"));
+            }
+            s = next;
         }
     }
     Ok(())
+}
+
+/// Whether `s` holds `%XX` for an unreserved character (letters, digits, `-`, `.`, `_`, `~`).
+/// `%2e` is left to the dot-segment check, which reads it in context.
+fn has_encoded_unreserved(s: &str) -> bool {
+    let b = s.as_bytes();
+    (0..b.len().saturating_sub(2)).any(|i| {
+        b[i] == b'%'
+            && match ((b[i + 1] as char).to_digit(16), (b[i + 2] as char).to_digit(16)) {
+                (Some(h), Some(l)) => {
+                    let c = (h * 16 + l) as u8;
+                    c.is_ascii_alphanumeric() || c == b'-' || c == b'_' || c == b'~'
+                }
+                _ => false,
+            }
+    })
 }
 
 /// Percent-decode once; invalid escapes stay as they are, invalid UTF-8 is replaced.
@@ -229,6 +266,14 @@ mod path_tests {
             "/a%5cb",
             "/a%255Cb",
             "/a\\b",
+            "/%61dmin/x",
+            "/public/..;/admin",
+            "/public/%2e%2e;/admin",
+            "/public/..%00",
+            "/a/%2525252e%2525252e/b",
+            "/public/\u{e9}",
+            "/a b",
+            "/a%00b",
             "//a",
             "/a//b",
             "a/b",
@@ -236,7 +281,18 @@ mod path_tests {
         ] {
             assert!(check_path(bad).is_err(), "{bad:?} passed");
         }
-        for good in ["/", "/echo", "/chat/room", "/chat/room/", "/a.b/..c/...", "/%41", "/a%2", "/a%"] {
+        for good in [
+            "/",
+            "/echo",
+            "/chat/room",
+            "/chat/room/",
+            "/a.b/..c/...",
+            "/%20x",
+            "/a%2",
+            "/a%",
+            "/a;v=1",
+            "/%E2%82%AC",
+        ] {
             assert!(check_path(good).is_ok(), "{good:?} refused");
         }
     }

@@ -134,6 +134,22 @@ const CLIENT_FORWARDING: &[&str] = &[
     "x-original-url",
     "x-rewrite-url",
     "x-original-forwarded-for",
+    "true-client-ip",
+    "client-ip",
+    "cf-connecting-ip",
+    "x-cluster-client-ip",
+    "fastly-client-ip",
+    "x-original-uri",
+    "x-forwarded-uri",
+    "x-forwarded-path",
+    "x-forwarded-scheme",
+    "x-forwarded-protocol",
+    "x-scheme",
+    "x-url-scheme",
+    "front-end-https",
+    "x-host",
+    "x-original-host",
+    "x-envoy-external-address",
 ];
 
 /// A query parameter name as an upstream framework would read it: percent-decoded
@@ -142,11 +158,21 @@ fn decoded_param_name(raw: &str) -> String {
     crate::upgrade::percent_decode(&raw.replace('+', " "))
 }
 
+/// A parameter name reduced to its letters and digits, lower case: frameworks read
+/// `access.token`, `access token`, `access_token[]`, `access_token%00` and
+/// `ACCESS_TOKEN` as `access_token` (PHP, qs, Rack), so they all compare equal.
+fn param_key(name: &str) -> String {
+    name.chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .collect()
+}
+
 /// Whether a query parameter named `raw` could be read by the upstream as the token
-/// parameter `name`: the decoded name compared without case (`ACCESS_TOKEN`,
-/// `access%5Ftoken`). Every such copy is removed, not only the exact one.
+/// parameter `name`: the decoded name reduced by [`param_key`]. Every such copy is
+/// removed, not only the exact one (over-matching only ever removes a parameter).
 fn is_token_param(raw: &str, name: &str) -> bool {
-    decoded_param_name(raw).trim().eq_ignore_ascii_case(name)
+    param_key(&decoded_param_name(raw)) == param_key(name)
 }
 
 /// The path and query the upstream sees: the client's, with token query parameters
@@ -160,17 +186,24 @@ pub fn upstream_path(route: &Route, upstream_path: Option<&str>, facts: &ClientF
         }
         (Some(base), crate::config::PathMatch::Exact(_)) => base.to_string(),
     };
-    let query: Vec<&str> = facts
+    let is_token = |p: &&str| {
+        let name = p.split_once('=').map_or(*p, |(k, _)| k);
+        facts
+            .token_sources
+            .iter()
+            .any(|s| matches!(s, TokenSource::Query(q) if is_token_param(name, q)))
+    };
+    // `;` separates parameters too for some frameworks (Rack 2): a token copy behind it
+    // is removed, the rest of the pair kept as sent.
+    let query: Vec<String> = facts
         .query
         .unwrap_or("")
         .split('&')
         .filter(|p| !p.is_empty())
-        .filter(|p| {
-            let name = p.split_once('=').map_or(*p, |(k, _)| k);
-            !facts
-                .token_sources
-                .iter()
-                .any(|s| matches!(s, TokenSource::Query(q) if is_token_param(name, q)))
+        .filter_map(|p| {
+            let kept: Vec<&str> = p.split(';').filter(|sub| !is_token(sub)).collect();
+            let kept = kept.join(";");
+            (!kept.is_empty()).then_some(kept)
         })
         .collect();
     if query.is_empty() {
@@ -512,9 +545,11 @@ mod tests {
         .unwrap();
         let sources = [TokenSource::Query("access_token".into())];
         let h = HeaderMap::new();
-        let q = "access_token=a&ACCESS_TOKEN=b&access%5Ftoken=c&Access%5ftoken=d&access_token%20=e&keep=1&x=%zz";
+        let q = "access_token=a&ACCESS_TOKEN=b&access%5Ftoken=c&Access%5ftoken=d&access_token%20=e&keep=1&x=%zz\
+                 &access.token=f&access_token[]=g&x=1;access_token=h&access+token=i&access_token%00=j\
+                 &access_token%5B%5D=k&access%2Etoken=l&access_token.=m";
         let out = upstream_path(&cfg.routes[0], None, &facts(&h, Some(q), &sources));
-        assert_eq!(out, "/echo?keep=1&x=%zz");
+        assert_eq!(out, "/echo?keep=1&x=%zz&x=1");
         assert_eq!(decoded_param_name("a%2"), "a%2");
         assert_eq!(decoded_param_name("%"), "%");
         assert_eq!(decoded_param_name("a+b%41"), "a bA");

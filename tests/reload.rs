@@ -166,3 +166,23 @@ async fn a_reload_that_removes_the_key_cuts_sessions_whose_token_no_longer_verif
         .unwrap();
     assert_eq!(close_code(&mut fresh).await.0, 1008);
 }
+
+#[tokio::test]
+async fn a_first_message_token_sent_after_a_reload_is_checked_against_the_new_keys() {
+    let edit = |t: String| {
+        t.replace(
+            "audience = [\"wsgate\"]",
+            "audience = [\"wsgate\"]\ntoken_sources = [\"first_message\"]",
+        )
+    };
+    let gw = Gw::start_with("", ECHO_ROUTE, edit).await;
+    let text = edit(config_text(gw.dir.path(), "", ECHO_ROUTE));
+    let old_token = gw.token("alice");
+    // The 101 comes before the token: the session is admitted under the old config.
+    let (mut ws, _) = gw.try_connect("/echo", &gw.options(None)).await.unwrap();
+    std::fs::write(gw.dir.path().join("jwt.secret"), "a-brand-new-secret-of-32-bytes-or-more\n").unwrap();
+    reload(&gw, &text).await.unwrap();
+    ws.send(Message::text(old_token)).await.unwrap();
+    ws.send(Message::text("hello")).await.unwrap();
+    assert_eq!(close_code(&mut ws).await.0, 1008);
+}
