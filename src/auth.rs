@@ -333,9 +333,7 @@ impl Verifier {
         let sub = match claims.get(&self.identity_claim) {
             None if self.identity_required => return Err(AuthFailure::MissingClaim),
             None => None,
-            Some(Value::String(s)) => Some(s.clone()),
-            Some(Value::Number(n)) => Some(n.to_string()),
-            Some(_) => return Err(AuthFailure::Malformed),
+            Some(v) => Some(claim_text(v).ok_or(AuthFailure::Malformed)?),
         };
         let exp = match claims.get("exp") {
             None => None,
@@ -391,7 +389,12 @@ impl Verifier {
 /// The token's `jti` as text: a string as it is, a number as its decimal text (so a
 /// numeric `jti` can be revoked like any other); other types have no usable `jti`.
 pub fn jti_text(claims: &Map<String, Value>) -> Option<String> {
-    match claims.get("jti")? {
+    claim_text(claims.get("jti")?)
+}
+
+/// A string claim as it is, a number as its decimal text; other types have no text.
+fn claim_text(v: &Value) -> Option<String> {
+    match v {
         Value::String(s) => Some(s.clone()),
         Value::Number(n) => Some(n.to_string()),
         _ => None,

@@ -296,7 +296,6 @@ async fn run_session(
         client_ip: lock(slot).info.client_ip,
         jti: open.jti.take(),
         token: open.token.take(),
-        route: open.route_index,
     };
     let control = relay::Control {
         shutdown: &gw.sessions,
@@ -334,7 +333,6 @@ struct SessionPolicy<'a> {
     client_ip: Option<IpAddr>,
     jti: Option<String>,
     token: Option<Box<str>>,
-    route: usize,
 }
 
 impl relay::Policy for SessionPolicy<'_> {
@@ -352,18 +350,11 @@ impl relay::Policy for SessionPolicy<'_> {
             return Some(CloseReason::AccessRevoked);
         }
         // Key rotation: a token that no longer verifies (its key removed, issuer or
-        // audience changed) stops working at once. A route that no longer exists by
-        // that index, or no longer needs a token, leaves the session as it is.
-        if let Some(token) = &self.token {
-            let needs_jwt = rt
-                .config
-                .routes
-                .get(self.route)
-                .is_some_and(|r| r.auth == crate::config::AuthMode::Jwt);
-            match &rt.verifier {
-                Some(v) if needs_jwt && !v.still_valid(token) => return Some(CloseReason::AccessRevoked),
-                None if needs_jwt => return Some(CloseReason::AccessRevoked),
-                _ => {}
+        // audience changed) stops working at once. (`jti` is checked above too: a token
+        // past its `exp` with `close_on_expiry` off fails verification as expired first.)
+        if let (Some(token), Some(v)) = (&self.token, &rt.verifier) {
+            if !v.still_valid(token) {
+                return Some(CloseReason::AccessRevoked);
             }
         }
         None

@@ -124,16 +124,16 @@ pub fn check_path(path: &str) -> Result<(), Reject> {
 /// `%2e` is left to the dot-segment check, which reads it in context.
 fn has_encoded_unreserved(s: &str) -> bool {
     let b = s.as_bytes();
-    (0..b.len().saturating_sub(2)).any(|i| {
-        b[i] == b'%'
-            && match ((b[i + 1] as char).to_digit(16), (b[i + 2] as char).to_digit(16)) {
-                (Some(h), Some(l)) => {
-                    let c = (h * 16 + l) as u8;
-                    c.is_ascii_alphanumeric() || c == b'-' || c == b'_' || c == b'~'
-                }
-                _ => false,
-            }
-    })
+    (0..b.len()).any(|i| escaped_byte(b, i).is_some_and(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_' || c == b'~'))
+}
+
+/// The byte `b[i..i + 3]` encodes when it is a `%XX` escape.
+fn escaped_byte(b: &[u8], i: usize) -> Option<u8> {
+    let hex = |c: u8| (c as char).to_digit(16);
+    match b.get(i..i + 3)? {
+        [b'%', h, l] => Some((hex(*h)? * 16 + hex(*l)?) as u8),
+        _ => None,
+    }
 }
 
 /// Percent-decode once; invalid escapes stay as they are, invalid UTF-8 is replaced.
@@ -142,16 +142,16 @@ pub(crate) fn percent_decode(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
-                out.push((h * 16 + l) as u8);
+        match escaped_byte(b, i) {
+            Some(c) => {
+                out.push(c);
                 i += 3;
-                continue;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
             }
         }
-        out.push(b[i]);
-        i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
 }
