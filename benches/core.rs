@@ -7,7 +7,8 @@
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use std::{hint::black_box, net::IpAddr, sync::Arc, time::Duration};
-use wsgate::firewall::{Default_, Firewall, RangeSet};
+use wsgate::config::FirewallDefault;
+use wsgate::firewall::{Firewall, RangeSet};
 
 /// A deterministic pseudo-random sequence (xorshift), so runs compare.
 fn rng(seed: u64) -> impl FnMut() -> u64 {
@@ -38,7 +39,7 @@ fn firewall(c: &mut Criterion) {
         (0..1024).map(|_| IpAddr::from(std::net::Ipv4Addr::from(r() as u32))).collect()
     };
     for n in [10usize, 100_000] {
-        let fw = Firewall::new(Default_::Allow, RangeSet::default(), RangeSet::from_nets(random_rules(n)));
+        let fw = Firewall::new(FirewallDefault::Allow, RangeSet::default(), RangeSet::from_nets(random_rules(n)));
         let mut i = 0;
         c.bench_function(&format!("firewall_lookup_{n}_rules"), |b| {
             b.iter(|| {
@@ -65,8 +66,8 @@ fn firewall(c: &mut Criterion) {
 }
 
 fn limiter(c: &mut Criterion) {
-    use wsgate::limits::{Admission, Settings};
-    let settings = Settings {
+    use wsgate::{config::AdmissionLimits, limits::PerIp};
+    let settings = AdmissionLimits {
         connection_rate: "20/s".parse().unwrap(),
         connection_burst: 40,
         max_connections_per_ip: 100,
@@ -76,7 +77,7 @@ fn limiter(c: &mut Criterion) {
         auth_ban: Duration::from_secs(600),
     };
     // State size for 1,000,000 distinct clients, before and after pruning.
-    let adm = Arc::new(Admission::new(Settings {
+    let adm = Arc::new(PerIp::new(AdmissionLimits {
         connection_rate: "1000/s".parse().unwrap(),
         connection_burst: 1,
         ..settings.clone()
@@ -98,7 +99,7 @@ fn limiter(c: &mut Criterion) {
         t0.elapsed(),
         wsgate::limits::MAX_TRACKED_KEYS
     );
-    let adm = Arc::new(Admission::new(settings));
+    let adm = Arc::new(PerIp::new(settings));
     let mut r = rng(7);
     c.bench_function("limiter_admit_distinct_ip", |b| {
         b.iter(|| {

@@ -1,7 +1,7 @@
 //! The admin listener: `GET /metrics` (Prometheus text), `/healthz` (the process
 //! runs), `/readyz` (accepting traffic; 503 while draining). Nothing else.
 
-use crate::server::Gateway;
+use crate::gateway::Gateway;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
@@ -27,7 +27,7 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, stop: CancellationTo
             _ = stop.cancelled() => return,
             r = listener.accept() => match r {
                 Ok((tcp, _)) => tcp,
-                Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue; }
+                Err(e) => { crate::util::accept_failed("admin", &e).await; continue; }
             },
         };
         let gw = gw.clone();

@@ -1,15 +1,18 @@
 //! Stages 5–7 inside hyper's service: route, upgrade validation, Origin, auth,
 //! per-user cap, upstream connect. Also the `first_message` variant, where the client
 //! authenticates after the 101 and the upstream is connected only then.
+//!
+//! The request stage reports to the connection through a shared [`Verdict`]: what it
+//! learned about the client ([`Info`], for the log line) and the outcome.
 
 use crate::auth::{Identity, fingerprint};
 use crate::config::{AuthMode, ClientIpSource, Config, Route, TokenSource};
-use crate::conn::{Slot, lock};
 use crate::error::{AuthFailure, Reject};
+use crate::gateway::{Gateway, Runtime};
 use crate::limits::{IpSlot, UserSlot};
-use crate::server::{Gateway, Runtime};
-use crate::upgrade;
+use crate::upgrade::{self, Upgrade};
 use crate::upstream::{self, ClientFacts, Connected};
+use crate::util::lock;
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
 use http_body_util::Full;
@@ -23,8 +26,24 @@ use tokio::{
     time::Instant,
 };
 
+/// What the connection learned, for its one log line.
+#[derive(Default)]
+pub(crate) struct Info {
+    pub(crate) route: Option<String>,
+    pub(crate) sub: Option<String>,
+    pub(crate) token_fingerprint: Option<String>,
+    pub(crate) client_ip: Option<IpAddr>,
+}
+
+/// Shared between the connection and hyper's service: what the request stage decided.
+#[derive(Default)]
+pub(crate) struct Verdict {
+    pub(crate) info: Info,
+    pub(crate) result: Option<Result<Box<Admitted>, Reject>>,
+}
+
 /// A client admitted by the request stage, waiting for the 101 to be written.
-pub(crate) struct Admission {
+pub(crate) struct Admitted {
     pub(crate) route_index: usize,
     /// `None` while the client still has to send its token as the first message.
     pub(crate) upstream: Option<Connected>,
@@ -51,31 +70,97 @@ pub(crate) struct RequestCtx {
     pub(crate) rt: Arc<Runtime>,
     pub(crate) peer_ip: IpAddr,
     pub(crate) over_cap: bool,
-    pub(crate) slot: Arc<Mutex<Slot>>,
+    pub(crate) verdict: Arc<Mutex<Verdict>>,
 }
+
+/// The request after the checks that need no token: routed, validated, the client's
+/// per-IP slot held.
+struct Checked {
+    route_index: usize,
+    path: String,
+    query: Option<String>,
+    client_ip: IpAddr,
+    upgrade: Upgrade,
+    ip_slot: Option<IpSlot>,
+}
+
+/// The auth stage's outcome.
+enum Authenticated {
+    /// A route with `auth = "none"`.
+    Open,
+    /// A verified token, and the user's session slot.
+    Token {
+        identity: Identity,
+        token: String,
+        user_slot: Option<UserSlot>,
+    },
+    /// No token in the request; it is to come as the first message after the 101.
+    FirstMessage,
+}
+
+type Answer = (Response<Full<Bytes>>, Admitted);
 
 impl RequestCtx {
     /// hyper's service: answer the one request on this connection.
     pub(crate) async fn answer(&self, mut req: Request<Incoming>) -> Response<Full<Bytes>> {
         match self.admit(&mut req).await {
-            Ok((resp, admission)) => {
-                lock(&self.slot).result = Some(Ok(Box::new(admission)));
+            Ok((resp, admitted)) => {
+                lock(&self.verdict).result = Some(Ok(Box::new(admitted)));
                 resp
             }
             Err(reject) => {
                 let resp = upgrade::refusal(&reject);
-                lock(&self.slot).result = Some(Err(reject));
+                lock(&self.verdict).result = Some(Err(reject));
                 resp
             }
         }
     }
 
-    fn note(&self, f: impl FnOnce(&mut crate::conn::Info)) {
-        f(&mut lock(&self.slot).info)
+    fn note(&self, f: impl FnOnce(&mut Info)) {
+        f(&mut lock(&self.verdict).info)
     }
 
     /// Stages 5–7 in order; the first refusal wins.
-    async fn admit(&self, req: &mut Request<Incoming>) -> Result<(Response<Full<Bytes>>, Admission), Reject> {
+    async fn admit(&self, req: &mut Request<Incoming>) -> Result<Answer, Reject> {
+        let checked = self.check(req)?;
+        let route = &self.rt.config.routes[checked.route_index];
+        let (identity, token, user_slot) = match self.authenticate(route, req, checked.query.as_deref()).await? {
+            Authenticated::Open => (None, None, None),
+            Authenticated::Token {
+                identity,
+                token,
+                user_slot,
+            } => (Some(identity), Some(token), user_slot),
+            Authenticated::FirstMessage => return Ok(first_message_pending(req, checked, self.peer_ip)),
+        };
+        let facts = facts(
+            &self.rt,
+            route,
+            checked.client_ip,
+            self.peer_ip,
+            &checked.path,
+            checked.query.as_deref(),
+            req.headers(),
+            token.as_deref(),
+            identity.as_ref(),
+        );
+        let upstream = connect_upstream(&self.gw, &self.rt, checked.route_index, &facts).await?;
+        let resp = upgrade::switching_protocols(&checked.upgrade, upstream.protocol.clone());
+        let admitted = Admitted {
+            route_index: checked.route_index,
+            upstream: Some(upstream),
+            on_upgrade: hyper::upgrade::on(req),
+            identity,
+            pending: None,
+            ip_slot: checked.ip_slot,
+            user_slot,
+        };
+        Ok((resp, admitted))
+    }
+
+    /// The checks that need no token, cheapest first: client address, drain and cap,
+    /// path, route, upgrade headers, Origin, ban, per-IP limits behind a proxy.
+    fn check(&self, req: &Request<Incoming>) -> Result<Checked, Reject> {
         let config: &Config = &self.rt.config;
         let client_ip = client_ip(config, self.peer_ip, req.headers())?;
         self.note(|i| i.client_ip = Some(client_ip));
@@ -86,96 +171,77 @@ impl RequestCtx {
             return Err(Reject::GlobalConnLimit);
         }
         let path = req.uri().path().to_string();
-        let query = req.uri().query().map(str::to_string);
         upgrade::check_path(&path)?;
         let route_index = config.route_index(&path).ok_or(Reject::NotFound)?;
         let route = &config.routes[route_index];
         self.note(|i| i.route = Some(route.name.clone()));
-        let up = upgrade::validate(req)?;
+        let upgrade = upgrade::validate(req)?;
         upgrade::check_origin(route, req.headers())?;
-        if let Some(left) = self.gw.admission().banned(client_ip) {
+        if let Some(left) = self.gw.per_ip().banned(client_ip) {
             return Err(Reject::AuthBanned(left));
         }
-        let ip_slot = self.proxied_client_checks(client_ip)?;
-
-        let mut identity = None;
-        let mut token = None;
-        let mut user_slot = None;
-        if route.auth == AuthMode::Jwt {
-            let verifier = self.rt.verifier.as_ref().ok_or(Reject::Auth(AuthFailure::Missing))?;
-            match verifier.find_token(req.headers(), query.as_deref()) {
-                Some(found) => {
-                    self.note(|i| i.token_fingerprint = Some(fingerprint(&found.token)));
-                    let id = verifier.verify(&found.token).await.map_err(Reject::Auth)?;
-                    self.note(|i| i.sub = id.sub.clone());
-                    user_slot = authorize(&self.gw, config, route, &id)?;
-                    identity = Some(id);
-                    token = Some(found.token);
-                }
-                None if verifier.sources().contains(&TokenSource::FirstMessage) => {
-                    // Answer the 101 now; the token comes as the first message.
-                    let pending = PendingRequest {
-                        path,
-                        query,
-                        headers: req.headers().clone(),
-                        client_ip,
-                        peer_ip: self.peer_ip,
-                    };
-                    let on_upgrade = hyper::upgrade::on(req);
-                    let admission = Admission {
-                        route_index,
-                        upstream: None,
-                        on_upgrade,
-                        identity: None,
-                        pending: Some(pending),
-                        ip_slot,
-                        user_slot: None,
-                    };
-                    return Ok((upgrade::switching_protocols(&up, None), admission));
-                }
-                None => return Err(Reject::Auth(AuthFailure::Missing)),
-            }
-        }
-
-        let facts = facts(
-            &self.rt,
-            route,
+        // The TCP peer passed the pre-TLS checks; a client a trusted proxy names by
+        // `X-Forwarded-For` gets them now.
+        let ip_slot = if client_ip == self.peer_ip {
+            None
+        } else {
+            Some(self.gw.check_client(&self.rt, client_ip)?)
+        };
+        Ok(Checked {
+            route_index,
+            path,
+            query: req.uri().query().map(str::to_string),
             client_ip,
-            self.peer_ip,
-            &path,
-            query.as_deref(),
-            req.headers(),
-            token.as_deref(),
-            identity.as_ref(),
-        );
-        let upstream = connect_upstream(&self.gw, &self.rt, route_index, &facts).await?;
-        let on_upgrade = hyper::upgrade::on(req);
-        let resp = upgrade::switching_protocols(&up, upstream.protocol.clone());
-        Ok((
-            resp,
-            Admission {
-                route_index,
-                upstream: Some(upstream),
-                on_upgrade,
-                identity,
-                pending: None,
-                ip_slot,
-                user_slot,
-            },
-        ))
+            upgrade,
+            ip_slot,
+        })
     }
 
-    /// Firewall and per-IP limits for a client identified by `X-Forwarded-For` behind a
-    /// trusted proxy (the TCP peer was checked before TLS in every other case).
-    fn proxied_client_checks(&self, client_ip: IpAddr) -> Result<Option<IpSlot>, Reject> {
-        if client_ip == self.peer_ip {
-            return Ok(None);
+    /// Stage 6: find and verify the token, then the route's claims and the user cap.
+    async fn authenticate(&self, route: &Route, req: &Request<Incoming>, query: Option<&str>) -> Result<Authenticated, Reject> {
+        if route.auth != AuthMode::Jwt {
+            return Ok(Authenticated::Open);
         }
-        if !self.rt.config.firewall.allows(client_ip) {
-            return Err(Reject::Firewall);
-        }
-        self.gw.admission().admit(client_ip).map(Some)
+        let verifier = self.rt.verifier.as_ref().ok_or(Reject::Auth(AuthFailure::Missing))?;
+        let Some(found) = verifier.find_token(req.headers(), query) else {
+            if verifier.sources().contains(&TokenSource::FirstMessage) {
+                return Ok(Authenticated::FirstMessage);
+            }
+            return Err(Reject::Auth(AuthFailure::Missing));
+        };
+        self.note(|i| i.token_fingerprint = Some(fingerprint(&found.token)));
+        let identity = verifier.verify(&found.token).await.map_err(Reject::Auth)?;
+        self.note(|i| i.sub = identity.sub.clone());
+        let user_slot = authorize(&self.gw, &self.rt.config, route, &identity)?;
+        Ok(Authenticated::Token {
+            identity,
+            token: found.token,
+            user_slot,
+        })
     }
+}
+
+/// Answer the 101 now; the token comes as the first message, and the upstream is
+/// connected only after it verifies.
+fn first_message_pending(req: &mut Request<Incoming>, checked: Checked, peer_ip: IpAddr) -> Answer {
+    let resp = upgrade::switching_protocols(&checked.upgrade, None);
+    let pending = PendingRequest {
+        path: checked.path,
+        query: checked.query,
+        headers: req.headers().clone(),
+        client_ip: checked.client_ip,
+        peer_ip,
+    };
+    let admitted = Admitted {
+        route_index: checked.route_index,
+        upstream: None,
+        on_upgrade: hyper::upgrade::on(req),
+        identity: None,
+        pending: Some(pending),
+        ip_slot: checked.ip_slot,
+        user_slot: None,
+    };
+    (resp, admitted)
 }
 
 /// Route claims and the per-user cap, after the token verified.
@@ -209,7 +275,7 @@ fn facts<'a>(
     ClientFacts {
         ip: client_ip,
         peer: peer_ip,
-        peer_trusted: is_trusted(&rt.config, peer_ip),
+        peer_trusted: rt.config.server.is_trusted_proxy(peer_ip),
         path,
         query,
         headers,
@@ -278,7 +344,7 @@ pub(crate) async fn first_message<S: AsyncRead + AsyncWrite + Unpin>(
     route_index: usize,
     client: &mut crate::relay::Endpoint<S>,
     pending: PendingRequest,
-    slot: &Mutex<Slot>,
+    verdict: &Mutex<Verdict>,
 ) -> Result<(Connected, Option<Identity>, Option<UserSlot>), Reject> {
     let route = &rt.config.routes[route_index];
     let result = async {
@@ -289,9 +355,9 @@ pub(crate) async fn first_message<S: AsyncRead + AsyncWrite + Unpin>(
             _ => return Err(Reject::Auth(AuthFailure::Missing)),
         };
         let token = crate::auth::token_from_message(&text).ok_or(Reject::Auth(AuthFailure::Malformed))?;
-        lock(slot).info.token_fingerprint = Some(fingerprint(&token));
+        lock(verdict).info.token_fingerprint = Some(fingerprint(&token));
         let id = verifier.verify(&token).await.map_err(Reject::Auth)?;
-        lock(slot).info.sub = id.sub.clone();
+        lock(verdict).info.sub = id.sub.clone();
         let user_slot = authorize(gw, &rt.config, route, &id)?;
         let facts = facts(
             rt,
@@ -309,20 +375,10 @@ pub(crate) async fn first_message<S: AsyncRead + AsyncWrite + Unpin>(
     }
     .await;
     if let Err(reject) = &result {
-        let (code, reason) = match reject {
-            Reject::UpstreamUnavailable | Reject::UpstreamTimeout => (1011, "upstream unavailable"),
-            Reject::UpstreamRefused(_) => (1008, "refused by the application"),
-            Reject::UserConnLimit => (1008, "too many sessions for this user"),
-            _ => (1008, "authentication failed"),
-        };
-        let _ = tokio::time::timeout(rt.config.server.close_timeout, client.close(Some((code, reason)))).await;
+        let close = reject.close_after_upgrade();
+        let _ = tokio::time::timeout(rt.config.server.close_timeout, client.close(Some(close))).await;
     }
     result
-}
-
-/// Whether the TCP peer is one of `trusted_proxies`.
-fn is_trusted(config: &Config, peer: IpAddr) -> bool {
-    config.server.trusted_proxies.iter().any(|n| n.contains(&peer))
 }
 
 /// The client's IP: the peer, or with `client_ip_source = "x_forwarded_for"` and a
@@ -332,7 +388,7 @@ fn is_trusted(config: &Config, peer: IpAddr) -> bool {
 /// never skipped, and a trusted proxy's own address is never taken as the client's: a
 /// trusted peer that names no untrusted hop is refused too.
 fn client_ip(config: &Config, peer: IpAddr, headers: &HeaderMap) -> Result<IpAddr, Reject> {
-    if config.server.client_ip_source != ClientIpSource::XForwardedFor || !is_trusted(config, peer) {
+    if config.server.client_ip_source != ClientIpSource::XForwardedFor || !config.server.is_trusted_proxy(peer) {
         return Ok(peer);
     }
     let mut lines = headers.get_all("x-forwarded-for").iter().peekable();
@@ -346,7 +402,7 @@ fn client_ip(config: &Config, peer: IpAddr, headers: &HeaderMap) -> Result<IpAdd
     }
     for hop in hops.iter().rev() {
         let ip = parse_hop(hop).ok_or(Reject::BadRequest("unparsable X-Forwarded-For hop"))?;
-        if !is_trusted(config, ip) {
+        if !config.server.is_trusted_proxy(ip) {
             return Ok(ip);
         }
     }

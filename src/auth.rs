@@ -7,85 +7,12 @@
 
 use crate::config::{ConfigError, Jwt, SecretSource, TokenSource};
 use crate::error::AuthFailure;
+pub use crate::keys::{Secret, load_secret};
 use base64::Engine;
 use http::HeaderMap;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, Validation, errors::ErrorKind};
 use serde_json::{Map, Value};
 use std::fmt;
-
-/// Secret key bytes; `Debug` never shows them.
-#[derive(Clone)]
-pub struct Secret(Vec<u8>);
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Secret({} bytes, redacted)", self.0.len())
-    }
-}
-
-impl From<Vec<u8>> for Secret {
-    fn from(v: Vec<u8>) -> Self {
-        Secret(v)
-    }
-}
-
-impl Secret {
-    pub fn bytes(&self) -> &[u8] {
-        &self.0
-    }
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-/// Load the HS* secret named by the config. With `generate` and `generate_if_missing`,
-/// a missing file is created with 32 random bytes (hex encoded, mode 0600).
-pub fn load_secret(src: &SecretSource, origin: &str, generate: bool) -> Result<Secret, ConfigError> {
-    let bytes = match src {
-        SecretSource::Env(name) => match std::env::var_os(&name.value) {
-            Some(v) => v.into_encoded_bytes(),
-            // Only a conventional name (`WSGATE_JWT_SECRET`) is echoed: anything else may
-            // be the secret itself, pasted here by mistake (`sk_live_…`).
-            None if name
-                .value
-                .bytes()
-                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_') =>
-            {
-                return Err(name.error(origin, format!("environment variable {} is not set", name.value)));
-            }
-            None => return Err(name.error(origin, "the environment variable it names is not set (name not shown)")),
-        },
-        SecretSource::File { path, generate_if_missing } => {
-            let p = &path.value;
-            if !p.exists() && *generate_if_missing && generate {
-                if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    std::fs::create_dir_all(dir).map_err(|e| path.error(origin, format!("cannot create {}: {e}", dir.display())))?;
-                }
-                let mut raw = [0u8; 32];
-                aws_lc_rs::rand::fill(&mut raw).map_err(|_| path.error(origin, "no randomness available"))?;
-                let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-                crate::fsutil::write_private(p, format!("{hex}\n").as_bytes())
-                    .map_err(|e| path.error(origin, format!("cannot create {}: {e}", p.display())))?;
-                tracing::warn!(file = %p.display(), "created a random development JWT secret");
-            }
-            let data = std::fs::read(p).map_err(|e| path.error(origin, format!("cannot read {}: {e}", p.display())))?;
-            // A trailing newline is an artefact of editors and `echo`, not part of the secret.
-            let end = data.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(0, |i| i + 1);
-            data[..end].to_vec()
-        }
-    };
-    if bytes.is_empty() {
-        let msg = "the JWT secret is empty";
-        return Err(match src {
-            SecretSource::Env(name) => name.error(origin, msg),
-            SecretSource::File { path, .. } => path.error(origin, msg),
-        });
-    }
-    Ok(Secret(bytes))
-}
 
 /// First 8 bytes of the token's SHA-256, hex: lets logs correlate a token without holding it.
 pub fn fingerprint(token: &str) -> String {
@@ -191,7 +118,7 @@ impl Verifier {
                 matches!(&cfg.secret, SecretSource::File { path, generate_if_missing: true } if !create_dev_files && !path.value.exists());
             // `check` before the first run: the secret will be generated; verify with a stand-in.
             Some(if pending {
-                Secret(vec![0u8; 32])
+                Secret::from(vec![0u8; 32])
             } else {
                 load_secret(&cfg.secret, origin, create_dev_files)?
             })
@@ -514,7 +441,7 @@ pub fn mint(cfg: &Jwt, secret: &Secret, sub: &str, ttl: std::time::Duration, ext
             .unwrap_or_else(|| Value::String(v.clone()));
         claims.insert(k.clone(), value);
     }
-    jsonwebtoken::encode(&Header::new(alg), &claims, &EncodingKey::from_secret(&secret.0)).map_err(|e| format!("cannot sign: {e}"))
+    jsonwebtoken::encode(&Header::new(alg), &claims, &EncodingKey::from_secret(secret.bytes())).map_err(|e| format!("cannot sign: {e}"))
 }
 
 #[cfg(test)]
@@ -525,7 +452,7 @@ mod tests {
 
     fn setup() -> (Jwt, Secret) {
         let cfg = Config::from_toml_str("[jwt]\nissuer = \"me\"\naudience = [\"wsgate\"]\n", "t").unwrap();
-        (cfg.jwt, Secret(b"0123456789abcdef0123456789abcdef".to_vec()))
+        (cfg.jwt, Secret::from(b"0123456789abcdef0123456789abcdef".to_vec()))
     }
 
     #[test]
@@ -552,7 +479,7 @@ mod tests {
         assert_eq!(v.verify_now(&expired).unwrap_err(), AuthFailure::Expired);
         let other = mint(
             &jwt,
-            &Secret(b"another-secret-another-secret-xx".to_vec()),
+            &Secret::from(b"another-secret-another-secret-xx".to_vec()),
             "a",
             Duration::from_secs(60),
             &[],
@@ -663,7 +590,7 @@ mod tests {
     #[test]
     fn identity_claim_names_the_user_and_is_required_when_set() {
         let cfg = Config::from_toml_str("[jwt]\nrequired_claims = [\"exp\"]\nidentity_claim = \"user_id\"\n", "t").unwrap();
-        let secret = Secret(b"0123456789abcdef0123456789abcdef".to_vec());
+        let secret = Secret::from(b"0123456789abcdef0123456789abcdef".to_vec());
         let v = Verifier::new(&cfg.jwt, &secret);
         let numeric = mint(
             &cfg.jwt,

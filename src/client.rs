@@ -43,12 +43,7 @@ pub type ClientStream = WebSocketStream<UpstreamIo>;
 pub async fn connect(url: &str, opts: &Options) -> Result<(ClientStream, Response), tungstenite::Error> {
     let mut req = url.into_client_request()?;
     let uri = req.uri().clone();
-    let host = uri
-        .host()
-        .unwrap_or("localhost")
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_string();
+    let host = uri.host().map_or("localhost", crate::util::unbracket).to_string();
     let tls = uri.scheme_str() == Some("wss");
     let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
     let h = req.headers_mut();

@@ -2,10 +2,11 @@
 //! relay. The inner functions chain the stages with `?` and return a [`Reject`]; the
 //! outer [`handle`] is the one place that counts, logs and finishes a connection.
 
-use crate::admit::Admission;
+use crate::admit::{Admitted, Info, Verdict};
 use crate::error::{CloseReason, Initiator, Reject};
+use crate::gateway::{Gateway, Refused, Runtime};
 use crate::relay::{self, Outcome};
-use crate::server::{Gateway, Runtime};
+use crate::util::{escape, lock};
 use hyper::{server::conn::http1, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::{
@@ -19,27 +20,15 @@ use tokio_rustls::server::TlsStream;
 
 /// hyper refuses read buffers below this size.
 const HYPER_MIN_BUF: usize = 8192;
-
-/// What the connection learned, for its one log line.
-#[derive(Default)]
-pub(crate) struct Info {
-    pub(crate) route: Option<String>,
-    pub(crate) sub: Option<String>,
-    pub(crate) token_fingerprint: Option<String>,
-    pub(crate) client_ip: Option<IpAddr>,
-}
-
-/// Shared between the connection and hyper's service: what the request stage decided.
-#[derive(Default)]
-pub(crate) struct Slot {
-    pub(crate) info: Info,
-    pub(crate) result: Option<Result<Box<Admission>, Reject>>,
-}
+/// Header lines an upgrade request may have; more → 431.
+const MAX_REQUEST_HEADERS: usize = 100;
+/// Longest client-controlled name (a token's user) written to a log line.
+const MAX_LOGGED_NAME: usize = 256;
 
 /// Run one accepted TCP connection to its end; logs and counts exactly once.
 pub async fn handle(gw: Arc<Gateway>, rt: Arc<Runtime>, tcp: TcpStream, peer: SocketAddr, accepted: Instant, over_cap: bool) {
     let peer_ip = peer.ip().to_canonical();
-    let slot = Arc::new(Mutex::new(Slot::default()));
+    let verdict = Arc::new(Mutex::new(Verdict::default()));
     // The configuration generation this connection is admitted under: a reload between
     // now and the relay's start (a `first_message` token sent after it, a slow upstream
     // connect) makes the relay re-check the session at once against the new config.
@@ -47,38 +36,24 @@ pub async fn handle(gw: Arc<Gateway>, rt: Arc<Runtime>, tcp: TcpStream, peer: So
     let result = async {
         // The handshake stages are boxed: their state (TLS accept, hyper's connection
         // and builder) is freed before the session relays, so an idle session stays small.
-        let admission = Box::pin(handshake(&gw, &rt, tcp, peer_ip, accepted, over_cap, &slot)).await?;
-        relay_session(&gw, &rt, admission, accepted, &slot, admitted_under).await
+        let admission = Box::pin(handshake(&gw, &rt, tcp, peer_ip, accepted, over_cap, &verdict)).await?;
+        relay_session(&gw, &rt, admission, accepted, &verdict, admitted_under).await
     }
     .await;
-    let info = std::mem::take(&mut lock(&slot).info);
+    let info = std::mem::take(&mut lock(&verdict).info);
     let route = info.route.as_deref().unwrap_or("-");
     let client = info.client_ip.unwrap_or(peer_ip);
     match result {
         Ok(done) => log_session(&gw, &info, client, route, &done),
-        Err(reject) => {
-            gw.metrics.rejected(reject.label());
-            if let Reject::Auth(failure) = &reject {
-                gw.admission().auth_failed(client);
-                gw.metrics.auth_failure(route, failure.label());
-                tracing::warn!(
-                    peer = %client,
-                    route,
-                    reason = failure.label(),
-                    token = info.token_fingerprint.as_deref().unwrap_or("-"),
-                    "authentication failed"
-                );
-            } else if reject.is_warning() {
-                tracing::warn!(peer = %client, route, reason = reject.label(), detail = %reject, "rejected");
-            } else {
-                tracing::info!(peer = %client, route, reason = reject.label(), detail = %reject, "rejected");
-            }
-        }
+        Err(reject) => gw.refused(
+            &reject,
+            &Refused {
+                peer: client,
+                route: info.route.as_deref(),
+                token_fingerprint: info.token_fingerprint.as_deref(),
+            },
+        ),
     }
-}
-
-pub(crate) fn lock(slot: &Mutex<Slot>) -> std::sync::MutexGuard<'_, Slot> {
-    slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A finished session.
@@ -97,7 +72,7 @@ fn log_session(gw: &Gateway, info: &Info, client: IpAddr, route: &str, done: &Do
     tracing::info!(
         peer = %client,
         route,
-        sub = info.sub.as_deref().map(escape).as_deref().unwrap_or("-"),
+        sub = info.sub.as_deref().map(|s| escape(s, MAX_LOGGED_NAME)).as_deref().unwrap_or("-"),
         code = o.code,
         initiator = o.initiator.label(),
         reason = o.reason.and_then(|r| r.error_kind()).unwrap_or(if o.initiator == Initiator::Gateway { "shutdown" } else { "closed" }),
@@ -110,11 +85,6 @@ fn log_session(gw: &Gateway, info: &Info, client: IpAddr, route: &str, done: &Do
     );
 }
 
-/// Escape a client-controlled string for a log line (no control characters, no newlines).
-pub fn escape(s: &str) -> String {
-    s.chars().take(256).flat_map(char::escape_debug).collect()
-}
-
 /// TLS, then the upgrade request served by hyper up to the 101: the admitted session.
 async fn handshake(
     gw: &Arc<Gateway>,
@@ -123,8 +93,8 @@ async fn handshake(
     peer_ip: IpAddr,
     accepted: Instant,
     over_cap: bool,
-    slot: &Arc<Mutex<Slot>>,
-) -> Result<Box<Admission>, Reject> {
+    verdict: &Arc<Mutex<Verdict>>,
+) -> Result<Box<Admitted>, Reject> {
     let server = &rt.config.server;
     let deadline = accepted + server.handshake_timeout;
     let tls = match tokio::time::timeout_at(deadline, Box::pin(rt.tls.accept(tcp))).await {
@@ -138,7 +108,7 @@ async fn handshake(
         rt: rt.clone(),
         peer_ip,
         over_cap,
-        slot: slot.clone(),
+        verdict: verdict.clone(),
     });
     let service = service_fn(move |req| {
         let ctx = ctx.clone();
@@ -152,7 +122,7 @@ async fn handshake(
         .timer(TokioTimer::new())
         .header_read_timeout(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)))
         .max_buf_size(server.max_request_head.max(HYPER_MIN_BUF))
-        .max_headers(100)
+        .max_headers(MAX_REQUEST_HEADERS)
         .half_close(false);
     // The request stage itself is bounded (head timeout, upstream timeout); this guard
     // also bounds writing the answer to a client that never reads it.
@@ -164,7 +134,7 @@ async fn handshake(
     )
     .await;
 
-    let admitted = lock(slot).result.take();
+    let admitted = lock(verdict).result.take();
     let admission = match (admitted, served) {
         (Some(Err(reject)), _) => return Err(reject),
         (Some(Ok(admission)), Ok(Ok(()))) => admission,
@@ -203,20 +173,20 @@ type ClientIo = Box<TlsStream<TcpStream>>;
 async fn relay_session(
     gw: &Arc<Gateway>,
     rt: &Arc<Runtime>,
-    admission: Box<Admission>,
+    admission: Box<Admitted>,
     accepted: Instant,
-    slot: &Arc<Mutex<Slot>>,
+    verdict: &Arc<Mutex<Verdict>>,
     admitted_under: tokio_util::sync::CancellationToken,
 ) -> Result<Done, Reject> {
     // Opening is boxed: its state (hyper's upgrade, the first-message exchange) is freed
     // before the long relay phase, so an idle session holds only what it needs.
-    let mut open = Box::pin(open_session(gw, rt, admission, slot)).await?;
+    let mut open = Box::pin(open_session(gw, rt, admission, verdict)).await?;
     gw.metrics.handshake_done(accepted.elapsed().as_secs_f64());
-    run_session(gw, rt, &mut open, slot, admitted_under).await
+    run_session(gw, rt, &mut open, verdict, admitted_under).await
 }
 
-async fn open_session(gw: &Gateway, rt: &Runtime, admission: Box<Admission>, slot: &Mutex<Slot>) -> Result<Open, Reject> {
-    let Admission {
+async fn open_session(gw: &Gateway, rt: &Runtime, admission: Box<Admitted>, verdict: &Mutex<Verdict>) -> Result<Open, Reject> {
+    let Admitted {
         route_index,
         upstream,
         on_upgrade,
@@ -244,7 +214,7 @@ async fn open_session(gw: &Gateway, rt: &Runtime, admission: Box<Admission>, slo
     // With the `first_message` token source the client authenticates after the 101.
     let (upstream, identity, user_slot) = match (upstream, pending) {
         (Some(u), _) => (u, identity, user_slot),
-        (None, Some(pending)) => crate::admit::first_message(gw, rt, route_index, &mut client, pending, slot).await?,
+        (None, Some(pending)) => crate::admit::first_message(gw, rt, route_index, &mut client, pending, verdict).await?,
         (None, None) => return Err(Reject::BadRequest("no upstream")),
     };
     // Keep only what the session needs from the token, not every claim.
@@ -266,7 +236,7 @@ async fn run_session(
     gw: &Gateway,
     rt: &Runtime,
     open: &mut Open,
-    slot: &Mutex<Slot>,
+    verdict: &Mutex<Verdict>,
     admitted_under: tokio_util::sync::CancellationToken,
 ) -> Result<Done, Reject> {
     let route = &rt.config.routes[open.route_index];
@@ -293,7 +263,7 @@ async fn run_session(
     let policy = SessionPolicy {
         gw,
         admitted_under: Mutex::new(Some(admitted_under)),
-        client_ip: lock(slot).info.client_ip,
+        client_ip: lock(verdict).info.client_ip,
         jti: open.jti.take(),
         token: open.token.take(),
     };
@@ -305,12 +275,12 @@ async fn run_session(
         progress: rt.config.log.progress_interval,
     };
     let span = {
-        let info = &lock(slot).info;
+        let info = &lock(verdict).info;
         tracing::info_span!(
             "session",
             peer = %info.client_ip.map_or_else(|| "-".to_string(), |i| i.to_string()),
             route = %route.name,
-            sub = %info.sub.as_deref().map(escape).unwrap_or_else(|| "-".into()),
+            sub = %info.sub.as_deref().map(|s| escape(s, MAX_LOGGED_NAME)).unwrap_or_else(|| "-".into()),
         )
     };
     let outcome = tracing::Instrument::instrument(
@@ -337,13 +307,13 @@ struct SessionPolicy<'a> {
 
 impl relay::Policy for SessionPolicy<'_> {
     fn generation(&self) -> tokio_util::sync::CancellationToken {
-        let first = self.admitted_under.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let first = lock(&self.admitted_under).take();
         first.unwrap_or_else(|| self.gw.generation())
     }
 
     fn check(&self) -> Option<CloseReason> {
         let rt = self.gw.runtime();
-        if self.client_ip.is_some_and(|ip| !rt.config.firewall.allows(ip)) {
+        if self.client_ip.is_some_and(|ip| !rt.firewall.allows(ip)) {
             return Some(CloseReason::AccessRevoked);
         }
         if rt.verifier.as_ref().is_some_and(|v| v.is_revoked(self.jti.as_deref())) {

@@ -62,15 +62,19 @@ pub fn spawn_in_memory(config: WebSocketConfig) -> DuplexStream {
     client
 }
 
+/// Read and write buffer of the standalone echo server.
+const STANDALONE_BUFFER: usize = 8 * 1024;
+
 /// The standalone echo server (`wsgate echo --listen ADDR`), plain ws.
 pub async fn run(listener: TcpListener) -> std::io::Result<()> {
-    let config = WebSocketConfig::default().read_buffer_size(8 * 1024).write_buffer_size(8 * 1024);
+    let config = WebSocketConfig::default()
+        .read_buffer_size(STANDALONE_BUFFER)
+        .write_buffer_size(STANDALONE_BUFFER);
     loop {
         let (tcp, _peer): (_, SocketAddr) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
-                tracing::warn!(error = %e, "echo accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                crate::util::accept_failed("echo", &e).await;
                 continue;
             }
         };

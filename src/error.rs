@@ -8,6 +8,20 @@ use http::StatusCode;
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
+/// `Retry-After` when the gateway is full or draining.
+const RETRY_AFTER_BUSY: Duration = Duration::from_secs(1);
+/// `Retry-After` when the user has too many sessions.
+const RETRY_AFTER_USER_LIMIT: Duration = Duration::from_secs(5);
+
+/// Close code: policy violation (RFC 6455 7.4.1).
+pub const CLOSE_POLICY: u16 = 1008;
+/// Close code: the server hit an unexpected condition.
+pub const CLOSE_INTERNAL_ERROR: u16 = 1011;
+/// Close code recorded when a close frame carried no code (never sent on the wire).
+pub const CLOSE_NO_STATUS: u16 = 1005;
+/// Close code recorded when a connection ended without a close frame (never sent).
+pub const CLOSE_ABNORMAL: u16 = 1006;
+
 /// Why a connection was refused before the 101.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Reject {
@@ -188,10 +202,21 @@ impl Reject {
     /// `Retry-After` to send, if any.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Reject::GlobalConnLimit | Reject::Draining => Some(Duration::from_secs(1)),
+            Reject::GlobalConnLimit | Reject::Draining => Some(RETRY_AFTER_BUSY),
             Reject::AuthBanned(left) => Some(*left),
-            Reject::UserConnLimit => Some(Duration::from_secs(5)),
+            Reject::UserConnLimit => Some(RETRY_AFTER_USER_LIMIT),
             _ => None,
+        }
+    }
+
+    /// The close code and reason for a refusal after the 101 (a `first_message` token
+    /// that fails, an upstream that cannot be reached once it verified).
+    pub fn close_after_upgrade(&self) -> (u16, &'static str) {
+        match self {
+            Reject::UpstreamUnavailable | Reject::UpstreamTimeout => (CLOSE_INTERNAL_ERROR, "upstream unavailable"),
+            Reject::UpstreamRefused(_) => (CLOSE_POLICY, "refused by the application"),
+            Reject::UserConnLimit => (CLOSE_POLICY, "too many sessions for this user"),
+            _ => (CLOSE_POLICY, "authentication failed"),
         }
     }
 }

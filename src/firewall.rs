@@ -5,18 +5,10 @@
 //! IPv4-mapped IPv6 peers (`::ffff:a.b.c.d`) are matched as the IPv4 address they
 //! are, so an IPv4 deny rule cannot be bypassed over a dual-stack listener.
 
+use crate::config::{ConfigError, FirewallDefault, FirewallRules, parse_ip_rule};
 use ipnet::IpNet;
 use std::net::IpAddr;
 use std::path::Path;
-
-/// What to do when no rule matches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum Default_ {
-    #[default]
-    Allow,
-    Deny,
-}
 
 /// A set of addresses as sorted, non-overlapping inclusive ranges.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -103,14 +95,29 @@ mod num_like {
 /// The compiled firewall.
 #[derive(Debug, Clone, Default)]
 pub struct Firewall {
-    pub default: Default_,
+    default: FirewallDefault,
     allow: RangeSet,
     deny: RangeSet,
 }
 
 impl Firewall {
-    pub fn new(default: Default_, allow: RangeSet, deny: RangeSet) -> Firewall {
+    pub fn new(default: FirewallDefault, allow: RangeSet, deny: RangeSet) -> Firewall {
         Firewall { default, allow, deny }
+    }
+
+    /// Compile `[firewall]`: the inline rules and the rule files it names (read now).
+    /// A file error names the file, its line and the config key that points at it.
+    pub fn load(rules: &FirewallRules, origin: &str) -> Result<Firewall, ConfigError> {
+        let compile = |inline: &[IpNet], files: &[crate::config::Located<std::path::PathBuf>]| {
+            let mut nets = inline.to_vec();
+            for file in files {
+                nets.extend(read_rule_file(&file.value).map_err(|m| file.error(origin, m))?);
+            }
+            Ok::<_, ConfigError>(RangeSet::from_nets(nets))
+        };
+        let allow = compile(&rules.allow, &rules.allow_files)?;
+        let deny = compile(&rules.deny, &rules.deny_files)?;
+        Ok(Firewall::new(rules.default, allow, deny))
     }
 
     /// Deny wins over allow; with no match, the default decides.
@@ -121,25 +128,8 @@ impl Firewall {
         if self.allow.contains(ip) {
             return true;
         }
-        self.default == Default_::Allow
+        self.default == FirewallDefault::Allow
     }
-
-    pub fn has_deny_rules(&self) -> bool {
-        !self.deny.is_empty()
-    }
-
-    pub fn rule_count(&self) -> usize {
-        self.allow.len() + self.deny.len()
-    }
-}
-
-/// Parse one rule: a CIDR or a bare address.
-pub fn parse_rule(s: &str) -> Option<IpNet> {
-    let s = s.trim();
-    s.parse::<IpNet>()
-        .map(|n| n.trunc())
-        .ok()
-        .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
 }
 
 /// Read a rule file: one CIDR or address per line, `#` starts a comment.
@@ -152,10 +142,10 @@ pub fn read_rule_file(path: &Path) -> Result<Vec<IpNet>, String> {
         if entry.is_empty() {
             continue;
         }
-        match parse_rule(entry) {
+        match parse_ip_rule(entry) {
             Some(n) => nets.push(n),
             None => {
-                let shown: String = entry.chars().take(64).flat_map(char::escape_debug).collect();
+                let shown = crate::util::escape(entry, 64);
                 return Err(format!("{}:{}: not an address or CIDR: \"{shown}\"", path.display(), i + 1));
             }
         }
@@ -168,7 +158,7 @@ mod tests {
     use super::*;
 
     fn set(rules: &[&str]) -> RangeSet {
-        RangeSet::from_nets(rules.iter().map(|r| parse_rule(r).unwrap()))
+        RangeSet::from_nets(rules.iter().map(|r| parse_ip_rule(r).unwrap()))
     }
 
     #[test]
@@ -187,14 +177,14 @@ mod tests {
     fn mapped_rules_and_peers_are_ipv4() {
         let s = set(&["::ffff:1.2.3.0/120"]);
         assert!(s.contains("1.2.3.4".parse().unwrap()));
-        let fw = Firewall::new(Default_::Allow, RangeSet::default(), set(&["1.2.3.4"]));
+        let fw = Firewall::new(FirewallDefault::Allow, RangeSet::default(), set(&["1.2.3.4"]));
         assert!(!fw.allows("::ffff:1.2.3.4".parse().unwrap()));
         assert!(fw.allows("1.2.3.5".parse().unwrap()));
     }
 
     #[test]
     fn deny_wins_and_default_decides() {
-        let fw = Firewall::new(Default_::Deny, set(&["10.0.0.0/8"]), set(&["10.1.0.0/16"]));
+        let fw = Firewall::new(FirewallDefault::Deny, set(&["10.0.0.0/8"]), set(&["10.1.0.0/16"]));
         assert!(fw.allows("10.2.0.1".parse().unwrap()));
         assert!(!fw.allows("10.1.0.1".parse().unwrap()));
         assert!(!fw.allows("11.0.0.1".parse().unwrap()));

@@ -5,14 +5,14 @@
 //! that family: an RSA public key can never verify an HS256 token. Symmetric (`oct`)
 //! keys in a JWKS are ignored: a key set is public material.
 
-use crate::config::{ConfigError, Jwt, Located};
+use crate::config::{ConfigError, Jwt, SecretSource};
 use arc_swap::ArcSwap;
 use jsonwebtoken::{
     Algorithm, DecodingKey,
     jwk::{AlgorithmParameters, JwkSet, KeyAlgorithm},
 };
+use std::fmt;
 use std::{
-    path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -41,13 +41,78 @@ impl std::fmt::Debug for Key {
     }
 }
 
-/// Where a JWKS comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JwksUrl {
-    pub url: http::Uri,
-    pub refresh: Duration,
-    /// Extra trust anchor for the identity provider (tests, private CAs).
-    pub ca: Option<Located<PathBuf>>,
+/// Secret key bytes; `Debug` never shows them.
+#[derive(Clone)]
+pub struct Secret(Vec<u8>);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Secret({} bytes, redacted)", self.0.len())
+    }
+}
+
+impl From<Vec<u8>> for Secret {
+    fn from(v: Vec<u8>) -> Self {
+        Secret(v)
+    }
+}
+
+impl Secret {
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Load the HS* secret named by the config. With `generate` and `generate_if_missing`,
+/// a missing file is created with 32 random bytes (hex encoded, mode 0600).
+pub fn load_secret(src: &SecretSource, origin: &str, generate: bool) -> Result<Secret, ConfigError> {
+    let bytes = match src {
+        SecretSource::Env(name) => match std::env::var_os(&name.value) {
+            Some(v) => v.into_encoded_bytes(),
+            // Only a conventional name (`WSGATE_JWT_SECRET`) is echoed: anything else may
+            // be the secret itself, pasted here by mistake (`sk_live_…`).
+            None if name
+                .value
+                .bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_') =>
+            {
+                return Err(name.error(origin, format!("environment variable {} is not set", name.value)));
+            }
+            None => return Err(name.error(origin, "the environment variable it names is not set (name not shown)")),
+        },
+        SecretSource::File { path, generate_if_missing } => {
+            let p = &path.value;
+            if !p.exists() && *generate_if_missing && generate {
+                if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).map_err(|e| path.error(origin, format!("cannot create {}: {e}", dir.display())))?;
+                }
+                let mut raw = [0u8; 32];
+                aws_lc_rs::rand::fill(&mut raw).map_err(|_| path.error(origin, "no randomness available"))?;
+                let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+                crate::fsutil::write_private(p, format!("{hex}\n").as_bytes())
+                    .map_err(|e| path.error(origin, format!("cannot create {}: {e}", p.display())))?;
+                tracing::warn!(file = %p.display(), "created a random development JWT secret");
+            }
+            let data = std::fs::read(p).map_err(|e| path.error(origin, format!("cannot read {}: {e}", p.display())))?;
+            // A trailing newline is an artefact of editors and `echo`, not part of the secret.
+            let end = data.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(0, |i| i + 1);
+            data[..end].to_vec()
+        }
+    };
+    if bytes.is_empty() {
+        let msg = "the JWT secret is empty";
+        return Err(match src {
+            SecretSource::Env(name) => name.error(origin, msg),
+            SecretSource::File { path, .. } => path.error(origin, msg),
+        });
+    }
+    Ok(Secret(bytes))
 }
 
 /// All keys of one config.
@@ -161,7 +226,7 @@ pub enum Lookup {
 
 impl KeyStore {
     /// Load keys from the `[jwt]` sources. `secret` is the HS* key, when HS* is allowed.
-    pub fn load(cfg: &Jwt, secret: Option<&crate::auth::Secret>, origin: &str) -> Result<KeyStore, ConfigError> {
+    pub fn load(cfg: &Jwt, secret: Option<&Secret>, origin: &str) -> Result<KeyStore, ConfigError> {
         let mut fixed = Vec::new();
         if let Some(s) = secret {
             let hs: Vec<Algorithm> = cfg
@@ -296,12 +361,7 @@ impl KeyStore {
 pub async fn fetch(url: &http::Uri, tls: Arc<rustls::ClientConfig>) -> Result<Vec<u8>, String> {
     use http_body_util::{BodyExt, Empty, Limited};
     let work = async {
-        let host = url
-            .host()
-            .ok_or("URL has no host")?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
+        let host = url.host().map(crate::util::unbracket).ok_or("URL has no host")?.to_string();
         let port = url.port_u16().unwrap_or(443);
         let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
             .await

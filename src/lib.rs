@@ -5,42 +5,55 @@
 //!
 //! | # | stage | module |
 //! |---|-------|--------|
-//! | 1 | accept, global cap; client address from PROXY protocol v1/v2 | [`server`], [`proxy_protocol`] |
-//! | 2–3 | firewall, per-IP rate and concurrency limits (before TLS) | [`firewall`], [`limits`] |
-//! | 4 | TLS handshake under `handshake_timeout` | [`tls`], [`conn`] |
-//! | 5 | upgrade request: head read by hyper with size/time bounds, route, validate | [`upgrade`], [`conn`] |
-//! | 6 | JWT authentication | [`auth`] |
+//! | 1 | accept, global cap; client address from PROXY protocol v1/v2 | [`server`], `proxy_protocol` |
+//! | 2–3 | firewall, per-IP rate and concurrency limits (before TLS) | [`firewall`], [`limits`], [`gateway::Gateway`] |
+//! | 4 | TLS handshake under `handshake_timeout` | [`tls`], `conn` |
+//! | 5 | upgrade request: head read by hyper with size/time bounds, route, validate | [`upgrade`], `admit` |
+//! | 6 | JWT authentication | [`auth`], `keys` |
 //! | 7 | upstream connect + handshake, before the 101 | [`upstream`], [`echo`] |
 //! | 8 | 101 with the upstream's subprotocol | [`upgrade`] |
 //! | 9 | relay: frames both ways, limits, pings, idle, shutdown | [`relay`], [`wire`] |
-//! | 10 | one access-log event; metrics | [`conn`], [`metrics`] |
+//! | 10 | one access-log event; metrics | `conn`, [`metrics`] |
 //!
-//! [`error`] maps every reason to its status code, close code and metric label.
-//! [`config`] turns the TOML file into a validated [`config::Config`].
+//! Layers, each importing only from the ones below it (no cycles):
+//!
+//! - `server` (accept loops, drain) → `conn` (one connection, stage by stage) →
+//!   `admit` (the request stage) → the stage modules → [`gateway`] (shared state,
+//!   reload, the one place a refusal is counted and logged). `admin` depends on
+//!   [`gateway`] only.
+//! - Stage modules: [`upstream`], [`auth`] → `keys` → [`tls`]; [`relay`] → [`wire`];
+//!   [`firewall`], [`limits`], [`upgrade`], [`metrics`].
+//! - Leaves: [`config`] (plain data and validation: reads only the TOML text),
+//!   [`error`] (every reason → status, close code, metric label), `util`.
+//!
+//! The public modules are the surface `main`, the integration tests and the benches
+//! use; the rest is crate-private.
 #![forbid(unsafe_code)]
 
-pub mod admin;
-pub mod admit;
+mod admin;
+mod admit;
 pub mod auth;
 pub mod client;
 pub mod config;
-pub mod conn;
+mod conn;
 pub mod echo;
 pub mod error;
 pub mod firewall;
-pub mod fsutil;
-pub mod keys;
+mod fsutil;
+pub mod gateway;
+mod keys;
 pub mod limits;
 pub mod logging;
 pub mod metrics;
-pub mod proxy_protocol;
+mod proxy_protocol;
 pub mod relay;
 pub mod server;
 pub mod tls;
-pub mod units;
 pub mod upgrade;
 pub mod upstream;
+mod util;
 pub mod wire;
 
 pub use config::Config;
 pub use server::{Running, start};
+pub use util::escape;

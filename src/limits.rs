@@ -7,9 +7,11 @@
 //!
 //! IPv6 clients are keyed by their `ipv6_prefix` so one host cannot rotate addresses
 //! inside its /64 to escape limits. Every map is capped and pruned on a timer
-//! ([`Admission::prune`]): memory does not grow with the number of distinct clients.
+//! ([`PerIp::prune`]): memory does not grow with the number of distinct clients.
 
+use crate::config::{AdmissionLimits, Rate};
 use crate::error::Reject;
+use crate::util::lock;
 use governor::{Quota, RateLimiter, clock::DefaultClock, state::keyed::DefaultKeyedStateStore};
 use std::{
     collections::HashMap,
@@ -41,18 +43,6 @@ impl IpKey {
             }
         }
     }
-}
-
-/// The `[limits]` values admission uses.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Settings {
-    pub connection_rate: crate::units::Rate,
-    pub connection_burst: u32,
-    pub max_connections_per_ip: u32,
-    pub ipv6_prefix: u8,
-    pub auth_failures_per_ip: u32,
-    pub auth_failure_window: Duration,
-    pub auth_ban: Duration,
 }
 
 type KeyedLimiter = RateLimiter<IpKey, DefaultKeyedStateStore<IpKey>, DefaultClock>;
@@ -125,25 +115,21 @@ pub type UserSlots = Counted<String>;
 pub type UserSlot = Slot<String>;
 
 /// Per-IP admission state, shared by all listeners. Survives config reloads.
-pub struct Admission {
-    settings: Settings,
+pub struct PerIp {
+    settings: AdmissionLimits,
     rate: KeyedLimiter,
     open: Arc<Counted<IpKey>>,
     /// Shared with the admission that replaces this one on a reload: bans survive it.
     failures: Arc<Mutex<HashMap<IpKey, Failures>>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl Admission {
-    pub fn new(settings: Settings) -> Admission {
+impl PerIp {
+    pub fn new(settings: AdmissionLimits) -> PerIp {
         let burst = NonZeroU32::new(settings.connection_burst.max(1)).unwrap_or(NonZeroU32::MIN);
         let quota = Quota::with_period(settings.connection_rate.interval().max(Duration::from_nanos(1)))
             .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
             .allow_burst(burst);
-        Admission {
+        PerIp {
             rate: RateLimiter::keyed(quota),
             settings,
             open: Arc::default(),
@@ -154,15 +140,15 @@ impl Admission {
     /// The admission for new `[limits]` after a reload: a fresh rate limiter with the new
     /// quota, but the live per-IP counts and the auth-failure bans carried over, so a
     /// reload neither lifts a ban nor lets old sessions escape the per-IP cap.
-    pub fn reconfigured(&self, settings: Settings) -> Admission {
-        Admission {
+    pub fn reconfigured(&self, settings: AdmissionLimits) -> PerIp {
+        PerIp {
             open: self.open.clone(),
             failures: self.failures.clone(),
-            ..Admission::new(settings)
+            ..PerIp::new(settings)
         }
     }
 
-    pub fn settings(&self) -> &Settings {
+    pub fn settings(&self) -> &AdmissionLimits {
         &self.settings
     }
 
@@ -244,7 +230,7 @@ impl Admission {
     }
 }
 
-fn prune_failures(failures: &mut HashMap<IpKey, Failures>, s: &Settings, now: Instant) {
+fn prune_failures(failures: &mut HashMap<IpKey, Failures>, s: &AdmissionLimits, now: Instant) {
     failures.retain(|_, f| f.banned_until.is_some_and(|u| u > now) || now.duration_since(f.window_start) <= s.auth_failure_window);
 }
 
@@ -258,7 +244,7 @@ pub struct MessageRate {
 }
 
 impl MessageRate {
-    pub fn new(rate: crate::units::Rate, burst: u32) -> MessageRate {
+    pub fn new(rate: Rate, burst: u32) -> MessageRate {
         let interval = rate.interval();
         MessageRate {
             interval,
@@ -279,8 +265,8 @@ impl MessageRate {
 mod reload_tests {
     use super::*;
 
-    fn settings(max_per_ip: u32) -> Settings {
-        Settings {
+    fn settings(max_per_ip: u32) -> AdmissionLimits {
+        AdmissionLimits {
             connection_rate: "100/s".parse().unwrap(),
             connection_burst: 100,
             max_connections_per_ip: max_per_ip,
@@ -293,7 +279,7 @@ mod reload_tests {
 
     #[test]
     fn a_limits_reload_keeps_bans_and_live_counts() {
-        let a = Admission::new(settings(2));
+        let a = PerIp::new(settings(2));
         let banned: IpAddr = "192.0.2.1".parse().unwrap();
         a.auth_failed(banned);
         a.auth_failed(banned);
@@ -313,10 +299,9 @@ mod reload_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::units::Rate;
 
-    fn settings() -> Settings {
-        Settings {
+    fn settings() -> AdmissionLimits {
+        AdmissionLimits {
             connection_rate: "1000/s".parse().unwrap(),
             connection_burst: 2,
             max_connections_per_ip: 2,
@@ -342,7 +327,7 @@ mod tests {
 
     #[test]
     fn concurrency_cap_and_release() {
-        let adm = Arc::new(Admission::new(Settings {
+        let adm = Arc::new(PerIp::new(AdmissionLimits {
             connection_burst: 100,
             ..settings()
         }));
@@ -357,7 +342,7 @@ mod tests {
 
     #[test]
     fn rate_limits_bursts() {
-        let adm = Arc::new(Admission::new(Settings {
+        let adm = Arc::new(PerIp::new(AdmissionLimits {
             connection_rate: "1/min".parse().unwrap(),
             max_connections_per_ip: 100,
             ..settings()
@@ -370,7 +355,7 @@ mod tests {
 
     #[test]
     fn auth_failures_ban() {
-        let adm = Admission::new(settings());
+        let adm = PerIp::new(settings());
         let ip: IpAddr = "10.0.0.9".parse().unwrap();
         adm.auth_failed(ip);
         adm.auth_failed(ip);

@@ -5,8 +5,8 @@ use clap::{Parser, Subcommand};
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 use wsgate::{
     Config,
+    config::HumanDuration,
     config::{AuthMode, ConfigError, DEFAULT_CONFIG_PATH, PathMatch, Upstream},
-    units::HumanDuration,
 };
 
 #[derive(Parser)]
@@ -253,10 +253,10 @@ fn check(path: &std::path::Path) -> u8 {
         Ok(c) => c,
         Err(_) => return 1,
     };
-    for w in wsgate::server::warnings(&config) {
+    for w in wsgate::gateway::warnings(&config) {
         println!("warning: {w}");
     }
-    match wsgate::server::Runtime::load(config, false) {
+    match wsgate::gateway::Runtime::load(config, false) {
         Ok(_) => {
             println!("{}: ok", path.display());
             0

@@ -67,7 +67,7 @@ pub struct Settings {
     pub ping_interval: Duration,
     pub close_timeout: Duration,
     /// Client → upstream message rate (pings count); excess is delayed by not reading.
-    pub message_rate: crate::units::Rate,
+    pub message_rate: crate::config::Rate,
     pub message_burst: u32,
     /// Held back by the rate without pause for this long → close 1008.
     pub rate_abuse_timeout: Duration,
@@ -86,7 +86,7 @@ impl Settings {
             idle_timeout: Duration::from_secs(3600),
             ping_interval: Duration::from_secs(3600),
             close_timeout: Duration::from_secs(1),
-            message_rate: crate::units::Rate {
+            message_rate: crate::config::Rate {
                 count: 1_000_000,
                 per: Duration::from_secs(1),
             },
@@ -1302,7 +1302,7 @@ mod tests {
         let k = Some([7; 4]);
         let throttled = |input: &mut Vec<u8>| {
             let mut s = Settings::unthrottled(1 << 16);
-            s.message_rate = crate::units::Rate {
+            s.message_rate = crate::config::Rate {
                 count: 1,
                 per: Duration::from_secs(1),
             };

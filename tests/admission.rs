@@ -278,8 +278,8 @@ async fn forwarded_client_ip_is_used_behind_a_trusted_proxy() {
 
 #[test]
 fn limiter_state_stays_bounded_under_many_distinct_clients() {
-    use wsgate::limits::{Admission, Settings};
-    let settings = Settings {
+    use wsgate::{config::AdmissionLimits, limits::PerIp};
+    let settings = AdmissionLimits {
         connection_rate: "100/s".parse().unwrap(),
         connection_burst: 5,
         max_connections_per_ip: 10,
@@ -288,7 +288,7 @@ fn limiter_state_stays_bounded_under_many_distinct_clients() {
         auth_failure_window: Duration::from_millis(200),
         auth_ban: Duration::from_millis(200),
     };
-    let adm = Arc::new(Admission::new(settings));
+    let adm = Arc::new(PerIp::new(settings));
     for i in 0..120_000u32 {
         let a = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
         drop(adm.admit(a).unwrap());

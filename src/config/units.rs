@@ -7,6 +7,9 @@ use serde::{Deserialize, Deserializer, de};
 use std::{fmt, str::FromStr, time::Duration};
 
 /// A duration written like `"250ms"`, `"30s"`, `"5m"`.
+/// Longest part of a bad value echoed in an error message.
+const SHOWN: usize = 64;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HumanDuration(pub Duration);
 
@@ -15,8 +18,8 @@ impl FromStr for HumanDuration {
     fn from_str(s: &str) -> Result<Self, String> {
         humantime::parse_duration(s.trim()).map(HumanDuration).map_err(|_| {
             format!(
-                "invalid duration {:?}: use a number and a unit, like \"250ms\", \"30s\" or \"5m\"",
-                s.escape_debug().to_string()
+                "invalid duration \"{}\": use a number and a unit, like \"250ms\", \"30s\" or \"5m\"",
+                crate::util::escape(s, SHOWN)
             )
         })
     }
@@ -31,8 +34,8 @@ impl FromStr for ByteSize {
     fn from_str(s: &str) -> Result<Self, String> {
         let bad = || {
             format!(
-                "invalid size {:?}: use a number and a unit, like \"64KiB\" or \"1MiB\"",
-                s.escape_debug().to_string()
+                "invalid size \"{}\": use a number and a unit, like \"64KiB\" or \"1MiB\"",
+                crate::util::escape(s, SHOWN)
             )
         };
         let t = s.trim();
@@ -73,8 +76,8 @@ impl FromStr for Rate {
     fn from_str(s: &str) -> Result<Self, String> {
         let bad = || {
             format!(
-                "invalid rate {:?}: use a count and a unit, like \"20/s\" or \"600/min\"",
-                s.escape_debug().to_string()
+                "invalid rate \"{}\": use a count and a unit, like \"20/s\" or \"600/min\"",
+                crate::util::escape(s, SHOWN)
             )
         };
         let (count, unit) = s.trim().split_once('/').ok_or_else(bad)?;

@@ -1,0 +1,432 @@
+//! Configuration: plain data and its validation, nothing else.
+//!
+//! `config` is a leaf: it reads the TOML text it is given and nothing more. Files the
+//! config *points to* (certificates, secrets, keys, firewall rule files) are loaded
+//! where the runtime is built ([`crate::gateway::Runtime::load`]), and their errors
+//! point back at the config line through [`Located`].
+//!
+//! | file | concern |
+//! |------|---------|
+//! | `mod.rs` | the validated types the gateway runs on, defaults, route lookup |
+//! | `raw.rs` | serde structs mirroring the TOML file, unknown keys rejected |
+//! | `validate.rs` | raw → validated, cross-key checks; errors name key and line |
+//! | `located.rs` | [`ConfigError`], [`Located`], and line/key lookup in the text |
+//! | `units.rs` | durations, byte sizes and rates as written in the file |
+
+mod located;
+mod raw;
+pub mod units;
+mod validate;
+
+pub use located::{ConfigError, Located};
+pub use units::{ByteSize, HumanDuration, Rate};
+pub use validate::{is_env_var_name, parse_ip_rule};
+
+use ipnet::IpNet;
+use jsonwebtoken::Algorithm;
+use serde::Deserialize;
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
+
+/// Default config file, relative to the working directory.
+pub const DEFAULT_CONFIG_PATH: &str = "config/gateway.toml";
+/// Accept → request head read, TLS included.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A larger upgrade request head is answered with 431.
+pub const DEFAULT_MAX_REQUEST_HEAD: usize = 16 * 1024;
+/// No data frame either way for this long → close 1001.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// The gateway pings each client this often; no pong within one interval → close.
+pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(30);
+/// Global concurrent connection cap → 503.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Drain time on SIGTERM.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Upstream TCP connect + TLS + WebSocket handshake → 504 when exceeded.
+pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time both peers get to answer a close frame before the sockets are dropped.
+pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Largest message accepted from either side → close 1009.
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 1 << 20;
+/// Frames per client message (every frame, empty or not, also pays toward `message_rate`).
+pub const DEFAULT_MAX_FRAGMENTS: u32 = 1024;
+/// New connections per client IP (GCRA) and the burst above it.
+pub const DEFAULT_CONNECTION_RATE: Rate = Rate {
+    count: 20,
+    per: Duration::from_secs(1),
+};
+pub const DEFAULT_CONNECTION_BURST: u32 = 40;
+/// Concurrent connections per client IP.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: u32 = 100;
+/// IPv6 clients are keyed by this prefix length.
+pub const DEFAULT_IPV6_PREFIX: u8 = 64;
+/// Client → upstream messages per connection, and the burst above it.
+pub const DEFAULT_MESSAGE_RATE: Rate = Rate {
+    count: 200,
+    per: Duration::from_secs(1),
+};
+pub const DEFAULT_MESSAGE_BURST: u32 = 400;
+/// Held back by the message rate without pause for this long → close 1008.
+pub const DEFAULT_RATE_ABUSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Auth failures per client IP within the window before a ban, and the ban length.
+pub const DEFAULT_AUTH_FAILURES_PER_IP: u32 = 10;
+pub const DEFAULT_AUTH_FAILURE_WINDOW: Duration = Duration::from_secs(60);
+pub const DEFAULT_AUTH_BAN: Duration = Duration::from_secs(600);
+/// Default JWKS refresh period.
+pub const DEFAULT_JWKS_REFRESH: Duration = Duration::from_secs(600);
+/// Time a client gets to send its token as the first message.
+pub const DEFAULT_FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Concurrent sessions per JWT `sub`.
+pub const DEFAULT_MAX_CONNECTIONS_PER_USER: u32 = 20;
+/// JWT clock skew allowance.
+pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
+/// Environment variable holding the HS* secret when no `secret_file` is set.
+pub const DEFAULT_SECRET_ENV: &str = "WSGATE_JWT_SECRET";
+/// The claim that names the user unless `jwt.identity_claim` says otherwise.
+pub const DEFAULT_IDENTITY_CLAIM: &str = "sub";
+/// Claims a token must hold unless `jwt.required_claims` says otherwise.
+pub const DEFAULT_REQUIRED_CLAIMS: [&str; 2] = ["exp", "sub"];
+/// Where tokens are looked for unless `jwt.token_sources` says otherwise.
+pub const DEFAULT_TOKEN_SOURCES: [&str; 4] = ["authorization", "protocol", "query:access_token", "cookie:wsgate_token"];
+/// The development certificate and key (created by `wsgate dev-cert`).
+pub const DEFAULT_TLS_CERT: &str = "certs/dev/server.crt";
+pub const DEFAULT_TLS_KEY: &str = "certs/dev/server.key";
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the config came from (a path, or `<inline>` for tests); used in error messages.
+    pub origin: String,
+    pub server: Server,
+    pub tls: Tls,
+    pub admin: Admin,
+    pub log: Log,
+    pub limits: Limits,
+    pub firewall: FirewallRules,
+    pub jwt: Jwt,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Server {
+    pub listen: Vec<SocketAddr>,
+    pub handshake_timeout: Duration,
+    pub max_request_head: usize,
+    pub idle_timeout: Duration,
+    pub ping_interval: Duration,
+    pub max_connections: usize,
+    pub shutdown_grace: Duration,
+    pub upstream_timeout: Duration,
+    pub close_timeout: Duration,
+    pub trusted_proxies: Vec<IpNet>,
+    pub client_ip_source: ClientIpSource,
+}
+
+impl Server {
+    /// Whether `ip` is one of `trusted_proxies`: the one trusted-proxy check.
+    pub fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.trusted_proxies.iter().any(|n| n.contains(&ip))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientIpSource {
+    Peer,
+    ProxyProtocol,
+    XForwardedFor,
+}
+
+#[derive(Debug, Clone)]
+pub struct Tls {
+    pub cert: Located<PathBuf>,
+    pub key: Located<PathBuf>,
+    pub self_signed_if_missing: bool,
+    pub min_version: TlsVersion,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum TlsVersion {
+    #[serde(rename = "1.2")]
+    V1_2,
+    #[serde(rename = "1.3")]
+    V1_3,
+}
+
+#[derive(Debug, Clone)]
+pub struct Admin {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct Log {
+    pub format: LogFormat,
+    pub level: String,
+    pub file: Option<PathBuf>,
+    /// Sessions open longer than this log a progress event at this interval.
+    pub progress_interval: Option<Duration>,
+}
+
+/// Default interval of the progress event for long sessions.
+pub const DEFAULT_PROGRESS_INTERVAL: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_message_size: usize,
+    pub max_frame_size: usize,
+    /// Frames per client message; more → close 1009.
+    pub max_fragments: u32,
+    /// Per-IP admission (new-connection rate, concurrency, auth-failure bans).
+    pub admission: AdmissionLimits,
+    /// Client → upstream messages (pings included) per connection.
+    pub message_rate: Rate,
+    pub message_burst: u32,
+    /// A client held back by `message_rate` without pause for this long is closed with 1008.
+    pub rate_abuse_timeout: Duration,
+    /// Concurrent sessions per JWT `sub`.
+    pub max_connections_per_user: u32,
+}
+
+/// The `[limits]` values per-IP admission uses (rate, concurrency, auth-failure bans).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdmissionLimits {
+    pub connection_rate: Rate,
+    pub connection_burst: u32,
+    pub max_connections_per_ip: u32,
+    pub ipv6_prefix: u8,
+    pub auth_failures_per_ip: u32,
+    pub auth_failure_window: Duration,
+    pub auth_ban: Duration,
+}
+
+/// What the firewall does when no rule matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FirewallDefault {
+    #[default]
+    Allow,
+    Deny,
+}
+
+/// `[firewall]` as written: inline rules (already parsed) and rule files (read when the
+/// runtime is built, by [`crate::firewall::Firewall::load`]).
+#[derive(Debug, Clone, Default)]
+pub struct FirewallRules {
+    pub default: FirewallDefault,
+    pub allow: Vec<IpNet>,
+    pub deny: Vec<IpNet>,
+    pub allow_files: Vec<Located<PathBuf>>,
+    pub deny_files: Vec<Located<PathBuf>>,
+}
+
+impl FirewallRules {
+    /// Whether any deny rule is configured (inline or in a file).
+    pub fn has_deny_rules(&self) -> bool {
+        !self.deny.is_empty() || !self.deny_files.is_empty()
+    }
+}
+
+/// Where a JWKS comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwksUrl {
+    pub url: http::Uri,
+    pub refresh: Duration,
+    /// Extra trust anchor for the identity provider (tests, private CAs).
+    pub ca: Option<Located<PathBuf>>,
+}
+
+/// Where the HS* secret comes from. Holds names, never the secret itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    Env(Located<String>),
+    File { path: Located<PathBuf>, generate_if_missing: bool },
+}
+
+/// Where a token may be found in the upgrade request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    /// `Authorization: Bearer <t>`
+    Authorization,
+    /// A `Sec-WebSocket-Protocol` entry `bearer.<t>`.
+    Protocol,
+    /// A query parameter.
+    Query(String),
+    /// A cookie.
+    Cookie(String),
+    /// The first text message after the 101 (raw, or JSON `{"token": "..."}`).
+    FirstMessage,
+}
+
+#[derive(Debug, Clone)]
+pub struct Jwt {
+    pub algorithms: Vec<Algorithm>,
+    pub secret: SecretSource,
+    pub issuer: Option<String>,
+    pub audience: Vec<String>,
+    pub leeway: Duration,
+    pub required_claims: Vec<String>,
+    pub token_sources: Vec<TokenSource>,
+    /// Close live sessions with 4401 when the token's `exp` (plus leeway) passes.
+    pub close_on_expiry: bool,
+    pub public_key_files: Vec<Located<PathBuf>>,
+    pub jwks_file: Option<Located<PathBuf>>,
+    pub jwks_url: Option<JwksUrl>,
+    pub revoked_jti_file: Option<Located<PathBuf>>,
+    pub first_message_timeout: Duration,
+    /// The claim that names the user (logs, per-user caps, forwarding); `None` means
+    /// `sub`, and then a token without it simply has no user. When set, it is required.
+    pub identity_claim: Option<String>,
+}
+
+impl Jwt {
+    /// The claim that names the user.
+    pub fn identity_claim(&self) -> &str {
+        self.identity_claim.as_deref().unwrap_or(DEFAULT_IDENTITY_CLAIM)
+    }
+}
+
+impl Jwt {
+    /// Whether an HS* algorithm is allowed (and so a secret is needed).
+    pub fn uses_secret(&self) -> bool {
+        self.algorithms.iter().any(|a| a.family() == jsonwebtoken::AlgorithmFamily::Hmac)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    Jwt,
+    None,
+}
+
+/// How a route matches the request path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathMatch {
+    /// `/echo`: this path only.
+    Exact(String),
+    /// `/chat/*`: `/chat` and everything below it. Holds `/chat`.
+    Prefix(String),
+}
+
+/// One upstream of a route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Upstream {
+    /// The in-process echo backend.
+    BuiltinEcho,
+    /// A WebSocket server reached over TCP (`ws://`) or TLS (`wss://`).
+    Remote {
+        tls: bool,
+        host: String,
+        port: u16,
+        /// `None` when the URL has no path (or just `/`): the client's path goes upstream unchanged.
+        path: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: String,
+    pub path: PathMatch,
+    pub upstreams: Vec<Upstream>,
+    pub auth: AuthMode,
+    pub forward_token: bool,
+    /// Extra trust anchors (PEM) for `wss://` upstreams, besides the webpki roots.
+    pub upstream_ca: Option<Located<PathBuf>>,
+    /// Normalised origins (`scheme://host[:port]`, default ports removed); `"*"` allows any.
+    pub allowed_origins: Vec<String>,
+    pub allow_missing_origin: bool,
+    /// Claim → required value (equality, or membership for arrays and space-separated strings).
+    pub require_claims: Vec<(String, String)>,
+    /// Claim → header name sent upstream (lower case).
+    pub forward_claims: Vec<(String, http::HeaderName)>,
+}
+
+/// `Origin` in the form routes compare: lower-case scheme and host, default port dropped.
+/// `None` when it is not a `scheme://host[:port]` origin (e.g. `null`).
+pub fn normalize_origin(origin: &str) -> Option<String> {
+    let (scheme, rest) = origin.trim().split_once("://")?;
+    let scheme = scheme.to_ascii_lowercase();
+    if rest.is_empty() || rest.contains(['/', '?', '#', '@']) {
+        return None;
+    }
+    let authority: http::uri::Authority = rest.parse().ok()?;
+    let host = authority.host().to_ascii_lowercase();
+    let default = match scheme.as_str() {
+        "http" | "ws" => Some(80),
+        "https" | "wss" => Some(443),
+        _ => None,
+    };
+    Some(match authority.port_u16() {
+        Some(p) if Some(p) != default => format!("{scheme}://{host}:{p}"),
+        _ => format!("{scheme}://{host}"),
+    })
+}
+
+impl Route {
+    /// Whether this route serves `path`; longer prefixes are preferred by [`Config::route`].
+    fn matches(&self, path: &str) -> bool {
+        match &self.path {
+            PathMatch::Exact(p) => p == path,
+            PathMatch::Prefix(p) => path
+                .strip_prefix(p.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/')),
+        }
+    }
+}
+
+impl Config {
+    /// The route for a request path: an exact match first, then the longest prefix.
+    pub fn route(&self, path: &str) -> Option<&Route> {
+        self.route_index(path).map(|i| &self.routes[i])
+    }
+
+    /// Index into `routes` of the route for `path`.
+    pub fn route_index(&self, path: &str) -> Option<usize> {
+        let exact = self.routes.iter().position(|r| matches!(&r.path, PathMatch::Exact(p) if p == path));
+        exact.or_else(|| {
+            let prefixes = self
+                .routes
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| matches!(r.path, PathMatch::Prefix(_)) && r.matches(path));
+            prefixes
+                .max_by_key(|(_, r)| match &r.path {
+                    PathMatch::Prefix(p) => p.len(),
+                    PathMatch::Exact(_) => 0,
+                })
+                .map(|(i, _)| i)
+        })
+    }
+
+    /// Read and validate a config file. Relative paths inside resolve against the working directory.
+    pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let origin = path.display().to_string();
+        let src = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: origin.clone(),
+            line: None,
+            key: "(file)".into(),
+            message: format!("cannot read: {e}"),
+        })?;
+        Config::from_toml_str(&src, &origin)
+    }
+
+    /// Parse and validate TOML text. `origin` names the source in error messages.
+    pub fn from_toml_str(src: &str, origin: &str) -> Result<Config, ConfigError> {
+        let raw: raw::File = toml::from_str(src).map_err(|e| located::toml_error(src, origin, &e))?;
+        validate::Validator { src, origin }.validate(raw)
+    }
+}
+
+#[cfg(test)]
+mod tests;

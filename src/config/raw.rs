@@ -1,0 +1,129 @@
+//! The TOML file as written: serde structs that mirror it exactly. Every table
+//! rejects unknown keys; typed values (durations, sizes, addresses) parse on the way in.
+
+use super::units::{ByteSize, HumanDuration, Rate};
+use super::{AuthMode, ClientIpSource, FirewallDefault, LogFormat, TlsVersion};
+use ipnet::IpNet;
+use serde::Deserialize;
+use std::{net::SocketAddr, path::PathBuf};
+use toml::Spanned;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct File {
+    pub server: Server,
+    pub tls: Tls,
+    pub admin: Admin,
+    pub log: Log,
+    pub limits: Limits,
+    pub firewall: Firewall,
+    pub jwt: Jwt,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Firewall {
+    pub default: Option<FirewallDefault>,
+    pub allow: Option<Spanned<Vec<String>>>,
+    pub deny: Option<Spanned<Vec<String>>>,
+    pub allow_files: Option<Spanned<Vec<PathBuf>>>,
+    pub deny_files: Option<Spanned<Vec<PathBuf>>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Server {
+    pub listen: Option<Spanned<Vec<SocketAddr>>>,
+    pub handshake_timeout: Option<HumanDuration>,
+    pub max_request_head: Option<ByteSize>,
+    pub idle_timeout: Option<HumanDuration>,
+    pub ping_interval: Option<HumanDuration>,
+    pub max_connections: Option<usize>,
+    pub shutdown_grace: Option<HumanDuration>,
+    pub upstream_timeout: Option<HumanDuration>,
+    pub close_timeout: Option<HumanDuration>,
+    pub trusted_proxies: Vec<IpNet>,
+    pub client_ip_source: Option<ClientIpSource>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tls {
+    pub cert: Option<Spanned<PathBuf>>,
+    pub key: Option<Spanned<PathBuf>>,
+    pub self_signed_if_missing: Option<bool>,
+    pub min_version: Option<TlsVersion>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Admin {
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    pub format: Option<LogFormat>,
+    pub level: Option<String>,
+    pub file: Option<PathBuf>,
+    pub progress_interval: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_message_size: Option<ByteSize>,
+    pub max_frame_size: Option<ByteSize>,
+    pub max_fragments: Option<u32>,
+    pub connection_rate_per_ip: Option<Rate>,
+    pub connection_burst_per_ip: Option<u32>,
+    pub max_connections_per_ip: Option<u32>,
+    pub ipv6_prefix: Option<u8>,
+    pub message_rate: Option<Rate>,
+    pub message_burst: Option<u32>,
+    pub rate_abuse_timeout: Option<HumanDuration>,
+    pub auth_failures_per_ip: Option<u32>,
+    pub auth_failure_window: Option<HumanDuration>,
+    pub auth_ban: Option<HumanDuration>,
+    pub max_connections_per_user: Option<u32>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Jwt {
+    pub algorithms: Option<Spanned<Vec<String>>>,
+    pub secret_env: Option<Spanned<String>>,
+    pub secret_file: Option<Spanned<PathBuf>>,
+    pub generate_secret_if_missing: Option<bool>,
+    pub issuer: Option<String>,
+    pub audience: Option<Vec<String>>,
+    pub leeway: Option<HumanDuration>,
+    pub required_claims: Option<Vec<String>>,
+    pub token_sources: Option<Spanned<Vec<String>>>,
+    pub close_on_expiry: Option<bool>,
+    pub public_key_files: Option<Spanned<Vec<PathBuf>>>,
+    pub jwks_file: Option<Spanned<PathBuf>>,
+    pub jwks_url: Option<Spanned<String>>,
+    pub jwks_refresh: Option<HumanDuration>,
+    pub jwks_ca: Option<Spanned<PathBuf>>,
+    pub revoked_jti_file: Option<Spanned<PathBuf>>,
+    pub first_message_timeout: Option<HumanDuration>,
+    pub identity_claim: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    pub name: Spanned<String>,
+    pub path: Spanned<String>,
+    pub upstreams: Spanned<Vec<String>>,
+    pub auth: Option<AuthMode>,
+    pub forward_token: Option<bool>,
+    pub upstream_ca: Option<Spanned<PathBuf>>,
+    pub allowed_origins: Option<Spanned<Vec<String>>>,
+    pub allow_missing_origin: Option<bool>,
+    pub require_claims: Option<Spanned<std::collections::BTreeMap<String, String>>>,
+    pub forward_claims: Option<Spanned<std::collections::BTreeMap<String, String>>>,
+}

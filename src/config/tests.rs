@@ -1,0 +1,159 @@
+use super::*;
+
+const MINIMAL: &str = r#"
+[[routes]]
+name = "echo"
+path = "/echo"
+upstreams = ["builtin:echo"]
+"#;
+
+fn err(src: &str) -> ConfigError {
+    Config::from_toml_str(src, "t.toml").unwrap_err()
+}
+
+#[test]
+fn defaults_apply() {
+    let c = Config::from_toml_str(MINIMAL, "t.toml").unwrap();
+    assert_eq!(c.server.handshake_timeout, DEFAULT_HANDSHAKE_TIMEOUT);
+    assert_eq!(c.limits.max_message_size, 1 << 20);
+    assert_eq!(c.routes[0].auth, AuthMode::Jwt);
+    assert_eq!(c.jwt.algorithms, vec![Algorithm::HS256]);
+    assert_eq!(c.jwt.token_sources.len(), 4);
+}
+
+#[test]
+fn unknown_key_names_key_and_line() {
+    let e = err("[server]\nlisten = [\"127.0.0.1:1\"]\nlisten_backlog = 5\n");
+    assert_eq!(e.line, Some(3));
+    assert!(e.message.contains("listen_backlog"), "{e}");
+}
+
+#[test]
+fn bad_duration_names_key_and_line() {
+    let e = err("[server]\n\nidle_timeout = \"5 fortnights\"\n");
+    assert_eq!(e.line, Some(3));
+    assert_eq!(e.key, "server.idle_timeout");
+    assert!(e.message.contains("invalid duration"), "{e}");
+}
+
+#[test]
+fn error_never_echoes_a_misplaced_secret() {
+    let e = err("[jwt]\nsecret = \"hunter2-super-secret\"\n");
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+    assert_eq!(e.line, Some(2));
+}
+
+#[test]
+fn none_algorithm_refused() {
+    let e = err("[jwt]\nalgorithms = [\"HS256\", \"None\"]\n");
+    assert_eq!((e.key.as_str(), e.line), ("jwt.algorithms", Some(2)));
+}
+
+#[test]
+fn bad_route_path_and_upstream() {
+    let e = err("[[routes]]\nname = \"a\"\npath = \"echo\"\nupstreams = [\"builtin:echo\"]\n");
+    assert_eq!((e.key.as_str(), e.line), ("routes.path", Some(3)));
+    let e = err("[[routes]]\nname = \"a\"\npath = \"/a\"\nupstreams = [\"http://x\"]\n");
+    assert_eq!((e.key.as_str(), e.line), ("routes.upstreams", Some(4)));
+    let e = err("[[routes]]\nname = \"a\"\npath = \"/a\"\nupstreams = [\"ws://user:pw@x/\"]\n");
+    assert!(!e.to_string().contains("pw"), "{e}");
+}
+
+#[test]
+fn both_secret_sources_refused() {
+    let pasted = "s3cr3t-Value/with+chars==";
+    let e = err(&format!("[jwt]\nsecret_env = \"{pasted}\"\n"));
+    assert_eq!((e.key.as_str(), e.line), ("jwt.secret_env", Some(2)));
+    assert!(!e.to_string().contains(pasted), "{e}");
+    assert!(is_env_var_name("WSGATE_JWT_SECRET") && !is_env_var_name("1A") && !is_env_var_name(""));
+    let e = err("[jwt]\nsecret_env = \"X\"\nsecret_file = \"f\"\n");
+    assert_eq!((e.key.as_str(), e.line), ("jwt.secret_env", Some(2)));
+}
+
+#[test]
+fn frame_larger_than_message_refused() {
+    let e = err("[limits]\nmax_message_size = \"1KiB\"\nmax_frame_size = \"2KiB\"\n");
+    assert_eq!((e.key.as_str(), e.line), ("limits.max_frame_size", Some(3)));
+}
+
+#[test]
+fn routing_prefers_exact_then_longest_prefix() {
+    let c = Config::from_toml_str(
+        r#"
+[[routes]]
+name = "a"
+path = "/chat/*"
+upstreams = ["ws://127.0.0.1:1"]
+[[routes]]
+name = "b"
+path = "/chat/admin/*"
+upstreams = ["ws://127.0.0.1:2/x"]
+[[routes]]
+name = "c"
+path = "/chat/exact"
+upstreams = ["builtin:echo"]
+"#,
+        "t",
+    )
+    .unwrap();
+    let name = |p: &str| c.route(p).map(|r| r.name.as_str());
+    assert_eq!(name("/chat/room"), Some("a"));
+    assert_eq!(name("/chat"), Some("a"));
+    assert_eq!(name("/chatroom"), None);
+    assert_eq!(name("/chat/admin/x"), Some("b"));
+    assert_eq!(name("/chat/exact"), Some("c"));
+    assert_eq!(
+        c.routes[1].upstreams[0],
+        Upstream::Remote {
+            tls: false,
+            host: "127.0.0.1".into(),
+            port: 2,
+            path: Some("/x".into())
+        }
+    );
+}
+
+#[test]
+fn origins_normalise() {
+    assert_eq!(
+        normalize_origin("HTTPS://App.Example.com:443").as_deref(),
+        Some("https://app.example.com")
+    );
+    assert_eq!(normalize_origin("http://a.b:8080").as_deref(), Some("http://a.b:8080"));
+    assert_eq!(normalize_origin("null"), None);
+    assert_eq!(normalize_origin("https://a.b/path"), None);
+}
+
+#[test]
+fn firewall_rules_are_checked() {
+    let e = err("[firewall]\ndeny = [\"10.0.0.0/8\", \"bogus\"]\n");
+    assert_eq!((e.key.as_str(), e.line), ("firewall.deny", Some(2)));
+    let c = Config::from_toml_str("[firewall]\ndefault = \"deny\"\nallow = [\"127.0.0.0/8\", \"::1\"]\n", "t").unwrap();
+    let fw = crate::firewall::Firewall::load(&c.firewall, "t").unwrap();
+    assert!(fw.allows("127.0.0.9".parse().unwrap()));
+    assert!(!fw.allows("10.0.0.1".parse().unwrap()));
+}
+
+/// `config` is a leaf: parsing reads no file but the TOML text. A rule file is read
+/// when the runtime is built, and its error still names the config key and line.
+#[test]
+fn rule_files_are_read_at_load_not_at_parse() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("deny.txt");
+    let src = format!("[firewall]\n\ndeny_files = [{:?}]\n", file.display().to_string());
+    let c = Config::from_toml_str(&src, "t.toml").unwrap();
+    let e = crate::firewall::Firewall::load(&c.firewall, "t.toml").unwrap_err();
+    assert_eq!((e.key.as_str(), e.line), ("firewall.deny_files", Some(3)), "{e}");
+    std::fs::write(&file, "10.0.0.0/8\nnot-an-ip\n").unwrap();
+    let e = crate::firewall::Firewall::load(&c.firewall, "t.toml").unwrap_err();
+    assert!(e.to_string().contains(":2: not an address or CIDR: \"not-an-ip\""), "{e}");
+    std::fs::write(&file, "10.0.0.0/8\n").unwrap();
+    let fw = crate::firewall::Firewall::load(&c.firewall, "t.toml").unwrap();
+    assert!(!fw.allows("10.1.2.3".parse().unwrap()));
+}
+
+#[test]
+fn shipped_config_is_valid() {
+    let src = include_str!("../../config/gateway.toml");
+    Config::from_toml_str(src, "config/gateway.toml").unwrap();
+}

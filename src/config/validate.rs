@@ -1,0 +1,555 @@
+//! Raw TOML → validated [`Config`]: defaults, ranges and cross-key checks. Every error
+//! names the key and the line, and never echoes a value that may be a secret.
+
+use super::located::{find_key_line, line_of};
+use super::units::HumanDuration;
+use super::*;
+use toml::Spanned;
+
+/// Longest part of a bad value echoed in an error message (escaped).
+const SHOWN_VALUE: usize = 64;
+/// Longest environment variable name echoed.
+const MAX_ENV_NAME: usize = 128;
+/// Smallest `server.max_request_head`.
+const MIN_REQUEST_HEAD: usize = 1024;
+/// Smallest `log.progress_interval`.
+const MIN_PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
+
+pub(super) struct Validator<'a> {
+    pub(super) src: &'a str,
+    pub(super) origin: &'a str,
+}
+
+impl Validator<'_> {
+    fn err<T>(&self, spanned: &Spanned<T>, key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.origin.to_string(),
+            line: Some(line_of(self.src, spanned.span().start)),
+            key: key.to_string(),
+            message: message.into(),
+        }
+    }
+
+    fn located<T: Clone>(&self, spanned: &Spanned<T>, key: &str) -> Located<T> {
+        Located {
+            value: spanned.get_ref().clone(),
+            key: key.to_string(),
+            line: Some(line_of(self.src, spanned.span().start)),
+        }
+    }
+
+    fn err_key(&self, key: &str, message: impl Into<String>) -> ConfigError {
+        let (table, leaf) = key.rsplit_once('.').unwrap_or(("", key));
+        ConfigError {
+            file: self.origin.to_string(),
+            line: find_key_line(self.src, table, leaf),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    fn nonzero(&self, v: Option<HumanDuration>, default: Duration, key: &str) -> Result<Duration, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(d) if d.0.is_zero() => Err(self.err_key(key, "must be longer than zero")),
+            Some(d) => Ok(d.0),
+        }
+    }
+
+    pub(super) fn validate(&self, raw: raw::File) -> Result<Config, ConfigError> {
+        let server = self.server(raw.server)?;
+        let tls = self.tls(&raw.tls);
+        let admin = Admin {
+            listen: raw.admin.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9090))),
+        };
+        let log = self.log(raw.log)?;
+        let limits = self.limits(raw.limits)?;
+        let firewall = self.firewall(raw.firewall)?;
+        let jwt = self.jwt(raw.jwt)?;
+        let routes = self.routes(raw.routes)?;
+        self.jwt_routes(&jwt, &routes)?;
+        Ok(Config {
+            origin: self.origin.to_string(),
+            server,
+            tls,
+            admin,
+            log,
+            limits,
+            firewall,
+            jwt,
+            routes,
+        })
+    }
+
+    fn server(&self, s: raw::Server) -> Result<Server, ConfigError> {
+        let listen = match &s.listen {
+            Some(l) if l.get_ref().is_empty() => return Err(self.err(l, "server.listen", "needs at least one address")),
+            Some(l) => l.get_ref().clone(),
+            None => vec![SocketAddr::from(([127, 0, 0, 1], 8443))],
+        };
+        let max_request_head = s.max_request_head.map_or(DEFAULT_MAX_REQUEST_HEAD, |v| v.0 as usize);
+        if max_request_head < MIN_REQUEST_HEAD {
+            return Err(self.err_key("server.max_request_head", "must be at least 1KiB"));
+        }
+        let max_connections = s.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        if max_connections == 0 {
+            return Err(self.err_key("server.max_connections", "must be at least 1"));
+        }
+        let server = Server {
+            listen,
+            handshake_timeout: self.nonzero(s.handshake_timeout, DEFAULT_HANDSHAKE_TIMEOUT, "server.handshake_timeout")?,
+            max_request_head,
+            idle_timeout: self.nonzero(s.idle_timeout, DEFAULT_IDLE_TIMEOUT, "server.idle_timeout")?,
+            ping_interval: self.nonzero(s.ping_interval, DEFAULT_PING_INTERVAL, "server.ping_interval")?,
+            max_connections,
+            shutdown_grace: s.shutdown_grace.map_or(DEFAULT_SHUTDOWN_GRACE, |d| d.0),
+            upstream_timeout: self.nonzero(s.upstream_timeout, DEFAULT_UPSTREAM_TIMEOUT, "server.upstream_timeout")?,
+            close_timeout: self.nonzero(s.close_timeout, DEFAULT_CLOSE_TIMEOUT, "server.close_timeout")?,
+            trusted_proxies: s.trusted_proxies.into_iter().map(|n| n.trunc()).collect(),
+            client_ip_source: s.client_ip_source.unwrap_or(ClientIpSource::Peer),
+        };
+        if server.client_ip_source != ClientIpSource::Peer && server.trusted_proxies.is_empty() {
+            return Err(self.err_key("server.client_ip_source", "needs server.trusted_proxies"));
+        }
+        Ok(server)
+    }
+
+    fn tls(&self, t: &raw::Tls) -> Tls {
+        Tls {
+            cert: t
+                .cert
+                .as_ref()
+                .map_or_else(|| unlocated("tls.cert", DEFAULT_TLS_CERT), |c| self.located(c, "tls.cert")),
+            key: t
+                .key
+                .as_ref()
+                .map_or_else(|| unlocated("tls.key", DEFAULT_TLS_KEY), |c| self.located(c, "tls.key")),
+            self_signed_if_missing: t.self_signed_if_missing.unwrap_or(false),
+            min_version: t.min_version.unwrap_or(TlsVersion::V1_2),
+        }
+    }
+
+    fn log(&self, l: raw::Log) -> Result<Log, ConfigError> {
+        let log = Log {
+            format: l.format.unwrap_or(LogFormat::Text),
+            level: l.level.unwrap_or_else(|| "info".into()),
+            file: l.file,
+            progress_interval: match l.progress_interval.as_deref() {
+                None => Some(DEFAULT_PROGRESS_INTERVAL),
+                Some("off") => None,
+                Some(v) => {
+                    let d = v.parse::<HumanDuration>().map_err(|m| self.err_key("log.progress_interval", m))?.0;
+                    if d < MIN_PROGRESS_INTERVAL {
+                        return Err(self.err_key("log.progress_interval", "must be at least 1s, or \"off\""));
+                    }
+                    Some(d)
+                }
+            },
+        };
+        if tracing_subscriber::EnvFilter::try_new(&log.level).is_err() {
+            return Err(self.err_key("log.level", "not a valid level or filter (try \"info\" or \"debug\")"));
+        }
+        Ok(log)
+    }
+
+    fn limits(&self, l: raw::Limits) -> Result<Limits, ConfigError> {
+        let ipv6_prefix = l.ipv6_prefix.unwrap_or(DEFAULT_IPV6_PREFIX);
+        if ipv6_prefix > 128 {
+            return Err(self.err_key("limits.ipv6_prefix", "must be between 0 and 128"));
+        }
+        let max_message_size = l.max_message_size.map_or(DEFAULT_MAX_MESSAGE_SIZE, |v| v.0 as usize);
+        let limits = Limits {
+            max_message_size,
+            // A browser sends each message as one frame: by default a client frame may be
+            // as large as a message.
+            max_frame_size: l.max_frame_size.map_or(max_message_size, |v| v.0 as usize),
+            max_fragments: match l.max_fragments {
+                None => DEFAULT_MAX_FRAGMENTS,
+                Some(0) => return Err(self.err_key("limits.max_fragments", "must be at least 1")),
+                Some(n) => n,
+            },
+            admission: AdmissionLimits {
+                connection_rate: l.connection_rate_per_ip.unwrap_or(DEFAULT_CONNECTION_RATE),
+                connection_burst: l.connection_burst_per_ip.unwrap_or(DEFAULT_CONNECTION_BURST).max(1),
+                max_connections_per_ip: l.max_connections_per_ip.unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_IP).max(1),
+                ipv6_prefix,
+                auth_failures_per_ip: l.auth_failures_per_ip.unwrap_or(DEFAULT_AUTH_FAILURES_PER_IP),
+                auth_failure_window: l.auth_failure_window.map_or(DEFAULT_AUTH_FAILURE_WINDOW, |d| d.0),
+                auth_ban: l.auth_ban.map_or(DEFAULT_AUTH_BAN, |d| d.0),
+            },
+            message_rate: l.message_rate.unwrap_or(DEFAULT_MESSAGE_RATE),
+            message_burst: l.message_burst.unwrap_or(DEFAULT_MESSAGE_BURST).max(1),
+            rate_abuse_timeout: self.nonzero(l.rate_abuse_timeout, DEFAULT_RATE_ABUSE_TIMEOUT, "limits.rate_abuse_timeout")?,
+            max_connections_per_user: l.max_connections_per_user.unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_USER).max(1),
+        };
+        if limits.max_message_size == 0 || limits.max_frame_size == 0 {
+            return Err(self.err_key("limits.max_message_size", "sizes must be larger than zero"));
+        }
+        if limits.max_frame_size > limits.max_message_size {
+            return Err(self.err_key("limits.max_frame_size", "must not exceed limits.max_message_size"));
+        }
+        Ok(limits)
+    }
+
+    /// Inline rules are parsed here; rule files are only recorded, and read when the
+    /// runtime is built.
+    fn firewall(&self, f: raw::Firewall) -> Result<FirewallRules, ConfigError> {
+        let inline = |key: &str, list: &Option<Spanned<Vec<String>>>| -> Result<Vec<IpNet>, ConfigError> {
+            let Some(list) = list else { return Ok(Vec::new()) };
+            list.get_ref()
+                .iter()
+                .map(|rule| parse_ip_rule(rule).ok_or_else(|| self.err(list, key, format!("not an address or CIDR: \"{}\"", shown(rule)))))
+                .collect()
+        };
+        let files = |key: &str, files: &Option<Spanned<Vec<PathBuf>>>| -> Vec<Located<PathBuf>> {
+            let Some(files) = files else { return Vec::new() };
+            let line = Some(line_of(self.src, files.span().start));
+            files
+                .get_ref()
+                .iter()
+                .map(|p| Located {
+                    value: p.clone(),
+                    key: key.to_string(),
+                    line,
+                })
+                .collect()
+        };
+        Ok(FirewallRules {
+            default: f.default.unwrap_or_default(),
+            allow: inline("firewall.allow", &f.allow)?,
+            deny: inline("firewall.deny", &f.deny)?,
+            allow_files: files("firewall.allow_files", &f.allow_files),
+            deny_files: files("firewall.deny_files", &f.deny_files),
+        })
+    }
+
+    fn jwt(&self, j: raw::Jwt) -> Result<Jwt, ConfigError> {
+        if j.generate_secret_if_missing == Some(true) && j.secret_file.is_none() {
+            return Err(self.err_key("jwt.generate_secret_if_missing", "needs jwt.secret_file"));
+        }
+        let secret = self.secret(&j)?;
+        let jwks_url = self.jwks_url(&j)?;
+        Ok(Jwt {
+            algorithms: self.algorithms(j.algorithms.as_ref())?,
+            secret,
+            issuer: j.issuer,
+            audience: j.audience.unwrap_or_default(),
+            leeway: j.leeway.map_or(DEFAULT_LEEWAY, |d| d.0),
+            required_claims: j
+                .required_claims
+                .unwrap_or_else(|| DEFAULT_REQUIRED_CLAIMS.map(String::from).to_vec()),
+            token_sources: self.token_sources(j.token_sources.as_ref())?,
+            close_on_expiry: j.close_on_expiry.unwrap_or(true),
+            public_key_files: j
+                .public_key_files
+                .as_ref()
+                .map(|f| {
+                    let line = Some(line_of(self.src, f.span().start));
+                    f.get_ref()
+                        .iter()
+                        .map(|p| Located {
+                            value: p.clone(),
+                            key: "jwt.public_key_files".into(),
+                            line,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            jwks_file: j.jwks_file.as_ref().map(|f| self.located(f, "jwt.jwks_file")),
+            jwks_url,
+            revoked_jti_file: j.revoked_jti_file.as_ref().map(|f| self.located(f, "jwt.revoked_jti_file")),
+            first_message_timeout: self.nonzero(j.first_message_timeout, DEFAULT_FIRST_MESSAGE_TIMEOUT, "jwt.first_message_timeout")?,
+            identity_claim: match &j.identity_claim {
+                None => None,
+                Some(c) if c.get_ref().is_empty() || c.get_ref().chars().any(char::is_control) => {
+                    return Err(self.err(c, "jwt.identity_claim", "must name a claim"));
+                }
+                Some(c) => Some(c.get_ref().clone()),
+            },
+        })
+    }
+
+    fn algorithms(&self, names: Option<&Spanned<Vec<String>>>) -> Result<Vec<Algorithm>, ConfigError> {
+        let Some(names) = names else {
+            return Ok(vec![Algorithm::HS256]);
+        };
+        let mut algorithms = Vec::new();
+        for name in names.get_ref() {
+            if name.eq_ignore_ascii_case("none") {
+                return Err(self.err(names, "jwt.algorithms", "\"none\" can never be enabled"));
+            }
+            let alg = ALGORITHMS.iter().find(|(n, _)| n == name).map(|(_, a)| *a).ok_or_else(|| {
+                self.err(
+                    names,
+                    "jwt.algorithms",
+                    format!(
+                        "unsupported algorithm \"{}\" (HS256/384/512, RS256/384/512, PS256/384/512, ES256/384, EdDSA)",
+                        shown(name)
+                    ),
+                )
+            })?;
+            if !algorithms.contains(&alg) {
+                algorithms.push(alg);
+            }
+        }
+        Ok(algorithms)
+    }
+
+    fn secret(&self, j: &raw::Jwt) -> Result<SecretSource, ConfigError> {
+        Ok(match (&j.secret_env, &j.secret_file) {
+            (Some(env), Some(_)) => return Err(self.err(env, "jwt.secret_env", "set either secret_env or secret_file, not both")),
+            (_, Some(file)) => SecretSource::File {
+                path: self.located(file, "jwt.secret_file"),
+                generate_if_missing: j.generate_secret_if_missing.unwrap_or(false),
+            },
+            (Some(env), None) => {
+                if !is_env_var_name(env.get_ref()) {
+                    // Often the secret itself pasted here: never print the value.
+                    return Err(self.err(
+                        env,
+                        "jwt.secret_env",
+                        "must name an environment variable (letters, digits and '_'; the value is not shown)",
+                    ));
+                }
+                SecretSource::Env(self.located(env, "jwt.secret_env"))
+            }
+            (None, None) => SecretSource::Env(unlocated("jwt.secret_env", DEFAULT_SECRET_ENV)),
+        })
+    }
+
+    fn token_sources(&self, sources: Option<&Spanned<Vec<String>>>) -> Result<Vec<TokenSource>, ConfigError> {
+        let Some(sources) = sources else {
+            return Ok(DEFAULT_TOKEN_SOURCES.iter().filter_map(|s| parse_token_source(s)).collect());
+        };
+        sources
+            .get_ref()
+            .iter()
+            .map(|s| {
+                parse_token_source(s).ok_or_else(|| {
+                    self.err(
+                        sources,
+                        "jwt.token_sources",
+                        format!(
+                            "unknown token source \"{}\" (use \"authorization\", \"protocol\", \"query:NAME\", \"cookie:NAME\" or \"first_message\")",
+                            shown(s)
+                        ),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    fn jwks_url(&self, j: &raw::Jwt) -> Result<Option<JwksUrl>, ConfigError> {
+        let Some(u) = &j.jwks_url else { return Ok(None) };
+        let url: http::Uri = u.get_ref().parse().map_err(|_| self.err(u, "jwt.jwks_url", "not a valid URL"))?;
+        if url.scheme_str() != Some("https") || url.host().is_none() {
+            return Err(self.err(u, "jwt.jwks_url", "must be an https:// URL"));
+        }
+        Ok(Some(JwksUrl {
+            url,
+            refresh: self.nonzero(j.jwks_refresh, DEFAULT_JWKS_REFRESH, "jwt.jwks_refresh")?,
+            ca: j.jwks_ca.as_ref().map(|c| self.located(c, "jwt.jwks_ca")),
+        }))
+    }
+
+    /// Checks across `[jwt]` and the routes that use it.
+    fn jwt_routes(&self, jwt: &Jwt, routes: &[Route]) -> Result<(), ConfigError> {
+        if !routes.iter().any(|r| r.auth == AuthMode::Jwt) {
+            return Ok(());
+        }
+        if jwt.algorithms.is_empty() {
+            return Err(self.err_key("jwt.algorithms", "a route has auth = \"jwt\" but no algorithm is allowed"));
+        }
+        let asymmetric = jwt.algorithms.iter().any(|a| a.family() != jsonwebtoken::AlgorithmFamily::Hmac);
+        let has_public = !jwt.public_key_files.is_empty() || jwt.jwks_file.is_some() || jwt.jwks_url.is_some();
+        if asymmetric && !has_public {
+            return Err(self.err_key(
+                "jwt.algorithms",
+                "RS/PS/ES/EdDSA algorithms need public_key_files, jwks_file or jwks_url",
+            ));
+        }
+        Ok(())
+    }
+
+    fn routes(&self, raws: Vec<raw::Route>) -> Result<Vec<Route>, ConfigError> {
+        let mut routes: Vec<Route> = Vec::with_capacity(raws.len());
+        for r in raws {
+            let route = self.route(&r)?;
+            if routes.iter().any(|o| o.name == route.name) {
+                return Err(self.err(&r.name, "routes.name", "duplicate route name"));
+            }
+            if routes.iter().any(|o| o.path == route.path) {
+                return Err(self.err(&r.path, "routes.path", "another route has the same path"));
+            }
+            routes.push(route);
+        }
+        Ok(routes)
+    }
+
+    fn route(&self, r: &raw::Route) -> Result<Route, ConfigError> {
+        let name = r.name.get_ref().clone();
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+            return Err(self.err(&r.name, "routes.name", "use letters, digits, '_' and '-' (it is a metric label)"));
+        }
+        let p = r.path.get_ref();
+        let path = if !p.starts_with('/') || p.contains(['?', '#', ' ']) {
+            return Err(self.err(&r.path, "routes.path", "must start with '/' and hold no query"));
+        } else if let Some(prefix) = p.strip_suffix("/*") {
+            PathMatch::Prefix(prefix.to_string())
+        } else if p.contains('*') {
+            return Err(self.err(&r.path, "routes.path", "a wildcard is only allowed as a final \"/*\""));
+        } else {
+            PathMatch::Exact(p.clone())
+        };
+        if r.upstreams.get_ref().is_empty() {
+            return Err(self.err(&r.upstreams, "routes.upstreams", "needs at least one upstream"));
+        }
+        let upstreams = r
+            .upstreams
+            .get_ref()
+            .iter()
+            .map(|u| parse_upstream(u).map_err(|m| self.err(&r.upstreams, "routes.upstreams", m)))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Route {
+            name,
+            path,
+            upstreams,
+            auth: r.auth.unwrap_or(AuthMode::Jwt),
+            forward_token: r.forward_token.unwrap_or(false),
+            upstream_ca: r.upstream_ca.as_ref().map(|c| self.located(c, "routes.upstream_ca")),
+            allowed_origins: self.allowed_origins(r.allowed_origins.as_ref())?,
+            allow_missing_origin: r.allow_missing_origin.unwrap_or(true),
+            require_claims: r
+                .require_claims
+                .as_ref()
+                .map(|m| m.get_ref().clone().into_iter().collect())
+                .unwrap_or_default(),
+            forward_claims: self.forward_claims(r.forward_claims.as_ref())?,
+        })
+    }
+
+    fn allowed_origins(&self, list: Option<&Spanned<Vec<String>>>) -> Result<Vec<String>, ConfigError> {
+        let Some(list) = list else { return Ok(Vec::new()) };
+        list.get_ref()
+            .iter()
+            .map(|o| {
+                if o == "*" {
+                    return Ok("*".to_string());
+                }
+                normalize_origin(o).ok_or_else(|| {
+                    self.err(
+                        list,
+                        "routes.allowed_origins",
+                        format!("not an origin (scheme://host[:port]): \"{}\"", shown(o)),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    fn forward_claims(
+        &self,
+        map: Option<&Spanned<std::collections::BTreeMap<String, String>>>,
+    ) -> Result<Vec<(String, http::HeaderName)>, ConfigError> {
+        let Some(m) = map else { return Ok(Vec::new()) };
+        m.get_ref()
+            .iter()
+            .map(|(claim, header)| {
+                let name = http::HeaderName::from_bytes(header.to_ascii_lowercase().as_bytes())
+                    .map_err(|_| self.err(m, "routes.forward_claims", format!("\"{}\": not a valid header name", shown(claim))))?;
+                Ok((claim.clone(), name))
+            })
+            .collect()
+    }
+}
+
+/// The algorithms `jwt.algorithms` may name (`none` never).
+const ALGORITHMS: [(&str, Algorithm); 12] = [
+    ("HS256", Algorithm::HS256),
+    ("HS384", Algorithm::HS384),
+    ("HS512", Algorithm::HS512),
+    ("RS256", Algorithm::RS256),
+    ("RS384", Algorithm::RS384),
+    ("RS512", Algorithm::RS512),
+    ("PS256", Algorithm::PS256),
+    ("PS384", Algorithm::PS384),
+    ("PS512", Algorithm::PS512),
+    ("ES256", Algorithm::ES256),
+    ("ES384", Algorithm::ES384),
+    ("EdDSA", Algorithm::EdDSA),
+];
+
+fn parse_token_source(s: &str) -> Option<TokenSource> {
+    Some(match s.split_once(':') {
+        None if s == "authorization" => TokenSource::Authorization,
+        None if s == "protocol" => TokenSource::Protocol,
+        None if s == "first_message" => TokenSource::FirstMessage,
+        Some(("query", name)) if !name.is_empty() => TokenSource::Query(name.to_string()),
+        Some(("cookie", name)) if !name.is_empty() => TokenSource::Cookie(name.to_string()),
+        _ => return None,
+    })
+}
+
+/// A value from the file, shortened and escaped for an error message.
+fn shown(s: &str) -> String {
+    crate::util::escape(s, SHOWN_VALUE)
+}
+
+/// One firewall rule: a CIDR (host bits dropped) or a bare address.
+pub fn parse_ip_rule(s: &str) -> Option<IpNet> {
+    let s = s.trim();
+    s.parse::<IpNet>()
+        .map(|n| n.trunc())
+        .ok()
+        .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
+}
+
+/// Whether `s` looks like an environment variable name (`[A-Za-z_][A-Za-z0-9_]*`, at
+/// most 128 bytes). Anything else is not echoed: it may be a secret pasted by mistake.
+pub fn is_env_var_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    s.len() <= MAX_ENV_NAME
+        && chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn unlocated<T: From<&'static str>>(key: &str, value: &'static str) -> Located<T> {
+    Located {
+        value: T::from(value),
+        key: key.into(),
+        line: None,
+    }
+}
+
+/// Parse `builtin:echo`, `ws://host:port/path` or `wss://…`. The message never echoes
+/// credentials: URLs with a user part are refused without printing them.
+fn parse_upstream(s: &str) -> Result<Upstream, String> {
+    if s == "builtin:echo" {
+        return Ok(Upstream::BuiltinEcho);
+    }
+    let uri: http::Uri = s
+        .parse()
+        .map_err(|_| "not a valid URL (use \"ws://host:port/path\", \"wss://…\" or \"builtin:echo\")".to_string())?;
+    let tls = match uri.scheme_str() {
+        Some("ws") => false,
+        Some("wss") => true,
+        _ => return Err("the scheme must be ws://, wss:// or builtin:echo".into()),
+    };
+    let auth = uri.authority().ok_or("the URL needs a host")?;
+    if auth.as_str().contains('@') {
+        return Err("credentials in upstream URLs are not supported".into());
+    }
+    let host = crate::util::unbracket(auth.host()).to_string();
+    if host.is_empty() {
+        return Err("the URL needs a host".into());
+    }
+    let port = auth.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    if uri.query().is_some() {
+        return Err("upstream URLs take no query".into());
+    }
+    let path = match uri.path() {
+        "" | "/" => None,
+        p => Some(p.trim_end_matches('/').to_string()),
+    };
+    Ok(Upstream::Remote { tls, host, port, path })
+}

@@ -1,0 +1,369 @@
+//! The gateway's shared state: the [`Runtime`] built from one config, the per-IP and
+//! per-user limits that outlive reloads, metrics, and the one place that counts and
+//! logs a refusal ([`Gateway::refused`]).
+//!
+//! Everything loaded from one config lives in a [`Runtime`] behind an `ArcSwap`, so a
+//! reload swaps it without touching open sessions; they re-check themselves against
+//! the new one when the generation token they hold is cancelled.
+
+use crate::auth::{Verifier, load_secret};
+use crate::config::{AuthMode, ClientIpSource, Config, ConfigError, FirewallDefault};
+use crate::error::Reject;
+use crate::firewall::Firewall;
+use crate::limits::{IpSlot, PerIp, UserSlots};
+use crate::metrics::Metrics;
+use arc_swap::ArcSwap;
+use std::{
+    net::IpAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+use tokio_rustls::TlsAcceptor;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+/// Read buffer of the built-in echo's WebSocket. Small: most messages are small, and
+/// an idle session should cost little memory. Larger messages grow it on demand.
+const WS_READ_BUFFER: usize = 1024;
+/// Bytes the built-in echo queues before writing; it flushes each batch anyway.
+const WS_WRITE_BUFFER: usize = 16 * 1024;
+/// Room for a whole message in the echo's write buffer, beyond its batch size.
+const WS_WRITE_SLACK: usize = 64 * 1024;
+/// A JWT leeway beyond this gets a warning from `wsgate check`.
+const LEEWAY_WARNING: Duration = Duration::from_secs(300);
+/// HS* secrets shorter than this get a warning.
+const MIN_SECRET_LEN: usize = 32;
+
+/// Everything derived from one configuration.
+pub struct Runtime {
+    pub config: Config,
+    pub tls: TlsAcceptor,
+    /// `[firewall]` compiled, rule files included.
+    pub firewall: Firewall,
+    pub verifier: Option<Verifier>,
+    /// TLS connectors for `wss://` upstreams, by route index.
+    pub connectors: Vec<Option<tokio_rustls::TlsConnector>>,
+    /// Round-robin position, by route index.
+    pub next_upstream: Vec<AtomicUsize>,
+    /// Passive health, by route index and upstream index.
+    pub health: Vec<Vec<crate::upstream::Health>>,
+    /// WebSocket settings of the built-in echo backend, with the configured size
+    /// limits. (The relay itself works on frames, see [`crate::relay`].)
+    pub ws_config: WebSocketConfig,
+}
+
+impl Runtime {
+    /// Load certificates and keys named by `config`. With `create_dev_files`, missing
+    /// development certificates and secrets are generated when the config allows it.
+    pub fn load(config: Config, create_dev_files: bool) -> Result<Runtime, ConfigError> {
+        let tls = TlsAcceptor::from(crate::tls::server_config(&config, create_dev_files)?);
+        let firewall = Firewall::load(&config.firewall, &config.origin)?;
+        let needs_jwt = config.routes.iter().any(|r| r.auth == AuthMode::Jwt);
+        let verifier = if needs_jwt {
+            Some(Verifier::load(&config.jwt, &config.origin, create_dev_files)?)
+        } else {
+            None
+        };
+        let connectors = config
+            .routes
+            .iter()
+            .map(|r| crate::upstream::connector(r, &config.origin))
+            .collect::<Result<_, _>>()?;
+        let next_upstream = config.routes.iter().map(|_| AtomicUsize::new(0)).collect();
+        let health = config
+            .routes
+            .iter()
+            .map(|r| r.upstreams.iter().map(|_| Default::default()).collect())
+            .collect();
+        let l = &config.limits;
+        let ws_config = WebSocketConfig::default()
+            .read_buffer_size(WS_READ_BUFFER)
+            .write_buffer_size(WS_WRITE_BUFFER)
+            .max_write_buffer_size(WS_WRITE_BUFFER + l.max_message_size + WS_WRITE_SLACK)
+            .max_message_size(Some(l.max_message_size))
+            .max_frame_size(Some(l.max_frame_size));
+        Ok(Runtime {
+            config,
+            tls,
+            firewall,
+            verifier,
+            connectors,
+            next_upstream,
+            health,
+            ws_config,
+        })
+    }
+}
+
+/// State shared by every connection.
+pub struct Gateway {
+    runtime: ArcSwap<Runtime>,
+    pub metrics: Metrics,
+    /// Per-IP admission state (rates, concurrency, bans); kept across reloads unless
+    /// the `[limits]` that shape it change.
+    per_ip: ArcSwap<PerIp>,
+    /// Cancelled and replaced on every successful reload; live sessions re-check then.
+    generation: ArcSwap<CancellationToken>,
+    /// Concurrent sessions per JWT `sub`.
+    pub users: Arc<UserSlots>,
+    /// Cancelled when sessions must close (drain).
+    pub sessions: CancellationToken,
+    pub(crate) tracker: TaskTracker,
+    pub(crate) open: AtomicUsize,
+    pub(crate) draining: AtomicBool,
+}
+
+impl Gateway {
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.load_full()
+    }
+
+    /// Per-IP limits and bans.
+    pub fn per_ip(&self) -> Arc<PerIp> {
+        self.per_ip.load_full()
+    }
+
+    /// The current configuration generation (cancelled by the next reload).
+    pub fn generation(&self) -> CancellationToken {
+        (*self.generation.load_full()).clone()
+    }
+
+    /// Validate and load `config`, then swap it in atomically. Open sessions keep
+    /// running; they re-check firewall and revocations against the new config. An
+    /// invalid config changes nothing. Returns notes on what needs a restart.
+    pub async fn reload(&self, config: Config) -> Result<Vec<String>, ConfigError> {
+        let new = match Runtime::load(config, true) {
+            Ok(rt) => Arc::new(rt),
+            Err(e) => {
+                self.metrics.reload(false);
+                return Err(e);
+            }
+        };
+        let old = self.runtime();
+        let mut notes = Vec::new();
+        if new.config.server.listen != old.config.server.listen {
+            notes.push("server.listen changed: the old listeners stay until a restart".to_string());
+        }
+        if new.config.admin.listen != old.config.admin.listen {
+            notes.push("admin.listen changed: takes effect after a restart".to_string());
+        }
+        if new.config.log.format != old.config.log.format
+            || new.config.log.level != old.config.log.level
+            || new.config.log.file != old.config.log.file
+        {
+            notes.push("[log] changed: takes effect after a restart".to_string());
+        }
+        if new.config.limits.admission != old.config.limits.admission {
+            let next = self.per_ip().reconfigured(new.config.limits.admission.clone());
+            self.per_ip.store(Arc::new(next));
+        }
+        for r in &new.config.routes {
+            self.metrics.register_route(&r.name);
+        }
+        if let (Some(n), Some(o)) = (&new.verifier, &old.verifier) {
+            if n.keys().remote_url().is_some() && n.keys().remote_url() == o.keys().remote_url() {
+                n.keys().adopt_jwks(o.keys());
+            }
+        }
+        // The new key set gets its own refresh loop, which ends at the next reload; the
+        // old runtime's loop ends now, even while old sessions still hold that runtime.
+        let next_generation = CancellationToken::new();
+        start_jwks_refresh(&new, &self.metrics, next_generation.clone()).await;
+        self.runtime.store(new);
+        self.generation.swap(Arc::new(next_generation)).cancel();
+        self.metrics.reload(true);
+        Ok(notes)
+    }
+
+    /// Ready to serve: not draining, and every route has an upstream not in back-off.
+    pub fn is_ready(&self) -> bool {
+        !self.is_draining() && self.runtime().health.iter().all(|route| route.iter().any(|h| !h.is_down()))
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Connections accepted and not yet finished.
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+}
+
+impl Gateway {
+    /// Shared state for a gateway serving `runtime`.
+    pub(crate) fn new(runtime: Runtime) -> Gateway {
+        let metrics = Metrics::new();
+        for r in &runtime.config.routes {
+            metrics.register_route(&r.name);
+        }
+        let per_ip = PerIp::new(runtime.config.limits.admission.clone());
+        Gateway {
+            runtime: ArcSwap::from_pointee(runtime),
+            metrics,
+            per_ip: ArcSwap::from_pointee(per_ip),
+            generation: ArcSwap::from_pointee(CancellationToken::new()),
+            users: Arc::default(),
+            sessions: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            open: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// Stages 2–3 for a TCP peer, before any TLS work: firewall, then per-IP rate and
+    /// concurrency. A trusted proxy whose clients are named by `X-Forwarded-For` passes
+    /// here; each client it names is checked with [`Gateway::check_client`] at the
+    /// request stage instead.
+    pub(crate) fn pre_tls(&self, rt: &Runtime, peer: IpAddr) -> Result<Option<IpSlot>, Reject> {
+        let server = &rt.config.server;
+        if server.client_ip_source == ClientIpSource::XForwardedFor && server.is_trusted_proxy(peer) {
+            return Ok(None);
+        }
+        self.check_client(rt, peer).map(Some)
+    }
+
+    /// Firewall, then per-IP limits, for one client address: the one pre-TLS check,
+    /// also run on a client named by a PROXY header or by `X-Forwarded-For`.
+    pub(crate) fn check_client(&self, rt: &Runtime, ip: IpAddr) -> Result<IpSlot, Reject> {
+        if !rt.firewall.allows(ip) {
+            return Err(Reject::Firewall);
+        }
+        self.per_ip().admit(ip)
+    }
+
+    /// The one place a refusal is counted and logged, before TLS or after it. (Its
+    /// HTTP status, close code and label come from [`Reject`]; the answer on the wire
+    /// is written by the stage that refused.) An auth failure also counts toward the
+    /// client's ban and is logged with the token's fingerprint, never the token.
+    pub(crate) fn refused(&self, reject: &Reject, who: &Refused<'_>) {
+        self.metrics.rejected(reject.label());
+        let route = who.route.unwrap_or("-");
+        let peer = who.peer;
+        if let Reject::Auth(failure) = reject {
+            self.per_ip().auth_failed(peer);
+            self.metrics.auth_failure(route, failure.label());
+            let token = who.token_fingerprint.unwrap_or("-");
+            tracing::warn!(%peer, route, reason = failure.label(), token, "authentication failed");
+        } else if reject.is_warning() {
+            tracing::warn!(%peer, route, reason = reject.label(), detail = %reject, "rejected");
+        } else {
+            tracing::info!(%peer, route, reason = reject.label(), detail = %reject, "rejected");
+        }
+    }
+}
+
+/// Who was refused, for [`Gateway::refused`].
+pub(crate) struct Refused<'a> {
+    /// The client address (the TCP peer until a PROXY header or `X-Forwarded-For` names another).
+    pub(crate) peer: IpAddr,
+    pub(crate) route: Option<&'a str>,
+    pub(crate) token_fingerprint: Option<&'a str>,
+}
+
+impl Refused<'_> {
+    /// A refusal before any route is known.
+    pub(crate) fn peer(peer: IpAddr) -> Refused<'static> {
+        Refused {
+            peer,
+            route: None,
+            token_fingerprint: None,
+        }
+    }
+}
+
+/// Fetch the JWKS URL once now, then keep it fresh until `until` is cancelled (the next
+/// reload) or the runtime is gone: one refresh loop per live key set.
+pub(crate) async fn start_jwks_refresh(rt: &Arc<Runtime>, metrics: &Metrics, until: CancellationToken) {
+    let Some(v) = rt.verifier.as_ref().filter(|v| v.keys().has_remote()) else {
+        return;
+    };
+    let Some(every) = rt.config.jwt.jwks_url.as_ref().map(|u| u.refresh) else {
+        return;
+    };
+    match v.keys().refresh().await {
+        Ok(n) => {
+            metrics.jwks_refresh(true);
+            tracing::info!(keys = n, "JWKS loaded");
+        }
+        Err(e) => {
+            metrics.jwks_refresh(false);
+            tracing::error!(error = %e, "JWKS fetch failed; tokens needing it are refused until a fetch succeeds");
+        }
+    }
+    let weak = Arc::downgrade(rt);
+    let metrics = metrics.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = until.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            let Some(rt) = weak.upgrade() else { return };
+            if let Some(v) = &rt.verifier {
+                match v.keys().refresh().await {
+                    Ok(_) => metrics.jwks_refresh(true),
+                    Err(e) => {
+                        metrics.jwks_refresh(false);
+                        tracing::warn!(error = %e, "JWKS refresh failed; keeping the last good key set");
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Insecure settings worth a warning from `wsgate check` (they are allowed, not errors).
+pub fn warnings(config: &Config) -> Vec<String> {
+    let mut w = Vec::new();
+    if config.tls.self_signed_if_missing {
+        w.push("tls.self_signed_if_missing = true: a self-signed development certificate may be served".to_string());
+    }
+    if let crate::config::SecretSource::File {
+        generate_if_missing: true, ..
+    } = config.jwt.secret
+    {
+        w.push("jwt.generate_secret_if_missing = true: development only".to_string());
+    }
+    if let Ok(secret) = load_secret(&config.jwt.secret, &config.origin, false) {
+        if secret.len() < MIN_SECRET_LEN && config.jwt.uses_secret() {
+            w.push(format!("jwt secret is {} bytes; use at least 32", secret.len()));
+        }
+    }
+    if !config.admin.listen.ip().is_loopback() {
+        w.push(format!(
+            "admin.listen = {}: metrics are reachable beyond this host",
+            config.admin.listen
+        ));
+    }
+    let jwt_routes = config.routes.iter().any(|r| r.auth == AuthMode::Jwt);
+    let exp_required = config.jwt.required_claims.iter().any(|c| c == "exp");
+    if jwt_routes && !exp_required {
+        w.push("jwt.required_claims does not hold \"exp\": tokens that never expire are accepted".to_string());
+    }
+    if jwt_routes && exp_required && !config.jwt.close_on_expiry {
+        w.push("jwt.close_on_expiry = false: sessions outlive their token's exp".to_string());
+    }
+    if config.jwt.leeway > LEEWAY_WARNING {
+        w.push("jwt.leeway is over 5 minutes".to_string());
+    }
+    let public = config.server.listen.iter().any(|a| !a.ip().is_loopback());
+    if public && config.firewall.default == FirewallDefault::Allow && !config.firewall.has_deny_rules() {
+        w.push("firewall default = \"allow\" with no deny rules on a public listener".to_string());
+    }
+    for r in &config.routes {
+        if r.auth == AuthMode::None && public {
+            w.push(format!("route {:?} has auth = \"none\" on a public listener", r.name));
+        }
+        if r.allowed_origins.iter().any(|o| o == "*") {
+            w.push(format!(
+                "route {:?} has allowed_origins = [\"*\"]: any web page may open sockets",
+                r.name
+            ));
+        }
+    }
+    w
+}
