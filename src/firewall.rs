@@ -201,4 +201,22 @@ mod tests {
         std::fs::write(&p, "# comment\n10.0.0.0/8\n1.2.3.4 # trailing\n").unwrap();
         assert_eq!(read_rule_file(&p).unwrap().len(), 2);
     }
+
+    /// `config` is a leaf: parsing reads no file but the TOML text. A rule file is read
+    /// when the runtime is built, and its error still names the config key and line.
+    #[test]
+    fn rule_files_are_read_at_load_not_at_parse() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("deny.txt");
+        let src = format!("[firewall]\n\ndeny_files = [{:?}]\n", file.display().to_string());
+        let c = crate::Config::from_toml_str(&src, "t.toml").unwrap();
+        let e = Firewall::load(&c.firewall, "t.toml").unwrap_err();
+        assert_eq!((e.key.as_str(), e.line), ("firewall.deny_files", Some(3)), "{e}");
+        std::fs::write(&file, "10.0.0.0/8\nnot-an-ip\n").unwrap();
+        let e = Firewall::load(&c.firewall, "t.toml").unwrap_err();
+        assert!(e.to_string().contains(":2: not an address or CIDR: \"not-an-ip\""), "{e}");
+        std::fs::write(&file, "10.0.0.0/8\n").unwrap();
+        let fw = Firewall::load(&c.firewall, "t.toml").unwrap();
+        assert!(!fw.allows("10.1.2.3".parse().unwrap()));
+    }
 }

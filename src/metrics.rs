@@ -1,6 +1,6 @@
 //! Metric names (DESIGN.md section 4), their descriptions, and the per-gateway recorder.
 //!
-//! Each [`crate::server::Gateway`] owns its own Prometheus recorder instead of a
+//! Each gateway (`gateway::Gateway`) owns its own Prometheus recorder instead of a
 //! process-global one, so gateways started side by side (tests) keep separate numbers.
 //! Labels are bounded sets: route names from the config and `&'static str` reasons.
 //! Hot-path handles (messages, bytes) are created once per session, not per message.

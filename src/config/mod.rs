@@ -2,7 +2,7 @@
 //!
 //! `config` is a leaf: it reads the TOML text it is given and nothing more. Files the
 //! config *points to* (certificates, secrets, keys, firewall rule files) are loaded
-//! where the runtime is built ([`crate::gateway::Runtime::load`]), and their errors
+//! where the runtime is built (`gateway::Runtime::load`), and their errors
 //! point back at the config line through [`Located`].
 //!
 //! | file | concern |
@@ -220,7 +220,7 @@ pub enum FirewallDefault {
 }
 
 /// `[firewall]` as written: inline rules (already parsed) and rule files (read when the
-/// runtime is built, by [`crate::firewall::Firewall::load`]).
+/// runtime is built, by `firewall::Firewall::load`).
 #[derive(Debug, Clone, Default)]
 pub struct FirewallRules {
     pub default: FirewallDefault,
