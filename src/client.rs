@@ -129,7 +129,7 @@ pub async fn run_cli(url: &str, opts: &Options) -> i32 {
                 Some(Ok(Message::Close(frame))) => {
                     match frame {
                         Some(f) => eprintln!("closed: {} {}", u16::from(f.code), f.reason),
-                        None => eprintln!("closed: 1005"),
+                        None => eprintln!("closed: {}", crate::error::CLOSE_NO_STATUS),
                     }
                     while let Some(Ok(_)) = ws.next().await {}
                     return 0;
@@ -140,6 +140,6 @@ pub async fn run_cli(url: &str, opts: &Options) -> i32 {
             },
         }
     }
-    eprintln!("closed: 1006 (connection lost)");
+    eprintln!("closed: {} (connection lost)", crate::error::CLOSE_ABNORMAL);
     1
 }

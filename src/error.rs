@@ -264,8 +264,6 @@ pub enum CloseReason {
     UpstreamInvalidUtf8,
     /// The upstream sent a frame or message over the limit.
     UpstreamTooBig,
-    /// Something inside the gateway failed.
-    Internal,
     /// The client's token expired during the session (`close_on_expiry`).
     TokenExpired,
     /// The client kept pushing beyond `message_rate` for `rate_abuse_timeout`.
@@ -284,7 +282,7 @@ impl CloseReason {
             CloseReason::ClientInvalidUtf8 => (Invalid, Invalid),
             CloseReason::ClientTooBig => (Size, Size),
             CloseReason::ClientIo => (Away, Away),
-            CloseReason::UpstreamReset | CloseReason::Internal => (Error, Error),
+            CloseReason::UpstreamReset => (Error, Error),
             CloseReason::UpstreamProtocol => (Error, Protocol),
             CloseReason::UpstreamInvalidUtf8 => (Error, Invalid),
             CloseReason::UpstreamTooBig => (Size, Size),
@@ -307,7 +305,6 @@ impl CloseReason {
             CloseReason::UpstreamProtocol => "upstream protocol violation",
             CloseReason::UpstreamInvalidUtf8 => "upstream sent invalid utf-8",
             CloseReason::UpstreamTooBig => "upstream message too big",
-            CloseReason::Internal => "gateway error",
             CloseReason::TokenExpired => "token expired",
             CloseReason::RateAbuse => "client exceeded the message rate",
             CloseReason::AccessRevoked => "access revoked",
@@ -325,7 +322,6 @@ impl CloseReason {
             CloseReason::ClientIo => Some("io"),
             CloseReason::UpstreamReset => Some("upstream_reset"),
             CloseReason::UpstreamProtocol | CloseReason::UpstreamInvalidUtf8 => Some("upstream_protocol"),
-            CloseReason::Internal => Some("internal"),
             CloseReason::RateAbuse => Some("protocol"),
         }
     }
@@ -387,7 +383,6 @@ mod tests {
             (CloseReason::UpstreamProtocol, 1011, 1002, Some("upstream_protocol")),
             (CloseReason::UpstreamInvalidUtf8, 1011, 1007, Some("upstream_protocol")),
             (CloseReason::UpstreamTooBig, 1009, 1009, Some("message_too_big")),
-            (CloseReason::Internal, 1011, 1011, Some("internal")),
             (CloseReason::TokenExpired, 4401, 4401, None),
             (CloseReason::RateAbuse, 1008, 1008, Some("protocol")),
             (CloseReason::AccessRevoked, 1008, 1008, None),

@@ -351,21 +351,24 @@ pub async fn connect(
     tokio::time::timeout(timeout, fut).await.map_err(|_| Reject::UpstreamTimeout)?
 }
 
+/// Bytes of the upstream's response head hyper buffers at most.
+const UPSTREAM_HEAD_BUFFER: usize = 16 * 1024;
+
+fn handshake_failed(why: &str) -> Reject {
+    tracing::debug!(reason = why, "upstream handshake failed");
+    Reject::UpstreamUnavailable
+}
+
 /// The client half of the WebSocket handshake, driven by hyper: the upgraded stream
 /// comes back with exactly the bytes the upstream sent after its 101, and no
 /// handshake buffer stays attached to the session.
 async fn handshake(io: UpstreamIo, req: http::Request<()>) -> Result<Connected, Reject> {
-    use http_body_util::Empty;
-    let fail = |why: &str| {
-        tracing::debug!(reason = why, "upstream handshake failed");
-        Reject::UpstreamUnavailable
-    };
     let (mut parts, ()) = req.into_parts();
     let key = parts
         .headers
         .get(header::SEC_WEBSOCKET_KEY)
         .cloned()
-        .ok_or_else(|| fail("no key"))?;
+        .ok_or_else(|| handshake_failed("no key"))?;
     let offered: Vec<String> = parts
         .headers
         .get(header::SEC_WEBSOCKET_PROTOCOL)
@@ -378,13 +381,29 @@ async fn handshake(io: UpstreamIo, req: http::Request<()>) -> Result<Connected, 
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .parse()
-        .map_err(|_| fail("bad path"))?;
-    let req = http::Request::from_parts(parts, Empty::<bytes::Bytes>::new());
+        .map_err(|_| handshake_failed("bad path"))?;
+    let req = http::Request::from_parts(parts, http_body_util::Empty::<bytes::Bytes>::new());
+    let mut resp = exchange(io, req).await?;
+    let protocol = check_switching(&resp, &key, &offered)?;
+    let upgraded = hyper::upgrade::on(&mut resp).await.map_err(|_| handshake_failed("upgrade"))?;
+    let parts = upgraded
+        .downcast::<hyper_util::rt::TokioIo<UpstreamIo>>()
+        .map_err(|_| handshake_failed("upgrade io"))?;
+    let ws = crate::relay::Endpoint::upstream(parts.io.into_inner(), &parts.read_buf);
+    Ok(Connected { ws, protocol })
+}
+
+/// Send the one request and read the answer's head. A 4xx is the application's answer
+/// to this client: it comes back as [`Reject::UpstreamRefused`] with its body (bounded).
+async fn exchange(
+    io: UpstreamIo,
+    req: http::Request<http_body_util::Empty<bytes::Bytes>>,
+) -> Result<http::Response<hyper::body::Incoming>, Reject> {
     let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
-        .max_buf_size(16 * 1024)
+        .max_buf_size(UPSTREAM_HEAD_BUFFER)
         .handshake(hyper_util::rt::TokioIo::new(io))
         .await
-        .map_err(|_| fail("http"))?;
+        .map_err(|_| handshake_failed("http"))?;
     // One request only: with the sender gone, the connection ends after this response
     // (handing the stream to the upgrade when it is a 101).
     let response = sender.send_request(req);
@@ -402,9 +421,8 @@ async fn handshake(io: UpstreamIo, req: http::Request<()>) -> Result<Connected, 
             response.await
         }
     };
-    let mut resp = resp.map_err(|_| fail("no response"))?;
+    let resp = resp.map_err(|_| handshake_failed("no response"))?;
     if resp.status().is_client_error() {
-        // The application's answer to this client: passed through, bounded.
         let (parts, body) = resp.into_parts();
         let limited = http_body_util::Limited::new(body, crate::error::MAX_UPSTREAM_BODY);
         let collect = http_body_util::BodyExt::collect(limited);
@@ -422,9 +440,15 @@ async fn handshake(io: UpstreamIo, req: http::Request<()>) -> Result<Connected, 
         Some(c) => c,
         None => conn.await,
     }
-    .map_err(|_| fail("connection failed"))?;
+    .map_err(|_| handshake_failed("connection failed"))?;
+    Ok(resp)
+}
+
+/// Check the upstream's 101 (RFC 6455 4.2.2 from the client side): upgrade headers,
+/// the accept key, a subprotocol we offered, no extension. Returns the subprotocol.
+fn check_switching<B>(resp: &http::Response<B>, key: &HeaderValue, offered: &[String]) -> Result<Option<HeaderValue>, Reject> {
     if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
-        return Err(fail("status"));
+        return Err(handshake_failed("status"));
     }
     let h = resp.headers();
     let has = |name: header::HeaderName, token: &str| {
@@ -435,27 +459,22 @@ async fn handshake(io: UpstreamIo, req: http::Request<()>) -> Result<Connected, 
             .any(|t| t.trim().eq_ignore_ascii_case(token))
     };
     if !has(header::UPGRADE, "websocket") || !has(header::CONNECTION, "upgrade") {
-        return Err(fail("not a websocket upgrade"));
+        return Err(handshake_failed("not a websocket upgrade"));
     }
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
     if h.get(header::SEC_WEBSOCKET_ACCEPT).map(|v| v.as_bytes()) != Some(accept.as_bytes()) {
-        return Err(fail("bad accept key"));
+        return Err(handshake_failed("bad accept key"));
     }
     let protocol = h.get(header::SEC_WEBSOCKET_PROTOCOL).cloned();
     if let Some(p) = &protocol {
         if !offered.iter().any(|o| p.as_bytes() == o.as_bytes()) {
-            return Err(fail("protocol not offered"));
+            return Err(handshake_failed("protocol not offered"));
         }
     }
     if h.contains_key(header::SEC_WEBSOCKET_EXTENSIONS) {
-        return Err(fail("extension not offered"));
+        return Err(handshake_failed("extension not offered"));
     }
-    let upgraded = hyper::upgrade::on(&mut resp).await.map_err(|_| fail("upgrade"))?;
-    let parts = upgraded
-        .downcast::<hyper_util::rt::TokioIo<UpstreamIo>>()
-        .map_err(|_| fail("upgrade io"))?;
-    let ws = crate::relay::Endpoint::upstream(parts.io.into_inner(), &parts.read_buf);
-    Ok(Connected { ws, protocol })
+    Ok(protocol)
 }
 
 /// The URL for the upstream request.

@@ -130,7 +130,10 @@ fn firewall_rules_are_checked() {
     assert_eq!((e.key.as_str(), e.line), ("firewall.deny", Some(2)));
     let c = Config::from_toml_str("[firewall]\ndefault = \"deny\"\nallow = [\"127.0.0.0/8\", \"::1\"]\n", "t").unwrap();
     assert_eq!(c.firewall.default, FirewallDefault::Deny);
-    assert_eq!(c.firewall.allow, vec!["127.0.0.0/8".parse::<IpNet>().unwrap(), "::1/128".parse().unwrap()]);
+    assert_eq!(
+        c.firewall.allow,
+        vec!["127.0.0.0/8".parse::<IpNet>().unwrap(), "::1/128".parse().unwrap()]
+    );
 }
 
 #[test]
