@@ -331,7 +331,8 @@ fn is_trusted(config: &Config, peer: IpAddr) -> bool {
 /// `[v6]:port`. An unparsable right-most untrusted hop (`unknown`, garbage) is a 400,
 /// never skipped, and a trusted proxy's own address is never taken as the client's: a
 /// trusted peer that names no untrusted hop is refused too.
-fn client_ip(config: &Config, peer: IpAddr, headers: &HeaderMap) -> Result<IpAddr, Reject> {
+/// Public for tests (`tests/properties.rs`).
+pub fn client_ip(config: &Config, peer: IpAddr, headers: &HeaderMap) -> Result<IpAddr, Reject> {
     if config.server.client_ip_source != ClientIpSource::XForwardedFor || !is_trusted(config, peer) {
         return Ok(peer);
     }
@@ -354,7 +355,8 @@ fn client_ip(config: &Config, peer: IpAddr, headers: &HeaderMap) -> Result<IpAdd
 }
 
 /// One `X-Forwarded-For` hop: `ip`, `ip:port`, `[v6]` or `[v6]:port`, canonical.
-pub(crate) fn parse_hop(hop: &str) -> Option<IpAddr> {
+/// Public for tests (`tests/properties.rs`).
+pub fn parse_hop(hop: &str) -> Option<IpAddr> {
     let h = hop.trim();
     let ip = h
         .parse::<IpAddr>()
