@@ -108,6 +108,11 @@ pub fn check_path(path: &str) -> Result<(), Reject> {
                 return Err(Reject::BadRequest("encoded control character in the path"));
             }
             let next = percent_decode(&s);
+            // Escapes whose bytes are not UTF-8 (`%C0%AE`, an overlong `.`) are a dot or
+            // a slash to lenient decoders (CVE-2008-2938): refused, not replaced.
+            if next.contains('\u{FFFD}') {
+                return Err(Reject::BadRequest("percent-encoded bytes that are not UTF-8 in the path"));
+            }
             if next == s {
                 break;
             }
@@ -271,6 +276,11 @@ mod path_tests {
             "/public/%2e%2e;/admin",
             "/public/..%00",
             "/a/%2525252e%2525252e/b",
+            "/%C0%AE",
+            "/public/%c0%ae%c0%ae/admin",
+            "/a%c0%afb",
+            "/a/%25c0%25ae",
+            "/%ff",
             "/public/\u{e9}",
             "/a b",
             "/a%00b",
