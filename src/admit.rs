@@ -6,7 +6,7 @@
 //! learned about the client ([`Info`], for the log line) and the outcome.
 
 use crate::auth::{Identity, fingerprint};
-use crate::config::{AuthMode, ClientIpSource, Config, Route, TokenSource};
+use crate::config::{AuthMode, Config, Route, TokenSource};
 use crate::error::{AuthFailure, Reject};
 use crate::gateway::{Gateway, Runtime};
 use crate::limits::{IpSlot, UserSlot};
@@ -162,7 +162,7 @@ impl RequestCtx {
     /// path, route, upgrade headers, Origin, ban, per-IP limits behind a proxy.
     fn check(&self, req: &Request<Incoming>) -> Result<Checked, Reject> {
         let config: &Config = &self.rt.config;
-        let client_ip = client_ip(config, self.peer_ip, req.headers())?;
+        let client_ip = upgrade::client_ip(config, self.peer_ip, req.headers())?;
         self.note(|i| i.client_ip = Some(client_ip));
         if self.gw.is_draining() {
             return Err(Reject::Draining);
@@ -379,100 +379,4 @@ pub(crate) async fn first_message<S: AsyncRead + AsyncWrite + Unpin>(
         let _ = tokio::time::timeout(rt.config.server.close_timeout, client.close(Some(close))).await;
     }
     result
-}
-
-/// The client's IP: the peer, or with `client_ip_source = "x_forwarded_for"` and a
-/// trusted peer, the right-most `X-Forwarded-For` hop that is not a trusted proxy. Every
-/// header line counts (joined in order); a hop may be `ip`, `ip:port`, `[v6]` or
-/// `[v6]:port`. An unparsable right-most untrusted hop (`unknown`, garbage) is a 400,
-/// never skipped, and a trusted proxy's own address is never taken as the client's: a
-/// trusted peer that names no untrusted hop is refused too.
-fn client_ip(config: &Config, peer: IpAddr, headers: &HeaderMap) -> Result<IpAddr, Reject> {
-    if config.server.client_ip_source != ClientIpSource::XForwardedFor || !config.server.is_trusted_proxy(peer) {
-        return Ok(peer);
-    }
-    let mut lines = headers.get_all("x-forwarded-for").iter().peekable();
-    if lines.peek().is_none() {
-        return Err(Reject::BadRequest("no X-Forwarded-For from a trusted proxy"));
-    }
-    let mut hops = Vec::new();
-    for line in lines {
-        let line = line.to_str().map_err(|_| Reject::BadRequest("unreadable X-Forwarded-For"))?;
-        hops.extend(line.split(','));
-    }
-    for hop in hops.iter().rev() {
-        let ip = parse_hop(hop).ok_or(Reject::BadRequest("unparsable X-Forwarded-For hop"))?;
-        if !config.server.is_trusted_proxy(ip) {
-            return Ok(ip);
-        }
-    }
-    Err(Reject::BadRequest("X-Forwarded-For names only trusted proxies"))
-}
-
-/// One `X-Forwarded-For` hop: `ip`, `ip:port`, `[v6]` or `[v6]:port`, canonical.
-pub(crate) fn parse_hop(hop: &str) -> Option<IpAddr> {
-    let h = hop.trim();
-    let ip = h
-        .parse::<IpAddr>()
-        .ok()
-        .or_else(|| h.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
-        .or_else(|| {
-            h.strip_prefix('[')?
-                .strip_suffix(']')?
-                .parse::<std::net::Ipv6Addr>()
-                .ok()
-                .map(IpAddr::V6)
-        })?;
-    Some(ip.to_canonical())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn config() -> Config {
-        Config::from_toml_str(
-            "[server]\nclient_ip_source = \"x_forwarded_for\"\ntrusted_proxies = [\"10.0.0.0/8\", \"::1/128\"]\n",
-            "t",
-        )
-        .unwrap()
-    }
-
-    fn xff(lines: &[&str]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for l in lines {
-            h.append("x-forwarded-for", l.parse().unwrap());
-        }
-        h
-    }
-
-    #[test]
-    fn forwarded_for_hops_are_parsed_joined_and_never_skipped() {
-        let c = config();
-        let proxy: IpAddr = "10.0.0.1".parse().unwrap();
-        let ip = |lines: &[&str]| client_ip(&c, proxy, &xff(lines));
-        assert_eq!(ip(&["198.51.100.7"]).unwrap(), "198.51.100.7".parse::<IpAddr>().unwrap());
-        assert_eq!(
-            ip(&["198.51.100.7:4711, 10.0.0.2"]).unwrap(),
-            "198.51.100.7".parse::<IpAddr>().unwrap()
-        );
-        assert_eq!(ip(&["[2001:db8::1]:443"]).unwrap(), "2001:db8::1".parse::<IpAddr>().unwrap());
-        assert_eq!(ip(&["[2001:db8::2]"]).unwrap(), "2001:db8::2".parse::<IpAddr>().unwrap());
-        assert_eq!(ip(&["::ffff:198.51.100.9"]).unwrap(), "198.51.100.9".parse::<IpAddr>().unwrap());
-        // A proxy that appends a second line: the right-most untrusted hop is on it.
-        assert_eq!(ip(&["6.6.6.6", "198.51.100.8"]).unwrap(), "198.51.100.8".parse::<IpAddr>().unwrap());
-        for bad in [
-            &["unknown"][..],
-            &["198.51.100.7, garbage"],
-            &["10.0.0.3"],
-            &[""],
-            &["1.2.3.4, unknown, 10.0.0.2"],
-        ] {
-            assert!(matches!(ip(bad), Err(Reject::BadRequest(_))), "{bad:?}");
-        }
-        assert!(matches!(client_ip(&c, proxy, &HeaderMap::new()), Err(Reject::BadRequest(_))));
-        // An untrusted peer's header is ignored.
-        let direct: IpAddr = "192.0.2.5".parse().unwrap();
-        assert_eq!(client_ip(&c, direct, &xff(&["unknown"])).unwrap(), direct);
-    }
 }

@@ -396,7 +396,9 @@ fn find_in(source: &TokenSource, headers: &HeaderMap, query: Option<&str>) -> Op
         TokenSource::Cookie(name) => headers.get_all(http::header::COOKIE).iter().find_map(|v| {
             v.to_str().ok()?.split(';').find_map(|c| {
                 let (k, v) = c.trim().split_once('=')?;
-                (k == name && !v.is_empty()).then(|| v.trim_matches('"').to_string())
+                // An empty value (`name=""` too) is no token: later sources still get a turn.
+                let v = v.trim().trim_matches('"');
+                (k == name && !v.is_empty()).then(|| v.to_string())
             })
         }),
     }

@@ -1,10 +1,13 @@
-//! Stage 5: the upgrade request. Validates the WebSocket handshake headers and
-//! builds the responses (101, or a short error with `Connection: close`).
+//! Stage 5: the upgrade request. Who the client is (the peer, or the hop a trusted
+//! proxy names), whether the path is safe to route, the WebSocket handshake headers,
+//! Origin, and the responses (101, or a short error with `Connection: close`).
 
+use crate::config::{ClientIpSource, Config};
 use crate::error::Reject;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version, header};
 use http_body_util::Full;
+use std::net::IpAddr;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 /// What a valid upgrade request yields: the key to answer with.
@@ -108,6 +111,11 @@ pub fn check_path(path: &str) -> Result<(), Reject> {
                 return Err(Reject::BadRequest("encoded control character in the path"));
             }
             let next = percent_decode(&s);
+            // Escapes whose bytes are not UTF-8 (`%C0%AE`, an overlong `.`) are a dot or
+            // a slash to lenient decoders (CVE-2008-2938): refused, not replaced.
+            if next.contains('\u{FFFD}') {
+                return Err(Reject::BadRequest("percent-encoded bytes that are not UTF-8 in the path"));
+            }
             if next == s {
                 break;
             }
@@ -245,6 +253,45 @@ pub fn refusal(reject: &Reject) -> Response<Full<Bytes>> {
     resp
 }
 
+/// The client's IP: the peer, or with `client_ip_source = "x_forwarded_for"` and a
+/// trusted peer, the right-most `X-Forwarded-For` hop that is not a trusted proxy. Every
+/// header line counts (joined in order); a hop may be `ip`, `ip:port`, `[v6]` or
+/// `[v6]:port`. An unparsable right-most untrusted hop (`unknown`, garbage) is a 400,
+/// never skipped, and a trusted proxy's own address is never taken as the client's: a
+/// trusted peer that names no untrusted hop is refused too.
+pub fn client_ip(config: &Config, peer: IpAddr, headers: &HeaderMap) -> Result<IpAddr, Reject> {
+    if config.server.client_ip_source != ClientIpSource::XForwardedFor || !config.server.is_trusted_proxy(peer) {
+        return Ok(peer);
+    }
+    let mut lines = headers.get_all("x-forwarded-for").iter().peekable();
+    if lines.peek().is_none() {
+        return Err(Reject::BadRequest("no X-Forwarded-For from a trusted proxy"));
+    }
+    let mut hops = Vec::new();
+    for line in lines {
+        let line = line.to_str().map_err(|_| Reject::BadRequest("unreadable X-Forwarded-For"))?;
+        hops.extend(line.split(','));
+    }
+    for hop in hops.iter().rev() {
+        let ip = parse_hop(hop).ok_or(Reject::BadRequest("unparsable X-Forwarded-For hop"))?;
+        if !config.server.is_trusted_proxy(ip) {
+            return Ok(ip);
+        }
+    }
+    Err(Reject::BadRequest("X-Forwarded-For names only trusted proxies"))
+}
+
+/// One `X-Forwarded-For` hop: `ip`, `ip:port`, `[v6]` or `[v6]:port`, canonical.
+pub fn parse_hop(hop: &str) -> Option<IpAddr> {
+    let h = hop.trim();
+    let ip = h
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| h.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
+        .or_else(|| crate::util::unbracket(h).parse::<std::net::Ipv6Addr>().ok().map(IpAddr::V6))?;
+    Some(ip.to_canonical())
+}
+
 #[cfg(test)]
 mod path_tests {
     use super::check_path;
@@ -271,6 +318,11 @@ mod path_tests {
             "/public/%2e%2e;/admin",
             "/public/..%00",
             "/a/%2525252e%2525252e/b",
+            "/%C0%AE",
+            "/public/%c0%ae%c0%ae/admin",
+            "/a%c0%afb",
+            "/a/%25c0%25ae",
+            "/%ff",
             "/public/\u{e9}",
             "/a b",
             "/a%00b",
@@ -335,5 +387,57 @@ mod tests {
         assert_eq!(validate(&v8).unwrap_err(), Reject::UnsupportedVersion);
         let body = req(|b| b.header("content-length", "5"));
         assert!(matches!(validate(&body).unwrap_err(), Reject::BadRequest(_)));
+    }
+}
+
+#[cfg(test)]
+mod client_ip_tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn config() -> Config {
+        Config::from_toml_str(
+            "[server]\nclient_ip_source = \"x_forwarded_for\"\ntrusted_proxies = [\"10.0.0.0/8\", \"::1/128\"]\n",
+            "t",
+        )
+        .unwrap()
+    }
+
+    fn xff(lines: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for l in lines {
+            h.append("x-forwarded-for", l.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn forwarded_for_hops_are_parsed_joined_and_never_skipped() {
+        let c = config();
+        let proxy: IpAddr = "10.0.0.1".parse().unwrap();
+        let ip = |lines: &[&str]| client_ip(&c, proxy, &xff(lines));
+        assert_eq!(ip(&["198.51.100.7"]).unwrap(), "198.51.100.7".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            ip(&["198.51.100.7:4711, 10.0.0.2"]).unwrap(),
+            "198.51.100.7".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(ip(&["[2001:db8::1]:443"]).unwrap(), "2001:db8::1".parse::<IpAddr>().unwrap());
+        assert_eq!(ip(&["[2001:db8::2]"]).unwrap(), "2001:db8::2".parse::<IpAddr>().unwrap());
+        assert_eq!(ip(&["::ffff:198.51.100.9"]).unwrap(), "198.51.100.9".parse::<IpAddr>().unwrap());
+        // A proxy that appends a second line: the right-most untrusted hop is on it.
+        assert_eq!(ip(&["6.6.6.6", "198.51.100.8"]).unwrap(), "198.51.100.8".parse::<IpAddr>().unwrap());
+        for bad in [
+            &["unknown"][..],
+            &["198.51.100.7, garbage"],
+            &["10.0.0.3"],
+            &[""],
+            &["1.2.3.4, unknown, 10.0.0.2"],
+        ] {
+            assert!(matches!(ip(bad), Err(Reject::BadRequest(_))), "{bad:?}");
+        }
+        assert!(matches!(client_ip(&c, proxy, &HeaderMap::new()), Err(Reject::BadRequest(_))));
+        // An untrusted peer's header is ignored.
+        let direct: IpAddr = "192.0.2.5".parse().unwrap();
+        assert_eq!(client_ip(&c, direct, &xff(&["unknown"])).unwrap(), direct);
     }
 }

@@ -106,8 +106,7 @@ async fn session_closes_4401_when_the_token_expires() {
     let t0 = std::time::Instant::now();
     assert_eq!(close_code(&mut ws).await, (4401, "token expired".into()));
     assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(up.log.lock().unwrap().closes.first().cloned().flatten().map(|c| c.0), Some(4401));
+    assert_eq!(up.first_close().await.map(|c| c.0), Some(4401));
     gw.wait_metric(r#"wsgate_closes_total{route="app",code="4401",initiator="gateway"}"#, 1.0)
         .await;
 }

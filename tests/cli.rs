@@ -5,6 +5,7 @@ use futures_util::{SinkExt, StreamExt};
 use std::{
     io::{BufRead, BufReader},
     process::{Command, Stdio},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 use tokio_tungstenite::tungstenite::Message;
@@ -85,26 +86,45 @@ fn token_prints_only_a_token_the_gateway_accepts() {
     assert_eq!(id.claims["iss"], "wsgate-test");
 }
 
-/// Start a child and read stderr until a line matches; returns the captured port.
-fn wait_for_port(child: &mut std::process::Child, marker: &str) -> u16 {
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let marker = marker.to_string();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.split(&marker).nth(1) {
-                let port: String = rest
-                    .split(':')
-                    .next_back()
-                    .unwrap_or("")
-                    .chars()
-                    .take_while(char::is_ascii_digit)
-                    .collect();
-                let _ = tx.send(port.parse::<u16>().ok());
+/// A child's stderr, collected by a thread as it is written.
+#[derive(Clone, Default)]
+struct Stderr(Arc<Mutex<String>>);
+
+impl Stderr {
+    fn collect(child: &mut std::process::Child) -> Stderr {
+        let stderr = child.stderr.take().unwrap();
+        let out = Stderr::default();
+        let text = out.0.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut t = text.lock().unwrap();
+                t.push_str(&line);
+                t.push('\n');
             }
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(20)).expect("no listen line").expect("bad port")
+        });
+        out
+    }
+
+    /// Wait for a line holding `marker` followed by `host:port`; returns the port.
+    async fn port(&self, marker: &str) -> u16 {
+        common::wait_for(&format!("a line with {marker:?} on stderr"), Duration::from_secs(20), || async {
+            port_after(&self.0.lock().unwrap(), marker)
+        })
+        .await
+    }
+}
+
+/// The port at the end of the first line of `text` holding `marker`.
+fn port_after(text: &str, marker: &str) -> Option<u16> {
+    let rest = text.lines().find_map(|l| l.split(marker).nth(1))?;
+    let port: String = rest
+        .split(':')
+        .next_back()
+        .unwrap_or("")
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    port.parse().ok()
 }
 
 #[tokio::test]
@@ -114,7 +134,7 @@ async fn echo_command_echoes() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let port = wait_for_port(&mut child, "ws://");
+    let port = Stderr::collect(&mut child).port("ws://").await;
     let opts = wsgate::client::Options {
         token: None,
         protocols: vec![],
@@ -140,13 +160,19 @@ async fn echo_command_echoes() {
     let _ = child.wait();
 }
 
-/// `wsgate run` on `path` in a child process: returns it, its wss port, a token for
-/// `sub` minted by `wsgate token`, and a TLS config trusting its certificate.
-fn spawn_gateway(
-    dir: &std::path::Path,
-    path: &std::path::Path,
-    sub: &str,
-) -> (std::process::Child, u16, String, std::sync::Arc<rustls::ClientConfig>) {
+/// A gateway running as a child process.
+struct ChildGw {
+    child: std::process::Child,
+    port: u16,
+    admin: std::net::SocketAddr,
+    /// A token minted by `wsgate token`.
+    token: String,
+    /// Trusts the gateway's certificate.
+    tls: Arc<rustls::ClientConfig>,
+}
+
+/// `wsgate run` on `path` in a child process, with a token for `sub`.
+async fn spawn_gateway(dir: &std::path::Path, path: &std::path::Path, sub: &str) -> ChildGw {
     let mut child = Command::new(BIN)
         .args(["run", "--config"])
         .arg(path)
@@ -154,7 +180,9 @@ fn spawn_gateway(
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let port = wait_for_port(&mut child, "wss://");
+    let stderr = Stderr::collect(&mut child);
+    let port = stderr.port("wss://").await;
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], stderr.port("metrics on http://").await));
     let out = Command::new(BIN)
         .args(["token", "--sub", sub, "--config"])
         .arg(path)
@@ -162,14 +190,26 @@ fn spawn_gateway(
         .unwrap();
     let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
     let tls = wsgate::tls::cli_client_config(Some(&dir.join("server.crt")), false).unwrap();
-    (child, port, token, tls)
+    ChildGw {
+        child,
+        port,
+        admin,
+        token,
+        tls,
+    }
 }
 
 #[tokio::test]
 async fn run_serves_and_exits_0_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(dir.path(), common::ECHO_ROUTE);
-    let (mut child, port, token, tls) = spawn_gateway(dir.path(), &path, "dave");
+    let ChildGw {
+        mut child,
+        port,
+        token,
+        tls,
+        ..
+    } = spawn_gateway(dir.path(), &path, "dave").await;
     let opts = wsgate::client::Options {
         token: Some(token.trim().into()),
         protocols: vec![],
@@ -185,15 +225,12 @@ async fn run_serves_and_exits_0_on_sigterm() {
     let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
     assert_eq!(common::close_code(&mut ws).await.0, 1001);
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            assert_eq!(status.code(), Some(0));
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "gateway did not exit");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let status = common::wait_for("the gateway to exit", Duration::from_secs(15), || {
+        let exited = child.try_wait().unwrap();
+        async move { exited }
+    })
+    .await;
+    assert_eq!(status.code(), Some(0));
 }
 
 #[tokio::test]
@@ -201,7 +238,14 @@ async fn sighup_reloads_and_a_bad_file_keeps_the_old_config() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(dir.path(), common::ECHO_ROUTE);
     let original = std::fs::read_to_string(&path).unwrap();
-    let (mut child, port, token, tls) = spawn_gateway(dir.path(), &path, "hup");
+    let ChildGw {
+        mut child,
+        port,
+        admin,
+        token,
+        tls,
+    } = spawn_gateway(dir.path(), &path, "hup").await;
+    let reloads = |result: &str| format!("wsgate_config_reloads_total{{result=\"{result}\"}}");
     let opts = |src: &str| wsgate::client::Options {
         token: Some(token.trim().into()),
         tls: Some(tls.clone()),
@@ -215,17 +259,17 @@ async fn sighup_reloads_and_a_bad_file_keeps_the_old_config() {
     // A broken file: the gateway keeps running on the old config.
     std::fs::write(&path, "[server\nbroken").unwrap();
     hup();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    common::wait_metric_at(admin, &reloads("failure"), 1.0).await;
     assert!(child.try_wait().unwrap().is_none(), "gateway died on a bad reload");
     assert!(wsgate::client::connect(&url, &opts("127.0.0.31")).await.is_ok());
     // A good file with a new deny rule: applies to new connections.
     std::fs::write(&path, format!("[firewall]\ndeny = [\"127.0.0.31\"]\n{original}")).unwrap();
     hup();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while wsgate::client::connect(&url, &opts("127.0.0.31")).await.is_ok() {
-        assert!(std::time::Instant::now() < deadline, "reload never applied");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    common::wait_metric_at(admin, &reloads("success"), 1.0).await;
+    assert!(
+        wsgate::client::connect(&url, &opts("127.0.0.31")).await.is_err(),
+        "the new deny rule did not apply"
+    );
     assert!(wsgate::client::connect(&url, &opts("127.0.0.32")).await.is_ok());
     assert_eq!(common::roundtrip(&mut live, "survived two reloads").await, "survived two reloads");
     child.kill().unwrap();
@@ -283,15 +327,14 @@ async fn long_sessions_log_progress_and_logs_never_hold_tokens() {
         .env_remove("RUST_LOG")
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let port: u16 = loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if let Some(rest) = text.split("wss://127.0.0.1:").nth(1) {
-            break rest.chars().take_while(char::is_ascii_digit).collect::<String>().parse().unwrap();
-        }
-        assert!(std::time::Instant::now() < deadline, "no listen line in {}", log.display());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let port: u16 = common::wait_for("a listen line in the log file", Duration::from_secs(20), || async {
+        let text = log_text();
+        let rest = text.split("wss://127.0.0.1:").nth(1)?;
+        rest.chars().take_while(char::is_ascii_digit).collect::<String>().parse().ok()
+    })
+    .await;
+    let count = |what: &str| log_text().lines().filter(|l| l.contains(what)).count();
     let token = String::from_utf8(
         Command::new(BIN)
             .args(["token", "--sub", "longrunner", "--config"])
@@ -312,7 +355,11 @@ async fn long_sessions_log_progress_and_logs_never_hold_tokens() {
         .await
         .unwrap();
     assert_eq!(common::roundtrip(&mut ws, "tick").await, "tick");
-    tokio::time::sleep(Duration::from_millis(2300)).await;
+    // progress_interval is 1s: two progress lines for the open session.
+    common::wait_until("two session progress lines", common::TIMEOUT, || async {
+        count("session progress") >= 2
+    })
+    .await;
     // A failed attempt with a token in the query string.
     let bad = wsgate::client::Options {
         tls: Some(tls),
@@ -321,7 +368,10 @@ async fn long_sessions_log_progress_and_logs_never_hold_tokens() {
     let _ = wsgate::client::connect(&format!("wss://localhost:{port}/echo?access_token={token}x"), &bad).await;
     ws.close(None).await.unwrap();
     let _ = common::close_code(&mut ws).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    common::wait_until("the session's and the failed attempt's log lines", common::TIMEOUT, || async {
+        count("session closed") >= 1 && count("authentication failed") >= 1
+    })
+    .await;
     child.kill().unwrap();
     let _ = child.wait();
     let text = std::fs::read_to_string(&log).unwrap();

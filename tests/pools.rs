@@ -56,6 +56,8 @@ async fn readyz_reports_a_route_without_reachable_upstreams() {
     let (broken, hits) = broken_upstream().await;
     let gw = Gw::start("", &route("lonely", "/lonely", &broken, "none")).await;
     assert_eq!(http_get(gw.admin, "/readyz").await.0, 200);
+    // The back-off starts at the third failure, so it cannot end within 1 s of this.
+    let t0 = std::time::Instant::now();
     for _ in 0..3 {
         assert_eq!(gw.refusal("/lonely", &gw.options(None)).await.status(), 502);
     }
@@ -66,11 +68,51 @@ async fn readyz_reports_a_route_without_reachable_upstreams() {
     // In back-off: refused at once without touching the upstream.
     assert_eq!(gw.refusal("/lonely", &gw.options(None)).await.status(), 502);
     assert_eq!(hits.load(Ordering::SeqCst), 3);
-    // After the back-off it is tried again.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    assert_eq!(http_get(gw.admin, "/readyz").await.0, 200);
+    // After the back-off (1 s) /readyz turns ready again and the upstream is tried again.
+    wait_until("the back-off to end", TIMEOUT, || async {
+        http_get(gw.admin, "/readyz").await.0 == 200
+    })
+    .await;
+    assert!(t0.elapsed() >= Duration::from_secs(1), "back-off ended after {:?}", t0.elapsed());
     assert_eq!(gw.refusal("/lonely", &gw.options(None)).await.status(), 502);
     assert_eq!(hits.load(Ordering::SeqCst), 4);
+}
+
+/// The back-off itself, on tokio's paused clock (no sockets involved, so nothing
+/// auto-advances the clock behind the test's back).
+#[tokio::test(start_paused = true)]
+async fn backoff_starts_at_the_third_failure_doubles_and_a_success_clears_it() {
+    use tokio::time::advance;
+    use wsgate::upstream::{FIRST_BACKOFF, Health, MAX_BACKOFF};
+    let h = Health::default();
+    h.failed();
+    h.failed();
+    assert!(!h.is_down(), "down before the third failure");
+    h.failed();
+    assert!(h.is_down());
+    advance(FIRST_BACKOFF - Duration::from_millis(1)).await;
+    assert!(h.is_down(), "back-off ended early");
+    advance(Duration::from_millis(1)).await;
+    assert!(!h.is_down(), "back-off outlasted {FIRST_BACKOFF:?}");
+    // The fourth failure in a row doubles it.
+    h.failed();
+    advance(FIRST_BACKOFF * 2 - Duration::from_millis(1)).await;
+    assert!(h.is_down(), "second back-off did not double");
+    advance(Duration::from_millis(1)).await;
+    assert!(!h.is_down());
+    // It never exceeds MAX_BACKOFF however many failures follow.
+    for _ in 0..40 {
+        h.failed();
+    }
+    advance(MAX_BACKOFF).await;
+    assert!(!h.is_down(), "back-off exceeded {MAX_BACKOFF:?}");
+    // One success clears the count: the next failure alone does not start a back-off.
+    h.failed();
+    assert!(h.is_down());
+    h.succeeded();
+    assert!(!h.is_down());
+    h.failed();
+    assert!(!h.is_down(), "a success did not reset the failure count");
 }
 
 /// An application that refuses every upgrade with `403` and a short body; counts requests.

@@ -4,6 +4,10 @@
 mod common;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, AtomicUsize, Ordering},
+};
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -18,34 +22,53 @@ async fn reload_under_traffic_loses_nothing_and_bad_config_changes_nothing() {
     let text = config_text(gw.dir.path(), "", ECHO_ROUTE);
     let ws = gw.connect("/echo").await;
     let (mut tx, mut rx) = ws.split();
-    let n = 600;
+    // Traffic flows until every reload is done, then an end marker follows.
+    let reloads_done = Arc::new(AtomicBool::new(false));
+    let echoed = Arc::new(AtomicUsize::new(0));
+    let done = reloads_done.clone();
     let sender = tokio::spawn(async move {
-        for i in 0..n {
+        let mut i = 0usize;
+        while !done.load(Ordering::SeqCst) {
             tx.send(Message::text(format!("{i}"))).await.unwrap();
+            i += 1;
             if i % 50 == 0 {
+                // Kept: paces the traffic so it spreads over the reloads instead of
+                // piling up in the buffers (a rate, not a wait for anything).
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
-        tx
+        tx.send(Message::text("end")).await.unwrap();
+        (tx, i)
     });
+    let counter = echoed.clone();
     let reader = tokio::spawn(async move {
-        for i in 0..n {
+        let mut i = 0usize;
+        loop {
             match tokio::time::timeout(TIMEOUT, rx.next()).await.expect("echo stalled") {
+                Some(Ok(Message::Text(t))) if t.as_str() == "end" => return (rx, i),
                 Some(Ok(Message::Text(t))) => assert_eq!(t.as_str(), i.to_string()),
                 other => panic!("{other:?}"),
             }
+            i += 1;
+            counter.store(i, Ordering::SeqCst);
         }
-        rx
     });
     for _ in 0..5 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Each reload lands while echoes are still arriving.
+        let seen = echoed.load(Ordering::SeqCst);
+        wait_until("more echoes between reloads", TIMEOUT, || async {
+            echoed.load(Ordering::SeqCst) >= seen + 20
+        })
+        .await;
         let notes = reload(&gw, &text.replace("[server]", "[server]\nidle_timeout = \"9m\""))
             .await
             .unwrap();
         assert!(notes.is_empty(), "{notes:?}");
     }
-    let tx = sender.await.unwrap();
-    let rx = reader.await.unwrap();
+    reloads_done.store(true, Ordering::SeqCst);
+    let (tx, sent) = sender.await.unwrap();
+    let (rx, received) = reader.await.unwrap();
+    assert_eq!(received, sent, "echoes lost");
     gw.wait_metric(r#"wsgate_config_reloads_total{result="success"}"#, 5.0).await;
     assert_eq!(
         gw.running.as_ref().unwrap().gateway.runtime().config.server.idle_timeout,

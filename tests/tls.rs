@@ -142,17 +142,12 @@ async fn min_version_and_alpn_are_enforced() {
         .connect(name(), TcpStream::connect(running.wss_addrs[0]).await.unwrap())
         .await;
     assert!(r.is_err(), "TLS 1.2 accepted with min_version 1.3");
-    let (_, metrics) = http_get(running.admin_addr, "/metrics").await;
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    let mut v = metric_value(&metrics, r#"wsgate_connections_rejected_total{reason="tls_handshake"}"#);
-    while v < 1.0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        v = metric_value(
-            &http_get(running.admin_addr, "/metrics").await.1,
-            r#"wsgate_connections_rejected_total{reason="tls_handshake"}"#,
-        );
-    }
-    assert_eq!(v, 1.0);
+    wait_metric_at(
+        running.admin_addr,
+        r#"wsgate_connections_rejected_total{reason="tls_handshake"}"#,
+        1.0,
+    )
+    .await;
     running.shutdown();
     running.wait().await;
 }

@@ -77,10 +77,14 @@ fn key_at(src: &str, offset: usize) -> String {
         .rev()
         .map(str::trim)
         .find(|l| l.starts_with('['))
-        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string())
+        .filter(|t| !t.is_empty());
     let key: String = key.chars().filter(|c| !c.is_control()).take(64).collect();
+    // An error always names something: the table, or the file, when no key can be read.
     match table {
+        Some(t) if key.trim().is_empty() => t,
         Some(t) if !line.trim_start().starts_with('[') => format!("{t}.{key}"),
+        _ if key.trim().is_empty() => "(file)".to_string(),
         _ => key,
     }
 }

@@ -189,28 +189,14 @@ impl Gw {
 
     /// Wait until `series` reaches `want` (metrics are recorded when a connection ends).
     pub async fn wait_metric(&self, series: &str, want: f64) {
-        let deadline = tokio::time::Instant::now() + TIMEOUT;
-        loop {
-            let v = self.metric(series).await;
-            if v >= want {
-                assert_eq!(v, want, "{series}");
-                return;
-            }
-            if tokio::time::Instant::now() > deadline {
-                panic!("{series} = {v}, want {want}\n{}", self.metrics_text().await);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_metric_at(self.admin, series, want).await
     }
 
     /// Wait until `series` reaches at least `min` (for counters that keep rising).
     pub async fn wait_metric_min(&self, series: &str, min: f64) {
-        let deadline = tokio::time::Instant::now() + TIMEOUT;
-        while self.metric(series).await < min {
-            if tokio::time::Instant::now() > deadline {
-                panic!("{series} never reached {min}\n{}", self.metrics_text().await);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let reached = poll_until(TIMEOUT, || async { (self.metric(series).await >= min).then_some(()) }).await;
+        if reached.is_none() {
+            panic!("{series} never reached {min}\n{}", self.metrics_text().await);
         }
     }
 
@@ -228,6 +214,84 @@ impl Drop for Gw {
             r.shutdown();
         }
     }
+}
+
+/// How often the wait helpers look again.
+pub const POLL: Duration = Duration::from_millis(10);
+
+/// Poll `f` every [`POLL`] until it yields `Some`, for at most `timeout` (real time, so a
+/// paused tokio clock cannot end the wait early); `None` on timeout.
+pub async fn poll_until<T, F, Fut>(timeout: Duration, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Poll `f` until it yields `Some` and return the value; panics naming `what` after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    poll_until(timeout, f)
+        .await
+        .unwrap_or_else(|| panic!("timed out after {timeout:?} waiting for {what}"))
+}
+
+/// Poll `f` until it is true; panics naming `what` after `timeout`.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    wait_for(what, timeout, || {
+        let fut = f();
+        async move { fut.await.then_some(()) }
+    })
+    .await
+}
+
+/// Wait until `series` on the admin listener `admin` reaches `want`, then check it is
+/// exactly `want` (a counter that overshoots is a failure too).
+pub async fn wait_metric_at(admin: SocketAddr, series: &str, want: f64) {
+    let scrape = || async move { metric_value(&http_get(admin, "/metrics").await.1, series) };
+    match poll_until(TIMEOUT, || async move { Some(scrape().await).filter(|v| *v >= want) }).await {
+        Some(v) => assert_eq!(v, want, "{series}"),
+        None => panic!(
+            "{series} = {}, want {want}\n{}",
+            scrape().await,
+            http_get(admin, "/metrics").await.1
+        ),
+    }
+}
+
+/// The sum of every series whose text starts with `prefix`, e.g. all closes of a route:
+/// `wsgate_closes_total{route="r",`.
+pub fn metric_sum(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Wait until the sessions of `route` that ended (closes counted, any code) reach `n`.
+pub async fn wait_sessions_ended(gw: &Gw, route: &str, n: f64) {
+    let prefix = format!("wsgate_closes_total{{route=\"{route}\",");
+    wait_until(&format!("{n} closed sessions on route {route}"), TIMEOUT, || async {
+        metric_sum(&gw.metrics_text().await, &prefix) >= n
+    })
+    .await;
 }
 
 pub fn metric_value(text: &str, series: &str) -> f64 {
@@ -322,6 +386,14 @@ impl Upstream {
     pub fn requests(&self) -> usize {
         self.log.lock().unwrap().requests.len()
     }
+    /// Wait until the upstream has received a close frame; the first one's code and reason
+    /// (`None` for a close frame without a code).
+    pub async fn first_close(&self) -> Option<(u16, String)> {
+        wait_for("a close frame at the upstream", TIMEOUT, || async {
+            self.log.lock().unwrap().closes.first().cloned()
+        })
+        .await
+    }
     pub fn header(&self, i: usize, name: &str) -> Option<String> {
         self.log
             .lock()
@@ -353,8 +425,9 @@ pub async fn upstream(behaviour: Behaviour) -> Upstream {
 
 async fn upstream_session(tcp: TcpStream, behaviour: Behaviour, log: Arc<Mutex<UpstreamLog>>, resume: Arc<tokio::sync::Notify>) {
     if behaviour == Behaviour::Hang {
-        tokio::time::sleep(Duration::from_secs(60)).await;
-        drop(tcp);
+        // Hold the connection, answering nothing, until the gateway gives up on it.
+        let (mut tcp, mut buf) = (tcp, [0u8; 1024]);
+        while matches!(tcp.read(&mut buf).await, Ok(n) if n > 0) {}
         return;
     }
     let log2 = log.clone();
