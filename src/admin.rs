@@ -49,7 +49,7 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, stop: CancellationTo
 
 fn answer(gw: &Gateway, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let (status, ctype, body) = match (req.method(), req.uri().path()) {
-        (&Method::GET, "/metrics") => (StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", gw.metrics.render()),
+        (&Method::GET, "/metrics") => (StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", gw.render_metrics()),
         (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", "ok\n".to_string()),
         (&Method::GET, "/readyz") if gw.is_draining() => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n".to_string()),
         (&Method::GET, "/readyz") if !gw.is_ready() => (

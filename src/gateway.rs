@@ -178,6 +178,12 @@ impl Gateway {
         Ok(notes)
     }
 
+    /// The Prometheus text of every metric, with the limiter's running totals brought up to date.
+    pub fn render_metrics(&self) -> String {
+        self.metrics.limiter_evictions(self.per_ip().evicted());
+        self.metrics.render()
+    }
+
     /// Ready to serve: not draining, and every route has an upstream not in back-off.
     pub fn is_ready(&self) -> bool {
         !self.is_draining() && self.runtime().health.iter().all(|route| route.iter().any(|h| !h.is_down()))

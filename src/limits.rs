@@ -12,18 +12,31 @@
 use crate::config::{AdmissionLimits, Rate};
 use crate::error::Reject;
 use crate::util::lock;
-use governor::{Quota, RateLimiter, clock::DefaultClock, state::keyed::DefaultKeyedStateStore};
+use governor::{
+    Quota, RateLimiter,
+    clock::DefaultClock,
+    nanos::Nanos,
+    state::{StateStore, keyed::ShrinkableKeyedStateStore},
+};
 use std::{
     collections::HashMap,
     net::IpAddr,
     num::NonZeroU32,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
-/// Distinct keys the rate limiter tracks at most; past this it is pruned at once,
-/// and new keys are refused while it stays full.
+/// Distinct keys the rate limiter tracks at most. Past this, keys whose bucket is full
+/// again are dropped first (free: they are as good as new); if that is not enough, the
+/// coldest keys are evicted ([`EVICTION_BATCH`] at a time) and counted. Keys already
+/// tracked are always served.
 pub const MAX_TRACKED_KEYS: usize = 200_000;
+/// Keys evicted at once when the rate limiter is full of live keys: a batch, so a flood
+/// of new addresses costs one scan per batch, not one per connection.
+pub const EVICTION_BATCH: usize = MAX_TRACKED_KEYS / 16;
 
 /// A client identity for limits: the IPv4 address, or the IPv6 prefix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -45,7 +58,70 @@ impl IpKey {
     }
 }
 
-type KeyedLimiter = RateLimiter<IpKey, DefaultKeyedStateStore<IpKey>, DefaultClock>;
+type KeyedLimiter = RateLimiter<IpKey, BoundedStore, DefaultClock>;
+
+/// governor's keyed GCRA state (each key's theoretical arrival time), in a map that
+/// never holds more than `cap` keys: a new key at the cap evicts the coldest batch (the
+/// earliest arrival times, the keys furthest from their limit).
+struct BoundedStore {
+    map: Mutex<HashMap<IpKey, Nanos>>,
+    cap: usize,
+    batch: usize,
+    /// Live keys evicted so far; shared with the limiter that replaces this one on a reload.
+    evicted: Arc<AtomicU64>,
+}
+
+impl BoundedStore {
+    fn new(cap: usize, batch: usize, evicted: Arc<AtomicU64>) -> BoundedStore {
+        BoundedStore {
+            map: Mutex::default(),
+            cap: cap.max(1),
+            batch: batch.clamp(1, cap.max(1)),
+            evicted,
+        }
+    }
+}
+
+impl StateStore for BoundedStore {
+    type Key = IpKey;
+
+    fn measure_and_replace<T, F, E>(&self, key: &IpKey, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        let mut map = lock(&self.map);
+        let prev = map.get(key).copied();
+        if prev.is_none() && map.len() >= self.cap {
+            let mut tats: Vec<u64> = map.values().map(|n| n.as_u64()).collect();
+            let (_, nth, _) = tats.select_nth_unstable(self.batch - 1);
+            let cutoff = *nth;
+            let before = map.len();
+            map.retain(|_, n| n.as_u64() > cutoff);
+            self.evicted.fetch_add((before - map.len()) as u64, Ordering::Relaxed);
+        }
+        let (out, next) = f(prev)?;
+        map.insert(*key, next);
+        Ok(out)
+    }
+}
+
+impl ShrinkableKeyedStateStore<IpKey> for BoundedStore {
+    fn retain_recent(&self, drop_below: Nanos) {
+        lock(&self.map).retain(|_, n| *n >= drop_below);
+    }
+
+    fn shrink_to_fit(&self) {
+        lock(&self.map).shrink_to_fit();
+    }
+
+    fn len(&self) -> usize {
+        lock(&self.map).len()
+    }
+
+    fn is_empty(&self) -> bool {
+        lock(&self.map).is_empty()
+    }
+}
 
 struct Failures {
     count: u32,
@@ -121,19 +197,33 @@ pub struct PerIp {
     open: Arc<Counted<IpKey>>,
     /// Shared with the admission that replaces this one on a reload: bans survive it.
     failures: Arc<Mutex<HashMap<IpKey, Failures>>>,
+    /// Live rate-limiter keys evicted at the key cap (carried across reloads).
+    evicted: Arc<AtomicU64>,
+    /// The rate limiter's key cap and eviction batch.
+    cap: usize,
+    batch: usize,
 }
 
 impl PerIp {
     pub fn new(settings: AdmissionLimits) -> PerIp {
+        PerIp::with_capacity(settings, MAX_TRACKED_KEYS, EVICTION_BATCH, Arc::default())
+    }
+
+    /// Like [`PerIp::new`] with another rate-limiter key cap (tests use small ones).
+    pub fn with_capacity(settings: AdmissionLimits, cap: usize, batch: usize, evicted: Arc<AtomicU64>) -> PerIp {
         let burst = NonZeroU32::new(settings.connection_burst.max(1)).unwrap_or(NonZeroU32::MIN);
         let quota = Quota::with_period(settings.connection_rate.interval().max(Duration::from_nanos(1)))
             .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
             .allow_burst(burst);
+        let store = BoundedStore::new(cap, batch, evicted.clone());
         PerIp {
-            rate: RateLimiter::keyed(quota),
+            rate: RateLimiter::new(quota, store, DefaultClock::default()),
             settings,
             open: Arc::default(),
             failures: Arc::default(),
+            evicted,
+            cap,
+            batch,
         }
     }
 
@@ -144,12 +234,8 @@ impl PerIp {
         PerIp {
             open: self.open.clone(),
             failures: self.failures.clone(),
-            ..PerIp::new(settings)
+            ..PerIp::with_capacity(settings, self.cap, self.batch, self.evicted.clone())
         }
-    }
-
-    pub fn settings(&self) -> &AdmissionLimits {
-        &self.settings
     }
 
     pub fn key(&self, ip: IpAddr) -> IpKey {
@@ -160,11 +246,10 @@ impl PerIp {
     /// returned slot counts the connection until it is dropped.
     pub fn admit(&self, ip: IpAddr) -> Result<IpSlot, Reject> {
         let key = self.key(ip);
-        if self.rate.len() >= MAX_TRACKED_KEYS {
+        if self.rate.len() >= self.cap {
+            // Drop the keys that are as good as new first; the store evicts live ones
+            // only if that is not enough.
             self.rate.retain_recent();
-            if self.rate.len() >= MAX_TRACKED_KEYS {
-                return Err(Reject::RateLimited);
-            }
         }
         if self.rate.check_key(&key).is_err() {
             return Err(Reject::RateLimited);
@@ -222,6 +307,11 @@ impl PerIp {
         prune_failures(&mut failures, &self.settings, Instant::now());
         failures.shrink_to_fit();
         lock(&self.open.open).shrink_to_fit();
+    }
+
+    /// Live rate-limiter keys evicted at the key cap since start.
+    pub fn evicted(&self) -> u64 {
+        self.evicted.load(Ordering::Relaxed)
     }
 
     /// Keys tracked by (rate limiter, concurrency map, auth-failure map).
@@ -379,5 +469,47 @@ mod tests {
         assert_eq!(r.take(t), None);
         let wait = r.take(t).expect("a fourth message in the same instant waits");
         assert!(wait > t && wait <= t + Duration::from_millis(101), "{:?}", wait - t);
+    }
+}
+
+#[cfg(test)]
+mod key_cap_tests {
+    use super::*;
+
+    fn ip(n: u8) -> IpAddr {
+        IpAddr::from([192, 0, 2, n])
+    }
+
+    /// At the key cap, keys already tracked keep their state and are served, a new key
+    /// evicts the coldest one, and the eviction is counted.
+    #[test]
+    fn at_the_key_cap_known_keys_are_served_and_the_coldest_is_evicted() {
+        let settings = AdmissionLimits {
+            connection_rate: "1/h".parse().unwrap(),
+            connection_burst: 3,
+            max_connections_per_ip: 100,
+            ipv6_prefix: 64,
+            auth_failures_per_ip: 0,
+            auth_failure_window: Duration::from_secs(60),
+            auth_ban: Duration::from_secs(60),
+        };
+        let per_ip = PerIp::with_capacity(settings, 4, 1, Arc::default());
+        // Key 1 is hot (two of its three connections used); keys 2–4 used one each, 2 first.
+        for n in [1, 1, 2, 3, 4] {
+            drop(per_ip.admit(ip(n)).unwrap());
+        }
+        assert_eq!(per_ip.tracked().0, 4);
+        // The limiter is full of live keys. A known key is still served, with its state.
+        drop(per_ip.admit(ip(3)).unwrap());
+        // A new key gets in; the coldest key (2, the earliest use) is evicted for it.
+        drop(per_ip.admit(ip(5)).unwrap());
+        assert_eq!(per_ip.evicted(), 1);
+        assert_eq!(per_ip.tracked().0, 4);
+        // Key 1 kept its state: its third connection passes, its fourth is refused.
+        drop(per_ip.admit(ip(1)).unwrap());
+        assert!(matches!(per_ip.admit(ip(1)), Err(Reject::RateLimited)));
+        // The evictions count survives a reload of `[limits]`.
+        let next = per_ip.reconfigured(per_ip.settings.clone());
+        assert_eq!(next.evicted(), 1);
     }
 }

@@ -23,6 +23,7 @@ pub const UPSTREAM_CONNECT_DURATION: &str = "wsgate_upstream_connect_duration_se
 pub const CONFIG_RELOADS: &str = "wsgate_config_reloads_total";
 pub const BUILD_INFO: &str = "wsgate_build_info";
 pub const JWKS_REFRESHES: &str = "wsgate_jwks_refreshes_total";
+pub const LIMITER_EVICTIONS: &str = "wsgate_limiter_evictions_total";
 
 const DESCRIPTIONS: &[(&str, &str)] = &[
     (CONNECTIONS_ACCEPTED, "TCP connections accepted on the wss listeners."),
@@ -44,6 +45,10 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     (
         JWKS_REFRESHES,
         "JWKS URL fetches, by result; on failure the last good key set stays in use.",
+    ),
+    (
+        LIMITER_EVICTIONS,
+        "Client addresses the per-IP rate limiter forgot early because it was full (coldest first).",
     ),
 ];
 
@@ -129,6 +134,7 @@ impl Metrics {
         };
         m.counter(CONFIG_RELOADS, &[("result", "success")]).increment(0);
         m.counter(CONFIG_RELOADS, &[("result", "failure")]).increment(0);
+        m.counter(LIMITER_EVICTIONS, &[]).increment(0);
         m
     }
 
@@ -186,6 +192,11 @@ impl Metrics {
     pub fn jwks_refresh(&self, ok: bool) {
         self.counter(JWKS_REFRESHES, &[("result", if ok { "success" } else { "failure" })])
             .increment(1);
+    }
+
+    /// The rate limiter's evictions so far (a running total kept by the limiter).
+    pub fn limiter_evictions(&self, total: u64) {
+        self.counter(LIMITER_EVICTIONS, &[]).absolute(total);
     }
 
     pub fn reload(&self, ok: bool) {
