@@ -82,6 +82,11 @@ impl fmt::Debug for Verifier {
 }
 
 const REGISTERED: [&str; 5] = ["exp", "nbf", "aud", "iss", "sub"];
+/// Longest token accepted, and longest header part in it (base64): larger is malformed.
+const MAX_TOKEN: usize = 16 * 1024;
+const MAX_HEADER_PART: usize = 4096;
+/// Longest `kid` looked up.
+const MAX_KID: usize = 256;
 
 /// Read a revocation list: one `jti` per line, `#` comments.
 pub fn read_revoked(path: &std::path::Path) -> Result<std::collections::HashSet<String>, String> {
@@ -287,7 +292,7 @@ impl Verifier {
     /// `jku`, `x5u`, `x5c` and `jwk` headers are never looked at; `kid` is only a lookup key.
     fn check_header(&self, token: &str) -> Result<(Algorithm, Option<String>), AuthFailure> {
         let head = token.split('.').next().ok_or(AuthFailure::Malformed)?;
-        if head.len() > 4096 || token.len() > 16 * 1024 {
+        if head.len() > MAX_HEADER_PART || token.len() > MAX_TOKEN {
             return Err(AuthFailure::Malformed);
         }
         let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
@@ -306,7 +311,7 @@ impl Verifier {
         }
         let kid = match header.get("kid") {
             None => None,
-            Some(Value::String(k)) if k.len() <= 256 => Some(k.clone()),
+            Some(Value::String(k)) if k.len() <= MAX_KID => Some(k.clone()),
             Some(_) => return Err(AuthFailure::Malformed),
         };
         Ok((alg, kid))

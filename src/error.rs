@@ -17,6 +17,8 @@ const RETRY_AFTER_USER_LIMIT: Duration = Duration::from_secs(5);
 pub const CLOSE_POLICY: u16 = 1008;
 /// Close code: the server hit an unexpected condition.
 pub const CLOSE_INTERNAL_ERROR: u16 = 1011;
+/// Close code when a token's `exp` passes during the session (`close_on_expiry`).
+pub const CLOSE_TOKEN_EXPIRED: u16 = 4401;
 /// Close code recorded when a close frame carried no code (never sent on the wire).
 pub const CLOSE_NO_STATUS: u16 = 1005;
 /// Close code recorded when a connection ended without a close frame (never sent).
@@ -286,7 +288,7 @@ impl CloseReason {
             CloseReason::UpstreamProtocol => (Error, Protocol),
             CloseReason::UpstreamInvalidUtf8 => (Error, Invalid),
             CloseReason::UpstreamTooBig => (Size, Size),
-            CloseReason::TokenExpired => (Library(4401), Library(4401)),
+            CloseReason::TokenExpired => (Library(CLOSE_TOKEN_EXPIRED), Library(CLOSE_TOKEN_EXPIRED)),
             CloseReason::RateAbuse | CloseReason::AccessRevoked => (Policy, Policy),
         }
     }

@@ -17,6 +17,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// Random bytes in a generated development secret.
+const GENERATED_SECRET_LEN: usize = 32;
 /// Largest JWKS document accepted.
 const MAX_JWKS_BYTES: usize = 1 << 20;
 /// Time allowed for one JWKS fetch.
@@ -92,7 +94,7 @@ pub fn load_secret(src: &SecretSource, origin: &str, generate: bool) -> Result<S
                 if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
                     std::fs::create_dir_all(dir).map_err(|e| path.error(origin, format!("cannot create {}: {e}", dir.display())))?;
                 }
-                let mut raw = [0u8; 32];
+                let mut raw = [0u8; GENERATED_SECRET_LEN];
                 aws_lc_rs::rand::fill(&mut raw).map_err(|_| path.error(origin, "no randomness available"))?;
                 let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
                 crate::fsutil::write_private(p, format!("{hex}\n").as_bytes())

@@ -33,6 +33,10 @@ use std::{
 
 /// Default config file, relative to the working directory.
 pub const DEFAULT_CONFIG_PATH: &str = "config/gateway.toml";
+/// The wss listener unless `server.listen` says otherwise.
+pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8443);
+/// The admin listener (metrics, health) unless `admin.listen` says otherwise.
+pub const DEFAULT_ADMIN_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9090);
 /// Accept → request head read, TLS included.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A larger upgrade request head is answered with 431.

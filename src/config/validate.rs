@@ -60,7 +60,7 @@ impl Validator<'_> {
         let server = self.server(raw.server)?;
         let tls = self.tls(&raw.tls);
         let admin = Admin {
-            listen: raw.admin.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9090))),
+            listen: raw.admin.listen.unwrap_or(DEFAULT_ADMIN_LISTEN),
         };
         let log = self.log(raw.log)?;
         let limits = self.limits(raw.limits)?;
@@ -85,7 +85,7 @@ impl Validator<'_> {
         let listen = match &s.listen {
             Some(l) if l.get_ref().is_empty() => return Err(self.err(l, "server.listen", "needs at least one address")),
             Some(l) => l.get_ref().clone(),
-            None => vec![SocketAddr::from(([127, 0, 0, 1], 8443))],
+            None => vec![DEFAULT_LISTEN],
         };
         let max_request_head = s.max_request_head.map_or(DEFAULT_MAX_REQUEST_HEAD, |v| v.0 as usize);
         if max_request_head < MIN_REQUEST_HEAD {
