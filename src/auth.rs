@@ -262,6 +262,11 @@ impl Verifier {
         if self.extra_required.iter().any(|c| !claims.contains_key(c)) {
             return Err(AuthFailure::MissingClaim);
         }
+        // RFC 7519 4.1.1: `iss` is one StringOrURI. jsonwebtoken also accepts an array and
+        // matches any member, so `["other-idp", "ours"]` would pass a configured issuer.
+        if claims.get("iss").is_some_and(|v| !v.is_string()) {
+            return Err(AuthFailure::BadIssuer);
+        }
         let sub = match claims.get(&self.identity_claim) {
             None if self.identity_required => return Err(AuthFailure::MissingClaim),
             None => None,
@@ -495,6 +500,9 @@ mod tests {
         assert_eq!(v.verify_now(&other).unwrap_err(), AuthFailure::BadSignature);
         let wrong_iss = mint(&jwt, &secret, "a", Duration::from_secs(60), &[("iss".into(), "\"x\"".into())]).unwrap();
         assert_eq!(v.verify_now(&wrong_iss).unwrap_err(), AuthFailure::BadIssuer);
+        // `iss` is one string: an array naming ours among others is not our issuer.
+        let array_iss = mint(&jwt, &secret, "a", Duration::from_secs(60), &[("iss".into(), "[\"x\", \"me\"]".into())]).unwrap();
+        assert_eq!(v.verify_now(&array_iss).unwrap_err(), AuthFailure::BadIssuer);
         let wrong_aud = mint(&jwt, &secret, "a", Duration::from_secs(60), &[("aud".into(), "\"x\"".into())]).unwrap();
         assert_eq!(v.verify_now(&wrong_aud).unwrap_err(), AuthFailure::BadAudience);
         assert_eq!(v.verify_now("garbage").unwrap_err(), AuthFailure::Malformed);
