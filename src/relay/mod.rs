@@ -1,0 +1,296 @@
+//! Stage 9: relay frames between client and upstream until one side closes, a limit
+//! trips, or the gateway shuts down.
+//!
+//! The relay works on frames, not messages ([`crate::wire`]): each frame read from one
+//! side is checked (protocol, masking, fragmentation order, frame and message size,
+//! UTF-8 of text across fragments), unmasked and re-masked in place, and written to
+//! the other side in the same read buffer. A batch of frames costs one read and one
+//! write; nothing is allocated per message and no message is reassembled.
+//!
+//! One task drives both sides through a single `poll_fn` state machine, so:
+//! - both directions flow at once (no deadlock when both peers write), while a
+//!   direction whose receiver is slow stops reading from its sender (backpressure:
+//!   at most one read's worth of frames waits per direction);
+//! - the gateway can send a close frame to either side at any moment: only whole
+//!   frames are written, so a gateway frame never lands inside a relayed one.
+//!
+//! Closing passes through: a client's close (or its protocol violation) goes to the
+//! upstream first, and what the upstream still sends reaches the client before the
+//! client's close frame, so messages in flight are not lost.
+//!
+//! Ping/pong are per hop, as RFC 6455 treats control frames: each hop answers a ping
+//! itself at once. Pings are also passed on so the far side sees them, and the far
+//! side's pong to such a ping is absorbed (the sender already has its answer).
+//! Unsolicited pongs (heartbeats) are passed on. The gateway's own keep-alive pings
+//! to the client are answered by the client and never forwarded.
+//!
+//! # Layout
+//!
+//! - `mod.rs` (this file): the public surface, [`Settings`], [`Control`], [`Policy`],
+//!   [`Outcome`], and [`run`], the session's state machine at the top level.
+//! - `endpoint.rs`: [`Endpoint`], one buffered side: queued output, gateway frames,
+//!   flushing, the close handshake, and [`Endpoint::first_text`] for `first_message` auth.
+//! - `timers.rs`: what ends a session besides the peers: drain, reloads, token expiry,
+//!   keep-alive pings, idle timeout, progress events.
+//! - `pump.rs`: moving bytes from one side's socket through the frame checks to the
+//!   other side, with backpressure and the message rate.
+//! - `frames.rs`: the per-frame state machine (`Core`): header checks, fragmentation,
+//!   size limits, UTF-8, masking, ping/pong bookkeeping, counting and rate charging.
+//! - `closing.rs`: the close handshakes once the session ends.
+
+mod closing;
+mod endpoint;
+mod frames;
+mod pump;
+mod timers;
+
+pub use endpoint::Endpoint;
+
+use crate::error::{CloseReason, Initiator};
+use crate::metrics::SessionMetrics;
+use frames::{Core, Event, Side};
+use std::{future::poll_fn, task::Poll, time::Duration};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Timers and limits of one session.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub idle_timeout: Duration,
+    pub ping_interval: Duration,
+    pub close_timeout: Duration,
+    /// Client → upstream message rate (pings count); excess is delayed by not reading.
+    pub message_rate: crate::units::Rate,
+    pub message_burst: u32,
+    /// Held back by the rate without pause for this long → close 1008.
+    pub rate_abuse_timeout: Duration,
+    /// Largest frame and message either side may send (1009 beyond).
+    pub max_frame_size: usize,
+    pub max_message_size: usize,
+    /// Frames per client message; more → close 1009.
+    pub max_fragments: u32,
+}
+
+impl Settings {
+    /// Timers that do not fire and a rate that does not hold back: for measuring and
+    /// testing the relay itself. Frames and messages up to `max_size`.
+    pub fn unthrottled(max_size: usize) -> Settings {
+        Settings {
+            idle_timeout: Duration::from_secs(3600),
+            ping_interval: Duration::from_secs(3600),
+            close_timeout: Duration::from_secs(1),
+            message_rate: crate::units::Rate {
+                count: 1_000_000,
+                per: Duration::from_secs(1),
+            },
+            message_burst: 1_000_000,
+            rate_abuse_timeout: Duration::from_secs(3600),
+            max_frame_size: max_size,
+            max_message_size: max_size,
+            max_fragments: u32::MAX,
+        }
+    }
+}
+
+/// Re-checks a live session against the current configuration after a reload
+/// (firewall rules and revocations apply to open sessions too).
+pub trait Policy: Sync {
+    /// Cancelled when the configuration changes.
+    fn generation(&self) -> CancellationToken;
+    /// Why the session may no longer continue, if it may not.
+    fn check(&self) -> Option<CloseReason>;
+}
+
+/// What, besides the peers, can end a session.
+pub struct Control<'a> {
+    /// Cancelled on drain: the session closes with 1001 after a random part of `drain_spread`,
+    /// so clients do not all reconnect at the same instant.
+    pub shutdown: &'a CancellationToken,
+    pub drain_spread: Duration,
+    /// Token expiry.
+    pub deadline: Option<(Instant, CloseReason)>,
+    pub policy: Option<&'a dyn Policy>,
+    /// Log a progress event this often (bytes and messages so far).
+    pub progress: Option<Duration>,
+}
+
+impl<'a> Control<'a> {
+    /// Only a shutdown token: no expiry, no policy, no progress events.
+    pub fn new(shutdown: &'a CancellationToken) -> Control<'a> {
+        Control {
+            shutdown,
+            drain_spread: Duration::ZERO,
+            deadline: None,
+            policy: None,
+            progress: None,
+        }
+    }
+}
+
+/// How a session ended, for the access log and metrics.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The close code of the session (1005 when a peer closed without a code, 1006
+    /// when a connection was lost without a close frame).
+    pub code: u16,
+    pub initiator: Initiator,
+    /// Set when the gateway ended the session.
+    pub reason: Option<CloseReason>,
+    /// Data messages and payload bytes, indexed by [`crate::metrics::Direction`].
+    pub messages: [u64; 2],
+    pub bytes: [u64; 2],
+}
+/// Relay until the session ends; sends close frames as needed and returns how it ended.
+pub async fn run<C, U>(
+    client: &mut Endpoint<C>,
+    upstream: &mut Endpoint<U>,
+    settings: &Settings,
+    metrics: &SessionMetrics,
+    control: Control<'_>,
+) -> Outcome
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut core = Core::new(settings);
+    let mut timers = timers::Timers::new(settings, &control);
+    let cancelled = control.shutdown.cancelled();
+    tokio::pin!(cancelled);
+
+    let event = poll_fn(|cx| {
+        core.now = None;
+        if let Some(ev) = timers.poll_control(cx, &control, cancelled.as_mut(), &core) {
+            return Poll::Ready(ev);
+        }
+        if let Some(ev) = timers.poll_keepalive(cx, settings, &mut core, client) {
+            return Poll::Ready(ev);
+        }
+        if let Some(ev) = pump::pump(&mut core, Side::Client, client, upstream, cx) {
+            return Poll::Ready(ev);
+        }
+        if let Some(ev) = pump::pump(&mut core, Side::Upstream, upstream, client, cx) {
+            return Poll::Ready(ev);
+        }
+        if let Poll::Ready(Err(_)) = client.poll_flush(cx) {
+            return Poll::Ready(Event::End(CloseReason::ClientIo));
+        }
+        if let Poll::Ready(Err(_)) = upstream.poll_flush(cx) {
+            return Poll::Ready(Event::End(CloseReason::UpstreamReset));
+        }
+        if std::mem::take(&mut core.activity) {
+            timers.active();
+            core.report(metrics);
+        }
+        timers.poll_idle(cx, settings).map_or(Poll::Pending, Poll::Ready)
+    })
+    .await;
+
+    core.report(metrics);
+    // Boxed: the closing handshakes need their state only at the end, not for the whole session.
+    let (code, initiator, reason) = Box::pin(closing::finish(&mut core, client, upstream, event, settings.close_timeout)).await;
+    core.report(metrics); // what was relayed while closing
+    Outcome {
+        code,
+        initiator,
+        reason,
+        messages: core.counts,
+        bytes: core.bytes,
+    }
+}
+
+#[cfg(test)]
+mod pipe_tests {
+    use super::*;
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::{
+        WebSocketStream,
+        tungstenite::{Message, protocol::Role},
+    };
+
+    /// Client ⇄ relay ⇄ the built-in echo, over in-memory pipes; returns the client
+    /// WebSocket and the relay task.
+    async fn session() -> (WebSocketStream<tokio::io::DuplexStream>, tokio::task::JoinHandle<Outcome>) {
+        let (client_io, gw_client_io) = tokio::io::duplex(8 * 1024);
+        let (gw_up_io, up_io) = tokio::io::duplex(16 * 1024);
+        let client = WebSocketStream::from_raw_socket(client_io, Role::Client, None).await;
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .read_buffer_size(1024)
+            .write_buffer_size(16 * 1024)
+            .max_write_buffer_size(2 << 20)
+            .max_message_size(Some(1 << 20))
+            .max_frame_size(Some(1 << 20));
+        let up = WebSocketStream::from_raw_socket(up_io, Role::Server, Some(config)).await;
+        tokio::spawn(crate::echo::serve(up));
+        let relay = tokio::spawn(async move {
+            let settings = Settings::unthrottled(1 << 20);
+            let metrics = crate::metrics::Metrics::new().session("t");
+            let shutdown = CancellationToken::new();
+            let (mut c, mut u) = (Endpoint::client(gw_client_io, &[]), Endpoint::upstream(gw_up_io, &[]));
+            run(&mut c, &mut u, &settings, &metrics, Control::new(&shutdown)).await
+        });
+        (client, relay)
+    }
+
+    #[tokio::test]
+    async fn frames_larger_than_a_read_cross_small_pipes() {
+        let (mut client, relay) = session().await;
+        let big: Vec<u8> = (0..250 * 1024).map(|i| (i % 253) as u8).collect();
+        for _ in 0..3 {
+            client.send(Message::binary(big.clone())).await.unwrap();
+            let echo = tokio::time::timeout(Duration::from_secs(5), client.next())
+                .await
+                .expect("echo in time");
+            assert_eq!(echo.unwrap().unwrap(), Message::binary(big.clone()));
+        }
+        client.close(None).await.unwrap();
+        let outcome = tokio::time::timeout(Duration::from_secs(5), relay).await.unwrap().unwrap();
+        assert_eq!((outcome.code, outcome.messages), (1005, [3, 3]));
+        assert_eq!(outcome.bytes, [3 * big.len() as u64; 2]);
+    }
+
+    /// Poll `f`, letting every other task run between polls (the test runtime has one
+    /// thread); false when it still cannot complete: everything else waits on it.
+    async fn completes_when_others_run<F: std::future::Future>(f: F) -> bool {
+        const TURNS: usize = 64;
+        let mut f = std::pin::pin!(f);
+        for _ in 0..TURNS {
+            if futures_util::FutureExt::now_or_never(f.as_mut()).is_some() {
+                return true;
+            }
+            tokio::task::yield_now().await;
+        }
+        false
+    }
+
+    /// A client that floods pings and never reads is held back once its pongs fill a
+    /// small queue: the gateway stops reading from it instead of buffering answers.
+    /// The flood ends when a ping cannot be written even after the relay and the echo
+    /// had every chance to run, that is when the relay no longer reads from the client.
+    #[tokio::test]
+    async fn ping_flood_from_a_client_that_does_not_read_is_held_back() {
+        let (client, relay) = session().await;
+        let (mut tx, mut rx) = client.split();
+        let mut sent = 0u32;
+        while sent < 100_000 && completes_when_others_run(tx.send(Message::Ping(sent.to_be_bytes().to_vec().into()))).await {
+            sent += 1;
+        }
+        assert!(sent < 20_000, "{sent} pings taken from a client that reads nothing");
+        // Once the client reads, every ping is answered exactly once and the session still works.
+        let reader = tokio::spawn(async move {
+            let mut pongs = 0u32;
+            loop {
+                match rx.next().await {
+                    Some(Ok(Message::Pong(_))) => pongs += 1,
+                    Some(Ok(Message::Text(t))) => return (pongs, t.to_string()),
+                    other => panic!("{other:?}"),
+                }
+            }
+        });
+        tx.send(Message::text("end")).await.unwrap();
+        let (pongs, text) = tokio::time::timeout(Duration::from_secs(5), reader).await.unwrap().unwrap();
+        assert_eq!(text, "end");
+        assert!(pongs >= sent && pongs <= sent + 1, "{pongs} pongs for {sent} pings");
+        drop(tx);
+        let _ = tokio::time::timeout(Duration::from_secs(5), relay).await;
+    }
+}
