@@ -54,12 +54,8 @@ where
     U: AsyncRead + AsyncWrite + Unpin,
 {
     close_upstream_first(core, client, upstream, frame, timeout).await;
-    client.put(OP_CLOSE, frame);
-    let _ = tokio::time::timeout(timeout, async {
-        let _ = client.flush().await;
-        let _ = client.io.shutdown().await;
-    })
-    .await;
+    client.put(OP_CLOSE, frame); // held back, and the connection cut, if a frame to it is unfinished
+    let _ = tokio::time::timeout(timeout, client.cut()).await;
     (close_code(frame), Initiator::Client, None)
 }
 
@@ -80,13 +76,19 @@ where
     let _ = tokio::time::timeout(timeout, async {
         tokio::join!(
             async {
-                if client.flush().await.is_ok() {
+                if client.open {
+                    client.cut().await;
+                } else if client.flush().await.is_ok() {
                     client.read_until_close().await;
                     let _ = client.io.shutdown().await;
                 }
             },
             async {
-                let _ = upstream.flush().await;
+                if upstream.open {
+                    upstream.cut().await;
+                } else {
+                    let _ = upstream.flush().await;
+                }
             }
         )
     })
@@ -110,12 +112,14 @@ where
     let (cc, uc) = reason.codes();
     let (p, n) = wire::close_payload(u16::from(uc), reason.text());
     close_upstream_first(core, client, upstream, &p[..n], timeout).await;
+    // A frame to the client still unfinished: its connection is cut, without a code.
+    let code = if client.open { CLOSE_ABNORMAL } else { u16::from(cc) };
     let _ = tokio::time::timeout(timeout, async {
         client.close(Some((u16::from(cc), reason.text()))).await;
         let _ = client.io.shutdown().await;
     })
     .await;
-    (u16::from(cc), Initiator::Gateway, Some(reason))
+    (code, Initiator::Gateway, Some(reason))
 }
 
 /// The gateway ends the session (timeouts, shutdown, policy, a lost peer, an upstream
@@ -134,6 +138,8 @@ where
     let (cc, uc) = (u16::from(cc), u16::from(uc));
     let client_ok = !matches!(reason, CloseReason::ClientIo);
     let upstream_ok = !matches!(reason, CloseReason::UpstreamReset);
+    // A frame to the client still unfinished: its connection is cut, without a code.
+    let client_told = client_ok && !client.open;
     let _ = tokio::time::timeout(timeout, async {
         tokio::join!(
             async {
@@ -150,7 +156,7 @@ where
         )
     })
     .await;
-    let code = if client_ok { cc } else { CLOSE_ABNORMAL };
+    let code = if client_told { cc } else { CLOSE_ABNORMAL };
     (code, Initiator::Gateway, Some(reason))
 }
 
@@ -179,7 +185,12 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    upstream.put(OP_CLOSE, frame);
+    if upstream.open {
+        // The client's frame in progress was cut short: no close frame can follow it.
+        let _ = tokio::time::timeout(timeout, upstream.cut()).await;
+    } else {
+        upstream.put(OP_CLOSE, frame);
+    }
     let _ = tokio::time::timeout(timeout, relay_rest(core, Side::Upstream, upstream, client)).await;
 }
 

@@ -8,15 +8,16 @@ use std::{
     pin::Pin,
     task::{Context, Poll},
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Room made in the read buffer for each read outside the relay loop (first message, closing).
 const READ_RESERVE: usize = 4096;
 
 /// One side of a session after its handshake: the stream, input read but not yet
-/// relayed (a partial frame, or frames held back by the message rate), relayed
-/// output the stream did not take yet, and the gateway's own frames for it (pongs,
-/// pings, close). All three are empty, without capacity, while idle.
+/// relayed (the start of a header or of a control frame, or frames held back by the
+/// message rate), relayed output the stream did not take yet, and the gateway's own
+/// frames for it (pongs, pings, close). All three are empty, without capacity, while
+/// idle.
 pub struct Endpoint<S> {
     pub(super) io: S,
     pub(super) rx: BytesMut,
@@ -29,6 +30,9 @@ pub struct Endpoint<S> {
     pub(super) masked: bool,
     /// Written to since the last flush.
     dirty: bool,
+    /// The relayed output ends inside a data frame (streamed through in pieces): gateway
+    /// frames wait in `ctl` until the rest of it has been written.
+    pub(super) open: bool,
 }
 
 impl<S> Endpoint<S> {
@@ -50,6 +54,7 @@ impl<S> Endpoint<S> {
             ctl: BytesMut::new(),
             masked,
             dirty: false,
+            open: false,
         }
     }
 
@@ -94,7 +99,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Endpoint<S> {
     pub(super) fn poll_drain(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         loop {
             if self.tx.is_empty() {
-                if self.ctl.is_empty() {
+                if self.ctl.is_empty() || self.open {
                     break;
                 }
                 std::mem::swap(&mut self.tx, &mut self.ctl);
@@ -113,7 +118,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Endpoint<S> {
         if self.tx.capacity() > 0 {
             self.tx = BytesMut::new();
         }
-        if self.ctl.capacity() > 0 {
+        if self.ctl.is_empty() && self.ctl.capacity() > 0 {
             self.ctl = BytesMut::new();
         }
         Ok(())
@@ -122,7 +127,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Endpoint<S> {
     /// Drain the queue, then flush the stream (TLS keeps records until flushed).
     pub(super) fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.poll_drain(cx)?;
-        if !self.tx.is_empty() || !self.ctl.is_empty() {
+        // Gateway frames held behind an unfinished relayed frame wait for its sender.
+        if !self.tx.is_empty() || (!self.ctl.is_empty() && !self.open) {
             return Poll::Pending;
         }
         if self.dirty {
@@ -138,6 +144,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Endpoint<S> {
 
     /// Send a close frame (`None`: without a code) and wait for the peer's reply.
     pub async fn close(&mut self, frame: Option<(u16, &str)>) {
+        if self.open {
+            self.cut().await;
+            return;
+        }
         match frame {
             Some((code, reason)) => {
                 let (p, n) = wire::close_payload(code, reason);
@@ -148,6 +158,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Endpoint<S> {
         if self.flush().await.is_ok() {
             self.read_until_close().await;
         }
+    }
+
+    /// End the connection without a close frame: the relayed frame in progress was cut
+    /// short (its sender broke the protocol or went away, or time ran out), and a close
+    /// frame behind it would be read as its payload. What was relayed is flushed; the
+    /// peer sees the connection end inside the frame, so it never takes the frame as a
+    /// message.
+    pub(super) async fn cut(&mut self) {
+        let _ = self.flush().await;
+        let _ = self.io.shutdown().await;
     }
 
     /// Read and discard frames until a close frame or the end of the stream: messages

@@ -1,18 +1,23 @@
 //! Stage 9: relay frames between client and upstream until one side closes, a limit
 //! trips, or the gateway shuts down.
 //!
-//! The relay works on frames, not messages ([`crate::wire`]): each frame read from one
-//! side is checked (protocol, masking, fragmentation order, frame and message size,
-//! UTF-8 of text across fragments), unmasked and re-masked in place, and written to
-//! the other side in the same read buffer. A batch of frames costs one read and one
-//! write; nothing is allocated per message and no message is reassembled.
+//! The relay works on frames, not messages ([`crate::wire`]), and streams them: a data
+//! frame's header is checked (protocol, masking, fragmentation order, frame and message
+//! size) and goes on at once, and its payload follows in pieces as they are read,
+//! unmasked and re-masked in place at the running offset, text checked as UTF-8 across
+//! pieces and fragments. A session holds at most one read (16 KiB) per direction, however
+//! large its frames; nothing is allocated per message and no message is reassembled.
+//! Control frames (at most 125 bytes) go on whole.
 //!
 //! One task drives both sides through a single `poll_fn` state machine, so:
 //! - both directions flow at once (no deadlock when both peers write), while a
 //!   direction whose receiver is slow stops reading from its sender (backpressure:
 //!   at most one read's worth of frames waits per direction);
-//! - the gateway can send a close frame to either side at any moment: only whole
-//!   frames are written, so a gateway frame never lands inside a relayed one.
+//! - the gateway's own frames for a side (pongs, keep-alive pings, a close) wait until
+//!   the data frame being relayed to that side is complete, so none lands inside it.
+//!   When that frame can never be completed (its sender broke the protocol inside it,
+//!   or went away), the receiver's connection is ended without a close frame: it sees
+//!   the frame cut short and never takes it as a message.
 //!
 //! Closing passes through: a client's close (or its protocol violation) goes to the
 //! upstream first, and what the upstream still sends reaches the client before the
@@ -64,8 +69,10 @@ pub struct Settings {
     pub message_burst: u32,
     /// Held back by the rate without pause for this long → close 1008.
     pub rate_abuse_timeout: Duration,
-    /// Largest frame and message either side may send (1009 beyond).
+    /// Largest frame a client may send (1009 beyond). Upstream frames are bounded by
+    /// the message limit only.
     pub max_frame_size: usize,
+    /// Largest message either side may send, however it is fragmented (1009 beyond).
     pub max_message_size: usize,
     /// Frames per client message; more → close 1009.
     pub max_fragments: u32,
@@ -201,7 +208,10 @@ where
 #[cfg(test)]
 mod pipe_tests {
     use super::*;
+    use crate::relay::frames::tests::{frame, frames};
+    use crate::wire;
     use futures_util::{SinkExt, StreamExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
     use tokio_tungstenite::{
         WebSocketStream,
         tungstenite::{Message, protocol::Role},
@@ -292,5 +302,98 @@ mod pipe_tests {
         assert!(pongs >= sent && pongs <= sent + 1, "{pongs} pongs for {sent} pings");
         drop(tx);
         let _ = tokio::time::timeout(Duration::from_secs(5), relay).await;
+    }
+
+    /// Client ⇄ relay ⇄ upstream over roomy in-memory pipes, both peers speaking raw
+    /// frames: returns the client's end, the upstream's end and the relay task.
+    fn raw_session(max_size: usize) -> (DuplexStream, DuplexStream, tokio::task::JoinHandle<Outcome>) {
+        const PIPE: usize = 2 << 20;
+        let (client_io, gw_client_io) = tokio::io::duplex(PIPE);
+        let (gw_up_io, up_io) = tokio::io::duplex(PIPE);
+        let relay = tokio::spawn(async move {
+            let settings = Settings::unthrottled(max_size);
+            let metrics = crate::metrics::Metrics::new().session("t");
+            let shutdown = CancellationToken::new();
+            let (mut c, mut u) = (Endpoint::client(gw_client_io, &[]), Endpoint::upstream(gw_up_io, &[]));
+            run(&mut c, &mut u, &settings, &metrics, Control::new(&shutdown)).await
+        });
+        (client_io, up_io, relay)
+    }
+
+    /// A frame streams to the client in pieces; the pong to a ping the client sends
+    /// meanwhile waits until the frame is complete, never lands inside it.
+    #[tokio::test]
+    async fn a_pong_waits_for_the_frame_in_progress_to_end() {
+        let (mut client, mut up, relay) = raw_session(1 << 20);
+        let big = 200 * 1024;
+        let (h, n) = wire::header(wire::OP_BINARY, true, big, None);
+        up.write_all(&h[..n]).await.unwrap();
+        up.write_all(&vec![1u8; big / 2]).await.unwrap();
+        let mut first = vec![0u8; n + big / 2];
+        client.read_exact(&mut first).await.unwrap();
+        assert_eq!(first[..n], h[..n], "the header went on before the frame was complete");
+        client
+            .write_all(&frame(wire::OP_PING, true, b"p", Some([1, 2, 3, 4])))
+            .await
+            .unwrap();
+        // The ping is passed on to the upstream (2 header bytes, a key, 1 byte): the gateway has read it.
+        let mut ping = [0u8; 7];
+        up.read_exact(&mut ping).await.unwrap();
+        assert_eq!(frames(&ping), vec![(wire::OP_PING, true, b"p".to_vec())]);
+        assert!(
+            !completes_when_others_run(client.read_u8()).await,
+            "nothing may reach the client inside the frame"
+        );
+        up.write_all(&vec![2u8; big - big / 2]).await.unwrap();
+        let mut rest = vec![0u8; big - big / 2 + 3];
+        client.read_exact(&mut rest).await.unwrap();
+        assert!(rest[..big - big / 2].iter().all(|b| *b == 2));
+        assert_eq!(frames(&rest[big - big / 2..]), vec![(wire::OP_PONG, true, b"p".to_vec())]);
+        drop((client, up));
+        let outcome = tokio::time::timeout(Duration::from_secs(5), relay).await.unwrap().unwrap();
+        assert_eq!(outcome.messages, [0, 1]);
+        assert_eq!(outcome.bytes, [0, big as u64]);
+    }
+
+    /// Invalid UTF-8 deep inside a large text frame: the part before it has gone on to
+    /// the upstream already; the client gets 1007, and the upstream's connection ends
+    /// inside the frame (no close frame can follow a cut frame), so it never takes the
+    /// frame as a message.
+    #[tokio::test]
+    async fn invalid_utf8_mid_stream_closes_1007_and_cuts_the_frame() {
+        let (mut client, mut up, relay) = raw_session(1 << 20);
+        let mut text = "é".repeat(300 * 1024).into_bytes();
+        text[300 * 1024 + 1] = 0xFF;
+        let f = frame(wire::OP_TEXT, true, &text, Some([9, 8, 7, 6]));
+        client.write_all(&f).await.unwrap();
+        let mut at_upstream = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), up.read_to_end(&mut at_upstream))
+            .await
+            .unwrap()
+            .unwrap();
+        let h = wire::parse(&at_upstream).unwrap().unwrap();
+        let payload = at_upstream.len() - h.header_len;
+        assert!(
+            h.len == text.len() as u64 && payload > 64 * 1024,
+            "{payload} bytes streamed before the cut"
+        );
+        assert!(payload <= 300 * 1024, "nothing from the bad byte on");
+        let mut got = at_upstream[h.header_len..].to_vec();
+        wire::apply_mask(&mut got, h.mask.unwrap());
+        assert_eq!(got, text[..payload], "the part before the bad byte, re-masked");
+        drop(up); // the upstream goes away as it would after a broken frame
+        let mut back = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+        let closes = frames(&back);
+        assert_eq!(closes.len(), 1);
+        assert_eq!(
+            (closes[0].0, u16::from_be_bytes([closes[0].2[0], closes[0].2[1]])),
+            (wire::OP_CLOSE, 1007)
+        );
+        let outcome = tokio::time::timeout(Duration::from_secs(5), relay).await.unwrap().unwrap();
+        assert_eq!((outcome.code, outcome.messages), (1007, [0, 0]));
     }
 }

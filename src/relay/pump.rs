@@ -3,7 +3,7 @@
 
 use super::{
     Endpoint,
-    frames::{Core, Event, Side, Stop, lost, violation, write_error},
+    frames::{Core, Event, Side, Stop, lost, write_error},
 };
 use bytes::{Buf, BytesMut};
 use std::{
@@ -19,10 +19,6 @@ const READ_CHUNK: usize = 16 * 1024;
 const BATCH: usize = 16;
 /// Pongs queued for a peer that does not read them: past this, stop reading from it.
 const REPLY_LIMIT: usize = 4 * 1024;
-/// Least room made for a read behind a held partial frame.
-const MIN_HELD_READ: usize = 1024;
-/// Most room made for a read behind a held partial frame.
-const MAX_HELD_READ: usize = 4 * READ_CHUNK;
 
 thread_local! {
     /// The read buffer of the common case (no partial frame waiting): per worker thread,
@@ -81,7 +77,8 @@ where
 }
 
 /// The common case: nothing held from earlier reads. Read into the thread's scratch
-/// buffer, relay the whole frames in it, and keep only a trailing partial frame.
+/// buffer, relay what it holds (data frames in pieces), and keep only the start of a
+/// header or of a control frame at its end.
 fn read_fresh<A, B>(core: &mut Core, side: Side, from: &mut Endpoint<A>, to: &mut Endpoint<B>, cx: &mut Context<'_>) -> Read
 where
     A: AsyncRead + AsyncWrite + Unpin,
@@ -102,7 +99,7 @@ where
         }
         let data = rb.filled_mut();
         let p = core.process(side, data, &mut from.ctl, from.masked);
-        if to.send(cx, &data[..p.out]).is_err() {
+        if pass_on(core, side, to, cx, &data[..p.out]).is_err() {
             return Read::Event(Event::End(write_error(side)));
         }
         from.rx.extend_from_slice(&data[p.used..]);
@@ -119,14 +116,15 @@ where
 }
 
 /// Input is held from earlier reads (a partial frame, or frames the rate held back):
-/// relay what is whole, then read more behind it when a frame is still incomplete.
+/// relay what can go on, then read more behind it when a header or a control frame is
+/// still incomplete.
 fn read_held<A, B>(core: &mut Core, side: Side, from: &mut Endpoint<A>, to: &mut Endpoint<B>, cx: &mut Context<'_>) -> Read
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let p = core.process(side, &mut from.rx, &mut from.ctl, from.masked);
-    if to.send(cx, &from.rx[..p.out]).is_err() {
+    if pass_on(core, side, to, cx, &from.rx[..p.out]).is_err() {
         return Read::Event(Event::End(write_error(side)));
     }
     from.rx.advance(p.used);
@@ -139,13 +137,9 @@ where
         None if p.used > 0 => return Read::Again,
         None => {}
     }
-    // The held frame is incomplete: check what has come of it, then read the rest
-    // (bounded by the frame limit).
-    if let Err(v) = core.check_partial(side, &from.rx) {
-        return Read::Event(violation(side, v));
-    }
-    let want = p.need.saturating_sub(from.rx.len()).clamp(MIN_HELD_READ, MAX_HELD_READ);
-    from.rx.reserve(want);
+    // What is held is the start of a frame header or of a control frame (data frames
+    // stream through): read more behind it, one chunk at most.
+    from.rx.reserve(READ_CHUNK);
     match tokio_util::io::poll_read_buf(Pin::new(&mut from.io), cx, &mut from.rx) {
         Poll::Pending => {
             if side == Side::Client {
@@ -156,4 +150,20 @@ where
         Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Read::Event(Event::End(lost(side))),
         Poll::Ready(Ok(_)) => Read::Again,
     }
+}
+
+/// Write what `side` relayed to `to`. `to` learns first whether that ends inside a data
+/// frame: the gateway's own frames for it (pongs, pings, a close) then wait until the
+/// frame is complete, so none lands inside it.
+fn pass_on<B>(core: &Core, side: Side, to: &mut Endpoint<B>, cx: &mut Context<'_>, data: &[u8]) -> std::io::Result<()>
+where
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let was_open = std::mem::replace(&mut to.open, core.in_frame(side));
+    if was_open && !to.open && !to.ctl.is_empty() {
+        // Gateway frames were held for `to`, and its sender may have stopped reading
+        // because of them (`REPLY_LIMIT`): poll again once they are written.
+        cx.waker().wake_by_ref();
+    }
+    to.send(cx, data)
 }

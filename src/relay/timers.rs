@@ -102,6 +102,12 @@ impl Timers {
         if !fired(&mut self.ping, cx) {
             return None;
         }
+        if client.open {
+            // A frame to the client is in progress: a ping would have to wait behind it,
+            // and the client could not answer in time through no fault of its own.
+            rearm(&mut self.ping, Instant::now() + settings.ping_interval, cx);
+            return None;
+        }
         if core.ping_payload.is_some() {
             return Some(Event::End(CloseReason::PingTimeout));
         }
