@@ -249,7 +249,6 @@ impl Core {
             text,
             fin: h.fin,
         });
-        self.activity = true;
     }
 
     /// The next piece of the frame in progress, from the start of `buf`: check text,
@@ -278,9 +277,6 @@ impl Core {
         f.offset = ((at + n) % 4) as u8;
         dec.message_len += n as u64;
         self.bytes[from as usize] += n as u64;
-        if n > 0 {
-            self.activity = true;
-        }
         Ok(n)
     }
 
@@ -291,6 +287,9 @@ impl Core {
     fn end_frame(&mut self, from: Side) -> Option<Stop> {
         let dec = &mut self.dec[from as usize];
         let f = dec.frame.take()?;
+        // As when frames were held whole, a frame counts against the idle timeout when it
+        // is complete: a frame that never ends does not keep a session alive.
+        self.activity = true;
         if f.fin {
             dec.message = None;
             dec.message_len = 0;
