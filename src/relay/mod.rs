@@ -396,4 +396,26 @@ mod pipe_tests {
         let outcome = tokio::time::timeout(Duration::from_secs(5), relay).await.unwrap().unwrap();
         assert_eq!((outcome.code, outcome.messages), (1007, [0, 0]));
     }
+
+    /// The same from the upstream: the client has part of the frame, so it gets no close
+    /// frame (it would be read as payload) but the end of its connection, and the
+    /// session is recorded as 1006 with the upstream's fault as the reason.
+    #[tokio::test]
+    async fn invalid_utf8_mid_stream_from_the_upstream_cuts_the_client() {
+        let (mut client, mut up, relay) = raw_session(1 << 20);
+        let mut text = "é".repeat(100 * 1024).into_bytes();
+        text[100 * 1024 + 1] = 0xFF;
+        up.write_all(&frame(wire::OP_TEXT, true, &text, None)).await.unwrap();
+        let mut at_client = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut at_client))
+            .await
+            .unwrap()
+            .unwrap();
+        let h = wire::parse(&at_client).unwrap().unwrap();
+        let payload = &at_client[h.header_len..];
+        assert!(h.len == text.len() as u64 && payload.len() <= 100 * 1024);
+        assert_eq!(payload, &text[..payload.len()], "a prefix of the frame, and nothing behind it");
+        let outcome = tokio::time::timeout(Duration::from_secs(5), relay).await.unwrap().unwrap();
+        assert_eq!((outcome.code, outcome.reason), (1006, Some(CloseReason::UpstreamInvalidUtf8)));
+    }
 }
