@@ -501,7 +501,14 @@ mod tests {
         let wrong_iss = mint(&jwt, &secret, "a", Duration::from_secs(60), &[("iss".into(), "\"x\"".into())]).unwrap();
         assert_eq!(v.verify_now(&wrong_iss).unwrap_err(), AuthFailure::BadIssuer);
         // `iss` is one string: an array naming ours among others is not our issuer.
-        let array_iss = mint(&jwt, &secret, "a", Duration::from_secs(60), &[("iss".into(), "[\"x\", \"me\"]".into())]).unwrap();
+        let array_iss = mint(
+            &jwt,
+            &secret,
+            "a",
+            Duration::from_secs(60),
+            &[("iss".into(), "[\"x\", \"me\"]".into())],
+        )
+        .unwrap();
         assert_eq!(v.verify_now(&array_iss).unwrap_err(), AuthFailure::BadIssuer);
         let wrong_aud = mint(&jwt, &secret, "a", Duration::from_secs(60), &[("aud".into(), "\"x\"".into())]).unwrap();
         assert_eq!(v.verify_now(&wrong_aud).unwrap_err(), AuthFailure::BadAudience);

@@ -266,10 +266,6 @@ impl Utf8 {
         }
         Ok(())
     }
-
-    pub fn reset(&mut self) {
-        self.len = 0;
-    }
 }
 
 #[cfg(test)]

@@ -467,3 +467,68 @@ async fn messages_in_flight_from_the_upstream_arrive_before_the_close() {
     }
     assert_eq!(close_code(&mut ws).await, (1000, "bye".into()));
 }
+
+/// A browser sends each message as one frame: with the frame limit at the message limit
+/// (what `max_frame_size` defaults to), a 600 KiB single-frame message goes through, as
+/// text and as binary, and comes back as one frame.
+#[tokio::test]
+async fn browser_sized_single_frame_messages_pass() {
+    let gw = Gw::start(
+        "",
+        &format!("[limits]\nmax_frame_size = \"1MiB\"\nmax_message_size = \"1MiB\"\n{ECHO_ROUTE}"),
+    )
+    .await;
+    let mut ws = gw.connect("/echo").await;
+    let big: Vec<u8> = (0..600 * 1024).map(|i| (i * 13 % 251) as u8).collect();
+    let text = "aé€𝄞".repeat(600 * 1024 / 10);
+    for msg in [Message::binary(big), Message::text(text)] {
+        ws.send(msg.clone()).await.unwrap();
+        let echo = tokio::time::timeout(TIMEOUT, ws.next()).await.expect("echo in time");
+        assert_eq!(echo.unwrap().unwrap(), msg);
+    }
+    assert_eq!(roundtrip(&mut ws, "still open").await, "still open");
+}
+
+/// `max_frame_size` bounds client frames only: an upstream's 256 KiB reply in one frame
+/// reaches the client although client frames are limited to 64 KiB (the message limit
+/// still bounds it).
+#[tokio::test]
+async fn upstream_frames_are_bounded_by_the_message_limit_only() {
+    let gw = Gw::start(
+        "",
+        &format!("[limits]\nmax_frame_size = \"64KiB\"\nmax_message_size = \"1MiB\"\n{ECHO_ROUTE}"),
+    )
+    .await;
+    let mut ws = gw.connect("/echo").await;
+    // 256 KiB sent in 32 KiB frames; the echo answers with one 256 KiB frame.
+    let big: Vec<u8> = (0..256 * 1024).map(|i| (i * 7 % 253) as u8).collect();
+    for (i, part) in big.chunks(32 * 1024).enumerate() {
+        let op = if i == 0 {
+            OpCode::Data(Data::Binary)
+        } else {
+            OpCode::Data(Data::Continue)
+        };
+        let last = (i + 1) * 32 * 1024 == big.len();
+        ws.send(Message::Frame(Frame::message(part.to_vec(), op, last))).await.unwrap();
+    }
+    let echo = tokio::time::timeout(TIMEOUT, ws.next()).await.expect("echo in time");
+    assert_eq!(echo.unwrap().unwrap(), Message::binary(big));
+    assert_eq!(roundtrip(&mut ws, "still open").await, "still open");
+}
+
+/// Invalid UTF-8 deep inside a large text frame closes 1007 while the frame streams.
+#[tokio::test]
+async fn invalid_utf8_inside_a_large_text_frame_closes_1007() {
+    let gw = Gw::start(
+        "",
+        &format!("[limits]\nmax_frame_size = \"1MiB\"\nmax_message_size = \"1MiB\"\n{ECHO_ROUTE}"),
+    )
+    .await;
+    let mut ws = gw.connect("/echo").await;
+    let mut text = "é".repeat(300 * 1024).into_bytes();
+    text[300 * 1024 + 1] = 0xFF;
+    let _ = ws.send(Message::Frame(Frame::message(text, OpCode::Data(Data::Text), true))).await;
+    assert_eq!(close_code(&mut ws).await.0, 1007);
+    gw.wait_metric(r#"wsgate_closes_total{route="echo",code="1007",initiator="gateway"}"#, 1.0)
+        .await;
+}

@@ -1,7 +1,8 @@
 //! `wsgate-bench`: the load generator behind `scripts/bench.sh`.
 //!
 //! Each load subcommand ends with one machine-readable line, `RESULT {json}`, that
-//! carries the `--tag KEY=VALUE` pairs it was given. Hidden helpers serve the
+//! carries the `--tag KEY=VALUE` pairs it was given. `stall` is not part of
+//! `scripts/bench.sh`: it measures the memory a server holds for large frames in progress. Hidden helpers serve the
 //! script: `tls-echo` (the "direct" target: an echo that speaks wss itself),
 //! `self-signed`, `free-ports` and `report` (the markdown table).
 
@@ -10,6 +11,7 @@ mod handshakes;
 mod idle;
 mod latency;
 mod report;
+mod stall;
 mod throughput;
 mod tls_echo;
 mod util;
@@ -43,6 +45,8 @@ enum Command {
     Handshakes(handshakes::Args),
     /// Hold N idle sockets from several source addresses; check each still echoes.
     Idle(idle::Args),
+    /// N clients each send part of one large frame and stall; server RSS growth.
+    Stall(stall::Args),
     /// A wss echo server (the benchmark's "direct" target).
     #[command(hide = true)]
     TlsEcho {
@@ -93,6 +97,7 @@ fn main() -> ExitCode {
         Command::Latency(a) => rt.block_on(latency::run(a)),
         Command::Handshakes(a) => rt.block_on(handshakes::run(a)),
         Command::Idle(a) => rt.block_on(idle::run(a)),
+        Command::Stall(a) => rt.block_on(stall::run(a)),
         Command::TlsEcho { listen, cert, key } => rt.block_on(tls_echo::run(listen, &cert, &key)),
         Command::SelfSigned { cert, key } => wsgate::tls::write_self_signed(&cert, &key).map_err(Into::into),
         Command::FreePorts { n } => free_ports(n),

@@ -1,0 +1,153 @@
+//! What ends a session besides its peers: drain on shutdown, a reload that revokes it,
+//! token expiry, a client that stops answering keep-alive pings, idleness. Also the
+//! periodic progress event.
+
+use super::{
+    Control, Endpoint, Settings,
+    frames::{Core, Event},
+};
+use crate::error::CloseReason;
+use crate::wire::OP_PING;
+use std::{future::Future, pin::Pin, task::Context, time::Duration};
+use tokio::time::{Instant, Sleep, sleep_until};
+use tokio_util::sync::{WaitForCancellationFuture, WaitForCancellationFutureOwned};
+
+/// Prefix of the gateway's keep-alive ping payload; a big-endian sequence number follows.
+const PING_PREFIX: &[u8; 7] = b"wsgate:";
+/// Length of the keep-alive ping payload.
+pub(super) const PING_LEN: usize = PING_PREFIX.len() + 8;
+
+/// The timers of one session, all registered with the waker of the relay's `poll_fn`.
+pub(super) struct Timers {
+    idle: Pin<Box<Sleep>>,
+    ping: Pin<Box<Sleep>>,
+    expiry: Option<(Pin<Box<Sleep>>, CloseReason)>,
+    /// Set once shutdown is signalled: the 1001 goes out when it fires.
+    drain: Option<Pin<Box<Sleep>>>,
+    generation: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    progress: Option<Pin<Box<Sleep>>>,
+    started: Instant,
+    last_activity: Instant,
+}
+
+impl Timers {
+    pub(super) fn new(settings: &Settings, control: &Control<'_>) -> Timers {
+        let now = Instant::now();
+        Timers {
+            idle: Box::pin(sleep_until(now + settings.idle_timeout)),
+            ping: Box::pin(sleep_until(now + settings.ping_interval)),
+            expiry: control.deadline.map(|(at, reason)| (Box::pin(sleep_until(at)), reason)),
+            drain: None,
+            generation: control.policy.map(|p| Box::pin(p.generation().cancelled_owned())),
+            progress: control.progress.map(|every| Box::pin(sleep_until(now + every))),
+            started: now,
+            last_activity: now,
+        }
+    }
+
+    /// Frames went through: the idle timer starts again.
+    pub(super) fn active(&mut self) {
+        self.last_activity = Instant::now();
+    }
+
+    /// Drain, reloads, expiry and progress events.
+    pub(super) fn poll_control(
+        &mut self,
+        cx: &mut Context<'_>,
+        control: &Control<'_>,
+        cancelled: Pin<&mut WaitForCancellationFuture<'_>>,
+        core: &Core,
+    ) -> Option<Event> {
+        if self.drain.is_none() && cancelled.poll(cx).is_ready() {
+            self.drain = Some(Box::pin(sleep_until(Instant::now() + jitter(control.drain_spread))));
+        }
+        if self.drain.as_mut().is_some_and(|d| fired(d, cx)) {
+            return Some(Event::End(CloseReason::Shutdown));
+        }
+        if let (Some(g), Some(policy)) = (self.generation.as_mut(), control.policy) {
+            if g.as_mut().poll(cx).is_ready() {
+                if let Some(reason) = policy.check() {
+                    return Some(Event::End(reason));
+                }
+                let mut next = Box::pin(policy.generation().cancelled_owned());
+                let _ = next.as_mut().poll(cx);
+                *g = next;
+            }
+        }
+        if let (Some(p), Some(every)) = (self.progress.as_mut(), control.progress) {
+            if fired(p, cx) {
+                tracing::info!(
+                    duration_ms = self.started.elapsed().as_millis() as u64,
+                    bytes_in = core.bytes[0],
+                    bytes_out = core.bytes[1],
+                    messages_in = core.counts[0],
+                    messages_out = core.counts[1],
+                    "session progress"
+                );
+                rearm(p, Instant::now() + every, cx);
+            }
+        }
+        let (timer, reason) = self.expiry.as_mut()?;
+        fired(timer, cx).then_some(Event::End(*reason))
+    }
+
+    /// Ping the client every `ping_interval`; a ping still unanswered at the next one ends the session.
+    pub(super) fn poll_keepalive<C>(
+        &mut self,
+        cx: &mut Context<'_>,
+        settings: &Settings,
+        core: &mut Core,
+        client: &mut Endpoint<C>,
+    ) -> Option<Event> {
+        if !fired(&mut self.ping, cx) {
+            return None;
+        }
+        if client.open {
+            // A frame to the client is in progress: a ping would have to wait behind it,
+            // and the client could not answer in time through no fault of its own.
+            rearm(&mut self.ping, Instant::now() + settings.ping_interval, cx);
+            return None;
+        }
+        if core.ping_payload.is_some() {
+            return Some(Event::End(CloseReason::PingTimeout));
+        }
+        core.ping_seq += 1;
+        let mut payload = [0u8; PING_LEN];
+        payload[..PING_PREFIX.len()].copy_from_slice(PING_PREFIX);
+        payload[PING_PREFIX.len()..].copy_from_slice(&core.ping_seq.to_be_bytes());
+        core.ping_payload = Some(payload);
+        client.put(OP_PING, &payload);
+        rearm(&mut self.ping, Instant::now() + settings.ping_interval, cx);
+        None
+    }
+
+    /// No frame either way for `idle_timeout` ends the session.
+    pub(super) fn poll_idle(&mut self, cx: &mut Context<'_>, settings: &Settings) -> Option<Event> {
+        if fired(&mut self.idle, cx) {
+            if self.last_activity.elapsed() >= settings.idle_timeout {
+                return Some(Event::End(CloseReason::IdleTimeout));
+            }
+            rearm(&mut self.idle, self.last_activity + settings.idle_timeout, cx);
+        }
+        None
+    }
+}
+
+/// A random duration in `[0, spread)`.
+fn jitter(spread: Duration) -> Duration {
+    let mut b = [0u8; 8];
+    if spread.is_zero() || aws_lc_rs::rand::fill(&mut b).is_err() {
+        return Duration::ZERO;
+    }
+    spread.mul_f64((u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64)
+}
+
+fn fired(s: &mut Pin<Box<Sleep>>, cx: &mut Context<'_>) -> bool {
+    s.as_mut().poll(cx).is_ready()
+}
+
+/// Set the timer to `at` and register it with the waker again.
+fn rearm(s: &mut Pin<Box<Sleep>>, at: Instant, cx: &mut Context<'_>) {
+    s.as_mut().reset(at);
+    let _ = s.as_mut().poll(cx);
+}
