@@ -280,6 +280,11 @@ impl Verifier {
                     .ok_or(AuthFailure::Malformed)?,
             ),
         };
+        // A `jti` that is neither a string nor a number could never match the
+        // revocation list: refused rather than let through unrevocable.
+        if claims.get("jti").is_some_and(|j| claim_text(j).is_none()) {
+            return Err(AuthFailure::Malformed);
+        }
         if self.is_revoked(jti_text(&claims).as_deref()) {
             return Err(AuthFailure::Revoked);
         }
@@ -607,6 +612,20 @@ mod tests {
         assert_eq!(v.verify_now(&text).unwrap_err(), AuthFailure::Revoked);
         let other = mint(&jwt, &secret, "a", Duration::from_secs(60), &[("jti".into(), "123456".into())]).unwrap();
         assert!(v.verify_now(&other).is_ok());
+        for odd in ["[\"abc\"]", "{\"id\":\"abc\"}", "true"] {
+            let t = mint(&jwt, &secret, "a", Duration::from_secs(60), &[("jti".into(), odd.into())]).unwrap();
+            assert_eq!(v.verify_now(&t).unwrap_err(), AuthFailure::Malformed, "jti {odd}");
+        }
+    }
+
+    #[test]
+    fn sub_must_be_a_string() {
+        // RFC 7519 4.1.2: `sub` is a StringOrURI; jsonwebtoken refuses a number there.
+        // Another identity_claim may be a number (see below).
+        let (jwt, secret) = setup();
+        let v = Verifier::new(&jwt, &secret);
+        let t = mint(&jwt, &secret, "x", Duration::from_secs(60), &[("sub".into(), "42".into())]).unwrap();
+        assert_eq!(v.verify_now(&t).map(|i| i.sub), Err(AuthFailure::Malformed));
     }
 
     #[test]

@@ -156,6 +156,9 @@ impl Gateway {
         {
             notes.push("[log] changed: takes effect after a restart".to_string());
         }
+        if new.config.limits.admission.ipv6_prefix != old.config.limits.admission.ipv6_prefix {
+            notes.push("limits.ipv6_prefix changed: takes effect after a restart (live counts and bans are keyed by it)".to_string());
+        }
         if new.config.limits.admission != old.config.limits.admission {
             let next = self.per_ip().reconfigured(new.config.limits.admission.clone());
             self.per_ip.store(Arc::new(next));

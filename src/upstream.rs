@@ -254,7 +254,10 @@ pub fn build_request(url: &str, facts: &ClientFacts) -> Result<http::Request<()>
             h.insert(header::AUTHORIZATION, v);
         }
     }
-    let offer: Vec<&str> = protocols(facts.headers).filter(|p| !p.starts_with("bearer.")).collect();
+    // `bearer.` in any case: an upstream may compare subprotocols without case.
+    let offer: Vec<&str> = protocols(facts.headers)
+        .filter(|p| !p.get(..7).is_some_and(|b| b.eq_ignore_ascii_case("bearer.")))
+        .collect();
     if !offer.is_empty() {
         if let Ok(v) = HeaderValue::from_str(&offer.join(", ")) {
             h.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
@@ -285,7 +288,9 @@ fn carries_token(header: &str, sources: &[TokenSource]) -> bool {
     header == "authorization" && sources.contains(&TokenSource::Authorization)
 }
 
-/// Remove token cookies from the `Cookie` headers the upstream sees.
+/// Remove token cookies from the `Cookie` headers the upstream sees: every cookie whose
+/// name an upstream could read as a token cookie's (compared as query parameter names
+/// are, so `WSGATE_TOKEN`, `wsgate%5Ftoken` and `wsgate_token ` go too).
 fn strip_token_cookies(h: &mut HeaderMap, facts: &ClientFacts) {
     let names: Vec<&str> = facts
         .token_sources
@@ -301,7 +306,12 @@ fn strip_token_cookies(h: &mut HeaderMap, facts: &ClientFacts) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .map(str::trim)
-        .filter(|c| !c.is_empty() && !names.iter().any(|n| c.split_once('=').is_some_and(|(k, _)| k == *n)))
+        .filter(|c| {
+            !c.is_empty()
+                && !names
+                    .iter()
+                    .any(|n| is_token_param(c.split_once('=').map_or(*c, |(k, _)| k).trim(), n))
+        })
         .map(str::to_string)
         .collect();
     h.remove(header::COOKIE);
@@ -572,6 +582,25 @@ mod tests {
         assert_eq!(decoded_param_name("a%2"), "a%2");
         assert_eq!(decoded_param_name("%"), "%");
         assert_eq!(decoded_param_name("a+b%41"), "a bA");
+    }
+
+    #[test]
+    fn every_copy_of_a_cookie_or_subprotocol_token_is_stripped() {
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, HeaderValue::from_static("wsgate_token=a; WSGATE_TOKEN=b; keep=1"));
+        h.append(
+            header::COOKIE,
+            HeaderValue::from_static("wsgate%5Ftoken=c;wsgate_token =d; wsgate.token=e; other=2"),
+        );
+        h.append(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("chat, bearer.x, Bearer.y, BEARER.z"),
+        );
+        let sources = [TokenSource::Cookie("wsgate_token".into()), TokenSource::Protocol];
+        let req = build_request("ws://127.0.0.1:1/echo", &facts(&h, None, &sources)).unwrap();
+        let got = req.headers();
+        assert_eq!(got.get_all(header::COOKIE).iter().collect::<Vec<_>>(), vec!["keep=1; other=2"]);
+        assert_eq!(got.get(header::SEC_WEBSOCKET_PROTOCOL).unwrap(), "chat");
     }
 
     #[test]
