@@ -109,6 +109,14 @@ async fn handshake(
         .peer_certificates()
         .and_then(crate::tls::ClientCert::from_verified)
         .map(Arc::new);
+    // A resumed session carries the certificate verified when its ticket was issued: verify
+    // it again now, so one that expired since is not served (revocations come with a reload,
+    // which starts a new ticket key and session cache).
+    if let (Some(c), Some(v)) = (&cert, &rt.client_auth) {
+        if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) && !c.still_trusted(v.as_ref()) {
+            return Err(Reject::TlsHandshake);
+        }
+    }
 
     let ctx = Arc::new(crate::admit::RequestCtx {
         gw: gw.clone(),

@@ -486,3 +486,51 @@ async fn check_names_the_key_and_line_of_a_bad_ca_or_crl_and_warns_about_unused_
     let err = wsgate::Config::from_toml_str(&text, "check.toml").unwrap_err();
     assert_eq!(err.key, "routes.forward_claims");
 }
+
+#[tokio::test]
+async fn a_resumed_tls_session_keeps_its_certificate_identity() {
+    let pki = tempfile::tempdir().unwrap();
+    let ours = ca("our client CA");
+    let up = upstream(Behaviour::Echo).await;
+    let routes = format!("{}forward_claims = {{ sub = \"x-sub\" }}\n", route("m", "/m", &up.url(), "mtls"));
+    let gw = gateway(&ours, pki.path(), "optional", false, &routes).await;
+    let alice = simple(&ours, "alice", 1);
+    let o = opts(&gw, Some(&alice), None);
+    let mut kinds = Vec::new();
+    for _ in 0..2 {
+        let (mut ws, _) = wsgate::client::connect(&gw.url("/m"), &o).await.unwrap();
+        assert_eq!(roundtrip(&mut ws, "hi").await, "hi");
+        if let wsgate::upstream::UpstreamIo::Tls(s) = ws.get_ref() {
+            kinds.push(s.get_ref().1.handshake_kind());
+        }
+        ws.close(None).await.unwrap();
+        let _ = close_code(&mut ws).await;
+    }
+    assert_eq!(kinds, [Some(rustls::HandshakeKind::Full), Some(rustls::HandshakeKind::Resumed)]);
+    assert_eq!(up.header(1, "x-sub").as_deref(), Some("alice"));
+}
+
+#[tokio::test]
+async fn a_reload_that_removes_client_certificates_closes_only_the_sessions_they_authenticated() {
+    let pki = tempfile::tempdir().unwrap();
+    let ours = ca("our client CA");
+    let gw = gateway(&ours, pki.path(), "optional", false, &routes4()).await;
+    let alice = simple(&ours, "alice", 1);
+    let (mut m, _) = wsgate::client::connect(&gw.url("/m"), &opts(&gw, Some(&alice), None))
+        .await
+        .unwrap();
+    let (mut j, _) = wsgate::client::connect(&gw.url("/j"), &opts(&gw, Some(&alice), Some(gw.token("alice"))))
+        .await
+        .unwrap();
+    let only_jwt = format!(
+        "{}{}",
+        route("j", "/j", "builtin:echo", "jwt"),
+        route("open", "/open", "builtin:echo", "none")
+    );
+    reload(&gw, &config_text(gw.dir.path(), "", &only_jwt)).await.unwrap();
+    assert_eq!(close_code(&mut m).await.0, 1008);
+    assert_eq!(
+        roundtrip(&mut j, "a token session with a certificate stays").await,
+        "a token session with a certificate stays"
+    );
+}
