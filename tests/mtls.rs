@@ -477,6 +477,11 @@ async fn check_names_the_key_and_line_of_a_bad_ca_or_crl_and_warns_about_unused_
     let text = config_text(dir.path(), "", ECHO_ROUTE).replace("self_signed_if_missing = true\n", "client_auth = \"required\"\n");
     let err = wsgate::Config::from_toml_str(&text, "check.toml").unwrap_err();
     assert_eq!((err.key.as_str(), err.line), ("tls.client_auth", Some(9)));
+    // Claims required on a route whose identity is a certificate (it has no claims).
+    let bad = format!("{}require_claims = {{ scope = \"x\" }}\n", route("m", "/m", "builtin:echo", "mtls"));
+    let text = config_text(dir.path(), "", &bad).replace("self_signed_if_missing = true\n", &tls_lines(pki.path(), "optional", false));
+    let err = wsgate::Config::from_toml_str(&text, "check.toml").unwrap_err();
+    assert_eq!(err.key, "routes.require_claims");
     // An unknown cert: key in forward_claims.
     let bad = format!(
         "{}forward_claims = {{ \"cert:serial\" = \"x-serial\" }}\n",

@@ -471,11 +471,20 @@ impl Validator<'_> {
             .iter()
             .map(|u| parse_upstream(u).map_err(|m| self.err(&r.upstreams, "routes.upstreams", m)))
             .collect::<Result<Vec<_>, _>>()?;
+        let auth = r.auth.unwrap_or(AuthMode::Jwt);
+        if let Some(req) = r
+            .require_claims
+            .as_ref()
+            .filter(|m| auth == AuthMode::Mtls && !m.get_ref().is_empty())
+        {
+            // A certificate has no claims: silently ignoring them would leave the route open wider than written.
+            return Err(self.err(req, "routes.require_claims", "needs a token: use auth = \"jwt+mtls\" on this route"));
+        }
         Ok(Route {
             name,
             path,
             upstreams,
-            auth: r.auth.unwrap_or(AuthMode::Jwt),
+            auth,
             forward_token: r.forward_token.unwrap_or(false),
             upstream_ca: r.upstream_ca.as_ref().map(|c| self.located(c, "routes.upstream_ca")),
             allowed_origins: self.allowed_origins(r.allowed_origins.as_ref())?,
