@@ -539,3 +539,32 @@ async fn a_reload_that_removes_client_certificates_closes_only_the_sessions_they
         "a token session with a certificate stays"
     );
 }
+
+#[tokio::test]
+async fn a_chain_through_a_cross_signed_intermediate_is_as_trusted_as_its_signer() {
+    let pki = tempfile::tempdir().unwrap();
+    let ours = ca("our client CA");
+    let stranger_root = ca("stranger root");
+    // Another organisation's CA key, cross-signed once by a third CA and once by ours.
+    let mut tp = CertificateParams::new(Vec::<String>::new()).unwrap();
+    tp.distinguished_name.push(DnType::CommonName, "their CA");
+    tp.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    tp.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let tkey = KeyPair::generate().unwrap();
+    let by_stranger = tp.signed_by(&tkey, &stranger_root.issuer).unwrap().der().clone();
+    let by_us = tp.signed_by(&tkey, &ours.issuer).unwrap().der().clone();
+    let theirs = Ca {
+        der: by_stranger.clone(),
+        pem: String::new(),
+        issuer: Issuer::new(tp, tkey),
+    };
+    let gw = gateway(&ours, pki.path(), "required", false, &routes4()).await;
+    let mut via_stranger = simple(&theirs, "alice", 7);
+    via_stranger.chain.extend([by_stranger, stranger_root.der.clone()]);
+    assert_eq!(attempt(&gw, "/m", &opts(&gw, Some(&via_stranger), None)).await, Got::TlsFailed);
+    // Our CA vouched for theirs: its certificates chain to our anchor (trust is transitive,
+    // as in any X.509 deployment: do not cross-sign a CA whose names you do not control).
+    let mut via_us = simple(&theirs, "alice", 8);
+    via_us.chain.push(by_us);
+    assert_eq!(attempt(&gw, "/m", &opts(&gw, Some(&via_us), None)).await, Got::Open);
+}
