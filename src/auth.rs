@@ -371,6 +371,28 @@ pub fn claims_grant(required: &[(String, String)], claims: &Map<String, Value>) 
     })
 }
 
+/// Certificate binding (RFC 8705): a token with a `cnf` claim is accepted only with the
+/// certificate it names in `x5t#S256` (base64url SHA-256 of the DER leaf), on any route.
+/// A `cnf` that is not an object, lacks `x5t#S256`, or has members the gateway cannot
+/// check (`jwk`, `jkt`, ...: proof of a key it never sees) is refused too: ignoring them
+/// would accept a stolen proof-of-possession token as a bearer token.
+pub fn check_binding(claims: &Map<String, Value>, cert: Option<&crate::tls::ClientCert>) -> Result<(), AuthFailure> {
+    let Some(cnf) = claims.get("cnf") else { return Ok(()) };
+    let Value::Object(cnf) = cnf else {
+        return Err(AuthFailure::CertBinding);
+    };
+    if cnf.keys().any(|k| k != X5T_S256) {
+        return Err(AuthFailure::CertBinding);
+    }
+    match (cnf.get(X5T_S256), cert) {
+        (Some(Value::String(x5t)), Some(c)) if c.matches_x5t_s256(x5t) => Ok(()),
+        _ => Err(AuthFailure::CertBinding),
+    }
+}
+
+/// The `cnf` member naming a certificate by its SHA-256 thumbprint (RFC 8705 section 3.1).
+pub const X5T_S256: &str = "x5t#S256";
+
 /// A claim as a header value: strings as they are, other JSON values as JSON text.
 pub fn claim_header_value(v: &Value) -> Option<http::HeaderValue> {
     let text = match v {

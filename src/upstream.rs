@@ -82,6 +82,8 @@ pub struct ClientFacts<'a> {
     pub token_sources: &'a [TokenSource],
     /// The verified claims, and which of them go upstream as which header.
     pub claims: Option<&'a serde_json::Map<String, serde_json::Value>>,
+    /// The verified client certificate, for `cert:fingerprint` and `cert:subject`.
+    pub cert: Option<&'a crate::tls::ClientCert>,
     pub forward_claims: &'a [(String, HeaderName)],
 }
 
@@ -242,11 +244,9 @@ pub fn build_request(url: &str, facts: &ClientFacts) -> Result<http::Request<()>
     if facts.token_sources.iter().any(|s| matches!(s, TokenSource::Cookie(_))) {
         strip_token_cookies(h, facts);
     }
-    if let Some(claims) = facts.claims {
-        for (claim, header) in facts.forward_claims {
-            if let Some(v) = claims.get(claim).and_then(crate::auth::claim_header_value) {
-                h.insert(header.clone(), v);
-            }
+    for (claim, header) in facts.forward_claims {
+        if let Some(v) = forwarded_value(claim, facts) {
+            h.insert(header.clone(), v);
         }
     }
     if let Some(token) = facts.forward_token {
@@ -282,6 +282,17 @@ pub fn build_request(url: &str, facts: &ClientFacts) -> Result<http::Request<()>
         h.insert(HeaderName::from_static("x-real-ip"), v);
     }
     Ok(req)
+}
+
+/// The value a `forward_claims` entry sends: `cert:*` from the verified certificate only
+/// (a token claim of that name is never used), anything else from the token's claims.
+fn forwarded_value(claim: &str, facts: &ClientFacts) -> Option<HeaderValue> {
+    match claim {
+        crate::config::CERT_FINGERPRINT => facts.cert.and_then(|c| HeaderValue::from_str(&c.fingerprint_hex()).ok()),
+        crate::config::CERT_SUBJECT => facts.cert.and_then(|c| c.subject_header().cloned()),
+        c if c.starts_with("cert:") => None,
+        c => facts.claims?.get(c).and_then(crate::auth::claim_header_value),
+    }
 }
 
 fn carries_token(header: &str, sources: &[TokenSource]) -> bool {
@@ -561,6 +572,7 @@ mod tests {
             forward_token: None,
             token_sources: sources,
             claims: None,
+            cert: None,
             forward_claims: &[],
         }
     }

@@ -164,6 +164,7 @@ fn facts<'a>(path: &'a str, headers: &'a HeaderMap) -> wsgate::upstream::ClientF
         forward_token: None,
         token_sources: &[],
         claims: None,
+        cert: None,
         forward_claims: &[],
     }
 }
