@@ -425,6 +425,40 @@ impl Validator<'_> {
                 .map(|m| m.get_ref().clone().into_iter().collect())
                 .unwrap_or_default(),
             forward_claims: self.forward_claims(r.forward_claims.as_ref())?,
+            validate: r.validate.as_ref().map(|v| self.validate_section(v)).transpose()?,
+        })
+    }
+
+    /// `[routes.validate]`: defaults (JSON on, binary refused, depth 32, close) and
+    /// the combinations that would check nothing or contradict themselves.
+    fn validate_section(&self, v: &Spanned<raw::Validate>) -> Result<Validate, ConfigError> {
+        let raw = v.get_ref();
+        let json = raw.json.unwrap_or(true);
+        let binary = raw.binary.unwrap_or(false);
+        if !json {
+            if let Some(f) = &raw.schema_file {
+                return Err(self.err(f, "routes.validate.schema_file", "a schema needs json = true"));
+            }
+            if let Some(d) = &raw.max_depth {
+                return Err(self.err(d, "routes.validate.max_depth", "a depth limit needs json = true"));
+            }
+            if binary {
+                return Err(self.err(v, "routes.validate", "json = false and binary = true check nothing"));
+            }
+        }
+        let max_depth = match &raw.max_depth {
+            None => DEFAULT_MAX_DEPTH,
+            Some(d) if (1..=MAX_MAX_DEPTH).contains(d.get_ref()) => *d.get_ref(),
+            Some(d) => {
+                return Err(self.err(d, "routes.validate.max_depth", format!("must be 1 to {MAX_MAX_DEPTH}")));
+            }
+        };
+        Ok(Validate {
+            json,
+            binary,
+            schema_file: raw.schema_file.as_ref().map(|f| self.located(f, "routes.validate.schema_file")),
+            max_depth,
+            on_invalid: raw.on_invalid.unwrap_or_default(),
         })
     }
 

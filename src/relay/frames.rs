@@ -2,19 +2,44 @@
 //! fragmentation order, frame, message and fragment limits), UTF-8 of text across
 //! fragments, unmasking and re-masking in place, ping/pong bookkeeping, counting and
 //! the client's message rate.
+//!
+//! On a route with `[routes.validate]`, client text messages are the one exception to
+//! streaming: their frames are unmasked into an assembly buffer (bounded by the message
+//! limit, freed after each message) instead of going on, and the whole message is
+//! checked when its final frame arrives. A valid message then goes on as one frame
+//! under a gateway key ([`Core::ready`]); an invalid one ends the session or is answered
+//! with an error message, and never reaches the upstream. Refused binary messages are
+//! skipped the same way. Control frames between the fragments are handled as always.
 
 use super::{Settings, timers::PING_LEN};
+use crate::config::OnInvalid;
 use crate::error::CloseReason;
 use crate::limits::MessageRate;
 use crate::metrics::SessionMetrics;
+use crate::validation::{Invalid, Validator};
 use crate::wire::{self, OP_BINARY, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, Utf8, Violation};
 use bytes::{Bytes, BytesMut};
-use std::{collections::VecDeque, pin::Pin, task::Context, time::Duration};
+use std::{collections::VecDeque, pin::Pin, sync::Arc, task::Context, time::Duration};
 use tokio::time::{Instant, Sleep, sleep_until};
 
 /// Pings passed on to a side and not yet answered, at most; beyond this a ping is
 /// answered by the gateway only.
 const MAX_FORWARDED_PINGS: usize = 8;
+/// Rejected messages a session logs at INFO; later ones are logged at DEBUG, so a client
+/// cannot flood the log (they are all counted).
+const LOGGED_REJECTIONS: u32 = 8;
+
+/// How the frames of a data message are handled.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+enum Mode {
+    /// Streamed through in pieces (every message of a route without validation).
+    #[default]
+    Stream,
+    /// Assembled for validation: nothing goes on until the message is whole and valid.
+    Assemble,
+    /// Refused (a binary message with `on_invalid = "reply"`): read and dropped.
+    Skip,
+}
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(super) enum Side {
@@ -71,6 +96,11 @@ struct Decoder {
     /// The data frame being relayed: its header has gone on, its payload follows in
     /// pieces as they arrive.
     frame: Option<InFrame>,
+    /// How the message in progress is handled (validated routes, client side).
+    mode: Mode,
+    /// The text message being assembled for validation; empty, without capacity,
+    /// between messages.
+    assembly: Vec<u8>,
 }
 
 /// A data frame in progress. Frames are streamed, never held whole: a session's memory
@@ -85,6 +115,7 @@ struct InFrame {
     keys: Option<([u8; 4], [u8; 4])>,
     text: bool,
     fin: bool,
+    mode: Mode,
 }
 
 /// Everything of a session but the two streams.
@@ -113,6 +144,15 @@ pub(super) struct Core {
     rate_abuse_timeout: Duration,
     /// The time of the current wake-up, read once per wake-up rather than per message.
     pub(super) now: Option<Instant>,
+    /// Checks on client messages (routes with `[routes.validate]`).
+    validator: Option<Arc<Validator>>,
+    /// A validated client message, whole, as one frame under a gateway key: written to
+    /// the upstream right after the output `process` returned with it.
+    pub(super) ready: BytesMut,
+    /// Client messages refused, by [`crate::error::MessageRejection::index`], and what
+    /// has been reported of them.
+    rejected: [u64; 4],
+    rejected_reported: [u64; 4],
 }
 
 impl Core {
@@ -134,6 +174,10 @@ impl Core {
             throttled_since: None,
             rate_abuse_timeout: settings.rate_abuse_timeout,
             now: None,
+            validator: settings.validator.clone(),
+            ready: BytesMut::new(),
+            rejected: [0; 4],
+            rejected_reported: [0; 4],
         }
     }
 
@@ -148,19 +192,24 @@ impl Core {
         let done = |w, r, stop| Processed { out: w, used: r, stop };
         loop {
             if self.dec[from as usize].frame.is_some() {
-                let n = match self.payload(from, &mut buf[r..]) {
-                    Ok(n) => n,
+                let (n, passed) = match self.payload(from, &mut buf[r..]) {
+                    Ok(x) => x,
                     Err(v) => return done(w, r, Some(Stop::Event(violation(from, v)))),
                 };
-                buf.copy_within(r..r + n, w);
-                (r, w) = (r + n, w + n);
+                if passed {
+                    buf.copy_within(r..r + n, w);
+                    w += n;
+                }
+                r += n;
                 if self.dec[from as usize].frame.is_some_and(|f| f.left > 0) {
                     return done(w, r, None); // the rest of the payload is still to come
                 }
-                match self.end_frame(from) {
-                    None => continue,
-                    stop => return done(w, r, stop),
+                let stop = self.end_frame(from, replies);
+                if stop.is_some() || !self.ready.is_empty() {
+                    // A validated message waits in `ready`: it goes on behind `buf[..w]`.
+                    return done(w, r, stop);
                 }
+                continue;
             }
             let h = match wire::parse(&buf[r..]) {
                 Ok(Some(h)) => h,
@@ -171,10 +220,17 @@ impl Core {
                 return done(w, r, Some(Stop::Event(violation(from, v))));
             }
             if !h.is_control() {
+                let mode = match self.message_mode(from, &h) {
+                    Ok(mode) => mode,
+                    Err(stop) => return done(w, r, Some(stop)),
+                };
                 let head = &mut buf[r..r + h.header_len];
-                self.start_frame(from, &h, head);
-                buf.copy_within(r..r + h.header_len, w);
-                (r, w) = (r + h.header_len, w + h.header_len);
+                self.start_frame(from, &h, head, mode);
+                if mode == Mode::Stream {
+                    buf.copy_within(r..r + h.header_len, w);
+                    w += h.header_len;
+                }
+                r += h.header_len;
                 continue;
             }
             // A control frame: at most 125 bytes, handled whole.
@@ -200,7 +256,26 @@ impl Core {
     /// Whether a data frame from `from` is partly relayed: its receiver must get the rest
     /// of it before any frame of the gateway's.
     pub(super) fn in_frame(&self, from: Side) -> bool {
-        self.dec[from as usize].frame.is_some()
+        self.dec[from as usize].frame.is_some_and(|f| f.mode == Mode::Stream)
+    }
+
+    /// How the message a data frame from `from` starts or continues is handled: streamed,
+    /// unless the route validates client messages. A binary message on a route that
+    /// refuses them ends the session here, before any of it is read, with
+    /// `on_invalid = "close"`.
+    fn message_mode(&mut self, from: Side, h: &wire::Header) -> Result<Mode, Stop> {
+        let Some(v) = self.validator.as_ref().filter(|_| from == Side::Client) else {
+            return Ok(Mode::Stream);
+        };
+        match h.opcode {
+            OP_CONTINUATION => Ok(self.dec[from as usize].mode),
+            OP_TEXT if v.checks_text() => Ok(Mode::Assemble),
+            OP_BINARY if !v.allows_binary() => match v.on_invalid() {
+                OnInvalid::Reply => Ok(Mode::Skip), // answered when the message is complete
+                OnInvalid::Close => self.reject(Invalid::binary(), None).map_or(Ok(Mode::Skip), Err),
+            },
+            _ => Ok(Mode::Stream),
+        }
     }
 
     /// Masking, size and fragmentation rules for a header from `from`.
@@ -230,7 +305,7 @@ impl Core {
     }
 
     /// A data frame's header (checked) goes on: a client frame gets the gateway's key.
-    fn start_frame(&mut self, from: Side, h: &wire::Header, head: &mut [u8]) {
+    fn start_frame(&mut self, from: Side, h: &wire::Header, head: &mut [u8], mode: Mode) {
         let dec = &mut self.dec[from as usize];
         let text = match h.opcode {
             OP_TEXT => true,
@@ -248,20 +323,37 @@ impl Core {
             keys,
             text,
             fin: h.fin,
+            mode,
         });
     }
 
     /// The next piece of the frame in progress, from the start of `buf`: check text,
-    /// unmask and re-mask at the running offset. Returns the bytes taken; the frame is
-    /// over (`in_frame` false) when they were its last.
-    fn payload(&mut self, from: Side, buf: &mut [u8]) -> Result<usize, Violation> {
+    /// unmask and re-mask at the running offset. Returns the bytes taken and whether they
+    /// go on (a message held for validation is kept or dropped instead); the frame is
+    /// over when they were its last.
+    fn payload(&mut self, from: Side, buf: &mut [u8]) -> Result<(usize, bool), Violation> {
+        let max_message = self.max_message as usize;
         let dec = &mut self.dec[from as usize];
-        let Some(f) = dec.frame.as_mut() else { return Ok(0) };
+        let Some(f) = dec.frame.as_mut() else { return Ok((0, false)) };
         let n = usize::try_from(f.left).unwrap_or(usize::MAX).min(buf.len());
         let piece = &mut buf[..n];
         let last = f.fin && n as u64 == f.left; // the message ends with this piece
         let at = usize::from(f.offset);
+        match f.mode {
+            Mode::Stream => {}
+            Mode::Assemble => {
+                if let Some((m, _)) = f.keys {
+                    wire::apply_mask(piece, wire::rotate(m, at));
+                }
+                dec.utf8.feed(piece, last)?;
+                grow(&mut dec.assembly, n, max_message);
+                dec.assembly.extend_from_slice(piece);
+            }
+            Mode::Skip => {}
+        }
+        let passed = f.mode == Mode::Stream;
         match f.keys {
+            _ if !passed => {}
             // Client → upstream: unmask, check text, mask again with the gateway's key.
             Some((m, k)) if f.text => {
                 wire::apply_mask(piece, wire::rotate(m, at));
@@ -276,15 +368,17 @@ impl Core {
         f.left -= n as u64;
         f.offset = ((at + n) % 4) as u8;
         dec.message_len += n as u64;
-        self.bytes[from as usize] += n as u64;
-        Ok(n)
+        if passed {
+            self.bytes[from as usize] += n as u64;
+        }
+        Ok((n, passed))
     }
 
     /// The frame in progress has all gone on: the fragmentation state moves on, a final
     /// frame counts as a message, and every data frame, final or not, empty or not, pays
     /// toward the message rate (a stream of empty fragments costs the client like
     /// messages do).
-    fn end_frame(&mut self, from: Side) -> Option<Stop> {
+    fn end_frame(&mut self, from: Side, replies: &mut BytesMut) -> Option<Stop> {
         let dec = &mut self.dec[from as usize];
         let f = dec.frame.take()?;
         // As when frames were held whole, a frame counts against the idle timeout when it
@@ -294,12 +388,70 @@ impl Core {
             dec.message = None;
             dec.message_len = 0;
             dec.fragments = 0;
-            self.counts[from as usize] += 1;
+            dec.mode = Mode::Stream;
+            let refused = match f.mode {
+                Mode::Stream => {
+                    self.counts[from as usize] += 1;
+                    None
+                }
+                Mode::Assemble => self.finish_message(from, replies),
+                Mode::Skip => self.reject(Invalid::binary(), Some(replies)),
+            };
+            if refused.is_some() {
+                return refused; // the session ends: nothing left to charge
+            }
         } else {
             dec.message = Some(f.text);
+            dec.mode = f.mode;
             dec.fragments += 1;
         }
         self.charge(from)
+    }
+
+    /// The final frame of an assembled message is in: check the message, and put it in
+    /// `ready` as one frame under a fresh gateway key, or refuse it. The assembly buffer
+    /// is freed either way.
+    fn finish_message(&mut self, from: Side, replies: &mut BytesMut) -> Option<Stop> {
+        let text = std::mem::take(&mut self.dec[from as usize].assembly);
+        let checked = match &self.validator {
+            Some(v) => v.check(&text),
+            None => Ok(()),
+        };
+        match checked {
+            Ok(()) => {
+                wire::put_frame(&mut self.ready, OP_TEXT, &text, true);
+                self.counts[from as usize] += 1;
+                self.bytes[from as usize] += text.len() as u64;
+                None
+            }
+            Err(invalid) => self.reject(invalid, Some(replies)),
+        }
+    }
+
+    /// Count and log a refused client message; with `on_invalid = "reply"` queue the error
+    /// message for the client (`replies`), else end the session.
+    /// Without `replies` the session ends in either mode. Returns `None` when answered.
+    fn reject(&mut self, invalid: Invalid, replies: Option<&mut BytesMut>) -> Option<Stop> {
+        let Some(v) = self.validator.as_ref() else {
+            return Some(Stop::Event(Event::End(CloseReason::InvalidMessage(invalid.reason))));
+        };
+        let i = invalid.reason.index();
+        self.rejected[i] += 1;
+        let (reason, keyword) = (invalid.reason.label(), &*invalid.keyword);
+        let pointer = crate::escape(&invalid.pointer, 128);
+        if self.rejected.iter().sum::<u64>() <= u64::from(LOGGED_REJECTIONS) {
+            tracing::info!(route = %v.route, reason, pointer, keyword, "client message rejected");
+        } else {
+            tracing::debug!(route = %v.route, reason, pointer, keyword, "client message rejected");
+        }
+        match (v.on_invalid(), replies) {
+            (OnInvalid::Reply, Some(replies)) => {
+                // Waits in the client's queue like a pong: never inside a frame to it.
+                wire::put_frame(replies, OP_TEXT, &invalid.reply(), false);
+                None
+            }
+            _ => Some(Stop::Event(Event::End(CloseReason::InvalidMessage(invalid.reason)))),
+        }
     }
 
     /// A ping, pong or close (at most 125 bytes, read whole). Returns whether to pass it
@@ -403,6 +555,23 @@ impl Core {
             }
         }
         self.reported = (self.counts, self.bytes);
+        if let Some(counters) = &metrics.rejected {
+            for (i, c) in counters.iter().enumerate() {
+                c.increment(self.rejected[i] - self.rejected_reported[i]);
+            }
+            self.rejected_reported = self.rejected;
+        }
+    }
+}
+
+/// Make room for `n` more bytes in an assembly buffer: doubling as data arrives (never
+/// ahead of it, so a client announcing a large frame and stalling holds only what it
+/// sent), capped at the message limit.
+fn grow(buf: &mut Vec<u8>, n: usize, max: usize) {
+    let need = buf.len() + n;
+    if need > buf.capacity() {
+        let want = need.max(buf.capacity() * 2).min(max.max(need));
+        buf.reserve_exact(want - buf.len());
     }
 }
 

@@ -99,7 +99,7 @@ where
         }
         let data = rb.filled_mut();
         let p = core.process(side, data, &mut from.ctl, from.masked);
-        if pass_on(core, side, to, cx, &data[..p.out]).is_err() {
+        if pass_on(core, side, to, cx, &data[..p.out]).is_err() || pass_ready(core, side, to, cx).is_err() {
             return Read::Event(Event::End(write_error(side)));
         }
         from.rx.extend_from_slice(&data[p.used..]);
@@ -124,7 +124,7 @@ where
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let p = core.process(side, &mut from.rx, &mut from.ctl, from.masked);
-    if pass_on(core, side, to, cx, &from.rx[..p.out]).is_err() {
+    if pass_on(core, side, to, cx, &from.rx[..p.out]).is_err() || pass_ready(core, side, to, cx).is_err() {
         return Read::Event(Event::End(write_error(side)));
     }
     from.rx.advance(p.used);
@@ -150,6 +150,19 @@ where
         Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Read::Event(Event::End(lost(side))),
         Poll::Ready(Ok(_)) => Read::Again,
     }
+}
+
+/// Write a validated message `process` left in [`Core::ready`] (right behind what it
+/// returned), then free it.
+fn pass_ready<B>(core: &mut Core, side: Side, to: &mut Endpoint<B>, cx: &mut Context<'_>) -> std::io::Result<()>
+where
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    if core.ready.is_empty() {
+        return Ok(());
+    }
+    let ready = std::mem::take(&mut core.ready);
+    pass_on(core, side, to, cx, &ready)
 }
 
 /// Write what `side` relayed to `to`. `to` learns first whether that ends inside a data
