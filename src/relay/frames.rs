@@ -222,7 +222,7 @@ impl Core {
             if !h.is_control() {
                 let mode = match self.message_mode(from, &h) {
                     Ok(mode) => mode,
-                    Err(stop) => return done(w, r, Some(stop)),
+                    Err(reason) => return done(w, r, Some(Stop::Event(Event::End(reason)))),
                 };
                 let head = &mut buf[r..r + h.header_len];
                 self.start_frame(from, &h, head, mode);
@@ -263,7 +263,7 @@ impl Core {
     /// unless the route validates client messages. A binary message on a route that
     /// refuses them ends the session here, before any of it is read, with
     /// `on_invalid = "close"`.
-    fn message_mode(&mut self, from: Side, h: &wire::Header) -> Result<Mode, Stop> {
+    fn message_mode(&mut self, from: Side, h: &wire::Header) -> Result<Mode, CloseReason> {
         let Some(v) = self.validator.as_ref().filter(|_| from == Side::Client) else {
             return Ok(Mode::Stream);
         };
@@ -272,7 +272,10 @@ impl Core {
             OP_TEXT if v.checks_text() => Ok(Mode::Assemble),
             OP_BINARY if !v.allows_binary() => match v.on_invalid() {
                 OnInvalid::Reply => Ok(Mode::Skip), // answered when the message is complete
-                OnInvalid::Close => self.reject(Invalid::binary(), None).map_or(Ok(Mode::Skip), Err),
+                OnInvalid::Close => {
+                    let _ = self.reject(Invalid::binary(), None); // counted and logged; the session ends
+                    Err(CloseReason::InvalidMessage(crate::error::MessageRejection::Binary))
+                }
             },
             _ => Ok(Mode::Stream),
         }
