@@ -10,6 +10,7 @@ use crate::config::{AuthMode, Config, Route, TokenSource};
 use crate::error::{AuthFailure, Reject};
 use crate::gateway::{Gateway, Runtime};
 use crate::limits::{IpSlot, UserSlot};
+use crate::tls::ClientCert;
 use crate::upgrade::{self, Upgrade};
 use crate::upstream::{self, ClientFacts, Connected};
 use crate::util::lock;
@@ -49,6 +50,8 @@ pub(crate) struct Admitted {
     pub(crate) upstream: Option<Connected>,
     pub(crate) on_upgrade: hyper::upgrade::OnUpgrade,
     pub(crate) identity: Option<Identity>,
+    /// The verified client certificate, if the client presented one.
+    pub(crate) cert: Option<Arc<ClientCert>>,
     pub(crate) pending: Option<PendingRequest>,
     /// The per-IP slot of a client behind a trusted proxy, held for the session.
     pub(crate) ip_slot: Option<IpSlot>,
@@ -71,6 +74,8 @@ pub(crate) struct RequestCtx {
     pub(crate) peer_ip: IpAddr,
     pub(crate) over_cap: bool,
     pub(crate) verdict: Arc<Mutex<Verdict>>,
+    /// The client certificate the TLS handshake verified.
+    pub(crate) cert: Option<Arc<ClientCert>>,
 }
 
 /// The request after the checks that need no token: routed, validated, the client's
@@ -88,6 +93,8 @@ struct Checked {
 enum Authenticated {
     /// A route with `auth = "none"`.
     Open,
+    /// A route with `auth = "mtls"`: the certificate names the user.
+    Cert { sub: String, user_slot: Option<UserSlot> },
     /// A verified token, and the user's session slot.
     Token {
         identity: Identity,
@@ -124,15 +131,21 @@ impl RequestCtx {
     async fn admit(&self, req: &mut Request<Incoming>) -> Result<Answer, Reject> {
         let checked = self.check(req)?;
         let route = &self.rt.config.routes[checked.route_index];
+        let mut cert_sub = None;
         let (identity, token, user_slot) = match self.authenticate(route, req, checked.query.as_deref()).await? {
             Authenticated::Open => (None, None, None),
+            Authenticated::Cert { sub, user_slot } => {
+                cert_sub = Some(sub);
+                (None, None, user_slot)
+            }
             Authenticated::Token {
                 identity,
                 token,
                 user_slot,
             } => (Some(identity), Some(token), user_slot),
-            Authenticated::FirstMessage => return Ok(first_message_pending(req, checked, self.peer_ip)),
+            Authenticated::FirstMessage => return Ok(first_message_pending(req, checked, self.peer_ip, self.cert.clone())),
         };
+        let cert_claims = cert_sub.map(sub_claims);
         let facts = facts(
             &self.rt,
             route,
@@ -142,7 +155,8 @@ impl RequestCtx {
             checked.query.as_deref(),
             req.headers(),
             token.as_deref(),
-            identity.as_ref(),
+            identity.as_ref().map(|i| &i.claims).or(cert_claims.as_ref()),
+            self.cert.as_deref(),
         );
         let upstream = connect_upstream(&self.gw, &self.rt, checked.route_index, &facts).await?;
         let resp = upgrade::switching_protocols(&checked.upgrade, upstream.protocol.clone());
@@ -151,6 +165,7 @@ impl RequestCtx {
             upstream: Some(upstream),
             on_upgrade: hyper::upgrade::on(req),
             identity,
+            cert: self.cert.clone(),
             pending: None,
             ip_slot: checked.ip_slot,
             user_slot,
@@ -197,10 +212,29 @@ impl RequestCtx {
         })
     }
 
-    /// Stage 6: find and verify the token, then the route's claims and the user cap.
+    /// Stage 6: the client certificate the route needs, then the token: found, verified,
+    /// bound to the certificate when it says so; then the route's claims and the user cap.
     async fn authenticate(&self, route: &Route, req: &Request<Incoming>, query: Option<&str>) -> Result<Authenticated, Reject> {
-        if route.auth != AuthMode::Jwt {
-            return Ok(Authenticated::Open);
+        if route.auth.uses_cert() && self.cert.is_none() {
+            return Err(Reject::ClientCert);
+        }
+        match route.auth {
+            AuthMode::None => return Ok(Authenticated::Open),
+            AuthMode::Mtls => {
+                // `uses_cert` above: the certificate is there; it must name someone.
+                let sub = self.cert.as_ref().and_then(|c| c.identity()).ok_or(Reject::ClientCert)?.to_string();
+                self.note(|i| i.sub = Some(sub.clone()));
+                let user_slot = self
+                    .gw
+                    .users
+                    .acquire(&sub, self.rt.config.limits.max_connections_per_user)
+                    .ok_or(Reject::UserConnLimit)?;
+                return Ok(Authenticated::Cert {
+                    sub,
+                    user_slot: Some(user_slot),
+                });
+            }
+            AuthMode::Jwt | AuthMode::JwtMtls => {}
         }
         let verifier = self.rt.verifier.as_ref().ok_or(Reject::Auth(AuthFailure::Missing))?;
         let Some(found) = verifier.find_token(req.headers(), query) else {
@@ -212,6 +246,7 @@ impl RequestCtx {
         self.note(|i| i.token_fingerprint = Some(fingerprint(&found.token)));
         let identity = verifier.verify(&found.token).await.map_err(Reject::Auth)?;
         self.note(|i| i.sub = identity.sub.clone());
+        crate::auth::check_binding(&identity.claims, self.cert.as_deref()).map_err(Reject::Auth)?;
         let user_slot = authorize(&self.gw, &self.rt.config, route, &identity)?;
         Ok(Authenticated::Token {
             identity,
@@ -223,7 +258,7 @@ impl RequestCtx {
 
 /// Answer the 101 now; the token comes as the first message, and the upstream is
 /// connected only after it verifies.
-fn first_message_pending(req: &mut Request<Incoming>, checked: Checked, peer_ip: IpAddr) -> Answer {
+fn first_message_pending(req: &mut Request<Incoming>, checked: Checked, peer_ip: IpAddr, cert: Option<Arc<ClientCert>>) -> Answer {
     let resp = upgrade::switching_protocols(&checked.upgrade, None);
     let pending = PendingRequest {
         path: checked.path,
@@ -237,6 +272,7 @@ fn first_message_pending(req: &mut Request<Incoming>, checked: Checked, peer_ip:
         upstream: None,
         on_upgrade: hyper::upgrade::on(req),
         identity: None,
+        cert,
         pending: Some(pending),
         ip_slot: checked.ip_slot,
         user_slot: None,
@@ -269,9 +305,10 @@ fn facts<'a>(
     query: Option<&'a str>,
     headers: &'a HeaderMap,
     token: Option<&'a str>,
-    identity: Option<&'a Identity>,
+    claims: Option<&'a serde_json::Map<String, serde_json::Value>>,
+    cert: Option<&'a ClientCert>,
 ) -> ClientFacts<'a> {
-    let jwt = route.auth == AuthMode::Jwt;
+    let jwt = route.auth.uses_jwt();
     ClientFacts {
         ip: client_ip,
         peer: peer_ip,
@@ -284,9 +321,17 @@ fn facts<'a>(
             Some(v) if jwt => v.sources(),
             _ => &[],
         },
-        claims: identity.map(|i| &i.claims),
+        claims,
+        cert,
         forward_claims: &route.forward_claims,
     }
+}
+
+/// The claims an `mtls` route forwards: the certificate's identity as `sub`.
+fn sub_claims(sub: String) -> serde_json::Map<String, serde_json::Value> {
+    let mut m = serde_json::Map::new();
+    m.insert("sub".to_string(), serde_json::Value::String(sub));
+    m
 }
 
 /// Try the route's upstreams round robin, each under `upstream_timeout`; the first
@@ -344,6 +389,7 @@ pub(crate) async fn first_message<S: AsyncRead + AsyncWrite + Unpin>(
     route_index: usize,
     client: &mut crate::relay::Endpoint<S>,
     pending: PendingRequest,
+    cert: Option<&ClientCert>,
     verdict: &Mutex<Verdict>,
 ) -> Result<(Connected, Option<Identity>, Option<UserSlot>), Reject> {
     let route = &rt.config.routes[route_index];
@@ -358,6 +404,7 @@ pub(crate) async fn first_message<S: AsyncRead + AsyncWrite + Unpin>(
         lock(verdict).info.token_fingerprint = Some(fingerprint(&token));
         let id = verifier.verify(&token).await.map_err(Reject::Auth)?;
         lock(verdict).info.sub = id.sub.clone();
+        crate::auth::check_binding(&id.claims, cert).map_err(Reject::Auth)?;
         let user_slot = authorize(gw, &rt.config, route, &id)?;
         let facts = facts(
             rt,
@@ -368,7 +415,8 @@ pub(crate) async fn first_message<S: AsyncRead + AsyncWrite + Unpin>(
             pending.query.as_deref(),
             &pending.headers,
             Some(&token),
-            Some(&id),
+            Some(&id.claims),
+            cert,
         );
         let upstream = connect_upstream(gw, rt, route_index, &facts).await?;
         Ok((upstream, Some(id), user_slot))

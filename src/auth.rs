@@ -280,6 +280,11 @@ impl Verifier {
                     .ok_or(AuthFailure::Malformed)?,
             ),
         };
+        // A `jti` that is neither a string nor a number could never match the
+        // revocation list: refused rather than let through unrevocable.
+        if claims.get("jti").is_some_and(|j| claim_text(j).is_none()) {
+            return Err(AuthFailure::Malformed);
+        }
         if self.is_revoked(jti_text(&claims).as_deref()) {
             return Err(AuthFailure::Revoked);
         }
@@ -365,6 +370,28 @@ pub fn claims_grant(required: &[(String, String)], claims: &Map<String, Value>) 
         _ => false,
     })
 }
+
+/// Certificate binding (RFC 8705): a token with a `cnf` claim is accepted only with the
+/// certificate it names in `x5t#S256` (base64url SHA-256 of the DER leaf), on any route.
+/// A `cnf` that is not an object, lacks `x5t#S256`, or has members the gateway cannot
+/// check (`jwk`, `jkt`, ...: proof of a key it never sees) is refused too: ignoring them
+/// would accept a stolen proof-of-possession token as a bearer token.
+pub fn check_binding(claims: &Map<String, Value>, cert: Option<&crate::tls::ClientCert>) -> Result<(), AuthFailure> {
+    let Some(cnf) = claims.get("cnf") else { return Ok(()) };
+    let Value::Object(cnf) = cnf else {
+        return Err(AuthFailure::CertBinding);
+    };
+    if cnf.keys().any(|k| k != X5T_S256) {
+        return Err(AuthFailure::CertBinding);
+    }
+    match (cnf.get(X5T_S256), cert) {
+        (Some(Value::String(x5t)), Some(c)) if c.matches_x5t_s256(x5t) => Ok(()),
+        _ => Err(AuthFailure::CertBinding),
+    }
+}
+
+/// The `cnf` member naming a certificate by its SHA-256 thumbprint (RFC 8705 section 3.1).
+pub const X5T_S256: &str = "x5t#S256";
 
 /// A claim as a header value: strings as they are, other JSON values as JSON text.
 pub fn claim_header_value(v: &Value) -> Option<http::HeaderValue> {
@@ -607,6 +634,20 @@ mod tests {
         assert_eq!(v.verify_now(&text).unwrap_err(), AuthFailure::Revoked);
         let other = mint(&jwt, &secret, "a", Duration::from_secs(60), &[("jti".into(), "123456".into())]).unwrap();
         assert!(v.verify_now(&other).is_ok());
+        for odd in ["[\"abc\"]", "{\"id\":\"abc\"}", "true"] {
+            let t = mint(&jwt, &secret, "a", Duration::from_secs(60), &[("jti".into(), odd.into())]).unwrap();
+            assert_eq!(v.verify_now(&t).unwrap_err(), AuthFailure::Malformed, "jti {odd}");
+        }
+    }
+
+    #[test]
+    fn sub_must_be_a_string() {
+        // RFC 7519 4.1.2: `sub` is a StringOrURI; jsonwebtoken refuses a number there.
+        // Another identity_claim may be a number (see below).
+        let (jwt, secret) = setup();
+        let v = Verifier::new(&jwt, &secret);
+        let t = mint(&jwt, &secret, "x", Duration::from_secs(60), &[("sub".into(), "42".into())]).unwrap();
+        assert_eq!(v.verify_now(&t).map(|i| i.sub), Err(AuthFailure::Malformed));
     }
 
     #[test]

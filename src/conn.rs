@@ -102,6 +102,21 @@ async fn handshake(
         Ok(Err(_)) => return Err(Reject::TlsHandshake),
         Ok(Ok(tls)) => tls,
     };
+    // Present only when rustls verified it against `tls.client_ca` (and the CRLs).
+    let cert = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(crate::tls::ClientCert::from_verified)
+        .map(Arc::new);
+    // A resumed session carries the certificate verified when its ticket was issued: verify
+    // it again now, so one that expired since is not served (revocations come with a reload,
+    // which starts a new ticket key and session cache).
+    if let (Some(c), Some(v)) = (&cert, &rt.client_auth) {
+        if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) && !c.still_trusted(v.as_ref()) {
+            return Err(Reject::TlsHandshake);
+        }
+    }
 
     let ctx = Arc::new(crate::admit::RequestCtx {
         gw: gw.clone(),
@@ -109,6 +124,7 @@ async fn handshake(
         peer_ip,
         over_cap,
         verdict: verdict.clone(),
+        cert,
     });
     let service = service_fn(move |req| {
         let ctx = ctx.clone();
@@ -163,6 +179,8 @@ struct Open {
     jti: Option<String>,
     /// The verified token, re-checked against the keys of each new config.
     token: Option<Box<str>>,
+    /// The verified client certificate, re-checked against each new config's CA and CRLs.
+    cert: Option<Arc<crate::tls::ClientCert>>,
     _slots: (Option<crate::limits::IpSlot>, Option<crate::limits::UserSlot>),
 }
 
@@ -191,6 +209,7 @@ async fn open_session(gw: &Gateway, rt: &Runtime, admission: Box<Admitted>, verd
         upstream,
         on_upgrade,
         identity,
+        cert,
         pending,
         ip_slot,
         user_slot,
@@ -214,7 +233,7 @@ async fn open_session(gw: &Gateway, rt: &Runtime, admission: Box<Admitted>, verd
     // With the `first_message` token source the client authenticates after the 101.
     let (upstream, identity, user_slot) = match (upstream, pending) {
         (Some(u), _) => (u, identity, user_slot),
-        (None, Some(pending)) => crate::admit::first_message(gw, rt, route_index, &mut client, pending, verdict).await?,
+        (None, Some(pending)) => crate::admit::first_message(gw, rt, route_index, &mut client, pending, cert.as_deref(), verdict).await?,
         (None, None) => return Err(Reject::BadRequest("no upstream")),
     };
     // Keep only what the session needs from the token, not every claim.
@@ -228,6 +247,7 @@ async fn open_session(gw: &Gateway, rt: &Runtime, admission: Box<Admitted>, verd
         expires_at,
         jti,
         token,
+        cert,
         _slots: (ip_slot, user_slot),
     })
 }
@@ -271,6 +291,8 @@ async fn run_session(
         client_ip: lock(verdict).info.client_ip,
         jti: open.jti.take(),
         token: open.token.take(),
+        cert: open.cert.take(),
+        cert_auth: route.auth.uses_cert(),
     };
     let control = relay::Control {
         shutdown: &gw.sessions,
@@ -300,7 +322,8 @@ async fn run_session(
     })
 }
 
-/// After a reload, a live session must still pass the firewall and its token must not be revoked.
+/// After a reload, a live session must still pass the firewall, its token must not be
+/// revoked, and its client certificate must still verify (CA kept, not revoked).
 struct SessionPolicy<'a> {
     gw: &'a Gateway,
     /// The generation at admission, handed to the relay first (then the current one).
@@ -308,6 +331,9 @@ struct SessionPolicy<'a> {
     client_ip: Option<IpAddr>,
     jti: Option<String>,
     token: Option<Box<str>>,
+    cert: Option<Arc<crate::tls::ClientCert>>,
+    /// The route authenticated with the certificate (`mtls`, `jwt+mtls`).
+    cert_auth: bool,
 }
 
 impl relay::Policy for SessionPolicy<'_> {
@@ -330,6 +356,15 @@ impl relay::Policy for SessionPolicy<'_> {
         if let (Some(token), Some(v)) = (&self.token, &rt.verifier) {
             if !v.still_valid(token) {
                 return Some(CloseReason::AccessRevoked);
+            }
+        }
+        // A certificate the new config would refuse (revoked by a new CRL, its CA removed)
+        // ends the session; without any client CA now, only sessions it authenticated end.
+        if let Some(cert) = &self.cert {
+            match &rt.client_auth {
+                Some(v) if !cert.still_trusted(v.as_ref()) => return Some(CloseReason::AccessRevoked),
+                None if self.cert_auth => return Some(CloseReason::AccessRevoked),
+                _ => {}
             }
         }
         None

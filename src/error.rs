@@ -59,6 +59,10 @@ pub enum Reject {
     NotFound,
     #[error("authentication failed: {0}")]
     Auth(AuthFailure),
+    /// A route that needs a client certificate (`mtls`, `jwt+mtls`) got none, or one
+    /// that names no usable identity (`client_auth = "optional"`).
+    #[error("no usable client certificate")]
+    ClientCert,
     #[error("upstream unavailable")]
     UpstreamUnavailable,
     #[error("upstream timed out")]
@@ -109,6 +113,10 @@ pub enum AuthFailure {
     Forbidden,
     #[error("token revoked")]
     Revoked,
+    /// The token is bound to a certificate (`cnf`, RFC 8705) other than the one presented,
+    /// or to none the gateway can check.
+    #[error("token not bound to this client certificate")]
+    CertBinding,
 }
 
 impl AuthFailure {
@@ -126,6 +134,7 @@ impl AuthFailure {
             AuthFailure::UnknownKid => "unknown_kid",
             AuthFailure::Forbidden => "forbidden",
             AuthFailure::Revoked => "revoked",
+            AuthFailure::CertBinding => "cert_binding",
         }
     }
 }
@@ -145,6 +154,7 @@ impl Reject {
             Reject::NotFound => StatusCode::NOT_FOUND,
             Reject::Auth(AuthFailure::Forbidden) => StatusCode::FORBIDDEN,
             Reject::Auth(_) => StatusCode::UNAUTHORIZED,
+            Reject::ClientCert => StatusCode::FORBIDDEN,
             Reject::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Reject::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Reject::UpstreamRefused(a) => a.status,
@@ -166,6 +176,7 @@ impl Reject {
             Reject::BadRequest(_) | Reject::HeadTooLarge | Reject::UnsupportedVersion | Reject::NotUpgrade => "bad_request",
             Reject::NotFound => "not_found",
             Reject::Auth(_) => "auth",
+            Reject::ClientCert => "client_cert",
             Reject::UpstreamUnavailable => "upstream_unavailable",
             Reject::UpstreamTimeout => "upstream_timeout",
             Reject::UpstreamRefused(_) => "upstream_refused",
@@ -187,6 +198,7 @@ impl Reject {
             Reject::NotUpgrade => "websocket upgrade required\n",
             Reject::NotFound => "not found\n",
             Reject::Auth(_) => "unauthorized\n",
+            Reject::ClientCert => "client certificate required\n",
             Reject::UpstreamUnavailable => "upstream unavailable\n",
             Reject::UpstreamTimeout => "upstream timeout\n",
             Reject::UpstreamRefused(_) => "",
@@ -197,7 +209,12 @@ impl Reject {
     pub fn is_warning(&self) -> bool {
         matches!(
             self,
-            Reject::Auth(_) | Reject::AuthBanned(_) | Reject::Origin | Reject::UpstreamUnavailable | Reject::UpstreamTimeout
+            Reject::Auth(_)
+                | Reject::AuthBanned(_)
+                | Reject::ClientCert
+                | Reject::Origin
+                | Reject::UpstreamUnavailable
+                | Reject::UpstreamTimeout
         )
     }
 
@@ -409,6 +426,8 @@ mod tests {
             (Reject::NotFound, Some(404), "not_found"),
             (Reject::Auth(AuthFailure::Expired), Some(401), "auth"),
             (Reject::Auth(AuthFailure::Forbidden), Some(403), "auth"),
+            (Reject::Auth(AuthFailure::CertBinding), Some(401), "auth"),
+            (Reject::ClientCert, Some(403), "client_cert"),
             (Reject::UpstreamUnavailable, Some(502), "upstream_unavailable"),
             (Reject::UpstreamTimeout, Some(504), "upstream_timeout"),
             (
@@ -425,6 +444,8 @@ mod tests {
             assert_eq!(r.status().map(|s| s.as_u16()), *status, "{r:?}");
             assert_eq!(r.label(), *label, "{r:?}");
         }
+        assert_eq!(AuthFailure::CertBinding.label(), "cert_binding");
+        assert_eq!(Reject::ClientCert.body(), "client certificate required\n");
     }
 
     #[test]

@@ -42,6 +42,9 @@ const MIN_SECRET_LEN: usize = 32;
 pub struct Runtime {
     pub config: Config,
     pub tls: TlsAcceptor,
+    /// The verifier of client certificates (`tls.client_ca`); live sessions re-check
+    /// their certificate against the one of each new config.
+    pub client_auth: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
     /// `[firewall]` compiled, rule files included.
     pub firewall: Firewall,
     pub verifier: Option<Verifier>,
@@ -62,9 +65,10 @@ impl Runtime {
     /// Load certificates and keys named by `config`. With `create_dev_files`, missing
     /// development certificates and secrets are generated when the config allows it.
     pub fn load(config: Config, create_dev_files: bool) -> Result<Runtime, ConfigError> {
-        let tls = TlsAcceptor::from(crate::tls::server_config(&config, create_dev_files)?);
+        let client_auth = crate::tls::client_auth(&config)?;
+        let tls = TlsAcceptor::from(crate::tls::server_config(&config, create_dev_files, client_auth.clone())?);
         let firewall = Firewall::load(&config.firewall, &config.origin)?;
-        let needs_jwt = config.routes.iter().any(|r| r.auth == AuthMode::Jwt);
+        let needs_jwt = config.routes.iter().any(|r| r.auth.uses_jwt());
         let verifier = if needs_jwt {
             Some(Verifier::load(&config.jwt, &config.origin, create_dev_files)?)
         } else {
@@ -101,6 +105,7 @@ impl Runtime {
         Ok(Runtime {
             config,
             tls,
+            client_auth,
             firewall,
             verifier,
             connectors,
@@ -169,6 +174,9 @@ impl Gateway {
             || new.config.log.file != old.config.log.file
         {
             notes.push("[log] changed: takes effect after a restart".to_string());
+        }
+        if new.config.limits.admission.ipv6_prefix != old.config.limits.admission.ipv6_prefix {
+            notes.push("limits.ipv6_prefix changed: takes effect after a restart (live counts and bans are keyed by it)".to_string());
         }
         if new.config.limits.admission != old.config.limits.admission {
             let next = self.per_ip().reconfigured(new.config.limits.admission.clone());
@@ -359,7 +367,7 @@ pub fn warnings(config: &Config) -> Vec<String> {
             config.admin.listen
         ));
     }
-    let jwt_routes = config.routes.iter().any(|r| r.auth == AuthMode::Jwt);
+    let jwt_routes = config.routes.iter().any(|r| r.auth.uses_jwt());
     let exp_required = config.jwt.required_claims.iter().any(|c| c == "exp");
     if jwt_routes && !exp_required {
         w.push("jwt.required_claims does not hold \"exp\": tokens that never expire are accepted".to_string());
@@ -373,6 +381,14 @@ pub fn warnings(config: &Config) -> Vec<String> {
     let public = config.server.listen.iter().any(|a| !a.ip().is_loopback());
     if public && config.firewall.default == FirewallDefault::Allow && !config.firewall.has_deny_rules() {
         w.push("firewall default = \"allow\" with no deny rules on a public listener".to_string());
+    }
+    if let Some(c) = &config.tls.client {
+        if c.auth == crate::config::ClientAuth::Optional && !config.routes.iter().any(|r| r.auth.uses_cert()) {
+            w.push(
+                "tls.client_auth = \"optional\" but no route has auth = \"mtls\" or \"jwt+mtls\": certificates are checked and then unused"
+                    .to_string(),
+            );
+        }
     }
     for r in &config.routes {
         if r.auth == AuthMode::None && public {

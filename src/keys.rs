@@ -71,19 +71,24 @@ impl Secret {
     }
 }
 
+/// Whether an unset variable's name may be echoed in an error: only a conventional name
+/// (`WSGATE_JWT_SECRET`: upper case words joined by `_`). Anything else may be the secret
+/// itself, pasted here by mistake (`sk_live_…`, or a base32 secret like `JBSWY3DPEHPK3PXP`).
+fn is_conventional_env_name(s: &str) -> bool {
+    s.len() <= 64
+        && s.contains('_')
+        && s.starts_with(|c: char| c.is_ascii_uppercase())
+        && s.split('_')
+            .all(|w| !w.is_empty() && w.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit()))
+}
+
 /// Load the HS* secret named by the config. With `generate` and `generate_if_missing`,
 /// a missing file is created with 32 random bytes (hex encoded, mode 0600).
 pub fn load_secret(src: &SecretSource, origin: &str, generate: bool) -> Result<Secret, ConfigError> {
     let bytes = match src {
         SecretSource::Env(name) => match std::env::var_os(&name.value) {
             Some(v) => v.into_encoded_bytes(),
-            // Only a conventional name (`WSGATE_JWT_SECRET`) is echoed: anything else may
-            // be the secret itself, pasted here by mistake (`sk_live_…`).
-            None if name
-                .value
-                .bytes()
-                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_') =>
-            {
+            None if is_conventional_env_name(&name.value) => {
                 return Err(name.error(origin, format!("environment variable {} is not set", name.value)));
             }
             None => return Err(name.error(origin, "the environment variable it names is not set (name not shown)")),
@@ -396,4 +401,28 @@ pub async fn fetch(url: &http::Uri, tls: Arc<rustls::ClientConfig>) -> Result<Ve
     tokio::time::timeout(JWKS_FETCH_TIMEOUT, work)
         .await
         .map_err(|_| "timed out".to_string())?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unset_secret_variable_is_named_only_when_its_name_is_conventional() {
+        let load = |name: &str| {
+            let src = SecretSource::Env(crate::config::Located {
+                value: name.into(),
+                key: "jwt.secret_env".into(),
+                line: Some(2),
+            });
+            let e = load_secret(&src, "t.toml", false).map(|_| ()).unwrap_err();
+            assert_eq!(e.key, "jwt.secret_env");
+            e.to_string()
+        };
+        assert!(load("WSGATE_TEST_UNSET_SECRET_1").contains("WSGATE_TEST_UNSET_SECRET_1"));
+        for pasted in ["JBSWY3DPEHPK3PXP", "sk_live_abc", "ABC__DEF", "_SECRET_", "A_b"] {
+            let shown = load(pasted);
+            assert!(!shown.contains(pasted), "{pasted} shown in {shown}");
+        }
+    }
 }

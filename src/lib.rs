@@ -7,9 +7,9 @@
 //! |---|-------|--------|
 //! | 1 | accept, global cap; client address from PROXY protocol v1/v2 | [`server`], `proxy_protocol` |
 //! | 2–3 | firewall, per-IP rate and concurrency limits (before TLS) | [`firewall`], [`limits`], [`gateway::Gateway`] |
-//! | 4 | TLS handshake under `handshake_timeout` | [`tls`], `conn` |
+//! | 4 | TLS handshake under `handshake_timeout`; client certificate verified (mTLS) | [`tls`], `conn` |
 //! | 5 | upgrade request: head read by hyper with size/time bounds, route, validate | [`upgrade`], `admit` |
-//! | 6 | JWT authentication | [`auth`], `keys` |
+//! | 6 | authentication: client certificate and/or JWT, certificate-bound tokens | [`auth`], `keys`, `admit` |
 //! | 7 | upstream connect + handshake, before the 101 | [`upstream`], [`echo`] |
 //! | 8 | 101 with the upstream's subprotocol | [`upgrade`] |
 //! | 9 | relay: frames both ways, limits, pings, idle, shutdown | [`relay`], [`wire`] |

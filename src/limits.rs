@@ -230,7 +230,11 @@ impl PerIp {
     /// The admission for new `[limits]` after a reload: a fresh rate limiter with the new
     /// quota, but the live per-IP counts and the auth-failure bans carried over, so a
     /// reload neither lifts a ban nor lets old sessions escape the per-IP cap.
-    pub fn reconfigured(&self, settings: AdmissionLimits) -> PerIp {
+    ///
+    /// `ipv6_prefix` keys those carried maps, so it keeps its old value until a restart:
+    /// re-keying would lift the bans of a wider prefix and orphan the live slots.
+    pub fn reconfigured(&self, mut settings: AdmissionLimits) -> PerIp {
+        settings.ipv6_prefix = self.settings.ipv6_prefix;
         PerIp {
             open: self.open.clone(),
             failures: self.failures.clone(),
@@ -383,6 +387,25 @@ mod reload_tests {
         assert!(matches!(b.admit(ip), Err(Reject::IpConnLimit)), "old sessions no longer counted");
         drop((_s1, _s2, _s3));
         assert_eq!(b.tracked().1, 0);
+    }
+
+    #[test]
+    fn a_reload_cannot_change_the_ipv6_prefix_under_live_bans() {
+        let a = PerIp::new(settings(2));
+        let banned: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        a.auth_failed(banned);
+        a.auth_failed(banned);
+        let other_host_same_64: IpAddr = "2001:db8:1:2::99".parse().unwrap();
+        assert!(a.banned(other_host_same_64).is_some());
+        let b = a.reconfigured(AdmissionLimits {
+            ipv6_prefix: 128,
+            ..settings(2)
+        });
+        assert_eq!(b.settings.ipv6_prefix, 64);
+        assert!(
+            b.banned(banned).is_some() && b.banned(other_host_same_64).is_some(),
+            "the reload lifted a /64 ban"
+        );
     }
 }
 

@@ -53,6 +53,22 @@ enum Command {
         /// Do not verify the server certificate.
         #[arg(long)]
         insecure: bool,
+        /// Present this client certificate (PEM chain) for mTLS routes; needs --key.
+        #[arg(long, requires = "key", value_name = "FILE")]
+        cert: Option<PathBuf>,
+        /// The client certificate's private key (PEM).
+        #[arg(long, requires = "cert", value_name = "FILE")]
+        key: Option<PathBuf>,
+    },
+    /// Development only: create a client CA (if missing) and a client certificate for NAME
+    /// under certs/dev/, to try an mTLS route.
+    DevClientCert {
+        /// The certificate's CN: the user an `auth = "mtls"` route sees.
+        #[arg(long)]
+        name: String,
+        /// Where the files go.
+        #[arg(long, default_value = "certs/dev", value_name = "DIR")]
+        dir: PathBuf,
     },
 }
 
@@ -88,7 +104,10 @@ fn main() -> ExitCode {
             protocols,
             ca,
             insecure,
-        } => rt.block_on(client(&url, token, protocols, ca, insecure)),
+            cert,
+            key,
+        } => rt.block_on(client(&url, token, protocols, ca, insecure, cert.zip(key))),
+        Command::DevClientCert { name, dir } => dev_client_cert(&dir, &name),
     };
     ExitCode::from(code)
 }
@@ -242,6 +261,8 @@ fn start_hint(config: &Config, path: &std::path::Path, explicit_config: bool) ->
     };
     let token = match route.auth {
         AuthMode::Jwt => format!(" --token \"$({exe} token --sub dev{cfg_arg})\""),
+        AuthMode::Mtls => " --cert certs/dev/dev.crt --key certs/dev/dev.key".to_string(),
+        AuthMode::JwtMtls => format!(" --token \"$({exe} token --sub dev{cfg_arg})\" --cert certs/dev/dev.crt --key certs/dev/dev.key"),
         AuthMode::None => String::new(),
     };
     Some(format!("{exe} client wss://{host}:{}{route_path}{ca}{token}", addr.port()))
@@ -313,8 +334,32 @@ async fn echo(listen: SocketAddr) -> u8 {
     }
 }
 
-async fn client(url: &str, token: Option<String>, protocols: Vec<String>, ca: Option<PathBuf>, insecure: bool) -> u8 {
-    let tls = match wsgate::tls::cli_client_config(ca.as_deref(), insecure) {
+fn dev_client_cert(dir: &std::path::Path, name: &str) -> u8 {
+    match wsgate::tls::write_dev_client_cert(dir, name) {
+        Ok(d) => {
+            if d.ca_created {
+                println!("created client CA {} (set tls.client_ca to it)", d.ca_cert.display());
+            }
+            println!("created {} and {} (key mode 0600)", d.cert.display(), d.key.display());
+            0
+        }
+        Err(e) => {
+            eprintln!("wsgate: {e}");
+            1
+        }
+    }
+}
+
+async fn client(
+    url: &str,
+    token: Option<String>,
+    protocols: Vec<String>,
+    ca: Option<PathBuf>,
+    insecure: bool,
+    cert: Option<(PathBuf, PathBuf)>,
+) -> u8 {
+    let identity = cert.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
+    let tls = match wsgate::tls::cli_client_config_with_cert(ca.as_deref(), insecure, identity) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("wsgate: {e}");

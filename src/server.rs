@@ -173,20 +173,16 @@ async fn proxied(gw: Arc<Gateway>, rt: Arc<Runtime>, mut tcp: TcpStream, peer: S
             return;
         }
     };
-    // A LOCAL header (the proxy's own health check) names no client: the proxy itself,
-    // trusted, is the peer.
-    let slot = if client.ip() == peer.ip() {
-        None
-    } else {
-        match gw.check_client(&rt, client.ip()) {
-            Ok(s) => Some(s),
-            Err(reject) => {
-                gw.refused(&reject, &Refused::peer(client.ip()));
-                return;
-            }
+    // A LOCAL or UNKNOWN header (the proxy's own health check) names no client: the
+    // proxy itself is the client, under the same firewall and limits as any other, so a
+    // proxy that forwards real clients as UNKNOWN cannot lift their per-IP limits.
+    let _slot = match gw.check_client(&rt, client.ip()) {
+        Ok(s) => s,
+        Err(reject) => {
+            gw.refused(&reject, &Refused::peer(client.ip()));
+            return;
         }
     };
-    let _slot = slot;
     crate::conn::handle(gw, rt, tcp, client, accepted, over_cap).await;
 }
 

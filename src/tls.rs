@@ -1,5 +1,9 @@
 //! TLS: the server config for the wss listeners, client configs for `wss://`
-//! upstreams and the `client` command, and the self-signed development certificate.
+//! upstreams and the `client` command, the self-signed development certificate, and
+//! client certificates (mTLS, [`client_cert`]).
+
+mod client_cert;
+pub use client_cert::{ClientCert, DevClientCert, MAX_IDENTITY, MAX_SUBJECT, client_verifier, write_dev_client_cert};
 
 use crate::config::{Config, ConfigError, Located, TlsVersion};
 use rustls::{
@@ -32,10 +36,15 @@ fn server_provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// Build the server TLS config from `[tls]`, creating a self-signed development
 /// certificate first when the files are missing and `self_signed_if_missing` is set.
+/// `client_auth` is the verifier of client certificates ([`client_verifier`]), if any.
 ///
 /// With `create` false (`wsgate check`), missing development files are not written:
 /// a throw-away certificate is generated in memory so the rest can still be checked.
-pub fn server_config(cfg: &Config, create: bool) -> Result<Arc<ServerConfig>, ConfigError> {
+pub fn server_config(
+    cfg: &Config,
+    create: bool,
+    client_auth: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+) -> Result<Arc<ServerConfig>, ConfigError> {
     let t = &cfg.tls;
     let origin = &cfg.origin;
     let missing = !t.cert.value.exists() && !t.key.value.exists();
@@ -57,10 +66,14 @@ pub fn server_config(cfg: &Config, create: bool) -> Result<Arc<ServerConfig>, Co
         TlsVersion::V1_2 => &[&rustls::version::TLS13, &rustls::version::TLS12],
         TlsVersion::V1_3 => &[&rustls::version::TLS13],
     };
-    let mut sc = ServerConfig::builder_with_provider(server_provider())
+    let builder = ServerConfig::builder_with_provider(server_provider())
         .with_protocol_versions(versions)
-        .map_err(|e| t.cert.error(origin, format!("TLS setup failed: {e}")))?
-        .with_no_client_auth()
+        .map_err(|e| t.cert.error(origin, format!("TLS setup failed: {e}")))?;
+    let builder = match client_auth {
+        Some(v) => builder.with_client_cert_verifier(v),
+        None => builder.with_no_client_auth(),
+    };
+    let mut sc = builder
         .with_single_cert(certs, key)
         .map_err(|e| t.key.error(origin, format!("certificate and key do not form a usable pair: {e}")))?;
     sc.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -133,16 +146,43 @@ fn client_config(roots: RootCertStore) -> Result<Arc<ClientConfig>, String> {
     Ok(Arc::new(cc))
 }
 
+/// The verifier of client certificates for `[tls]`, with the server's crypto provider.
+pub fn client_auth(cfg: &Config) -> Result<Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>, ConfigError> {
+    client_verifier(cfg.tls.client.as_ref(), server_provider(), &cfg.origin)
+}
+
 /// Client config for the `client` command and tests: webpki roots, or only `ca` when given,
 /// or no verification at all when `insecure`.
 pub fn cli_client_config(ca: Option<&Path>, insecure: bool) -> Result<Arc<ClientConfig>, String> {
+    cli_client_config_with_cert(ca, insecure, None)
+}
+
+/// Like [`cli_client_config`], presenting a client certificate (PEM chain, PEM key) when given.
+pub fn cli_client_config_with_cert(ca: Option<&Path>, insecure: bool, cert: Option<(&Path, &Path)>) -> Result<Arc<ClientConfig>, String> {
+    let identity = match cert {
+        None => None,
+        Some((chain, key)) => {
+            let certs = CertificateDer::pem_file_iter(chain)
+                .map_err(|e| pem_error("certificate", chain, e))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| pem_error("certificate", chain, e))?;
+            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| pem_error("private key", key, e))?;
+            Some((certs, key))
+        }
+    };
+    let with_identity = |b: rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert>| match identity {
+        Some((certs, key)) => b
+            .with_client_auth_cert(certs, key)
+            .map_err(|e| format!("client certificate and key do not form a usable pair: {e}")),
+        None => Ok(b.with_no_client_auth()),
+    };
     if insecure {
-        let mut cc = ClientConfig::builder_with_provider(provider())
+        let b = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerification(provider())))
-            .with_no_client_auth();
+            .with_custom_certificate_verifier(Arc::new(NoVerification(provider())));
+        let mut cc = with_identity(b)?;
         cc.alpn_protocols = vec![b"http/1.1".to_vec()];
         return Ok(Arc::new(cc));
     }
@@ -158,7 +198,13 @@ pub fn cli_client_config(ca: Option<&Path>, insecure: bool) -> Result<Arc<Client
         }
         None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
     }
-    client_config(roots)
+    let b = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots);
+    let mut cc = with_identity(b)?;
+    cc.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cc))
 }
 
 /// `--insecure`: accepts any server certificate (still checks handshake signatures).

@@ -65,7 +65,6 @@ fn key_is_valid(k: &[u8]) -> bool {
     k.len() == 24 && base64::engine::general_purpose::STANDARD.decode(k).is_ok_and(|d| d.len() == 16)
 }
 
-/// Check the `Origin` header against the route's `allowed_origins`.
 /// How many times a segment is percent-decoded when looking for a hidden dot segment:
 /// enough for double and triple encoding (`%252e`), which some backends decode again.
 const PATH_DECODE_ROUNDS: usize = 3;
@@ -99,9 +98,11 @@ pub fn check_path(path: &str) -> Result<(), Reject> {
     for segment in path[1..].split('/') {
         let mut s = segment.to_string();
         for round in 0..=PATH_DECODE_ROUNDS + 1 {
-            // `..;x` is `..` to Tomcat and Spring (path parameters), `..%00` to C code.
-            let name = s.split([';', '\0']).next().unwrap_or("");
-            if name == "." || name == ".." {
+            // `..;x` is `..` to Tomcat and Spring (path parameters), `..%00` to C code,
+            // `..%3f` and `..%23` to a backend that decodes before splitting off the
+            // query; Windows drops trailing dots and spaces (`..%20`, `...`).
+            let name = s.split([';', '\0', '?', '#']).next().unwrap_or("");
+            if name.contains('.') && name.chars().all(|c| c == '.' || c == ' ') {
                 return Err(Reject::BadRequest("dot segment in the path"));
             }
             if s.contains(['/', '\\']) {
@@ -109,6 +110,15 @@ pub fn check_path(path: &str) -> Result<(), Reject> {
             }
             if s.chars().any(char::is_control) {
                 return Err(Reject::BadRequest("encoded control character in the path"));
+            }
+            // `%u002e` (IIS) and other broken escapes: a lenient decoder guesses.
+            if has_broken_escape(&s) {
+                return Err(Reject::BadRequest("malformed percent escape in the path"));
+            }
+            // Characters that Unicode normalization (NFKC) or Windows best-fit mapping
+            // turn into a dot, a slash or a backslash on the way to a file system.
+            if s.chars().any(|c| LOOKALIKES.contains(&c)) {
+                return Err(Reject::BadRequest("a look-alike of '.', '/' or '\\' in the path"));
             }
             let next = percent_decode(&s);
             // Escapes whose bytes are not UTF-8 (`%C0%AE`, an overlong `.`) are a dot or
@@ -126,6 +136,18 @@ pub fn check_path(path: &str) -> Result<(), Reject> {
         }
     }
     Ok(())
+}
+
+/// Look-alikes of `.`, `/` and `\`: fullwidth, small and one-dot-leader forms (NFKC maps
+/// them to the ASCII character) and the division, fraction and big solidus.
+const LOOKALIKES: [char; 9] = [
+    '\u{FF0E}', '\u{FE52}', '\u{2024}', '\u{FF0F}', '\u{2215}', '\u{2044}', '\u{29F8}', '\u{FF3C}', '\u{FE68}',
+];
+
+/// Whether a `%` in `s` does not start a `%XX` escape.
+fn has_broken_escape(s: &str) -> bool {
+    let b = s.as_bytes();
+    (0..b.len()).any(|i| b[i] == b'%' && escaped_byte(b, i).is_none())
 }
 
 /// Whether `s` holds `%XX` for an unreserved character (letters, digits, `-`, `.`, `_`, `~`).
@@ -164,6 +186,7 @@ pub(crate) fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Check the `Origin` header against the route's `allowed_origins`.
 pub fn check_origin(route: &crate::config::Route, headers: &HeaderMap) -> Result<(), Reject> {
     let mut origins = headers.get_all(header::ORIGIN).iter();
     let origin = match (origins.next(), origins.next()) {
@@ -319,6 +342,21 @@ mod path_tests {
             "/public/..%00",
             "/a/%2525252e%2525252e/b",
             "/%C0%AE",
+            "/public/%u002e%u002e/admin",
+            "/public/..%20/admin",
+            "/public/%2e%2e%20%20/admin",
+            "/public/.../admin",
+            "/public/%2e%2e%3f/admin",
+            "/public/..%23/admin",
+            "/public/%252e%252e%253f/admin",
+            "/public/%25u002e%25u002e/admin",
+            "/a%zz",
+            "/a%2",
+            "/a%",
+            "/public/%EF%BC%8E%EF%BC%8E/admin",
+            "/public/%ef%bc%8f",
+            "/a%E2%88%95b",
+            "/a%EF%B9%92%EF%B9%92",
             "/public/%c0%ae%c0%ae/admin",
             "/a%c0%afb",
             "/a/%25c0%25ae",
@@ -338,10 +376,8 @@ mod path_tests {
             "/echo",
             "/chat/room",
             "/chat/room/",
-            "/a.b/..c/...",
+            "/a.b/..c/.d/d.",
             "/%20x",
-            "/a%2",
-            "/a%",
             "/a;v=1",
             "/%E2%82%AC",
         ] {

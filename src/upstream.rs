@@ -82,6 +82,8 @@ pub struct ClientFacts<'a> {
     pub token_sources: &'a [TokenSource],
     /// The verified claims, and which of them go upstream as which header.
     pub claims: Option<&'a serde_json::Map<String, serde_json::Value>>,
+    /// The verified client certificate, for `cert:fingerprint` and `cert:subject`.
+    pub cert: Option<&'a crate::tls::ClientCert>,
     pub forward_claims: &'a [(String, HeaderName)],
 }
 
@@ -242,11 +244,9 @@ pub fn build_request(url: &str, facts: &ClientFacts) -> Result<http::Request<()>
     if facts.token_sources.iter().any(|s| matches!(s, TokenSource::Cookie(_))) {
         strip_token_cookies(h, facts);
     }
-    if let Some(claims) = facts.claims {
-        for (claim, header) in facts.forward_claims {
-            if let Some(v) = claims.get(claim).and_then(crate::auth::claim_header_value) {
-                h.insert(header.clone(), v);
-            }
+    for (claim, header) in facts.forward_claims {
+        if let Some(v) = forwarded_value(claim, facts) {
+            h.insert(header.clone(), v);
         }
     }
     if let Some(token) = facts.forward_token {
@@ -254,7 +254,10 @@ pub fn build_request(url: &str, facts: &ClientFacts) -> Result<http::Request<()>
             h.insert(header::AUTHORIZATION, v);
         }
     }
-    let offer: Vec<&str> = protocols(facts.headers).filter(|p| !p.starts_with("bearer.")).collect();
+    // `bearer.` in any case: an upstream may compare subprotocols without case.
+    let offer: Vec<&str> = protocols(facts.headers)
+        .filter(|p| !p.get(..7).is_some_and(|b| b.eq_ignore_ascii_case("bearer.")))
+        .collect();
     if !offer.is_empty() {
         if let Ok(v) = HeaderValue::from_str(&offer.join(", ")) {
             h.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
@@ -281,11 +284,24 @@ pub fn build_request(url: &str, facts: &ClientFacts) -> Result<http::Request<()>
     Ok(req)
 }
 
+/// The value a `forward_claims` entry sends: `cert:*` from the verified certificate only
+/// (a token claim of that name is never used), anything else from the token's claims.
+fn forwarded_value(claim: &str, facts: &ClientFacts) -> Option<HeaderValue> {
+    match claim {
+        crate::config::CERT_FINGERPRINT => facts.cert.and_then(|c| HeaderValue::from_str(&c.fingerprint_hex()).ok()),
+        crate::config::CERT_SUBJECT => facts.cert.and_then(|c| c.subject_header().cloned()),
+        c if c.starts_with("cert:") => None,
+        c => facts.claims?.get(c).and_then(crate::auth::claim_header_value),
+    }
+}
+
 fn carries_token(header: &str, sources: &[TokenSource]) -> bool {
     header == "authorization" && sources.contains(&TokenSource::Authorization)
 }
 
-/// Remove token cookies from the `Cookie` headers the upstream sees.
+/// Remove token cookies from the `Cookie` headers the upstream sees: every cookie whose
+/// name an upstream could read as a token cookie's (compared as query parameter names
+/// are, so `WSGATE_TOKEN`, `wsgate%5Ftoken` and `wsgate_token ` go too).
 fn strip_token_cookies(h: &mut HeaderMap, facts: &ClientFacts) {
     let names: Vec<&str> = facts
         .token_sources
@@ -301,7 +317,12 @@ fn strip_token_cookies(h: &mut HeaderMap, facts: &ClientFacts) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .map(str::trim)
-        .filter(|c| !c.is_empty() && !names.iter().any(|n| c.split_once('=').is_some_and(|(k, _)| k == *n)))
+        .filter(|c| {
+            !c.is_empty()
+                && !names
+                    .iter()
+                    .any(|n| is_token_param(c.split_once('=').map_or(*c, |(k, _)| k).trim(), n))
+        })
         .map(str::to_string)
         .collect();
     h.remove(header::COOKIE);
@@ -551,6 +572,7 @@ mod tests {
             forward_token: None,
             token_sources: sources,
             claims: None,
+            cert: None,
             forward_claims: &[],
         }
     }
@@ -572,6 +594,25 @@ mod tests {
         assert_eq!(decoded_param_name("a%2"), "a%2");
         assert_eq!(decoded_param_name("%"), "%");
         assert_eq!(decoded_param_name("a+b%41"), "a bA");
+    }
+
+    #[test]
+    fn every_copy_of_a_cookie_or_subprotocol_token_is_stripped() {
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, HeaderValue::from_static("wsgate_token=a; WSGATE_TOKEN=b; keep=1"));
+        h.append(
+            header::COOKIE,
+            HeaderValue::from_static("wsgate%5Ftoken=c;wsgate_token =d; wsgate.token=e; other=2"),
+        );
+        h.append(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("chat, bearer.x, Bearer.y, BEARER.z"),
+        );
+        let sources = [TokenSource::Cookie("wsgate_token".into()), TokenSource::Protocol];
+        let req = build_request("ws://127.0.0.1:1/echo", &facts(&h, None, &sources)).unwrap();
+        let got = req.headers();
+        assert_eq!(got.get_all(header::COOKIE).iter().collect::<Vec<_>>(), vec!["keep=1; other=2"]);
+        assert_eq!(got.get(header::SEC_WEBSOCKET_PROTOCOL).unwrap(), "chat");
     }
 
     #[test]

@@ -373,3 +373,29 @@ async fn proxy_protocol_v1_and_v2_from_trusted_proxies_only() {
         .await;
     assert_eq!(up.requests(), 2);
 }
+
+#[tokio::test]
+async fn a_proxy_header_naming_no_client_gets_the_proxys_own_limits() {
+    let up = upstream(Behaviour::Echo).await;
+    let server = "client_ip_source = \"proxy_protocol\"\ntrusted_proxies = [\"127.0.0.42/32\"]";
+    let limits = "[limits]\nmax_connections_per_ip = 1\n";
+    let gw = Gw::start(server, &format!("{limits}{}", open_route(&up))).await;
+    // UNKNOWN (v1) names no client: the proxy's address is the client, capped at 1.
+    let unknown = b"PROXY UNKNOWN\r\n";
+    let mut first = via_proxy(&gw, "127.0.0.42", unknown).await.unwrap();
+    assert_eq!(roundtrip(&mut first, "one").await, "one");
+    assert_eq!(via_proxy(&gw, "127.0.0.42", unknown).await.err(), Some(None));
+    gw.wait_metric(r#"wsgate_connections_rejected_total{reason="ip_conn_limit"}"#, 1.0)
+        .await;
+    // A v2 LOCAL header (a health check) likewise.
+    let mut local = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    local.extend_from_slice(&[0x20, 0x00, 0, 0]);
+    assert_eq!(via_proxy(&gw, "127.0.0.42", &local).await.err(), Some(None));
+    gw.wait_metric(r#"wsgate_connections_rejected_total{reason="ip_conn_limit"}"#, 2.0)
+        .await;
+    // A real client behind the same proxy has its own count.
+    let mut other = via_proxy(&gw, "127.0.0.42", b"PROXY TCP4 203.0.113.9 127.0.0.1 40000 443\r\n")
+        .await
+        .unwrap();
+    assert_eq!(roundtrip(&mut other, "two").await, "two");
+}

@@ -387,3 +387,74 @@ async fn long_sessions_log_progress_and_logs_never_hold_tokens() {
     assert!(!text.contains(&token[..40]), "a token reached the log");
     assert!(!text.contains('\u{1b}'), "ANSI colours in a log file");
 }
+
+/// The README's two commands: `dev-client-cert` makes a client CA and a certificate, and
+/// `client --cert --key` uses it on an mTLS route.
+#[tokio::test]
+async fn dev_client_cert_and_client_cert_flags_open_an_mtls_route() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    let make = |name: &str| {
+        Command::new(BIN)
+            .args(["dev-client-cert", "--name", name, "--dir"])
+            .arg(&pki)
+            .output()
+            .unwrap()
+    };
+    let out = make("alice");
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("client-ca.crt"));
+    #[cfg(unix)]
+    for key in ["client-ca.key", "alice.key"] {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(pki.join(key)).unwrap().permissions().mode() & 0o777,
+            0o600,
+            "{key}"
+        );
+    }
+    // Never overwrites; refuses names that are paths.
+    assert_eq!(make("alice").status.code(), Some(1));
+    assert_eq!(make("../etc/x").status.code(), Some(1));
+    assert_eq!(make(".hidden").status.code(), Some(1));
+    let ca = pki.join("client-ca.crt");
+    let text = common::config_text(dir.path(), "", &common::route("m", "/m", "builtin:echo", "mtls")).replace(
+        "self_signed_if_missing = true\n",
+        &format!("self_signed_if_missing = true\nclient_ca = \"{}\"\n", ca.display()),
+    );
+    let path = dir.path().join("gw.toml");
+    std::fs::write(&path, text).unwrap();
+    let gw = spawn_gateway(dir.path(), &path, "x").await;
+    let (port, server_crt) = (gw.port, dir.path().join("server.crt"));
+    let client = move |cert: bool| {
+        let mut c = Command::new(BIN);
+        c.args(["client", &format!("wss://localhost:{port}/m"), "--ca"]).arg(&server_crt);
+        if cert {
+            c.arg("--cert").arg(pki.join("alice.crt")).arg("--key").arg(pki.join("alice.key"));
+        }
+        let mut child = c
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(b"hello over mtls\n").unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let with = tokio::task::spawn_blocking(move || (client(true), client(false))).await.unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&with.0.stdout).trim(),
+        "hello over mtls",
+        "{}",
+        String::from_utf8_lossy(&with.0.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&with.1.stderr).contains("refused: HTTP 403"),
+        "{}",
+        String::from_utf8_lossy(&with.1.stderr)
+    );
+    let mut child = gw.child;
+    child.kill().unwrap();
+    let _ = child.wait();
+}

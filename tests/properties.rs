@@ -53,7 +53,7 @@ fn path_piece() -> impl Strategy<Value = String> {
             "/", "/", "/", ".", "..", "a", "b", "public", "admin", "chat", "echo", "%2e", "%2E", "%2f", "%2F", "%5c", "%5C", "%25",
             "%252e", "%252E", "%25252e", "%252f", "%255c", "%", "%2", "%g0", ";", "\\", "%00", "%0a", "%3b", "%3B", "~", "-", "_",
             "%41", "%61", "%7e", "%5f", "%20", " ", "\u{e9}", "%E2%82%AC", "%C0%AE", "%c0%ae", "%e0%80%ae", "%C0%AF", "%3F", "+",
-            "%u002e", "%ef%bc%8e",
+            "%u002e", "%ef%bc%8e", "%23", "%3f", "...", ". ", "%2e%20",
         ])
         .prop_map(str::to_string),
         1 => "[ -~]{0,3}",
@@ -134,7 +134,11 @@ fn backend_view(path: &str) -> String {
     let mut out: Vec<&str> = Vec::new();
     let segments: Vec<&str> = decoded.split('/').skip(1).collect();
     for (i, seg) in segments.iter().enumerate() {
-        let name = seg.split(';').next().unwrap_or("");
+        // Path parameters, a query or fragment decoded out of an escape, a NUL; and
+        // Windows, which drops trailing dots and spaces (`... ` is a parent at worst).
+        let name = seg.split([';', '?', '#', '\0']).next().unwrap_or("");
+        let dots = name.contains('.') && name.chars().all(|c| c == '.' || c == ' ');
+        let name = if dots && name != "." { ".." } else { name };
         match name {
             "." => {}
             ".." => {
@@ -160,6 +164,7 @@ fn facts<'a>(path: &'a str, headers: &'a HeaderMap) -> wsgate::upstream::ClientF
         forward_token: None,
         token_sources: &[],
         claims: None,
+        cert: None,
         forward_claims: &[],
     }
 }

@@ -156,6 +156,27 @@ pub struct Tls {
     pub key: Located<PathBuf>,
     pub self_signed_if_missing: bool,
     pub min_version: TlsVersion,
+    /// `client_ca` and what goes with it: client certificates (mTLS). `None` when unset.
+    pub client: Option<ClientTls>,
+}
+
+/// Client certificates: trust anchors, whether a certificate is required, CRLs. The files
+/// are read where the runtime is built (`tls::client_verifier`).
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    pub ca: Located<PathBuf>,
+    pub auth: ClientAuth,
+    pub crl_files: Vec<Located<PathBuf>>,
+}
+
+/// `tls.client_auth`: whether a client without a certificate completes the TLS handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    /// A certificate is checked when presented; clients without one are served (routes decide).
+    Optional,
+    /// No valid certificate → the TLS handshake fails, before any HTTP.
+    Required,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -316,8 +337,30 @@ impl Jwt {
 #[serde(rename_all = "snake_case")]
 pub enum AuthMode {
     Jwt,
+    /// A verified client certificate is the identity.
+    Mtls,
+    /// A token and a verified client certificate; a token bound to a certificate
+    /// (`cnf.x5t#S256`) must be bound to this one.
+    #[serde(rename = "jwt+mtls")]
+    JwtMtls,
     None,
 }
+
+impl AuthMode {
+    /// Whether the route needs a token.
+    pub fn uses_jwt(self) -> bool {
+        matches!(self, AuthMode::Jwt | AuthMode::JwtMtls)
+    }
+
+    /// Whether the route needs a verified client certificate.
+    pub fn uses_cert(self) -> bool {
+        matches!(self, AuthMode::Mtls | AuthMode::JwtMtls)
+    }
+}
+
+/// `forward_claims` keys that forward the client certificate instead of a token claim.
+pub const CERT_FINGERPRINT: &str = "cert:fingerprint";
+pub const CERT_SUBJECT: &str = "cert:subject";
 
 /// How a route matches the request path.
 #[derive(Debug, Clone, PartialEq, Eq)]

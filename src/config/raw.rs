@@ -2,7 +2,7 @@
 //! rejects unknown keys; typed values (durations, sizes, addresses) parse on the way in.
 
 use super::units::{ByteSize, HumanDuration, Rate};
-use super::{AuthMode, ClientIpSource, FirewallDefault, LogFormat, OnInvalid, TlsVersion};
+use super::{AuthMode, ClientAuth, ClientIpSource, FirewallDefault, LogFormat, OnInvalid, TlsVersion};
 use ipnet::IpNet;
 use serde::Deserialize;
 use std::{net::SocketAddr, path::PathBuf};
@@ -54,6 +54,9 @@ pub struct Tls {
     pub key: Option<Spanned<PathBuf>>,
     pub self_signed_if_missing: Option<bool>,
     pub min_version: Option<TlsVersion>,
+    pub client_ca: Option<Spanned<PathBuf>>,
+    pub client_auth: Option<Spanned<ClientAuth>>,
+    pub client_crl_files: Option<Spanned<Vec<PathBuf>>>,
 }
 
 #[derive(Deserialize, Default)]

@@ -58,7 +58,7 @@ impl Validator<'_> {
 
     pub(super) fn validate(&self, raw: raw::File) -> Result<Config, ConfigError> {
         let server = self.server(raw.server)?;
-        let tls = self.tls(&raw.tls);
+        let tls = self.tls(&raw.tls)?;
         let admin = Admin {
             listen: raw.admin.listen.unwrap_or(DEFAULT_ADMIN_LISTEN),
         };
@@ -68,6 +68,7 @@ impl Validator<'_> {
         let jwt = self.jwt(raw.jwt)?;
         let routes = self.routes(raw.routes)?;
         self.jwt_routes(&jwt, &routes)?;
+        self.cert_routes(&tls, &routes)?;
         Ok(Config {
             origin: self.origin.to_string(),
             server,
@@ -114,8 +115,8 @@ impl Validator<'_> {
         Ok(server)
     }
 
-    fn tls(&self, t: &raw::Tls) -> Tls {
-        Tls {
+    fn tls(&self, t: &raw::Tls) -> Result<Tls, ConfigError> {
+        Ok(Tls {
             cert: t
                 .cert
                 .as_ref()
@@ -126,7 +127,64 @@ impl Validator<'_> {
                 .map_or_else(|| unlocated("tls.key", DEFAULT_TLS_KEY), |c| self.located(c, "tls.key")),
             self_signed_if_missing: t.self_signed_if_missing.unwrap_or(false),
             min_version: t.min_version.unwrap_or(TlsVersion::V1_2),
+            client: self.client_tls(t)?,
+        })
+    }
+
+    /// `client_ca`, `client_auth` and `client_crl_files`: the last two need the first.
+    fn client_tls(&self, t: &raw::Tls) -> Result<Option<ClientTls>, ConfigError> {
+        let Some(ca) = &t.client_ca else {
+            if let Some(a) = &t.client_auth {
+                return Err(self.err(a, "tls.client_auth", "needs tls.client_ca"));
+            }
+            if let Some(c) = &t.client_crl_files {
+                return Err(self.err(c, "tls.client_crl_files", "needs tls.client_ca"));
+            }
+            return Ok(None);
+        };
+        let crl_files = t
+            .client_crl_files
+            .as_ref()
+            .map(|f| {
+                let line = Some(line_of(self.src, f.span().start));
+                f.get_ref()
+                    .iter()
+                    .map(|p| Located {
+                        value: p.clone(),
+                        key: "tls.client_crl_files".into(),
+                        line,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Some(ClientTls {
+            ca: self.located(ca, "tls.client_ca"),
+            auth: t.client_auth.as_ref().map_or(ClientAuth::Optional, |a| *a.get_ref()),
+            crl_files,
+        }))
+    }
+
+    /// Routes that need a client certificate need `tls.client_ca`.
+    fn cert_routes(&self, tls: &Tls, routes: &[Route]) -> Result<(), ConfigError> {
+        if tls.client.is_some() {
+            return Ok(());
         }
+        if let Some(r) = routes.iter().find(|r| r.auth.uses_cert()) {
+            return Err(self.err_key(
+                "tls.client_ca",
+                format!(
+                    "route \"{}\" needs client certificates (auth = \"mtls\" or \"jwt+mtls\"): set tls.client_ca",
+                    r.name
+                ),
+            ));
+        }
+        if let Some(r) = routes.iter().find(|r| r.forward_claims.iter().any(|(c, _)| c.starts_with("cert:"))) {
+            return Err(self.err_key(
+                "tls.client_ca",
+                format!("route \"{}\" forwards certificate fields: set tls.client_ca", r.name),
+            ));
+        }
+        Ok(())
     }
 
     fn log(&self, l: raw::Log) -> Result<Log, ConfigError> {
@@ -354,11 +412,14 @@ impl Validator<'_> {
 
     /// Checks across `[jwt]` and the routes that use it.
     fn jwt_routes(&self, jwt: &Jwt, routes: &[Route]) -> Result<(), ConfigError> {
-        if !routes.iter().any(|r| r.auth == AuthMode::Jwt) {
+        if !routes.iter().any(|r| r.auth.uses_jwt()) {
             return Ok(());
         }
         if jwt.algorithms.is_empty() {
-            return Err(self.err_key("jwt.algorithms", "a route has auth = \"jwt\" but no algorithm is allowed"));
+            return Err(self.err_key(
+                "jwt.algorithms",
+                "a route uses tokens (auth = \"jwt\" or \"jwt+mtls\") but no algorithm is allowed",
+            ));
         }
         let asymmetric = jwt.algorithms.iter().any(|a| a.family() != jsonwebtoken::AlgorithmFamily::Hmac);
         let has_public = !jwt.public_key_files.is_empty() || jwt.jwks_file.is_some() || jwt.jwks_url.is_some();
@@ -410,11 +471,20 @@ impl Validator<'_> {
             .iter()
             .map(|u| parse_upstream(u).map_err(|m| self.err(&r.upstreams, "routes.upstreams", m)))
             .collect::<Result<Vec<_>, _>>()?;
+        let auth = r.auth.unwrap_or(AuthMode::Jwt);
+        if let Some(req) = r
+            .require_claims
+            .as_ref()
+            .filter(|m| auth == AuthMode::Mtls && !m.get_ref().is_empty())
+        {
+            // A certificate has no claims: silently ignoring them would leave the route open wider than written.
+            return Err(self.err(req, "routes.require_claims", "needs a token: use auth = \"jwt+mtls\" on this route"));
+        }
         Ok(Route {
             name,
             path,
             upstreams,
-            auth: r.auth.unwrap_or(AuthMode::Jwt),
+            auth,
             forward_token: r.forward_token.unwrap_or(false),
             upstream_ca: r.upstream_ca.as_ref().map(|c| self.located(c, "routes.upstream_ca")),
             allowed_origins: self.allowed_origins(r.allowed_origins.as_ref())?,
@@ -489,6 +559,16 @@ impl Validator<'_> {
         m.get_ref()
             .iter()
             .map(|(claim, header)| {
+                if claim.starts_with("cert:") && claim != CERT_FINGERPRINT && claim != CERT_SUBJECT {
+                    return Err(self.err(
+                        m,
+                        "routes.forward_claims",
+                        format!(
+                            "\"{}\": the certificate forwards \"cert:fingerprint\" or \"cert:subject\"",
+                            shown(claim)
+                        ),
+                    ));
+                }
                 let name = http::HeaderName::from_bytes(header.to_ascii_lowercase().as_bytes())
                     .map_err(|_| self.err(m, "routes.forward_claims", format!("\"{}\": not a valid header name", shown(claim))))?;
                 Ok((claim.clone(), name))

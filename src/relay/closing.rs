@@ -35,7 +35,7 @@ where
             len,
         } => upstream_closed(client, upstream, &payload[..len], timeout).await,
         Event::End(reason) if is_client_fault(reason) => client_fault(core, client, upstream, reason, timeout).await,
-        Event::End(reason) => gateway_ends(client, upstream, reason, timeout).await,
+        Event::End(reason) => gateway_ends(core, client, upstream, reason, timeout).await,
     }
 }
 
@@ -79,7 +79,7 @@ where
                 if client.open {
                     client.cut().await;
                 } else if client.flush().await.is_ok() {
-                    client.read_until_close().await;
+                    client.read_until_close(0).await;
                     let _ = client.io.shutdown().await;
                 }
             },
@@ -115,7 +115,11 @@ where
     // A frame to the client still unfinished: its connection is cut, without a code.
     let code = if client.open { CLOSE_ABNORMAL } else { u16::from(cc) };
     let _ = tokio::time::timeout(timeout, async {
-        client.close(Some((u16::from(cc), reason.text()))).await;
+        // The rest of the refused frame's payload is not frames: skipped, so the
+        // client's close behind it is found.
+        client
+            .close_skipping(Some((u16::from(cc), reason.text())), core.frame_left(Side::Client))
+            .await;
         let _ = client.io.shutdown().await;
     })
     .await;
@@ -125,6 +129,7 @@ where
 /// The gateway ends the session (timeouts, shutdown, policy, a lost peer, an upstream
 /// fault): both peers that are still there get a close with the reason, at once.
 async fn gateway_ends<C, U>(
+    core: &Core,
     client: &mut Endpoint<C>,
     upstream: &mut Endpoint<U>,
     reason: CloseReason,
@@ -150,7 +155,9 @@ where
             },
             async {
                 if upstream_ok {
-                    upstream.close(Some((uc, reason.text()))).await;
+                    upstream
+                        .close_skipping(Some((uc, reason.text())), core.frame_left(Side::Upstream))
+                        .await;
                 }
             }
         )

@@ -13,6 +13,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// Room made in the read buffer for each read outside the relay loop (first message, closing).
 const READ_RESERVE: usize = 4096;
 
+/// Frames a client may send before its `first_message` token is complete.
+pub(crate) const MAX_PRE_TOKEN_FRAMES: usize = 32;
+
 /// One side of a session after its handshake: the stream, input read but not yet
 /// relayed (the start of a header or of a control frame, or frames held back by the
 /// message rate), relayed output the stream did not take yet, and the gateway's own
@@ -140,6 +143,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Endpoint<S> {
 
     /// Send a close frame (`None`: without a code) and wait for the peer's reply.
     pub async fn close(&mut self, frame: Option<(u16, &str)>) {
+        self.close_skipping(frame, 0).await;
+    }
+
+    /// [`Endpoint::close`] after a frame from this peer was refused part-way: the first
+    /// `skip` bytes it sends (the rest of that frame's payload) are not frames, and
+    /// must not be read as a header that swallows its close.
+    pub(super) async fn close_skipping(&mut self, frame: Option<(u16, &str)>, skip: u64) {
         if self.open {
             self.cut().await;
             return;
@@ -152,7 +162,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Endpoint<S> {
             None => self.put(OP_CLOSE, &[]),
         }
         if self.flush().await.is_ok() {
-            self.read_until_close().await;
+            self.read_until_close(skip).await;
         }
     }
 
@@ -167,9 +177,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Endpoint<S> {
     }
 
     /// Read and discard frames until a close frame or the end of the stream: messages
-    /// that arrive after a close was sent cannot be delivered (RFC 6455 5.5.1).
-    pub(super) async fn read_until_close(&mut self) {
-        let mut skip = 0u64;
+    /// that arrive after a close was sent cannot be delivered (RFC 6455 5.5.1). The
+    /// first `skip` bytes are the rest of a frame's payload.
+    pub(super) async fn read_until_close(&mut self, mut skip: u64) {
         loop {
             loop {
                 if skip > 0 {
@@ -199,17 +209,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Endpoint<S> {
     }
 
     /// The client's first data message, for `first_message` authentication: pings are
-    /// answered, pongs skipped; it must be text of at most `max` bytes. Frames behind it
-    /// stay for the relay. `None` on anything else.
+    /// answered, pongs skipped; it must be text of at most `max` bytes, in at most
+    /// [`MAX_PRE_TOKEN_FRAMES`] frames (controls included: an unauthenticated client
+    /// cannot keep the gateway busy with pings). Frames behind it stay for the relay.
+    /// `None` on anything else.
     pub async fn first_text(&mut self, max: usize) -> Option<String> {
         let mut text = Vec::new();
         let mut started = false;
+        let mut frames = 0;
         loop {
             match wire::parse(&self.rx) {
                 Err(_) => return None,
                 Ok(Some(h)) if h.len > max as u64 => return None,
                 Ok(Some(h)) if self.rx.len() as u64 >= h.header_len as u64 + h.len => {
                     let mask = h.mask?; // a client's frames are masked
+                    frames += 1;
+                    if frames > MAX_PRE_TOKEN_FRAMES {
+                        return None;
+                    }
                     let mut frame = self.rx.split_to(h.header_len + h.len as usize);
                     let payload = &mut frame[h.header_len..];
                     wire::apply_mask(payload, mask);
@@ -251,6 +268,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Endpoint<S> {
 mod tests {
     use super::*;
     use crate::relay::frames::tests::{frame, frames};
+
+    #[tokio::test]
+    async fn frames_before_a_first_message_token_are_capped() {
+        use tokio::io::AsyncWriteExt;
+        let (gateway_side, mut client) = tokio::io::duplex(1 << 16);
+        let mut ep = Endpoint::client(gateway_side, &[]);
+        let k = Some([1, 2, 3, 4]);
+        let mut wire_bytes = Vec::new();
+        for _ in 0..MAX_PRE_TOKEN_FRAMES {
+            wire_bytes.extend(frame(OP_PONG, true, b"", k));
+        }
+        wire_bytes.extend(frame(OP_TEXT, true, b"token", k));
+        client.write_all(&wire_bytes).await.unwrap();
+        assert_eq!(ep.first_text(1024).await, None, "the token came after the frame budget");
+        let (gateway_side, mut client) = tokio::io::duplex(1 << 16);
+        let mut ep = Endpoint::client(gateway_side, &[]);
+        let mut wire_bytes = Vec::new();
+        for _ in 0..MAX_PRE_TOKEN_FRAMES - 1 {
+            wire_bytes.extend(frame(OP_PONG, true, b"", k));
+        }
+        wire_bytes.extend(frame(OP_TEXT, true, b"token", k));
+        client.write_all(&wire_bytes).await.unwrap();
+        assert_eq!(ep.first_text(1024).await.as_deref(), Some("token"));
+    }
 
     #[tokio::test]
     async fn a_ping_between_the_fragments_of_a_first_message_is_answered_and_skipped() {

@@ -253,6 +253,12 @@ impl Core {
         }
     }
 
+    /// Payload bytes of the data frame in progress from `from` not yet relayed: after a
+    /// refusal inside that frame, the bytes its sender still owes before its next frame.
+    pub(super) fn frame_left(&self, from: Side) -> u64 {
+        self.dec[from as usize].frame.map_or(0, |f| f.left)
+    }
+
     /// Whether a data frame from `from` is partly relayed: its receiver must get the rest
     /// of it before any frame of the gateway's.
     pub(super) fn in_frame(&self, from: Side) -> bool {

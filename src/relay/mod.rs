@@ -401,6 +401,38 @@ mod pipe_tests {
         assert_eq!((outcome.code, outcome.messages), (1007, [0, 0]));
     }
 
+    /// A frame refused inside its payload (autobahn 6.12.1: one byte, 0x80): the rest of
+    /// that payload is skipped, not read as a header, so the client's close reply right
+    /// behind it is found and the connection ends at once, not after `close_timeout`.
+    #[tokio::test]
+    async fn the_close_behind_a_refused_frame_is_found() {
+        let (mut client, mut up, relay) = raw_session(1 << 20);
+        let key = Some([1, 2, 3, 4]);
+        // 0x80 masked with 0x01 is 0x81: read as a header, it would swallow the close.
+        client.write_all(&frame(wire::OP_TEXT, true, &[0x80], key)).await.unwrap();
+        let mut close = [0u8; 4];
+        client.read_exact(&mut close).await.unwrap();
+        assert_eq!((close[0] & 0x0f, u16::from_be_bytes([close[2], close[3]])), (wire::OP_CLOSE, 1007));
+        let mut rest = vec![0u8; usize::from(close[1])];
+        client.read_exact(&mut rest[..usize::from(close[1]) - 2]).await.unwrap();
+        client
+            .write_all(&frame(wire::OP_CLOSE, true, &1000u16.to_be_bytes(), key))
+            .await
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        let mut back = Vec::new();
+        client.read_to_end(&mut back).await.unwrap();
+        assert!(back.is_empty(), "{back:?}");
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "ended after {:?}",
+            started.elapsed()
+        );
+        drop(up.read_to_end(&mut Vec::new()).await);
+        let outcome = tokio::time::timeout(Duration::from_secs(5), relay).await.unwrap().unwrap();
+        assert_eq!(outcome.code, 1007);
+    }
+
     /// The same from the upstream: the client has part of the frame, so it gets no close
     /// frame (it would be read as payload) but the end of its connection, and the
     /// session is recorded as 1006 with the upstream's fault as the reason.
