@@ -205,8 +205,11 @@ impl Core {
                     return done(w, r, None); // the rest of the payload is still to come
                 }
                 let stop = self.end_frame(from, replies);
-                if stop.is_some() || !self.ready.is_empty() {
-                    // A validated message waits in `ready`: it goes on behind `buf[..w]`.
+                // A validated message waits in `ready`: it goes on behind `buf[..w]`. Error
+                // replies past the backlog limit: the rest of `buf` waits until the client
+                // has read them (many tiny invalid messages in one read would otherwise
+                // queue a reply each).
+                if stop.is_some() || !self.ready.is_empty() || replies.len() > super::pump::REPLY_LIMIT {
                     return done(w, r, stop);
                 }
                 continue;

@@ -17,8 +17,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 const READ_CHUNK: usize = 16 * 1024;
 /// Reads from one side per wake-up before the relay yields to other tasks.
 const BATCH: usize = 16;
-/// Pongs queued for a peer that does not read them: past this, stop reading from it.
-const REPLY_LIMIT: usize = 4 * 1024;
+/// Pongs and error replies queued for a peer that does not read them: past this, stop
+/// reading from it.
+pub(super) const REPLY_LIMIT: usize = 4 * 1024;
 
 thread_local! {
     /// The read buffer of the common case (no partial frame waiting): per worker thread,
