@@ -180,12 +180,18 @@ impl Validator {
 }
 
 /// Compile a draft 2020-12 schema: no remote or file retrieval (a `$ref` outside the
-/// document is an error here, not a request at load time), linear-time regexes.
+/// document is an error here, not a request at load time), linear-time regexes,
+/// formats asserted.
 fn compile(schema: &Value) -> Result<jsonschema::Validator, String> {
     jsonschema::options()
         .with_draft(jsonschema::Draft::Draft202012)
         .offline()
         .with_pattern_options(jsonschema::PatternOptions::regex())
+        // `format` asserts (2020-12 makes it an annotation by default): a schema that says
+        // `"format": "email"` means it, as the applications behind us expect. A format
+        // name the crate does not know is a load error, not a check silently skipped.
+        .should_validate_formats(true)
+        .should_ignore_unknown_formats(false)
         .build(schema)
         .map_err(|e| {
             format!(

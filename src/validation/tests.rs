@@ -153,3 +153,44 @@ fn a_huge_string_in_shallow_json_is_checked_in_linear_time() {
     assert_eq!(v.check(msg.as_bytes()).unwrap_err().keyword, "maxLength");
     assert!(started.elapsed() < std::time::Duration::from_secs(1));
 }
+
+#[test]
+fn formats_are_asserted_and_an_unknown_format_is_a_load_error() {
+    let schema = json!({"type": "object", "properties": {"email": {"type": "string", "format": "email"}}});
+    let v = Validator::from_schema("r", &settings(8), Some(&schema)).unwrap();
+    assert_eq!(reason(&v, r#"{"email":"alice@example.com"}"#), None);
+    assert_eq!(
+        reason(&v, r#"{"email":"not an address"}"#),
+        Some((MessageRejection::Schema, "/email".into(), "format".into()))
+    );
+    let typo = json!({"properties": {"email": {"format": "emial"}}});
+    let e = Validator::from_schema("r", &settings(8), Some(&typo)).unwrap_err();
+    assert!(e.contains("format"), "{e}");
+}
+
+#[test]
+fn the_shipped_example_schema_works_as_the_readme_says() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/chat.schema.json");
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let v = Validator::from_schema("chat", &settings(32), Some(&doc)).unwrap();
+    for ok in [
+        r#"{"type":"join","room":"general"}"#,
+        r#"{"type":"chat","room":"general","text":"hello"}"#,
+        r#"{"type":"join","room":"general","email":"alice@example.com"}"#,
+    ] {
+        assert_eq!(reason(&v, ok), None, "{ok}");
+    }
+    for (bad, pointer, keyword) in [
+        (r#"{"type":"chat","room":"general"}"#, "", "required"),
+        (r#"{"type":"chat","room":"General!","text":"hi"}"#, "/room", "pattern"),
+        (r#"{"type":"join","room":"general","email":"alice"}"#, "/email", "format"),
+        (r#"{"type":"shout","room":"general"}"#, "/type", "enum"),
+        (r#"{"type":"join","room":"general","admin":true}"#, "", "additionalProperties"),
+    ] {
+        assert_eq!(
+            reason(&v, bad),
+            Some((MessageRejection::Schema, pointer.into(), keyword.into())),
+            "{bad}"
+        );
+    }
+}
