@@ -378,3 +378,42 @@ async fn check_reports_a_bad_schema_with_its_key() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("chat.schema.json"));
 }
+
+#[tokio::test]
+async fn validated_and_streamed_messages_keep_their_order_in_one_read() {
+    let s = setup("", "binary = true", "{}").await;
+    let mut ws = s.gw.connect("/v").await;
+    let mut sent = Vec::new();
+    for i in 0..50u8 {
+        let m = if i % 3 == 0 {
+            Message::binary(vec![i; 1 + usize::from(i)])
+        } else {
+            Message::text(format!("{{\"i\":{i}}}"))
+        };
+        sent.push(m.clone());
+        ws.feed(m).await.unwrap();
+        if i % 7 == 0 {
+            ws.feed(Message::Ping(vec![i].into())).await.unwrap();
+        }
+    }
+    ws.flush().await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < sent.len() {
+        match tokio::time::timeout(TIMEOUT, ws.next()).await.expect("echo stalled") {
+            Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => got.push(m),
+            Some(Ok(_)) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(got, sent);
+    let up: Vec<Message> =
+        s.up.log
+            .lock()
+            .unwrap()
+            .messages
+            .iter()
+            .filter(|m| m.is_text() || m.is_binary())
+            .cloned()
+            .collect();
+    assert_eq!(up, sent);
+}

@@ -15,6 +15,7 @@
 
 mod located;
 mod raw;
+mod routes;
 pub mod units;
 mod validate;
 

@@ -12,7 +12,6 @@
 //! skipped the same way. Control frames between the fragments are handled as always.
 
 use super::{Settings, timers::PING_LEN};
-use crate::config::OnInvalid;
 use crate::error::CloseReason;
 use crate::limits::MessageRate;
 use crate::metrics::SessionMetrics;
@@ -21,25 +20,13 @@ use crate::wire::{self, OP_BINARY, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, U
 use bytes::{Bytes, BytesMut};
 use std::{collections::VecDeque, pin::Pin, sync::Arc, task::Context, time::Duration};
 use tokio::time::{Instant, Sleep, sleep_until};
+use validated::{Mode, grow};
+
+mod validated;
 
 /// Pings passed on to a side and not yet answered, at most; beyond this a ping is
 /// answered by the gateway only.
 const MAX_FORWARDED_PINGS: usize = 8;
-/// Rejected messages a session logs at INFO; later ones are logged at DEBUG, so a client
-/// cannot flood the log (they are all counted).
-const LOGGED_REJECTIONS: u32 = 8;
-
-/// How the frames of a data message are handled.
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
-enum Mode {
-    /// Streamed through in pieces (every message of a route without validation).
-    #[default]
-    Stream,
-    /// Assembled for validation: nothing goes on until the message is whole and valid.
-    Assemble,
-    /// Refused (a binary message with `on_invalid = "reply"`): read and dropped.
-    Skip,
-}
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(super) enum Side {
@@ -146,8 +133,9 @@ pub(super) struct Core {
     pub(super) now: Option<Instant>,
     /// Checks on client messages (routes with `[routes.validate]`).
     validator: Option<Arc<Validator>>,
-    /// A validated client message, whole, as one frame under a gateway key: written to
-    /// the upstream right after the output `process` returned with it.
+    /// Validated client messages, each whole as one frame under a gateway key, and what
+    /// followed them in the same call: written to the upstream right after the output
+    /// `process` returned (so a read full of small messages is one write, not one each).
     pub(super) ready: BytesMut,
     /// Client messages refused, by [`crate::error::MessageRejection::index`], and what
     /// has been reported of them.
@@ -182,7 +170,7 @@ impl Core {
     }
 
     /// Check and transform the frames at the start of `buf` in place; what passes on is
-    /// compacted to `buf[..out]`. Data frames stream: their header and whatever part of
+    /// compacted to `buf[..out]`, then to [`Core::ready`] once a validated message is in it. Data frames stream: their header and whatever part of
     /// their payload is in `buf` go on at once, the rest follows with the next call.
     /// Control frames go on whole (they wait for all of their at most 125 bytes).
     /// Replies to the sender (pongs) go to `replies`; `reply_masked` when the sender is
@@ -197,19 +185,17 @@ impl Core {
                     Err(v) => return done(w, r, Some(Stop::Event(violation(from, v)))),
                 };
                 if passed {
-                    buf.copy_within(r..r + n, w);
-                    w += n;
+                    w = self.emit(buf, r..r + n, w);
                 }
                 r += n;
                 if self.dec[from as usize].frame.is_some_and(|f| f.left > 0) {
                     return done(w, r, None); // the rest of the payload is still to come
                 }
                 let stop = self.end_frame(from, replies);
-                // A validated message waits in `ready`: it goes on behind `buf[..w]`. Error
-                // replies past the backlog limit: the rest of `buf` waits until the client
-                // has read them (many tiny invalid messages in one read would otherwise
-                // queue a reply each).
-                if stop.is_some() || !self.ready.is_empty() || replies.len() > super::pump::REPLY_LIMIT {
+                // Error replies past the backlog limit: the rest of `buf` waits until the
+                // client has read them (many tiny invalid messages in one read would
+                // otherwise queue a reply each).
+                if stop.is_some() || replies.len() > super::pump::REPLY_LIMIT {
                     return done(w, r, stop);
                 }
                 continue;
@@ -230,8 +216,7 @@ impl Core {
                 let head = &mut buf[r..r + h.header_len];
                 self.start_frame(from, &h, head, mode);
                 if mode == Mode::Stream {
-                    buf.copy_within(r..r + h.header_len, w);
-                    w += h.header_len;
+                    w = self.emit(buf, r..r + h.header_len, w);
                 }
                 r += h.header_len;
                 continue;
@@ -246,13 +231,26 @@ impl Core {
                 Err(v) => return done(w, r, Some(Stop::Event(violation(from, v)))),
             };
             if forward {
-                buf.copy_within(r..r + total, w);
-                w += total;
+                w = self.emit(buf, r..r + total, w);
             }
             r += total;
             if step.is_some() {
                 return done(w, r, step);
             }
+        }
+    }
+
+    /// Pass `buf[from]` on: compacted to `buf[w..]` (returns the new end of the output), or,
+    /// once a validated message waits in `ready`, appended behind it so the order of
+    /// what goes on is kept while one call relays many validated messages.
+    fn emit(&mut self, buf: &mut [u8], from: std::ops::Range<usize>, w: usize) -> usize {
+        if self.ready.is_empty() {
+            let n = from.len();
+            buf.copy_within(from, w);
+            w + n
+        } else {
+            self.ready.extend_from_slice(&buf[from]);
+            w
         }
     }
 
@@ -266,28 +264,6 @@ impl Core {
     /// of it before any frame of the gateway's.
     pub(super) fn in_frame(&self, from: Side) -> bool {
         self.dec[from as usize].frame.is_some_and(|f| f.mode == Mode::Stream)
-    }
-
-    /// How the message a data frame from `from` starts or continues is handled: streamed,
-    /// unless the route validates client messages. A binary message on a route that
-    /// refuses them ends the session here, before any of it is read, with
-    /// `on_invalid = "close"`.
-    fn message_mode(&mut self, from: Side, h: &wire::Header) -> Result<Mode, CloseReason> {
-        let Some(v) = self.validator.as_ref().filter(|_| from == Side::Client) else {
-            return Ok(Mode::Stream);
-        };
-        match h.opcode {
-            OP_CONTINUATION => Ok(self.dec[from as usize].mode),
-            OP_TEXT if v.checks_text() => Ok(Mode::Assemble),
-            OP_BINARY if !v.allows_binary() => match v.on_invalid() {
-                OnInvalid::Reply => Ok(Mode::Skip), // answered when the message is complete
-                OnInvalid::Close => {
-                    let _ = self.reject(Invalid::binary(), None); // counted and logged; the session ends
-                    Err(CloseReason::InvalidMessage(crate::error::MessageRejection::Binary))
-                }
-            },
-            _ => Ok(Mode::Stream),
-        }
     }
 
     /// Masking, size and fragmentation rules for a header from `from`.
@@ -420,52 +396,6 @@ impl Core {
         self.charge(from)
     }
 
-    /// The final frame of an assembled message is in: check the message, and put it in
-    /// `ready` as one frame under a fresh gateway key, or refuse it. The assembly buffer
-    /// is freed either way.
-    fn finish_message(&mut self, from: Side, replies: &mut BytesMut) -> Option<Stop> {
-        let text = std::mem::take(&mut self.dec[from as usize].assembly);
-        let checked = match &self.validator {
-            Some(v) => v.check(&text),
-            None => Ok(()),
-        };
-        match checked {
-            Ok(()) => {
-                wire::put_frame(&mut self.ready, OP_TEXT, &text, true);
-                self.counts[from as usize] += 1;
-                self.bytes[from as usize] += text.len() as u64;
-                None
-            }
-            Err(invalid) => self.reject(invalid, Some(replies)),
-        }
-    }
-
-    /// Count and log a refused client message; with `on_invalid = "reply"` queue the error
-    /// message for the client (`replies`), else end the session.
-    /// Without `replies` the session ends in either mode. Returns `None` when answered.
-    fn reject(&mut self, invalid: Invalid, replies: Option<&mut BytesMut>) -> Option<Stop> {
-        let Some(v) = self.validator.as_ref() else {
-            return Some(Stop::Event(Event::End(CloseReason::InvalidMessage(invalid.reason))));
-        };
-        let i = invalid.reason.index();
-        self.rejected[i] += 1;
-        let (reason, keyword) = (invalid.reason.label(), &*invalid.keyword);
-        let pointer = crate::escape(&invalid.pointer, 128);
-        if self.rejected.iter().sum::<u64>() <= u64::from(LOGGED_REJECTIONS) {
-            tracing::info!(route = %v.route, reason, pointer, keyword, "client message rejected");
-        } else {
-            tracing::debug!(route = %v.route, reason, pointer, keyword, "client message rejected");
-        }
-        match (v.on_invalid(), replies) {
-            (OnInvalid::Reply, Some(replies)) => {
-                // Waits in the client's queue like a pong: never inside a frame to it.
-                wire::put_frame(replies, OP_TEXT, &invalid.reply(), false);
-                None
-            }
-            _ => Some(Stop::Event(Event::End(CloseReason::InvalidMessage(invalid.reason)))),
-        }
-    }
-
     /// A ping, pong or close (at most 125 bytes, read whole). Returns whether to pass it
     /// on, and whether processing must stop after it.
     fn control_frame(
@@ -573,17 +503,6 @@ impl Core {
             }
             self.rejected_reported = self.rejected;
         }
-    }
-}
-
-/// Make room for `n` more bytes in an assembly buffer: doubling as data arrives (never
-/// ahead of it, so a client announcing a large frame and stalling holds only what it
-/// sent), capped at the message limit.
-fn grow(buf: &mut Vec<u8>, n: usize, max: usize) {
-    let need = buf.len() + n;
-    if need > buf.capacity() {
-        let want = need.max(buf.capacity() * 2).min(max.max(need));
-        buf.reserve_exact(want - buf.len());
     }
 }
 
