@@ -149,9 +149,69 @@ fn tokens(c: &mut Criterion) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A chat schema of the kind the README's example uses.
+const CHAT_SCHEMA: &str = r#"{
+  "type": "object",
+  "required": ["type", "room", "text"],
+  "additionalProperties": false,
+  "properties": {
+    "type": {"enum": ["chat", "join", "leave"]},
+    "room": {"type": "string", "pattern": "^[a-z0-9-]{1,32}$"},
+    "text": {"type": "string", "maxLength": 500},
+    "reply_to": {"type": "integer", "minimum": 0},
+    "mentions": {"type": "array", "items": {"type": "string"}, "maxItems": 10}
+  }
+}"#;
+
+/// A typical 200-byte chat message.
+const CHAT_MESSAGE: &str = r#"{"type":"chat","room":"general-42","text":"Hello everyone, the deploy finished at 14:02 and the dashboards look fine; ping me if anything looks off.","reply_to":1234,"mentions":["alice","bob"]}"#;
+
+fn validator(schema: bool) -> wsgate::validation::Validator {
+    let v = wsgate::config::Validate {
+        json: true,
+        binary: false,
+        schema_file: None,
+        max_depth: wsgate::config::DEFAULT_MAX_DEPTH,
+        on_invalid: wsgate::config::OnInvalid::Close,
+    };
+    let doc: serde_json::Value = serde_json::from_str(CHAT_SCHEMA).unwrap();
+    wsgate::validation::Validator::from_schema("bench", &v, schema.then_some(&doc)).unwrap()
+}
+
+/// Validating one whole message: depth scan, strict parse, and the schema.
+fn validation(c: &mut Criterion) {
+    assert!((190..=210).contains(&CHAT_MESSAGE.len()), "{}", CHAT_MESSAGE.len());
+    let full = validator(true);
+    let json_only = validator(false);
+    assert!(full.check(CHAT_MESSAGE.as_bytes()).is_ok());
+    c.bench_function("validate_chat_200B_parse_and_schema", |b| {
+        b.iter(|| black_box(full.check(black_box(CHAT_MESSAGE.as_bytes()))))
+    });
+    c.bench_function("validate_chat_200B_parse_only", |b| {
+        b.iter(|| black_box(json_only.check(black_box(CHAT_MESSAGE.as_bytes()))))
+    });
+    let bomb = "[".repeat(1 << 20);
+    c.bench_function("validate_nesting_bomb_1MiB", |b| {
+        b.iter(|| black_box(full.check(black_box(bomb.as_bytes()))))
+    });
+}
+
 /// One message client → relay → upstream and back, over in-memory pipes (no TLS, no
 /// kernel): the cost of the relay loop itself.
 fn relay(c: &mut Criterion) {
+    relay_with(c, "relay_roundtrip_64B", None, bytes::Bytes::from(vec![b'x'; 64]), false);
+    let json = format!(r#"{{"type":"chat","room":"general","text":"{}"}}"#, "x".repeat(22));
+    let validator = Some(std::sync::Arc::new(validator(true)));
+    relay_with(c, "relay_roundtrip_64B_json_validated", validator, bytes::Bytes::from(json), true);
+}
+
+fn relay_with(
+    c: &mut Criterion,
+    name: &str,
+    validator: Option<std::sync::Arc<wsgate::validation::Validator>>,
+    payload: bytes::Bytes,
+    text: bool,
+) {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::{
         WebSocketStream,
@@ -167,7 +227,10 @@ fn relay(c: &mut Criterion) {
         let up = WebSocketStream::from_raw_socket(up_io, Role::Server, None).await;
         tokio::spawn(wsgate::echo::serve(up));
         let task = tokio::spawn(async move {
-            let settings = wsgate::relay::Settings::unthrottled(1 << 20);
+            let settings = wsgate::relay::Settings {
+                validator,
+                ..wsgate::relay::Settings::unthrottled(1 << 20)
+            };
             let metrics = wsgate::metrics::Metrics::new().session("bench");
             let shutdown = tokio_util::sync::CancellationToken::new();
             let control = wsgate::relay::Control::new(&shutdown);
@@ -175,16 +238,20 @@ fn relay(c: &mut Criterion) {
         });
         (client, task)
     });
-    let payload = bytes::Bytes::from(vec![b'x'; 64]);
-    c.bench_function("relay_roundtrip_64B", |b| {
+    c.bench_function(name, |b| {
         b.iter(|| {
             rt.block_on(async {
-                client.send(Message::Binary(payload.clone())).await.unwrap();
+                let m = if text {
+                    Message::Text(payload.clone().try_into().unwrap())
+                } else {
+                    Message::Binary(payload.clone())
+                };
+                client.send(m).await.unwrap();
                 black_box(client.next().await.unwrap().unwrap())
             })
         })
     });
 }
 
-criterion_group!(benches, firewall, limiter, tokens, relay);
+criterion_group!(benches, firewall, limiter, tokens, validation, relay);
 criterion_main!(benches);

@@ -11,7 +11,7 @@
 #   BENCH_HOLD [3/1]            seconds the idle sockets are held before the echo check
 #   BENCH_IDLE_COUNTS ["1000 9000"]  idle socket counts
 #   BENCH_TARGETS ["direct wsgate nginx"]
-#   BENCH_TESTS ["tp16 tp1 hs hsr lat idle"]  measurements to run (a subset for focused A/B runs)
+#   BENCH_TESTS ["tp16 tp1 hs hsr lat idle features"]  measurements to run (a subset for focused A/B runs)
 #   BENCH_SKIP_BUILD=1          use the binaries already in target/release
 #
 # Three targets stand in front of ONE plain-ws echo backend (`wsgate echo`, its own process):
@@ -23,6 +23,10 @@
 # resumed ones for returning clients), p99 latency at 5000 msg/s
 # over 64 connections (open loop), and idle memory per socket at 1000 and 9000 sockets (server
 # RSS, nginx master + workers, with the target restarted fresh for each reading).
+# Features (wsgate only, restarted with client_ca and two more routes): JSON throughput through
+# a route with [routes.validate] (config/chat.schema.json) against the same messages on a
+# route without it, and handshakes/s with a client certificate on an `auth = "mtls"` route
+# against the JWT route without one.
 #
 # Output: the table on stdout and in target/bench/results.md, every RESULT line in
 # target/bench/raw.txt, server and client logs in target/bench/logs/.
@@ -38,7 +42,7 @@ else
 fi
 IDLE_COUNTS=${BENCH_IDLE_COUNTS:-"1000 9000"}
 TARGETS=${BENCH_TARGETS:-"direct wsgate nginx"}
-TESTS=" ${BENCH_TESTS:-tp16 tp1 hs hsr lat idle} "
+TESTS=" ${BENCH_TESTS:-tp16 tp1 hs hsr lat idle features} "
 wants() { [[ $TESTS == *" $1 "* ]]; }
 SOURCES=$(seq -s, -f '127.0.0.%g' 1 20)
 
@@ -295,7 +299,7 @@ EOF
   die "nginx -t failed: $(tail -3 "$LOGS/nginx-t.log")"
 
 # --- runs -----------------------------------------------------------------------------------
-url_of() { echo "wss://127.0.0.1:$(port_of "$1")/echo"; }
+url_of() { echo "wss://127.0.0.1:$(port_of "$1")${URL_PATH:-/echo}"; }
 field() { grep -o "\"$1\":[^,}]*" <<<"$2" | head -1 | cut -d: -f2- | tr -d '"'; }
 
 RUN=0
@@ -365,6 +369,49 @@ wants idle && for ((r = 1; r <= REPEAT; r++)); do
     done
   done
 done
+
+# Features: one wsgate with client certificates accepted (optional) and two more routes.
+if wants features && [[ " $TARGETS " == *" wsgate "* ]]; then
+  say "bench: features (wsgate restarted with client_ca, a validated route and an mtls route)"
+  "$WSGATE" dev-client-cert --name bench --dir "$WORK/pki" >>"$LOGS/wsgate-check.log" 2>&1 ||
+    die "wsgate dev-client-cert failed (see $LOGS/wsgate-check.log)"
+  FEATURES_CONFIG=$WORK/wsgate-features.toml
+  sed "s|^min_version = \"1.3\"\$|&\nclient_ca = \"$WORK/pki/client-ca.crt\"\nclient_auth = \"optional\"|" \
+    "$WSGATE_CONFIG" >"$FEATURES_CONFIG"
+  cat >>"$FEATURES_CONFIG" <<EOF
+
+[[routes]]
+name = "json"
+path = "/json"
+upstreams = ["ws://127.0.0.1:$ECHO_PORT"]
+auth = "jwt"
+
+[routes.validate]
+schema_file = "$(pwd)/config/chat.schema.json"
+
+[[routes]]
+name = "mtls"
+path = "/mtls"
+upstreams = ["ws://127.0.0.1:$ECHO_PORT"]
+auth = "mtls"
+EOF
+  "$WSGATE" check --config "$FEATURES_CONFIG" >>"$LOGS/wsgate-check.log" 2>&1 ||
+    die "wsgate check fails on the features config: $(tail -3 "$LOGS/wsgate-check.log")"
+  WSGATE_CONFIG=$FEATURES_CONFIG restart wsgate
+  CLIENT_CERT=(--cert "$WORK/pki/bench.crt" --key "$WORK/pki/bench.key")
+  for ((r = 1; r <= REPEAT; r++)); do
+    for path in /echo /json; do
+      test=feat-json-plain
+      [[ $path == /json ]] && test=feat-json-valid
+      URL_PATH=$path measure wsgate "$test" throughput --json --connections 64 --size 64 --inflight 16 \
+        --duration "$DURATION" --warmup "$WARMUP" --cpu-pid "${PID[wsgate]}"
+    done
+    measure wsgate feat-hs-plain handshakes --concurrency 32 --duration "$DURATION" --warmup "$WARMUP" \
+      --sources "$SOURCES" --cpu-pid "${PID[wsgate]}"
+    URL_PATH=/mtls measure wsgate feat-hs-mtls handshakes "${CLIENT_CERT[@]}" --concurrency 32 \
+      --duration "$DURATION" --warmup "$WARMUP" --sources "$SOURCES" --cpu-pid "${PID[wsgate]}"
+  done
+fi
 
 for t in $TARGETS; do stop "$t"; done
 stop echo

@@ -260,7 +260,11 @@ async fn run_session(
     admitted_under: tokio_util::sync::CancellationToken,
 ) -> Result<Done, Reject> {
     let route = &rt.config.routes[open.route_index];
-    let session_metrics = gw.metrics.session(&route.name);
+    let mut session_metrics = gw.metrics.session(&route.name);
+    let validator = rt.validators[open.route_index].clone();
+    if validator.is_some() {
+        session_metrics.rejected = Some(gw.metrics.rejections(&route.name));
+    }
     session_metrics.active.increment(1.0);
     let started = Instant::now();
     let s = &rt.config.server;
@@ -275,6 +279,7 @@ async fn run_session(
         max_frame_size: l.max_frame_size,
         max_message_size: l.max_message_size,
         max_fragments: l.max_fragments,
+        validator,
     };
     let deadline = open
         .expires_at

@@ -289,6 +289,56 @@ pub enum CloseReason {
     RateAbuse,
     /// After a reload the client is denied by the firewall or its token is revoked.
     AccessRevoked,
+    /// A client message failed validation on a route with `on_invalid = "close"`.
+    InvalidMessage(MessageRejection),
+}
+
+/// Why a client message was refused on a route with `[routes.validate]`: the `reason`
+/// label of `wsgate_messages_rejected_total` and of the log event, and the close code
+/// with `on_invalid = "close"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageRejection {
+    /// Text that is not JSON (syntax, a number out of range, a duplicate key): 1007.
+    NotJson,
+    /// Nested deeper than `max_depth`: 1008.
+    TooDeep,
+    /// Valid JSON that fails the route's schema: 1008.
+    Schema,
+    /// A binary message on a route with `binary = false`: 1003 (RFC 6455 7.4.1,
+    /// a type of data the endpoint cannot accept).
+    Binary,
+}
+
+impl MessageRejection {
+    /// Every reason, in the order of [`MessageRejection::index`].
+    pub const ALL: [MessageRejection; 4] = [
+        MessageRejection::NotJson,
+        MessageRejection::TooDeep,
+        MessageRejection::Schema,
+        MessageRejection::Binary,
+    ];
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            MessageRejection::NotJson => "not_json",
+            MessageRejection::TooDeep => "too_deep",
+            MessageRejection::Schema => "schema",
+            MessageRejection::Binary => "binary",
+        }
+    }
+
+    /// The close code with `on_invalid = "close"`, to both peers.
+    pub fn close_code(self) -> CloseCode {
+        match self {
+            MessageRejection::NotJson => CloseCode::Invalid,
+            MessageRejection::TooDeep | MessageRejection::Schema => CloseCode::Policy,
+            MessageRejection::Binary => CloseCode::Unsupported,
+        }
+    }
 }
 
 impl CloseReason {
@@ -307,6 +357,7 @@ impl CloseReason {
             CloseReason::UpstreamTooBig => (Size, Size),
             CloseReason::TokenExpired => (Library(CLOSE_TOKEN_EXPIRED), Library(CLOSE_TOKEN_EXPIRED)),
             CloseReason::RateAbuse | CloseReason::AccessRevoked => (Policy, Policy),
+            CloseReason::InvalidMessage(r) => (r.close_code(), r.close_code()),
         }
     }
 
@@ -327,13 +378,18 @@ impl CloseReason {
             CloseReason::TokenExpired => "token expired",
             CloseReason::RateAbuse => "client exceeded the message rate",
             CloseReason::AccessRevoked => "access revoked",
+            CloseReason::InvalidMessage(MessageRejection::NotJson) => "client message is not json",
+            CloseReason::InvalidMessage(MessageRejection::TooDeep) => "client message nested too deeply",
+            CloseReason::InvalidMessage(MessageRejection::Schema) => "client message does not match the schema",
+            CloseReason::InvalidMessage(MessageRejection::Binary) => "binary messages not allowed",
         }
     }
 
     /// The `wsgate_errors_total{kind}` label, or `None` for an orderly end.
     pub fn error_kind(self) -> Option<&'static str> {
         match self {
-            CloseReason::Shutdown | CloseReason::TokenExpired | CloseReason::AccessRevoked => None,
+            // Counted by reason in `wsgate_messages_rejected_total` instead.
+            CloseReason::Shutdown | CloseReason::TokenExpired | CloseReason::AccessRevoked | CloseReason::InvalidMessage(_) => None,
             CloseReason::IdleTimeout => Some("idle_timeout"),
             CloseReason::PingTimeout => Some("ping_timeout"),
             CloseReason::ClientProtocol | CloseReason::ClientInvalidUtf8 => Some("protocol"),
@@ -409,11 +465,24 @@ mod tests {
             (CloseReason::TokenExpired, 4401, 4401, None),
             (CloseReason::RateAbuse, 1008, 1008, Some("protocol")),
             (CloseReason::AccessRevoked, 1008, 1008, None),
+            (CloseReason::InvalidMessage(MessageRejection::NotJson), 1007, 1007, None),
+            (CloseReason::InvalidMessage(MessageRejection::TooDeep), 1008, 1008, None),
+            (CloseReason::InvalidMessage(MessageRejection::Schema), 1008, 1008, None),
+            (CloseReason::InvalidMessage(MessageRejection::Binary), 1003, 1003, None),
         ];
         for (r, c, u, kind) in rows {
             let (cc, uc) = r.codes();
             assert_eq!((u16::from(cc), u16::from(uc)), (*c, *u), "{r:?}");
             assert_eq!(r.error_kind(), *kind, "{r:?}");
+        }
+    }
+
+    #[test]
+    fn message_rejection_labels_are_a_fixed_set() {
+        let labels: Vec<_> = MessageRejection::ALL.iter().map(|r| r.label()).collect();
+        assert_eq!(labels, ["not_json", "too_deep", "schema", "binary"]);
+        for (i, r) in MessageRejection::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i);
         }
     }
 }

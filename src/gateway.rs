@@ -12,6 +12,7 @@ use crate::error::Reject;
 use crate::firewall::Firewall;
 use crate::limits::{IpSlot, PerIp, UserSlots};
 use crate::metrics::Metrics;
+use crate::validation::Validator;
 use arc_swap::ArcSwap;
 use std::{
     net::IpAddr,
@@ -56,6 +57,8 @@ pub struct Runtime {
     /// WebSocket settings of the built-in echo backend, with the configured size
     /// limits. (The relay itself works on frames, see [`crate::relay`].)
     pub ws_config: WebSocketConfig,
+    /// Message checks (`[routes.validate]`, schema files compiled), by route index.
+    pub validators: Vec<Option<Arc<Validator>>>,
 }
 
 impl Runtime {
@@ -75,6 +78,16 @@ impl Runtime {
             .routes
             .iter()
             .map(|r| crate::upstream::connector(r, &config.origin))
+            .collect::<Result<_, _>>()?;
+        let validators = config
+            .routes
+            .iter()
+            .map(|r| {
+                r.validate
+                    .as_ref()
+                    .map(|v| Validator::load(&r.name, v, &config.origin).map(Arc::new))
+                    .transpose()
+            })
             .collect::<Result<_, _>>()?;
         let next_upstream = config.routes.iter().map(|_| AtomicUsize::new(0)).collect();
         let health = config
@@ -99,6 +112,7 @@ impl Runtime {
             next_upstream,
             health,
             ws_config,
+            validators,
         })
     }
 }
@@ -169,7 +183,7 @@ impl Gateway {
             self.per_ip.store(Arc::new(next));
         }
         for r in &new.config.routes {
-            self.metrics.register_route(&r.name);
+            self.metrics.register_route(&r.name, r.validate.is_some());
         }
         if let (Some(n), Some(o)) = (&new.verifier, &old.verifier) {
             if n.keys().remote_url().is_some() && n.keys().remote_url() == o.keys().remote_url() {
@@ -212,7 +226,7 @@ impl Gateway {
     pub(crate) fn new(runtime: Runtime) -> Gateway {
         let metrics = Metrics::new();
         for r in &runtime.config.routes {
-            metrics.register_route(&r.name);
+            metrics.register_route(&r.name, r.validate.is_some());
         }
         let per_ip = PerIp::new(runtime.config.limits.admission.clone());
         Gateway {

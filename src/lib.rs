@@ -52,6 +52,7 @@ pub mod tls;
 pub mod upgrade;
 pub mod upstream;
 mod util;
+pub mod validation;
 pub mod wire;
 
 pub use config::Config;

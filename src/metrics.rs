@@ -24,6 +24,7 @@ pub const CONFIG_RELOADS: &str = "wsgate_config_reloads_total";
 pub const BUILD_INFO: &str = "wsgate_build_info";
 pub const JWKS_REFRESHES: &str = "wsgate_jwks_refreshes_total";
 pub const LIMITER_EVICTIONS: &str = "wsgate_limiter_evictions_total";
+pub const MESSAGES_REJECTED: &str = "wsgate_messages_rejected_total";
 
 const DESCRIPTIONS: &[(&str, &str)] = &[
     (CONNECTIONS_ACCEPTED, "TCP connections accepted on the wss listeners."),
@@ -45,6 +46,10 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     (
         JWKS_REFRESHES,
         "JWKS URL fetches, by result; on failure the last good key set stays in use.",
+    ),
+    (
+        MESSAGES_REJECTED,
+        "Client messages refused by route validation (never sent upstream), by route and reason.",
     ),
     (
         LIMITER_EVICTIONS,
@@ -82,6 +87,9 @@ pub struct SessionMetrics {
     pub messages: [Counter; 2],
     pub bytes: [Counter; 2],
     pub active: Gauge,
+    /// Refused client messages by [`crate::error::MessageRejection::index`]: only on
+    /// routes with `[routes.validate]` (see [`Metrics::rejections`]).
+    pub rejected: Option<[Counter; 4]>,
 }
 
 const SECONDS_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -205,8 +213,13 @@ impl Metrics {
     }
 
     /// Make the route's series visible at zero before any traffic.
-    pub fn register_route(&self, route: &str) {
+    pub fn register_route(&self, route: &str, validated: bool) {
         self.session(route).active.increment(0.0);
+        if validated {
+            for c in self.rejections(route) {
+                c.increment(0);
+            }
+        }
     }
 
     /// Handles for one session on `route`.
@@ -218,7 +231,18 @@ impl Metrics {
             &Key::from_parts(CONNECTIONS_ACTIVE, vec![Label::new("route", route.to_string())]),
             &metadata(),
         );
-        SessionMetrics { messages, bytes, active }
+        SessionMetrics {
+            messages,
+            bytes,
+            active,
+            rejected: None,
+        }
+    }
+
+    /// `wsgate_messages_rejected_total` handles of a validated route, one per reason
+    /// (registering them makes the series visible at zero).
+    pub fn rejections(&self, route: &str) -> [Counter; 4] {
+        crate::error::MessageRejection::ALL.map(|r| self.counter(MESSAGES_REJECTED, &[("route", route), ("reason", r.label())]))
     }
 }
 
@@ -251,11 +275,16 @@ mod tests {
         let a = Metrics::new();
         let b = Metrics::new();
         a.rejected("not_found");
-        a.register_route("echo");
+        a.register_route("echo", true);
         let text = a.render();
         assert!(text.contains("# HELP wsgate_connections_rejected_total"), "{text}");
         assert!(text.contains("wsgate_connections_rejected_total{reason=\"not_found\"} 1"), "{text}");
         assert!(text.contains("wsgate_build_info{version="), "{text}");
+        assert!(text.contains("# HELP wsgate_messages_rejected_total"), "{text}");
+        assert!(
+            text.contains("wsgate_messages_rejected_total{route=\"echo\",reason=\"too_deep\"} 0"),
+            "{text}"
+        );
         assert!(!b.render().contains("not_found"));
     }
 }

@@ -499,9 +499,11 @@ fn all_close_reasons() -> Vec<wsgate::error::CloseReason> {
     for r in &all {
         match r {
             Shutdown | IdleTimeout | PingTimeout | ClientProtocol | ClientInvalidUtf8 | ClientTooBig | ClientIo | UpstreamReset
-            | UpstreamProtocol | UpstreamInvalidUtf8 | UpstreamTooBig | TokenExpired | RateAbuse | AccessRevoked => {}
+            | UpstreamProtocol | UpstreamInvalidUtf8 | UpstreamTooBig | TokenExpired | RateAbuse | AccessRevoked | InvalidMessage(_) => {}
         }
     }
+    let mut all = all;
+    all.extend(wsgate::error::MessageRejection::ALL.map(InvalidMessage));
     all
 }
 

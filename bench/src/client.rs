@@ -40,6 +40,12 @@ pub struct ConnArgs {
     /// Do not verify the server certificate.
     #[arg(long)]
     pub insecure: bool,
+    /// Client certificate (PEM chain) for mTLS routes; needs `--key`.
+    #[arg(long, requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) of `--cert`.
+    #[arg(long, requires = "cert")]
+    pub key: Option<PathBuf>,
     /// Local source addresses, used round robin (e.g. 127.0.0.1,127.0.0.2): each one
     /// has its own ephemeral port range.
     #[arg(long, value_delimiter = ',')]
@@ -96,7 +102,8 @@ impl Connector {
             .next()
             .with_context(|| format!("{host} has no address"))?;
         let tls = if tls {
-            let base = wsgate::tls::cli_client_config(a.ca.as_deref(), a.insecure).map_err(anyhow::Error::msg)?;
+            let cert = a.cert.as_deref().zip(a.key.as_deref());
+            let base = wsgate::tls::cli_client_config_with_cert(a.ca.as_deref(), a.insecure, cert).map_err(anyhow::Error::msg)?;
             let mut cc = (*base).clone();
             if !a.resume {
                 cc.resumption = rustls::client::Resumption::disabled();

@@ -76,7 +76,7 @@ pub fn run(raw: &Path, out: Option<&Path>) -> anyhow::Result<()> {
         runs.entry((test, target)).or_default().push(v);
     }
     let r = Results { runs };
-    let table = table(&r);
+    let table = table(&r) + &features(&r);
     print!("{table}");
     if let Some(out) = out {
         std::fs::write(out, &table)?;
@@ -327,5 +327,78 @@ fn table(r: &Results) -> String {
          the target's processes only (nginx: master + workers): the echo backend behind wsgate and nginx is \
          left out, while direct's figure is a whole wss echo."
     );
+    s
+}
+
+/// The features table: wsgate with a feature against wsgate without it, in one process
+/// (tests `feat-*`, target wsgate).
+fn features(r: &Results) -> String {
+    let mut s = String::new();
+    let pairs = [
+        (
+            "JSON throughput (msg/s), 64 conns × 64 B, 16 in flight",
+            "feat-json-plain",
+            "feat-json-valid",
+            "msgs_per_s",
+            Some(0.8),
+            "route without validation",
+            "with `[routes.validate]` (schema)",
+        ),
+        (
+            "JSON throughput: server CPU µs per message",
+            "feat-json-plain",
+            "feat-json-valid",
+            "server_cpu_us_per_unit",
+            None,
+            "route without validation",
+            "with `[routes.validate]` (schema)",
+        ),
+        (
+            "handshakes/s, 32 concurrent",
+            "feat-hs-plain",
+            "feat-hs-mtls",
+            "per_s",
+            None,
+            "JWT, no client certificate",
+            "client certificate (`auth = \"mtls\"`)",
+        ),
+        (
+            "handshakes: server CPU µs per handshake",
+            "feat-hs-plain",
+            "feat-hs-mtls",
+            "server_cpu_us_per_unit",
+            None,
+            "JWT, no client certificate",
+            "client certificate (`auth = \"mtls\"`)",
+        ),
+    ];
+    let mut any = false;
+    for (label, base, with, field, goal, base_text, with_text) in pairs {
+        let (b, w) = (r.median(base, "wsgate", field), r.median(with, "wsgate", field));
+        if b.is_none() && w.is_none() {
+            continue;
+        }
+        if !any {
+            let _ = writeln!(
+                s,
+                "\n## Features (wsgate, one process with `client_ca` set)\n\n\
+                 | measurement (median of runs) | without | with | with/without | goal | met |\n|---|---:|---:|---:|---|---|"
+            );
+            any = true;
+        }
+        let q = ratio(w, b);
+        let (goal_text, met) = match goal {
+            Some(x) => (format!("≥ {x}×"), q.map(|q| if q >= x { "yes" } else { "**no**" }).unwrap_or("")),
+            None => (String::new(), ""),
+        };
+        let decimals = if field == "server_cpu_us_per_unit" { 1 } else { 0 };
+        let _ = writeln!(
+            s,
+            "| {label}: {base_text} → {with_text} | {} | {} | {} | {goal_text} | {met} |",
+            fmt(b, decimals),
+            fmt(w, decimals),
+            fmt(q, 2)
+        );
+    }
     s
 }

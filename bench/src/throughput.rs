@@ -6,7 +6,6 @@ use crate::{
     client::{ConnArgs, Connector, Ws},
     util::{CpuMark, Padded, merge, payload, print_result, round1, sum},
 };
-use bytes::Bytes;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde_json::json;
 use std::{
@@ -24,9 +23,13 @@ pub struct Args {
     pub conn: ConnArgs,
     #[arg(long, default_value_t = 64)]
     pub connections: usize,
-    /// Payload bytes per (binary) message.
+    /// Payload bytes per message (binary, or JSON text with `--json`).
     #[arg(long, default_value_t = 64)]
     pub size: usize,
+    /// Send JSON text messages of `--size` bytes (`{"type":"chat","room":...,"text":...}`),
+    /// for routes with `[routes.validate]`.
+    #[arg(long)]
+    pub json: bool,
     /// Messages each connection keeps in flight.
     #[arg(long, default_value_t = 16)]
     pub inflight: usize,
@@ -63,7 +66,15 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         .into_iter()
         .enumerate()
         .map(|(i, ws)| {
-            let pool: Vec<Bytes> = (0..pool_len as u64).map(|j| payload(i as u64, j, a.size)).collect();
+            let pool: Vec<Message> = (0..pool_len as u64)
+                .map(|j| {
+                    if a.json {
+                        json_message(i as u64, j, a.size)
+                    } else {
+                        Message::Binary(payload(i as u64, j, a.size))
+                    }
+                })
+                .collect();
             let (counters, stop) = (counters.clone(), stop.clone());
             tokio::spawn(async move { conn_loop(ws, pool, a.inflight, &counters[i], &stop).await })
         })
@@ -122,12 +133,12 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
 /// One connection: prime K messages, then send one per echo until `stop`, then
 /// collect the outstanding echoes. Replies already readable are handled together
 /// and answered with one flush.
-async fn conn_loop(mut ws: Ws, pool: Vec<Bytes>, inflight: usize, counter: &Padded, stop: &AtomicBool) -> Outcome {
+async fn conn_loop(mut ws: Ws, pool: Vec<Message>, inflight: usize, counter: &Padded, stop: &AtomicBool) -> Outcome {
     let mut o = Outcome::default();
     let n = pool.len() as u64;
     let mut sent = 0u64;
     for _ in 0..inflight {
-        if let Err(e) = ws.feed(Message::Binary(pool[(sent % n) as usize].clone())).await {
+        if let Err(e) = ws.feed(pool[(sent % n) as usize].clone()).await {
             o.error = Some(e.to_string());
             return o;
         }
@@ -150,14 +161,14 @@ async fn conn_loop(mut ws: Ws, pool: Vec<Bytes>, inflight: usize, counter: &Padd
                 },
             };
             match next {
-                Some(Ok(Message::Binary(b))) => {
-                    if b != pool[(o.received % n) as usize] {
+                Some(Ok(m @ (Message::Binary(_) | Message::Text(_)))) => {
+                    if m != pool[(o.received % n) as usize] {
                         o.mismatches += 1;
                     }
                     o.received += 1;
                     batch += 1;
                     if !stopping {
-                        if let Err(e) = ws.feed(Message::Binary(pool[(sent % n) as usize].clone())).await {
+                        if let Err(e) = ws.feed(pool[(sent % n) as usize].clone()).await {
                             o.error = Some(e.to_string());
                             return o;
                         }
@@ -165,11 +176,6 @@ async fn conn_loop(mut ws: Ws, pool: Vec<Bytes>, inflight: usize, counter: &Padd
                     }
                 }
                 Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
-                Some(Ok(Message::Text(_))) => {
-                    o.mismatches += 1;
-                    o.received += 1;
-                    batch += 1;
-                }
                 Some(Ok(Message::Close(f))) => {
                     o.error = Some(format!("closed by the server: {f:?}"));
                     return o;
@@ -195,4 +201,12 @@ async fn conn_loop(mut ws: Ws, pool: Vec<Bytes>, inflight: usize, counter: &Padd
     }
     crate::close(ws).await;
     o
+}
+
+/// A JSON chat message of exactly `size` bytes (at least the fixed part), different for
+/// every (connection, index) pair.
+fn json_message(conn: u64, index: u64, size: usize) -> Message {
+    let head = format!(r#"{{"type":"chat","room":"r{conn}","text":"{index:x}"#);
+    let pad = size.saturating_sub(head.len() + 2);
+    Message::text(format!("{head}{}\"}}", "x".repeat(pad)))
 }

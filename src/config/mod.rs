@@ -15,6 +15,7 @@
 
 mod located;
 mod raw;
+mod routes;
 pub mod units;
 mod validate;
 
@@ -95,6 +96,11 @@ pub const DEFAULT_IDENTITY_CLAIM: &str = "sub";
 pub const DEFAULT_REQUIRED_CLAIMS: [&str; 2] = ["exp", "sub"];
 /// Where tokens are looked for unless `jwt.token_sources` says otherwise.
 pub const DEFAULT_TOKEN_SOURCES: [&str; 4] = ["authorization", "protocol", "query:access_token", "cookie:wsgate_token"];
+/// Nesting depth of a client message on a validated route unless `max_depth` says otherwise.
+pub const DEFAULT_MAX_DEPTH: u32 = 32;
+/// The largest `max_depth`: below serde_json's own recursion limit (128), so the depth
+/// pre-scan always refuses a nesting bomb before the parser sees it.
+pub const MAX_MAX_DEPTH: u32 = 100;
 /// The development certificate and key (created by `wsgate dev-cert`).
 pub const DEFAULT_TLS_CERT: &str = "certs/dev/server.crt";
 pub const DEFAULT_TLS_KEY: &str = "certs/dev/server.key";
@@ -397,6 +403,34 @@ pub struct Route {
     pub require_claims: Vec<(String, String)>,
     /// Claim → header name sent upstream (lower case).
     pub forward_claims: Vec<(String, http::HeaderName)>,
+    /// `[routes.validate]`: client messages are checked before they go upstream.
+    pub validate: Option<Validate>,
+}
+
+/// `[routes.validate]` (DESIGN.md section 11). The schema file is compiled where the
+/// runtime is built (`gateway::Runtime::load`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Validate {
+    /// Text messages must be JSON (default true; schema and depth need it).
+    pub json: bool,
+    /// Binary messages pass unchecked (true) or are refused (false, the default).
+    pub binary: bool,
+    /// JSON Schema (draft 2020-12) every text message must satisfy.
+    pub schema_file: Option<Located<PathBuf>>,
+    /// Nesting depth: arrays and objects count, scalars do not (`[1]` is 1 deep).
+    pub max_depth: u32,
+    pub on_invalid: OnInvalid,
+}
+
+/// What an invalid client message gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnInvalid {
+    /// Close the session: 1007 (not JSON), 1008 (too deep, schema), 1003 (binary).
+    #[default]
+    Close,
+    /// Answer the client with `{"error": "invalid_message", ...}`; the socket stays open.
+    Reply,
 }
 
 /// `Origin` in the form routes compare: lower-case scheme and host, default port dropped.

@@ -2,7 +2,7 @@
 //! rejects unknown keys; typed values (durations, sizes, addresses) parse on the way in.
 
 use super::units::{ByteSize, HumanDuration, Rate};
-use super::{AuthMode, ClientAuth, ClientIpSource, FirewallDefault, LogFormat, TlsVersion};
+use super::{AuthMode, ClientAuth, ClientIpSource, FirewallDefault, LogFormat, OnInvalid, TlsVersion};
 use ipnet::IpNet;
 use serde::Deserialize;
 use std::{net::SocketAddr, path::PathBuf};
@@ -129,4 +129,16 @@ pub struct Route {
     pub allow_missing_origin: Option<bool>,
     pub require_claims: Option<Spanned<std::collections::BTreeMap<String, String>>>,
     pub forward_claims: Option<Spanned<std::collections::BTreeMap<String, String>>>,
+    pub validate: Option<Spanned<Validate>>,
+}
+
+/// `[routes.validate]`: message validation, client → upstream.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Validate {
+    pub json: Option<bool>,
+    pub binary: Option<bool>,
+    pub schema_file: Option<Spanned<PathBuf>>,
+    pub max_depth: Option<Spanned<u32>>,
+    pub on_invalid: Option<OnInvalid>,
 }

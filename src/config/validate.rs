@@ -21,7 +21,7 @@ pub(super) struct Validator<'a> {
 }
 
 impl Validator<'_> {
-    fn err<T>(&self, spanned: &Spanned<T>, key: &str, message: impl Into<String>) -> ConfigError {
+    pub(super) fn err<T>(&self, spanned: &Spanned<T>, key: &str, message: impl Into<String>) -> ConfigError {
         ConfigError {
             file: self.origin.to_string(),
             line: Some(line_of(self.src, spanned.span().start)),
@@ -30,7 +30,7 @@ impl Validator<'_> {
         }
     }
 
-    fn located<T: Clone>(&self, spanned: &Spanned<T>, key: &str) -> Located<T> {
+    pub(super) fn located<T: Clone>(&self, spanned: &Spanned<T>, key: &str) -> Located<T> {
         Located {
             value: spanned.get_ref().clone(),
             key: key.to_string(),
@@ -38,7 +38,7 @@ impl Validator<'_> {
         }
     }
 
-    fn err_key(&self, key: &str, message: impl Into<String>) -> ConfigError {
+    pub(super) fn err_key(&self, key: &str, message: impl Into<String>) -> ConfigError {
         let (table, leaf) = key.rsplit_once('.').unwrap_or(("", key));
         ConfigError {
             file: self.origin.to_string(),
@@ -162,29 +162,6 @@ impl Validator<'_> {
             auth: t.client_auth.as_ref().map_or(ClientAuth::Optional, |a| *a.get_ref()),
             crl_files,
         }))
-    }
-
-    /// Routes that need a client certificate need `tls.client_ca`.
-    fn cert_routes(&self, tls: &Tls, routes: &[Route]) -> Result<(), ConfigError> {
-        if tls.client.is_some() {
-            return Ok(());
-        }
-        if let Some(r) = routes.iter().find(|r| r.auth.uses_cert()) {
-            return Err(self.err_key(
-                "tls.client_ca",
-                format!(
-                    "route \"{}\" needs client certificates (auth = \"mtls\" or \"jwt+mtls\"): set tls.client_ca",
-                    r.name
-                ),
-            ));
-        }
-        if let Some(r) = routes.iter().find(|r| r.forward_claims.iter().any(|(c, _)| c.starts_with("cert:"))) {
-            return Err(self.err_key(
-                "tls.client_ca",
-                format!("route \"{}\" forwards certificate fields: set tls.client_ca", r.name),
-            ));
-        }
-        Ok(())
     }
 
     fn log(&self, l: raw::Log) -> Result<Log, ConfigError> {
@@ -409,138 +386,6 @@ impl Validator<'_> {
             ca: j.jwks_ca.as_ref().map(|c| self.located(c, "jwt.jwks_ca")),
         }))
     }
-
-    /// Checks across `[jwt]` and the routes that use it.
-    fn jwt_routes(&self, jwt: &Jwt, routes: &[Route]) -> Result<(), ConfigError> {
-        if !routes.iter().any(|r| r.auth.uses_jwt()) {
-            return Ok(());
-        }
-        if jwt.algorithms.is_empty() {
-            return Err(self.err_key(
-                "jwt.algorithms",
-                "a route uses tokens (auth = \"jwt\" or \"jwt+mtls\") but no algorithm is allowed",
-            ));
-        }
-        let asymmetric = jwt.algorithms.iter().any(|a| a.family() != jsonwebtoken::AlgorithmFamily::Hmac);
-        let has_public = !jwt.public_key_files.is_empty() || jwt.jwks_file.is_some() || jwt.jwks_url.is_some();
-        if asymmetric && !has_public {
-            return Err(self.err_key(
-                "jwt.algorithms",
-                "RS/PS/ES/EdDSA algorithms need public_key_files, jwks_file or jwks_url",
-            ));
-        }
-        Ok(())
-    }
-
-    fn routes(&self, raws: Vec<raw::Route>) -> Result<Vec<Route>, ConfigError> {
-        let mut routes: Vec<Route> = Vec::with_capacity(raws.len());
-        for r in raws {
-            let route = self.route(&r)?;
-            if routes.iter().any(|o| o.name == route.name) {
-                return Err(self.err(&r.name, "routes.name", "duplicate route name"));
-            }
-            if routes.iter().any(|o| o.path == route.path) {
-                return Err(self.err(&r.path, "routes.path", "another route has the same path"));
-            }
-            routes.push(route);
-        }
-        Ok(routes)
-    }
-
-    fn route(&self, r: &raw::Route) -> Result<Route, ConfigError> {
-        let name = r.name.get_ref().clone();
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-            return Err(self.err(&r.name, "routes.name", "use letters, digits, '_' and '-' (it is a metric label)"));
-        }
-        let p = r.path.get_ref();
-        let path = if !p.starts_with('/') || p.contains(['?', '#', ' ']) {
-            return Err(self.err(&r.path, "routes.path", "must start with '/' and hold no query"));
-        } else if let Some(prefix) = p.strip_suffix("/*") {
-            PathMatch::Prefix(prefix.to_string())
-        } else if p.contains('*') {
-            return Err(self.err(&r.path, "routes.path", "a wildcard is only allowed as a final \"/*\""));
-        } else {
-            PathMatch::Exact(p.clone())
-        };
-        if r.upstreams.get_ref().is_empty() {
-            return Err(self.err(&r.upstreams, "routes.upstreams", "needs at least one upstream"));
-        }
-        let upstreams = r
-            .upstreams
-            .get_ref()
-            .iter()
-            .map(|u| parse_upstream(u).map_err(|m| self.err(&r.upstreams, "routes.upstreams", m)))
-            .collect::<Result<Vec<_>, _>>()?;
-        let auth = r.auth.unwrap_or(AuthMode::Jwt);
-        if let Some(req) = r
-            .require_claims
-            .as_ref()
-            .filter(|m| auth == AuthMode::Mtls && !m.get_ref().is_empty())
-        {
-            // A certificate has no claims: silently ignoring them would leave the route open wider than written.
-            return Err(self.err(req, "routes.require_claims", "needs a token: use auth = \"jwt+mtls\" on this route"));
-        }
-        Ok(Route {
-            name,
-            path,
-            upstreams,
-            auth,
-            forward_token: r.forward_token.unwrap_or(false),
-            upstream_ca: r.upstream_ca.as_ref().map(|c| self.located(c, "routes.upstream_ca")),
-            allowed_origins: self.allowed_origins(r.allowed_origins.as_ref())?,
-            allow_missing_origin: r.allow_missing_origin.unwrap_or(true),
-            require_claims: r
-                .require_claims
-                .as_ref()
-                .map(|m| m.get_ref().clone().into_iter().collect())
-                .unwrap_or_default(),
-            forward_claims: self.forward_claims(r.forward_claims.as_ref())?,
-        })
-    }
-
-    fn allowed_origins(&self, list: Option<&Spanned<Vec<String>>>) -> Result<Vec<String>, ConfigError> {
-        let Some(list) = list else { return Ok(Vec::new()) };
-        list.get_ref()
-            .iter()
-            .map(|o| {
-                if o == "*" {
-                    return Ok("*".to_string());
-                }
-                normalize_origin(o).ok_or_else(|| {
-                    self.err(
-                        list,
-                        "routes.allowed_origins",
-                        format!("not an origin (scheme://host[:port]): \"{}\"", shown(o)),
-                    )
-                })
-            })
-            .collect()
-    }
-
-    fn forward_claims(
-        &self,
-        map: Option<&Spanned<std::collections::BTreeMap<String, String>>>,
-    ) -> Result<Vec<(String, http::HeaderName)>, ConfigError> {
-        let Some(m) = map else { return Ok(Vec::new()) };
-        m.get_ref()
-            .iter()
-            .map(|(claim, header)| {
-                if claim.starts_with("cert:") && claim != CERT_FINGERPRINT && claim != CERT_SUBJECT {
-                    return Err(self.err(
-                        m,
-                        "routes.forward_claims",
-                        format!(
-                            "\"{}\": the certificate forwards \"cert:fingerprint\" or \"cert:subject\"",
-                            shown(claim)
-                        ),
-                    ));
-                }
-                let name = http::HeaderName::from_bytes(header.to_ascii_lowercase().as_bytes())
-                    .map_err(|_| self.err(m, "routes.forward_claims", format!("\"{}\": not a valid header name", shown(claim))))?;
-                Ok((claim.clone(), name))
-            })
-            .collect()
-    }
 }
 
 /// The algorithms `jwt.algorithms` may name (`none` never).
@@ -571,7 +416,7 @@ fn parse_token_source(s: &str) -> Option<TokenSource> {
 }
 
 /// A value from the file, shortened and escaped for an error message.
-fn shown(s: &str) -> String {
+pub(super) fn shown(s: &str) -> String {
     crate::util::escape(s, SHOWN_VALUE)
 }
 
@@ -599,37 +444,4 @@ fn unlocated<T: From<&'static str>>(key: &str, value: &'static str) -> Located<T
         key: key.into(),
         line: None,
     }
-}
-
-/// Parse `builtin:echo`, `ws://host:port/path` or `wss://…`. The message never echoes
-/// credentials: URLs with a user part are refused without printing them.
-fn parse_upstream(s: &str) -> Result<Upstream, String> {
-    if s == "builtin:echo" {
-        return Ok(Upstream::BuiltinEcho);
-    }
-    let uri: http::Uri = s
-        .parse()
-        .map_err(|_| "not a valid URL (use \"ws://host:port/path\", \"wss://…\" or \"builtin:echo\")".to_string())?;
-    let tls = match uri.scheme_str() {
-        Some("ws") => false,
-        Some("wss") => true,
-        _ => return Err("the scheme must be ws://, wss:// or builtin:echo".into()),
-    };
-    let auth = uri.authority().ok_or("the URL needs a host")?;
-    if auth.as_str().contains('@') {
-        return Err("credentials in upstream URLs are not supported".into());
-    }
-    let host = crate::util::unbracket(auth.host()).to_string();
-    if host.is_empty() {
-        return Err("the URL needs a host".into());
-    }
-    let port = auth.port_u16().unwrap_or(if tls { 443 } else { 80 });
-    if uri.query().is_some() {
-        return Err("upstream URLs take no query".into());
-    }
-    let path = match uri.path() {
-        "" | "/" => None,
-        p => Some(p.trim_end_matches('/').to_string()),
-    };
-    Ok(Upstream::Remote { tls, host, port, path })
 }

@@ -171,7 +171,7 @@ where
 fn is_client_fault(reason: CloseReason) -> bool {
     matches!(
         reason,
-        CloseReason::ClientProtocol | CloseReason::ClientInvalidUtf8 | CloseReason::ClientTooBig
+        CloseReason::ClientProtocol | CloseReason::ClientInvalidUtf8 | CloseReason::ClientTooBig | CloseReason::InvalidMessage(_)
     )
 }
 

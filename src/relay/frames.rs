@@ -2,15 +2,27 @@
 //! fragmentation order, frame, message and fragment limits), UTF-8 of text across
 //! fragments, unmasking and re-masking in place, ping/pong bookkeeping, counting and
 //! the client's message rate.
+//!
+//! On a route with `[routes.validate]`, client text messages are the one exception to
+//! streaming: their frames are unmasked into an assembly buffer (bounded by the message
+//! limit, freed after each message) instead of going on, and the whole message is
+//! checked when its final frame arrives. A valid message then goes on as one frame
+//! under a gateway key ([`Core::ready`]); an invalid one ends the session or is answered
+//! with an error message, and never reaches the upstream. Refused binary messages are
+//! skipped the same way. Control frames between the fragments are handled as always.
 
 use super::{Settings, timers::PING_LEN};
 use crate::error::CloseReason;
 use crate::limits::MessageRate;
 use crate::metrics::SessionMetrics;
+use crate::validation::{Invalid, Validator};
 use crate::wire::{self, OP_BINARY, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, Utf8, Violation};
 use bytes::{Bytes, BytesMut};
-use std::{collections::VecDeque, pin::Pin, task::Context, time::Duration};
+use std::{collections::VecDeque, pin::Pin, sync::Arc, task::Context, time::Duration};
 use tokio::time::{Instant, Sleep, sleep_until};
+use validated::{Mode, grow};
+
+mod validated;
 
 /// Pings passed on to a side and not yet answered, at most; beyond this a ping is
 /// answered by the gateway only.
@@ -71,6 +83,11 @@ struct Decoder {
     /// The data frame being relayed: its header has gone on, its payload follows in
     /// pieces as they arrive.
     frame: Option<InFrame>,
+    /// How the message in progress is handled (validated routes, client side).
+    mode: Mode,
+    /// The text message being assembled for validation; empty, without capacity,
+    /// between messages.
+    assembly: Vec<u8>,
 }
 
 /// A data frame in progress. Frames are streamed, never held whole: a session's memory
@@ -85,6 +102,7 @@ struct InFrame {
     keys: Option<([u8; 4], [u8; 4])>,
     text: bool,
     fin: bool,
+    mode: Mode,
 }
 
 /// Everything of a session but the two streams.
@@ -113,6 +131,16 @@ pub(super) struct Core {
     rate_abuse_timeout: Duration,
     /// The time of the current wake-up, read once per wake-up rather than per message.
     pub(super) now: Option<Instant>,
+    /// Checks on client messages (routes with `[routes.validate]`).
+    validator: Option<Arc<Validator>>,
+    /// Validated client messages, each whole as one frame under a gateway key, and what
+    /// followed them in the same call: written to the upstream right after the output
+    /// `process` returned (so a read full of small messages is one write, not one each).
+    pub(super) ready: BytesMut,
+    /// Client messages refused, by [`crate::error::MessageRejection::index`], and what
+    /// has been reported of them.
+    rejected: [u64; 4],
+    rejected_reported: [u64; 4],
 }
 
 impl Core {
@@ -134,11 +162,15 @@ impl Core {
             throttled_since: None,
             rate_abuse_timeout: settings.rate_abuse_timeout,
             now: None,
+            validator: settings.validator.clone(),
+            ready: BytesMut::new(),
+            rejected: [0; 4],
+            rejected_reported: [0; 4],
         }
     }
 
     /// Check and transform the frames at the start of `buf` in place; what passes on is
-    /// compacted to `buf[..out]`. Data frames stream: their header and whatever part of
+    /// compacted to `buf[..out]`, then to [`Core::ready`] once a validated message is in it. Data frames stream: their header and whatever part of
     /// their payload is in `buf` go on at once, the rest follows with the next call.
     /// Control frames go on whole (they wait for all of their at most 125 bytes).
     /// Replies to the sender (pongs) go to `replies`; `reply_masked` when the sender is
@@ -148,19 +180,25 @@ impl Core {
         let done = |w, r, stop| Processed { out: w, used: r, stop };
         loop {
             if self.dec[from as usize].frame.is_some() {
-                let n = match self.payload(from, &mut buf[r..]) {
-                    Ok(n) => n,
+                let (n, passed) = match self.payload(from, &mut buf[r..]) {
+                    Ok(x) => x,
                     Err(v) => return done(w, r, Some(Stop::Event(violation(from, v)))),
                 };
-                buf.copy_within(r..r + n, w);
-                (r, w) = (r + n, w + n);
+                if passed {
+                    w = self.emit(buf, r..r + n, w);
+                }
+                r += n;
                 if self.dec[from as usize].frame.is_some_and(|f| f.left > 0) {
                     return done(w, r, None); // the rest of the payload is still to come
                 }
-                match self.end_frame(from) {
-                    None => continue,
-                    stop => return done(w, r, stop),
+                let stop = self.end_frame(from, replies);
+                // Error replies past the backlog limit: the rest of `buf` waits until the
+                // client has read them (many tiny invalid messages in one read would
+                // otherwise queue a reply each).
+                if stop.is_some() || replies.len() > super::pump::REPLY_LIMIT {
+                    return done(w, r, stop);
                 }
+                continue;
             }
             let h = match wire::parse(&buf[r..]) {
                 Ok(Some(h)) => h,
@@ -171,10 +209,16 @@ impl Core {
                 return done(w, r, Some(Stop::Event(violation(from, v))));
             }
             if !h.is_control() {
+                let mode = match self.message_mode(from, &h) {
+                    Ok(mode) => mode,
+                    Err(reason) => return done(w, r, Some(Stop::Event(Event::End(reason)))),
+                };
                 let head = &mut buf[r..r + h.header_len];
-                self.start_frame(from, &h, head);
-                buf.copy_within(r..r + h.header_len, w);
-                (r, w) = (r + h.header_len, w + h.header_len);
+                self.start_frame(from, &h, head, mode);
+                if mode == Mode::Stream {
+                    w = self.emit(buf, r..r + h.header_len, w);
+                }
+                r += h.header_len;
                 continue;
             }
             // A control frame: at most 125 bytes, handled whole.
@@ -187,13 +231,26 @@ impl Core {
                 Err(v) => return done(w, r, Some(Stop::Event(violation(from, v)))),
             };
             if forward {
-                buf.copy_within(r..r + total, w);
-                w += total;
+                w = self.emit(buf, r..r + total, w);
             }
             r += total;
             if step.is_some() {
                 return done(w, r, step);
             }
+        }
+    }
+
+    /// Pass `buf[from]` on: compacted to `buf[w..]` (returns the new end of the output), or,
+    /// once a validated message waits in `ready`, appended behind it so the order of
+    /// what goes on is kept while one call relays many validated messages.
+    fn emit(&mut self, buf: &mut [u8], from: std::ops::Range<usize>, w: usize) -> usize {
+        if self.ready.is_empty() {
+            let n = from.len();
+            buf.copy_within(from, w);
+            w + n
+        } else {
+            self.ready.extend_from_slice(&buf[from]);
+            w
         }
     }
 
@@ -206,7 +263,7 @@ impl Core {
     /// Whether a data frame from `from` is partly relayed: its receiver must get the rest
     /// of it before any frame of the gateway's.
     pub(super) fn in_frame(&self, from: Side) -> bool {
-        self.dec[from as usize].frame.is_some()
+        self.dec[from as usize].frame.is_some_and(|f| f.mode == Mode::Stream)
     }
 
     /// Masking, size and fragmentation rules for a header from `from`.
@@ -236,7 +293,7 @@ impl Core {
     }
 
     /// A data frame's header (checked) goes on: a client frame gets the gateway's key.
-    fn start_frame(&mut self, from: Side, h: &wire::Header, head: &mut [u8]) {
+    fn start_frame(&mut self, from: Side, h: &wire::Header, head: &mut [u8], mode: Mode) {
         let dec = &mut self.dec[from as usize];
         let text = match h.opcode {
             OP_TEXT => true,
@@ -254,20 +311,37 @@ impl Core {
             keys,
             text,
             fin: h.fin,
+            mode,
         });
     }
 
     /// The next piece of the frame in progress, from the start of `buf`: check text,
-    /// unmask and re-mask at the running offset. Returns the bytes taken; the frame is
-    /// over (`in_frame` false) when they were its last.
-    fn payload(&mut self, from: Side, buf: &mut [u8]) -> Result<usize, Violation> {
+    /// unmask and re-mask at the running offset. Returns the bytes taken and whether they
+    /// go on (a message held for validation is kept or dropped instead); the frame is
+    /// over when they were its last.
+    fn payload(&mut self, from: Side, buf: &mut [u8]) -> Result<(usize, bool), Violation> {
+        let max_message = self.max_message as usize;
         let dec = &mut self.dec[from as usize];
-        let Some(f) = dec.frame.as_mut() else { return Ok(0) };
+        let Some(f) = dec.frame.as_mut() else { return Ok((0, false)) };
         let n = usize::try_from(f.left).unwrap_or(usize::MAX).min(buf.len());
         let piece = &mut buf[..n];
         let last = f.fin && n as u64 == f.left; // the message ends with this piece
         let at = usize::from(f.offset);
+        match f.mode {
+            Mode::Stream => {}
+            Mode::Assemble => {
+                if let Some((m, _)) = f.keys {
+                    wire::apply_mask(piece, wire::rotate(m, at));
+                }
+                dec.utf8.feed(piece, last)?;
+                grow(&mut dec.assembly, n, max_message);
+                dec.assembly.extend_from_slice(piece);
+            }
+            Mode::Skip => {}
+        }
+        let passed = f.mode == Mode::Stream;
         match f.keys {
+            _ if !passed => {}
             // Client → upstream: unmask, check text, mask again with the gateway's key.
             Some((m, k)) if f.text => {
                 wire::apply_mask(piece, wire::rotate(m, at));
@@ -282,15 +356,17 @@ impl Core {
         f.left -= n as u64;
         f.offset = ((at + n) % 4) as u8;
         dec.message_len += n as u64;
-        self.bytes[from as usize] += n as u64;
-        Ok(n)
+        if passed {
+            self.bytes[from as usize] += n as u64;
+        }
+        Ok((n, passed))
     }
 
     /// The frame in progress has all gone on: the fragmentation state moves on, a final
     /// frame counts as a message, and every data frame, final or not, empty or not, pays
     /// toward the message rate (a stream of empty fragments costs the client like
     /// messages do).
-    fn end_frame(&mut self, from: Side) -> Option<Stop> {
+    fn end_frame(&mut self, from: Side, replies: &mut BytesMut) -> Option<Stop> {
         let dec = &mut self.dec[from as usize];
         let f = dec.frame.take()?;
         // As when frames were held whole, a frame counts against the idle timeout when it
@@ -300,9 +376,21 @@ impl Core {
             dec.message = None;
             dec.message_len = 0;
             dec.fragments = 0;
-            self.counts[from as usize] += 1;
+            dec.mode = Mode::Stream;
+            let refused = match f.mode {
+                Mode::Stream => {
+                    self.counts[from as usize] += 1;
+                    None
+                }
+                Mode::Assemble => self.finish_message(from, replies),
+                Mode::Skip => self.reject(Invalid::binary(), Some(replies)),
+            };
+            if refused.is_some() {
+                return refused; // the session ends: nothing left to charge
+            }
         } else {
             dec.message = Some(f.text);
+            dec.mode = f.mode;
             dec.fragments += 1;
         }
         self.charge(from)
@@ -409,6 +497,12 @@ impl Core {
             }
         }
         self.reported = (self.counts, self.bytes);
+        if let Some(counters) = &metrics.rejected {
+            for (i, c) in counters.iter().enumerate() {
+                c.increment(self.rejected[i] - self.rejected_reported[i]);
+            }
+            self.rejected_reported = self.rejected;
+        }
     }
 }
 

@@ -76,6 +76,9 @@ pub struct Settings {
     pub max_message_size: usize,
     /// Frames per client message; more → close 1009.
     pub max_fragments: u32,
+    /// Checks on client messages (a route with `[routes.validate]`): its text messages
+    /// are assembled and checked before they go on instead of streaming.
+    pub validator: Option<std::sync::Arc<crate::validation::Validator>>,
 }
 
 impl Settings {
@@ -95,6 +98,7 @@ impl Settings {
             max_frame_size: max_size,
             max_message_size: max_size,
             max_fragments: u32::MAX,
+            validator: None,
         }
     }
 }

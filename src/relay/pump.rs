@@ -17,8 +17,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 const READ_CHUNK: usize = 16 * 1024;
 /// Reads from one side per wake-up before the relay yields to other tasks.
 const BATCH: usize = 16;
-/// Pongs queued for a peer that does not read them: past this, stop reading from it.
-const REPLY_LIMIT: usize = 4 * 1024;
+/// Pongs and error replies queued for a peer that does not read them: past this, stop
+/// reading from it.
+pub(super) const REPLY_LIMIT: usize = 4 * 1024;
 
 thread_local! {
     /// The read buffer of the common case (no partial frame waiting): per worker thread,
@@ -99,7 +100,7 @@ where
         }
         let data = rb.filled_mut();
         let p = core.process(side, data, &mut from.ctl, from.masked);
-        if pass_on(core, side, to, cx, &data[..p.out]).is_err() {
+        if pass_on(core, side, to, cx, &data[..p.out]).is_err() || pass_ready(core, side, to, cx).is_err() {
             return Read::Event(Event::End(write_error(side)));
         }
         from.rx.extend_from_slice(&data[p.used..]);
@@ -124,7 +125,7 @@ where
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let p = core.process(side, &mut from.rx, &mut from.ctl, from.masked);
-    if pass_on(core, side, to, cx, &from.rx[..p.out]).is_err() {
+    if pass_on(core, side, to, cx, &from.rx[..p.out]).is_err() || pass_ready(core, side, to, cx).is_err() {
         return Read::Event(Event::End(write_error(side)));
     }
     from.rx.advance(p.used);
@@ -150,6 +151,19 @@ where
         Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Read::Event(Event::End(lost(side))),
         Poll::Ready(Ok(_)) => Read::Again,
     }
+}
+
+/// Write a validated message `process` left in [`Core::ready`] (right behind what it
+/// returned), then free it.
+fn pass_ready<B>(core: &mut Core, side: Side, to: &mut Endpoint<B>, cx: &mut Context<'_>) -> std::io::Result<()>
+where
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    if core.ready.is_empty() {
+        return Ok(());
+    }
+    let ready = std::mem::take(&mut core.ready);
+    pass_on(core, side, to, cx, &ready)
 }
 
 /// Write what `side` relayed to `to`. `to` learns first whether that ends inside a data

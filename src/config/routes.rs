@@ -1,0 +1,230 @@
+//! `[[routes]]`: each route's path, upstreams, auth, origins, claims and validation, and
+//! the checks across routes and the `[tls]` and `[jwt]` tables.
+
+use super::validate::{Validator, shown};
+use super::*;
+use toml::Spanned;
+
+impl Validator<'_> {
+    /// Routes that need a client certificate need `tls.client_ca`.
+    pub(super) fn cert_routes(&self, tls: &Tls, routes: &[Route]) -> Result<(), ConfigError> {
+        if tls.client.is_some() {
+            return Ok(());
+        }
+        if let Some(r) = routes.iter().find(|r| r.auth.uses_cert()) {
+            return Err(self.err_key(
+                "tls.client_ca",
+                format!(
+                    "route \"{}\" needs client certificates (auth = \"mtls\" or \"jwt+mtls\"): set tls.client_ca",
+                    r.name
+                ),
+            ));
+        }
+        if let Some(r) = routes.iter().find(|r| r.forward_claims.iter().any(|(c, _)| c.starts_with("cert:"))) {
+            return Err(self.err_key(
+                "tls.client_ca",
+                format!("route \"{}\" forwards certificate fields: set tls.client_ca", r.name),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks across `[jwt]` and the routes that use it.
+    pub(super) fn jwt_routes(&self, jwt: &Jwt, routes: &[Route]) -> Result<(), ConfigError> {
+        if !routes.iter().any(|r| r.auth.uses_jwt()) {
+            return Ok(());
+        }
+        if jwt.algorithms.is_empty() {
+            return Err(self.err_key(
+                "jwt.algorithms",
+                "a route uses tokens (auth = \"jwt\" or \"jwt+mtls\") but no algorithm is allowed",
+            ));
+        }
+        let asymmetric = jwt.algorithms.iter().any(|a| a.family() != jsonwebtoken::AlgorithmFamily::Hmac);
+        let has_public = !jwt.public_key_files.is_empty() || jwt.jwks_file.is_some() || jwt.jwks_url.is_some();
+        if asymmetric && !has_public {
+            return Err(self.err_key(
+                "jwt.algorithms",
+                "RS/PS/ES/EdDSA algorithms need public_key_files, jwks_file or jwks_url",
+            ));
+        }
+        Ok(())
+    }
+
+    pub(super) fn routes(&self, raws: Vec<raw::Route>) -> Result<Vec<Route>, ConfigError> {
+        let mut routes: Vec<Route> = Vec::with_capacity(raws.len());
+        for r in raws {
+            let route = self.route(&r)?;
+            if routes.iter().any(|o| o.name == route.name) {
+                return Err(self.err(&r.name, "routes.name", "duplicate route name"));
+            }
+            if routes.iter().any(|o| o.path == route.path) {
+                return Err(self.err(&r.path, "routes.path", "another route has the same path"));
+            }
+            routes.push(route);
+        }
+        Ok(routes)
+    }
+
+    fn route(&self, r: &raw::Route) -> Result<Route, ConfigError> {
+        let name = r.name.get_ref().clone();
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+            return Err(self.err(&r.name, "routes.name", "use letters, digits, '_' and '-' (it is a metric label)"));
+        }
+        let p = r.path.get_ref();
+        let path = if !p.starts_with('/') || p.contains(['?', '#', ' ']) {
+            return Err(self.err(&r.path, "routes.path", "must start with '/' and hold no query"));
+        } else if let Some(prefix) = p.strip_suffix("/*") {
+            PathMatch::Prefix(prefix.to_string())
+        } else if p.contains('*') {
+            return Err(self.err(&r.path, "routes.path", "a wildcard is only allowed as a final \"/*\""));
+        } else {
+            PathMatch::Exact(p.clone())
+        };
+        if r.upstreams.get_ref().is_empty() {
+            return Err(self.err(&r.upstreams, "routes.upstreams", "needs at least one upstream"));
+        }
+        let upstreams = r
+            .upstreams
+            .get_ref()
+            .iter()
+            .map(|u| parse_upstream(u).map_err(|m| self.err(&r.upstreams, "routes.upstreams", m)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let auth = r.auth.unwrap_or(AuthMode::Jwt);
+        if let Some(req) = r
+            .require_claims
+            .as_ref()
+            .filter(|m| auth == AuthMode::Mtls && !m.get_ref().is_empty())
+        {
+            // A certificate has no claims: silently ignoring them would leave the route open wider than written.
+            return Err(self.err(req, "routes.require_claims", "needs a token: use auth = \"jwt+mtls\" on this route"));
+        }
+        Ok(Route {
+            name,
+            path,
+            upstreams,
+            auth,
+            forward_token: r.forward_token.unwrap_or(false),
+            upstream_ca: r.upstream_ca.as_ref().map(|c| self.located(c, "routes.upstream_ca")),
+            allowed_origins: self.allowed_origins(r.allowed_origins.as_ref())?,
+            allow_missing_origin: r.allow_missing_origin.unwrap_or(true),
+            require_claims: r
+                .require_claims
+                .as_ref()
+                .map(|m| m.get_ref().clone().into_iter().collect())
+                .unwrap_or_default(),
+            forward_claims: self.forward_claims(r.forward_claims.as_ref())?,
+            validate: r.validate.as_ref().map(|v| self.validate_section(v)).transpose()?,
+        })
+    }
+
+    /// `[routes.validate]`: defaults (JSON on, binary refused, depth 32, close) and
+    /// the combinations that would check nothing or contradict themselves.
+    fn validate_section(&self, v: &Spanned<raw::Validate>) -> Result<Validate, ConfigError> {
+        let raw = v.get_ref();
+        let json = raw.json.unwrap_or(true);
+        let binary = raw.binary.unwrap_or(false);
+        if !json {
+            if let Some(f) = &raw.schema_file {
+                return Err(self.err(f, "routes.validate.schema_file", "a schema needs json = true"));
+            }
+            if let Some(d) = &raw.max_depth {
+                return Err(self.err(d, "routes.validate.max_depth", "a depth limit needs json = true"));
+            }
+            if binary {
+                return Err(self.err(v, "routes.validate", "json = false and binary = true check nothing"));
+            }
+        }
+        let max_depth = match &raw.max_depth {
+            None => DEFAULT_MAX_DEPTH,
+            Some(d) if (1..=MAX_MAX_DEPTH).contains(d.get_ref()) => *d.get_ref(),
+            Some(d) => {
+                return Err(self.err(d, "routes.validate.max_depth", format!("must be 1 to {MAX_MAX_DEPTH}")));
+            }
+        };
+        Ok(Validate {
+            json,
+            binary,
+            schema_file: raw.schema_file.as_ref().map(|f| self.located(f, "routes.validate.schema_file")),
+            max_depth,
+            on_invalid: raw.on_invalid.unwrap_or_default(),
+        })
+    }
+
+    fn allowed_origins(&self, list: Option<&Spanned<Vec<String>>>) -> Result<Vec<String>, ConfigError> {
+        let Some(list) = list else { return Ok(Vec::new()) };
+        list.get_ref()
+            .iter()
+            .map(|o| {
+                if o == "*" {
+                    return Ok("*".to_string());
+                }
+                normalize_origin(o).ok_or_else(|| {
+                    self.err(
+                        list,
+                        "routes.allowed_origins",
+                        format!("not an origin (scheme://host[:port]): \"{}\"", shown(o)),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    fn forward_claims(
+        &self,
+        map: Option<&Spanned<std::collections::BTreeMap<String, String>>>,
+    ) -> Result<Vec<(String, http::HeaderName)>, ConfigError> {
+        let Some(m) = map else { return Ok(Vec::new()) };
+        m.get_ref()
+            .iter()
+            .map(|(claim, header)| {
+                if claim.starts_with("cert:") && claim != CERT_FINGERPRINT && claim != CERT_SUBJECT {
+                    return Err(self.err(
+                        m,
+                        "routes.forward_claims",
+                        format!(
+                            "\"{}\": the certificate forwards \"cert:fingerprint\" or \"cert:subject\"",
+                            shown(claim)
+                        ),
+                    ));
+                }
+                let name = http::HeaderName::from_bytes(header.to_ascii_lowercase().as_bytes())
+                    .map_err(|_| self.err(m, "routes.forward_claims", format!("\"{}\": not a valid header name", shown(claim))))?;
+                Ok((claim.clone(), name))
+            })
+            .collect()
+    }
+}
+
+/// Parse `builtin:echo`, `ws://host:port/path` or `wss://…`. The message never echoes
+/// credentials: URLs with a user part are refused without printing them.
+fn parse_upstream(s: &str) -> Result<Upstream, String> {
+    if s == "builtin:echo" {
+        return Ok(Upstream::BuiltinEcho);
+    }
+    let uri: http::Uri = s
+        .parse()
+        .map_err(|_| "not a valid URL (use \"ws://host:port/path\", \"wss://…\" or \"builtin:echo\")".to_string())?;
+    let tls = match uri.scheme_str() {
+        Some("ws") => false,
+        Some("wss") => true,
+        _ => return Err("the scheme must be ws://, wss:// or builtin:echo".into()),
+    };
+    let auth = uri.authority().ok_or("the URL needs a host")?;
+    if auth.as_str().contains('@') {
+        return Err("credentials in upstream URLs are not supported".into());
+    }
+    let host = crate::util::unbracket(auth.host()).to_string();
+    if host.is_empty() {
+        return Err("the URL needs a host".into());
+    }
+    let port = auth.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    if uri.query().is_some() {
+        return Err("upstream URLs take no query".into());
+    }
+    let path = match uri.path() {
+        "" | "/" => None,
+        p => Some(p.trim_end_matches('/').to_string()),
+    };
+    Ok(Upstream::Remote { tls, host, port, path })
+}
