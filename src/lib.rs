@@ -12,7 +12,7 @@
 //! | 6 | authentication: client certificate and/or JWT, certificate-bound tokens | [`auth`], `keys`, `admit` |
 //! | 7 | upstream connect + handshake, before the 101 | [`upstream`], [`echo`] |
 //! | 8 | 101 with the upstream's subprotocol | [`upgrade`] |
-//! | 9 | relay: frames both ways, limits, pings, idle, shutdown | [`relay`], [`wire`] |
+//! | 9 | relay: frames both ways, limits, pings, idle, shutdown; client messages checked on routes with `[routes.validate]` | [`relay`], [`wire`], [`validation`] |
 //! | 10 | one access-log event; metrics | `conn`, [`metrics`] |
 //!
 //! Layers, each importing only from the ones below it (no cycles):
@@ -21,7 +21,8 @@
 //!   `admit` (the request stage) → the stage modules → [`gateway`] (shared state,
 //!   reload, the one place a refusal is counted and logged). `admin` depends on
 //!   [`gateway`] only.
-//! - Stage modules: [`upstream`], [`auth`] → `keys` → [`tls`]; [`relay`] → [`wire`];
+//! - Stage modules: [`upstream`], [`auth`] → `keys` → [`tls`]; [`relay`] → [`wire`],
+//!   [`validation`];
 //!   [`firewall`], [`limits`], [`upgrade`], [`metrics`].
 //! - Leaves: [`config`] (plain data and validation: reads only the TOML text),
 //!   [`error`] (every reason → status, close code, metric label), `util`.
