@@ -97,27 +97,7 @@ async fn handshake(
 ) -> Result<Box<Admitted>, Reject> {
     let server = &rt.config.server;
     let deadline = accepted + server.handshake_timeout;
-    let tls = match tokio::time::timeout_at(deadline, Box::pin(rt.tls.accept(tcp))).await {
-        Err(_) => return Err(Reject::HandshakeTimeout),
-        Ok(Err(_)) => return Err(Reject::TlsHandshake),
-        Ok(Ok(tls)) => tls,
-    };
-    // Present only when rustls verified it against `tls.client_ca` (and the CRLs).
-    let cert = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(crate::tls::ClientCert::from_verified)
-        .map(Arc::new);
-    // A resumed session carries the certificate verified when its ticket was issued: verify
-    // it again now, so one that expired since is not served (revocations come with a reload,
-    // which starts a new ticket key and session cache).
-    if let (Some(c), Some(v)) = (&cert, &rt.client_auth) {
-        if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) && !c.still_trusted(v.as_ref()) {
-            return Err(Reject::TlsHandshake);
-        }
-    }
-
+    let (tls, cert) = accept_tls(rt, tcp, deadline).await?;
     let ctx = Arc::new(crate::admit::RequestCtx {
         gw: gw.clone(),
         rt: rt.clone(),
@@ -168,6 +148,35 @@ async fn handshake(
         (None, Err(_)) => return Err(Reject::HandshakeTimeout),
     };
     Ok(admission)
+}
+
+/// The TLS handshake (stage 4) under the handshake deadline, and the client certificate
+/// rustls verified against `tls.client_ca` (and the CRLs), if any.
+async fn accept_tls(
+    rt: &Runtime,
+    tcp: TcpStream,
+    deadline: Instant,
+) -> Result<(TlsStream<TcpStream>, Option<Arc<crate::tls::ClientCert>>), Reject> {
+    let tls = match tokio::time::timeout_at(deadline, Box::pin(rt.tls.accept(tcp))).await {
+        Err(_) => return Err(Reject::HandshakeTimeout),
+        Ok(Err(_)) => return Err(Reject::TlsHandshake),
+        Ok(Ok(tls)) => tls,
+    };
+    let cert = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(crate::tls::ClientCert::from_verified)
+        .map(Arc::new);
+    // A resumed session carries the certificate verified when its ticket was issued: verify
+    // it again now, so one that expired since is not served (revocations come with a reload,
+    // which starts a new ticket key and session cache).
+    if let (Some(c), Some(v)) = (&cert, &rt.client_auth) {
+        if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) && !c.still_trusted(v.as_ref()) {
+            return Err(Reject::TlsHandshake);
+        }
+    }
+    Ok((tls, cert))
 }
 
 /// A session ready to relay: both WebSockets and what the relay needs to keep.
