@@ -308,7 +308,9 @@ fn facts<'a>(
     claims: Option<&'a serde_json::Map<String, serde_json::Value>>,
     cert: Option<&'a ClientCert>,
 ) -> ClientFacts<'a> {
-    let jwt = route.auth.uses_jwt();
+    // An `mtls` route reads no token, but removes every copy before the upstream: an
+    // unverified token must not travel next to the identity the gateway vouches for.
+    let strips_tokens = route.auth != crate::config::AuthMode::None;
     ClientFacts {
         ip: client_ip,
         peer: peer_ip,
@@ -317,13 +319,11 @@ fn facts<'a>(
         query,
         headers,
         forward_token: token.filter(|_| route.forward_token),
-        token_sources: match &rt.verifier {
-            Some(v) if jwt => v.sources(),
-            _ => &[],
-        },
+        token_sources: if strips_tokens { &rt.config.jwt.token_sources } else { &[] },
         claims,
         cert,
         forward_claims: &route.forward_claims,
+        identity_headers: &rt.identity_headers,
     }
 }
 

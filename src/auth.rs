@@ -90,7 +90,7 @@ const MAX_KID: usize = 256;
 
 /// Read a revocation list: one `jti` per line, `#` comments.
 pub fn read_revoked(path: &std::path::Path) -> Result<std::collections::HashSet<String>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let text = crate::fsutil::read_text(path, crate::fsutil::MAX_LIST_FILE).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     Ok(text
         .lines()
         .map(|l| l.split('#').next().unwrap_or("").trim())

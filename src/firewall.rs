@@ -135,7 +135,7 @@ impl Firewall {
 /// Read a rule file: one CIDR or address per line, `#` starts a comment.
 /// The error names the file and line, and echoes no more than the offending entry's length.
 pub fn read_rule_file(path: &Path) -> Result<Vec<IpNet>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let text = crate::fsutil::read_text(path, crate::fsutil::MAX_LIST_FILE).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let mut nets = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let entry = line.split('#').next().unwrap_or("").trim();

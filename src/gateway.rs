@@ -38,6 +38,9 @@ const LEEWAY_WARNING: Duration = Duration::from_secs(300);
 /// HS* secrets shorter than this get a warning.
 const MIN_SECRET_LEN: usize = 32;
 
+/// How long a reload may take to read and check its files.
+const RELOAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Everything derived from one configuration.
 pub struct Runtime {
     pub config: Config,
@@ -59,6 +62,8 @@ pub struct Runtime {
     pub ws_config: WebSocketConfig,
     /// Message checks (`[routes.validate]`, schema files compiled), by route index.
     pub validators: Vec<Option<Arc<Validator>>>,
+    /// Every route's `forward_claims` header names, removed from every client request.
+    pub identity_headers: Vec<http::HeaderName>,
 }
 
 impl Runtime {
@@ -89,6 +94,13 @@ impl Runtime {
                     .transpose()
             })
             .collect::<Result<_, _>>()?;
+        let mut identity_headers: Vec<http::HeaderName> = config
+            .routes
+            .iter()
+            .flat_map(|r| r.forward_claims.iter().map(|(_, h)| h.clone()))
+            .collect();
+        identity_headers.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        identity_headers.dedup();
         let next_upstream = config.routes.iter().map(|_| AtomicUsize::new(0)).collect();
         let health = config
             .routes
@@ -113,6 +125,7 @@ impl Runtime {
             health,
             ws_config,
             validators,
+            identity_headers,
         })
     }
 }
@@ -154,7 +167,20 @@ impl Gateway {
     /// running; they re-check firewall and revocations against the new config. An
     /// invalid config changes nothing. Returns notes on what needs a restart.
     pub async fn reload(&self, config: Config) -> Result<Vec<String>, ConfigError> {
-        let new = match Runtime::load(config, true) {
+        // Files are read on a blocking thread, under a deadline: a slow file system never
+        // stalls the runtime or the signal loop (SIGTERM is still served).
+        let origin = config.origin.clone();
+        let loading = tokio::task::spawn_blocking(move || Runtime::load(config, true));
+        let loaded = match tokio::time::timeout(RELOAD_TIMEOUT, loading).await {
+            Ok(Ok(loaded)) => loaded,
+            Ok(Err(_)) | Err(_) => Err(ConfigError {
+                file: origin,
+                line: None,
+                key: "(file)".into(),
+                message: format!("loading the files took longer than {} s", RELOAD_TIMEOUT.as_secs()),
+            }),
+        };
+        let new = match loaded {
             Ok(rt) => Arc::new(rt),
             Err(e) => {
                 self.metrics.reload(false);

@@ -106,7 +106,8 @@ pub fn load_secret(src: &SecretSource, origin: &str, generate: bool) -> Result<S
                     .map_err(|e| path.error(origin, format!("cannot create {}: {e}", p.display())))?;
                 tracing::warn!(file = %p.display(), "created a random development JWT secret");
             }
-            let data = std::fs::read(p).map_err(|e| path.error(origin, format!("cannot read {}: {e}", p.display())))?;
+            let data = crate::fsutil::read_limited(p, crate::fsutil::MAX_KEY_FILE)
+                .map_err(|e| path.error(origin, format!("cannot read {}: {e}", p.display())))?;
             // A trailing newline is an artefact of editors and `echo`, not part of the secret.
             let end = data.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(0, |i| i + 1);
             data[..end].to_vec()
@@ -249,7 +250,8 @@ impl KeyStore {
             });
         }
         for file in &cfg.public_key_files {
-            let data = std::fs::read(&file.value).map_err(|e| file.error(origin, format!("cannot read {}: {e}", file.value.display())))?;
+            let data = crate::fsutil::read_limited(&file.value, crate::fsutil::MAX_KEY_FILE)
+                .map_err(|e| file.error(origin, format!("cannot read {}: {e}", file.value.display())))?;
             let key = pem_key(&data).ok_or_else(|| {
                 file.error(
                     origin,
@@ -260,7 +262,8 @@ impl KeyStore {
         }
         let mut jwks = Vec::new();
         if let Some(file) = &cfg.jwks_file {
-            let data = std::fs::read(&file.value).map_err(|e| file.error(origin, format!("cannot read {}: {e}", file.value.display())))?;
+            let data = crate::fsutil::read_limited(&file.value, crate::fsutil::MAX_KEY_FILE)
+                .map_err(|e| file.error(origin, format!("cannot read {}: {e}", file.value.display())))?;
             let set: JwkSet =
                 serde_json::from_slice(&data).map_err(|e| file.error(origin, format!("{}: not a JWKS: {e}", file.value.display())))?;
             jwks.extend(jwks_keys(&set));

@@ -59,7 +59,7 @@ pub fn server_config(
             tracing::warn!(cert = %t.cert.value.display(), "created a self-signed development certificate; use a real one in production");
         }
         let certs = load_certs(&t.cert, origin)?;
-        let key = PrivateKeyDer::from_pem_file(&t.key.value).map_err(|e| t.key.error(origin, pem_error("private key", &t.key.value, e)))?;
+        let key = read_key(&t.key.value).map_err(|e| t.key.error(origin, e))?;
         (certs, key)
     };
     let versions: &[&rustls::SupportedProtocolVersion] = match t.min_version {
@@ -92,12 +92,26 @@ fn pem_error(what: &str, path: &Path, e: rustls_pki_types::pem::Error) -> String
     }
 }
 
+/// The PEM certificates in `path` (at most [`crate::fsutil::MAX_KEY_FILE`] bytes, a
+/// regular file).
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let data = crate::fsutil::read_limited(path, crate::fsutil::MAX_KEY_FILE)
+        .map_err(|e| format!("cannot read certificate {}: {e}", path.display()))?;
+    CertificateDer::pem_slice_iter(&data)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_error("certificate", path, e))
+}
+
+/// The PEM private key in `path` (bounded like [`read_certs`]).
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    let data = crate::fsutil::read_limited(path, crate::fsutil::MAX_KEY_FILE)
+        .map_err(|e| format!("cannot read private key {}: {e}", path.display()))?;
+    PrivateKeyDer::from_pem_slice(&data).map_err(|e| pem_error("private key", path, e))
+}
+
 fn load_certs(loc: &Located<std::path::PathBuf>, origin: &str) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
     let path = &loc.value;
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| loc.error(origin, pem_error("certificate", path, e)))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| loc.error(origin, pem_error("certificate", path, e)))?;
+    let certs = read_certs(path).map_err(|e| loc.error(origin, e))?;
     if certs.is_empty() {
         return Err(loc.error(origin, format!("no PEM certificate found in {}", path.display())));
     }
@@ -162,11 +176,8 @@ pub fn cli_client_config_with_cert(ca: Option<&Path>, insecure: bool, cert: Opti
     let identity = match cert {
         None => None,
         Some((chain, key)) => {
-            let certs = CertificateDer::pem_file_iter(chain)
-                .map_err(|e| pem_error("certificate", chain, e))?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| pem_error("certificate", chain, e))?;
-            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| pem_error("private key", key, e))?;
+            let certs = read_certs(chain)?;
+            let key = read_key(key)?;
             Some((certs, key))
         }
     };
@@ -189,8 +200,7 @@ pub fn cli_client_config_with_cert(ca: Option<&Path>, insecure: bool, cert: Opti
     let mut roots = RootCertStore::empty();
     match ca {
         Some(path) => {
-            for cert in CertificateDer::pem_file_iter(path).map_err(|e| pem_error("certificate", path, e))? {
-                let cert = cert.map_err(|e| pem_error("certificate", path, e))?;
+            for cert in read_certs(path)? {
                 roots
                     .add(cert)
                     .map_err(|e| format!("unusable CA certificate in {}: {e}", path.display()))?;

@@ -85,15 +85,15 @@ pub struct ClientFacts<'a> {
     /// The verified client certificate, for `cert:fingerprint` and `cert:subject`.
     pub cert: Option<&'a crate::tls::ClientCert>,
     pub forward_claims: &'a [(String, HeaderName)],
+    /// The identity headers of every route: a client's copy of any of them is removed
+    /// on every route, as one upstream may serve several routes.
+    pub identity_headers: &'a [HeaderName],
 }
 
-/// Header names compared the way proxies and frameworks conflate them: case and `_`/`-`.
+/// Header names compared the way proxies and frameworks conflate them: case, and every
+/// character but letters and digits (CGI maps `-`, `.`, `~` alike to `_`).
 fn same_header(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes().zip(b.bytes()).all(|(x, y)| {
-            let norm = |c: u8| if c == b'_' { b'-' } else { c.to_ascii_lowercase() };
-            norm(x) == norm(y)
-        })
+    param_key(a) == param_key(b)
 }
 
 /// Request headers that describe one hop, never forwarded (RFC 9110 7.6.1), plus the
@@ -236,7 +236,13 @@ pub fn build_request(url: &str, facts: &ClientFacts) -> Result<http::Request<()>
             continue;
         }
         // Identity headers come from the gateway only: a client's copy, in any spelling, is dropped.
-        if facts.forward_claims.iter().any(|(_, h)| same_header(h.as_str(), n)) {
+        if facts
+            .forward_claims
+            .iter()
+            .map(|(_, h)| h)
+            .chain(facts.identity_headers)
+            .any(|h| same_header(h.as_str(), n))
+        {
             continue;
         }
         h.append(name.clone(), value.clone());
@@ -574,6 +580,7 @@ mod tests {
             claims: None,
             cert: None,
             forward_claims: &[],
+            identity_headers: &[],
         }
     }
 
@@ -594,6 +601,32 @@ mod tests {
         assert_eq!(decoded_param_name("a%2"), "a%2");
         assert_eq!(decoded_param_name("%"), "%");
         assert_eq!(decoded_param_name("a+b%41"), "a bA");
+    }
+
+    #[test]
+    fn identity_headers_of_any_route_in_any_spelling_never_come_from_the_client() {
+        let mut h = HeaderMap::new();
+        for n in [
+            "x.wsgate.sub",
+            "X~Wsgate~Sub",
+            "x-client-cert-subject",
+            "x_client.cert~subject",
+            "x-app",
+        ] {
+            h.append(HeaderName::from_bytes(n.as_bytes()).unwrap(), HeaderValue::from_static("root"));
+        }
+        let identity = [
+            HeaderName::from_static("x-wsgate-sub"),
+            HeaderName::from_static("x-client-cert-subject"),
+        ];
+        let mut f = facts(&h, None, &[]);
+        f.identity_headers = &identity;
+        let req = build_request("ws://127.0.0.1:1/echo", &f).unwrap();
+        let names: Vec<&str> = req.headers().keys().map(|k| k.as_str()).collect();
+        assert!(names.contains(&"x-app"), "{names:?}");
+        for n in ["x.wsgate.sub", "x~wsgate~sub", "x-client-cert-subject", "x_client.cert~subject"] {
+            assert!(!names.contains(&n), "{n} reached the upstream: {names:?}");
+        }
     }
 
     #[test]
@@ -627,6 +660,7 @@ mod tests {
             ("x-original-url", "/admin"),
             ("x-rewrite-url", "/admin"),
             ("x_real_ip", "1.2.3.4"),
+            ("x.forwarded~host", "evil.example"),
             ("x-app", "kept"),
         ] {
             h.append(HeaderName::from_bytes(n.as_bytes()).unwrap(), HeaderValue::from_static(v));
@@ -641,6 +675,7 @@ mod tests {
             "x-original-url",
             "x-rewrite-url",
             "x_real_ip",
+            "x.forwarded~host",
         ] {
             assert!(got.get(n).is_none(), "{n} reached the upstream");
         }

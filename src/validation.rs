@@ -86,6 +86,9 @@ impl Invalid {
                 format!("duplicate object key at line {line} column {column}")
             }
             (MessageRejection::NotJson, Some((line, column))) => format!("not valid JSON at line {line} column {column}"),
+            (MessageRejection::NotJson, None) if self.keyword == "number" => {
+                "a number that cannot be checked exactly (over 15 significant digits, or out of the 64-bit integer range)".to_string()
+            }
             (MessageRejection::NotJson, None) => "not valid JSON".to_string(),
             (MessageRejection::TooDeep, _) => "nested deeper than max_depth".to_string(),
             (MessageRejection::Binary, _) => "binary messages are not allowed".to_string(),
@@ -166,6 +169,12 @@ impl Validator {
         }
         let value = parse(text)?;
         let Some(schema) = &self.schema else { return Ok(()) };
+        // The schema sees numbers as i64, u64 or f64; the upstream may read the text
+        // exactly (Python ints, BigDecimal, json.Number). A number the two would read
+        // differently could pass `minimum`, `maximum` or `enum` here and not there.
+        if has_inexact_number(text) {
+            return Err(Invalid::new(MessageRejection::NotJson, "number"));
+        }
         if schema.is_valid(&value) {
             return Ok(());
         }
@@ -242,6 +251,62 @@ pub fn exceeds_depth(text: &[u8], max: u32) -> bool {
         i += 1;
     }
     false
+}
+
+/// Whether valid JSON `text` holds a number that does not survive the trip through
+/// the 64-bit types the schema compares: an integer outside `i64::MIN..=u64::MAX`, or a
+/// number with a fraction or exponent that has more than 15 significant digits
+/// (`f64` round-trips 15) or is too small for a normal `f64` (`1e-400` reads as 0).
+pub fn has_inexact_number(text: &[u8]) -> bool {
+    let mut i = 0;
+    while i < text.len() {
+        match text[i] {
+            b'"' => {
+                i += 1;
+                while i < text.len() {
+                    match text[i] {
+                        b'\\' => i += 2,
+                        b'"' => break,
+                        _ => i += 1,
+                    }
+                }
+                i += 1;
+            }
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < text.len() && matches!(text[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E') {
+                    i += 1;
+                }
+                if !number_is_exact(&text[start..i]) {
+                    return true;
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    false
+}
+
+/// One JSON number literal (already known to be valid JSON).
+fn number_is_exact(lit: &[u8]) -> bool {
+    let Ok(lit) = std::str::from_utf8(lit) else { return false };
+    if !lit.contains(['.', 'e', 'E']) {
+        return lit.len() <= 21
+            && lit
+                .parse::<i128>()
+                .is_ok_and(|n| n >= i128::from(i64::MIN) && n <= i128::from(u64::MAX));
+    }
+    let mantissa = lit.split(['e', 'E']).next().unwrap_or("");
+    let digits: String = mantissa.chars().filter(char::is_ascii_digit).collect();
+    let significant = digits.trim_start_matches('0').trim_end_matches('0');
+    if significant.len() > 15 {
+        return false;
+    }
+    match lit.parse::<f64>() {
+        Ok(f) if significant.is_empty() => f == 0.0,
+        Ok(f) => f.is_normal(),
+        Err(_) => false,
+    }
 }
 
 /// Parse JSON text, refusing duplicate keys.

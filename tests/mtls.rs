@@ -74,10 +74,21 @@ fn simple(ca: &Ca, cn: &str, serial: u64) -> Leaf {
 
 /// A CRL from `ca` revoking `serials`, PEM, valid for a day.
 fn crl(ca: &Ca, serials: &[u64], number: u64) -> String {
+    crl_by(&ca.issuer, serials, number, Duration::from_secs(86400))
+}
+
+/// A CRL signed by `issuer`, its `nextUpdate` `fresh_for` from now (in the past if zero:
+/// a minute ago).
+fn crl_by(issuer: &Issuer<'_, KeyPair>, serials: &[u64], number: u64, fresh_for: Duration) -> String {
     let now = std::time::SystemTime::now();
+    let next = if fresh_for.is_zero() {
+        now - Duration::from_secs(60)
+    } else {
+        now + fresh_for
+    };
     let params = CertificateRevocationListParams {
-        this_update: (now - Duration::from_secs(60)).into(),
-        next_update: (now + Duration::from_secs(86400)).into(),
+        this_update: (now - Duration::from_secs(120)).into(),
+        next_update: next.into(),
         crl_number: SerialNumber::from(number),
         issuing_distribution_point: None,
         revoked_certs: serials
@@ -91,7 +102,7 @@ fn crl(ca: &Ca, serials: &[u64], number: u64) -> String {
             .collect(),
         key_identifier_method: KeyIdMethod::Sha256,
     };
-    params.signed_by(&ca.issuer).unwrap().pem().unwrap()
+    params.signed_by(issuer).unwrap().pem().unwrap()
 }
 
 /// `[tls]` lines for client certificates: CA file, mode, optional CRL file.
@@ -325,12 +336,24 @@ async fn a_certificate_naming_no_usable_identity_is_refused_on_mtls_routes() {
     let gw = gateway(&ours, pki.path(), "optional", false, &routes4()).await;
     let evil = simple(&ours, "alice\n2026-01-01 INFO forged line\u{1b}[0m", 1);
     assert_eq!(attempt(&gw, "/m", &opts(&gw, Some(&evil), None)).await, Got::Status(403));
+    // Names that read as another user's: zero-width space, right-to-left override,
+    // no-break space.
+    for hidden in ["alice\u{200B}", "\u{202E}ecila", "alice\u{A0}"] {
+        let cert = simple(&ours, hidden, 1);
+        assert_eq!(
+            attempt(&gw, "/m", &opts(&gw, Some(&cert), None)).await,
+            Got::Status(403),
+            "{hidden:?}"
+        );
+    }
+    let accented = simple(&ours, "Zoë Ünal", 1);
+    assert_eq!(attempt(&gw, "/m", &opts(&gw, Some(&accented), None)).await, Got::Open);
     // The same certificate still serves a route that does not use it as the identity.
     assert_eq!(
         attempt(&gw, "/j", &opts(&gw, Some(&evil), Some(gw.token("alice")))).await,
         Got::Open
     );
-    gw.wait_metric(r#"wsgate_connections_rejected_total{reason="client_cert"}"#, 1.0)
+    gw.wait_metric(r#"wsgate_connections_rejected_total{reason="client_cert"}"#, 4.0)
         .await;
 }
 
@@ -567,4 +590,57 @@ async fn a_chain_through_a_cross_signed_intermediate_is_as_trusted_as_its_signer
     let mut via_us = simple(&theirs, "alice", 8);
     via_us.chain.push(by_us);
     assert_eq!(attempt(&gw, "/m", &opts(&gw, Some(&via_us), None)).await, Got::Open);
+}
+
+#[tokio::test]
+async fn a_forged_or_stale_crl_is_a_config_error_and_a_reload_with_it_changes_nothing() {
+    let pki = tempfile::tempdir().unwrap();
+    let ours = ca("our client CA");
+    std::fs::write(pki.path().join("ca.crl"), crl(&ours, &[66], 1)).unwrap();
+    let gw = gateway(&ours, pki.path(), "optional", true, &routes4()).await;
+    let text =
+        config_text(gw.dir.path(), "", &routes4()).replace("self_signed_if_missing = true\n", &tls_lines(pki.path(), "optional", true));
+    let alice = simple(&ours, "alice", 1);
+    let (mut a, _) = wsgate::client::connect(&gw.url("/m"), &opts(&gw, Some(&alice), None))
+        .await
+        .unwrap();
+    // Our CA's name, another key: the signature does not verify.
+    let forger = Issuer::from_ca_cert_der(&ours.der, KeyPair::generate().unwrap()).unwrap();
+    let stale = crl_by(&ours.issuer, &[66], 2, Duration::ZERO);
+    for (bad, says) in [
+        (crl_by(&forger, &[1], 2, Duration::from_secs(86400)), "not signed"),
+        (stale, "nextUpdate"),
+    ] {
+        std::fs::write(pki.path().join("ca.crl"), bad).unwrap();
+        let err = reload(&gw, &text).await.unwrap_err();
+        assert_eq!(err.key, "tls.client_crl_files");
+        assert!(err.to_string().contains(says), "{err}");
+        // `check` and a start refuse it too.
+        let cfg = wsgate::Config::from_toml_str(&text, "t.toml").unwrap();
+        assert!(wsgate::gateway::Runtime::load(cfg, false).is_err());
+        // Nothing changed: the session and new handshakes go on.
+        assert_eq!(roundtrip(&mut a, "still").await, "still");
+        assert_eq!(attempt(&gw, "/m", &opts(&gw, Some(&alice), None)).await, Got::Open);
+    }
+    // A CRL file that is not a regular file is refused, not read forever.
+    let text_zero = text.replace(&pki.path().join("ca.crl").display().to_string(), "/dev/zero");
+    let err = reload(&gw, &text_zero).await.unwrap_err();
+    assert!(err.to_string().contains("not a regular file"), "{err}");
+}
+
+#[tokio::test]
+async fn an_mtls_route_removes_tokens_before_the_upstream() {
+    let up = upstream(Behaviour::Echo).await;
+    let pki = tempfile::tempdir().unwrap();
+    let ours = ca("our client CA");
+    let routes = route("m", "/m", &up.url(), "mtls");
+    let gw = gateway(&ours, pki.path(), "optional", false, &routes).await;
+    let alice = simple(&ours, "alice", 1);
+    let mut o = opts(&gw, Some(&alice), Some(gw.token("bob")));
+    o.headers = vec![("cookie".into(), "wsgate_token=x; keep=1".into())];
+    assert_eq!(attempt(&gw, "/m?access_token=abc&k=1", &o).await, Got::Open);
+    assert_eq!(up.header(0, "authorization"), None);
+    assert_eq!(up.header(0, "cookie").as_deref(), Some("keep=1"));
+    let uri = up.log.lock().unwrap().requests[0].0.clone();
+    assert_eq!(uri, "/m?k=1");
 }

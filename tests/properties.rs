@@ -166,6 +166,7 @@ fn facts<'a>(path: &'a str, headers: &'a HeaderMap) -> wsgate::upstream::ClientF
         claims: None,
         cert: None,
         forward_claims: &[],
+        identity_headers: &[],
     }
 }
 

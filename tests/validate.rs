@@ -417,3 +417,42 @@ async fn validated_and_streamed_messages_keep_their_order_in_one_read() {
             .collect();
     assert_eq!(up, sent);
 }
+
+#[tokio::test]
+async fn pings_do_not_keep_a_half_assembled_message_alive_past_the_idle_timeout() {
+    let up = upstream(Behaviour::Echo).await;
+    let rest = format!("{}\n[routes.validate]\njson = true\n", route("v", "/v", &up.url(), "none"));
+    let gw = Gw::start("idle_timeout = \"1s\"", &rest).await;
+    let mut ws = gw.connect("/v").await;
+    ws.send(Message::Frame(Frame::message(
+        vec![b'['; 64 * 1024],
+        OpCode::Data(Data::Text),
+        false,
+    )))
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let mut ping = tokio::time::interval(Duration::from_millis(200));
+    let code = loop {
+        tokio::select! {
+            _ = ping.tick() => {
+                if ws.send(Message::Ping(vec![1].into())).await.is_err() {
+                    break close_code(&mut ws).await.0;
+                }
+            }
+            m = ws.next() => match m {
+                Some(Ok(Message::Close(f))) => break f.map_or(1005, |f| u16::from(f.code)),
+                Some(Ok(_)) => {}
+                _ => break 1006,
+            },
+        }
+        assert!(started.elapsed() < Duration::from_secs(8), "still open with pings alone");
+    };
+    assert_eq!(code, 1001);
+    // On the same route a whole message resets the timer as always.
+    let mut ws = gw.connect("/v").await;
+    for i in 0..6 {
+        assert_eq!(roundtrip(&mut ws, &format!("[{i}]")).await, format!("[{i}]"));
+        tokio::time::sleep(Duration::from_millis(300)).await; // kept: the pace is the test
+    }
+}

@@ -493,7 +493,7 @@ impl Config {
     /// Read and validate a config file. Relative paths inside resolve against the working directory.
     pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
         let origin = path.display().to_string();
-        let src = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        let src = crate::fsutil::read_text(path, crate::fsutil::MAX_CONFIG_FILE).map_err(|e| ConfigError {
             file: origin.clone(),
             line: None,
             key: "(file)".into(),

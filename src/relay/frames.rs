@@ -370,8 +370,10 @@ impl Core {
         let dec = &mut self.dec[from as usize];
         let f = dec.frame.take()?;
         // As when frames were held whole, a frame counts against the idle timeout when it
-        // is complete: a frame that never ends does not keep a session alive.
-        self.activity = true;
+        // is complete: a frame that never ends does not keep a session alive. A message
+        // held for validation counts only when it is whole, so its memory is held at most
+        // `idle_timeout` past the last activity, pings or not.
+        self.activity |= f.fin || f.mode != Mode::Assemble;
         if f.fin {
             dec.message = None;
             dec.message_len = 0;
@@ -415,7 +417,7 @@ impl Core {
         }
         let forward = match h.opcode {
             OP_PING => {
-                self.activity = true;
+                self.activity |= !self.assembling(from);
                 wire::put_frame(replies, OP_PONG, body, reply_masked); // answered at this hop
                 let passed = &mut self.forwarded[from as usize];
                 let forward = passed.len() < MAX_FORWARDED_PINGS;
@@ -435,7 +437,7 @@ impl Core {
                     passed.drain(..=i);
                     return Ok((false, self.charge(from)));
                 }
-                self.activity = true;
+                self.activity |= !self.assembling(from);
                 true
             }
             _ => {

@@ -33,14 +33,15 @@ pub fn client_verifier(
 ) -> Result<Option<Arc<dyn ClientCertVerifier>>, ConfigError> {
     let Some(c) = client else { return Ok(None) };
     let mut roots = rustls::RootCertStore::empty();
-    for cert in super::load_certs(&c.ca, origin)? {
+    let anchors = super::load_certs(&c.ca, origin)?;
+    for cert in &anchors {
         roots
-            .add(cert)
+            .add(cert.clone())
             .map_err(|e| c.ca.error(origin, format!("unusable CA certificate: {e}")))?;
     }
     let mut crls = Vec::new();
     for f in &c.crl_files {
-        crls.extend(load_crls(f, origin)?);
+        crls.extend(load_crls(f, &anchors, origin)?);
     }
     let mut builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
     if !crls.is_empty() {
@@ -56,11 +57,23 @@ pub fn client_verifier(
         .map_err(|e| at.error(origin, format!("client certificate verification setup failed: {e}")))
 }
 
+/// Largest CRL file read (a CA's CRL with a million entries is about 40 MB).
+const MAX_CRL_FILE: u64 = 64 << 20;
+
 /// The CRLs in one file: PEM (one or more `X509 CRL` blocks) or a single DER CRL. Each
-/// is parsed now, so a broken file is reported with its key and line.
-fn load_crls(f: &Located<std::path::PathBuf>, origin: &str) -> Result<Vec<CertificateRevocationListDer<'static>>, ConfigError> {
+/// is parsed and checked now, so a bad file is reported with its key and line and a
+/// reload with it changes nothing: a CRL signed by a `client_ca` anchor's name must carry
+/// that anchor's signature, and one past its `nextUpdate` is refused (it would make every
+/// certificate it covers fail). A CRL of an intermediate CA cannot be checked here (the
+/// intermediate is not known before a client sends it): it is checked at each handshake.
+fn load_crls(
+    f: &Located<std::path::PathBuf>,
+    anchors: &[CertificateDer<'static>],
+    origin: &str,
+) -> Result<Vec<CertificateRevocationListDer<'static>>, ConfigError> {
     let path: &Path = &f.value;
-    let bytes = std::fs::read(path).map_err(|e| f.error(origin, format!("cannot read CRL {}: {e}", path.display())))?;
+    let bytes =
+        crate::fsutil::read_limited(path, MAX_CRL_FILE).map_err(|e| f.error(origin, format!("cannot read CRL {}: {e}", path.display())))?;
     let is_pem = bytes.trim_ascii_start().starts_with(b"-----BEGIN");
     let crls: Vec<CertificateRevocationListDer<'static>> = if is_pem {
         CertificateRevocationListDer::pem_slice_iter(&bytes)
@@ -72,12 +85,34 @@ fn load_crls(f: &Located<std::path::PathBuf>, origin: &str) -> Result<Vec<Certif
     if crls.is_empty() {
         return Err(f.error(origin, format!("no CRL found in {}", path.display())));
     }
+    let anchors: Vec<_> = anchors
+        .iter()
+        .filter_map(|a| x509_parser::parse_x509_certificate(a.as_ref()).ok().map(|(_, x)| x))
+        .collect();
     for crl in &crls {
-        if x509_parser::parse_x509_crl(crl.as_ref()).is_err() {
+        let Ok((_, parsed)) = x509_parser::parse_x509_crl(crl.as_ref()) else {
             return Err(f.error(origin, format!("not a valid CRL (PEM or DER): {}", path.display())));
-        }
+        };
+        check_crl(&parsed, &anchors).map_err(|why| f.error(origin, format!("{}: {why}", path.display())))?;
     }
     Ok(crls)
+}
+
+/// A CRL's signature (when a `client_ca` anchor has its issuer's name) and freshness.
+fn check_crl(
+    crl: &x509_parser::revocation_list::CertificateRevocationList<'_>,
+    anchors: &[x509_parser::certificate::X509Certificate<'_>],
+) -> Result<(), String> {
+    let issuer = anchors.iter().filter(|a| a.subject() == crl.issuer()).collect::<Vec<_>>();
+    if !issuer.is_empty() && !issuer.iter().any(|a| crl.verify_signature(a.public_key()).is_ok()) {
+        return Err("the CRL is not signed by the client_ca certificate it names as its issuer".into());
+    }
+    if let Some(next) = crl.next_update() {
+        if next.timestamp() < UnixTime::now().as_secs() as i64 {
+            return Err(format!("the CRL is past its nextUpdate ({next}): fetch a fresh one"));
+        }
+    }
+    Ok(())
 }
 
 /// What the gateway keeps of a verified client certificate: the chain (to re-verify it
@@ -188,8 +223,20 @@ fn identity_of(x: &x509_parser::certificate::X509Certificate<'_>) -> Option<Stri
         Some(v) => v,
         None => cn()??,
     };
-    let clean = !chosen.is_empty() && chosen.len() <= MAX_IDENTITY && !chosen.chars().any(char::is_control);
+    let clean = !chosen.is_empty() && chosen.len() <= MAX_IDENTITY && !chosen.chars().any(hides_itself);
     clean.then(|| chosen.to_string())
+}
+
+/// Characters that make one identity look like another: control characters, whitespace
+/// other than a plain space (no-break, ideographic, ...), and invisible format
+/// characters (soft hyphen, zero-width, bidirectional overrides, word joiners, BOM).
+/// `alice\u{200B}` would count as another user for the per-user cap but read as alice.
+fn hides_itself(c: char) -> bool {
+    c.is_control()
+        || (c.is_whitespace() && c != ' ')
+        || matches!(c, '\u{AD}' | '\u{34F}' | '\u{61C}' | '\u{115F}' | '\u{1160}' | '\u{180E}' | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{206F}' | '\u{3164}' | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}'
+            | '\u{FFA0}' | '\u{FFF9}'..='\u{FFFB}' | '\u{E0000}'..='\u{E007F}')
 }
 
 /// The subject as an RFC 4514 string (last RDN first), made a header value.

@@ -194,3 +194,36 @@ fn the_shipped_example_schema_works_as_the_readme_says() {
         );
     }
 }
+
+#[test]
+fn numbers_the_schema_cannot_compare_exactly_are_refused_when_there_is_a_schema() {
+    let schema = json!({"type": "object"});
+    let v = Validator::from_schema("r", &settings(8), Some(&schema)).unwrap();
+    for bad in [
+        r#"{"qty":-9223372036854775809}"#,
+        r#"{"qty":18446744073709551616}"#,
+        r#"{"price":100.000000000000000001}"#,
+        r#"{"role":1.0000000000000000001}"#,
+        r#"{"x":1e-400}"#,
+        r#"[1, 2, 1234567890.1234567]"#,
+    ] {
+        assert_eq!(
+            reason(&v, bad),
+            Some((MessageRejection::NotJson, String::new(), "number".into())),
+            "{bad}"
+        );
+        assert!(v.check(bad.as_bytes()).unwrap_err().detail().contains("exactly"));
+    }
+    for ok in [
+        r#"{"n":18446744073709551615,"m":-9223372036854775808}"#,
+        r#"{"x":1.5e10,"y":0.000,"z":-0.0,"w":1E2}"#,
+        r#"{"x":123456789012345.0,"y":1.23456789012345e-300}"#,
+        r#"{"s":"12345678901234567890123.4567890123","t":"1e-400"}"#,
+        r#"{"a":[0,-1,2.5,1e308]}"#,
+    ] {
+        assert_eq!(reason(&v, ok), None, "{ok}");
+    }
+    // Without a schema the message is only JSON: numbers pass as written.
+    let json_only = Validator::from_schema("r", &settings(8), None).unwrap();
+    assert_eq!(reason(&json_only, r#"{"x":1e-400,"y":100.000000000000000001}"#), None);
+}

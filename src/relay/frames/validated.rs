@@ -26,6 +26,12 @@ pub(super) enum Mode {
 }
 
 impl Core {
+    /// Whether a message from `from` is being assembled for validation (its memory is
+    /// held until it is whole): pings and pongs then do not count as activity.
+    pub(super) fn assembling(&self, from: Side) -> bool {
+        self.dec[from as usize].mode == Mode::Assemble
+    }
+
     /// How the message a data frame from `from` starts or continues is handled: streamed,
     /// unless the route validates client messages. A binary message on a route that
     /// refuses them ends the session here, before any of it is read, with
