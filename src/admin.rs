@@ -1,5 +1,7 @@
 //! The admin listener: `GET /metrics` (Prometheus text), `/healthz` (the process
-//! runs), `/readyz` (accepting traffic; 503 while draining). Nothing else.
+//! runs), `/readyz` (accepting traffic; 503 while draining), and, when
+//! `admin.token_file` is set, the admin API under `/v1/` (DESIGN.md section 9): revoke a
+//! token, kick a user, ban or unban an address range, list live sessions.
 
 use crate::gateway::Gateway;
 use bytes::Bytes;
@@ -33,9 +35,16 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, stop: CancellationTo
         let gw = gw.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let service = service_fn(move |req| {
+            let service = service_fn(move |req: Request<Incoming>| {
                 let gw = gw.clone();
-                async move { Ok::<_, Infallible>(answer(&gw, &req)) }
+                async move {
+                    let resp = if req.uri().path().starts_with("/v1/") {
+                        crate::admin_api::answer(&gw, req).await
+                    } else {
+                        answer(&gw, &req)
+                    };
+                    Ok::<_, Infallible>(resp)
+                }
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())

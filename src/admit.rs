@@ -282,6 +282,10 @@ fn first_message_pending(req: &mut Request<Incoming>, checked: Checked, peer_ip:
 
 /// Route claims and the per-user cap, after the token verified.
 fn authorize(gw: &Gateway, config: &Config, route: &Route, id: &Identity) -> Result<Option<UserSlot>, Reject> {
+    // Revoked through the admin API (the file's list is checked by the verifier).
+    if gw.incidents.is_revoked(crate::auth::jti_text(&id.claims).as_deref()) {
+        return Err(Reject::Auth(AuthFailure::Revoked));
+    }
     if !crate::auth::claims_grant(&route.require_claims, &id.claims) {
         return Err(Reject::Auth(AuthFailure::Forbidden));
     }

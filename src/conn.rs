@@ -32,7 +32,7 @@ pub async fn handle(gw: Arc<Gateway>, rt: Arc<Runtime>, tcp: TcpStream, peer: So
     // The configuration generation this connection is admitted under: a reload between
     // now and the relay's start (a `first_message` token sent after it, a slow upstream
     // connect) makes the relay re-check the session at once against the new config.
-    let admitted_under = gw.generation();
+    let admitted_under = gw.recheck_token();
     let result = async {
         // The handshake stages are boxed: their state (TLS accept, hyper's connection
         // and builder) is freed before the session relays, so an idle session stays small.
@@ -209,7 +209,7 @@ async fn relay_session(
     // before the long relay phase, so an idle session holds only what it needs.
     let mut open = Box::pin(open_session(gw, rt, admission, verdict)).await?;
     gw.metrics.handshake_done(accepted.elapsed().as_secs_f64());
-    run_session(gw, rt, &mut open, verdict, admitted_under).await
+    run_session(gw, rt, &mut open, accepted, verdict, admitted_under).await
 }
 
 async fn open_session(gw: &Gateway, rt: &Runtime, admission: Box<Admitted>, verdict: &Mutex<Verdict>) -> Result<Open, Reject> {
@@ -265,11 +265,19 @@ async fn run_session(
     gw: &Gateway,
     rt: &Runtime,
     open: &mut Open,
+    accepted: Instant,
     verdict: &Mutex<Verdict>,
     admitted_under: tokio_util::sync::CancellationToken,
 ) -> Result<Done, Reject> {
     let route = &rt.config.routes[open.route_index];
     let mut session_metrics = gw.metrics.session(&route.name);
+    // Listed by the admin API while it runs; a kick closes the sessions accepted before it.
+    let registered = {
+        let info = &lock(verdict).info;
+        gw.incidents
+            .register(route.name.as_str().into(), info.sub.clone(), info.client_ip, accepted.into_std())
+    };
+    session_metrics.live = Some(registered.counters.clone());
     let validator = rt.validators[open.route_index].clone();
     if validator.is_some() {
         session_metrics.rejected = Some(gw.metrics.rejections(&route.name));
@@ -294,14 +302,20 @@ async fn run_session(
         .expires_at
         .filter(|_| rt.config.jwt.close_on_expiry)
         .map(|exp| (expiry_instant(exp, rt.config.jwt.leeway), CloseReason::TokenExpired));
+    let (client_ip, sub) = {
+        let info = &lock(verdict).info;
+        (info.client_ip, info.sub.clone())
+    };
     let policy = SessionPolicy {
         gw,
         admitted_under: Mutex::new(Some(admitted_under)),
-        client_ip: lock(verdict).info.client_ip,
+        client_ip,
         jti: open.jti.take(),
         token: open.token.take(),
         cert: open.cert.take(),
         cert_auth: route.auth.uses_cert(),
+        sub,
+        started: registered.started_at,
     };
     let control = relay::Control {
         shutdown: &gw.sessions,
@@ -343,20 +357,27 @@ struct SessionPolicy<'a> {
     cert: Option<Arc<crate::tls::ClientCert>>,
     /// The route authenticated with the certificate (`mtls`, `jwt+mtls`).
     cert_auth: bool,
+    sub: Option<String>,
+    /// When the connection was accepted: a kick closes sessions accepted before it.
+    started: std::time::Instant,
 }
 
 impl relay::Policy for SessionPolicy<'_> {
     fn generation(&self) -> tokio_util::sync::CancellationToken {
         let first = lock(&self.admitted_under).take();
-        first.unwrap_or_else(|| self.gw.generation())
+        first.unwrap_or_else(|| self.gw.recheck_token())
     }
 
     fn check(&self) -> Option<CloseReason> {
         let rt = self.gw.runtime();
-        if self.client_ip.is_some_and(|ip| !rt.firewall.allows(ip)) {
+        let incidents = &self.gw.incidents;
+        if self.client_ip.is_some_and(|ip| !rt.firewall.allows(ip) || incidents.is_banned(ip)) {
             return Some(CloseReason::AccessRevoked);
         }
-        if rt.verifier.as_ref().is_some_and(|v| v.is_revoked(self.jti.as_deref())) {
+        if rt.verifier.as_ref().is_some_and(|v| v.is_revoked(self.jti.as_deref())) || incidents.is_revoked(self.jti.as_deref()) {
+            return Some(CloseReason::AccessRevoked);
+        }
+        if incidents.is_kicked(self.sub.as_deref(), self.started) {
             return Some(CloseReason::AccessRevoked);
         }
         // Key rotation: a token that no longer verifies (its key removed, issuer or

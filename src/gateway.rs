@@ -38,6 +38,24 @@ const LEEWAY_WARNING: Duration = Duration::from_secs(300);
 /// HS* secrets shorter than this get a warning.
 const MIN_SECRET_LEN: usize = 32;
 
+/// Shortest admin API token.
+pub const MIN_ADMIN_TOKEN: usize = 32;
+
+/// Read the admin API token: the file's content, surrounding whitespace trimmed, at
+/// least [`MIN_ADMIN_TOKEN`] bytes. Errors never show the content.
+fn admin_token(f: &crate::config::Located<std::path::PathBuf>, origin: &str) -> Result<crate::keys::Secret, ConfigError> {
+    let data =
+        crate::fsutil::read_limited(&f.value, 4096).map_err(|e| f.error(origin, format!("cannot read {}: {e}", f.value.display())))?;
+    let token = data.trim_ascii();
+    if token.len() < MIN_ADMIN_TOKEN {
+        return Err(f.error(
+            origin,
+            format!("the admin token must be at least {MIN_ADMIN_TOKEN} bytes (it is {})", token.len()),
+        ));
+    }
+    Ok(crate::keys::Secret::from(token.to_vec()))
+}
+
 /// How long a reload may take to read and check its files.
 const RELOAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -64,6 +82,8 @@ pub struct Runtime {
     pub validators: Vec<Option<Arc<Validator>>>,
     /// Every route's `forward_claims` header names, removed from every client request.
     pub identity_headers: Vec<http::HeaderName>,
+    /// The admin API's bearer token (`admin.token_file`); `None`: the API is off.
+    pub admin_token: Option<crate::keys::Secret>,
 }
 
 impl Runtime {
@@ -101,6 +121,12 @@ impl Runtime {
             .collect();
         identity_headers.sort_by(|a, b| a.as_str().cmp(b.as_str()));
         identity_headers.dedup();
+        let admin_token = config
+            .admin
+            .token_file
+            .as_ref()
+            .map(|f| admin_token(f, &config.origin))
+            .transpose()?;
         let next_upstream = config.routes.iter().map(|_| AtomicUsize::new(0)).collect();
         let health = config
             .routes
@@ -126,6 +152,7 @@ impl Runtime {
             ws_config,
             validators,
             identity_headers,
+            admin_token,
         })
     }
 }
@@ -137,8 +164,13 @@ pub struct Gateway {
     /// Per-IP admission state (rates, concurrency, bans); kept across reloads unless
     /// the `[limits]` that shape it change.
     per_ip: ArcSwap<PerIp>,
-    /// Cancelled and replaced on every successful reload; live sessions re-check then.
+    /// Cancelled and replaced on every successful reload (ends that config's JWKS loop).
     generation: ArcSwap<CancellationToken>,
+    /// Cancelled and replaced on every reload and admin action; live sessions re-check
+    /// the firewall, bans, revocations, kicks and their certificate then.
+    recheck: ArcSwap<CancellationToken>,
+    /// Admin bans, revocations, kicks and the live session list (admin API).
+    pub incidents: Arc<crate::incidents::Incidents>,
     /// Concurrent sessions per JWT `sub`.
     pub users: Arc<UserSlots>,
     /// Cancelled when sessions must close (drain).
@@ -161,6 +193,16 @@ impl Gateway {
     /// The current configuration generation (cancelled by the next reload).
     pub fn generation(&self) -> CancellationToken {
         (*self.generation.load_full()).clone()
+    }
+
+    /// Cancelled at the next reload or admin action: live sessions re-check then.
+    pub fn recheck_token(&self) -> CancellationToken {
+        (*self.recheck.load_full()).clone()
+    }
+
+    /// Make every live session re-check its admission now.
+    pub fn recheck_sessions(&self) {
+        self.recheck.swap(Arc::new(CancellationToken::new())).cancel();
     }
 
     /// Validate and load `config`, then swap it in atomically. Open sessions keep
@@ -222,6 +264,7 @@ impl Gateway {
         start_jwks_refresh(&new, &self.metrics, next_generation.clone()).await;
         self.runtime.store(new);
         self.generation.swap(Arc::new(next_generation)).cancel();
+        self.recheck_sessions();
         self.metrics.reload(true);
         Ok(notes)
     }
@@ -260,6 +303,8 @@ impl Gateway {
             metrics,
             per_ip: ArcSwap::from_pointee(per_ip),
             generation: ArcSwap::from_pointee(CancellationToken::new()),
+            recheck: ArcSwap::from_pointee(CancellationToken::new()),
+            incidents: Arc::default(),
             users: Arc::default(),
             sessions: CancellationToken::new(),
             tracker: TaskTracker::new(),
@@ -283,7 +328,7 @@ impl Gateway {
     /// Firewall, then per-IP limits, for one client address: the one pre-TLS check,
     /// also run on a client named by a PROXY header or by `X-Forwarded-For`.
     pub(crate) fn check_client(&self, rt: &Runtime, ip: IpAddr) -> Result<IpSlot, Reject> {
-        if !rt.firewall.allows(ip) {
+        if !rt.firewall.allows(ip) || self.incidents.is_banned(ip) {
             return Err(Reject::Firewall);
         }
         self.per_ip().admit(ip)
@@ -392,6 +437,12 @@ pub fn warnings(config: &Config) -> Vec<String> {
             "admin.listen = {}: metrics are reachable beyond this host",
             config.admin.listen
         ));
+        if config.admin.token_file.is_some() {
+            w.push(format!(
+                "admin.token_file is set and admin.listen = {} is not loopback: the admin API (bans, revocations, kicks) is reachable beyond this host",
+                config.admin.listen
+            ));
+        }
     }
     let jwt_routes = config.routes.iter().any(|r| r.auth.uses_jwt());
     let exp_required = config.jwt.required_claims.iter().any(|c| c == "exp");

@@ -32,6 +32,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod admin_api;
 mod admit;
 pub mod auth;
 pub mod client;
@@ -42,6 +43,7 @@ pub mod error;
 pub mod firewall;
 mod fsutil;
 pub mod gateway;
+pub mod incidents;
 mod keys;
 pub mod limits;
 pub mod logging;

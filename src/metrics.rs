@@ -24,6 +24,7 @@ pub const CONFIG_RELOADS: &str = "wsgate_config_reloads_total";
 pub const BUILD_INFO: &str = "wsgate_build_info";
 pub const JWKS_REFRESHES: &str = "wsgate_jwks_refreshes_total";
 pub const LIMITER_EVICTIONS: &str = "wsgate_limiter_evictions_total";
+pub const ADMIN_REQUESTS: &str = "wsgate_admin_requests_total";
 pub const MESSAGES_REJECTED: &str = "wsgate_messages_rejected_total";
 
 const DESCRIPTIONS: &[(&str, &str)] = &[
@@ -51,6 +52,7 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
         MESSAGES_REJECTED,
         "Client messages refused by route validation (never sent upstream), by route and reason.",
     ),
+    (ADMIN_REQUESTS, "Admin API requests (section 9 of DESIGN.md), by action and result."),
     (
         LIMITER_EVICTIONS,
         "Client addresses the per-IP rate limiter forgot early because it was full (coldest first).",
@@ -90,6 +92,8 @@ pub struct SessionMetrics {
     /// Refused client messages by [`crate::error::MessageRejection::index`]: only on
     /// routes with `[routes.validate]` (see [`Metrics::rejections`]).
     pub rejected: Option<[Counter; 4]>,
+    /// The session's own running totals, for the admin API's session list.
+    pub live: Option<std::sync::Arc<crate::incidents::LiveCounters>>,
 }
 
 const SECONDS_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -207,6 +211,11 @@ impl Metrics {
         self.counter(LIMITER_EVICTIONS, &[]).absolute(total);
     }
 
+    /// One admin API request: `action` and `result` are from fixed sets.
+    pub fn admin_request(&self, action: &'static str, result: &'static str) {
+        self.counter(ADMIN_REQUESTS, &[("action", action), ("result", result)]).increment(1);
+    }
+
     pub fn reload(&self, ok: bool) {
         self.counter(CONFIG_RELOADS, &[("result", if ok { "success" } else { "failure" })])
             .increment(1);
@@ -236,6 +245,7 @@ impl Metrics {
             bytes,
             active,
             rejected: None,
+            live: None,
         }
     }
 

@@ -191,6 +191,9 @@ pub enum TlsVersion {
 #[derive(Debug, Clone)]
 pub struct Admin {
     pub listen: SocketAddr,
+    /// The admin API's bearer token (DESIGN.md section 9); without it the API is off.
+    /// Read where the runtime is built.
+    pub token_file: Option<Located<PathBuf>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

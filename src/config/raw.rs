@@ -63,6 +63,7 @@ pub struct Tls {
 #[serde(deny_unknown_fields, default)]
 pub struct Admin {
     pub listen: Option<SocketAddr>,
+    pub token_file: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Deserialize, Default)]

@@ -61,6 +61,7 @@ impl Validator<'_> {
         let tls = self.tls(&raw.tls)?;
         let admin = Admin {
             listen: raw.admin.listen.unwrap_or(DEFAULT_ADMIN_LISTEN),
+            token_file: raw.admin.token_file.as_ref().map(|f| self.located(f, "admin.token_file")),
         };
         let log = self.log(raw.log)?;
         let limits = self.limits(raw.limits)?;

@@ -496,6 +496,9 @@ impl Core {
             if m > 0 || b > 0 {
                 metrics.messages[i].increment(m);
                 metrics.bytes[i].increment(b);
+                if let Some(live) = &metrics.live {
+                    live.add(i, m, b);
+                }
             }
         }
         self.reported = (self.counts, self.bytes);

@@ -1,0 +1,230 @@
+//! The admin API (DESIGN.md section 9), on the admin listener, only when
+//! `admin.token_file` is set: `Authorization: Bearer <token>` compared in constant time
+//! (401 without it; the header is never logged), JSON in and out, bodies of at most
+//! [`MAX_BODY`] bytes. Every action is logged at WARN with its target and counted in
+//! `wsgate_admin_requests_total{action,result}`; every action that can end sessions makes
+//! the live ones re-check at once.
+
+use crate::gateway::Gateway;
+use crate::incidents::{MAX_BAN, Refusal};
+use crate::util::escape;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde_json::json;
+use std::time::Duration;
+
+/// Largest request body.
+pub const MAX_BODY: usize = 4096;
+/// Longest `jti` or `sub` accepted.
+const MAX_NAME: usize = 1024;
+/// Sessions listed per request, at most (`limit`).
+const MAX_LISTED: usize = 1000;
+const DEFAULT_LISTED: usize = 100;
+/// A ban without `for`.
+const DEFAULT_BAN: Duration = Duration::from_secs(3600);
+/// Longest target shown in a log line.
+const LOGGED_TARGET: usize = 128;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Revocation {
+    jti: String,
+    exp: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Kick {
+    sub: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Ban {
+    cidr: String,
+    #[serde(rename = "for")]
+    duration: Option<String>,
+}
+
+/// An answer: status and JSON body.
+type Answer = (StatusCode, serde_json::Value);
+
+fn error(status: StatusCode, message: &str) -> Answer {
+    (status, json!({ "error": message }))
+}
+
+pub async fn answer(gw: &Gateway, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let (action, (status, body)) = route(gw, req).await;
+    let result = match status.as_u16() {
+        200..=299 => "ok",
+        401 => "unauthorized",
+        404 if action != "unknown" => "not_found",
+        507 => "full",
+        _ => "invalid",
+    };
+    gw.metrics.admin_request(action, result);
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    h.insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+    if status == StatusCode::UNAUTHORIZED {
+        h.insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+    }
+    resp
+}
+
+/// The action a request names (a fixed label) and its answer.
+async fn route(gw: &Gateway, req: Request<Incoming>) -> (&'static str, Answer) {
+    let rt = gw.runtime();
+    let Some(token) = rt.admin_token.as_ref() else {
+        return (
+            "unknown",
+            error(StatusCode::NOT_FOUND, "the admin API is off (admin.token_file is not set)"),
+        );
+    };
+    let path = req.uri().path().to_string();
+    let action = match (req.method(), path.as_str()) {
+        (&Method::POST, "/v1/revocations") => "revoke",
+        (&Method::POST, "/v1/kick") => "kick",
+        (&Method::POST, "/v1/bans") => "ban",
+        (&Method::DELETE, p) if p.starts_with("/v1/bans/") => "unban",
+        (&Method::GET, "/v1/sessions") => "sessions",
+        _ => return ("unknown", error(StatusCode::NOT_FOUND, "no such action")),
+    };
+    if !authorized(&req, token.bytes()) {
+        tracing::warn!(action, "admin API request without a valid token");
+        return (action, error(StatusCode::UNAUTHORIZED, "a valid admin token is required"));
+    }
+    let query = req.uri().query().map(str::to_string);
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return (action, error(StatusCode::PAYLOAD_TOO_LARGE, "the body is larger than 4096 bytes")),
+    };
+    let answer = match action {
+        "revoke" => revoke(gw, &body),
+        "kick" => kick(gw, &body),
+        "ban" => ban(gw, &body),
+        "unban" => unban(gw, &path["/v1/bans/".len()..]),
+        _ => sessions(gw, query.as_deref()),
+    };
+    (action, answer)
+}
+
+/// `Authorization: Bearer <token>`, exactly one header, compared in constant time.
+fn authorized(req: &Request<Incoming>, token: &[u8]) -> bool {
+    let mut values = req.headers().get_all(header::AUTHORIZATION).iter();
+    let (Some(v), None) = (values.next(), values.next()) else {
+        return false;
+    };
+    let Some(given) = v.as_bytes().strip_prefix(b"Bearer ") else {
+        return false;
+    };
+    aws_lc_rs::constant_time::verify_slices_are_equal(given.trim_ascii(), token).is_ok()
+}
+
+fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Answer> {
+    serde_json::from_slice(body).map_err(|e| error(StatusCode::BAD_REQUEST, &format!("bad JSON body: {e}")))
+}
+
+fn name(value: &str, what: &str) -> Result<(), Answer> {
+    if value.is_empty() || value.len() > MAX_NAME {
+        return Err(error(StatusCode::BAD_REQUEST, &format!("{what} must be 1 to {MAX_NAME} bytes")));
+    }
+    Ok(())
+}
+
+fn full() -> Answer {
+    error(
+        StatusCode::INSUFFICIENT_STORAGE,
+        "too many entries; let some expire or lift some first",
+    )
+}
+
+fn revoke(gw: &Gateway, body: &[u8]) -> Answer {
+    let r: Revocation = match parse(body) {
+        Ok(r) => r,
+        Err(a) => return a,
+    };
+    if let Err(a) = name(&r.jti, "jti") {
+        return a;
+    }
+    if gw.incidents.revoke(&r.jti, r.exp) == Err(Refusal::Full) {
+        return full();
+    }
+    gw.recheck_sessions();
+    tracing::warn!(action = "revoke", jti = %escape(&r.jti, LOGGED_TARGET), exp = ?r.exp, "admin: token revoked");
+    (StatusCode::OK, json!({ "revoked": r.jti, "exp": r.exp }))
+}
+
+fn kick(gw: &Gateway, body: &[u8]) -> Answer {
+    let k: Kick = match parse(body) {
+        Ok(k) => k,
+        Err(a) => return a,
+    };
+    if let Err(a) = name(&k.sub, "sub") {
+        return a;
+    }
+    let Ok(live) = gw.incidents.kick(&k.sub) else { return full() };
+    gw.recheck_sessions();
+    tracing::warn!(action = "kick", sub = %escape(&k.sub, LOGGED_TARGET), sessions = live, "admin: user kicked");
+    (StatusCode::OK, json!({ "kicked": k.sub, "sessions": live }))
+}
+
+fn ban(gw: &Gateway, body: &[u8]) -> Answer {
+    let b: Ban = match parse(body) {
+        Ok(b) => b,
+        Err(a) => return a,
+    };
+    let Some(net) = crate::config::parse_ip_rule(b.cidr.trim()) else {
+        return error(StatusCode::BAD_REQUEST, "cidr must be an address or a CIDR range");
+    };
+    let d = match b.duration.as_deref().map(str::parse::<humantime::Duration>) {
+        None => DEFAULT_BAN,
+        Some(Ok(d)) if !d.is_zero() && *d <= MAX_BAN => *d,
+        Some(_) => return error(StatusCode::BAD_REQUEST, "for must be a duration from 1s to 365d (\"1h\", \"30m\")"),
+    };
+    if gw.incidents.ban(net, d) == Err(Refusal::Full) {
+        return full();
+    }
+    gw.recheck_sessions();
+    tracing::warn!(action = "ban", cidr = %net.trunc(), seconds = d.as_secs(), "admin: range banned");
+    (StatusCode::OK, json!({ "banned": net.trunc().to_string(), "seconds": d.as_secs() }))
+}
+
+fn unban(gw: &Gateway, raw: &str) -> Answer {
+    let text = crate::upgrade::percent_decode(raw);
+    let Some(net) = crate::config::parse_ip_rule(text.trim()) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the path must end in an address or a CIDR range (slash raw or %2F)",
+        );
+    };
+    if !gw.incidents.unban(net) {
+        return error(StatusCode::NOT_FOUND, "no such ban");
+    }
+    tracing::warn!(action = "unban", cidr = %net.trunc(), "admin: ban lifted");
+    (StatusCode::OK, json!({ "unbanned": net.trunc().to_string() }))
+}
+
+fn sessions(gw: &Gateway, query: Option<&str>) -> Answer {
+    let (mut sub, mut route, mut limit) = (None, None, DEFAULT_LISTED);
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = crate::upgrade::percent_decode(&v.replace('+', " "));
+        match k {
+            "sub" => sub = Some(v),
+            "route" => route = Some(v),
+            "limit" => match v.parse::<usize>() {
+                Ok(n) if (1..=MAX_LISTED).contains(&n) => limit = n,
+                _ => return error(StatusCode::BAD_REQUEST, "limit must be 1 to 1000"),
+            },
+            _ => return error(StatusCode::BAD_REQUEST, "the filters are sub, route and limit"),
+        }
+    }
+    let (list, truncated) = gw.incidents.sessions(sub.as_deref(), route.as_deref(), limit);
+    (StatusCode::OK, json!({ "sessions": list, "truncated": truncated }))
+}

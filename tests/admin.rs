@@ -1,0 +1,219 @@
+//! The admin API (DESIGN.md section 9) on one instance: token check, revoke, kick,
+//! ban/unban, the session list, bounded bodies, and the effect of each action on live
+//! sessions and new connections.
+
+mod common;
+use common::*;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const ADMIN_TOKEN: &str = "0123456789abcdef0123456789abcdef-admin";
+
+/// A gateway with the echo route and the admin API on (its token in a file).
+async fn gateway(extra: &str) -> (Gw, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("admin.token");
+    std::fs::write(&token_file, format!("{ADMIN_TOKEN}\n")).unwrap();
+    let line = format!("listen = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n", token_file.display());
+    let gw = Gw::start_with("", &format!("{extra}\n{ECHO_ROUTE}"), |t| {
+        t.replacen("[admin]\nlisten = \"127.0.0.1:0\"\n", &format!("[admin]\n{line}"), 1)
+    })
+    .await;
+    (gw, dir)
+}
+
+/// One HTTP/1.1 request to the admin listener; (status, body).
+async fn call(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(TIMEOUT, s.read_to_end(&mut buf)).await.unwrap().unwrap();
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+async fn admin(gw: &Gw, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
+    let (status, text) = call(gw.admin, method, path, Some(ADMIN_TOKEN), body).await;
+    (status, serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}")))
+}
+
+async fn connect_as(gw: &Gw, token: String, source: Option<&str>) -> wsgate::client::ClientStream {
+    let mut o = gw.options(Some(token));
+    o.source = source.map(|s| s.parse().unwrap());
+    gw.try_connect("/echo", &o).await.unwrap_or_else(|s| panic!("refused with {s}")).0
+}
+
+#[tokio::test]
+async fn the_api_is_off_without_a_token_file() {
+    let gw = Gw::echo().await;
+    let (status, _) = call(gw.admin, "POST", "/v1/kick", Some(ADMIN_TOKEN), r#"{"sub":"alice"}"#).await;
+    assert_eq!(status, 404);
+    assert_eq!(http_get(gw.admin, "/healthz").await.0, 200);
+}
+
+#[tokio::test]
+async fn every_action_needs_the_token() {
+    let (gw, _dir) = gateway("").await;
+    for token in [None, Some("wrong"), Some(&ADMIN_TOKEN[..ADMIN_TOKEN.len() - 1])] {
+        let (status, body) = call(gw.admin, "POST", "/v1/kick", token, r#"{"sub":"alice"}"#).await;
+        assert_eq!(status, 401, "{token:?}");
+        assert!(!body.contains(ADMIN_TOKEN));
+    }
+    let (status, _) = call(gw.admin, "GET", "/v1/sessions", Some("wrong"), "").await;
+    assert_eq!(status, 401);
+    assert_eq!(admin(&gw, "POST", "/v1/kick", r#"{"sub":"nobody"}"#).await.0, 200);
+    gw.wait_metric(r#"wsgate_admin_requests_total{action="kick",result="unauthorized"}"#, 3.0)
+        .await;
+    assert_eq!(gw.metric(r#"wsgate_admin_requests_total{action="kick",result="ok"}"#).await, 1.0);
+}
+
+#[tokio::test]
+async fn a_revoked_token_closes_its_sessions_and_is_refused_from_then_on() {
+    let (gw, _dir) = gateway("").await;
+    let revoked = gw.token_with("alice", Duration::from_secs(600), &[("jti", "j-1")]);
+    let other = gw.token_with("alice", Duration::from_secs(600), &[("jti", "j-2")]);
+    let mut a = connect_as(&gw, revoked.clone(), None).await;
+    let mut b = connect_as(&gw, other, None).await;
+    assert_eq!(roundtrip(&mut a, "x").await, "x");
+    let (status, body) = admin(&gw, "POST", "/v1/revocations", r#"{"jti":"j-1","exp":4102444800}"#).await;
+    assert_eq!((status, body["revoked"].as_str()), (200, Some("j-1")));
+    assert_eq!(close_code(&mut a).await.0, 1008);
+    assert_eq!(roundtrip(&mut b, "still").await, "still");
+    assert_eq!(gw.refusal("/echo", &gw.options(Some(revoked))).await.status(), 401);
+    gw.wait_metric(r#"wsgate_auth_failures_total{route="echo",reason="revoked"}"#, 1.0)
+        .await;
+}
+
+#[tokio::test]
+async fn a_kick_closes_every_session_of_the_user_and_no_other() {
+    let (gw, _dir) = gateway("").await;
+    let mut a1 = connect_as(&gw, gw.token("alice"), None).await;
+    let mut a2 = connect_as(&gw, gw.token("alice"), None).await;
+    let mut b = connect_as(&gw, gw.token("bob"), None).await;
+    let (status, body) = admin(&gw, "POST", "/v1/kick", r#"{"sub":"alice"}"#).await;
+    assert_eq!((status, body["sessions"].as_u64()), (200, Some(2)));
+    assert_eq!(close_code(&mut a1).await.0, 1008);
+    assert_eq!(close_code(&mut a2).await.0, 1008);
+    assert_eq!(roundtrip(&mut b, "bob stays").await, "bob stays");
+    // A kick is not a ban: alice may come back.
+    let mut again = connect_as(&gw, gw.token("alice"), None).await;
+    assert_eq!(roundtrip(&mut again, "back").await, "back");
+}
+
+#[tokio::test]
+async fn a_ban_refuses_before_tls_and_closes_live_sessions_until_lifted() {
+    let (gw, _dir) = gateway("").await;
+    let mut banned = connect_as(&gw, gw.token("alice"), Some("127.0.0.5")).await;
+    let mut other = connect_as(&gw, gw.token("bob"), Some("127.0.0.6")).await;
+    let (status, body) = admin(&gw, "POST", "/v1/bans", r#"{"cidr":"127.0.0.5/32","for":"10m"}"#).await;
+    assert_eq!((status, body["seconds"].as_u64()), (200, Some(600)));
+    assert_eq!(close_code(&mut banned).await.0, 1008);
+    assert_eq!(roundtrip(&mut other, "ok").await, "ok");
+    let mut o = gw.options(Some(gw.token("alice")));
+    o.source = Some("127.0.0.5".parse().unwrap());
+    let refused = tokio::time::timeout(TIMEOUT, wsgate::client::connect(&gw.url("/echo"), &o))
+        .await
+        .unwrap();
+    assert!(
+        !matches!(refused, Err(tokio_tungstenite::tungstenite::Error::Http(_)) | Ok(_)),
+        "a banned address must not reach TLS or HTTP"
+    );
+    gw.wait_metric(r#"wsgate_connections_rejected_total{reason="firewall"}"#, 1.0).await;
+    // Lifted (the slash of the range escaped), then lifting again finds nothing.
+    assert_eq!(admin(&gw, "DELETE", "/v1/bans/127.0.0.5%2F32", "").await.0, 200);
+    assert_eq!(admin(&gw, "DELETE", "/v1/bans/127.0.0.5/32", "").await.0, 404);
+    let mut back = connect_as(&gw, gw.token("alice"), Some("127.0.0.5")).await;
+    assert_eq!(roundtrip(&mut back, "back").await, "back");
+}
+
+#[tokio::test]
+async fn sessions_are_listed_with_their_counts_and_filters() {
+    let (gw, _dir) = gateway("").await;
+    let mut a = connect_as(&gw, gw.token("alice"), Some("127.0.0.7")).await;
+    let _b = connect_as(&gw, gw.token("bob"), None).await;
+    assert_eq!(roundtrip(&mut a, "hello").await, "hello");
+    let listed = wait_for("alice's message counted in the list", TIMEOUT, || async {
+        let (status, body) = admin(&gw, "GET", "/v1/sessions?sub=alice", "").await;
+        assert_eq!(status, 200);
+        let s = body["sessions"].as_array().unwrap().clone();
+        (s.len() == 1 && s[0]["messages"][0].as_u64() == Some(1)).then_some(s)
+    })
+    .await;
+    let s = &listed[0];
+    assert_eq!(s["route"], "echo");
+    assert_eq!(s["client_ip"], "127.0.0.7");
+    assert_eq!(s["bytes"][0].as_u64(), Some(5));
+    let (_, all) = admin(&gw, "GET", "/v1/sessions", "").await;
+    assert_eq!(all["sessions"].as_array().unwrap().len(), 2);
+    let (_, one) = admin(&gw, "GET", "/v1/sessions?limit=1", "").await;
+    assert_eq!(
+        (one["sessions"].as_array().unwrap().len(), one["truncated"].as_bool()),
+        (1, Some(true))
+    );
+    let (_, none) = admin(&gw, "GET", "/v1/sessions?route=other", "").await;
+    assert!(none["sessions"].as_array().unwrap().is_empty());
+    drop(a);
+    wait_until("alice's session unlisted", TIMEOUT, || async {
+        admin(&gw, "GET", "/v1/sessions?sub=alice", "").await.1["sessions"]
+            .as_array()
+            .is_some_and(|s| s.is_empty())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn bad_requests_get_a_clear_answer() {
+    let (gw, _dir) = gateway("").await;
+    let big = format!(r#"{{"sub":"{}"}}"#, "x".repeat(5000));
+    assert_eq!(admin(&gw, "POST", "/v1/kick", &big).await.0, 413);
+    for (path, body) in [
+        ("/v1/kick", "not json"),
+        ("/v1/kick", r#"{"sub":"a","extra":1}"#),
+        ("/v1/kick", r#"{"sub":""}"#),
+        ("/v1/revocations", r#"{"exp":1}"#),
+        ("/v1/bans", r#"{"cidr":"nonsense"}"#),
+        ("/v1/bans", r#"{"cidr":"10.0.0.0/8","for":"0s"}"#),
+        ("/v1/bans", r#"{"cidr":"10.0.0.0/8","for":"400d"}"#),
+    ] {
+        let (status, body_out) = admin(&gw, "POST", path, body).await;
+        assert_eq!(status, 400, "{path} {body}: {body_out}");
+        assert!(body_out["error"].is_string());
+    }
+    assert_eq!(admin(&gw, "GET", "/v1/sessions?limit=0", "").await.0, 400);
+    assert_eq!(admin(&gw, "GET", "/v1/sessions?who=x", "").await.0, 400);
+    assert_eq!(admin(&gw, "POST", "/v1/nothing", "{}").await.0, 404);
+    assert_eq!(admin(&gw, "GET", "/v1/kick", "").await.0, 404);
+    gw.wait_metric(r#"wsgate_admin_requests_total{action="ban",result="invalid"}"#, 3.0)
+        .await;
+}
+
+#[tokio::test]
+async fn a_short_admin_token_is_a_config_error_and_an_exposed_api_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let short = dir.path().join("short.token");
+    std::fs::write(&short, "too-short\n").unwrap();
+    let base = config_text(dir.path(), "", ECHO_ROUTE);
+    let text = base.replacen(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n",
+        &format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n", short.display()),
+        1,
+    );
+    let cfg = wsgate::Config::from_toml_str(&text, "t.toml").unwrap();
+    let Err(e) = wsgate::gateway::Runtime::load(cfg, true) else {
+        panic!("a short admin token was accepted")
+    };
+    assert_eq!((e.key.as_str(), e.line.is_some()), ("admin.token_file", true));
+    assert!(!e.to_string().contains("too-short"), "{e}");
+    let exposed = text.replace("listen = \"127.0.0.1:0\"\ntoken_file", "listen = \"0.0.0.0:0\"\ntoken_file");
+    let cfg = wsgate::Config::from_toml_str(&exposed, "t.toml").unwrap();
+    let warnings = wsgate::gateway::warnings(&cfg);
+    assert!(warnings.iter().any(|w| w.contains("admin API")), "{warnings:?}");
+}
