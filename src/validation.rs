@@ -229,16 +229,7 @@ pub fn exceeds_depth(text: &[u8], max: u32) -> bool {
     let mut i = 0;
     while i < text.len() {
         match text[i] {
-            b'"' => {
-                i += 1;
-                while i < text.len() {
-                    match text[i] {
-                        b'\\' => i += 2,
-                        b'"' => break,
-                        _ => i += 1,
-                    }
-                }
-            }
+            b'"' => i = string_end(text, i),
             b'[' | b'{' => {
                 depth += 1;
                 if depth > max {
@@ -253,6 +244,20 @@ pub fn exceeds_depth(text: &[u8], max: u32) -> bool {
     false
 }
 
+/// The index of the quote that closes the JSON string opening at `text[open]` (escapes,
+/// `\"` included, skipped), or `text.len()` when it does not close.
+fn string_end(text: &[u8], open: usize) -> usize {
+    let mut i = open + 1;
+    while i < text.len() {
+        match text[i] {
+            b'\\' => i += 2,
+            b'"' => return i,
+            _ => i += 1,
+        }
+    }
+    text.len()
+}
+
 /// Whether valid JSON `text` holds a number that does not survive the trip through
 /// the 64-bit types the schema compares: an integer outside `i64::MIN..=u64::MAX`, or a
 /// number with a fraction or exponent that has more than 15 significant digits
@@ -261,17 +266,7 @@ pub fn has_inexact_number(text: &[u8]) -> bool {
     let mut i = 0;
     while i < text.len() {
         match text[i] {
-            b'"' => {
-                i += 1;
-                while i < text.len() {
-                    match text[i] {
-                        b'\\' => i += 2,
-                        b'"' => break,
-                        _ => i += 1,
-                    }
-                }
-                i += 1;
-            }
+            b'"' => i = string_end(text, i) + 1,
             b'-' | b'0'..=b'9' => {
                 let start = i;
                 while i < text.len() && matches!(text[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E') {

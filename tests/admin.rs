@@ -6,7 +6,6 @@ mod common;
 use common::*;
 use std::net::SocketAddr;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const ADMIN_TOKEN: &str = "0123456789abcdef0123456789abcdef-admin";
 
@@ -23,21 +22,10 @@ async fn gateway(extra: &str) -> (Gw, tempfile::TempDir) {
     (gw, dir)
 }
 
-/// One HTTP/1.1 request to the admin listener; (status, body).
+/// One request to the admin listener, with the admin token when given; (status, body).
 async fn call(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    tokio::time::timeout(TIMEOUT, s.read_to_end(&mut buf)).await.unwrap().unwrap();
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (status, body)
+    http_request(addr, method, path, &format!("{auth}Content-Type: application/json\r\n"), body).await
 }
 
 async fn admin(gw: &Gw, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {

@@ -38,6 +38,20 @@ impl Validator<'_> {
         }
     }
 
+    /// Each entry of a list of paths, located at the list's line; empty when absent.
+    fn located_list(&self, list: Option<&Spanned<Vec<PathBuf>>>, key: &str) -> Vec<Located<PathBuf>> {
+        let Some(list) = list else { return Vec::new() };
+        let line = Some(line_of(self.src, list.span().start));
+        list.get_ref()
+            .iter()
+            .map(|p| Located {
+                value: p.clone(),
+                key: key.into(),
+                line,
+            })
+            .collect()
+    }
+
     pub(super) fn err_key(&self, key: &str, message: impl Into<String>) -> ConfigError {
         let (table, leaf) = key.rsplit_once('.').unwrap_or(("", key));
         ConfigError {
@@ -143,21 +157,7 @@ impl Validator<'_> {
             }
             return Ok(None);
         };
-        let crl_files = t
-            .client_crl_files
-            .as_ref()
-            .map(|f| {
-                let line = Some(line_of(self.src, f.span().start));
-                f.get_ref()
-                    .iter()
-                    .map(|p| Located {
-                        value: p.clone(),
-                        key: "tls.client_crl_files".into(),
-                        line,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let crl_files = self.located_list(t.client_crl_files.as_ref(), "tls.client_crl_files");
         Ok(Some(ClientTls {
             ca: self.located(ca, "tls.client_ca"),
             auth: t.client_auth.as_ref().map_or(ClientAuth::Optional, |a| *a.get_ref()),
@@ -276,21 +276,7 @@ impl Validator<'_> {
                 .unwrap_or_else(|| DEFAULT_REQUIRED_CLAIMS.map(String::from).to_vec()),
             token_sources: self.token_sources(j.token_sources.as_ref())?,
             close_on_expiry: j.close_on_expiry.unwrap_or(true),
-            public_key_files: j
-                .public_key_files
-                .as_ref()
-                .map(|f| {
-                    let line = Some(line_of(self.src, f.span().start));
-                    f.get_ref()
-                        .iter()
-                        .map(|p| Located {
-                            value: p.clone(),
-                            key: "jwt.public_key_files".into(),
-                            line,
-                        })
-                        .collect()
-                })
-                .unwrap_or_default(),
+            public_key_files: self.located_list(j.public_key_files.as_ref(), "jwt.public_key_files"),
             jwks_file: j.jwks_file.as_ref().map(|f| self.located(f, "jwt.jwks_file")),
             jwks_url,
             revoked_jti_file: j.revoked_jti_file.as_ref().map(|f| self.located(f, "jwt.revoked_jti_file")),

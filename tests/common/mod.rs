@@ -303,8 +303,19 @@ pub fn metric_value(text: &str, series: &str) -> f64 {
 
 /// A plain HTTP/1.1 GET; returns (status, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_request(addr, "GET", path, "", "").await
+}
+
+/// One plain HTTP/1.1 request (`headers`: whole lines, each ending in CRLF); returns
+/// (status, body).
+pub async fn http_request(addr: SocketAddr, method: &str, path: &str, headers: &str, body: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+    let length = if body.is_empty() {
+        String::new()
+    } else {
+        format!("Content-Length: {}\r\n", body.len())
+    };
+    s.write_all(format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}{length}\r\n{body}").as_bytes())
         .await
         .unwrap();
     let mut buf = Vec::new();
