@@ -1,6 +1,6 @@
 //! The gateway's shared state: the [`Runtime`] built from one config, the per-IP and
 //! per-user limits that outlive reloads, metrics, and the one place that counts and
-//! logs a refusal ([`Gateway::refused`]).
+//! logs a refusal (`Gateway::refused`).
 //!
 //! Everything loaded from one config lives in a [`Runtime`] behind an `ArcSwap`, so a
 //! reload swaps it without touching open sessions; they re-check themselves against

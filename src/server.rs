@@ -1,5 +1,5 @@
 //! Stage 1 and the drain: bind the listeners, accept connections, hand each to
-//! [`crate::conn`], and stop in three steps.
+//! `conn`, and stop in three steps.
 //!
 //! [`start`] binds the listeners named in the config (port 0 works, for tests) and
 //! returns a [`Running`] handle; `main` waits for a signal and calls

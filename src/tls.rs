@@ -1,6 +1,6 @@
 //! TLS: the server config for the wss listeners, client configs for `wss://`
 //! upstreams and the `client` command, the self-signed development certificate, and
-//! client certificates (mTLS, [`client_cert`]).
+//! client certificates (mTLS, `client_cert`).
 
 mod client_cert;
 pub use client_cert::{ClientCert, DevClientCert, MAX_IDENTITY, MAX_SUBJECT, client_verifier, write_dev_client_cert};

@@ -210,7 +210,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Endpoint<S> {
 
     /// The client's first data message, for `first_message` authentication: pings are
     /// answered, pongs skipped; it must be text of at most `max` bytes, in at most
-    /// [`MAX_PRE_TOKEN_FRAMES`] frames (controls included: an unauthenticated client
+    /// `MAX_PRE_TOKEN_FRAMES` frames (controls included: an unauthenticated client
     /// cannot keep the gateway busy with pings). Frames behind it stay for the relay.
     /// `None` on anything else.
     pub async fn first_text(&mut self, max: usize) -> Option<String> {
