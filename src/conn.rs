@@ -297,6 +297,7 @@ async fn run_session(
         max_message_size: l.max_message_size,
         max_fragments: l.max_fragments,
         validator,
+        assembly_budget: Some(gw.assembly_budget()),
     };
     let deadline = open
         .expires_at

@@ -291,6 +291,8 @@ pub enum CloseReason {
     AccessRevoked,
     /// A client message failed validation on a route with `on_invalid = "close"`.
     InvalidMessage(MessageRejection),
+    /// The gateway-wide budget for messages being assembled for validation is used up.
+    Overloaded,
 }
 
 /// Why a client message was refused on a route with `[routes.validate]`: the `reason`
@@ -358,6 +360,7 @@ impl CloseReason {
             CloseReason::TokenExpired => (Library(CLOSE_TOKEN_EXPIRED), Library(CLOSE_TOKEN_EXPIRED)),
             CloseReason::RateAbuse | CloseReason::AccessRevoked => (Policy, Policy),
             CloseReason::InvalidMessage(r) => (r.close_code(), r.close_code()),
+            CloseReason::Overloaded => (Again, Again),
         }
     }
 
@@ -382,6 +385,7 @@ impl CloseReason {
             CloseReason::InvalidMessage(MessageRejection::TooDeep) => "client message nested too deeply",
             CloseReason::InvalidMessage(MessageRejection::Schema) => "client message does not match the schema",
             CloseReason::InvalidMessage(MessageRejection::Binary) => "binary messages not allowed",
+            CloseReason::Overloaded => "gateway busy, try again later",
         }
     }
 
@@ -389,7 +393,13 @@ impl CloseReason {
     pub fn error_kind(self) -> Option<&'static str> {
         match self {
             // Counted by reason in `wsgate_messages_rejected_total` instead.
-            CloseReason::Shutdown | CloseReason::TokenExpired | CloseReason::AccessRevoked | CloseReason::InvalidMessage(_) => None,
+            // Overload is the gateway's state, not a fault of either peer: seen in
+            // `wsgate_closes_total{code="1013"}`.
+            CloseReason::Shutdown
+            | CloseReason::TokenExpired
+            | CloseReason::AccessRevoked
+            | CloseReason::InvalidMessage(_)
+            | CloseReason::Overloaded => None,
             CloseReason::IdleTimeout => Some("idle_timeout"),
             CloseReason::PingTimeout => Some("ping_timeout"),
             CloseReason::ClientProtocol | CloseReason::ClientInvalidUtf8 => Some("protocol"),

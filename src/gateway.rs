@@ -171,6 +171,9 @@ pub struct Gateway {
     recheck: ArcSwap<CancellationToken>,
     /// Admin bans, revocations, kicks and the live session list (admin API).
     pub incidents: Arc<crate::incidents::Incidents>,
+    /// What validated messages being assembled may hold together
+    /// (`limits.max_assembly_memory`; a reload that changes it starts a new budget).
+    assembly: ArcSwap<crate::relay::AssemblyBudget>,
     /// Concurrent sessions per JWT `sub`.
     pub users: Arc<UserSlots>,
     /// Cancelled when sessions must close (drain).
@@ -193,6 +196,11 @@ impl Gateway {
     /// The current configuration generation (cancelled by the next reload).
     pub fn generation(&self) -> CancellationToken {
         (*self.generation.load_full()).clone()
+    }
+
+    /// The budget new sessions assemble validated messages under.
+    pub fn assembly_budget(&self) -> Arc<crate::relay::AssemblyBudget> {
+        self.assembly.load_full()
     }
 
     /// Cancelled at the next reload or admin action: live sessions re-check then.
@@ -246,6 +254,11 @@ impl Gateway {
         if new.config.limits.admission.ipv6_prefix != old.config.limits.admission.ipv6_prefix {
             notes.push("limits.ipv6_prefix changed: takes effect after a restart (live counts and bans are keyed by it)".to_string());
         }
+        if new.config.limits.max_assembly_memory != old.config.limits.max_assembly_memory {
+            // Sessions keep the budget they started with; new ones share a new one.
+            let limit = new.config.limits.max_assembly_memory;
+            self.assembly.store(Arc::new(crate::relay::AssemblyBudget::new(limit)));
+        }
         if new.config.limits.admission != old.config.limits.admission {
             let next = self.per_ip().reconfigured(new.config.limits.admission.clone());
             self.per_ip.store(Arc::new(next));
@@ -298,6 +311,7 @@ impl Gateway {
             metrics.register_route(&r.name, r.validate.is_some());
         }
         let per_ip = PerIp::new(runtime.config.limits.admission.clone());
+        let assembly_limit = runtime.config.limits.max_assembly_memory;
         Gateway {
             runtime: ArcSwap::from_pointee(runtime),
             metrics,
@@ -305,6 +319,7 @@ impl Gateway {
             generation: ArcSwap::from_pointee(CancellationToken::new()),
             recheck: ArcSwap::from_pointee(CancellationToken::new()),
             incidents: Arc::default(),
+            assembly: ArcSwap::from_pointee(crate::relay::AssemblyBudget::new(assembly_limit)),
             users: Arc::default(),
             sessions: CancellationToken::new(),
             tracker: TaskTracker::new(),

@@ -16,9 +16,13 @@ async fn missing_and_bad_tokens_get_401_and_never_reach_upstream() {
     let (gw, up) = gw_with_upstream().await;
     let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
     let good = gw.token("alice");
+    // One signature character changed, away from the end: the last character of a
+    // base64url signature carries padding bits, and a change there may make the
+    // encoding invalid (malformed) rather than the signature wrong.
+    let at = good.len() - 5;
     let mut tampered = good.clone();
-    tampered.pop();
-    tampered.push(if good.ends_with('A') { 'B' } else { 'A' });
+    let swap = if &good[at..=at] == "A" { "B" } else { "A" };
+    tampered.replace_range(at..=at, swap);
     let cases: Vec<(Option<String>, &str)> = vec![
         (None, "missing"),
         (Some("not-a-jwt".into()), "malformed"),

@@ -496,11 +496,13 @@ fn all_close_reasons() -> Vec<wsgate::error::CloseReason> {
         TokenExpired,
         RateAbuse,
         AccessRevoked,
+        Overloaded,
     ];
     for r in &all {
         match r {
             Shutdown | IdleTimeout | PingTimeout | ClientProtocol | ClientInvalidUtf8 | ClientTooBig | ClientIo | UpstreamReset
-            | UpstreamProtocol | UpstreamInvalidUtf8 | UpstreamTooBig | TokenExpired | RateAbuse | AccessRevoked | InvalidMessage(_) => {}
+            | UpstreamProtocol | UpstreamInvalidUtf8 | UpstreamTooBig | TokenExpired | RateAbuse | AccessRevoked | InvalidMessage(_)
+            | Overloaded => {}
         }
     }
     let mut all = all;

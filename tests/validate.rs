@@ -456,3 +456,67 @@ async fn pings_do_not_keep_a_half_assembled_message_alive_past_the_idle_timeout(
         tokio::time::sleep(Duration::from_millis(300)).await; // kept: the pace is the test
     }
 }
+
+/// Send the first fragment of a text message, then a ping; once its pong is back, the
+/// gateway has taken in the whole fragment.
+async fn send_half(ws: &mut wsgate::client::ClientStream, head: &str) {
+    ws.send(Message::Frame(Frame::message(head.to_string(), OpCode::Data(Data::Text), false)))
+        .await
+        .unwrap();
+    ws.send(Message::Ping(b"sync".to_vec().into())).await.unwrap();
+    loop {
+        match tokio::time::timeout(TIMEOUT, ws.next()).await.expect("no pong") {
+            Some(Ok(Message::Pong(p))) if &p[..] == b"sync" => return,
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn half_sent_messages_share_a_gateway_wide_budget_and_the_overflow_gets_1013() {
+    // Room for two half-sent 64 KiB messages, not three.
+    let limits = "[limits]\nmax_message_size = \"64KiB\"\nmax_assembly_memory = \"128KiB\"\n";
+    let s = setup(limits, "json = true", "{}").await;
+    let head = format!("[\"{}", "a".repeat(60 * 1024));
+    let mut first = s.gw.connect("/v").await;
+    send_half(&mut first, &head).await;
+    let mut second = s.gw.connect("/v").await;
+    send_half(&mut second, &head).await;
+    let mut third = s.gw.connect("/v").await;
+    let _ = third
+        .send(Message::Frame(Frame::message(head.clone(), OpCode::Data(Data::Text), false)))
+        .await;
+    assert_eq!(close_code(&mut third).await, (1013, "gateway busy, try again later".into()));
+    s.gw.wait_metric(r#"wsgate_closes_total{route="v",code="1013",initiator="gateway"}"#, 1.0)
+        .await;
+    // The first completes its message: it is relayed, and its room is given back.
+    first
+        .send(Message::Frame(Frame::message("\"]", OpCode::Data(Data::Continue), true)))
+        .await
+        .unwrap();
+    assert_eq!(next_text(&mut first).await.len(), head.len() + 2);
+    let mut fourth = s.gw.connect("/v").await;
+    send_half(&mut fourth, &head).await;
+    fourth
+        .send(Message::Frame(Frame::message("\"]", OpCode::Data(Data::Continue), true)))
+        .await
+        .unwrap();
+    assert_eq!(next_text(&mut fourth).await.len(), head.len() + 2);
+    // A session that ends mid-message gives its room back too: once it is gone, two
+    // half-sent messages fit again.
+    drop(second);
+    wait_until("the second session ended", TIMEOUT, || async {
+        s.gw.metric(r#"wsgate_connections_active{route="v"}"#).await == 2.0
+    })
+    .await;
+    let mut fifth = s.gw.connect("/v").await;
+    send_half(&mut fifth, &head).await;
+    let mut sixth = s.gw.connect("/v").await;
+    send_half(&mut sixth, &head).await;
+    let mut seventh = s.gw.connect("/v").await;
+    let _ = seventh
+        .send(Message::Frame(Frame::message(head.clone(), OpCode::Data(Data::Text), false)))
+        .await;
+    assert_eq!(close_code(&mut seventh).await.0, 1013);
+}

@@ -212,6 +212,8 @@ pub struct Log {
     pub progress_interval: Option<Duration>,
 }
 
+/// Default `limits.max_assembly_memory`.
+pub const DEFAULT_MAX_ASSEMBLY_MEMORY: usize = 256 << 20;
 /// Default interval of the progress event for long sessions.
 pub const DEFAULT_PROGRESS_INTERVAL: Duration = Duration::from_secs(3600);
 
@@ -221,6 +223,9 @@ pub struct Limits {
     pub max_frame_size: usize,
     /// Frames per client message; more → close 1009.
     pub max_fragments: u32,
+    /// What messages being assembled for validation may hold together, gateway-wide;
+    /// beyond it a session that needs more is closed with 1013.
+    pub max_assembly_memory: usize,
     /// Per-IP admission (new-connection rate, concurrency, auth-failure bans).
     pub admission: AdmissionLimits,
     /// Client → upstream messages (pings included) per connection.

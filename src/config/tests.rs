@@ -141,3 +141,12 @@ fn shipped_config_is_valid() {
     let src = include_str!("../../config/gateway.toml");
     Config::from_toml_str(src, "config/gateway.toml").unwrap();
 }
+
+#[test]
+fn assembly_memory_must_hold_one_message() {
+    let e = err("[limits]\nmax_message_size = \"1MiB\"\nmax_assembly_memory = \"512KiB\"\n");
+    assert_eq!((e.key.as_str(), e.line), ("limits.max_assembly_memory", Some(3)));
+    let c = Config::from_toml_str("[limits]\nmax_assembly_memory = \"2GiB\"\n", "t").unwrap();
+    assert_eq!(c.limits.max_assembly_memory, 2 << 30);
+    assert_eq!(Config::from_toml_str("", "t").unwrap().limits.max_assembly_memory, 256 << 20);
+}

@@ -199,6 +199,7 @@ impl Validator<'_> {
             // A browser sends each message as one frame: by default a client frame may be
             // as large as a message.
             max_frame_size: l.max_frame_size.map_or(max_message_size, |v| v.0 as usize),
+            max_assembly_memory: l.max_assembly_memory.map_or(DEFAULT_MAX_ASSEMBLY_MEMORY, |v| v.0 as usize),
             max_fragments: match l.max_fragments {
                 None => DEFAULT_MAX_FRAGMENTS,
                 Some(0) => return Err(self.err_key("limits.max_fragments", "must be at least 1")),
@@ -223,6 +224,12 @@ impl Validator<'_> {
         }
         if limits.max_frame_size > limits.max_message_size {
             return Err(self.err_key("limits.max_frame_size", "must not exceed limits.max_message_size"));
+        }
+        if limits.max_assembly_memory < limits.max_message_size {
+            return Err(self.err_key(
+                "limits.max_assembly_memory",
+                "must be at least limits.max_message_size (one whole message)",
+            ));
         }
         Ok(limits)
     }

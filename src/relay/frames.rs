@@ -20,6 +20,7 @@ use crate::wire::{self, OP_BINARY, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, U
 use bytes::{Bytes, BytesMut};
 use std::{collections::VecDeque, pin::Pin, sync::Arc, task::Context, time::Duration};
 use tokio::time::{Instant, Sleep, sleep_until};
+pub use validated::AssemblyBudget;
 use validated::{Mode, grow};
 
 mod validated;
@@ -133,6 +134,9 @@ pub(super) struct Core {
     pub(super) now: Option<Instant>,
     /// Checks on client messages (routes with `[routes.validate]`).
     validator: Option<Arc<Validator>>,
+    /// What every session's assembly buffers may hold together, and this session's share.
+    budget: Option<Arc<AssemblyBudget>>,
+    held: usize,
     /// Validated client messages, each whole as one frame under a gateway key, and what
     /// followed them in the same call: written to the upstream right after the output
     /// `process` returned (so a read full of small messages is one write, not one each).
@@ -163,6 +167,8 @@ impl Core {
             rate_abuse_timeout: settings.rate_abuse_timeout,
             now: None,
             validator: settings.validator.clone(),
+            budget: settings.assembly_budget.clone(),
+            held: 0,
             ready: BytesMut::new(),
             rejected: [0; 4],
             rejected_reported: [0; 4],
@@ -182,7 +188,7 @@ impl Core {
             if self.dec[from as usize].frame.is_some() {
                 let (n, passed) = match self.payload(from, &mut buf[r..]) {
                     Ok(x) => x,
-                    Err(v) => return done(w, r, Some(Stop::Event(violation(from, v)))),
+                    Err(reason) => return done(w, r, Some(Stop::Event(Event::End(reason)))),
                 };
                 if passed {
                     w = self.emit(buf, r..r + n, w);
@@ -319,8 +325,12 @@ impl Core {
     /// unmask and re-mask at the running offset. Returns the bytes taken and whether they
     /// go on (a message held for validation is kept or dropped instead); the frame is
     /// over when they were its last.
-    fn payload(&mut self, from: Side, buf: &mut [u8]) -> Result<(usize, bool), Violation> {
+    fn payload(&mut self, from: Side, buf: &mut [u8]) -> Result<(usize, bool), CloseReason> {
         let max_message = self.max_message as usize;
+        let bad = |v| match violation(from, v) {
+            Event::End(reason) => reason,
+            _ => CloseReason::ClientProtocol, // violation() only ends sessions
+        };
         let dec = &mut self.dec[from as usize];
         let Some(f) = dec.frame.as_mut() else { return Ok((0, false)) };
         let n = usize::try_from(f.left).unwrap_or(usize::MAX).min(buf.len());
@@ -333,8 +343,8 @@ impl Core {
                 if let Some((m, _)) = f.keys {
                     wire::apply_mask(piece, wire::rotate(m, at));
                 }
-                dec.utf8.feed(piece, last)?;
-                grow(&mut dec.assembly, n, max_message);
+                dec.utf8.feed(piece, last).map_err(bad)?;
+                self.held += grow(&mut dec.assembly, n, max_message, self.budget.as_deref()).ok_or(CloseReason::Overloaded)?;
                 dec.assembly.extend_from_slice(piece);
             }
             Mode::Skip => {}
@@ -345,12 +355,12 @@ impl Core {
             // Client → upstream: unmask, check text, mask again with the gateway's key.
             Some((m, k)) if f.text => {
                 wire::apply_mask(piece, wire::rotate(m, at));
-                dec.utf8.feed(piece, last)?;
+                dec.utf8.feed(piece, last).map_err(bad)?;
                 wire::apply_mask(piece, wire::rotate(k, at));
             }
             Some((m, k)) => wire::apply_mask(piece, wire::rotate(wire::combine(m, k), at)),
             // Upstream → client: frames go on unmasked as they came.
-            None if f.text => dec.utf8.feed(piece, last)?,
+            None if f.text => dec.utf8.feed(piece, last).map_err(bad)?,
             None => {}
         }
         f.left -= n as u64;

@@ -50,6 +50,7 @@ mod pump;
 mod timers;
 
 pub use endpoint::Endpoint;
+pub use frames::AssemblyBudget;
 
 use crate::error::{CloseReason, Initiator};
 use crate::metrics::SessionMetrics;
@@ -79,6 +80,9 @@ pub struct Settings {
     /// Checks on client messages (a route with `[routes.validate]`): its text messages
     /// are assembled and checked before they go on instead of streaming.
     pub validator: Option<std::sync::Arc<crate::validation::Validator>>,
+    /// Shared by every session of the gateway: bounds what validated messages being
+    /// assembled hold together (`None`: unbounded, for benches).
+    pub assembly_budget: Option<std::sync::Arc<AssemblyBudget>>,
 }
 
 impl Settings {
@@ -99,6 +103,7 @@ impl Settings {
             max_message_size: max_size,
             max_fragments: u32::MAX,
             validator: None,
+            assembly_budget: None,
         }
     }
 }

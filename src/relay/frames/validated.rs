@@ -8,6 +8,48 @@ use crate::error::CloseReason;
 use crate::validation::Invalid;
 use crate::wire::{self, OP_BINARY, OP_CONTINUATION, OP_TEXT};
 use bytes::BytesMut;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// What the assembly buffers of every session of a gateway may hold together: beyond
+/// it, a session that needs more is closed with 1013 (try again later) rather than let
+/// many half-sent messages exhaust memory.
+#[derive(Debug)]
+pub struct AssemblyBudget {
+    used: AtomicUsize,
+    limit: usize,
+}
+
+impl AssemblyBudget {
+    pub fn new(limit: usize) -> AssemblyBudget {
+        AssemblyBudget {
+            used: AtomicUsize::new(0),
+            limit,
+        }
+    }
+
+    /// Bytes held now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn take(&self, n: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                u.checked_add(n).filter(|t| *t <= self.limit)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::AcqRel);
+    }
+}
+
+impl Drop for Core {
+    fn drop(&mut self) {
+        self.release_assembly();
+    }
+}
 
 /// Rejected messages a session logs at INFO; later ones are logged at DEBUG, so a client
 /// cannot flood the log (they are all counted).
@@ -26,6 +68,13 @@ pub(super) enum Mode {
 }
 
 impl Core {
+    /// Give the budget back what this session's assembly buffer held.
+    fn release_assembly(&mut self) {
+        if let Some(b) = &self.budget {
+            b.give_back(std::mem::take(&mut self.held));
+        }
+    }
+
     /// Whether a message from `from` is being assembled for validation (its memory is
     /// held until it is whole): pings and pongs then do not count as activity.
     pub(super) fn assembling(&self, from: Side) -> bool {
@@ -59,6 +108,7 @@ impl Core {
     /// is freed either way.
     pub(super) fn finish_message(&mut self, from: Side, replies: &mut BytesMut) -> Option<Stop> {
         let text = std::mem::take(&mut self.dec[from as usize].assembly);
+        self.release_assembly(); // `text` is freed before this returns
         let checked = match &self.validator {
             Some(v) => v.check(&text),
             None => Ok(()),
@@ -103,11 +153,19 @@ impl Core {
 
 /// Make room for `n` more bytes in an assembly buffer: doubling as data arrives (never
 /// ahead of it, so a client announcing a large frame and stalling holds only what it
-/// sent), capped at the message limit.
-pub(super) fn grow(buf: &mut Vec<u8>, n: usize, max: usize) {
+/// sent), capped at the message limit, and taken from `budget` first. Returns the bytes
+/// added to the buffer's capacity, or `None` when the budget has no room for them.
+pub(super) fn grow(buf: &mut Vec<u8>, n: usize, max: usize, budget: Option<&AssemblyBudget>) -> Option<usize> {
     let need = buf.len() + n;
-    if need > buf.capacity() {
-        let want = need.max(buf.capacity() * 2).min(max.max(need));
-        buf.reserve_exact(want - buf.len());
+    if need <= buf.capacity() {
+        return Some(0);
     }
+    let want = need.max(buf.capacity() * 2).min(max.max(need));
+    let added = want - buf.capacity();
+    if budget.is_some_and(|b| !b.take(added)) {
+        return None;
+    }
+    buf.reserve_exact(want - buf.len());
+    // The allocator may round up: what it gave beyond `want` is not counted.
+    Some(added)
 }
