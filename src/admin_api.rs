@@ -14,12 +14,24 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::json;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+/// When a refused token was last logged (Unix seconds).
+static LAST_401_LOG: AtomicU64 = AtomicU64::new(0);
+
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
 
 /// Largest request body.
 pub const MAX_BODY: usize = 4096;
 /// Longest `jti` or `sub` accepted.
-const MAX_NAME: usize = 1024;
+const MAX_NAME: usize = 256;
+/// Shortest ban.
+const MIN_BAN: Duration = Duration::from_secs(1);
 /// Sessions listed per request, at most (`limit`).
 const MAX_LISTED: usize = 1000;
 const DEFAULT_LISTED: usize = 100;
@@ -58,6 +70,9 @@ fn error(status: StatusCode, message: &str) -> Answer {
 
 pub async fn answer(gw: &Gateway, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let (action, (status, body)) = route(gw, req).await;
+    if status.is_client_error() && status != StatusCode::UNAUTHORIZED && action != "unknown" {
+        tracing::warn!(action, status = status.as_u16(), "admin: request refused");
+    }
     let result = match status.as_u16() {
         200..=299 => "ok",
         401 => "unauthorized",
@@ -96,8 +111,19 @@ async fn route(gw: &Gateway, req: Request<Incoming>) -> (&'static str, Answer) {
         _ => return ("unknown", error(StatusCode::NOT_FOUND, "no such action")),
     };
     if !authorized(&req, token.bytes()) {
-        tracing::warn!(action, "admin API request without a valid token");
+        // At most one line a second: anyone who can reach the listener could flood the log.
+        if LAST_401_LOG.fetch_max(unix_secs(), Ordering::Relaxed) < unix_secs() {
+            tracing::warn!(action, "admin API request without a valid token");
+        }
         return (action, error(StatusCode::UNAUTHORIZED, "a valid admin token is required"));
+    }
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return (action, error(StatusCode::PAYLOAD_TOO_LARGE, "the body is larger than 4096 bytes"));
     }
     let query = req.uri().query().map(str::to_string);
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
@@ -179,12 +205,12 @@ fn ban(gw: &Gateway, body: &[u8]) -> Answer {
         Ok(b) => b,
         Err(a) => return a,
     };
-    let Some(net) = crate::config::parse_ip_rule(b.cidr.trim()) else {
+    let Some(net) = crate::config::parse_ip_rule(b.cidr.trim()).map(crate::incidents::canonical) else {
         return error(StatusCode::BAD_REQUEST, "cidr must be an address or a CIDR range");
     };
     let d = match b.duration.as_deref().map(str::parse::<humantime::Duration>) {
         None => DEFAULT_BAN,
-        Some(Ok(d)) if !d.is_zero() && *d <= MAX_BAN => *d,
+        Some(Ok(d)) if *d >= MIN_BAN && *d <= MAX_BAN => *d,
         Some(_) => return error(StatusCode::BAD_REQUEST, "for must be a duration from 1s to 365d (\"1h\", \"30m\")"),
     };
     if gw.incidents.ban(net, d) == Err(Refusal::Full) {
@@ -197,7 +223,7 @@ fn ban(gw: &Gateway, body: &[u8]) -> Answer {
 
 fn unban(gw: &Gateway, raw: &str) -> Answer {
     let text = crate::upgrade::percent_decode(raw);
-    let Some(net) = crate::config::parse_ip_rule(text.trim()) else {
+    let Some(net) = crate::config::parse_ip_rule(text.trim()).map(crate::incidents::canonical) else {
         return error(
             StatusCode::BAD_REQUEST,
             "the path must end in an address or a CIDR range (slash raw or %2F)",
@@ -226,5 +252,12 @@ fn sessions(gw: &Gateway, query: Option<&str>) -> Answer {
         }
     }
     let (list, truncated) = gw.incidents.sessions(sub.as_deref(), route.as_deref(), limit);
+    tracing::warn!(
+        action = "sessions",
+        sub = %sub.as_deref().map_or_else(|| "-".into(), |s| escape(s, LOGGED_TARGET)),
+        route = %route.as_deref().map_or_else(|| "-".into(), |r| escape(r, LOGGED_TARGET)),
+        listed = list.len(),
+        "admin: sessions listed"
+    );
     (StatusCode::OK, json!({ "sessions": list, "truncated": truncated }))
 }

@@ -47,6 +47,10 @@ fn admin_token(f: &crate::config::Located<std::path::PathBuf>, origin: &str) -> 
     let data =
         crate::fsutil::read_limited(&f.value, 4096).map_err(|e| f.error(origin, format!("cannot read {}: {e}", f.value.display())))?;
     let token = data.trim_ascii();
+    // It travels in a header: one line of visible characters.
+    if !token.iter().all(u8::is_ascii_graphic) {
+        return Err(f.error(origin, "the admin token must be one line of visible ASCII characters"));
+    }
     if token.len() < MIN_ADMIN_TOKEN {
         return Err(f.error(
             origin,

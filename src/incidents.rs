@@ -6,8 +6,10 @@
 //! stage [`Incidents::is_revoked`], and live sessions re-check all three when an action
 //! cancels the gateway's re-check token (see `Gateway::recheck_sessions`).
 
+use crate::firewall::RangeSet;
 use crate::util::lock;
-use ipnet::IpNet;
+use arc_swap::ArcSwap;
+use ipnet::{IpNet, Ipv4Net};
 use std::{
     collections::HashMap,
     net::IpAddr,
@@ -63,9 +65,31 @@ impl LiveCounters {
     }
 }
 
+/// The bans as a sorted range set, rebuilt on every change and when the earliest one
+/// expires: the check before TLS is a lock-free binary search however many there are.
+struct BanIndex {
+    set: RangeSet,
+    empty: bool,
+    next_expiry: Option<Instant>,
+}
+
+impl Default for BanIndex {
+    fn default() -> BanIndex {
+        BanIndex {
+            set: RangeSet::default(),
+            empty: true,
+            next_expiry: None,
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct Incidents {
     bans: Mutex<HashMap<IpNet, Instant>>,
+    ban_index: ArcSwap<BanIndex>,
+    /// `bans` changed since `ban_index` was built (rebuilt at the next check, once for
+    /// any number of changes).
+    bans_changed: std::sync::atomic::AtomicBool,
     revoked: Mutex<HashMap<String, Instant>>,
     kicked: Mutex<HashMap<String, Instant>>,
     sessions: Mutex<HashMap<u64, LiveSession>>,
@@ -75,30 +99,54 @@ pub struct Incidents {
 impl Incidents {
     /// Ban `net` for `d` (capped at [`MAX_BAN`]). A ban of a range already banned replaces it.
     pub fn ban(&self, net: IpNet, d: Duration) -> Result<(), Refusal> {
+        let net = canonical(net);
         let now = Instant::now();
         let mut bans = lock(&self.bans);
         bans.retain(|_, until| *until > now);
         if bans.len() >= MAX_BANS && !bans.contains_key(&net) {
             return Err(Refusal::Full);
         }
-        bans.insert(net.trunc(), now + d.min(MAX_BAN));
+        bans.insert(net, now + d.min(MAX_BAN));
+        self.bans_changed.store(true, Ordering::Release);
         Ok(())
     }
 
     /// Lift the ban of exactly `net`; whether there was one.
     pub fn unban(&self, net: IpNet) -> bool {
         let now = Instant::now();
-        lock(&self.bans).remove(&net.trunc()).is_some_and(|until| until > now)
+        let mut bans = lock(&self.bans);
+        let lifted = bans.remove(&canonical(net)).is_some_and(|until| until > now);
+        self.bans_changed.store(true, Ordering::Release);
+        lifted
     }
 
     /// Whether `ip` falls in a range banned now.
     pub fn is_banned(&self, ip: IpAddr) -> bool {
-        let bans = lock(&self.bans);
-        if bans.is_empty() {
+        let mut index = self.ban_index.load();
+        let changed = self.bans_changed.load(Ordering::Acquire);
+        if index.empty && !changed {
             return false;
         }
         let now = Instant::now();
-        bans.iter().any(|(net, until)| *until > now && net.contains(&ip))
+        if changed || index.next_expiry.is_some_and(|t| t <= now) {
+            let mut bans = lock(&self.bans);
+            self.bans_changed.store(false, Ordering::Release);
+            bans.retain(|_, until| *until > now);
+            self.index(&bans, now);
+            drop(bans);
+            index = self.ban_index.load();
+        }
+        index.set.contains(ip)
+    }
+
+    /// Rebuild the lookup set from `bans` (entries expired by `now` left out).
+    fn index(&self, bans: &HashMap<IpNet, Instant>, now: Instant) {
+        let live = bans.iter().filter(|(_, until)| **until > now);
+        self.ban_index.store(Arc::new(BanIndex {
+            set: RangeSet::from_nets(live.clone().map(|(net, _)| *net)),
+            empty: live.clone().next().is_none(),
+            next_expiry: live.map(|(_, until)| *until).min(),
+        }));
     }
 
     /// Revoke token id `jti` until `exp` (Unix seconds; without it for
@@ -141,10 +189,13 @@ impl Incidents {
         Ok(lock(&self.sessions).values().filter(|s| s.sub.as_deref() == Some(sub)).count())
     }
 
-    /// Whether a session of `sub` that started at `started` has been kicked since.
+    /// Whether a session of `sub` that started at `started` has been kicked since (a kick
+    /// counts for [`KICK_MEMORY`]; sessions re-check at once when it is made).
     pub fn is_kicked(&self, sub: Option<&str>, started: Instant) -> bool {
         let Some(sub) = sub else { return false };
-        lock(&self.kicked).get(sub).is_some_and(|at| *at >= started)
+        lock(&self.kicked)
+            .get(sub)
+            .is_some_and(|at| *at >= started && at.elapsed() < KICK_MEMORY)
     }
 
     /// Register a live session whose connection was accepted at `started_at`; it is
@@ -227,6 +278,20 @@ impl Drop for Registered {
     }
 }
 
+/// A range as the gateway compares addresses: host bits cleared, and an IPv4-mapped IPv6
+/// range (`::ffff:a.b.c.d/n`, n ≥ 96) as the IPv4 range it means (clients are compared
+/// as plain IPv4).
+pub fn canonical(net: IpNet) -> IpNet {
+    if let IpNet::V6(n) = net {
+        if let (Some(v4), true) = (n.addr().to_ipv4_mapped(), n.prefix_len() >= 96) {
+            if let Ok(v4) = Ipv4Net::new(v4, n.prefix_len() - 96) {
+                return IpNet::V4(v4.trunc());
+            }
+        }
+    }
+    net.trunc()
+}
+
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
@@ -248,6 +313,30 @@ mod tests {
         assert!(!i.unban(net));
         i.ban(net, Duration::ZERO).unwrap();
         assert!(!i.is_banned("203.0.113.9".parse().unwrap()));
+    }
+
+    #[test]
+    fn an_ipv4_mapped_ban_bans_the_ipv4_clients_it_names() {
+        let i = Incidents::default();
+        i.ban("::ffff:127.0.0.7/128".parse().unwrap(), Duration::from_secs(60)).unwrap();
+        i.ban("::ffff:10.0.0.0/120".parse().unwrap(), Duration::from_secs(60)).unwrap();
+        assert!(i.is_banned("127.0.0.7".parse().unwrap()));
+        assert!(i.is_banned("::ffff:127.0.0.7".parse().unwrap()));
+        assert!(i.is_banned("10.0.0.200".parse().unwrap()));
+        assert!(!i.is_banned("10.0.1.1".parse().unwrap()));
+        assert!(i.unban("127.0.0.7/32".parse().unwrap()), "the same ban, written as IPv4");
+    }
+
+    #[test]
+    fn an_expired_ban_leaves_the_index() {
+        let i = Incidents::default();
+        i.ban("192.0.2.0/24".parse().unwrap(), Duration::from_millis(20)).unwrap();
+        i.ban("198.51.100.0/24".parse().unwrap(), Duration::from_secs(60)).unwrap();
+        assert!(i.is_banned("192.0.2.1".parse().unwrap()));
+        std::thread::sleep(Duration::from_millis(40)); // kept: the expiry is the test
+        assert!(!i.is_banned("192.0.2.1".parse().unwrap()));
+        assert!(i.is_banned("198.51.100.1".parse().unwrap()));
+        assert_eq!(lock(&i.bans).len(), 1, "expired entries are dropped");
     }
 
     #[test]

@@ -101,8 +101,10 @@ async fn a_ban_refuses_before_tls_and_closes_live_sessions_until_lifted() {
     let (gw, _dir) = gateway("").await;
     let mut banned = connect_as(&gw, gw.token("alice"), Some("127.0.0.5")).await;
     let mut other = connect_as(&gw, gw.token("bob"), Some("127.0.0.6")).await;
-    let (status, body) = admin(&gw, "POST", "/v1/bans", r#"{"cidr":"127.0.0.5/32","for":"10m"}"#).await;
+    // Written as an IPv4-mapped IPv6 address, it bans the IPv4 client it names.
+    let (status, body) = admin(&gw, "POST", "/v1/bans", r#"{"cidr":"::ffff:127.0.0.5","for":"10m"}"#).await;
     assert_eq!((status, body["seconds"].as_u64()), (200, Some(600)));
+    assert_eq!(body["banned"], "127.0.0.5/32");
     assert_eq!(close_code(&mut banned).await.0, 1008);
     assert_eq!(roundtrip(&mut other, "ok").await, "ok");
     let mut o = gw.options(Some(gw.token("alice")));
@@ -170,6 +172,7 @@ async fn bad_requests_get_a_clear_answer() {
         ("/v1/bans", r#"{"cidr":"nonsense"}"#),
         ("/v1/bans", r#"{"cidr":"10.0.0.0/8","for":"0s"}"#),
         ("/v1/bans", r#"{"cidr":"10.0.0.0/8","for":"400d"}"#),
+        ("/v1/bans", r#"{"cidr":"10.0.0.0/8","for":"500ms"}"#),
     ] {
         let (status, body_out) = admin(&gw, "POST", path, body).await;
         assert_eq!(status, 400, "{path} {body}: {body_out}");
@@ -179,8 +182,20 @@ async fn bad_requests_get_a_clear_answer() {
     assert_eq!(admin(&gw, "GET", "/v1/sessions?who=x", "").await.0, 400);
     assert_eq!(admin(&gw, "POST", "/v1/nothing", "{}").await.0, 404);
     assert_eq!(admin(&gw, "GET", "/v1/kick", "").await.0, 404);
-    gw.wait_metric(r#"wsgate_admin_requests_total{action="ban",result="invalid"}"#, 3.0)
+    gw.wait_metric(r#"wsgate_admin_requests_total{action="ban",result="invalid"}"#, 4.0)
         .await;
+    // A body declared larger than the limit is refused at once, not waited for.
+    let started = std::time::Instant::now();
+    let (status, _) = http_request(
+        gw.admin,
+        "POST",
+        "/v1/kick",
+        &format!("Authorization: Bearer {ADMIN_TOKEN}\r\nContent-Length: 999999999\r\n"),
+        "",
+    )
+    .await;
+    assert_eq!(status, 413);
+    assert!(started.elapsed() < Duration::from_secs(5));
 }
 
 #[tokio::test]
@@ -200,6 +215,10 @@ async fn a_short_admin_token_is_a_config_error_and_an_exposed_api_a_warning() {
     };
     assert_eq!((e.key.as_str(), e.line.is_some()), ("admin.token_file", true));
     assert!(!e.to_string().contains("too-short"), "{e}");
+    // Two lines cannot be sent in one header.
+    std::fs::write(&short, format!("{}\n{}\n", "a".repeat(32), "b".repeat(32))).unwrap();
+    let cfg = wsgate::Config::from_toml_str(&text, "t.toml").unwrap();
+    assert!(wsgate::gateway::Runtime::load(cfg, true).is_err());
     let exposed = text.replace("listen = \"127.0.0.1:0\"\ntoken_file", "listen = \"0.0.0.0:0\"\ntoken_file");
     let cfg = wsgate::Config::from_toml_str(&exposed, "t.toml").unwrap();
     let warnings = wsgate::gateway::warnings(&cfg);
