@@ -124,26 +124,23 @@ impl Validator {
                 Some(compile(&doc).map_err(|e| file.error(origin, format!("{}: {e}", file.value.display())))?)
             }
         };
-        Ok(Validator {
+        Ok(Validator::with(route, v, schema))
+    }
+
+    /// Checks from a schema given in code (benches, tests).
+    pub fn from_schema(route: &str, v: &Validate, schema: Option<&Value>) -> Result<Validator, String> {
+        Ok(Validator::with(route, v, schema.map(compile).transpose()?))
+    }
+
+    fn with(route: &str, v: &Validate, schema: Option<jsonschema::Validator>) -> Validator {
+        Validator {
             route: route.to_string(),
             json: v.json,
             binary: v.binary,
             max_depth: v.max_depth,
             on_invalid: v.on_invalid,
             schema,
-        })
-    }
-
-    /// Checks from a schema given in code (benches, tests).
-    pub fn from_schema(route: &str, v: &Validate, schema: Option<&Value>) -> Result<Validator, String> {
-        Ok(Validator {
-            route: route.to_string(),
-            json: v.json,
-            binary: v.binary,
-            max_depth: v.max_depth,
-            on_invalid: v.on_invalid,
-            schema: schema.map(compile).transpose()?,
-        })
+        }
     }
 
     /// Text messages are assembled and checked (else they stream through).

@@ -11,12 +11,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import re
 import ssl
 import stat
 import subprocess
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidMessage, InvalidStatus
 
 from wsgate_harness import Gateway, default_binary, render_config, toml_str
+from wsgate_harness import counters as harness_counters
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -139,19 +138,10 @@ async def refused(env: Env, path: str, who: str | None, token: str | None = None
     raise AssertionError("the gateway accepted the connection")
 
 
-LINE_RE = re.compile(r'^(wsgate_(?:auth_failures|connections_rejected)_total)\{([^}]*)\}\s+(\S+)', re.M)
-LABEL_RE = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
-
-
 def counters(env: Env) -> dict:
     """{(metric, route, reason): value} from the admin /metrics endpoint."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{env.gateway.admin_port}/metrics", timeout=STEP) as resp:
-        text = resp.read().decode()
-    out = {}
-    for name, labels, value in LINE_RE.findall(text):
-        d = dict(LABEL_RE.findall(labels))
-        out[(name, d.get("route"), d.get("reason"))] = float(value)
-    return out
+    names = ("wsgate_auth_failures_total", "wsgate_connections_rejected_total")
+    return harness_counters(env.gateway.admin_port, names, timeout=STEP)
 
 
 def changes(before: dict, after: dict) -> dict:

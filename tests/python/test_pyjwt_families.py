@@ -16,10 +16,8 @@ import base64
 import hashlib
 import hmac
 import json
-import re
 import ssl
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from wsgate_harness import Gateway, default_binary, render_config, toml_str
+from wsgate_harness import counters, Gateway, default_binary, render_config, toml_str
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -153,19 +151,10 @@ async def refused(env: Env, token: str) -> int:
     raise AssertionError("the gateway accepted the token")
 
 
-LINE_RE = re.compile(r'^wsgate_auth_failures_total\{([^}]*)\}\s+(\S+)', re.M)
-LABEL_RE = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
-
-
 def auth_failures(env: Env) -> dict:
     """{(route, reason): value} from the admin /metrics endpoint."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{env.gateway.admin_port}/metrics", timeout=STEP) as resp:
-        text = resp.read().decode()
-    out = {}
-    for labels, value in LINE_RE.findall(text):
-        d = dict(LABEL_RE.findall(labels))
-        out[(d.get("route"), d.get("reason"))] = float(value)
-    return out
+    found = counters(env.gateway.admin_port, ("wsgate_auth_failures_total",), timeout=STEP)
+    return {(route, reason): v for (_, route, reason), v in found.items()}
 
 
 def assert_rejected(env: Env, token: str, reason: str):

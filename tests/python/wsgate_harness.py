@@ -21,6 +21,23 @@ ADMIN_RE = re.compile(r"metrics on http://127\.0\.0\.1:(\d+)/metrics")
 ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
+_SERIES_RE = re.compile(r'^(wsgate_\w+)\{([^}]*)\}\s+(\S+)', re.M)
+_LABEL_RE = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def counters(admin_port: int, names: tuple[str, ...], timeout: float = 10.0) -> dict:
+    """{(metric, route, reason): value} of the labelled series of `names` on /metrics."""
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=timeout) as resp:
+        text = resp.read().decode()
+    out = {}
+    for name, labels, value in _SERIES_RE.findall(text):
+        if name in names:
+            d = dict(_LABEL_RE.findall(labels))
+            out[(name, d.get("route"), d.get("reason"))] = float(value)
+    return out
+
+
 def default_binary() -> Path:
     """$WSGATE_BIN, else target/debug/wsgate (relative paths are taken from the repo root)."""
     p = Path(os.environ.get("WSGATE_BIN", "target/debug/wsgate"))
