@@ -4,6 +4,7 @@
 #               queries; prometheus: tests/python/test_prometheus.py scrapes a live gateway with it
 #   chromium    headless browser for tests/python/test_browser.py (WebSocket from a real page: Origin,
 #               `bearer.<token>` subprotocol, the upstream's chosen protocol)
+#   redis-server  tests/cluster.rs starts its own on a free loopback port (cluster mode)
 set -euo pipefail
 need=()
 if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
@@ -11,6 +12,9 @@ if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2
 fi
 if [[ ! -x /usr/bin/chromium ]]; then
   need+=(chromium)
+fi
+if ! command -v redis-server >/dev/null 2>&1; then
+  need+=(redis-server)
 fi
 if ((${#need[@]})); then
   echo "setup-system: installing ${need[*]}" >&2

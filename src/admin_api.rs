@@ -5,8 +5,9 @@
 //! `wsgate_admin_requests_total{action,result}`; every action that can end sessions makes
 //! the live ones re-check at once.
 
+use crate::cluster::Event;
 use crate::gateway::Gateway;
-use crate::incidents::{MAX_BAN, Refusal};
+use crate::incidents::{MAX_BAN, REVOCATION_WITHOUT_EXP, Refusal};
 use crate::util::escape;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
@@ -130,14 +131,14 @@ async fn route(gw: &Gateway, req: Request<Incoming>) -> (&'static str, Answer) {
         Ok(b) => b.to_bytes(),
         Err(_) => return (action, error(StatusCode::PAYLOAD_TOO_LARGE, "the body is larger than 4096 bytes")),
     };
-    let answer = match action {
+    let (answer, event) = match action {
         "revoke" => revoke(gw, &body),
         "kick" => kick(gw, &body),
         "ban" => ban(gw, &body),
         "unban" => unban(gw, &path["/v1/bans/".len()..]),
-        _ => sessions(gw, query.as_deref()),
+        _ => (sessions(gw, query.as_deref()), None),
     };
-    (action, answer)
+    (action, share(gw, answer, event).await)
 }
 
 /// `Authorization: Bearer <token>`, exactly one header, compared in constant time.
@@ -170,70 +171,102 @@ fn full() -> Answer {
     )
 }
 
-fn revoke(gw: &Gateway, body: &[u8]) -> Answer {
+/// An action taken here, and what to announce to the other instances.
+type Taken = (Answer, Option<Event>);
+
+/// In cluster mode, announce a successful action to every instance; the answer says
+/// whether it reached Redis (`"shared"`).
+async fn share(gw: &Gateway, (status, mut body): Answer, event: Option<Event>) -> Answer {
+    if let (Some(cluster), Some(event), true) = (&gw.cluster, event, status.is_success()) {
+        let shared = cluster.publish(event, &gw.metrics).await;
+        body["shared"] = serde_json::Value::Bool(shared);
+    }
+    (status, body)
+}
+
+fn revoke(gw: &Gateway, body: &[u8]) -> Taken {
     let r: Revocation = match parse(body) {
         Ok(r) => r,
-        Err(a) => return a,
+        Err(a) => return (a, None),
     };
     if let Err(a) = name(&r.jti, "jti") {
-        return a;
+        return (a, None);
     }
     if gw.incidents.revoke(&r.jti, r.exp) == Err(Refusal::Full) {
-        return full();
+        return (full(), None);
     }
     gw.recheck_sessions();
     tracing::warn!(action = "revoke", jti = %escape(&r.jti, LOGGED_TARGET), exp = ?r.exp, "admin: token revoked");
-    (StatusCode::OK, json!({ "revoked": r.jti, "exp": r.exp }))
+    let exp = r.exp.unwrap_or(crate::cluster::unix_now() + REVOCATION_WITHOUT_EXP.as_secs());
+    let event = Event::Revoke { jti: r.jti.clone(), exp };
+    ((StatusCode::OK, json!({ "revoked": r.jti, "exp": r.exp })), Some(event))
 }
 
-fn kick(gw: &Gateway, body: &[u8]) -> Answer {
+fn kick(gw: &Gateway, body: &[u8]) -> Taken {
     let k: Kick = match parse(body) {
         Ok(k) => k,
-        Err(a) => return a,
+        Err(a) => return (a, None),
     };
     if let Err(a) = name(&k.sub, "sub") {
-        return a;
+        return (a, None);
     }
-    let Ok(live) = gw.incidents.kick(&k.sub) else { return full() };
+    let Ok(live) = gw.incidents.kick(&k.sub) else {
+        return (full(), None);
+    };
     gw.recheck_sessions();
     tracing::warn!(action = "kick", sub = %escape(&k.sub, LOGGED_TARGET), sessions = live, "admin: user kicked");
-    (StatusCode::OK, json!({ "kicked": k.sub, "sessions": live }))
+    let event = Event::Kick { sub: k.sub.clone() };
+    ((StatusCode::OK, json!({ "kicked": k.sub, "sessions": live })), Some(event))
 }
 
-fn ban(gw: &Gateway, body: &[u8]) -> Answer {
+fn ban(gw: &Gateway, body: &[u8]) -> Taken {
     let b: Ban = match parse(body) {
         Ok(b) => b,
-        Err(a) => return a,
+        Err(a) => return (a, None),
     };
     let Some(net) = crate::config::parse_ip_rule(b.cidr.trim()).map(crate::incidents::canonical) else {
-        return error(StatusCode::BAD_REQUEST, "cidr must be an address or a CIDR range");
+        return (error(StatusCode::BAD_REQUEST, "cidr must be an address or a CIDR range"), None);
     };
     let d = match b.duration.as_deref().map(str::parse::<humantime::Duration>) {
         None => DEFAULT_BAN,
         Some(Ok(d)) if *d >= MIN_BAN && *d <= MAX_BAN => *d,
-        Some(_) => return error(StatusCode::BAD_REQUEST, "for must be a duration from 1s to 365d (\"1h\", \"30m\")"),
+        Some(_) => {
+            let msg = "for must be a duration from 1s to 365d (\"1h\", \"30m\")";
+            return (error(StatusCode::BAD_REQUEST, msg), None);
+        }
     };
     if gw.incidents.ban(net, d) == Err(Refusal::Full) {
-        return full();
+        return (full(), None);
     }
     gw.recheck_sessions();
-    tracing::warn!(action = "ban", cidr = %net.trunc(), seconds = d.as_secs(), "admin: range banned");
-    (StatusCode::OK, json!({ "banned": net.trunc().to_string(), "seconds": d.as_secs() }))
+    tracing::warn!(action = "ban", cidr = %net, seconds = d.as_secs(), "admin: range banned");
+    let event = Event::Ban {
+        cidr: net.to_string(),
+        until: crate::cluster::unix_now() + d.as_secs(),
+    };
+    (
+        (StatusCode::OK, json!({ "banned": net.to_string(), "seconds": d.as_secs() })),
+        Some(event),
+    )
 }
 
-fn unban(gw: &Gateway, raw: &str) -> Answer {
+fn unban(gw: &Gateway, raw: &str) -> Taken {
     let text = crate::upgrade::percent_decode(raw);
     let Some(net) = crate::config::parse_ip_rule(text.trim()).map(crate::incidents::canonical) else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "the path must end in an address or a CIDR range (slash raw or %2F)",
-        );
+        let msg = "the path must end in an address or a CIDR range (slash raw or %2F)";
+        return (error(StatusCode::BAD_REQUEST, msg), None);
     };
-    if !gw.incidents.unban(net) {
-        return error(StatusCode::NOT_FOUND, "no such ban");
+    // Lifted here and announced even when unknown here: another instance may hold it.
+    let known = gw.incidents.unban(net);
+    if !known && gw.cluster.is_none() {
+        return (error(StatusCode::NOT_FOUND, "no such ban"), None);
     }
-    tracing::warn!(action = "unban", cidr = %net.trunc(), "admin: ban lifted");
-    (StatusCode::OK, json!({ "unbanned": net.trunc().to_string() }))
+    tracing::warn!(action = "unban", cidr = %net, "admin: ban lifted");
+    let event = Event::Unban { cidr: net.to_string() };
+    (
+        (StatusCode::OK, json!({ "unbanned": net.to_string(), "known_here": known })),
+        Some(event),
+    )
 }
 
 fn sessions(gw: &Gateway, query: Option<&str>) -> Answer {

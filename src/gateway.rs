@@ -175,6 +175,8 @@ pub struct Gateway {
     recheck: ArcSwap<CancellationToken>,
     /// Admin bans, revocations, kicks and the live session list (admin API).
     pub incidents: Arc<crate::incidents::Incidents>,
+    /// `[cluster]`: admin actions shared with the other instances through Redis.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// What validated messages being assembled may hold together
     /// (`limits.max_assembly_memory`; a reload that changes it starts a new budget).
     assembly: ArcSwap<crate::relay::AssemblyBudget>,
@@ -309,7 +311,7 @@ impl Gateway {
 
 impl Gateway {
     /// Shared state for a gateway serving `runtime`.
-    pub(crate) fn new(runtime: Runtime) -> Gateway {
+    pub(crate) fn new(runtime: Runtime, cluster: Option<Arc<crate::cluster::Cluster>>) -> Gateway {
         let metrics = Metrics::new();
         for r in &runtime.config.routes {
             metrics.register_route(&r.name, r.validate.is_some());
@@ -323,6 +325,7 @@ impl Gateway {
             generation: ArcSwap::from_pointee(CancellationToken::new()),
             recheck: ArcSwap::from_pointee(CancellationToken::new()),
             incidents: Arc::default(),
+            cluster,
             assembly: ArcSwap::from_pointee(crate::relay::AssemblyBudget::new(assembly_limit)),
             users: Arc::default(),
             sessions: CancellationToken::new(),

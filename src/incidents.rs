@@ -97,8 +97,9 @@ pub struct Incidents {
 }
 
 impl Incidents {
-    /// Ban `net` for `d` (capped at [`MAX_BAN`]). A ban of a range already banned replaces it.
-    pub fn ban(&self, net: IpNet, d: Duration) -> Result<(), Refusal> {
+    /// Ban `net` for `d` (capped at [`MAX_BAN`]). A ban of a range already banned replaces
+    /// it. Whether the range was not banned before.
+    pub fn ban(&self, net: IpNet, d: Duration) -> Result<bool, Refusal> {
         let net = canonical(net);
         let now = Instant::now();
         let mut bans = lock(&self.bans);
@@ -106,9 +107,9 @@ impl Incidents {
         if bans.len() >= MAX_BANS && !bans.contains_key(&net) {
             return Err(Refusal::Full);
         }
-        bans.insert(net, now + d.min(MAX_BAN));
+        let before = bans.insert(net, now + d.min(MAX_BAN));
         self.bans_changed.store(true, Ordering::Release);
-        Ok(())
+        Ok(before.is_none())
     }
 
     /// Lift the ban of exactly `net`; whether there was one.
@@ -150,8 +151,8 @@ impl Incidents {
     }
 
     /// Revoke token id `jti` until `exp` (Unix seconds; without it for
-    /// [`REVOCATION_WITHOUT_EXP`]).
-    pub fn revoke(&self, jti: &str, exp: Option<u64>) -> Result<(), Refusal> {
+    /// [`REVOCATION_WITHOUT_EXP`]). Whether it was not revoked before.
+    pub fn revoke(&self, jti: &str, exp: Option<u64>) -> Result<bool, Refusal> {
         let now = Instant::now();
         let keep = match exp {
             Some(exp) => Duration::from_secs(exp.saturating_sub(unix_now())).min(MAX_BAN),
@@ -166,8 +167,8 @@ impl Incidents {
         }
         // A token already past its exp cannot be used anyway; kept briefly so live
         // sessions (close_on_expiry off) still re-check against it.
-        revoked.insert(jti.to_string(), now + keep.max(KICK_MEMORY));
-        Ok(())
+        let before = revoked.insert(jti.to_string(), now + keep.max(KICK_MEMORY));
+        Ok(before.is_none_or(|until| until <= now))
     }
 
     pub fn is_revoked(&self, jti: Option<&str>) -> bool {

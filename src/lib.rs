@@ -37,6 +37,7 @@ mod admin_api;
 mod admit;
 pub mod auth;
 pub mod client;
+pub mod cluster;
 pub mod config;
 mod conn;
 pub mod echo;

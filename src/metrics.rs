@@ -25,6 +25,8 @@ pub const BUILD_INFO: &str = "wsgate_build_info";
 pub const JWKS_REFRESHES: &str = "wsgate_jwks_refreshes_total";
 pub const LIMITER_EVICTIONS: &str = "wsgate_limiter_evictions_total";
 pub const ADMIN_REQUESTS: &str = "wsgate_admin_requests_total";
+pub const CLUSTER_UP: &str = "wsgate_cluster_up";
+pub const CLUSTER_OPS: &str = "wsgate_cluster_ops_total";
 pub const MESSAGES_REJECTED: &str = "wsgate_messages_rejected_total";
 
 const DESCRIPTIONS: &[(&str, &str)] = &[
@@ -53,6 +55,11 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
         "Client messages refused by route validation (never sent upstream), by route and reason.",
     ),
     (ADMIN_REQUESTS, "Admin API requests (section 9 of DESIGN.md), by action and result."),
+    (CLUSTER_UP, "1 while Redis answers (cluster mode), else 0."),
+    (
+        CLUSTER_OPS,
+        "Cluster mode Redis operations, by op (ban, revoke, sync) and result (ok, error, timeout).",
+    ),
     (
         LIMITER_EVICTIONS,
         "Client addresses the per-IP rate limiter forgot early because it was full (coldest first).",
@@ -209,6 +216,16 @@ impl Metrics {
     /// The rate limiter's evictions so far (a running total kept by the limiter).
     pub fn limiter_evictions(&self, total: u64) {
         self.counter(LIMITER_EVICTIONS, &[]).absolute(total);
+    }
+
+    pub fn cluster_up(&self, up: bool) {
+        self.recorder
+            .register_gauge(&Key::from_name(CLUSTER_UP), &metadata())
+            .set(if up { 1.0 } else { 0.0 });
+    }
+
+    pub fn cluster_op(&self, op: &'static str, result: &'static str) {
+        self.counter(CLUSTER_OPS, &[("op", op), ("result", result)]).increment(1);
     }
 
     /// One admin API request: `action` and `result` are from fixed sets.

@@ -63,9 +63,17 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .map_err(|e| anyhow::anyhow!("cannot listen on admin address {admin_addr}: {e}"))?;
     let wss_addrs = listeners.iter().map(|l| l.local_addr()).collect::<Result<Vec<_>, _>>()?;
     let admin_addr = admin.local_addr()?;
-    let gateway = Arc::new(Gateway::new(runtime));
+    let cluster = match &runtime.config.cluster {
+        Some(c) => Some(Arc::new(crate::cluster::Cluster::new(c, &runtime.config.origin)?)),
+        None => None,
+    };
+    let gateway = Arc::new(Gateway::new(runtime, cluster.clone()));
     crate::gateway::start_jwks_refresh(&gateway.runtime(), &gateway.metrics, gateway.generation()).await;
     let stop = CancellationToken::new();
+    if let Some(c) = cluster {
+        gateway.metrics.cluster_up(false);
+        tokio::spawn(c.run(gateway.clone(), stop.clone()));
+    }
     let task = tokio::spawn(serve(gateway.clone(), listeners, admin, stop.clone()));
     Ok(Running {
         wss_addrs,

@@ -118,7 +118,26 @@ pub struct Config {
     pub firewall: FirewallRules,
     pub jwt: Jwt,
     pub routes: Vec<Route>,
+    /// `[cluster]`: absent, one instance with in-process state.
+    pub cluster: Option<Cluster>,
 }
+
+/// `[cluster]` (DESIGN.md section 7). The password is read where the runtime is built.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    /// `redis://` or `rediss://` URL, without credentials.
+    pub redis: Located<String>,
+    pub password: Option<SecretSource>,
+    /// Prefix of every key and channel.
+    pub key_prefix: String,
+    /// Budget of one Redis call.
+    pub timeout: Duration,
+}
+
+/// Default `cluster.key_prefix`.
+pub const DEFAULT_KEY_PREFIX: &str = "wsgate";
+/// Default `cluster.timeout`.
+pub const DEFAULT_CLUSTER_TIMEOUT: Duration = Duration::from_millis(20);
 
 #[derive(Debug, Clone)]
 pub struct Server {

@@ -19,6 +19,18 @@ pub struct File {
     pub firewall: Firewall,
     pub jwt: Jwt,
     pub routes: Vec<Route>,
+    pub cluster: Option<Spanned<Cluster>>,
+}
+
+/// `[cluster]`: state shared by several instances through Redis.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    pub redis: Spanned<String>,
+    pub redis_password_env: Option<Spanned<String>>,
+    pub redis_password_file: Option<Spanned<PathBuf>>,
+    pub key_prefix: Option<Spanned<String>>,
+    pub timeout: Option<HumanDuration>,
 }
 
 #[derive(Deserialize, Default)]

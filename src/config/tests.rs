@@ -150,3 +150,28 @@ fn assembly_memory_must_hold_one_message() {
     assert_eq!(c.limits.max_assembly_memory, 2 << 30);
     assert_eq!(Config::from_toml_str("", "t").unwrap().limits.max_assembly_memory, 256 << 20);
 }
+
+#[test]
+fn cluster_urls_hold_no_credentials_and_show_none() {
+    let e = err("[cluster]\nredis = \"redis://:hunter2@127.0.0.1:6379/0\"\n");
+    assert_eq!((e.key.as_str(), e.line), ("cluster.redis", Some(2)));
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+    let e = err("[cluster]\nredis = \"redis://user:hunter2@h/0\"\n");
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+    assert_eq!(err("[cluster]\nredis = \"http://h\"\n").key, "cluster.redis");
+    let e = err("[cluster]\nredis = \"redis://h\"\nredis_password_env = \"A\"\nredis_password_file = \"f\"\n");
+    assert_eq!(e.key, "cluster.redis_password_env");
+    let e = err("[cluster]\nredis = \"redis://h\"\nredis_password_env = \"pa55 word\"\n");
+    assert!(!e.to_string().contains("pa55"), "{e}");
+    assert_eq!(
+        err("[cluster]\nredis = \"redis://h\"\nkey_prefix = \"a b\"\n").key,
+        "cluster.key_prefix"
+    );
+    let c = Config::from_toml_str("[cluster]\nredis = \"rediss://h:6380/1\"\nredis_password_file = \"p\"\n", "t").unwrap();
+    let cluster = c.cluster.unwrap();
+    assert_eq!(
+        (cluster.key_prefix.as_str(), cluster.timeout),
+        ("wsgate", std::time::Duration::from_millis(20))
+    );
+    assert!(Config::from_toml_str("", "t").unwrap().cluster.is_none());
+}

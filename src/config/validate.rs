@@ -82,6 +82,7 @@ impl Validator<'_> {
         let firewall = self.firewall(raw.firewall)?;
         let jwt = self.jwt(raw.jwt)?;
         let routes = self.routes(raw.routes)?;
+        let cluster = raw.cluster.as_ref().map(|c| self.cluster(c)).transpose()?;
         self.jwt_routes(&jwt, &routes)?;
         self.cert_routes(&tls, &routes)?;
         Ok(Config {
@@ -94,6 +95,7 @@ impl Validator<'_> {
             firewall,
             jwt,
             routes,
+            cluster,
         })
     }
 
@@ -343,6 +345,67 @@ impl Validator<'_> {
                 SecretSource::Env(self.located(env, "jwt.secret_env"))
             }
             (None, None) => SecretSource::Env(unlocated("jwt.secret_env", DEFAULT_SECRET_ENV)),
+        })
+    }
+
+    /// `[cluster]`: a `redis://`/`rediss://` URL that holds no credentials (they come from
+    /// `redis_password_env` or `_file`; the URL is never printed when it has them).
+    fn cluster(&self, c: &Spanned<raw::Cluster>) -> Result<Cluster, ConfigError> {
+        let c = c.get_ref();
+        let url = c.redis.get_ref();
+        let rest = url.strip_prefix("redis://").or_else(|| url.strip_prefix("rediss://"));
+        let Some(rest) = rest else {
+            return Err(self.err(&c.redis, "cluster.redis", "must start with redis:// or rediss://"));
+        };
+        let authority = rest.split('/').next().unwrap_or("");
+        if authority.contains('@') {
+            return Err(self.err(
+                &c.redis,
+                "cluster.redis",
+                "credentials in the URL are refused (not shown): use redis_password_env or redis_password_file",
+            ));
+        }
+        if authority.is_empty() {
+            return Err(self.err(&c.redis, "cluster.redis", "the URL needs a host"));
+        }
+        let password = match (&c.redis_password_env, &c.redis_password_file) {
+            (Some(e), Some(_)) => {
+                return Err(self.err(
+                    e,
+                    "cluster.redis_password_env",
+                    "set either redis_password_env or redis_password_file",
+                ));
+            }
+            (Some(e), None) if !is_env_var_name(e.get_ref()) => {
+                return Err(self.err(
+                    e,
+                    "cluster.redis_password_env",
+                    "must name an environment variable (the value is not shown)",
+                ));
+            }
+            (Some(e), None) => Some(SecretSource::Env(self.located(e, "cluster.redis_password_env"))),
+            (None, Some(f)) => Some(SecretSource::File {
+                path: self.located(f, "cluster.redis_password_file"),
+                generate_if_missing: false,
+            }),
+            (None, None) => None,
+        };
+        let key_prefix = match &c.key_prefix {
+            None => DEFAULT_KEY_PREFIX.to_string(),
+            Some(p)
+                if !p.get_ref().is_empty()
+                    && p.get_ref().len() <= 64
+                    && p.get_ref().bytes().all(|b| b.is_ascii_alphanumeric() || b"_-:.".contains(&b)) =>
+            {
+                p.get_ref().clone()
+            }
+            Some(p) => return Err(self.err(p, "cluster.key_prefix", "use 1 to 64 letters, digits and '_', '-', ':', '.'")),
+        };
+        Ok(Cluster {
+            redis: self.located(&c.redis, "cluster.redis"),
+            password,
+            key_prefix,
+            timeout: c.timeout.map_or(DEFAULT_CLUSTER_TIMEOUT, |d| d.0),
         })
     }
 

@@ -1,0 +1,344 @@
+//! Cluster mode (DESIGN.md section 7), first part: admin bans, revocations and kicks
+//! reach every instance that shares a Redis.
+//!
+//! An admin action is applied locally first (it works with Redis down), then written to
+//! Redis and announced on one pub/sub channel. Every instance keeps a local copy and
+//! checks it locally (no Redis call on the connect path for these):
+//! - bans: sorted set `<prefix>:bans` (member the range, score its end in Unix seconds);
+//! - revocations: sorted set `<prefix>:revoked` (member the `jti`, score the token's `exp`);
+//! - kicks: the channel only (they close live sessions; nothing to keep);
+//! - channel `<prefix>:events`: one JSON event per action, with the sender's instance id.
+//!
+//! A lost message is repaired by a resync every [`RESYNC`]: both sets are read (expired
+//! members removed first) and what is missing locally is applied. Every key has a bound:
+//! members expire with their score and are removed at each resync.
+//!
+//! Not built yet (DESIGN section 7): the shared per-IP rate and concurrency caps, the
+//! per-user leases, the circuit breaker and `on_failure`.
+
+use crate::config::ConfigError;
+use crate::gateway::Gateway;
+use crate::incidents::canonical;
+use crate::metrics::Metrics;
+use futures_util::StreamExt;
+use redis::{AsyncCommands, IntoConnectionInfo};
+use serde::{Deserialize, Serialize};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+use tokio_util::sync::CancellationToken;
+
+/// How often the local copy is compared with Redis.
+pub const RESYNC: Duration = Duration::from_secs(5);
+/// Budget of an admin action's Redis write (the connect path's `timeout` is for calls a
+/// client waits on; an operator's action may take longer).
+const ACTION_TIMEOUT: Duration = Duration::from_secs(1);
+/// Wait before connecting again after Redis failed.
+const RETRY: Duration = Duration::from_secs(1);
+/// Largest event read from the channel.
+const MAX_EVENT: usize = 4096;
+
+/// One admin action, as announced to the other instances.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Event {
+    Ban { cidr: String, until: u64 },
+    Unban { cidr: String },
+    Revoke { jti: String, exp: u64 },
+    Kick { sub: String },
+}
+
+#[derive(Serialize, Deserialize)]
+struct Envelope {
+    from: String,
+    #[serde(flatten)]
+    event: Event,
+}
+
+impl Event {
+    /// The `op` label of `wsgate_cluster_ops_total`.
+    fn op(&self) -> &'static str {
+        match self {
+            Event::Ban { .. } | Event::Unban { .. } | Event::Kick { .. } => "ban",
+            Event::Revoke { .. } => "revoke",
+        }
+    }
+}
+
+pub struct Cluster {
+    client: redis::Client,
+    bans: String,
+    revoked: String,
+    channel: String,
+    /// This instance's id: its own events are not applied twice.
+    instance: String,
+    conn: tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
+    up: AtomicBool,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster").field("instance", &self.instance).finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    /// The Redis client for `[cluster]` (password read now; nothing connects yet).
+    pub fn new(c: &crate::config::Cluster, origin: &str) -> Result<Cluster, ConfigError> {
+        let mut info = c
+            .redis
+            .value
+            .as_str()
+            .into_connection_info()
+            .map_err(|_| c.redis.error(origin, "not a usable Redis URL"))?;
+        if let Some(source) = &c.password {
+            let secret = crate::keys::load_secret(source, origin, false)?;
+            let password = std::str::from_utf8(secret.bytes())
+                .map_err(|_| c.redis.error(origin, "the Redis password is not UTF-8 text"))?
+                .to_string();
+            let settings = info.redis_settings().clone().set_password(password);
+            info = info.set_redis_settings(settings);
+        }
+        let client = redis::Client::open(info).map_err(|_| c.redis.error(origin, "not a usable Redis URL"))?;
+        let mut id = [0u8; 8];
+        let _ = aws_lc_rs::rand::fill(&mut id);
+        let p = &c.key_prefix;
+        Ok(Cluster {
+            client,
+            bans: format!("{p}:bans"),
+            revoked: format!("{p}:revoked"),
+            channel: format!("{p}:events"),
+            instance: id.iter().map(|b| format!("{b:02x}")).collect(),
+            conn: tokio::sync::Mutex::new(None),
+            up: AtomicBool::new(false),
+        })
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    fn set_up(&self, up: bool, metrics: &Metrics) {
+        if self.up.swap(up, Ordering::Relaxed) != up {
+            if up {
+                tracing::info!("cluster: Redis reachable; shared bans and revocations in sync");
+            } else {
+                tracing::warn!("cluster: Redis unreachable; bans and revocations work from the local copy");
+            }
+        }
+        metrics.cluster_up(up);
+    }
+
+    async fn connection(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        let mut cached = self.conn.lock().await;
+        if let Some(c) = cached.as_ref() {
+            return Ok(c.clone());
+        }
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(ACTION_TIMEOUT))
+            .set_response_timeout(Some(ACTION_TIMEOUT));
+        let c = self.client.get_multiplexed_async_connection_with_config(&config).await?;
+        *cached = Some(c.clone());
+        Ok(c)
+    }
+
+    async fn forget_connection(&self) {
+        *self.conn.lock().await = None;
+    }
+
+    /// Write `event` to Redis and announce it. Whether every instance will see it (the
+    /// local action has been taken either way).
+    pub async fn publish(&self, event: Event, metrics: &Metrics) -> bool {
+        let op = event.op();
+        let payload = match serde_json::to_string(&Envelope {
+            from: self.instance.clone(),
+            event: event.clone(),
+        }) {
+            Ok(p) => p,
+            Err(_) => return false,
+        };
+        let write = async {
+            let mut con = self.connection().await?;
+            let mut pipe = redis::pipe();
+            match &event {
+                Event::Ban { cidr, until } => {
+                    pipe.zadd(&self.bans, cidr, *until).ignore();
+                }
+                Event::Unban { cidr } => {
+                    pipe.zrem(&self.bans, cidr).ignore();
+                }
+                Event::Revoke { jti, exp } => {
+                    pipe.zadd(&self.revoked, jti, *exp).ignore();
+                }
+                Event::Kick { .. } => {}
+            }
+            pipe.publish(&self.channel, payload).ignore();
+            pipe.query_async::<()>(&mut con).await
+        };
+        let result = match tokio::time::timeout(ACTION_TIMEOUT, write).await {
+            Ok(Ok(())) => "ok",
+            Ok(Err(_)) => "error",
+            Err(_) => "timeout",
+        };
+        metrics.cluster_op(op, result);
+        if result != "ok" {
+            self.forget_connection().await;
+            tracing::warn!(
+                op,
+                result,
+                "cluster: an admin action did not reach Redis; it holds on this instance only"
+            );
+        }
+        result == "ok"
+    }
+
+    /// Follow the channel and resync until `stop`; reconnects after failures.
+    pub async fn run(self: Arc<Self>, gw: Arc<Gateway>, stop: CancellationToken) {
+        loop {
+            let outcome = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = self.follow(&gw) => r,
+            };
+            if let Err(e) = outcome {
+                tracing::debug!(error = %e, "cluster: Redis connection lost");
+            }
+            self.forget_connection().await;
+            self.set_up(false, &gw.metrics);
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(RETRY) => {}
+            }
+        }
+    }
+
+    /// One connected period: subscribe, resync, then apply events and resync on a timer.
+    async fn follow(&self, gw: &Gateway) -> redis::RedisResult<()> {
+        let mut pubsub = match tokio::time::timeout(ACTION_TIMEOUT, self.client.get_async_pubsub()).await {
+            Ok(r) => r?,
+            Err(_) => return Err(timeout_error()),
+        };
+        match tokio::time::timeout(ACTION_TIMEOUT, pubsub.subscribe(&self.channel)).await {
+            Ok(r) => r?,
+            Err(_) => return Err(timeout_error()),
+        }
+        self.resync(gw).await?;
+        self.set_up(true, &gw.metrics);
+        let mut messages = pubsub.on_message();
+        let mut tick = tokio::time::interval(RESYNC);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await; // the first tick is now: just synced
+        loop {
+            tokio::select! {
+                m = messages.next() => match m {
+                    Some(msg) => self.apply(gw, msg.get_payload_bytes()),
+                    None => return Err(redis::RedisError::from((redis::ErrorKind::Io, "subscription closed"))),
+                },
+                _ = tick.tick() => self.resync(gw).await?,
+            }
+        }
+    }
+
+    /// Apply an event announced by another instance.
+    fn apply(&self, gw: &Gateway, payload: &[u8]) {
+        if payload.len() > MAX_EVENT {
+            return;
+        }
+        let Ok(envelope) = serde_json::from_slice::<Envelope>(payload) else {
+            tracing::debug!("cluster: an event that is not ours on the channel");
+            return;
+        };
+        if envelope.from == self.instance {
+            return;
+        }
+        let incidents = &gw.incidents;
+        let changed = match &envelope.event {
+            Event::Ban { cidr, until } => match cidr.parse() {
+                Ok(net) => incidents.ban(canonical(net), until_from_now(*until)).is_ok_and(|new| new),
+                Err(_) => false,
+            },
+            Event::Unban { cidr } => cidr.parse().is_ok_and(|net| incidents.unban(canonical(net))),
+            Event::Revoke { jti, exp } => incidents.revoke(jti, Some(*exp)).is_ok_and(|new| new),
+            Event::Kick { sub } => incidents.kick(sub).is_ok(),
+        };
+        tracing::warn!(event = ?envelope.event.op(), changed, "cluster: admin action from another instance");
+        if changed {
+            gw.recheck_sessions();
+        }
+    }
+
+    /// Compare the local copy with Redis: expired members are removed, missing ones applied.
+    async fn resync(&self, gw: &Gateway) -> redis::RedisResult<()> {
+        let now = unix_now();
+        let read = async {
+            let mut con = self.connection().await?;
+            let _: () = con.zrembyscore(&self.bans, "-inf", now).await?;
+            let _: () = con.zrembyscore(&self.revoked, "-inf", now).await?;
+            let bans: Vec<(String, u64)> = con.zrange_withscores(&self.bans, 0, -1).await?;
+            let revoked: Vec<(String, u64)> = con.zrange_withscores(&self.revoked, 0, -1).await?;
+            Ok::<_, redis::RedisError>((bans, revoked))
+        };
+        let (bans, revoked) = match tokio::time::timeout(ACTION_TIMEOUT * 2, read).await {
+            Ok(Ok(x)) => x,
+            Ok(Err(e)) => {
+                gw.metrics.cluster_op("sync", "error");
+                return Err(e);
+            }
+            Err(_) => {
+                gw.metrics.cluster_op("sync", "timeout");
+                return Err(timeout_error());
+            }
+        };
+        gw.metrics.cluster_op("sync", "ok");
+        let mut changed = false;
+        for (cidr, until) in bans {
+            if let Ok(net) = cidr.parse() {
+                changed |= gw.incidents.ban(canonical(net), until_from_now(until)).is_ok_and(|new| new);
+            }
+        }
+        for (jti, exp) in revoked {
+            changed |= gw.incidents.revoke(&jti, Some(exp)).is_ok_and(|new| new);
+        }
+        if changed {
+            gw.recheck_sessions();
+        }
+        Ok(())
+    }
+}
+
+fn timeout_error() -> redis::RedisError {
+    redis::RedisError::from((redis::ErrorKind::Io, "timed out"))
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// The time left until Unix second `until`.
+fn until_from_now(until: u64) -> Duration {
+    Duration::from_secs(until.saturating_sub(unix_now()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_round_trip_as_tagged_json() {
+        let e = Envelope {
+            from: "a1".into(),
+            event: Event::Ban {
+                cidr: "203.0.113.0/24".into(),
+                until: 42,
+            },
+        };
+        let text = serde_json::to_string(&e).unwrap();
+        assert_eq!(text, r#"{"from":"a1","kind":"ban","cidr":"203.0.113.0/24","until":42}"#);
+        let back: Envelope = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.event, e.event);
+        assert!(serde_json::from_str::<Envelope>(r#"{"from":"x","kind":"format_disk"}"#).is_err());
+    }
+}
