@@ -257,6 +257,10 @@ impl Gateway {
         {
             notes.push("[log] changed: takes effect after a restart".to_string());
         }
+        let cluster_key = |c: &Config| c.cluster.as_ref().map(|c| (c.redis.value.clone(), c.key_prefix.clone(), c.timeout));
+        if cluster_key(&new.config) != cluster_key(&old.config) {
+            notes.push("[cluster] changed: takes effect after a restart".to_string());
+        }
         if new.config.limits.admission.ipv6_prefix != old.config.limits.admission.ipv6_prefix {
             notes.push("limits.ipv6_prefix changed: takes effect after a restart (live counts and bans are keyed by it)".to_string());
         }

@@ -114,7 +114,7 @@ pub fn load_secret(src: &SecretSource, origin: &str, generate: bool) -> Result<S
         }
     };
     if bytes.is_empty() {
-        let msg = "the JWT secret is empty";
+        let msg = "the secret is empty";
         return Err(match src {
             SecretSource::Env(name) => name.error(origin, msg),
             SecretSource::File { path, .. } => path.error(origin, msg),

@@ -277,6 +277,13 @@ fn check(path: &std::path::Path) -> u8 {
     for w in wsgate::gateway::warnings(&config) {
         println!("warning: {w}");
     }
+    // `[cluster]` is built at start (not on reload): its password is checked here too.
+    if let Some(c) = &config.cluster {
+        if let Err(e) = wsgate::cluster::Cluster::new(c, &config.origin) {
+            eprintln!("wsgate: config error: {e}");
+            return 1;
+        }
+    }
     match wsgate::gateway::Runtime::load(config, false) {
         Ok(_) => {
             println!("{}: ok", path.display());

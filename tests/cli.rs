@@ -59,6 +59,19 @@ fn config_errors_name_key_and_line_and_exit_codes_follow_the_contract() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("WSGATE_TEST_UNSET_VAR is not set"), "{err}");
+    // A missing Redis password file is reported by check, with its key.
+    let cluster = format!(
+        "[cluster]\nredis = \"redis://127.0.0.1:1/0\"\nredis_password_file = \"{}/missing.password\"\n",
+        dir.path().display()
+    );
+    std::fs::write(&path, format!("{tls}{routes}{cluster}")).unwrap();
+    let out = Command::new(BIN).args(["check", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cluster.redis_password_file") && err.contains("missing.password"),
+        "{err}"
+    );
     // Usage errors exit 2.
     assert_eq!(Command::new(BIN).arg("frobnicate").output().unwrap().status.code(), Some(2));
     assert_eq!(Command::new(BIN).args(["token"]).output().unwrap().status.code(), Some(2));
