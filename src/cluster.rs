@@ -63,8 +63,9 @@ impl Event {
     /// The `op` label of `wsgate_cluster_ops_total`.
     fn op(&self) -> &'static str {
         match self {
-            Event::Ban { .. } | Event::Unban { .. } | Event::Kick { .. } => "ban",
-            Event::Revoke { .. } => "revoke",
+            Event::Ban { .. } | Event::Unban { .. } => "ban",
+            // DESIGN section 7 counts a kick ("revoke by sub") with revocations.
+            Event::Revoke { .. } | Event::Kick { .. } => "revoke",
         }
     }
 }
@@ -103,7 +104,19 @@ impl Cluster {
             let settings = info.redis_settings().clone().set_password(password);
             info = info.set_redis_settings(settings);
         }
-        let client = redis::Client::open(info).map_err(|_| c.redis.error(origin, "not a usable Redis URL"))?;
+        let client = match &c.ca {
+            None => redis::Client::open(info),
+            Some(ca) => {
+                let pem = crate::fsutil::read_limited(&ca.value, crate::fsutil::MAX_KEY_FILE)
+                    .map_err(|e| ca.error(origin, format!("cannot read {}: {e}", ca.value.display())))?;
+                let certs = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem),
+                };
+                redis::Client::build_with_tls(info, certs)
+            }
+        }
+        .map_err(|_| c.redis.error(origin, "not a usable Redis URL (or CA file)"))?;
         let mut id = [0u8; 8];
         let _ = aws_lc_rs::rand::fill(&mut id);
         let p = &c.key_prefix;

@@ -42,8 +42,54 @@ impl Redis {
     }
 
     fn start() -> Redis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        Redis::start_on(port)
+        Redis::start_on(free_port())
+    }
+
+    /// A TLS-only `redis-server` whose certificate (for 127.0.0.1) is signed by a CA
+    /// written to `dir/redis-ca.pem`.
+    fn start_tls(dir: &std::path::Path) -> Redis {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.distinguished_name.push(rcgen::DnType::CommonName, "test redis CA");
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        leaf.subject_alt_names.push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
+        let cert = leaf.signed_by(&key, &issuer).unwrap();
+        std::fs::write(dir.join("redis-ca.pem"), ca_cert.pem()).unwrap();
+        std::fs::write(dir.join("redis.crt"), cert.pem()).unwrap();
+        std::fs::write(dir.join("redis.key"), key.serialize_pem()).unwrap();
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                "0",
+                "--tls-port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--tls-cert-file")
+            .arg(dir.join("redis.crt"))
+            .arg("--tls-key-file")
+            .arg(dir.join("redis.key"))
+            .args(["--tls-auth-clients", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is needed (scripts/test.sh installs Debian's redis-server)");
+        let deadline = Instant::now() + TIMEOUT;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20)); // kept: polling a process start
+        }
+        Redis { port, child }
     }
 
     fn kill(&mut self) {
@@ -58,17 +104,28 @@ impl Drop for Redis {
     }
 }
 
-/// A gateway in cluster mode on `redis`, with the admin API on.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A gateway in cluster mode on `redis`, with the admin API on, once it is connected.
 async fn instance(redis: &Redis, dir: &std::path::Path) -> Gw {
+    let gw = instance_with(&format!("redis = \"redis://127.0.0.1:{}/0\"\n", redis.port), dir).await;
+    wait_until("the instance connected to Redis", TIMEOUT, || async {
+        gw.metric("wsgate_cluster_up").await == 1.0
+    })
+    .await;
+    gw
+}
+
+/// A gateway with `cluster` lines in `[cluster]` and the admin API on.
+async fn instance_with(cluster: &str, dir: &std::path::Path) -> Gw {
     let token_file = dir.join("admin.token");
     std::fs::write(&token_file, ADMIN_TOKEN).unwrap();
     let secret = dir.join("jwt.secret");
-    let rest = format!(
-        "{ECHO_ROUTE}\n[cluster]\nredis = \"redis://127.0.0.1:{}/0\"\nkey_prefix = \"test\"\n",
-        redis.port
-    );
+    let rest = format!("{ECHO_ROUTE}\n[cluster]\n{cluster}key_prefix = \"test\"\n");
     let admin = format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n", token_file.display());
-    let gw = Gw::start_with("", &rest, |t| {
+    Gw::start_with("", &rest, |t| {
         // One JWT secret for every instance, as a real cluster has.
         let t = t.replacen("[admin]\nlisten = \"127.0.0.1:0\"\n", &admin, 1);
         let own = t
@@ -79,12 +136,7 @@ async fn instance(redis: &Redis, dir: &std::path::Path) -> Gw {
             .to_string();
         t.replace(&own, &secret.display().to_string())
     })
-    .await;
-    wait_until("the instance connected to Redis", TIMEOUT, || async {
-        gw.metric("wsgate_cluster_up").await == 1.0
-    })
-    .await;
-    gw
+    .await
 }
 
 async fn admin(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
@@ -204,4 +256,26 @@ async fn without_redis_actions_hold_locally_and_sharing_resumes_when_it_returns(
         b.metric(r#"wsgate_cluster_ops_total{op="sync",result="ok"}"#).await >= 2.0,
         "synced at each connect"
     );
+}
+
+#[tokio::test]
+async fn rediss_verifies_the_server_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start_tls(dir.path());
+    let url = format!("redis = \"rediss://127.0.0.1:{}/0\"\n", redis.port);
+    // Trusted through redis_ca: connected, and actions are shared.
+    let ca = format!("redis_ca = \"{}\"\n", dir.path().join("redis-ca.pem").display());
+    let trusting = instance_with(&format!("{url}{ca}"), dir.path()).await;
+    wait_until("connected over TLS", TIMEOUT, || async {
+        trusting.metric("wsgate_cluster_up").await == 1.0
+    })
+    .await;
+    let (status, body) = admin(trusting.admin, "POST", "/v1/kick", r#"{"sub":"nobody"}"#).await;
+    assert_eq!((status, body["shared"].as_bool()), (200, Some(true)));
+    // The same server against the system's roots: refused, never used.
+    let strict = instance_with(&url, dir.path()).await;
+    let (status, body) = admin(strict.admin, "POST", "/v1/kick", r#"{"sub":"nobody"}"#).await;
+    assert_eq!((status, body["shared"].as_bool()), (200, Some(false)));
+    assert_eq!(strict.metric("wsgate_cluster_up").await, 0.0);
+    assert!(strict.metric(r#"wsgate_cluster_ops_total{op="revoke",result="error"}"#).await >= 1.0);
 }

@@ -128,6 +128,8 @@ pub struct Cluster {
     /// `redis://` or `rediss://` URL, without credentials.
     pub redis: Located<String>,
     pub password: Option<SecretSource>,
+    /// Trust anchors (PEM) for a `rediss://` server instead of the system's.
+    pub ca: Option<Located<PathBuf>>,
     /// Prefix of every key and channel.
     pub key_prefix: String,
     /// Budget of one Redis call.

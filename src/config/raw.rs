@@ -29,6 +29,7 @@ pub struct Cluster {
     pub redis: Spanned<String>,
     pub redis_password_env: Option<Spanned<String>>,
     pub redis_password_file: Option<Spanned<PathBuf>>,
+    pub redis_ca: Option<Spanned<PathBuf>>,
     pub key_prefix: Option<Spanned<String>>,
     pub timeout: Option<HumanDuration>,
 }

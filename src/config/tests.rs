@@ -174,4 +174,6 @@ fn cluster_urls_hold_no_credentials_and_show_none() {
         ("wsgate", std::time::Duration::from_millis(20))
     );
     assert!(Config::from_toml_str("", "t").unwrap().cluster.is_none());
+    let e = err("[cluster]\nredis = \"redis://h\"\nredis_ca = \"ca.pem\"\n");
+    assert_eq!((e.key.as_str(), e.line), ("cluster.redis_ca", Some(3)));
 }

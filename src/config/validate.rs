@@ -401,9 +401,13 @@ impl Validator<'_> {
             }
             Some(p) => return Err(self.err(p, "cluster.key_prefix", "use 1 to 64 letters, digits and '_', '-', ':', '.'")),
         };
+        if let (Some(ca), false) = (&c.redis_ca, url.starts_with("rediss://")) {
+            return Err(self.err(ca, "cluster.redis_ca", "needs a rediss:// URL"));
+        }
         Ok(Cluster {
             redis: self.located(&c.redis, "cluster.redis"),
             password,
+            ca: c.redis_ca.as_ref().map(|f| self.located(f, "cluster.redis_ca")),
             key_prefix,
             timeout: c.timeout.map_or(DEFAULT_CLUSTER_TIMEOUT, |d| d.0),
         })
