@@ -18,7 +18,7 @@
 
 use crate::config::ConfigError;
 use crate::gateway::Gateway;
-use crate::incidents::canonical;
+use crate::incidents::{MAX_BANS, MAX_REVOCATIONS, canonical};
 use crate::metrics::Metrics;
 use futures_util::StreamExt;
 use redis::{AsyncCommands, IntoConnectionInfo};
@@ -290,8 +290,9 @@ impl Cluster {
             let mut con = self.connection().await?;
             let _: () = con.zrembyscore(&self.bans, "-inf", now).await?;
             let _: () = con.zrembyscore(&self.revoked, "-inf", now).await?;
-            let bans: Vec<(String, u64)> = con.zrange_withscores(&self.bans, 0, -1).await?;
-            let revoked: Vec<(String, u64)> = con.zrange_withscores(&self.revoked, 0, -1).await?;
+            // Bounded reads: never more than the local caps could hold (the latest first).
+            let bans: Vec<(String, u64)> = con.zrevrange_withscores(&self.bans, 0, MAX_BANS as isize - 1).await?;
+            let revoked: Vec<(String, u64)> = con.zrevrange_withscores(&self.revoked, 0, MAX_REVOCATIONS as isize - 1).await?;
             Ok::<_, redis::RedisError>((bans, revoked))
         };
         let (bans, revoked) = match tokio::time::timeout(ACTION_TIMEOUT * 2, read).await {
