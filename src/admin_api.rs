@@ -197,7 +197,9 @@ fn revoke(gw: &Gateway, body: &[u8]) -> Taken {
     }
     gw.recheck_sessions();
     tracing::warn!(action = "revoke", jti = %escape(&r.jti, LOGGED_TARGET), exp = ?r.exp, "admin: token revoked");
-    let exp = r.exp.unwrap_or(crate::cluster::unix_now() + REVOCATION_WITHOUT_EXP.as_secs());
+    // Bounded like a ban: Redis keeps scores as doubles, and the entry must expire.
+    let now = crate::cluster::unix_now();
+    let exp = r.exp.unwrap_or(now + REVOCATION_WITHOUT_EXP.as_secs()).min(now + MAX_BAN.as_secs());
     let event = Event::Revoke { jti: r.jti.clone(), exp };
     ((StatusCode::OK, json!({ "revoked": r.jti, "exp": r.exp })), Some(event))
 }

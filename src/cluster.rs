@@ -9,9 +9,16 @@
 //! - kicks: the channel only (they close live sessions; nothing to keep);
 //! - channel `<prefix>:events`: one JSON event per action, with the sender's instance id.
 //!
-//! A lost message is repaired by a resync every [`RESYNC`]: both sets are read (expired
-//! members removed first) and what is missing locally is applied. Every key has a bound:
-//! members expire with their score and are removed at each resync.
+//! Redis holds the shared state while it is reachable. A lost message is repaired by a
+//! resync every [`RESYNC`] and at each reconnect: both sets are read (expired members
+//! removed first) and the local copy is made to match them, removals included. An
+//! action that could not reach Redis is kept (bounded) and written again at the next
+//! connect, before that resync, so an unban made while Redis was away is not undone.
+//! Every key has a bound: members expire with their score and are removed at each resync;
+//! a resync reads at most what the local caps hold. Redis restarted empty loses the
+//! shared bans: run it with persistence if they must outlive it (lasting bans belong in
+//! `[firewall]`). The channel name holds the database number, so clusters on one Redis
+//! with different databases do not hear each other.
 //!
 //! Not built yet (DESIGN section 7): the shared per-IP rate and concurrency caps, the
 //! per-user leases, the circuit breaker and `on_failure`.
@@ -24,6 +31,7 @@ use futures_util::StreamExt;
 use redis::{AsyncCommands, IntoConnectionInfo};
 use serde::{Deserialize, Serialize};
 use std::{
+    collections::HashSet,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -41,6 +49,10 @@ const ACTION_TIMEOUT: Duration = Duration::from_secs(1);
 const RETRY: Duration = Duration::from_secs(1);
 /// Largest event read from the channel.
 const MAX_EVENT: usize = 4096;
+/// Actions kept while Redis is away, at most (the oldest are dropped beyond).
+const MAX_PENDING: usize = 10_000;
+/// Events from other instances logged per [`RESYNC`] period, at most.
+const LOGGED_EVENTS: u32 = 20;
 
 /// One admin action, as announced to the other instances.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -79,6 +91,10 @@ pub struct Cluster {
     instance: String,
     conn: tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
     up: AtomicBool,
+    /// Bans, unbans and revocations that did not reach Redis, written again on reconnect.
+    pending: std::sync::Mutex<std::collections::VecDeque<Event>>,
+    /// Remote events logged in the current period.
+    logged: std::sync::atomic::AtomicU32,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -120,14 +136,18 @@ impl Cluster {
         let mut id = [0u8; 8];
         let _ = aws_lc_rs::rand::fill(&mut id);
         let p = &c.key_prefix;
+        // Pub/sub channels are global to a Redis server; keys are per database.
+        let db = client.get_connection_info().redis_settings().db();
         Ok(Cluster {
             client,
             bans: format!("{p}:bans"),
             revoked: format!("{p}:revoked"),
-            channel: format!("{p}:events"),
+            channel: format!("{p}:{db}:events"),
             instance: id.iter().map(|b| format!("{b:02x}")).collect(),
             conn: tokio::sync::Mutex::new(None),
             up: AtomicBool::new(false),
+            pending: std::sync::Mutex::default(),
+            logged: std::sync::atomic::AtomicU32::new(0),
         })
     }
 
@@ -163,9 +183,45 @@ impl Cluster {
         *self.conn.lock().await = None;
     }
 
-    /// Write `event` to Redis and announce it. Whether every instance will see it (the
-    /// local action has been taken either way).
+    /// Write `event` to Redis and announce it. Whether Redis took it (the local action has
+    /// been taken either way; a ban, unban or revocation that did not reach Redis is
+    /// written again at the next connect).
     pub async fn publish(&self, event: Event, metrics: &Metrics) -> bool {
+        // Pending while in flight too, so a resync meanwhile does not undo it here. A kick
+        // is not kept: written later it would close sessions opened since.
+        let keep = !matches!(event, Event::Kick { .. });
+        if keep {
+            let mut pending = crate::util::lock(&self.pending);
+            if pending.len() >= MAX_PENDING {
+                pending.pop_front();
+            }
+            pending.push_back(event.clone());
+        }
+        let ok = self.write(&event, metrics).await;
+        if ok && keep {
+            let mut pending = crate::util::lock(&self.pending);
+            if let Some(i) = pending.iter().rposition(|e| *e == event) {
+                pending.remove(i);
+            }
+        }
+        ok
+    }
+
+    /// Write what did not reach Redis before, oldest first; stops at the first failure.
+    async fn replay(&self, metrics: &Metrics) -> redis::RedisResult<()> {
+        loop {
+            let Some(event) = crate::util::lock(&self.pending).front().cloned() else {
+                return Ok(());
+            };
+            if !self.write(&event, metrics).await {
+                return Err(timeout_error());
+            }
+            crate::util::lock(&self.pending).pop_front();
+        }
+    }
+
+    async fn write(&self, event: &Event, metrics: &Metrics) -> bool {
+        let event = event.clone();
         let op = event.op();
         let payload = match serde_json::to_string(&Envelope {
             from: self.instance.clone(),
@@ -203,7 +259,7 @@ impl Cluster {
             tracing::warn!(
                 op,
                 result,
-                "cluster: an admin action did not reach Redis; it holds on this instance only"
+                "cluster: an admin action did not reach Redis; it holds here and is written again when Redis answers"
             );
         }
         result == "ok"
@@ -211,13 +267,20 @@ impl Cluster {
 
     /// Follow the channel and resync until `stop`; reconnects after failures.
     pub async fn run(self: Arc<Self>, gw: Arc<Gateway>, stop: CancellationToken) {
+        let mut first_failure = true;
         loop {
             let outcome = tokio::select! {
                 _ = stop.cancelled() => return,
                 r = self.follow(&gw) => r,
             };
             if let Err(e) = outcome {
-                tracing::debug!(error = %e, "cluster: Redis connection lost");
+                // The first failure of a period down is worth a line (redis-rs errors do
+                // not carry the password); the retries every second are not.
+                if self.is_up() || std::mem::take(&mut first_failure) {
+                    tracing::warn!(error = %e, "cluster: cannot use Redis; retrying every second");
+                } else {
+                    tracing::debug!(error = %e, "cluster: Redis still unreachable");
+                }
             }
             self.forget_connection().await;
             self.set_up(false, &gw.metrics);
@@ -238,6 +301,7 @@ impl Cluster {
             Ok(r) => r?,
             Err(_) => return Err(timeout_error()),
         }
+        self.replay(&gw.metrics).await?;
         self.resync(gw).await?;
         self.set_up(true, &gw.metrics);
         let mut messages = pubsub.on_message();
@@ -250,7 +314,11 @@ impl Cluster {
                     Some(msg) => self.apply(gw, msg.get_payload_bytes()),
                     None => return Err(redis::RedisError::from((redis::ErrorKind::Io, "subscription closed"))),
                 },
-                _ = tick.tick() => self.resync(gw).await?,
+                _ = tick.tick() => {
+                    self.logged.store(0, Ordering::Relaxed);
+                    self.replay(&gw.metrics).await?;
+                    self.resync(gw).await?;
+                }
             }
         }
     }
@@ -277,7 +345,17 @@ impl Cluster {
             Event::Revoke { jti, exp } => incidents.revoke(jti, Some(*exp)).is_ok_and(|new| new),
             Event::Kick { sub } => incidents.kick(sub).is_ok(),
         };
-        tracing::warn!(event = ?envelope.event.op(), changed, "cluster: admin action from another instance");
+        if self.logged.fetch_add(1, Ordering::Relaxed) < LOGGED_EVENTS {
+            let (kind, target) = match &envelope.event {
+                Event::Ban { cidr, .. } => ("ban", cidr.as_str()),
+                Event::Unban { cidr } => ("unban", cidr.as_str()),
+                Event::Revoke { jti, .. } => ("revoke", jti.as_str()),
+                Event::Kick { sub } => ("kick", sub.as_str()),
+            };
+            let target = crate::util::escape(target, 128);
+            let from = crate::util::escape(&envelope.from, 32);
+            tracing::warn!(kind, %target, %from, changed, "cluster: admin action from another instance");
+        }
         if changed {
             gw.recheck_sessions();
         }
@@ -291,8 +369,10 @@ impl Cluster {
             let _: () = con.zrembyscore(&self.bans, "-inf", now).await?;
             let _: () = con.zrembyscore(&self.revoked, "-inf", now).await?;
             // Bounded reads: never more than the local caps could hold (the latest first).
-            let bans: Vec<(String, u64)> = con.zrevrange_withscores(&self.bans, 0, MAX_BANS as isize - 1).await?;
-            let revoked: Vec<(String, u64)> = con.zrevrange_withscores(&self.revoked, 0, MAX_REVOCATIONS as isize - 1).await?;
+            // Scores read as doubles: a member with an odd score (1e17, "inf") is skipped,
+            // not a failure of the whole read.
+            let bans: Vec<(String, f64)> = con.zrevrange_withscores(&self.bans, 0, MAX_BANS as isize - 1).await?;
+            let revoked: Vec<(String, f64)> = con.zrevrange_withscores(&self.revoked, 0, MAX_REVOCATIONS as isize - 1).await?;
             Ok::<_, redis::RedisError>((bans, revoked))
         };
         let (bans, revoked) = match tokio::time::timeout(ACTION_TIMEOUT * 2, read).await {
@@ -308,19 +388,75 @@ impl Cluster {
         };
         gw.metrics.cluster_op("sync", "ok");
         let mut changed = false;
+        let (keep_bans, keep_revoked, lifted) = self.pending_targets();
+        let mut shared_bans = HashSet::new();
         for (cidr, until) in bans {
-            if let Ok(net) = cidr.parse() {
-                changed |= gw.incidents.ban(canonical(net), until_from_now(until)).is_ok_and(|new| new);
+            let (Ok(net), Some(until)) = (cidr.parse::<ipnet::IpNet>(), unix_secs(until)) else {
+                continue;
+            };
+            let net = canonical(net);
+            if lifted.contains(&net) {
+                continue; // an unban on its way to Redis
+            }
+            shared_bans.insert(net);
+            changed |= gw.incidents.ban(net, until_from_now(until)).is_ok_and(|new| new);
+        }
+        let mut shared_revoked = HashSet::new();
+        for (jti, exp) in revoked {
+            let Some(exp) = unix_secs(exp) else { continue };
+            changed |= gw.incidents.revoke(&jti, Some(exp)).is_ok_and(|new| new);
+            shared_revoked.insert(jti);
+        }
+        // What Redis no longer holds is lifted here too (an unban this instance missed),
+        // unless it is still waiting to be written there.
+        for net in gw.incidents.ban_list() {
+            if !shared_bans.contains(&net) && !keep_bans.contains(&net) {
+                gw.incidents.unban(net);
             }
         }
-        for (jti, exp) in revoked {
-            changed |= gw.incidents.revoke(&jti, Some(exp)).is_ok_and(|new| new);
+        for jti in gw.incidents.revoked_list() {
+            if !shared_revoked.contains(&jti) && !keep_revoked.contains(&jti) {
+                gw.incidents.unrevoke(&jti);
+            }
         }
         if changed {
             gw.recheck_sessions();
         }
         Ok(())
     }
+}
+
+impl Cluster {
+    /// Ranges and token ids that pending actions will write to Redis: bans, revocations,
+    /// and ranges to unban.
+    fn pending_targets(&self) -> (HashSet<ipnet::IpNet>, HashSet<String>, HashSet<ipnet::IpNet>) {
+        let (mut bans, mut revoked, mut lifted) = (HashSet::new(), HashSet::new(), HashSet::new());
+        for e in crate::util::lock(&self.pending).iter() {
+            match e {
+                Event::Ban { cidr, .. } => {
+                    if let Ok(net) = cidr.parse() {
+                        bans.insert(canonical(net));
+                    }
+                }
+                Event::Revoke { jti, .. } => {
+                    revoked.insert(jti.clone());
+                }
+                Event::Unban { cidr } => {
+                    if let Ok(net) = cidr.parse() {
+                        lifted.insert(canonical(net));
+                        bans.remove(&canonical(net));
+                    }
+                }
+                Event::Kick { .. } => {}
+            }
+        }
+        (bans, revoked, lifted)
+    }
+}
+
+/// A score as Unix seconds, when it is one.
+fn unix_secs(score: f64) -> Option<u64> {
+    (0.0..1e15).contains(&score).then_some(score as u64)
 }
 
 fn timeout_error() -> redis::RedisError {

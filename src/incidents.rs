@@ -171,6 +171,31 @@ impl Incidents {
         Ok(before.is_none_or(|until| until <= now))
     }
 
+    /// Lift a revocation; whether there was one.
+    pub fn unrevoke(&self, jti: &str) -> bool {
+        lock(&self.revoked).remove(jti).is_some()
+    }
+
+    /// The ranges banned now.
+    pub fn ban_list(&self) -> Vec<IpNet> {
+        let now = Instant::now();
+        lock(&self.bans)
+            .iter()
+            .filter(|(_, until)| **until > now)
+            .map(|(net, _)| *net)
+            .collect()
+    }
+
+    /// The token ids revoked now.
+    pub fn revoked_list(&self) -> Vec<String> {
+        let now = Instant::now();
+        lock(&self.revoked)
+            .iter()
+            .filter(|(_, until)| **until > now)
+            .map(|(jti, _)| jti.clone())
+            .collect()
+    }
+
     pub fn is_revoked(&self, jti: Option<&str>) -> bool {
         let Some(jti) = jti else { return false };
         let revoked = lock(&self.revoked);

@@ -246,6 +246,11 @@ async fn without_redis_actions_hold_locally_and_sharing_resumes_when_it_returns(
         })
         .await;
     }
+    // The ban made while Redis was away is written at the reconnect and reaches b.
+    wait_until("the kept ban reached the other instance", wsgate::cluster::RESYNC * 2, || async {
+        !served(&b, "127.0.0.11").await
+    })
+    .await;
     let (status, body) = admin(a.admin, "POST", "/v1/bans", r#"{"cidr":"127.0.0.12","for":"5m"}"#).await;
     assert_eq!((status, body["shared"].as_bool()), (200, Some(true)));
     wait_until("the ban reached the other instance", Duration::from_secs(1), || async {
@@ -278,4 +283,57 @@ async fn rediss_verifies_the_server_certificate() {
     assert_eq!((status, body["shared"].as_bool()), (200, Some(false)));
     assert_eq!(strict.metric("wsgate_cluster_up").await, 0.0);
     assert!(strict.metric(r#"wsgate_cluster_ops_total{op="revoke",result="error"}"#).await >= 1.0);
+}
+
+#[tokio::test]
+async fn odd_scores_in_redis_do_not_stop_the_sync_and_missed_unbans_are_repaired() {
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let a = instance(&redis, dir.path()).await;
+    let b = instance(&redis, dir.path()).await;
+    // Members written by hand with scores that are no Unix time.
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}/0", redis.port)).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("ZADD")
+        .arg("test:revoked")
+        .arg("1e17")
+        .arg("odd")
+        .arg("inf")
+        .arg("odder")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("ZADD")
+        .arg("test:bans")
+        .arg("-5")
+        .arg("nonsense")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let (status, body) = admin(a.admin, "POST", "/v1/bans", r#"{"cidr":"127.0.0.21","for":"5m"}"#).await;
+    assert_eq!((status, body["shared"].as_bool()), (200, Some(true)));
+    wait_until("the ban reached the other instance", Duration::from_secs(1), || async {
+        !served(&b, "127.0.0.21").await
+    })
+    .await;
+    // Past a resync, both are still connected.
+    tokio::time::sleep(wsgate::cluster::RESYNC + Duration::from_secs(1)).await; // kept: a resync must pass
+    assert_eq!(b.metric("wsgate_cluster_up").await, 1.0);
+    assert_eq!(a.metric("wsgate_cluster_up").await, 1.0);
+    // An unban that b never hears of (published straight to Redis without an event) is
+    // repaired by b's next resync.
+    let _: () = redis::cmd("ZREM")
+        .arg("test:bans")
+        .arg("127.0.0.21/32")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    wait_until("the resync lifted the ban", wsgate::cluster::RESYNC * 2, || async {
+        served(&b, "127.0.0.21").await
+    })
+    .await;
+    wait_until("on both instances", wsgate::cluster::RESYNC * 2, || async {
+        served(&a, "127.0.0.21").await
+    })
+    .await;
 }
