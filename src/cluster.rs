@@ -24,7 +24,6 @@
 //! per-user leases, the circuit breaker and `on_failure`.
 
 use crate::config::ConfigError;
-use crate::gateway::Gateway;
 use crate::incidents::{MAX_BANS, MAX_REVOCATIONS, canonical};
 use crate::metrics::Metrics;
 use futures_util::StreamExt;
@@ -80,6 +79,15 @@ impl Event {
             Event::Revoke { .. } | Event::Kick { .. } => "revoke",
         }
     }
+}
+
+/// What the cluster needs of the gateway: a trait, so that `cluster` does not import
+/// `gateway` (which holds the cluster).
+pub trait Host: Send + Sync {
+    fn incidents(&self) -> &crate::incidents::Incidents;
+    fn metrics(&self) -> &Metrics;
+    /// Make live sessions re-check their admission (a ban or revocation arrived).
+    fn recheck_sessions(&self);
 }
 
 pub struct Cluster {
@@ -266,12 +274,12 @@ impl Cluster {
     }
 
     /// Follow the channel and resync until `stop`; reconnects after failures.
-    pub async fn run(self: Arc<Self>, gw: Arc<Gateway>, stop: CancellationToken) {
+    pub async fn run(self: Arc<Self>, gw: Arc<dyn Host>, stop: CancellationToken) {
         let mut first_failure = true;
         loop {
             let outcome = tokio::select! {
                 _ = stop.cancelled() => return,
-                r = self.follow(&gw) => r,
+                r = self.follow(gw.as_ref()) => r,
             };
             if let Err(e) = outcome {
                 // The first failure of a period down is worth a line (redis-rs errors do
@@ -283,7 +291,7 @@ impl Cluster {
                 }
             }
             self.forget_connection().await;
-            self.set_up(false, &gw.metrics);
+            self.set_up(false, gw.metrics());
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(RETRY) => {}
@@ -292,7 +300,7 @@ impl Cluster {
     }
 
     /// One connected period: subscribe, resync, then apply events and resync on a timer.
-    async fn follow(&self, gw: &Gateway) -> redis::RedisResult<()> {
+    async fn follow(&self, gw: &dyn Host) -> redis::RedisResult<()> {
         let mut pubsub = match tokio::time::timeout(ACTION_TIMEOUT, self.client.get_async_pubsub()).await {
             Ok(r) => r?,
             Err(_) => return Err(timeout_error()),
@@ -301,9 +309,9 @@ impl Cluster {
             Ok(r) => r?,
             Err(_) => return Err(timeout_error()),
         }
-        self.replay(&gw.metrics).await?;
+        self.replay(gw.metrics()).await?;
         self.resync(gw).await?;
-        self.set_up(true, &gw.metrics);
+        self.set_up(true, gw.metrics());
         let mut messages = pubsub.on_message();
         let mut tick = tokio::time::interval(RESYNC);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -316,7 +324,7 @@ impl Cluster {
                 },
                 _ = tick.tick() => {
                     self.logged.store(0, Ordering::Relaxed);
-                    self.replay(&gw.metrics).await?;
+                    self.replay(gw.metrics()).await?;
                     self.resync(gw).await?;
                 }
             }
@@ -324,7 +332,7 @@ impl Cluster {
     }
 
     /// Apply an event announced by another instance.
-    fn apply(&self, gw: &Gateway, payload: &[u8]) {
+    fn apply(&self, gw: &dyn Host, payload: &[u8]) {
         if payload.len() > MAX_EVENT {
             return;
         }
@@ -335,7 +343,7 @@ impl Cluster {
         if envelope.from == self.instance {
             return;
         }
-        let incidents = &gw.incidents;
+        let incidents = gw.incidents();
         let changed = match &envelope.event {
             Event::Ban { cidr, until } => match cidr.parse() {
                 Ok(net) => incidents.ban(canonical(net), until_from_now(*until)).is_ok_and(|new| new),
@@ -362,7 +370,7 @@ impl Cluster {
     }
 
     /// Compare the local copy with Redis: expired members are removed, missing ones applied.
-    async fn resync(&self, gw: &Gateway) -> redis::RedisResult<()> {
+    async fn resync(&self, gw: &dyn Host) -> redis::RedisResult<()> {
         let now = unix_now();
         let read = async {
             let mut con = self.connection().await?;
@@ -378,15 +386,15 @@ impl Cluster {
         let (bans, revoked) = match tokio::time::timeout(ACTION_TIMEOUT * 2, read).await {
             Ok(Ok(x)) => x,
             Ok(Err(e)) => {
-                gw.metrics.cluster_op("sync", "error");
+                gw.metrics().cluster_op("sync", "error");
                 return Err(e);
             }
             Err(_) => {
-                gw.metrics.cluster_op("sync", "timeout");
+                gw.metrics().cluster_op("sync", "timeout");
                 return Err(timeout_error());
             }
         };
-        gw.metrics.cluster_op("sync", "ok");
+        gw.metrics().cluster_op("sync", "ok");
         let mut changed = false;
         let (keep_bans, keep_revoked, lifted) = self.pending_targets();
         let mut shared_bans = HashSet::new();
@@ -399,24 +407,24 @@ impl Cluster {
                 continue; // an unban on its way to Redis
             }
             shared_bans.insert(net);
-            changed |= gw.incidents.ban(net, until_from_now(until)).is_ok_and(|new| new);
+            changed |= gw.incidents().ban(net, until_from_now(until)).is_ok_and(|new| new);
         }
         let mut shared_revoked = HashSet::new();
         for (jti, exp) in revoked {
             let Some(exp) = unix_secs(exp) else { continue };
-            changed |= gw.incidents.revoke(&jti, Some(exp)).is_ok_and(|new| new);
+            changed |= gw.incidents().revoke(&jti, Some(exp)).is_ok_and(|new| new);
             shared_revoked.insert(jti);
         }
         // What Redis no longer holds is lifted here too (an unban this instance missed),
         // unless it is still waiting to be written there.
-        for net in gw.incidents.ban_list() {
+        for net in gw.incidents().ban_list() {
             if !shared_bans.contains(&net) && !keep_bans.contains(&net) {
-                gw.incidents.unban(net);
+                gw.incidents().unban(net);
             }
         }
-        for jti in gw.incidents.revoked_list() {
+        for jti in gw.incidents().revoked_list() {
             if !shared_revoked.contains(&jti) && !keep_revoked.contains(&jti) {
-                gw.incidents.unrevoke(&jti);
+                gw.incidents().unrevoke(&jti);
             }
         }
         if changed {

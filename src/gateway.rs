@@ -189,6 +189,18 @@ pub struct Gateway {
     pub(crate) draining: AtomicBool,
 }
 
+impl crate::cluster::Host for Gateway {
+    fn incidents(&self) -> &crate::incidents::Incidents {
+        &self.incidents
+    }
+    fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+    fn recheck_sessions(&self) {
+        Gateway::recheck_sessions(self);
+    }
+}
+
 impl Gateway {
     pub fn runtime(&self) -> Arc<Runtime> {
         self.runtime.load_full()

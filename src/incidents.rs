@@ -216,7 +216,7 @@ impl Incidents {
     }
 
     /// Whether a session of `sub` that started at `started` has been kicked since (a kick
-    /// counts for [`KICK_MEMORY`]; sessions re-check at once when it is made).
+    /// counts for `KICK_MEMORY`; sessions re-check at once when it is made).
     pub fn is_kicked(&self, sub: Option<&str>, started: Instant) -> bool {
         let Some(sub) = sub else { return false };
         lock(&self.kicked)

@@ -20,8 +20,9 @@
 //! - `server` (accept loops, drain) → `conn` (one connection, stage by stage) →
 //!   `admit` (the request stage) → the stage modules → [`gateway`] (shared state,
 //!   reload, the one place a refusal is counted and logged) with [`incidents`] (admin
-//!   bans, revocations, kicks, the live session list). `admin` and `admin_api` depend
-//!   on [`gateway`], [`incidents`] and the stages' parsers only.
+//!   bans, revocations, kicks, the live session list) and [`cluster`] (those shared
+//!   through Redis). `admin` and `admin_api` depend on [`gateway`], [`incidents`],
+//!   [`cluster`] and the stages' parsers only.
 //! - Stage modules: [`upstream`], [`auth`] → `keys` → [`tls`]; [`relay`] → [`wire`],
 //!   [`validation`];
 //!   [`firewall`], [`limits`], [`upgrade`], [`metrics`].

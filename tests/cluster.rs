@@ -17,18 +17,11 @@ struct Redis {
 }
 
 impl Redis {
-    fn start_on(port: u16) -> Redis {
+    /// Start `redis-server` with `args` (its ports among them) and wait until `port` answers.
+    fn spawn(port: u16, args: &[std::ffi::OsString]) -> Redis {
         let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -39,6 +32,10 @@ impl Redis {
             std::thread::sleep(Duration::from_millis(20)); // kept: polling a process start
         }
         Redis { port, child }
+    }
+
+    fn start_on(port: u16) -> Redis {
+        Redis::spawn(port, &["--port".into(), port.to_string().into()])
     }
 
     fn start() -> Redis {
@@ -62,34 +59,19 @@ impl Redis {
         std::fs::write(dir.join("redis.crt"), cert.pem()).unwrap();
         std::fs::write(dir.join("redis.key"), key.serialize_pem()).unwrap();
         let port = free_port();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                "0",
-                "--tls-port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--tls-cert-file")
-            .arg(dir.join("redis.crt"))
-            .arg("--tls-key-file")
-            .arg(dir.join("redis.key"))
-            .args(["--tls-auth-clients", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is needed (scripts/test.sh installs Debian's redis-server)");
-        let deadline = Instant::now() + TIMEOUT;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20)); // kept: polling a process start
-        }
-        Redis { port, child }
+        let args: Vec<std::ffi::OsString> = vec![
+            "--port".into(),
+            "0".into(),
+            "--tls-port".into(),
+            port.to_string().into(),
+            "--tls-cert-file".into(),
+            dir.join("redis.crt").into(),
+            "--tls-key-file".into(),
+            dir.join("redis.key").into(),
+            "--tls-auth-clients".into(),
+            "no".into(),
+        ];
+        Redis::spawn(port, &args)
     }
 
     fn kill(&mut self) {
