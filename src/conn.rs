@@ -285,20 +285,7 @@ async fn run_session(
     session_metrics.active.increment(1.0);
     let started = Instant::now();
     let s = &rt.config.server;
-    let l = &rt.config.limits;
-    let settings = relay::Settings {
-        message_rate: l.message_rate,
-        message_burst: l.message_burst,
-        rate_abuse_timeout: l.rate_abuse_timeout,
-        idle_timeout: s.idle_timeout,
-        ping_interval: s.ping_interval,
-        close_timeout: s.close_timeout,
-        max_frame_size: l.max_frame_size,
-        max_message_size: l.max_message_size,
-        max_fragments: l.max_fragments,
-        validator,
-        assembly_budget: Some(gw.assembly_budget()),
-    };
+    let settings = relay_settings(gw, rt, validator);
     let deadline = open
         .expires_at
         .filter(|_| rt.config.jwt.close_on_expiry)
@@ -344,6 +331,24 @@ async fn run_session(
         outcome,
         duration: started.elapsed(),
     })
+}
+
+/// The relay's limits and timers from the config, and the route's message checks.
+fn relay_settings(gw: &Gateway, rt: &Runtime, validator: Option<Arc<crate::validation::Validator>>) -> relay::Settings {
+    let (s, l) = (&rt.config.server, &rt.config.limits);
+    relay::Settings {
+        message_rate: l.message_rate,
+        message_burst: l.message_burst,
+        rate_abuse_timeout: l.rate_abuse_timeout,
+        idle_timeout: s.idle_timeout,
+        ping_interval: s.ping_interval,
+        close_timeout: s.close_timeout,
+        max_frame_size: l.max_frame_size,
+        max_message_size: l.max_message_size,
+        max_fragments: l.max_fragments,
+        validator,
+        assembly_budget: Some(gw.assembly_budget()),
+    }
 }
 
 /// After a reload, a live session must still pass the firewall, its token must not be
