@@ -10,6 +10,34 @@ use crate::config::{AuthMode, Config, Route, TokenSource};
 use crate::error::{AuthFailure, Reject};
 use crate::gateway::{Gateway, Runtime};
 use crate::limits::{IpSlot, UserSlot};
+
+/// One session of a user, held for the session: the local count and, in cluster mode,
+/// the lease that counts it across instances (both given back when dropped).
+pub(crate) struct UserHold {
+    _local: UserSlot,
+    _lease: Option<crate::cluster::Lease>,
+}
+
+/// Take one of `sub`'s sessions: the local cap first (no Redis call when it is full),
+/// then, in cluster mode, the cap across instances within `cluster.timeout`. When Redis
+/// does not answer in time the local cap decides (the session is counted in Redis by the
+/// next heartbeat).
+async fn hold_user(gw: &Gateway, config: &Config, sub: &str) -> Result<UserHold, Reject> {
+    let max = config.limits.max_connections_per_user;
+    let local = gw.users.acquire(&sub.to_string(), max).ok_or(Reject::UserConnLimit)?;
+    let lease = match &gw.cluster {
+        None => None,
+        Some(c) => match c.acquire_user(sub, max, &gw.metrics).await {
+            Ok(Some(lease)) => Some(lease),
+            Ok(None) => return Err(Reject::UserConnLimit),
+            Err(()) => None,
+        },
+    };
+    Ok(UserHold {
+        _local: local,
+        _lease: lease,
+    })
+}
 use crate::tls::ClientCert;
 use crate::upgrade::{self, Upgrade};
 use crate::upstream::{self, ClientFacts, Connected};
@@ -55,7 +83,7 @@ pub(crate) struct Admitted {
     pub(crate) pending: Option<PendingRequest>,
     /// The per-IP slot of a client behind a trusted proxy, held for the session.
     pub(crate) ip_slot: Option<IpSlot>,
-    pub(crate) user_slot: Option<UserSlot>,
+    pub(crate) user_slot: Option<UserHold>,
 }
 
 /// What the upstream request needs when it is built after the 101 (`first_message`).
@@ -94,12 +122,12 @@ enum Authenticated {
     /// A route with `auth = "none"`.
     Open,
     /// A route with `auth = "mtls"`: the certificate names the user.
-    Cert { sub: String, user_slot: Option<UserSlot> },
+    Cert { sub: String, user_slot: Option<UserHold> },
     /// A verified token, and the user's session slot.
     Token {
         identity: Identity,
         token: String,
-        user_slot: Option<UserSlot>,
+        user_slot: Option<UserHold>,
     },
     /// No token in the request; it is to come as the first message after the 101.
     FirstMessage,
@@ -224,11 +252,7 @@ impl RequestCtx {
                 // `uses_cert` above: the certificate is there; it must name someone.
                 let sub = self.cert.as_ref().and_then(|c| c.identity()).ok_or(Reject::ClientCert)?.to_string();
                 self.note(|i| i.sub = Some(sub.clone()));
-                let user_slot = self
-                    .gw
-                    .users
-                    .acquire(&sub, self.rt.config.limits.max_connections_per_user)
-                    .ok_or(Reject::UserConnLimit)?;
+                let user_slot = hold_user(&self.gw, &self.rt.config, &sub).await?;
                 return Ok(Authenticated::Cert {
                     sub,
                     user_slot: Some(user_slot),
@@ -247,7 +271,7 @@ impl RequestCtx {
         let identity = verifier.verify(&found.token).await.map_err(Reject::Auth)?;
         self.note(|i| i.sub = identity.sub.clone());
         crate::auth::check_binding(&identity.claims, self.cert.as_deref()).map_err(Reject::Auth)?;
-        let user_slot = authorize(&self.gw, &self.rt.config, route, &identity)?;
+        let user_slot = authorize(&self.gw, &self.rt.config, route, &identity).await?;
         Ok(Authenticated::Token {
             identity,
             token: found.token,
@@ -281,7 +305,7 @@ fn first_message_pending(req: &mut Request<Incoming>, checked: Checked, peer_ip:
 }
 
 /// Route claims and the per-user cap, after the token verified.
-fn authorize(gw: &Gateway, config: &Config, route: &Route, id: &Identity) -> Result<Option<UserSlot>, Reject> {
+async fn authorize(gw: &Gateway, config: &Config, route: &Route, id: &Identity) -> Result<Option<UserHold>, Reject> {
     // Revoked through the admin API (the file's list is checked by the verifier).
     if gw.incidents.is_revoked(crate::auth::jti_text(&id.claims).as_deref()) {
         return Err(Reject::Auth(AuthFailure::Revoked));
@@ -290,11 +314,7 @@ fn authorize(gw: &Gateway, config: &Config, route: &Route, id: &Identity) -> Res
         return Err(Reject::Auth(AuthFailure::Forbidden));
     }
     match &id.sub {
-        Some(sub) => gw
-            .users
-            .acquire(sub, config.limits.max_connections_per_user)
-            .map(Some)
-            .ok_or(Reject::UserConnLimit),
+        Some(sub) => hold_user(gw, config, sub).await.map(Some),
         None => Ok(None),
     }
 }
@@ -395,7 +415,7 @@ pub(crate) async fn first_message<S: AsyncRead + AsyncWrite + Unpin>(
     pending: PendingRequest,
     cert: Option<&ClientCert>,
     verdict: &Mutex<Verdict>,
-) -> Result<(Connected, Option<Identity>, Option<UserSlot>), Reject> {
+) -> Result<(Connected, Option<Identity>, Option<UserHold>), Reject> {
     let route = &rt.config.routes[route_index];
     let result = async {
         let verifier = rt.verifier.as_ref().ok_or(Reject::Auth(AuthFailure::Missing))?;
@@ -409,7 +429,7 @@ pub(crate) async fn first_message<S: AsyncRead + AsyncWrite + Unpin>(
         let id = verifier.verify(&token).await.map_err(Reject::Auth)?;
         lock(verdict).info.sub = id.sub.clone();
         crate::auth::check_binding(&id.claims, cert).map_err(Reject::Auth)?;
-        let user_slot = authorize(gw, &rt.config, route, &id)?;
+        let user_slot = authorize(gw, &rt.config, route, &id).await?;
         let facts = facts(
             rt,
             route,

@@ -39,8 +39,58 @@ use std::{
 };
 use tokio_util::sync::CancellationToken;
 
-/// How often the local copy is compared with Redis.
+/// How often the local copy is compared with Redis (and leases refreshed).
 pub const RESYNC: Duration = Duration::from_secs(5);
+/// How long an instance's user leases live without a refresh: a dead instance's sessions
+/// stop counting after this.
+pub const LEASE_TTL: Duration = Duration::from_secs(30);
+
+/// Take one session of a user if all instances together hold fewer than the cap.
+/// KEYS[1] the user's hash (`<instance>` = count, `<instance>:exp` = lease end, ms, Redis
+/// time); ARGV instance, cap, lease ms. Dead instances' fields are removed first.
+const ACQUIRE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local all = redis.call('HGETALL', KEYS[1])
+local counts, sum = {}, 0
+for i = 1, #all, 2 do
+  local f = all[i]
+  if string.sub(f, -4) == ':exp' then
+    if (tonumber(all[i + 1]) or 0) < now then
+      redis.call('HDEL', KEYS[1], f, string.sub(f, 1, -5))
+      counts[string.sub(f, 1, -5)] = false
+    end
+  end
+end
+for i = 1, #all, 2 do
+  local f = all[i]
+  if string.sub(f, -4) ~= ':exp' and counts[f] ~= false then
+    sum = sum + (tonumber(all[i + 1]) or 0)
+  end
+end
+if sum >= tonumber(ARGV[2]) then return 0 end
+redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+redis.call('HSET', KEYS[1], ARGV[1] .. ':exp', now + tonumber(ARGV[3]))
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) * 2)
+return 1
+"#;
+
+/// Give one session back. KEYS[1] the user's hash; ARGV instance.
+const RELEASE: &str = r#"
+local n = redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
+if n <= 0 then redis.call('HDEL', KEYS[1], ARGV[1], ARGV[1] .. ':exp') end
+return n
+"#;
+
+/// Assert this instance's count for a user (a heartbeat). KEYS[1] the user's hash; ARGV
+/// instance, count, lease ms.
+const ASSERT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2], ARGV[1] .. ':exp', now + tonumber(ARGV[3]))
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) * 2)
+return 1
+"#;
 /// Budget of an admin action's Redis write (the connect path's `timeout` is for calls a
 /// client waits on; an operator's action may take longer).
 const ACTION_TIMEOUT: Duration = Duration::from_secs(1);
@@ -88,10 +138,15 @@ pub trait Host: Send + Sync {
     fn metrics(&self) -> &Metrics;
     /// Make live sessions re-check their admission (a ban or revocation arrived).
     fn recheck_sessions(&self);
+    /// Live sessions per user on this instance.
+    fn user_counts(&self) -> Vec<(String, u32)>;
 }
 
 pub struct Cluster {
     client: redis::Client,
+    prefix: String,
+    /// Budget of a call on the connect path (`cluster.timeout`).
+    pub timeout: Duration,
     bans: String,
     revoked: String,
     channel: String,
@@ -148,6 +203,8 @@ impl Cluster {
         let db = client.get_connection_info().redis_settings().db();
         Ok(Cluster {
             client,
+            prefix: p.clone(),
+            timeout: c.timeout,
             bans: format!("{p}:bans"),
             revoked: format!("{p}:revoked"),
             channel: format!("{p}:{db}:events"),
@@ -311,6 +368,7 @@ impl Cluster {
         }
         self.replay(gw.metrics()).await?;
         self.resync(gw).await?;
+        self.heartbeat(&gw.user_counts()).await?;
         self.set_up(true, gw.metrics());
         let mut messages = pubsub.on_message();
         let mut tick = tokio::time::interval(RESYNC);
@@ -326,6 +384,7 @@ impl Cluster {
                     self.logged.store(0, Ordering::Relaxed);
                     self.replay(gw.metrics()).await?;
                     self.resync(gw).await?;
+                    self.heartbeat(&gw.user_counts()).await?;
                 }
             }
         }
@@ -434,7 +493,94 @@ impl Cluster {
     }
 }
 
+/// One session of a user counted in Redis; given back when dropped.
+pub struct Lease {
+    cluster: Arc<Cluster>,
+    key: String,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let (cluster, key) = (self.cluster.clone(), std::mem::take(&mut self.key));
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let release = async {
+                    let mut con = cluster.connection().await?;
+                    redis::Script::new(RELEASE)
+                        .key(&key)
+                        .arg(&cluster.instance)
+                        .invoke_async::<i64>(&mut con)
+                        .await
+                };
+                // A release that does not arrive is corrected by the next heartbeat.
+                let _ = tokio::time::timeout(ACTION_TIMEOUT, release).await;
+            });
+        }
+    }
+}
+
 impl Cluster {
+    /// The user's hash key: a hash tag of the SHA-256 of `sub` (any length, any bytes).
+    fn user_key(&self, sub: &str) -> String {
+        let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, sub.as_bytes());
+        let hex: String = d.as_ref()[..16].iter().map(|b| format!("{b:02x}")).collect();
+        format!("{}:{{u:{hex}}}", self.prefix)
+    }
+
+    /// Take one of `sub`'s `max` sessions across every instance, within `timeout`.
+    /// `Ok(None)`: all taken; `Err`: Redis did not answer in time (the caller decides).
+    pub async fn acquire_user(self: &Arc<Self>, sub: &str, max: u32, metrics: &Metrics) -> Result<Option<Lease>, ()> {
+        let key = self.user_key(sub);
+        let call = async {
+            let mut con = self.connection().await?;
+            redis::Script::new(ACQUIRE)
+                .key(&key)
+                .arg(&self.instance)
+                .arg(max)
+                .arg(LEASE_TTL.as_millis() as u64)
+                .invoke_async::<i64>(&mut con)
+                .await
+        };
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(1)) => {
+                metrics.cluster_op("admit", "ok");
+                Ok(Some(Lease {
+                    cluster: self.clone(),
+                    key,
+                }))
+            }
+            Ok(Ok(_)) => {
+                metrics.cluster_op("admit", "ok");
+                Ok(None)
+            }
+            Ok(Err(_)) => {
+                metrics.cluster_op("admit", "error");
+                Err(())
+            }
+            Err(_) => {
+                metrics.cluster_op("admit", "timeout");
+                Err(())
+            }
+        }
+    }
+
+    /// Re-assert this instance's count of every user with live sessions (heartbeat): a
+    /// restarted Redis learns them again, and the leases do not expire while held.
+    async fn heartbeat(&self, users: &[(String, u32)]) -> redis::RedisResult<()> {
+        let mut con = self.connection().await?;
+        let script = redis::Script::new(ASSERT);
+        for (sub, n) in users {
+            script
+                .key(self.user_key(sub))
+                .arg(&self.instance)
+                .arg(*n)
+                .arg(LEASE_TTL.as_millis() as u64)
+                .invoke_async::<i64>(&mut con)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Ranges and token ids that pending actions will write to Redis: bans, revocations,
     /// and ranges to unban.
     fn pending_targets(&self) -> (HashSet<ipnet::IpNet>, HashSet<String>, HashSet<ipnet::IpNet>) {

@@ -190,7 +190,7 @@ struct Open {
     token: Option<Box<str>>,
     /// The verified client certificate, re-checked against each new config's CA and CRLs.
     cert: Option<Arc<crate::tls::ClientCert>>,
-    _slots: (Option<crate::limits::IpSlot>, Option<crate::limits::UserSlot>),
+    _slots: (Option<crate::limits::IpSlot>, Option<crate::admit::UserHold>),
 }
 
 /// The client side after the 101: the TLS stream, boxed so it is allocated once and

@@ -199,6 +199,9 @@ impl crate::cluster::Host for Gateway {
     fn recheck_sessions(&self) {
         Gateway::recheck_sessions(self);
     }
+    fn user_counts(&self) -> Vec<(String, u32)> {
+        self.users.snapshot()
+    }
 }
 
 impl Gateway {

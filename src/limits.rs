@@ -169,6 +169,11 @@ impl<K: std::hash::Hash + Eq + Clone> Counted<K> {
     pub fn tracked(&self) -> usize {
         lock(&self.open).len()
     }
+
+    /// Every key holding a slot, with its count.
+    pub fn snapshot(&self) -> Vec<(K, u32)> {
+        lock(&self.open).iter().map(|(k, n)| (k.clone(), *n)).collect()
+    }
 }
 
 impl<K: std::hash::Hash + Eq + Clone> Drop for Slot<K> {

@@ -92,7 +92,13 @@ fn free_port() -> u16 {
 
 /// A gateway in cluster mode on `redis`, with the admin API on, once it is connected.
 async fn instance(redis: &Redis, dir: &std::path::Path) -> Gw {
-    let gw = instance_with(&format!("redis = \"redis://127.0.0.1:{}/0\"\n", redis.port), dir).await;
+    instance_limited(redis, dir, "").await
+}
+
+/// Like [`instance`], with `[limits]` lines.
+async fn instance_limited(redis: &Redis, dir: &std::path::Path, limits: &str) -> Gw {
+    let cluster = format!("redis = \"redis://127.0.0.1:{}/0\"\n", redis.port);
+    let gw = instance_with(&cluster, dir, limits).await;
     wait_until("the instance connected to Redis", TIMEOUT, || async {
         gw.metric("wsgate_cluster_up").await == 1.0
     })
@@ -101,11 +107,11 @@ async fn instance(redis: &Redis, dir: &std::path::Path) -> Gw {
 }
 
 /// A gateway with `cluster` lines in `[cluster]` and the admin API on.
-async fn instance_with(cluster: &str, dir: &std::path::Path) -> Gw {
+async fn instance_with(cluster: &str, dir: &std::path::Path, limits: &str) -> Gw {
     let token_file = dir.join("admin.token");
     std::fs::write(&token_file, ADMIN_TOKEN).unwrap();
     let secret = dir.join("jwt.secret");
-    let rest = format!("{ECHO_ROUTE}\n[cluster]\n{cluster}key_prefix = \"test\"\n");
+    let rest = format!("[limits]\n{limits}\n{ECHO_ROUTE}\n[cluster]\n{cluster}key_prefix = \"test\"\n");
     let admin = format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n", token_file.display());
     Gw::start_with("", &rest, |t| {
         // One JWT secret for every instance, as a real cluster has.
@@ -252,7 +258,7 @@ async fn rediss_verifies_the_server_certificate() {
     let url = format!("redis = \"rediss://127.0.0.1:{}/0\"\n", redis.port);
     // Trusted through redis_ca: connected, and actions are shared.
     let ca = format!("redis_ca = \"{}\"\n", dir.path().join("redis-ca.pem").display());
-    let trusting = instance_with(&format!("{url}{ca}"), dir.path()).await;
+    let trusting = instance_with(&format!("{url}{ca}"), dir.path(), "").await;
     wait_until("connected over TLS", TIMEOUT, || async {
         trusting.metric("wsgate_cluster_up").await == 1.0
     })
@@ -260,7 +266,7 @@ async fn rediss_verifies_the_server_certificate() {
     let (status, body) = admin(trusting.admin, "POST", "/v1/kick", r#"{"sub":"nobody"}"#).await;
     assert_eq!((status, body["shared"].as_bool()), (200, Some(true)));
     // The same server against the system's roots: refused, never used.
-    let strict = instance_with(&url, dir.path()).await;
+    let strict = instance_with(&url, dir.path(), "").await;
     let (status, body) = admin(strict.admin, "POST", "/v1/kick", r#"{"sub":"nobody"}"#).await;
     assert_eq!((status, body["shared"].as_bool()), (200, Some(false)));
     assert_eq!(strict.metric("wsgate_cluster_up").await, 0.0);
@@ -318,4 +324,62 @@ async fn odd_scores_in_redis_do_not_stop_the_sync_and_missed_unbans_are_repaired
         served(&a, "127.0.0.21").await
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_users_cap_holds_across_instances_and_comes_back_after_redis_restarts_empty() {
+    let mut redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let limits = "max_connections_per_user = 2";
+    let gws = [
+        instance_limited(&redis, dir.path(), limits).await,
+        instance_limited(&redis, dir.path(), limits).await,
+        instance_limited(&redis, dir.path(), limits).await,
+    ];
+    // Six attempts spread over three instances: exactly two sessions.
+    let mut open = Vec::new();
+    let mut refused = 0;
+    for i in 0..6 {
+        let gw = &gws[i % 3];
+        match gw.try_connect("/echo", &gw.options(Some(gw.token("alice")))).await {
+            Ok((ws, _)) => open.push(ws),
+            Err(429) => refused += 1,
+            Err(s) => panic!("status {s}"),
+        }
+    }
+    assert_eq!((open.len(), refused), (2, 4));
+    // One leaves: its place is free on any instance.
+    drop(open.pop());
+    let gw = &gws[2];
+    let back = wait_for("the lease was given back", TIMEOUT, || async {
+        gw.try_connect("/echo", &gw.options(Some(gw.token("alice"))))
+            .await
+            .ok()
+            .map(|(ws, _)| ws)
+    })
+    .await;
+    open.push(back);
+    assert_eq!(open.len(), 2);
+    // Redis restarted empty: the instances assert their live counts again, so within
+    // 15 s the cap holds across instances again; the sessions stay up throughout.
+    let port = redis.port;
+    redis.kill();
+    let _redis = Redis::start_on(port);
+    let restarted = Instant::now();
+    let gw = &gws[1];
+    wait_until("the counts were asserted again", Duration::from_secs(15), || async {
+        match gw.try_connect("/echo", &gw.options(Some(gw.token("alice")))).await {
+            Ok((ws, _)) => {
+                drop(ws); // counted before the heartbeat: let it go and try again
+                tokio::time::sleep(Duration::from_millis(200)).await; // kept: pacing the retries
+                false
+            }
+            Err(status) => status == 429,
+        }
+    })
+    .await;
+    assert!(restarted.elapsed() < Duration::from_secs(15));
+    for ws in &mut open {
+        assert_eq!(roundtrip(ws, "still up").await, "still up");
+    }
 }
