@@ -1,5 +1,5 @@
-//! Cluster mode (DESIGN.md section 7), first part: admin bans, revocations and kicks
-//! reach every instance that shares a Redis.
+//! Cluster mode (DESIGN.md section 7), in part: admin bans, revocations and kicks reach
+//! every instance that shares a Redis, and the per-user cap counts every instance.
 //!
 //! An admin action is applied locally first (it works with Redis down), then written to
 //! Redis and announced on one pub/sub channel. Every instance keeps a local copy and
@@ -20,8 +20,14 @@
 //! `[firewall]`). The channel name holds the database number, so clusters on one Redis
 //! with different databases do not hear each other.
 //!
-//! Not built yet (DESIGN section 7): the shared per-IP rate and concurrency caps, the
-//! per-user leases, the circuit breaker and `on_failure`.
+//! The per-user cap is shared too: after the local cap, one Lua call on the user's hash
+//! (`<prefix>:{u:<hash of sub>}`, a field per instance with its count and lease end in
+//! Redis time) takes a lease or refuses; each instance asserts its live counts every
+//! [`RESYNC`] and at each reconnect, and an instance that stops asserting stops counting
+//! after [`LEASE_TTL`].
+//!
+//! Not built yet (DESIGN section 7): the shared per-IP rate and cap, the circuit breaker
+//! and `on_failure`.
 
 use crate::config::ConfigError;
 use crate::incidents::{MAX_BANS, MAX_REVOCATIONS, canonical};
