@@ -18,6 +18,24 @@ pub(crate) struct UserHold {
     _lease: Option<crate::cluster::Lease>,
 }
 
+/// In cluster mode, the per-IP rate and cap across instances for `ip` (the local ones
+/// have passed): one Redis call within `cluster.timeout`, before the 101. Without an
+/// answer in time the local limits decide.
+async fn hold_ip(gw: &Gateway, config: &Config, ip: IpAddr) -> Result<Option<crate::cluster::Lease>, Reject> {
+    let Some(c) = &gw.cluster else { return Ok(None) };
+    let a = &config.limits.admission;
+    let label = gw.per_ip().key(ip).label();
+    match c
+        .acquire_ip(&label, a.max_connections_per_ip, a.connection_rate, a.connection_burst, &gw.metrics)
+        .await
+    {
+        Ok(crate::cluster::IpAnswer::Taken(lease)) => Ok(Some(lease)),
+        Ok(crate::cluster::IpAnswer::RateLimited) => Err(Reject::RateLimited),
+        Ok(crate::cluster::IpAnswer::Full) => Err(Reject::IpConnLimit),
+        Err(()) => Ok(None),
+    }
+}
+
 /// Take one of `sub`'s sessions: the local cap first (no Redis call when it is full),
 /// then, in cluster mode, the cap across instances within `cluster.timeout`. When Redis
 /// does not answer in time the local cap decides (the session is counted in Redis by the
@@ -83,6 +101,8 @@ pub(crate) struct Admitted {
     pub(crate) pending: Option<PendingRequest>,
     /// The per-IP slot of a client behind a trusted proxy, held for the session.
     pub(crate) ip_slot: Option<IpSlot>,
+    /// In cluster mode, the client's place under the per-IP cap across instances.
+    pub(crate) ip_lease: Option<crate::cluster::Lease>,
     pub(crate) user_slot: Option<UserHold>,
 }
 
@@ -158,6 +178,7 @@ impl RequestCtx {
     /// Stages 5–7 in order; the first refusal wins.
     async fn admit(&self, req: &mut Request<Incoming>) -> Result<Answer, Reject> {
         let checked = self.check(req)?;
+        let ip_lease = hold_ip(&self.gw, &self.rt.config, checked.client_ip).await?;
         let route = &self.rt.config.routes[checked.route_index];
         let mut cert_sub = None;
         let (identity, token, user_slot) = match self.authenticate(route, req, checked.query.as_deref()).await? {
@@ -171,7 +192,9 @@ impl RequestCtx {
                 token,
                 user_slot,
             } => (Some(identity), Some(token), user_slot),
-            Authenticated::FirstMessage => return Ok(first_message_pending(req, checked, self.peer_ip, self.cert.clone())),
+            Authenticated::FirstMessage => {
+                return Ok(first_message_pending(req, checked, ip_lease, self.peer_ip, self.cert.clone()));
+            }
         };
         let cert_claims = cert_sub.map(sub_claims);
         let facts = facts(
@@ -196,6 +219,7 @@ impl RequestCtx {
             cert: self.cert.clone(),
             pending: None,
             ip_slot: checked.ip_slot,
+            ip_lease,
             user_slot,
         };
         Ok((resp, admitted))
@@ -282,7 +306,13 @@ impl RequestCtx {
 
 /// Answer the 101 now; the token comes as the first message, and the upstream is
 /// connected only after it verifies.
-fn first_message_pending(req: &mut Request<Incoming>, checked: Checked, peer_ip: IpAddr, cert: Option<Arc<ClientCert>>) -> Answer {
+fn first_message_pending(
+    req: &mut Request<Incoming>,
+    checked: Checked,
+    ip_lease: Option<crate::cluster::Lease>,
+    peer_ip: IpAddr,
+    cert: Option<Arc<ClientCert>>,
+) -> Answer {
     let resp = upgrade::switching_protocols(&checked.upgrade, None);
     let pending = PendingRequest {
         path: checked.path,
@@ -299,6 +329,7 @@ fn first_message_pending(req: &mut Request<Incoming>, checked: Checked, peer_ip:
         cert,
         pending: Some(pending),
         ip_slot: checked.ip_slot,
+        ip_lease,
         user_slot: None,
     };
     (resp, admitted)

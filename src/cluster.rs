@@ -26,8 +26,11 @@
 //! [`RESYNC`] and at each reconnect, and an instance that stops asserting stops counting
 //! after [`LEASE_TTL`].
 //!
-//! Not built yet (DESIGN section 7): the shared per-IP rate and cap, the circuit breaker
-//! and `on_failure`.
+//! The per-IP rate and cap likewise: one Lua call per new connection (GCRA on Redis time
+//! for the rate, then a lease as for users), keyed by the client key with a hash tag.
+//!
+//! Not built yet (DESIGN section 7): the circuit breaker and `on_failure`; the per-IP
+//! call overlapped with the TLS handshake.
 
 use crate::config::ConfigError;
 use crate::incidents::{MAX_BANS, MAX_REVOCATIONS, canonical};
@@ -75,6 +78,40 @@ for i = 1, #all, 2 do
   end
 end
 if sum >= tonumber(ARGV[2]) then return 0 end
+redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+redis.call('HSET', KEYS[1], ARGV[1] .. ':exp', now + tonumber(ARGV[3]))
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) * 2)
+return 1
+"#;
+
+/// A new connection from one client key: the shared rate (GCRA, microseconds of Redis
+/// time) and then the shared concurrency cap (as [`ACQUIRE`]). KEYS[1] the key's lease
+/// hash, KEYS[2] its rate key; ARGV instance, cap, lease ms, emission interval µs, burst
+/// tolerance µs. Returns 1 (taken), 0 (rate), -1 (cap).
+const ACQUIRE_IP: &str = r#"
+local t = redis.call('TIME')
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now = math.floor(now_us / 1000)
+local interval, tolerance = tonumber(ARGV[4]), tonumber(ARGV[5])
+local tat = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
+if tat < now_us then tat = now_us end
+if tat - now_us > tolerance then return 0 end
+local next_tat = tat + interval
+redis.call('SET', KEYS[2], string.format('%.0f', next_tat), 'PX', math.ceil((next_tat - now_us) / 1000) + 1)
+local all = redis.call('HGETALL', KEYS[1])
+local dead, sum = {}, 0
+for i = 1, #all, 2 do
+  local f = all[i]
+  if string.sub(f, -4) == ':exp' and (tonumber(all[i + 1]) or 0) < now then
+    redis.call('HDEL', KEYS[1], f, string.sub(f, 1, -5))
+    dead[string.sub(f, 1, -5)] = true
+  end
+end
+for i = 1, #all, 2 do
+  local f = all[i]
+  if string.sub(f, -4) ~= ':exp' and not dead[f] then sum = sum + (tonumber(all[i + 1]) or 0) end
+end
+if sum >= tonumber(ARGV[2]) then return -1 end
 redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
 redis.call('HSET', KEYS[1], ARGV[1] .. ':exp', now + tonumber(ARGV[3]))
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) * 2)
@@ -146,6 +183,15 @@ pub trait Host: Send + Sync {
     fn recheck_sessions(&self);
     /// Live sessions per user on this instance.
     fn user_counts(&self) -> Vec<(String, u32)>;
+    /// Live connections per client key ([`crate::limits::IpKey::label`]) on this instance.
+    fn ip_counts(&self) -> Vec<(String, u32)>;
+}
+
+/// What the shared per-IP check answered.
+pub enum IpAnswer {
+    Taken(Lease),
+    RateLimited,
+    Full,
 }
 
 pub struct Cluster {
@@ -374,7 +420,7 @@ impl Cluster {
         }
         self.replay(gw.metrics()).await?;
         self.resync(gw).await?;
-        self.heartbeat(&gw.user_counts()).await?;
+        self.heartbeat(&gw.user_counts(), &gw.ip_counts()).await?;
         self.set_up(true, gw.metrics());
         let mut messages = pubsub.on_message();
         let mut tick = tokio::time::interval(RESYNC);
@@ -390,7 +436,7 @@ impl Cluster {
                     self.logged.store(0, Ordering::Relaxed);
                     self.replay(gw.metrics()).await?;
                     self.resync(gw).await?;
-                    self.heartbeat(&gw.user_counts()).await?;
+                    self.heartbeat(&gw.user_counts(), &gw.ip_counts()).await?;
                 }
             }
         }
@@ -572,19 +618,66 @@ impl Cluster {
 
     /// Re-assert this instance's count of every user with live sessions (heartbeat): a
     /// restarted Redis learns them again, and the leases do not expire while held.
-    async fn heartbeat(&self, users: &[(String, u32)]) -> redis::RedisResult<()> {
+    async fn heartbeat(&self, users: &[(String, u32)], ips: &[(String, u32)]) -> redis::RedisResult<()> {
         let mut con = self.connection().await?;
         let script = redis::Script::new(ASSERT);
-        for (sub, n) in users {
+        let keys = users.iter().map(|(sub, n)| (self.user_key(sub), *n));
+        let keys = keys.chain(ips.iter().map(|(ip, n)| (self.ip_key(ip), *n)));
+        for (key, n) in keys {
             script
-                .key(self.user_key(sub))
+                .key(key)
                 .arg(&self.instance)
-                .arg(*n)
+                .arg(n)
                 .arg(LEASE_TTL.as_millis() as u64)
                 .invoke_async::<i64>(&mut con)
                 .await?;
         }
         Ok(())
+    }
+
+    /// A client key's lease hash (its rate key adds `:rate`), one Redis Cluster slot.
+    fn ip_key(&self, label: &str) -> String {
+        format!("{}:{{ip:{label}}}", self.prefix)
+    }
+
+    /// The shared rate and cap for a new connection from client key `label`, within
+    /// `timeout`. `Err`: Redis did not answer in time (the local limits decide).
+    pub async fn acquire_ip(
+        self: &Arc<Self>,
+        label: &str,
+        max: u32,
+        rate: crate::config::Rate,
+        burst: u32,
+        metrics: &Metrics,
+    ) -> Result<IpAnswer, ()> {
+        let key = self.ip_key(label);
+        let interval = (rate.per.as_micros() / u128::from(rate.count.max(1))).max(1) as u64;
+        let tolerance = interval.saturating_mul(u64::from(burst.max(1) - 1));
+        let call = async {
+            let mut con = self.connection().await?;
+            redis::Script::new(ACQUIRE_IP)
+                .key(&key)
+                .key(format!("{key}:rate"))
+                .arg(&self.instance)
+                .arg(max)
+                .arg(LEASE_TTL.as_millis() as u64)
+                .arg(interval)
+                .arg(tolerance)
+                .invoke_async::<i64>(&mut con)
+                .await
+        };
+        let answer = match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(1)) => Ok(IpAnswer::Taken(Lease {
+                cluster: self.clone(),
+                key,
+            })),
+            Ok(Ok(0)) => Ok(IpAnswer::RateLimited),
+            Ok(Ok(_)) => Ok(IpAnswer::Full),
+            Ok(Err(_)) => Err("error"),
+            Err(_) => Err("timeout"),
+        };
+        metrics.cluster_op("admit", answer.as_ref().err().copied().unwrap_or("ok"));
+        answer.map_err(|_| ())
     }
 
     /// Ranges and token ids that pending actions will write to Redis: bans, revocations,

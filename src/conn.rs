@@ -190,7 +190,11 @@ struct Open {
     token: Option<Box<str>>,
     /// The verified client certificate, re-checked against each new config's CA and CRLs.
     cert: Option<Arc<crate::tls::ClientCert>>,
-    _slots: (Option<crate::limits::IpSlot>, Option<crate::admit::UserHold>),
+    _slots: (
+        Option<crate::limits::IpSlot>,
+        Option<crate::cluster::Lease>,
+        Option<crate::admit::UserHold>,
+    ),
 }
 
 /// The client side after the 101: the TLS stream, boxed so it is allocated once and
@@ -221,6 +225,7 @@ async fn open_session(gw: &Gateway, rt: &Runtime, admission: Box<Admitted>, verd
         cert,
         pending,
         ip_slot,
+        ip_lease,
         user_slot,
     } = *admission;
     let upgraded = match on_upgrade.await {
@@ -257,7 +262,7 @@ async fn open_session(gw: &Gateway, rt: &Runtime, admission: Box<Admitted>, verd
         jti,
         token,
         cert,
-        _slots: (ip_slot, user_slot),
+        _slots: (ip_slot, ip_lease, user_slot),
     })
 }
 

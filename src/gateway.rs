@@ -202,6 +202,9 @@ impl crate::cluster::Host for Gateway {
     fn user_counts(&self) -> Vec<(String, u32)> {
         self.users.snapshot()
     }
+    fn ip_counts(&self) -> Vec<(String, u32)> {
+        self.per_ip().open_counts().into_iter().map(|(k, n)| (k.label(), n)).collect()
+    }
 }
 
 impl Gateway {

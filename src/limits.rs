@@ -46,6 +46,14 @@ pub enum IpKey {
 }
 
 impl IpKey {
+    /// The key as text, the same on every instance with the same `ipv6_prefix`.
+    pub fn label(&self) -> String {
+        match self {
+            IpKey::V4(a) => format!("4:{a:08x}"),
+            IpKey::V6(a) => format!("6:{a:032x}"),
+        }
+    }
+
     pub fn new(ip: IpAddr, ipv6_prefix: u8) -> IpKey {
         match ip.to_canonical() {
             IpAddr::V4(a) => IpKey::V4(u32::from(a)),
@@ -319,6 +327,11 @@ impl PerIp {
     }
 
     /// Live rate-limiter keys evicted at the key cap since start.
+    /// Live connections per client key.
+    pub fn open_counts(&self) -> Vec<(IpKey, u32)> {
+        self.open.snapshot()
+    }
+
     pub fn evicted(&self) -> u64 {
         self.evicted.load(Ordering::Relaxed)
     }

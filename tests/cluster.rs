@@ -383,3 +383,48 @@ async fn a_users_cap_holds_across_instances_and_comes_back_after_redis_restarts_
         assert_eq!(roundtrip(ws, "still up").await, "still up");
     }
 }
+
+/// Attempts from `source`, spread over `gws`: the connections that opened.
+async fn attempts(gws: &[Gw], n: usize, source: &str) -> Vec<wsgate::client::ClientStream> {
+    let mut open = Vec::new();
+    for i in 0..n {
+        let gw = &gws[i % gws.len()];
+        let o = from(gw, gw.token(&format!("u{i}")), source);
+        if let Ok(Ok((ws, _))) = tokio::time::timeout(TIMEOUT, wsgate::client::connect(&gw.url("/echo"), &o)).await {
+            open.push(ws);
+        }
+    }
+    open
+}
+
+#[tokio::test]
+async fn the_per_ip_cap_and_rate_hold_across_instances() {
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    // The cap: 2 per address across three instances (the rate out of the way).
+    let limits = "max_connections_per_ip = 2\nconnection_rate_per_ip = \"1000/s\"\nconnection_burst_per_ip = 1000";
+    let gws = [
+        instance_limited(&redis, dir.path(), limits).await,
+        instance_limited(&redis, dir.path(), limits).await,
+        instance_limited(&redis, dir.path(), limits).await,
+    ];
+    let open = attempts(&gws, 6, "127.0.0.41").await;
+    assert_eq!(open.len(), 2, "6 attempts over 3 instances");
+    gws[0]
+        .wait_metric(r#"wsgate_connections_rejected_total{reason="ip_conn_limit"}"#, 1.0)
+        .await;
+    assert_eq!(attempts(&gws, 3, "127.0.0.43").await.len(), 2, "another address has its own count");
+    drop(open);
+    // The rate: a burst of 3, then 3 a minute, across three instances.
+    let limits = "max_connections_per_ip = 100\nconnection_rate_per_ip = \"3/min\"\nconnection_burst_per_ip = 3";
+    let gws = [
+        instance_limited(&redis, dir.path(), limits).await,
+        instance_limited(&redis, dir.path(), limits).await,
+        instance_limited(&redis, dir.path(), limits).await,
+    ];
+    let started = Instant::now();
+    let admitted = attempts(&gws, 9, "127.0.0.42").await.len();
+    // Within burst + rate × time (the attempts take well under a minute: at most one more).
+    let allowed = 3 + (started.elapsed().as_secs_f64() / 20.0).floor() as usize;
+    assert!((3..=allowed).contains(&admitted), "{admitted} admitted, at most {allowed}");
+}
