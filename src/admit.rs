@@ -32,7 +32,16 @@ async fn hold_ip(gw: &Gateway, config: &Config, ip: IpAddr) -> Result<Option<cra
         Ok(crate::cluster::IpAnswer::Taken(lease)) => Ok(Some(lease)),
         Ok(crate::cluster::IpAnswer::RateLimited) => Err(Reject::RateLimited),
         Ok(crate::cluster::IpAnswer::Full) => Err(Reject::IpConnLimit),
-        Err(()) => Ok(None),
+        Err(()) => unanswered(c),
+    }
+}
+
+/// Redis could not be asked: `on_failure` decides (`local` and `open`: the instance's own
+/// limits, which have passed; `closed`: 503).
+fn unanswered<T>(c: &crate::cluster::Cluster) -> Result<Option<T>, Reject> {
+    match c.on_failure {
+        crate::config::OnFailure::Local | crate::config::OnFailure::Open => Ok(None),
+        crate::config::OnFailure::Closed => Err(Reject::GlobalConnLimit),
     }
 }
 
@@ -48,7 +57,7 @@ async fn hold_user(gw: &Gateway, config: &Config, sub: &str) -> Result<UserHold,
         Some(c) => match c.acquire_user(sub, max, &gw.metrics).await {
             Ok(Some(lease)) => Some(lease),
             Ok(None) => return Err(Reject::UserConnLimit),
-            Err(()) => None,
+            Err(()) => unanswered(c)?,
         },
     };
     Ok(UserHold {

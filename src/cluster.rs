@@ -29,8 +29,11 @@
 //! The per-IP rate and cap likewise: one Lua call per new connection (GCRA on Redis time
 //! for the rate, then a lease as for users), keyed by the client key with a hash tag.
 //!
-//! Not built yet (DESIGN section 7): the circuit breaker and `on_failure`; the per-IP
-//! call overlapped with the TLS handshake.
+//! Connect-path calls have `cluster.timeout`; after [`BREAK_AFTER`] failures in a row a
+//! breaker skips Redis for [`BREAK_FOR`] at a time, and `on_failure` decides meanwhile.
+//!
+//! Not built yet (DESIGN section 7): `local` dividing the limits by the live instances;
+//! the per-IP call overlapped with the TLS handshake.
 
 use crate::config::ConfigError;
 use crate::incidents::{MAX_BANS, MAX_REVOCATIONS, canonical};
@@ -141,6 +144,10 @@ const ACTION_TIMEOUT: Duration = Duration::from_secs(1);
 const RETRY: Duration = Duration::from_secs(1);
 /// Largest event read from the channel.
 const MAX_EVENT: usize = 4096;
+/// Connect-path calls that fail in a row before the breaker opens.
+const BREAK_AFTER: u32 = 3;
+/// How long an open breaker skips Redis on the connect path before trying again.
+const BREAK_FOR: Duration = Duration::from_secs(1);
 /// Actions kept while Redis is away, at most (the oldest are dropped beyond).
 const MAX_PENDING: usize = 10_000;
 /// Events from other instances logged per [`RESYNC`] period, at most.
@@ -210,6 +217,11 @@ pub struct Cluster {
     pending: std::sync::Mutex<std::collections::VecDeque<Event>>,
     /// Remote events logged in the current period.
     logged: std::sync::atomic::AtomicU32,
+    /// What connections get while Redis cannot be asked.
+    pub on_failure: crate::config::OnFailure,
+    /// Connect-path failures in a row, and until when the breaker skips Redis.
+    failures: std::sync::atomic::AtomicU32,
+    broken_until: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -265,11 +277,35 @@ impl Cluster {
             up: AtomicBool::new(false),
             pending: std::sync::Mutex::default(),
             logged: std::sync::atomic::AtomicU32::new(0),
+            on_failure: c.on_failure,
+            failures: std::sync::atomic::AtomicU32::new(0),
+            broken_until: std::sync::Mutex::new(None),
         })
     }
 
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
+    }
+
+    /// Whether the breaker skips Redis on the connect path now.
+    fn broken(&self) -> bool {
+        crate::util::lock(&self.broken_until).is_some_and(|t| std::time::Instant::now() < t)
+    }
+
+    /// A connect-path call failed: after [`BREAK_AFTER`] in a row, skip Redis for
+    /// [`BREAK_FOR`] and run in the `on_failure` mode.
+    fn call_failed(&self, metrics: &Metrics) {
+        if self.failures.fetch_add(1, Ordering::Relaxed) + 1 >= BREAK_AFTER {
+            *crate::util::lock(&self.broken_until) = Some(std::time::Instant::now() + BREAK_FOR);
+            metrics.cluster_mode(self.on_failure.label());
+        }
+    }
+
+    fn call_ok(&self, metrics: &Metrics) {
+        if self.failures.swap(0, Ordering::Relaxed) >= BREAK_AFTER {
+            *crate::util::lock(&self.broken_until) = None;
+            metrics.cluster_mode("shared");
+        }
     }
 
     fn set_up(&self, up: bool, metrics: &Metrics) {
@@ -281,6 +317,7 @@ impl Cluster {
             }
         }
         metrics.cluster_up(up);
+        metrics.cluster_mode(if up && !self.broken() { "shared" } else { self.on_failure.label() });
     }
 
     async fn connection(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
@@ -582,6 +619,9 @@ impl Cluster {
     /// Take one of `sub`'s `max` sessions across every instance, within `timeout`.
     /// `Ok(None)`: all taken; `Err`: Redis did not answer in time (the caller decides).
     pub async fn acquire_user(self: &Arc<Self>, sub: &str, max: u32, metrics: &Metrics) -> Result<Option<Lease>, ()> {
+        if self.broken() {
+            return Err(());
+        }
         let key = self.user_key(sub);
         let call = async {
             let mut con = self.connection().await?;
@@ -593,26 +633,25 @@ impl Cluster {
                 .invoke_async::<i64>(&mut con)
                 .await
         };
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok(1)) => {
-                metrics.cluster_op("admit", "ok");
-                Ok(Some(Lease {
-                    cluster: self.clone(),
-                    key,
-                }))
-            }
-            Ok(Ok(_)) => {
-                metrics.cluster_op("admit", "ok");
-                Ok(None)
-            }
-            Ok(Err(_)) => {
-                metrics.cluster_op("admit", "error");
-                Err(())
-            }
-            Err(_) => {
-                metrics.cluster_op("admit", "timeout");
-                Err(())
-            }
+        let answer = match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(1)) => Ok(Some(Lease {
+                cluster: self.clone(),
+                key,
+            })),
+            Ok(Ok(_)) => Ok(None),
+            Ok(Err(_)) => Err("error"),
+            Err(_) => Err("timeout"),
+        };
+        self.record(answer.as_ref().err().copied(), metrics);
+        answer.map_err(|_| ())
+    }
+
+    /// Count a connect-path call and feed the breaker.
+    fn record(&self, failure: Option<&'static str>, metrics: &Metrics) {
+        metrics.cluster_op("admit", failure.unwrap_or("ok"));
+        match failure {
+            None => self.call_ok(metrics),
+            Some(_) => self.call_failed(metrics),
         }
     }
 
@@ -650,6 +689,9 @@ impl Cluster {
         burst: u32,
         metrics: &Metrics,
     ) -> Result<IpAnswer, ()> {
+        if self.broken() {
+            return Err(());
+        }
         let key = self.ip_key(label);
         let interval = (rate.per.as_micros() / u128::from(rate.count.max(1))).max(1) as u64;
         let tolerance = interval.saturating_mul(u64::from(burst.max(1) - 1));
@@ -676,7 +718,7 @@ impl Cluster {
             Ok(Err(_)) => Err("error"),
             Err(_) => Err("timeout"),
         };
-        metrics.cluster_op("admit", answer.as_ref().err().copied().unwrap_or("ok"));
+        self.record(answer.as_ref().err().copied(), metrics);
         answer.map_err(|_| ())
     }
 

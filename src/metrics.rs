@@ -27,6 +27,7 @@ pub const LIMITER_EVICTIONS: &str = "wsgate_limiter_evictions_total";
 pub const ADMIN_REQUESTS: &str = "wsgate_admin_requests_total";
 pub const CLUSTER_UP: &str = "wsgate_cluster_up";
 pub const CLUSTER_OPS: &str = "wsgate_cluster_ops_total";
+pub const CLUSTER_MODE: &str = "wsgate_cluster_mode";
 pub const MESSAGES_REJECTED: &str = "wsgate_messages_rejected_total";
 
 const DESCRIPTIONS: &[(&str, &str)] = &[
@@ -56,6 +57,10 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     ),
     (ADMIN_REQUESTS, "Admin API requests (section 9 of DESIGN.md), by action and result."),
     (CLUSTER_UP, "1 while Redis answers (cluster mode), else 0."),
+    (
+        CLUSTER_MODE,
+        "How shared limits are enforced now: 1 for the mode in force (shared, local, open, closed).",
+    ),
     (
         CLUSTER_OPS,
         "Cluster mode Redis operations, by op (ban, revoke, sync) and result (ok, error, timeout).",
@@ -222,6 +227,15 @@ impl Metrics {
         self.recorder
             .register_gauge(&Key::from_name(CLUSTER_UP), &metadata())
             .set(if up { 1.0 } else { 0.0 });
+    }
+
+    /// Mark `mode` as the one in force (`shared`, `local`, `open`, `closed`).
+    pub fn cluster_mode(&self, mode: &str) {
+        for m in ["shared", "local", "open", "closed"] {
+            self.recorder
+                .register_gauge(&Key::from_parts(CLUSTER_MODE, vec![Label::new("mode", m)]), &metadata())
+                .set(if m == mode { 1.0 } else { 0.0 });
+        }
     }
 
     pub fn cluster_op(&self, op: &'static str, result: &'static str) {

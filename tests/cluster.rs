@@ -428,3 +428,37 @@ async fn the_per_ip_cap_and_rate_hold_across_instances() {
     let allowed = 3 + (started.elapsed().as_secs_f64() / 20.0).floor() as usize;
     assert!((3..=allowed).contains(&admitted), "{admitted} admitted, at most {allowed}");
 }
+
+#[tokio::test]
+async fn on_failure_decides_while_redis_is_away() {
+    let mut redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("redis = \"redis://127.0.0.1:{}/0\"\n", redis.port);
+    let closed = instance_with(&format!("{url}on_failure = \"closed\"\n"), dir.path(), "").await;
+    let local = instance_with(&url, dir.path(), "").await;
+    let mode = |m: &str| format!(r#"wsgate_cluster_mode{{mode="{m}"}}"#);
+    for gw in [&closed, &local] {
+        gw.wait_metric(&mode("shared"), 1.0).await;
+    }
+    assert_eq!(
+        closed
+            .try_connect("/echo", &closed.options(Some(closed.token("a"))))
+            .await
+            .map(|_| ()),
+        Ok(())
+    );
+    redis.kill();
+    closed.wait_metric(&mode("closed"), 1.0).await;
+    local.wait_metric(&mode("local"), 1.0).await;
+    assert_eq!(closed.metric(&mode("shared")).await, 0.0);
+    // closed: new connections get 503; local: the instance's own limits admit them.
+    assert_eq!(
+        closed.try_connect("/echo", &closed.options(Some(closed.token("a")))).await.err(),
+        Some(503)
+    );
+    assert!(local.try_connect("/echo", &local.options(Some(local.token("a")))).await.is_ok());
+    // Redis back: shared again, by itself.
+    let _redis = Redis::start_on(redis.port);
+    closed.wait_metric(&mode("shared"), 1.0).await;
+    assert!(closed.try_connect("/echo", &closed.options(Some(closed.token("a")))).await.is_ok());
+}

@@ -134,6 +134,31 @@ pub struct Cluster {
     pub key_prefix: String,
     /// Budget of one Redis call.
     pub timeout: Duration,
+    pub on_failure: OnFailure,
+}
+
+/// What a connection gets while Redis cannot be asked (`cluster.on_failure`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailure {
+    /// The instance's own limits decide.
+    #[default]
+    Local,
+    /// The shared limits are skipped (the instance's own still apply).
+    Open,
+    /// New connections are refused with 503.
+    Closed,
+}
+
+impl OnFailure {
+    /// The `mode` label of `wsgate_cluster_mode` while Redis fails.
+    pub fn label(self) -> &'static str {
+        match self {
+            OnFailure::Local => "local",
+            OnFailure::Open => "open",
+            OnFailure::Closed => "closed",
+        }
+    }
 }
 
 /// Default `cluster.key_prefix`.

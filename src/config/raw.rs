@@ -32,6 +32,7 @@ pub struct Cluster {
     pub redis_ca: Option<Spanned<PathBuf>>,
     pub key_prefix: Option<Spanned<String>>,
     pub timeout: Option<HumanDuration>,
+    pub on_failure: Option<super::OnFailure>,
 }
 
 #[derive(Deserialize, Default)]

@@ -410,6 +410,7 @@ impl Validator<'_> {
             ca: c.redis_ca.as_ref().map(|f| self.located(f, "cluster.redis_ca")),
             key_prefix,
             timeout: c.timeout.map_or(DEFAULT_CLUSTER_TIMEOUT, |d| d.0),
+            on_failure: c.on_failure.unwrap_or_default(),
         })
     }
 
