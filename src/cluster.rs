@@ -298,6 +298,7 @@ impl Cluster {
         if self.failures.fetch_add(1, Ordering::Relaxed) + 1 >= BREAK_AFTER {
             *crate::util::lock(&self.broken_until) = Some(std::time::Instant::now() + BREAK_FOR);
             metrics.cluster_mode(self.on_failure.label());
+            metrics.cluster_up(false); // Redis does not answer within `timeout`
         }
     }
 
@@ -305,6 +306,7 @@ impl Cluster {
         if self.failures.swap(0, Ordering::Relaxed) >= BREAK_AFTER {
             *crate::util::lock(&self.broken_until) = None;
             metrics.cluster_mode("shared");
+            metrics.cluster_up(self.is_up());
         }
     }
 
@@ -474,6 +476,7 @@ impl Cluster {
                     self.replay(gw.metrics()).await?;
                     self.resync(gw).await?;
                     self.heartbeat(&gw.user_counts(), &gw.ip_counts()).await?;
+                    self.set_up(true, gw.metrics()); // answering again after a hang
                 }
             }
         }

@@ -462,3 +462,71 @@ async fn on_failure_decides_while_redis_is_away() {
     closed.wait_metric(&mode("shared"), 1.0).await;
     assert!(closed.try_connect("/echo", &closed.options(Some(closed.token("a")))).await.is_ok());
 }
+
+impl Redis {
+    /// Send a signal to the server (`STOP` hangs it, `CONT` resumes it).
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig}");
+    }
+
+    async fn dbsize(&self) -> i64 {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{}/0", self.port)).unwrap();
+        let mut con = client.get_multiplexed_async_connection().await.unwrap();
+        redis::cmd("DBSIZE").query_async(&mut con).await.unwrap()
+    }
+}
+
+#[tokio::test]
+async fn a_hung_redis_leaves_the_local_limits_in_charge_until_it_resumes() {
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = instance_limited(&redis, dir.path(), "max_connections_per_user = 5").await;
+    let mode = |m: &str| format!(r#"wsgate_cluster_mode{{mode="{m}"}}"#);
+    redis.signal("STOP");
+    // Connections keep being served meanwhile (each waits at most `timeout` for Redis).
+    for i in 0..5 {
+        let mut ws = gw
+            .try_connect("/echo", &gw.options(Some(gw.token(&format!("h{i}")))))
+            .await
+            .unwrap()
+            .0;
+        assert_eq!(roundtrip(&mut ws, "up").await, "up");
+    }
+    gw.wait_metric(&mode("local"), 1.0).await;
+    gw.wait_metric("wsgate_cluster_up", 0.0).await;
+    redis.signal("CONT");
+    gw.wait_metric(&mode("shared"), 1.0).await;
+    gw.wait_metric("wsgate_cluster_up", 1.0).await;
+}
+
+#[tokio::test]
+async fn redis_keeps_only_a_handful_of_keys_after_many_clients_came_and_went() {
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let limits = "connection_rate_per_ip = \"1000/s\"\nconnection_burst_per_ip = 100";
+    let gws = [
+        instance_limited(&redis, dir.path(), limits).await,
+        instance_limited(&redis, dir.path(), limits).await,
+    ];
+    // 400 connections from 200 addresses, each closed again.
+    for i in 0..400usize {
+        let gw = &gws[i % 2];
+        let source = format!("127.0.{}.{}", 1 + i / 200, 1 + i % 200);
+        let mut ws = gw
+            .try_connect("/echo", &from(gw, gw.token(&format!("c{i}")), &source))
+            .await
+            .unwrap()
+            .0;
+        assert_eq!(roundtrip(&mut ws, "x").await, "x");
+        drop(ws);
+    }
+    // Leases are given back when connections end and rate keys expire with their bucket:
+    // only a handful of keys stay.
+    wait_until("Redis emptied", TIMEOUT, || async { redis.dbsize().await <= 5 }).await;
+}
