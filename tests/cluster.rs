@@ -530,3 +530,68 @@ async fn redis_keeps_only_a_handful_of_keys_after_many_clients_came_and_went() {
     // only a handful of keys stay.
     wait_until("Redis emptied", TIMEOUT, || async { redis.dbsize().await <= 5 }).await;
 }
+
+#[tokio::test]
+async fn a_killed_instances_leases_are_released_within_45_seconds() {
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let limits = "max_connections_per_user = 1\nconnection_rate_per_ip = \"1000/s\"\nconnection_burst_per_ip = 1000";
+    let survivor = instance_limited(&redis, dir.path(), limits).await;
+    // A second instance as its own process, sharing the secret and Redis.
+    let proc_dir = tempfile::tempdir().unwrap();
+    let (port, admin_port) = (free_port(), free_port());
+    let rest = format!(
+        "[limits]\n{limits}\n{ECHO_ROUTE}\n[cluster]\nredis = \"redis://127.0.0.1:{}/0\"\nkey_prefix = \"test\"\n",
+        redis.port
+    );
+    let text = config_text(proc_dir.path(), "", &rest)
+        .replacen("listen = [\"127.0.0.1:0\"]", &format!("listen = [\"127.0.0.1:{port}\"]"), 1)
+        .replacen("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{admin_port}\""), 1)
+        .replace(
+            &proc_dir.path().join("jwt.secret").display().to_string(),
+            &dir.path().join("jwt.secret").display().to_string(),
+        );
+    let config = proc_dir.path().join("gw.toml");
+    std::fs::write(&config, text).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    wait_until("the process instance joined the cluster", TIMEOUT, || async {
+        std::net::TcpStream::connect(admin).is_ok() && wait_metric_value(admin, "wsgate_cluster_up").await == 1.0
+    })
+    .await;
+    // alice's one session lives on the process instance.
+    let tls = wsgate::tls::cli_client_config(Some(&proc_dir.path().join("server.crt")), false).unwrap();
+    let opts = wsgate::client::Options {
+        token: Some(survivor.token("alice")),
+        tls: Some(tls),
+        ..Default::default()
+    };
+    let (mut ws, _) = wsgate::client::connect(&format!("wss://localhost:{port}/echo"), &opts)
+        .await
+        .unwrap();
+    assert_eq!(roundtrip(&mut ws, "held").await, "held");
+    let alice = || survivor.options(Some(survivor.token("alice")));
+    assert_eq!(survivor.try_connect("/echo", &alice()).await.err(), Some(429));
+    // The process dies without giving anything back.
+    child.kill().unwrap();
+    let _ = child.wait();
+    let killed = Instant::now();
+    let back = wait_for("the dead instance's lease expired", Duration::from_secs(45), || async {
+        tokio::time::sleep(Duration::from_millis(200)).await; // kept: paces the retries
+        wsgate::client::connect(&survivor.url("/echo"), &alice()).await.ok()
+    })
+    .await;
+    drop(back);
+    assert!(killed.elapsed() <= Duration::from_secs(45));
+}
+
+/// One series from a gateway's /metrics (0 when absent or unreachable).
+async fn wait_metric_value(admin: SocketAddr, series: &str) -> f64 {
+    metric_value(&http_get(admin, "/metrics").await.1, series)
+}
