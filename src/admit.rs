@@ -32,6 +32,13 @@ async fn hold_ip(gw: &Gateway, config: &Config, ip: IpAddr) -> Result<Option<cra
         Ok(crate::cluster::IpAnswer::Taken(lease)) => Ok(Some(lease)),
         Ok(crate::cluster::IpAnswer::RateLimited) => Err(Reject::RateLimited),
         Ok(crate::cluster::IpAnswer::Full) => Err(Reject::IpConnLimit),
+        Err(()) if c.on_failure == crate::config::OnFailure::Local => {
+            // Alone, this instance holds its share of the cap (this connection counted).
+            if gw.per_ip().open_count(ip) > c.local_share(a.max_connections_per_ip) {
+                return Err(Reject::IpConnLimit);
+            }
+            Ok(None)
+        }
         Err(()) => unanswered(c),
     }
 }
@@ -57,6 +64,13 @@ async fn hold_user(gw: &Gateway, config: &Config, sub: &str) -> Result<UserHold,
         Some(c) => match c.acquire_user(sub, max, &gw.metrics).await {
             Ok(Some(lease)) => Some(lease),
             Ok(None) => return Err(Reject::UserConnLimit),
+            // Alone, this instance holds its share of the cap (this session counted).
+            Err(()) if c.on_failure == crate::config::OnFailure::Local => {
+                if gw.users.count(&sub.to_string()) > c.local_share(max) {
+                    return Err(Reject::UserConnLimit);
+                }
+                None
+            }
             Err(()) => unanswered(c)?,
         },
     };

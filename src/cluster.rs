@@ -32,8 +32,10 @@
 //! Connect-path calls have `cluster.timeout`; after [`BREAK_AFTER`] failures in a row a
 //! breaker skips Redis for [`BREAK_FOR`] at a time, and `on_failure` decides meanwhile.
 //!
-//! Not built yet (DESIGN section 7): `local` dividing the limits by the live instances;
-//! the per-IP call overlapped with the TLS handshake.
+//! With `on_failure = "local"` an instance alone holds its share of each shared cap:
+//! the cap divided by the live instances (a sorted set each heartbeat refreshes).
+//!
+//! Not built yet (DESIGN section 7): the per-IP call overlapped with the TLS handshake.
 
 use crate::config::ConfigError;
 use crate::incidents::{MAX_BANS, MAX_REVOCATIONS, canonical};
@@ -222,6 +224,9 @@ pub struct Cluster {
     /// Connect-path failures in a row, and until when the breaker skips Redis.
     failures: std::sync::atomic::AtomicU32,
     broken_until: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Instances that asserted their counts within [`LEASE_TTL`] (this one included), as
+    /// last seen: `on_failure = "local"` divides the caps by it.
+    live: std::sync::atomic::AtomicU32,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -280,11 +285,18 @@ impl Cluster {
             on_failure: c.on_failure,
             failures: std::sync::atomic::AtomicU32::new(0),
             broken_until: std::sync::Mutex::new(None),
+            live: std::sync::atomic::AtomicU32::new(1),
         })
     }
 
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
+    }
+
+    /// A shared cap as this instance enforces it alone while Redis fails (`local`): its
+    /// share, the cap divided by the live instances last seen (at least 1).
+    pub fn local_share(&self, cap: u32) -> u32 {
+        (cap / self.live.load(Ordering::Relaxed).max(1)).max(1)
     }
 
     /// Whether the breaker skips Redis on the connect path now.
@@ -662,6 +674,16 @@ impl Cluster {
     /// restarted Redis learns them again, and the leases do not expire while held.
     async fn heartbeat(&self, users: &[(String, u32)], ips: &[(String, u32)]) -> redis::RedisResult<()> {
         let mut con = self.connection().await?;
+        // The live instances: each asserts itself with its lease end.
+        let instances = format!("{}:instances", self.prefix);
+        let now = unix_now();
+        let (_, _, live): ((), (), u32) = redis::pipe()
+            .zadd(&instances, &self.instance, now + LEASE_TTL.as_secs())
+            .zrembyscore(&instances, "-inf", now)
+            .zcard(&instances)
+            .query_async(&mut con)
+            .await?;
+        self.live.store(live.max(1), Ordering::Relaxed);
         let script = redis::Script::new(ASSERT);
         let keys = users.iter().map(|(sub, n)| (self.user_key(sub), *n));
         let keys = keys.chain(ips.iter().map(|(ip, n)| (self.ip_key(ip), *n)));

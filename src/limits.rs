@@ -178,6 +178,11 @@ impl<K: std::hash::Hash + Eq + Clone> Counted<K> {
         lock(&self.open).len()
     }
 
+    /// Slots `key` holds now.
+    pub fn count(&self, key: &K) -> u32 {
+        lock(&self.open).get(key).copied().unwrap_or(0)
+    }
+
     /// Every key holding a slot, with its count.
     pub fn snapshot(&self) -> Vec<(K, u32)> {
         lock(&self.open).iter().map(|(k, n)| (k.clone(), *n)).collect()
@@ -327,6 +332,11 @@ impl PerIp {
     }
 
     /// Live rate-limiter keys evicted at the key cap since start.
+    /// Live connections of `ip`'s key.
+    pub fn open_count(&self, ip: IpAddr) -> u32 {
+        self.open.count(&self.key(ip))
+    }
+
     /// Live connections per client key.
     pub fn open_counts(&self) -> Vec<(IpKey, u32)> {
         self.open.snapshot()

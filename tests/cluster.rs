@@ -595,3 +595,24 @@ async fn a_killed_instances_leases_are_released_within_45_seconds() {
 async fn wait_metric_value(admin: SocketAddr, series: &str) -> f64 {
     metric_value(&http_get(admin, "/metrics").await.1, series)
 }
+
+#[tokio::test]
+async fn alone_an_instance_holds_its_share_of_a_cap() {
+    let mut redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let limits = "max_connections_per_user = 3";
+    let gws = [
+        instance_limited(&redis, dir.path(), limits).await,
+        instance_limited(&redis, dir.path(), limits).await,
+        instance_limited(&redis, dir.path(), limits).await,
+    ];
+    // Every instance has seen the three at its next heartbeat.
+    tokio::time::sleep(wsgate::cluster::RESYNC + Duration::from_secs(1)).await; // kept: a heartbeat must pass
+    redis.kill();
+    let gw = &gws[0];
+    gw.wait_metric(r#"wsgate_cluster_mode{mode="local"}"#, 1.0).await;
+    // A third of 3: one session of alice here, the second refused.
+    let alice = || gw.options(Some(gw.token("alice")));
+    let _one = gw.try_connect("/echo", &alice()).await.unwrap();
+    assert_eq!(gw.try_connect("/echo", &alice()).await.err(), Some(429));
+}
