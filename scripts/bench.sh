@@ -133,6 +133,7 @@ port_of() {
     direct) echo "$DIRECT_PORT" ;;
     wsgate) echo "$WSGATE_PORT" ;;
     nginx) echo "$NGINX_PORT" ;;
+    redis) echo "$REDIS_PORT" ;;
   esac
 }
 
@@ -143,6 +144,7 @@ start() {
     direct) "$BENCH" tls-echo --listen "127.0.0.1:$DIRECT_PORT" --cert "$CERT" --key "$KEY" >>"$LOGS/direct.log" 2>&1 & ;;
     wsgate) "$WSGATE" run --config "$WSGATE_CONFIG" >>"$LOGS/wsgate.log" 2>&1 & ;;
     nginx) "$NGINX" -p "$WORK/nginx/" -c "$WORK/nginx/nginx.conf" -e "$WORK/nginx/error.log" >>"$LOGS/nginx.log" 2>&1 & ;;
+    redis) redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no >>"$LOGS/redis.log" 2>&1 & ;;
   esac
   PID[$name]=$!
   wait_port "$(port_of "$name")" "${PID[$name]}" || die "$name did not start (see $LOGS/$name.log)"
@@ -157,7 +159,7 @@ restart() {
 CERT=$WORK/server.crt KEY=$WORK/server.key
 "$BENCH" self-signed --cert "$CERT" --key "$KEY"
 (umask 077 && head -c 32 /dev/urandom | od -An -v -tx1 | tr -d ' \n' >"$WORK/jwt.secret")
-read -r ECHO_PORT DIRECT_PORT WSGATE_PORT ADMIN_PORT NGINX_PORT < <("$BENCH" free-ports 5)
+read -r ECHO_PORT DIRECT_PORT WSGATE_PORT ADMIN_PORT NGINX_PORT REDIS_PORT < <("$BENCH" free-ports 6)
 
 # --- wsgate config --------------------------------------------------------------------------
 # write_wsgate_config FILE SECURITY: SECURITY=1 includes the firewall and the per-IP, per-user
@@ -411,6 +413,21 @@ EOF
     URL_PATH=/mtls measure wsgate feat-hs-mtls handshakes "${CLIENT_CERT[@]}" --concurrency 32 \
       --duration "$DURATION" --warmup "$WARMUP" --sources "$SOURCES" --cpu-pid "${PID[wsgate]}"
   done
+  # Cluster mode: the same config with [cluster] on a local redis-server (one Redis call for
+  # the client address and one for the user per connection).
+  if command -v redis-server >/dev/null 2>&1; then
+    start redis
+    CLUSTER_CONFIG=$WORK/wsgate-cluster.toml
+    { cat "$FEATURES_CONFIG"; printf '\n[cluster]\nredis = "redis://127.0.0.1:%s/0"\ntimeout = "50ms"\n' "$REDIS_PORT"; } >"$CLUSTER_CONFIG"
+    WSGATE_CONFIG=$CLUSTER_CONFIG restart wsgate
+    for ((r = 1; r <= REPEAT; r++)); do
+      measure wsgate feat-hs-cluster handshakes --concurrency 32 --duration "$DURATION" --warmup "$WARMUP" \
+        --sources "$SOURCES" --cpu-pid "${PID[wsgate]}"
+    done
+    stop redis
+  else
+    say "bench: redis-server missing: no cluster-mode row (scripts/setup-system.sh installs it)"
+  fi
 fi
 
 for t in $TARGETS; do stop "$t"; done
