@@ -21,14 +21,24 @@ pub(crate) struct UserHold {
 /// In cluster mode, the per-IP rate and cap across instances for `ip` (the local ones
 /// have passed): one Redis call within `cluster.timeout`, before the 101. Without an
 /// answer in time the local limits decide.
-async fn hold_ip(gw: &Gateway, config: &Config, ip: IpAddr) -> Result<Option<crate::cluster::Lease>, Reject> {
+async fn hold_ip(
+    gw: &Gateway,
+    config: &Config,
+    ip: IpAddr,
+    started: Option<SharedIpCheck>,
+) -> Result<Option<crate::cluster::Lease>, Reject> {
     let Some(c) = &gw.cluster else { return Ok(None) };
     let a = &config.limits.admission;
-    let label = gw.per_ip().key(ip).label();
-    match c
-        .acquire_ip(&label, a.max_connections_per_ip, a.connection_rate, a.connection_burst, &gw.metrics)
-        .await
-    {
+    let answer = match started {
+        // Started with the TLS handshake: usually answered by now.
+        Some(task) => task.await.unwrap_or(Err(())),
+        None => {
+            let label = gw.per_ip().key(ip).label();
+            c.acquire_ip(&label, a.max_connections_per_ip, a.connection_rate, a.connection_burst, &gw.metrics)
+                .await
+        }
+    };
+    match answer {
         Ok(crate::cluster::IpAnswer::Taken(lease)) => Ok(Some(lease)),
         Ok(crate::cluster::IpAnswer::RateLimited) => Err(Reject::RateLimited),
         Ok(crate::cluster::IpAnswer::Full) => Err(Reject::IpConnLimit),
@@ -147,6 +157,32 @@ pub(crate) struct RequestCtx {
     pub(crate) verdict: Arc<Mutex<Verdict>>,
     /// The client certificate the TLS handshake verified.
     pub(crate) cert: Option<Arc<ClientCert>>,
+    /// Cluster mode: the shared per-IP check of the TCP peer, started with the TLS
+    /// handshake (see [`start_shared_ip_check`]).
+    pub(crate) shared_ip: Mutex<Option<SharedIpCheck>>,
+}
+
+/// A shared per-IP check in flight.
+pub(crate) type SharedIpCheck = tokio::task::JoinHandle<Result<crate::cluster::IpAnswer, ()>>;
+
+/// In cluster mode, start the shared per-IP check of `peer` now, so that it runs while
+/// TLS is negotiated; the request stage waits for its answer before the 101. `None`
+/// without a cluster, or when the client is named later by `X-Forwarded-For`. (A task
+/// whose answer is never read, after a failed handshake, drops its lease: given back.)
+pub(crate) fn start_shared_ip_check(gw: &Arc<Gateway>, rt: &Runtime, peer: IpAddr) -> Option<SharedIpCheck> {
+    let cluster = gw.cluster.clone()?;
+    let server = &rt.config.server;
+    if server.client_ip_source == crate::config::ClientIpSource::XForwardedFor && server.is_trusted_proxy(peer) {
+        return None;
+    }
+    let a = rt.config.limits.admission.clone();
+    let label = gw.per_ip().key(peer).label();
+    let gw = gw.clone();
+    Some(tokio::spawn(async move {
+        cluster
+            .acquire_ip(&label, a.max_connections_per_ip, a.connection_rate, a.connection_burst, &gw.metrics)
+            .await
+    }))
 }
 
 /// The request after the checks that need no token: routed, validated, the client's
@@ -201,7 +237,8 @@ impl RequestCtx {
     /// Stages 5–7 in order; the first refusal wins.
     async fn admit(&self, req: &mut Request<Incoming>) -> Result<Answer, Reject> {
         let checked = self.check(req)?;
-        let ip_lease = hold_ip(&self.gw, &self.rt.config, checked.client_ip).await?;
+        let started = lock(&self.shared_ip).take().filter(|_| checked.client_ip == self.peer_ip);
+        let ip_lease = hold_ip(&self.gw, &self.rt.config, checked.client_ip, started).await?;
         let route = &self.rt.config.routes[checked.route_index];
         let mut cert_sub = None;
         let (identity, token, user_slot) = match self.authenticate(route, req, checked.query.as_deref()).await? {

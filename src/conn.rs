@@ -97,6 +97,8 @@ async fn handshake(
 ) -> Result<Box<Admitted>, Reject> {
     let server = &rt.config.server;
     let deadline = accepted + server.handshake_timeout;
+    // Cluster mode: the shared per-IP check of the TCP peer runs while TLS is negotiated.
+    let shared_ip = crate::admit::start_shared_ip_check(gw, rt, peer_ip);
     let (tls, cert) = accept_tls(rt, tcp, deadline).await?;
     let ctx = Arc::new(crate::admit::RequestCtx {
         gw: gw.clone(),
@@ -105,6 +107,7 @@ async fn handshake(
         over_cap,
         verdict: verdict.clone(),
         cert,
+        shared_ip: Mutex::new(shared_ip),
     });
     let service = service_fn(move |req| {
         let ctx = ctx.clone();
