@@ -43,9 +43,13 @@ async fn hold_ip(
         Ok(crate::cluster::IpAnswer::RateLimited) => Err(Reject::RateLimited),
         Ok(crate::cluster::IpAnswer::Full) => Err(Reject::IpConnLimit),
         Err(()) if c.on_failure == crate::config::OnFailure::Local => {
-            // Alone, this instance holds its share of the cap (this connection counted).
+            // Alone, this instance holds its share of the cap (this connection counted)
+            // and of the rate (a connection costs as many cells as there are instances).
             if gw.per_ip().open_count(ip) > c.local_share(a.max_connections_per_ip) {
                 return Err(Reject::IpConnLimit);
+            }
+            if !gw.per_ip().charge_more(ip, c.live_instances() - 1) {
+                return Err(Reject::RateLimited);
             }
             Ok(None)
         }

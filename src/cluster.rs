@@ -32,10 +32,9 @@
 //! Connect-path calls have `cluster.timeout`; after [`BREAK_AFTER`] failures in a row a
 //! breaker skips Redis for [`BREAK_FOR`] at a time, and `on_failure` decides meanwhile.
 //!
-//! With `on_failure = "local"` an instance alone holds its share of each shared cap:
-//! the cap divided by the live instances (a sorted set each heartbeat refreshes).
-//!
-//! Not built yet (DESIGN section 7): the per-IP call overlapped with the TLS handshake.
+//! With `on_failure = "local"` an instance alone holds its share of each shared cap and
+//! of the per-IP rate: divided by the live instances (a sorted set each heartbeat
+//! refreshes). The per-IP call for the TCP peer runs while TLS is negotiated.
 
 use crate::config::ConfigError;
 use crate::incidents::{MAX_BANS, MAX_REVOCATIONS, canonical};
@@ -297,6 +296,11 @@ impl Cluster {
     /// share, the cap divided by the live instances last seen (at least 1).
     pub fn local_share(&self, cap: u32) -> u32 {
         (cap / self.live.load(Ordering::Relaxed).max(1)).max(1)
+    }
+
+    /// Instances alive as last seen (at least 1).
+    pub fn live_instances(&self) -> u32 {
+        self.live.load(Ordering::Relaxed).max(1)
     }
 
     /// Whether the breaker skips Redis on the connect path now.

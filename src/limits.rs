@@ -332,6 +332,14 @@ impl PerIp {
     }
 
     /// Live rate-limiter keys evicted at the key cap since start.
+    /// Charge `ip`'s rate `extra` more cells (a connection costs `1 + extra`): with Redis
+    /// away, an instance alone takes its share of the rate (cluster `on_failure = "local"`).
+    /// Whether the rate allows it.
+    pub fn charge_more(&self, ip: IpAddr, extra: u32) -> bool {
+        let Some(n) = std::num::NonZeroU32::new(extra) else { return true };
+        matches!(self.rate.check_key_n(&self.key(ip), n), Ok(Ok(())))
+    }
+
     /// Live connections of `ip`'s key.
     pub fn open_count(&self, ip: IpAddr) -> u32 {
         self.open.count(&self.key(ip))
