@@ -129,15 +129,6 @@ if n <= 0 then redis.call('HDEL', KEYS[1], ARGV[1], ARGV[1] .. ':exp') end
 return n
 "#;
 
-/// Assert this instance's count for a user (a heartbeat). KEYS[1] the user's hash; ARGV
-/// instance, count, lease ms.
-const ASSERT: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2], ARGV[1] .. ':exp', now + tonumber(ARGV[3]))
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) * 2)
-return 1
-"#;
 /// Budget of an admin action's Redis write (the connect path's `timeout` is for calls a
 /// client waits on; an operator's action may take longer).
 const ACTION_TIMEOUT: Duration = Duration::from_secs(1);
@@ -226,6 +217,8 @@ pub struct Cluster {
     /// Instances that asserted their counts within [`LEASE_TTL`] (this one included), as
     /// last seen: `on_failure = "local"` divides the caps by it.
     live: std::sync::atomic::AtomicU32,
+    /// The lease keys the last heartbeat asserted.
+    asserted: std::sync::Mutex<HashSet<String>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -285,6 +278,7 @@ impl Cluster {
             failures: std::sync::atomic::AtomicU32::new(0),
             broken_until: std::sync::Mutex::new(None),
             live: std::sync::atomic::AtomicU32::new(1),
+            asserted: std::sync::Mutex::default(),
         })
     }
 
@@ -620,7 +614,8 @@ impl Drop for Lease {
                         .invoke_async::<i64>(&mut con)
                         .await
                 };
-                // A release that does not arrive is corrected by the next heartbeat.
+                // A release that does not arrive: the next heartbeat asserts this
+                // instance's true count for the key (0 when it holds none any more).
                 let _ = tokio::time::timeout(ACTION_TIMEOUT, release).await;
             });
         }
@@ -659,10 +654,23 @@ impl Cluster {
             })),
             Ok(Ok(_)) => Ok(None),
             Ok(Err(_)) => Err("error"),
-            Err(_) => Err("timeout"),
+            Err(_) => {
+                self.release_late(key);
+                Err("timeout")
+            }
         };
         self.record(answer.as_ref().err().copied(), metrics);
         answer.map_err(|_| ())
+    }
+
+    /// A call that timed out may still run in Redis and take a lease nobody holds: give
+    /// one back behind it (same connection, so after it). If it never ran, this count is
+    /// one short until the next heartbeat asserts the true one.
+    fn release_late(self: &Arc<Self>, key: String) {
+        drop(Lease {
+            cluster: self.clone(),
+            key,
+        });
     }
 
     /// Count a connect-path call and feed the breaker.
@@ -681,25 +689,40 @@ impl Cluster {
         // The live instances: each asserts itself with its lease end.
         let instances = format!("{}:instances", self.prefix);
         let now = unix_now();
-        let (_, _, live): ((), (), u32) = redis::pipe()
+        let (_, _, live, (secs, micros)): ((), (), u32, (u64, u64)) = redis::pipe()
             .zadd(&instances, &self.instance, now + LEASE_TTL.as_secs())
             .zrembyscore(&instances, "-inf", now)
             .zcard(&instances)
+            .cmd("TIME")
             .query_async(&mut con)
             .await?;
         self.live.store(live.max(1), Ordering::Relaxed);
-        let script = redis::Script::new(ASSERT);
+        // Every key's count in one pipeline, lease ends in Redis time; keys this instance
+        // asserted last time and holds no more are asserted at 0 (a release that never
+        // arrived, or a lease a timed-out call took, stops counting now).
+        let lease_end = secs * 1000 + micros / 1000 + LEASE_TTL.as_millis() as u64;
+        let ttl_ms = (LEASE_TTL.as_millis() * 2) as i64;
+        let mut now_held = HashSet::new();
+        let mut pipe = redis::pipe();
         let keys = users.iter().map(|(sub, n)| (self.user_key(sub), *n));
-        let keys = keys.chain(ips.iter().map(|(ip, n)| (self.ip_key(ip), *n)));
-        for (key, n) in keys {
-            script
-                .key(key)
-                .arg(&self.instance)
-                .arg(n)
-                .arg(LEASE_TTL.as_millis() as u64)
-                .invoke_async::<i64>(&mut con)
-                .await?;
+        for (key, n) in keys.chain(ips.iter().map(|(ip, n)| (self.ip_key(ip), *n))) {
+            pipe.hset_multiple(
+                &key,
+                &[(self.instance.clone(), n as u64), (format!("{}:exp", self.instance), lease_end)],
+            )
+            .ignore()
+            .pexpire(&key, ttl_ms)
+            .ignore();
+            now_held.insert(key);
         }
+        let gone: Vec<String> = crate::util::lock(&self.asserted).difference(&now_held).cloned().collect();
+        for key in &gone {
+            pipe.hdel(key, &[self.instance.clone(), format!("{}:exp", self.instance)]).ignore();
+        }
+        if !now_held.is_empty() || !gone.is_empty() {
+            pipe.query_async::<()>(&mut con).await?;
+        }
+        *crate::util::lock(&self.asserted) = now_held;
         Ok(())
     }
 
@@ -745,7 +768,10 @@ impl Cluster {
             Ok(Ok(0)) => Ok(IpAnswer::RateLimited),
             Ok(Ok(_)) => Ok(IpAnswer::Full),
             Ok(Err(_)) => Err("error"),
-            Err(_) => Err("timeout"),
+            Err(_) => {
+                self.release_late(key);
+                Err("timeout")
+            }
         };
         self.record(answer.as_ref().err().copied(), metrics);
         answer.map_err(|_| ())

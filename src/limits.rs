@@ -336,6 +336,9 @@ impl PerIp {
     /// away, an instance alone takes its share of the rate (cluster `on_failure = "local"`).
     /// Whether the rate allows it.
     pub fn charge_more(&self, ip: IpAddr, extra: u32) -> bool {
+        // Never more than the burst can hold: a share is at least one connection per
+        // emission interval.
+        let extra = extra.min(self.settings.connection_burst.saturating_sub(1));
         let Some(n) = std::num::NonZeroU32::new(extra) else { return true };
         matches!(self.rate.check_key_n(&self.key(ip), n), Ok(Ok(())))
     }

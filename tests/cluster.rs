@@ -628,3 +628,57 @@ async fn alone_an_instance_holds_its_share_of_a_cap_and_of_the_rate() {
     }
     assert_eq!(admitted, 2);
 }
+
+#[tokio::test]
+async fn a_call_that_times_out_but_runs_later_leaves_no_lease_behind() {
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let limits = "max_connections_per_ip = 1\nconnection_rate_per_ip = \"1000/s\"\nconnection_burst_per_ip = 1000";
+    let gw = instance_limited(&redis, dir.path(), limits).await;
+    let peer = instance_limited(&redis, dir.path(), limits).await;
+    // Redis busy for a while: the gateway's call (20 ms budget) times out, and Redis runs
+    // it afterwards.
+    let port = redis.port;
+    let busy = tokio::spawn(async move {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}/0")).unwrap();
+        let mut con = client.get_multiplexed_async_connection().await.unwrap();
+        let _: i64 = redis::cmd("EVAL")
+            .arg("local i = 0 while i < 20000000 do i = i + 1 end return 1")
+            .arg(0)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+    });
+    tokio::time::sleep(Duration::from_millis(30)).await; // kept: let the busy script start
+    let o = from(&gw, gw.token("t1"), "127.0.0.61");
+    let first = wsgate::client::connect(&gw.url("/echo"), &o).await;
+    busy.await.unwrap();
+    assert!(gw.metric(r#"wsgate_cluster_ops_total{op="admit",result="timeout"}"#).await >= 1.0);
+    drop(first);
+    // Once that connection is gone, the address may connect again anywhere: the late
+    // lease was given back behind the late call.
+    wait_until("the address admitted again", TIMEOUT, || async {
+        tokio::time::sleep(Duration::from_millis(100)).await; // kept: paces the retries
+        served(&peer, "127.0.0.61").await
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn alone_with_more_instances_than_the_burst_an_instance_still_admits() {
+    let mut redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let limits = "connection_rate_per_ip = \"100/s\"\nconnection_burst_per_ip = 1";
+    let gws = [
+        instance_limited(&redis, dir.path(), limits).await,
+        instance_limited(&redis, dir.path(), limits).await,
+    ];
+    tokio::time::sleep(wsgate::cluster::RESYNC + Duration::from_secs(1)).await; // kept: a heartbeat must pass
+    redis.kill();
+    gws[0].wait_metric(r#"wsgate_cluster_mode{mode="local"}"#, 1.0).await;
+    // Its share of 100/s is 50/s: a connection every half second passes.
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(500)).await; // kept: the rate is the test
+        assert!(served(&gws[0], "127.0.0.62").await);
+    }
+}
