@@ -58,51 +58,23 @@ pub const RESYNC: Duration = Duration::from_secs(5);
 /// stop counting after this.
 pub const LEASE_TTL: Duration = Duration::from_secs(30);
 
-/// Take one session of a user if all instances together hold fewer than the cap.
-/// KEYS[1] the user's hash (`<instance>` = count, `<instance>:exp` = lease end, ms, Redis
-/// time); ARGV instance, cap, lease ms. Dead instances' fields are removed first.
-const ACQUIRE: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local all = redis.call('HGETALL', KEYS[1])
-local counts, sum = {}, 0
-for i = 1, #all, 2 do
-  local f = all[i]
-  if string.sub(f, -4) == ':exp' then
-    if (tonumber(all[i + 1]) or 0) < now then
-      redis.call('HDEL', KEYS[1], f, string.sub(f, 1, -5))
-      counts[string.sub(f, 1, -5)] = false
-    end
-  end
-end
-for i = 1, #all, 2 do
-  local f = all[i]
-  if string.sub(f, -4) ~= ':exp' and counts[f] ~= false then
-    sum = sum + (tonumber(all[i + 1]) or 0)
-  end
-end
-if sum >= tonumber(ARGV[2]) then return 0 end
-redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
-redis.call('HSET', KEYS[1], ARGV[1] .. ':exp', now + tonumber(ARGV[3]))
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) * 2)
-return 1
-"#;
-
-/// A new connection from one client key: the shared rate (GCRA, microseconds of Redis
-/// time) and then the shared concurrency cap (as [`ACQUIRE`]). KEYS[1] the key's lease
-/// hash, KEYS[2] its rate key; ARGV instance, cap, lease ms, emission interval µs, burst
-/// tolerance µs. Returns 1 (taken), 0 (rate), -1 (cap).
-const ACQUIRE_IP: &str = r#"
-local t = redis.call('TIME')
+/// Lua: the time now in Redis (`now_us`, and `now` in ms): never the instances' clocks.
+macro_rules! lua_now {
+    () => {
+        "local t = redis.call('TIME')
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local now = math.floor(now_us / 1000)
-local interval, tolerance = tonumber(ARGV[4]), tonumber(ARGV[5])
-local tat = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
-if tat < now_us then tat = now_us end
-if tat - now_us > tolerance then return 0 end
-local next_tat = tat + interval
-redis.call('SET', KEYS[2], string.format('%.0f', next_tat), 'PX', math.ceil((next_tat - now_us) / 1000) + 1)
-local all = redis.call('HGETALL', KEYS[1])
+"
+    };
+}
+
+/// Lua: take a lease on KEYS[1] (a field per instance: `<instance>` = count,
+/// `<instance>:exp` = lease end in ms) if the live instances together hold fewer than
+/// ARGV[2]; ARGV[1] the instance, ARGV[3] the lease ms. Dead instances' fields are removed
+/// first. Returns 1 (taken) or -1 (full).
+macro_rules! lua_lease {
+    () => {
+        "local all = redis.call('HGETALL', KEYS[1])
 local dead, sum = {}, 0
 for i = 1, #all, 2 do
   local f = all[i]
@@ -120,7 +92,29 @@ redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
 redis.call('HSET', KEYS[1], ARGV[1] .. ':exp', now + tonumber(ARGV[3]))
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) * 2)
 return 1
-"#;
+"
+    };
+}
+
+/// One session of a user if all instances together hold fewer than the cap (KEYS[1] the
+/// user's hash; ARGV instance, cap, lease ms): 1 taken, -1 full.
+const ACQUIRE: &str = concat!(lua_now!(), lua_lease!());
+
+/// A new connection from one client key: the shared rate (GCRA, microseconds of Redis
+/// time), then the shared cap as [`ACQUIRE`]. KEYS[1] the key's lease hash, KEYS[2] its
+/// rate key; ARGV instance, cap, lease ms, emission interval µs, burst tolerance µs.
+/// Returns 1 (taken), 0 (rate), -1 (cap).
+const ACQUIRE_IP: &str = concat!(
+    lua_now!(),
+    "local interval, tolerance = tonumber(ARGV[4]), tonumber(ARGV[5])
+local tat = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
+if tat < now_us then tat = now_us end
+if tat - now_us > tolerance then return 0 end
+local next_tat = tat + interval
+redis.call('SET', KEYS[2], string.format('%.0f', next_tat), 'PX', math.ceil((next_tat - now_us) / 1000) + 1)
+",
+    lua_lease!()
+);
 
 /// Give one session back. KEYS[1] the user's hash; ARGV instance.
 const RELEASE: &str = r#"
