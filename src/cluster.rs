@@ -187,8 +187,16 @@ pub enum IpAnswer {
     Full,
 }
 
+/// The Lua scripts, hashed once (their SHA-1 is what Redis runs them by).
+struct Scripts {
+    acquire: redis::Script,
+    acquire_ip: redis::Script,
+    release: redis::Script,
+}
+
 pub struct Cluster {
     client: redis::Client,
+    scripts: Scripts,
     prefix: String,
     /// Budget of a call on the connect path (`cluster.timeout`).
     pub timeout: Duration,
@@ -258,6 +266,11 @@ impl Cluster {
         let db = client.get_connection_info().redis_settings().db();
         Ok(Cluster {
             client,
+            scripts: Scripts {
+                acquire: redis::Script::new(ACQUIRE),
+                acquire_ip: redis::Script::new(ACQUIRE_IP),
+                release: redis::Script::new(RELEASE),
+            },
             prefix: p.clone(),
             timeout: c.timeout,
             bans: format!("{p}:bans"),
@@ -602,7 +615,9 @@ impl Drop for Lease {
             rt.spawn(async move {
                 let release = async {
                     let mut con = cluster.connection().await?;
-                    redis::Script::new(RELEASE)
+                    cluster
+                        .scripts
+                        .release
                         .key(&key)
                         .arg(&cluster.instance)
                         .invoke_async::<i64>(&mut con)
@@ -627,26 +642,48 @@ impl Cluster {
     /// Take one of `sub`'s `max` sessions across every instance, within `timeout`.
     /// `Ok(None)`: all taken; `Err`: Redis did not answer in time (the caller decides).
     pub async fn acquire_user(self: &Arc<Self>, sub: &str, max: u32, metrics: &Metrics) -> Result<Option<Lease>, ()> {
+        let (_, lease) = self
+            .take_lease(&self.scripts.acquire, self.user_key(sub), false, max, &[], metrics)
+            .await?;
+        Ok(lease)
+    }
+
+    /// Run a lease script (`1` = taken) on `key` (and `key:rate` with `rate_key`) within
+    /// `timeout`, feeding the breaker. Returns the script's answer and, when it took one,
+    /// the lease. A call that timed out gets a late release queued behind it.
+    async fn take_lease(
+        self: &Arc<Self>,
+        script: &redis::Script,
+        key: String,
+        rate_key: bool,
+        max: u32,
+        extra: &[u64],
+        metrics: &Metrics,
+    ) -> Result<(i64, Option<Lease>), ()> {
         if self.broken() {
             return Err(());
         }
-        let key = self.user_key(sub);
         let call = async {
             let mut con = self.connection().await?;
-            redis::Script::new(ACQUIRE)
-                .key(&key)
-                .arg(&self.instance)
-                .arg(max)
-                .arg(LEASE_TTL.as_millis() as u64)
-                .invoke_async::<i64>(&mut con)
-                .await
+            let mut invocation = script.key(&key);
+            if rate_key {
+                invocation.key(format!("{key}:rate"));
+            }
+            invocation.arg(&self.instance).arg(max).arg(LEASE_TTL.as_millis() as u64);
+            for a in extra {
+                invocation.arg(*a);
+            }
+            invocation.invoke_async::<i64>(&mut con).await
         };
         let answer = match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok(1)) => Ok(Some(Lease {
-                cluster: self.clone(),
-                key,
-            })),
-            Ok(Ok(_)) => Ok(None),
+            Ok(Ok(1)) => Ok((
+                1,
+                Some(Lease {
+                    cluster: self.clone(),
+                    key,
+                }),
+            )),
+            Ok(Ok(code)) => Ok((code, None)),
             Ok(Err(_)) => Err("error"),
             Err(_) => {
                 self.release_late(key);
@@ -735,40 +772,23 @@ impl Cluster {
         burst: u32,
         metrics: &Metrics,
     ) -> Result<IpAnswer, ()> {
-        if self.broken() {
-            return Err(());
-        }
-        let key = self.ip_key(label);
         let interval = (rate.per.as_micros() / u128::from(rate.count.max(1))).max(1) as u64;
         let tolerance = interval.saturating_mul(u64::from(burst.max(1) - 1));
-        let call = async {
-            let mut con = self.connection().await?;
-            redis::Script::new(ACQUIRE_IP)
-                .key(&key)
-                .key(format!("{key}:rate"))
-                .arg(&self.instance)
-                .arg(max)
-                .arg(LEASE_TTL.as_millis() as u64)
-                .arg(interval)
-                .arg(tolerance)
-                .invoke_async::<i64>(&mut con)
-                .await
-        };
-        let answer = match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok(1)) => Ok(IpAnswer::Taken(Lease {
-                cluster: self.clone(),
-                key,
-            })),
-            Ok(Ok(0)) => Ok(IpAnswer::RateLimited),
-            Ok(Ok(_)) => Ok(IpAnswer::Full),
-            Ok(Err(_)) => Err("error"),
-            Err(_) => {
-                self.release_late(key);
-                Err("timeout")
-            }
-        };
-        self.record(answer.as_ref().err().copied(), metrics);
-        answer.map_err(|_| ())
+        let (code, lease) = self
+            .take_lease(
+                &self.scripts.acquire_ip,
+                self.ip_key(label),
+                true,
+                max,
+                &[interval, tolerance],
+                metrics,
+            )
+            .await?;
+        Ok(match (code, lease) {
+            (_, Some(lease)) => IpAnswer::Taken(lease),
+            (0, None) => IpAnswer::RateLimited,
+            (_, None) => IpAnswer::Full,
+        })
     }
 
     /// Ranges and token ids that pending actions will write to Redis: bans, revocations,
