@@ -357,19 +357,21 @@ async fn a_certificate_naming_no_usable_identity_is_refused_on_mtls_routes() {
         .await;
 }
 
-async fn reload(gw: &Gw, text: &str) -> Result<Vec<String>, wsgate::config::ConfigError> {
-    let cfg = wsgate::Config::from_toml_str(text, "reload.toml")?;
-    gw.running.as_ref().unwrap().gateway.reload(cfg).await
-}
-
-#[tokio::test]
-async fn crls_refuse_revoked_certificates_and_a_reload_closes_their_sessions() {
+/// A gateway trusting a fresh CA with a CRL revoking serial 66 (`optional` mode, the
+/// four routes), and the config text that reloads it.
+async fn crl_gateway() -> (tempfile::TempDir, Ca, Gw, String) {
     let pki = tempfile::tempdir().unwrap();
     let ours = ca("our client CA");
     std::fs::write(pki.path().join("ca.crl"), crl(&ours, &[66], 1)).unwrap();
     let gw = gateway(&ours, pki.path(), "optional", true, &routes4()).await;
     let text =
         config_text(gw.dir.path(), "", &routes4()).replace("self_signed_if_missing = true\n", &tls_lines(pki.path(), "optional", true));
+    (pki, ours, gw, text)
+}
+
+#[tokio::test]
+async fn crls_refuse_revoked_certificates_and_a_reload_closes_their_sessions() {
+    let (pki, ours, gw, text) = crl_gateway().await;
     let alice = simple(&ours, "alice", 1);
     let carol = simple(&ours, "carol", 3);
     let revoked = simple(&ours, "mallory", 66);
@@ -388,14 +390,14 @@ async fn crls_refuse_revoked_certificates_and_a_reload_closes_their_sessions() {
         "-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n",
     )
     .unwrap();
-    let err = reload(&gw, &text).await.unwrap_err();
+    let err = gw.reload(&text).await.unwrap_err();
     assert_eq!(err.key, "tls.client_crl_files");
     assert!(err.line.is_some());
     assert_eq!(roundtrip(&mut a, "after a bad reload").await, "after a bad reload");
 
     // A CRL revoking alice: her live session is closed with 1008; carol's stays.
     std::fs::write(pki.path().join("ca.crl"), crl(&ours, &[66, 1], 2)).unwrap();
-    reload(&gw, &text).await.unwrap();
+    gw.reload(&text).await.unwrap();
     assert_eq!(close_code(&mut a).await.0, 1008);
     assert_eq!(roundtrip(&mut c, "still here").await, "still here");
     assert_eq!(attempt(&gw, "/m", &opts(&gw, Some(&alice), None)).await, Got::TlsFailed);
@@ -405,7 +407,7 @@ async fn crls_refuse_revoked_certificates_and_a_reload_closes_their_sessions() {
         .map(|c: rustls_pki_types::CertificateRevocationListDer| c.as_ref().to_vec())
         .unwrap();
     std::fs::write(pki.path().join("ca.crl"), der).unwrap();
-    reload(&gw, &text).await.unwrap();
+    gw.reload(&text).await.unwrap();
     assert_eq!(attempt(&gw, "/m", &opts(&gw, Some(&alice), None)).await, Got::Open);
     assert_eq!(attempt(&gw, "/m", &opts(&gw, Some(&revoked), None)).await, Got::TlsFailed);
 }
@@ -426,7 +428,7 @@ async fn a_reload_that_replaces_the_client_ca_closes_the_sessions_it_authenticat
     std::fs::write(pki.path().join("ca.pem"), ca("new CA").pem).unwrap();
     let text =
         config_text(gw.dir.path(), "", &routes4()).replace("self_signed_if_missing = true\n", &tls_lines(pki.path(), "optional", false));
-    reload(&gw, &text).await.unwrap();
+    gw.reload(&text).await.unwrap();
     assert_eq!(close_code(&mut m).await.0, 1008);
     assert_eq!(roundtrip(&mut j, "token sessions stay").await, "token sessions stay");
 }
@@ -458,7 +460,7 @@ async fn unknown_revocation_status_is_refused_when_crls_are_configured() {
     std::fs::write(pki.path().join("ca.crl"), both).unwrap();
     let text =
         config_text(gw.dir.path(), "", &routes4()).replace("self_signed_if_missing = true\n", &tls_lines(pki.path(), "optional", true));
-    reload(&gw, &text).await.unwrap();
+    gw.reload(&text).await.unwrap();
     assert_eq!(attempt(&gw, "/m", &opts(&gw, Some(&dave), None)).await, Got::Open);
 }
 
@@ -555,7 +557,7 @@ async fn a_reload_that_removes_client_certificates_closes_only_the_sessions_they
         route("j", "/j", "builtin:echo", "jwt"),
         route("open", "/open", "builtin:echo", "none")
     );
-    reload(&gw, &config_text(gw.dir.path(), "", &only_jwt)).await.unwrap();
+    gw.reload(&config_text(gw.dir.path(), "", &only_jwt)).await.unwrap();
     assert_eq!(close_code(&mut m).await.0, 1008);
     assert_eq!(
         roundtrip(&mut j, "a token session with a certificate stays").await,
@@ -594,12 +596,7 @@ async fn a_chain_through_a_cross_signed_intermediate_is_as_trusted_as_its_signer
 
 #[tokio::test]
 async fn a_forged_or_stale_crl_is_a_config_error_and_a_reload_with_it_changes_nothing() {
-    let pki = tempfile::tempdir().unwrap();
-    let ours = ca("our client CA");
-    std::fs::write(pki.path().join("ca.crl"), crl(&ours, &[66], 1)).unwrap();
-    let gw = gateway(&ours, pki.path(), "optional", true, &routes4()).await;
-    let text =
-        config_text(gw.dir.path(), "", &routes4()).replace("self_signed_if_missing = true\n", &tls_lines(pki.path(), "optional", true));
+    let (pki, ours, gw, text) = crl_gateway().await;
     let alice = simple(&ours, "alice", 1);
     let (mut a, _) = wsgate::client::connect(&gw.url("/m"), &opts(&gw, Some(&alice), None))
         .await
@@ -612,7 +609,7 @@ async fn a_forged_or_stale_crl_is_a_config_error_and_a_reload_with_it_changes_no
         (stale, "nextUpdate"),
     ] {
         std::fs::write(pki.path().join("ca.crl"), bad).unwrap();
-        let err = reload(&gw, &text).await.unwrap_err();
+        let err = gw.reload(&text).await.unwrap_err();
         assert_eq!(err.key, "tls.client_crl_files");
         assert!(err.to_string().contains(says), "{err}");
         // `check` and a start refuse it too.
@@ -624,7 +621,7 @@ async fn a_forged_or_stale_crl_is_a_config_error_and_a_reload_with_it_changes_no
     }
     // A CRL file that is not a regular file is refused, not read forever.
     let text_zero = text.replace(&pki.path().join("ca.crl").display().to_string(), "/dev/zero");
-    let err = reload(&gw, &text_zero).await.unwrap_err();
+    let err = gw.reload(&text_zero).await.unwrap_err();
     assert!(err.to_string().contains("not a regular file"), "{err}");
 }
 

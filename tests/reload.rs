@@ -11,11 +11,6 @@ use std::sync::{
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
 
-async fn reload(gw: &Gw, text: &str) -> Result<Vec<String>, wsgate::config::ConfigError> {
-    let cfg = wsgate::Config::from_toml_str(text, "reload.toml")?;
-    gw.running.as_ref().unwrap().gateway.reload(cfg).await
-}
-
 #[tokio::test]
 async fn reload_under_traffic_loses_nothing_and_bad_config_changes_nothing() {
     let gw = Gw::echo().await;
@@ -60,7 +55,8 @@ async fn reload_under_traffic_loses_nothing_and_bad_config_changes_nothing() {
             echoed.load(Ordering::SeqCst) >= seen + 20
         })
         .await;
-        let notes = reload(&gw, &text.replace("[server]", "[server]\nidle_timeout = \"9m\""))
+        let notes = gw
+            .reload(&text.replace("[server]", "[server]\nidle_timeout = \"9m\""))
             .await
             .unwrap();
         assert!(notes.is_empty(), "{notes:?}");
@@ -76,7 +72,8 @@ async fn reload_under_traffic_loses_nothing_and_bad_config_changes_nothing() {
     );
 
     // An invalid config is refused with its key and line, and nothing changes.
-    let err = reload(&gw, &text.replace("[server]", "[server]\nidle_timeout = \"forever\""))
+    let err = gw
+        .reload(&text.replace("[server]", "[server]\nidle_timeout = \"forever\""))
         .await
         .unwrap_err();
     assert_eq!(err.key, "server.idle_timeout");
@@ -84,7 +81,7 @@ async fn reload_under_traffic_loses_nothing_and_bad_config_changes_nothing() {
     let missing_cert = text
         .replace("server.crt", "missing.crt")
         .replace("self_signed_if_missing = true", "self_signed_if_missing = false");
-    let err = reload(&gw, &missing_cert).await.unwrap_err();
+    let err = gw.reload(&missing_cert).await.unwrap_err();
     assert_eq!(err.key, "tls.cert");
     gw.wait_metric(r#"wsgate_config_reloads_total{result="failure"}"#, 1.0).await;
     assert_eq!(
@@ -96,7 +93,7 @@ async fn reload_under_traffic_loses_nothing_and_bad_config_changes_nothing() {
     let mut fresh = gw.connect("/echo").await;
     assert_eq!(roundtrip(&mut fresh, "new session").await, "new session");
     // A listener change is reported as needing a restart.
-    let notes = reload(&gw, &text.replace("127.0.0.1:0\"]", "127.0.0.1:1\"]")).await.unwrap();
+    let notes = gw.reload(&text.replace("127.0.0.1:0\"]", "127.0.0.1:1\"]")).await.unwrap();
     assert!(notes.iter().any(|n| n.contains("server.listen")), "{notes:?}");
 }
 
@@ -112,7 +109,7 @@ async fn renewed_certificate_is_served_to_the_next_client() {
     wsgate::tls::write_self_signed(&cert, &key).unwrap();
     let new = std::fs::read_to_string(&cert).unwrap();
     assert_ne!(old, new);
-    reload(&gw, &text).await.unwrap();
+    gw.reload(&text).await.unwrap();
     // Only the new certificate is trusted by this client: the handshake proves which one is served.
     let mut opts = gw.options(Some(gw.token("alice")));
     opts.tls = Some(wsgate::tls::cli_client_config(Some(&cert), false).unwrap());
@@ -152,7 +149,7 @@ async fn new_firewall_rules_and_revocations_close_live_sessions_with_1008() {
         assert_eq!(roundtrip(ws, "before").await, "before");
     }
     std::fs::write(revoked.path(), "j-stolen\n").unwrap();
-    reload(&gw, &format!("[firewall]\ndeny = [\"127.0.0.21\"]\n{text}")).await.unwrap();
+    gw.reload(&format!("[firewall]\ndeny = [\"127.0.0.21\"]\n{text}")).await.unwrap();
     assert_eq!(close_code(&mut denied).await, (1008, "access revoked".into()));
     assert_eq!(close_code(&mut stolen).await, (1008, "access revoked".into()));
     assert_eq!(roundtrip(&mut fine, "after").await, "after");
@@ -175,16 +172,16 @@ async fn a_reload_that_removes_the_key_cuts_sessions_whose_token_no_longer_verif
     assert_eq!(roundtrip(&mut old, "before").await, "before");
     // The secret leaked: the operator replaces it and reloads.
     std::fs::write(gw.dir.path().join("jwt.secret"), "a-brand-new-secret-of-32-bytes-or-more\n").unwrap();
-    reload(&gw, &text).await.unwrap();
+    gw.reload(&text).await.unwrap();
     assert_eq!(close_code(&mut old).await.0, 1008);
     // A token signed with the new secret works.
     let mut fresh = gw.connect("/echo").await;
     assert_eq!(roundtrip(&mut fresh, "after").await, "after");
     // A reload that changes nothing leaves a valid session alone.
-    reload(&gw, &text).await.unwrap();
+    gw.reload(&text).await.unwrap();
     assert_eq!(roundtrip(&mut fresh, "still").await, "still");
     // Changing the audience cuts it.
-    reload(&gw, &text.replace("audience = [\"wsgate\"]", "audience = [\"other\"]"))
+    gw.reload(&text.replace("audience = [\"wsgate\"]", "audience = [\"other\"]"))
         .await
         .unwrap();
     assert_eq!(close_code(&mut fresh).await.0, 1008);
@@ -204,7 +201,7 @@ async fn a_first_message_token_sent_after_a_reload_is_checked_against_the_new_ke
     // The 101 comes before the token: the session is admitted under the old config.
     let (mut ws, _) = gw.try_connect("/echo", &gw.options(None)).await.unwrap();
     std::fs::write(gw.dir.path().join("jwt.secret"), "a-brand-new-secret-of-32-bytes-or-more\n").unwrap();
-    reload(&gw, &text).await.unwrap();
+    gw.reload(&text).await.unwrap();
     ws.send(Message::text(old_token)).await.unwrap();
     ws.send(Message::text("hello")).await.unwrap();
     assert_eq!(close_code(&mut ws).await.0, 1008);

@@ -307,11 +307,6 @@ async fn reply_mode_answers_without_the_value_and_keeps_the_socket() {
     assert_eq!(s.rejected("binary").await, 1.0);
 }
 
-async fn reload(gw: &Gw) -> Result<Vec<String>, wsgate::config::ConfigError> {
-    let cfg = gw.config.clone();
-    gw.running.as_ref().unwrap().gateway.reload(cfg).await
-}
-
 #[tokio::test]
 async fn a_reload_reads_the_schema_again_and_a_bad_schema_changes_nothing() {
     let s = setup("", "schema_file = \"{schema}\"", SCHEMA).await;
@@ -320,7 +315,7 @@ async fn a_reload_reads_the_schema_again_and_a_bad_schema_changes_nothing() {
     assert_eq!(roundtrip(&mut before, eleven).await, eleven);
     // Tighter schema: new connections get it.
     std::fs::write(&s.schema_path, SCHEMA.replace("\"maxLength\": 20", "\"maxLength\": 5")).unwrap();
-    reload(&s.gw).await.unwrap();
+    s.gw.reload_config(s.gw.config.clone()).await.unwrap();
     let mut after = s.gw.connect("/v").await;
     after.send(Message::text(eleven)).await.unwrap();
     assert_eq!(close_code(&mut after).await.0, 1008);
@@ -329,11 +324,11 @@ async fn a_reload_reads_the_schema_again_and_a_bad_schema_changes_nothing() {
     // An invalid schema is a config error naming the key and the file; the last good
     // schema stays in force.
     std::fs::write(&s.schema_path, r#"{"type": 12}"#).unwrap();
-    let e = reload(&s.gw).await.unwrap_err();
+    let e = s.gw.reload_config(s.gw.config.clone()).await.unwrap_err();
     assert_eq!(e.key, "routes.validate.schema_file");
     assert!(e.to_string().contains("chat.schema.json"), "{e}");
     std::fs::write(&s.schema_path, "not json").unwrap();
-    let e = reload(&s.gw).await.unwrap_err();
+    let e = s.gw.reload_config(s.gw.config.clone()).await.unwrap_err();
     assert!(e.to_string().contains("not JSON"), "{e}");
     let mut still = s.gw.connect("/v").await;
     still.send(Message::text(eleven)).await.unwrap();

@@ -176,6 +176,16 @@ impl Gw {
         }
     }
 
+    /// Reload the running gateway with config `text` (as SIGHUP does with the file).
+    pub async fn reload(&self, text: &str) -> Result<Vec<String>, wsgate::config::ConfigError> {
+        self.reload_config(Config::from_toml_str(text, "reload.toml")?).await
+    }
+
+    /// Reload the running gateway with `cfg` (its files are read again).
+    pub async fn reload_config(&self, cfg: Config) -> Result<Vec<String>, wsgate::config::ConfigError> {
+        self.running.as_ref().unwrap().gateway.reload(cfg).await
+    }
+
     /// The Prometheus text from the admin listener.
     pub async fn metrics_text(&self) -> String {
         http_get(self.admin, "/metrics").await.1
