@@ -36,15 +36,20 @@ pub async fn handle(gw: Arc<Gateway>, rt: Arc<Runtime>, tcp: TcpStream, peer: So
     let result = async {
         // The handshake stages are boxed: their state (TLS accept, hyper's connection
         // and builder) is freed before the session relays, so an idle session stays small.
-        let admission = Box::pin(handshake(&gw, &rt, tcp, peer_ip, accepted, over_cap, &verdict)).await?;
-        relay_session(&gw, &rt, admission, accepted, &verdict, admitted_under).await
+        let Some(admission) = Box::pin(handshake(&gw, &rt, tcp, peer_ip, accepted, over_cap, &verdict)).await? else {
+            return Ok(None);
+        };
+        relay_session(&gw, &rt, admission, accepted, &verdict, admitted_under)
+            .await
+            .map(Some)
     }
     .await;
     let info = std::mem::take(&mut lock(&verdict).info);
     let route = info.route.as_deref().unwrap_or("-");
     let client = info.client_ip.unwrap_or(peer_ip);
     match result {
-        Ok(done) => log_session(&gw, &info, client, route, &done),
+        Ok(Some(done)) => log_session(&gw, &info, client, route, &done),
+        Ok(None) => tracing::info!(peer = %client, "answered an ACME TLS-ALPN-01 validation"),
         Err(reject) => gw.refused(
             &reject,
             &Refused {
@@ -94,12 +99,14 @@ async fn handshake(
     accepted: Instant,
     over_cap: bool,
     verdict: &Arc<Mutex<Verdict>>,
-) -> Result<Box<Admitted>, Reject> {
+) -> Result<Option<Box<Admitted>>, Reject> {
     let server = &rt.config.server;
     let deadline = accepted + server.handshake_timeout;
     // Cluster mode: the shared per-IP check of the TCP peer runs while TLS is negotiated.
     let shared_ip = crate::admit::start_shared_ip_check(gw, rt, peer_ip);
-    let (tls, cert) = accept_tls(rt, tcp, deadline).await?;
+    let Some((tls, cert)) = accept_tls(rt, tcp, deadline).await? else {
+        return Ok(None);
+    };
     let ctx = Arc::new(crate::admit::RequestCtx {
         gw: gw.clone(),
         rt: rt.clone(),
@@ -150,7 +157,7 @@ async fn handshake(
         (None, Ok(_)) => return Err(Reject::BadRequest("connection closed without a request")),
         (None, Err(_)) => return Err(Reject::HandshakeTimeout),
     };
-    Ok(admission)
+    Ok(Some(admission))
 }
 
 /// The TLS handshake (stage 4) under the handshake deadline, and the client certificate
@@ -159,12 +166,17 @@ async fn accept_tls(
     rt: &Runtime,
     tcp: TcpStream,
     deadline: Instant,
-) -> Result<(TlsStream<TcpStream>, Option<Arc<crate::tls::ClientCert>>), Reject> {
+) -> Result<Option<(TlsStream<TcpStream>, Option<Arc<crate::tls::ClientCert>>)>, Reject> {
     let tls = match tokio::time::timeout_at(deadline, Box::pin(rt.tls.accept(tcp))).await {
         Err(_) => return Err(Reject::HandshakeTimeout),
         Ok(Err(_)) => return Err(Reject::TlsHandshake),
         Ok(Ok(tls)) => tls,
     };
+    // A TLS-ALPN-01 validation (`[tls.acme]`): the handshake was the whole exchange; the
+    // connection ends without HTTP (RFC 8737 section 3).
+    if tls.get_ref().1.alpn_protocol() == Some(crate::tls::ACME_TLS_ALPN) {
+        return Ok(None);
+    }
     let cert = tls
         .get_ref()
         .1
@@ -179,7 +191,7 @@ async fn accept_tls(
             return Err(Reject::TlsHandshake);
         }
     }
-    Ok((tls, cert))
+    Ok(Some((tls, cert)))
 }
 
 /// A session ready to relay: both WebSockets and what the relay needs to keep.

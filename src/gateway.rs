@@ -67,6 +67,9 @@ const RELOAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 pub struct Runtime {
     pub config: Config,
     pub tls: TlsAcceptor,
+    /// The certificate `tls` serves: from files, or filled by the ACME task (then the
+    /// same store across reloads).
+    pub certs: Arc<crate::tls::CertStore>,
     /// The verifier of client certificates (`tls.client_ca`); live sessions re-check
     /// their certificate against the one of each new config.
     pub client_auth: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
@@ -94,8 +97,18 @@ impl Runtime {
     /// Load certificates and keys named by `config`. With `create_dev_files`, missing
     /// development certificates and secrets are generated when the config allows it.
     pub fn load(config: Config, create_dev_files: bool) -> Result<Runtime, ConfigError> {
+        Runtime::load_with(config, create_dev_files, None)
+    }
+
+    /// [`Runtime::load`], serving `[tls.acme]` certificates from `acme` (the running
+    /// gateway's store) instead of a new, empty store.
+    pub fn load_with(config: Config, create_dev_files: bool, acme: Option<Arc<crate::tls::CertStore>>) -> Result<Runtime, ConfigError> {
         let client_auth = crate::tls::client_auth(&config)?;
-        let tls = TlsAcceptor::from(crate::tls::server_config(&config, create_dev_files, client_auth.clone())?);
+        if let Some(a) = &config.tls.acme {
+            crate::acme::check_cache_dir(a, &config.origin, create_dev_files)?;
+        }
+        let (server_tls, certs) = crate::tls::server_config(&config, create_dev_files, client_auth.clone(), acme)?;
+        let tls = TlsAcceptor::from(server_tls);
         let firewall = Firewall::load(&config.firewall, &config.origin)?;
         let needs_jwt = config.routes.iter().any(|r| r.auth.uses_jwt());
         let verifier = if needs_jwt {
@@ -147,6 +160,7 @@ impl Runtime {
         Ok(Runtime {
             config,
             tls,
+            certs,
             client_auth,
             firewall,
             verifier,
@@ -244,7 +258,18 @@ impl Gateway {
         // Files are read on a blocking thread, under a deadline: a slow file system never
         // stalls the runtime or the signal loop (SIGTERM is still served).
         let origin = config.origin.clone();
-        let loading = tokio::task::spawn_blocking(move || Runtime::load(config, true));
+        let old = self.runtime();
+        if config.tls.acme.is_some() != old.config.tls.acme.is_some() {
+            self.metrics.reload(false);
+            return Err(ConfigError {
+                file: origin,
+                line: None,
+                key: "tls.acme".into(),
+                message: "switching between certificate files and [tls.acme] needs a restart".into(),
+            });
+        }
+        let acme = old.config.tls.acme.as_ref().map(|_| old.certs.clone());
+        let loading = tokio::task::spawn_blocking(move || Runtime::load_with(config, true, acme));
         let loaded = match tokio::time::timeout(RELOAD_TIMEOUT, loading).await {
             Ok(Ok(loaded)) => loaded,
             Ok(Err(_)) | Err(_) => Err(ConfigError {
@@ -261,8 +286,10 @@ impl Gateway {
                 return Err(e);
             }
         };
-        let old = self.runtime();
         let mut notes = Vec::new();
+        if new.config.tls.acme != old.config.tls.acme {
+            notes.push("[tls.acme] changed: takes effect after a restart (the running ACME task keeps its settings)".to_string());
+        }
         if new.config.server.listen != old.config.server.listen {
             notes.push("server.listen changed: the old listeners stay until a restart".to_string());
         }
@@ -313,6 +340,7 @@ impl Gateway {
     /// The Prometheus text of every metric, with the limiter's running totals brought up to date.
     pub fn render_metrics(&self) -> String {
         self.metrics.limiter_evictions(self.per_ip().evicted());
+        self.metrics.certificate_expiry(self.runtime().certs.current().map(|c| c.not_after));
         self.metrics.render()
     }
 
@@ -464,6 +492,17 @@ pub fn warnings(config: &Config) -> Vec<String> {
     let mut w = Vec::new();
     if config.tls.self_signed_if_missing {
         w.push("tls.self_signed_if_missing = true: a self-signed development certificate may be served".to_string());
+    }
+    if let Some(a) = &config.tls.acme {
+        if crate::acme::is_test_directory(&a.directory_url.value) {
+            w.push(format!(
+                "tls.acme.directory_url = {}: a staging or test ACME server; browsers do not trust its certificates",
+                crate::util::escape(&a.directory_url.value, 128)
+            ));
+        }
+        if config.firewall.default == FirewallDefault::Deny {
+            w.push("[tls.acme] with firewall.default = \"deny\": the CA's validation servers must be allowed to reach the wss listener, or no certificate is issued".to_string());
+        }
     }
     if let crate::config::SecretSource::File {
         generate_if_missing: true, ..

@@ -33,6 +33,7 @@
 //! use; the rest is crate-private.
 #![forbid(unsafe_code)]
 
+pub mod acme;
 mod admin;
 mod admin_api;
 mod admit;

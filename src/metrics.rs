@@ -29,6 +29,8 @@ pub const CLUSTER_UP: &str = "wsgate_cluster_up";
 pub const CLUSTER_OPS: &str = "wsgate_cluster_ops_total";
 pub const CLUSTER_MODE: &str = "wsgate_cluster_mode";
 pub const MESSAGES_REJECTED: &str = "wsgate_messages_rejected_total";
+pub const TLS_CERT_EXPIRY: &str = "wsgate_tls_certificate_expiry_timestamp_seconds";
+pub const ACME_ORDERS: &str = "wsgate_acme_orders_total";
 
 const DESCRIPTIONS: &[(&str, &str)] = &[
     (CONNECTIONS_ACCEPTED, "TCP connections accepted on the wss listeners."),
@@ -64,6 +66,14 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     (
         CLUSTER_OPS,
         "Cluster mode Redis operations, by op (ban, revoke, sync) and result (ok, error, timeout).",
+    ),
+    (
+        TLS_CERT_EXPIRY,
+        "notAfter of the certificate the wss listeners serve (files or ACME), Unix time; 0 while none is (ACME before its first issuance).",
+    ),
+    (
+        ACME_ORDERS,
+        "ACME certificate orders, by result (issued, failed); a failed order keeps the current certificate.",
     ),
     (
         LIMITER_EVICTIONS,
@@ -135,7 +145,7 @@ impl Metrics {
             let unit = name.ends_with("_seconds").then_some(Unit::Seconds);
             if name.ends_with("_total") {
                 recorder.describe_counter((*name).into(), unit, help);
-            } else if name.ends_with("_seconds") {
+            } else if name.ends_with("_seconds") && *name != TLS_CERT_EXPIRY {
                 recorder.describe_histogram((*name).into(), unit, help);
             } else {
                 recorder.describe_gauge((*name).into(), unit, help);
@@ -245,6 +255,26 @@ impl Metrics {
     /// One admin API request: `action` and `result` are from fixed sets.
     pub fn admin_request(&self, action: &'static str, result: &'static str) {
         self.counter(ADMIN_REQUESTS, &[("action", action), ("result", result)]).increment(1);
+    }
+
+    /// The served certificate's notAfter (Unix seconds); `None`: no certificate yet.
+    pub fn certificate_expiry(&self, not_after: Option<i64>) {
+        self.recorder
+            .register_gauge(&Key::from_name(TLS_CERT_EXPIRY), &metadata())
+            .set(not_after.unwrap_or(0) as f64);
+    }
+
+    /// One ACME order; `None` registers both series at zero.
+    pub fn acme_order(&self, issued: Option<bool>) {
+        match issued {
+            Some(ok) => self
+                .counter(ACME_ORDERS, &[("result", if ok { "issued" } else { "failed" })])
+                .increment(1),
+            None => {
+                self.counter(ACME_ORDERS, &[("result", "issued")]).increment(0);
+                self.counter(ACME_ORDERS, &[("result", "failed")]).increment(0);
+            }
+        }
     }
 
     pub fn reload(&self, ok: bool) {

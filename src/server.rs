@@ -67,12 +67,18 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         Some(c) => Some(Arc::new(crate::cluster::Cluster::new(c, &runtime.config.origin)?)),
         None => None,
     };
+    let acme = crate::acme::AcmeTask::new(&runtime.config, runtime.certs.clone())?;
     let gateway = Arc::new(Gateway::new(runtime, cluster.clone()));
     crate::gateway::start_jwks_refresh(&gateway.runtime(), &gateway.metrics, gateway.generation()).await;
     let stop = CancellationToken::new();
     if let Some(c) = cluster {
         gateway.metrics.cluster_up(false);
         tokio::spawn(c.run(gateway.clone(), stop.clone()));
+    }
+    if let Some(acme) = acme {
+        gateway.metrics.acme_order(None);
+        let gw = gateway.clone();
+        tokio::spawn(acme.run(move |issued| gw.metrics.acme_order(Some(issued)), stop.clone()));
     }
     let task = tokio::spawn(serve(gateway.clone(), listeners, admin, stop.clone()));
     Ok(Running {

@@ -2,7 +2,9 @@
 //! upstreams and the `client` command, the self-signed development certificate, and
 //! client certificates (mTLS, `client_cert`).
 
+mod certs;
 mod client_cert;
+pub use certs::{ACME_TLS_ALPN, CertStore, Served};
 pub use client_cert::{ClientCert, DevClientCert, MAX_IDENTITY, MAX_SUBJECT, client_verifier, write_dev_client_cert};
 
 use crate::config::{Config, ConfigError, Located, TlsVersion};
@@ -38,13 +40,58 @@ fn server_provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// certificate first when the files are missing and `self_signed_if_missing` is set.
 /// `client_auth` is the verifier of client certificates ([`client_verifier`]), if any.
 ///
+/// The certificate is served from a [`CertStore`]: with files, a new store holding
+/// them; with `[tls.acme]`, `acme` (the store the ACME task fills, which outlives
+/// reloads) or a new empty one. The config offers `acme-tls/1` only with ACME.
+///
 /// With `create` false (`wsgate check`), missing development files are not written:
 /// a throw-away certificate is generated in memory so the rest can still be checked.
 pub fn server_config(
     cfg: &Config,
     create: bool,
     client_auth: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
-) -> Result<Arc<ServerConfig>, ConfigError> {
+    acme: Option<Arc<CertStore>>,
+) -> Result<(Arc<ServerConfig>, Arc<CertStore>), ConfigError> {
+    let t = &cfg.tls;
+    let origin = &cfg.origin;
+    let store = match &t.acme {
+        Some(_) => acme.unwrap_or_default(),
+        None => Arc::new(CertStore::with(file_certificate(cfg, create)?)),
+    };
+    let versions: &[&rustls::SupportedProtocolVersion] = match t.min_version {
+        TlsVersion::V1_2 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        TlsVersion::V1_3 => &[&rustls::version::TLS13],
+    };
+    let builder = ServerConfig::builder_with_provider(server_provider())
+        .with_protocol_versions(versions)
+        .map_err(|e| t.cert.error(origin, format!("TLS setup failed: {e}")))?;
+    let builder = match client_auth {
+        Some(v) => builder.with_client_cert_verifier(v),
+        None => builder.with_no_client_auth(),
+    };
+    let mut sc = builder.with_cert_resolver(store.clone());
+    sc.alpn_protocols = vec![b"http/1.1".to_vec()];
+    if t.acme.is_some() {
+        sc.alpn_protocols.push(ACME_TLS_ALPN.to_vec());
+    }
+    sc.ignore_client_order = true;
+    // Resumption for returning clients: stateless tickets plus a bounded session cache.
+    sc.ticketer = aws_lc_rs::Ticketer::new().map_err(|e| t.cert.error(origin, format!("TLS ticketer: {e}")))?;
+    sc.session_storage = rustls::server::ServerSessionMemoryCache::new(4096);
+    Ok((Arc::new(sc), store))
+}
+
+/// A private key as the server's crypto provider signs with it.
+pub fn load_signing_key(key: PrivateKeyDer<'static>) -> Result<Arc<dyn rustls::sign::SigningKey>, String> {
+    server_provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| format!("unusable private key: {e}"))
+}
+
+/// The certificate and key named by `tls.cert` and `tls.key` (created first for
+/// development when allowed), checked to belong together.
+fn file_certificate(cfg: &Config, create: bool) -> Result<Served, ConfigError> {
     let t = &cfg.tls;
     let origin = &cfg.origin;
     let missing = !t.cert.value.exists() && !t.key.value.exists();
@@ -62,26 +109,7 @@ pub fn server_config(
         let key = read_key(&t.key.value).map_err(|e| t.key.error(origin, e))?;
         (certs, key)
     };
-    let versions: &[&rustls::SupportedProtocolVersion] = match t.min_version {
-        TlsVersion::V1_2 => &[&rustls::version::TLS13, &rustls::version::TLS12],
-        TlsVersion::V1_3 => &[&rustls::version::TLS13],
-    };
-    let builder = ServerConfig::builder_with_provider(server_provider())
-        .with_protocol_versions(versions)
-        .map_err(|e| t.cert.error(origin, format!("TLS setup failed: {e}")))?;
-    let builder = match client_auth {
-        Some(v) => builder.with_client_cert_verifier(v),
-        None => builder.with_no_client_auth(),
-    };
-    let mut sc = builder
-        .with_single_cert(certs, key)
-        .map_err(|e| t.key.error(origin, format!("certificate and key do not form a usable pair: {e}")))?;
-    sc.alpn_protocols = vec![b"http/1.1".to_vec()];
-    sc.ignore_client_order = true;
-    // Resumption for returning clients: stateless tickets plus a bounded session cache.
-    sc.ticketer = aws_lc_rs::Ticketer::new().map_err(|e| t.cert.error(origin, format!("TLS ticketer: {e}")))?;
-    sc.session_storage = rustls::server::ServerSessionMemoryCache::new(4096);
-    Ok(Arc::new(sc))
+    Served::new(certs, key).map_err(|e| t.key.error(origin, e))
 }
 
 fn pem_error(what: &str, path: &Path, e: rustls_pki_types::pem::Error) -> String {
@@ -94,7 +122,7 @@ fn pem_error(what: &str, path: &Path, e: rustls_pki_types::pem::Error) -> String
 
 /// The PEM certificates in `path` (at most [`crate::fsutil::MAX_KEY_FILE`] bytes, a
 /// regular file).
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+pub(crate) fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let data = crate::fsutil::read_limited(path, crate::fsutil::MAX_KEY_FILE)
         .map_err(|e| format!("cannot read certificate {}: {e}", path.display()))?;
     CertificateDer::pem_slice_iter(&data)
@@ -103,7 +131,7 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
 }
 
 /// The PEM private key in `path` (bounded like [`read_certs`]).
-fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+pub(crate) fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
     let data = crate::fsutil::read_limited(path, crate::fsutil::MAX_KEY_FILE)
         .map_err(|e| format!("cannot read private key {}: {e}", path.display()))?;
     PrivateKeyDer::from_pem_slice(&data).map_err(|e| pem_error("private key", path, e))

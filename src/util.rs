@@ -29,3 +29,12 @@ pub(crate) async fn accept_failed(listener: &str, e: &std::io::Error) {
     tracing::error!(listener, error = %e, "accept failed");
     tokio::time::sleep(ACCEPT_BACKOFF).await;
 }
+
+/// A random duration in `[0, spread)`.
+pub(crate) fn jitter(spread: std::time::Duration) -> std::time::Duration {
+    let mut b = [0u8; 8];
+    if spread.is_zero() || aws_lc_rs::rand::fill(&mut b).is_err() {
+        return std::time::Duration::ZERO;
+    }
+    spread.mul_f64((u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64)
+}

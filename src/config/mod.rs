@@ -13,12 +13,14 @@
 //! | `located.rs` | [`ConfigError`], [`Located`], and line/key lookup in the text |
 //! | `units.rs` | durations, byte sizes and rates as written in the file |
 
+mod acme;
 mod located;
 mod raw;
 mod routes;
 pub mod units;
 mod validate;
 
+pub use acme::{MAX_ACME_DOMAINS, parse_identifier};
 pub use located::{ConfigError, Located};
 pub use units::{ByteSize, HumanDuration, Rate};
 pub use validate::{is_env_var_name, parse_ip_rule};
@@ -163,6 +165,12 @@ impl OnFailure {
 
 /// Default `cluster.key_prefix`.
 pub const DEFAULT_KEY_PREFIX: &str = "wsgate";
+/// `tls.acme.directory_url`: Let's Encrypt's production directory.
+pub const DEFAULT_ACME_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
+/// `tls.acme.cache_dir`.
+pub const DEFAULT_ACME_CACHE_DIR: &str = "certs/acme";
+/// `tls.acme.renew_before`.
+pub const DEFAULT_RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Default `cluster.timeout`.
 pub const DEFAULT_CLUSTER_TIMEOUT: Duration = Duration::from_millis(20);
 
@@ -205,6 +213,43 @@ pub struct Tls {
     pub min_version: TlsVersion,
     /// `client_ca` and what goes with it: client certificates (mTLS). `None` when unset.
     pub client: Option<ClientTls>,
+    /// `[tls.acme]`: certificates from an ACME server instead of `cert`/`key`.
+    pub acme: Option<Acme>,
+}
+
+/// `[tls.acme]` (DESIGN.md section 12). The cache directory is checked where the
+/// runtime is built (`acme::check_cache_dir`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Acme {
+    /// `https://` URL of the ACME directory.
+    pub directory_url: Located<String>,
+    /// `mailto:` URLs for the account.
+    pub contact: Vec<String>,
+    /// What the certificate covers, in the order given, without duplicates.
+    pub domains: Vec<AcmeIdentifier>,
+    pub cache_dir: Located<PathBuf>,
+    /// Renew this long before the certificate expires (at most two thirds of its lifetime).
+    pub renew_before: Duration,
+    /// Extra trust anchors (PEM) for the ACME server's own HTTPS certificate.
+    pub ca_file: Option<Located<PathBuf>>,
+}
+
+/// One name a certificate from `[tls.acme]` covers.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AcmeIdentifier {
+    /// A DNS name, lower case, in A-label (xn--) form.
+    Dns(String),
+    /// An IP address (RFC 8738).
+    Ip(std::net::IpAddr),
+}
+
+impl std::fmt::Display for AcmeIdentifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AcmeIdentifier::Dns(name) => f.write_str(name),
+            AcmeIdentifier::Ip(ip) => write!(f, "{ip}"),
+        }
+    }
 }
 
 /// Client certificates: trust anchors, whether a certificate is required, CRLs. The files

@@ -71,6 +71,19 @@ pub struct Tls {
     pub client_ca: Option<Spanned<PathBuf>>,
     pub client_auth: Option<Spanned<ClientAuth>>,
     pub client_crl_files: Option<Spanned<Vec<PathBuf>>>,
+    pub acme: Option<Spanned<Acme>>,
+}
+
+/// `[tls.acme]`: automatic certificates.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Acme {
+    pub directory_url: Option<Spanned<String>>,
+    pub contact: Option<Spanned<Vec<String>>>,
+    pub domains: Spanned<Vec<String>>,
+    pub cache_dir: Option<Spanned<PathBuf>>,
+    pub renew_before: Option<Spanned<HumanDuration>>,
+    pub ca_file: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Deserialize, Default)]

@@ -145,6 +145,7 @@ impl Validator<'_> {
             self_signed_if_missing: t.self_signed_if_missing.unwrap_or(false),
             min_version: t.min_version.unwrap_or(TlsVersion::V1_2),
             client: self.client_tls(t)?,
+            acme: self.acme(t)?,
         })
     }
 

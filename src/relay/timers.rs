@@ -8,7 +8,7 @@ use super::{
 };
 use crate::error::CloseReason;
 use crate::wire::OP_PING;
-use std::{future::Future, pin::Pin, task::Context, time::Duration};
+use std::{future::Future, pin::Pin, task::Context};
 use tokio::time::{Instant, Sleep, sleep_until};
 use tokio_util::sync::{WaitForCancellationFuture, WaitForCancellationFutureOwned};
 
@@ -59,7 +59,7 @@ impl Timers {
         core: &Core,
     ) -> Option<Event> {
         if self.drain.is_none() && cancelled.poll(cx).is_ready() {
-            self.drain = Some(Box::pin(sleep_until(Instant::now() + jitter(control.drain_spread))));
+            self.drain = Some(Box::pin(sleep_until(Instant::now() + crate::util::jitter(control.drain_spread))));
         }
         if self.drain.as_mut().is_some_and(|d| fired(d, cx)) {
             return Some(Event::End(CloseReason::Shutdown));
@@ -131,15 +131,6 @@ impl Timers {
         }
         None
     }
-}
-
-/// A random duration in `[0, spread)`.
-fn jitter(spread: Duration) -> Duration {
-    let mut b = [0u8; 8];
-    if spread.is_zero() || aws_lc_rs::rand::fill(&mut b).is_err() {
-        return Duration::ZERO;
-    }
-    spread.mul_f64((u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64)
 }
 
 fn fired(s: &mut Pin<Box<Sleep>>, cx: &mut Context<'_>) -> bool {
