@@ -5,6 +5,8 @@
 #   chromium    headless browser for tests/python/test_browser.py (WebSocket from a real page: Origin,
 #               `bearer.<token>` subprotocol, the upstream's chosen protocol)
 #   redis-server  tests/cluster.rs starts its own on a free loopback port (cluster mode)
+#   pebble      Let's Encrypt's test ACME server: tests/acme.rs starts its own on free loopback
+#               ports, its validation authority pointed at the gateway's listener ([tls.acme])
 set -euo pipefail
 need=()
 if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
@@ -15,6 +17,9 @@ if [[ ! -x /usr/bin/chromium ]]; then
 fi
 if ! command -v redis-server >/dev/null 2>&1; then
   need+=(redis-server)
+fi
+if ! command -v pebble >/dev/null 2>&1; then
+  need+=(pebble)
 fi
 if ((${#need[@]})); then
   echo "setup-system: installing ${need[*]}" >&2

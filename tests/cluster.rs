@@ -86,10 +86,6 @@ impl Drop for Redis {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// A gateway in cluster mode on `redis`, with the admin API on, once it is connected.
 async fn instance(redis: &Redis, dir: &std::path::Path) -> Gw {
     instance_limited(redis, dir, "").await

@@ -226,6 +226,11 @@ impl Drop for Gw {
     }
 }
 
+/// A loopback port free now (for servers started outside the test: Redis, Pebble).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
 /// How often the wait helpers look again.
 pub const POLL: Duration = Duration::from_millis(10);
 
