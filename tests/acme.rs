@@ -379,3 +379,42 @@ async fn an_ordinary_client_offering_acme_tls_among_others_gets_the_real_certifi
     assert_eq!(s.get_ref().1.alpn_protocol(), Some(b"http/1.1".as_slice()));
     running.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_serving_the_acme_certificate_and_switching_sources_needs_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let pebble = Pebble::start(dir.path(), port, Duration::from_secs(3600));
+    let config = acme_config(dir.path(), port, pebble.port, "30m");
+    let running = wsgate::start(config.clone()).await.unwrap();
+    let (addr, admin) = (running.wss_addrs[0], running.admin_addr);
+    wait_metric_min(admin, ISSUED, 1.0, ORDER_WAIT).await;
+    let root = pebble.root().await;
+    let issued = served_certificate(addr, "localhost", &root).await.unwrap();
+
+    // A reload (another renew_before: noted as needing a restart) keeps the ACME store.
+    let mut changed = config.clone();
+    changed.tls.acme.as_mut().unwrap().renew_before = Duration::from_secs(7200);
+    let notes = running.gateway.reload(changed).await.unwrap();
+    assert!(notes.iter().any(|n| n.contains("[tls.acme] changed")), "{notes:?}");
+    assert_eq!(served_certificate(addr, "localhost", &root).await.unwrap(), issued);
+    let mut ws = echo_client(addr, "localhost", &root).await;
+    echo(&mut ws, "after the reload").await;
+
+    // Certificate files instead of [tls.acme] on a reload: refused, the ACME certificate stays.
+    let mut files = config.clone();
+    files.tls.acme = None;
+    files.tls.cert.value = dir.path().join("files.crt");
+    files.tls.key.value = dir.path().join("files.key");
+    files.tls.self_signed_if_missing = true;
+    let e = running.gateway.reload(files).await.unwrap_err();
+    assert_eq!(e.key, "tls.acme");
+    assert!(e.message.contains("restart"), "{e}");
+    assert_eq!(served_certificate(addr, "localhost", &root).await.unwrap(), issued);
+    running.shutdown();
+
+    // And the other way: a gateway on files does not take [tls.acme] on a reload.
+    let gw = Gw::echo().await;
+    let e = gw.reload_config(config).await.unwrap_err();
+    assert_eq!(e.key, "tls.acme");
+}

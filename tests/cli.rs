@@ -471,3 +471,52 @@ async fn dev_client_cert_and_client_cert_flags_open_an_mtls_route() {
     child.kill().unwrap();
     let _ = child.wait();
 }
+
+#[test]
+fn check_validates_tls_acme_and_warns_about_a_staging_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("acme");
+    let write = |directory: &str| {
+        let text = format!(
+            "[tls.acme]\ndirectory_url = \"{directory}\"\ncontact = [\"mailto:ops@example.com\"]\ndomains = [\"ws.example.com\", \"192.0.2.7\"]\n\
+             cache_dir = \"{}\"\n[[routes]]\nname = \"e\"\npath = \"/e\"\nupstreams = [\"builtin:echo\"]\nauth = \"none\"\n",
+            cache.display()
+        );
+        let path = dir.path().join("acme.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let check = |path: &std::path::Path| {
+        let out = Command::new(BIN).args(["check", "--config"]).arg(path).output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.code(), text)
+    };
+    // Staging: valid, with a warning; the missing cache directory is not created by check.
+    let (code, out) = check(&write("https://acme-staging-v02.api.letsencrypt.org/directory"));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("warning: tls.acme.directory_url") && out.contains("staging"), "{out}");
+    assert!(!cache.exists(), "check must not create the cache directory");
+    // Production: no such warning.
+    let prod = write("https://acme-v02.api.letsencrypt.org/directory");
+    let (code, out) = check(&prod);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(!out.contains("staging"), "{out}");
+    // A cache directory others can write, or a file in its place: refused, key named.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir(&cache).unwrap();
+        std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let (code, out) = check(&prod);
+        assert_eq!(code, Some(1), "{out}");
+        assert!(
+            out.contains("tls.acme.cache_dir") && out.contains("writable by other users"),
+            "{out}"
+        );
+        std::fs::remove_dir(&cache).unwrap();
+    }
+    std::fs::write(&cache, "not a directory").unwrap();
+    let (code, out) = check(&prod);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("tls.acme.cache_dir") && out.contains("not a directory"), "{out}");
+}

@@ -151,3 +151,26 @@ async fn min_version_and_alpn_are_enforced() {
     running.shutdown();
     running.wait().await;
 }
+
+#[tokio::test]
+async fn the_expiry_gauge_follows_the_certificate_file_across_a_reload() {
+    const EXPIRY: &str = "wsgate_tls_certificate_expiry_timestamp_seconds";
+    let gw = Gw::echo().await;
+    let pem = std::fs::read(gw.dir.path().join("server.crt")).unwrap();
+    let (_, parsed) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+    let not_after = parsed.parse_x509().unwrap().validity().not_after.timestamp();
+    assert_eq!(gw.metric(EXPIRY).await, not_after as f64);
+
+    // A certificate expiring 2031-01-01 00:00:00 UTC, swapped in by a reload.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params.not_after = rcgen::date_time_ymd(2031, 1, 1);
+    let cert = params.self_signed(&key).unwrap();
+    std::fs::write(gw.dir.path().join("next.crt"), cert.pem()).unwrap();
+    std::fs::write(gw.dir.path().join("next.key"), key.serialize_pem()).unwrap();
+    let mut cfg = gw.config.clone();
+    cfg.tls.cert.value = gw.dir.path().join("next.crt");
+    cfg.tls.key.value = gw.dir.path().join("next.key");
+    gw.reload_config(cfg).await.unwrap();
+    assert_eq!(gw.metric(EXPIRY).await, 1_924_992_000.0);
+}

@@ -177,3 +177,84 @@ fn cluster_urls_hold_no_credentials_and_show_none() {
     let e = err("[cluster]\nredis = \"redis://h\"\nredis_ca = \"ca.pem\"\n");
     assert_eq!((e.key.as_str(), e.line), ("cluster.redis_ca", Some(3)));
 }
+
+const ACME: &str = "[tls.acme]\ndirectory_url = \"https://acme.example/dir\"\ndomains = [\"ws.example.com\", \"192.0.2.7\"]\n";
+
+#[test]
+fn acme_table_parses_with_defaults() {
+    let c = Config::from_toml_str(&format!("{ACME}{MINIMAL}"), "t.toml").unwrap();
+    let a = c.tls.acme.unwrap();
+    assert_eq!(
+        a.domains,
+        vec![
+            AcmeIdentifier::Dns("ws.example.com".into()),
+            AcmeIdentifier::Ip("192.0.2.7".parse().unwrap())
+        ]
+    );
+    assert_eq!(a.renew_before, DEFAULT_RENEW_BEFORE);
+    assert_eq!(a.cache_dir.value, PathBuf::from(DEFAULT_ACME_CACHE_DIR));
+    assert!(a.contact.is_empty());
+    let c = Config::from_toml_str(&format!("[tls.acme]\ndomains = [\"a.example\"]\n{MINIMAL}"), "t.toml").unwrap();
+    assert_eq!(c.tls.acme.unwrap().directory_url.value, DEFAULT_ACME_DIRECTORY);
+}
+
+#[test]
+fn acme_errors_name_the_key_and_line() {
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "[tls]\ncert = \"c.pem\"\n[tls.acme]\ndomains = [\"a.example\"]\n",
+            "tls.cert",
+            "either",
+        ),
+        (
+            "[tls]\nself_signed_if_missing = true\n[tls.acme]\ndomains = [\"a.example\"]\n",
+            "tls.self_signed_if_missing",
+            "[tls.acme]",
+        ),
+        (
+            "[tls]\nclient_ca = \"ca.pem\"\nclient_auth = \"required\"\n[tls.acme]\ndomains = [\"a.example\"]\n",
+            "tls.client_auth",
+            "validation server",
+        ),
+        ("[tls.acme]\ndomains = []\n", "tls.acme.domains", "1 to 100"),
+        ("[tls.acme]\ndomains = [\"*.example.com\"]\n", "tls.acme.domains", "RFC 8737"),
+        (
+            "[tls.acme]\ndomains = [\"a.example\", \"A.example\"]\n",
+            "tls.acme.domains",
+            "twice",
+        ),
+        ("[tls.acme]\ndomains = [\"bad_name.example\"]\n", "tls.acme.domains", "DNS name"),
+        (
+            "[tls.acme]\ndirectory_url = \"http://acme.example/dir\"\ndomains = [\"a.example\"]\n",
+            "tls.acme.directory_url",
+            "https",
+        ),
+        (
+            "[tls.acme]\ndirectory_url = \"https://user:hunter2@acme.example/dir\"\ndomains = [\"a.example\"]\n",
+            "tls.acme.directory_url",
+            "credentials",
+        ),
+        (
+            "[tls.acme]\ncontact = [\"ops@example.com\"]\ndomains = [\"a.example\"]\n",
+            "tls.acme.contact",
+            "mailto:",
+        ),
+        (
+            "[tls.acme]\ncontact = [\"mailto:a@b,c@d\"]\ndomains = [\"a.example\"]\n",
+            "tls.acme.contact",
+            "mailto:",
+        ),
+        (
+            "[tls.acme]\nrenew_before = \"0s\"\ndomains = [\"a.example\"]\n",
+            "tls.acme.renew_before",
+            "zero",
+        ),
+        ("[tls.acme]\ndomains = [\"a.example\"]\nport = 80\n", "tls.acme", "port"),
+    ];
+    for (src, key, words) in cases {
+        let e = err(&format!("{src}{MINIMAL}"));
+        assert!(e.key.starts_with(key) && e.message.contains(words), "{src}: {e}");
+        assert!(e.line.is_some(), "{src}: {e}");
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+    }
+}
