@@ -189,6 +189,33 @@ def test_production_config_passes_wsgate_check(tmp_path):
     assert p.returncode != 0 and "WSGATE_JWT_SECRET" in p.stderr, output(p)
 
 
+def test_production_config_with_acme_passes_wsgate_check(tmp_path):
+    """The commented [tls.acme] block of the production config, switched on as its comment says."""
+    binary = default_binary()
+    text = PROD_CONFIG.read_text()
+    block = re.search(r"^# \[tls\.acme\]\n(?:# .+\n)+", text, re.M)
+    assert block, f"{PROD_CONFIG.name} has no commented [tls.acme] block"
+    acme = "\n".join(line[2:] for line in block.group(0).splitlines()) + "\n"
+    assert 'cache_dir = "/var/lib/wsgate/acme"' in acme
+    cache = tmp_path / "acme"
+    acme = acme.replace("/var/lib/wsgate/acme", str(cache))
+    # Remove the file settings the comment says to remove; the [tls.acme] table goes last in [tls].
+    text = re.sub(r'^(cert|key|self_signed_if_missing) = .*\n', "", text, flags=re.M)
+    text = text.replace(block.group(0), acme).replace(PROD_DENY, str(tmp_path / "deny.txt"))
+    (tmp_path / "deny.txt").write_text("203.0.113.0/24\n")
+    config = tmp_path / "wsgate.toml"
+    config.write_text(text)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WSGATE_JWT")}
+    env["WSGATE_JWT_SECRET"] = secrets.token_hex(32)
+    p = run([binary, "check", "--config", config], env=env, cwd=tmp_path)
+    assert p.returncode == 0, output(p)
+    assert "warning" not in (p.stdout + p.stderr).lower(), output(p)
+    assert not cache.exists(), "check must not create the cache directory"
+    # The unit gives the gateway a private, writable /var/lib/wsgate for that cache.
+    unit = unit_settings()
+    assert unit["StateDirectory"] == ["wsgate"] and unit["StateDirectoryMode"] == ["0700"]
+
+
 def seconds(duration: str) -> float:
     m = re.fullmatch(r"(\d+)(ms|s|min|m|h)?", duration.strip())
     assert m, duration
