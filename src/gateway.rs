@@ -70,6 +70,8 @@ pub struct Runtime {
     /// The certificate `tls` serves: from files, or filled by the ACME task (then the
     /// same store across reloads).
     pub certs: Arc<crate::tls::CertStore>,
+    /// `[tls.acme]`: TLS for talking to the ACME server (webpki roots plus `ca_file`).
+    pub acme_client: Option<Arc<rustls::ClientConfig>>,
     /// The verifier of client certificates (`tls.client_ca`); live sessions re-check
     /// their certificate against the one of each new config.
     pub client_auth: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
@@ -104,9 +106,13 @@ impl Runtime {
     /// gateway's store) instead of a new, empty store.
     pub fn load_with(config: Config, create_dev_files: bool, acme: Option<Arc<crate::tls::CertStore>>) -> Result<Runtime, ConfigError> {
         let client_auth = crate::tls::client_auth(&config)?;
-        if let Some(a) = &config.tls.acme {
-            crate::acme::check_cache_dir(a, &config.origin, create_dev_files)?;
-        }
+        let acme_client = match &config.tls.acme {
+            Some(a) => {
+                crate::acme::check_cache_dir(a, &config.origin, create_dev_files)?;
+                Some(crate::tls::upstream_client_config(a.ca_file.as_ref(), &config.origin)?)
+            }
+            None => None,
+        };
         let (server_tls, certs) = crate::tls::server_config(&config, create_dev_files, client_auth.clone(), acme)?;
         let tls = TlsAcceptor::from(server_tls);
         let firewall = Firewall::load(&config.firewall, &config.origin)?;
@@ -161,6 +167,7 @@ impl Runtime {
             config,
             tls,
             certs,
+            acme_client,
             client_auth,
             firewall,
             verifier,
@@ -499,6 +506,12 @@ pub fn warnings(config: &Config) -> Vec<String> {
                 "tls.acme.directory_url = {}: a staging or test ACME server; browsers do not trust its certificates",
                 crate::util::escape(&a.directory_url.value, 128)
             ));
+        }
+        if !crate::acme::is_test_directory(&a.directory_url.value) && !config.server.listen.iter().any(|l| l.port() == 443) {
+            w.push(
+                "[tls.acme] without a listener on port 443: the CA validates TLS-ALPN-01 on port 443, which must reach this listener"
+                    .to_string(),
+            );
         }
         if config.firewall.default == FirewallDefault::Deny {
             w.push("[tls.acme] with firewall.default = \"deny\": the CA's validation servers must be allowed to reach the wss listener, or no certificate is issued".to_string());

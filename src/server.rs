@@ -67,7 +67,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         Some(c) => Some(Arc::new(crate::cluster::Cluster::new(c, &runtime.config.origin)?)),
         None => None,
     };
-    let acme = crate::acme::AcmeTask::new(&runtime.config, runtime.certs.clone())?;
+    let acme = match (&runtime.config.tls.acme, &runtime.acme_client) {
+        (Some(a), Some(tls)) => Some(crate::acme::AcmeTask::new(a.clone(), runtime.certs.clone(), tls.clone())),
+        _ => None,
+    };
     let gateway = Arc::new(Gateway::new(runtime, cluster.clone()));
     crate::gateway::start_jwks_refresh(&gateway.runtime(), &gateway.metrics, gateway.generation()).await;
     let stop = CancellationToken::new();

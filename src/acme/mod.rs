@@ -20,7 +20,7 @@
 mod cache;
 mod https;
 
-use crate::config::{Acme, AcmeIdentifier, Config, ConfigError};
+use crate::config::{Acme, AcmeIdentifier};
 use crate::tls::{CertStore, Served};
 use cache::Cache;
 use instant_acme::{
@@ -50,6 +50,8 @@ const POLL: RetryPolicy = RetryPolicy::new()
     .initial_delay(Duration::from_millis(250))
     .backoff(1.5)
     .timeout(Duration::from_secs(90));
+/// An issued certificate must be valid at least this long.
+const MIN_REMAINING: Duration = Duration::from_secs(10);
 const ACCOUNT_DOES_NOT_EXIST: &str = "urn:ietf:params:acme:error:accountDoesNotExist";
 
 pub use cache::check_cache_dir;
@@ -88,11 +90,10 @@ impl std::fmt::Debug for AcmeTask {
 }
 
 impl AcmeTask {
-    /// Set up the task for `config`'s `[tls.acme]` (`None` without one) and serve the
-    /// cached certificate at once when it covers the configured names and has not expired.
-    pub fn new(config: &Config, store: Arc<CertStore>) -> Result<Option<AcmeTask>, ConfigError> {
-        let Some(acme) = config.tls.acme.clone() else { return Ok(None) };
-        let tls = crate::tls::upstream_client_config(acme.ca_file.as_ref(), &config.origin)?;
+    /// Set up the task for `acme`, talking to the CA with `tls`, filling `store`, and
+    /// serve the cached certificate at once when it covers the configured names and has
+    /// not expired.
+    pub fn new(acme: Acme, store: Arc<CertStore>, tls: Arc<rustls::ClientConfig>) -> AcmeTask {
         let cache = Cache::new(&acme);
         let task = AcmeTask {
             cache,
@@ -120,7 +121,7 @@ impl AcmeTask {
             }
             Err(e) => tracing::warn!(error = %e, "ignoring the cached certificate; ordering a new one"),
         }
-        Ok(Some(task))
+        task
     }
 
     fn names(&self) -> String {
@@ -150,7 +151,7 @@ impl AcmeTask {
                 Ok(served) => {
                     failures = 0;
                     counted(true);
-                    next = renew_at(&served, self.acme.renew_before);
+                    next = next_renewal(&served, self.acme.renew_before, SystemTime::now());
                     tracing::info!(
                         domains = %self.names(),
                         expires = %rfc3339(served.not_after),
@@ -238,6 +239,9 @@ impl AcmeTask {
             .map_err(|e| format!("the ACME server sent an unreadable certificate chain: {e:?}"))?;
         let private = rustls_pki_types::PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| format!("key encoding: {e}"))?;
         let served = Served::new(chain, private).map_err(|e| format!("the issued certificate is unusable: {e}"))?;
+        if served.not_after <= unix_now() + MIN_REMAINING.as_secs() as i64 {
+            return Err("the ACME server issued a certificate that expires within 10 seconds".into());
+        }
         if !served.covers(&self.acme.domains) {
             return Err("the issued certificate does not cover every name in tls.acme.domains".into());
         }
@@ -375,6 +379,14 @@ pub fn renew_at(served: &Served, renew_before: Duration) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs((served.not_after.max(0) as u64).saturating_sub(before))
 }
 
+/// When to renew a certificate just issued at `now`: [`renew_at`], but no sooner than a
+/// third of its remaining life from now (a CA that backdates `notBefore` beyond a short
+/// lifetime would otherwise get a new order at once, again and again).
+pub fn next_renewal(served: &Served, renew_before: Duration, now: SystemTime) -> SystemTime {
+    let remaining = Duration::from_secs((served.not_after - secs(now)).max(0) as u64);
+    renew_at(served, renew_before).max(now + remaining / 3)
+}
+
 /// Wait after the `failures`-th failed order in a row: 1 minute doubling up to 1 hour,
 /// each drawn from its upper half at random.
 pub fn backoff(failures: u32) -> Duration {
@@ -444,6 +456,21 @@ mod tests {
         // A certificate whose dates make no sense renews at its expiry, no earlier.
         let odd = served(2000, 1000);
         assert_eq!(secs(renew_at(&odd, Duration::from_secs(3600))), 1000);
+    }
+
+    #[test]
+    fn a_certificate_backdated_beyond_its_lifetime_is_not_renewed_at_once() {
+        // Issued now (t = 10,000), valid 60 s, notBefore backdated an hour.
+        let s = served(10_000 - 3600, 10_060);
+        let now = UNIX_EPOCH + Duration::from_secs(10_000);
+        assert!(renew_at(&s, Duration::from_secs(30 * 86_400)) < now);
+        assert_eq!(secs(next_renewal(&s, Duration::from_secs(30 * 86_400), now)), 10_020);
+        // The usual case is renew_at itself.
+        let s = served(10_000, 10_000 + 90 * 86_400);
+        assert_eq!(
+            next_renewal(&s, Duration::from_secs(30 * 86_400), now),
+            renew_at(&s, Duration::from_secs(30 * 86_400))
+        );
     }
 
     #[test]
