@@ -33,19 +33,7 @@ impl Pebble {
     /// Start Pebble in `dir`, validating TLS-ALPN-01 on `tls_port` and issuing
     /// certificates valid for `validity`. Its HTTPS CA is written to `dir/pebble-ca.pem`.
     fn start(dir: &Path, tls_port: u16, validity: Duration) -> Pebble {
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca.distinguished_name.push(rcgen::DnType::CommonName, "test Pebble HTTPS CA");
-        let ca_cert = ca.self_signed(&ca_key).unwrap();
-        let issuer = rcgen::Issuer::new(ca, ca_key);
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-        leaf.subject_alt_names.push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
-        let cert = leaf.signed_by(&key, &issuer).unwrap();
-        std::fs::write(dir.join("pebble-ca.pem"), ca_cert.pem()).unwrap();
-        std::fs::write(dir.join("pebble.crt"), cert.pem()).unwrap();
-        std::fs::write(dir.join("pebble.key"), key.serialize_pem()).unwrap();
+        write_ca_signed_server_cert(dir, "pebble");
         let (port, management, http_port) = (free_port(), free_port(), free_port());
         let config = serde_json::json!({"pebble": {
             "listenAddress": format!("127.0.0.1:{port}"),

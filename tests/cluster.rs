@@ -45,19 +45,7 @@ impl Redis {
     /// A TLS-only `redis-server` whose certificate (for 127.0.0.1) is signed by a CA
     /// written to `dir/redis-ca.pem`.
     fn start_tls(dir: &std::path::Path) -> Redis {
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca.distinguished_name.push(rcgen::DnType::CommonName, "test redis CA");
-        let ca_cert = ca.self_signed(&ca_key).unwrap();
-        let issuer = rcgen::Issuer::new(ca, ca_key);
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-        leaf.subject_alt_names.push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
-        let cert = leaf.signed_by(&key, &issuer).unwrap();
-        std::fs::write(dir.join("redis-ca.pem"), ca_cert.pem()).unwrap();
-        std::fs::write(dir.join("redis.crt"), cert.pem()).unwrap();
-        std::fs::write(dir.join("redis.key"), key.serialize_pem()).unwrap();
+        write_ca_signed_server_cert(dir, "redis");
         let port = free_port();
         let args: Vec<std::ffi::OsString> = vec![
             "--port".into(),

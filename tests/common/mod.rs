@@ -226,6 +226,25 @@ impl Drop for Gw {
     }
 }
 
+/// A test CA and a server certificate signed by it for `localhost` and 127.0.0.1, for
+/// servers started outside the test (Redis, Pebble): writes `dir/{name}-ca.pem`,
+/// `dir/{name}.crt` and `dir/{name}.key`.
+pub fn write_ca_signed_server_cert(dir: &std::path::Path, name: &str) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(rcgen::DnType::CommonName, format!("test {name} CA"));
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    leaf.subject_alt_names.push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    let cert = leaf.signed_by(&key, &issuer).unwrap();
+    std::fs::write(dir.join(format!("{name}-ca.pem")), ca_cert.pem()).unwrap();
+    std::fs::write(dir.join(format!("{name}.crt")), cert.pem()).unwrap();
+    std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+}
+
 /// A loopback port free now (for servers started outside the test: Redis, Pebble).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
