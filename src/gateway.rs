@@ -108,7 +108,8 @@ impl Runtime {
         let client_auth = crate::tls::client_auth(&config)?;
         let acme_client = match &config.tls.acme {
             Some(a) => {
-                crate::acme::check_cache_dir(a, &config.origin, create_dev_files)?;
+                // Created at start only: a reload cannot move the running task's cache.
+                crate::acme::check_cache_dir(a, &config.origin, create_dev_files && acme.is_none())?;
                 Some(crate::tls::upstream_client_config(a.ca_file.as_ref(), &config.origin)?)
             }
             None => None,

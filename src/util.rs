@@ -38,3 +38,51 @@ pub(crate) fn jitter(spread: std::time::Duration) -> std::time::Duration {
     }
     spread.mul_f64((u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64)
 }
+
+/// The port written in a URL authority (`host`, `host:port`, `[v6]:port`): `Ok(None)`
+/// when there is none, `Err` when it is empty, zero or not a number up to 65535 (a
+/// parser that drops such a port would silently use the default one instead).
+pub(crate) fn authority_port(authority: &str) -> Result<Option<u16>, ()> {
+    let port = if let Some(v6) = authority.strip_prefix('[') {
+        match v6.split_once(']').ok_or(())?.1 {
+            "" => return Ok(None),
+            rest => rest.strip_prefix(':').ok_or(())?,
+        }
+    } else {
+        match authority.rsplit_once(':') {
+            None => return Ok(None),
+            Some((_, p)) => p,
+        }
+    };
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(());
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p != 0 => Ok(Some(p)),
+        _ => Err(()),
+    }
+}
+
+#[cfg(test)]
+mod authority_tests {
+    use super::authority_port;
+
+    #[test]
+    fn a_written_port_is_valid_or_refused_never_dropped() {
+        assert_eq!(authority_port("acme.example"), Ok(None));
+        assert_eq!(authority_port("acme.example:14000"), Ok(Some(14000)));
+        assert_eq!(authority_port("[::1]"), Ok(None));
+        assert_eq!(authority_port("[::1]:443"), Ok(Some(443)));
+        for bad in [
+            "acme.example:",
+            "acme.example:70000",
+            "acme.example:0",
+            "acme.example:+1",
+            "[::1]:",
+            "[::1",
+            "[::1]x",
+        ] {
+            assert_eq!(authority_port(bad), Err(()), "{bad}");
+        }
+    }
+}

@@ -365,6 +365,13 @@ async fn an_ordinary_client_offering_acme_tls_among_others_gets_the_real_certifi
     let s = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await.unwrap();
     // Verified against Pebble's root (so not a challenge certificate), and spoken as HTTP.
     assert_eq!(s.get_ref().1.alpn_protocol(), Some(b"http/1.1".as_slice()));
+    // acme-tls/1 with a protocol the gateway does not speak: acme-tls/1 would be the only
+    // one in common, so this is a validation attempt, and none is pending: refused.
+    let mut h2 = (*wsgate::tls::cli_client_config(Some(&root), false).unwrap()).clone();
+    h2.alpn_protocols = vec![b"acme-tls/1".to_vec(), b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(running.wss_addrs[0]).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    assert!(tokio_rustls::TlsConnector::from(Arc::new(h2)).connect(name, tcp).await.is_err());
     running.shutdown();
 }
 
@@ -405,4 +412,43 @@ async fn a_reload_keeps_serving_the_acme_certificate_and_switching_sources_needs
     let gw = Gw::echo().await;
     let e = gw.reload_config(config).await.unwrap_err();
     assert_eq!(e.key, "tls.acme");
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_file_others_could_have_written_is_not_trusted() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut pebble = Pebble::start(dir.path(), port, Duration::from_secs(3600));
+    let config = acme_config(dir.path(), port, pebble.port, "30d");
+    let running = wsgate::start(config.clone()).await.unwrap();
+    wait_metric_min(running.admin_addr, ISSUED, 1.0, ORDER_WAIT).await;
+    let root = pebble.root().await;
+    running.shutdown();
+    tokio::time::timeout(TIMEOUT, running.wait()).await.unwrap();
+    pebble.stop();
+
+    // The cached certificate made readable by others: not served after a restart (and
+    // with the CA gone, nothing is until an order succeeds).
+    let cached = std::fs::read_dir(dir.path().join("acme"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("certificate-"))
+        .unwrap();
+    std::fs::set_permissions(&cached, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let running = wsgate::start(config.clone()).await.unwrap();
+    assert!(served_certificate(running.wss_addrs[0], "localhost", &root).await.is_err());
+    wait_metric_min(running.admin_addr, FAILED, 1.0, ORDER_WAIT).await;
+    assert_eq!(metric(running.admin_addr, EXPIRY).await, 0.0);
+    running.shutdown();
+    tokio::time::timeout(TIMEOUT, running.wait()).await.unwrap();
+
+    // A cache directory that belongs to another user refuses to start (as root, the
+    // only user that can hand a directory to another).
+    std::fs::set_permissions(&cached, std::fs::Permissions::from_mode(0o600)).unwrap();
+    if std::os::unix::fs::chown(dir.path().join("acme"), Some(65534), None).is_ok() {
+        let e = wsgate::start(config).await.err().expect("a foreign cache directory was accepted");
+        assert!(e.to_string().contains("another user"), "{e}");
+    }
 }

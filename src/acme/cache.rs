@@ -43,6 +43,7 @@ impl Cache {
         if !self.account.exists() {
             return Ok(None);
         }
+        self.owned_like_the_directory(&self.account)?;
         let data = crate::fsutil::read_limited(&self.account, MAX_CACHE_FILE)
             .map_err(|e| format!("cannot read {}: {e}", self.account.display()))?;
         // serde_json's error names a position, never the content.
@@ -63,6 +64,7 @@ impl Cache {
             return Ok(None);
         }
         let path = &self.certificate;
+        self.owned_like_the_directory(path)?;
         let data = crate::fsutil::read_limited(path, MAX_CACHE_FILE).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let chain = CertificateDer::pem_slice_iter(&data)
             .collect::<Result<Vec<_>, _>>()
@@ -80,6 +82,28 @@ impl Cache {
         }
         data.push_str(chain_pem);
         self.write(&self.certificate, data.as_bytes())
+    }
+
+    /// A cached file must belong to the directory's owner (checked to be this process's
+    /// user at start) and be readable by nobody else: anything else was planted.
+    fn owned_like_the_directory(&self, path: &Path) -> Result<(), String> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            let dir = std::fs::metadata(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))?;
+            let file = std::fs::symlink_metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            if file.file_type().is_symlink() {
+                return Err(format!("{} is a symbolic link; the cache holds plain files", path.display()));
+            }
+            if file.uid() != dir.uid() || file.mode() & 0o077 != 0 {
+                return Err(format!(
+                    "{} is not a private file of the cache directory's owner (mode {:o}): not trusted",
+                    path.display(),
+                    file.mode() & 0o777
+                ));
+            }
+        }
+        Ok(())
     }
 
     pub fn certificate_path(&self) -> &Path {
@@ -121,9 +145,9 @@ pub fn check_cache_dir(a: &Acme, origin: &str, create: bool) -> Result<(), Confi
         Ok(m) if m.file_type().is_symlink() => {
             // Follow a symlink to a directory, as a system's /var/lib links often do.
             let target = std::fs::metadata(dir).map_err(|e| err(format!("{}: {e}", dir.display())))?;
-            check_existing(dir, &target, create).map_err(err)
+            check_existing(dir, &target).map_err(err)
         }
-        Ok(m) => check_existing(dir, &m, create).map_err(err),
+        Ok(m) => check_existing(dir, &m).map_err(err),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if create {
                 let mut b = std::fs::DirBuilder::new();
@@ -131,7 +155,8 @@ pub fn check_cache_dir(a: &Acme, origin: &str, create: bool) -> Result<(), Confi
                 #[cfg(unix)]
                 std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
                 b.create(dir).map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
-                return probe(dir).map_err(err);
+                let created = std::fs::metadata(dir).map_err(|e| err(format!("{}: {e}", dir.display())))?;
+                return check_existing(dir, &created).map_err(err);
             }
             let parent = dir
                 .ancestors()
@@ -139,20 +164,26 @@ pub fn check_cache_dir(a: &Acme, origin: &str, create: bool) -> Result<(), Confi
                 .find(|p| p.as_os_str().is_empty() || p.exists())
                 .map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p })
                 .unwrap_or(Path::new("."));
-            probe(parent).map_err(|e| err(format!("{} does not exist and cannot be created: {e}", dir.display())))
+            probe(parent)
+                .map(|_| ())
+                .map_err(|e| err(format!("{} does not exist and cannot be created: {e}", dir.display())))
         }
         Err(e) => Err(err(format!("{}: {e}", dir.display()))),
     }
 }
 
-fn check_existing(dir: &Path, m: &std::fs::Metadata, _create: bool) -> Result<(), String> {
+/// An existing cache directory: ours (the owner of a file we create in it), writable by
+/// nobody else, inside a parent where nobody else can swap it (not writable by others,
+/// or sticky like /tmp).
+fn check_existing(dir: &Path, m: &std::fs::Metadata) -> Result<(), String> {
     if !m.is_dir() {
         return Err(format!("{} is not a directory", dir.display()));
     }
+    let ours = probe(dir)?;
     #[cfg(unix)]
     {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = m.permissions().mode();
+        use std::os::unix::fs::MetadataExt;
+        let mode = m.mode();
         if mode & 0o022 != 0 {
             return Err(format!(
                 "{} is writable by other users (mode {:o}): they could plant a certificate; use mode 0700",
@@ -160,18 +191,44 @@ fn check_existing(dir: &Path, m: &std::fs::Metadata, _create: bool) -> Result<()
                 mode & 0o777
             ));
         }
+        if ours.is_some_and(|uid| uid != m.uid()) {
+            return Err(format!(
+                "{} belongs to another user (uid {}): they could plant a certificate; it must belong to the gateway's user",
+                dir.display(),
+                m.uid()
+            ));
+        }
+        let parent = std::fs::canonicalize(dir)
+            .ok()
+            .and_then(|d| d.parent().map(Path::to_path_buf))
+            .and_then(|p| std::fs::metadata(&p).ok().map(|m| (p, m)));
+        if let Some((p, pm)) = parent {
+            if pm.mode() & 0o002 != 0 && pm.mode() & 0o1000 == 0 {
+                return Err(format!(
+                    "{} is in {}, which every user can write (no sticky bit): the directory could be replaced",
+                    dir.display(),
+                    p.display()
+                ));
+            }
+        }
     }
-    probe(dir)
+    Ok(())
 }
 
-/// Whether a file can be created in `dir` (created and removed at once).
-fn probe(dir: &Path) -> Result<(), String> {
-    let p = dir.join(format!(".wsgate-probe-{}", std::process::id()));
-    let _ = std::fs::remove_file(&p);
+/// Whether a file can be created in `dir` (created and removed at once); the owner
+/// the file got, which is this process's user.
+fn probe(dir: &Path) -> Result<Option<u32>, String> {
+    let mut unique = [0u8; 8];
+    let _ = aws_lc_rs::rand::fill(&mut unique);
+    let p = dir.join(format!(".wsgate-probe-{}-{}", std::process::id(), u64::from_le_bytes(unique)));
     match crate::fsutil::write_private(&p, b"") {
         Ok(()) => {
+            #[cfg(unix)]
+            let owner = std::fs::metadata(&p).ok().map(|m| std::os::unix::fs::MetadataExt::uid(&m));
+            #[cfg(not(unix))]
+            let owner = None;
             let _ = std::fs::remove_file(&p);
-            Ok(())
+            Ok(owner)
         }
         Err(e) => Err(format!("{} is not writable: {e}", dir.display())),
     }

@@ -50,7 +50,9 @@ async fn send(tls: TlsConnector, req: Request<BodyWrapper<Bytes>>) -> Result<Byt
     }
     let authority = parts.uri.authority().cloned().ok_or_else(|| other("URL without a host"))?;
     let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_string();
-    let port = authority.port_u16().unwrap_or(443);
+    let port = crate::util::authority_port(authority.as_str())
+        .map_err(|()| other("URL with an invalid port"))?
+        .unwrap_or(443);
     let name = ServerName::try_from(host.clone()).map_err(|_| other("URL with an invalid host"))?;
     let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
         .await
@@ -78,7 +80,8 @@ async fn send(tls: TlsConnector, req: Request<BodyWrapper<Bytes>>) -> Result<Byt
         .send_request(Request::from_parts(parts, body))
         .await
         .map_err(|e| other(format!("request to {host}:{port} failed: {e}")))?;
-    let (parts, body) = rsp.into_parts();
+    let (mut parts, body) = rsp.into_parts();
+    clamp_retry_after(&mut parts.headers);
     let body = Limited::new(body, MAX_BODY)
         .collect()
         .await
@@ -88,4 +91,62 @@ async fn send(tls: TlsConnector, req: Request<BodyWrapper<Bytes>>) -> Result<Byt
         parts,
         body: Box::new(body),
     })
+}
+
+/// Longest `Retry-After` passed on, in seconds. instant-acme adds the header's
+/// seconds to the clock unchecked, and a huge value panics there; nothing waits
+/// longer than an order may take anyway.
+const MAX_RETRY_AFTER: u64 = 300;
+
+/// Cap a `Retry-After` in seconds at [`MAX_RETRY_AFTER`]; drop one that is neither
+/// seconds nor a short HTTP date.
+fn clamp_retry_after(headers: &mut http::HeaderMap) {
+    let Some(v) = headers.get(http::header::RETRY_AFTER) else { return };
+    let text = v.to_str().unwrap_or("").trim();
+    let capped = if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        let secs = text.parse::<u64>().unwrap_or(u64::MAX).min(MAX_RETRY_AFTER);
+        Some(http::HeaderValue::from(secs))
+    } else if text.len() <= 64 && httpdate_like(text) {
+        return;
+    } else {
+        None
+    };
+    match capped {
+        Some(value) => {
+            headers.insert(http::header::RETRY_AFTER, value);
+        }
+        None => {
+            headers.remove(http::header::RETRY_AFTER);
+        }
+    }
+}
+
+/// Words of letters and digits with spaces, commas and colons: the shape of an HTTP date (instant-acme
+/// parses it; a date cannot overflow the clock).
+fn httpdate_like(s: &str) -> bool {
+    s.contains(' ') && s.bytes().all(|b| b.is_ascii_alphanumeric() || b" ,:".contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_is_capped_so_the_acme_crate_cannot_overflow_the_clock() {
+        let check = |value: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert(http::header::RETRY_AFTER, http::HeaderValue::from_str(value).unwrap());
+            clamp_retry_after(&mut h);
+            h.get(http::header::RETRY_AFTER).map(|v| v.to_str().unwrap().to_string())
+        };
+        assert_eq!(check("18446744073709551615").as_deref(), Some("300"));
+        assert_eq!(check("99999999999999999999999").as_deref(), Some("300"));
+        assert_eq!(check("12").as_deref(), Some("12"));
+        assert_eq!(
+            check("Fri, 31 Dec 1999 23:59:59 GMT").as_deref(),
+            Some("Fri, 31 Dec 1999 23:59:59 GMT")
+        );
+        assert_eq!(check("-5"), None);
+        assert_eq!(check("1e9"), None);
+    }
 }

@@ -23,6 +23,7 @@ mod https;
 use crate::config::{Acme, AcmeIdentifier};
 use crate::tls::{CertStore, Served};
 use cache::Cache;
+use futures_util::FutureExt;
 use instant_acme::{
     Account, AccountCredentials, AuthorizationStatus, ChallengeType, Identifier, NewAccount, NewOrder, OrderStatus, RetryPolicy,
 };
@@ -50,6 +51,8 @@ const POLL: RetryPolicy = RetryPolicy::new()
     .initial_delay(Duration::from_millis(250))
     .backoff(1.5)
     .timeout(Duration::from_secs(90));
+/// A cached certificate valid from no later than this ahead of our clock is served.
+const CLOCK_SKEW: Duration = Duration::from_secs(300);
 /// An issued certificate must be valid at least this long.
 const MIN_REMAINING: Duration = Duration::from_secs(10);
 const ACCOUNT_DOES_NOT_EXIST: &str = "urn:ietf:params:acme:error:accountDoesNotExist";
@@ -105,6 +108,9 @@ impl AcmeTask {
             Ok(Some(served)) if !served.covers(&task.acme.domains) => {
                 tracing::warn!(file = %task.cache.certificate_path().display(), "the cached certificate does not cover tls.acme.domains; ordering a new one");
             }
+            Ok(Some(served)) if served.not_before > unix_now() + CLOCK_SKEW.as_secs() as i64 => {
+                tracing::warn!(file = %task.cache.certificate_path().display(), "the cached certificate is not valid yet; ordering a new one");
+            }
             Ok(Some(served)) if served.not_after <= unix_now() => {
                 tracing::warn!(file = %task.cache.certificate_path().display(), "the cached certificate has expired; ordering a new one");
             }
@@ -143,8 +149,15 @@ impl AcmeTask {
                     }
                 }
             }
+            // A panic inside the ACME crate (on input the CA controls) is a failed order,
+            // not the end of renewals.
+            let order = std::panic::AssertUnwindSafe(tokio::time::timeout(ORDER_TIMEOUT, self.order())).catch_unwind();
             let result = tokio::select! {
-                r = tokio::time::timeout(ORDER_TIMEOUT, self.order()) => r.unwrap_or_else(|_| Err(format!("the order took longer than {} s", ORDER_TIMEOUT.as_secs()))),
+                r = order => match r {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(_)) => Err(format!("the order took longer than {} s", ORDER_TIMEOUT.as_secs())),
+                    Err(_) => Err("the ACME client panicked on the server's answer".to_string()),
+                },
                 _ = stop.cancelled() => return,
             };
             match result {
@@ -213,6 +226,12 @@ impl AcmeTask {
                 other => return Err(format!("authorization for {} is {other:?}", authz.identifier())),
             }
             let id = authz.identifier().identifier.clone();
+            if !identifiers.contains(&id) || authz.identifier().wildcard {
+                return Err(format!(
+                    "the ACME server asked to validate {}, which is not in tls.acme.domains",
+                    crate::util::escape(&authz.identifier().to_string(), 256)
+                ));
+            }
             let mut challenge = authz
                 .challenge(ChallengeType::TlsAlpn01)
                 .ok_or_else(|| format!("the ACME server offers no tls-alpn-01 challenge for {}", display_id(&id)))?;

@@ -97,6 +97,8 @@ impl Validator<'_> {
             return Err(self.err(u, key, "credentials in the URL are refused (not shown)"));
         }
         match url.parse::<http::Uri>() {
+            // An empty or out-of-range port is refused, not read as 443.
+            Ok(_) if crate::util::authority_port(authority).is_err() => Err(self.err(u, key, "the port must be between 1 and 65535")),
             Ok(uri) if uri.host().is_some_and(|h| !h.is_empty()) => Ok(()),
             _ => Err(self.err(u, key, format!("not a valid URL: {}", shown(url)))),
         }

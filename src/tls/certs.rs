@@ -140,20 +140,22 @@ impl CertStore {
     }
 }
 
-/// Whether the client offers `acme-tls/1` and no other protocol: a validation
-/// server's handshake (RFC 8737 section 3). A client that also offers `http/1.1` is
-/// an ordinary client and gets the ordinary certificate.
-pub fn only_acme_alpn<'a>(mut offered: impl Iterator<Item = &'a [u8]>) -> bool {
-    let mut any = false;
-    offered.all(|p| {
-        any = true;
-        p == ACME_TLS_ALPN
-    }) && any
+/// Whether the client's handshake is for TLS-ALPN-01: it offers `acme-tls/1` and not
+/// `http/1.1` (a validation server offers `acme-tls/1` alone, RFC 8737 section 3). It
+/// gets a challenge certificate or nothing, so `acme-tls/1` is negotiated only with a
+/// challenge certificate. A client that also offers `http/1.1` is an ordinary client.
+pub fn wants_challenge<'a>(offered: impl Iterator<Item = &'a [u8]>) -> bool {
+    let (mut acme, mut http) = (false, false);
+    for p in offered {
+        acme |= p == ACME_TLS_ALPN;
+        http |= p == b"http/1.1";
+    }
+    acme && !http
 }
 
 impl ResolvesServerCert for CertStore {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        if hello.alpn().is_some_and(only_acme_alpn) {
+        if hello.alpn().is_some_and(wants_challenge) {
             return self.challenge(hello.server_name()?);
         }
         self.current.load().as_ref().map(|s| s.key.clone())
@@ -165,15 +167,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_a_client_offering_acme_tls_alone_is_a_validation_server() {
+    fn a_client_offering_acme_tls_without_http_is_a_validation_server() {
         let acme: &[u8] = ACME_TLS_ALPN;
         let http: &[u8] = b"http/1.1";
-        assert!(only_acme_alpn([acme].into_iter()));
-        assert!(only_acme_alpn([acme, acme].into_iter()));
-        assert!(!only_acme_alpn([acme, http].into_iter()));
-        assert!(!only_acme_alpn([http, acme].into_iter()));
-        assert!(!only_acme_alpn(std::iter::empty()));
-        assert!(!only_acme_alpn([b"acme-tls/1x".as_slice()].into_iter()));
+        let h2: &[u8] = b"h2";
+        assert!(wants_challenge([acme].into_iter()));
+        assert!(wants_challenge([acme, acme].into_iter()));
+        // acme-tls/1 would be the only protocol in common: no ordinary certificate.
+        assert!(wants_challenge([acme, h2].into_iter()));
+        assert!(!wants_challenge([acme, http].into_iter()));
+        assert!(!wants_challenge([http, acme].into_iter()));
+        assert!(!wants_challenge(std::iter::empty()));
+        assert!(!wants_challenge([b"acme-tls/1x".as_slice()].into_iter()));
     }
 
     #[test]
