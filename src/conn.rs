@@ -175,6 +175,10 @@ async fn accept_tls(
     // A TLS-ALPN-01 validation (`[tls.acme]`): the handshake was the whole exchange; the
     // connection ends without HTTP (RFC 8737 section 3).
     if tls.get_ref().1.alpn_protocol() == Some(crate::tls::ACME_TLS_ALPN) {
+        // A resumed session carries no certificate: it cannot be a validation.
+        if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+            return Err(Reject::TlsHandshake);
+        }
         return Ok(None);
     }
     let cert = tls

@@ -68,7 +68,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         None => None,
     };
     let acme = match (&runtime.config.tls.acme, &runtime.acme_client) {
-        (Some(a), Some(tls)) => Some(crate::acme::AcmeTask::new(a.clone(), runtime.certs.clone(), tls.clone())),
+        (Some(a), Some(tls)) => Some(
+            crate::acme::AcmeTask::new(a.clone(), runtime.certs.clone(), tls.clone())
+                .map_err(|e| a.cache_dir.error(&runtime.config.origin, e))?,
+        ),
         _ => None,
     };
     let gateway = Arc::new(Gateway::new(runtime, cluster.clone()));

@@ -452,3 +452,42 @@ async fn a_cached_file_others_could_have_written_is_not_trusted() {
         assert!(e.to_string().contains("another user"), "{e}");
     }
 }
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_is_checked_again_before_each_use_and_an_account_of_another_ca_is_not_used() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let pebble = Pebble::start(dir.path(), port, Duration::from_secs(30));
+    let running = wsgate::start(acme_config(dir.path(), port, pebble.port, "1h")).await.unwrap();
+    let admin = running.admin_addr;
+    wait_metric_min(admin, ISSUED, 1.0, ORDER_WAIT).await;
+    let cache = dir.path().join("acme");
+    let account = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("account-"))
+        .unwrap();
+
+    // The account file now names another CA's directory: not used; a new account is made.
+    let mut creds: serde_json::Value = serde_json::from_slice(&std::fs::read(&account).unwrap()).unwrap();
+    creds["directory"] = "https://127.0.0.1:1/dir".into();
+    std::fs::write(&account, creds.to_string()).unwrap();
+    wait_metric_min(admin, ISSUED, 2.0, ORDER_WAIT).await;
+    assert_eq!(
+        pebble.log().matches("There are now 2 accounts in memory").count(),
+        1,
+        "{}",
+        pebble.log()
+    );
+    let reread: serde_json::Value = serde_json::from_slice(&std::fs::read(&account).unwrap()).unwrap();
+    assert_eq!(reread["directory"], format!("https://127.0.0.1:{}/dir", pebble.port));
+
+    // The directory made writable by others while running: the next renewal refuses to
+    // use it (counted as failed), and the current certificate stays.
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o777)).unwrap();
+    wait_metric_min(admin, FAILED, 1.0, ORDER_WAIT).await;
+    assert!(metric(admin, EXPIRY).await > 0.0);
+    running.shutdown();
+}

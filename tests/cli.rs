@@ -520,3 +520,41 @@ fn check_validates_tls_acme_and_warns_about_a_staging_server() {
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("tls.acme.cache_dir") && out.contains("not a directory"), "{out}");
 }
+
+#[cfg(unix)]
+#[test]
+fn check_refuses_a_cache_directory_others_could_replace() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let check = |cache: &std::path::Path| {
+        let text = format!(
+            "[tls.acme]\ndomains = [\"ws.example.com\"]\ncache_dir = \"{}\"\n[[routes]]\nname = \"e\"\npath = \"/e\"\nupstreams = [\"builtin:echo\"]\nauth = \"none\"\n",
+            cache.display()
+        );
+        let path = dir.path().join("acme.toml");
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(BIN).args(["check", "--config"]).arg(&path).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let mkdir = |p: &std::path::Path, mode: u32| {
+        std::fs::create_dir_all(p).unwrap();
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    // A private directory two levels below one every user can write.
+    let open = dir.path().join("open");
+    mkdir(&open, 0o777);
+    mkdir(&open.join("mid"), 0o755);
+    mkdir(&open.join("mid/cache"), 0o700);
+    let (code, err) = check(&open.join("mid/cache"));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("tls.acme.cache_dir") && err.contains("other users can write"), "{err}");
+    // A symbolic link in such a directory to a private one: the link could be swapped.
+    mkdir(&dir.path().join("good/cache"), 0o700);
+    std::os::unix::fs::symlink(dir.path().join("good/cache"), open.join("link")).unwrap();
+    let (code, err) = check(&open.join("link"));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("other users can write"), "{err}");
+    // The private directory itself, in private parents: accepted.
+    let (code, err) = check(&dir.path().join("good/cache"));
+    assert_eq!(code, Some(0), "{err}");
+}

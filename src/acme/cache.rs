@@ -6,6 +6,14 @@
 //! Files are mode 0600 in a directory of mode 0700, written to a temporary file and
 //! renamed, so a crash leaves the old file or the new one, never half of one; the
 //! certificate and its key share one file, so they cannot get out of step.
+//!
+//! What is read back is trusted only if nobody but the gateway's user (and root) could
+//! have put it there, checked the way OpenSSH's `StrictModes` checks a home directory:
+//! the directory and every directory above it (as written and as resolved through
+//! symbolic links) belong to root or to the gateway's user and are writable by nobody
+//! else (unless sticky, like `/tmp`), and each file is a private regular file of the
+//! gateway's user. The check runs at start and again before every read and write, so
+//! a directory swapped while the gateway runs is caught.
 
 use crate::config::{Acme, ConfigError};
 use crate::tls::Served;
@@ -20,10 +28,16 @@ pub struct Cache {
     dir: PathBuf,
     account: PathBuf,
     certificate: PathBuf,
+    /// The account belongs to this directory URL and no other.
+    directory_url: String,
+    /// This process's user (the owner of a file it creates); `None` off Unix.
+    uid: Option<u32>,
 }
 
 impl Cache {
-    pub fn new(a: &Acme) -> Cache {
+    /// The cache for `a`; learns this process's user by creating a file in the
+    /// directory (checked by [`check_cache_dir`] just before).
+    pub fn new(a: &Acme) -> Result<Cache, String> {
         let dir = a.cache_dir.value.clone();
         let server = short_hash(&[a.directory_url.value.as_bytes()]);
         let mut names: Vec<String> = a.domains.iter().map(|d| d.to_string()).collect();
@@ -31,25 +45,35 @@ impl Cache {
         let mut parts: Vec<&[u8]> = vec![a.directory_url.value.as_bytes()];
         parts.extend(names.iter().map(|n| n.as_bytes()));
         let set = short_hash(&parts);
-        Cache {
+        let uid = probe(&dir)?;
+        Ok(Cache {
             account: dir.join(format!("account-{server}.json")),
             certificate: dir.join(format!("certificate-{set}.pem")),
+            directory_url: a.directory_url.value.clone(),
             dir,
-        }
+            uid,
+        })
     }
 
-    /// The account for this directory URL, if one was created before.
+    /// The account for this directory URL, if one was created before (and names this
+    /// directory URL: a file naming another CA is not used).
     pub fn load_account(&self) -> Result<Option<AccountCredentials>, String> {
-        if !self.account.exists() {
+        self.verify_dir()?;
+        let path = &self.account;
+        if std::fs::symlink_metadata(path).is_err() {
             return Ok(None);
         }
-        self.owned_like_the_directory(&self.account)?;
-        let data = crate::fsutil::read_limited(&self.account, MAX_CACHE_FILE)
-            .map_err(|e| format!("cannot read {}: {e}", self.account.display()))?;
-        // serde_json's error names a position, never the content.
-        serde_json::from_slice(&data)
+        self.verify_file(path)?;
+        let data = crate::fsutil::read_limited(path, MAX_CACHE_FILE).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        // serde_json's errors name a position, never the content.
+        let value: serde_json::Value =
+            serde_json::from_slice(&data).map_err(|e| format!("unreadable account file {}: {e}", path.display()))?;
+        if value.get("directory").and_then(|d| d.as_str()) != Some(self.directory_url.as_str()) {
+            return Err(format!("{} belongs to another ACME directory", path.display()));
+        }
+        serde_json::from_value(value)
             .map(Some)
-            .map_err(|e| format!("unreadable account file {}: {e}", self.account.display()))
+            .map_err(|e| format!("unreadable account file {}: {e}", path.display()))
     }
 
     pub fn save_account(&self, creds: &AccountCredentials) -> Result<(), String> {
@@ -57,14 +81,15 @@ impl Cache {
         self.write(&self.account, &data)
     }
 
-    /// The cached certificate for these names, if any; an unreadable one is an error
-    /// (the caller orders a new one).
+    /// The cached certificate for these names, if any; an unreadable or untrusted one
+    /// is an error (the caller orders a new one).
     pub fn load_certificate(&self) -> Result<Option<Served>, String> {
-        if !self.certificate.exists() {
+        self.verify_dir()?;
+        let path = &self.certificate;
+        if std::fs::symlink_metadata(path).is_err() {
             return Ok(None);
         }
-        let path = &self.certificate;
-        self.owned_like_the_directory(path)?;
+        self.verify_file(path)?;
         let data = crate::fsutil::read_limited(path, MAX_CACHE_FILE).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let chain = CertificateDer::pem_slice_iter(&data)
             .collect::<Result<Vec<_>, _>>()
@@ -84,44 +109,56 @@ impl Cache {
         self.write(&self.certificate, data.as_bytes())
     }
 
-    /// A cached file must belong to the directory's owner (checked to be this process's
-    /// user at start) and be readable by nobody else: anything else was planted.
-    fn owned_like_the_directory(&self, path: &Path) -> Result<(), String> {
+    pub fn certificate_path(&self) -> &Path {
+        &self.certificate
+    }
+
+    /// The directory is still one only we (and root) control.
+    pub fn verify_dir(&self) -> Result<(), String> {
+        let m = std::fs::metadata(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))?;
+        secure_dir(&self.dir, &m, self.uid)
+    }
+
+    /// A cached file must be a private regular file of this process's user.
+    fn verify_file(&self, path: &Path) -> Result<(), String> {
+        let m = std::fs::symlink_metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if !m.file_type().is_file() {
+            return Err(format!("{} is not a regular file; the cache holds plain files", path.display()));
+        }
         #[cfg(unix)]
         {
             use std::os::unix::fs::MetadataExt;
-            let dir = std::fs::metadata(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))?;
-            let file = std::fs::symlink_metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            if file.file_type().is_symlink() {
-                return Err(format!("{} is a symbolic link; the cache holds plain files", path.display()));
-            }
-            if file.uid() != dir.uid() || file.mode() & 0o077 != 0 {
+            if self.uid.is_some_and(|uid| m.uid() != uid) || m.mode() & 0o077 != 0 {
                 return Err(format!(
-                    "{} is not a private file of the cache directory's owner (mode {:o}): not trusted",
+                    "{} is not a private file of the gateway's user (uid {}, mode {:o}): not trusted",
                     path.display(),
-                    file.mode() & 0o777
+                    m.uid(),
+                    m.mode() & 0o777
                 ));
             }
         }
         Ok(())
     }
 
-    pub fn certificate_path(&self) -> &Path {
-        &self.certificate
-    }
-
-    /// Write `data` to `path` through a private temporary file and a rename.
+    /// Write `data` to `path` through a private temporary file (a name no other writer
+    /// uses: instances sharing the directory do not collide) and a rename.
     fn write(&self, path: &Path, data: &[u8]) -> Result<(), String> {
-        let tmp = self
-            .dir
-            .join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("cache")));
-        let _ = std::fs::remove_file(&tmp);
+        self.verify_dir()?;
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("cache");
+        let tmp = self.dir.join(format!(".{name}.{}.tmp", unique()));
         crate::fsutil::write_private(&tmp, data).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
         std::fs::rename(&tmp, path).map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
             format!("cannot write {}: {e}", path.display())
         })
     }
+}
+
+/// A name part no other process picks: the process id and 64 random bits.
+fn unique() -> String {
+    let mut random = [0u8; 8];
+    let _ = aws_lc_rs::rand::fill(&mut random);
+    format!("{}-{:016x}", std::process::id(), u64::from_le_bytes(random))
 }
 
 /// 16 hex digits of SHA-256 over `parts` (each length-prefixed, so parts cannot run together).
@@ -134,20 +171,19 @@ fn short_hash(parts: &[&[u8]]) -> String {
     ctx.finish().as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// `tls.acme.cache_dir` must be a directory the gateway can write and nobody else can
-/// (a file planted there would be served). A missing one is created (mode 0700) when
-/// `create`, else its nearest existing parent must be writable.
+/// `tls.acme.cache_dir` must be a directory only the gateway's user (and root) can
+/// change (see the module's text). A missing one is created (mode 0700) when `create`;
+/// else its nearest existing parent must be writable.
 pub fn check_cache_dir(a: &Acme, origin: &str, create: bool) -> Result<(), ConfigError> {
     let loc = &a.cache_dir;
     let dir = &loc.value;
     let err = |m: String| loc.error(origin, m);
-    match std::fs::symlink_metadata(dir) {
-        Ok(m) if m.file_type().is_symlink() => {
-            // Follow a symlink to a directory, as a system's /var/lib links often do.
-            let target = std::fs::metadata(dir).map_err(|e| err(format!("{}: {e}", dir.display())))?;
-            check_existing(dir, &target).map_err(err)
+    match std::fs::metadata(dir) {
+        Ok(m) if !m.is_dir() => Err(err(format!("{} is not a directory", dir.display()))),
+        Ok(m) => {
+            let uid = probe(dir).map_err(err)?;
+            secure_dir(dir, &m, uid).map_err(err)
         }
-        Ok(m) => check_existing(dir, &m).map_err(err),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if create {
                 let mut b = std::fs::DirBuilder::new();
@@ -155,14 +191,15 @@ pub fn check_cache_dir(a: &Acme, origin: &str, create: bool) -> Result<(), Confi
                 #[cfg(unix)]
                 std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
                 b.create(dir).map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
-                let created = std::fs::metadata(dir).map_err(|e| err(format!("{}: {e}", dir.display())))?;
-                return check_existing(dir, &created).map_err(err);
+                let m = std::fs::metadata(dir).map_err(|e| err(format!("{}: {e}", dir.display())))?;
+                let uid = probe(dir).map_err(err)?;
+                return secure_dir(dir, &m, uid).map_err(err);
             }
             let parent = dir
                 .ancestors()
                 .skip(1)
-                .find(|p| p.as_os_str().is_empty() || p.exists())
                 .map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p })
+                .find(|p| p.exists())
                 .unwrap_or(Path::new("."));
             probe(parent)
                 .map(|_| ())
@@ -172,43 +209,52 @@ pub fn check_cache_dir(a: &Acme, origin: &str, create: bool) -> Result<(), Confi
     }
 }
 
-/// An existing cache directory: ours (the owner of a file we create in it), writable by
-/// nobody else, inside a parent where nobody else can swap it (not writable by others,
-/// or sticky like /tmp).
-fn check_existing(dir: &Path, m: &std::fs::Metadata) -> Result<(), String> {
+/// `dir` (metadata `m`, symbolic links followed) and every directory above it, as
+/// written and as resolved: owned by root or `uid`, writable by nobody else unless
+/// sticky; `dir` itself owned by `uid` and writable by its owner only.
+fn secure_dir(dir: &Path, m: &std::fs::Metadata, uid: Option<u32>) -> Result<(), String> {
     if !m.is_dir() {
         return Err(format!("{} is not a directory", dir.display()));
     }
-    let ours = probe(dir)?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::MetadataExt;
-        let mode = m.mode();
-        if mode & 0o022 != 0 {
+        if m.mode() & 0o022 != 0 {
             return Err(format!(
                 "{} is writable by other users (mode {:o}): they could plant a certificate; use mode 0700",
                 dir.display(),
-                mode & 0o777
+                m.mode() & 0o777
             ));
         }
-        if ours.is_some_and(|uid| uid != m.uid()) {
-            return Err(format!(
-                "{} belongs to another user (uid {}): they could plant a certificate; it must belong to the gateway's user",
-                dir.display(),
-                m.uid()
-            ));
-        }
-        let parent = std::fs::canonicalize(dir)
-            .ok()
-            .and_then(|d| d.parent().map(Path::to_path_buf))
-            .and_then(|p| std::fs::metadata(&p).ok().map(|m| (p, m)));
-        if let Some((p, pm)) = parent {
-            if pm.mode() & 0o002 != 0 && pm.mode() & 0o1000 == 0 {
+        if let Some(uid) = uid {
+            if m.uid() != uid {
                 return Err(format!(
-                    "{} is in {}, which every user can write (no sticky bit): the directory could be replaced",
+                    "{} belongs to another user (uid {}): they could plant a certificate; it must belong to the gateway's user",
                     dir.display(),
-                    p.display()
+                    m.uid()
                 ));
+            }
+            let absolute = std::path::absolute(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            let resolved = std::fs::canonicalize(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            for above in absolute.ancestors().skip(1).chain(resolved.ancestors().skip(1)) {
+                let am = std::fs::metadata(above).map_err(|e| format!("{}: {e}", above.display()))?;
+                let sticky = am.mode() & 0o1000 != 0;
+                if am.uid() != 0 && am.uid() != uid {
+                    return Err(format!(
+                        "{} is inside {}, which belongs to another user (uid {}): they could replace it",
+                        dir.display(),
+                        above.display(),
+                        am.uid()
+                    ));
+                }
+                if am.mode() & 0o022 != 0 && !sticky {
+                    return Err(format!(
+                        "{} is inside {}, which other users can write (mode {:o}, not sticky): they could replace it",
+                        dir.display(),
+                        above.display(),
+                        am.mode() & 0o7777
+                    ));
+                }
             }
         }
     }
@@ -216,11 +262,9 @@ fn check_existing(dir: &Path, m: &std::fs::Metadata) -> Result<(), String> {
 }
 
 /// Whether a file can be created in `dir` (created and removed at once); the owner
-/// the file got, which is this process's user.
+/// the file got, which is this process's user (`None` off Unix).
 fn probe(dir: &Path) -> Result<Option<u32>, String> {
-    let mut unique = [0u8; 8];
-    let _ = aws_lc_rs::rand::fill(&mut unique);
-    let p = dir.join(format!(".wsgate-probe-{}-{}", std::process::id(), u64::from_le_bytes(unique)));
+    let p = dir.join(format!(".wsgate-probe-{}", unique()));
     match crate::fsutil::write_private(&p, b"") {
         Ok(()) => {
             #[cfg(unix)]

@@ -51,7 +51,7 @@ const POLL: RetryPolicy = RetryPolicy::new()
     .initial_delay(Duration::from_millis(250))
     .backoff(1.5)
     .timeout(Duration::from_secs(90));
-/// A cached certificate valid from no later than this ahead of our clock is served.
+/// A certificate valid from no later than this ahead of our clock is served.
 const CLOCK_SKEW: Duration = Duration::from_secs(300);
 /// An issued certificate must be valid at least this long.
 const MIN_REMAINING: Duration = Duration::from_secs(10);
@@ -96,8 +96,8 @@ impl AcmeTask {
     /// Set up the task for `acme`, talking to the CA with `tls`, filling `store`, and
     /// serve the cached certificate at once when it covers the configured names and has
     /// not expired.
-    pub fn new(acme: Acme, store: Arc<CertStore>, tls: Arc<rustls::ClientConfig>) -> AcmeTask {
-        let cache = Cache::new(&acme);
+    pub fn new(acme: Acme, store: Arc<CertStore>, tls: Arc<rustls::ClientConfig>) -> Result<AcmeTask, String> {
+        let cache = Cache::new(&acme)?;
         let task = AcmeTask {
             cache,
             store,
@@ -127,7 +127,7 @@ impl AcmeTask {
             }
             Err(e) => tracing::warn!(error = %e, "ignoring the cached certificate; ordering a new one"),
         }
-        task
+        Ok(task)
     }
 
     fn names(&self) -> String {
@@ -258,6 +258,9 @@ impl AcmeTask {
             .map_err(|e| format!("the ACME server sent an unreadable certificate chain: {e:?}"))?;
         let private = rustls_pki_types::PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| format!("key encoding: {e}"))?;
         let served = Served::new(chain, private).map_err(|e| format!("the issued certificate is unusable: {e}"))?;
+        if served.not_before > unix_now() + CLOCK_SKEW.as_secs() as i64 {
+            return Err("the ACME server issued a certificate that is not valid yet".into());
+        }
         if served.not_after <= unix_now() + MIN_REMAINING.as_secs() as i64 {
             return Err("the ACME server issued a certificate that expires within 10 seconds".into());
         }
