@@ -557,4 +557,20 @@ fn check_refuses_a_cache_directory_others_could_replace() {
     // The private directory itself, in private parents: accepted.
     let (code, err) = check(&dir.path().join("good/cache"));
     assert_eq!(code, Some(0), "{err}");
+    // A link another user owns in a sticky directory (like /tmp), even behind one of
+    // ours: its owner could repoint it. (Only root can hand a link to another user.)
+    let sticky = dir.path().join("sticky");
+    mkdir(&sticky, 0o1777);
+    let theirs = sticky.join("theirs");
+    std::os::unix::fs::symlink(dir.path().join("good/cache"), &theirs).unwrap();
+    if std::os::unix::fs::lchown(&theirs, Some(65534), None).is_ok() {
+        let (code, err) = check(&theirs);
+        assert_eq!(code, Some(1), "{err}");
+        assert!(err.contains("belongs to another user") && err.contains("repoint"), "{err}");
+        let ours = dir.path().join("ours");
+        std::os::unix::fs::symlink(&theirs, &ours).unwrap();
+        let (code, err) = check(&ours);
+        assert_eq!(code, Some(1), "{err}");
+        assert!(err.contains("repoint"), "{err}");
+    }
 }

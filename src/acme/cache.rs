@@ -11,9 +11,10 @@
 //! have put it there, checked the way OpenSSH's `StrictModes` checks a home directory:
 //! the directory and every directory above it (as written and as resolved through
 //! symbolic links) belong to root or to the gateway's user and are writable by nobody
-//! else (unless sticky, like `/tmp`), and each file is a private regular file of the
-//! gateway's user. The check runs at start and again before every read and write, so
-//! a directory swapped while the gateway runs is caught.
+//! else (unless sticky, like `/tmp`), symbolic links on the way included, and each file
+//! is a private regular file of the gateway's user, checked again on the opened file.
+//! The directory is resolved once at start and used by its resolved path (so no link
+//! is followed afterwards), and checked again before every read and write.
 
 use crate::config::{Acme, ConfigError};
 use crate::tls::Served;
@@ -38,7 +39,9 @@ impl Cache {
     /// The cache for `a`; learns this process's user by creating a file in the
     /// directory (checked by [`check_cache_dir`] just before).
     pub fn new(a: &Acme) -> Result<Cache, String> {
-        let dir = a.cache_dir.value.clone();
+        // Resolved once: later reads and writes never follow a symbolic link that someone
+        // could repoint (the resolved path's directories are root's or ours alone).
+        let dir = std::fs::canonicalize(&a.cache_dir.value).map_err(|e| format!("{}: {e}", a.cache_dir.value.display()))?;
         let server = short_hash(&[a.directory_url.value.as_bytes()]);
         let mut names: Vec<String> = a.domains.iter().map(|d| d.to_string()).collect();
         names.sort();
@@ -46,6 +49,8 @@ impl Cache {
         parts.extend(names.iter().map(|n| n.as_bytes()));
         let set = short_hash(&parts);
         let uid = probe(&dir)?;
+        let m = std::fs::symlink_metadata(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        secure_dir(&dir, &m, uid)?;
         Ok(Cache {
             account: dir.join(format!("account-{server}.json")),
             certificate: dir.join(format!("certificate-{set}.pem")),
@@ -63,8 +68,7 @@ impl Cache {
         if std::fs::symlink_metadata(path).is_err() {
             return Ok(None);
         }
-        self.verify_file(path)?;
-        let data = crate::fsutil::read_limited(path, MAX_CACHE_FILE).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let data = self.read_private(path)?;
         // serde_json's errors name a position, never the content.
         let value: serde_json::Value =
             serde_json::from_slice(&data).map_err(|e| format!("unreadable account file {}: {e}", path.display()))?;
@@ -89,8 +93,7 @@ impl Cache {
         if std::fs::symlink_metadata(path).is_err() {
             return Ok(None);
         }
-        self.verify_file(path)?;
-        let data = crate::fsutil::read_limited(path, MAX_CACHE_FILE).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let data = self.read_private(path)?;
         let chain = CertificateDer::pem_slice_iter(&data)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("unreadable certificate in {}: {e:?}", path.display()))?;
@@ -115,13 +118,30 @@ impl Cache {
 
     /// The directory is still one only we (and root) control.
     pub fn verify_dir(&self) -> Result<(), String> {
-        let m = std::fs::metadata(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))?;
+        let m = std::fs::symlink_metadata(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))?;
         secure_dir(&self.dir, &m, self.uid)
     }
 
-    /// A cached file must be a private regular file of this process's user.
-    fn verify_file(&self, path: &Path) -> Result<(), String> {
-        let m = std::fs::symlink_metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    /// Read a cached file, which must be a private regular file of this process's user:
+    /// checked before opening (a FIFO would block the open) and again on the opened file.
+    fn read_private(&self, path: &Path) -> Result<Vec<u8>, String> {
+        use std::io::Read;
+        let before = std::fs::symlink_metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        self.private_file(path, &before)?;
+        let file = std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let opened = file.metadata().map_err(|e| format!("{}: {e}", path.display()))?;
+        self.private_file(path, &opened)?;
+        if opened.len() > MAX_CACHE_FILE {
+            return Err(format!("{} is larger than {MAX_CACHE_FILE} bytes", path.display()));
+        }
+        let mut data = Vec::new();
+        file.take(MAX_CACHE_FILE + 1)
+            .read_to_end(&mut data)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        Ok(data)
+    }
+
+    fn private_file(&self, path: &Path, m: &std::fs::Metadata) -> Result<(), String> {
         if !m.file_type().is_file() {
             return Err(format!("{} is not a regular file; the cache holds plain files", path.display()));
         }
@@ -235,6 +255,10 @@ fn secure_dir(dir: &Path, m: &std::fs::Metadata, uid: Option<u32>) -> Result<(),
                 ));
             }
             let absolute = std::path::absolute(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            // A symbolic link on the way can be repointed by its owner (even in a sticky
+            // directory such as /tmp): it, and every link its target goes through, must be
+            // root's or ours.
+            links_owned_by(&absolute, uid, 0).map_err(|m| format!("{}: {m}", dir.display()))?;
             let resolved = std::fs::canonicalize(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
             for above in absolute.ancestors().skip(1).chain(resolved.ancestors().skip(1)) {
                 let am = std::fs::metadata(above).map_err(|e| format!("{}: {e}", above.display()))?;
@@ -259,6 +283,39 @@ fn secure_dir(dir: &Path, m: &std::fs::Metadata, uid: Option<u32>) -> Result<(),
         }
     }
     Ok(())
+}
+
+/// Most symbolic links followed while checking a path (Linux follows 40).
+const MAX_LINKS: usize = 40;
+
+/// Every symbolic link on `path` (absolute), and on the targets of those links, belongs
+/// to root or `uid`.
+#[cfg(unix)]
+fn links_owned_by(path: &Path, uid: u32, followed: usize) -> Result<usize, String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut followed = followed;
+    let steps: Vec<&Path> = path.ancestors().collect();
+    for step in steps.into_iter().rev() {
+        let Ok(m) = std::fs::symlink_metadata(step) else { continue };
+        if !m.file_type().is_symlink() {
+            continue;
+        }
+        if m.uid() != 0 && m.uid() != uid {
+            return Err(format!(
+                "the symbolic link {} belongs to another user (uid {}): they could repoint it",
+                step.display(),
+                m.uid()
+            ));
+        }
+        followed += 1;
+        if followed > MAX_LINKS {
+            return Err("too many symbolic links".into());
+        }
+        let target = std::fs::read_link(step).map_err(|e| format!("{}: {e}", step.display()))?;
+        let target = step.parent().unwrap_or(Path::new("/")).join(target);
+        followed = links_owned_by(&target, uid, followed)?;
+    }
+    Ok(followed)
 }
 
 /// Whether a file can be created in `dir` (created and removed at once); the owner
