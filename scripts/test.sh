@@ -4,7 +4,7 @@
 #   scripts/test.sh            format and lint checks, dependency audit, Rust tests,
 #                              Python client tests, Autobahn|Testsuite conformance
 #
-# Needs: cargo (Rust 1.85+), pyenv Pythons 3.11 and 2.7.18 (for Autobahn), git, and the
+# Needs: cargo (Rust 1.88+), pyenv Pythons 3.11 and 2.7.18 (for Autobahn), git, and the
 # RustSec advisory database snapshot in ../shared/advisory-db (beside the repository).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

@@ -18,7 +18,7 @@ const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Concurrent admin connections, at most; more wait in the kernel backlog.
 const MAX_ADMIN_CONNECTIONS: usize = 64;
 
-pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, stop: CancellationToken) {
+pub(crate) async fn serve(gw: Arc<Gateway>, listener: TcpListener, stop: CancellationToken) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
     loop {
         let permit = tokio::select! {

@@ -28,7 +28,7 @@ fn unix_secs() -> u64 {
 }
 
 /// Largest request body.
-pub const MAX_BODY: usize = 4096;
+pub(crate) const MAX_BODY: usize = 4096;
 /// Longest `jti` or `sub` accepted.
 const MAX_NAME: usize = 256;
 /// Shortest ban.
@@ -69,7 +69,7 @@ fn error(status: StatusCode, message: &str) -> Answer {
     (status, json!({ "error": message }))
 }
 
-pub async fn answer(gw: &Gateway, req: Request<Incoming>) -> Response<Full<Bytes>> {
+pub(crate) async fn answer(gw: &Gateway, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let (action, (status, body)) = route(gw, req).await;
     if status.is_client_error() && status != StatusCode::UNAUTHORIZED && action != "unknown" {
         tracing::warn!(action, status = status.as_u16(), "admin: request refused");
@@ -253,7 +253,7 @@ fn ban(gw: &Gateway, body: &[u8]) -> Taken {
 }
 
 fn unban(gw: &Gateway, raw: &str) -> Taken {
-    let text = crate::upgrade::percent_decode(raw);
+    let text = crate::util::percent_decode(raw);
     let Some(net) = crate::config::parse_ip_rule(text.trim()).map(crate::incidents::canonical) else {
         let msg = "the path must end in an address or a CIDR range (slash raw or %2F)";
         return (error(StatusCode::BAD_REQUEST, msg), None);
@@ -275,7 +275,7 @@ fn sessions(gw: &Gateway, query: Option<&str>) -> Answer {
     let (mut sub, mut route, mut limit) = (None, None, DEFAULT_LISTED);
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let v = crate::upgrade::percent_decode(&v.replace('+', " "));
+        let v = crate::util::percent_decode(&v.replace('+', " "));
         match k {
             "sub" => sub = Some(v),
             "route" => route = Some(v),

@@ -2,17 +2,17 @@
 //! relay. The inner functions chain the stages with `?` and return a [`Reject`]; the
 //! outer [`handle`] is the one place that counts, logs and finishes a connection.
 
-use crate::admit::{Admitted, Info, Verdict};
+use crate::admit::{Admission, Admitted, Info, Session};
 use crate::error::{CloseReason, Initiator, Reject};
 use crate::gateway::{Gateway, Refused, Runtime};
 use crate::relay::{self, Outcome};
-use crate::util::{escape, lock};
+use crate::util::escape;
 use hyper::{server::conn::http1, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::{
     convert::Infallible,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::Duration,
 };
 use tokio::{net::TcpStream, time::Instant};
@@ -26,9 +26,10 @@ const MAX_REQUEST_HEADERS: usize = 100;
 const MAX_LOGGED_NAME: usize = 256;
 
 /// Run one accepted TCP connection to its end; logs and counts exactly once.
-pub async fn handle(gw: Arc<Gateway>, rt: Arc<Runtime>, tcp: TcpStream, peer: SocketAddr, accepted: Instant, over_cap: bool) {
+pub(crate) async fn handle(gw: Arc<Gateway>, rt: Arc<Runtime>, tcp: TcpStream, peer: SocketAddr, accepted: Instant, over_cap: bool) {
     let peer_ip = peer.ip().to_canonical();
-    let verdict = Arc::new(Mutex::new(Verdict::default()));
+    // Cluster mode: the shared per-IP check of the TCP peer starts here, while TLS runs.
+    let admission = Arc::new(Admission::begin(&gw, &rt, peer_ip, over_cap));
     // The configuration generation this connection is admitted under: a reload between
     // now and the relay's start (a `first_message` token sent after it, a slow upstream
     // connect) makes the relay re-check the session at once against the new config.
@@ -36,15 +37,15 @@ pub async fn handle(gw: Arc<Gateway>, rt: Arc<Runtime>, tcp: TcpStream, peer: So
     let result = async {
         // The handshake stages are boxed: their state (TLS accept, hyper's connection
         // and builder) is freed before the session relays, so an idle session stays small.
-        let Some(admission) = Box::pin(handshake(&gw, &rt, tcp, peer_ip, accepted, over_cap, &verdict)).await? else {
+        let Some(admitted) = Box::pin(handshake(&rt, tcp, accepted, &admission)).await? else {
             return Ok(None);
         };
-        relay_session(&gw, &rt, admission, accepted, &verdict, admitted_under)
+        relay_session(&gw, &rt, admitted, accepted, &admission, admitted_under)
             .await
             .map(Some)
     }
     .await;
-    let info = std::mem::take(&mut lock(&verdict).info);
+    let info = admission.info();
     let route = info.route.as_deref().unwrap_or("-");
     let client = info.client_ip.unwrap_or(peer_ip);
     match result {
@@ -91,31 +92,14 @@ fn log_session(gw: &Gateway, info: &Info, client: IpAddr, route: &str, done: &Do
 }
 
 /// TLS, then the upgrade request served by hyper up to the 101: the admitted session.
-async fn handshake(
-    gw: &Arc<Gateway>,
-    rt: &Arc<Runtime>,
-    tcp: TcpStream,
-    peer_ip: IpAddr,
-    accepted: Instant,
-    over_cap: bool,
-    verdict: &Arc<Mutex<Verdict>>,
-) -> Result<Option<Box<Admitted>>, Reject> {
+async fn handshake(rt: &Runtime, tcp: TcpStream, accepted: Instant, admission: &Arc<Admission>) -> Result<Option<Box<Admitted>>, Reject> {
     let server = &rt.config.server;
     let deadline = accepted + server.handshake_timeout;
-    // Cluster mode: the shared per-IP check of the TCP peer runs while TLS is negotiated.
-    let shared_ip = crate::admit::start_shared_ip_check(gw, rt, peer_ip);
     let Some((tls, cert)) = accept_tls(rt, tcp, deadline).await? else {
         return Ok(None);
     };
-    let ctx = Arc::new(crate::admit::RequestCtx {
-        gw: gw.clone(),
-        rt: rt.clone(),
-        peer_ip,
-        over_cap,
-        verdict: verdict.clone(),
-        cert,
-        shared_ip: Mutex::new(shared_ip),
-    });
+    admission.set_cert(cert);
+    let ctx = admission.clone();
     let service = service_fn(move |req| {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(ctx.answer(req).await) }
@@ -140,13 +124,12 @@ async fn handshake(
     )
     .await;
 
-    let admitted = lock(verdict).result.take();
-    let admission = match (admitted, served) {
+    let admission = match (admission.verdict(), served) {
         (Some(Err(reject)), _) => return Err(reject),
         (Some(Ok(admission)), Ok(Ok(()))) => admission,
         (Some(Ok(mut admission)), _) => {
             // Admitted, but the 101 never reached the client: let the upstream know.
-            if let Some(u) = admission.upstream.as_mut() {
+            if let Some(u) = admission.upstream_mut() {
                 let _ = tokio::time::timeout(server.close_timeout, u.ws.close(None)).await;
             }
             return Err(Reject::BadRequest("client left before the upgrade completed"));
@@ -190,30 +173,13 @@ async fn accept_tls(
     // A resumed session carries the certificate verified when its ticket was issued: verify
     // it again now, so one that expired since is not served (revocations come with a reload,
     // which starts a new ticket key and session cache).
-    if let (Some(c), Some(v)) = (&cert, &rt.client_auth) {
-        if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) && !c.still_trusted(v.as_ref()) {
-            return Err(Reject::TlsHandshake);
-        }
+    if let (Some(c), Some(v)) = (&cert, rt.auth.client_certs())
+        && tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+        && !c.still_trusted(v.as_ref())
+    {
+        return Err(Reject::TlsHandshake);
     }
     Ok(Some((tls, cert)))
-}
-
-/// A session ready to relay: both WebSockets and what the relay needs to keep.
-struct Open {
-    route_index: usize,
-    client: relay::Endpoint<ClientIo>,
-    upstream: relay::Endpoint<crate::upstream::UpstreamIo>,
-    expires_at: Option<u64>,
-    jti: Option<String>,
-    /// The verified token, re-checked against the keys of each new config.
-    token: Option<Box<str>>,
-    /// The verified client certificate, re-checked against each new config's CA and CRLs.
-    cert: Option<Arc<crate::tls::ClientCert>>,
-    _slots: (
-        Option<crate::limits::IpSlot>,
-        Option<crate::cluster::Lease>,
-        Option<crate::admit::UserHold>,
-    ),
 }
 
 /// The client side after the 101: the TLS stream, boxed so it is allocated once and
@@ -223,34 +189,34 @@ type ClientIo = Box<TlsStream<TcpStream>>;
 async fn relay_session(
     gw: &Arc<Gateway>,
     rt: &Arc<Runtime>,
-    admission: Box<Admitted>,
+    admitted: Box<Admitted>,
     accepted: Instant,
-    verdict: &Arc<Mutex<Verdict>>,
+    admission: &Admission,
     admitted_under: tokio_util::sync::CancellationToken,
 ) -> Result<Done, Reject> {
     // Opening is boxed: its state (hyper's upgrade, the first-message exchange) is freed
     // before the long relay phase, so an idle session holds only what it needs.
-    let mut open = Box::pin(open_session(gw, rt, admission, verdict)).await?;
+    let (mut client, mut session) = Box::pin(open_session(rt, admitted, admission)).await?;
     gw.metrics.handshake_done(accepted.elapsed().as_secs_f64());
-    run_session(gw, rt, &mut open, accepted, verdict, admitted_under).await
+    run_session(gw, rt, &mut client, &mut session, accepted, admission, admitted_under).await
 }
 
-async fn open_session(gw: &Gateway, rt: &Runtime, admission: Box<Admitted>, verdict: &Mutex<Verdict>) -> Result<Open, Reject> {
-    let Admitted {
-        route_index,
-        upstream,
-        on_upgrade,
-        identity,
-        cert,
-        pending,
-        ip_slot,
-        ip_lease,
-        user_slot,
-    } = *admission;
-    let upgraded = match on_upgrade.await {
+/// The 101 written: take the connection back from hyper, then let admission complete
+/// the session (the `first_message` token and the upstream, when the route waits).
+async fn open_session(
+    rt: &Runtime,
+    admitted: Box<Admitted>,
+    admission: &Admission,
+) -> Result<(relay::Endpoint<ClientIo>, Session), Reject> {
+    let mut admitted = *admitted;
+    let upgraded = match admitted.take_upgrade() {
+        Some(on_upgrade) => on_upgrade.await,
+        None => return Err(Reject::BadRequest("upgrade failed")),
+    };
+    let upgraded = match upgraded {
         Ok(u) => u,
         Err(_) => {
-            if let Some(mut u) = upstream {
+            if let Some(u) = admitted.upstream_mut() {
                 let _ = tokio::time::timeout(rt.config.server.close_timeout, u.ws.close(None)).await;
             }
             return Err(Reject::BadRequest("upgrade failed"));
@@ -263,90 +229,56 @@ async fn open_session(gw: &Gateway, rt: &Runtime, admission: Box<Admitted>, verd
         .map_err(|_| Reject::BadRequest("upgrade failed"))?;
     let io: ClientIo = Box::new(parts.io.into_inner());
     let mut client = relay::Endpoint::client(io, &parts.read_buf);
-    // With the `first_message` token source the client authenticates after the 101.
-    let (upstream, identity, user_slot) = match (upstream, pending) {
-        (Some(u), _) => (u, identity, user_slot),
-        (None, Some(pending)) => crate::admit::first_message(gw, rt, route_index, &mut client, pending, cert.as_deref(), verdict).await?,
-        (None, None) => return Err(Reject::BadRequest("no upstream")),
-    };
-    // Keep only what the session needs from the token, not every claim.
-    let expires_at = identity.as_ref().and_then(|i| i.exp);
-    let jti = identity.as_ref().and_then(|i| crate::auth::jti_text(&i.claims));
-    let token = identity.map(|i| i.token);
-    Ok(Open {
-        route_index,
-        client,
-        upstream: upstream.ws,
-        expires_at,
-        jti,
-        token,
-        cert,
-        _slots: (ip_slot, ip_lease, user_slot),
-    })
+    let session = admitted.complete(admission, &mut client).await?;
+    Ok((client, session))
 }
 
 async fn run_session(
     gw: &Gateway,
     rt: &Runtime,
-    open: &mut Open,
+    client: &mut relay::Endpoint<ClientIo>,
+    session: &mut Session,
     accepted: Instant,
-    verdict: &Mutex<Verdict>,
+    admission: &Admission,
     admitted_under: tokio_util::sync::CancellationToken,
 ) -> Result<Done, Reject> {
-    let route = &rt.config.routes[open.route_index];
+    let route = &rt.config.routes[session.route_index];
     let mut session_metrics = gw.metrics.session(&route.name);
     // Listed by the admin API while it runs; a kick closes the sessions accepted before it.
-    let registered = {
-        let info = &lock(verdict).info;
-        gw.incidents
-            .register(route.name.as_str().into(), info.sub.clone(), info.client_ip, accepted.into_std())
-    };
+    let (client_ip, sub) = admission.with_info(|i| (i.client_ip, i.sub.clone()));
+    let registered = gw
+        .incidents
+        .register(route.name.as_str().into(), sub.clone(), client_ip, accepted.into_std());
     session_metrics.live = Some(registered.counters.clone());
-    let validator = rt.validators[open.route_index].clone();
+    let validator = rt.validators[session.route_index].clone();
     if validator.is_some() {
         session_metrics.rejected = Some(gw.metrics.rejections(&route.name));
     }
     session_metrics.active.increment(1.0);
     let started = Instant::now();
-    let s = &rt.config.server;
-    let settings = relay_settings(gw, rt, validator);
-    let deadline = open
-        .expires_at
+    let settings = relay::Settings::from_config(&rt.config, validator, Some(gw.assembly_budget()));
+    let deadline = session
+        .principal
+        .as_ref()
+        .and_then(|p| p.expires_at)
         .filter(|_| rt.config.jwt.close_on_expiry)
         .map(|exp| (expiry_instant(exp, rt.config.jwt.leeway), CloseReason::TokenExpired));
-    let (client_ip, sub) = {
-        let info = &lock(verdict).info;
-        (info.client_ip, info.sub.clone())
-    };
-    let policy = SessionPolicy {
-        gw,
-        admitted_under: Mutex::new(Some(admitted_under)),
-        client_ip,
-        jti: open.jti.take(),
-        token: open.token.take(),
-        cert: open.cert.take(),
-        cert_auth: route.auth.uses_cert(),
-        sub,
-        started: registered.started_at,
-    };
+    let policy = session.policy(gw, admitted_under, client_ip, registered.started_at);
     let control = relay::Control {
         shutdown: &gw.sessions,
-        drain_spread: s.shutdown_grace / 2,
+        drain_spread: rt.config.server.shutdown_grace / 2,
         deadline,
         policy: Some(&policy),
         progress: rt.config.log.progress_interval,
     };
-    let span = {
-        let info = &lock(verdict).info;
-        tracing::info_span!(
-            "session",
-            peer = %info.client_ip.map_or_else(|| "-".to_string(), |i| i.to_string()),
-            route = %route.name,
-            sub = %info.sub.as_deref().map(|s| escape(s, MAX_LOGGED_NAME)).unwrap_or_else(|| "-".into()),
-        )
-    };
+    let span = tracing::info_span!(
+        "session",
+        peer = %client_ip.map_or_else(|| "-".to_string(), |i| i.to_string()),
+        route = %route.name,
+        sub = %sub.as_deref().map(|s| escape(s, MAX_LOGGED_NAME)).unwrap_or_else(|| "-".into()),
+    );
     let outcome = tracing::Instrument::instrument(
-        relay::run(&mut open.client, &mut open.upstream, &settings, &session_metrics, control),
+        relay::run(client, &mut session.upstream.ws, &settings, &session_metrics, control),
         span,
     )
     .await;
@@ -355,80 +287,6 @@ async fn run_session(
         outcome,
         duration: started.elapsed(),
     })
-}
-
-/// The relay's limits and timers from the config, and the route's message checks.
-fn relay_settings(gw: &Gateway, rt: &Runtime, validator: Option<Arc<crate::validation::Validator>>) -> relay::Settings {
-    let (s, l) = (&rt.config.server, &rt.config.limits);
-    relay::Settings {
-        message_rate: l.message_rate,
-        message_burst: l.message_burst,
-        rate_abuse_timeout: l.rate_abuse_timeout,
-        idle_timeout: s.idle_timeout,
-        ping_interval: s.ping_interval,
-        close_timeout: s.close_timeout,
-        max_frame_size: l.max_frame_size,
-        max_message_size: l.max_message_size,
-        max_fragments: l.max_fragments,
-        validator,
-        assembly_budget: Some(gw.assembly_budget()),
-    }
-}
-
-/// After a reload, a live session must still pass the firewall, its token must not be
-/// revoked, and its client certificate must still verify (CA kept, not revoked).
-struct SessionPolicy<'a> {
-    gw: &'a Gateway,
-    /// The generation at admission, handed to the relay first (then the current one).
-    admitted_under: Mutex<Option<tokio_util::sync::CancellationToken>>,
-    client_ip: Option<IpAddr>,
-    jti: Option<String>,
-    token: Option<Box<str>>,
-    cert: Option<Arc<crate::tls::ClientCert>>,
-    /// The route authenticated with the certificate (`mtls`, `jwt+mtls`).
-    cert_auth: bool,
-    sub: Option<String>,
-    /// When the connection was accepted: a kick closes sessions accepted before it.
-    started: std::time::Instant,
-}
-
-impl relay::Policy for SessionPolicy<'_> {
-    fn generation(&self) -> tokio_util::sync::CancellationToken {
-        let first = lock(&self.admitted_under).take();
-        first.unwrap_or_else(|| self.gw.recheck_token())
-    }
-
-    fn check(&self) -> Option<CloseReason> {
-        let rt = self.gw.runtime();
-        let incidents = &self.gw.incidents;
-        if self.client_ip.is_some_and(|ip| !rt.firewall.allows(ip) || incidents.is_banned(ip)) {
-            return Some(CloseReason::AccessRevoked);
-        }
-        if rt.verifier.as_ref().is_some_and(|v| v.is_revoked(self.jti.as_deref())) || incidents.is_revoked(self.jti.as_deref()) {
-            return Some(CloseReason::AccessRevoked);
-        }
-        if incidents.is_kicked(self.sub.as_deref(), self.started) {
-            return Some(CloseReason::AccessRevoked);
-        }
-        // Key rotation: a token that no longer verifies (its key removed, issuer or
-        // audience changed) stops working at once. (`jti` is checked above too: a token
-        // past its `exp` with `close_on_expiry` off fails verification as expired first.)
-        if let (Some(token), Some(v)) = (&self.token, &rt.verifier) {
-            if !v.still_valid(token) {
-                return Some(CloseReason::AccessRevoked);
-            }
-        }
-        // A certificate the new config would refuse (revoked by a new CRL, its CA removed)
-        // ends the session; without any client CA now, only sessions it authenticated end.
-        if let Some(cert) = &self.cert {
-            match &rt.client_auth {
-                Some(v) if !cert.still_trusted(v.as_ref()) => return Some(CloseReason::AccessRevoked),
-                None if self.cert_auth => return Some(CloseReason::AccessRevoked),
-                _ => {}
-            }
-        }
-        None
-    }
 }
 
 /// The monotonic instant at which a token with `exp` (seconds since the epoch) expires, plus `leeway`.

@@ -77,7 +77,7 @@ fn find<T: Ord + Copy>(ranges: &[(T, T)], x: T) -> bool {
 
 mod num_like {
     /// `x + 1`, saturating: lets adjacent ranges merge.
-    pub trait Succ {
+    pub(super) trait Succ {
         fn succ(self) -> Self;
     }
     impl Succ for u32 {

@@ -7,7 +7,7 @@ use std::{
 
 /// Create `path` with `data`, readable by the owner only (mode 0600 on Unix).
 /// Fails if the file already exists, so a secret is never silently replaced.
-pub fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]
@@ -18,15 +18,15 @@ pub fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
 }
 
 /// Largest config file read.
-pub const MAX_CONFIG_FILE: u64 = 16 << 20;
+pub(crate) const MAX_CONFIG_FILE: u64 = 16 << 20;
 /// Largest certificate, key, secret or JWKS file read.
-pub const MAX_KEY_FILE: u64 = 16 << 20;
+pub(crate) const MAX_KEY_FILE: u64 = 16 << 20;
 /// Largest list file read (firewall rules, revoked `jti`s).
-pub const MAX_LIST_FILE: u64 = 64 << 20;
+pub(crate) const MAX_LIST_FILE: u64 = 64 << 20;
 
 /// Read `path` whole, refusing anything but a regular file (a FIFO would block the
 /// reload, `/dev/zero` never ends) and a file larger than `max` bytes.
-pub fn read_limited(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+pub(crate) fn read_limited(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
     let not_a_file = || std::io::Error::other("not a regular file");
     // Checked before opening: opening a FIFO blocks until a writer comes.
     if !std::fs::metadata(path)?.is_file() {
@@ -45,7 +45,7 @@ pub fn read_limited(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
 }
 
 /// [`read_limited`], as UTF-8 text.
-pub fn read_text(path: &Path, max: u64) -> std::io::Result<String> {
+pub(crate) fn read_text(path: &Path, max: u64) -> std::io::Result<String> {
     String::from_utf8(read_limited(path, max)?).map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"))
 }
 

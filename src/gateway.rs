@@ -6,8 +6,7 @@
 //! reload swaps it without touching open sessions; they re-check themselves against
 //! the new one when the generation token they hold is cancelled.
 
-use crate::auth::{Verifier, load_secret};
-use crate::config::{AuthMode, ClientIpSource, Config, ConfigError, FirewallDefault};
+use crate::config::{ClientIpSource, Config, ConfigError};
 use crate::error::Reject;
 use crate::firewall::Firewall;
 use crate::limits::{IpSlot, PerIp, UserSlots};
@@ -20,7 +19,6 @@ use std::{
         Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
-    time::Duration,
 };
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -33,10 +31,6 @@ const WS_READ_BUFFER: usize = 1024;
 const WS_WRITE_BUFFER: usize = 16 * 1024;
 /// Room for a whole message in the echo's write buffer, beyond its batch size.
 const WS_WRITE_SLACK: usize = 64 * 1024;
-/// A JWT leeway beyond this gets a warning from `wsgate check`.
-const LEEWAY_WARNING: Duration = Duration::from_secs(300);
-/// HS* secrets shorter than this get a warning.
-const MIN_SECRET_LEN: usize = 32;
 
 /// Shortest admin API token.
 pub const MIN_ADMIN_TOKEN: usize = 32;
@@ -72,12 +66,11 @@ pub struct Runtime {
     pub certs: Arc<crate::tls::CertStore>,
     /// `[tls.acme]`: TLS for talking to the ACME server (webpki roots plus `ca_file`).
     pub acme_client: Option<Arc<rustls::ClientConfig>>,
-    /// The verifier of client certificates (`tls.client_ca`); live sessions re-check
-    /// their certificate against the one of each new config.
-    pub client_auth: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
     /// `[firewall]` compiled, rule files included.
     pub firewall: Firewall,
-    pub verifier: Option<Verifier>,
+    /// Every authentication method of the routes (keys, client CA): admission asks
+    /// it, and live sessions re-check their principal against each new one.
+    pub auth: crate::auth::Methods,
     /// TLS connectors for `wss://` upstreams, by route index.
     pub connectors: Vec<Option<tokio_rustls::TlsConnector>>,
     /// Round-robin position, by route index.
@@ -117,12 +110,7 @@ impl Runtime {
         let (server_tls, certs) = crate::tls::server_config(&config, create_dev_files, client_auth.clone(), acme)?;
         let tls = TlsAcceptor::from(server_tls);
         let firewall = Firewall::load(&config.firewall, &config.origin)?;
-        let needs_jwt = config.routes.iter().any(|r| r.auth.uses_jwt());
-        let verifier = if needs_jwt {
-            Some(Verifier::load(&config.jwt, &config.origin, create_dev_files)?)
-        } else {
-            None
-        };
+        let auth = crate::auth::Methods::load(&config, client_auth, create_dev_files)?;
         let connectors = config
             .routes
             .iter()
@@ -169,9 +157,8 @@ impl Runtime {
             tls,
             certs,
             acme_client,
-            client_auth,
             firewall,
-            verifier,
+            auth,
             connectors,
             next_upstream,
             health,
@@ -329,10 +316,11 @@ impl Gateway {
         for r in &new.config.routes {
             self.metrics.register_route(&r.name, r.validate.is_some());
         }
-        if let (Some(n), Some(o)) = (&new.verifier, &old.verifier) {
-            if n.keys().remote_url().is_some() && n.keys().remote_url() == o.keys().remote_url() {
-                n.keys().adopt_jwks(o.keys());
-            }
+        if let (Some(n), Some(o)) = (new.auth.jwt(), old.auth.jwt())
+            && n.keys().remote_url().is_some()
+            && n.keys().remote_url() == o.keys().remote_url()
+        {
+            n.keys().adopt_jwks(o.keys());
         }
         // The new key set gets its own refresh loop, which ends at the next reload; the
         // old runtime's loop ends now, even while old sessions still hold that runtime.
@@ -457,123 +445,10 @@ impl Refused<'_> {
 /// Fetch the JWKS URL once now, then keep it fresh until `until` is cancelled (the next
 /// reload) or the runtime is gone: one refresh loop per live key set.
 pub(crate) async fn start_jwks_refresh(rt: &Arc<Runtime>, metrics: &Metrics, until: CancellationToken) {
-    let Some(v) = rt.verifier.as_ref().filter(|v| v.keys().has_remote()) else {
-        return;
-    };
     let Some(every) = rt.config.jwt.jwks_url.as_ref().map(|u| u.refresh) else {
         return;
     };
-    match v.keys().refresh().await {
-        Ok(n) => {
-            metrics.jwks_refresh(true);
-            tracing::info!(keys = n, "JWKS loaded");
-        }
-        Err(e) => {
-            metrics.jwks_refresh(false);
-            tracing::error!(error = %e, "JWKS fetch failed; tokens needing it are refused until a fetch succeeds");
-        }
-    }
-    let weak = Arc::downgrade(rt);
     let metrics = metrics.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = until.cancelled() => return,
-                _ = tokio::time::sleep(every) => {}
-            }
-            let Some(rt) = weak.upgrade() else { return };
-            if let Some(v) = &rt.verifier {
-                match v.keys().refresh().await {
-                    Ok(_) => metrics.jwks_refresh(true),
-                    Err(e) => {
-                        metrics.jwks_refresh(false);
-                        tracing::warn!(error = %e, "JWKS refresh failed; keeping the last good key set");
-                    }
-                }
-            }
-        }
-    });
-}
-
-/// Insecure settings worth a warning from `wsgate check` (they are allowed, not errors).
-pub fn warnings(config: &Config) -> Vec<String> {
-    let mut w = Vec::new();
-    if config.tls.self_signed_if_missing {
-        w.push("tls.self_signed_if_missing = true: a self-signed development certificate may be served".to_string());
-    }
-    if let Some(a) = &config.tls.acme {
-        if crate::acme::is_test_directory(&a.directory_url.value) {
-            w.push(format!(
-                "tls.acme.directory_url = {}: a staging or test ACME server; browsers do not trust its certificates",
-                crate::util::escape(&a.directory_url.value, 128)
-            ));
-        }
-        if !crate::acme::is_test_directory(&a.directory_url.value) && !config.server.listen.iter().any(|l| l.port() == 443) {
-            w.push(
-                "[tls.acme] without a listener on port 443: the CA validates TLS-ALPN-01 on port 443, which must reach this listener"
-                    .to_string(),
-            );
-        }
-        if config.firewall.default == FirewallDefault::Deny {
-            w.push("[tls.acme] with firewall.default = \"deny\": the CA's validation servers must be allowed to reach the wss listener, or no certificate is issued".to_string());
-        }
-    }
-    if let crate::config::SecretSource::File {
-        generate_if_missing: true, ..
-    } = config.jwt.secret
-    {
-        w.push("jwt.generate_secret_if_missing = true: development only".to_string());
-    }
-    if let Ok(secret) = load_secret(&config.jwt.secret, &config.origin, false) {
-        if secret.len() < MIN_SECRET_LEN && config.jwt.uses_secret() {
-            w.push(format!("jwt secret is {} bytes; use at least 32", secret.len()));
-        }
-    }
-    if !config.admin.listen.ip().is_loopback() {
-        w.push(format!(
-            "admin.listen = {}: metrics are reachable beyond this host",
-            config.admin.listen
-        ));
-        if config.admin.token_file.is_some() {
-            w.push(format!(
-                "admin.token_file is set and admin.listen = {} is not loopback: the admin API (bans, revocations, kicks) is reachable beyond this host",
-                config.admin.listen
-            ));
-        }
-    }
-    let jwt_routes = config.routes.iter().any(|r| r.auth.uses_jwt());
-    let exp_required = config.jwt.required_claims.iter().any(|c| c == "exp");
-    if jwt_routes && !exp_required {
-        w.push("jwt.required_claims does not hold \"exp\": tokens that never expire are accepted".to_string());
-    }
-    if jwt_routes && exp_required && !config.jwt.close_on_expiry {
-        w.push("jwt.close_on_expiry = false: sessions outlive their token's exp".to_string());
-    }
-    if config.jwt.leeway > LEEWAY_WARNING {
-        w.push("jwt.leeway is over 5 minutes".to_string());
-    }
-    let public = config.server.listen.iter().any(|a| !a.ip().is_loopback());
-    if public && config.firewall.default == FirewallDefault::Allow && !config.firewall.has_deny_rules() {
-        w.push("firewall default = \"allow\" with no deny rules on a public listener".to_string());
-    }
-    if let Some(c) = &config.tls.client {
-        if c.auth == crate::config::ClientAuth::Optional && !config.routes.iter().any(|r| r.auth.uses_cert()) {
-            w.push(
-                "tls.client_auth = \"optional\" but no route has auth = \"mtls\" or \"jwt+mtls\": certificates are checked and then unused"
-                    .to_string(),
-            );
-        }
-    }
-    for r in &config.routes {
-        if r.auth == AuthMode::None && public {
-            w.push(format!("route {:?} has auth = \"none\" on a public listener", r.name));
-        }
-        if r.allowed_origins.iter().any(|o| o == "*") {
-            w.push(format!(
-                "route {:?} has allowed_origins = [\"*\"]: any web page may open sockets",
-                r.name
-            ));
-        }
-    }
-    w
+    let report = move |ok| metrics.jwks_refresh(ok);
+    crate::keys::keep_fresh(rt, |rt: &Runtime| rt.auth.jwt().map(|v| v.keys()), every, report, until).await;
 }

@@ -7,6 +7,7 @@
 //! cancels the gateway's re-check token (see `Gateway::recheck_sessions`).
 
 use crate::firewall::RangeSet;
+use crate::metrics::LiveCounters;
 use crate::util::lock;
 use arc_swap::ArcSwap;
 use ipnet::{IpNet, Ipv4Net};
@@ -21,15 +22,15 @@ use std::{
 };
 
 /// Admin bans held at once, at most.
-pub const MAX_BANS: usize = 10_000;
+pub(crate) const MAX_BANS: usize = 10_000;
 /// Revoked token ids held at once, at most.
-pub const MAX_REVOCATIONS: usize = 100_000;
+pub(crate) const MAX_REVOCATIONS: usize = 100_000;
 /// Kicked users remembered at once, at most.
-pub const MAX_KICKS: usize = 10_000;
+pub(crate) const MAX_KICKS: usize = 10_000;
 /// The longest ban.
-pub const MAX_BAN: Duration = Duration::from_secs(365 * 24 * 3600);
+pub(crate) const MAX_BAN: Duration = Duration::from_secs(365 * 24 * 3600);
 /// How long a revocation without `exp` is kept (tokens this old should have expired).
-pub const REVOCATION_WITHOUT_EXP: Duration = Duration::from_secs(7 * 24 * 3600);
+pub(crate) const REVOCATION_WITHOUT_EXP: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How long a kick is remembered: long enough for every live session to re-check.
 const KICK_MEMORY: Duration = Duration::from_secs(60);
 
@@ -41,7 +42,7 @@ pub enum Refusal {
 }
 
 /// The live state of one session, for `GET /v1/sessions`.
-pub struct LiveSession {
+pub(crate) struct LiveSession {
     pub route: Arc<str>,
     pub sub: Option<String>,
     pub client_ip: Option<IpAddr>,
@@ -49,20 +50,6 @@ pub struct LiveSession {
     pub started: u64,
     pub counters: Arc<LiveCounters>,
     started_at: Instant,
-}
-
-/// Messages and bytes of a live session by direction, updated as the relay reports them.
-#[derive(Default)]
-pub struct LiveCounters {
-    pub messages: [AtomicU64; 2],
-    pub bytes: [AtomicU64; 2],
-}
-
-impl LiveCounters {
-    pub fn add(&self, direction: usize, messages: u64, bytes: u64) {
-        self.messages[direction].fetch_add(messages, Ordering::Relaxed);
-        self.bytes[direction].fetch_add(bytes, Ordering::Relaxed);
-    }
 }
 
 /// The bans as a sorted range set, rebuilt on every change and when the earliest one
@@ -307,13 +294,12 @@ impl Drop for Registered {
 /// A range as the gateway compares addresses: host bits cleared, and an IPv4-mapped IPv6
 /// range (`::ffff:a.b.c.d/n`, n ≥ 96) as the IPv4 range it means (clients are compared
 /// as plain IPv4).
-pub fn canonical(net: IpNet) -> IpNet {
-    if let IpNet::V6(n) = net {
-        if let (Some(v4), true) = (n.addr().to_ipv4_mapped(), n.prefix_len() >= 96) {
-            if let Ok(v4) = Ipv4Net::new(v4, n.prefix_len() - 96) {
-                return IpNet::V4(v4.trunc());
-            }
-        }
+pub(crate) fn canonical(net: IpNet) -> IpNet {
+    if let IpNet::V6(n) = net
+        && let (Some(v4), true) = (n.addr().to_ipv4_mapped(), n.prefix_len() >= 96)
+        && let Ok(v4) = Ipv4Net::new(v4, n.prefix_len() - 96)
+    {
+        return IpNet::V4(v4.trunc());
     }
     net.trunc()
 }

@@ -24,10 +24,10 @@ const MAX_JWKS_BYTES: usize = 1 << 20;
 /// Time allowed for one JWKS fetch.
 const JWKS_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Minimum time between two fetches triggered by unknown `kid`s.
-pub const JWKS_MIN_REFETCH: Duration = Duration::from_secs(10);
+pub(crate) const JWKS_MIN_REFETCH: Duration = Duration::from_secs(10);
 
 /// One verification key.
-pub struct Key {
+pub(crate) struct Key {
     pub kid: Option<String>,
     /// Algorithms this key may verify (all of its family, or the JWK's `alg`).
     pub algorithms: Vec<Algorithm>,
@@ -153,7 +153,7 @@ fn family_algs(alg: Algorithm) -> Vec<Algorithm> {
 }
 
 /// Load a PEM public key, detecting RSA, EC or Ed25519.
-pub fn pem_key(data: &[u8]) -> Option<Key> {
+pub(crate) fn pem_key(data: &[u8]) -> Option<Key> {
     type Parse = fn(&[u8]) -> jsonwebtoken::errors::Result<DecodingKey>;
     let tries: [(Parse, Algorithm); 3] = [
         (DecodingKey::from_rsa_pem, Algorithm::RS256),
@@ -170,7 +170,7 @@ pub fn pem_key(data: &[u8]) -> Option<Key> {
 }
 
 /// Keys of a JWKS document; keys that are symmetric, for encryption, or unparsable are skipped.
-pub fn jwks_keys(set: &JwkSet) -> Vec<Key> {
+pub(crate) fn jwks_keys(set: &JwkSet) -> Vec<Key> {
     set.keys
         .iter()
         .filter_map(|jwk| {
@@ -368,7 +368,7 @@ impl KeyStore {
 }
 
 /// GET an https URL with a bounded time and body size.
-pub async fn fetch(url: &http::Uri, tls: Arc<rustls::ClientConfig>) -> Result<Vec<u8>, String> {
+pub(crate) async fn fetch(url: &http::Uri, tls: Arc<rustls::ClientConfig>) -> Result<Vec<u8>, String> {
     use http_body_util::{BodyExt, Empty, Limited};
     let work = async {
         let host = url.host().map(crate::util::unbracket).ok_or("URL has no host")?.to_string();
@@ -404,6 +404,50 @@ pub async fn fetch(url: &http::Uri, tls: Arc<rustls::ClientConfig>) -> Result<Ve
     tokio::time::timeout(JWKS_FETCH_TIMEOUT, work)
         .await
         .map_err(|_| "timed out".to_string())?
+}
+
+/// Fetch the store's JWKS URL once now, then every `every` until `until` is cancelled
+/// (the next reload) or `owner` is gone; `report` hears whether each fetch worked. A
+/// failed refresh keeps the last good key set.
+pub(crate) async fn keep_fresh<T: Send + Sync + 'static>(
+    owner: &Arc<T>,
+    store: fn(&T) -> Option<&KeyStore>,
+    every: Duration,
+    report: impl Fn(bool) + Send + 'static,
+    until: tokio_util::sync::CancellationToken,
+) {
+    let Some(keys) = store(owner).filter(|k| k.has_remote()) else {
+        return;
+    };
+    match keys.refresh().await {
+        Ok(n) => {
+            report(true);
+            tracing::info!(keys = n, "JWKS loaded");
+        }
+        Err(e) => {
+            report(false);
+            tracing::error!(error = %e, "JWKS fetch failed; tokens needing it are refused until a fetch succeeds");
+        }
+    }
+    let weak = Arc::downgrade(owner);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = until.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            let Some(owner) = weak.upgrade() else { return };
+            if let Some(keys) = store(&owner) {
+                match keys.refresh().await {
+                    Ok(_) => report(true),
+                    Err(e) => {
+                        report(false);
+                        tracing::warn!(error = %e, "JWKS refresh failed; keeping the last good key set");
+                    }
+                }
+            }
+        }
+    });
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 //!
 //! | # | stage | module |
 //! |---|-------|--------|
-//! | 1 | accept, global cap; client address from PROXY protocol v1/v2 | [`server`], `proxy_protocol` |
+//! | 1 | accept, global cap; client address from PROXY protocol v1/v2 | `server`, `proxy_protocol` |
 //! | 2–3 | firewall, per-IP rate and concurrency limits (before TLS) | [`firewall`], [`limits`], [`gateway::Gateway`] |
 //! | 4 | TLS handshake under `handshake_timeout`; client certificate verified (mTLS) | [`tls`], `conn` |
 //! | 5 | upgrade request: head read by hyper with size/time bounds, route, validate | [`upgrade`], `admit` |
@@ -15,29 +15,74 @@
 //! | 9 | relay: frames both ways, limits, pings, idle, shutdown; client messages checked on routes with `[routes.validate]` | [`relay`], [`wire`], [`validation`] |
 //! | 10 | one access-log event; metrics | `conn`, [`metrics`] |
 //!
-//! Layers, each importing only from the ones below it (no cycles):
+//! # Layers
 //!
-//! - `server` (accept loops, drain) → `conn` (one connection, stage by stage) →
-//!   `admit` (the request stage) → the stage modules → [`gateway`] (shared state,
-//!   reload, the one place a refusal is counted and logged) with [`incidents`] (admin
-//!   bans, revocations, kicks, the live session list) and [`cluster`] (those shared
-//!   through Redis). `admin` and `admin_api` depend on [`gateway`], [`incidents`],
-//!   [`cluster`] and the stages' parsers only.
-//! - Stage modules: [`upstream`], [`auth`] → `keys` → [`tls`]; [`relay`] → [`wire`],
-//!   [`validation`];
-//!   [`firewall`], [`limits`], [`upgrade`], [`metrics`].
-//! - Leaves: [`config`] (plain data and validation: reads only the TOML text),
-//!   [`error`] (every reason → status, close code, metric label), `util`.
+//! The modules in import order, top to bottom: each imports only modules listed below
+//! it (so there is no cycle). `tests/layers.rs` reads this table and fails when an
+//! import in `src/` goes up; keep it true.
+//!
+//! | layer | module | what it holds |
+//! |-------|--------|---------------|
+//! | entry | `server` | listeners, accept loops, the three-step drain |
+//! | entry | `admin` | the admin listener: metrics, health, readiness |
+//! | entry | [`client`] | `wsgate client`, the line-oriented CLI client |
+//! | entry | [`check`] | `wsgate check`: insecure settings as warnings |
+//! | connection | `conn` | one connection: TLS, hyper, the relay, one log line |
+//! | connection | `admin_api` | the admin API (bans, revocations, kicks, sessions) |
+//! | admission | `admit` | the one owner of admission: request checks, shared caps, auth, upstream choice, `first_message`, live re-checks |
+//! | composition | [`gateway`] | the [`gateway::Runtime`] built from one config, reload, the one place a refusal is counted |
+//! | stage | [`upstream`] | the upstream request and WebSocket handshake, TLS to upstreams |
+//! | stage | [`auth`] | methods → one [`auth::Principal`]; JWT, client certificates |
+//! | stage | [`cluster`] | state shared through Redis: connection and breaker, events, leases |
+//! | stage | `keys` | JWT keys: secrets, PEM, JWKS and its refresh |
+//! | stage | `acme` | automatic certificates (TLS-ALPN-01) |
+//! | stage | `incidents` | admin bans, revocations, kicks, the live session list |
+//! | stage | [`relay`] | frames both ways: limits, pings, idle, validation, closing |
+//! | stage | [`validation`] | JSON and JSON Schema checks of client messages |
+//! | stage | [`firewall`] | CIDR rules and rule files |
+//! | stage | [`limits`] | per-IP rate and caps, per-user slots, the message rate |
+//! | stage | [`upgrade`] | the upgrade request: path, headers, Origin, client address, answers |
+//! | stage | [`tls`] | server TLS, the certificate store, client certificates |
+//! | stage | [`metrics`] | metric names, descriptions, the exporter |
+//! | stage | [`echo`] | the built-in echo backend |
+//! | stage | [`wire`] | WebSocket frame headers, masking, UTF-8, close payloads |
+//! | stage | [`logging`] | tracing setup |
+//! | stage | `proxy_protocol` | PROXY protocol v1/v2 headers |
+//! | leaf | [`config`] | raw TOML → validated [`Config`]; reads nothing but the TOML |
+//! | leaf | [`error`] | every reason → status, close code, metric label |
+//! | leaf | `fsutil` | bounded, checked file reads |
+//! | leaf | `util` | small helpers shared by several stages (escape, percent-decoding, lock) |
+//!
+//! # Where the next features live
+//!
+//! - Plain HTTP on routes (DESIGN 13): `admit/http.rs` (the same checks for a plain
+//!   request), a new stage `proxy/` (the HTTP/1.1 exchange with hyper's client, pools)
+//!   above `upstream`, and balancing (`round_robin`, `least_sessions`, `sticky`, health
+//!   checks, drain) in a new stage `balance/` that `admit/upstream.rs` asks.
+//! - Hosts, SNI and per-route policy (DESIGN 14): several certificates in
+//!   `tls/certs.rs` (the `CertStore`), routing by host in `config/routes.rs`, per-route
+//!   limits resolved into `relay::Settings::from_config` and the per-user
+//!   `admit/shared_cap.rs` key.
+//! - Auth providers (DESIGN 15): `auth/oidc.rs`, `auth/introspection.rs`,
+//!   `auth/forward.rs`, each returning an [`auth::Principal`] and re-checked through
+//!   [`auth::Methods::recheck`].
+//! - Compression (DESIGN 16): `relay/deflate.rs`, inside the frame path.
+//! - Sentinel, Redis Cluster, the state file (DESIGN 7): `cluster/connection.rs` and a
+//!   new `cluster/state_file.rs`.
+//! - Upgrades, systemd, process metrics (DESIGN 17): new `takeover.rs` and `notify.rs`
+//!   beside `server`, process metrics in `metrics`.
 //!
 //! The public modules are the surface `main`, the integration tests and the benches
 //! use; the rest is crate-private.
 #![forbid(unsafe_code)]
+#![warn(unreachable_pub, clippy::self_named_module_files)]
 
-pub mod acme;
+mod acme;
 mod admin;
 mod admin_api;
 mod admit;
 pub mod auth;
+pub mod check;
 pub mod client;
 pub mod cluster;
 pub mod config;
@@ -47,14 +92,14 @@ pub mod error;
 pub mod firewall;
 mod fsutil;
 pub mod gateway;
-pub mod incidents;
+mod incidents;
 mod keys;
 pub mod limits;
 pub mod logging;
 pub mod metrics;
 mod proxy_protocol;
 pub mod relay;
-pub mod server;
+mod server;
 pub mod tls;
 pub mod upgrade;
 pub mod upstream;

@@ -274,15 +274,15 @@ fn check(path: &std::path::Path) -> u8 {
         Ok(c) => c,
         Err(_) => return 1,
     };
-    for w in wsgate::gateway::warnings(&config) {
+    for w in wsgate::check::warnings(&config) {
         println!("warning: {w}");
     }
     // `[cluster]` is built at start (not on reload): its password is checked here too.
-    if let Some(c) = &config.cluster {
-        if let Err(e) = wsgate::cluster::Cluster::new(c, &config.origin) {
-            eprintln!("wsgate: config error: {e}");
-            return 1;
-        }
+    if let Some(c) = &config.cluster
+        && let Err(e) = wsgate::cluster::Cluster::new(c, &config.origin)
+    {
+        eprintln!("wsgate: config error: {e}");
+        return 1;
     }
     match wsgate::gateway::Runtime::load(config, false) {
         Ok(_) => {

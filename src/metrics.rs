@@ -8,6 +8,7 @@
 use metrics::{Counter, Gauge, Histogram, Key, Label, Recorder, SharedString, Unit};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 pub const CONNECTIONS_ACCEPTED: &str = "wsgate_connections_accepted_total";
 pub const CONNECTIONS_ACTIVE: &str = "wsgate_connections_active";
@@ -115,7 +116,7 @@ pub struct SessionMetrics {
     /// routes with `[routes.validate]` (see [`Metrics::rejections`]).
     pub rejected: Option<[Counter; 4]>,
     /// The session's own running totals, for the admin API's session list.
-    pub live: Option<std::sync::Arc<crate::incidents::LiveCounters>>,
+    pub live: Option<std::sync::Arc<LiveCounters>>,
 }
 
 const SECONDS_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -334,6 +335,20 @@ pub fn close_code_label(code: u16) -> &'static str {
         3000..=3999 => "3xxx",
         4000..=4999 => "4xxx",
         _ => "other",
+    }
+}
+
+/// Messages and bytes of a live session by direction, updated as the relay reports them.
+#[derive(Default)]
+pub struct LiveCounters {
+    pub messages: [AtomicU64; 2],
+    pub bytes: [AtomicU64; 2],
+}
+
+impl LiveCounters {
+    pub fn add(&self, direction: usize, messages: u64, bytes: u64) {
+        self.messages[direction].fetch_add(messages, Ordering::Relaxed);
+        self.bytes[direction].fetch_add(bytes, Ordering::Relaxed);
     }
 }
 

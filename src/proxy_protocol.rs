@@ -15,7 +15,7 @@ const V1_MAX: usize = 107;
 const V2_MAX_PAYLOAD: usize = 1024;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ProxyError {
+pub(crate) enum ProxyError {
     #[error("connection closed before a complete PROXY header")]
     Truncated,
     #[error("not a valid PROXY protocol header")]
@@ -24,7 +24,7 @@ pub enum ProxyError {
 
 /// Read the PROXY header; returns the client address it names, or `None` for a
 /// `LOCAL`/`UNKNOWN` header (a health check by the proxy itself).
-pub async fn read_header(tcp: &mut TcpStream) -> Result<Option<SocketAddr>, ProxyError> {
+pub(crate) async fn read_header(tcp: &mut TcpStream) -> Result<Option<SocketAddr>, ProxyError> {
     let mut buf = vec![0u8; 12];
     tcp.read_exact(&mut buf).await.map_err(|_| ProxyError::Truncated)?;
     if buf == V2_SIGNATURE {
@@ -55,7 +55,7 @@ pub async fn read_header(tcp: &mut TcpStream) -> Result<Option<SocketAddr>, Prox
 }
 
 /// Parse a complete header.
-pub fn parse(buf: &[u8]) -> Result<Option<SocketAddr>, ProxyError> {
+pub(crate) fn parse(buf: &[u8]) -> Result<Option<SocketAddr>, ProxyError> {
     match ppp::HeaderResult::parse(buf) {
         ppp::HeaderResult::V1(Ok(h)) => Ok(match h.addresses {
             ppp::v1::Addresses::Tcp4(a) => Some(SocketAddr::new(IpAddr::V4(a.source_address), a.source_port)),

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 /// connection is closed at once, so a flood cannot make the gateway do TLS work.
 const OVER_CAP_SLACK: usize = 256;
 /// How often per-IP limiter state is pruned.
-pub const PRUNE_INTERVAL: Duration = Duration::from_secs(10);
+pub(crate) const PRUNE_INTERVAL: Duration = Duration::from_secs(10);
 
 /// A started gateway.
 pub struct Running {

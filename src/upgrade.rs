@@ -4,6 +4,7 @@
 
 use crate::config::{ClientIpSource, Config};
 use crate::error::Reject;
+use crate::util::{escaped_byte, percent_decode};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version, header};
 use http_body_util::Full;
@@ -155,35 +156,6 @@ fn has_broken_escape(s: &str) -> bool {
 fn has_encoded_unreserved(s: &str) -> bool {
     let b = s.as_bytes();
     (0..b.len()).any(|i| escaped_byte(b, i).is_some_and(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_' || c == b'~'))
-}
-
-/// The byte `b[i..i + 3]` encodes when it is a `%XX` escape.
-fn escaped_byte(b: &[u8], i: usize) -> Option<u8> {
-    let hex = |c: u8| (c as char).to_digit(16);
-    match b.get(i..i + 3)? {
-        [b'%', h, l] => Some((hex(*h)? * 16 + hex(*l)?) as u8),
-        _ => None,
-    }
-}
-
-/// Percent-decode once; invalid escapes stay as they are, invalid UTF-8 is replaced.
-pub(crate) fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match escaped_byte(b, i) {
-            Some(c) => {
-                out.push(c);
-                i += 3;
-            }
-            None => {
-                out.push(b[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Check the `Origin` header against the route's `allowed_origins`.

@@ -1,9 +1,9 @@
 //! Stage 7: connect to an upstream and complete its WebSocket handshake, before the
 //! client gets its 101. Also builds the request the upstream sees.
 
-use crate::auth::protocols;
 use crate::config::{Route, TokenSource, Upstream};
 use crate::error::Reject;
+use crate::util::protocols;
 use http::{HeaderMap, HeaderName, HeaderValue, header};
 use std::{
     io,
@@ -157,7 +157,7 @@ const CLIENT_FORWARDING: &[&str] = &[
 /// A query parameter name as an upstream framework would read it: percent-decoded
 /// (`+` as a space). Invalid escapes stay as they are.
 fn decoded_param_name(raw: &str) -> String {
-    crate::upgrade::percent_decode(&raw.replace('+', " "))
+    crate::util::percent_decode(&raw.replace('+', " "))
 }
 
 /// A parameter name reduced to its letters and digits, lower case: frameworks read
@@ -255,19 +255,19 @@ pub fn build_request(url: &str, facts: &ClientFacts) -> Result<http::Request<()>
             h.insert(header.clone(), v);
         }
     }
-    if let Some(token) = facts.forward_token {
-        if let Ok(v) = HeaderValue::from_str(&format!("Bearer {token}")) {
-            h.insert(header::AUTHORIZATION, v);
-        }
+    if let Some(token) = facts.forward_token
+        && let Ok(v) = HeaderValue::from_str(&format!("Bearer {token}"))
+    {
+        h.insert(header::AUTHORIZATION, v);
     }
     // `bearer.` in any case: an upstream may compare subprotocols without case.
     let offer: Vec<&str> = protocols(facts.headers)
         .filter(|p| !p.get(..7).is_some_and(|b| b.eq_ignore_ascii_case("bearer.")))
         .collect();
-    if !offer.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(&offer.join(", ")) {
-            h.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
-        }
+    if !offer.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&offer.join(", "))
+    {
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
     }
     let prev: Vec<&str> = facts
         .headers
@@ -332,10 +332,10 @@ fn strip_token_cookies(h: &mut HeaderMap, facts: &ClientFacts) {
         .map(str::to_string)
         .collect();
     h.remove(header::COOKIE);
-    if !kept.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
-            h.insert(header::COOKIE, v);
-        }
+    if !kept.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&kept.join("; "))
+    {
+        h.insert(header::COOKIE, v);
     }
 }
 
@@ -493,10 +493,10 @@ fn check_switching<B>(resp: &http::Response<B>, key: &HeaderValue, offered: &[St
         return Err(handshake_failed("bad accept key"));
     }
     let protocol = h.get(header::SEC_WEBSOCKET_PROTOCOL).cloned();
-    if let Some(p) = &protocol {
-        if !offered.iter().any(|o| p.as_bytes() == o.as_bytes()) {
-            return Err(handshake_failed("protocol not offered"));
-        }
+    if let Some(p) = &protocol
+        && !offered.iter().any(|o| p.as_bytes() == o.as_bytes())
+    {
+        return Err(handshake_failed("protocol not offered"));
     }
     if h.contains_key(header::SEC_WEBSOCKET_EXTENSIONS) {
         return Err(handshake_failed("extension not offered"));

@@ -63,6 +63,46 @@ pub(crate) fn authority_port(authority: &str) -> Result<Option<u16>, ()> {
     }
 }
 
+/// The byte `b[i..i + 3]` encodes when it is a `%XX` escape.
+pub(crate) fn escaped_byte(b: &[u8], i: usize) -> Option<u8> {
+    let hex = |c: u8| (c as char).to_digit(16);
+    match b.get(i..i + 3)? {
+        [b'%', h, l] => Some((hex(*h)? * 16 + hex(*l)?) as u8),
+        _ => None,
+    }
+}
+
+/// Percent-decode once; invalid escapes stay as they are, invalid UTF-8 is replaced.
+pub(crate) fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match escaped_byte(b, i) {
+            Some(c) => {
+                out.push(c);
+                i += 3;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The entries of every `Sec-WebSocket-Protocol` header, trimmed.
+pub(crate) fn protocols(headers: &http::HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(http::header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+}
+
 #[cfg(test)]
 mod authority_tests {
     use super::authority_port;

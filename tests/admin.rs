@@ -221,6 +221,6 @@ async fn a_short_admin_token_is_a_config_error_and_an_exposed_api_a_warning() {
     assert!(wsgate::gateway::Runtime::load(cfg, true).is_err());
     let exposed = text.replace("listen = \"127.0.0.1:0\"\ntoken_file", "listen = \"0.0.0.0:0\"\ntoken_file");
     let cfg = wsgate::Config::from_toml_str(&exposed, "t.toml").unwrap();
-    let warnings = wsgate::gateway::warnings(&cfg);
+    let warnings = wsgate::check::warnings(&cfg);
     assert!(warnings.iter().any(|w| w.contains("admin API")), "{warnings:?}");
 }

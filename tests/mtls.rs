@@ -471,7 +471,7 @@ async fn check_names_the_key_and_line_of_a_bad_ca_or_crl_and_warns_about_unused_
     let load = |tls: &str, routes: &str| {
         let text = config_text(dir.path(), "", routes).replace("self_signed_if_missing = true\n", tls);
         let cfg = wsgate::Config::from_toml_str(&text, "check.toml").unwrap();
-        (wsgate::gateway::warnings(&cfg), wsgate::gateway::Runtime::load(cfg, false).err())
+        (wsgate::check::warnings(&cfg), wsgate::gateway::Runtime::load(cfg, false).err())
     };
     // Missing CA file.
     let (_, err) = load(&tls_lines(pki.path(), "optional", false), &routes4());

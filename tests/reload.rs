@@ -26,7 +26,7 @@ async fn reload_under_traffic_loses_nothing_and_bad_config_changes_nothing() {
         while !done.load(Ordering::SeqCst) {
             tx.send(Message::text(format!("{i}"))).await.unwrap();
             i += 1;
-            if i % 50 == 0 {
+            if i.is_multiple_of(50) {
                 // Kept: paces the traffic so it spreads over the reloads instead of
                 // piling up in the buffers (a rate, not a wait for anything).
                 tokio::time::sleep(Duration::from_millis(5)).await;

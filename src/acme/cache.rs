@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 /// Largest cache file read.
 const MAX_CACHE_FILE: u64 = 1 << 20;
 
-pub struct Cache {
+pub(super) struct Cache {
     dir: PathBuf,
     account: PathBuf,
     certificate: PathBuf,
@@ -38,7 +38,7 @@ pub struct Cache {
 impl Cache {
     /// The cache for `a`; learns this process's user by creating a file in the
     /// directory (checked by [`check_cache_dir`] just before).
-    pub fn new(a: &Acme) -> Result<Cache, String> {
+    pub(super) fn new(a: &Acme) -> Result<Cache, String> {
         // Resolved once: later reads and writes never follow a symbolic link that someone
         // could repoint (the resolved path's directories are root's or ours alone).
         let dir = std::fs::canonicalize(&a.cache_dir.value).map_err(|e| format!("{}: {e}", a.cache_dir.value.display()))?;
@@ -62,7 +62,7 @@ impl Cache {
 
     /// The account for this directory URL, if one was created before (and names this
     /// directory URL: a file naming another CA is not used).
-    pub fn load_account(&self) -> Result<Option<AccountCredentials>, String> {
+    pub(super) fn load_account(&self) -> Result<Option<AccountCredentials>, String> {
         self.verify_dir()?;
         let path = &self.account;
         if std::fs::symlink_metadata(path).is_err() {
@@ -80,14 +80,14 @@ impl Cache {
             .map_err(|e| format!("unreadable account file {}: {e}", path.display()))
     }
 
-    pub fn save_account(&self, creds: &AccountCredentials) -> Result<(), String> {
+    pub(super) fn save_account(&self, creds: &AccountCredentials) -> Result<(), String> {
         let data = serde_json::to_vec(creds).map_err(|e| format!("cannot encode the account: {e}"))?;
         self.write(&self.account, &data)
     }
 
     /// The cached certificate for these names, if any; an unreadable or untrusted one
     /// is an error (the caller orders a new one).
-    pub fn load_certificate(&self) -> Result<Option<Served>, String> {
+    pub(super) fn load_certificate(&self) -> Result<Option<Served>, String> {
         self.verify_dir()?;
         let path = &self.certificate;
         if std::fs::symlink_metadata(path).is_err() {
@@ -102,7 +102,7 @@ impl Cache {
     }
 
     /// Store a certificate chain (PEM) with its key (PEM) in one file.
-    pub fn save_certificate(&self, chain_pem: &str, key_pem: &str) -> Result<(), String> {
+    pub(super) fn save_certificate(&self, chain_pem: &str, key_pem: &str) -> Result<(), String> {
         let mut data = String::with_capacity(chain_pem.len() + key_pem.len() + 1);
         data.push_str(key_pem);
         if !data.ends_with('\n') {
@@ -112,12 +112,12 @@ impl Cache {
         self.write(&self.certificate, data.as_bytes())
     }
 
-    pub fn certificate_path(&self) -> &Path {
+    pub(super) fn certificate_path(&self) -> &Path {
         &self.certificate
     }
 
     /// The directory is still one only we (and root) control.
-    pub fn verify_dir(&self) -> Result<(), String> {
+    pub(super) fn verify_dir(&self) -> Result<(), String> {
         let m = std::fs::symlink_metadata(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))?;
         secure_dir(&self.dir, &m, self.uid)
     }
@@ -194,7 +194,7 @@ fn short_hash(parts: &[&[u8]]) -> String {
 /// `tls.acme.cache_dir` must be a directory only the gateway's user (and root) can
 /// change (see the module's text). A missing one is created (mode 0700) when `create`;
 /// else its nearest existing parent must be writable.
-pub fn check_cache_dir(a: &Acme, origin: &str, create: bool) -> Result<(), ConfigError> {
+pub(crate) fn check_cache_dir(a: &Acme, origin: &str, create: bool) -> Result<(), ConfigError> {
     let loc = &a.cache_dir;
     let dir = &loc.value;
     let err = |m: String| loc.error(origin, m);

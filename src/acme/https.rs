@@ -13,16 +13,16 @@ use std::{future::Future, pin::Pin, time::Duration};
 use tokio_rustls::TlsConnector;
 
 /// Budget of one request: connect, TLS, request, whole response.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest response body: a directory, an order or a certificate chain is a few KiB.
 const MAX_BODY: usize = 1 << 20;
 
-pub struct Https {
+pub(super) struct Https {
     tls: TlsConnector,
 }
 
 impl Https {
-    pub fn new(tls: TlsConnector) -> Https {
+    pub(super) fn new(tls: TlsConnector) -> Https {
         Https { tls }
     }
 }

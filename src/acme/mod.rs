@@ -57,11 +57,11 @@ const CLOCK_SKEW: Duration = Duration::from_secs(300);
 const MIN_REMAINING: Duration = Duration::from_secs(10);
 const ACCOUNT_DOES_NOT_EXIST: &str = "urn:ietf:params:acme:error:accountDoesNotExist";
 
-pub use cache::check_cache_dir;
+pub(crate) use cache::check_cache_dir;
 
 /// Directory URLs of servers whose certificates no browser trusts (staging and test
 /// CAs, anything on this host): `check` warns.
-pub fn is_test_directory(url: &str) -> bool {
+pub(crate) fn is_test_directory(url: &str) -> bool {
     let host = url
         .parse::<http::Uri>()
         .ok()
@@ -77,7 +77,7 @@ pub fn is_test_directory(url: &str) -> bool {
 }
 
 /// The certificate task of one gateway.
-pub struct AcmeTask {
+pub(crate) struct AcmeTask {
     acme: Acme,
     cache: Cache,
     store: Arc<CertStore>,
@@ -96,7 +96,7 @@ impl AcmeTask {
     /// Set up the task for `acme`, talking to the CA with `tls`, filling `store`, and
     /// serve the cached certificate at once when it covers the configured names and has
     /// not expired.
-    pub fn new(acme: Acme, store: Arc<CertStore>, tls: Arc<rustls::ClientConfig>) -> Result<AcmeTask, String> {
+    pub(crate) fn new(acme: Acme, store: Arc<CertStore>, tls: Arc<rustls::ClientConfig>) -> Result<AcmeTask, String> {
         let cache = Cache::new(&acme)?;
         let task = AcmeTask {
             cache,
@@ -136,17 +136,17 @@ impl AcmeTask {
 
     /// Keep the certificate fresh until `stop`.
     /// `counted` learns each order's result (true: issued).
-    pub async fn run(self, counted: impl Fn(bool) + Send + Sync + 'static, stop: CancellationToken) {
+    pub(crate) async fn run(self, counted: impl Fn(bool) + Send + Sync + 'static, stop: CancellationToken) {
         let mut failures = 0u32;
         let mut next = self.store.current().map_or(UNIX_EPOCH, |c| renew_at(&c, self.acme.renew_before));
         loop {
             let now = SystemTime::now();
-            if let Ok(wait) = next.duration_since(now) {
-                if !wait.is_zero() {
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait.min(MAX_SLEEP)) => continue,
-                        _ = stop.cancelled() => return,
-                    }
+            if let Ok(wait) = next.duration_since(now)
+                && !wait.is_zero()
+            {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait.min(MAX_SLEEP)) => continue,
+                    _ = stop.cancelled() => return,
                 }
             }
             // A panic inside the ACME crate (on input the CA controls) is a failed order,
@@ -375,7 +375,7 @@ fn challenge_certificate(id: &Identifier, digest: &[u8]) -> Result<(String, Arc<
 
 /// The reverse-DNS name of `ip`, which TLS-ALPN-01 for an IP address sends as SNI
 /// (RFC 8738 section 6).
-pub fn reverse_name(ip: std::net::IpAddr) -> String {
+pub(crate) fn reverse_name(ip: std::net::IpAddr) -> String {
     match ip {
         std::net::IpAddr::V4(v4) => {
             let o = v4.octets();
@@ -395,7 +395,7 @@ pub fn reverse_name(ip: std::net::IpAddr) -> String {
 /// When to renew `served`: `renew_before` its expiry, but not before two thirds of its
 /// lifetime have passed (a `renew_before` longer than a short-lived certificate's whole
 /// lifetime would otherwise renew it again at once, forever).
-pub fn renew_at(served: &Served, renew_before: Duration) -> SystemTime {
+pub(crate) fn renew_at(served: &Served, renew_before: Duration) -> SystemTime {
     let lifetime = served.not_after.saturating_sub(served.not_before).max(0) as u64;
     let before = renew_before.as_secs().min(lifetime * 2 / 3);
     UNIX_EPOCH + Duration::from_secs((served.not_after.max(0) as u64).saturating_sub(before))
@@ -404,14 +404,14 @@ pub fn renew_at(served: &Served, renew_before: Duration) -> SystemTime {
 /// When to renew a certificate just issued at `now`: [`renew_at`], but no sooner than a
 /// third of its remaining life from now (a CA that backdates `notBefore` beyond a short
 /// lifetime would otherwise get a new order at once, again and again).
-pub fn next_renewal(served: &Served, renew_before: Duration, now: SystemTime) -> SystemTime {
+pub(crate) fn next_renewal(served: &Served, renew_before: Duration, now: SystemTime) -> SystemTime {
     let remaining = Duration::from_secs((served.not_after - secs(now)).max(0) as u64);
     renew_at(served, renew_before).max(now + remaining / 3)
 }
 
 /// Wait after the `failures`-th failed order in a row: 1 minute doubling up to 1 hour,
 /// each drawn from its upper half at random.
-pub fn backoff(failures: u32) -> Duration {
+pub(crate) fn backoff(failures: u32) -> Duration {
     let base = BACKOFF_MIN
         .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
         .min(BACKOFF_MAX);

@@ -35,14 +35,14 @@ impl Validator<'_> {
                 "has no place beside [tls.acme]: remove it (until the first certificate is issued, only the ACME challenge is answered)",
             ));
         }
-        if let Some(auth) = &t.client_auth {
-            if *auth.get_ref() == ClientAuth::Required {
-                return Err(self.err(
+        if let Some(auth) = &t.client_auth
+            && *auth.get_ref() == ClientAuth::Required
+        {
+            return Err(self.err(
                     auth,
                     "tls.client_auth",
                     "\"required\" cannot be used with [tls.acme]: the CA's validation server presents no client certificate; use \"optional\" with auth = \"mtls\" routes",
                 ));
-            }
         }
         let a = a.get_ref();
         let directory_url = match &a.directory_url {
@@ -151,10 +151,10 @@ impl Validator<'_> {
 /// are refused: TLS-ALPN-01 cannot validate them (RFC 8737 section 3).
 pub fn parse_identifier(name: &str) -> Result<AcmeIdentifier, &'static str> {
     if let Ok(ip) = name.parse::<std::net::IpAddr>() {
-        if let std::net::IpAddr::V6(v6) = ip {
-            if v6.to_ipv4_mapped().is_some() {
-                return Err("write an IPv4-mapped address in its IPv4 form");
-            }
+        if let std::net::IpAddr::V6(v6) = ip
+            && v6.to_ipv4_mapped().is_some()
+        {
+            return Err("write an IPv4-mapped address in its IPv4 form");
         }
         if ip.is_unspecified() || ip.is_multicast() {
             return Err("not an address a certificate can name");

@@ -10,7 +10,7 @@ use toml::Spanned;
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
-pub struct File {
+pub(super) struct File {
     pub server: Server,
     pub tls: Tls,
     pub admin: Admin,
@@ -25,7 +25,7 @@ pub struct File {
 /// `[cluster]`: state shared by several instances through Redis.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Cluster {
+pub(super) struct Cluster {
     pub redis: Spanned<String>,
     pub redis_password_env: Option<Spanned<String>>,
     pub redis_password_file: Option<Spanned<PathBuf>>,
@@ -37,7 +37,7 @@ pub struct Cluster {
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
-pub struct Firewall {
+pub(super) struct Firewall {
     pub default: Option<FirewallDefault>,
     pub allow: Option<Spanned<Vec<String>>>,
     pub deny: Option<Spanned<Vec<String>>>,
@@ -47,7 +47,7 @@ pub struct Firewall {
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
-pub struct Server {
+pub(super) struct Server {
     pub listen: Option<Spanned<Vec<SocketAddr>>>,
     pub handshake_timeout: Option<HumanDuration>,
     pub max_request_head: Option<ByteSize>,
@@ -63,7 +63,7 @@ pub struct Server {
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
-pub struct Tls {
+pub(super) struct Tls {
     pub cert: Option<Spanned<PathBuf>>,
     pub key: Option<Spanned<PathBuf>>,
     pub self_signed_if_missing: Option<bool>,
@@ -77,7 +77,7 @@ pub struct Tls {
 /// `[tls.acme]`: automatic certificates.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Acme {
+pub(super) struct Acme {
     pub directory_url: Option<Spanned<String>>,
     pub contact: Option<Spanned<Vec<String>>>,
     pub domains: Spanned<Vec<String>>,
@@ -88,14 +88,14 @@ pub struct Acme {
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
-pub struct Admin {
+pub(super) struct Admin {
     pub listen: Option<SocketAddr>,
     pub token_file: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
-pub struct Log {
+pub(super) struct Log {
     pub format: Option<LogFormat>,
     pub level: Option<String>,
     pub file: Option<PathBuf>,
@@ -104,7 +104,7 @@ pub struct Log {
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
-pub struct Limits {
+pub(super) struct Limits {
     pub max_message_size: Option<ByteSize>,
     pub max_frame_size: Option<ByteSize>,
     pub max_fragments: Option<u32>,
@@ -124,7 +124,7 @@ pub struct Limits {
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
-pub struct Jwt {
+pub(super) struct Jwt {
     pub algorithms: Option<Spanned<Vec<String>>>,
     pub secret_env: Option<Spanned<String>>,
     pub secret_file: Option<Spanned<PathBuf>>,
@@ -147,7 +147,7 @@ pub struct Jwt {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Route {
+pub(super) struct Route {
     pub name: Spanned<String>,
     pub path: Spanned<String>,
     pub upstreams: Spanned<Vec<String>>,
@@ -164,7 +164,7 @@ pub struct Route {
 /// `[routes.validate]`: message validation, client → upstream.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
-pub struct Validate {
+pub(super) struct Validate {
     pub json: Option<bool>,
     pub binary: Option<bool>,
     pub schema_file: Option<Spanned<PathBuf>>,

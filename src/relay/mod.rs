@@ -86,6 +86,29 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// The limits and timers `config` sets, with the route's message checks
+    /// (`validator`) and the gateway's assembly budget.
+    pub fn from_config(
+        config: &crate::config::Config,
+        validator: Option<std::sync::Arc<crate::validation::Validator>>,
+        assembly_budget: Option<std::sync::Arc<AssemblyBudget>>,
+    ) -> Settings {
+        let (s, l) = (&config.server, &config.limits);
+        Settings {
+            message_rate: l.message_rate,
+            message_burst: l.message_burst,
+            rate_abuse_timeout: l.rate_abuse_timeout,
+            idle_timeout: s.idle_timeout,
+            ping_interval: s.ping_interval,
+            close_timeout: s.close_timeout,
+            max_frame_size: l.max_frame_size,
+            max_message_size: l.max_message_size,
+            max_fragments: l.max_fragments,
+            validator,
+            assembly_budget,
+        }
+    }
+
     /// Timers that do not fire and a rate that does not hold back: for measuring and
     /// testing the relay itself. Frames and messages up to `max_size`.
     pub fn unthrottled(max_size: usize) -> Settings {

@@ -3,7 +3,7 @@
 
 use super::{
     Endpoint,
-    frames::{Core, Event, Side, Stop, lost, write_error},
+    frames::{Core, Event, REPLY_LIMIT, Side, Stop, lost, write_error},
 };
 use bytes::{Buf, BytesMut};
 use std::{
@@ -17,9 +17,6 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 const READ_CHUNK: usize = 16 * 1024;
 /// Reads from one side per wake-up before the relay yields to other tasks.
 const BATCH: usize = 16;
-/// Pongs and error replies queued for a peer that does not read them: past this, stop
-/// reading from it.
-pub(super) const REPLY_LIMIT: usize = 4 * 1024;
 
 thread_local! {
     /// The read buffer of the common case (no partial frame waiting): per worker thread,

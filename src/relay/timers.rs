@@ -4,18 +4,13 @@
 
 use super::{
     Control, Endpoint, Settings,
-    frames::{Core, Event},
+    frames::{Core, Event, PING_LEN, PING_PREFIX},
 };
 use crate::error::CloseReason;
 use crate::wire::OP_PING;
 use std::{future::Future, pin::Pin, task::Context};
 use tokio::time::{Instant, Sleep, sleep_until};
 use tokio_util::sync::{WaitForCancellationFuture, WaitForCancellationFutureOwned};
-
-/// Prefix of the gateway's keep-alive ping payload; a big-endian sequence number follows.
-const PING_PREFIX: &[u8; 7] = b"wsgate:";
-/// Length of the keep-alive ping payload.
-pub(super) const PING_LEN: usize = PING_PREFIX.len() + 8;
 
 /// The timers of one session, all registered with the waker of the relay's `poll_fn`.
 pub(super) struct Timers {
@@ -64,28 +59,28 @@ impl Timers {
         if self.drain.as_mut().is_some_and(|d| fired(d, cx)) {
             return Some(Event::End(CloseReason::Shutdown));
         }
-        if let (Some(g), Some(policy)) = (self.generation.as_mut(), control.policy) {
-            if g.as_mut().poll(cx).is_ready() {
-                if let Some(reason) = policy.check() {
-                    return Some(Event::End(reason));
-                }
-                let mut next = Box::pin(policy.generation().cancelled_owned());
-                let _ = next.as_mut().poll(cx);
-                *g = next;
+        if let (Some(g), Some(policy)) = (self.generation.as_mut(), control.policy)
+            && g.as_mut().poll(cx).is_ready()
+        {
+            if let Some(reason) = policy.check() {
+                return Some(Event::End(reason));
             }
+            let mut next = Box::pin(policy.generation().cancelled_owned());
+            let _ = next.as_mut().poll(cx);
+            *g = next;
         }
-        if let (Some(p), Some(every)) = (self.progress.as_mut(), control.progress) {
-            if fired(p, cx) {
-                tracing::info!(
-                    duration_ms = self.started.elapsed().as_millis() as u64,
-                    bytes_in = core.bytes[0],
-                    bytes_out = core.bytes[1],
-                    messages_in = core.counts[0],
-                    messages_out = core.counts[1],
-                    "session progress"
-                );
-                rearm(p, Instant::now() + every, cx);
-            }
+        if let (Some(p), Some(every)) = (self.progress.as_mut(), control.progress)
+            && fired(p, cx)
+        {
+            tracing::info!(
+                duration_ms = self.started.elapsed().as_millis() as u64,
+                bytes_in = core.bytes[0],
+                bytes_out = core.bytes[1],
+                messages_in = core.counts[0],
+                messages_out = core.counts[1],
+                "session progress"
+            );
+            rearm(p, Instant::now() + every, cx);
         }
         let (timer, reason) = self.expiry.as_mut()?;
         fired(timer, cx).then_some(Event::End(*reason))

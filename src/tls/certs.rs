@@ -144,7 +144,7 @@ impl CertStore {
 /// `http/1.1` (a validation server offers `acme-tls/1` alone, RFC 8737 section 3). It
 /// gets a challenge certificate or nothing, so `acme-tls/1` is negotiated only with a
 /// challenge certificate. A client that also offers `http/1.1` is an ordinary client.
-pub fn wants_challenge<'a>(offered: impl Iterator<Item = &'a [u8]>) -> bool {
+pub(super) fn wants_challenge<'a>(offered: impl Iterator<Item = &'a [u8]>) -> bool {
     let (mut acme, mut http) = (false, false);
     for p in offered {
         acme |= p == ACME_TLS_ALPN;

@@ -107,10 +107,10 @@ fn check_crl(
     if !issuer.is_empty() && !issuer.iter().any(|a| crl.verify_signature(a.public_key()).is_ok()) {
         return Err("the CRL is not signed by the client_ca certificate it names as its issuer".into());
     }
-    if let Some(next) = crl.next_update() {
-        if next.timestamp() < UnixTime::now().as_secs() as i64 {
-            return Err(format!("the CRL is past its nextUpdate ({next}): fetch a fresh one"));
-        }
+    if let Some(next) = crl.next_update()
+        && next.timestamp() < UnixTime::now().as_secs() as i64
+    {
+        return Err(format!("the CRL is past its nextUpdate ({next}): fetch a fresh one"));
     }
     Ok(())
 }

@@ -529,10 +529,10 @@ async fn upstream_session(tcp: TcpStream, behaviour: Behaviour, log: Arc<Mutex<U
             Message::Text(_) | Message::Binary(_) => {
                 log.lock().unwrap().messages.push(msg.clone());
                 seen += 1;
-                if let Behaviour::DieAfter(n) = behaviour {
-                    if seen >= n {
-                        return; // drops the TCP connection without a close frame
-                    }
+                if let Behaviour::DieAfter(n) = behaviour
+                    && seen >= n
+                {
+                    return; // drops the TCP connection without a close frame
                 }
                 if ws.send(msg).await.is_err() {
                     return;

@@ -11,7 +11,7 @@
 //! with an error message, and never reaches the upstream. Refused binary messages are
 //! skipped the same way. Control frames between the fragments are handled as always.
 
-use super::{Settings, timers::PING_LEN};
+use super::Settings;
 use crate::error::CloseReason;
 use crate::limits::MessageRate;
 use crate::metrics::SessionMetrics;
@@ -22,6 +22,14 @@ use std::{collections::VecDeque, pin::Pin, sync::Arc, task::Context, time::Durat
 use tokio::time::{Instant, Sleep, sleep_until};
 pub use validated::AssemblyBudget;
 use validated::{Mode, grow};
+
+/// Prefix of the gateway's keep-alive ping payload; a big-endian sequence number follows.
+pub(super) const PING_PREFIX: &[u8; 7] = b"wsgate:";
+/// Length of the keep-alive ping payload.
+pub(super) const PING_LEN: usize = PING_PREFIX.len() + 8;
+/// Pongs and error replies queued for a peer that does not read them: past this, stop
+/// reading from it.
+pub(super) const REPLY_LIMIT: usize = 4 * 1024;
 
 mod validated;
 
@@ -201,7 +209,7 @@ impl Core {
                 // Error replies past the backlog limit: the rest of `buf` waits until the
                 // client has read them (many tiny invalid messages in one read would
                 // otherwise queue a reply each).
-                if stop.is_some() || replies.len() > super::pump::REPLY_LIMIT {
+                if stop.is_some() || replies.len() > REPLY_LIMIT {
                     return done(w, r, stop);
                 }
                 continue;
@@ -462,12 +470,10 @@ impl Core {
                 return Ok((false, Some(Stop::Event(ev))));
             }
         };
-        if forward {
-            if let Some(m) = h.mask {
-                let k = wire::new_mask();
-                wire::apply_mask(payload, wire::combine(m, k));
-                set_key(head, k);
-            }
+        if forward && let Some(m) = h.mask {
+            let k = wire::new_mask();
+            wire::apply_mask(payload, wire::combine(m, k));
+            set_key(head, k);
         }
         // Every ping and unsolicited pong pays toward the message rate, forwarded or not.
         Ok((forward, self.charge(from)))

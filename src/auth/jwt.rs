@@ -1,13 +1,14 @@
-//! JWT authentication: where a token is found, how it is verified, and minting
-//! development tokens with the configured secret.
+//! JWT authentication: where a token is found, how it is verified, the [`Principal`]
+//! a verified token makes, and minting development tokens with the configured secret.
 //!
 //! Keys are loaded once per config (at start and on reload), never per request.
 //! Tokens and secrets never reach `Debug` output, logs or error messages: logs
 //! carry [`fingerprint`] instead.
 
+use super::{Credential, Principal};
 use crate::config::{ConfigError, Jwt, SecretSource, TokenSource};
 use crate::error::AuthFailure;
-pub use crate::keys::{Secret, load_secret};
+use crate::keys::{Secret, load_secret};
 use base64::Engine;
 use http::HeaderMap;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, Validation, errors::ErrorKind};
@@ -219,8 +220,11 @@ impl Verifier {
     /// Whether a live session's token still passes under this (reloaded) config:
     /// key, signature, issuer, audience, required claims and revocation. Expiry is
     /// left to `close_on_expiry`, so an expired token alone does not fail here.
-    pub fn still_valid(&self, token: &str) -> bool {
-        !matches!(self.verify_now(token), Err(f) if f != AuthFailure::Expired)
+    pub fn still_valid(&self, token: &str) -> Result<(), AuthFailure> {
+        match self.verify_now(token) {
+            Err(f) if f != AuthFailure::Expired => Err(f),
+            _ => Ok(()),
+        }
     }
 
     /// Verification without any network access (no JWKS refetch).
@@ -328,6 +332,22 @@ impl Verifier {
     }
 }
 
+/// The principal a verified token makes; `cert` is the client certificate presented
+/// with it, if any (`cert_authenticates`: the route needs it, `jwt+mtls`).
+pub(super) fn principal(id: Identity, cert: Option<std::sync::Arc<crate::tls::ClientCert>>, cert_authenticates: bool) -> Principal {
+    Principal {
+        jti: jti_text(&id.claims),
+        identity: id.sub,
+        claims: id.claims,
+        expires_at: id.exp,
+        credential: Credential {
+            token: Some(id.token),
+            cert,
+            cert_authenticates,
+        },
+    }
+}
+
 /// The token's `jti` as text: a string as it is, a number as its decimal text (so a
 /// numeric `jti` can be revoked like any other); other types have no usable `jti`.
 pub fn jti_text(claims: &Map<String, Value>) -> Option<String> {
@@ -376,7 +396,7 @@ pub fn claims_grant(required: &[(String, String)], claims: &Map<String, Value>) 
 /// A `cnf` that is not an object, lacks `x5t#S256`, or has members the gateway cannot
 /// check (`jwk`, `jkt`, ...: proof of a key it never sees) is refused too: ignoring them
 /// would accept a stolen proof-of-possession token as a bearer token.
-pub fn check_binding(claims: &Map<String, Value>, cert: Option<&crate::tls::ClientCert>) -> Result<(), AuthFailure> {
+pub(crate) fn check_binding(claims: &Map<String, Value>, cert: Option<&crate::tls::ClientCert>) -> Result<(), AuthFailure> {
     let Some(cnf) = claims.get("cnf") else { return Ok(()) };
     let Value::Object(cnf) = cnf else {
         return Err(AuthFailure::CertBinding);
@@ -391,10 +411,10 @@ pub fn check_binding(claims: &Map<String, Value>, cert: Option<&crate::tls::Clie
 }
 
 /// The `cnf` member naming a certificate by its SHA-256 thumbprint (RFC 8705 section 3.1).
-pub const X5T_S256: &str = "x5t#S256";
+pub(super) const X5T_S256: &str = "x5t#S256";
 
 /// A claim as a header value: strings as they are, other JSON values as JSON text.
-pub fn claim_header_value(v: &Value) -> Option<http::HeaderValue> {
+pub(crate) fn claim_header_value(v: &Value) -> Option<http::HeaderValue> {
     let text = match v {
         Value::String(s) => s.clone(),
         Value::Null => return None,
@@ -424,7 +444,9 @@ fn find_in(source: &TokenSource, headers: &HeaderMap, query: Option<&str>) -> Op
                 .then(|| token.trim().to_string())
                 .filter(|t| !t.is_empty())
         }),
-        TokenSource::Protocol => protocols(headers).find_map(|p| p.strip_prefix("bearer.").filter(|t| !t.is_empty()).map(str::to_string)),
+        TokenSource::Protocol => {
+            crate::util::protocols(headers).find_map(|p| p.strip_prefix("bearer.").filter(|t| !t.is_empty()).map(str::to_string))
+        }
         TokenSource::Query(name) => query?.split('&').find_map(|pair| {
             let (k, v) = pair.split_once('=')?;
             (k == name && !v.is_empty()).then(|| v.to_string())
@@ -439,17 +461,6 @@ fn find_in(source: &TokenSource, headers: &HeaderMap, query: Option<&str>) -> Op
             })
         }),
     }
-}
-
-/// The entries of every `Sec-WebSocket-Protocol` header, trimmed.
-pub fn protocols(headers: &HeaderMap) -> impl Iterator<Item = &str> {
-    headers
-        .get_all(http::header::SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
 }
 
 /// Mint a token with the configured secret, issuer and audience (for development and tests).

@@ -1,0 +1,312 @@
+//! Admission, stages 5–8: the one owner of the decision whether a client gets a
+//! session. `conn` runs TLS, hyper and the relay; it asks [`Admission`] at three points
+//! and gets an answer each time:
+//!
+//! 1. [`Admission::begin`] right after accept (cluster mode: the shared per-IP check of
+//!    the TCP peer starts here and runs while TLS is negotiated);
+//! 2. [`Admission::answer`], hyper's service for the upgrade request: route, upgrade
+//!    headers, Origin, limits, authentication, per-user cap, upstream connect, the 101
+//!    (or a refusal), kept as the verdict [`Admission::verdict`] returns;
+//! 3. [`Admitted::complete`] after the 101: the `first_message` token when the route
+//!    waits for one, and the upstream then; the result is a [`Session`] with the
+//!    [`SessionPolicy`] the relay re-checks it by.
+//!
+//! # Layout
+//!
+//! - `mod.rs` (this file): [`Admission`], [`Admitted`], [`Session`], the order of the checks.
+//! - `request.rs`: the checks that need no token (address, drain, path, route, upgrade
+//!   headers, Origin, bans, per-IP limits behind a proxy).
+//! - `shared_cap.rs`: [`SharedCap`]: a cap held locally and, in cluster mode, across
+//!   instances, with `on_failure` applied in one place (per IP, per user).
+//! - `upstream.rs`: what the upstream request carries, and choosing and connecting the
+//!   upstream (balancing and sticky sessions land here).
+//! - `first_message.rs`: the token sent as the first message after the 101.
+//! - `session.rs`: [`SessionPolicy`], a live session's re-check after a reload or an
+//!   admin action.
+//!
+//! Plain HTTP on routes (`http = true`) becomes a fourth entry point here: the same
+//! checks, then a proxied exchange instead of an upgrade.
+
+mod first_message;
+mod request;
+mod session;
+mod shared_cap;
+mod upstream;
+
+pub(crate) use shared_cap::{SharedIpCheck, UserHold};
+
+use crate::auth::{Outcome, Principal, Seen};
+use crate::error::Reject;
+use crate::gateway::{Gateway, Runtime};
+use crate::limits::IpSlot;
+use crate::tls::ClientCert;
+use crate::upgrade;
+use crate::upstream::Connected;
+use crate::util::lock;
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use std::{
+    net::IpAddr,
+    sync::{Arc, Mutex},
+};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// What the connection learned, for its one log line.
+#[derive(Default)]
+pub(crate) struct Info {
+    pub(crate) route: Option<String>,
+    pub(crate) sub: Option<String>,
+    pub(crate) token_fingerprint: Option<String>,
+    pub(crate) client_ip: Option<IpAddr>,
+}
+
+/// What the request stage decided, and what it learned on the way.
+#[derive(Default)]
+struct Verdict {
+    info: Info,
+    result: Option<Result<Box<Admitted>, Reject>>,
+}
+
+/// The admission of one connection: created at accept, asked by hyper's service,
+/// read by the connection once hyper is done.
+pub(crate) struct Admission {
+    gw: Arc<Gateway>,
+    rt: Arc<Runtime>,
+    peer_ip: IpAddr,
+    over_cap: bool,
+    verdict: Mutex<Verdict>,
+    /// The client certificate the TLS handshake verified.
+    cert: std::sync::OnceLock<Arc<ClientCert>>,
+    /// Cluster mode: the shared per-IP check of the TCP peer, started at accept.
+    shared_ip: Mutex<Option<SharedIpCheck>>,
+}
+
+/// A client admitted by the request stage, waiting for the 101 to be written.
+pub(crate) struct Admitted {
+    route_index: usize,
+    /// `None` while the client still has to send its token as the first message.
+    upstream: Option<Connected>,
+    /// hyper's hand-over of the connection once the 101 is written.
+    on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    principal: Option<Principal>,
+    cert: Option<Arc<ClientCert>>,
+    pending: Option<first_message::Pending>,
+    holds: Holds,
+}
+
+/// What an admitted client holds for its session, given back when dropped.
+#[derive(Default)]
+struct Holds {
+    /// The per-IP slot of a client behind a trusted proxy.
+    _ip_slot: Option<IpSlot>,
+    /// In cluster mode, the client's place under the per-IP cap across instances.
+    _ip_lease: Option<crate::cluster::Lease>,
+    user: Option<UserHold>,
+}
+
+/// A session ready to relay: the upstream connected, the principal known.
+pub(crate) struct Session {
+    pub(crate) route_index: usize,
+    pub(crate) upstream: Connected,
+    pub(crate) principal: Option<Box<Principal>>,
+    /// The certificate of a client on a route that does not authenticate with it.
+    cert: Option<Arc<ClientCert>>,
+    _holds: Holds,
+}
+
+type Answer = (Response<Full<Bytes>>, Admitted);
+
+impl Admission {
+    /// Admission of a connection from `peer_ip`, accepted under `rt` (`over_cap`: past
+    /// `max_connections`, refused with 503 once its request is read).
+    pub(crate) fn begin(gw: &Arc<Gateway>, rt: &Arc<Runtime>, peer_ip: IpAddr, over_cap: bool) -> Admission {
+        Admission {
+            shared_ip: Mutex::new(shared_cap::start_ip_check(gw, rt, peer_ip)),
+            gw: gw.clone(),
+            rt: rt.clone(),
+            peer_ip,
+            over_cap,
+            verdict: Mutex::default(),
+            cert: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The client certificate TLS verified (set once, before the request is read).
+    pub(crate) fn set_cert(&self, cert: Option<Arc<ClientCert>>) {
+        if let Some(c) = cert {
+            let _ = self.cert.set(c);
+        }
+    }
+
+    fn cert(&self) -> Option<&Arc<ClientCert>> {
+        self.cert.get()
+    }
+
+    /// hyper's service: answer the one request on this connection.
+    pub(crate) async fn answer(&self, mut req: Request<Incoming>) -> Response<Full<Bytes>> {
+        match self.admit(&mut req).await {
+            Ok((resp, admitted)) => {
+                lock(&self.verdict).result = Some(Ok(Box::new(admitted)));
+                resp
+            }
+            Err(reject) => {
+                let resp = upgrade::refusal(&reject);
+                lock(&self.verdict).result = Some(Err(reject));
+                resp
+            }
+        }
+    }
+
+    /// What the request stage decided (`None`: it never ran to the end).
+    pub(crate) fn verdict(&self) -> Option<Result<Box<Admitted>, Reject>> {
+        lock(&self.verdict).result.take()
+    }
+
+    /// What the connection learned, for its log line.
+    pub(crate) fn info(&self) -> Info {
+        std::mem::take(&mut lock(&self.verdict).info)
+    }
+
+    /// Read what was learned so far (the session's log span, its registration).
+    pub(crate) fn with_info<T>(&self, f: impl FnOnce(&Info) -> T) -> T {
+        f(&lock(&self.verdict).info)
+    }
+
+    fn note(&self, f: impl FnOnce(&mut Info)) {
+        f(&mut lock(&self.verdict).info)
+    }
+
+    /// Stages 5–7 in order; the first refusal wins.
+    async fn admit(&self, req: &mut Request<Incoming>) -> Result<Answer, Reject> {
+        let checked = self.check(req)?;
+        let started = lock(&self.shared_ip).take().filter(|_| checked.client_ip == self.peer_ip);
+        let ip_lease = shared_cap::hold_ip(&self.gw, &self.rt.config, checked.client_ip, started).await?;
+        let route = &self.rt.config.routes[checked.route_index];
+        let mut seen = Seen::default();
+        let outcome = self
+            .rt
+            .auth
+            .authenticate(route, req.headers(), checked.query.as_deref(), self.cert(), &mut seen)
+            .await;
+        self.note(|i| {
+            i.token_fingerprint = seen.token_fingerprint;
+            i.sub = seen.identity;
+        });
+        let principal = match outcome? {
+            Outcome::Anonymous => None,
+            Outcome::Authenticated(p) => Some(p),
+            Outcome::Deferred => {
+                let pending = first_message::Pending::new(req.headers().clone(), &checked, self.peer_ip);
+                let resp = upgrade::switching_protocols(&checked.upgrade, None);
+                let holds = Holds {
+                    _ip_slot: checked.ip_slot,
+                    _ip_lease: ip_lease,
+                    user: None,
+                };
+                return Ok((resp, self.admitted(req, checked.route_index, None, None, Some(pending), holds)));
+            }
+        };
+        let user = authorize(&self.gw, &self.rt.config, principal.as_ref()).await?;
+        let facts = upstream::facts(
+            &self.rt,
+            route,
+            (checked.client_ip, self.peer_ip),
+            (&checked.path, checked.query.as_deref()),
+            req.headers(),
+            principal.as_ref(),
+            self.cert().map(Arc::as_ref),
+        );
+        let connected = upstream::connect(&self.gw, &self.rt, checked.route_index, &facts).await?;
+        let resp = upgrade::switching_protocols(&checked.upgrade, connected.protocol.clone());
+        let holds = Holds {
+            _ip_slot: checked.ip_slot,
+            _ip_lease: ip_lease,
+            user,
+        };
+        Ok((
+            resp,
+            self.admitted(req, checked.route_index, Some(connected), principal, None, holds),
+        ))
+    }
+
+    fn admitted(
+        &self,
+        req: &mut Request<Incoming>,
+        route_index: usize,
+        upstream: Option<Connected>,
+        principal: Option<Principal>,
+        pending: Option<first_message::Pending>,
+        holds: Holds,
+    ) -> Admitted {
+        Admitted {
+            route_index,
+            upstream,
+            on_upgrade: Some(hyper::upgrade::on(req)),
+            principal,
+            cert: self.cert().cloned(),
+            pending,
+            holds,
+        }
+    }
+}
+
+impl Admitted {
+    /// After the 101: the `first_message` token when the route waits for one, then
+    /// its upstream. A failure closes the client (1008 auth, 1011 upstream).
+    pub(crate) async fn complete<S: AsyncRead + AsyncWrite + Unpin>(
+        self,
+        admission: &Admission,
+        client: &mut crate::relay::Endpoint<S>,
+    ) -> Result<Session, Reject> {
+        let Admitted {
+            route_index,
+            upstream,
+            principal,
+            cert,
+            pending,
+            mut holds,
+            ..
+        } = self;
+        let (upstream, principal) = match (upstream, pending) {
+            (Some(u), _) => (u, principal),
+            (None, Some(pending)) => {
+                let (u, p, user) = first_message::complete(admission, route_index, client, pending, cert.as_ref()).await?;
+                holds.user = user;
+                (u, Some(p))
+            }
+            (None, None) => return Err(Reject::BadRequest("no upstream")),
+        };
+        Ok(Session {
+            route_index,
+            upstream,
+            principal: principal.map(|p| Box::new(p.for_session())),
+            cert,
+            _holds: holds,
+        })
+    }
+
+    /// hyper's hand-over of the connection, once (`None` the second time).
+    pub(crate) fn take_upgrade(&mut self) -> Option<hyper::upgrade::OnUpgrade> {
+        self.on_upgrade.take()
+    }
+
+    /// The upstream connected before the 101, to be told when the 101 never arrives.
+    pub(crate) fn upstream_mut(&mut self) -> Option<&mut Connected> {
+        self.upstream.as_mut()
+    }
+}
+
+/// After authentication: revocations through the admin API (the file's list is checked
+/// by the verifier), then the user's session under the per-user cap.
+async fn authorize(gw: &Gateway, config: &crate::config::Config, principal: Option<&Principal>) -> Result<Option<UserHold>, Reject> {
+    let Some(p) = principal else { return Ok(None) };
+    if gw.incidents.is_revoked(p.jti.as_deref()) {
+        return Err(Reject::Auth(crate::error::AuthFailure::Revoked));
+    }
+    match &p.identity {
+        Some(sub) => shared_cap::hold_user(gw, config, sub).await.map(Some),
+        None => Ok(None),
+    }
+}

@@ -1,0 +1,62 @@
+//! The checks of an upgrade request that need no token, cheapest first.
+
+use super::Admission;
+use crate::config::Config;
+use crate::error::Reject;
+use crate::limits::IpSlot;
+use crate::upgrade::{self, Upgrade};
+use http::Request;
+use hyper::body::Incoming;
+use std::net::IpAddr;
+
+/// The request after the checks that need no token: routed, validated, the client's
+/// per-IP slot held.
+pub(super) struct Checked {
+    pub(super) route_index: usize,
+    pub(super) path: String,
+    pub(super) query: Option<String>,
+    pub(super) client_ip: IpAddr,
+    pub(super) upgrade: Upgrade,
+    pub(super) ip_slot: Option<IpSlot>,
+}
+
+impl Admission {
+    /// Client address, drain and cap, path, route, upgrade headers, Origin, ban, per-IP
+    /// limits behind a proxy.
+    pub(super) fn check(&self, req: &Request<Incoming>) -> Result<Checked, Reject> {
+        let config: &Config = &self.rt.config;
+        let client_ip = upgrade::client_ip(config, self.peer_ip, req.headers())?;
+        self.note(|i| i.client_ip = Some(client_ip));
+        if self.gw.is_draining() {
+            return Err(Reject::Draining);
+        }
+        if self.over_cap {
+            return Err(Reject::GlobalConnLimit);
+        }
+        let path = req.uri().path().to_string();
+        upgrade::check_path(&path)?;
+        let route_index = config.route_index(&path).ok_or(Reject::NotFound)?;
+        let route = &config.routes[route_index];
+        self.note(|i| i.route = Some(route.name.clone()));
+        let upgrade = upgrade::validate(req)?;
+        upgrade::check_origin(route, req.headers())?;
+        if let Some(left) = self.gw.per_ip().banned(client_ip) {
+            return Err(Reject::AuthBanned(left));
+        }
+        // The TCP peer passed the pre-TLS checks; a client a trusted proxy names by
+        // `X-Forwarded-For` gets them now.
+        let ip_slot = if client_ip == self.peer_ip {
+            None
+        } else {
+            Some(self.gw.check_client(&self.rt, client_ip)?)
+        };
+        Ok(Checked {
+            route_index,
+            path,
+            query: req.uri().query().map(str::to_string),
+            client_ip,
+            upgrade,
+            ip_slot,
+        })
+    }
+}

@@ -1,0 +1,84 @@
+//! A live session's admission, re-checked whenever the configuration changes or an
+//! admin action arrives: the firewall and bans, revocations and kicks, and whether its
+//! principal still holds under the new config ([`crate::auth::Methods::recheck`]).
+
+use super::Session;
+use crate::auth::Principal;
+use crate::error::CloseReason;
+use crate::gateway::Gateway;
+use crate::util::lock;
+use std::{net::IpAddr, sync::Mutex};
+use tokio_util::sync::CancellationToken;
+
+/// What a live session is re-checked by, for [`crate::relay::Policy`].
+pub(crate) struct SessionPolicy<'a> {
+    gw: &'a Gateway,
+    /// The generation at admission, handed to the relay first (then the current one).
+    admitted_under: Mutex<Option<CancellationToken>>,
+    /// Boxed: read only on a re-check, so an idle session's future stays small.
+    admitted: Box<Admitted>,
+}
+
+/// What the session was admitted as.
+struct Admitted {
+    client_ip: Option<IpAddr>,
+    principal: Option<Principal>,
+    /// The certificate of a client whose route does not authenticate with it.
+    cert: Option<std::sync::Arc<crate::tls::ClientCert>>,
+    /// When the connection was accepted: a kick closes sessions accepted before it.
+    started: std::time::Instant,
+}
+
+impl Session {
+    /// The policy the relay re-checks this session by. `admitted_under`: the generation
+    /// the connection was admitted under (a reload since then makes the relay re-check
+    /// at once).
+    pub(crate) fn policy<'a>(
+        &mut self,
+        gw: &'a Gateway,
+        admitted_under: CancellationToken,
+        client_ip: Option<IpAddr>,
+        started: std::time::Instant,
+    ) -> SessionPolicy<'a> {
+        SessionPolicy {
+            gw,
+            admitted_under: Mutex::new(Some(admitted_under)),
+            admitted: Box::new(Admitted {
+                client_ip,
+                principal: self.principal.take().map(|p| *p),
+                cert: self.cert.take(),
+                started,
+            }),
+        }
+    }
+}
+
+impl crate::relay::Policy for SessionPolicy<'_> {
+    fn generation(&self) -> CancellationToken {
+        let first = lock(&self.admitted_under).take();
+        first.unwrap_or_else(|| self.gw.recheck_token())
+    }
+
+    fn check(&self) -> Option<CloseReason> {
+        let rt = self.gw.runtime();
+        let incidents = &self.gw.incidents;
+        let a = &self.admitted;
+        if a.client_ip.is_some_and(|ip| !rt.firewall.allows(ip) || incidents.is_banned(ip)) {
+            return Some(CloseReason::AccessRevoked);
+        }
+        let Some(p) = &a.principal else {
+            // An anonymous session presenting a certificate: it must still verify.
+            return a
+                .cert
+                .as_ref()
+                .zip(rt.auth.client_certs())
+                .filter(|(c, v)| !c.still_trusted(v.as_ref()))
+                .map(|_| CloseReason::AccessRevoked);
+        };
+        if incidents.is_revoked(p.jti.as_deref()) || incidents.is_kicked(p.identity.as_deref(), a.started) {
+            return Some(CloseReason::AccessRevoked);
+        }
+        // Key rotation, a new CRL, a removed CA: the principal no longer holds.
+        rt.auth.recheck(p).err().map(|_| CloseReason::AccessRevoked)
+    }
+}

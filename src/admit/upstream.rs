@@ -1,0 +1,86 @@
+//! The upstream of an admitted client: what its request carries ([`facts`]), and
+//! choosing and connecting one of the route's upstreams ([`connect`]).
+
+use crate::auth::Principal;
+use crate::config::{AuthMode, Route, Upstream};
+use crate::error::Reject;
+use crate::gateway::{Gateway, Runtime};
+use crate::tls::ClientCert;
+use crate::upstream::{self, ClientFacts, Connected};
+use http::HeaderMap;
+use std::{net::IpAddr, sync::atomic::Ordering};
+use tokio::time::Instant;
+
+/// What the upstream request is built from. `(client, peer)` addresses, `(path, query)`.
+pub(super) fn facts<'a>(
+    rt: &'a Runtime,
+    route: &'a Route,
+    (client_ip, peer_ip): (IpAddr, IpAddr),
+    (path, query): (&'a str, Option<&'a str>),
+    headers: &'a HeaderMap,
+    principal: Option<&'a Principal>,
+    cert: Option<&'a ClientCert>,
+) -> ClientFacts<'a> {
+    // An `mtls` route reads no token, but removes every copy before the upstream: an
+    // unverified token must not travel next to the identity the gateway vouches for.
+    let strips_tokens = route.auth != AuthMode::None;
+    let token = principal.and_then(|p| p.credential.token.as_deref());
+    ClientFacts {
+        ip: client_ip,
+        peer: peer_ip,
+        peer_trusted: rt.config.server.is_trusted_proxy(peer_ip),
+        path,
+        query,
+        headers,
+        forward_token: token.filter(|_| route.forward_token),
+        token_sources: if strips_tokens { &rt.config.jwt.token_sources } else { &[] },
+        claims: principal.map(|p| &p.claims),
+        cert,
+        forward_claims: &route.forward_claims,
+        identity_headers: &rt.identity_headers,
+    }
+}
+
+/// Try the route's upstreams round robin, each under `upstream_timeout`; the first
+/// that completes its handshake wins.
+pub(super) async fn connect(gw: &Gateway, rt: &Runtime, route_index: usize, facts: &ClientFacts<'_>) -> Result<Connected, Reject> {
+    let route = &rt.config.routes[route_index];
+    let n = route.upstreams.len();
+    let start = rt.next_upstream[route_index].fetch_add(1, Ordering::Relaxed);
+    let mut last = Reject::UpstreamUnavailable;
+    for i in 0..n {
+        let idx = (start + i) % n;
+        let health = &rt.health[route_index][idx];
+        if health.is_down() {
+            continue; // in back-off after repeated failures
+        }
+        let target = &route.upstreams[idx];
+        let upstream_path = match target {
+            Upstream::Remote { path, .. } => path.as_deref(),
+            Upstream::BuiltinEcho => None,
+        };
+        let url = upstream::url_for(target, &upstream::upstream_path(route, upstream_path, facts));
+        let request = upstream::build_request(&url, facts)?;
+        let t0 = Instant::now();
+        let timeout = rt.config.server.upstream_timeout;
+        match upstream::connect(target, rt.connectors[route_index].as_ref(), request, rt.ws_config, timeout).await {
+            Ok(c) => {
+                health.succeeded();
+                gw.metrics.upstream_connect(&route.name, t0.elapsed().as_secs_f64());
+                return Ok(c);
+            }
+            // A 4xx is the application's answer to this client, not a fault of the
+            // upstream: no failover, no back-off, passed through.
+            Err(e @ Reject::UpstreamRefused(_)) => {
+                tracing::info!(route = %route.name, upstream = idx, reason = e.label(), "upstream refused the upgrade");
+                return Err(e);
+            }
+            Err(e) => {
+                health.failed();
+                tracing::warn!(route = %route.name, upstream = idx, reason = e.label(), "upstream attempt failed");
+                last = e;
+            }
+        }
+    }
+    Err(last)
+}

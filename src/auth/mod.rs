@@ -1,0 +1,227 @@
+//! Stage 6, authentication: every method turns what the client presented into one
+//! [`Principal`], and a live session asks [`Methods::recheck`] whether its principal
+//! still holds under the current configuration (reload, key rotation, a tightened
+//! route policy).
+//!
+//! # Layout
+//!
+//! - `mod.rs` (this file): [`Principal`], [`Methods`] (every method of one config),
+//!   the dispatch by the route's `auth` and the route policy (`require_claims`).
+//! - `jwt.rs`: JWT: token sources, verification ([`Verifier`]), minting dev tokens.
+//! - `mtls.rs`: the identity a verified client certificate names.
+//!
+//! A new method (OIDC discovery, introspection, forward auth: `[providers.NAME]`) is
+//! its config table, one module here returning a [`Principal`], its arm in
+//! [`Methods::authenticate`] / [`Methods::recheck`], and its reasons in `error.rs`.
+
+mod jwt;
+mod mtls;
+
+pub use crate::keys::{Secret, load_secret};
+pub use jwt::{FoundToken, Identity, Verifier, claims_grant, fingerprint, jti_text, mint, read_revoked, token_from_message};
+pub(crate) use jwt::{check_binding, claim_header_value};
+
+use crate::config::{AuthMode, Config, ConfigError, Route, TokenSource};
+use crate::error::{AuthFailure, Reject};
+use crate::tls::ClientCert;
+use http::HeaderMap;
+use rustls::server::danger::ClientCertVerifier;
+use serde_json::{Map, Value};
+use std::{fmt, sync::Arc};
+
+/// Who the client is, whatever the method: what admission, logs, caps, forwarding and
+/// the live re-checks read. `Debug` never shows the credential.
+pub struct Principal {
+    /// The user: logs, per-user caps, kicks (`None`: a token without an identity claim).
+    pub identity: Option<String>,
+    /// Claims the route policy and `forward_claims` read (a certificate's identity is
+    /// `sub`). Dropped once the session relays ([`Principal::for_session`]).
+    pub claims: Map<String, Value>,
+    /// When the credential stops being valid, seconds since the epoch.
+    pub expires_at: Option<u64>,
+    /// The token id revocations name.
+    pub jti: Option<String>,
+    /// What the client presented, kept to re-check it under each new config.
+    pub credential: Credential,
+}
+
+/// What a client authenticated with.
+#[derive(Default)]
+pub struct Credential {
+    /// A verified bearer token. Never in `Debug`.
+    pub token: Option<Box<str>>,
+    /// The verified client certificate, whether or not the route authenticates with it.
+    pub cert: Option<Arc<ClientCert>>,
+    /// The route authenticated with the certificate (`mtls`, `jwt+mtls`).
+    pub cert_authenticates: bool,
+}
+
+impl fmt::Debug for Principal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Principal")
+            .field("identity", &self.identity)
+            .field("expires_at", &self.expires_at)
+            .field("token", &self.credential.token.as_deref().map(fingerprint))
+            .field("cert", &self.credential.cert.as_ref().map(|c| c.fingerprint_hex()))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Principal {
+    /// A session keeps its credential (to re-check it) and identity, not every claim.
+    pub fn for_session(mut self) -> Principal {
+        self.claims = Map::new();
+        self
+    }
+}
+
+/// What authentication of an upgrade request decided.
+pub enum Outcome {
+    /// A route with `auth = "none"`.
+    Anonymous,
+    Authenticated(Principal),
+    /// No token in the request: it is to come as the first message after the 101.
+    Deferred,
+}
+
+/// What authentication saw of a refused client, for the log line (never the token).
+#[derive(Default)]
+pub struct Seen {
+    pub token_fingerprint: Option<String>,
+    pub identity: Option<String>,
+}
+
+/// Every authentication method of one configuration.
+pub struct Methods {
+    jwt: Option<Verifier>,
+    /// The verifier of client certificates (`tls.client_ca`): live sessions re-check
+    /// their certificate against the one of each new config.
+    client_certs: Option<Arc<dyn ClientCertVerifier>>,
+}
+
+impl fmt::Debug for Methods {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Methods")
+            .field("jwt", &self.jwt)
+            .field("client_certs", &self.client_certs.is_some())
+            .finish()
+    }
+}
+
+impl Methods {
+    /// Load what `config`'s routes need (keys, secrets, revocation files).
+    pub fn load(
+        config: &Config,
+        client_certs: Option<Arc<dyn ClientCertVerifier>>,
+        create_dev_files: bool,
+    ) -> Result<Methods, ConfigError> {
+        let jwt = if config.routes.iter().any(|r| r.auth.uses_jwt()) {
+            Some(Verifier::load(&config.jwt, &config.origin, create_dev_files)?)
+        } else {
+            None
+        };
+        Ok(Methods { jwt, client_certs })
+    }
+
+    /// The JWT verifier, when a route uses JWT.
+    pub fn jwt(&self) -> Option<&Verifier> {
+        self.jwt.as_ref()
+    }
+
+    /// The client certificate verifier, when `tls.client_ca` is set.
+    pub fn client_certs(&self) -> Option<&Arc<dyn ClientCertVerifier>> {
+        self.client_certs.as_ref()
+    }
+
+    /// Authenticate an upgrade request on `route`: the client certificate the route
+    /// needs, then its token (found, verified, bound to the certificate when it says
+    /// so), then the route's policy.
+    pub async fn authenticate(
+        &self,
+        route: &Route,
+        headers: &HeaderMap,
+        query: Option<&str>,
+        cert: Option<&Arc<ClientCert>>,
+        seen: &mut Seen,
+    ) -> Result<Outcome, Reject> {
+        if route.auth.uses_cert() && cert.is_none() {
+            return Err(Reject::ClientCert);
+        }
+        let principal = match route.auth {
+            AuthMode::None => return Ok(Outcome::Anonymous),
+            AuthMode::Mtls => {
+                let p = mtls::principal(cert).ok_or(Reject::ClientCert)?;
+                seen.identity.clone_from(&p.identity);
+                p
+            }
+            AuthMode::Jwt | AuthMode::JwtMtls => {
+                let verifier = self.jwt.as_ref().ok_or(Reject::Auth(AuthFailure::Missing))?;
+                let Some(found) = verifier.find_token(headers, query) else {
+                    if verifier.sources().contains(&TokenSource::FirstMessage) {
+                        return Ok(Outcome::Deferred);
+                    }
+                    return Err(Reject::Auth(AuthFailure::Missing));
+                };
+                self.token(route, &found.token, cert, seen).await?
+            }
+        };
+        check_policy(route, &principal).map_err(Reject::Auth)?;
+        Ok(Outcome::Authenticated(principal))
+    }
+
+    /// Authenticate a token sent as the first message on `route` (`first_message`).
+    pub async fn authenticate_message(
+        &self,
+        route: &Route,
+        text: &str,
+        cert: Option<&Arc<ClientCert>>,
+        seen: &mut Seen,
+    ) -> Result<Principal, Reject> {
+        let token = token_from_message(text).ok_or(Reject::Auth(AuthFailure::Malformed))?;
+        let principal = self.token(route, &token, cert, seen).await?;
+        check_policy(route, &principal).map_err(Reject::Auth)?;
+        Ok(principal)
+    }
+
+    async fn token(&self, route: &Route, token: &str, cert: Option<&Arc<ClientCert>>, seen: &mut Seen) -> Result<Principal, Reject> {
+        let verifier = self.jwt.as_ref().ok_or(Reject::Auth(AuthFailure::Missing))?;
+        seen.token_fingerprint = Some(fingerprint(token));
+        let id = verifier.verify(token).await.map_err(Reject::Auth)?;
+        seen.identity.clone_from(&id.sub);
+        check_binding(&id.claims, cert.map(Arc::as_ref)).map_err(Reject::Auth)?;
+        Ok(jwt::principal(id, cert.cloned(), route.auth.uses_cert()))
+    }
+
+    /// Whether a live session's principal still holds under this (reloaded) config:
+    /// the token still verifies (key, issuer, audience, revocation list; expiry is
+    /// left to `close_on_expiry`), the certificate still verifies (CA kept, not
+    /// revoked), and the route's policy still grants it.
+    pub fn recheck(&self, principal: &Principal) -> Result<(), AuthFailure> {
+        if let Some(token) = &principal.credential.token {
+            match &self.jwt {
+                Some(v) if v.is_revoked(principal.jti.as_deref()) => return Err(AuthFailure::Revoked),
+                Some(v) => v.still_valid(token)?,
+                None => {}
+            }
+        }
+        // A certificate the new config would refuse (revoked by a new CRL, its CA
+        // removed) ends the session; without any client CA now, only sessions it
+        // authenticated end.
+        if let Some(cert) = &principal.credential.cert {
+            match &self.client_certs {
+                Some(v) if !cert.still_trusted(v.as_ref()) => return Err(AuthFailure::CertBinding),
+                None if principal.credential.cert_authenticates => return Err(AuthFailure::CertBinding),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The route's policy on an authenticated principal: `require_claims`.
+fn check_policy(route: &Route, principal: &Principal) -> Result<(), AuthFailure> {
+    if !claims_grant(&route.require_claims, &principal.claims) {
+        return Err(AuthFailure::Forbidden);
+    }
+    Ok(())
+}

@@ -1,0 +1,197 @@
+//! Cluster mode (DESIGN.md section 7): admin bans, revocations and kicks reach
+//! every instance that shares a Redis, and the per-user cap counts every instance.
+//!
+//! An admin action is applied locally first (it works with Redis down), then written to
+//! Redis and announced on one pub/sub channel. Every instance keeps a local copy and
+//! checks it locally (no Redis call on the connect path for these):
+//! - bans: sorted set `<prefix>:bans` (member the range, score its end in Unix seconds);
+//! - revocations: sorted set `<prefix>:revoked` (member the `jti`, score the token's `exp`);
+//! - kicks: the channel only (they close live sessions; nothing to keep);
+//! - channel `<prefix>:events`: one JSON event per action, with the sender's instance id.
+//!
+//! Redis holds the shared state while it is reachable. A lost message is repaired by a
+//! resync every [`RESYNC`] and at each reconnect: both sets are read (expired members
+//! removed first) and the local copy is made to match them, removals included. An
+//! action that could not reach Redis is kept (bounded) and written again at the next
+//! connect, before that resync, so an unban made while Redis was away is not undone.
+//! Every key has a bound: members expire with their score and are removed at each resync;
+//! a resync reads at most what the local caps hold. Redis restarted empty loses the
+//! shared bans: run it with persistence if they must outlive it (lasting bans belong in
+//! `[firewall]`). The channel name holds the database number, so clusters on one Redis
+//! with different databases do not hear each other.
+//!
+//! The per-user cap is shared too: after the local cap, one Lua call on the user's hash
+//! (`<prefix>:{u:<hash of sub>}`, a field per instance with its count and lease end in
+//! Redis time) takes a lease or refuses; each instance asserts its live counts every
+//! [`RESYNC`] and at each reconnect, and an instance that stops asserting stops counting
+//! after [`LEASE_TTL`].
+//!
+//! The per-IP rate and cap likewise: one Lua call per new connection (GCRA on Redis time
+//! for the rate, then a lease as for users), keyed by the client key with a hash tag.
+//!
+//! Connect-path calls have `cluster.timeout`; after [`BREAK_AFTER`] failures in a row a
+//! breaker skips Redis for [`BREAK_FOR`] at a time, and `on_failure` decides meanwhile.
+//!
+//! With `on_failure = "local"` an instance alone holds its share of each shared cap and
+//! of the per-IP rate: divided by the live instances (a sorted set each heartbeat
+//! refreshes). The per-IP call for the TCP peer runs while TLS is negotiated.
+//!
+//! # Layout
+//!
+//! - `mod.rs` (this file): [`Cluster`] (built from `[cluster]`), the [`Host`] trait it
+//!   reaches the gateway through, and [`Unanswered`].
+//! - `connection.rs`: the one multiplexed Redis connection, the `up` state and the
+//!   breaker on the connect path.
+//! - `events.rs`: admin actions: publish, follow the channel, apply, resync.
+//! - `leases.rs`: the shared caps and the per-IP rate: Lua scripts, leases, heartbeat.
+
+mod connection;
+mod events;
+mod leases;
+
+pub use events::Event;
+pub use leases::{IpAnswer, Lease};
+
+use crate::config::ConfigError;
+use crate::metrics::Metrics;
+use redis::IntoConnectionInfo;
+use std::{
+    collections::HashSet,
+    sync::atomic::AtomicBool,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+/// How often the local copy is compared with Redis (and leases refreshed).
+pub const RESYNC: Duration = Duration::from_secs(5);
+/// How long an instance's user leases live without a refresh: a dead instance's sessions
+/// stop counting after this.
+pub const LEASE_TTL: Duration = Duration::from_secs(30);
+
+/// Redis did not answer a connect-path call within `cluster.timeout` (or the breaker
+/// skipped it): the caller's `on_failure` decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("Redis did not answer in time")]
+pub struct Unanswered;
+
+/// What the cluster needs of the gateway: a trait, so that `cluster` does not import
+/// `gateway` (which holds the cluster).
+pub trait Host: Send + Sync {
+    fn incidents(&self) -> &crate::incidents::Incidents;
+    fn metrics(&self) -> &Metrics;
+    /// Make live sessions re-check their admission (a ban or revocation arrived).
+    fn recheck_sessions(&self);
+    /// Live sessions per user on this instance.
+    fn user_counts(&self) -> Vec<(String, u32)>;
+    /// Live connections per client key ([`crate::limits::IpKey::label`]) on this instance.
+    fn ip_counts(&self) -> Vec<(String, u32)>;
+}
+
+pub struct Cluster {
+    client: redis::Client,
+    scripts: leases::Scripts,
+    prefix: String,
+    /// Budget of a call on the connect path (`cluster.timeout`).
+    pub timeout: Duration,
+    bans: String,
+    revoked: String,
+    channel: String,
+    /// This instance's id: its own events are not applied twice.
+    instance: String,
+    conn: tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
+    up: AtomicBool,
+    /// Bans, unbans and revocations that did not reach Redis, written again on reconnect.
+    pending: std::sync::Mutex<std::collections::VecDeque<events::Event>>,
+    /// Remote events logged in the current period.
+    logged: std::sync::atomic::AtomicU32,
+    /// What connections get while Redis cannot be asked.
+    pub on_failure: crate::config::OnFailure,
+    /// Connect-path failures in a row, and until when the breaker skips Redis.
+    failures: std::sync::atomic::AtomicU32,
+    broken_until: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Instances that asserted their counts within [`LEASE_TTL`] (this one included), as
+    /// last seen: `on_failure = "local"` divides the caps by it.
+    live: std::sync::atomic::AtomicU32,
+    /// The lease keys the last heartbeat asserted.
+    asserted: std::sync::Mutex<HashSet<String>>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster").field("instance", &self.instance).finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    /// The Redis client for `[cluster]` (password read now; nothing connects yet).
+    pub fn new(c: &crate::config::Cluster, origin: &str) -> Result<Cluster, ConfigError> {
+        let mut info = c
+            .redis
+            .value
+            .as_str()
+            .into_connection_info()
+            .map_err(|_| c.redis.error(origin, "not a usable Redis URL"))?;
+        if let Some(source) = &c.password {
+            let secret = crate::keys::load_secret(source, origin, false)?;
+            let password = std::str::from_utf8(secret.bytes())
+                .map_err(|_| c.redis.error(origin, "the Redis password is not UTF-8 text"))?
+                .to_string();
+            let settings = info.redis_settings().clone().set_password(password);
+            info = info.set_redis_settings(settings);
+        }
+        let client = match &c.ca {
+            None => redis::Client::open(info),
+            Some(ca) => {
+                let pem = crate::fsutil::read_limited(&ca.value, crate::fsutil::MAX_KEY_FILE)
+                    .map_err(|e| ca.error(origin, format!("cannot read {}: {e}", ca.value.display())))?;
+                let certs = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem),
+                };
+                redis::Client::build_with_tls(info, certs)
+            }
+        }
+        .map_err(|_| c.redis.error(origin, "not a usable Redis URL (or CA file)"))?;
+        let mut id = [0u8; 8];
+        let _ = aws_lc_rs::rand::fill(&mut id);
+        let p = &c.key_prefix;
+        // Pub/sub channels are global to a Redis server; keys are per database.
+        let db = client.get_connection_info().redis_settings().db();
+        Ok(Cluster {
+            client,
+            scripts: leases::Scripts::new(),
+            prefix: p.clone(),
+            timeout: c.timeout,
+            bans: format!("{p}:bans"),
+            revoked: format!("{p}:revoked"),
+            channel: format!("{p}:{db}:events"),
+            instance: id.iter().map(|b| format!("{b:02x}")).collect(),
+            conn: tokio::sync::Mutex::new(None),
+            up: AtomicBool::new(false),
+            pending: std::sync::Mutex::default(),
+            logged: std::sync::atomic::AtomicU32::new(0),
+            on_failure: c.on_failure,
+            failures: std::sync::atomic::AtomicU32::new(0),
+            broken_until: std::sync::Mutex::new(None),
+            live: std::sync::atomic::AtomicU32::new(1),
+            asserted: std::sync::Mutex::default(),
+        })
+    }
+}
+
+/// A score as Unix seconds, when it is one.
+pub(crate) fn unix_secs(score: f64) -> Option<u64> {
+    (0.0..1e15).contains(&score).then_some(score as u64)
+}
+
+fn timeout_error() -> redis::RedisError {
+    redis::RedisError::from((redis::ErrorKind::Io, "timed out"))
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// The time left until Unix second `until`.
+fn until_from_now(until: u64) -> Duration {
+    Duration::from_secs(until.saturating_sub(unix_now()))
+}

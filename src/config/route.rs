@@ -1,0 +1,136 @@
+//! `[[routes]]` as validated: a route's path, upstreams, auth mode, origins, claims,
+//! forwarding and message validation (the checks that build it are in `routes.rs`).
+
+use super::*;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    Jwt,
+    /// A verified client certificate is the identity.
+    Mtls,
+    /// A token and a verified client certificate; a token bound to a certificate
+    /// (`cnf.x5t#S256`) must be bound to this one.
+    #[serde(rename = "jwt+mtls")]
+    JwtMtls,
+    None,
+}
+
+impl AuthMode {
+    /// Whether the route needs a token.
+    pub fn uses_jwt(self) -> bool {
+        matches!(self, AuthMode::Jwt | AuthMode::JwtMtls)
+    }
+
+    /// Whether the route needs a verified client certificate.
+    pub fn uses_cert(self) -> bool {
+        matches!(self, AuthMode::Mtls | AuthMode::JwtMtls)
+    }
+}
+
+/// `forward_claims` keys that forward the client certificate instead of a token claim.
+pub const CERT_FINGERPRINT: &str = "cert:fingerprint";
+pub const CERT_SUBJECT: &str = "cert:subject";
+
+/// How a route matches the request path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathMatch {
+    /// `/echo`: this path only.
+    Exact(String),
+    /// `/chat/*`: `/chat` and everything below it. Holds `/chat`.
+    Prefix(String),
+}
+
+/// One upstream of a route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Upstream {
+    /// The in-process echo backend.
+    BuiltinEcho,
+    /// A WebSocket server reached over TCP (`ws://`) or TLS (`wss://`).
+    Remote {
+        tls: bool,
+        host: String,
+        port: u16,
+        /// `None` when the URL has no path (or just `/`): the client's path goes upstream unchanged.
+        path: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: String,
+    pub path: PathMatch,
+    pub upstreams: Vec<Upstream>,
+    pub auth: AuthMode,
+    pub forward_token: bool,
+    /// Extra trust anchors (PEM) for `wss://` upstreams, besides the webpki roots.
+    pub upstream_ca: Option<Located<PathBuf>>,
+    /// Normalised origins (`scheme://host[:port]`, default ports removed); `"*"` allows any.
+    pub allowed_origins: Vec<String>,
+    pub allow_missing_origin: bool,
+    /// Claim → required value (equality, or membership for arrays and space-separated strings).
+    pub require_claims: Vec<(String, String)>,
+    /// Claim → header name sent upstream (lower case).
+    pub forward_claims: Vec<(String, http::HeaderName)>,
+    /// `[routes.validate]`: client messages are checked before they go upstream.
+    pub validate: Option<Validate>,
+}
+
+/// `[routes.validate]` (DESIGN.md section 11). The schema file is compiled where the
+/// runtime is built (`gateway::Runtime::load`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Validate {
+    /// Text messages must be JSON (default true; schema and depth need it).
+    pub json: bool,
+    /// Binary messages pass unchecked (true) or are refused (false, the default).
+    pub binary: bool,
+    /// JSON Schema (draft 2020-12) every text message must satisfy.
+    pub schema_file: Option<Located<PathBuf>>,
+    /// Nesting depth: arrays and objects count, scalars do not (`[1]` is 1 deep).
+    pub max_depth: u32,
+    pub on_invalid: OnInvalid,
+}
+
+/// What an invalid client message gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnInvalid {
+    /// Close the session: 1007 (not JSON), 1008 (too deep, schema), 1003 (binary).
+    #[default]
+    Close,
+    /// Answer the client with `{"error": "invalid_message", ...}`; the socket stays open.
+    Reply,
+}
+
+/// `Origin` in the form routes compare: lower-case scheme and host, default port dropped.
+/// `None` when it is not a `scheme://host[:port]` origin (e.g. `null`).
+pub fn normalize_origin(origin: &str) -> Option<String> {
+    let (scheme, rest) = origin.trim().split_once("://")?;
+    let scheme = scheme.to_ascii_lowercase();
+    if rest.is_empty() || rest.contains(['/', '?', '#', '@']) {
+        return None;
+    }
+    let authority: http::uri::Authority = rest.parse().ok()?;
+    let host = authority.host().to_ascii_lowercase();
+    let default = match scheme.as_str() {
+        "http" | "ws" => Some(80),
+        "https" | "wss" => Some(443),
+        _ => None,
+    };
+    Some(match authority.port_u16() {
+        Some(p) if Some(p) != default => format!("{scheme}://{host}:{p}"),
+        _ => format!("{scheme}://{host}"),
+    })
+}
+
+impl Route {
+    /// Whether this route serves `path`; longer prefixes are preferred by [`Config::route`].
+    pub(super) fn matches(&self, path: &str) -> bool {
+        match &self.path {
+            PathMatch::Exact(p) => p == path,
+            PathMatch::Prefix(p) => path
+                .strip_prefix(p.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/')),
+        }
+    }
+}
