@@ -263,7 +263,7 @@ async fn run_session(
         .and_then(|p| p.expires_at)
         .filter(|_| rt.config.jwt.close_on_expiry)
         .map(|exp| (expiry_instant(exp, rt.config.jwt.leeway), CloseReason::TokenExpired));
-    let policy = session.policy(gw, admitted_under, client_ip, registered.started_at);
+    let policy = session.policy(gw, &route.name, admitted_under, client_ip, registered.started_at);
     let control = relay::Control {
         shutdown: &gw.sessions,
         drain_spread: rt.config.server.shutdown_grace / 2,

@@ -161,10 +161,17 @@ fn has_encoded_unreserved(s: &str) -> bool {
 /// Check the `Origin` header against the route's `allowed_origins`.
 pub fn check_origin(route: &crate::config::Route, headers: &HeaderMap) -> Result<(), Reject> {
     let mut origins = headers.get_all(header::ORIGIN).iter();
-    let origin = match (origins.next(), origins.next()) {
-        (None, _) => return if route.allow_missing_origin { Ok(()) } else { Err(Reject::Origin) },
-        (Some(o), None) => o,
-        (Some(_), Some(_)) => return Err(Reject::Origin),
+    match (origins.next(), origins.next()) {
+        (origin, None) => origin_allowed(route, origin),
+        _ => Err(Reject::Origin),
+    }
+}
+
+/// Whether `route` allows a client with this one `Origin` (or none): also asked of a
+/// live session when the route's policy changes.
+pub fn origin_allowed(route: &crate::config::Route, origin: Option<&HeaderValue>) -> Result<(), Reject> {
+    let Some(origin) = origin else {
+        return if route.allow_missing_origin { Ok(()) } else { Err(Reject::Origin) };
     };
     if route.allowed_origins.iter().any(|a| a == "*") {
         return Ok(());

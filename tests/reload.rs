@@ -206,3 +206,87 @@ async fn a_first_message_token_sent_after_a_reload_is_checked_against_the_new_ke
     ws.send(Message::text("hello")).await.unwrap();
     assert_eq!(close_code(&mut ws).await.0, 1008);
 }
+
+/// Connect to `path` with `token` and extra headers.
+async fn connect_with(gw: &Gw, path: &str, token: Option<String>, headers: &[(&str, &str)]) -> wsgate::client::ClientStream {
+    let mut o = gw.options(token);
+    o.headers = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    gw.try_connect(path, &o).await.unwrap().0
+}
+
+#[tokio::test]
+async fn a_reload_that_tightens_require_claims_closes_live_sessions_that_no_longer_pass() {
+    let up = upstream(Behaviour::Echo).await;
+    let rest = format!(
+        "{}require_claims = {{ scope = \"chat\" }}\n",
+        route("app", "/app", &up.url(), "jwt")
+    );
+    let gw = Gw::start("", &rest).await;
+    let text = config_text(gw.dir.path(), "", &rest);
+    let token = |sub: &str, scope: &str| gw.token_with(sub, Duration::from_secs(600), &[("scope", scope)]);
+    let mut chatter = connect_with(&gw, "/app", Some(token("a", "chat")), &[]).await;
+    let mut admin = connect_with(&gw, "/app", Some(token("b", "chat admin")), &[]).await;
+    for ws in [&mut chatter, &mut admin] {
+        assert_eq!(roundtrip(ws, "before").await, "before");
+    }
+    // The route now needs `admin`: a new `chat`-only client gets 403, and so does the
+    // live one (closed with 1008); the admin stays.
+    gw.reload(&text.replace("scope = \"chat\"", "scope = \"admin\"")).await.unwrap();
+    assert_eq!(close_code(&mut chatter).await, (1008, "access revoked".into()));
+    assert_eq!(roundtrip(&mut admin, "after").await, "after");
+    let refused = gw.refusal("/app", &gw.options(Some(token("c", "chat")))).await;
+    assert_eq!(refused.status(), 403);
+}
+
+#[tokio::test]
+async fn a_reload_that_narrows_allowed_origins_closes_live_sessions_from_other_origins() {
+    let up = upstream(Behaviour::Echo).await;
+    let rest = format!(
+        "{}allowed_origins = [\"https://a.example\", \"https://b.example\"]\n",
+        route("app", "/app", &up.url(), "jwt")
+    );
+    let gw = Gw::start("", &rest).await;
+    let text = config_text(gw.dir.path(), "", &rest);
+    let mut from_a = connect_with(&gw, "/app", Some(gw.token("a")), &[("Origin", "https://a.example")]).await;
+    let mut from_b = connect_with(&gw, "/app", Some(gw.token("b")), &[("Origin", "https://b.example")]).await;
+    let mut no_origin = connect_with(&gw, "/app", Some(gw.token("c")), &[]).await;
+    for ws in [&mut from_a, &mut from_b, &mut no_origin] {
+        assert_eq!(roundtrip(ws, "before").await, "before");
+    }
+    gw.reload(&text.replace(", \"https://b.example\"", "")).await.unwrap();
+    assert_eq!(close_code(&mut from_b).await, (1008, "access revoked".into()));
+    assert_eq!(roundtrip(&mut from_a, "after").await, "after");
+    // Clients without an Origin stay as long as the route allows them.
+    assert_eq!(roundtrip(&mut no_origin, "after").await, "after");
+    gw.reload(
+        &text
+            .replace(", \"https://b.example\"", "")
+            .replace("allowed_origins", "allow_missing_origin = false\nallowed_origins"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(close_code(&mut no_origin).await, (1008, "access revoked".into()));
+    assert_eq!(roundtrip(&mut from_a, "still").await, "still");
+}
+
+#[tokio::test]
+async fn a_reload_that_turns_on_auth_closes_anonymous_sessions_on_that_route() {
+    let up = upstream(Behaviour::Echo).await;
+    let rest = format!(
+        "{}{}",
+        route("open", "/open", &up.url(), "none"),
+        route("other", "/other", &up.url(), "none")
+    );
+    let gw = Gw::start("", &rest).await;
+    let text = config_text(gw.dir.path(), "", &rest);
+    let mut anonymous = connect_with(&gw, "/open", None, &[]).await;
+    let mut elsewhere = connect_with(&gw, "/other", None, &[]).await;
+    assert_eq!(roundtrip(&mut anonymous, "before").await, "before");
+    gw.reload(&text.replacen("auth = \"none\"", "auth = \"jwt\"", 1)).await.unwrap();
+    assert_eq!(close_code(&mut anonymous).await, (1008, "access revoked".into()));
+    assert_eq!(roundtrip(&mut elsewhere, "after").await, "after");
+    // A client with a token is admitted on the route now, and stays through a reload.
+    let mut with_token = connect_with(&gw, "/open", Some(gw.token("a")), &[]).await;
+    gw.reload(&text.replacen("auth = \"none\"", "auth = \"jwt\"", 1)).await.unwrap();
+    assert_eq!(roundtrip(&mut with_token, "kept").await, "kept");
+}

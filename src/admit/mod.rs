@@ -47,6 +47,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
+use request::Checked;
 use std::{
     net::IpAddr,
     sync::{Arc, Mutex},
@@ -94,6 +95,8 @@ pub(crate) struct Admitted {
     cert: Option<Arc<ClientCert>>,
     pending: Option<first_message::Pending>,
     holds: Holds,
+    /// The client's `Origin`, checked again when the route's policy changes.
+    origin: Option<http::HeaderValue>,
 }
 
 /// What an admitted client holds for its session, given back when dropped.
@@ -113,6 +116,8 @@ pub(crate) struct Session {
     pub(crate) principal: Option<Box<Principal>>,
     /// The certificate of a client on a route that does not authenticate with it.
     cert: Option<Arc<ClientCert>>,
+    /// The client's `Origin`, checked again when the route's policy changes.
+    pub(super) origin: Option<http::HeaderValue>,
     _holds: Holds,
 }
 
@@ -200,12 +205,8 @@ impl Admission {
             Outcome::Deferred => {
                 let pending = first_message::Pending::new(req.headers().clone(), &checked, self.peer_ip);
                 let resp = upgrade::switching_protocols(&checked.upgrade, None);
-                let holds = Holds {
-                    _ip_slot: checked.ip_slot,
-                    _ip_lease: ip_lease,
-                    user: None,
-                };
-                return Ok((resp, self.admitted(req, checked.route_index, None, None, Some(pending), holds)));
+                let admitted = self.admitted(req, checked, ip_lease, (None, None), Some(pending), None);
+                return Ok((resp, admitted));
             }
         };
         let user = authorize(&self.gw, &self.rt.config, principal.as_ref()).await?;
@@ -220,34 +221,34 @@ impl Admission {
         );
         let connected = upstream::connect(&self.gw, &self.rt, checked.route_index, &facts).await?;
         let resp = upgrade::switching_protocols(&checked.upgrade, connected.protocol.clone());
-        let holds = Holds {
-            _ip_slot: checked.ip_slot,
-            _ip_lease: ip_lease,
-            user,
-        };
-        Ok((
-            resp,
-            self.admitted(req, checked.route_index, Some(connected), principal, None, holds),
-        ))
+        let admitted = self.admitted(req, checked, ip_lease, (Some(connected), principal), None, user);
+        Ok((resp, admitted))
     }
 
+    /// The admitted client: what the checks held for it (`checked`, the shared per-IP
+    /// lease, the user's place) and what it is admitted with.
     fn admitted(
         &self,
         req: &mut Request<Incoming>,
-        route_index: usize,
-        upstream: Option<Connected>,
-        principal: Option<Principal>,
+        checked: Checked,
+        ip_lease: Option<crate::cluster::Lease>,
+        (upstream, principal): (Option<Connected>, Option<Principal>),
         pending: Option<first_message::Pending>,
-        holds: Holds,
+        user: Option<UserHold>,
     ) -> Admitted {
         Admitted {
-            route_index,
+            route_index: checked.route_index,
             upstream,
             on_upgrade: Some(hyper::upgrade::on(req)),
             principal,
             cert: self.cert().cloned(),
             pending,
-            holds,
+            holds: Holds {
+                _ip_slot: checked.ip_slot,
+                _ip_lease: ip_lease,
+                user,
+            },
+            origin: checked.origin,
         }
     }
 }
@@ -267,6 +268,7 @@ impl Admitted {
             cert,
             pending,
             mut holds,
+            origin,
             ..
         } = self;
         let (upstream, principal) = match (upstream, pending) {
@@ -283,6 +285,7 @@ impl Admitted {
             upstream,
             principal: principal.map(|p| Box::new(p.for_session())),
             cert,
+            origin,
             _holds: holds,
         })
     }

@@ -18,6 +18,8 @@ pub(super) struct Checked {
     pub(super) client_ip: IpAddr,
     pub(super) upgrade: Upgrade,
     pub(super) ip_slot: Option<IpSlot>,
+    /// The client's `Origin` (one at most: checked), for the live re-checks.
+    pub(super) origin: Option<http::HeaderValue>,
 }
 
 impl Admission {
@@ -57,6 +59,7 @@ impl Admission {
             client_ip,
             upgrade,
             ip_slot,
+            origin: req.headers().get(http::header::ORIGIN).cloned(),
         })
     }
 }

@@ -1,6 +1,9 @@
 //! A live session's admission, re-checked whenever the configuration changes or an
-//! admin action arrives: the firewall and bans, revocations and kicks, and whether its
-//! principal still holds under the new config ([`crate::auth::Methods::recheck`]).
+//! admin action arrives, as a new client would be checked: the firewall and bans,
+//! revocations and kicks, its route's Origin policy, and whether its principal still
+//! passes the route's auth mode and claims under the new config
+//! ([`crate::auth::Methods::recheck`]). A session whose route was removed keeps going
+//! on its credential alone (nothing in the new config speaks for it or against it).
 
 use super::Session;
 use crate::auth::Principal;
@@ -21,6 +24,9 @@ pub(crate) struct SessionPolicy<'a> {
 
 /// What the session was admitted as.
 struct Admitted {
+    /// The route's name: its policy is looked up by it in each new config.
+    route: Box<str>,
+    origin: Option<http::HeaderValue>,
     client_ip: Option<IpAddr>,
     principal: Option<Principal>,
     /// The certificate of a client whose route does not authenticate with it.
@@ -36,6 +42,7 @@ impl Session {
     pub(crate) fn policy<'a>(
         &mut self,
         gw: &'a Gateway,
+        route: &str,
         admitted_under: CancellationToken,
         client_ip: Option<IpAddr>,
         started: std::time::Instant,
@@ -44,6 +51,8 @@ impl Session {
             gw,
             admitted_under: Mutex::new(Some(admitted_under)),
             admitted: Box::new(Admitted {
+                route: route.into(),
+                origin: self.origin.take(),
                 client_ip,
                 principal: self.principal.take().map(|p| *p),
                 cert: self.cert.take(),
@@ -66,19 +75,19 @@ impl crate::relay::Policy for SessionPolicy<'_> {
         if a.client_ip.is_some_and(|ip| !rt.firewall.allows(ip) || incidents.is_banned(ip)) {
             return Some(CloseReason::AccessRevoked);
         }
-        let Some(p) = &a.principal else {
-            // An anonymous session presenting a certificate: it must still verify.
-            return a
-                .cert
-                .as_ref()
-                .zip(rt.auth.client_certs())
-                .filter(|(c, v)| !c.still_trusted(v.as_ref()))
-                .map(|_| CloseReason::AccessRevoked);
-        };
-        if incidents.is_revoked(p.jti.as_deref()) || incidents.is_kicked(p.identity.as_deref(), a.started) {
+        let route = rt.config.routes.iter().find(|r| *r.name == *a.route);
+        if route.is_some_and(|r| crate::upgrade::origin_allowed(r, a.origin.as_ref()).is_err()) {
+            tracing::info!(route = %a.route, reason = "origin", "a live session no longer passes its route's policy");
             return Some(CloseReason::AccessRevoked);
         }
-        // Key rotation, a new CRL, a removed CA: the principal no longer holds.
-        rt.auth.recheck(p).err().map(|_| CloseReason::AccessRevoked)
+        if let Some(p) = &a.principal
+            && (incidents.is_revoked(p.jti.as_deref()) || incidents.is_kicked(p.identity.as_deref(), a.started))
+        {
+            return Some(CloseReason::AccessRevoked);
+        }
+        // Key rotation, a new CRL, a removed CA, a tightened auth mode or claims.
+        let failed = rt.auth.recheck(route, a.principal.as_ref(), a.cert.as_ref()).err()?;
+        tracing::info!(route = %a.route, reason = failed.label(), "a live session no longer passes its route's policy");
+        Some(CloseReason::AccessRevoked)
     }
 }

@@ -192,29 +192,58 @@ impl Methods {
         Ok(jwt::principal(id, cert.cloned(), route.auth.uses_cert()))
     }
 
-    /// Whether a live session's principal still holds under this (reloaded) config:
-    /// the token still verifies (key, issuer, audience, revocation list; expiry is
-    /// left to `close_on_expiry`), the certificate still verifies (CA kept, not
-    /// revoked), and the route's policy still grants it.
-    pub fn recheck(&self, principal: &Principal) -> Result<(), AuthFailure> {
-        if let Some(token) = &principal.credential.token {
-            match &self.jwt {
-                Some(v) if v.is_revoked(principal.jti.as_deref()) => return Err(AuthFailure::Revoked),
-                Some(v) => v.still_valid(token)?,
-                None => {}
-            }
-        }
-        // A certificate the new config would refuse (revoked by a new CRL, its CA
-        // removed) ends the session; without any client CA now, only sessions it
-        // authenticated end.
-        if let Some(cert) = &principal.credential.cert {
+    /// Whether a live session still passes under this (reloaded) config, as a new
+    /// client would on `route` (its route in the new config; `None`: the route is
+    /// gone, and only the credential is checked): the certificate presented still
+    /// verifies (CA kept, not revoked), the route's auth mode is still met, the token
+    /// still verifies (key, issuer, audience, revocation list; expiry is left to
+    /// `close_on_expiry`), is still bound to the certificate, and still has the claims
+    /// the route requires.
+    pub fn recheck(&self, route: Option<&Route>, principal: Option<&Principal>, cert: Option<&Arc<ClientCert>>) -> Result<(), AuthFailure> {
+        let cert = principal.and_then(|p| p.credential.cert.as_ref()).or(cert);
+        let needs_cert = route.is_some_and(|r| r.auth.uses_cert()) || principal.is_some_and(|p| p.credential.cert_authenticates);
+        // Without any client CA now, only sessions that need the certificate end.
+        if let Some(c) = cert {
             match &self.client_certs {
-                Some(v) if !cert.still_trusted(v.as_ref()) => return Err(AuthFailure::CertBinding),
-                None if principal.credential.cert_authenticates => return Err(AuthFailure::CertBinding),
+                Some(v) if !c.still_trusted(v.as_ref()) => return Err(AuthFailure::CertBinding),
+                None if needs_cert => return Err(AuthFailure::CertBinding),
                 _ => {}
             }
         }
-        Ok(())
+        let token = principal.and_then(|p| p.credential.token.as_deref());
+        let jti = principal.and_then(|p| p.jti.as_deref());
+        let Some(route) = route else {
+            return match (token, &self.jwt) {
+                (Some(_), Some(v)) if v.is_revoked(jti) => Err(AuthFailure::Revoked),
+                (Some(t), Some(v)) => v.still_valid(t),
+                _ => Ok(()),
+            };
+        };
+        if route.auth.uses_cert() && cert.and_then(|c| c.identity()).is_none() {
+            return Err(AuthFailure::CertBinding);
+        }
+        if !route.auth.uses_jwt() {
+            return Ok(());
+        }
+        let (Some(token), Some(v)) = (token, &self.jwt) else {
+            return Err(AuthFailure::Missing);
+        };
+        if v.is_revoked(jti) {
+            return Err(AuthFailure::Revoked);
+        }
+        match v.verify_now(token) {
+            Ok(id) => {
+                check_binding(&id.claims, cert.map(Arc::as_ref))?;
+                if claims_grant(&route.require_claims, &id.claims) {
+                    Ok(())
+                } else {
+                    Err(AuthFailure::Forbidden)
+                }
+            }
+            // Expiry is `close_on_expiry`'s to act on (and its leeway).
+            Err(AuthFailure::Expired) => Ok(()),
+            Err(f) => Err(f),
+        }
     }
 }
 
