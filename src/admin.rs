@@ -66,6 +66,11 @@ fn answer(gw: &Gateway, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             "text/plain",
             "no reachable upstream for a route\n".to_string(),
         ),
+        (&Method::GET, "/readyz") if !gw.has_cluster_state() => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "cluster state not loaded yet (no Redis sync, no state file)\n".to_string(),
+        ),
         (&Method::GET, "/readyz") => (StatusCode::OK, "text/plain", "ready\n".to_string()),
         (&Method::GET, _) => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_string()),
         _ => (StatusCode::METHOD_NOT_ALLOWED, "text/plain", "method not allowed\n".to_string()),

@@ -192,14 +192,18 @@ fn revoke(gw: &Gateway, body: &[u8]) -> Taken {
     if let Err(a) = name(&r.jti, "jti") {
         return (a, None);
     }
-    if gw.incidents.revoke(&r.jti, r.exp) == Err(Refusal::Full) {
+    // A verifier accepts the token until its `exp` plus the leeway: the revocation lasts
+    // that long, here and on every instance, whatever `exp` was sent.
+    let leeway = gw.runtime().config.jwt.leeway.as_secs();
+    let until = r.exp.map(|e| e.saturating_add(leeway));
+    if gw.incidents.revoke(&r.jti, until) == Err(Refusal::Full) {
         return (full(), None);
     }
     gw.recheck_sessions();
     tracing::warn!(action = "revoke", jti = %escape(&r.jti, LOGGED_TARGET), exp = ?r.exp, "admin: token revoked");
     // Bounded like a ban: Redis keeps scores as doubles, and the entry must expire.
     let now = crate::cluster::unix_now();
-    let exp = r.exp.unwrap_or(now + REVOCATION_WITHOUT_EXP.as_secs()).min(now + MAX_BAN.as_secs());
+    let exp = until.unwrap_or(now + REVOCATION_WITHOUT_EXP.as_secs()).min(now + MAX_BAN.as_secs());
     let event = Event::Revoke { jti: r.jti.clone(), exp };
     ((StatusCode::OK, json!({ "revoked": r.jti, "exp": r.exp })), Some(event))
 }

@@ -19,6 +19,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
+    time::Duration,
 };
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -214,6 +215,12 @@ impl crate::cluster::Host for Gateway {
     fn ip_counts(&self) -> Vec<(String, u32)> {
         self.per_ip().open_counts().into_iter().map(|(k, n)| (k.label(), n)).collect()
     }
+    fn auth_ban(&self, key: &str, left: Duration) -> bool {
+        crate::limits::IpKey::parse(key).is_some_and(|k| self.per_ip().ban_key(k, left))
+    }
+    fn auth_bans(&self) -> Vec<(String, Duration)> {
+        self.per_ip().auth_bans().into_iter().map(|(k, d)| (k.label(), d)).collect()
+    }
 }
 
 impl Gateway {
@@ -297,7 +304,11 @@ impl Gateway {
         {
             notes.push("[log] changed: takes effect after a restart".to_string());
         }
-        let cluster_key = |c: &Config| c.cluster.as_ref().map(|c| (c.redis.value.clone(), c.key_prefix.clone(), c.timeout));
+        let cluster_key = |c: &Config| {
+            c.cluster
+                .as_ref()
+                .map(|c| (c.redis.clone(), c.key_prefix.clone(), c.timeout, c.state_file.clone()))
+        };
         if cluster_key(&new.config) != cluster_key(&old.config) {
             notes.push("[cluster] changed: takes effect after a restart".to_string());
         }
@@ -343,6 +354,12 @@ impl Gateway {
     /// Ready to serve: not draining, and every route has an upstream not in back-off.
     pub fn is_ready(&self) -> bool {
         !self.is_draining() && self.runtime().health.iter().all(|route| route.iter().any(|h| !h.is_down()))
+    }
+
+    /// Cluster mode: whether the local copy holds the cluster's bans and revocations (a
+    /// Redis sync, or the state file); until then `/readyz` answers 503.
+    pub fn has_cluster_state(&self) -> bool {
+        self.cluster.as_ref().is_none_or(|c| c.has_state())
     }
 
     pub fn is_draining(&self) -> bool {
@@ -411,7 +428,15 @@ impl Gateway {
         let route = who.route.unwrap_or("-");
         let peer = who.peer;
         if let Reject::Auth(failure) = reject {
-            self.per_ip().auth_failed(peer);
+            if let (Some((key, ban)), Some(cluster)) = (self.per_ip().auth_failed(peer), &self.cluster) {
+                // Shared: the address is refused on every instance, not only here.
+                let event = crate::cluster::Event::AuthBan {
+                    key: key.label(),
+                    until: crate::cluster::unix_now() + ban.as_secs(),
+                };
+                let (cluster, metrics) = (cluster.clone(), self.metrics.clone());
+                tokio::spawn(async move { cluster.publish(event, &metrics).await });
+            }
             self.metrics.auth_failure(route, failure.label());
             let token = who.token_fingerprint.unwrap_or("-");
             tracing::warn!(%peer, route, reason = failure.label(), token, "authentication failed");

@@ -163,6 +163,24 @@ impl Incidents {
         lock(&self.revoked).remove(jti).is_some()
     }
 
+    /// The ranges banned now, with the time each ban has left (the state file).
+    pub fn ban_entries(&self) -> Vec<(IpNet, Duration)> {
+        let now = Instant::now();
+        lock(&self.bans)
+            .iter()
+            .filter_map(|(net, until)| Some((*net, until.checked_duration_since(now).filter(|d| !d.is_zero())?)))
+            .collect()
+    }
+
+    /// The token ids revoked now, with the time each revocation has left.
+    pub fn revoked_entries(&self) -> Vec<(String, Duration)> {
+        let now = Instant::now();
+        lock(&self.revoked)
+            .iter()
+            .filter_map(|(jti, until)| Some((jti.clone(), until.checked_duration_since(now).filter(|d| !d.is_zero())?)))
+            .collect()
+    }
+
     /// The ranges banned now.
     pub fn ban_list(&self) -> Vec<IpNet> {
         let now = Instant::now();

@@ -54,6 +54,16 @@ impl IpKey {
         }
     }
 
+    /// A key from its [`IpKey::label`] (from another instance or the state file).
+    pub fn parse(label: &str) -> Option<IpKey> {
+        let (family, hex) = label.split_once(':')?;
+        match family {
+            "4" if hex.len() == 8 => u32::from_str_radix(hex, 16).ok().map(IpKey::V4),
+            "6" if hex.len() == 32 => u128::from_str_radix(hex, 16).ok().map(IpKey::V6),
+            _ => None,
+        }
+    }
+
     pub fn new(ip: IpAddr, ipv6_prefix: u8) -> IpKey {
         match ip.to_canonical() {
             IpAddr::V4(a) => IpKey::V4(u32::from(a)),
@@ -289,11 +299,13 @@ impl PerIp {
         until.checked_duration_since(Instant::now()).filter(|d| !d.is_zero())
     }
 
-    /// Count an auth failure; bans the IP once `auth_failures_per_ip` failures fall in one window.
-    pub fn auth_failed(&self, ip: IpAddr) {
+    /// Count an auth failure; bans the IP once `auth_failures_per_ip` failures fall in
+    /// one window. Returns the key and the ban's length when this failure starts a ban
+    /// (cluster mode shares it).
+    pub fn auth_failed(&self, ip: IpAddr) -> Option<(IpKey, Duration)> {
         let s = &self.settings;
         if s.auth_failures_per_ip == 0 {
-            return;
+            return None;
         }
         let key = self.key(ip);
         let now = Instant::now();
@@ -301,7 +313,7 @@ impl PerIp {
         if failures.len() >= MAX_TRACKED_KEYS && !failures.contains_key(&key) {
             prune_failures(&mut failures, s, now);
             if failures.len() >= MAX_TRACKED_KEYS {
-                return; // full of live entries: still refused with 401, just not tracked
+                return None; // full of live entries: still refused with 401, just not tracked
             }
         }
         let f = failures.entry(key).or_insert(Failures {
@@ -318,7 +330,43 @@ impl PerIp {
             f.banned_until = Some(now + s.auth_ban);
             f.count = 0;
             f.window_start = now;
+            return Some((key, s.auth_ban));
         }
+        None
+    }
+
+    /// Ban `key` for auth failures for `left` (a ban another instance or the state file
+    /// knows of); whether it was not banned that long already. Bounded like the failures
+    /// themselves.
+    pub fn ban_key(&self, key: IpKey, left: Duration) -> bool {
+        let now = Instant::now();
+        let until = now + left.min(Duration::from_secs(365 * 24 * 3600));
+        let mut failures = lock(&self.failures);
+        if failures.len() >= MAX_TRACKED_KEYS && !failures.contains_key(&key) {
+            prune_failures(&mut failures, &self.settings, now);
+            if failures.len() >= MAX_TRACKED_KEYS {
+                return false;
+            }
+        }
+        let f = failures.entry(key).or_insert(Failures {
+            count: 0,
+            window_start: now,
+            banned_until: None,
+        });
+        if f.banned_until.is_some_and(|u| u >= until) {
+            return false;
+        }
+        f.banned_until = Some(until);
+        true
+    }
+
+    /// The keys banned for auth failures now, with the time left.
+    pub fn auth_bans(&self) -> Vec<(IpKey, Duration)> {
+        let now = Instant::now();
+        lock(&self.failures)
+            .iter()
+            .filter_map(|(k, f)| Some((*k, f.banned_until?.checked_duration_since(now).filter(|d| !d.is_zero())?)))
+            .collect()
     }
 
     /// Drop state that no longer matters. Called on a timer.

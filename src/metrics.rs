@@ -28,6 +28,7 @@ pub const LIMITER_EVICTIONS: &str = "wsgate_limiter_evictions_total";
 pub const ADMIN_REQUESTS: &str = "wsgate_admin_requests_total";
 pub const CLUSTER_UP: &str = "wsgate_cluster_up";
 pub const CLUSTER_OPS: &str = "wsgate_cluster_ops_total";
+pub const CLUSTER_OP_DURATION: &str = "wsgate_cluster_op_duration_seconds";
 pub const CLUSTER_MODE: &str = "wsgate_cluster_mode";
 pub const MESSAGES_REJECTED: &str = "wsgate_messages_rejected_total";
 pub const TLS_CERT_EXPIRY: &str = "wsgate_tls_certificate_expiry_timestamp_seconds";
@@ -66,7 +67,11 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     ),
     (
         CLUSTER_OPS,
-        "Cluster mode Redis operations, by op (ban, revoke, sync) and result (ok, error, timeout).",
+        "Cluster mode Redis operations, by op (admit, release, ban, revoke, sync, heartbeat, probe) and result (ok, error, timeout).",
+    ),
+    (
+        CLUSTER_OP_DURATION,
+        "Time of each cluster mode Redis operation, by op (the connect path's admits included).",
     ),
     (
         TLS_CERT_EXPIRY,
@@ -249,8 +254,10 @@ impl Metrics {
         }
     }
 
-    pub fn cluster_op(&self, op: &'static str, result: &'static str) {
+    /// One Redis call of cluster mode: counted by result, its time observed by op.
+    pub fn cluster_op(&self, op: &'static str, result: &'static str, took: std::time::Duration) {
         self.counter(CLUSTER_OPS, &[("op", op), ("result", result)]).increment(1);
+        self.histogram(CLUSTER_OP_DURATION, &[("op", op)]).record(took.as_secs_f64());
     }
 
     /// One admin API request: `action` and `result` are from fixed sets.

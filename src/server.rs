@@ -79,6 +79,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let stop = CancellationToken::new();
     if let Some(c) = cluster {
         gateway.metrics.cluster_up(false);
+        c.load_state(gateway.as_ref());
         tokio::spawn(c.run(gateway.clone(), stop.clone()));
     }
     if let Some(acme) = acme {

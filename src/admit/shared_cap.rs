@@ -27,8 +27,9 @@ pub(super) struct SharedCap<'a> {
 impl SharedCap<'_> {
     /// Run `op`, the cap's Redis call (`Ok(Ok)`: a place taken; `Ok(Err)`: refused).
     /// When Redis does not answer, `on_failure` decides: `local` runs `local_share`
-    /// (this instance alone holds its share of the cap), `open` admits on the local
-    /// limits, `closed` refuses with 503.
+    /// (this instance alone holds its share of the cap; while the number of instances
+    /// is not known, no sync and no state file yet, it refuses with 503 rather than
+    /// grant the whole cap), `open` admits on the local limits, `closed` refuses with 503.
     pub(super) async fn hold(
         &self,
         op: impl Future<Output = Result<Result<Lease, Reject>, Unanswered>>,
@@ -91,10 +92,13 @@ pub(super) async fn hold_ip(gw: &Gateway, config: &Config, ip: IpAddr, started: 
     // Alone, this instance holds its share of the cap (this connection counted) and of
     // the rate (a connection costs as many cells as there are instances).
     let share = |c: &Cluster| {
-        if gw.per_ip().open_count(ip) > c.local_share(a.max_connections_per_ip) {
+        let (Some(share), Some(live)) = (c.local_share(a.max_connections_per_ip), c.live_instances()) else {
+            return Err(Reject::GlobalConnLimit); // how many share the cap is not known yet
+        };
+        if gw.per_ip().open_count(ip) > share {
             return Err(Reject::IpConnLimit);
         }
-        if !gw.per_ip().charge_more(ip, c.live_instances() - 1) {
+        if !gw.per_ip().charge_more(ip, live - 1) {
             return Err(Reject::RateLimited);
         }
         Ok(())
@@ -116,11 +120,10 @@ pub(super) async fn hold_user(gw: &Gateway, config: &Config, sub: &str) -> Resul
                 Ok(answer.ok_or(Reject::UserConnLimit))
             };
             // Alone, this instance holds its share of the cap (this session counted).
-            let share = |c: &Cluster| {
-                if gw.users.count(&key) > c.local_share(max) {
-                    return Err(Reject::UserConnLimit);
-                }
-                Ok(())
+            let share = |c: &Cluster| match c.local_share(max) {
+                Some(share) if gw.users.count(&key) > share => Err(Reject::UserConnLimit),
+                Some(_) => Ok(()),
+                None => Err(Reject::GlobalConnLimit), // how many share the cap is not known yet
             };
             SharedCap { cluster }.hold(op, share).await?
         }

@@ -1,9 +1,19 @@
-//! The one multiplexed Redis connection, whether Redis is up, and the breaker that stops
-//! calling it on the connect path after failures in a row.
+//! Reaching Redis: one server, the master a set of Sentinels names (followed across a
+//! failover), or a Redis Cluster; the one shared connection, whether Redis is up, and
+//! the breaker that stops calling it on the connect path after failures in a row.
+//!
+//! The breaker: [`BREAK_AFTER`] connect-path failures in a row open it, and from then
+//! on handshakes use the `on_failure` fallback at once, waiting for nothing. While it
+//! is open, one probe (a `PING` under `cluster.timeout`, every [`BREAK_FOR`]) runs in
+//! the background; the first that answers closes it, so an instance returns to
+//! `shared` within about a second of Redis answering again, busy or idle.
 
 use super::Cluster;
+use crate::config::{ConfigError, RedisServers};
 use crate::metrics::Metrics;
+use redis::IntoConnectionInfo;
 use std::{sync::atomic::Ordering, time::Duration};
+use tokio::time::Instant;
 
 /// Budget of an admin action's Redis write (the connect path's `timeout` is for calls a
 /// client waits on; an operator's action may take longer).
@@ -12,44 +22,201 @@ pub(super) const ACTION_TIMEOUT: Duration = Duration::from_secs(1);
 pub(super) const RETRY: Duration = Duration::from_secs(1);
 /// Connect-path calls that fail in a row before the breaker opens.
 const BREAK_AFTER: u32 = 3;
-/// How long an open breaker skips Redis on the connect path before trying again.
-const BREAK_FOR: Duration = Duration::from_secs(1);
+/// How often the open breaker's probe asks Redis.
+pub(super) const BREAK_FOR: Duration = Duration::from_secs(1);
+
+/// Where Redis is, as built from `[cluster]`.
+pub(super) enum Servers {
+    One(redis::Client),
+    /// Asked for the current master at each (re)connect.
+    Sentinel(tokio::sync::Mutex<redis::sentinel::SentinelClient>),
+    /// Commands go through the cluster client (routed by key slot); pub/sub through a
+    /// plain connection to one seed (a Redis Cluster delivers `PUBLISH` to every node).
+    Cluster {
+        client: redis::cluster::ClusterClient,
+        seeds: Vec<redis::Client>,
+    },
+}
+
+/// A connection to whichever kind of Redis is configured.
+#[derive(Clone)]
+pub(super) enum Conn {
+    One(redis::aio::MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::One(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::One(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::One(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+impl Servers {
+    /// The clients for `c` (password and CA read now; nothing connects yet). Also the
+    /// database the keys live in (pub/sub channels are global to a server).
+    pub(super) fn new(c: &crate::config::Cluster, origin: &str) -> Result<(Servers, i64), ConfigError> {
+        let first = c.redis.urls()[0];
+        let password = match &c.password {
+            Some(source) => {
+                let secret = crate::keys::load_secret(source, origin, false)?;
+                let text = std::str::from_utf8(secret.bytes()).map_err(|_| first.error(origin, "the Redis password is not UTF-8 text"))?;
+                Some(text.to_string())
+            }
+            None => None,
+        };
+        let certs = match &c.ca {
+            Some(ca) => {
+                let pem = crate::fsutil::read_limited(&ca.value, crate::fsutil::MAX_KEY_FILE)
+                    .map_err(|e| ca.error(origin, format!("cannot read {}: {e}", ca.value.display())))?;
+                Some(pem)
+            }
+            None => None,
+        };
+        let tls = |pem: &Vec<u8>| redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem.clone()),
+        };
+        let client = |url: &crate::config::Located<String>| -> Result<redis::Client, ConfigError> {
+            let mut info = url
+                .value
+                .as_str()
+                .into_connection_info()
+                .map_err(|_| url.error(origin, "not a usable Redis URL"))?;
+            if let Some(p) = &password {
+                let settings = info.redis_settings().clone().set_password(p.clone());
+                info = info.set_redis_settings(settings);
+            }
+            match &certs {
+                None => redis::Client::open(info),
+                Some(pem) => redis::Client::build_with_tls(info, tls(pem)),
+            }
+            .map_err(|_| url.error(origin, "not a usable Redis URL (or CA file)"))
+        };
+        match &c.redis {
+            RedisServers::One(url) => {
+                let client = client(url)?;
+                let db = client.get_connection_info().redis_settings().db();
+                Ok((Servers::One(client), db))
+            }
+            RedisServers::Sentinel { sentinels, master } => {
+                let mut addrs = Vec::new();
+                for url in sentinels {
+                    let info = url
+                        .value
+                        .as_str()
+                        .into_connection_info()
+                        .map_err(|_| url.error(origin, "not a usable Redis URL"))?;
+                    addrs.push(info.addr().clone());
+                }
+                let db = first
+                    .value
+                    .as_str()
+                    .into_connection_info()
+                    .map(|i| i.redis_settings().db())
+                    .unwrap_or(0);
+                let mut b = redis::sentinel::SentinelClientBuilder::new(addrs, master, redis::sentinel::SentinelServerType::Master)
+                    .map_err(|_| first.error(origin, "not usable Sentinel addresses"))?
+                    .set_client_to_redis_db(db);
+                if let Some(p) = &password {
+                    // Sentinels and the servers they watch share the password.
+                    b = b.set_client_to_redis_password(p).set_client_to_sentinel_password(p);
+                }
+                if let Some(pem) = &certs {
+                    b = b
+                        .set_client_to_redis_tls_mode(redis::TlsMode::Secure)
+                        .set_client_to_sentinel_tls_mode(redis::TlsMode::Secure)
+                        .set_client_to_redis_certificates(tls(pem))
+                        .set_client_to_sentinel_certificates(tls(pem));
+                }
+                let sentinel = b.build().map_err(|_| first.error(origin, "not usable Sentinel settings"))?;
+                Ok((Servers::Sentinel(tokio::sync::Mutex::new(sentinel)), db))
+            }
+            RedisServers::Cluster(seeds) => {
+                let mut b = redis::cluster::ClusterClientBuilder::new(seeds.iter().map(|u| u.value.as_str()))
+                    .connection_timeout(ACTION_TIMEOUT)
+                    .response_timeout(ACTION_TIMEOUT)
+                    .retries(2);
+                if let Some(p) = &password {
+                    b = b.password(p.clone());
+                }
+                if let Some(pem) = &certs {
+                    b = b.certs(tls(pem));
+                }
+                let cluster = b.build().map_err(|_| first.error(origin, "not usable Redis Cluster seed URLs"))?;
+                let seeds = seeds.iter().map(client).collect::<Result<_, _>>()?;
+                Ok((Servers::Cluster { client: cluster, seeds }, 0))
+            }
+        }
+    }
+
+    /// A plain client for the master (Sentinel: asked now) or, for a Redis Cluster, each
+    /// seed in turn.
+    async fn plain_clients(&self) -> redis::RedisResult<Vec<redis::Client>> {
+        match self {
+            Servers::One(c) => Ok(vec![c.clone()]),
+            Servers::Sentinel(s) => {
+                let mut s = s.lock().await;
+                let ask = s.async_get_client();
+                match tokio::time::timeout(ACTION_TIMEOUT, ask).await {
+                    Ok(r) => Ok(vec![r?]),
+                    Err(_) => Err(super::timeout_error()),
+                }
+            }
+            Servers::Cluster { seeds, .. } => Ok(seeds.clone()),
+        }
+    }
+}
 
 impl Cluster {
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
     }
 
-    /// A shared cap as this instance enforces it alone while Redis fails (`local`): its
-    /// share, the cap divided by the live instances last seen (at least 1).
-    pub fn local_share(&self, cap: u32) -> u32 {
-        (cap / self.live.load(Ordering::Relaxed).max(1)).max(1)
-    }
-
-    /// Instances alive as last seen (at least 1).
-    pub fn live_instances(&self) -> u32 {
-        self.live.load(Ordering::Relaxed).max(1)
-    }
-
-    /// Whether the breaker skips Redis on the connect path now.
+    /// Whether the breaker is open: connect-path calls get the fallback at once.
     pub(super) fn broken(&self) -> bool {
-        crate::util::lock(&self.broken_until).is_some_and(|t| std::time::Instant::now() < t)
+        self.failures.load(Ordering::Relaxed) >= BREAK_AFTER
     }
 
-    /// A connect-path call failed: after [`BREAK_AFTER`] in a row, skip Redis for
-    /// [`BREAK_FOR`] and run in the `on_failure` mode.
+    /// A connect-path call failed: after [`BREAK_AFTER`] in a row the breaker opens and
+    /// the `on_failure` mode is in force until a probe or a sync gets an answer.
     pub(super) fn call_failed(&self, metrics: &Metrics) {
-        if self.failures.fetch_add(1, Ordering::Relaxed) + 1 >= BREAK_AFTER {
-            *crate::util::lock(&self.broken_until) = Some(std::time::Instant::now() + BREAK_FOR);
+        if self.failures.fetch_add(1, Ordering::Relaxed) + 1 == BREAK_AFTER {
+            tracing::warn!(
+                mode = self.on_failure.label(),
+                "cluster: Redis does not answer on the connect path; the breaker is open"
+            );
             metrics.cluster_mode(self.on_failure.label());
             metrics.cluster_up(false); // Redis does not answer within `timeout`
         }
     }
 
+    /// Redis answered: the breaker closes.
     pub(super) fn call_ok(&self, metrics: &Metrics) {
         if self.failures.swap(0, Ordering::Relaxed) >= BREAK_AFTER {
-            *crate::util::lock(&self.broken_until) = None;
-            metrics.cluster_mode("shared");
+            tracing::info!("cluster: Redis answers again; the breaker is closed");
+            metrics.cluster_mode(if self.is_up() { "shared" } else { self.on_failure.label() });
             metrics.cluster_up(self.is_up());
         }
     }
@@ -62,11 +229,13 @@ impl Cluster {
                 tracing::warn!("cluster: Redis unreachable; bans and revocations work from the local copy");
             }
         }
-        metrics.cluster_up(up);
+        metrics.cluster_up(up && !self.broken());
         metrics.cluster_mode(if up && !self.broken() { "shared" } else { self.on_failure.label() });
     }
 
-    pub(super) async fn connection(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+    /// The shared connection, made on first use (and after [`Cluster::forget_connection`]):
+    /// with Sentinel, to the master the Sentinels name now.
+    pub(super) async fn connection(&self) -> redis::RedisResult<Conn> {
         let mut cached = self.conn.lock().await;
         if let Some(c) = cached.as_ref() {
             return Ok(c.clone());
@@ -74,7 +243,19 @@ impl Cluster {
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(ACTION_TIMEOUT))
             .set_response_timeout(Some(ACTION_TIMEOUT));
-        let c = self.client.get_multiplexed_async_connection_with_config(&config).await?;
+        let c = match &self.servers {
+            Servers::Cluster { client, .. } => {
+                let connect = client.get_async_connection();
+                match tokio::time::timeout(ACTION_TIMEOUT * 2, connect).await {
+                    Ok(c) => Conn::Cluster(c?),
+                    Err(_) => return Err(super::timeout_error()),
+                }
+            }
+            servers => {
+                let client = servers.plain_clients().await?.remove(0);
+                Conn::One(client.get_multiplexed_async_connection_with_config(&config).await?)
+            }
+        };
         *cached = Some(c.clone());
         Ok(c)
     }
@@ -83,9 +264,44 @@ impl Cluster {
         *self.conn.lock().await = None;
     }
 
-    /// Count a connect-path call and feed the breaker.
-    pub(super) fn record(&self, failure: Option<&'static str>, metrics: &Metrics) {
-        metrics.cluster_op("admit", failure.unwrap_or("ok"));
+    /// A subscriber connection: to the master (Sentinel: as named now), or to the first
+    /// Redis Cluster seed that answers.
+    pub(super) async fn pubsub(&self) -> redis::RedisResult<redis::aio::PubSub> {
+        let mut last = super::timeout_error();
+        for client in self.servers.plain_clients().await? {
+            match tokio::time::timeout(ACTION_TIMEOUT, client.get_async_pubsub()).await {
+                Ok(Ok(p)) => return Ok(p),
+                Ok(Err(e)) => last = e,
+                Err(_) => last = super::timeout_error(),
+            }
+        }
+        Err(last)
+    }
+
+    /// The open breaker's probe: one `PING` under `cluster.timeout`; an answer closes it.
+    pub(super) async fn probe(&self, metrics: &Metrics) {
+        if !self.broken() {
+            return;
+        }
+        let started = Instant::now();
+        let ping = async {
+            let mut con = self.connection().await?;
+            redis::cmd("PING").query_async::<String>(&mut con).await
+        };
+        let result = match tokio::time::timeout(self.timeout, ping).await {
+            Ok(Ok(_)) => "ok",
+            Ok(Err(_)) => "error",
+            Err(_) => "timeout",
+        };
+        metrics.cluster_op("probe", result, started.elapsed());
+        if result == "ok" {
+            self.call_ok(metrics);
+        }
+    }
+
+    /// Count a connect-path call (`started` when it began) and feed the breaker.
+    pub(super) fn record(&self, failure: Option<&'static str>, started: Instant, metrics: &Metrics) {
+        metrics.cluster_op("admit", failure.unwrap_or("ok"), started.elapsed());
         match failure {
             None => self.call_ok(metrics),
             Some(_) => self.call_failed(metrics),

@@ -1,7 +1,7 @@
 //! Admin actions across instances: written to Redis and announced on the channel,
 //! followed and applied from the other instances, and repaired by a periodic resync.
 
-use super::connection::{ACTION_TIMEOUT, RETRY};
+use super::connection::{ACTION_TIMEOUT, BREAK_FOR, RETRY};
 use super::{Cluster, Host, RESYNC, timeout_error, unix_now, unix_secs, until_from_now};
 use crate::incidents::{MAX_BANS, MAX_REVOCATIONS, canonical};
 use crate::metrics::Metrics;
@@ -25,10 +25,27 @@ const LOGGED_EVENTS: u32 = 20;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Event {
-    Ban { cidr: String, until: u64 },
-    Unban { cidr: String },
-    Revoke { jti: String, exp: u64 },
-    Kick { sub: String },
+    Ban {
+        cidr: String,
+        until: u64,
+    },
+    Unban {
+        cidr: String,
+    },
+    /// `exp` is when the revocation may end: the token's `exp` plus the leeway any
+    /// verifier may still grant it.
+    Revoke {
+        jti: String,
+        exp: u64,
+    },
+    Kick {
+        sub: String,
+    },
+    /// An address (client key, [`crate::limits::IpKey::label`]) banned for auth failures.
+    AuthBan {
+        key: String,
+        until: u64,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -42,7 +59,7 @@ impl Event {
     /// The `op` label of `wsgate_cluster_ops_total`.
     fn op(&self) -> &'static str {
         match self {
-            Event::Ban { .. } | Event::Unban { .. } => "ban",
+            Event::Ban { .. } | Event::Unban { .. } | Event::AuthBan { .. } => "ban",
             // DESIGN section 7 counts a kick ("revoke by sub") with revocations.
             Event::Revoke { .. } | Event::Kick { .. } => "revoke",
         }
@@ -57,6 +74,7 @@ impl Cluster {
         // Pending while in flight too, so a resync meanwhile does not undo it here. A kick
         // is not kept: written later it would close sessions opened since.
         let keep = !matches!(event, Event::Kick { .. });
+        self.state_changed();
         if keep {
             let mut pending = crate::util::lock(&self.pending);
             if pending.len() >= MAX_PENDING {
@@ -110,17 +128,21 @@ impl Cluster {
                 Event::Revoke { jti, exp } => {
                     pipe.zadd(&self.revoked, jti, *exp).ignore();
                 }
+                Event::AuthBan { key, until } => {
+                    pipe.zadd(&self.auth_bans, key, *until).ignore();
+                }
                 Event::Kick { .. } => {}
             }
             pipe.publish(&self.channel, payload).ignore();
             pipe.query_async::<()>(&mut con).await
         };
+        let started = tokio::time::Instant::now();
         let result = match tokio::time::timeout(ACTION_TIMEOUT, write).await {
             Ok(Ok(())) => "ok",
             Ok(Err(_)) => "error",
             Err(_) => "timeout",
         };
-        metrics.cluster_op(op, result);
+        metrics.cluster_op(op, result, started.elapsed());
         if result != "ok" {
             self.forget_connection().await;
             tracing::warn!(
@@ -134,6 +156,8 @@ impl Cluster {
 
     /// Follow the channel and resync until `stop`; reconnects after failures.
     pub async fn run(self: Arc<Self>, gw: Arc<dyn Host>, stop: CancellationToken) {
+        let _ = self.metrics.set(gw.metrics().clone());
+        tokio::spawn(self.clone().keep_state_written(gw.clone(), stop.clone()));
         let mut first_failure = true;
         loop {
             let outcome = tokio::select! {
@@ -160,24 +184,26 @@ impl Cluster {
 
     /// One connected period: subscribe, resync, then apply events and resync on a timer.
     async fn follow(&self, gw: &dyn Host) -> redis::RedisResult<()> {
-        let mut pubsub = match tokio::time::timeout(ACTION_TIMEOUT, self.client.get_async_pubsub()).await {
-            Ok(r) => r?,
-            Err(_) => return Err(timeout_error()),
-        };
+        let mut pubsub = self.pubsub().await?;
         match tokio::time::timeout(ACTION_TIMEOUT, pubsub.subscribe(&self.channel)).await {
             Ok(r) => r?,
             Err(_) => return Err(timeout_error()),
         }
         self.replay(gw.metrics()).await?;
         self.resync(gw).await?;
-        self.heartbeat(&gw.user_counts(), &gw.ip_counts()).await?;
+        self.heartbeat(&gw.user_counts(), &gw.ip_counts(), gw.metrics()).await?;
+        // Synced: Redis answers, whatever the connect path saw before.
+        self.call_ok(gw.metrics());
         self.set_up(true, gw.metrics());
         let mut messages = pubsub.on_message();
         let mut tick = tokio::time::interval(RESYNC);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await; // the first tick is now: just synced
+        let mut probe = tokio::time::interval(BREAK_FOR);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = probe.tick(), if self.broken() => self.probe(gw.metrics()).await,
                 m = messages.next() => match m {
                     Some(msg) => self.apply(gw, msg.get_payload_bytes()),
                     None => return Err(redis::RedisError::from((redis::ErrorKind::Io, "subscription closed"))),
@@ -186,7 +212,7 @@ impl Cluster {
                     self.logged.store(0, Ordering::Relaxed);
                     self.replay(gw.metrics()).await?;
                     self.resync(gw).await?;
-                    self.heartbeat(&gw.user_counts(), &gw.ip_counts()).await?;
+                    self.heartbeat(&gw.user_counts(), &gw.ip_counts(), gw.metrics()).await?;
                     self.set_up(true, gw.metrics()); // answering again after a hang
                 }
             }
@@ -214,13 +240,19 @@ impl Cluster {
             Event::Unban { cidr } => cidr.parse().is_ok_and(|net| incidents.unban(canonical(net))),
             Event::Revoke { jti, exp } => incidents.revoke(jti, Some(*exp)).is_ok_and(|new| new),
             Event::Kick { sub } => incidents.kick(sub).is_ok(),
+            Event::AuthBan { key, until } => {
+                gw.auth_ban(key, until_from_now(*until));
+                false // refused at the next request; no live session to re-check
+            }
         };
+        self.state_changed();
         if self.logged.fetch_add(1, Ordering::Relaxed) < LOGGED_EVENTS {
             let (kind, target) = match &envelope.event {
                 Event::Ban { cidr, .. } => ("ban", cidr.as_str()),
                 Event::Unban { cidr } => ("unban", cidr.as_str()),
                 Event::Revoke { jti, .. } => ("revoke", jti.as_str()),
                 Event::Kick { sub } => ("kick", sub.as_str()),
+                Event::AuthBan { key, .. } => ("auth_ban", key.as_str()),
             };
             let target = crate::util::escape(target, 128);
             let from = crate::util::escape(&envelope.from, 32);
@@ -238,25 +270,33 @@ impl Cluster {
             let mut con = self.connection().await?;
             let _: () = con.zrembyscore(&self.bans, "-inf", now).await?;
             let _: () = con.zrembyscore(&self.revoked, "-inf", now).await?;
+            let _: () = con.zrembyscore(&self.auth_bans, "-inf", now).await?;
             // Bounded reads: never more than the local caps could hold (the latest first).
             // Scores read as doubles: a member with an odd score (1e17, "inf") is skipped,
             // not a failure of the whole read.
             let bans: Vec<(String, f64)> = con.zrevrange_withscores(&self.bans, 0, MAX_BANS as isize - 1).await?;
             let revoked: Vec<(String, f64)> = con.zrevrange_withscores(&self.revoked, 0, MAX_REVOCATIONS as isize - 1).await?;
-            Ok::<_, redis::RedisError>((bans, revoked))
+            let auth_bans: Vec<(String, f64)> = con.zrevrange_withscores(&self.auth_bans, 0, MAX_BANS as isize - 1).await?;
+            Ok::<_, redis::RedisError>((bans, revoked, auth_bans))
         };
-        let (bans, revoked) = match tokio::time::timeout(ACTION_TIMEOUT * 2, read).await {
+        let started = tokio::time::Instant::now();
+        let (bans, revoked, auth_bans) = match tokio::time::timeout(ACTION_TIMEOUT * 2, read).await {
             Ok(Ok(x)) => x,
             Ok(Err(e)) => {
-                gw.metrics().cluster_op("sync", "error");
+                gw.metrics().cluster_op("sync", "error", started.elapsed());
                 return Err(e);
             }
             Err(_) => {
-                gw.metrics().cluster_op("sync", "timeout");
+                gw.metrics().cluster_op("sync", "timeout", started.elapsed());
                 return Err(timeout_error());
             }
         };
-        gw.metrics().cluster_op("sync", "ok");
+        gw.metrics().cluster_op("sync", "ok", started.elapsed());
+        for (key, until) in auth_bans {
+            if let Some(until) = unix_secs(until) {
+                gw.auth_ban(&key, until_from_now(until));
+            }
+        }
         let mut changed = false;
         let (keep_bans, keep_revoked, lifted) = self.pending_targets();
         let mut shared_bans = HashSet::new();
@@ -292,6 +332,10 @@ impl Cluster {
         if changed {
             gw.recheck_sessions();
         }
+        if !self.has_state.swap(true, Ordering::Relaxed) {
+            tracing::info!("cluster: bans and revocations synced from Redis");
+        }
+        self.state_changed();
         Ok(())
     }
 
@@ -315,7 +359,7 @@ impl Cluster {
                         bans.remove(&canonical(net));
                     }
                 }
-                Event::Kick { .. } => {}
+                Event::Kick { .. } | Event::AuthBan { .. } => {}
             }
         }
         (bans, revoked, lifted)

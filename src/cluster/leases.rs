@@ -5,6 +5,7 @@
 use super::connection::ACTION_TIMEOUT;
 use super::{Cluster, LEASE_TTL, Unanswered, unix_now};
 use crate::metrics::Metrics;
+use futures_util::StreamExt;
 use std::{
     collections::HashSet,
     sync::{Arc, atomic::Ordering},
@@ -122,13 +123,35 @@ impl Drop for Lease {
                 };
                 // A release that does not arrive: the next heartbeat asserts this
                 // instance's true count for the key (0 when it holds none any more).
-                let _ = tokio::time::timeout(ACTION_TIMEOUT, release).await;
+                let started = tokio::time::Instant::now();
+                let result = match tokio::time::timeout(ACTION_TIMEOUT, release).await {
+                    Ok(Ok(_)) => "ok",
+                    Ok(Err(_)) => "error",
+                    Err(_) => "timeout",
+                };
+                if let Some(m) = cluster.metrics.get() {
+                    m.cluster_op("release", result, started.elapsed());
+                }
             });
         }
     }
 }
 
 impl Cluster {
+    /// A shared cap as this instance enforces it alone while Redis fails (`local`): its
+    /// share, the cap divided by the live instances last seen (at least 1). `None` while
+    /// the number of instances is unknown (no sync and no state file yet): no share can
+    /// be granted then, never the whole cap.
+    pub fn local_share(&self, cap: u32) -> Option<u32> {
+        let live = self.live.load(Ordering::Relaxed);
+        (live > 0).then(|| (cap / live).max(1))
+    }
+
+    /// Instances alive as last seen (`None`: not known yet).
+    pub fn live_instances(&self) -> Option<u32> {
+        Some(self.live.load(Ordering::Relaxed)).filter(|n| *n > 0)
+    }
+
     /// The user's hash key: a hash tag of the SHA-256 of `sub` (any length, any bytes).
     fn user_key(&self, sub: &str) -> String {
         let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, sub.as_bytes());
@@ -157,9 +180,11 @@ impl Cluster {
         extra: &[u64],
         metrics: &Metrics,
     ) -> Result<(i64, Option<Lease>), Unanswered> {
+        // An open breaker: the fallback at once; its probe runs in the background.
         if self.broken() {
             return Err(Unanswered);
         }
+        let started = tokio::time::Instant::now();
         let call = async {
             let mut con = self.connection().await?;
             let mut invocation = script.key(&key);
@@ -187,7 +212,7 @@ impl Cluster {
                 Err("timeout")
             }
         };
-        self.record(answer.as_ref().err().copied(), metrics);
+        self.record(answer.as_ref().err().copied(), started, metrics);
         answer.map_err(|_| Unanswered)
     }
 
@@ -203,7 +228,19 @@ impl Cluster {
 
     /// Re-assert this instance's count of every user with live sessions (heartbeat): a
     /// restarted Redis learns them again, and the leases do not expire while held.
-    pub(super) async fn heartbeat(&self, users: &[(String, u32)], ips: &[(String, u32)]) -> redis::RedisResult<()> {
+    pub(super) async fn heartbeat(&self, users: &[(String, u32)], ips: &[(String, u32)], metrics: &Metrics) -> redis::RedisResult<()> {
+        let started = tokio::time::Instant::now();
+        let result = tokio::time::timeout(ACTION_TIMEOUT * 2, self.assert_counts(users, ips)).await;
+        let label = match &result {
+            Ok(Ok(())) => "ok",
+            Ok(Err(_)) => "error",
+            Err(_) => "timeout",
+        };
+        metrics.cluster_op("heartbeat", label, started.elapsed());
+        result.unwrap_or_else(|_| Err(super::timeout_error()))
+    }
+
+    async fn assert_counts(&self, users: &[(String, u32)], ips: &[(String, u32)]) -> redis::RedisResult<()> {
         let mut con = self.connection().await?;
         // The live instances: each asserts itself with its lease end.
         let instances = format!("{}:instances", self.prefix);
@@ -215,32 +252,49 @@ impl Cluster {
             .cmd("TIME")
             .query_async(&mut con)
             .await?;
-        self.live.store(live.max(1), Ordering::Relaxed);
-        // Every key's count in one pipeline, lease ends in Redis time; keys this instance
-        // asserted last time and holds no more are asserted at 0 (a release that never
-        // arrived, or a lease a timed-out call took, stops counting now).
+        if self.live.swap(live.max(1), Ordering::Relaxed) != live.max(1) {
+            self.state_changed();
+        }
+        // Every key's count, lease ends in Redis time; keys this instance asserted last
+        // time and holds no more are asserted at 0 (a release that never arrived, or a
+        // lease a timed-out call took, stops counting now). One pipeline per key: each
+        // touches one Redis Cluster slot (one pipeline for all on a single server).
         let lease_end = secs * 1000 + micros / 1000 + LEASE_TTL.as_millis() as u64;
         let ttl_ms = (LEASE_TTL.as_millis() * 2) as i64;
+        let fields = [self.instance.clone(), format!("{}:exp", self.instance)];
         let mut now_held = HashSet::new();
-        let mut pipe = redis::pipe();
+        let mut pipes = Vec::new();
         let keys = users.iter().map(|(sub, n)| (self.user_key(sub), *n));
         for (key, n) in keys.chain(ips.iter().map(|(ip, n)| (self.ip_key(ip), *n))) {
-            pipe.hset_multiple(
-                &key,
-                &[(self.instance.clone(), n as u64), (format!("{}:exp", self.instance), lease_end)],
-            )
-            .ignore()
-            .pexpire(&key, ttl_ms)
-            .ignore();
+            let mut pipe = redis::pipe();
+            pipe.hset_multiple(&key, &[(fields[0].clone(), n as u64), (fields[1].clone(), lease_end)])
+                .ignore()
+                .pexpire(&key, ttl_ms)
+                .ignore();
+            pipes.push(pipe);
             now_held.insert(key);
         }
         let gone: Vec<String> = crate::util::lock(&self.asserted).difference(&now_held).cloned().collect();
         for key in &gone {
-            pipe.hdel(key, &[self.instance.clone(), format!("{}:exp", self.instance)]).ignore();
+            let mut pipe = redis::pipe();
+            pipe.hdel(key, &fields).ignore();
+            pipes.push(pipe);
         }
-        if !now_held.is_empty() || !gone.is_empty() {
-            pipe.query_async::<()>(&mut con).await?;
+        if matches!(con, super::connection::Conn::One(_)) && pipes.len() > 1 {
+            let mut one = redis::pipe();
+            for p in &pipes {
+                for cmd in p.cmd_iter() {
+                    one.add_command(cmd.clone()).ignore();
+                }
+            }
+            pipes = vec![one];
         }
+        let sends = pipes.into_iter().map(|p| {
+            let mut con = con.clone();
+            async move { p.query_async::<()>(&mut con).await }
+        });
+        let results: Vec<redis::RedisResult<()>> = futures_util::stream::iter(sends).buffer_unordered(32).collect().await;
+        results.into_iter().collect::<redis::RedisResult<Vec<()>>>()?;
         *crate::util::lock(&self.asserted) = now_held;
         Ok(())
     }

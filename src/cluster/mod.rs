@@ -48,13 +48,13 @@
 mod connection;
 mod events;
 mod leases;
+mod state_file;
 
 pub use events::Event;
 pub use leases::{IpAnswer, Lease};
 
 use crate::config::ConfigError;
 use crate::metrics::Metrics;
-use redis::IntoConnectionInfo;
 use std::{
     collections::HashSet,
     sync::atomic::AtomicBool,
@@ -84,20 +84,27 @@ pub trait Host: Send + Sync {
     fn user_counts(&self) -> Vec<(String, u32)>;
     /// Live connections per client key ([`crate::limits::IpKey::label`]) on this instance.
     fn ip_counts(&self) -> Vec<(String, u32)>;
+    /// Ban client key `key` for auth failures for `left` (from another instance, or the
+    /// state file); whether it was not banned that long already.
+    fn auth_ban(&self, key: &str, left: Duration) -> bool;
+    /// This instance's auth-failure bans: client key and time left.
+    fn auth_bans(&self) -> Vec<(String, Duration)>;
 }
 
 pub struct Cluster {
-    client: redis::Client,
+    servers: connection::Servers,
     scripts: leases::Scripts,
     prefix: String,
     /// Budget of a call on the connect path (`cluster.timeout`).
     pub timeout: Duration,
     bans: String,
     revoked: String,
+    /// Auth-failure bans: member the client key's label, score the ban's end.
+    auth_bans: String,
     channel: String,
     /// This instance's id: its own events are not applied twice.
     instance: String,
-    conn: tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
+    conn: tokio::sync::Mutex<Option<connection::Conn>>,
     up: AtomicBool,
     /// Bans, unbans and revocations that did not reach Redis, written again on reconnect.
     pending: std::sync::Mutex<std::collections::VecDeque<events::Event>>,
@@ -105,12 +112,22 @@ pub struct Cluster {
     logged: std::sync::atomic::AtomicU32,
     /// What connections get while Redis cannot be asked.
     pub on_failure: crate::config::OnFailure,
-    /// Connect-path failures in a row, and until when the breaker skips Redis.
+    /// Connect-path failures in a row (the breaker is open from `BREAK_AFTER` on).
     failures: std::sync::atomic::AtomicU32,
-    broken_until: std::sync::Mutex<Option<std::time::Instant>>,
     /// Instances that asserted their counts within [`LEASE_TTL`] (this one included), as
-    /// last seen: `on_failure = "local"` divides the caps by it.
+    /// last seen (or as the state file remembers them): `on_failure = "local"` divides
+    /// the caps by it. 0 until known: no share can be granted then.
     live: std::sync::atomic::AtomicU32,
+    /// `state_file`: where the last synced state is kept, and whether it changed since
+    /// it was last written.
+    state_file: Option<std::path::PathBuf>,
+    state_dirty: AtomicBool,
+    /// A Redis sync has completed or the state file was loaded: the local copy holds the
+    /// cluster's bans and revocations (`/readyz` waits for it).
+    has_state: AtomicBool,
+    /// The gateway's metrics, for calls made where no host is at hand (a lease given
+    /// back); set when [`Cluster::run`] starts.
+    metrics: std::sync::OnceLock<Metrics>,
     /// The lease keys the last heartbeat asserted.
     asserted: std::sync::Mutex<HashSet<String>>,
 }
@@ -122,47 +139,21 @@ impl std::fmt::Debug for Cluster {
 }
 
 impl Cluster {
-    /// The Redis client for `[cluster]` (password read now; nothing connects yet).
+    /// The Redis clients for `[cluster]` (password read now; nothing connects yet).
     pub fn new(c: &crate::config::Cluster, origin: &str) -> Result<Cluster, ConfigError> {
-        let mut info = c
-            .redis
-            .value
-            .as_str()
-            .into_connection_info()
-            .map_err(|_| c.redis.error(origin, "not a usable Redis URL"))?;
-        if let Some(source) = &c.password {
-            let secret = crate::keys::load_secret(source, origin, false)?;
-            let password = std::str::from_utf8(secret.bytes())
-                .map_err(|_| c.redis.error(origin, "the Redis password is not UTF-8 text"))?
-                .to_string();
-            let settings = info.redis_settings().clone().set_password(password);
-            info = info.set_redis_settings(settings);
-        }
-        let client = match &c.ca {
-            None => redis::Client::open(info),
-            Some(ca) => {
-                let pem = crate::fsutil::read_limited(&ca.value, crate::fsutil::MAX_KEY_FILE)
-                    .map_err(|e| ca.error(origin, format!("cannot read {}: {e}", ca.value.display())))?;
-                let certs = redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(pem),
-                };
-                redis::Client::build_with_tls(info, certs)
-            }
-        }
-        .map_err(|_| c.redis.error(origin, "not a usable Redis URL (or CA file)"))?;
+        let (servers, db) = connection::Servers::new(c, origin)?;
         let mut id = [0u8; 8];
         let _ = aws_lc_rs::rand::fill(&mut id);
         let p = &c.key_prefix;
         // Pub/sub channels are global to a Redis server; keys are per database.
-        let db = client.get_connection_info().redis_settings().db();
         Ok(Cluster {
-            client,
+            servers,
             scripts: leases::Scripts::new(),
             prefix: p.clone(),
             timeout: c.timeout,
             bans: format!("{p}:bans"),
             revoked: format!("{p}:revoked"),
+            auth_bans: format!("{p}:auth_bans"),
             channel: format!("{p}:{db}:events"),
             instance: id.iter().map(|b| format!("{b:02x}")).collect(),
             conn: tokio::sync::Mutex::new(None),
@@ -171,9 +162,12 @@ impl Cluster {
             logged: std::sync::atomic::AtomicU32::new(0),
             on_failure: c.on_failure,
             failures: std::sync::atomic::AtomicU32::new(0),
-            broken_until: std::sync::Mutex::new(None),
-            live: std::sync::atomic::AtomicU32::new(1),
+            live: std::sync::atomic::AtomicU32::new(0),
             asserted: std::sync::Mutex::default(),
+            state_file: c.state_file.as_ref().map(|f| f.value.clone()),
+            state_dirty: AtomicBool::new(false),
+            has_state: AtomicBool::new(false),
+            metrics: std::sync::OnceLock::new(),
         })
     }
 }

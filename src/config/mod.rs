@@ -129,8 +129,10 @@ pub struct Config {
 /// `[cluster]` (DESIGN.md section 7). The password is read where the runtime is built.
 #[derive(Debug, Clone)]
 pub struct Cluster {
-    /// `redis://` or `rediss://` URL, without credentials.
-    pub redis: Located<String>,
+    /// Where Redis is: one server, a Sentinel-managed master, or a Redis Cluster.
+    pub redis: RedisServers,
+    /// `state_file`: the last synced bans and revocations, loaded at start.
+    pub state_file: Option<Located<PathBuf>>,
     pub password: Option<SecretSource>,
     /// Trust anchors (PEM) for a `rediss://` server instead of the system's.
     pub ca: Option<Located<PathBuf>>,
@@ -139,6 +141,36 @@ pub struct Cluster {
     /// Budget of one Redis call.
     pub timeout: Duration,
     pub on_failure: OnFailure,
+}
+
+/// `[cluster]`'s Redis: `redis`, `sentinels` + `sentinel_master`, or `redis_cluster`.
+/// URLs are `redis://` or `rediss://`, without credentials.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RedisServers {
+    One(Located<String>),
+    /// Sentinels (`redis://host:26379`) and the name of the master they watch.
+    Sentinel {
+        sentinels: Vec<Located<String>>,
+        master: String,
+    },
+    /// Seed nodes of a Redis Cluster.
+    Cluster(Vec<Located<String>>),
+}
+
+impl RedisServers {
+    /// Every URL, for messages and the restart note of a reload.
+    pub fn urls(&self) -> Vec<&Located<String>> {
+        match self {
+            RedisServers::One(u) => vec![u],
+            RedisServers::Sentinel { sentinels, .. } => sentinels.iter().collect(),
+            RedisServers::Cluster(seeds) => seeds.iter().collect(),
+        }
+    }
+
+    /// Whether the data nodes are reached over TLS (`rediss://`).
+    pub fn tls(&self) -> bool {
+        self.urls().first().is_some_and(|u| u.value.starts_with("rediss://"))
+    }
 }
 
 /// What a connection gets while Redis cannot be asked (`cluster.on_failure`).

@@ -26,7 +26,11 @@ pub(super) struct File {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct Cluster {
-    pub redis: Spanned<String>,
+    pub redis: Option<Spanned<String>>,
+    pub sentinels: Option<Spanned<Vec<Spanned<String>>>>,
+    pub sentinel_master: Option<Spanned<String>>,
+    pub redis_cluster: Option<Spanned<Vec<Spanned<String>>>>,
+    pub state_file: Option<Spanned<PathBuf>>,
     pub redis_password_env: Option<Spanned<String>>,
     pub redis_password_file: Option<Spanned<PathBuf>>,
     pub redis_ca: Option<Spanned<PathBuf>>,

@@ -349,25 +349,87 @@ impl Validator<'_> {
         })
     }
 
-    /// `[cluster]`: a `redis://`/`rediss://` URL that holds no credentials (they come from
+    /// A `redis://`/`rediss://` URL that holds no credentials (they come from
     /// `redis_password_env` or `_file`; the URL is never printed when it has them).
-    fn cluster(&self, c: &Spanned<raw::Cluster>) -> Result<Cluster, ConfigError> {
-        let c = c.get_ref();
-        let url = c.redis.get_ref();
-        let rest = url.strip_prefix("redis://").or_else(|| url.strip_prefix("rediss://"));
+    fn redis_url(&self, url: &Spanned<String>, key: &str) -> Result<Located<String>, ConfigError> {
+        let rest = url
+            .get_ref()
+            .strip_prefix("redis://")
+            .or_else(|| url.get_ref().strip_prefix("rediss://"));
         let Some(rest) = rest else {
-            return Err(self.err(&c.redis, "cluster.redis", "must start with redis:// or rediss://"));
+            return Err(self.err(url, key, "must start with redis:// or rediss://"));
         };
         let authority = rest.split('/').next().unwrap_or("");
         if authority.contains('@') {
             return Err(self.err(
-                &c.redis,
-                "cluster.redis",
+                url,
+                key,
                 "credentials in the URL are refused (not shown): use redis_password_env or redis_password_file",
             ));
         }
         if authority.is_empty() {
-            return Err(self.err(&c.redis, "cluster.redis", "the URL needs a host"));
+            return Err(self.err(url, key, "the URL needs a host"));
+        }
+        Ok(self.located(url, key))
+    }
+
+    /// A list of Redis URLs (`sentinels`, `redis_cluster`): 1 to 16, all `redis://` or all
+    /// `rediss://`.
+    fn redis_urls(&self, list: &Spanned<Vec<Spanned<String>>>, key: &str) -> Result<Vec<Located<String>>, ConfigError> {
+        if list.get_ref().is_empty() || list.get_ref().len() > 16 {
+            return Err(self.err(list, key, "list 1 to 16 URLs"));
+        }
+        let urls = list
+            .get_ref()
+            .iter()
+            .map(|u| self.redis_url(u, key))
+            .collect::<Result<Vec<_>, _>>()?;
+        if urls
+            .iter()
+            .any(|u| u.value.starts_with("rediss://") != urls[0].value.starts_with("rediss://"))
+        {
+            return Err(self.err(list, key, "use redis:// for all of them or rediss:// for all of them"));
+        }
+        Ok(urls)
+    }
+
+    /// `[cluster]`: exactly one of `redis`, `sentinels` (with `sentinel_master`) and
+    /// `redis_cluster`; credentials from `redis_password_env` or `_file`.
+    fn cluster(&self, spanned: &Spanned<raw::Cluster>) -> Result<Cluster, ConfigError> {
+        let c = spanned.get_ref();
+        let redis = match (&c.redis, &c.sentinels, &c.redis_cluster) {
+            (Some(url), None, None) => RedisServers::One(self.redis_url(url, "cluster.redis")?),
+            (None, Some(list), None) => {
+                let Some(master) = &c.sentinel_master else {
+                    return Err(self.err(
+                        list,
+                        "cluster.sentinel_master",
+                        "sentinels need sentinel_master (the name of the master)",
+                    ));
+                };
+                let name = master.get_ref();
+                if name.is_empty() || name.len() > 128 || !name.bytes().all(|b| b.is_ascii_graphic()) {
+                    return Err(self.err(master, "cluster.sentinel_master", "use 1 to 128 visible ASCII characters"));
+                }
+                RedisServers::Sentinel {
+                    sentinels: self.redis_urls(list, "cluster.sentinels")?,
+                    master: name.clone(),
+                }
+            }
+            (None, None, Some(list)) => RedisServers::Cluster(self.redis_urls(list, "cluster.redis_cluster")?),
+            (None, None, None) => {
+                return Err(self.err(
+                    spanned,
+                    "cluster.redis",
+                    "set redis, sentinels (with sentinel_master) or redis_cluster",
+                ));
+            }
+            _ => {
+                return Err(self.err(spanned, "cluster.redis", "set only one of redis, sentinels and redis_cluster"));
+            }
+        };
+        if let (Some(m), false) = (&c.sentinel_master, matches!(redis, RedisServers::Sentinel { .. })) {
+            return Err(self.err(m, "cluster.sentinel_master", "goes with sentinels"));
         }
         let password = match (&c.redis_password_env, &c.redis_password_file) {
             (Some(e), Some(_)) => {
@@ -402,11 +464,12 @@ impl Validator<'_> {
             }
             Some(p) => return Err(self.err(p, "cluster.key_prefix", "use 1 to 64 letters, digits and '_', '-', ':', '.'")),
         };
-        if let (Some(ca), false) = (&c.redis_ca, url.starts_with("rediss://")) {
+        if let (Some(ca), false) = (&c.redis_ca, redis.tls()) {
             return Err(self.err(ca, "cluster.redis_ca", "needs a rediss:// URL"));
         }
         Ok(Cluster {
-            redis: self.located(&c.redis, "cluster.redis"),
+            redis,
+            state_file: c.state_file.as_ref().map(|f| self.located(f, "cluster.state_file")),
             password,
             ca: c.redis_ca.as_ref().map(|f| self.located(f, "cluster.redis_ca")),
             key_prefix,
