@@ -2,6 +2,8 @@
 //! in code, real TLS, a programmable upstream, token minting and metric scraping.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use futures_util::{SinkExt, StreamExt};
 use std::{
     net::SocketAddr,
