@@ -515,7 +515,9 @@ pub(crate) async fn first_message<S: AsyncRead + AsyncWrite + Unpin>(
     let result = async {
         let verifier = rt.verifier.as_ref().ok_or(Reject::Auth(AuthFailure::Missing))?;
         let wait = rt.config.jwt.first_message_timeout;
-        let text = match tokio::time::timeout(wait, client.first_text(MAX_TOKEN_MESSAGE)).await {
+        let l = &rt.config.limits;
+        let first = client.first_text(MAX_TOKEN_MESSAGE, l.message_rate, l.message_burst);
+        let text = match tokio::time::timeout(wait, first).await {
             Ok(Some(t)) => t,
             _ => return Err(Reject::Auth(AuthFailure::Missing)),
         };

@@ -489,6 +489,13 @@ impl Core {
         Some(Stop::Throttle)
     }
 
+    /// Go on from the message rate a client paid into before the relay started (the
+    /// frames before its `first_message` token), not reading before `wait` if set.
+    pub(super) fn continue_rate(&mut self, paid: MessageRate, wait: Option<Instant>) {
+        self.rate = paid;
+        self.throttle = wait.map(|until| Box::pin(sleep_until(until)));
+    }
+
     /// Whether reading from the client must wait for the message rate; registers the timer.
     pub(super) fn throttled(&mut self, cx: &mut Context<'_>) -> bool {
         let Some(sleep) = self.throttle.as_mut() else { return false };

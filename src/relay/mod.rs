@@ -169,6 +169,10 @@ where
     U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let mut core = Core::new(settings);
+    if let Some(paid) = client.paid.take() {
+        let (rate, wait) = *paid;
+        core.continue_rate(rate, wait); // what the frames before a `first_message` token paid
+    }
     let mut timers = timers::Timers::new(settings, &control);
     let cancelled = control.shutdown.cancelled();
     tokio::pin!(cancelled);
