@@ -309,7 +309,21 @@ async fn run_session(
     session_metrics.active.increment(1.0);
     let started = Instant::now();
     let s = &rt.config.server;
-    let settings = relay_settings(gw, rt, validator);
+    let settings = {
+        let info = &lock(verdict).info;
+        let address = info.client_ip.map(|ip| gw.per_ip().key(ip));
+        // Only a validated route assembles messages.
+        let share = validator.is_some().then(|| {
+            let timeout = rt.config.limits.assembly_timeout;
+            Arc::new(relay::AssemblyShare::new(
+                gw.assembly_budget(),
+                address,
+                info.sub.as_deref(),
+                timeout,
+            ))
+        });
+        relay_settings(rt, validator, share)
+    };
     let deadline = open
         .expires_at
         .filter(|_| rt.config.jwt.close_on_expiry)
@@ -358,7 +372,11 @@ async fn run_session(
 }
 
 /// The relay's limits and timers from the config, and the route's message checks.
-fn relay_settings(gw: &Gateway, rt: &Runtime, validator: Option<Arc<crate::validation::Validator>>) -> relay::Settings {
+fn relay_settings(
+    rt: &Runtime,
+    validator: Option<Arc<crate::validation::Validator>>,
+    assembly: Option<Arc<relay::AssemblyShare>>,
+) -> relay::Settings {
     let (s, l) = (&rt.config.server, &rt.config.limits);
     relay::Settings {
         message_rate: l.message_rate,
@@ -371,7 +389,7 @@ fn relay_settings(gw: &Gateway, rt: &Runtime, validator: Option<Arc<crate::valid
         max_message_size: l.max_message_size,
         max_fragments: l.max_fragments,
         validator,
-        assembly_budget: Some(gw.assembly_budget()),
+        assembly,
     }
 }
 

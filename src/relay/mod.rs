@@ -50,7 +50,7 @@ mod pump;
 mod timers;
 
 pub use endpoint::Endpoint;
-pub use frames::AssemblyBudget;
+pub use frames::{AssemblyBudget, AssemblyShare};
 
 use crate::error::{CloseReason, Initiator};
 use crate::metrics::SessionMetrics;
@@ -80,9 +80,9 @@ pub struct Settings {
     /// Checks on client messages (a route with `[routes.validate]`): its text messages
     /// are assembled and checked before they go on instead of streaming.
     pub validator: Option<std::sync::Arc<crate::validation::Validator>>,
-    /// Shared by every session of the gateway: bounds what validated messages being
-    /// assembled hold together (`None`: unbounded, for benches).
-    pub assembly_budget: Option<std::sync::Arc<AssemblyBudget>>,
+    /// The gateway-wide budget for validated messages being assembled, this client's
+    /// share of it, and how long a message may take (`None`: unbounded, for benches).
+    pub assembly: Option<std::sync::Arc<AssemblyShare>>,
 }
 
 impl Settings {
@@ -103,7 +103,7 @@ impl Settings {
             max_message_size: max_size,
             max_fragments: u32::MAX,
             validator: None,
-            assembly_budget: None,
+            assembly: None,
         }
     }
 }
@@ -200,6 +200,9 @@ where
         if std::mem::take(&mut core.activity) {
             timers.active();
             core.report(metrics);
+        }
+        if let Some(ev) = timers.poll_assembly(cx, settings, &core) {
+            return Poll::Ready(ev);
         }
         timers.poll_idle(cx, settings).map_or(Poll::Pending, Poll::Ready)
     })
