@@ -256,7 +256,13 @@ async fn run_session(
     }
     session_metrics.active.increment(1.0);
     let started = Instant::now();
-    let settings = relay::Settings::from_config(&rt.config, validator, Some(gw.assembly_budget()));
+    // Only a validated route assembles messages: its client gets a share of the budget.
+    let share = validator.is_some().then(|| {
+        let address = client_ip.map(|ip| gw.per_ip().key(ip));
+        let timeout = rt.config.limits.assembly_timeout;
+        Arc::new(relay::AssemblyShare::new(gw.assembly_budget(), address, sub.as_deref(), timeout))
+    });
+    let settings = relay::Settings::from_config(&rt.config, validator, share);
     let deadline = session
         .principal
         .as_ref()

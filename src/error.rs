@@ -291,8 +291,11 @@ pub enum CloseReason {
     AccessRevoked,
     /// A client message failed validation on a route with `on_invalid = "close"`.
     InvalidMessage(MessageRejection),
-    /// The gateway-wide budget for messages being assembled for validation is used up.
+    /// The gateway-wide budget for messages being assembled for validation is used up,
+    /// or the client's share of it.
     Overloaded,
+    /// A message being assembled for validation was not complete within `assembly_timeout`.
+    MessageStalled,
 }
 
 /// Why a client message was refused on a route with `[routes.validate]`: the `reason`
@@ -348,7 +351,7 @@ impl CloseReason {
     pub fn codes(self) -> (CloseCode, CloseCode) {
         use CloseCode::*;
         match self {
-            CloseReason::Shutdown | CloseReason::IdleTimeout | CloseReason::PingTimeout => (Away, Away),
+            CloseReason::Shutdown | CloseReason::IdleTimeout | CloseReason::PingTimeout | CloseReason::MessageStalled => (Away, Away),
             CloseReason::ClientProtocol => (Protocol, Protocol),
             CloseReason::ClientInvalidUtf8 => (Invalid, Invalid),
             CloseReason::ClientTooBig => (Size, Size),
@@ -386,6 +389,7 @@ impl CloseReason {
             CloseReason::InvalidMessage(MessageRejection::Schema) => "client message does not match the schema",
             CloseReason::InvalidMessage(MessageRejection::Binary) => "binary messages not allowed",
             CloseReason::Overloaded => "gateway busy, try again later",
+            CloseReason::MessageStalled => "client message not completed in time",
         }
     }
 
@@ -400,7 +404,7 @@ impl CloseReason {
             | CloseReason::AccessRevoked
             | CloseReason::InvalidMessage(_)
             | CloseReason::Overloaded => None,
-            CloseReason::IdleTimeout => Some("idle_timeout"),
+            CloseReason::IdleTimeout | CloseReason::MessageStalled => Some("idle_timeout"),
             CloseReason::PingTimeout => Some("ping_timeout"),
             CloseReason::ClientProtocol | CloseReason::ClientInvalidUtf8 => Some("protocol"),
             CloseReason::ClientTooBig | CloseReason::UpstreamTooBig => Some("message_too_big"),
@@ -463,6 +467,8 @@ mod tests {
         let rows: &[(CloseReason, u16, u16, Option<&str>)] = &[
             (CloseReason::Shutdown, 1001, 1001, None),
             (CloseReason::IdleTimeout, 1001, 1001, Some("idle_timeout")),
+            (CloseReason::MessageStalled, 1001, 1001, Some("idle_timeout")),
+            (CloseReason::Overloaded, 1013, 1013, None),
             (CloseReason::PingTimeout, 1001, 1001, Some("ping_timeout")),
             (CloseReason::ClientProtocol, 1002, 1002, Some("protocol")),
             (CloseReason::ClientInvalidUtf8, 1007, 1007, Some("protocol")),

@@ -315,10 +315,11 @@ impl Gateway {
         if new.config.limits.admission.ipv6_prefix != old.config.limits.admission.ipv6_prefix {
             notes.push("limits.ipv6_prefix changed: takes effect after a restart (live counts and bans are keyed by it)".to_string());
         }
-        if new.config.limits.max_assembly_memory != old.config.limits.max_assembly_memory {
+        let (nl, ol) = (&new.config.limits, &old.config.limits);
+        if (nl.max_assembly_memory, nl.max_assembly_memory_per_client) != (ol.max_assembly_memory, ol.max_assembly_memory_per_client) {
             // Sessions keep the budget they started with; new ones share a new one.
-            let limit = new.config.limits.max_assembly_memory;
-            self.assembly.store(Arc::new(crate::relay::AssemblyBudget::new(limit)));
+            let budget = crate::relay::AssemblyBudget::new(nl.max_assembly_memory, nl.max_assembly_memory_per_client);
+            self.assembly.store(Arc::new(budget));
         }
         if new.config.limits.admission != old.config.limits.admission {
             let next = self.per_ip().reconfigured(new.config.limits.admission.clone());
@@ -380,7 +381,8 @@ impl Gateway {
             metrics.register_route(&r.name, r.validate.is_some());
         }
         let per_ip = PerIp::new(runtime.config.limits.admission.clone());
-        let assembly_limit = runtime.config.limits.max_assembly_memory;
+        let l = &runtime.config.limits;
+        let assembly = crate::relay::AssemblyBudget::new(l.max_assembly_memory, l.max_assembly_memory_per_client);
         Gateway {
             runtime: ArcSwap::from_pointee(runtime),
             metrics,
@@ -389,7 +391,7 @@ impl Gateway {
             recheck: ArcSwap::from_pointee(CancellationToken::new()),
             incidents: Arc::default(),
             cluster,
-            assembly: ArcSwap::from_pointee(crate::relay::AssemblyBudget::new(assembly_limit)),
+            assembly: ArcSwap::from_pointee(assembly),
             users: Arc::default(),
             sessions: CancellationToken::new(),
             tracker: TaskTracker::new(),

@@ -276,15 +276,24 @@ pub fn build_request(url: &str, facts: &ClientFacts) -> Result<http::Request<()>
         .filter_map(|v| v.to_str().ok())
         .collect();
     let xff = if facts.peer_trusted && !prev.is_empty() {
-        format!("{}, {}", prev.join(", "), facts.peer)
+        // Every hop in one form, as the gateway itself reads them (bans, `X-Real-IP`):
+        // the bare address, IPv4-mapped IPv6 as IPv4, IPv6 in RFC 5952 text. A hop that
+        // is no address (left of the client's, which the gateway has read) is `unknown`.
+        let mut hops: Vec<String> = prev
+            .iter()
+            .flat_map(|line| line.split(','))
+            .map(|hop| crate::upgrade::parse_hop(hop).map_or_else(|| "unknown".to_string(), |ip| ip.to_string()))
+            .collect();
+        hops.push(facts.peer.to_canonical().to_string());
+        hops.join(", ")
     } else {
-        facts.ip.to_string()
+        facts.ip.to_canonical().to_string()
     };
     if let Ok(v) = HeaderValue::from_str(&xff) {
         h.insert(HeaderName::from_static("x-forwarded-for"), v);
     }
     h.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("https"));
-    if let Ok(v) = HeaderValue::from_str(&facts.ip.to_string()) {
+    if let Ok(v) = HeaderValue::from_str(&facts.ip.to_canonical().to_string()) {
         h.insert(HeaderName::from_static("x-real-ip"), v);
     }
     Ok(req)

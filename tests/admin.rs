@@ -224,3 +224,68 @@ async fn a_short_admin_token_is_a_config_error_and_an_exposed_api_a_warning() {
     let warnings = wsgate::check::warnings(&cfg);
     assert!(warnings.iter().any(|w| w.contains("admin API")), "{warnings:?}");
 }
+
+/// A TCP connection to `addr` from `src` that sends the start of a request head and
+/// never the rest.
+async fn partial_head(addr: SocketAddr, src: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
+    let mut tcp = sock.connect(addr).await.unwrap();
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    tcp
+}
+
+/// Whether the gateway has closed `tcp` (EOF or reset) within `within`.
+async fn closed_within(tcp: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 256];
+    loop {
+        match tokio::time::timeout(within, tcp.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => {} // an answer (408) before the close
+        }
+    }
+}
+
+/// Issue 28, item 2: partial request heads, from one address or from many, do not keep
+/// health checks, scrapes or the admin API from being answered at once; a partial head
+/// is closed after the head timeout.
+#[tokio::test]
+async fn partial_request_heads_cannot_starve_the_admin_listener() {
+    let (gw, _dir) = gateway("").await;
+    let mut held = Vec::new();
+    // From the address the health checks come from: more than the old 64-connection cap.
+    for _ in 0..70 {
+        held.push(partial_head(gw.admin, "127.0.0.1").await);
+    }
+    // And from 40 other addresses, 8 each: more than the listener holds in all.
+    for a in 0..40 {
+        for _ in 0..8 {
+            held.push(partial_head(gw.admin, &format!("127.0.1.{}", a + 1)).await);
+        }
+    }
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let started = std::time::Instant::now();
+        let (status, _) = http_get(gw.admin, path).await;
+        assert_eq!(status, 200, "{path}");
+        assert!(started.elapsed() < Duration::from_secs(2), "{path} took {:?}", started.elapsed());
+    }
+    let started = std::time::Instant::now();
+    assert_eq!(admin(&gw, "GET", "/v1/sessions", "").await.0, 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the admin API took {:?}",
+        started.elapsed()
+    );
+    // A partial head alone (nothing displaces it) is closed after the head timeout.
+    drop(held);
+    let mut lone = partial_head(gw.admin, "127.0.2.1").await;
+    let started = std::time::Instant::now();
+    assert!(
+        closed_within(&mut lone, Duration::from_secs(8)).await,
+        "a partial head was never closed"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(2), "closed after {:?}", started.elapsed());
+}

@@ -268,13 +268,41 @@ async fn forwarded_client_ip_is_used_behind_a_trusted_proxy() {
     let _ws3 = attempt(&gw, "/r", &proxied).await.unwrap();
     assert_eq!(
         up.header(1, "x-forwarded-for").as_deref(),
-        Some("203.0.113.9, 198.51.100.8:4711, 127.0.0.13")
+        Some("203.0.113.9, 198.51.100.8, 127.0.0.13")
     );
     // An untrusted peer's X-Forwarded-For is ignored and replaced.
     let mut direct = from(&gw, "127.0.0.14", None);
     direct.headers = vec![("X-Forwarded-For".into(), "203.0.113.9".into())];
     let _ws2 = attempt(&gw, "/r", &direct).await.unwrap();
     assert_eq!(up.header(2, "x-forwarded-for").as_deref(), Some("127.0.0.14"));
+}
+
+/// Issue 28, item 5: every hop reaches the upstream in the one form the gateway itself
+/// reads (bans, `X-Real-IP`): no port, no brackets, IPv4-mapped made IPv4, IPv6 in its
+/// canonical text; a hop that is no address becomes `unknown`.
+#[tokio::test]
+async fn forwarded_hops_reach_the_upstream_in_one_canonical_form() {
+    let up = upstream(Behaviour::Echo).await;
+    let server = "client_ip_source = \"x_forwarded_for\"\ntrusted_proxies = [\"127.0.0.13/32\"]";
+    let gw = Gw::start(server, &open_route(&up)).await;
+    let mut proxied = from(&gw, "127.0.0.13", None);
+    let cases: [(&[&str], &str); 5] = [
+        (&["198.51.100.7:4444"], "198.51.100.7, 127.0.0.13"),
+        (&["::ffff:198.51.100.8"], "198.51.100.8, 127.0.0.13"),
+        (&["[::FFFF:198.51.100.9]:80"], "198.51.100.9, 127.0.0.13"),
+        (
+            &["unknown, [2001:DB8:0:0::1]:443", " 2001:db8:0000::2 , 198.51.100.10"],
+            "unknown, 2001:db8::1, 2001:db8::2, 198.51.100.10, 127.0.0.13",
+        ),
+        (&["[2001:db8::3]"], "2001:db8::3, 127.0.0.13"),
+    ];
+    let real_ip = ["198.51.100.7", "198.51.100.8", "198.51.100.9", "198.51.100.10", "2001:db8::3"];
+    for (i, ((lines, want), real)) in cases.iter().zip(real_ip).enumerate() {
+        proxied.headers = lines.iter().map(|l| ("X-Forwarded-For".to_string(), l.to_string())).collect();
+        let _ws = attempt(&gw, "/r", &proxied).await.unwrap_or_else(|e| panic!("{lines:?}: {e:?}"));
+        assert_eq!(up.header(i, "x-forwarded-for").as_deref(), Some(*want), "{lines:?}");
+        assert_eq!(up.header(i, "x-real-ip").as_deref(), Some(real), "{lines:?}");
+    }
 }
 
 #[test]

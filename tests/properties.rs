@@ -497,12 +497,13 @@ fn all_close_reasons() -> Vec<wsgate::error::CloseReason> {
         RateAbuse,
         AccessRevoked,
         Overloaded,
+        MessageStalled,
     ];
     for r in &all {
         match r {
             Shutdown | IdleTimeout | PingTimeout | ClientProtocol | ClientInvalidUtf8 | ClientTooBig | ClientIo | UpstreamReset
             | UpstreamProtocol | UpstreamInvalidUtf8 | UpstreamTooBig | TokenExpired | RateAbuse | AccessRevoked | InvalidMessage(_)
-            | Overloaded => {}
+            | Overloaded | MessageStalled => {}
         }
     }
     let mut all = all;

@@ -532,3 +532,42 @@ async fn invalid_utf8_inside_a_large_text_frame_closes_1007() {
     gw.wait_metric(r#"wsgate_closes_total{route="echo",code="1007",initiator="gateway"}"#, 1.0)
         .await;
 }
+
+/// Issue 28, item 4: frames sent before a `first_message` token pay toward
+/// `message_rate` like every other frame: past the rate the gateway stops reading (no
+/// pong for a ping it has not read), and a client that spends the token's time on pings
+/// is closed with 1008 when `first_message_timeout` runs out.
+#[tokio::test]
+async fn frames_before_a_first_message_token_pay_toward_the_message_rate() {
+    let rest = format!(
+        "[limits]\nmessage_rate = \"1/s\"\nmessage_burst = 2\n{}",
+        route("fm", "/fm", "builtin:echo", "jwt")
+    );
+    let sources = "audience = [\"wsgate\"]\ntoken_sources = [\"first_message\"]\nfirst_message_timeout = \"2s\"";
+    let gw = Gw::start_with("", &rest, |t| t.replace("audience = [\"wsgate\"]", sources)).await;
+    let (mut ws, _) = gw.try_connect("/fm", &gw.options(None)).await.unwrap();
+    for i in 0..30u8 {
+        ws.feed(Message::Ping(vec![i].into())).await.unwrap();
+    }
+    ws.feed(Message::text(gw.token("alice"))).await.unwrap();
+    ws.flush().await.unwrap();
+    let mut pongs = 0;
+    let code = loop {
+        match tokio::time::timeout(TIMEOUT, ws.next()).await.expect("neither closed nor answered") {
+            Some(Ok(Message::Pong(_))) => pongs += 1,
+            Some(Ok(Message::Close(f))) => break f.map_or(1005, |f| u16::from(f.code)),
+            Some(Ok(other)) => panic!("{other:?}"),
+            Some(Err(_)) | None => break 1006,
+        }
+    };
+    // The burst (2), then one a second for the 2 s the token may take; never 30.
+    assert!(pongs <= 5, "{pongs} pongs before the token at 1/s");
+    assert_eq!(code, 1008);
+    gw.wait_metric(r#"wsgate_auth_failures_total{route="fm",reason="missing"}"#, 1.0)
+        .await;
+    // Within the rate, a ping and the token pass, and the session works.
+    let (mut ws, _) = gw.try_connect("/fm", &gw.options(None)).await.unwrap();
+    ws.send(Message::Ping(vec![1].into())).await.unwrap();
+    ws.send(Message::text(gw.token("alice"))).await.unwrap();
+    assert_eq!(roundtrip(&mut ws, "in rate").await, "in rate");
+}

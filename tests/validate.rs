@@ -468,8 +468,9 @@ async fn send_half(ws: &mut wsgate::client::ClientStream, head: &str) {
 
 #[tokio::test]
 async fn half_sent_messages_share_a_gateway_wide_budget_and_the_overflow_gets_1013() {
-    // Room for two half-sent 64 KiB messages, not three.
-    let limits = "[limits]\nmax_message_size = \"64KiB\"\nmax_assembly_memory = \"128KiB\"\n";
+    // Room for two half-sent 64 KiB messages, not three. (All from one address: its
+    // share is the whole budget here, so what is tested is the gateway-wide bound.)
+    let limits = "[limits]\nmax_message_size = \"64KiB\"\nmax_assembly_memory = \"128KiB\"\nmax_assembly_memory_per_client = \"128KiB\"\n";
     let s = setup(limits, "json = true", "{}").await;
     let head = format!("[\"{}", "a".repeat(60 * 1024));
     let mut first = s.gw.connect("/v").await;
@@ -512,4 +513,93 @@ async fn half_sent_messages_share_a_gateway_wide_budget_and_the_overflow_gets_10
         .send(Message::Frame(Frame::message(head.clone(), OpCode::Data(Data::Text), false)))
         .await;
     assert_eq!(close_code(&mut seventh).await.0, 1013);
+}
+
+/// Connect to `/v` from the loopback address `src`.
+async fn connect_from(gw: &Gw, src: &str) -> wsgate::client::ClientStream {
+    let mut o = gw.options(None);
+    o.source = Some(src.parse().unwrap());
+    gw.try_connect("/v", &o).await.unwrap_or_else(|s| panic!("refused with {s}")).0
+}
+
+/// Issue 28, item 1: one address with several sockets, each holding the start of a large
+/// message it never finishes, holds at most its share of the budget; its own sockets past
+/// the share get 1013, and another client's message still goes through.
+#[tokio::test]
+async fn one_client_holds_only_its_share_of_the_assembly_budget() {
+    // Budget for four half-sent 64 KiB messages; a client's default share is a quarter: one.
+    let limits = "[limits]\nmax_message_size = \"64KiB\"\nmax_assembly_memory = \"256KiB\"\n";
+    let s = setup(limits, "json = true", "{}").await;
+    let head = format!("[\"{}", "a".repeat(60 * 1024));
+    let mut first = connect_from(&s.gw, "127.0.0.21").await;
+    send_half(&mut first, &head).await;
+    for _ in 0..3 {
+        let mut more = connect_from(&s.gw, "127.0.0.21").await;
+        let _ = more
+            .send(Message::Frame(Frame::message(head.clone(), OpCode::Data(Data::Text), false)))
+            .await;
+        assert_eq!(close_code(&mut more).await, (1013, "gateway busy, try again later".into()));
+    }
+    // Another client's 40 KB message fits what the first left.
+    let mut other = connect_from(&s.gw, "127.0.0.22").await;
+    let msg = format!("[\"{}\"]", "b".repeat(40_000));
+    assert_eq!(roundtrip(&mut other, &msg).await, msg);
+    // And the first client's own message completes within its share.
+    first
+        .send(Message::Frame(Frame::message("\"]", OpCode::Data(Data::Continue), true)))
+        .await
+        .unwrap();
+    assert_eq!(next_text(&mut first).await.len(), head.len() + 2);
+}
+
+/// Issue 28, item 1: a message being assembled must be whole within `assembly_timeout`
+/// of its first frame, whether the client stalls or trickles fragments (pings do not
+/// help either); the session is closed with 1001 and its room given back.
+#[tokio::test]
+async fn a_message_not_completed_in_time_is_closed_and_its_room_given_back() {
+    let limits = "[limits]\nmax_message_size = \"64KiB\"\nmax_assembly_memory = \"64KiB\"\nassembly_timeout = \"1s\"\n";
+    let s = setup(limits, "json = true", "{}").await;
+    let head = format!("[\"{}", "a".repeat(60 * 1024));
+    // Stalls after the first fragment.
+    let mut stalled = s.gw.connect("/v").await;
+    send_half(&mut stalled, &head).await;
+    let started = Instant::now();
+    assert_eq!(
+        close_code(&mut stalled).await,
+        (1001, "client message not completed in time".into())
+    );
+    assert!(started.elapsed() < Duration::from_secs(5), "closed after {:?}", started.elapsed());
+    // The room is back once the session is gone: the budget fits one more half-sent message.
+    wait_until("the stalled session ended", TIMEOUT, || async {
+        s.gw.metric(r#"wsgate_connections_active{route="v"}"#).await == 0.0
+    })
+    .await;
+    let mut trickle = s.gw.connect("/v").await;
+    send_half(&mut trickle, &head).await;
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let code = loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let piece = Frame::message("a", OpCode::Data(Data::Continue), false);
+                if trickle.send(Message::Frame(piece)).await.is_err()
+                    || trickle.send(Message::Ping(vec![1].into())).await.is_err()
+                {
+                    break close_code(&mut trickle).await.0;
+                }
+            }
+            m = trickle.next() => match m {
+                Some(Ok(Message::Close(f))) => break f.map_or(1005, |f| u16::from(f.code)),
+                Some(Ok(_)) => {}
+                _ => break 1006,
+            },
+        }
+        assert!(started.elapsed() < Duration::from_secs(8), "a trickled message is still held");
+    };
+    assert_eq!(code, 1001);
+    s.gw.wait_metric(r#"wsgate_closes_total{route="v",code="1001",initiator="gateway"}"#, 2.0)
+        .await;
+    // A whole message on the same route is relayed as always.
+    let mut ws = s.gw.connect("/v").await;
+    assert_eq!(roundtrip(&mut ws, "[1]").await, "[1]");
 }

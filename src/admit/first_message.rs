@@ -48,7 +48,10 @@ pub(super) async fn complete<S: AsyncRead + AsyncWrite + Unpin>(
     let route = &rt.config.routes[route_index];
     let result = async {
         let wait = rt.config.jwt.first_message_timeout;
-        let text = match tokio::time::timeout(wait, client.first_text(MAX_TOKEN_MESSAGE)).await {
+        // Every frame before the token pays toward the route's message rate too.
+        let l = &rt.config.limits;
+        let first = client.first_text(MAX_TOKEN_MESSAGE, l.message_rate, l.message_burst);
+        let text = match tokio::time::timeout(wait, first).await {
             Ok(Some(t)) => t,
             _ => return Err(Reject::Auth(AuthFailure::Missing)),
         };

@@ -339,6 +339,11 @@ pub struct Log {
 
 /// Default `limits.max_assembly_memory`.
 pub const DEFAULT_MAX_ASSEMBLY_MEMORY: usize = 256 << 20;
+/// Default `limits.max_assembly_memory_per_client`: this share of `max_assembly_memory`
+/// (but at least `max_message_size`), so one client cannot hold the whole budget.
+pub const DEFAULT_ASSEMBLY_SHARE_DIVISOR: usize = 4;
+/// Default `limits.assembly_timeout`.
+pub const DEFAULT_ASSEMBLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default interval of the progress event for long sessions.
 pub const DEFAULT_PROGRESS_INTERVAL: Duration = Duration::from_secs(3600);
 
@@ -351,6 +356,13 @@ pub struct Limits {
     /// What messages being assembled for validation may hold together, gateway-wide;
     /// beyond it a session that needs more is closed with 1013.
     pub max_assembly_memory: usize,
+    /// What one client (its address, IPv6 by `ipv6_prefix`, and its identity when
+    /// known, each counted on its own) may hold of `max_assembly_memory`; beyond it
+    /// that client's session that needs more is closed with 1013.
+    pub max_assembly_memory_per_client: usize,
+    /// A message being assembled for validation must be complete this long after its
+    /// first frame, else the session is closed with 1001.
+    pub assembly_timeout: Duration,
     /// Per-IP admission (new-connection rate, concurrency, auth-failure bans).
     pub admission: AdmissionLimits,
     /// Client → upstream messages (pings included) per connection.

@@ -113,6 +113,8 @@ pub(super) struct Limits {
     pub max_frame_size: Option<ByteSize>,
     pub max_fragments: Option<u32>,
     pub max_assembly_memory: Option<ByteSize>,
+    pub max_assembly_memory_per_client: Option<ByteSize>,
+    pub assembly_timeout: Option<HumanDuration>,
     pub connection_rate_per_ip: Option<Rate>,
     pub connection_burst_per_ip: Option<u32>,
     pub max_connections_per_ip: Option<u32>,

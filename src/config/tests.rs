@@ -152,6 +152,22 @@ fn assembly_memory_must_hold_one_message() {
 }
 
 #[test]
+fn a_clients_assembly_share_defaults_to_a_quarter_and_holds_one_message() {
+    let d = Config::from_toml_str("", "t").unwrap().limits;
+    assert_eq!(
+        (d.max_assembly_memory_per_client, d.assembly_timeout),
+        (64 << 20, Duration::from_secs(10))
+    );
+    let small = Config::from_toml_str("[limits]\nmax_message_size = \"1MiB\"\nmax_assembly_memory = \"2MiB\"\n", "t").unwrap();
+    assert_eq!(small.limits.max_assembly_memory_per_client, 1 << 20, "at least one message");
+    let e = err("[limits]\nmax_message_size = \"1MiB\"\nmax_assembly_memory_per_client = \"512KiB\"\n");
+    assert_eq!(e.key.as_str(), "limits.max_assembly_memory_per_client");
+    let e = err("[limits]\nmax_assembly_memory = \"8MiB\"\nmax_assembly_memory_per_client = \"9MiB\"\n");
+    assert_eq!(e.key.as_str(), "limits.max_assembly_memory_per_client");
+    assert_eq!(err("[limits]\nassembly_timeout = \"0s\"\n").key.as_str(), "limits.assembly_timeout");
+}
+
+#[test]
 fn cluster_urls_hold_no_credentials_and_show_none() {
     let e = err("[cluster]\nredis = \"redis://:hunter2@127.0.0.1:6379/0\"\n");
     assert_eq!((e.key.as_str(), e.line), ("cluster.redis", Some(2)));

@@ -197,12 +197,18 @@ impl Validator<'_> {
             return Err(self.err_key("limits.ipv6_prefix", "must be between 0 and 128"));
         }
         let max_message_size = l.max_message_size.map_or(DEFAULT_MAX_MESSAGE_SIZE, |v| v.0 as usize);
+        let max_assembly_memory = l.max_assembly_memory.map_or(DEFAULT_MAX_ASSEMBLY_MEMORY, |v| v.0 as usize);
         let limits = Limits {
             max_message_size,
             // A browser sends each message as one frame: by default a client frame may be
             // as large as a message.
             max_frame_size: l.max_frame_size.map_or(max_message_size, |v| v.0 as usize),
-            max_assembly_memory: l.max_assembly_memory.map_or(DEFAULT_MAX_ASSEMBLY_MEMORY, |v| v.0 as usize),
+            max_assembly_memory,
+            max_assembly_memory_per_client: l.max_assembly_memory_per_client.map_or_else(
+                || (max_assembly_memory / DEFAULT_ASSEMBLY_SHARE_DIVISOR).max(max_message_size),
+                |v| v.0 as usize,
+            ),
+            assembly_timeout: self.nonzero(l.assembly_timeout, DEFAULT_ASSEMBLY_TIMEOUT, "limits.assembly_timeout")?,
             max_fragments: match l.max_fragments {
                 None => DEFAULT_MAX_FRAGMENTS,
                 Some(0) => return Err(self.err_key("limits.max_fragments", "must be at least 1")),
@@ -232,6 +238,14 @@ impl Validator<'_> {
             return Err(self.err_key(
                 "limits.max_assembly_memory",
                 "must be at least limits.max_message_size (one whole message)",
+            ));
+        }
+        if limits.max_assembly_memory_per_client < limits.max_message_size
+            || limits.max_assembly_memory_per_client > limits.max_assembly_memory
+        {
+            return Err(self.err_key(
+                "limits.max_assembly_memory_per_client",
+                "must be at least limits.max_message_size (one whole message) and at most limits.max_assembly_memory",
             ));
         }
         Ok(limits)

@@ -1,5 +1,6 @@
 //! One side of a session: its stream and the buffers around it.
 
+use crate::limits::MessageRate;
 use crate::wire::{self, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT};
 use bytes::{Buf, BytesMut};
 use std::{
@@ -36,6 +37,10 @@ pub struct Endpoint<S> {
     /// The relayed output ends inside a data frame (streamed through in pieces): gateway
     /// frames wait in `ctl` until the rest of it has been written.
     pub(super) open: bool,
+    /// The client's message rate as [`Endpoint::first_text`] left it, and until when
+    /// the token's frame holds reading back: the frames sent before a `first_message`
+    /// token paid toward it, and the relay goes on from there.
+    pub(super) paid: Option<Box<(MessageRate, Option<tokio::time::Instant>)>>,
 }
 
 impl<S> Endpoint<S> {
@@ -58,6 +63,7 @@ impl<S> Endpoint<S> {
             masked,
             dirty: false,
             open: false,
+            paid: None,
         }
     }
 
@@ -213,7 +219,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Endpoint<S> {
     /// `MAX_PRE_TOKEN_FRAMES` frames (controls included: an unauthenticated client
     /// cannot keep the gateway busy with pings). Frames behind it stay for the relay.
     /// `None` on anything else.
-    pub async fn first_text(&mut self, max: usize) -> Option<String> {
+    ///
+    /// Every frame pays toward the client's message rate (`rate`, `burst`), as in the
+    /// relay: past it, nothing more is read until the rate allows (backpressure; the
+    /// caller's `first_message_timeout` bounds the wait), and the relay goes on with
+    /// what was paid here.
+    pub async fn first_text(&mut self, max: usize, rate: crate::config::Rate, burst: u32) -> Option<String> {
+        let mut paid = (MessageRate::new(rate, burst), None);
+        let text = self.first_text_paying(max, &mut paid).await;
+        self.paid = Some(Box::new(paid));
+        text
+    }
+
+    async fn first_text_paying(&mut self, max: usize, (rate, wait): &mut (MessageRate, Option<tokio::time::Instant>)) -> Option<String> {
         let mut text = Vec::new();
         let mut started = false;
         let mut frames = 0;
@@ -245,7 +263,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Endpoint<S> {
                     }
                     // A control frame may come between the fragments (RFC 6455 5.4): only
                     // the final data frame ends the message.
-                    if started && h.fin && !h.is_control() {
+                    let done = started && h.fin && !h.is_control();
+                    // The frame is paid for; past the rate, the next one waits. After the
+                    // token, the relay does that wait (the token is checked meanwhile).
+                    *wait = rate.take(tokio::time::Instant::now());
+                    if let (Some(until), false) = (*wait, done) {
+                        tokio::time::sleep_until(until).await;
+                    }
+                    if done {
                         break;
                     }
                     continue;
@@ -269,6 +294,11 @@ mod tests {
     use super::*;
     use crate::relay::frames::tests::{frame, frames};
 
+    const UNLIMITED: crate::config::Rate = crate::config::Rate {
+        count: 1_000_000,
+        per: std::time::Duration::from_secs(1),
+    };
+
     #[tokio::test]
     async fn frames_before_a_first_message_token_are_capped() {
         use tokio::io::AsyncWriteExt;
@@ -281,7 +311,11 @@ mod tests {
         }
         wire_bytes.extend(frame(OP_TEXT, true, b"token", k));
         client.write_all(&wire_bytes).await.unwrap();
-        assert_eq!(ep.first_text(1024).await, None, "the token came after the frame budget");
+        assert_eq!(
+            ep.first_text(1024, UNLIMITED, 1).await,
+            None,
+            "the token came after the frame budget"
+        );
         let (gateway_side, mut client) = tokio::io::duplex(1 << 16);
         let mut ep = Endpoint::client(gateway_side, &[]);
         let mut wire_bytes = Vec::new();
@@ -290,7 +324,7 @@ mod tests {
         }
         wire_bytes.extend(frame(OP_TEXT, true, b"token", k));
         client.write_all(&wire_bytes).await.unwrap();
-        assert_eq!(ep.first_text(1024).await.as_deref(), Some("token"));
+        assert_eq!(ep.first_text(1024, UNLIMITED, 1).await.as_deref(), Some("token"));
     }
 
     #[tokio::test]
@@ -304,7 +338,7 @@ mod tests {
         wire_bytes.extend(frame(OP_CONTINUATION, true, b"c\"}", k));
         wire_bytes.extend(frame(OP_TEXT, true, b"next", k));
         client.write_all(&wire_bytes).await.unwrap();
-        let text = ep.first_text(1024).await;
+        let text = ep.first_text(1024, UNLIMITED, 1).await;
         assert_eq!(text.as_deref(), Some("{\"token\": \"abc\"}"));
         let mut pong = [0u8; 4];
         client.read_exact(&mut pong).await.unwrap();

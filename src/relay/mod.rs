@@ -50,7 +50,7 @@ mod pump;
 mod timers;
 
 pub use endpoint::Endpoint;
-pub use frames::AssemblyBudget;
+pub use frames::{AssemblyBudget, AssemblyShare};
 
 use crate::error::{CloseReason, Initiator};
 use crate::metrics::SessionMetrics;
@@ -80,18 +80,19 @@ pub struct Settings {
     /// Checks on client messages (a route with `[routes.validate]`): its text messages
     /// are assembled and checked before they go on instead of streaming.
     pub validator: Option<std::sync::Arc<crate::validation::Validator>>,
-    /// Shared by every session of the gateway: bounds what validated messages being
-    /// assembled hold together (`None`: unbounded, for benches).
-    pub assembly_budget: Option<std::sync::Arc<AssemblyBudget>>,
+    /// The gateway-wide budget for validated messages being assembled, this client's
+    /// share of it, and how long a message may take (`None`: unbounded, for benches).
+    pub assembly: Option<std::sync::Arc<AssemblyShare>>,
 }
 
 impl Settings {
     /// The limits and timers `config` sets, with the route's message checks
-    /// (`validator`) and the gateway's assembly budget.
+    /// (`validator`) and the client's share of the assembly budget (`assembly`, for a
+    /// validated route).
     pub fn from_config(
         config: &crate::config::Config,
         validator: Option<std::sync::Arc<crate::validation::Validator>>,
-        assembly_budget: Option<std::sync::Arc<AssemblyBudget>>,
+        assembly: Option<std::sync::Arc<AssemblyShare>>,
     ) -> Settings {
         let (s, l) = (&config.server, &config.limits);
         Settings {
@@ -105,7 +106,7 @@ impl Settings {
             max_message_size: l.max_message_size,
             max_fragments: l.max_fragments,
             validator,
-            assembly_budget,
+            assembly,
         }
     }
 
@@ -126,7 +127,7 @@ impl Settings {
             max_message_size: max_size,
             max_fragments: u32::MAX,
             validator: None,
-            assembly_budget: None,
+            assembly: None,
         }
     }
 }
@@ -192,6 +193,10 @@ where
     U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let mut core = Core::new(settings);
+    if let Some(paid) = client.paid.take() {
+        let (rate, wait) = *paid;
+        core.continue_rate(rate, wait); // what the frames before a `first_message` token paid
+    }
     let mut timers = timers::Timers::new(settings, &control);
     let cancelled = control.shutdown.cancelled();
     tokio::pin!(cancelled);
@@ -219,6 +224,9 @@ where
         if std::mem::take(&mut core.activity) {
             timers.active();
             core.report(metrics);
+        }
+        if let Some(ev) = timers.poll_assembly(cx, settings, &core) {
+            return Poll::Ready(ev);
         }
         timers.poll_idle(cx, settings).map_or(Poll::Pending, Poll::Ready)
     })

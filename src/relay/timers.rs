@@ -23,6 +23,8 @@ pub(super) struct Timers {
     progress: Option<Pin<Box<Sleep>>>,
     started: Instant,
     last_activity: Instant,
+    /// Armed for the deadline of the message being assembled, if any.
+    assembly: Option<Pin<Box<Sleep>>>,
 }
 
 impl Timers {
@@ -37,6 +39,7 @@ impl Timers {
             progress: control.progress.map(|every| Box::pin(sleep_until(now + every))),
             started: now,
             last_activity: now,
+            assembly: None,
         }
     }
 
@@ -114,6 +117,24 @@ impl Timers {
         client.put(OP_PING, &payload);
         rearm(&mut self.ping, Instant::now() + settings.ping_interval, cx);
         None
+    }
+
+    /// A message being assembled for validation that is not complete by its deadline
+    /// ends the session (1001): its memory is not held for a client that stalls or
+    /// trickles.
+    pub(super) fn poll_assembly(&mut self, cx: &mut Context<'_>, settings: &Settings, core: &Core) -> Option<Event> {
+        let (Some(started), Some(share)) = (core.assembly_started, settings.assembly.as_ref()) else {
+            self.assembly = None;
+            return None;
+        };
+        let deadline = started + share.timeout;
+        match &mut self.assembly {
+            Some(sleep) if sleep.deadline() == deadline => {}
+            Some(sleep) => sleep.as_mut().reset(deadline),
+            slot => *slot = Some(Box::pin(sleep_until(deadline))),
+        }
+        let sleep = self.assembly.as_mut()?;
+        fired(sleep, cx).then_some(Event::End(CloseReason::MessageStalled))
     }
 
     /// No frame either way for `idle_timeout` ends the session.

@@ -20,7 +20,7 @@ use crate::wire::{self, OP_BINARY, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, U
 use bytes::{Bytes, BytesMut};
 use std::{collections::VecDeque, pin::Pin, sync::Arc, task::Context, time::Duration};
 use tokio::time::{Instant, Sleep, sleep_until};
-pub use validated::AssemblyBudget;
+pub use validated::{AssemblyBudget, AssemblyShare};
 use validated::{Mode, grow};
 
 /// Prefix of the gateway's keep-alive ping payload; a big-endian sequence number follows.
@@ -143,8 +143,11 @@ pub(super) struct Core {
     /// Checks on client messages (routes with `[routes.validate]`).
     validator: Option<Arc<Validator>>,
     /// What every session's assembly buffers may hold together, and this session's share.
-    budget: Option<Arc<AssemblyBudget>>,
+    assembly: Option<Arc<AssemblyShare>>,
     held: usize,
+    /// When the message being assembled started (its memory is held from then; it must
+    /// be complete `assembly_timeout` later); `None` while none is.
+    pub(super) assembly_started: Option<Instant>,
     /// Validated client messages, each whole as one frame under a gateway key, and what
     /// followed them in the same call: written to the upstream right after the output
     /// `process` returned (so a read full of small messages is one write, not one each).
@@ -175,8 +178,9 @@ impl Core {
             rate_abuse_timeout: settings.rate_abuse_timeout,
             now: None,
             validator: settings.validator.clone(),
-            budget: settings.assembly_budget.clone(),
+            assembly: settings.assembly.clone(),
             held: 0,
+            assembly_started: None,
             ready: BytesMut::new(),
             rejected: [0; 4],
             rejected_reported: [0; 4],
@@ -229,6 +233,10 @@ impl Core {
                 };
                 let head = &mut buf[r..r + h.header_len];
                 self.start_frame(from, &h, head, mode);
+                if mode == Mode::Assemble && h.opcode != OP_CONTINUATION && self.assembly.is_some() {
+                    // The message's memory is held from now: it must be whole in time.
+                    self.assembly_started = Some(*self.now.get_or_insert_with(Instant::now));
+                }
                 if mode == Mode::Stream {
                     w = self.emit(buf, r..r + h.header_len, w);
                 }
@@ -352,7 +360,7 @@ impl Core {
                     wire::apply_mask(piece, wire::rotate(m, at));
                 }
                 dec.utf8.feed(piece, last).map_err(bad)?;
-                self.held += grow(&mut dec.assembly, n, max_message, self.budget.as_deref()).ok_or(CloseReason::Overloaded)?;
+                self.held += grow(&mut dec.assembly, n, max_message, self.assembly.as_deref()).ok_or(CloseReason::Overloaded)?;
                 dec.assembly.extend_from_slice(piece);
             }
             Mode::Skip => {}
@@ -493,6 +501,13 @@ impl Core {
         }
         self.throttle = Some(Box::pin(sleep_until(until)));
         Some(Stop::Throttle)
+    }
+
+    /// Go on from the message rate a client paid into before the relay started (the
+    /// frames before its `first_message` token), not reading before `wait` if set.
+    pub(super) fn continue_rate(&mut self, paid: MessageRate, wait: Option<Instant>) {
+        self.rate = paid;
+        self.throttle = wait.map(|until| Box::pin(sleep_until(until)));
     }
 
     /// Whether reading from the client must wait for the message rate; registers the timer.
