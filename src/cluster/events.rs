@@ -133,16 +133,27 @@ impl Cluster {
                 }
                 Event::Kick { .. } => {}
             }
+            // One round trip on a single server; on a Redis Cluster the set and the
+            // channel hash to different slots, so the state is written first, then
+            // announced (a pipeline would be refused as CROSSSLOT).
+            if matches!(con, super::connection::Conn::Cluster(_)) && !matches!(event, Event::Kick { .. }) {
+                pipe.query_async::<()>(&mut con).await?;
+                pipe = redis::pipe();
+            }
             pipe.publish(&self.channel, payload).ignore();
             pipe.query_async::<()>(&mut con).await
         };
         let started = tokio::time::Instant::now();
-        let result = match tokio::time::timeout(ACTION_TIMEOUT, write).await {
+        let written = tokio::time::timeout(ACTION_TIMEOUT, write).await;
+        let result = match &written {
             Ok(Ok(())) => "ok",
             Ok(Err(_)) => "error",
             Err(_) => "timeout",
         };
         metrics.cluster_op(op, result, started.elapsed());
+        if let Ok(Err(e)) = &written {
+            tracing::debug!(op, error = %e, "cluster: Redis refused an admin action's write");
+        }
         if result != "ok" {
             self.forget_connection().await;
             tracing::warn!(

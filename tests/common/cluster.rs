@@ -149,3 +149,130 @@ impl Redis {
         redis::cmd("DBSIZE").query_async(&mut con).await.unwrap()
     }
 }
+
+impl Redis {
+    /// A replica of `master` on a free port.
+    pub fn start_replica_of(master: &Redis) -> Redis {
+        let port = free_port();
+        Redis::spawn(
+            port,
+            &[
+                "--port".into(),
+                port.to_string().into(),
+                "--replicaof".into(),
+                "127.0.0.1".into(),
+                master.port.to_string().into(),
+            ],
+        )
+    }
+
+    /// A Sentinel watching `master` under the name `name` (quorum 2, down after 1 s),
+    /// its config file in `dir`.
+    pub fn start_sentinel(dir: &std::path::Path, master: &Redis, name: &str) -> Redis {
+        let port = free_port();
+        let conf = dir.join(format!("sentinel-{port}.conf"));
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {d}\nsentinel monitor {name} 127.0.0.1 {m} 2\n\
+                 sentinel down-after-milliseconds {name} 1000\nsentinel failover-timeout {name} 5000\n\
+                 sentinel parallel-syncs {name} 1\n",
+                d = dir.display(),
+                m = master.port
+            ),
+        )
+        .unwrap();
+        let child = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server --sentinel is needed (Debian's redis-server)");
+        let deadline = Instant::now() + TIMEOUT;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-sentinel did not start");
+            std::thread::sleep(Duration::from_millis(20)); // kept: polling a process start
+        }
+        Redis { port, child }
+    }
+
+    /// A Redis Cluster node on a free port, its `nodes.conf` in `dir`.
+    pub fn start_cluster_node(dir: &std::path::Path) -> Redis {
+        let port = free_port();
+        Redis::spawn(
+            port,
+            &[
+                "--port".into(),
+                port.to_string().into(),
+                "--cluster-enabled".into(),
+                "yes".into(),
+                "--cluster-config-file".into(),
+                format!("nodes-{port}.conf").into(),
+                "--cluster-node-timeout".into(),
+                "2000".into(),
+                "--dir".into(),
+                dir.into(),
+            ],
+        )
+    }
+
+    /// The role this server reports (`master`, `slave`).
+    pub async fn role(&self) -> String {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{}/0", self.port)).unwrap();
+        let Ok(mut con) = client.get_multiplexed_async_connection().await else {
+            return "down".into();
+        };
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query_async(&mut con)
+            .await
+            .unwrap_or_default();
+        info.lines()
+            .find_map(|l| l.strip_prefix("role:"))
+            .unwrap_or("unknown")
+            .trim()
+            .to_string()
+    }
+}
+
+/// Three masters joined into one Redis Cluster (no replicas), once it reports `ok`.
+pub async fn redis_cluster(dir: &std::path::Path) -> Vec<Redis> {
+    let nodes: Vec<Redis> = (0..3).map(|_| Redis::start_cluster_node(dir)).collect();
+    let mut create = Command::new("redis-cli");
+    create.arg("--cluster").arg("create");
+    for n in &nodes {
+        create.arg(format!("127.0.0.1:{}", n.port));
+    }
+    let ok = create
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("redis-cli is needed (Debian's redis-tools, with redis-server)")
+        .success();
+    assert!(ok, "redis-cli --cluster create failed");
+    // Every node must agree before clients use it (else MOVED or CLUSTERDOWN answers).
+    for port in nodes.iter().map(|n| n.port) {
+        wait_until("every Redis Cluster node reports ok", TIMEOUT, || async move {
+            let client = redis::Client::open(format!("redis://127.0.0.1:{port}/0")).unwrap();
+            let Ok(mut con) = client.get_multiplexed_async_connection().await else {
+                return false;
+            };
+            let info: String = redis::cmd("CLUSTER").arg("INFO").query_async(&mut con).await.unwrap_or_default();
+            info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:3") && info.contains("cluster_slots_ok:16384")
+        })
+        .await;
+    }
+    nodes
+}
+
+/// A gateway in cluster mode with `cluster` lines, once it is connected to Redis.
+pub async fn connected_instance(cluster: &str, dir: &std::path::Path, limits: &str) -> Gw {
+    let gw = instance_with(cluster, dir, limits).await;
+    wait_until("the instance connected to Redis", TIMEOUT, || async {
+        gw.metric("wsgate_cluster_up").await == 1.0
+    })
+    .await;
+    gw
+}
