@@ -28,10 +28,11 @@ const MAX_ADMIN_CONNECTIONS_PER_IP: usize = 8;
 
 /// The admin listener's connections, oldest first. A full listener never turns a new
 /// connection away while an older one sits idle (waiting for a request head, between
-/// requests, or writing an answer): the oldest idle one is closed to make room, one of
-/// the same address first. So partial request heads cannot starve health checks,
+/// requests, or writing an answer): an idle one is closed to make room: of the same
+/// address when that address is at its cap, else the oldest idle one of the address that
+/// holds the most connections. So partial request heads cannot starve health checks,
 /// scrapes or the admin API: an address at its cap only displaces its own connections,
-/// a full listener displaces its oldest idle one, and only connections inside a request
+/// a full listener displaces one of the busiest address, and only connections inside a request
 /// (an answer being computed, an admin API body being read) are never displaced.
 #[derive(Default)]
 struct Connections {
@@ -65,10 +66,13 @@ impl Connections {
         let mut c = self.lock();
         let own_full = c.per_ip.get(&key).is_some_and(|n| *n >= MAX_ADMIN_CONNECTIONS_PER_IP);
         if own_full || c.open.len() >= MAX_ADMIN_CONNECTIONS {
-            let victim = c
-                .open
-                .iter()
-                .find(|(_, (k, busy, _))| !busy && (!own_full || *k == key))
+            let idle = c.open.iter().filter(|(_, (k, busy, _))| !busy && (!own_full || *k == key));
+            // A full listener takes the room from the address holding the most connections
+            // (its oldest idle one): a client with one connection still sending its head is
+            // displaced only by a flood from as many addresses as the listener holds, not by
+            // a few addresses opening connections faster than it sends.
+            let victim = idle
+                .max_by_key(|(id, (k, _, _))| (c.per_ip.get(k).copied().unwrap_or(0), std::cmp::Reverse(**id)))
                 .map(|(id, _)| *id)?;
             c.remove(victim);
         }

@@ -289,3 +289,37 @@ async fn partial_request_heads_cannot_starve_the_admin_listener() {
     );
     assert!(started.elapsed() >= Duration::from_secs(2), "closed after {:?}", started.elapsed());
 }
+
+/// Issue 28, item 2: a flood of new connections from a few dozen addresses, faster than
+/// the listener holds them, does not displace a client that is still sending its request
+/// head: a full listener takes the room from the address holding the most connections.
+#[tokio::test]
+async fn a_connection_flood_from_many_addresses_does_not_displace_a_slow_health_check() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (gw, _dir) = gateway("").await;
+    let mut held = Vec::new();
+    // The listener full: 32 addresses, 8 partial heads each.
+    for a in 0..32 {
+        for _ in 0..8 {
+            held.push(partial_head(gw.admin, &format!("127.0.3.{}", a + 1)).await);
+        }
+    }
+    // A health check connects (its head not sent yet) ...
+    let mut check = tokio::net::TcpStream::connect(gw.admin).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // ... while as many new connections again arrive from other addresses.
+    for a in 0..32 {
+        for _ in 0..8 {
+            held.push(partial_head(gw.admin, &format!("127.0.4.{}", a + 1)).await);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    check
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), check.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "the health check got {answer:?}");
+}

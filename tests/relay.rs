@@ -571,3 +571,65 @@ async fn frames_before_a_first_message_token_pay_toward_the_message_rate() {
     ws.send(Message::text(gw.token("alice"))).await.unwrap();
     assert_eq!(roundtrip(&mut ws, "in rate").await, "in rate");
 }
+
+/// A reload that lands while a live session re-checks itself after the reload before it
+/// (two reloads in quick succession) is not missed: the session checks again against the
+/// newer configuration. (The generation to wait on next is taken before the check.)
+#[tokio::test]
+async fn a_reload_that_lands_during_a_recheck_makes_the_session_check_again() {
+    use std::sync::{
+        Mutex,
+        atomic::{AtomicUsize, Ordering},
+    };
+    use tokio_util::sync::CancellationToken;
+    use wsgate::{error::CloseReason, relay};
+
+    /// What a live session is checked by: the second reload tightens the policy, and it
+    /// lands while the check for the first one runs.
+    struct Reloads {
+        current: Mutex<CancellationToken>,
+        checks: AtomicUsize,
+    }
+    impl Reloads {
+        fn reload(&self) {
+            let old = std::mem::replace(&mut *self.current.lock().unwrap(), CancellationToken::new());
+            old.cancel();
+        }
+    }
+    impl relay::Policy for Reloads {
+        fn generation(&self) -> CancellationToken {
+            self.current.lock().unwrap().clone()
+        }
+        fn check(&self) -> Option<CloseReason> {
+            if self.checks.fetch_add(1, Ordering::SeqCst) == 0 {
+                self.reload(); // the second reload, while the first check reads the old config
+                return None;
+            }
+            Some(CloseReason::AccessRevoked)
+        }
+    }
+
+    let policy = Reloads {
+        current: Mutex::new(CancellationToken::new()),
+        checks: AtomicUsize::new(0),
+    };
+    let (_client, gw_client) = tokio::io::duplex(64 * 1024);
+    let (gw_up, _up) = tokio::io::duplex(64 * 1024);
+    let mut settings = relay::Settings::unthrottled(1 << 20);
+    settings.close_timeout = Duration::from_millis(100);
+    let metrics = wsgate::metrics::Metrics::new().session("t");
+    let shutdown = CancellationToken::new();
+    let mut control = relay::Control::new(&shutdown);
+    control.policy = Some(&policy);
+    let (mut c, mut u) = (relay::Endpoint::client(gw_client, &[]), relay::Endpoint::upstream(gw_up, &[]));
+    let relay = relay::run(&mut c, &mut u, &settings, &metrics, control);
+    tokio::pin!(relay);
+    // The relay starts and waits on the generation it was admitted under.
+    assert!(tokio::time::timeout(Duration::from_millis(100), relay.as_mut()).await.is_err());
+    policy.reload(); // the first reload
+    let outcome = tokio::time::timeout(Duration::from_secs(3), relay)
+        .await
+        .expect("the session was not checked against the second reload");
+    assert_eq!(outcome.code, 1008, "{outcome:?}");
+    assert_eq!(policy.checks.load(Ordering::SeqCst), 2);
+}

@@ -62,15 +62,16 @@ impl Timers {
         if self.drain.as_mut().is_some_and(|d| fired(d, cx)) {
             return Some(Event::End(CloseReason::Shutdown));
         }
-        if let (Some(g), Some(policy)) = (self.generation.as_mut(), control.policy)
-            && g.as_mut().poll(cx).is_ready()
-        {
-            if let Some(reason) = policy.check() {
-                return Some(Event::End(reason));
+        if let (Some(g), Some(policy)) = (self.generation.as_mut(), control.policy) {
+            while g.as_mut().poll(cx).is_ready() {
+                // The next generation is taken before the check: a reload that lands while
+                // this check reads the config cancels it, and the session checks again.
+                let next = Box::pin(policy.generation().cancelled_owned());
+                if let Some(reason) = policy.check() {
+                    return Some(Event::End(reason));
+                }
+                *g = next;
             }
-            let mut next = Box::pin(policy.generation().cancelled_owned());
-            let _ = next.as_mut().poll(cx);
-            *g = next;
         }
         if let (Some(p), Some(every)) = (self.progress.as_mut(), control.progress)
             && fired(p, cx)
