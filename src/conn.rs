@@ -26,14 +26,21 @@ const MAX_REQUEST_HEADERS: usize = 100;
 const MAX_LOGGED_NAME: usize = 256;
 
 /// Run one accepted TCP connection to its end; logs and counts exactly once.
-pub(crate) async fn handle(gw: Arc<Gateway>, rt: Arc<Runtime>, tcp: TcpStream, peer: SocketAddr, accepted: Instant, over_cap: bool) {
+/// `rt` is the runtime the connection was accepted under and `admitted_under` the
+/// re-check token taken just before it: a reload between then and the relay's start (a
+/// `first_message` token sent after it, a slow upstream connect) has cancelled it, and
+/// the relay re-checks the session at once against the new config.
+pub(crate) async fn handle(
+    gw: Arc<Gateway>,
+    (rt, admitted_under): (Arc<Runtime>, tokio_util::sync::CancellationToken),
+    tcp: TcpStream,
+    peer: SocketAddr,
+    accepted: Instant,
+    over_cap: bool,
+) {
     let peer_ip = peer.ip().to_canonical();
     // Cluster mode: the shared per-IP check of the TCP peer starts here, while TLS runs.
     let admission = Arc::new(Admission::begin(&gw, &rt, peer_ip, over_cap));
-    // The configuration generation this connection is admitted under: a reload between
-    // now and the relay's start (a `first_message` token sent after it, a slow upstream
-    // connect) makes the relay re-check the session at once against the new config.
-    let admitted_under = gw.recheck_token();
     let result = async {
         // The handshake stages are boxed: their state (TLS accept, hyper's connection
         // and builder) is freed before the session relays, so an idle session stays small.
@@ -334,7 +341,14 @@ mod tests {
         let _c = tokio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (s, peer) = l.accept().await.unwrap();
         let gw = r.gateway.clone();
-        let f = super::handle(gw.clone(), gw.runtime(), s, peer, tokio::time::Instant::now(), false);
+        let f = super::handle(
+            gw.clone(),
+            (gw.runtime(), gw.recheck_token()),
+            s,
+            peer,
+            tokio::time::Instant::now(),
+            false,
+        );
         let size = std::mem::size_of_val(&f);
         assert!(size <= 2560, "connection future is {size} bytes");
     }

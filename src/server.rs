@@ -138,6 +138,10 @@ async fn accept_loop(gw: Arc<Gateway>, listener: TcpListener, stop: Cancellation
         };
         let accepted = Instant::now();
         gw.metrics.accepted();
+        // The re-check token before the runtime: a reload that swaps the runtime after
+        // this cancels the token, so a connection admitted under the old config is
+        // re-checked against the new one (the other order could miss that reload).
+        let admitted_under = gw.recheck_token();
         let rt = gw.runtime();
         let cap = rt.config.server.max_connections;
         let open = gw.open.fetch_add(1, Ordering::Relaxed) + 1;
@@ -158,7 +162,7 @@ async fn accept_loop(gw: Arc<Gateway>, listener: TcpListener, stop: Cancellation
             let gw2 = gw.clone();
             gw.tracker.spawn(async move {
                 let _guard = guard;
-                proxied(gw2, rt, tcp, peer, accepted, over_cap).await;
+                proxied(gw2, (rt, admitted_under), tcp, peer, accepted, over_cap).await;
             });
             continue;
         }
@@ -173,14 +177,21 @@ async fn accept_loop(gw: Arc<Gateway>, listener: TcpListener, stop: Cancellation
         let gw2 = gw.clone();
         gw.tracker.spawn(async move {
             let _guard = (guard, slot);
-            crate::conn::handle(gw2, rt, tcp, peer, accepted, over_cap).await;
+            crate::conn::handle(gw2, (rt, admitted_under), tcp, peer, accepted, over_cap).await;
         });
     }
 }
 
 /// A connection from a trusted L4 proxy: read its PROXY header (within the handshake
 /// timeout), then run the pre-TLS checks on the client it names, then the usual stages.
-async fn proxied(gw: Arc<Gateway>, rt: Arc<Runtime>, mut tcp: TcpStream, peer: SocketAddr, accepted: Instant, over_cap: bool) {
+async fn proxied(
+    gw: Arc<Gateway>,
+    (rt, admitted_under): (Arc<Runtime>, CancellationToken),
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    accepted: Instant,
+    over_cap: bool,
+) {
     let deadline = accepted + rt.config.server.handshake_timeout;
     let client = match tokio::time::timeout_at(deadline, crate::proxy_protocol::read_header(&mut tcp)).await {
         Ok(Ok(addr)) => addr.map(|a| SocketAddr::new(a.ip().to_canonical(), a.port())).unwrap_or(peer),
@@ -204,7 +215,7 @@ async fn proxied(gw: Arc<Gateway>, rt: Arc<Runtime>, mut tcp: TcpStream, peer: S
             return;
         }
     };
-    crate::conn::handle(gw, rt, tcp, client, accepted, over_cap).await;
+    crate::conn::handle(gw, (rt, admitted_under), tcp, client, accepted, over_cap).await;
 }
 
 /// Prune per-IP limiter state on a timer so it does not grow with distinct clients.

@@ -641,3 +641,37 @@ async fn an_mtls_route_removes_tokens_before_the_upstream() {
     let uri = up.log.lock().unwrap().requests[0].0.clone();
     assert_eq!(uri, "/m?k=1");
 }
+
+#[tokio::test]
+async fn a_reload_holds_certificate_sessions_to_their_routes_new_auth_as_admission_would() {
+    let pki = tempfile::tempdir().unwrap();
+    let ours = ca("our client CA");
+    let gw = gateway(&ours, pki.path(), "optional", false, &routes4()).await;
+    let text = |routes: &str| {
+        let lines = tls_lines(pki.path(), "optional", false);
+        config_text(gw.dir.path(), "", routes).replace("self_signed_if_missing = true\n", &lines)
+    };
+    let alice = simple(&ours, "alice", 1);
+    // A certificate naming no usable user: enough for `jwt+mtls` (the token names the user).
+    let nameless = simple(&ours, "alice\u{200B}", 2);
+    let (mut anonymous, _) = wsgate::client::connect(&gw.url("/open"), &opts(&gw, Some(&alice), None))
+        .await
+        .unwrap();
+    let (mut bound, _) = wsgate::client::connect(&gw.url("/jm"), &opts(&gw, Some(&nameless), Some(gw.token("bob"))))
+        .await
+        .unwrap();
+    // A reload that changes nothing leaves both alone.
+    gw.reload(&text(&routes4())).await.unwrap();
+    assert_eq!(roundtrip(&mut bound, "kept").await, "kept");
+    assert_eq!(roundtrip(&mut anonymous, "kept").await, "kept");
+    // The open route now authenticates with certificates: the anonymous session holds no
+    // identity and no place under the per-user cap, so it ends.
+    gw.reload(&text(&routes4().replace(
+        "name = \"open\"\npath = \"/open\"\nupstreams = [\"builtin:echo\"]\nauth = \"none\"",
+        "name = \"open\"\npath = \"/open\"\nupstreams = [\"builtin:echo\"]\nauth = \"mtls\"",
+    )))
+    .await
+    .unwrap();
+    assert_eq!(close_code(&mut anonymous).await, (1008, "access revoked".into()));
+    assert_eq!(roundtrip(&mut bound, "still").await, "still");
+}

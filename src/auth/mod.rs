@@ -219,8 +219,17 @@ impl Methods {
                 _ => Ok(()),
             };
         };
-        if route.auth.uses_cert() && cert.and_then(|c| c.identity()).is_none() {
-            return Err(AuthFailure::CertBinding);
+        // A route that needs authentication now: an anonymous session ends (it holds no
+        // place under the per-user cap and no identity to kick).
+        if route.auth != AuthMode::None && principal.is_none() {
+            return Err(AuthFailure::Missing);
+        }
+        // As at admission: `mtls` needs a certificate that names someone, `jwt+mtls` a
+        // certificate (the token names the user).
+        match route.auth {
+            AuthMode::Mtls if cert.and_then(|c| c.identity()).is_none() => return Err(AuthFailure::CertBinding),
+            AuthMode::JwtMtls if cert.is_none() => return Err(AuthFailure::CertBinding),
+            _ => {}
         }
         if !route.auth.uses_jwt() {
             return Ok(());
