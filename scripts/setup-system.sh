@@ -5,6 +5,8 @@
 #   chromium    headless browser for tests/python/test_browser.py (WebSocket from a real page: Origin,
 #               `bearer.<token>` subprotocol, the upstream's chosen protocol)
 #   redis-server  tests/cluster.rs starts its own on a free loopback port (cluster mode)
+#   haproxy     tests/cluster_ha.rs runs deploy/haproxy.cfg (TCP mode, PROXY v2) in front of three
+#               instances on free loopback ports
 #   pebble      Let's Encrypt's test ACME server: tests/acme.rs starts its own on free loopback
 #               ports, its validation authority pointed at the gateway's listener ([tls.acme])
 set -euo pipefail
@@ -20,6 +22,9 @@ if ! command -v redis-server >/dev/null 2>&1; then
 fi
 if ! command -v pebble >/dev/null 2>&1; then
   need+=(pebble)
+fi
+if ! command -v haproxy >/dev/null 2>&1; then
+  need+=(haproxy)
 fi
 if ((${#need[@]})); then
   echo "setup-system: installing ${need[*]}" >&2

@@ -301,3 +301,64 @@ async fn a_redis_cluster_shares_caps_kicks_and_bans_without_crossslot_errors() {
         assert!(!stats.contains("CROSSSLOT"), "{stats}");
     }
 }
+
+#[tokio::test]
+async fn three_instances_behind_haproxy_with_proxy_v2_share_caps_bans_and_client_addresses() {
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let server = "client_ip_source = \"proxy_protocol\"\ntrusted_proxies = [\"127.0.0.1/32\"]";
+    let cluster = format!("redis = \"redis://127.0.0.1:{}/0\"\n", redis.port);
+    let limits = "max_connections_per_user = 3";
+    let mut gws = Vec::new();
+    for _ in 0..3 {
+        let gw = instance_with_server(server, &cluster, dir.path(), limits).await;
+        gw.wait_metric("wsgate_cluster_up", 1.0).await;
+        gws.push(gw);
+    }
+    let lb = Haproxy::start(&[&gws[0], &gws[1], &gws[2]]);
+    let url = format!("wss://localhost:{}/echo", lb.port);
+    let via_lb = |sub: &str, source: &str| {
+        let mut o = gws[0].options(Some(gws[0].token(sub)));
+        o.source = Some(source.parse().unwrap());
+        o
+    };
+    // HAProxy spreads the sessions (leastconn); the user's cap holds across all three.
+    let mut held = Vec::new();
+    for i in 0..3 {
+        let (mut ws, _) = wsgate::client::connect(&url, &via_lb("olga", &format!("127.0.0.7{i}")))
+            .await
+            .unwrap();
+        assert_eq!(roundtrip(&mut ws, "hi").await, "hi");
+        held.push(ws);
+    }
+    let over = wsgate::client::connect(&url, &via_lb("olga", "127.0.0.74")).await;
+    assert!(matches!(over, Err(tokio_tungstenite::tungstenite::Error::Http(r)) if r.status() == 429));
+    let spread = {
+        let mut n = 0;
+        for gw in &gws {
+            n += usize::from(gw.metric(r#"wsgate_connections_active{route="echo"}"#).await > 0.0);
+        }
+        n
+    };
+    assert!(spread >= 2, "sessions landed on {spread} instance(s)");
+    // Each instance sees the client's own address: a ban of one client's address on one
+    // instance refuses that client through the balancer, whichever instance it reaches.
+    let (status, _) = admin(gws[1].admin, "POST", "/v1/bans", r#"{"cidr":"127.0.0.80","for":"5m"}"#).await;
+    assert_eq!(status, 200);
+    for _ in 0..3 {
+        let banned = wsgate::client::connect(&url, &via_lb("pete", "127.0.0.80")).await;
+        assert!(banned.is_err(), "a banned address got through");
+    }
+    let (mut ok, _) = wsgate::client::connect(&url, &via_lb("pete", "127.0.0.81")).await.unwrap();
+    assert_eq!(roundtrip(&mut ok, "fine").await, "fine");
+    // Each instance logs the client's own address, not HAProxy's.
+    let mut seen = Vec::new();
+    for gw in &gws {
+        let (_, sessions) = admin(gw.admin, "GET", "/v1/sessions?sub=olga", "").await;
+        for s in sessions["sessions"].as_array().into_iter().flatten() {
+            seen.push(s["client_ip"].as_str().unwrap_or_default().to_string());
+        }
+    }
+    seen.sort();
+    assert_eq!(seen, ["127.0.0.70", "127.0.0.71", "127.0.0.72"]);
+}

@@ -91,13 +91,31 @@ pub async fn instance_limited(redis: &Redis, dir: &std::path::Path, limits: &str
 
 /// A gateway with `cluster` lines in `[cluster]` and the admin API on.
 pub async fn instance_with(cluster: &str, dir: &std::path::Path, limits: &str) -> Gw {
+    instance_with_server("", cluster, dir, limits).await
+}
+
+/// Like [`instance_with`], with `server` lines in `[server]`. Every instance serves the
+/// certificate in `dir` (made on first use), as instances behind one balancer do.
+pub async fn instance_with_server(server: &str, cluster: &str, dir: &std::path::Path, limits: &str) -> Gw {
+    let (shared_cert, shared_key) = (dir.join("shared.crt"), dir.join("shared.key"));
+    if !shared_cert.exists() {
+        wsgate::tls::write_self_signed(&shared_cert, &shared_key).unwrap();
+    }
     let token_file = dir.join("admin.token");
     std::fs::write(&token_file, ADMIN_TOKEN).unwrap();
     let secret = dir.join("jwt.secret");
     let rest = format!("[limits]\n{limits}\n{ECHO_ROUTE}\n[cluster]\n{cluster}key_prefix = \"test\"\n");
     let admin = format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n", token_file.display());
-    Gw::start_with("", &rest, |t| {
-        // One JWT secret for every instance, as a real cluster has.
+    Gw::start_with(server, &rest, |t| {
+        // One certificate and one JWT secret for every instance, as a real cluster has.
+        let own_dir = t
+            .split("cert = \"")
+            .nth(1)
+            .and_then(|r| r.split("/server.crt").next())
+            .unwrap()
+            .to_string();
+        std::fs::copy(&shared_cert, std::path::Path::new(&own_dir).join("server.crt")).unwrap();
+        std::fs::copy(&shared_key, std::path::Path::new(&own_dir).join("server.key")).unwrap();
         let t = t.replacen("[admin]\nlisten = \"127.0.0.1:0\"\n", &admin, 1);
         let own = t
             .split("secret_file = \"")
@@ -275,4 +293,41 @@ pub async fn connected_instance(cluster: &str, dir: &std::path::Path, limits: &s
     })
     .await;
     gw
+}
+
+/// HAProxy running `deploy/haproxy.cfg` (TCP mode, PROXY v2) in front of `backends`, on
+/// a free loopback port; stopped when dropped.
+pub struct Haproxy {
+    pub port: u16,
+    child: Child,
+}
+
+impl Haproxy {
+    pub fn start(backends: &[&Gw]) -> Haproxy {
+        let port = free_port();
+        let cfg = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/haproxy.cfg");
+        let mut cmd = Command::new("haproxy");
+        cmd.arg("-db").arg("-f").arg(cfg).env("WSGATE_LB", format!("127.0.0.1:{port}"));
+        for (i, gw) in backends.iter().enumerate() {
+            cmd.env(format!("WSGATE_{}", i + 1), gw.addr.to_string());
+        }
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("haproxy is needed (scripts/test.sh installs Debian's haproxy)");
+        let deadline = Instant::now() + TIMEOUT;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "haproxy did not start");
+            std::thread::sleep(Duration::from_millis(20)); // kept: polling a process start
+        }
+        Haproxy { port, child }
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

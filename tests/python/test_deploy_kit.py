@@ -136,7 +136,9 @@ def test_dashboard_queries_parse_and_read_contract_metrics(tmp_path):
                    "wsgate_connections_rejected_total", "wsgate_auth_failures_total", "wsgate_messages_total",
                    "wsgate_bytes_total", "wsgate_closes_total", "wsgate_errors_total",
                    "wsgate_handshake_duration_seconds", "wsgate_connection_duration_seconds",
-                   "wsgate_upstream_connect_duration_seconds", "wsgate_config_reloads_total"):
+                   "wsgate_upstream_connect_duration_seconds", "wsgate_config_reloads_total",
+                   "wsgate_cluster_up", "wsgate_cluster_mode", "wsgate_cluster_ops_total",
+                   "wsgate_cluster_op_duration_seconds", "wsgate_admin_requests_total"):
         assert needed in used, f"no panel shows {needed}"
     # One recording rule per expression: `promtool check rules` parses each with Prometheus's parser.
     # JSON is YAML, so no YAML library is needed.
