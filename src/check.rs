@@ -80,6 +80,12 @@ pub fn warnings(config: &Config) -> Vec<String> {
                 .to_string(),
         );
     }
+    if config.cluster.as_ref().is_some_and(|c| c.state_file.is_none()) {
+        w.push(
+            "[cluster] without state_file: an instance started while Redis is unreachable knows no bans or revocations and is not ready (503 on /readyz) until Redis answers"
+                .to_string(),
+        );
+    }
     for r in &config.routes {
         if r.auth == AuthMode::None && public {
             w.push(format!("route {:?} has auth = \"none\" on a public listener", r.name));

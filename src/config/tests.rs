@@ -274,3 +274,35 @@ fn acme_errors_name_the_key_and_line() {
         assert!(!e.to_string().contains("hunter2"), "{e}");
     }
 }
+
+#[test]
+fn cluster_takes_one_of_redis_sentinels_and_redis_cluster() {
+    let e = err("[cluster]\nkey_prefix = \"x\"\n");
+    assert_eq!(e.key, "cluster.redis");
+    let e = err("[cluster]\nredis = \"redis://h\"\nredis_cluster = [\"redis://a\"]\n");
+    assert!(e.message.contains("only one"), "{e}");
+    let e = err("[cluster]\nsentinels = [\"redis://s1:26379\"]\n");
+    assert_eq!((e.key.as_str(), e.line), ("cluster.sentinel_master", Some(2)));
+    let e = err("[cluster]\nredis = \"redis://h\"\nsentinel_master = \"m\"\n");
+    assert_eq!((e.key.as_str(), e.line), ("cluster.sentinel_master", Some(3)));
+    let e = err("[cluster]\nsentinels = [\"redis://s1:26379\", \"redis://:pw@s2\"]\nsentinel_master = \"m\"\n");
+    assert_eq!((e.key.as_str(), e.line), ("cluster.sentinels", Some(2)));
+    assert!(!e.to_string().contains("pw@"), "{e}");
+    let e = err("[cluster]\nredis_cluster = [\"redis://a\", \"rediss://b\"]\n");
+    assert_eq!(e.key, "cluster.redis_cluster");
+    assert_eq!(err("[cluster]\nredis_cluster = []\n").key, "cluster.redis_cluster");
+    let c = Config::from_toml_str(
+        "[cluster]\nsentinels = [\"redis://s1:26379\", \"redis://s2:26379\"]\nsentinel_master = \"wsgate\"\nstate_file = \"/var/lib/wsgate/state.json\"\n",
+        "t",
+    )
+    .unwrap()
+    .cluster
+    .unwrap();
+    assert!(matches!(&c.redis, RedisServers::Sentinel { sentinels, master } if sentinels.len() == 2 && master == "wsgate"));
+    assert_eq!(c.state_file.unwrap().value, std::path::PathBuf::from("/var/lib/wsgate/state.json"));
+    let c = Config::from_toml_str("[cluster]\nredis_cluster = [\"rediss://a:7000\"]\n", "t")
+        .unwrap()
+        .cluster
+        .unwrap();
+    assert!(c.redis.tls());
+}
