@@ -9,7 +9,7 @@
 //! `shared` within about a second of Redis answering again, busy or idle.
 
 use super::Cluster;
-use crate::config::{ConfigError, RedisServers};
+use crate::config::{ConfigError, Located, RedisServers};
 use crate::metrics::Metrics;
 use redis::IntoConnectionInfo;
 use std::{sync::atomic::Ordering, time::Duration};
@@ -73,6 +73,40 @@ impl redis::aio::ConnectionLike for Conn {
     }
 }
 
+/// What every Redis connection is made with: the password and the CA, read at start.
+struct Credentials<'a> {
+    origin: &'a str,
+    password: Option<String>,
+    ca_pem: Option<Vec<u8>>,
+}
+
+impl Credentials<'_> {
+    fn certificates(&self) -> Option<redis::TlsCertificates> {
+        self.ca_pem.as_ref().map(|pem| redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem.clone()),
+        })
+    }
+
+    /// A client for one server's URL.
+    fn client(&self, url: &Located<String>) -> Result<redis::Client, ConfigError> {
+        let mut info = url
+            .value
+            .as_str()
+            .into_connection_info()
+            .map_err(|_| url.error(self.origin, "not a usable Redis URL"))?;
+        if let Some(p) = &self.password {
+            let settings = info.redis_settings().clone().set_password(p.clone());
+            info = info.set_redis_settings(settings);
+        }
+        match self.certificates() {
+            None => redis::Client::open(info),
+            Some(certs) => redis::Client::build_with_tls(info, certs),
+        }
+        .map_err(|_| url.error(self.origin, "not a usable Redis URL (or CA file)"))
+    }
+}
+
 impl Servers {
     /// The clients for `c` (password and CA read now; nothing connects yet). Also the
     /// database the keys live in (pub/sub channels are global to a server).
@@ -86,89 +120,78 @@ impl Servers {
             }
             None => None,
         };
-        let certs = match &c.ca {
-            Some(ca) => {
-                let pem = crate::fsutil::read_limited(&ca.value, crate::fsutil::MAX_KEY_FILE)
-                    .map_err(|e| ca.error(origin, format!("cannot read {}: {e}", ca.value.display())))?;
-                Some(pem)
-            }
+        let ca_pem = match &c.ca {
+            Some(ca) => Some(
+                crate::fsutil::read_limited(&ca.value, crate::fsutil::MAX_KEY_FILE)
+                    .map_err(|e| ca.error(origin, format!("cannot read {}: {e}", ca.value.display())))?,
+            ),
             None => None,
         };
-        let tls = |pem: &Vec<u8>| redis::TlsCertificates {
-            client_tls: None,
-            root_cert: Some(pem.clone()),
-        };
-        let client = |url: &crate::config::Located<String>| -> Result<redis::Client, ConfigError> {
-            let mut info = url
+        let creds = Credentials { origin, password, ca_pem };
+        match &c.redis {
+            RedisServers::One(url) => {
+                let client = creds.client(url)?;
+                let db = client.get_connection_info().redis_settings().db();
+                Ok((Servers::One(client), db))
+            }
+            RedisServers::Sentinel { sentinels, master } => Servers::sentinel(&creds, sentinels, master),
+            RedisServers::Cluster(seeds) => Servers::cluster(&creds, seeds),
+        }
+    }
+
+    /// Sentinels watching `master`; they and the servers share the password.
+    fn sentinel(creds: &Credentials<'_>, sentinels: &[Located<String>], master: &str) -> Result<(Servers, i64), ConfigError> {
+        let first = &sentinels[0];
+        let origin = creds.origin;
+        let mut addrs = Vec::new();
+        for url in sentinels {
+            let info = url
                 .value
                 .as_str()
                 .into_connection_info()
                 .map_err(|_| url.error(origin, "not a usable Redis URL"))?;
-            if let Some(p) = &password {
-                let settings = info.redis_settings().clone().set_password(p.clone());
-                info = info.set_redis_settings(settings);
-            }
-            match &certs {
-                None => redis::Client::open(info),
-                Some(pem) => redis::Client::build_with_tls(info, tls(pem)),
-            }
-            .map_err(|_| url.error(origin, "not a usable Redis URL (or CA file)"))
-        };
-        match &c.redis {
-            RedisServers::One(url) => {
-                let client = client(url)?;
-                let db = client.get_connection_info().redis_settings().db();
-                Ok((Servers::One(client), db))
-            }
-            RedisServers::Sentinel { sentinels, master } => {
-                let mut addrs = Vec::new();
-                for url in sentinels {
-                    let info = url
-                        .value
-                        .as_str()
-                        .into_connection_info()
-                        .map_err(|_| url.error(origin, "not a usable Redis URL"))?;
-                    addrs.push(info.addr().clone());
-                }
-                let db = first
-                    .value
-                    .as_str()
-                    .into_connection_info()
-                    .map(|i| i.redis_settings().db())
-                    .unwrap_or(0);
-                let mut b = redis::sentinel::SentinelClientBuilder::new(addrs, master, redis::sentinel::SentinelServerType::Master)
-                    .map_err(|_| first.error(origin, "not usable Sentinel addresses"))?
-                    .set_client_to_redis_db(db);
-                if let Some(p) = &password {
-                    // Sentinels and the servers they watch share the password.
-                    b = b.set_client_to_redis_password(p).set_client_to_sentinel_password(p);
-                }
-                if let Some(pem) = &certs {
-                    b = b
-                        .set_client_to_redis_tls_mode(redis::TlsMode::Secure)
-                        .set_client_to_sentinel_tls_mode(redis::TlsMode::Secure)
-                        .set_client_to_redis_certificates(tls(pem))
-                        .set_client_to_sentinel_certificates(tls(pem));
-                }
-                let sentinel = b.build().map_err(|_| first.error(origin, "not usable Sentinel settings"))?;
-                Ok((Servers::Sentinel(tokio::sync::Mutex::new(sentinel)), db))
-            }
-            RedisServers::Cluster(seeds) => {
-                let mut b = redis::cluster::ClusterClientBuilder::new(seeds.iter().map(|u| u.value.as_str()))
-                    .connection_timeout(ACTION_TIMEOUT)
-                    .response_timeout(ACTION_TIMEOUT)
-                    .retries(2);
-                if let Some(p) = &password {
-                    b = b.password(p.clone());
-                }
-                if let Some(pem) = &certs {
-                    b = b.certs(tls(pem));
-                }
-                let cluster = b.build().map_err(|_| first.error(origin, "not usable Redis Cluster seed URLs"))?;
-                let seeds = seeds.iter().map(client).collect::<Result<_, _>>()?;
-                Ok((Servers::Cluster { client: cluster, seeds }, 0))
-            }
+            addrs.push(info.addr().clone());
         }
+        let db = first
+            .value
+            .as_str()
+            .into_connection_info()
+            .map(|i| i.redis_settings().db())
+            .unwrap_or(0);
+        let mut b = redis::sentinel::SentinelClientBuilder::new(addrs, master, redis::sentinel::SentinelServerType::Master)
+            .map_err(|_| first.error(origin, "not usable Sentinel addresses"))?
+            .set_client_to_redis_db(db);
+        if let Some(p) = &creds.password {
+            b = b.set_client_to_redis_password(p).set_client_to_sentinel_password(p);
+        }
+        if let Some(certs) = creds.certificates() {
+            b = b
+                .set_client_to_redis_tls_mode(redis::TlsMode::Secure)
+                .set_client_to_sentinel_tls_mode(redis::TlsMode::Secure)
+                .set_client_to_redis_certificates(certs.clone())
+                .set_client_to_sentinel_certificates(certs);
+        }
+        let sentinel = b.build().map_err(|_| first.error(origin, "not usable Sentinel settings"))?;
+        Ok((Servers::Sentinel(tokio::sync::Mutex::new(sentinel)), db))
+    }
+
+    /// A Redis Cluster from its seed nodes.
+    fn cluster(creds: &Credentials<'_>, seeds: &[Located<String>]) -> Result<(Servers, i64), ConfigError> {
+        let mut b = redis::cluster::ClusterClientBuilder::new(seeds.iter().map(|u| u.value.as_str()))
+            .connection_timeout(ACTION_TIMEOUT)
+            .response_timeout(ACTION_TIMEOUT)
+            .retries(2);
+        if let Some(p) = &creds.password {
+            b = b.password(p.clone());
+        }
+        if let Some(certs) = creds.certificates() {
+            b = b.certs(certs);
+        }
+        let client = b
+            .build()
+            .map_err(|_| seeds[0].error(creds.origin, "not usable Redis Cluster seed URLs"))?;
+        let seeds = seeds.iter().map(|u| creds.client(u)).collect::<Result<_, _>>()?;
+        Ok((Servers::Cluster { client, seeds }, 0))
     }
 
     /// A plain client for the master (Sentinel: asked now) or, for a Redis Cluster, each

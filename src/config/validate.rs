@@ -407,9 +407,9 @@ impl Validator<'_> {
         Ok(urls)
     }
 
-    /// `[cluster]`: exactly one of `redis`, `sentinels` (with `sentinel_master`) and
-    /// `redis_cluster`; credentials from `redis_password_env` or `_file`.
-    fn cluster(&self, spanned: &Spanned<raw::Cluster>) -> Result<Cluster, ConfigError> {
+    /// `[cluster]`'s Redis: exactly one of `redis`, `sentinels` (with `sentinel_master`)
+    /// and `redis_cluster`.
+    fn redis_servers(&self, spanned: &Spanned<raw::Cluster>) -> Result<RedisServers, ConfigError> {
         let c = spanned.get_ref();
         let redis = match (&c.redis, &c.sentinels, &c.redis_cluster) {
             (Some(url), None, None) => RedisServers::One(self.redis_url(url, "cluster.redis")?),
@@ -445,6 +445,13 @@ impl Validator<'_> {
         if let (Some(m), false) = (&c.sentinel_master, matches!(redis, RedisServers::Sentinel { .. })) {
             return Err(self.err(m, "cluster.sentinel_master", "goes with sentinels"));
         }
+        Ok(redis)
+    }
+
+    /// `[cluster]`: where Redis is, credentials from `redis_password_env` or `_file`.
+    fn cluster(&self, spanned: &Spanned<raw::Cluster>) -> Result<Cluster, ConfigError> {
+        let c = spanned.get_ref();
+        let redis = self.redis_servers(spanned)?;
         let password = match (&c.redis_password_env, &c.redis_password_file) {
             (Some(e), Some(_)) => {
                 return Err(self.err(
