@@ -7,6 +7,15 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Wait until a process just started (`what`) accepts connections on `port`.
+fn wait_for_port(port: u16, what: &str) {
+    let deadline = Instant::now() + TIMEOUT;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not start");
+        std::thread::sleep(Duration::from_millis(20)); // kept: polling a process start
+    }
+}
+
 pub const ADMIN_TOKEN: &str = "cluster-admin-token-0123456789abcdef";
 
 /// A `redis-server` on a free loopback port, stopped when dropped.
@@ -25,11 +34,7 @@ impl Redis {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server is needed (scripts/test.sh installs Debian's redis-server)");
-        let deadline = Instant::now() + TIMEOUT;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20)); // kept: polling a process start
-        }
+        wait_for_port(port, "redis-server");
         Redis { port, child }
     }
 
@@ -207,11 +212,7 @@ impl Redis {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server --sentinel is needed (Debian's redis-server)");
-        let deadline = Instant::now() + TIMEOUT;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-sentinel did not start");
-            std::thread::sleep(Duration::from_millis(20)); // kept: polling a process start
-        }
+        wait_for_port(port, "redis-sentinel");
         Redis { port, child }
     }
 
@@ -316,11 +317,7 @@ impl Haproxy {
             .stderr(Stdio::null())
             .spawn()
             .expect("haproxy is needed (scripts/test.sh installs Debian's haproxy)");
-        let deadline = Instant::now() + TIMEOUT;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "haproxy did not start");
-            std::thread::sleep(Duration::from_millis(20)); // kept: polling a process start
-        }
+        wait_for_port(port, "haproxy");
         Haproxy { port, child }
     }
 }
