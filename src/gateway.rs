@@ -83,7 +83,8 @@ pub struct Runtime {
     pub ws_config: WebSocketConfig,
     /// Message checks (`[routes.validate]`, schema files compiled), by route index.
     pub validators: Vec<Option<Arc<Validator>>>,
-    /// Every route's `forward_claims` header names, removed from every client request.
+    /// Every route's `forward_claims` header names, and `Authorization` when a route has
+    /// `forward_token`: removed from every client request.
     pub identity_headers: Vec<http::HeaderName>,
     /// The admin API's bearer token (`admin.token_file`); `None`: the API is off.
     pub admin_token: Option<crate::keys::Secret>,
@@ -132,6 +133,12 @@ impl Runtime {
             .iter()
             .flat_map(|r| r.forward_claims.iter().map(|(_, h)| h.clone()))
             .collect();
+        // A route with `forward_token` vouches for `Authorization`: a client's own copy
+        // (forged, revoked, refused on that route) must not reach an upstream through
+        // another route, as one upstream may serve several.
+        if config.routes.iter().any(|r| r.forward_token) {
+            identity_headers.push(http::header::AUTHORIZATION);
+        }
         identity_headers.sort_by(|a, b| a.as_str().cmp(b.as_str()));
         identity_headers.dedup();
         let admin_token = config

@@ -94,6 +94,27 @@ async fn forward_token_passes_it_as_bearer() {
     assert_eq!(up.header(0, "authorization"), Some(format!("Bearer {token}")));
 }
 
+/// One upstream behind a route that forwards the verified token and an open route:
+/// the upstream cannot tell the two requests apart, so a client's own `Authorization`
+/// (forged, revoked, refused elsewhere) must not reach it through the open route.
+#[tokio::test]
+async fn a_client_authorization_never_passes_where_another_route_forwards_tokens() {
+    let up = upstream(Behaviour::Echo).await;
+    let routes = format!(
+        "{}forward_token = true\n{}",
+        route("app", "/app", &up.url(), "jwt"),
+        route("open", "/open", &up.url(), "none")
+    );
+    let gw = Gw::start("", &routes).await;
+    let mut opts = gw.options(None);
+    opts.headers = vec![("Authorization".into(), "Bearer forged.by.client".into())];
+    let (_ws, _) = gw.try_connect("/open", &opts).await.unwrap();
+    assert_eq!(up.header(0, "authorization"), None);
+    let token = gw.token("alice");
+    let (_ws2, _) = gw.try_connect("/app", &gw.options(Some(token.clone()))).await.unwrap();
+    assert_eq!(up.header(1, "authorization"), Some(format!("Bearer {token}")));
+}
+
 #[tokio::test]
 async fn session_closes_4401_when_the_token_expires() {
     let up = upstream(Behaviour::Echo).await;
