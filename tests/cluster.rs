@@ -524,3 +524,59 @@ async fn alone_with_more_instances_than_the_burst_an_instance_still_admits() {
         assert!(served(&gws[0], "127.0.0.62").await);
     }
 }
+
+/// Auth-failure bans are made by clients, one per banned address, and each is kept while
+/// Redis is away like an admin's action: a flood of them must not push out a revocation
+/// made meanwhile (the resync after the reconnect would lift it here too, and no other
+/// instance would ever get it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_auth_bans_while_redis_is_away_does_not_undo_a_revocation() {
+    let mut redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let limits = "auth_failures_per_ip = 1\nconnection_rate_per_ip = \"100000/s\"\nconnection_burst_per_ip = 100000";
+    let gw = std::sync::Arc::new(instance_limited(&redis, dir.path(), limits).await);
+    redis.kill();
+    wait_until("the instance saw Redis go", TIMEOUT, || async {
+        gw.metric("wsgate_cluster_up").await == 0.0
+    })
+    .await;
+    let token = gw.token_with("dave", Duration::from_secs(600), &[("jti", "j-dave")]);
+    let (status, body) = admin(gw.admin, "POST", "/v1/revocations", r#"{"jti":"j-dave"}"#).await;
+    assert_eq!((status, body["shared"].as_bool()), (200, Some(false)));
+    assert_eq!(gw.refusal("/echo", &from(&gw, token.clone(), "127.0.0.20")).await.status(), 401);
+    // More auth bans than actions are kept (10 000), each from its own address.
+    const BANS: u32 = 10_050;
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let workers: Vec<_> = (0..16)
+        .map(|_| {
+            let (gw, next) = (gw.clone(), next.clone());
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= BANS {
+                        return;
+                    }
+                    let n = 0x10000 + i; // 127.1.0.0 onwards
+                    let source = format!("127.{}.{}.{}", (n >> 16) & 255, (n >> 8) & 255, n & 255);
+                    assert_eq!(gw.refusal("/echo", &from(&gw, "bad".into(), &source)).await.status(), 401);
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await.unwrap();
+    }
+    let _redis = Redis::start_on(redis.port);
+    wait_until("the instance reconnected", TIMEOUT, || async {
+        gw.metric("wsgate_cluster_up").await == 1.0
+    })
+    .await;
+    // Past a resync: what Redis does not hold and is not kept to be written is lifted.
+    let synced = gw.metric(r#"wsgate_cluster_ops_total{op="sync",result="ok"}"#).await;
+    wait_until("a resync after the reconnect", wsgate::cluster::RESYNC * 3, || async {
+        gw.metric(r#"wsgate_cluster_ops_total{op="sync",result="ok"}"#).await > synced
+    })
+    .await;
+    let resp = gw.refusal("/echo", &from(&gw, token, "127.0.0.21")).await;
+    assert_eq!(resp.status(), 401, "the revocation made while Redis was away still holds");
+}

@@ -73,15 +73,8 @@ impl Cluster {
     pub async fn publish(&self, event: Event, metrics: &Metrics) -> bool {
         // Pending while in flight too, so a resync meanwhile does not undo it here. A kick
         // is not kept: written later it would close sessions opened since.
-        let keep = !matches!(event, Event::Kick { .. });
+        let keep = !matches!(event, Event::Kick { .. }) && self.keep_pending(&event);
         self.state_changed();
-        if keep {
-            let mut pending = crate::util::lock(&self.pending);
-            if pending.len() >= MAX_PENDING {
-                pending.pop_front();
-            }
-            pending.push_back(event.clone());
-        }
         let ok = self.write(&event, metrics).await;
         if ok && keep {
             let mut pending = crate::util::lock(&self.pending);
@@ -90,6 +83,27 @@ impl Cluster {
             }
         }
         ok
+    }
+
+    /// Queue `event` to be written again at the next connect; whether it was queued. When
+    /// the queue is full, auth-failure bans go first: clients cause them (one per banned
+    /// address), and a flood of them must not push out an admin's ban or revocation, which
+    /// the resync after the reconnect would then lift here too.
+    fn keep_pending(&self, event: &Event) -> bool {
+        let mut pending = crate::util::lock(&self.pending);
+        if pending.len() >= MAX_PENDING {
+            match pending.iter().position(|e| matches!(e, Event::AuthBan { .. })) {
+                Some(i) => {
+                    pending.remove(i);
+                }
+                None if matches!(event, Event::AuthBan { .. }) => return false,
+                None => {
+                    pending.pop_front();
+                }
+            }
+        }
+        pending.push_back(event.clone());
+        true
     }
 
     /// Write what did not reach Redis before, oldest first; stops at the first failure.
