@@ -60,6 +60,22 @@ async fn missing_and_bad_tokens_get_401_and_never_reach_upstream() {
     assert_eq!(roundtrip(&mut ws, "ok").await, "ok");
 }
 
+/// A user the admin API can name: an empty `sub`, or one longer than a kick takes (256
+/// bytes), would make sessions no kick reaches; refused like such a certificate name.
+#[tokio::test]
+async fn an_empty_or_overlong_sub_is_no_identity() {
+    let (gw, up) = gw_with_upstream().await;
+    for sub in [String::new(), "u".repeat(257)] {
+        let resp = gw.refusal("/app", &gw.options(Some(gw.token(&sub)))).await;
+        assert_eq!(resp.status(), 401, "sub of {} bytes", sub.len());
+    }
+    gw.wait_metric(r#"wsgate_auth_failures_total{route="app",reason="malformed"}"#, 2.0)
+        .await;
+    assert_eq!(up.requests(), 0);
+    let (mut ws, _) = gw.try_connect("/app", &gw.options(Some(gw.token(&"u".repeat(256))))).await.unwrap();
+    assert_eq!(roundtrip(&mut ws, "ok").await, "ok");
+}
+
 #[tokio::test]
 async fn token_in_subprotocol_is_removed_and_app_protocol_answered() {
     let (gw, up) = gw_with_upstream().await;

@@ -274,7 +274,13 @@ impl Verifier {
         let sub = match claims.get(&self.identity_claim) {
             None if self.identity_required => return Err(AuthFailure::MissingClaim),
             None => None,
-            Some(v) => Some(claim_text(v).ok_or(AuthFailure::Malformed)?),
+            // As for a certificate: an empty name, or one longer than an admin can name
+            // in a kick, is no identity (its sessions could not be kicked).
+            Some(v) => Some(
+                claim_text(v)
+                    .filter(|s| !s.is_empty() && s.len() <= crate::tls::MAX_IDENTITY)
+                    .ok_or(AuthFailure::Malformed)?,
+            ),
         };
         let exp = match claims.get("exp") {
             None => None,
