@@ -106,6 +106,9 @@ async fn handshake(rt: &Runtime, tcp: TcpStream, accepted: Instant, admission: &
         return Ok(None);
     };
     admission.set_cert(cert);
+    // With SNI, every request on this connection must be for a name of the certificate
+    // the handshake chose for it (no domain fronting): the same choice, made again.
+    admission.set_sni_certificate(tls.get_ref().1.server_name().and_then(|sni| rt.certs.for_sni(Some(sni))));
     let ctx = admission.clone();
     let service = service_fn(move |req| {
         let ctx = ctx.clone();

@@ -348,8 +348,29 @@ impl Gateway {
     /// The Prometheus text of every metric, with the limiter's running totals brought up to date.
     pub fn render_metrics(&self) -> String {
         self.metrics.limiter_evictions(self.per_ip().evicted());
-        self.metrics.certificate_expiry(self.runtime().certs.current().map(|c| c.not_after));
+        self.certificate_expiries();
         self.metrics.render()
+    }
+
+    /// The expiry gauge: the soonest certificate unlabelled (0 while ACME has none), and
+    /// with `[[tls.certificates]]` one series per certificate.
+    fn certificate_expiries(&self) {
+        let rt = self.runtime();
+        let current = rt.certs.current().map(|c| c.not_after);
+        let acme = rt.config.tls.acme.is_some();
+        let files: Vec<i64> = rt
+            .certs
+            .all()
+            .iter()
+            .map(|c| c.not_after)
+            .take(rt.config.tls.certificates.len())
+            .collect();
+        let soonest = files.iter().copied().chain(current).min();
+        self.metrics
+            .certificate_expiry(if acme && current.is_none() { None } else { soonest });
+        if !rt.config.tls.certificates.is_empty() {
+            self.metrics.certificate_expiries(&files, acme.then_some(current));
+        }
     }
 
     /// Ready to serve: not draining, and every route has an upstream not in back-off.

@@ -75,6 +75,9 @@
 //! The public modules are the surface `main`, the integration tests and the benches
 //! use; the rest is crate-private.
 #![forbid(unsafe_code)]
+// The connection future nests the cluster client's (redis) futures deeply; the Send
+// check of `server`'s spawn needs more than the default 128 levels.
+#![recursion_limit = "256"]
 #![warn(unreachable_pub, clippy::self_named_module_files)]
 
 mod acme;

@@ -80,6 +80,8 @@ pub(crate) struct Admission {
     verdict: Mutex<Verdict>,
     /// The client certificate the TLS handshake verified.
     cert: std::sync::OnceLock<Arc<ClientCert>>,
+    /// The server certificate of a client that sent SNI: `Host` must be one of its names.
+    sni_certificate: std::sync::OnceLock<Arc<crate::tls::Served>>,
     /// Cluster mode: the shared per-IP check of the TCP peer, started at accept.
     shared_ip: Mutex<Option<SharedIpCheck>>,
 }
@@ -135,6 +137,7 @@ impl Admission {
             over_cap,
             verdict: Mutex::default(),
             cert: std::sync::OnceLock::new(),
+            sni_certificate: std::sync::OnceLock::new(),
         }
     }
 
@@ -142,6 +145,13 @@ impl Admission {
     pub(crate) fn set_cert(&self, cert: Option<Arc<ClientCert>>) {
         if let Some(c) = cert {
             let _ = self.cert.set(c);
+        }
+    }
+
+    /// The certificate served to a client that sent SNI (set once, before the request is read).
+    pub(crate) fn set_sni_certificate(&self, served: Option<Arc<crate::tls::Served>>) {
+        if let Some(s) = served {
+            let _ = self.sni_certificate.set(s);
         }
     }
 

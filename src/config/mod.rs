@@ -249,6 +249,19 @@ pub struct Tls {
     pub client: Option<ClientTls>,
     /// `[tls.acme]`: certificates from an ACME server instead of `cert`/`key`.
     pub acme: Option<Acme>,
+    /// `[[tls.certificates]]`: several certificates chosen by SNI, instead of
+    /// `cert`/`key` (empty when unset). Read where the runtime is built.
+    pub certificates: Vec<CertificateFiles>,
+}
+
+/// Most `[[tls.certificates]]` (each is read at start and on every reload).
+pub const MAX_CERTIFICATES: usize = 100;
+
+/// One `[[tls.certificates]]`: a PEM chain and its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateFiles {
+    pub cert: Located<PathBuf>,
+    pub key: Located<PathBuf>,
 }
 
 /// `[tls.acme]` (DESIGN.md section 12). The cache directory is checked where the
@@ -480,27 +493,29 @@ impl Jwt {
 }
 
 impl Config {
-    /// The route for a request path: an exact match first, then the longest prefix.
-    pub fn route(&self, path: &str) -> Option<&Route> {
-        self.route_index(path).map(|i| &self.routes[i])
+    /// The route for a request to `host` (normalised by [`normalize_host`]) and `path`:
+    /// host first (an exact host, then a wildcard, then routes for any host), then path
+    /// (an exact path, then the longest prefix).
+    pub fn route(&self, host: &str, path: &str) -> Option<&Route> {
+        self.route_index(host, path).map(|i| &self.routes[i])
     }
 
-    /// Index into `routes` of the route for `path`.
-    pub fn route_index(&self, path: &str) -> Option<usize> {
-        let exact = self.routes.iter().position(|r| matches!(&r.path, PathMatch::Exact(p) if p == path));
-        exact.or_else(|| {
-            let prefixes = self
-                .routes
-                .iter()
-                .enumerate()
-                .filter(|(_, r)| matches!(r.path, PathMatch::Prefix(_)) && r.matches(path));
-            prefixes
-                .max_by_key(|(_, r)| match &r.path {
+    /// Index into `routes` of the route for `host` and `path`.
+    pub fn route_index(&self, host: &str, path: &str) -> Option<usize> {
+        self.routes
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.matches(path))
+            .filter_map(|(i, r)| {
+                let path_rank = match &r.path {
+                    PathMatch::Exact(_) => usize::MAX,
                     PathMatch::Prefix(p) => p.len(),
-                    PathMatch::Exact(_) => 0,
-                })
-                .map(|(i, _)| i)
-        })
+                };
+                r.host_rank(host).map(|h| ((h, path_rank), i))
+            })
+            // Ties cannot happen (same host and path is a config error); the first wins.
+            .max_by_key(|&(rank, i)| (rank, std::cmp::Reverse(i)))
+            .map(|(_, i)| i)
     }
 
     /// Read and validate a config file. Relative paths inside resolve against the working directory.

@@ -76,6 +76,15 @@ pub(super) struct Tls {
     pub client_auth: Option<Spanned<ClientAuth>>,
     pub client_crl_files: Option<Spanned<Vec<PathBuf>>>,
     pub acme: Option<Spanned<Acme>>,
+    pub certificates: Option<Spanned<Vec<CertificateFiles>>>,
+}
+
+/// One `[[tls.certificates]]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CertificateFiles {
+    pub cert: Spanned<PathBuf>,
+    pub key: Spanned<PathBuf>,
 }
 
 /// `[tls.acme]`: automatic certificates.
@@ -155,6 +164,7 @@ pub(super) struct Jwt {
 #[serde(deny_unknown_fields)]
 pub(super) struct Route {
     pub name: Spanned<String>,
+    pub host: Option<Spanned<String>>,
     pub path: Spanned<String>,
     pub upstreams: Spanned<Vec<String>>,
     pub auth: Option<AuthMode>,

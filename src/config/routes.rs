@@ -58,8 +58,12 @@ impl Validator<'_> {
             if routes.iter().any(|o| o.name == route.name) {
                 return Err(self.err(&r.name, "routes.name", "duplicate route name"));
             }
-            if routes.iter().any(|o| o.path == route.path) {
-                return Err(self.err(&r.path, "routes.path", "another route has the same path"));
+            if routes.iter().any(|o| o.path == route.path && o.host == route.host) {
+                let message = match &route.host {
+                    Some(h) => format!("another route has the same host (\"{h}\") and path"),
+                    None => "another route has the same path (and no host)".to_string(),
+                };
+                return Err(self.err(&r.path, "routes.path", message));
             }
             routes.push(route);
         }
@@ -99,8 +103,10 @@ impl Validator<'_> {
             // A certificate has no claims: silently ignoring them would leave the route open wider than written.
             return Err(self.err(req, "routes.require_claims", "needs a token: use auth = \"jwt+mtls\" on this route"));
         }
+        let host = r.host.as_ref().map(|h| self.route_host(h)).transpose()?;
         Ok(Route {
             name,
+            host,
             path,
             upstreams,
             auth,
@@ -116,6 +122,38 @@ impl Validator<'_> {
             forward_claims: self.forward_claims(r.forward_claims.as_ref())?,
             validate: r.validate.as_ref().map(|v| self.validate_section(v)).transpose()?,
         })
+    }
+
+    /// `host`: a DNS name (A-labels, `xn--` for Unicode) or `*.` and one, without port
+    /// or final dot; compared in lower case.
+    fn route_host(&self, h: &Spanned<String>) -> Result<HostMatch, ConfigError> {
+        let text = h.get_ref();
+        let bad = |m: &str| Err(self.err(h, "routes.host", format!("\"{}\": {m}", shown(text))));
+        if !text.is_ascii() {
+            return bad("write a Unicode name in its A-label (xn--) form");
+        }
+        let (wildcard, name) = match text.strip_prefix("*.") {
+            Some(rest) => (true, rest),
+            None => (false, text.as_str()),
+        };
+        if name.contains(':') {
+            return bad("a host takes no port (hosts are compared without it)");
+        }
+        if name.ends_with('.') {
+            return bad("write the name without a final dot");
+        }
+        if name.contains('*') {
+            return bad("a wildcard is only allowed as the whole first label (\"*.example.com\")");
+        }
+        match normalize_host(name) {
+            Some(n) if n.contains('.') || !wildcard => Ok(if wildcard {
+                HostMatch::Wildcard(format!(".{n}"))
+            } else {
+                HostMatch::Exact(n)
+            }),
+            Some(_) => bad("a wildcard needs at least two labels after \"*.\""),
+            None => bad("not a host name"),
+        }
     }
 
     /// `[routes.validate]`: defaults (JSON on, binary refused, depth 32, close) and

@@ -146,7 +146,34 @@ impl Validator<'_> {
             min_version: t.min_version.unwrap_or(TlsVersion::V1_2),
             client: self.client_tls(t)?,
             acme: self.acme(t)?,
+            certificates: self.certificates(t)?,
         })
+    }
+
+    /// `[[tls.certificates]]`: not beside `tls.cert`/`tls.key` (the one-certificate form).
+    fn certificates(&self, t: &raw::Tls) -> Result<Vec<CertificateFiles>, ConfigError> {
+        let Some(list) = &t.certificates else { return Ok(Vec::new()) };
+        let one = [("tls.cert", t.cert.as_ref()), ("tls.key", t.key.as_ref())];
+        if let Some((key, Some(v))) = one.into_iter().find(|(_, v)| v.is_some()) {
+            return Err(self.err(v, key, "has no place beside [[tls.certificates]]: list every certificate there"));
+        }
+        if t.self_signed_if_missing == Some(true) {
+            return Err(self.err_key(
+                "tls.self_signed_if_missing",
+                "applies to tls.cert/tls.key, not to [[tls.certificates]]",
+            ));
+        }
+        if list.get_ref().is_empty() || list.get_ref().len() > MAX_CERTIFICATES {
+            return Err(self.err(list, "tls.certificates", format!("needs 1 to {MAX_CERTIFICATES} certificates")));
+        }
+        Ok(list
+            .get_ref()
+            .iter()
+            .map(|c| CertificateFiles {
+                cert: self.located(&c.cert, "tls.certificates.cert"),
+                key: self.located(&c.key, "tls.certificates.key"),
+            })
+            .collect())
     }
 
     /// `client_ca`, `client_auth` and `client_crl_files`: the last two need the first.
