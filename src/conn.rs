@@ -277,8 +277,8 @@ async fn run_session(
         .principal
         .as_ref()
         .and_then(|p| p.expires_at)
-        .filter(|_| rt.config.jwt.close_on_expiry)
-        .map(|exp| (expiry_instant(exp, rt.config.jwt.leeway), CloseReason::TokenExpired));
+        .filter(|_| rt.config.jwt_of(route).close_on_expiry)
+        .map(|exp| (expiry_instant(exp, rt.config.jwt_of(route).leeway), CloseReason::TokenExpired));
     let policy = session.policy(gw, &route.name, admitted_under, client_ip, registered.started_at);
     let control = relay::Control {
         shutdown: &gw.sessions,

@@ -328,11 +328,13 @@ impl Gateway {
         for r in &new.config.routes {
             self.metrics.register_route(&r.name, r.validate.is_some());
         }
-        if let (Some(n), Some(o)) = (new.auth.jwt(), old.auth.jwt())
-            && n.keys().remote_url().is_some()
-            && n.keys().remote_url() == o.keys().remote_url()
-        {
-            n.keys().adopt_jwks(o.keys());
+        for (provider, n) in new.auth.verifiers() {
+            if let Some(o) = old.auth.verifier(provider)
+                && n.keys().remote_url().is_some()
+                && n.keys().remote_url() == o.keys().remote_url()
+            {
+                n.keys().adopt_jwks(o.keys());
+            }
         }
         // The new key set gets its own refresh loop, which ends at the next reload; the
         // old runtime's loop ends now, even while old sessions still hold that runtime.
@@ -493,10 +495,25 @@ impl Refused<'_> {
 /// Fetch the JWKS URL once now, then keep it fresh until `until` is cancelled (the next
 /// reload) or the runtime is gone: one refresh loop per live key set.
 pub(crate) async fn start_jwks_refresh(rt: &Arc<Runtime>, metrics: &Metrics, until: CancellationToken) {
-    let Some(every) = rt.config.jwt.jwks_url.as_ref().map(|u| u.refresh) else {
-        return;
-    };
-    let metrics = metrics.clone();
-    let report = move |ok| metrics.jwks_refresh(ok);
-    crate::keys::keep_fresh(rt, |rt: &Runtime| rt.auth.jwt().map(|v| v.keys()), every, report, until).await;
+    if let Some(every) = rt.config.jwt.jwks_url.as_ref().map(|u| u.refresh) {
+        let metrics = metrics.clone();
+        let report = move |ok| metrics.jwks_refresh(ok);
+        crate::keys::keep_fresh(rt, |rt: &Runtime| rt.auth.jwt().map(|v| v.keys()), every, report, until.clone()).await;
+    }
+    for (name, cfg) in &rt.config.providers {
+        let Some(every) = cfg.jwks_url.as_ref().map(|u| u.refresh) else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        let report = move |ok| metrics.jwks_refresh(ok);
+        let name = name.clone();
+        crate::keys::keep_fresh(
+            rt,
+            move |rt: &Runtime| rt.auth.verifier(Some(&name)).map(|v| v.keys()),
+            every,
+            report,
+            until.clone(),
+        )
+        .await;
+    }
 }

@@ -47,7 +47,7 @@ pub(super) async fn complete<S: AsyncRead + AsyncWrite + Unpin>(
     let (gw, rt) = (&admission.gw, &admission.rt);
     let route = &rt.config.routes[route_index];
     let result = async {
-        let wait = rt.config.jwt.first_message_timeout;
+        let wait = rt.config.jwt_of(route).first_message_timeout;
         // Every frame before the token pays toward the route's message rate too.
         let l = &rt.config.limits;
         let first = client.first_text(MAX_TOKEN_MESSAGE, l.message_rate, l.message_burst);

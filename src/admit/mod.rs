@@ -318,8 +318,8 @@ async fn authorize(gw: &Gateway, config: &crate::config::Config, principal: Opti
     if gw.incidents.is_revoked(p.jti.as_deref()) {
         return Err(Reject::Auth(crate::error::AuthFailure::Revoked));
     }
-    match &p.identity {
-        Some(sub) => shared_cap::hold_user(gw, config, sub).await.map(Some),
+    match p.user_key() {
+        Some(user) => shared_cap::hold_user(gw, config, &user).await.map(Some),
         None => Ok(None),
     }
 }

@@ -121,6 +121,8 @@ pub struct Config {
     pub limits: Limits,
     pub firewall: FirewallRules,
     pub jwt: Jwt,
+    /// `[providers.NAME]` of kind jwt, by name (DESIGN.md section 15).
+    pub providers: std::collections::BTreeMap<String, Jwt>,
     pub routes: Vec<Route>,
     /// `[cluster]`: absent, one instance with in-process state.
     pub cluster: Option<Cluster>,
@@ -493,6 +495,11 @@ impl Jwt {
 }
 
 impl Config {
+    /// The token settings of `route`: its provider's, or `[jwt]`.
+    pub fn jwt_of(&self, route: &Route) -> &Jwt {
+        route.provider.as_ref().and_then(|p| self.providers.get(p)).unwrap_or(&self.jwt)
+    }
+
     /// The route for a request to `host` (normalised by [`normalize_host`]) and `path`:
     /// host first (an exact host, then a wildcard, then routes for any host), then path
     /// (an exact path, then the longest prefix).

@@ -116,6 +116,9 @@ pub struct Route {
     /// `None`: any host.
     pub host: Option<HostMatch>,
     pub path: PathMatch,
+    /// `provider = "NAME"`: the `[providers.NAME]` that verifies this route's tokens;
+    /// `None`: `[jwt]`.
+    pub provider: Option<String>,
     pub upstreams: Vec<Upstream>,
     pub auth: AuthMode,
     pub forward_token: bool,

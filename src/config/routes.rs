@@ -29,24 +29,43 @@ impl Validator<'_> {
         Ok(())
     }
 
-    /// Checks across `[jwt]` and the routes that use it.
-    pub(super) fn jwt_routes(&self, jwt: &Jwt, routes: &[Route]) -> Result<(), ConfigError> {
-        if !routes.iter().any(|r| r.auth.uses_jwt()) {
+    /// Checks across `[jwt]` (`provider` `None`) or a `[providers.NAME]` and the routes
+    /// that use it.
+    pub(super) fn jwt_routes(&self, jwt: &Jwt, provider: Option<&str>, routes: &[Route]) -> Result<(), ConfigError> {
+        if !routes.iter().any(|r| r.auth.uses_jwt() && r.provider.as_deref() == provider) {
             return Ok(());
         }
+        let key = match provider {
+            Some(name) => format!("providers.{name}.algorithms"),
+            None => "jwt.algorithms".to_string(),
+        };
         if jwt.algorithms.is_empty() {
             return Err(self.err_key(
-                "jwt.algorithms",
+                &key,
                 "a route uses tokens (auth = \"jwt\" or \"jwt+mtls\") but no algorithm is allowed",
             ));
         }
         let asymmetric = jwt.algorithms.iter().any(|a| a.family() != jsonwebtoken::AlgorithmFamily::Hmac);
         let has_public = !jwt.public_key_files.is_empty() || jwt.jwks_file.is_some() || jwt.jwks_url.is_some();
         if asymmetric && !has_public {
-            return Err(self.err_key(
-                "jwt.algorithms",
-                "RS/PS/ES/EdDSA algorithms need public_key_files, jwks_file or jwks_url",
-            ));
+            return Err(self.err_key(&key, "RS/PS/ES/EdDSA algorithms need public_key_files, jwks_file or jwks_url"));
+        }
+        Ok(())
+    }
+
+    /// A route's `provider` names a `[providers.NAME]`, and its `auth` uses tokens.
+    pub(super) fn route_providers(&self, providers: &std::collections::BTreeMap<String, Jwt>, routes: &[Route]) -> Result<(), ConfigError> {
+        for r in routes {
+            let Some(name) = &r.provider else { continue };
+            if !providers.contains_key(name) {
+                return Err(self.err_key("routes.provider", format!("route \"{}\": no [providers.{}]", r.name, shown(name))));
+            }
+            if !r.auth.uses_jwt() {
+                return Err(self.err_key(
+                    "routes.provider",
+                    format!("route \"{}\": a jwt provider needs auth = \"jwt\" or \"jwt+mtls\"", r.name),
+                ));
+            }
         }
         Ok(())
     }
@@ -107,6 +126,7 @@ impl Validator<'_> {
         Ok(Route {
             name,
             host,
+            provider: r.provider.as_ref().map(|p| p.get_ref().clone()),
             path,
             upstreams,
             auth,
