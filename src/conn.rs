@@ -272,7 +272,7 @@ async fn run_session(
         let timeout = rt.config.limits.assembly_timeout;
         Arc::new(relay::AssemblyShare::new(gw.assembly_budget(), address, sub.as_deref(), timeout))
     });
-    let settings = relay::Settings::from_config(&rt.config, validator, share);
+    let settings = relay::Settings::from_config(&rt.config, route, validator, share);
     let deadline = session
         .principal
         .as_ref()

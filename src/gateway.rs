@@ -146,13 +146,21 @@ impl Runtime {
             .iter()
             .map(|r| r.upstreams.iter().map(|_| Default::default()).collect())
             .collect();
-        let l = &config.limits;
+        // The upstream side's ceiling: the largest any route allows (each session's
+        // relay holds its own route's limits).
+        let (max_message, max_frame) = config
+            .routes
+            .iter()
+            .map(|r| config.limits_of(r))
+            .fold((config.limits.max_message_size, config.limits.max_frame_size), |(m, f), r| {
+                (m.max(r.max_message_size), f.max(r.max_frame_size))
+            });
         let ws_config = WebSocketConfig::default()
             .read_buffer_size(WS_READ_BUFFER)
             .write_buffer_size(WS_WRITE_BUFFER)
-            .max_write_buffer_size(WS_WRITE_BUFFER + l.max_message_size + WS_WRITE_SLACK)
-            .max_message_size(Some(l.max_message_size))
-            .max_frame_size(Some(l.max_frame_size));
+            .max_write_buffer_size(WS_WRITE_BUFFER + max_message + WS_WRITE_SLACK)
+            .max_message_size(Some(max_message))
+            .max_frame_size(Some(max_frame));
         Ok(Runtime {
             config,
             tls,

@@ -219,7 +219,7 @@ impl Admission {
                 return Ok((resp, admitted));
             }
         };
-        let user = authorize(&self.gw, &self.rt.config, principal.as_ref()).await?;
+        let user = authorize(&self.gw, &self.rt.config, route, principal.as_ref()).await?;
         let facts = upstream::facts(
             &self.rt,
             route,
@@ -312,14 +312,25 @@ impl Admitted {
 }
 
 /// After authentication: revocations through the admin API (the file's list is checked
-/// by the verifier), then the user's session under the per-user cap.
-async fn authorize(gw: &Gateway, config: &crate::config::Config, principal: Option<&Principal>) -> Result<Option<UserHold>, Reject> {
+/// by the verifier), then the user's session under the per-user cap: the route's own
+/// when it overrides `max_connections_per_user` (counted on this route alone), else
+/// the global one.
+async fn authorize(
+    gw: &Gateway,
+    config: &crate::config::Config,
+    route: &crate::config::Route,
+    principal: Option<&Principal>,
+) -> Result<Option<UserHold>, Reject> {
     let Some(p) = principal else { return Ok(None) };
     if gw.incidents.is_revoked(p.jti.as_deref()) {
         return Err(Reject::Auth(crate::error::AuthFailure::Revoked));
     }
-    match p.user_key() {
-        Some(user) => shared_cap::hold_user(gw, config, &user).await.map(Some),
-        None => Ok(None),
-    }
+    let Some(user) = p.user_key() else { return Ok(None) };
+    let limits = config.limits_of(route);
+    let key = if limits.user_cap_per_route {
+        format!("{user}\0@{}", route.name)
+    } else {
+        user
+    };
+    shared_cap::hold_user(gw, limits.max_connections_per_user, &key).await.map(Some)
 }

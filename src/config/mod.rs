@@ -500,6 +500,30 @@ impl Config {
         route.provider.as_ref().and_then(|p| self.providers.get(p)).unwrap_or(&self.jwt)
     }
 
+    /// The limits of `route`'s sessions: its `[routes.limits]`, else the global ones.
+    /// A route that raises `max_message_size` without `max_frame_size` takes frames as
+    /// large as its messages (a browser sends a message as one frame).
+    pub fn limits_of(&self, route: &Route) -> SessionLimits {
+        let (o, l, s) = (&route.limits, &self.limits, &self.server);
+        let max_message_size = o.max_message_size.unwrap_or(l.max_message_size);
+        SessionLimits {
+            max_message_size,
+            max_frame_size: o
+                .max_frame_size
+                .or(o.max_message_size)
+                .unwrap_or(l.max_frame_size)
+                .min(max_message_size),
+            max_fragments: o.max_fragments.unwrap_or(l.max_fragments),
+            message_rate: o.message_rate.unwrap_or(l.message_rate),
+            message_burst: o.message_burst.unwrap_or(l.message_burst),
+            max_connections_per_user: o.max_connections_per_user.unwrap_or(l.max_connections_per_user),
+            user_cap_per_route: o.max_connections_per_user.is_some(),
+            idle_timeout: o.idle_timeout.unwrap_or(s.idle_timeout),
+            ping_interval: o.ping_interval.unwrap_or(s.ping_interval),
+            first_message_timeout: o.first_message_timeout.unwrap_or(self.jwt_of(route).first_message_timeout),
+        }
+    }
+
     /// The route for a request to `host` (normalised by [`normalize_host`]) and `path`:
     /// host first (an exact host, then a wildcard, then routes for any host), then path
     /// (an exact path, then the longest prefix).

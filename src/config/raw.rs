@@ -249,6 +249,22 @@ pub(super) struct Route {
     pub require_claims: Option<Spanned<std::collections::BTreeMap<String, String>>>,
     pub forward_claims: Option<Spanned<std::collections::BTreeMap<String, String>>>,
     pub validate: Option<Spanned<Validate>>,
+    pub limits: Option<Spanned<RouteLimits>>,
+}
+
+/// `[routes.limits]`: this route's overrides of `[limits]`, `[server]` and `[jwt]` keys.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RouteLimits {
+    pub max_message_size: Option<ByteSize>,
+    pub max_frame_size: Option<ByteSize>,
+    pub max_fragments: Option<u32>,
+    pub message_rate: Option<Rate>,
+    pub message_burst: Option<u32>,
+    pub max_connections_per_user: Option<u32>,
+    pub idle_timeout: Option<HumanDuration>,
+    pub ping_interval: Option<HumanDuration>,
+    pub first_message_timeout: Option<HumanDuration>,
 }
 
 /// `[routes.validate]`: message validation, client → upstream.

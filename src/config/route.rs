@@ -133,6 +133,40 @@ pub struct Route {
     pub forward_claims: Vec<(String, http::HeaderName)>,
     /// `[routes.validate]`: client messages are checked before they go upstream.
     pub validate: Option<Validate>,
+    /// `[routes.limits]`: what this route overrides; [`Config::limits_of`] resolves it.
+    pub limits: RouteLimits,
+}
+
+/// `[routes.limits]` as written: `None` inherits (DESIGN.md section 14).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RouteLimits {
+    pub max_message_size: Option<usize>,
+    pub max_frame_size: Option<usize>,
+    pub max_fragments: Option<u32>,
+    pub message_rate: Option<Rate>,
+    pub message_burst: Option<u32>,
+    pub max_connections_per_user: Option<u32>,
+    pub idle_timeout: Option<Duration>,
+    pub ping_interval: Option<Duration>,
+    pub first_message_timeout: Option<Duration>,
+}
+
+/// The limits a route's sessions run under: its overrides, else `[limits]`, `[server]`
+/// and its provider's (or `[jwt]`'s) values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionLimits {
+    pub max_message_size: usize,
+    pub max_frame_size: usize,
+    pub max_fragments: u32,
+    pub message_rate: Rate,
+    pub message_burst: u32,
+    pub max_connections_per_user: u32,
+    /// The route overrides `max_connections_per_user`: its users are counted on this
+    /// route alone.
+    pub user_cap_per_route: bool,
+    pub idle_timeout: Duration,
+    pub ping_interval: Duration,
+    pub first_message_timeout: Duration,
 }
 
 /// `[routes.validate]` (DESIGN.md section 11). The schema file is compiled where the

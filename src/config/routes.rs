@@ -141,7 +141,46 @@ impl Validator<'_> {
                 .unwrap_or_default(),
             forward_claims: self.forward_claims(r.forward_claims.as_ref())?,
             validate: r.validate.as_ref().map(|v| self.validate_section(v)).transpose()?,
+            limits: r.limits.as_ref().map(|l| self.route_limits(l)).transpose()?.unwrap_or_default(),
         })
+    }
+
+    /// `[routes.limits]`: each key as in `[limits]`, `[server]` or `[jwt]`; zero is refused.
+    fn route_limits(&self, spanned: &Spanned<raw::RouteLimits>) -> Result<RouteLimits, ConfigError> {
+        let l = spanned.get_ref();
+        let zero = |key: &str| Err(self.err(spanned, &format!("routes.limits.{key}"), "must be larger than zero"));
+        let size = |v: Option<ByteSize>| v.map(|b| b.0 as usize);
+        let limits = RouteLimits {
+            max_message_size: size(l.max_message_size),
+            max_frame_size: size(l.max_frame_size),
+            max_fragments: l.max_fragments,
+            message_rate: l.message_rate,
+            message_burst: l.message_burst,
+            max_connections_per_user: l.max_connections_per_user,
+            idle_timeout: l.idle_timeout.map(|d| d.0),
+            ping_interval: l.ping_interval.map(|d| d.0),
+            first_message_timeout: l.first_message_timeout.map(|d| d.0),
+        };
+        let sizes = [
+            ("max_message_size", limits.max_message_size.map(|v| v as u128)),
+            ("max_frame_size", limits.max_frame_size.map(|v| v as u128)),
+            ("max_fragments", limits.max_fragments.map(u128::from)),
+            ("message_burst", limits.message_burst.map(u128::from)),
+            ("max_connections_per_user", limits.max_connections_per_user.map(u128::from)),
+            ("message_rate", limits.message_rate.map(|r| u128::from(r.count))),
+            ("idle_timeout", limits.idle_timeout.map(|d| d.as_millis())),
+            ("ping_interval", limits.ping_interval.map(|d| d.as_millis())),
+            ("first_message_timeout", limits.first_message_timeout.map(|d| d.as_millis())),
+        ];
+        if let Some((key, _)) = sizes.iter().find(|(_, v)| *v == Some(0)) {
+            return zero(key);
+        }
+        if let (Some(m), Some(f)) = (limits.max_message_size, limits.max_frame_size)
+            && f > m
+        {
+            return Err(self.err(spanned, "routes.limits.max_frame_size", "must not exceed max_message_size"));
+        }
+        Ok(limits)
     }
 
     /// `host`: a DNS name (A-labels, `xn--` for Unicode) or `*.` and one, without port

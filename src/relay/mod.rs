@@ -86,25 +86,27 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// The limits and timers `config` sets, with the route's message checks
+    /// The limits and timers `config` sets for `route`'s sessions (its
+    /// `[routes.limits]`, else the global ones), with the route's message checks
     /// (`validator`) and the client's share of the assembly budget (`assembly`, for a
     /// validated route).
     pub fn from_config(
         config: &crate::config::Config,
+        route: &crate::config::Route,
         validator: Option<std::sync::Arc<crate::validation::Validator>>,
         assembly: Option<std::sync::Arc<AssemblyShare>>,
     ) -> Settings {
-        let (s, l) = (&config.server, &config.limits);
+        let r = config.limits_of(route);
         Settings {
-            message_rate: l.message_rate,
-            message_burst: l.message_burst,
-            rate_abuse_timeout: l.rate_abuse_timeout,
-            idle_timeout: s.idle_timeout,
-            ping_interval: s.ping_interval,
-            close_timeout: s.close_timeout,
-            max_frame_size: l.max_frame_size,
-            max_message_size: l.max_message_size,
-            max_fragments: l.max_fragments,
+            message_rate: r.message_rate,
+            message_burst: r.message_burst,
+            rate_abuse_timeout: config.limits.rate_abuse_timeout,
+            idle_timeout: r.idle_timeout,
+            ping_interval: r.ping_interval,
+            close_timeout: config.server.close_timeout,
+            max_frame_size: r.max_frame_size,
+            max_message_size: r.max_message_size,
+            max_fragments: r.max_fragments,
             validator,
             assembly,
         }
