@@ -137,3 +137,21 @@ fn a_provider_is_self_contained_and_checked() {
     let e = err("[providers.p]\nkind = \"jwt\"\nsecret_env = \"P\"\nunknown = 1\n");
     assert_eq!(e.line, Some(4), "{e}");
 }
+
+#[test]
+fn the_readme_two_tenant_config_is_valid() {
+    let readme = include_str!("../README.md");
+    let section = &readme[readme.find("## Several hosts and identity providers").unwrap()..];
+    let start = section.find("```toml\n").unwrap() + "```toml\n".len();
+    let text = &section[start..start + section[start..].find("```").unwrap()];
+    let c = wsgate::Config::from_toml_str(text, "README.md").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.tls.certificates.len(), 2);
+    let route = |host: &str| c.route(host, "/ws").map(|r| r.name.as_str());
+    assert_eq!(route("chat.example.com"), Some("chat"));
+    assert_eq!(route("eu.partners.example.com"), Some("partners"));
+    assert_eq!(route("partners.example.com"), Some("partners-apex"));
+    assert_eq!(route("a.b.partners.example.com"), None);
+    let partners = &c.routes[1];
+    assert_eq!(c.jwt_of(partners).issuer.as_deref(), Some("https://idp.partners.example"));
+    assert_eq!(c.limits_of(partners).max_connections_per_user, 2);
+}
