@@ -327,8 +327,10 @@ async fn authorize(
     }
     let Some(user) = p.user_key() else { return Ok(None) };
     let limits = config.limits_of(route);
+    // `\0@` starts no other key: a `[jwt]` identity starting with NUL is escaped as
+    // `\0\0…`, a provider's starts with `\0` and the provider's name (no `@`).
     let key = if limits.user_cap_per_route {
-        format!("{user}\0@{}", route.name)
+        format!("\0@{}\0{user}", route.name)
     } else {
         user
     };

@@ -315,3 +315,37 @@ fn check_policy(route: &Route, principal: &Principal) -> Result<(), AuthFailure>
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn principal(provider: Option<&str>, identity: &str) -> Principal {
+        Principal {
+            identity: Some(identity.to_string()),
+            provider: provider.map(str::to_string),
+            claims: Map::new(),
+            expires_at: None,
+            jti: None,
+            credential: Credential::default(),
+        }
+    }
+
+    #[test]
+    fn user_keys_of_different_providers_never_meet() {
+        let keys = [
+            principal(None, "alice").user_key(),
+            principal(Some("partners"), "alice").user_key(),
+            principal(Some("other"), "alice").user_key(),
+            principal(None, "\0partners\0alice").user_key(),
+            principal(Some("partners"), "\0alice").user_key(),
+            principal(None, "\0\0alice").user_key(),
+        ];
+        for (i, a) in keys.iter().enumerate() {
+            for b in &keys[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+        assert_eq!(keys[0].as_deref(), Some("alice"), "[jwt] users keep their key");
+    }
+}
