@@ -272,7 +272,7 @@ async fn run_session(
         let timeout = rt.config.limits.assembly_timeout;
         Arc::new(relay::AssemblyShare::new(gw.assembly_budget(), address, sub.as_deref(), timeout))
     });
-    let settings = relay::Settings::from_config(&rt.config, route, validator, share);
+    let mut settings = relay::Settings::from_config(&rt.config, route, validator, share);
     let deadline = session
         .principal
         .as_ref()
@@ -294,7 +294,7 @@ async fn run_session(
         sub = %sub.as_deref().map(|s| escape(s, MAX_LOGGED_NAME)).unwrap_or_else(|| "-".into()),
     );
     let outcome = tracing::Instrument::instrument(
-        relay::run(client, &mut session.upstream.ws, &settings, &session_metrics, control),
+        relay::run(client, &mut session.upstream.ws, &mut settings, &session_metrics, control),
         span,
     )
     .await;

@@ -89,3 +89,20 @@ fn route_limits_are_checked_and_inherit() {
     let e = cfg("rate_abuse_timeout = \"1s\"\n").unwrap_err();
     assert_eq!(e.line, Some(8), "{e}");
 }
+
+#[tokio::test]
+async fn a_reload_gives_live_sessions_their_routes_new_timers() {
+    let gw = Gw::start("", ROUTES).await;
+    let mut live = gw.connect("/plain").await;
+    assert_eq!(roundtrip(&mut live, "before").await, "before");
+    // The plain route gets an idle timeout of its own: the open session ends by it.
+    let routes = ROUTES.replace(
+        "name = \"plain\"\npath = \"/plain\"\nupstreams = [\"builtin:echo\"]\nauth = \"jwt\"\n",
+        "name = \"plain\"\npath = \"/plain\"\nupstreams = [\"builtin:echo\"]\nauth = \"jwt\"\n[routes.limits]\nidle_timeout = \"300ms\"\n",
+    );
+    assert_ne!(routes, ROUTES);
+    let started = std::time::Instant::now();
+    gw.reload(&config_text(gw.dir.path(), "", &routes)).await.unwrap();
+    assert_eq!(close_code(&mut live).await.0, 1001);
+    assert!(started.elapsed() < std::time::Duration::from_secs(3), "{:?}", started.elapsed());
+}
