@@ -155,3 +155,23 @@ fn the_readme_two_tenant_config_is_valid() {
     assert_eq!(c.jwt_of(partners).issuer.as_deref(), Some("https://idp.partners.example"));
     assert_eq!(c.limits_of(partners).max_connections_per_user, 2);
 }
+
+#[tokio::test]
+async fn a_reload_that_gives_a_route_another_provider_ends_its_sessions() {
+    let secrets = tempfile::tempdir().unwrap();
+    let text = config(secrets.path());
+    let gw = Gw::start("", &text).await;
+    let mut chat = gw.try_connect("/chat", &gw.options(Some(gw.token("alice")))).await.unwrap().0;
+    let token = provider_token(&gw, "partners", "bob");
+    let mut partners = gw.try_connect("/partners", &gw.options(Some(token))).await.unwrap().0;
+    assert_eq!(roundtrip(&mut chat, "a").await, "a");
+    // /chat is now verified by the partners' provider: alice's [jwt] token no longer passes.
+    let moved = text.replace(
+        "name = \"chat\"\npath = \"/chat\"\nupstreams = [\"builtin:echo\"]\nauth = \"jwt\"\n",
+        "name = \"chat\"\npath = \"/chat\"\nupstreams = [\"builtin:echo\"]\nauth = \"jwt\"\nprovider = \"partners\"\n",
+    );
+    assert_ne!(moved, text);
+    gw.reload(&common::config_text(gw.dir.path(), "", &moved)).await.unwrap();
+    assert_eq!(close_code(&mut chat).await.0, 1008);
+    assert_eq!(roundtrip(&mut partners, "still").await, "still");
+}
