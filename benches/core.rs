@@ -227,14 +227,14 @@ fn relay_with(
         let up = WebSocketStream::from_raw_socket(up_io, Role::Server, None).await;
         tokio::spawn(wsgate::echo::serve(up));
         let task = tokio::spawn(async move {
-            let settings = wsgate::relay::Settings {
+            let mut settings = wsgate::relay::Settings {
                 validator,
                 ..wsgate::relay::Settings::unthrottled(1 << 20)
             };
             let metrics = wsgate::metrics::Metrics::new().session("bench");
             let shutdown = tokio_util::sync::CancellationToken::new();
             let control = wsgate::relay::Control::new(&shutdown);
-            wsgate::relay::run(&mut gw_client, &mut gw_up, &settings, &metrics, control).await
+            wsgate::relay::run(&mut gw_client, &mut gw_up, &mut settings, &metrics, control).await
         });
         (client, task)
     });

@@ -194,7 +194,13 @@ fn revoke(gw: &Gateway, body: &[u8]) -> Taken {
     }
     // A verifier accepts the token until its `exp` plus the leeway: the revocation lasts
     // that long, here and on every instance, whatever `exp` was sent.
-    let leeway = gw.runtime().config.jwt.leeway.as_secs();
+    let config = &gw.runtime().config;
+    let leeway = config
+        .providers
+        .values()
+        .map(|p| p.leeway)
+        .fold(config.jwt.leeway, Duration::max)
+        .as_secs();
     let until = r.exp.map(|e| e.saturating_add(leeway));
     if gw.incidents.revoke(&r.jti, until) == Err(Refusal::Full) {
         return (full(), None);

@@ -99,3 +99,38 @@ pub fn warnings(config: &Config) -> Vec<String> {
     }
     w
 }
+
+/// Routes whose `host` no certificate names (`[tls]`, `[[tls.certificates]]`, or
+/// `[tls.acme]`'s domains): browsers refuse such a host before any request.
+pub fn host_warnings(config: &Config, certs: &crate::tls::CertStore) -> Vec<String> {
+    let served = certs.all();
+    let acme: Vec<String> = config
+        .tls
+        .acme
+        .iter()
+        .flat_map(|a| a.domains.iter().map(|d| d.to_string()))
+        .collect();
+    config
+        .routes
+        .iter()
+        .filter_map(|r| {
+            let host = r.host.as_ref()?;
+            let name = host.to_string();
+            let covered = match host {
+                crate::config::HostMatch::Exact(h) => served.iter().any(|c| c.names_host(h)) || acme.iter().any(|d| covers(d, h)),
+                crate::config::HostMatch::Wildcard(_) => {
+                    served.iter().any(|c| c.names.iter().any(|n| n.to_string() == name)) || acme.contains(&name)
+                }
+            };
+            (!covered).then(|| format!("route \"{}\": host \"{name}\" is not a name of any certificate served", r.name))
+        })
+        .collect()
+}
+
+/// Whether an ACME domain (`x.example.com` or `*.example.com`) names `host`.
+fn covers(domain: &str, host: &str) -> bool {
+    domain == host
+        || domain
+            .strip_prefix("*.")
+            .is_some_and(|rest| host.split_once('.').is_some_and(|(l, parent)| !l.is_empty() && parent == rest))
+}

@@ -106,6 +106,9 @@ async fn handshake(rt: &Runtime, tcp: TcpStream, accepted: Instant, admission: &
         return Ok(None);
     };
     admission.set_cert(cert);
+    // With SNI, every request on this connection must be for a name of the certificate
+    // the handshake chose for it (no domain fronting): the same choice, made again.
+    admission.set_sni_certificate(tls.get_ref().1.server_name().and_then(|sni| rt.certs.for_sni(Some(sni))));
     let ctx = admission.clone();
     let service = service_fn(move |req| {
         let ctx = ctx.clone();
@@ -269,13 +272,13 @@ async fn run_session(
         let timeout = rt.config.limits.assembly_timeout;
         Arc::new(relay::AssemblyShare::new(gw.assembly_budget(), address, sub.as_deref(), timeout))
     });
-    let settings = relay::Settings::from_config(&rt.config, validator, share);
+    let mut settings = relay::Settings::from_config(&rt.config, route, validator, share);
     let deadline = session
         .principal
         .as_ref()
         .and_then(|p| p.expires_at)
-        .filter(|_| rt.config.jwt.close_on_expiry)
-        .map(|exp| (expiry_instant(exp, rt.config.jwt.leeway), CloseReason::TokenExpired));
+        .filter(|_| rt.config.jwt_of(route).close_on_expiry)
+        .map(|exp| (expiry_instant(exp, rt.config.jwt_of(route).leeway), CloseReason::TokenExpired));
     let policy = session.policy(gw, &route.name, admitted_under, client_ip, registered.started_at);
     let control = relay::Control {
         shutdown: &gw.sessions,
@@ -291,7 +294,7 @@ async fn run_session(
         sub = %sub.as_deref().map(|s| escape(s, MAX_LOGGED_NAME)).unwrap_or_else(|| "-".into()),
     );
     let outcome = tracing::Instrument::instrument(
-        relay::run(client, &mut session.upstream.ws, &settings, &session_metrics, control),
+        relay::run(client, &mut session.upstream.ws, &mut settings, &session_metrics, control),
         span,
     )
     .await;

@@ -57,6 +57,10 @@ pub enum Reject {
     NotUpgrade,
     #[error("no route for path")]
     NotFound,
+    /// The client sent SNI and a `Host` that is not a name of the certificate its TLS
+    /// session used (domain fronting).
+    #[error("Host is not a name of the TLS session's certificate")]
+    Misdirected,
     #[error("authentication failed: {0}")]
     Auth(AuthFailure),
     /// A route that needs a client certificate (`mtls`, `jwt+mtls`) got none, or one
@@ -152,6 +156,7 @@ impl Reject {
             Reject::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Reject::UnsupportedVersion | Reject::NotUpgrade => StatusCode::UPGRADE_REQUIRED,
             Reject::NotFound => StatusCode::NOT_FOUND,
+            Reject::Misdirected => StatusCode::MISDIRECTED_REQUEST,
             Reject::Auth(AuthFailure::Forbidden) => StatusCode::FORBIDDEN,
             Reject::Auth(_) => StatusCode::UNAUTHORIZED,
             Reject::ClientCert => StatusCode::FORBIDDEN,
@@ -175,6 +180,7 @@ impl Reject {
             Reject::HandshakeTimeout => "handshake_timeout",
             Reject::BadRequest(_) | Reject::HeadTooLarge | Reject::UnsupportedVersion | Reject::NotUpgrade => "bad_request",
             Reject::NotFound => "not_found",
+            Reject::Misdirected => "misdirected",
             Reject::Auth(_) => "auth",
             Reject::ClientCert => "client_cert",
             Reject::UpstreamUnavailable => "upstream_unavailable",
@@ -197,6 +203,7 @@ impl Reject {
             Reject::UnsupportedVersion => "websocket version 13 required\n",
             Reject::NotUpgrade => "websocket upgrade required\n",
             Reject::NotFound => "not found\n",
+            Reject::Misdirected => "misdirected request\n",
             Reject::Auth(_) => "unauthorized\n",
             Reject::ClientCert => "client certificate required\n",
             Reject::UpstreamUnavailable => "upstream unavailable\n",
@@ -438,6 +445,7 @@ mod tests {
             (Reject::UnsupportedVersion, Some(426), "bad_request"),
             (Reject::NotUpgrade, Some(426), "bad_request"),
             (Reject::NotFound, Some(404), "not_found"),
+            (Reject::Misdirected, Some(421), "misdirected"),
             (Reject::Auth(AuthFailure::Expired), Some(401), "auth"),
             (Reject::Auth(AuthFailure::Forbidden), Some(403), "auth"),
             (Reject::Auth(AuthFailure::CertBinding), Some(401), "auth"),

@@ -153,13 +153,21 @@ impl Runtime {
             .iter()
             .map(|r| r.upstreams.iter().map(|_| Default::default()).collect())
             .collect();
-        let l = &config.limits;
+        // The upstream side's ceiling: the largest any route allows (each session's
+        // relay holds its own route's limits).
+        let (max_message, max_frame) = config
+            .routes
+            .iter()
+            .map(|r| config.limits_of(r))
+            .fold((config.limits.max_message_size, config.limits.max_frame_size), |(m, f), r| {
+                (m.max(r.max_message_size), f.max(r.max_frame_size))
+            });
         let ws_config = WebSocketConfig::default()
             .read_buffer_size(WS_READ_BUFFER)
             .write_buffer_size(WS_WRITE_BUFFER)
-            .max_write_buffer_size(WS_WRITE_BUFFER + l.max_message_size + WS_WRITE_SLACK)
-            .max_message_size(Some(l.max_message_size))
-            .max_frame_size(Some(l.max_frame_size));
+            .max_write_buffer_size(WS_WRITE_BUFFER + max_message + WS_WRITE_SLACK)
+            .max_message_size(Some(max_message))
+            .max_frame_size(Some(max_frame));
         Ok(Runtime {
             config,
             tls,
@@ -335,11 +343,13 @@ impl Gateway {
         for r in &new.config.routes {
             self.metrics.register_route(&r.name, r.validate.is_some());
         }
-        if let (Some(n), Some(o)) = (new.auth.jwt(), old.auth.jwt())
-            && n.keys().remote_url().is_some()
-            && n.keys().remote_url() == o.keys().remote_url()
-        {
-            n.keys().adopt_jwks(o.keys());
+        for (provider, n) in new.auth.verifiers() {
+            if let Some(o) = old.auth.verifier(provider)
+                && n.keys().remote_url().is_some()
+                && n.keys().remote_url() == o.keys().remote_url()
+            {
+                n.keys().adopt_jwks(o.keys());
+            }
         }
         // The new key set gets its own refresh loop, which ends at the next reload; the
         // old runtime's loop ends now, even while old sessions still hold that runtime.
@@ -355,8 +365,29 @@ impl Gateway {
     /// The Prometheus text of every metric, with the limiter's running totals brought up to date.
     pub fn render_metrics(&self) -> String {
         self.metrics.limiter_evictions(self.per_ip().evicted());
-        self.metrics.certificate_expiry(self.runtime().certs.current().map(|c| c.not_after));
+        self.certificate_expiries();
         self.metrics.render()
+    }
+
+    /// The expiry gauge: the soonest certificate unlabelled (0 while ACME has none), and
+    /// with `[[tls.certificates]]` one series per certificate.
+    fn certificate_expiries(&self) {
+        let rt = self.runtime();
+        let current = rt.certs.current().map(|c| c.not_after);
+        let acme = rt.config.tls.acme.is_some();
+        let files: Vec<i64> = rt
+            .certs
+            .all()
+            .iter()
+            .map(|c| c.not_after)
+            .take(rt.config.tls.certificates.len())
+            .collect();
+        let soonest = files.iter().copied().chain(current).min();
+        self.metrics
+            .certificate_expiry(if acme && current.is_none() { None } else { soonest });
+        if !rt.config.tls.certificates.is_empty() {
+            self.metrics.certificate_expiries(&files, acme.then_some(current));
+        }
     }
 
     /// Ready to serve: not draining, and every route has an upstream not in back-off.
@@ -479,10 +510,25 @@ impl Refused<'_> {
 /// Fetch the JWKS URL once now, then keep it fresh until `until` is cancelled (the next
 /// reload) or the runtime is gone: one refresh loop per live key set.
 pub(crate) async fn start_jwks_refresh(rt: &Arc<Runtime>, metrics: &Metrics, until: CancellationToken) {
-    let Some(every) = rt.config.jwt.jwks_url.as_ref().map(|u| u.refresh) else {
-        return;
-    };
-    let metrics = metrics.clone();
-    let report = move |ok| metrics.jwks_refresh(ok);
-    crate::keys::keep_fresh(rt, |rt: &Runtime| rt.auth.jwt().map(|v| v.keys()), every, report, until).await;
+    if let Some(every) = rt.config.jwt.jwks_url.as_ref().map(|u| u.refresh) {
+        let metrics = metrics.clone();
+        let report = move |ok| metrics.jwks_refresh(ok);
+        crate::keys::keep_fresh(rt, |rt: &Runtime| rt.auth.jwt().map(|v| v.keys()), every, report, until.clone()).await;
+    }
+    for (name, cfg) in &rt.config.providers {
+        let Some(every) = cfg.jwks_url.as_ref().map(|u| u.refresh) else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        let report = move |ok| metrics.jwks_refresh(ok);
+        let name = name.clone();
+        crate::keys::keep_fresh(
+            rt,
+            move |rt: &Runtime| rt.auth.verifier(Some(&name)).map(|v| v.keys()),
+            every,
+            report,
+            until.clone(),
+        )
+        .await;
+    }
 }

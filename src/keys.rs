@@ -411,7 +411,7 @@ pub(crate) async fn fetch(url: &http::Uri, tls: Arc<rustls::ClientConfig>) -> Re
 /// failed refresh keeps the last good key set.
 pub(crate) async fn keep_fresh<T: Send + Sync + 'static>(
     owner: &Arc<T>,
-    store: fn(&T) -> Option<&KeyStore>,
+    store: impl for<'a> Fn(&'a T) -> Option<&'a KeyStore> + Send + 'static,
     every: Duration,
     report: impl Fn(bool) + Send + 'static,
     until: tokio_util::sync::CancellationToken,

@@ -59,10 +59,11 @@
 //!   request), a new stage `proxy/` (the HTTP/1.1 exchange with hyper's client, pools)
 //!   above `upstream`, and balancing (`round_robin`, `least_sessions`, `sticky`, health
 //!   checks, drain) in a new stage `balance/` that `admit/upstream.rs` asks.
-//! - Hosts, SNI and per-route policy (DESIGN 14): several certificates in
-//!   `tls/certs.rs` (the `CertStore`), routing by host in `config/routes.rs`, per-route
-//!   limits resolved into `relay::Settings::from_config` and the per-user
-//!   `admit/shared_cap.rs` key.
+//! - Hosts, SNI and per-route policy (DESIGN 14), landed: certificates by SNI in
+//!   `tls/certs.rs` (the `CertStore`), routing by host in `config::Config::route_index`,
+//!   the 421 check in `admit/request.rs`, per-route limits in `config::Config::limits_of`
+//!   (read by `relay::Settings::from_config` and the per-user key in `admit`), jwt
+//!   providers in `auth::Methods` (one verifier per provider).
 //! - Auth providers (DESIGN 15): `auth/oidc.rs`, `auth/introspection.rs`,
 //!   `auth/forward.rs`, each returning an [`auth::Principal`] and re-checked through
 //!   [`auth::Methods::recheck`].
@@ -75,6 +76,9 @@
 //! The public modules are the surface `main`, the integration tests and the benches
 //! use; the rest is crate-private.
 #![forbid(unsafe_code)]
+// The connection future nests the cluster client's (redis) futures deeply; the Send
+// check of `server`'s spawn needs more than the default 128 levels.
+#![recursion_limit = "256"]
 #![warn(unreachable_pub, clippy::self_named_module_files)]
 
 mod acme;

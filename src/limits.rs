@@ -434,6 +434,13 @@ impl MessageRate {
         }
     }
 
+    /// A new rate and burst (a reload) from now on, keeping what the client has paid so
+    /// far: a reload gives no fresh burst.
+    pub fn reconfigure(&mut self, rate: Rate, burst: u32) {
+        self.interval = rate.interval();
+        self.tolerance = self.interval * burst.max(1).saturating_sub(1);
+    }
+
     /// Account one message at `now`; returns when the next may be read, if that is later than `now`.
     pub fn take(&mut self, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
         self.tat = self.tat.max(now) + self.interval;
@@ -445,6 +452,17 @@ impl MessageRate {
 #[cfg(test)]
 mod reload_tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reconfigured_message_rate_gives_no_fresh_burst() {
+        let now = tokio::time::Instant::now();
+        let mut rate = MessageRate::new("10/s".parse().unwrap(), 3);
+        assert!(rate.take(now).is_none() && rate.take(now).is_none());
+        assert!(rate.take(now).is_some(), "the burst is spent");
+        // A reload to a faster rate: what was paid still counts.
+        rate.reconfigure("100/s".parse().unwrap(), 3);
+        assert!(rate.take(now).is_some());
+    }
 
     fn settings(max_per_ip: u32) -> AdmissionLimits {
         AdmissionLimits {

@@ -285,7 +285,10 @@ fn check(path: &std::path::Path) -> u8 {
         return 1;
     }
     match wsgate::gateway::Runtime::load(config, false) {
-        Ok(_) => {
+        Ok(rt) => {
+            for w in wsgate::check::host_warnings(&rt.config, &rt.certs) {
+                println!("warning: {w}");
+            }
             println!("{}: ok", path.display());
             0
         }

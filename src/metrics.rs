@@ -75,7 +75,7 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     ),
     (
         TLS_CERT_EXPIRY,
-        "notAfter of the certificate the wss listeners serve (files or ACME), Unix time; 0 while none is (ACME before its first issuance).",
+        "notAfter of the certificate the wss listeners serve (files or ACME), Unix time; 0 while none is (ACME before its first issuance). Unlabelled: the soonest of all; with [[tls.certificates]], one series per certificate by its index (certificate=\"0\", ...; \"acme\" for ACME's), NaN once a reload removed it.",
     ),
     (
         ACME_ORDERS,
@@ -110,6 +110,8 @@ pub struct Metrics {
     handle: PrometheusHandle,
     accepted: Counter,
     handshake: Histogram,
+    /// `certificate` labels of the expiry gauge set so far (indices below this).
+    cert_series: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Per-session counters, resolved once when the session starts.
@@ -171,6 +173,7 @@ impl Metrics {
             handle,
             accepted,
             handshake,
+            cert_series: Arc::default(),
         };
         m.counter(CONFIG_RELOADS, &[("result", "success")]).increment(0);
         m.counter(CONFIG_RELOADS, &[("result", "failure")]).increment(0);
@@ -270,6 +273,29 @@ impl Metrics {
         self.recorder
             .register_gauge(&Key::from_name(TLS_CERT_EXPIRY), &metadata())
             .set(not_after.unwrap_or(0) as f64);
+    }
+
+    /// With `[[tls.certificates]]`: each certificate's notAfter by its index (bounded
+    /// by the config), `acme` for ACME's (0 before its first issuance); an index a
+    /// reload removed reads NaN, so no alert fires for a certificate no longer served.
+    pub fn certificate_expiries(&self, files: &[i64], acme: Option<Option<i64>>) {
+        use std::sync::atomic::Ordering;
+        let gauge = |label: String| {
+            self.recorder.register_gauge(
+                &Key::from_parts(TLS_CERT_EXPIRY, vec![Label::new("certificate", label)]),
+                &metadata(),
+            )
+        };
+        for (i, not_after) in files.iter().enumerate() {
+            gauge(i.to_string()).set(*not_after as f64);
+        }
+        let before = self.cert_series.fetch_max(files.len(), Ordering::Relaxed);
+        for i in files.len()..before {
+            gauge(i.to_string()).set(f64::NAN);
+        }
+        if let Some(acme) = acme {
+            gauge("acme".to_string()).set(acme.unwrap_or(0) as f64);
+        }
     }
 
     /// One ACME order; `None` registers both series at zero.

@@ -70,6 +70,28 @@ fn key_is_valid(k: &[u8]) -> bool {
 /// enough for double and triple encoding (`%252e`), which some backends decode again.
 const PATH_DECODE_ROUNDS: usize = 3;
 
+/// The host the request is for, as routes and certificates compare it
+/// ([`crate::config::normalize_host`]): from the one `Host` header, which an absolute
+/// request target's authority must agree with. No `Host`, two of them, or a value that
+/// is not a host → 400 (RFC 9112 section 3.2).
+pub fn request_host<B>(req: &Request<B>) -> Result<String, Reject> {
+    let mut hosts = req.headers().get_all(http::header::HOST).iter();
+    let (Some(value), None) = (hosts.next(), hosts.next()) else {
+        return Err(Reject::BadRequest("exactly one Host header is required"));
+    };
+    let host = value
+        .to_str()
+        .ok()
+        .and_then(crate::config::normalize_host)
+        .ok_or(Reject::BadRequest("the Host header is not a host"))?;
+    if let Some(authority) = req.uri().authority()
+        && crate::config::normalize_host(authority.as_str()).as_deref() != Some(host.as_str())
+    {
+        return Err(Reject::BadRequest("the request target and Host name different hosts"));
+    }
+    Ok(host)
+}
+
 /// The request path must mean the same to routing and to the upstream (DESIGN.md
 /// section 5): dot segments (`.`, `..`, percent-encoded in any case, also double
 /// encoded), encoded slashes and backslashes (`%2f`, `%5c`), raw backslashes and

@@ -55,13 +55,13 @@ fn relaying_allocates_nothing_per_message() {
         let (gw_up, up) = tokio::io::duplex(64 * 1024);
         tokio::spawn(raw_echo(up));
         tokio::spawn(async move {
-            let settings = relay::Settings::unthrottled(1 << 20);
+            let mut settings = relay::Settings::unthrottled(1 << 20);
             let metrics = wsgate::metrics::Metrics::new().session("alloc");
             let shutdown = tokio_util::sync::CancellationToken::new();
             let mut control = relay::Control::new(&shutdown);
             control.progress = Some(Duration::from_secs(3600));
             let (mut c, mut u) = (relay::Endpoint::client(gw_client, &[]), relay::Endpoint::upstream(gw_up, &[]));
-            relay::run(&mut c, &mut u, &settings, &metrics, control).await
+            relay::run(&mut c, &mut u, &mut settings, &metrics, control).await
         });
         // A batch of masked binary frames, as a client sends them.
         let mut batch = Vec::new();

@@ -171,7 +171,7 @@ fn facts<'a>(path: &'a str, headers: &'a HeaderMap) -> wsgate::upstream::ClientF
 }
 
 fn route_name<'a>(cfg: &'a Config, path: &str) -> Option<&'a str> {
-    cfg.route(path).map(|r| r.name.as_str())
+    cfg.route("localhost", path).map(|r| r.name.as_str())
 }
 
 proptest! {
@@ -202,7 +202,7 @@ proptest! {
     fn routing_sees_what_the_upstream_sees(path in routed_path()) {
         prop_assume!(wsgate::upgrade::check_path(&path).is_ok());
         let cfg = routes();
-        let Some(route) = cfg.route(&path) else { return Ok(()) };
+        let Some(route) = cfg.route("localhost", &path) else { return Ok(()) };
         // A normalising backend reads the path as the same route.
         let view = backend_view(&path);
         prop_assert_eq!(route_name(&cfg, &view), Some(route.name.as_str()), "{:?} reads as {:?}", path, view);

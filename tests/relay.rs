@@ -622,7 +622,7 @@ async fn a_reload_that_lands_during_a_recheck_makes_the_session_check_again() {
     let mut control = relay::Control::new(&shutdown);
     control.policy = Some(&policy);
     let (mut c, mut u) = (relay::Endpoint::client(gw_client, &[]), relay::Endpoint::upstream(gw_up, &[]));
-    let relay = relay::run(&mut c, &mut u, &settings, &metrics, control);
+    let relay = relay::run(&mut c, &mut u, &mut settings, &metrics, control);
     tokio::pin!(relay);
     // The relay starts and waits on the generation it was admitted under.
     assert!(tokio::time::timeout(Duration::from_millis(100), relay.as_mut()).await.is_err());

@@ -47,9 +47,9 @@ pub(super) async fn complete<S: AsyncRead + AsyncWrite + Unpin>(
     let (gw, rt) = (&admission.gw, &admission.rt);
     let route = &rt.config.routes[route_index];
     let result = async {
-        let wait = rt.config.jwt.first_message_timeout;
+        let l = rt.config.limits_of(route);
+        let wait = l.first_message_timeout;
         // Every frame before the token pays toward the route's message rate too.
-        let l = &rt.config.limits;
         let first = client.first_text(MAX_TOKEN_MESSAGE, l.message_rate, l.message_burst);
         let text = match tokio::time::timeout(wait, first).await {
             Ok(Some(t)) => t,
@@ -62,7 +62,7 @@ pub(super) async fn complete<S: AsyncRead + AsyncWrite + Unpin>(
             i.sub = seen.identity;
         });
         let principal = verified?;
-        let user = super::authorize(gw, &rt.config, Some(&principal)).await?;
+        let user = super::authorize(gw, &rt.config, route, Some(&principal)).await?;
         let facts = super::upstream::facts(
             rt,
             route,

@@ -80,6 +80,8 @@ pub(crate) struct Admission {
     verdict: Mutex<Verdict>,
     /// The client certificate the TLS handshake verified.
     cert: std::sync::OnceLock<Arc<ClientCert>>,
+    /// The server certificate of a client that sent SNI: `Host` must be one of its names.
+    sni_certificate: std::sync::OnceLock<Arc<crate::tls::Served>>,
     /// Cluster mode: the shared per-IP check of the TCP peer, started at accept.
     shared_ip: Mutex<Option<SharedIpCheck>>,
 }
@@ -135,6 +137,7 @@ impl Admission {
             over_cap,
             verdict: Mutex::default(),
             cert: std::sync::OnceLock::new(),
+            sni_certificate: std::sync::OnceLock::new(),
         }
     }
 
@@ -142,6 +145,13 @@ impl Admission {
     pub(crate) fn set_cert(&self, cert: Option<Arc<ClientCert>>) {
         if let Some(c) = cert {
             let _ = self.cert.set(c);
+        }
+    }
+
+    /// The certificate served to a client that sent SNI (set once, before the request is read).
+    pub(crate) fn set_sni_certificate(&self, served: Option<Arc<crate::tls::Served>>) {
+        if let Some(s) = served {
+            let _ = self.sni_certificate.set(s);
         }
     }
 
@@ -209,7 +219,7 @@ impl Admission {
                 return Ok((resp, admitted));
             }
         };
-        let user = authorize(&self.gw, &self.rt.config, principal.as_ref()).await?;
+        let user = authorize(&self.gw, &self.rt.config, route, principal.as_ref()).await?;
         let facts = upstream::facts(
             &self.rt,
             route,
@@ -302,14 +312,27 @@ impl Admitted {
 }
 
 /// After authentication: revocations through the admin API (the file's list is checked
-/// by the verifier), then the user's session under the per-user cap.
-async fn authorize(gw: &Gateway, config: &crate::config::Config, principal: Option<&Principal>) -> Result<Option<UserHold>, Reject> {
+/// by the verifier), then the user's session under the per-user cap: the route's own
+/// when it overrides `max_connections_per_user` (counted on this route alone), else
+/// the global one.
+async fn authorize(
+    gw: &Gateway,
+    config: &crate::config::Config,
+    route: &crate::config::Route,
+    principal: Option<&Principal>,
+) -> Result<Option<UserHold>, Reject> {
     let Some(p) = principal else { return Ok(None) };
     if gw.incidents.is_revoked(p.jti.as_deref()) {
         return Err(Reject::Auth(crate::error::AuthFailure::Revoked));
     }
-    match &p.identity {
-        Some(sub) => shared_cap::hold_user(gw, config, sub).await.map(Some),
-        None => Ok(None),
-    }
+    let Some(user) = p.user_key() else { return Ok(None) };
+    let limits = config.limits_of(route);
+    // `\0@` starts no other key: a `[jwt]` identity starting with NUL is escaped as
+    // `\0\0…`, a provider's starts with `\0` and the provider's name (no `@`).
+    let key = if limits.user_cap_per_route {
+        format!("\0@{}\0{user}", route.name)
+    } else {
+        user
+    };
+    shared_cap::hold_user(gw, limits.max_connections_per_user, &key).await.map(Some)
 }

@@ -35,9 +35,15 @@ impl Admission {
         if self.over_cap {
             return Err(Reject::GlobalConnLimit);
         }
+        let host = upgrade::request_host(req)?;
+        if let Some(served) = self.sni_certificate.get()
+            && !served.names_host(&host)
+        {
+            return Err(Reject::Misdirected);
+        }
         let path = req.uri().path().to_string();
         upgrade::check_path(&path)?;
-        let route_index = config.route_index(&path).ok_or(Reject::NotFound)?;
+        let route_index = config.route_index(&host, &path).ok_or(Reject::NotFound)?;
         let route = &config.routes[route_index];
         self.note(|i| i.route = Some(route.name.clone()));
         let upgrade = upgrade::validate(req)?;

@@ -68,6 +68,18 @@ impl crate::relay::Policy for SessionPolicy<'_> {
         first.unwrap_or_else(|| self.gw.recheck_token())
     }
 
+    fn live_limits(&self) -> Option<crate::relay::LiveLimits> {
+        let rt = self.gw.runtime();
+        let route = rt.config.routes.iter().find(|r| *r.name == *self.admitted.route)?;
+        let l = rt.config.limits_of(route);
+        Some(crate::relay::LiveLimits {
+            message_rate: l.message_rate,
+            message_burst: l.message_burst,
+            idle_timeout: l.idle_timeout,
+            ping_interval: l.ping_interval,
+        })
+    }
+
     fn check(&self) -> Option<CloseReason> {
         let rt = self.gw.runtime();
         let incidents = &self.gw.incidents;

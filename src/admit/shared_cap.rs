@@ -108,8 +108,7 @@ pub(super) async fn hold_ip(gw: &Gateway, config: &Config, ip: IpAddr, started: 
 
 /// Take one of `sub`'s sessions: the local cap first (no Redis call when it is full),
 /// then, in cluster mode, the cap across instances.
-pub(super) async fn hold_user(gw: &Gateway, config: &Config, sub: &str) -> Result<UserHold, Reject> {
-    let max = config.limits.max_connections_per_user;
+pub(super) async fn hold_user(gw: &Gateway, max: u32, sub: &str) -> Result<UserHold, Reject> {
     let key = sub.to_string();
     let local = gw.users.acquire(&key, max).ok_or(Reject::UserConnLimit)?;
     let lease = match &gw.cluster {

@@ -33,7 +33,11 @@ pub(super) fn facts<'a>(
         query,
         headers,
         forward_token: token.filter(|_| route.forward_token),
-        token_sources: if strips_tokens { &rt.config.jwt.token_sources } else { &[] },
+        token_sources: if strips_tokens {
+            &rt.config.jwt_of(route).token_sources
+        } else {
+            &[]
+        },
         claims: principal.map(|p| &p.claims),
         cert,
         forward_claims: &route.forward_claims,

@@ -342,6 +342,7 @@ impl Verifier {
 /// with it, if any (`cert_authenticates`: the route needs it, `jwt+mtls`).
 pub(super) fn principal(id: Identity, cert: Option<std::sync::Arc<crate::tls::ClientCert>>, cert_authenticates: bool) -> Principal {
     Principal {
+        provider: None,
         jti: jti_text(&id.claims),
         identity: id.sub,
         claims: id.claims,

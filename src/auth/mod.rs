@@ -34,6 +34,9 @@ use std::{fmt, sync::Arc};
 pub struct Principal {
     /// The user: logs, per-user caps, kicks (`None`: a token without an identity claim).
     pub identity: Option<String>,
+    /// The `[providers.NAME]` that verified the token (`None`: `[jwt]`, or a
+    /// certificate): `alice` of two providers are two users.
+    pub provider: Option<String>,
     /// Claims the route policy and `forward_claims` read (a certificate's identity is
     /// `sub`). Dropped once the session relays ([`Principal::for_session`]).
     pub claims: Map<String, Value>,
@@ -68,6 +71,18 @@ impl fmt::Debug for Principal {
 }
 
 impl Principal {
+    /// The key of this user under per-user caps: the identity for `[jwt]`, the
+    /// provider and the identity otherwise (NUL-separated; a `[jwt]` identity that
+    /// starts with NUL is escaped, so no identity of one provider reads as another's).
+    pub fn user_key(&self) -> Option<String> {
+        let id = self.identity.as_deref()?;
+        Some(match (&self.provider, id.starts_with('\0')) {
+            (Some(p), _) => format!("\0{p}\0{id}"),
+            (None, true) => format!("\0\0{id}"),
+            (None, false) => id.to_string(),
+        })
+    }
+
     /// A session keeps its credential (to re-check it) and identity, not every claim.
     pub fn for_session(mut self) -> Principal {
         self.claims = Map::new();
@@ -94,6 +109,8 @@ pub struct Seen {
 /// Every authentication method of one configuration.
 pub struct Methods {
     jwt: Option<Verifier>,
+    /// `[providers.NAME]` that routes use, by name: each with its own keys.
+    providers: std::collections::BTreeMap<String, Verifier>,
     /// The verifier of client certificates (`tls.client_ca`): live sessions re-check
     /// their certificate against the one of each new config.
     client_certs: Option<Arc<dyn ClientCertVerifier>>,
@@ -103,6 +120,7 @@ impl fmt::Debug for Methods {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Methods")
             .field("jwt", &self.jwt)
+            .field("providers", &self.providers)
             .field("client_certs", &self.client_certs.is_some())
             .finish()
     }
@@ -115,17 +133,44 @@ impl Methods {
         client_certs: Option<Arc<dyn ClientCertVerifier>>,
         create_dev_files: bool,
     ) -> Result<Methods, ConfigError> {
-        let jwt = if config.routes.iter().any(|r| r.auth.uses_jwt()) {
+        let uses = |provider: Option<&str>| config.routes.iter().any(|r| r.auth.uses_jwt() && r.provider.as_deref() == provider);
+        let jwt = if uses(None) {
             Some(Verifier::load(&config.jwt, &config.origin, create_dev_files)?)
         } else {
             None
         };
-        Ok(Methods { jwt, client_certs })
+        let mut providers = std::collections::BTreeMap::new();
+        for (name, cfg) in &config.providers {
+            if uses(Some(name)) {
+                providers.insert(name.clone(), Verifier::load(cfg, &config.origin, create_dev_files)?);
+            }
+        }
+        Ok(Methods {
+            jwt,
+            providers,
+            client_certs,
+        })
     }
 
-    /// The JWT verifier, when a route uses JWT.
+    /// The `[jwt]` verifier, when a route uses it.
     pub fn jwt(&self) -> Option<&Verifier> {
         self.jwt.as_ref()
+    }
+
+    /// The verifier of `provider` (`None`: `[jwt]`), when a route uses it.
+    pub fn verifier(&self, provider: Option<&str>) -> Option<&Verifier> {
+        match provider {
+            None => self.jwt.as_ref(),
+            Some(name) => self.providers.get(name),
+        }
+    }
+
+    /// Every verifier in use: `[jwt]` as `None`, then the providers by name.
+    pub fn verifiers(&self) -> impl Iterator<Item = (Option<&str>, &Verifier)> {
+        self.jwt
+            .iter()
+            .map(|v| (None, v))
+            .chain(self.providers.iter().map(|(n, v)| (Some(n.as_str()), v)))
     }
 
     /// The client certificate verifier, when `tls.client_ca` is set.
@@ -155,7 +200,7 @@ impl Methods {
                 p
             }
             AuthMode::Jwt | AuthMode::JwtMtls => {
-                let verifier = self.jwt.as_ref().ok_or(Reject::Auth(AuthFailure::Missing))?;
+                let verifier = self.verifier(route.provider.as_deref()).ok_or(Reject::Auth(AuthFailure::Missing))?;
                 let Some(found) = verifier.find_token(headers, query) else {
                     if verifier.sources().contains(&TokenSource::FirstMessage) {
                         return Ok(Outcome::Deferred);
@@ -184,12 +229,14 @@ impl Methods {
     }
 
     async fn token(&self, route: &Route, token: &str, cert: Option<&Arc<ClientCert>>, seen: &mut Seen) -> Result<Principal, Reject> {
-        let verifier = self.jwt.as_ref().ok_or(Reject::Auth(AuthFailure::Missing))?;
+        let verifier = self.verifier(route.provider.as_deref()).ok_or(Reject::Auth(AuthFailure::Missing))?;
         seen.token_fingerprint = Some(fingerprint(token));
         let id = verifier.verify(token).await.map_err(Reject::Auth)?;
         seen.identity.clone_from(&id.sub);
         check_binding(&id.claims, cert.map(Arc::as_ref)).map_err(Reject::Auth)?;
-        Ok(jwt::principal(id, cert.cloned(), route.auth.uses_cert()))
+        let mut principal = jwt::principal(id, cert.cloned(), route.auth.uses_cert());
+        principal.provider.clone_from(&route.provider);
+        Ok(principal)
     }
 
     /// Whether a live session still passes under this (reloaded) config, as a new
@@ -212,8 +259,9 @@ impl Methods {
         }
         let token = principal.and_then(|p| p.credential.token.as_deref());
         let jti = principal.and_then(|p| p.jti.as_deref());
+        let issued_by = principal.and_then(|p| p.provider.as_deref());
         let Some(route) = route else {
-            return match (token, &self.jwt) {
+            return match (token, self.verifier(issued_by)) {
                 (Some(_), Some(v)) if v.is_revoked(jti) => Err(AuthFailure::Revoked),
                 (Some(t), Some(v)) => v.still_valid(t),
                 _ => Ok(()),
@@ -234,7 +282,11 @@ impl Methods {
         if !route.auth.uses_jwt() {
             return Ok(());
         }
-        let (Some(token), Some(v)) = (token, &self.jwt) else {
+        // A route now verified by another provider: the session's token is not its.
+        if route.provider.as_deref() != issued_by {
+            return Err(AuthFailure::BadIssuer);
+        }
+        let (Some(token), Some(v)) = (token, self.verifier(issued_by)) else {
             return Err(AuthFailure::Missing);
         };
         if v.is_revoked(jti) {
@@ -262,4 +314,38 @@ fn check_policy(route: &Route, principal: &Principal) -> Result<(), AuthFailure>
         return Err(AuthFailure::Forbidden);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn principal(provider: Option<&str>, identity: &str) -> Principal {
+        Principal {
+            identity: Some(identity.to_string()),
+            provider: provider.map(str::to_string),
+            claims: Map::new(),
+            expires_at: None,
+            jti: None,
+            credential: Credential::default(),
+        }
+    }
+
+    #[test]
+    fn user_keys_of_different_providers_never_meet() {
+        let keys = [
+            principal(None, "alice").user_key(),
+            principal(Some("partners"), "alice").user_key(),
+            principal(Some("other"), "alice").user_key(),
+            principal(None, "\0partners\0alice").user_key(),
+            principal(Some("partners"), "\0alice").user_key(),
+            principal(None, "\0\0alice").user_key(),
+        ];
+        for (i, a) in keys.iter().enumerate() {
+            for b in &keys[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+        assert_eq!(keys[0].as_deref(), Some("alice"), "[jwt] users keep their key");
+    }
 }

@@ -11,6 +11,7 @@ pub(super) fn principal(cert: Option<&Arc<ClientCert>>) -> Option<Principal> {
     let cert = cert?;
     let sub = cert.identity()?.to_string();
     Some(Principal {
+        provider: None,
         identity: Some(sub.clone()),
         claims: sub_claims(sub),
         expires_at: None,

@@ -121,6 +121,8 @@ pub struct Config {
     pub limits: Limits,
     pub firewall: FirewallRules,
     pub jwt: Jwt,
+    /// `[providers.NAME]` of kind jwt, by name (DESIGN.md section 15).
+    pub providers: std::collections::BTreeMap<String, Jwt>,
     pub routes: Vec<Route>,
     /// `[cluster]`: absent, one instance with in-process state.
     pub cluster: Option<Cluster>,
@@ -249,6 +251,19 @@ pub struct Tls {
     pub client: Option<ClientTls>,
     /// `[tls.acme]`: certificates from an ACME server instead of `cert`/`key`.
     pub acme: Option<Acme>,
+    /// `[[tls.certificates]]`: several certificates chosen by SNI, instead of
+    /// `cert`/`key` (empty when unset). Read where the runtime is built.
+    pub certificates: Vec<CertificateFiles>,
+}
+
+/// Most `[[tls.certificates]]` (each is read at start and on every reload).
+pub const MAX_CERTIFICATES: usize = 100;
+
+/// One `[[tls.certificates]]`: a PEM chain and its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateFiles {
+    pub cert: Located<PathBuf>,
+    pub key: Located<PathBuf>,
 }
 
 /// `[tls.acme]` (DESIGN.md section 12). The cache directory is checked where the
@@ -480,27 +495,58 @@ impl Jwt {
 }
 
 impl Config {
-    /// The route for a request path: an exact match first, then the longest prefix.
-    pub fn route(&self, path: &str) -> Option<&Route> {
-        self.route_index(path).map(|i| &self.routes[i])
+    /// The token settings of `route`: its provider's, or `[jwt]`.
+    pub fn jwt_of(&self, route: &Route) -> &Jwt {
+        route.provider.as_ref().and_then(|p| self.providers.get(p)).unwrap_or(&self.jwt)
     }
 
-    /// Index into `routes` of the route for `path`.
-    pub fn route_index(&self, path: &str) -> Option<usize> {
-        let exact = self.routes.iter().position(|r| matches!(&r.path, PathMatch::Exact(p) if p == path));
-        exact.or_else(|| {
-            let prefixes = self
-                .routes
-                .iter()
-                .enumerate()
-                .filter(|(_, r)| matches!(r.path, PathMatch::Prefix(_)) && r.matches(path));
-            prefixes
-                .max_by_key(|(_, r)| match &r.path {
+    /// The limits of `route`'s sessions: its `[routes.limits]`, else the global ones.
+    /// A route that raises `max_message_size` without `max_frame_size` takes frames as
+    /// large as its messages (a browser sends a message as one frame).
+    pub fn limits_of(&self, route: &Route) -> SessionLimits {
+        let (o, l, s) = (&route.limits, &self.limits, &self.server);
+        let max_message_size = o.max_message_size.unwrap_or(l.max_message_size);
+        SessionLimits {
+            max_message_size,
+            max_frame_size: o
+                .max_frame_size
+                .or(o.max_message_size)
+                .unwrap_or(l.max_frame_size)
+                .min(max_message_size),
+            max_fragments: o.max_fragments.unwrap_or(l.max_fragments),
+            message_rate: o.message_rate.unwrap_or(l.message_rate),
+            message_burst: o.message_burst.unwrap_or(l.message_burst),
+            max_connections_per_user: o.max_connections_per_user.unwrap_or(l.max_connections_per_user),
+            user_cap_per_route: o.max_connections_per_user.is_some(),
+            idle_timeout: o.idle_timeout.unwrap_or(s.idle_timeout),
+            ping_interval: o.ping_interval.unwrap_or(s.ping_interval),
+            first_message_timeout: o.first_message_timeout.unwrap_or(self.jwt_of(route).first_message_timeout),
+        }
+    }
+
+    /// The route for a request to `host` (normalised by [`normalize_host`]) and `path`:
+    /// host first (an exact host, then a wildcard, then routes for any host), then path
+    /// (an exact path, then the longest prefix).
+    pub fn route(&self, host: &str, path: &str) -> Option<&Route> {
+        self.route_index(host, path).map(|i| &self.routes[i])
+    }
+
+    /// Index into `routes` of the route for `host` and `path`.
+    pub fn route_index(&self, host: &str, path: &str) -> Option<usize> {
+        self.routes
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.matches(path))
+            .filter_map(|(i, r)| {
+                let path_rank = match &r.path {
+                    PathMatch::Exact(_) => usize::MAX,
                     PathMatch::Prefix(p) => p.len(),
-                    PathMatch::Exact(_) => 0,
-                })
-                .map(|(i, _)| i)
-        })
+                };
+                r.host_rank(host).map(|h| ((h, path_rank), i))
+            })
+            // Ties cannot happen (same host and path is a config error); the first wins.
+            .max_by_key(|&(rank, i)| (rank, std::cmp::Reverse(i)))
+            .map(|(_, i)| i)
     }
 
     /// Read and validate a config file. Relative paths inside resolve against the working directory.

@@ -19,6 +19,7 @@ pub(super) struct File {
     pub firewall: Firewall,
     pub jwt: Jwt,
     pub routes: Vec<Route>,
+    pub providers: std::collections::BTreeMap<String, Spanned<Provider>>,
     pub cluster: Option<Spanned<Cluster>>,
 }
 
@@ -76,6 +77,15 @@ pub(super) struct Tls {
     pub client_auth: Option<Spanned<ClientAuth>>,
     pub client_crl_files: Option<Spanned<Vec<PathBuf>>>,
     pub acme: Option<Spanned<Acme>>,
+    pub certificates: Option<Spanned<Vec<CertificateFiles>>>,
+}
+
+/// One `[[tls.certificates]]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CertificateFiles {
+    pub cert: Spanned<PathBuf>,
+    pub key: Spanned<PathBuf>,
 }
 
 /// `[tls.acme]`: automatic certificates.
@@ -151,10 +161,84 @@ pub(super) struct Jwt {
     pub identity_claim: Option<Spanned<String>>,
 }
 
+/// `[providers.NAME]`: a `kind` and, for kind `"jwt"`, every key of `[jwt]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Provider {
+    pub kind: Spanned<String>,
+    #[serde(default)]
+    pub algorithms: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    pub secret_env: Option<Spanned<String>>,
+    #[serde(default)]
+    pub secret_file: Option<Spanned<PathBuf>>,
+    #[serde(default)]
+    pub generate_secret_if_missing: Option<bool>,
+    #[serde(default)]
+    pub issuer: Option<String>,
+    #[serde(default)]
+    pub audience: Option<Vec<String>>,
+    #[serde(default)]
+    pub leeway: Option<HumanDuration>,
+    #[serde(default)]
+    pub required_claims: Option<Vec<String>>,
+    #[serde(default)]
+    pub token_sources: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    pub close_on_expiry: Option<bool>,
+    #[serde(default)]
+    pub public_key_files: Option<Spanned<Vec<PathBuf>>>,
+    #[serde(default)]
+    pub jwks_file: Option<Spanned<PathBuf>>,
+    #[serde(default)]
+    pub jwks_url: Option<Spanned<String>>,
+    #[serde(default)]
+    pub jwks_refresh: Option<HumanDuration>,
+    #[serde(default)]
+    pub jwks_ca: Option<Spanned<PathBuf>>,
+    #[serde(default)]
+    pub revoked_jti_file: Option<Spanned<PathBuf>>,
+    #[serde(default)]
+    pub first_message_timeout: Option<HumanDuration>,
+    #[serde(default)]
+    pub identity_claim: Option<Spanned<String>>,
+}
+
+impl Provider {
+    /// The kind, and the keys as `[jwt]` holds them.
+    pub(super) fn split(self) -> (Spanned<String>, Jwt) {
+        (
+            self.kind,
+            Jwt {
+                algorithms: self.algorithms,
+                secret_env: self.secret_env,
+                secret_file: self.secret_file,
+                generate_secret_if_missing: self.generate_secret_if_missing,
+                issuer: self.issuer,
+                audience: self.audience,
+                leeway: self.leeway,
+                required_claims: self.required_claims,
+                token_sources: self.token_sources,
+                close_on_expiry: self.close_on_expiry,
+                public_key_files: self.public_key_files,
+                jwks_file: self.jwks_file,
+                jwks_url: self.jwks_url,
+                jwks_refresh: self.jwks_refresh,
+                jwks_ca: self.jwks_ca,
+                revoked_jti_file: self.revoked_jti_file,
+                first_message_timeout: self.first_message_timeout,
+                identity_claim: self.identity_claim,
+            },
+        )
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct Route {
     pub name: Spanned<String>,
+    pub host: Option<Spanned<String>>,
+    pub provider: Option<Spanned<String>>,
     pub path: Spanned<String>,
     pub upstreams: Spanned<Vec<String>>,
     pub auth: Option<AuthMode>,
@@ -165,6 +249,22 @@ pub(super) struct Route {
     pub require_claims: Option<Spanned<std::collections::BTreeMap<String, String>>>,
     pub forward_claims: Option<Spanned<std::collections::BTreeMap<String, String>>>,
     pub validate: Option<Spanned<Validate>>,
+    pub limits: Option<Spanned<RouteLimits>>,
+}
+
+/// `[routes.limits]`: this route's overrides of `[limits]`, `[server]` and `[jwt]` keys.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RouteLimits {
+    pub max_message_size: Option<ByteSize>,
+    pub max_frame_size: Option<ByteSize>,
+    pub max_fragments: Option<u32>,
+    pub message_rate: Option<Rate>,
+    pub message_burst: Option<u32>,
+    pub max_connections_per_user: Option<u32>,
+    pub idle_timeout: Option<HumanDuration>,
+    pub ping_interval: Option<HumanDuration>,
+    pub first_message_timeout: Option<HumanDuration>,
 }
 
 /// `[routes.validate]`: message validation, client → upstream.

@@ -41,6 +41,60 @@ pub enum PathMatch {
     Prefix(String),
 }
 
+/// How a route matches the request's host (`Host`, without port, case and a final dot).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    /// `chat.example.com`: this name only (lower case, A-labels).
+    Exact(String),
+    /// `*.example.com`: exactly one label before `.example.com`. Holds `.example.com`.
+    Wildcard(String),
+}
+
+impl HostMatch {
+    /// Whether `host` (as [`normalize_host`] returns it) is matched.
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            HostMatch::Exact(h) => h == host,
+            HostMatch::Wildcard(suffix) => host
+                .strip_suffix(suffix.as_str())
+                .is_some_and(|label| !label.is_empty() && !label.contains('.')),
+        }
+    }
+}
+
+impl std::fmt::Display for HostMatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HostMatch::Exact(h) => f.write_str(h),
+            HostMatch::Wildcard(suffix) => write!(f, "*{suffix}"),
+        }
+    }
+}
+
+/// The host of a `Host` header (or a request target's authority) as routes and
+/// certificates compare it: the port removed, lower case, one final dot removed, IPv6
+/// brackets removed. `None` when it is not a host: empty, a user part, a bad port, or
+/// bytes that are not a DNS name or an address (a Unicode name must come in its
+/// `xn--` form: browsers send it so).
+pub fn normalize_host(value: &str) -> Option<String> {
+    let authority: http::uri::Authority = value.parse().ok()?;
+    let host = authority.host();
+    let port = authority.as_str().strip_prefix(host)?;
+    if !(port.is_empty()
+        || port
+            .strip_prefix(':')
+            .is_some_and(|p| p.parse::<u16>().is_ok() && p.bytes().all(|b| b.is_ascii_digit())))
+    {
+        return None;
+    }
+    if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return v6.parse::<std::net::Ipv6Addr>().ok().map(|ip| ip.to_string());
+    }
+    let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+    let label_ok = |l: &str| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    (host.len() <= 253 && host.split('.').all(label_ok)).then_some(host)
+}
+
 /// One upstream of a route.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Upstream {
@@ -59,7 +113,12 @@ pub enum Upstream {
 #[derive(Debug, Clone)]
 pub struct Route {
     pub name: String,
+    /// `None`: any host.
+    pub host: Option<HostMatch>,
     pub path: PathMatch,
+    /// `provider = "NAME"`: the `[providers.NAME]` that verifies this route's tokens;
+    /// `None`: `[jwt]`.
+    pub provider: Option<String>,
     pub upstreams: Vec<Upstream>,
     pub auth: AuthMode,
     pub forward_token: bool,
@@ -74,6 +133,40 @@ pub struct Route {
     pub forward_claims: Vec<(String, http::HeaderName)>,
     /// `[routes.validate]`: client messages are checked before they go upstream.
     pub validate: Option<Validate>,
+    /// `[routes.limits]`: what this route overrides; [`Config::limits_of`] resolves it.
+    pub limits: RouteLimits,
+}
+
+/// `[routes.limits]` as written: `None` inherits (DESIGN.md section 14).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RouteLimits {
+    pub max_message_size: Option<usize>,
+    pub max_frame_size: Option<usize>,
+    pub max_fragments: Option<u32>,
+    pub message_rate: Option<Rate>,
+    pub message_burst: Option<u32>,
+    pub max_connections_per_user: Option<u32>,
+    pub idle_timeout: Option<Duration>,
+    pub ping_interval: Option<Duration>,
+    pub first_message_timeout: Option<Duration>,
+}
+
+/// The limits a route's sessions run under: its overrides, else `[limits]`, `[server]`
+/// and its provider's (or `[jwt]`'s) values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionLimits {
+    pub max_message_size: usize,
+    pub max_frame_size: usize,
+    pub max_fragments: u32,
+    pub message_rate: Rate,
+    pub message_burst: u32,
+    pub max_connections_per_user: u32,
+    /// The route overrides `max_connections_per_user`: its users are counted on this
+    /// route alone.
+    pub user_cap_per_route: bool,
+    pub idle_timeout: Duration,
+    pub ping_interval: Duration,
+    pub first_message_timeout: Duration,
 }
 
 /// `[routes.validate]` (DESIGN.md section 11). The schema file is compiled where the
@@ -124,6 +217,16 @@ pub fn normalize_origin(origin: &str) -> Option<String> {
 }
 
 impl Route {
+    /// How well this route's host matches `host` (normalised): 2 exact, 1 wildcard, 0
+    /// any host; `None` when it does not.
+    pub(super) fn host_rank(&self, host: &str) -> Option<u8> {
+        match &self.host {
+            None => Some(0),
+            Some(h) if h.matches(host) => Some(if matches!(h, HostMatch::Exact(_)) { 2 } else { 1 }),
+            Some(_) => None,
+        }
+    }
+
     /// Whether this route serves `path`; longer prefixes are preferred by [`Config::route`].
     pub(super) fn matches(&self, path: &str) -> bool {
         match &self.path {

@@ -29,24 +29,43 @@ impl Validator<'_> {
         Ok(())
     }
 
-    /// Checks across `[jwt]` and the routes that use it.
-    pub(super) fn jwt_routes(&self, jwt: &Jwt, routes: &[Route]) -> Result<(), ConfigError> {
-        if !routes.iter().any(|r| r.auth.uses_jwt()) {
+    /// Checks across `[jwt]` (`provider` `None`) or a `[providers.NAME]` and the routes
+    /// that use it.
+    pub(super) fn jwt_routes(&self, jwt: &Jwt, provider: Option<&str>, routes: &[Route]) -> Result<(), ConfigError> {
+        if !routes.iter().any(|r| r.auth.uses_jwt() && r.provider.as_deref() == provider) {
             return Ok(());
         }
+        let key = match provider {
+            Some(name) => format!("providers.{name}.algorithms"),
+            None => "jwt.algorithms".to_string(),
+        };
         if jwt.algorithms.is_empty() {
             return Err(self.err_key(
-                "jwt.algorithms",
+                &key,
                 "a route uses tokens (auth = \"jwt\" or \"jwt+mtls\") but no algorithm is allowed",
             ));
         }
         let asymmetric = jwt.algorithms.iter().any(|a| a.family() != jsonwebtoken::AlgorithmFamily::Hmac);
         let has_public = !jwt.public_key_files.is_empty() || jwt.jwks_file.is_some() || jwt.jwks_url.is_some();
         if asymmetric && !has_public {
-            return Err(self.err_key(
-                "jwt.algorithms",
-                "RS/PS/ES/EdDSA algorithms need public_key_files, jwks_file or jwks_url",
-            ));
+            return Err(self.err_key(&key, "RS/PS/ES/EdDSA algorithms need public_key_files, jwks_file or jwks_url"));
+        }
+        Ok(())
+    }
+
+    /// A route's `provider` names a `[providers.NAME]`, and its `auth` uses tokens.
+    pub(super) fn route_providers(&self, providers: &std::collections::BTreeMap<String, Jwt>, routes: &[Route]) -> Result<(), ConfigError> {
+        for r in routes {
+            let Some(name) = &r.provider else { continue };
+            if !providers.contains_key(name) {
+                return Err(self.err_key("routes.provider", format!("route \"{}\": no [providers.{}]", r.name, shown(name))));
+            }
+            if !r.auth.uses_jwt() {
+                return Err(self.err_key(
+                    "routes.provider",
+                    format!("route \"{}\": a jwt provider needs auth = \"jwt\" or \"jwt+mtls\"", r.name),
+                ));
+            }
         }
         Ok(())
     }
@@ -58,8 +77,12 @@ impl Validator<'_> {
             if routes.iter().any(|o| o.name == route.name) {
                 return Err(self.err(&r.name, "routes.name", "duplicate route name"));
             }
-            if routes.iter().any(|o| o.path == route.path) {
-                return Err(self.err(&r.path, "routes.path", "another route has the same path"));
+            if routes.iter().any(|o| o.path == route.path && o.host == route.host) {
+                let message = match &route.host {
+                    Some(h) => format!("another route has the same host (\"{h}\") and path"),
+                    None => "another route has the same path (and no host)".to_string(),
+                };
+                return Err(self.err(&r.path, "routes.path", message));
             }
             routes.push(route);
         }
@@ -99,8 +122,11 @@ impl Validator<'_> {
             // A certificate has no claims: silently ignoring them would leave the route open wider than written.
             return Err(self.err(req, "routes.require_claims", "needs a token: use auth = \"jwt+mtls\" on this route"));
         }
+        let host = r.host.as_ref().map(|h| self.route_host(h)).transpose()?;
         Ok(Route {
             name,
+            host,
+            provider: r.provider.as_ref().map(|p| p.get_ref().clone()),
             path,
             upstreams,
             auth,
@@ -115,7 +141,78 @@ impl Validator<'_> {
                 .unwrap_or_default(),
             forward_claims: self.forward_claims(r.forward_claims.as_ref())?,
             validate: r.validate.as_ref().map(|v| self.validate_section(v)).transpose()?,
+            limits: r.limits.as_ref().map(|l| self.route_limits(l)).transpose()?.unwrap_or_default(),
         })
+    }
+
+    /// `[routes.limits]`: each key as in `[limits]`, `[server]` or `[jwt]`; zero is refused.
+    fn route_limits(&self, spanned: &Spanned<raw::RouteLimits>) -> Result<RouteLimits, ConfigError> {
+        let l = spanned.get_ref();
+        let zero = |key: &str| Err(self.err(spanned, &format!("routes.limits.{key}"), "must be larger than zero"));
+        let size = |v: Option<ByteSize>| v.map(|b| b.0 as usize);
+        let limits = RouteLimits {
+            max_message_size: size(l.max_message_size),
+            max_frame_size: size(l.max_frame_size),
+            max_fragments: l.max_fragments,
+            message_rate: l.message_rate,
+            message_burst: l.message_burst,
+            max_connections_per_user: l.max_connections_per_user,
+            idle_timeout: l.idle_timeout.map(|d| d.0),
+            ping_interval: l.ping_interval.map(|d| d.0),
+            first_message_timeout: l.first_message_timeout.map(|d| d.0),
+        };
+        let sizes = [
+            ("max_message_size", limits.max_message_size.map(|v| v as u128)),
+            ("max_frame_size", limits.max_frame_size.map(|v| v as u128)),
+            ("max_fragments", limits.max_fragments.map(u128::from)),
+            ("message_burst", limits.message_burst.map(u128::from)),
+            ("max_connections_per_user", limits.max_connections_per_user.map(u128::from)),
+            ("message_rate", limits.message_rate.map(|r| u128::from(r.count))),
+            ("idle_timeout", limits.idle_timeout.map(|d| d.as_millis())),
+            ("ping_interval", limits.ping_interval.map(|d| d.as_millis())),
+            ("first_message_timeout", limits.first_message_timeout.map(|d| d.as_millis())),
+        ];
+        if let Some((key, _)) = sizes.iter().find(|(_, v)| *v == Some(0)) {
+            return zero(key);
+        }
+        if let (Some(m), Some(f)) = (limits.max_message_size, limits.max_frame_size)
+            && f > m
+        {
+            return Err(self.err(spanned, "routes.limits.max_frame_size", "must not exceed max_message_size"));
+        }
+        Ok(limits)
+    }
+
+    /// `host`: a DNS name (A-labels, `xn--` for Unicode) or `*.` and one, without port
+    /// or final dot; compared in lower case.
+    fn route_host(&self, h: &Spanned<String>) -> Result<HostMatch, ConfigError> {
+        let text = h.get_ref();
+        let bad = |m: &str| Err(self.err(h, "routes.host", format!("\"{}\": {m}", shown(text))));
+        if !text.is_ascii() {
+            return bad("write a Unicode name in its A-label (xn--) form");
+        }
+        let (wildcard, name) = match text.strip_prefix("*.") {
+            Some(rest) => (true, rest),
+            None => (false, text.as_str()),
+        };
+        if name.contains(':') {
+            return bad("a host takes no port (hosts are compared without it)");
+        }
+        if name.ends_with('.') {
+            return bad("write the name without a final dot");
+        }
+        if name.contains('*') {
+            return bad("a wildcard is only allowed as the whole first label (\"*.example.com\")");
+        }
+        match normalize_host(name) {
+            Some(n) if n.contains('.') || !wildcard => Ok(if wildcard {
+                HostMatch::Wildcard(format!(".{n}"))
+            } else {
+                HostMatch::Exact(n)
+            }),
+            Some(_) => bad("a wildcard needs at least two labels after \"*.\""),
+            None => bad("not a host name"),
+        }
     }
 
     /// `[routes.validate]`: defaults (JSON on, binary refused, depth 32, close) and

@@ -96,7 +96,7 @@ upstreams = ["builtin:echo"]
         "t",
     )
     .unwrap();
-    let name = |p: &str| c.route(p).map(|r| r.name.as_str());
+    let name = |p: &str| c.route("any.host", p).map(|r| r.name.as_str());
     assert_eq!(name("/chat/room"), Some("a"));
     assert_eq!(name("/chat"), Some("a"));
     assert_eq!(name("/chatroom"), None);
@@ -305,4 +305,90 @@ fn cluster_takes_one_of_redis_sentinels_and_redis_cluster() {
         .cluster
         .unwrap();
     assert!(c.redis.tls());
+}
+
+const HOSTS: &str = r#"
+[[routes]]
+name = "any"
+path = "/ws"
+upstreams = ["builtin:echo"]
+[[routes]]
+name = "chat"
+host = "Chat.Example.com"
+path = "/ws"
+upstreams = ["builtin:echo"]
+[[routes]]
+name = "wild"
+host = "*.example.com"
+path = "/ws"
+upstreams = ["builtin:echo"]
+[[routes]]
+name = "wild_prefix"
+host = "*.example.com"
+path = "/ws/*"
+upstreams = ["builtin:echo"]
+[[routes]]
+name = "anywhere_deep"
+path = "/ws/deep/*"
+upstreams = ["builtin:echo"]
+"#;
+
+#[test]
+fn routes_match_host_first_exact_before_wildcard_then_path() {
+    let c = Config::from_toml_str(HOSTS, "t.toml").unwrap();
+    let name = |h: &str, p: &str| normalize_host(h).and_then(|h| c.route(&h, p)).map(|r| r.name.as_str());
+    assert_eq!(name("chat.example.com", "/ws"), Some("chat"));
+    assert_eq!(name("CHAT.EXAMPLE.COM:8443", "/ws"), Some("chat"));
+    assert_eq!(name("chat.example.com.", "/ws"), Some("chat"));
+    assert_eq!(name("partners.example.com", "/ws"), Some("wild"));
+    // One label only: not the parent, not two labels.
+    assert_eq!(name("example.com", "/ws"), Some("any"));
+    assert_eq!(name("a.b.example.com", "/ws"), Some("any"));
+    assert_eq!(name("other.test", "/ws"), Some("any"));
+    // A host's prefix route beats a longer prefix for any host: host first.
+    assert_eq!(name("x.example.com", "/ws/deep/1"), Some("wild_prefix"));
+    assert_eq!(name("other.test", "/ws/deep/1"), Some("anywhere_deep"));
+    // The exact host has no prefix route: the wildcard's serves it.
+    assert_eq!(name("chat.example.com", "/ws/room"), Some("wild_prefix"));
+}
+
+#[test]
+fn request_hosts_normalise() {
+    assert_eq!(normalize_host("A.B:443").as_deref(), Some("a.b"));
+    assert_eq!(normalize_host("a.b.").as_deref(), Some("a.b"));
+    assert_eq!(normalize_host("[::1]:8443").as_deref(), Some("::1"));
+    assert_eq!(normalize_host("127.0.0.1:1").as_deref(), Some("127.0.0.1"));
+    for bad in [
+        "", "a.b..", "user@a.b", "a.b:", "a.b:x", "a b", "ä.b", "*.a.b", "a..b", ".a.b", "a.b:1:2",
+    ] {
+        assert_eq!(normalize_host(bad), None, "{bad:?}");
+    }
+}
+
+#[test]
+fn route_hosts_are_checked_and_duplicates_name_key_and_line() {
+    let n = std::cell::Cell::new(0);
+    let route = |host: &str, path: &str| {
+        n.set(n.get() + 1);
+        format!(
+            "[[routes]]\nname = \"r{}\"\nhost = \"{host}\"\npath = \"{path}\"\nupstreams = [\"builtin:echo\"]\n",
+            n.get()
+        )
+    };
+    let two = format!("{}{}", route("a.example.com", "/ws"), route("A.example.com", "/ws"));
+    let e = err(&two);
+    assert_eq!((e.key.as_str(), e.line), ("routes.path", Some(9)), "{e}");
+    assert!(e.message.contains("same host"), "{e}");
+    // Exact and wildcard, host and no host, or other paths do not conflict.
+    let fine = format!(
+        "{}{}{}",
+        route("a.example.com", "/ws"),
+        route("*.example.com", "/ws"),
+        route("a.example.com", "/other")
+    );
+    Config::from_toml_str(&format!("{fine}{}", MINIMAL.replace("/echo", "/ws")), "t.toml").unwrap();
+    for bad in ["a.b:443", "a.b.", "*.b", "a.*.b", "**.b.c", "ä.example", "a b", "*"] {
+        let e = err(&route(bad, "/ws"));
+        assert_eq!((e.key.as_str(), e.line), ("routes.host", Some(3)), "{bad}: {e}");
+    }
 }

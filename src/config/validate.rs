@@ -80,10 +80,15 @@ impl Validator<'_> {
         let log = self.log(raw.log)?;
         let limits = self.limits(raw.limits)?;
         let firewall = self.firewall(raw.firewall)?;
-        let jwt = self.jwt(raw.jwt)?;
+        let jwt = self.jwt(raw.jwt, "jwt")?;
+        let providers = self.providers(raw.providers)?;
         let routes = self.routes(raw.routes)?;
         let cluster = raw.cluster.as_ref().map(|c| self.cluster(c)).transpose()?;
-        self.jwt_routes(&jwt, &routes)?;
+        self.jwt_routes(&jwt, None, &routes)?;
+        for (name, provider) in &providers {
+            self.jwt_routes(provider, Some(name), &routes)?;
+        }
+        self.route_providers(&providers, &routes)?;
         self.cert_routes(&tls, &routes)?;
         Ok(Config {
             origin: self.origin.to_string(),
@@ -94,6 +99,7 @@ impl Validator<'_> {
             limits,
             firewall,
             jwt,
+            providers,
             routes,
             cluster,
         })
@@ -146,7 +152,34 @@ impl Validator<'_> {
             min_version: t.min_version.unwrap_or(TlsVersion::V1_2),
             client: self.client_tls(t)?,
             acme: self.acme(t)?,
+            certificates: self.certificates(t)?,
         })
+    }
+
+    /// `[[tls.certificates]]`: not beside `tls.cert`/`tls.key` (the one-certificate form).
+    fn certificates(&self, t: &raw::Tls) -> Result<Vec<CertificateFiles>, ConfigError> {
+        let Some(list) = &t.certificates else { return Ok(Vec::new()) };
+        let one = [("tls.cert", t.cert.as_ref()), ("tls.key", t.key.as_ref())];
+        if let Some((key, Some(v))) = one.into_iter().find(|(_, v)| v.is_some()) {
+            return Err(self.err(v, key, "has no place beside [[tls.certificates]]: list every certificate there"));
+        }
+        if t.self_signed_if_missing == Some(true) {
+            return Err(self.err_key(
+                "tls.self_signed_if_missing",
+                "applies to tls.cert/tls.key, not to [[tls.certificates]]",
+            ));
+        }
+        if list.get_ref().is_empty() || list.get_ref().len() > MAX_CERTIFICATES {
+            return Err(self.err(list, "tls.certificates", format!("needs 1 to {MAX_CERTIFICATES} certificates")));
+        }
+        Ok(list
+            .get_ref()
+            .iter()
+            .map(|c| CertificateFiles {
+                cert: self.located(&c.cert, "tls.certificates.cert"),
+                key: self.located(&c.key, "tls.certificates.key"),
+            })
+            .collect())
     }
 
     /// `client_ca`, `client_auth` and `client_crl_files`: the last two need the first.
@@ -283,14 +316,14 @@ impl Validator<'_> {
         })
     }
 
-    fn jwt(&self, j: raw::Jwt) -> Result<Jwt, ConfigError> {
+    fn jwt(&self, j: raw::Jwt, p: &str) -> Result<Jwt, ConfigError> {
         if j.generate_secret_if_missing == Some(true) && j.secret_file.is_none() {
-            return Err(self.err_key("jwt.generate_secret_if_missing", "needs jwt.secret_file"));
+            return Err(self.err_key(&format!("{p}.generate_secret_if_missing"), format!("needs {p}.secret_file")));
         }
-        let secret = self.secret(&j)?;
-        let jwks_url = self.jwks_url(&j)?;
+        let secret = self.secret(&j, p)?;
+        let jwks_url = self.jwks_url(&j, p)?;
         Ok(Jwt {
-            algorithms: self.algorithms(j.algorithms.as_ref())?,
+            algorithms: self.algorithms(j.algorithms.as_ref(), p)?,
             secret,
             issuer: j.issuer,
             audience: j.audience.unwrap_or_default(),
@@ -298,36 +331,87 @@ impl Validator<'_> {
             required_claims: j
                 .required_claims
                 .unwrap_or_else(|| DEFAULT_REQUIRED_CLAIMS.map(String::from).to_vec()),
-            token_sources: self.token_sources(j.token_sources.as_ref())?,
+            token_sources: self.token_sources(j.token_sources.as_ref(), p)?,
             close_on_expiry: j.close_on_expiry.unwrap_or(true),
-            public_key_files: self.located_list(j.public_key_files.as_ref(), "jwt.public_key_files"),
-            jwks_file: j.jwks_file.as_ref().map(|f| self.located(f, "jwt.jwks_file")),
+            public_key_files: self.located_list(j.public_key_files.as_ref(), &format!("{p}.public_key_files")),
+            jwks_file: j.jwks_file.as_ref().map(|f| self.located(f, &format!("{p}.jwks_file"))),
             jwks_url,
-            revoked_jti_file: j.revoked_jti_file.as_ref().map(|f| self.located(f, "jwt.revoked_jti_file")),
-            first_message_timeout: self.nonzero(j.first_message_timeout, DEFAULT_FIRST_MESSAGE_TIMEOUT, "jwt.first_message_timeout")?,
+            revoked_jti_file: j
+                .revoked_jti_file
+                .as_ref()
+                .map(|f| self.located(f, &format!("{p}.revoked_jti_file"))),
+            first_message_timeout: self.nonzero(
+                j.first_message_timeout,
+                DEFAULT_FIRST_MESSAGE_TIMEOUT,
+                &format!("{p}.first_message_timeout"),
+            )?,
             identity_claim: match &j.identity_claim {
                 None => None,
                 Some(c) if c.get_ref().is_empty() || c.get_ref().chars().any(char::is_control) => {
-                    return Err(self.err(c, "jwt.identity_claim", "must name a claim"));
+                    return Err(self.err(c, &format!("{p}.identity_claim"), "must name a claim"));
                 }
                 Some(c) => Some(c.get_ref().clone()),
             },
         })
     }
 
-    fn algorithms(&self, names: Option<&Spanned<Vec<String>>>) -> Result<Vec<Algorithm>, ConfigError> {
+    /// `[providers.NAME]`: each a self-contained `[jwt]` (keys it does not set take
+    /// `[jwt]`'s defaults, not its values) of kind `"jwt"`, with key material of its own.
+    fn providers(
+        &self,
+        raws: std::collections::BTreeMap<String, Spanned<raw::Provider>>,
+    ) -> Result<std::collections::BTreeMap<String, Jwt>, ConfigError> {
+        let mut providers = std::collections::BTreeMap::new();
+        for (name, spanned) in raws {
+            let p = format!("providers.{name}");
+            if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+                return Err(self.err(
+                    &spanned,
+                    "providers",
+                    "a provider name uses letters, digits, '_' and '-' (it is a label)",
+                ));
+            }
+            let span = spanned.span();
+            let (kind, j) = spanned.into_inner().split();
+            if kind.get_ref() != "jwt" {
+                return Err(self.err(
+                    &kind,
+                    &format!("{p}.kind"),
+                    format!("unknown kind \"{}\" (this version has \"jwt\")", shown(kind.get_ref())),
+                ));
+            }
+            let own_keys = j.secret_env.is_some()
+                || j.secret_file.is_some()
+                || j.public_key_files.is_some()
+                || j.jwks_file.is_some()
+                || j.jwks_url.is_some();
+            if !own_keys {
+                // The default secret variable is `[jwt]`'s: sharing it would let one
+                // provider's tokens pass on another's routes.
+                return Err(self.err(
+                    &Spanned::new(span, ()),
+                    &p,
+                    "needs keys of its own: secret_env, secret_file, public_key_files, jwks_file or jwks_url",
+                ));
+            }
+            providers.insert(name, self.jwt(j, &p)?);
+        }
+        Ok(providers)
+    }
+
+    fn algorithms(&self, names: Option<&Spanned<Vec<String>>>, p: &str) -> Result<Vec<Algorithm>, ConfigError> {
         let Some(names) = names else {
             return Ok(vec![Algorithm::HS256]);
         };
         let mut algorithms = Vec::new();
         for name in names.get_ref() {
             if name.eq_ignore_ascii_case("none") {
-                return Err(self.err(names, "jwt.algorithms", "\"none\" can never be enabled"));
+                return Err(self.err(names, &format!("{p}.algorithms"), "\"none\" can never be enabled"));
             }
             let alg = ALGORITHMS.iter().find(|(n, _)| n == name).map(|(_, a)| *a).ok_or_else(|| {
                 self.err(
                     names,
-                    "jwt.algorithms",
+                    &format!("{p}.algorithms"),
                     format!(
                         "unsupported algorithm \"{}\" (HS256/384/512, RS256/384/512, PS256/384/512, ES256/384, EdDSA)",
                         shown(name)
@@ -341,11 +425,13 @@ impl Validator<'_> {
         Ok(algorithms)
     }
 
-    fn secret(&self, j: &raw::Jwt) -> Result<SecretSource, ConfigError> {
+    fn secret(&self, j: &raw::Jwt, p: &str) -> Result<SecretSource, ConfigError> {
         Ok(match (&j.secret_env, &j.secret_file) {
-            (Some(env), Some(_)) => return Err(self.err(env, "jwt.secret_env", "set either secret_env or secret_file, not both")),
+            (Some(env), Some(_)) => {
+                return Err(self.err(env, &format!("{p}.secret_env"), "set either secret_env or secret_file, not both"));
+            }
             (_, Some(file)) => SecretSource::File {
-                path: self.located(file, "jwt.secret_file"),
+                path: self.located(file, &format!("{p}.secret_file")),
                 generate_if_missing: j.generate_secret_if_missing.unwrap_or(false),
             },
             (Some(env), None) => {
@@ -353,13 +439,13 @@ impl Validator<'_> {
                     // Often the secret itself pasted here: never print the value.
                     return Err(self.err(
                         env,
-                        "jwt.secret_env",
+                        &format!("{p}.secret_env"),
                         "must name an environment variable (letters, digits and '_'; the value is not shown)",
                     ));
                 }
-                SecretSource::Env(self.located(env, "jwt.secret_env"))
+                SecretSource::Env(self.located(env, &format!("{p}.secret_env")))
             }
-            (None, None) => SecretSource::Env(unlocated("jwt.secret_env", DEFAULT_SECRET_ENV)),
+            (None, None) => SecretSource::Env(unlocated(&format!("{p}.secret_env"), DEFAULT_SECRET_ENV)),
         })
     }
 
@@ -499,7 +585,7 @@ impl Validator<'_> {
         })
     }
 
-    fn token_sources(&self, sources: Option<&Spanned<Vec<String>>>) -> Result<Vec<TokenSource>, ConfigError> {
+    fn token_sources(&self, sources: Option<&Spanned<Vec<String>>>, p: &str) -> Result<Vec<TokenSource>, ConfigError> {
         let Some(sources) = sources else {
             return Ok(DEFAULT_TOKEN_SOURCES.iter().filter_map(|s| parse_token_source(s)).collect());
         };
@@ -510,7 +596,7 @@ impl Validator<'_> {
                 parse_token_source(s).ok_or_else(|| {
                     self.err(
                         sources,
-                        "jwt.token_sources",
+                        &format!("{p}.token_sources"),
                         format!(
                             "unknown token source \"{}\" (use \"authorization\", \"protocol\", \"query:NAME\", \"cookie:NAME\" or \"first_message\")",
                             shown(s)
@@ -521,16 +607,19 @@ impl Validator<'_> {
             .collect()
     }
 
-    fn jwks_url(&self, j: &raw::Jwt) -> Result<Option<JwksUrl>, ConfigError> {
+    fn jwks_url(&self, j: &raw::Jwt, p: &str) -> Result<Option<JwksUrl>, ConfigError> {
         let Some(u) = &j.jwks_url else { return Ok(None) };
-        let url: http::Uri = u.get_ref().parse().map_err(|_| self.err(u, "jwt.jwks_url", "not a valid URL"))?;
+        let url: http::Uri = u
+            .get_ref()
+            .parse()
+            .map_err(|_| self.err(u, &format!("{p}.jwks_url"), "not a valid URL"))?;
         if url.scheme_str() != Some("https") || url.host().is_none() {
-            return Err(self.err(u, "jwt.jwks_url", "must be an https:// URL"));
+            return Err(self.err(u, &format!("{p}.jwks_url"), "must be an https:// URL"));
         }
         Ok(Some(JwksUrl {
             url,
-            refresh: self.nonzero(j.jwks_refresh, DEFAULT_JWKS_REFRESH, "jwt.jwks_refresh")?,
-            ca: j.jwks_ca.as_ref().map(|c| self.located(c, "jwt.jwks_ca")),
+            refresh: self.nonzero(j.jwks_refresh, DEFAULT_JWKS_REFRESH, &format!("{p}.jwks_refresh"))?,
+            ca: j.jwks_ca.as_ref().map(|c| self.located(c, &format!("{p}.jwks_ca"))),
         }))
     }
 }

@@ -86,25 +86,27 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// The limits and timers `config` sets, with the route's message checks
+    /// The limits and timers `config` sets for `route`'s sessions (its
+    /// `[routes.limits]`, else the global ones), with the route's message checks
     /// (`validator`) and the client's share of the assembly budget (`assembly`, for a
     /// validated route).
     pub fn from_config(
         config: &crate::config::Config,
+        route: &crate::config::Route,
         validator: Option<std::sync::Arc<crate::validation::Validator>>,
         assembly: Option<std::sync::Arc<AssemblyShare>>,
     ) -> Settings {
-        let (s, l) = (&config.server, &config.limits);
+        let r = config.limits_of(route);
         Settings {
-            message_rate: l.message_rate,
-            message_burst: l.message_burst,
-            rate_abuse_timeout: l.rate_abuse_timeout,
-            idle_timeout: s.idle_timeout,
-            ping_interval: s.ping_interval,
-            close_timeout: s.close_timeout,
-            max_frame_size: l.max_frame_size,
-            max_message_size: l.max_message_size,
-            max_fragments: l.max_fragments,
+            message_rate: r.message_rate,
+            message_burst: r.message_burst,
+            rate_abuse_timeout: config.limits.rate_abuse_timeout,
+            idle_timeout: r.idle_timeout,
+            ping_interval: r.ping_interval,
+            close_timeout: config.server.close_timeout,
+            max_frame_size: r.max_frame_size,
+            max_message_size: r.max_message_size,
+            max_fragments: r.max_fragments,
             validator,
             assembly,
         }
@@ -139,6 +141,21 @@ pub trait Policy: Sync {
     fn generation(&self) -> CancellationToken;
     /// Why the session may no longer continue, if it may not.
     fn check(&self) -> Option<CloseReason>;
+    /// After a passing check: the rates and timers the session goes on with (its
+    /// route's, as reloaded); `None` keeps them.
+    fn live_limits(&self) -> Option<LiveLimits> {
+        None
+    }
+}
+
+/// What a reload changes in a live session: the message rate and the timers. Sizes
+/// stay as the session started (a frame may be half read).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LiveLimits {
+    pub message_rate: crate::config::Rate,
+    pub message_burst: u32,
+    pub idle_timeout: Duration,
+    pub ping_interval: Duration,
 }
 
 /// What, besides the peers, can end a session.
@@ -184,7 +201,7 @@ pub struct Outcome {
 pub async fn run<C, U>(
     client: &mut Endpoint<C>,
     upstream: &mut Endpoint<U>,
-    settings: &Settings,
+    settings: &mut Settings,
     metrics: &SessionMetrics,
     control: Control<'_>,
 ) -> Outcome
@@ -205,6 +222,11 @@ where
         core.now = None;
         if let Some(ev) = timers.poll_control(cx, &control, cancelled.as_mut(), &core) {
             return Poll::Ready(ev);
+        }
+        if std::mem::take(&mut timers.reloaded)
+            && let Some(limits) = control.policy.and_then(|p| p.live_limits())
+        {
+            timers.apply(cx, limits, settings, &mut core);
         }
         if let Some(ev) = timers.poll_keepalive(cx, settings, &mut core, client) {
             return Poll::Ready(ev);
@@ -272,11 +294,11 @@ mod pipe_tests {
         let up = WebSocketStream::from_raw_socket(up_io, Role::Server, Some(config)).await;
         tokio::spawn(crate::echo::serve(up));
         let relay = tokio::spawn(async move {
-            let settings = Settings::unthrottled(1 << 20);
+            let mut settings = Settings::unthrottled(1 << 20);
             let metrics = crate::metrics::Metrics::new().session("t");
             let shutdown = CancellationToken::new();
             let (mut c, mut u) = (Endpoint::client(gw_client_io, &[]), Endpoint::upstream(gw_up_io, &[]));
-            run(&mut c, &mut u, &settings, &metrics, Control::new(&shutdown)).await
+            run(&mut c, &mut u, &mut settings, &metrics, Control::new(&shutdown)).await
         });
         (client, relay)
     }
@@ -351,11 +373,11 @@ mod pipe_tests {
         let (client_io, gw_client_io) = tokio::io::duplex(PIPE);
         let (gw_up_io, up_io) = tokio::io::duplex(PIPE);
         let relay = tokio::spawn(async move {
-            let settings = Settings::unthrottled(max_size);
+            let mut settings = Settings::unthrottled(max_size);
             let metrics = crate::metrics::Metrics::new().session("t");
             let shutdown = CancellationToken::new();
             let (mut c, mut u) = (Endpoint::client(gw_client_io, &[]), Endpoint::upstream(gw_up_io, &[]));
-            run(&mut c, &mut u, &settings, &metrics, Control::new(&shutdown)).await
+            run(&mut c, &mut u, &mut settings, &metrics, Control::new(&shutdown)).await
         });
         (client_io, up_io, relay)
     }

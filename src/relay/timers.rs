@@ -25,6 +25,8 @@ pub(super) struct Timers {
     last_activity: Instant,
     /// Armed for the deadline of the message being assembled, if any.
     assembly: Option<Pin<Box<Sleep>>>,
+    /// A reload's re-check passed: the session goes on with its route's new rate and timers.
+    pub(super) reloaded: bool,
 }
 
 impl Timers {
@@ -40,6 +42,25 @@ impl Timers {
             started: now,
             last_activity: now,
             assembly: None,
+            reloaded: false,
+        }
+    }
+
+    /// Go on with a reload's rate and timers: the idle timer counts from the last
+    /// activity, the next ping comes one new interval from now.
+    pub(super) fn apply(&mut self, cx: &mut Context<'_>, limits: super::LiveLimits, settings: &mut Settings, core: &mut Core) {
+        if (limits.message_rate, limits.message_burst) != (settings.message_rate, settings.message_burst) {
+            settings.message_rate = limits.message_rate;
+            settings.message_burst = limits.message_burst;
+            core.reconfigure_rate(limits.message_rate, limits.message_burst);
+        }
+        if limits.idle_timeout != settings.idle_timeout {
+            settings.idle_timeout = limits.idle_timeout;
+            rearm(&mut self.idle, self.last_activity + limits.idle_timeout, cx);
+        }
+        if limits.ping_interval != settings.ping_interval {
+            settings.ping_interval = limits.ping_interval;
+            rearm(&mut self.ping, Instant::now() + limits.ping_interval, cx);
         }
     }
 
@@ -70,6 +91,7 @@ impl Timers {
                 if let Some(reason) = policy.check() {
                     return Some(Event::End(reason));
                 }
+                self.reloaded = true;
                 *g = next;
             }
         }

@@ -6,7 +6,7 @@
 //! offers `acme-tls/1` and nothing else gets the challenge certificate for its SNI name,
 //! if one is pending, and no other certificate ever.
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -77,6 +77,45 @@ impl Served {
         })
     }
 
+    /// Whether the leaf names `host` (lower case, no final dot, as
+    /// [`crate::config::normalize_host`] returns it): a DNS name equal to it, a
+    /// wildcard `*.rest` for exactly one label before `.rest` (RFC 6125 section 6.4.3;
+    /// partial wildcards such as `w*.example.com` match nothing), or its IP address.
+    pub fn names_host(&self, host: &str) -> bool {
+        self.names_exactly(host) || self.names_by_wildcard(host)
+    }
+
+    fn names_exactly(&self, host: &str) -> bool {
+        match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => self.names.contains(&crate::config::AcmeIdentifier::Ip(ip)),
+            Err(_) => self.dns_names().any(|n| n == host),
+        }
+    }
+
+    fn names_by_wildcard(&self, host: &str) -> bool {
+        let Some((label, parent)) = host.split_once('.') else {
+            return false;
+        };
+        !label.is_empty()
+            && host.parse::<std::net::IpAddr>().is_err()
+            && self
+                .dns_names()
+                .any(|n| n.strip_prefix("*.").is_some_and(|rest| rest == parent && rest.contains('.')))
+    }
+
+    fn dns_names(&self) -> impl Iterator<Item = &str> {
+        self.names.iter().filter_map(|n| match n {
+            crate::config::AcmeIdentifier::Dns(d) => Some(d.as_str()),
+            crate::config::AcmeIdentifier::Ip(_) => None,
+        })
+    }
+
+    /// A short, bounded name for logs and the expiry gauge: the first DNS name (or
+    /// address), else `"-"`.
+    pub fn first_name(&self) -> String {
+        self.names.first().map_or_else(|| "-".to_string(), |n| n.to_string())
+    }
+
     /// Whether the leaf names every one of `wanted`.
     pub fn covers(&self, wanted: &[crate::config::AcmeIdentifier]) -> bool {
         wanted.iter().all(|w| self.names.contains(w))
@@ -86,10 +125,18 @@ impl Served {
 /// Most challenge certificates held at once: one per name of an order.
 const MAX_CHALLENGES: usize = crate::config::MAX_ACME_DOMAINS;
 
-/// The served certificate, swappable, and pending TLS-ALPN-01 challenge certificates.
+/// The served certificates, swappable, and pending TLS-ALPN-01 challenge certificates.
+///
+/// The certificates in the order they are chosen: `[[tls.certificates]]` as written,
+/// then `current` (`[tls]` cert/key, or ACME's). A client's SNI picks the first that
+/// names it exactly, else the first that names it by a wildcard; without SNI, or
+/// without a match, the first certificate is served.
 #[derive(Default)]
 pub struct CertStore {
+    /// `[tls]` cert/key, or the certificate ACME issued.
     current: ArcSwapOption<Served>,
+    /// `[[tls.certificates]]`, in order; replaced as a whole by a reload.
+    files: ArcSwap<Vec<Arc<Served>>>,
     /// By the SNI name the validation server sends (for an IP address: its reverse
     /// name, RFC 8738 section 6).
     challenges: Mutex<HashMap<String, Arc<CertifiedKey>>>,
@@ -99,6 +146,7 @@ impl std::fmt::Debug for CertStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CertStore")
             .field("current", &self.current.load())
+            .field("files", &self.files.load())
             .finish_non_exhaustive()
     }
 }
@@ -116,9 +164,40 @@ impl CertStore {
         self.current.store(Some(Arc::new(served)));
     }
 
-    /// The certificate served now; `None` before ACME's first issuance.
+    /// The certificate served now from `[tls]` or ACME; `None` before ACME's first
+    /// issuance, or when only `[[tls.certificates]]` are served.
     pub fn current(&self) -> Option<Arc<Served>> {
         self.current.load_full()
+    }
+
+    /// Serve `files` (`[[tls.certificates]]`, in order) from the next handshake on.
+    pub fn install_files(&self, files: Vec<Served>) {
+        self.files.store(Arc::new(files.into_iter().map(Arc::new).collect()));
+    }
+
+    /// Every certificate, in the order they are chosen.
+    pub fn all(&self) -> Vec<Arc<Served>> {
+        let mut all: Vec<Arc<Served>> = self.files.load().iter().cloned().collect();
+        all.extend(self.current.load_full());
+        all
+    }
+
+    /// The certificate a client with this SNI name gets (`None`: no SNI); `None` when
+    /// there is no certificate yet (ACME before its first issuance).
+    pub fn for_sni(&self, sni: Option<&str>) -> Option<Arc<Served>> {
+        let files = self.files.load();
+        let current = self.current.load();
+        let mut all = files.iter().chain(current.as_ref());
+        if let Some(name) = sni.map(normalize_sni) {
+            let pick = all
+                .clone()
+                .find(|s| s.names_exactly(&name))
+                .or_else(|| all.clone().find(|s| s.names_by_wildcard(&name)));
+            if let Some(s) = pick {
+                return Some(s.clone());
+            }
+        }
+        all.next().cloned()
     }
 
     /// Answer TLS-ALPN-01 for `sni` with `cert` until [`CertStore::remove_challenge`].
@@ -158,8 +237,13 @@ impl ResolvesServerCert for CertStore {
         if hello.alpn().is_some_and(wants_challenge) {
             return self.challenge(hello.server_name()?);
         }
-        self.current.load().as_ref().map(|s| s.key.clone())
+        self.for_sni(hello.server_name()).map(|s| s.key.clone())
     }
+}
+
+/// An SNI name as certificates compare it: lower case, without a final dot.
+pub fn normalize_sni(sni: &str) -> String {
+    sni.strip_suffix('.').unwrap_or(sni).to_ascii_lowercase()
 }
 
 #[cfg(test)]
@@ -197,5 +281,37 @@ mod tests {
         let other = rcgen::generate_simple_self_signed(vec!["x".to_string()]).unwrap();
         let wrong = PrivateKeyDer::try_from(other.signing_key.serialize_der()).unwrap();
         assert!(Served::new(vec![ck.cert.der().clone()], wrong).is_err());
+    }
+
+    fn served(names: &[&str]) -> Served {
+        let ck = rcgen::generate_simple_self_signed(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        let key = PrivateKeyDer::try_from(ck.signing_key.serialize_der()).unwrap();
+        Served::new(vec![ck.cert.der().clone()], key).unwrap()
+    }
+
+    #[test]
+    fn sni_prefers_an_exact_name_over_a_wildcard_and_acme_sits_after_the_files() {
+        let store = CertStore::default();
+        assert!(store.for_sni(Some("a.example.com")).is_none());
+        store.install(served(&["acme.example.com"]));
+        store.install_files(vec![
+            served(&["first.example.com"]),
+            served(&["*.example.com"]),
+            served(&["chat.example.com"]),
+        ]);
+        let pick = |sni: Option<&str>| store.for_sni(sni).unwrap().first_name();
+        assert_eq!(pick(Some("chat.example.com")), "chat.example.com");
+        assert_eq!(pick(Some("Chat.Example.com.")), "chat.example.com");
+        assert_eq!(pick(Some("other.example.com")), "*.example.com");
+        assert_eq!(pick(Some("acme.example.com")), "acme.example.com");
+        assert_eq!(pick(Some("a.b.example.com")), "first.example.com");
+        assert_eq!(pick(None), "first.example.com");
+        assert_eq!(store.all().len(), 4);
+        // A wildcard never covers its parent, two labels, an address or a partial label.
+        let w = served(&["*.example.com", "w*.test.com", "127.0.0.1"]);
+        assert!(w.names_host("x.example.com") && w.names_host("127.0.0.1"));
+        for host in ["example.com", "a.b.example.com", ".example.com", "wx.test.com", "127.0.0.2"] {
+            assert!(!w.names_host(host), "{host}");
+        }
     }
 }

@@ -4,7 +4,7 @@
 
 mod certs;
 mod client_cert;
-pub use certs::{ACME_TLS_ALPN, CertStore, Served};
+pub use certs::{ACME_TLS_ALPN, CertStore, Served, normalize_sni};
 pub use client_cert::{ClientCert, DevClientCert, MAX_IDENTITY, MAX_SUBJECT, client_verifier, write_dev_client_cert};
 
 use crate::config::{Config, ConfigError, Located, TlsVersion};
@@ -54,10 +54,20 @@ pub fn server_config(
 ) -> Result<(Arc<ServerConfig>, Arc<CertStore>), ConfigError> {
     let t = &cfg.tls;
     let origin = &cfg.origin;
-    let store = match &t.acme {
-        Some(_) => acme.unwrap_or_default(),
-        None => Arc::new(CertStore::with(file_certificate(cfg, create)?)),
+    let files = t
+        .certificates
+        .iter()
+        .map(|c| listed_certificate(c, origin))
+        .collect::<Result<Vec<_>, _>>()?;
+    let store = match (&t.acme, files.is_empty()) {
+        (Some(_), _) => acme.unwrap_or_default(),
+        (None, true) => Arc::new(CertStore::with(file_certificate(cfg, create)?)),
+        (None, false) => Arc::default(),
     };
+    // Beside ACME, the store outlives reloads: the new list replaces the old one.
+    if t.acme.is_some() || !files.is_empty() {
+        store.install_files(files);
+    }
     let versions: &[&rustls::SupportedProtocolVersion] = match t.min_version {
         TlsVersion::V1_2 => &[&rustls::version::TLS13, &rustls::version::TLS12],
         TlsVersion::V1_3 => &[&rustls::version::TLS13],
@@ -110,6 +120,13 @@ fn file_certificate(cfg: &Config, create: bool) -> Result<Served, ConfigError> {
         (certs, key)
     };
     Served::new(certs, key).map_err(|e| t.key.error(origin, e))
+}
+
+/// One `[[tls.certificates]]`, checked like `tls.cert`/`tls.key`.
+fn listed_certificate(c: &crate::config::CertificateFiles, origin: &str) -> Result<Served, ConfigError> {
+    let certs = load_certs(&c.cert, origin)?;
+    let key = read_key(&c.key.value).map_err(|e| c.key.error(origin, e))?;
+    Served::new(certs, key).map_err(|e| c.key.error(origin, e))
 }
 
 fn pem_error(what: &str, path: &Path, e: rustls_pki_types::pem::Error) -> String {

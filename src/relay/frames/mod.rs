@@ -503,6 +503,11 @@ impl Core {
         Some(Stop::Throttle)
     }
 
+    /// The route's message rate changed (a reload): go on under the new one.
+    pub(super) fn reconfigure_rate(&mut self, rate: crate::config::Rate, burst: u32) {
+        self.rate.reconfigure(rate, burst);
+    }
+
     /// Go on from the message rate a client paid into before the relay started (the
     /// frames before its `first_message` token), not reading before `wait` if set.
     pub(super) fn continue_rate(&mut self, paid: MessageRate, wait: Option<Instant>) {
