@@ -341,6 +341,7 @@ impl Gateway {
         self.runtime.store(new);
         self.generation.swap(Arc::new(next_generation)).cancel();
         self.recheck_sessions();
+        self.metrics.connections_max(self.runtime().config.server.max_connections);
         self.metrics.reload(true);
         Ok(notes)
     }
@@ -377,6 +378,7 @@ impl Gateway {
     /// Shared state for a gateway serving `runtime`.
     pub(crate) fn new(runtime: Runtime, cluster: Option<Arc<crate::cluster::Cluster>>) -> Gateway {
         let metrics = Metrics::new();
+        metrics.connections_max(runtime.config.server.max_connections);
         for r in &runtime.config.routes {
             metrics.register_route(&r.name, r.validate.is_some());
         }
