@@ -197,6 +197,9 @@ pub struct Gateway {
     pub(crate) tracker: TaskTracker,
     pub(crate) open: AtomicUsize,
     pub(crate) draining: AtomicBool,
+    /// One reload at a time (SIGHUP, the config watcher, tests): two racing reloads
+    /// would otherwise both load, and the older file could be stored last.
+    reloading: tokio::sync::Mutex<()>,
 }
 
 impl crate::cluster::Host for Gateway {
@@ -259,6 +262,7 @@ impl Gateway {
     pub async fn reload(&self, config: Config) -> Result<Vec<String>, ConfigError> {
         // Files are read on a blocking thread, under a deadline: a slow file system never
         // stalls the runtime or the signal loop (SIGTERM is still served).
+        let _one_at_a_time = self.reloading.lock().await;
         let origin = config.origin.clone();
         let old = self.runtime();
         if config.tls.acme.is_some() != old.config.tls.acme.is_some() {
@@ -399,6 +403,7 @@ impl Gateway {
             tracker: TaskTracker::new(),
             open: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
+            reloading: tokio::sync::Mutex::new(()),
         }
     }
 

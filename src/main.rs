@@ -148,10 +148,19 @@ async fn run(path: &std::path::Path, explicit_config: bool) -> u8 {
     if let Some(hint) = hint {
         tracing::info!("try it: {hint}");
     }
+    wsgate::notify::ready();
+    let background = tokio_util::sync::CancellationToken::new();
+    if let Some(every) = wsgate::notify::watchdog_interval() {
+        tracing::info!(every_ms = every.as_millis() as u64, "systemd watchdog: pinging");
+        tokio::spawn(wsgate::notify::watchdog(every, background.clone()));
+    }
     serve_signals(&running, path).await;
     tracing::info!("shutdown requested");
+    wsgate::notify::stopping();
     running.shutdown();
     running.wait().await;
+    // The watchdog pings through the drain: a drain that hangs is a stuck process too.
+    background.cancel();
     0
 }
 
@@ -185,7 +194,7 @@ async fn serve_signals(running: &wsgate::Running, path: &std::path::Path) {
         tokio::select! {
             _ = term.recv() => return,
             _ = int.recv() => return,
-            _ = hup.recv() => reload(running, path).await,
+            _ = hup.recv() => { wsgate::watch::reload_file(&running.gateway, path).await; }
         }
     }
 }
@@ -193,27 +202,6 @@ async fn serve_signals(running: &wsgate::Running, path: &std::path::Path) {
 #[cfg(not(unix))]
 async fn serve_signals(_: &wsgate::Running, _: &std::path::Path) {
     wait_for_signal().await;
-}
-
-async fn reload(running: &wsgate::Running, path: &std::path::Path) {
-    tracing::info!(config = %path.display(), "reloading");
-    let config = match Config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            running.gateway.metrics.reload(false);
-            tracing::error!("reload failed, keeping the running config: {e}");
-            return;
-        }
-    };
-    match running.gateway.reload(config).await {
-        Ok(notes) => {
-            for n in notes {
-                tracing::warn!("reload: {n}");
-            }
-            tracing::info!("reloaded");
-        }
-        Err(e) => tracing::error!("reload failed, keeping the running config: {e}"),
-    }
 }
 
 #[cfg(unix)]

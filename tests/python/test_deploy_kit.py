@@ -244,6 +244,10 @@ def test_systemd_unit_matches_production_config():
     server = prod["server"]
     assert unit["ExecStart"] == ["/usr/local/bin/wsgate run --config /etc/wsgate/wsgate.toml"]
     assert "/bin/kill -HUP $MAINPID" in unit["ExecReload"]
+    # wsgate sends READY=1, RELOADING=1/READY=1, STOPPING=1 and WATCHDOG=1 (src/notify.rs).
+    assert unit["Type"] == ["notify"]
+    assert unit["NotifyAccess"] in (["main"], ["all"])
+    assert 2 <= seconds(unit["WatchdogSec"][0]) <= 120, unit["WatchdogSec"]
     assert unit["CapabilityBoundingSet"] == unit["AmbientCapabilities"] == ["CAP_NET_BIND_SERVICE"]
     # systemd must not SIGKILL a gateway that is still draining within shutdown_grace.
     drain = seconds(server["shutdown_grace"]) + seconds(server.get("close_timeout", "3s"))
