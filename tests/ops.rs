@@ -36,11 +36,13 @@ impl ChildGw {
         let pipe = child.stderr.take().unwrap();
         let stderr = Arc::new(Mutex::new(String::new()));
         let text = stderr.clone();
+        let log_file = config.with_file_name("gw.log");
         std::thread::spawn(move || {
             for line in BufReader::new(pipe).lines().map_while(Result::ok) {
                 let mut t = text.lock().unwrap();
                 t.push_str(&line);
                 t.push('\n');
+                let _ = std::fs::write(&log_file, t.as_bytes());
             }
         });
         ChildGw { child, stderr }
@@ -100,10 +102,11 @@ impl Systemd {
     async fn next(&mut self) -> String {
         let mut buf = vec![0u8; 4096];
         loop {
-            let n = tokio::time::timeout(Duration::from_secs(20), self.sock.recv(&mut buf))
-                .await
-                .expect("no notification within 20 s")
-                .unwrap();
+            let Ok(n) = tokio::time::timeout(Duration::from_secs(20), self.sock.recv(&mut buf)).await else {
+                let log = std::fs::read_to_string(self.path.with_file_name("gw.log")).unwrap_or_default();
+                panic!("no notification within 20 s; the gateway's log so far:\n{log}");
+            };
+            let n = n.unwrap();
             let msg = String::from_utf8(buf[..n].to_vec()).unwrap();
             if msg == "WATCHDOG=1\n" {
                 self.watchdogs += 1;
@@ -200,6 +203,195 @@ async fn a_watchdog_for_another_pid_is_not_pinged_and_no_socket_is_no_error() {
     })
     .await;
     assert!(!gw.log().contains("watchdog"), "{}", gw.log());
+    gw.signal("-TERM");
+    assert_eq!(gw.exit_code().await, Some(0));
+}
+
+/// A Kubernetes ConfigMap volume: `NAME -> ..data/NAME`, `..data -> ..VERSION/`, and an
+/// update is a new `..VERSION/` and an atomic rename of a new `..data` symlink over the old.
+struct ConfigMap {
+    root: PathBuf,
+    versions: usize,
+}
+
+impl ConfigMap {
+    fn new(root: &Path, files: &[(&str, String)]) -> ConfigMap {
+        std::fs::create_dir_all(root).unwrap();
+        let mut cm = ConfigMap {
+            root: root.to_path_buf(),
+            versions: 0,
+        };
+        cm.update(files);
+        for (name, _) in files {
+            std::os::unix::fs::symlink(format!("..data/{name}"), root.join(name)).unwrap();
+        }
+        cm
+    }
+
+    /// Write a new version and swap `..data` to it in one rename.
+    fn update(&mut self, files: &[(&str, String)]) {
+        self.versions += 1;
+        let version = format!("..2026_12_07_00_00_{:02}.{}", self.versions, std::process::id());
+        std::fs::create_dir(self.root.join(&version)).unwrap();
+        for (name, text) in files {
+            std::fs::write(self.root.join(&version).join(name), text).unwrap();
+        }
+        let tmp = self.root.join("..data_tmp");
+        std::os::unix::fs::symlink(&version, &tmp).unwrap();
+        std::fs::rename(&tmp, self.root.join("..data")).unwrap();
+    }
+}
+
+/// The watched gateway's config: `/open` without auth, the deny list from `deny_file`.
+fn watched_config(dir: &Path, deny_file: &Path, extra_server: &str) -> String {
+    let rest = format!(
+        "{}\n[firewall]\ndeny_files = [\"{}\"]\n",
+        common::route("open", "/open", "builtin:echo", "none"),
+        deny_file.display()
+    );
+    common::config_text(dir, &format!("watch_config = true\n{extra_server}"), &rest)
+}
+
+/// Whether a wss client from `source` gets a session on `/open`.
+async fn served(port: u16, tls: &Arc<rustls::ClientConfig>, source: &str) -> bool {
+    let opts = wsgate::client::Options {
+        tls: Some(tls.clone()),
+        source: Some(source.parse().unwrap()),
+        ..Default::default()
+    };
+    wsgate::client::connect(&format!("wss://localhost:{port}/open"), &opts)
+        .await
+        .is_ok()
+}
+
+fn reloads(result: &str) -> String {
+    format!("wsgate_config_reloads_total{{result=\"{result}\"}}")
+}
+
+async fn reloads_count(admin: u16, result: &str) -> f64 {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], admin));
+    common::metric_value(&common::http_get(addr, "/metrics").await.1, &reloads(result))
+}
+
+/// Wait (at most `within`) for the next reload's outcome, as systemd hears it.
+async fn next_reload(systemd: &mut Systemd, within: Duration) -> String {
+    let started = std::time::Instant::now();
+    let msg = tokio::time::timeout(within, systemd.next()).await.expect("no reload in time");
+    assert!(msg.starts_with("RELOADING=1\n"), "{msg}");
+    let left = within.saturating_sub(started.elapsed()).max(Duration::from_secs(5));
+    tokio::time::timeout(left, systemd.next()).await.expect("reload did not end")
+}
+
+#[tokio::test]
+async fn watch_config_follows_a_configmap_symlink_swap_within_2s_and_ignores_a_broken_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let cm_dir = dir.path().join("cm");
+    let text = |deny: &str| {
+        vec![
+            ("gw.toml", watched_config(dir.path(), &cm_dir.join("deny.txt"), "")),
+            ("deny.txt", format!("# blocklist\n{deny}")),
+        ]
+    };
+    let mut cm = ConfigMap::new(&cm_dir, &text(""));
+    let mut systemd = Systemd::bind(dir.path());
+    let gw = ChildGw::spawn(&cm_dir.join("gw.toml"), &[("NOTIFY_SOCKET", systemd.path.display().to_string())]);
+    assert_eq!(systemd.next().await, "READY=1\n");
+    let port = gw.port("wss://127.0.0.1:").await;
+    let admin = gw.port("metrics on http://127.0.0.1:").await;
+    let tls = wsgate::tls::cli_client_config(Some(&dir.path().join("server.crt")), false).unwrap();
+    assert!(served(port, &tls, "127.0.0.41").await);
+
+    // The deny list changes in a new version: applied within 2 s of the swap.
+    cm.update(&text("127.0.0.41\n"));
+    let swapped = std::time::Instant::now();
+    assert_eq!(
+        next_reload(&mut systemd, Duration::from_secs(2)).await,
+        "READY=1\nSTATUS=config reloaded\n"
+    );
+    assert!(swapped.elapsed() < Duration::from_secs(2), "{:?}", swapped.elapsed());
+    assert!(!served(port, &tls, "127.0.0.41").await, "the new deny list did not apply");
+    assert!(served(port, &tls, "127.0.0.42").await);
+    assert_eq!(reloads_count(admin, "success").await, 1.0);
+
+    // A broken config in the next version changes nothing, and is not retried in a loop.
+    cm.update(&[("gw.toml", "[server\nbroken".to_string()), ("deny.txt", "127.0.0.42\n".into())]);
+    assert_eq!(
+        next_reload(&mut systemd, Duration::from_secs(2)).await,
+        "READY=1\nSTATUS=reload failed, running the previous config\n"
+    );
+    assert!(served(port, &tls, "127.0.0.42").await, "a broken version changed the deny list");
+    assert!(!served(port, &tls, "127.0.0.41").await);
+    tokio::time::sleep(3 * wsgate::watch::POLL_INTERVAL).await; // kept: proves no retry happens
+    assert_eq!(reloads_count(admin, "failure").await, 1.0);
+    assert_eq!(reloads_count(admin, "success").await, 1.0);
+
+    // Fixed again: applied.
+    cm.update(&text(""));
+    assert_eq!(
+        next_reload(&mut systemd, Duration::from_secs(2)).await,
+        "READY=1\nSTATUS=config reloaded\n"
+    );
+    assert!(served(port, &tls, "127.0.0.41").await);
+    gw.signal("-TERM");
+    assert_eq!(gw.exit_code().await, Some(0));
+}
+
+#[tokio::test]
+async fn watch_config_sees_an_edited_named_file_once_and_a_swap_during_a_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let deny = dir.path().join("deny.txt");
+    std::fs::write(&deny, "# nobody\n").unwrap();
+    let config = dir.path().join("gw.toml");
+    std::fs::write(&config, watched_config(dir.path(), &deny, "")).unwrap();
+    let mut systemd = Systemd::bind(dir.path());
+    let gw = ChildGw::spawn(&config, &[("NOTIFY_SOCKET", systemd.path.display().to_string())]);
+    assert_eq!(systemd.next().await, "READY=1\n");
+    let port = gw.port("wss://127.0.0.1:").await;
+    let admin = gw.port("metrics on http://127.0.0.1:").await;
+    let tls = wsgate::tls::cli_client_config(Some(&dir.path().join("server.crt")), false).unwrap();
+
+    // An editor writing in three steps (truncate, two appends) within one poll: one reload.
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&deny).unwrap();
+        f.write_all(b"127.0.0.5").unwrap();
+        f.flush().unwrap();
+        f.write_all(b"1\n").unwrap();
+    }
+    assert_eq!(
+        next_reload(&mut systemd, Duration::from_secs(2)).await,
+        "READY=1\nSTATUS=config reloaded\n"
+    );
+    assert!(!served(port, &tls, "127.0.0.51").await);
+    tokio::time::sleep(3 * wsgate::watch::POLL_INTERVAL).await; // kept: proves no second reload
+    assert_eq!(reloads_count(admin, "success").await, 1.0);
+
+    // Files changing while a reload reads them (here: right after its RELOADING=1): the
+    // watcher's stamps predate the read, so it reloads again and ends on the newest files.
+    std::fs::write(&deny, "127.0.0.52\n").unwrap();
+    let msg = tokio::time::timeout(Duration::from_secs(2), systemd.next()).await.unwrap();
+    assert!(msg.starts_with("RELOADING=1\n"));
+    std::fs::write(&deny, "127.0.0.53\n").unwrap();
+    let mut done = systemd.next().await;
+    if done.starts_with("READY=1") {
+        done = next_reload(&mut systemd, Duration::from_secs(3)).await;
+    }
+    assert_eq!(done, "READY=1\nSTATUS=config reloaded\n");
+    assert!(!served(port, &tls, "127.0.0.53").await, "the last version did not apply");
+    assert!(served(port, &tls, "127.0.0.52").await);
+
+    // Turned off (by the watcher's own reload): edits are no longer picked up.
+    let off = watched_config(dir.path(), &deny, "").replace("watch_config = true", "watch_config = false");
+    std::fs::write(&config, off).unwrap();
+    assert_eq!(
+        next_reload(&mut systemd, Duration::from_secs(2)).await,
+        "READY=1\nSTATUS=config reloaded\n"
+    );
+    let before = reloads_count(admin, "success").await;
+    std::fs::write(&deny, "127.0.0.54\n").unwrap();
+    tokio::time::sleep(4 * wsgate::watch::POLL_INTERVAL).await; // kept: proves nothing happens
+    assert_eq!(reloads_count(admin, "success").await, before);
+    assert!(served(port, &tls, "127.0.0.54").await);
     gw.signal("-TERM");
     assert_eq!(gw.exit_code().await, Some(0));
 }
