@@ -436,6 +436,8 @@ impl Gateway {
         self.metrics.rejected(reject.label());
         let route = who.route.unwrap_or("-");
         let peer = who.peer;
+        let request_id = who.request_id.unwrap_or("-");
+        let status = reject.status().map(|s| s.as_u16());
         if let Reject::Auth(failure) = reject {
             if let (Some((key, ban)), Some(cluster)) = (self.per_ip().auth_failed(peer), &self.cluster) {
                 // Shared: the address is refused on every instance, not only here.
@@ -448,11 +450,11 @@ impl Gateway {
             }
             self.metrics.auth_failure(route, failure.label());
             let token = who.token_fingerprint.unwrap_or("-");
-            tracing::warn!(%peer, route, reason = failure.label(), token, "authentication failed");
+            tracing::warn!(request_id, %peer, route, status, reason = failure.label(), token, "authentication failed");
         } else if reject.is_warning() {
-            tracing::warn!(%peer, route, reason = reject.label(), detail = %reject, "rejected");
+            tracing::warn!(request_id, %peer, route, status, reason = reject.label(), detail = %reject, "rejected");
         } else {
-            tracing::info!(%peer, route, reason = reject.label(), detail = %reject, "rejected");
+            tracing::info!(request_id, %peer, route, status, reason = reject.label(), detail = %reject, "rejected");
         }
     }
 }
@@ -463,6 +465,8 @@ pub(crate) struct Refused<'a> {
     pub(crate) peer: IpAddr,
     pub(crate) route: Option<&'a str>,
     pub(crate) token_fingerprint: Option<&'a str>,
+    /// Known once the request head was read.
+    pub(crate) request_id: Option<&'a str>,
 }
 
 impl Refused<'_> {
@@ -472,6 +476,7 @@ impl Refused<'_> {
             peer,
             route: None,
             token_fingerprint: None,
+            request_id: None,
         }
     }
 }

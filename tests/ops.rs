@@ -395,3 +395,121 @@ async fn watch_config_sees_an_edited_named_file_once_and_a_swap_during_a_reload(
     gw.signal("-TERM");
     assert_eq!(gw.exit_code().await, Some(0));
 }
+
+/// The JSON lines on a child's stderr; each must be one flat object.
+fn json_lines(log: &str) -> Vec<serde_json::Map<String, serde_json::Value>> {
+    log.lines()
+        .map(|l| match serde_json::from_str::<serde_json::Value>(l) {
+            Ok(serde_json::Value::Object(o)) => {
+                for (k, v) in &o {
+                    assert!(!v.is_object() && !v.is_array(), "{k} is nested in {l}");
+                }
+                o
+            }
+            other => panic!("not a JSON object: {l} ({other:?})"),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn json_access_log_is_flat_with_request_id_upstream_route_and_code() {
+    use futures_util::SinkExt;
+    let up = common::upstream(common::Behaviour::Echo).await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = common::config_text(
+        dir.path(),
+        "trusted_proxies = [\"127.0.0.13/32\"]",
+        &common::route("r", "/r", &up.url(), "none"),
+    )
+    .replace("[log]\nlevel = \"warn\"", "[log]\nformat = \"json\"\nlevel = \"info\"");
+    let config = dir.path().join("gw.toml");
+    std::fs::write(&config, text).unwrap();
+    let mut systemd = Systemd::bind(dir.path());
+    let gw = ChildGw::spawn(&config, &[("NOTIFY_SOCKET", systemd.path.display().to_string())]);
+    assert_eq!(systemd.next().await, "READY=1\n");
+    let port = common::wait_for("the listener in the JSON log", Duration::from_secs(20), || async {
+        json_lines(&gw.log()).iter().find_map(|o| {
+            let m = o.get("message")?.as_str()?;
+            m.strip_prefix("listening on wss://127.0.0.1:")?.parse::<u16>().ok()
+        })
+    })
+    .await;
+    let tls = wsgate::tls::cli_client_config(Some(&dir.path().join("server.crt")), false).unwrap();
+    let session = |source: &str, id: &str| {
+        let opts = wsgate::client::Options {
+            tls: Some(tls.clone()),
+            source: Some(source.parse().unwrap()),
+            headers: vec![("X-Request-Id".into(), id.into())],
+            ..Default::default()
+        };
+        async move {
+            let (mut ws, _) = wsgate::client::connect(&format!("wss://localhost:{port}/r"), &opts).await.unwrap();
+            assert_eq!(common::roundtrip(&mut ws, "hi").await, "hi");
+            ws.send(tokio_tungstenite::tungstenite::Message::Close(Some(
+                tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                    code: 1000u16.into(),
+                    reason: "".into(),
+                },
+            )))
+            .await
+            .unwrap();
+            let _ = common::close_code(&mut ws).await;
+        }
+    };
+    let closed = |id: String| {
+        let gw = &gw;
+        async move {
+            common::wait_for(&format!("the session line of {id}"), Duration::from_secs(20), || async {
+                json_lines(&gw.log()).into_iter().find(|o| {
+                    o.get("message").and_then(|m| m.as_str()) == Some("session closed")
+                        && o.get("request_id").and_then(|v| v.as_str()) == Some(id.as_str())
+                })
+            })
+            .await
+        }
+    };
+
+    // A trusted proxy's id is kept, sent upstream, and logged with the upstream chosen.
+    session("127.0.0.13", "lb-7f3a.1_x").await;
+    assert_eq!(up.header(0, "x-request-id").as_deref(), Some("lb-7f3a.1_x"));
+    let line = closed("lb-7f3a.1_x".into()).await;
+    assert_eq!(line["route"], "r");
+    assert_eq!(line["upstream"], up.addr.to_string().as_str());
+    assert_eq!(line["code"], 1000);
+    assert_eq!(line["peer"], "127.0.0.13");
+    assert_eq!(line["level"], "INFO");
+
+    // A client's own id is replaced by a generated one, upstream and in the log alike.
+    session("127.0.0.14", "forged-by-client").await;
+    let sent = up.header(1, "x-request-id").unwrap();
+    assert_ne!(sent, "forged-by-client");
+    assert!(sent.len() == 32 && sent.bytes().all(|b| b.is_ascii_hexdigit()), "{sent}");
+    closed(sent).await;
+    // A proxy's id with a character outside A-Za-z0-9._- is replaced too.
+    session("127.0.0.13", "a{b}").await;
+    assert_ne!(up.header(2, "x-request-id").as_deref(), Some("a{b}"));
+
+    // A refused request (404) is one flat line with its id and status.
+    let opts = wsgate::client::Options {
+        tls: Some(tls.clone()),
+        source: Some("127.0.0.13".parse().unwrap()),
+        headers: vec![("X-Request-Id".into(), "lb-404".into())],
+        ..Default::default()
+    };
+    assert!(
+        wsgate::client::connect(&format!("wss://localhost:{port}/nowhere"), &opts)
+            .await
+            .is_err()
+    );
+    let refused = common::wait_for("the refusal line", Duration::from_secs(20), || async {
+        json_lines(&gw.log())
+            .into_iter()
+            .find(|o| o.get("request_id").and_then(|v| v.as_str()) == Some("lb-404"))
+    })
+    .await;
+    assert_eq!(refused["status"], 404);
+    assert_eq!(refused["reason"], "not_found");
+    assert!(!gw.log().contains("forged-by-client"), "a client's id reached the log");
+    gw.signal("-TERM");
+    assert_eq!(gw.exit_code().await, Some(0));
+}
