@@ -212,6 +212,9 @@ pub struct Gateway {
     pub(crate) tracker: TaskTracker,
     pub(crate) open: AtomicUsize,
     pub(crate) draining: AtomicBool,
+    /// One reload at a time (SIGHUP, the config watcher, tests): two racing reloads
+    /// would otherwise both load, and the older file could be stored last.
+    reloading: tokio::sync::Mutex<()>,
 }
 
 impl crate::cluster::Host for Gateway {
@@ -274,6 +277,7 @@ impl Gateway {
     pub async fn reload(&self, config: Config) -> Result<Vec<String>, ConfigError> {
         // Files are read on a blocking thread, under a deadline: a slow file system never
         // stalls the runtime or the signal loop (SIGTERM is still served).
+        let _one_at_a_time = self.reloading.lock().await;
         let origin = config.origin.clone();
         let old = self.runtime();
         if config.tls.acme.is_some() != old.config.tls.acme.is_some() {
@@ -358,6 +362,7 @@ impl Gateway {
         self.runtime.store(new);
         self.generation.swap(Arc::new(next_generation)).cancel();
         self.recheck_sessions();
+        self.metrics.connections_max(self.runtime().config.server.max_connections);
         self.metrics.reload(true);
         Ok(notes)
     }
@@ -415,6 +420,7 @@ impl Gateway {
     /// Shared state for a gateway serving `runtime`.
     pub(crate) fn new(runtime: Runtime, cluster: Option<Arc<crate::cluster::Cluster>>) -> Gateway {
         let metrics = Metrics::new();
+        metrics.connections_max(runtime.config.server.max_connections);
         for r in &runtime.config.routes {
             metrics.register_route(&r.name, r.validate.is_some());
         }
@@ -435,6 +441,7 @@ impl Gateway {
             tracker: TaskTracker::new(),
             open: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
+            reloading: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -467,6 +474,8 @@ impl Gateway {
         self.metrics.rejected(reject.label());
         let route = who.route.unwrap_or("-");
         let peer = who.peer;
+        let request_id = who.request_id.unwrap_or("-");
+        let status = reject.status().map(|s| s.as_u16());
         if let Reject::Auth(failure) = reject {
             if let (Some((key, ban)), Some(cluster)) = (self.per_ip().auth_failed(peer), &self.cluster) {
                 // Shared: the address is refused on every instance, not only here.
@@ -479,11 +488,11 @@ impl Gateway {
             }
             self.metrics.auth_failure(route, failure.label());
             let token = who.token_fingerprint.unwrap_or("-");
-            tracing::warn!(%peer, route, reason = failure.label(), token, "authentication failed");
+            tracing::warn!(request_id, %peer, route, status, reason = failure.label(), token, "authentication failed");
         } else if reject.is_warning() {
-            tracing::warn!(%peer, route, reason = reject.label(), detail = %reject, "rejected");
+            tracing::warn!(request_id, %peer, route, status, reason = reject.label(), detail = %reject, "rejected");
         } else {
-            tracing::info!(%peer, route, reason = reject.label(), detail = %reject, "rejected");
+            tracing::info!(request_id, %peer, route, status, reason = reject.label(), detail = %reject, "rejected");
         }
     }
 }
@@ -494,6 +503,8 @@ pub(crate) struct Refused<'a> {
     pub(crate) peer: IpAddr,
     pub(crate) route: Option<&'a str>,
     pub(crate) token_fingerprint: Option<&'a str>,
+    /// Known once the request head was read.
+    pub(crate) request_id: Option<&'a str>,
 }
 
 impl Refused<'_> {
@@ -503,6 +514,7 @@ impl Refused<'_> {
             peer,
             route: None,
             token_fingerprint: None,
+            request_id: None,
         }
     }
 }

@@ -24,6 +24,7 @@
 //! | layer | module | what it holds |
 //! |-------|--------|---------------|
 //! | entry | `server` | listeners, accept loops, the three-step drain |
+//! | entry | [`watch`] | reload from the config file (SIGHUP), `watch_config`: the file and those it names, polled |
 //! | entry | `admin` | the admin listener: metrics, health, readiness |
 //! | entry | [`client`] | `wsgate client`, the line-oriented CLI client |
 //! | entry | [`check`] | `wsgate check`: insecure settings as warnings |
@@ -47,6 +48,7 @@
 //! | stage | [`echo`] | the built-in echo backend |
 //! | stage | [`wire`] | WebSocket frame headers, masking, UTF-8, close payloads |
 //! | stage | [`logging`] | tracing setup |
+//! | stage | [`notify`] | systemd notifications: ready, reloading, stopping, watchdog, main pid |
 //! | stage | `proxy_protocol` | PROXY protocol v1/v2 headers |
 //! | leaf | [`config`] | raw TOML → validated [`Config`]; reads nothing but the TOML |
 //! | leaf | [`error`] | every reason → status, close code, metric label |
@@ -101,6 +103,7 @@ mod keys;
 pub mod limits;
 pub mod logging;
 pub mod metrics;
+pub mod notify;
 mod proxy_protocol;
 pub mod relay;
 mod server;
@@ -109,6 +112,7 @@ pub mod upgrade;
 pub mod upstream;
 mod util;
 pub mod validation;
+pub mod watch;
 pub mod wire;
 
 pub use config::Config;

@@ -1,5 +1,10 @@
 //! tracing setup: text or JSON, level from config (RUST_LOG overrides), colours only
 //! on a terminal, optional log file.
+//!
+//! JSON is one flat object per line (DESIGN.md section 17): the event's fields beside
+//! `timestamp`, `level` and `message`, no nested `fields`, `span` or `spans` objects. A
+//! session's lines are joined by `request_id` (its access-log line and its refusal or
+//! close carry it).
 
 use crate::config::{Log, LogFormat};
 use std::io::IsTerminal;
@@ -20,14 +25,24 @@ pub fn init(log: &Log) -> Result<(), String> {
                 .map_err(|e| format!("log.file: cannot open {}: {e}", path.display()))?;
             let b = builder.with_ansi(false).with_writer(std::sync::Mutex::new(file));
             match log.format {
-                LogFormat::Json => b.json().try_init(),
+                LogFormat::Json => b
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(false)
+                    .with_span_list(false)
+                    .try_init(),
                 LogFormat::Text => b.try_init(),
             }
         }
         None => {
             let b = builder.with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr);
             match log.format {
-                LogFormat::Json => b.json().try_init(),
+                LogFormat::Json => b
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(false)
+                    .with_span_list(false)
+                    .try_init(),
                 LogFormat::Text => b.try_init(),
             }
         }

@@ -120,6 +120,8 @@ fn load(path: &std::path::Path) -> Result<Config, u8> {
 }
 
 async fn run(path: &std::path::Path, explicit_config: bool) -> u8 {
+    // Stamped before the read: a config changed while it loads is reloaded (watch_config).
+    let baseline = wsgate::watch::Baseline::config(path);
     let config = match load(path) {
         Ok(c) => c,
         Err(code) => return code,
@@ -129,6 +131,7 @@ async fn run(path: &std::path::Path, explicit_config: bool) -> u8 {
         return 2;
     }
     raise_nofile_limit();
+    let signals = install_signals();
     let hint = start_hint(&config, path, explicit_config);
     let running = match wsgate::start(config).await {
         Ok(r) => r,
@@ -148,10 +151,27 @@ async fn run(path: &std::path::Path, explicit_config: bool) -> u8 {
     if let Some(hint) = hint {
         tracing::info!("try it: {hint}");
     }
-    serve_signals(&running, path).await;
+    let background = tokio_util::sync::CancellationToken::new();
+    // Idle unless [server] watch_config is on (looked up at each poll).
+    let baseline = baseline.named_files(&running.gateway);
+    tokio::spawn(wsgate::watch::run(
+        running.gateway.clone(),
+        path.to_path_buf(),
+        baseline,
+        background.clone(),
+    ));
+    wsgate::notify::ready();
+    if let Some(every) = wsgate::notify::watchdog_interval() {
+        tracing::info!(every_ms = every.as_millis() as u64, "systemd watchdog: pinging");
+        tokio::spawn(wsgate::notify::watchdog(every, background.clone()));
+    }
+    serve_signals(signals, &running, path).await;
     tracing::info!("shutdown requested");
+    wsgate::notify::stopping();
     running.shutdown();
     running.wait().await;
+    // The watchdog pings through the drain: a drain that hangs is a stuck process too.
+    background.cancel();
     0
 }
 
@@ -169,15 +189,33 @@ fn raise_nofile_limit() {
     }
 }
 
-/// Until SIGTERM/SIGINT: SIGHUP reloads the config file.
+/// SIGTERM, SIGINT and SIGHUP handlers, installed before the gateway says it is ready
+/// (a `systemctl reload` right after READY=1 must not meet SIGHUP's default: exit).
 #[cfg(unix)]
-async fn serve_signals(running: &wsgate::Running, path: &std::path::Path) {
+type Signals = Option<[tokio::signal::unix::Signal; 3]>;
+#[cfg(not(unix))]
+type Signals = ();
+
+#[cfg(unix)]
+fn install_signals() -> Signals {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+    match (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
         signal(SignalKind::hangup()),
-    ) else {
+    ) {
+        (Ok(term), Ok(int), Ok(hup)) => Some([term, int, hup]),
+        _ => None,
+    }
+}
+
+#[cfg(not(unix))]
+fn install_signals() -> Signals {}
+
+/// Until SIGTERM/SIGINT: SIGHUP reloads the config file.
+#[cfg(unix)]
+async fn serve_signals(signals: Signals, running: &wsgate::Running, path: &std::path::Path) {
+    let Some([mut term, mut int, mut hup]) = signals else {
         wait_for_signal().await;
         return;
     };
@@ -185,35 +223,14 @@ async fn serve_signals(running: &wsgate::Running, path: &std::path::Path) {
         tokio::select! {
             _ = term.recv() => return,
             _ = int.recv() => return,
-            _ = hup.recv() => reload(running, path).await,
+            _ = hup.recv() => { wsgate::watch::reload_file(&running.gateway, path).await; }
         }
     }
 }
 
 #[cfg(not(unix))]
-async fn serve_signals(_: &wsgate::Running, _: &std::path::Path) {
+async fn serve_signals(_: Signals, _: &wsgate::Running, _: &std::path::Path) {
     wait_for_signal().await;
-}
-
-async fn reload(running: &wsgate::Running, path: &std::path::Path) {
-    tracing::info!(config = %path.display(), "reloading");
-    let config = match Config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            running.gateway.metrics.reload(false);
-            tracing::error!("reload failed, keeping the running config: {e}");
-            return;
-        }
-    };
-    match running.gateway.reload(config).await {
-        Ok(notes) => {
-            for n in notes {
-                tracing::warn!("reload: {n}");
-            }
-            tracing::info!("reloaded");
-        }
-        Err(e) => tracing::error!("reload failed, keeping the running config: {e}"),
-    }
 }
 
 #[cfg(unix)]

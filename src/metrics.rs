@@ -33,6 +33,14 @@ pub const CLUSTER_MODE: &str = "wsgate_cluster_mode";
 pub const MESSAGES_REJECTED: &str = "wsgate_messages_rejected_total";
 pub const TLS_CERT_EXPIRY: &str = "wsgate_tls_certificate_expiry_timestamp_seconds";
 pub const ACME_ORDERS: &str = "wsgate_acme_orders_total";
+pub const CONNECTIONS_MAX: &str = "wsgate_connections_max";
+/// The process metrics below come from `metrics-process` (its names and help texts), read
+/// on each scrape; listed here so the alert rules and the dashboard have one place to look.
+pub const PROCESS_OPEN_FDS: &str = "process_open_fds";
+pub const PROCESS_MAX_FDS: &str = "process_max_fds";
+pub const PROCESS_RESIDENT_MEMORY: &str = "process_resident_memory_bytes";
+pub const PROCESS_CPU_SECONDS: &str = "process_cpu_seconds_total";
+pub const PROCESS_START_TIME: &str = "process_start_time_seconds";
 
 const DESCRIPTIONS: &[(&str, &str)] = &[
     (CONNECTIONS_ACCEPTED, "TCP connections accepted on the wss listeners."),
@@ -50,6 +58,10 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
         "Time to connect to an upstream and complete its WebSocket handshake.",
     ),
     (CONFIG_RELOADS, "Configuration reloads, by result."),
+    (
+        CONNECTIONS_MAX,
+        "The configured server.max_connections: connections beyond it are refused (503).",
+    ),
     (BUILD_INFO, "Always 1; the version label names the running build."),
     (
         JWKS_REFRESHES,
@@ -112,6 +124,7 @@ pub struct Metrics {
     handshake: Histogram,
     /// `certificate` labels of the expiry gauge set so far (indices below this).
     cert_series: Arc<std::sync::atomic::AtomicUsize>,
+    process: metrics_process::Collector,
 }
 
 /// Per-session counters, resolved once when the session starts.
@@ -168,12 +181,15 @@ impl Metrics {
             &meta,
         );
         build.set(1.0);
+        let process = metrics_process::Collector::default();
+        metrics::with_local_recorder(recorder.as_ref(), || process.describe());
         let m = Metrics {
             recorder,
             handle,
             accepted,
             handshake,
             cert_series: Arc::default(),
+            process,
         };
         m.counter(CONFIG_RELOADS, &[("result", "success")]).increment(0);
         m.counter(CONFIG_RELOADS, &[("result", "failure")]).increment(0);
@@ -181,9 +197,17 @@ impl Metrics {
         m
     }
 
-    /// The Prometheus text exposition of every metric.
+    /// The Prometheus text exposition of every metric, the process metrics read now.
     pub fn render(&self) -> String {
+        metrics::with_local_recorder(self.recorder.as_ref(), || self.process.collect());
         self.handle.render()
+    }
+
+    /// The configured connection cap (set at start and on every reload).
+    pub fn connections_max(&self, max: usize) {
+        self.recorder
+            .register_gauge(&Key::from_name(CONNECTIONS_MAX), &metadata())
+            .set(max as f64);
     }
 
     fn counter(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Counter {
@@ -405,6 +429,30 @@ mod tests {
             "{text}"
         );
         assert!(!b.render().contains("not_found"));
+    }
+
+    #[test]
+    fn process_metrics_have_the_standard_names_and_help() {
+        let m = Metrics::new();
+        m.connections_max(1234);
+        let text = m.render();
+        for name in [
+            PROCESS_OPEN_FDS,
+            PROCESS_MAX_FDS,
+            PROCESS_RESIDENT_MEMORY,
+            PROCESS_CPU_SECONDS,
+            PROCESS_START_TIME,
+        ] {
+            assert!(text.contains(&format!("# HELP {name} ")), "{name}: {text}");
+            assert!(text.lines().any(|l| l.starts_with(&format!("{name} "))), "{name}: {text}");
+        }
+        assert!(text.contains("wsgate_connections_max 1234"), "{text}");
+        let open: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("process_open_fds "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0);
+        assert!(open >= 3.0, "{text}");
     }
 }
 

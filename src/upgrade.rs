@@ -305,6 +305,34 @@ pub fn client_ip(config: &Config, peer: IpAddr, headers: &HeaderMap) -> Result<I
     Err(Reject::BadRequest("X-Forwarded-For names only trusted proxies"))
 }
 
+/// Longest `X-Request-Id` kept from a trusted proxy.
+pub const MAX_REQUEST_ID: usize = 128;
+
+/// The request id of a connection (DESIGN.md section 17): a trusted proxy's one
+/// `X-Request-Id` when it is 1–128 characters of `A-Za-z0-9._-`, else a new one (32 hex
+/// digits). A client's own value is never kept: it could forge another request's id in
+/// the logs, or smuggle text into them.
+pub fn request_id(peer_trusted: bool, headers: &HeaderMap) -> String {
+    let mut given = headers.get_all("x-request-id").iter();
+    if peer_trusted
+        && let (Some(v), None) = (given.next(), given.next())
+        && (1..=MAX_REQUEST_ID).contains(&v.len())
+        && v.as_bytes()
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && let Ok(v) = v.to_str()
+    {
+        return v.to_string();
+    }
+    let mut id = [0u8; 16];
+    if aws_lc_rs::rand::fill(&mut id).is_err() {
+        // No randomness: still unique within the process.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        id[..8].copy_from_slice(&NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed).to_be_bytes());
+    }
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// One `X-Forwarded-For` hop: `ip`, `ip:port`, `[v6]` or `[v6]:port`, canonical.
 pub fn parse_hop(hop: &str) -> Option<IpAddr> {
     let h = hop.trim();
@@ -446,6 +474,34 @@ mod client_ip_tests {
             h.append("x-forwarded-for", l.parse().unwrap());
         }
         h
+    }
+
+    #[test]
+    fn a_request_id_is_kept_only_from_a_trusted_proxy_and_only_when_plain() {
+        let with = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append("x-request-id", HeaderValue::from_str(v).unwrap());
+            }
+            h
+        };
+        let generated = |id: &str| id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit());
+        assert_eq!(request_id(true, &with(&["abc.DEF_1-2"])), "abc.DEF_1-2");
+        let longest = "a".repeat(MAX_REQUEST_ID);
+        assert_eq!(request_id(true, &with(&[&longest])), longest);
+        // A client's own value is replaced, however well-formed.
+        assert!(generated(&request_id(false, &with(&["abc"]))));
+        for bad in [&"a".repeat(MAX_REQUEST_ID + 1), "", "a b", "a\"b", "{\"x\":1}", "a/b", "é"] {
+            let h = HeaderMap::from_iter([(
+                http::HeaderName::from_static("x-request-id"),
+                HeaderValue::from_bytes(bad.as_bytes()).unwrap(),
+            )]);
+            assert!(generated(&request_id(true, &h)), "{bad:?} kept");
+        }
+        // Two copies: which one is meant is unclear, so neither.
+        assert!(generated(&request_id(true, &with(&["a", "b"]))));
+        assert!(generated(&request_id(true, &HeaderMap::new())));
+        assert_ne!(request_id(false, &HeaderMap::new()), request_id(false, &HeaderMap::new()));
     }
 
     #[test]

@@ -88,6 +88,8 @@ pub struct ClientFacts<'a> {
     /// The identity headers of every route: a client's copy of any of them is removed
     /// on every route, as one upstream may serve several routes.
     pub identity_headers: &'a [HeaderName],
+    /// Sent as `X-Request-Id` (a client's own copy is never forwarded).
+    pub request_id: Option<&'a str>,
 }
 
 /// Header names compared the way proxies and frameworks conflate them: case, and every
@@ -137,6 +139,7 @@ const CLIENT_FORWARDING: &[&str] = &[
     "x-rewrite-url",
     "x-original-forwarded-for",
     "true-client-ip",
+    "x-request-id",
     "client-ip",
     "cf-connecting-ip",
     "x-cluster-client-ip",
@@ -293,6 +296,9 @@ pub fn build_request(url: &str, facts: &ClientFacts) -> Result<http::Request<()>
         h.insert(HeaderName::from_static("x-forwarded-for"), v);
     }
     h.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("https"));
+    if let Some(v) = facts.request_id.and_then(|id| HeaderValue::from_str(id).ok()) {
+        h.insert(HeaderName::from_static("x-request-id"), v);
+    }
     if let Ok(v) = HeaderValue::from_str(&facts.ip.to_canonical().to_string()) {
         h.insert(HeaderName::from_static("x-real-ip"), v);
     }
@@ -352,6 +358,17 @@ fn strip_token_cookies(h: &mut HeaderMap, facts: &ClientFacts) {
 pub struct Connected {
     pub ws: crate::relay::Endpoint<UpstreamIo>,
     pub protocol: Option<HeaderValue>,
+    /// Which upstream answered (`host:port`, `builtin:echo`), for the access log.
+    pub target: String,
+}
+
+/// An upstream as the access log names it: `host:port` (IPv6 in brackets), or `builtin:echo`.
+pub fn target_label(upstream: &Upstream) -> String {
+    match upstream {
+        Upstream::BuiltinEcho => "builtin:echo".to_string(),
+        Upstream::Remote { host, port, .. } if host.contains(':') && !host.starts_with('[') => format!("[{host}]:{port}"),
+        Upstream::Remote { host, port, .. } => format!("{host}:{port}"),
+    }
 }
 
 /// Connect to `upstream`, send `req`, and complete the WebSocket handshake within `timeout`.
@@ -382,7 +399,9 @@ pub async fn connect(
                 }
             }
         };
-        handshake(io, req).await
+        let mut connected = handshake(io, req).await?;
+        connected.target = target_label(upstream);
+        Ok(connected)
     };
     tokio::time::timeout(timeout, fut).await.map_err(|_| Reject::UpstreamTimeout)?
 }
@@ -426,7 +445,11 @@ async fn handshake(io: UpstreamIo, req: http::Request<()>) -> Result<Connected, 
         .downcast::<hyper_util::rt::TokioIo<UpstreamIo>>()
         .map_err(|_| handshake_failed("upgrade io"))?;
     let ws = crate::relay::Endpoint::upstream(parts.io.into_inner(), &parts.read_buf);
-    Ok(Connected { ws, protocol })
+    Ok(Connected {
+        ws,
+        protocol,
+        target: String::new(),
+    })
 }
 
 /// Send the one request and read the answer's head. A 4xx is the application's answer
@@ -590,7 +613,34 @@ mod tests {
             cert: None,
             forward_claims: &[],
             identity_headers: &[],
+            request_id: None,
         }
+    }
+
+    #[test]
+    fn the_request_id_goes_upstream_and_a_clients_copy_in_any_spelling_does_not() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-request-id", HeaderValue::from_static("forged"));
+        headers.insert("x_request_id", HeaderValue::from_static("forged2"));
+        let mut f = facts(&headers, None, &[]);
+        let req = build_request("ws://127.0.0.1:1/echo", &f).unwrap();
+        assert!(req.headers().get("x-request-id").is_none());
+        assert!(req.headers().get("x_request_id").is_none());
+        f.request_id = Some("abc-123");
+        let req = build_request("ws://127.0.0.1:1/echo", &f).unwrap();
+        let ids: Vec<_> = req.headers().get_all("x-request-id").iter().collect();
+        assert_eq!(ids, ["abc-123"]);
+        let label = |u: &str| {
+            target_label(&crate::config::Upstream::Remote {
+                tls: false,
+                host: u.into(),
+                port: 9,
+                path: None,
+            })
+        };
+        assert_eq!(label("10.0.0.1"), "10.0.0.1:9");
+        assert_eq!(label("::1"), "[::1]:9");
+        assert_eq!(target_label(&crate::config::Upstream::BuiltinEcho), "builtin:echo");
     }
 
     #[test]

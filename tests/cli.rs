@@ -392,8 +392,10 @@ async fn long_sessions_log_progress_and_logs_never_hold_tokens() {
     assert!(progress.len() >= 2, "{text}");
     for line in &progress {
         let v: serde_json::Value = serde_json::from_str(line).expect("JSON log line");
-        assert_eq!(v["fields"]["bytes_in"], 4, "{line}");
-        assert_eq!(v["span"]["route"], "echo", "{line}");
+        // One flat object (DESIGN 17): the fields beside the message, no span object.
+        assert_eq!(v["bytes_in"], 4, "{line}");
+        assert_eq!(v["route"], "echo", "{line}");
+        assert!(v["request_id"].as_str().is_some_and(|id| id.len() == 32), "{line}");
     }
     assert!(text.contains("\"sub\":\"longrunner\""), "{text}");
     assert!(text.contains("authentication failed"), "{text}");

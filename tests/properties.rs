@@ -167,6 +167,7 @@ fn facts<'a>(path: &'a str, headers: &'a HeaderMap) -> wsgate::upstream::ClientF
         cert: None,
         forward_claims: &[],
         identity_headers: &[],
+        request_id: None,
     }
 }
 

@@ -63,7 +63,8 @@ pub(super) async fn complete<S: AsyncRead + AsyncWrite + Unpin>(
         });
         let principal = verified?;
         let user = super::authorize(gw, &rt.config, route, Some(&principal)).await?;
-        let facts = super::upstream::facts(
+        let request_id = admission.with_info(|i| i.request_id.clone());
+        let mut facts = super::upstream::facts(
             rt,
             route,
             (pending.client_ip, pending.peer_ip),
@@ -72,7 +73,9 @@ pub(super) async fn complete<S: AsyncRead + AsyncWrite + Unpin>(
             Some(&principal),
             cert.map(Arc::as_ref),
         );
+        facts.request_id = request_id.as_deref();
         let upstream = super::upstream::connect(gw, rt, route_index, &facts).await?;
+        admission.note(|i| i.upstream = Some(upstream.target.clone()));
         Ok((upstream, principal, user))
     }
     .await;

@@ -57,6 +57,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 /// What the connection learned, for its one log line.
 #[derive(Default)]
 pub(crate) struct Info {
+    /// `X-Request-Id` from a trusted proxy, else generated; sent upstream.
+    pub(crate) request_id: Option<String>,
+    /// The upstream that answered (`host:port`).
+    pub(crate) upstream: Option<String>,
     pub(crate) route: Option<String>,
     pub(crate) sub: Option<String>,
     pub(crate) token_fingerprint: Option<String>,
@@ -220,7 +224,8 @@ impl Admission {
             }
         };
         let user = authorize(&self.gw, &self.rt.config, route, principal.as_ref()).await?;
-        let facts = upstream::facts(
+        let request_id = self.with_info(|i| i.request_id.clone());
+        let mut facts = upstream::facts(
             &self.rt,
             route,
             (checked.client_ip, self.peer_ip),
@@ -229,7 +234,9 @@ impl Admission {
             principal.as_ref(),
             self.cert().map(Arc::as_ref),
         );
+        facts.request_id = request_id.as_deref();
         let connected = upstream::connect(&self.gw, &self.rt, checked.route_index, &facts).await?;
+        self.note(|i| i.upstream = Some(connected.target.clone()));
         let resp = upgrade::switching_protocols(&checked.upgrade, connected.protocol.clone());
         let admitted = self.admitted(req, checked, ip_lease, (Some(connected), principal), None, user);
         Ok((resp, admitted))

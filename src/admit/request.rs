@@ -27,6 +27,8 @@ impl Admission {
     /// limits behind a proxy.
     pub(super) fn check(&self, req: &Request<Incoming>) -> Result<Checked, Reject> {
         let config: &Config = &self.rt.config;
+        let request_id = upgrade::request_id(config.server.is_trusted_proxy(self.peer_ip), req.headers());
+        self.note(|i| i.request_id = Some(request_id));
         let client_ip = upgrade::client_ip(config, self.peer_ip, req.headers())?;
         self.note(|i| i.client_ip = Some(client_ip));
         if self.gw.is_draining() {

@@ -42,6 +42,7 @@ pub(super) fn facts<'a>(
         cert,
         forward_claims: &route.forward_claims,
         identity_headers: &rt.identity_headers,
+        request_id: None,
     }
 }
 

@@ -223,6 +223,8 @@ pub struct Server {
     pub close_timeout: Duration,
     pub trusted_proxies: Vec<IpNet>,
     pub client_ip_source: ClientIpSource,
+    /// Reload when the config file or a file it names changes (polled, debounced).
+    pub watch_config: bool,
 }
 
 impl Server {
@@ -547,6 +549,37 @@ impl Config {
             // Ties cannot happen (same host and path is a config error); the first wins.
             .max_by_key(|&(rank, i)| (rank, std::cmp::Reverse(i)))
             .map(|(_, i)| i)
+    }
+
+    /// The files a reload reads besides the config file itself (certificates, keys,
+    /// secrets, CA and CRL files, firewall lists, schemas): what `watch_config` watches.
+    /// Files that only a restart reads (the log file, ACME's cache, the cluster's) are not.
+    pub fn watched_files(&self) -> Vec<PathBuf> {
+        let mut files: Vec<&Located<PathBuf>> = Vec::new();
+        if self.tls.acme.is_none() {
+            files.extend([&self.tls.cert, &self.tls.key]);
+        }
+        if let Some(c) = &self.tls.client {
+            files.push(&c.ca);
+            files.extend(&c.crl_files);
+        }
+        files.extend(&self.admin.token_file);
+        files.extend(self.firewall.allow_files.iter().chain(&self.firewall.deny_files));
+        let j = &self.jwt;
+        if let SecretSource::File { path, .. } = &j.secret {
+            files.push(path);
+        }
+        files.extend(&j.public_key_files);
+        files.extend(j.jwks_file.iter().chain(&j.revoked_jti_file));
+        files.extend(j.jwks_url.as_ref().and_then(|u| u.ca.as_ref()));
+        for r in &self.routes {
+            files.extend(&r.upstream_ca);
+            files.extend(r.validate.as_ref().and_then(|v| v.schema_file.as_ref()));
+        }
+        let mut paths: Vec<PathBuf> = files.into_iter().map(|l| l.value.clone()).collect();
+        paths.sort();
+        paths.dedup();
+        paths
     }
 
     /// Read and validate a config file. Relative paths inside resolve against the working directory.

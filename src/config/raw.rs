@@ -64,6 +64,7 @@ pub(super) struct Server {
     pub close_timeout: Option<HumanDuration>,
     pub trusted_proxies: Vec<IpNet>,
     pub client_ip_source: Option<ClientIpSource>,
+    pub watch_config: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]

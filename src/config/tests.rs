@@ -392,3 +392,53 @@ fn route_hosts_are_checked_and_duplicates_name_key_and_line() {
         assert_eq!((e.key.as_str(), e.line), ("routes.host", Some(3)), "{bad}: {e}");
     }
 }
+
+#[test]
+fn watch_config_is_off_by_default_and_watches_every_file_a_reload_reads() {
+    let c = Config::from_toml_str(MINIMAL, "t.toml").unwrap();
+    assert!(!c.server.watch_config);
+    let src = r#"
+[server]
+watch_config = true
+[tls]
+cert = "/cm/tls.crt"
+key = "/cm/tls.key"
+client_ca = "/cm/clients.pem"
+client_crl_files = ["/cm/a.crl"]
+[admin]
+token_file = "/cm/admin.token"
+[firewall]
+deny_files = ["/cm/deny.txt"]
+allow_files = ["/cm/allow.txt"]
+[jwt]
+secret_file = "/cm/jwt.secret"
+revoked_jti_file = "/cm/revoked.txt"
+[log]
+file = "/var/log/wsgate/wsgate.log"
+[[routes]]
+name = "echo"
+path = "/echo"
+upstreams = ["builtin:echo"]
+[routes.validate]
+schema_file = "/cm/schema.json"
+"#;
+    let c = Config::from_toml_str(src, "t.toml").unwrap();
+    assert!(c.server.watch_config);
+    let files: Vec<String> = c.watched_files().iter().map(|p| p.display().to_string()).collect();
+    for f in [
+        "/cm/tls.crt",
+        "/cm/tls.key",
+        "/cm/clients.pem",
+        "/cm/a.crl",
+        "/cm/admin.token",
+        "/cm/deny.txt",
+        "/cm/allow.txt",
+        "/cm/jwt.secret",
+        "/cm/revoked.txt",
+        "/cm/schema.json",
+    ] {
+        assert!(files.contains(&f.to_string()), "{f} not watched: {files:?}");
+    }
+    // Read only at start: a change there needs a restart, so it triggers no reload.
+    assert!(!files.iter().any(|f| f.contains("wsgate.log")), "{files:?}");
+}

@@ -169,6 +169,9 @@ pub struct Control<'a> {
     pub policy: Option<&'a dyn Policy>,
     /// Log a progress event this often (bytes and messages so far).
     pub progress: Option<Duration>,
+    /// What a progress event is logged with: the session's `request_id` and `route`
+    /// (flat JSON lines carry no span, so these join it to the session's other lines).
+    pub log_as: (&'a str, &'a str),
 }
 
 impl<'a> Control<'a> {
@@ -180,6 +183,7 @@ impl<'a> Control<'a> {
             deadline: None,
             policy: None,
             progress: None,
+            log_as: ("-", "-"),
         }
     }
 }

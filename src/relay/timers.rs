@@ -99,6 +99,8 @@ impl Timers {
             && fired(p, cx)
         {
             tracing::info!(
+                request_id = control.log_as.0,
+                route = control.log_as.1,
                 duration_ms = self.started.elapsed().as_millis() as u64,
                 bytes_in = core.bytes[0],
                 bytes_out = core.bytes[1],

@@ -138,8 +138,12 @@ def test_dashboard_queries_parse_and_read_contract_metrics(tmp_path):
                    "wsgate_handshake_duration_seconds", "wsgate_connection_duration_seconds",
                    "wsgate_upstream_connect_duration_seconds", "wsgate_config_reloads_total",
                    "wsgate_cluster_up", "wsgate_cluster_mode", "wsgate_cluster_ops_total",
-                   "wsgate_cluster_op_duration_seconds", "wsgate_admin_requests_total"):
+                   "wsgate_cluster_op_duration_seconds", "wsgate_admin_requests_total",
+                   "wsgate_connections_max"):
         assert needed in used, f"no panel shows {needed}"
+    text = "\n".join(exprs)
+    for needed in ("process_open_fds", "process_max_fds", "process_resident_memory_bytes", "process_cpu_seconds_total"):
+        assert needed in text, f"no panel shows {needed}"
     # One recording rule per expression: `promtool check rules` parses each with Prometheus's parser.
     # JSON is YAML, so no YAML library is needed.
     rules = {"groups": [{"name": "dashboard", "rules": [
@@ -240,6 +244,10 @@ def test_systemd_unit_matches_production_config():
     server = prod["server"]
     assert unit["ExecStart"] == ["/usr/local/bin/wsgate run --config /etc/wsgate/wsgate.toml"]
     assert "/bin/kill -HUP $MAINPID" in unit["ExecReload"]
+    # wsgate sends READY=1, RELOADING=1/READY=1, STOPPING=1 and WATCHDOG=1 (src/notify.rs).
+    assert unit["Type"] == ["notify"]
+    assert unit["NotifyAccess"] in (["main"], ["all"])
+    assert 2 <= seconds(unit["WatchdogSec"][0]) <= 120, unit["WatchdogSec"]
     assert unit["CapabilityBoundingSet"] == unit["AmbientCapabilities"] == ["CAP_NET_BIND_SERVICE"]
     # systemd must not SIGKILL a gateway that is still draining within shutdown_grace.
     drain = seconds(server["shutdown_grace"]) + seconds(server.get("close_timeout", "3s"))

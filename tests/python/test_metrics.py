@@ -36,7 +36,9 @@ def test_metrics_pass_promtool_after_traffic(gateway):
     asyncio.run(traffic())
     text = scrape(gateway.admin_port)
     for name in ("wsgate_connections_accepted_total", "wsgate_messages_total", "wsgate_closes_total",
-                 "wsgate_auth_failures_total", "wsgate_handshake_duration_seconds_bucket"):
+                 "wsgate_auth_failures_total", "wsgate_handshake_duration_seconds_bucket",
+                 "wsgate_connections_max", "process_open_fds", "process_max_fds", "process_resident_memory_bytes",
+                 "process_cpu_seconds_total", "process_start_time_seconds"):
         assert name in text, name
     promtool = shutil.which("promtool")
     assert promtool, "promtool not installed: run scripts/setup-system.sh"

@@ -1,0 +1,515 @@
+//! Process integration (DESIGN.md section 17) against the binary: systemd notifications
+//! on a real datagram socket, and `watch_config`.
+
+mod common;
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+use tokio::net::UnixDatagram;
+
+const BIN: &str = env!("CARGO_BIN_EXE_wsgate");
+
+/// `wsgate run` in a child process, its stderr collected as it is written.
+struct ChildGw {
+    child: Child,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl ChildGw {
+    fn spawn(config: &Path, env: &[(&str, String)]) -> ChildGw {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let pipe = child.stderr.take().unwrap();
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let text = stderr.clone();
+        let log_file = config.with_file_name("gw.log");
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let mut t = text.lock().unwrap();
+                t.push_str(&line);
+                t.push('\n');
+                let _ = std::fs::write(&log_file, t.as_bytes());
+            }
+        });
+        ChildGw { child, stderr }
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill").args([sig, &pid]).status().unwrap().success());
+    }
+
+    /// The port of the first `wss://127.0.0.1:PORT` line.
+    async fn port(&self, marker: &str) -> u16 {
+        common::wait_for(&format!("{marker} on stderr"), Duration::from_secs(20), || async {
+            let text = self.stderr.lock().unwrap().clone();
+            let rest = text.lines().find_map(|l| l.split(marker).nth(1).map(str::to_string))?;
+            rest.chars().take_while(char::is_ascii_digit).collect::<String>().parse().ok()
+        })
+        .await
+    }
+
+    fn log(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    async fn exit_code(mut self) -> Option<i32> {
+        let status = common::wait_for("the gateway to exit", Duration::from_secs(20), || {
+            let exited = self.child.try_wait().unwrap();
+            async move { exited }
+        })
+        .await;
+        status.code()
+    }
+}
+
+impl Drop for ChildGw {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The systemd side of `NOTIFY_SOCKET`: datagrams as systemd receives them.
+struct Systemd {
+    sock: UnixDatagram,
+    path: PathBuf,
+    watchdogs: usize,
+}
+
+impl Systemd {
+    fn bind(dir: &Path) -> Systemd {
+        let path = dir.join("notify.sock");
+        let sock = UnixDatagram::bind(&path).unwrap();
+        Systemd { sock, path, watchdogs: 0 }
+    }
+
+    /// The next message that is not a watchdog ping (those are counted).
+    async fn next(&mut self) -> String {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let Ok(n) = tokio::time::timeout(Duration::from_secs(20), self.sock.recv(&mut buf)).await else {
+                let log = std::fs::read_to_string(self.path.with_file_name("gw.log")).unwrap_or_default();
+                panic!("no notification within 20 s; the gateway's log so far:\n{log}");
+            };
+            let n = n.unwrap();
+            let msg = String::from_utf8(buf[..n].to_vec()).unwrap();
+            if msg == "WATCHDOG=1\n" {
+                self.watchdogs += 1;
+            } else {
+                return msg;
+            }
+        }
+    }
+}
+
+fn write_config(dir: &Path, extra_server: &str) -> PathBuf {
+    let path = dir.join("gw.toml");
+    std::fs::write(&path, common::config_text(dir, extra_server, common::ECHO_ROUTE)).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn systemd_hears_ready_reloading_ready_watchdog_and_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    let mut systemd = Systemd::bind(dir.path());
+    let socket = systemd.path.display().to_string();
+    let gw = ChildGw::spawn(&config, &[("NOTIFY_SOCKET", socket), ("WATCHDOG_USEC", "200000".into())]);
+
+    // READY=1 only once the listeners accept.
+    assert_eq!(systemd.next().await, "READY=1\n");
+    let port = gw.port("wss://127.0.0.1:").await;
+    tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("READY=1 before listening");
+
+    // SIGHUP: RELOADING=1 with the monotonic clock, then READY=1 with a status.
+    gw.signal("-HUP");
+    let reloading = systemd.next().await;
+    let mut lines = reloading.lines();
+    assert_eq!(lines.next(), Some("RELOADING=1"), "{reloading}");
+    let usec: u64 = lines
+        .next()
+        .and_then(|l| l.strip_prefix("MONOTONIC_USEC="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no MONOTONIC_USEC: {reloading}"));
+    assert!(usec > 0);
+    assert_eq!(systemd.next().await, "READY=1\nSTATUS=config reloaded\n");
+
+    // A broken file: still READY=1 afterwards (the old config serves), saying so.
+    let good = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, "[server\nbroken").unwrap();
+    gw.signal("-HUP");
+    assert!(systemd.next().await.starts_with("RELOADING=1\nMONOTONIC_USEC="));
+    assert_eq!(systemd.next().await, "READY=1\nSTATUS=reload failed, running the previous config\n");
+    std::fs::write(&config, good).unwrap();
+
+    // WATCHDOG_USEC=200000: a ping every 100 ms.
+    let mut buf = [0u8; 64];
+    for _ in 0..3 {
+        let n = tokio::time::timeout(Duration::from_secs(5), systemd.sock.recv(&mut buf))
+            .await
+            .expect("no watchdog ping")
+            .unwrap();
+        assert_eq!(&buf[..n], b"WATCHDOG=1\n");
+    }
+
+    // SIGTERM: STOPPING=1, then the drain, exit 0.
+    gw.signal("-TERM");
+    assert_eq!(systemd.next().await, "STOPPING=1\n");
+    let log = gw.log();
+    assert_eq!(gw.exit_code().await, Some(0), "{log}");
+}
+
+#[tokio::test]
+async fn a_watchdog_for_another_pid_is_not_pinged_and_no_socket_is_no_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    let mut systemd = Systemd::bind(dir.path());
+    // WATCHDOG_PID names another process: the watchdog is not ours to ping.
+    let env = [
+        ("NOTIFY_SOCKET", systemd.path.display().to_string()),
+        ("WATCHDOG_USEC", "100000".to_string()),
+        ("WATCHDOG_PID", "1".to_string()),
+    ];
+    let gw = ChildGw::spawn(&config, &env);
+    assert_eq!(systemd.next().await, "READY=1\n");
+    gw.signal("-TERM");
+    assert_eq!(systemd.next().await, "STOPPING=1\n");
+    assert_eq!(gw.exit_code().await, Some(0));
+    assert_eq!(systemd.watchdogs, 0);
+
+    // No NOTIFY_SOCKET at all (not under systemd): runs, reloads and stops as before.
+    let gw = ChildGw::spawn(&config, &[]);
+    gw.port("wss://127.0.0.1:").await;
+    gw.signal("-HUP");
+    common::wait_for("the reload", Duration::from_secs(20), || async {
+        gw.log().contains("reloaded").then_some(())
+    })
+    .await;
+    assert!(!gw.log().contains("watchdog"), "{}", gw.log());
+    gw.signal("-TERM");
+    assert_eq!(gw.exit_code().await, Some(0));
+}
+
+/// A Kubernetes ConfigMap volume: `NAME -> ..data/NAME`, `..data -> ..VERSION/`, and an
+/// update is a new `..VERSION/` and an atomic rename of a new `..data` symlink over the old.
+struct ConfigMap {
+    root: PathBuf,
+    versions: usize,
+}
+
+impl ConfigMap {
+    fn new(root: &Path, files: &[(&str, String)]) -> ConfigMap {
+        std::fs::create_dir_all(root).unwrap();
+        let mut cm = ConfigMap {
+            root: root.to_path_buf(),
+            versions: 0,
+        };
+        cm.update(files);
+        for (name, _) in files {
+            std::os::unix::fs::symlink(format!("..data/{name}"), root.join(name)).unwrap();
+        }
+        cm
+    }
+
+    /// Write a new version and swap `..data` to it in one rename.
+    fn update(&mut self, files: &[(&str, String)]) {
+        self.versions += 1;
+        let version = format!("..2026_12_07_00_00_{:02}.{}", self.versions, std::process::id());
+        std::fs::create_dir(self.root.join(&version)).unwrap();
+        for (name, text) in files {
+            std::fs::write(self.root.join(&version).join(name), text).unwrap();
+        }
+        let tmp = self.root.join("..data_tmp");
+        std::os::unix::fs::symlink(&version, &tmp).unwrap();
+        std::fs::rename(&tmp, self.root.join("..data")).unwrap();
+    }
+}
+
+/// The watched gateway's config: `/open` without auth, the deny list from `deny_file`.
+fn watched_config(dir: &Path, deny_file: &Path, extra_server: &str) -> String {
+    let rest = format!(
+        "{}\n[firewall]\ndeny_files = [\"{}\"]\n",
+        common::route("open", "/open", "builtin:echo", "none"),
+        deny_file.display()
+    );
+    common::config_text(dir, &format!("watch_config = true\n{extra_server}"), &rest)
+}
+
+/// Whether a wss client from `source` gets a session on `/open`.
+async fn served(port: u16, tls: &Arc<rustls::ClientConfig>, source: &str) -> bool {
+    let opts = wsgate::client::Options {
+        tls: Some(tls.clone()),
+        source: Some(source.parse().unwrap()),
+        ..Default::default()
+    };
+    wsgate::client::connect(&format!("wss://localhost:{port}/open"), &opts)
+        .await
+        .is_ok()
+}
+
+fn reloads(result: &str) -> String {
+    format!("wsgate_config_reloads_total{{result=\"{result}\"}}")
+}
+
+async fn reloads_count(admin: u16, result: &str) -> f64 {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], admin));
+    common::metric_value(&common::http_get(addr, "/metrics").await.1, &reloads(result))
+}
+
+/// Wait (at most `within`) for the next reload's outcome, as systemd hears it.
+async fn next_reload(systemd: &mut Systemd, within: Duration) -> String {
+    let started = std::time::Instant::now();
+    let msg = tokio::time::timeout(within, systemd.next()).await.expect("no reload in time");
+    assert!(msg.starts_with("RELOADING=1\n"), "{msg}");
+    let left = within.saturating_sub(started.elapsed()).max(Duration::from_secs(5));
+    tokio::time::timeout(left, systemd.next()).await.expect("reload did not end")
+}
+
+#[tokio::test]
+async fn watch_config_follows_a_configmap_symlink_swap_within_2s_and_ignores_a_broken_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let cm_dir = dir.path().join("cm");
+    let text = |deny: &str| {
+        vec![
+            ("gw.toml", watched_config(dir.path(), &cm_dir.join("deny.txt"), "")),
+            ("deny.txt", format!("# blocklist\n{deny}")),
+        ]
+    };
+    let mut cm = ConfigMap::new(&cm_dir, &text(""));
+    let mut systemd = Systemd::bind(dir.path());
+    let gw = ChildGw::spawn(&cm_dir.join("gw.toml"), &[("NOTIFY_SOCKET", systemd.path.display().to_string())]);
+    assert_eq!(systemd.next().await, "READY=1\n");
+    let port = gw.port("wss://127.0.0.1:").await;
+    let admin = gw.port("metrics on http://127.0.0.1:").await;
+    let tls = wsgate::tls::cli_client_config(Some(&dir.path().join("server.crt")), false).unwrap();
+    assert!(served(port, &tls, "127.0.0.41").await);
+
+    // The deny list changes in a new version: applied within 2 s of the swap.
+    cm.update(&text("127.0.0.41\n"));
+    let swapped = std::time::Instant::now();
+    assert_eq!(
+        next_reload(&mut systemd, Duration::from_secs(2)).await,
+        "READY=1\nSTATUS=config reloaded\n"
+    );
+    assert!(swapped.elapsed() < Duration::from_secs(2), "{:?}", swapped.elapsed());
+    assert!(!served(port, &tls, "127.0.0.41").await, "the new deny list did not apply");
+    assert!(served(port, &tls, "127.0.0.42").await);
+    assert_eq!(reloads_count(admin, "success").await, 1.0);
+
+    // A broken config in the next version changes nothing, and is not retried in a loop.
+    cm.update(&[("gw.toml", "[server\nbroken".to_string()), ("deny.txt", "127.0.0.42\n".into())]);
+    assert_eq!(
+        next_reload(&mut systemd, Duration::from_secs(2)).await,
+        "READY=1\nSTATUS=reload failed, running the previous config\n"
+    );
+    assert!(served(port, &tls, "127.0.0.42").await, "a broken version changed the deny list");
+    assert!(!served(port, &tls, "127.0.0.41").await);
+    tokio::time::sleep(3 * wsgate::watch::POLL_INTERVAL).await; // kept: proves no retry happens
+    assert_eq!(reloads_count(admin, "failure").await, 1.0);
+    assert_eq!(reloads_count(admin, "success").await, 1.0);
+
+    // Fixed again: applied.
+    cm.update(&text(""));
+    assert_eq!(
+        next_reload(&mut systemd, Duration::from_secs(2)).await,
+        "READY=1\nSTATUS=config reloaded\n"
+    );
+    assert!(served(port, &tls, "127.0.0.41").await);
+    gw.signal("-TERM");
+    assert_eq!(gw.exit_code().await, Some(0));
+}
+
+#[tokio::test]
+async fn watch_config_sees_an_edited_named_file_once_and_a_swap_during_a_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let deny = dir.path().join("deny.txt");
+    std::fs::write(&deny, "# nobody\n").unwrap();
+    let config = dir.path().join("gw.toml");
+    std::fs::write(&config, watched_config(dir.path(), &deny, "")).unwrap();
+    let mut systemd = Systemd::bind(dir.path());
+    let gw = ChildGw::spawn(&config, &[("NOTIFY_SOCKET", systemd.path.display().to_string())]);
+    assert_eq!(systemd.next().await, "READY=1\n");
+    let port = gw.port("wss://127.0.0.1:").await;
+    let admin = gw.port("metrics on http://127.0.0.1:").await;
+    let tls = wsgate::tls::cli_client_config(Some(&dir.path().join("server.crt")), false).unwrap();
+
+    // An editor writing in three steps (truncate, two appends) within one poll: one reload.
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&deny).unwrap();
+        f.write_all(b"127.0.0.5").unwrap();
+        f.flush().unwrap();
+        f.write_all(b"1\n").unwrap();
+    }
+    assert_eq!(
+        next_reload(&mut systemd, Duration::from_secs(2)).await,
+        "READY=1\nSTATUS=config reloaded\n"
+    );
+    assert!(!served(port, &tls, "127.0.0.51").await);
+    tokio::time::sleep(3 * wsgate::watch::POLL_INTERVAL).await; // kept: proves no second reload
+    assert_eq!(reloads_count(admin, "success").await, 1.0);
+
+    // Files changing while a reload reads them (here: right after its RELOADING=1): the
+    // watcher's stamps predate the read, so it reloads again and ends on the newest files.
+    std::fs::write(&deny, "127.0.0.52\n").unwrap();
+    let msg = tokio::time::timeout(Duration::from_secs(2), systemd.next()).await.unwrap();
+    assert!(msg.starts_with("RELOADING=1\n"));
+    std::fs::write(&deny, "127.0.0.53\n").unwrap();
+    let mut done = systemd.next().await;
+    if done.starts_with("READY=1") {
+        done = next_reload(&mut systemd, Duration::from_secs(3)).await;
+    }
+    assert_eq!(done, "READY=1\nSTATUS=config reloaded\n");
+    assert!(!served(port, &tls, "127.0.0.53").await, "the last version did not apply");
+    assert!(served(port, &tls, "127.0.0.52").await);
+
+    // Turned off (by the watcher's own reload): edits are no longer picked up.
+    let off = watched_config(dir.path(), &deny, "").replace("watch_config = true", "watch_config = false");
+    std::fs::write(&config, off).unwrap();
+    assert_eq!(
+        next_reload(&mut systemd, Duration::from_secs(2)).await,
+        "READY=1\nSTATUS=config reloaded\n"
+    );
+    let before = reloads_count(admin, "success").await;
+    std::fs::write(&deny, "127.0.0.54\n").unwrap();
+    tokio::time::sleep(4 * wsgate::watch::POLL_INTERVAL).await; // kept: proves nothing happens
+    assert_eq!(reloads_count(admin, "success").await, before);
+    assert!(served(port, &tls, "127.0.0.54").await);
+    gw.signal("-TERM");
+    assert_eq!(gw.exit_code().await, Some(0));
+}
+
+/// The JSON lines on a child's stderr; each must be one flat object.
+fn json_lines(log: &str) -> Vec<serde_json::Map<String, serde_json::Value>> {
+    log.lines()
+        .map(|l| match serde_json::from_str::<serde_json::Value>(l) {
+            Ok(serde_json::Value::Object(o)) => {
+                for (k, v) in &o {
+                    assert!(!v.is_object() && !v.is_array(), "{k} is nested in {l}");
+                }
+                o
+            }
+            other => panic!("not a JSON object: {l} ({other:?})"),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn json_access_log_is_flat_with_request_id_upstream_route_and_code() {
+    use futures_util::SinkExt;
+    let up = common::upstream(common::Behaviour::Echo).await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = common::config_text(
+        dir.path(),
+        "trusted_proxies = [\"127.0.0.13/32\"]",
+        &common::route("r", "/r", &up.url(), "none"),
+    )
+    .replace("[log]\nlevel = \"warn\"", "[log]\nformat = \"json\"\nlevel = \"info\"");
+    let config = dir.path().join("gw.toml");
+    std::fs::write(&config, text).unwrap();
+    let mut systemd = Systemd::bind(dir.path());
+    let gw = ChildGw::spawn(&config, &[("NOTIFY_SOCKET", systemd.path.display().to_string())]);
+    assert_eq!(systemd.next().await, "READY=1\n");
+    let port = common::wait_for("the listener in the JSON log", Duration::from_secs(20), || async {
+        json_lines(&gw.log()).iter().find_map(|o| {
+            let m = o.get("message")?.as_str()?;
+            m.strip_prefix("listening on wss://127.0.0.1:")?.parse::<u16>().ok()
+        })
+    })
+    .await;
+    let tls = wsgate::tls::cli_client_config(Some(&dir.path().join("server.crt")), false).unwrap();
+    let session = |source: &str, id: &str| {
+        let opts = wsgate::client::Options {
+            tls: Some(tls.clone()),
+            source: Some(source.parse().unwrap()),
+            headers: vec![("X-Request-Id".into(), id.into())],
+            ..Default::default()
+        };
+        async move {
+            let (mut ws, _) = wsgate::client::connect(&format!("wss://localhost:{port}/r"), &opts).await.unwrap();
+            assert_eq!(common::roundtrip(&mut ws, "hi").await, "hi");
+            ws.send(tokio_tungstenite::tungstenite::Message::Close(Some(
+                tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                    code: 1000u16.into(),
+                    reason: "".into(),
+                },
+            )))
+            .await
+            .unwrap();
+            let _ = common::close_code(&mut ws).await;
+        }
+    };
+    let closed = |id: String| {
+        let gw = &gw;
+        async move {
+            common::wait_for(&format!("the session line of {id}"), Duration::from_secs(20), || async {
+                json_lines(&gw.log()).into_iter().find(|o| {
+                    o.get("message").and_then(|m| m.as_str()) == Some("session closed")
+                        && o.get("request_id").and_then(|v| v.as_str()) == Some(id.as_str())
+                })
+            })
+            .await
+        }
+    };
+
+    // A trusted proxy's id is kept, sent upstream, and logged with the upstream chosen.
+    session("127.0.0.13", "lb-7f3a.1_x").await;
+    assert_eq!(up.header(0, "x-request-id").as_deref(), Some("lb-7f3a.1_x"));
+    let line = closed("lb-7f3a.1_x".into()).await;
+    assert_eq!(line["route"], "r");
+    assert_eq!(line["upstream"], up.addr.to_string().as_str());
+    assert_eq!(line["code"], 1000);
+    assert_eq!(line["peer"], "127.0.0.13");
+    assert_eq!(line["level"], "INFO");
+
+    // A client's own id is replaced by a generated one, upstream and in the log alike.
+    session("127.0.0.14", "forged-by-client").await;
+    let sent = up.header(1, "x-request-id").unwrap();
+    assert_ne!(sent, "forged-by-client");
+    assert!(sent.len() == 32 && sent.bytes().all(|b| b.is_ascii_hexdigit()), "{sent}");
+    closed(sent).await;
+    // A proxy's id with a character outside A-Za-z0-9._- is replaced too.
+    session("127.0.0.13", "a{b}").await;
+    assert_ne!(up.header(2, "x-request-id").as_deref(), Some("a{b}"));
+
+    // A refused request (404) is one flat line with its id and status.
+    let opts = wsgate::client::Options {
+        tls: Some(tls.clone()),
+        source: Some("127.0.0.13".parse().unwrap()),
+        headers: vec![("X-Request-Id".into(), "lb-404".into())],
+        ..Default::default()
+    };
+    assert!(
+        wsgate::client::connect(&format!("wss://localhost:{port}/nowhere"), &opts)
+            .await
+            .is_err()
+    );
+    let refused = common::wait_for("the refusal line", Duration::from_secs(20), || async {
+        json_lines(&gw.log())
+            .into_iter()
+            .find(|o| o.get("request_id").and_then(|v| v.as_str()) == Some("lb-404"))
+    })
+    .await;
+    assert_eq!(refused["status"], 404);
+    assert_eq!(refused["reason"], "not_found");
+    assert!(!gw.log().contains("forged-by-client"), "a client's id reached the log");
+    gw.signal("-TERM");
+    assert_eq!(gw.exit_code().await, Some(0));
+}
