@@ -97,6 +97,47 @@ pub fn warnings(config: &Config) -> Vec<String> {
             ));
         }
     }
+    w.extend(shared_provider_keys(config));
+    w
+}
+
+/// Token verifiers (`[jwt]` and `[providers.NAME]`) that share keys (the same secret,
+/// JWKS URL or file) and no issuer tells apart: a token of one passes on the other's
+/// routes.
+fn shared_provider_keys(config: &Config) -> Vec<String> {
+    let used = |p: Option<&str>| config.routes.iter().any(|r| r.auth.uses_jwt() && r.provider.as_deref() == p);
+    let all: Vec<(String, &crate::config::Jwt)> = std::iter::once(("[jwt]".to_string(), &config.jwt))
+        .filter(|_| used(None))
+        .chain(
+            config
+                .providers
+                .iter()
+                .filter(|(n, _)| used(Some(n)))
+                .map(|(n, p)| (format!("[providers.{n}]"), p)),
+        )
+        .collect();
+    let secret = |j: &crate::config::Jwt| match &j.secret {
+        crate::config::SecretSource::Env(e) if j.uses_secret() => Some(format!("env:{}", e.value)),
+        crate::config::SecretSource::File { path, .. } if j.uses_secret() => Some(format!("file:{}", path.value.display())),
+        _ => None,
+    };
+    let remote = |j: &crate::config::Jwt| {
+        j.jwks_url
+            .as_ref()
+            .map(|u| u.url.to_string())
+            .or_else(|| j.jwks_file.as_ref().map(|f| f.value.display().to_string()))
+    };
+    let mut w = Vec::new();
+    for (i, (a, ja)) in all.iter().enumerate() {
+        for (b, jb) in &all[i + 1..] {
+            let shared = (secret(ja).is_some() && secret(ja) == secret(jb)) || (remote(ja).is_some() && remote(ja) == remote(jb));
+            if shared && (ja.issuer.is_none() || jb.issuer.is_none() || ja.issuer == jb.issuer) {
+                w.push(format!(
+                    "{a} and {b} share keys and no issuer tells them apart: a token of one passes on the other's routes"
+                ));
+            }
+        }
+    }
     w
 }
 

@@ -289,7 +289,7 @@ impl Gateway {
                 message: "switching between certificate files and [tls.acme] needs a restart".into(),
             });
         }
-        let acme = old.config.tls.acme.as_ref().map(|_| old.certs.clone());
+        let acme = old.config.tls.acme.as_ref().map(|_| old.certs.acme_store());
         let loading = tokio::task::spawn_blocking(move || Runtime::load_with(config, true, acme));
         let loaded = match tokio::time::timeout(RELOAD_TIMEOUT, loading).await {
             Ok(Ok(loaded)) => loaded,

@@ -69,7 +69,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     };
     let acme = match (&runtime.config.tls.acme, &runtime.acme_client) {
         (Some(a), Some(tls)) => Some(
-            crate::acme::AcmeTask::new(a.clone(), runtime.certs.clone(), tls.clone())
+            crate::acme::AcmeTask::new(a.clone(), runtime.certs.acme_store(), tls.clone())
                 .map_err(|e| a.cache_dir.error(&runtime.config.origin, e))?,
         ),
         _ => None,

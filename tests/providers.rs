@@ -175,3 +175,22 @@ async fn a_reload_that_gives_a_route_another_provider_ends_its_sessions() {
     assert_eq!(close_code(&mut chat).await.0, 1008);
     assert_eq!(roundtrip(&mut partners, "still").await, "still");
 }
+
+#[test]
+fn check_warns_about_providers_sharing_keys_without_an_issuer_apart() {
+    let text = |issuer: &str| {
+        format!(
+            "[jwt]\nsecret_env = \"S\"\n[providers.p]\nkind = \"jwt\"\nsecret_env = \"S\"\n{issuer}\n[[routes]]\nname = \"a\"\npath = \"/a\"\nupstreams = [\"builtin:echo\"]\n[[routes]]\nname = \"b\"\npath = \"/b\"\nupstreams = [\"builtin:echo\"]\nprovider = \"p\"\n"
+        )
+    };
+    let warned = |t: String| {
+        let c = wsgate::Config::from_toml_str(&t, "t.toml").unwrap();
+        wsgate::check::warnings(&c).iter().any(|w| w.contains("share keys"))
+    };
+    assert!(warned(text("")));
+    assert!(warned(text("issuer = \"x\"")), "[jwt] has no issuer: a token of p passes there");
+    let one_sided = text("").replace("[jwt]\n", "[jwt]\nissuer = \"main\"\n");
+    assert!(warned(one_sided), "p has no issuer: a token of [jwt] passes there");
+    let apart = text("issuer = \"x\"").replace("[jwt]\n", "[jwt]\nissuer = \"main\"\n");
+    assert!(!warned(apart));
+}

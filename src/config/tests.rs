@@ -442,3 +442,19 @@ schema_file = "/cm/schema.json"
     // Read only at start: a change there needs a restart, so it triggers no reload.
     assert!(!files.iter().any(|f| f.contains("wsgate.log")), "{files:?}");
 }
+
+#[test]
+fn several_certificates_exclude_the_one_certificate_form_and_sit_beside_acme() {
+    let certs = "[[tls.certificates]]\ncert = \"a.crt\"\nkey = \"a.key\"\n[[tls.certificates]]\ncert = \"b.crt\"\nkey = \"b.key\"\n";
+    let c = Config::from_toml_str(&format!("{certs}{MINIMAL}"), "t.toml").unwrap();
+    assert_eq!(c.tls.certificates.len(), 2);
+    assert_eq!(c.tls.certificates[1].key.line, Some(6));
+    let c = Config::from_toml_str(&format!("[tls.acme]\ndomains = [\"x.example.com\"]\n{certs}{MINIMAL}"), "t.toml").unwrap();
+    assert!(c.tls.acme.is_some() && c.tls.certificates.len() == 2);
+    let e = err(&format!("[tls]\ncert = \"c.crt\"\n{certs}"));
+    assert_eq!((e.key.as_str(), e.line), ("tls.cert", Some(2)), "{e}");
+    let e = err(&format!("[tls]\nself_signed_if_missing = true\n{certs}"));
+    assert_eq!(e.key, "tls.self_signed_if_missing", "{e}");
+    let e = err("[[tls.certificates]]\ncert = \"a.crt\"\n");
+    assert!(e.message.contains("key"), "{e}");
+}

@@ -137,6 +137,9 @@ pub struct CertStore {
     current: ArcSwapOption<Served>,
     /// `[[tls.certificates]]`, in order; replaced as a whole by a reload.
     files: ArcSwap<Vec<Arc<Served>>>,
+    /// Beside `[tls.acme]`: the store the ACME task fills (it outlives reloads), whose
+    /// certificate and challenges this one serves after its own files.
+    acme: Option<Arc<CertStore>>,
     /// By the SNI name the validation server sends (for an IP address: its reverse
     /// name, RFC 8738 section 6).
     challenges: Mutex<HashMap<String, Arc<CertifiedKey>>>,
@@ -159,6 +162,24 @@ impl CertStore {
         store
     }
 
+    /// A store serving `files` first, then the certificate of `acme` (the ACME task's
+    /// store), and answering its challenges. A reload builds a new one, so the running
+    /// one is never changed by a reload that fails.
+    pub fn beside_acme(acme: Arc<CertStore>, files: Vec<Served>) -> CertStore {
+        let store = CertStore {
+            acme: Some(acme),
+            ..CertStore::default()
+        };
+        store.install_files(files);
+        store
+    }
+
+    /// The store the ACME task fills: the one this store serves beside its files, or
+    /// this store itself.
+    pub fn acme_store(self: &Arc<Self>) -> Arc<CertStore> {
+        self.acme.clone().unwrap_or_else(|| self.clone())
+    }
+
     /// Serve `served` from the next handshake on.
     pub fn install(&self, served: Served) {
         self.current.store(Some(Arc::new(served)));
@@ -167,7 +188,10 @@ impl CertStore {
     /// The certificate served now from `[tls]` or ACME; `None` before ACME's first
     /// issuance, or when only `[[tls.certificates]]` are served.
     pub fn current(&self) -> Option<Arc<Served>> {
-        self.current.load_full()
+        match &self.acme {
+            Some(acme) => acme.current(),
+            None => self.current.load_full(),
+        }
     }
 
     /// Serve `files` (`[[tls.certificates]]`, in order) from the next handshake on.
@@ -178,7 +202,7 @@ impl CertStore {
     /// Every certificate, in the order they are chosen.
     pub fn all(&self) -> Vec<Arc<Served>> {
         let mut all: Vec<Arc<Served>> = self.files.load().iter().cloned().collect();
-        all.extend(self.current.load_full());
+        all.extend(self.current());
         all
     }
 
@@ -186,7 +210,7 @@ impl CertStore {
     /// there is no certificate yet (ACME before its first issuance).
     pub fn for_sni(&self, sni: Option<&str>) -> Option<Arc<Served>> {
         let files = self.files.load();
-        let current = self.current.load();
+        let current = self.current();
         let mut all = files.iter().chain(current.as_ref());
         if let Some(name) = sni.map(normalize_sni) {
             let pick = all
@@ -215,6 +239,9 @@ impl CertStore {
     }
 
     fn challenge(&self, sni: &str) -> Option<Arc<CertifiedKey>> {
+        if let Some(acme) = &self.acme {
+            return acme.challenge(sni);
+        }
         crate::util::lock(&self.challenges).get(&sni.to_ascii_lowercase()).cloned()
     }
 }
@@ -313,5 +340,21 @@ mod tests {
         for host in ["example.com", "a.b.example.com", ".example.com", "wx.test.com", "127.0.0.2"] {
             assert!(!w.names_host(host), "{host}");
         }
+    }
+
+    #[test]
+    fn beside_acme_the_files_come_first_and_the_acme_store_serves_the_rest() {
+        let acme = Arc::new(CertStore::default());
+        let store = Arc::new(CertStore::beside_acme(acme.clone(), vec![served(&["files.example.com"])]));
+        assert!(Arc::ptr_eq(&store.acme_store(), &acme));
+        assert_eq!(store.all().len(), 1, "ACME has issued nothing yet");
+        acme.install(served(&["acme.example.com"]));
+        let pick = |sni: Option<&str>| store.for_sni(sni).unwrap().first_name();
+        assert_eq!(pick(Some("acme.example.com")), "acme.example.com");
+        assert_eq!(pick(None), "files.example.com");
+        assert_eq!(store.current().unwrap().first_name(), "acme.example.com");
+        // Challenges are the ACME store's.
+        acme.add_challenge("acme.example.com", served(&["x"]).key).unwrap();
+        assert!(store.challenge("acme.example.com").is_some());
     }
 }

@@ -60,14 +60,15 @@ pub fn server_config(
         .map(|c| listed_certificate(c, origin))
         .collect::<Result<Vec<_>, _>>()?;
     let store = match (&t.acme, files.is_empty()) {
-        (Some(_), _) => acme.unwrap_or_default(),
+        (Some(_), true) => acme.unwrap_or_default(),
+        (Some(_), false) => Arc::new(CertStore::beside_acme(acme.unwrap_or_default(), files)),
         (None, true) => Arc::new(CertStore::with(file_certificate(cfg, create)?)),
-        (None, false) => Arc::default(),
+        (None, false) => {
+            let store = CertStore::default();
+            store.install_files(files);
+            Arc::new(store)
+        }
     };
-    // Beside ACME, the store outlives reloads: the new list replaces the old one.
-    if t.acme.is_some() || !files.is_empty() {
-        store.install_files(files);
-    }
     let versions: &[&rustls::SupportedProtocolVersion] = match t.min_version {
         TlsVersion::V1_2 => &[&rustls::version::TLS13, &rustls::version::TLS12],
         TlsVersion::V1_3 => &[&rustls::version::TLS13],
