@@ -147,6 +147,9 @@ async fn run(path: &std::path::Path, explicit_config: bool) -> u8 {
     for addr in &running.wss_addrs {
         tracing::info!(addr = %addr, "listening on wss://{addr}");
     }
+    for addr in &running.plain_addrs {
+        tracing::info!(addr = %addr, "listening on ws://{addr} (listen_plain: TLS terminated in front)");
+    }
     tracing::info!(addr = %running.admin_addr, "metrics on http://{}/metrics", running.admin_addr);
     if let Some(hint) = hint {
         tracing::info!("try it: {hint}");

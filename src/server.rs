@@ -29,6 +29,8 @@ pub(crate) const PRUNE_INTERVAL: Duration = Duration::from_secs(10);
 /// A started gateway.
 pub struct Running {
     pub wss_addrs: Vec<SocketAddr>,
+    /// `listen_plain`: ws:// listeners behind a TLS-terminating balancer.
+    pub plain_addrs: Vec<SocketAddr>,
     pub admin_addr: SocketAddr,
     pub gateway: Arc<Gateway>,
     stop: CancellationToken,
@@ -55,13 +57,26 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let l = TcpListener::bind(addr)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
-        listeners.push(l);
+        listeners.push((l, false));
+    }
+    for addr in &runtime.config.server.listen_plain {
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (listen_plain): {e}"))?;
+        listeners.push((l, true));
     }
     let admin_addr = runtime.config.admin.listen;
     let admin = TcpListener::bind(admin_addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on admin address {admin_addr}: {e}"))?;
-    let wss_addrs = listeners.iter().map(|l| l.local_addr()).collect::<Result<Vec<_>, _>>()?;
+    let addrs = |plain: bool| {
+        listeners
+            .iter()
+            .filter(|(_, p)| *p == plain)
+            .map(|(l, _)| l.local_addr())
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let (wss_addrs, plain_addrs) = (addrs(false)?, addrs(true)?);
     let admin_addr = admin.local_addr()?;
     let cluster = match &runtime.config.cluster {
         Some(c) => Some(Arc::new(crate::cluster::Cluster::new(c, &runtime.config.origin)?)),
@@ -90,6 +105,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let task = tokio::spawn(serve(gateway.clone(), listeners, admin, stop.clone()));
     Ok(Running {
         wss_addrs,
+        plain_addrs,
         admin_addr,
         gateway,
         stop,
@@ -97,12 +113,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     })
 }
 
-async fn serve(gw: Arc<Gateway>, listeners: Vec<TcpListener>, admin: TcpListener, stop: CancellationToken) {
+async fn serve(gw: Arc<Gateway>, listeners: Vec<(TcpListener, bool)>, admin: TcpListener, stop: CancellationToken) {
     let admin_stop = CancellationToken::new();
     let admin_task = tokio::spawn(crate::admin::serve(gw.clone(), admin, admin_stop.clone()));
     let accept_tasks: Vec<_> = listeners
         .into_iter()
-        .map(|l| tokio::spawn(accept_loop(gw.clone(), l, stop.clone())))
+        .map(|(l, plain)| tokio::spawn(accept_loop(gw.clone(), l, plain, stop.clone())))
         .collect();
     let prune_task = tokio::spawn(prune_loop(gw.clone(), stop.clone()));
 
@@ -127,7 +143,8 @@ async fn serve(gw: Arc<Gateway>, listeners: Vec<TcpListener>, admin: TcpListener
     tracing::info!("stopped");
 }
 
-async fn accept_loop(gw: Arc<Gateway>, listener: TcpListener, stop: CancellationToken) {
+/// `plain`: a `listen_plain` listener (no TLS).
+async fn accept_loop(gw: Arc<Gateway>, listener: TcpListener, plain: bool, stop: CancellationToken) {
     loop {
         let (tcp, peer) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -162,7 +179,7 @@ async fn accept_loop(gw: Arc<Gateway>, listener: TcpListener, stop: Cancellation
             let gw2 = gw.clone();
             gw.tracker.spawn(async move {
                 let _guard = guard;
-                proxied(gw2, (rt, admitted_under), tcp, peer, accepted, over_cap).await;
+                proxied(gw2, (rt, admitted_under), tcp, peer, accepted, (over_cap, plain)).await;
             });
             continue;
         }
@@ -177,7 +194,7 @@ async fn accept_loop(gw: Arc<Gateway>, listener: TcpListener, stop: Cancellation
         let gw2 = gw.clone();
         gw.tracker.spawn(async move {
             let _guard = (guard, slot);
-            crate::conn::handle(gw2, (rt, admitted_under), tcp, peer, accepted, over_cap).await;
+            crate::conn::handle(gw2, (rt, admitted_under), tcp, peer, accepted, (over_cap, plain)).await;
         });
     }
 }
@@ -190,7 +207,7 @@ async fn proxied(
     mut tcp: TcpStream,
     peer: SocketAddr,
     accepted: Instant,
-    over_cap: bool,
+    flags: (bool, bool),
 ) {
     let deadline = accepted + rt.config.server.handshake_timeout;
     let client = match tokio::time::timeout_at(deadline, crate::proxy_protocol::read_header(&mut tcp)).await {
@@ -215,7 +232,7 @@ async fn proxied(
             return;
         }
     };
-    crate::conn::handle(gw, (rt, admitted_under), tcp, client, accepted, over_cap).await;
+    crate::conn::handle(gw, (rt, admitted_under), tcp, client, accepted, flags).await;
 }
 
 /// Prune per-IP limiter state on a timer so it does not grow with distinct clients.

@@ -513,3 +513,84 @@ async fn json_access_log_is_flat_with_request_id_upstream_route_and_code() {
     gw.signal("-TERM");
     assert_eq!(gw.exit_code().await, Some(0));
 }
+
+#[tokio::test]
+async fn listen_plain_serves_ws_and_refuses_client_certificate_routes() {
+    use common::Gw;
+    let up = common::upstream(common::Behaviour::Echo).await;
+    let ca_dir = tempfile::tempdir().unwrap();
+    let dev = wsgate::tls::write_dev_client_cert(ca_dir.path(), "alice").unwrap();
+    let routes = format!(
+        "{}{}{}",
+        common::route("open", "/open", &up.url(), "none"),
+        common::ECHO_ROUTE,
+        common::route("certs", "/certs", "builtin:echo", "mtls"),
+    );
+    let ca = dev.ca_cert.display().to_string();
+    let gw = Gw::start_with("listen_plain = [\"127.0.0.1:0\"]", &routes, |t| {
+        t.replace(
+            "self_signed_if_missing = true",
+            &format!("self_signed_if_missing = true\nclient_ca = \"{ca}\"\nclient_auth = \"optional\""),
+        )
+    })
+    .await;
+    let plain = gw.running.as_ref().unwrap().plain_addrs[0];
+    assert_ne!(plain, gw.addr);
+    let ws_opts = |token: Option<String>| wsgate::client::Options {
+        token,
+        ..Default::default()
+    };
+    // ws:// on the plain listener: the same admission (a JWT route needs its token).
+    let (mut ws, _) = wsgate::client::connect(&format!("ws://{plain}/open"), &ws_opts(None))
+        .await
+        .unwrap();
+    assert_eq!(common::roundtrip(&mut ws, "plain").await, "plain");
+    assert!(up.header(0, "x-request-id").is_some());
+    let refused = wsgate::client::connect(&format!("ws://{plain}/echo"), &ws_opts(None)).await;
+    assert!(refused.is_err());
+    let (mut ws2, _) = wsgate::client::connect(&format!("ws://{plain}/echo"), &ws_opts(Some(gw.token("bob"))))
+        .await
+        .unwrap();
+    assert_eq!(common::roundtrip(&mut ws2, "jwt").await, "jwt");
+    // A client-certificate route is refused on it (400), and counts no auth failure
+    // against the balancer's address.
+    let status = match wsgate::client::connect(&format!("ws://{plain}/certs"), &ws_opts(None)).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => resp.status().as_u16(),
+        other => panic!("{:?}", other.map(|_| ())),
+    };
+    assert_eq!(status, 400);
+    assert_eq!(
+        gw.metric("wsgate_auth_failures_total{route=\"certs\",reason=\"missing\"}").await,
+        0.0
+    );
+    // TLS on the plain listener is not spoken: a wss:// client fails its handshake.
+    let opts = wsgate::client::Options {
+        tls: Some(gw.tls()),
+        ..Default::default()
+    };
+    assert!(
+        wsgate::client::connect(&format!("wss://localhost:{}/open", plain.port()), &opts)
+            .await
+            .is_err()
+    );
+    // The wss listener is unchanged.
+    let mut ws3 = gw.connect("/echo").await;
+    assert_eq!(common::roundtrip(&mut ws3, "tls").await, "tls");
+}
+
+#[test]
+fn check_warns_about_a_reachable_plain_listener_without_trusted_proxies() {
+    let dir = tempfile::tempdir().unwrap();
+    let warns = |server: &str| {
+        let text = common::config_text(dir.path(), server, common::ECHO_ROUTE);
+        let cfg = wsgate::Config::from_toml_str(&text, "t.toml").unwrap();
+        wsgate::check::warnings(&cfg)
+            .into_iter()
+            .filter(|w| w.contains("listen_plain"))
+            .count()
+    };
+    assert_eq!(warns(""), 0);
+    assert_eq!(warns("listen_plain = [\"127.0.0.1:8080\", \"[::1]:8080\"]"), 0);
+    assert_eq!(warns("listen_plain = [\"0.0.0.0:8080\"]"), 1);
+    assert_eq!(warns("listen_plain = [\"10.0.0.5:8080\"]\ntrusted_proxies = [\"10.0.0.0/24\"]"), 0);
+}

@@ -223,6 +223,9 @@ pub struct Server {
     pub client_ip_source: ClientIpSource,
     /// Reload when the config file or a file it names changes (polled, debounced).
     pub watch_config: bool,
+    /// Plain `ws://` listeners for use behind a balancer or mesh that terminates TLS
+    /// (no client certificates, no ACME on them).
+    pub listen_plain: Vec<SocketAddr>,
 }
 
 impl Server {
