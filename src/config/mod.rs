@@ -226,6 +226,9 @@ pub struct Server {
     /// Plain `ws://` listeners for use behind a balancer or mesh that terminates TLS
     /// (no client certificates, no ACME on them).
     pub listen_plain: Vec<SocketAddr>,
+    /// The Unix socket `wsgate run --takeover` asks for the listeners on (0600, owner
+    /// only); none unless set.
+    pub control_socket: Option<PathBuf>,
 }
 
 impl Server {

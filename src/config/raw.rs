@@ -65,6 +65,7 @@ pub(super) struct Server {
     pub client_ip_source: Option<ClientIpSource>,
     pub watch_config: Option<bool>,
     pub listen_plain: Vec<SocketAddr>,
+    pub control_socket: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]

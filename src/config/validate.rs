@@ -127,6 +127,7 @@ impl Validator<'_> {
             client_ip_source: s.client_ip_source.unwrap_or(ClientIpSource::Peer),
             watch_config: s.watch_config.unwrap_or(false),
             listen_plain: s.listen_plain.clone(),
+            control_socket: s.control_socket.clone(),
         };
         if server.client_ip_source != ClientIpSource::Peer && server.trusted_proxies.is_empty() {
             return Err(self.err_key("server.client_ip_source", "needs server.trusted_proxies"));
