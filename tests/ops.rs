@@ -715,3 +715,51 @@ async fn takeover_hands_the_listeners_over_refusing_no_connection() {
     new.signal("-TERM");
     assert_eq!(new.exit_code().await, Some(0));
 }
+
+#[tokio::test]
+async fn a_takeover_that_fails_leaves_the_old_process_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("control.sock");
+    let text = common::config_text(
+        dir.path(),
+        &format!("control_socket = \"{}\"", socket.display()),
+        &common::route("open", "/open", "builtin:echo", "none"),
+    );
+    let config = dir.path().join("gw.toml");
+    std::fs::write(&config, text).unwrap();
+    let old = ChildGw::spawn(&config, &[]);
+    let port = old.port("wss://127.0.0.1:").await;
+    let tls = wsgate::tls::cli_client_config(Some(&dir.path().join("server.crt")), false).unwrap();
+    let opts = wsgate::client::Options {
+        tls: Some(tls),
+        ..Default::default()
+    };
+    let url = format!("wss://localhost:{port}/open");
+    let (mut live, _) = wsgate::client::connect(&url, &opts).await.unwrap();
+    common::wait_until("the control socket", Duration::from_secs(10), || async { socket.exists() }).await;
+    // The new process receives the listeners, then cannot load its certificate: it exits
+    // without confirming, and the old process goes on serving.
+    let cert = std::fs::read(dir.path().join("server.crt")).unwrap();
+    std::fs::write(dir.path().join("server.crt"), "not a certificate").unwrap();
+    let new = ChildGw::spawn_args(&config, &["run", "--takeover", "--config"]);
+    let code = new.exit_code().await;
+    assert_ne!(code, Some(0));
+    std::fs::write(dir.path().join("server.crt"), cert).unwrap();
+    common::wait_until("the old process to log the failed takeover", Duration::from_secs(10), || async {
+        old.log().contains("takeover refused or failed")
+    })
+    .await;
+    assert_eq!(common::roundtrip(&mut live, "still here").await, "still here");
+    let (mut ws, _) = wsgate::client::connect(&url, &opts).await.unwrap();
+    assert_eq!(common::roundtrip(&mut ws, "new client").await, "new client");
+    // And a second takeover, now with a good certificate, works.
+    let new = ChildGw::spawn_args(&config, &["run", "--takeover", "--config"]);
+    common::wait_for("the takeover", Duration::from_secs(20), || async {
+        new.log().contains("took over the listeners").then_some(())
+    })
+    .await;
+    assert_eq!(common::close_code(&mut live).await.0, 1001);
+    assert_eq!(old.exit_code().await, Some(0));
+    new.signal("-TERM");
+    assert_eq!(new.exit_code().await, Some(0));
+}
