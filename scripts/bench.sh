@@ -11,7 +11,7 @@
 #   BENCH_HOLD [3/1]            seconds the idle sockets are held before the echo check
 #   BENCH_IDLE_COUNTS ["1000 9000"]  idle socket counts
 #   BENCH_TARGETS ["direct wsgate nginx"]
-#   BENCH_TESTS ["tp16 tp1 hs hsr lat idle features"]  measurements to run (a subset for focused A/B runs)
+#   BENCH_TESTS ["tp16 tp1 hs hsr lat idle features hosts"]  measurements to run (a subset for focused A/B runs)
 #   BENCH_SKIP_BUILD=1          use the binaries already in target/release
 #
 # Three targets stand in front of ONE plain-ws echo backend (`wsgate echo`, its own process):
@@ -26,7 +26,9 @@
 # Features (wsgate only, restarted with client_ca and two more routes): JSON throughput through
 # a route with [routes.validate] (config/chat.schema.json) against the same messages on a
 # route without it, and handshakes/s with a client certificate on an `auth = "mtls"` route
-# against the JWT route without one.
+# against the JWT route without one. Hosts (wsgate only): handshakes/s with SNI and Host
+# `localhost`, with two certificates ([[tls.certificates]]) and 50 more routes over 10 hosts,
+# against the one-certificate, one-route config.
 #
 # Output: the table on stdout and in target/bench/results.md, every RESULT line in
 # target/bench/raw.txt, server and client logs in target/bench/logs/.
@@ -42,7 +44,7 @@ else
 fi
 IDLE_COUNTS=${BENCH_IDLE_COUNTS:-"1000 9000"}
 TARGETS=${BENCH_TARGETS:-"direct wsgate nginx"}
-TESTS=" ${BENCH_TESTS:-tp16 tp1 hs hsr lat idle features} "
+TESTS=" ${BENCH_TESTS:-tp16 tp1 hs hsr lat idle features hosts} "
 wants() { [[ $TESTS == *" $1 "* ]]; }
 SOURCES=$(seq -s, -f '127.0.0.%g' 1 20)
 
@@ -301,7 +303,7 @@ EOF
   die "nginx -t failed: $(tail -3 "$LOGS/nginx-t.log")"
 
 # --- runs -----------------------------------------------------------------------------------
-url_of() { echo "wss://127.0.0.1:$(port_of "$1")${URL_PATH:-/echo}"; }
+url_of() { echo "wss://${URL_HOST:-127.0.0.1}:$(port_of "$1")${URL_PATH:-/echo}"; }
 field() { grep -o "\"$1\":[^,}]*" <<<"$2" | head -1 | cut -d: -f2- | tr -d '"'; }
 
 RUN=0
@@ -428,6 +430,35 @@ EOF
   else
     say "bench: redis-server missing: no cluster-mode row (scripts/setup-system.sh installs it)"
   fi
+fi
+
+# Hosts: certificates chosen by SNI, routing by host, the 421 check, against one certificate.
+if wants hosts && [[ " $TARGETS " == *" wsgate "* ]]; then
+  say "bench: hosts (2 certificates and 50 routes over 10 hosts vs 1 certificate and 1 route)"
+  "$BENCH" self-signed --cert "$WORK/second.crt" --key "$WORK/second.key"
+  HOSTS_CONFIG=$WORK/wsgate-hosts.toml
+  {
+    grep -v -e '^cert = ' -e '^key = ' "$WSGATE_CONFIG"
+    printf '\n[[tls.certificates]]\ncert = "%s"\nkey = "%s"\n' "$CERT" "$KEY"
+    printf '\n[[tls.certificates]]\ncert = "%s"\nkey = "%s"\n' "$WORK/second.crt" "$WORK/second.key"
+    for h in $(seq 0 9); do
+      for r in $(seq 0 4); do
+        printf '\n[[routes]]\nname = "h%s_r%s"\nhost = "h%s.bench.test"\npath = "/r%s"\nupstreams = ["ws://127.0.0.1:%s"]\nauth = "jwt"\n' \
+          "$h" "$r" "$h" "$r" "$ECHO_PORT"
+      done
+    done
+  } >"$HOSTS_CONFIG"
+  "$WSGATE" check --config "$HOSTS_CONFIG" >>"$LOGS/wsgate-check.log" 2>&1 ||
+    die "wsgate check fails on the hosts config: $(tail -3 "$LOGS/wsgate-check.log")"
+  for ((r = 1; r <= REPEAT; r++)); do
+    for variant in one hosts; do
+      config=$WSGATE_CONFIG
+      [[ $variant == hosts ]] && config=$HOSTS_CONFIG
+      WSGATE_CONFIG=$config restart wsgate
+      URL_HOST=localhost measure wsgate "hs-$variant" handshakes --concurrency 32 --duration "$DURATION" \
+        --warmup "$WARMUP" --sources "$SOURCES" --cpu-pid "${PID[wsgate]}"
+    done
+  done
 fi
 
 for t in $TARGETS; do stop "$t"; done

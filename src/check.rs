@@ -44,6 +44,13 @@ pub fn warnings(config: &Config) -> Vec<String> {
     {
         w.push(format!("jwt secret is {} bytes; use at least 32", secret.len()));
     }
+    for addr in config.server.listen_plain.iter().filter(|a| !a.ip().is_loopback()) {
+        if config.server.trusted_proxies.is_empty() {
+            w.push(format!(
+                "server.listen_plain = {addr} is not loopback and server.trusted_proxies is empty: clients reach it without TLS (put it behind the balancer that terminates TLS, and name that balancer in trusted_proxies)"
+            ));
+        }
+    }
     if !config.admin.listen.ip().is_loopback() {
         w.push(format!(
             "admin.listen = {}: metrics are reachable beyond this host",

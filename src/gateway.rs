@@ -311,6 +311,9 @@ impl Gateway {
         if new.config.tls.acme != old.config.tls.acme {
             notes.push("[tls.acme] changed: takes effect after a restart (the running ACME task keeps its settings)".to_string());
         }
+        if new.config.server.listen_plain != old.config.server.listen_plain {
+            notes.push("server.listen_plain changed: the old listeners stay until a restart".to_string());
+        }
         if new.config.server.listen != old.config.server.listen {
             notes.push("server.listen changed: the old listeners stay until a restart".to_string());
         }

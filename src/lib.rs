@@ -23,6 +23,7 @@
 //!
 //! | layer | module | what it holds |
 //! |-------|--------|---------------|
+//! | entry | [`takeover`] | `run --takeover`: the control socket, listeners handed over by fd passing |
 //! | entry | `server` | listeners, accept loops, the three-step drain |
 //! | entry | [`watch`] | reload from the config file (SIGHUP), `watch_config`: the file and those it names, polled |
 //! | entry | `admin` | the admin listener: metrics, health, readiness |
@@ -107,6 +108,7 @@ pub mod notify;
 mod proxy_protocol;
 pub mod relay;
 mod server;
+pub mod takeover;
 pub mod tls;
 pub mod upgrade;
 pub mod upstream;
@@ -116,5 +118,5 @@ pub mod watch;
 pub mod wire;
 
 pub use config::Config;
-pub use server::{Running, start};
+pub use server::{Listeners, Running, start, start_on};
 pub use util::escape;

@@ -22,7 +22,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway until SIGTERM/SIGINT (the default).
-    Run,
+    Run {
+        /// Take the listeners over from the gateway running on [server] control_socket
+        /// (a binary upgrade: it drains and exits once this one accepts).
+        #[arg(long)]
+        takeover: bool,
+    },
     /// Validate the config and everything it points to; print problems and insecure settings.
     Check,
     /// Mint a token with the config's JWT secret, issuer and audience; prints it alone on stdout.
@@ -93,8 +98,8 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let code = match cli.command.unwrap_or(Command::Run) {
-        Command::Run => rt.block_on(run(&config_path, cli.config.is_some())),
+    let code = match cli.command.unwrap_or(Command::Run { takeover: false }) {
+        Command::Run { takeover } => rt.block_on(run(&config_path, cli.config.is_some(), takeover)),
         Command::Check => check(&config_path),
         Command::Token { sub, ttl, claims } => token(&config_path, &sub, ttl, &claims),
         Command::Echo { listen } => rt.block_on(echo(listen)),
@@ -119,7 +124,7 @@ fn load(path: &std::path::Path) -> Result<Config, u8> {
     })
 }
 
-async fn run(path: &std::path::Path, explicit_config: bool) -> u8 {
+async fn run(path: &std::path::Path, explicit_config: bool, takeover: bool) -> u8 {
     // Stamped before the read: a config changed while it loads is reloaded (watch_config).
     let baseline = wsgate::watch::Baseline::config(path);
     let config = match load(path) {
@@ -133,7 +138,28 @@ async fn run(path: &std::path::Path, explicit_config: bool) -> u8 {
     raise_nofile_limit();
     let signals = install_signals();
     let hint = start_hint(&config, path, explicit_config);
-    let running = match wsgate::start(config).await {
+    let control = config.server.control_socket.clone();
+    let inherited = if takeover {
+        let Some(socket) = control.clone() else {
+            tracing::error!("config error: --takeover needs [server] control_socket");
+            return 2;
+        };
+        match tokio::task::spawn_blocking(move || wsgate::takeover::receive(&socket)).await {
+            Ok(Ok(got)) => Some(got),
+            Ok(Err(e)) => {
+                tracing::error!("takeover failed, the running gateway keeps serving: {e}");
+                return 1;
+            }
+            Err(_) => return 1,
+        }
+    } else {
+        None
+    };
+    let (started, confirm) = match inherited {
+        Some((listeners, confirm)) => (wsgate::start_on(config, listeners).await, Some(confirm)),
+        None => (wsgate::start(config).await, None),
+    };
+    let mut running = match started {
         Ok(r) => r,
         Err(e) if e.is::<ConfigError>() => {
             tracing::error!("config error: {e}");
@@ -147,11 +173,41 @@ async fn run(path: &std::path::Path, explicit_config: bool) -> u8 {
     for addr in &running.wss_addrs {
         tracing::info!(addr = %addr, "listening on wss://{addr}");
     }
+    for addr in &running.plain_addrs {
+        tracing::info!(addr = %addr, "listening on ws://{addr} (listen_plain: TLS terminated in front)");
+    }
     tracing::info!(addr = %running.admin_addr, "metrics on http://{}/metrics", running.admin_addr);
     if let Some(hint) = hint {
         tracing::info!("try it: {hint}");
     }
     let background = tokio_util::sync::CancellationToken::new();
+    if let Some(confirm) = confirm {
+        // Accepting on the handed-over listeners: the old process may stop now.
+        if tokio::task::spawn_blocking(move || wsgate::takeover::confirm(confirm))
+            .await
+            .is_err()
+        {
+            tracing::warn!("takeover: could not confirm to the old process");
+        }
+        wsgate::notify::main_pid(std::process::id());
+        tracing::info!("took over the listeners; the old process drains");
+    }
+    let handed_over = tokio_util::sync::CancellationToken::new();
+    if let Some(socket) = &control {
+        match wsgate::takeover::bind(socket) {
+            Ok((listener, owner)) => {
+                let fds = wsgate::takeover::RunningFds::of(&mut running);
+                tokio::spawn(wsgate::takeover::serve(
+                    listener,
+                    owner,
+                    fds,
+                    handed_over.clone(),
+                    background.clone(),
+                ));
+            }
+            Err(e) => tracing::warn!(socket = %socket.display(), error = %e, "cannot open the control socket: no takeover possible"),
+        }
+    }
     // Idle unless [server] watch_config is on (looked up at each poll).
     let baseline = baseline.named_files(&running.gateway);
     tokio::spawn(wsgate::watch::run(
@@ -165,10 +221,15 @@ async fn run(path: &std::path::Path, explicit_config: bool) -> u8 {
         tracing::info!(every_ms = every.as_millis() as u64, "systemd watchdog: pinging");
         tokio::spawn(wsgate::notify::watchdog(every, background.clone()));
     }
-    serve_signals(signals, &running, path).await;
-    tracing::info!("shutdown requested");
-    wsgate::notify::stopping();
-    running.shutdown();
+    serve_signals(signals, &running, path, &handed_over).await;
+    if handed_over.is_cancelled() {
+        // The new process is the service now (it sent MAINPID=): no STOPPING=1 from here.
+        running.hand_over();
+    } else {
+        tracing::info!("shutdown requested");
+        wsgate::notify::stopping();
+        running.shutdown();
+    }
     running.wait().await;
     // The watchdog pings through the drain: a drain that hangs is a stuck process too.
     background.cancel();
@@ -214,13 +275,22 @@ fn install_signals() -> Signals {}
 
 /// Until SIGTERM/SIGINT: SIGHUP reloads the config file.
 #[cfg(unix)]
-async fn serve_signals(signals: Signals, running: &wsgate::Running, path: &std::path::Path) {
+async fn serve_signals(
+    signals: Signals,
+    running: &wsgate::Running,
+    path: &std::path::Path,
+    handed_over: &tokio_util::sync::CancellationToken,
+) {
     let Some([mut term, mut int, mut hup]) = signals else {
-        wait_for_signal().await;
+        tokio::select! {
+            _ = wait_for_signal() => {}
+            _ = handed_over.cancelled() => {}
+        }
         return;
     };
     loop {
         tokio::select! {
+            _ = handed_over.cancelled() => return,
             _ = term.recv() => return,
             _ = int.recv() => return,
             _ = hup.recv() => { wsgate::watch::reload_file(&running.gateway, path).await; }
@@ -229,7 +299,7 @@ async fn serve_signals(signals: Signals, running: &wsgate::Running, path: &std::
 }
 
 #[cfg(not(unix))]
-async fn serve_signals(_: Signals, _: &wsgate::Running, _: &std::path::Path) {
+async fn serve_signals(_: Signals, _: &wsgate::Running, _: &std::path::Path, _: &tokio_util::sync::CancellationToken) {
     wait_for_signal().await;
 }
 

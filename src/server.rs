@@ -29,9 +29,16 @@ pub(crate) const PRUNE_INTERVAL: Duration = Duration::from_secs(10);
 /// A started gateway.
 pub struct Running {
     pub wss_addrs: Vec<SocketAddr>,
+    /// `listen_plain`: ws:// listeners behind a TLS-terminating balancer.
+    pub plain_addrs: Vec<SocketAddr>,
     pub admin_addr: SocketAddr,
     pub gateway: Arc<Gateway>,
+    /// Copies of the listening sockets, for `run --takeover` (`wss`, `plain`, `admin`).
+    pub handover: Vec<(&'static str, std::os::fd::OwnedFd)>,
     stop: CancellationToken,
+    /// Set by [`Running::hand_over`]: the drain keeps `/readyz` ready and lets handshakes
+    /// in progress complete (the new process serves the same listeners).
+    handing_over: Arc<std::sync::atomic::AtomicBool>,
     task: JoinHandle<()>,
 }
 
@@ -41,27 +48,80 @@ impl Running {
         self.stop.cancel();
     }
 
+    /// After a takeover: stop accepting (the new process accepts on the same sockets),
+    /// then drain the sessions as [`Running::shutdown`] does, without refusing the
+    /// handshakes already in progress or turning `/readyz` to 503.
+    pub fn hand_over(&self) {
+        self.handing_over.store(true, Ordering::SeqCst);
+        self.stop.cancel();
+    }
+
     /// Wait until the drain has finished.
     pub async fn wait(self) {
         let _ = self.task.await;
     }
 }
 
+/// Listening sockets: bound by [`start`], or handed over by a running wsgate
+/// (`run --takeover`) to [`start_on`].
+pub struct Listeners {
+    pub wss: Vec<std::net::TcpListener>,
+    pub plain: Vec<std::net::TcpListener>,
+    pub admin: std::net::TcpListener,
+}
+
 /// Bind the config's listeners and start serving.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     let runtime = Runtime::load(config, true)?;
-    let mut listeners = Vec::new();
-    for addr in &runtime.config.server.listen {
+    let bind = |addr: SocketAddr, what: &'static str| async move {
         let l = TcpListener::bind(addr)
             .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
-        listeners.push(l);
+            .map_err(|e| anyhow::anyhow!("cannot listen on {what}{addr}: {e}"))?;
+        anyhow::Ok(l.into_std()?)
+    };
+    let mut listeners = Listeners {
+        wss: Vec::new(),
+        plain: Vec::new(),
+        admin: bind(runtime.config.admin.listen, "admin address ").await?,
+    };
+    for addr in &runtime.config.server.listen {
+        listeners.wss.push(bind(*addr, "").await?);
     }
-    let admin_addr = runtime.config.admin.listen;
-    let admin = TcpListener::bind(admin_addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on admin address {admin_addr}: {e}"))?;
-    let wss_addrs = listeners.iter().map(|l| l.local_addr()).collect::<Result<Vec<_>, _>>()?;
+    for addr in &runtime.config.server.listen_plain {
+        listeners.plain.push(bind(*addr, "(listen_plain) ").await?);
+    }
+    serve_on(runtime, listeners).await
+}
+
+/// Start serving on listeners handed over by a running wsgate; the config's addresses
+/// are not bound (changing them needs a restart).
+pub async fn start_on(config: Config, listeners: Listeners) -> anyhow::Result<Running> {
+    serve_on(Runtime::load(config, true)?, listeners).await
+}
+
+async fn serve_on(runtime: Runtime, given: Listeners) -> anyhow::Result<Running> {
+    let tokio_listener = |l: std::net::TcpListener| -> std::io::Result<TcpListener> {
+        l.set_nonblocking(true)?;
+        TcpListener::from_std(l)
+    };
+    let mut handover = Vec::new();
+    let mut listeners = Vec::new();
+    for (list, plain) in [(given.wss, false), (given.plain, true)] {
+        for l in list {
+            handover.push((if plain { "plain" } else { "wss" }, l.try_clone()?.into()));
+            listeners.push((tokio_listener(l)?, plain));
+        }
+    }
+    handover.push(("admin", given.admin.try_clone()?.into()));
+    let admin = tokio_listener(given.admin)?;
+    let addrs = |plain: bool| {
+        listeners
+            .iter()
+            .filter(|(_, p)| *p == plain)
+            .map(|(l, _)| l.local_addr())
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let (wss_addrs, plain_addrs) = (addrs(false)?, addrs(true)?);
     let admin_addr = admin.local_addr()?;
     let cluster = match &runtime.config.cluster {
         Some(c) => Some(Arc::new(crate::cluster::Cluster::new(c, &runtime.config.origin)?)),
@@ -87,31 +147,46 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let gw = gateway.clone();
         tokio::spawn(acme.run(move |issued| gw.metrics.acme_order(Some(issued)), stop.clone()));
     }
-    let task = tokio::spawn(serve(gateway.clone(), listeners, admin, stop.clone()));
+    let handing_over = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let task = tokio::spawn(serve(gateway.clone(), listeners, admin, (stop.clone(), handing_over.clone())));
     Ok(Running {
         wss_addrs,
+        plain_addrs,
+        handover,
         admin_addr,
         gateway,
         stop,
+        handing_over,
         task,
     })
 }
 
-async fn serve(gw: Arc<Gateway>, listeners: Vec<TcpListener>, admin: TcpListener, stop: CancellationToken) {
+async fn serve(
+    gw: Arc<Gateway>,
+    listeners: Vec<(TcpListener, bool)>,
+    admin: TcpListener,
+    (stop, handing_over): (CancellationToken, Arc<std::sync::atomic::AtomicBool>),
+) {
     let admin_stop = CancellationToken::new();
     let admin_task = tokio::spawn(crate::admin::serve(gw.clone(), admin, admin_stop.clone()));
     let accept_tasks: Vec<_> = listeners
         .into_iter()
-        .map(|l| tokio::spawn(accept_loop(gw.clone(), l, stop.clone())))
+        .map(|(l, plain)| tokio::spawn(accept_loop(gw.clone(), l, plain, stop.clone())))
         .collect();
     let prune_task = tokio::spawn(prune_loop(gw.clone(), stop.clone()));
 
     stop.cancelled().await;
     // 1. Stop accepting; /readyz turns 503; handshakes still in progress get a 503.
-    gw.draining.store(true, Ordering::Relaxed);
+    //    After a takeover the new process serves: handshakes in progress complete (a
+    //    session that starts after step 2 gets its 1001 at once) and /readyz stays 200.
+    let handed_over = handing_over.load(Ordering::SeqCst);
+    if !handed_over {
+        gw.draining.store(true, Ordering::Relaxed);
+    }
     for t in accept_tasks {
         let _ = t.await;
     }
+
     let _ = prune_task.await;
     let grace = gw.runtime().config.server.shutdown_grace;
     tracing::info!(open = gw.open_connections(), grace_ms = grace.as_millis() as u64, "draining");
@@ -127,7 +202,8 @@ async fn serve(gw: Arc<Gateway>, listeners: Vec<TcpListener>, admin: TcpListener
     tracing::info!("stopped");
 }
 
-async fn accept_loop(gw: Arc<Gateway>, listener: TcpListener, stop: CancellationToken) {
+/// `plain`: a `listen_plain` listener (no TLS).
+async fn accept_loop(gw: Arc<Gateway>, listener: TcpListener, plain: bool, stop: CancellationToken) {
     loop {
         let (tcp, peer) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -162,7 +238,7 @@ async fn accept_loop(gw: Arc<Gateway>, listener: TcpListener, stop: Cancellation
             let gw2 = gw.clone();
             gw.tracker.spawn(async move {
                 let _guard = guard;
-                proxied(gw2, (rt, admitted_under), tcp, peer, accepted, over_cap).await;
+                proxied(gw2, (rt, admitted_under), tcp, peer, accepted, (over_cap, plain)).await;
             });
             continue;
         }
@@ -177,7 +253,7 @@ async fn accept_loop(gw: Arc<Gateway>, listener: TcpListener, stop: Cancellation
         let gw2 = gw.clone();
         gw.tracker.spawn(async move {
             let _guard = (guard, slot);
-            crate::conn::handle(gw2, (rt, admitted_under), tcp, peer, accepted, over_cap).await;
+            crate::conn::handle(gw2, (rt, admitted_under), tcp, peer, accepted, (over_cap, plain)).await;
         });
     }
 }
@@ -190,7 +266,7 @@ async fn proxied(
     mut tcp: TcpStream,
     peer: SocketAddr,
     accepted: Instant,
-    over_cap: bool,
+    flags: (bool, bool),
 ) {
     let deadline = accepted + rt.config.server.handshake_timeout;
     let client = match tokio::time::timeout_at(deadline, crate::proxy_protocol::read_header(&mut tcp)).await {
@@ -215,7 +291,7 @@ async fn proxied(
             return;
         }
     };
-    crate::conn::handle(gw, (rt, admitted_under), tcp, client, accepted, over_cap).await;
+    crate::conn::handle(gw, (rt, admitted_under), tcp, client, accepted, flags).await;
 }
 
 /// Prune per-IP limiter state on a timer so it does not grow with distinct clients.

@@ -21,8 +21,16 @@ struct ChildGw {
 
 impl ChildGw {
     fn spawn(config: &Path, env: &[(&str, String)]) -> ChildGw {
+        ChildGw::spawn_with(config, &["run", "--config"], env)
+    }
+
+    fn spawn_args(config: &Path, args: &[&str]) -> ChildGw {
+        ChildGw::spawn_with(config, args, &[])
+    }
+
+    fn spawn_with(config: &Path, args: &[&str], env: &[(&str, String)]) -> ChildGw {
         let mut cmd = Command::new(BIN);
-        cmd.args(["run", "--config"])
+        cmd.args(args)
             .arg(config)
             .env("RUST_LOG", "info")
             .env_remove("NOTIFY_SOCKET")
@@ -512,4 +520,246 @@ async fn json_access_log_is_flat_with_request_id_upstream_route_and_code() {
     assert!(!gw.log().contains("forged-by-client"), "a client's id reached the log");
     gw.signal("-TERM");
     assert_eq!(gw.exit_code().await, Some(0));
+}
+
+#[tokio::test]
+async fn listen_plain_serves_ws_and_refuses_client_certificate_routes() {
+    use common::Gw;
+    let up = common::upstream(common::Behaviour::Echo).await;
+    let ca_dir = tempfile::tempdir().unwrap();
+    let dev = wsgate::tls::write_dev_client_cert(ca_dir.path(), "alice").unwrap();
+    let routes = format!(
+        "{}{}{}",
+        common::route("open", "/open", &up.url(), "none"),
+        common::ECHO_ROUTE,
+        common::route("certs", "/certs", "builtin:echo", "mtls"),
+    );
+    let ca = dev.ca_cert.display().to_string();
+    let gw = Gw::start_with("listen_plain = [\"127.0.0.1:0\"]", &routes, |t| {
+        t.replace(
+            "self_signed_if_missing = true",
+            &format!("self_signed_if_missing = true\nclient_ca = \"{ca}\"\nclient_auth = \"optional\""),
+        )
+    })
+    .await;
+    let plain = gw.running.as_ref().unwrap().plain_addrs[0];
+    assert_ne!(plain, gw.addr);
+    let ws_opts = |token: Option<String>| wsgate::client::Options {
+        token,
+        ..Default::default()
+    };
+    // ws:// on the plain listener: the same admission (a JWT route needs its token).
+    let (mut ws, _) = wsgate::client::connect(&format!("ws://{plain}/open"), &ws_opts(None))
+        .await
+        .unwrap();
+    assert_eq!(common::roundtrip(&mut ws, "plain").await, "plain");
+    assert!(up.header(0, "x-request-id").is_some());
+    let refused = wsgate::client::connect(&format!("ws://{plain}/echo"), &ws_opts(None)).await;
+    assert!(refused.is_err());
+    let (mut ws2, _) = wsgate::client::connect(&format!("ws://{plain}/echo"), &ws_opts(Some(gw.token("bob"))))
+        .await
+        .unwrap();
+    assert_eq!(common::roundtrip(&mut ws2, "jwt").await, "jwt");
+    // A client-certificate route is refused on it (400), and counts no auth failure
+    // against the balancer's address.
+    let status = match wsgate::client::connect(&format!("ws://{plain}/certs"), &ws_opts(None)).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => resp.status().as_u16(),
+        other => panic!("{:?}", other.map(|_| ())),
+    };
+    assert_eq!(status, 400);
+    assert_eq!(
+        gw.metric("wsgate_auth_failures_total{route=\"certs\",reason=\"missing\"}").await,
+        0.0
+    );
+    // TLS on the plain listener is not spoken: a wss:// client fails its handshake.
+    let opts = wsgate::client::Options {
+        tls: Some(gw.tls()),
+        ..Default::default()
+    };
+    assert!(
+        wsgate::client::connect(&format!("wss://localhost:{}/open", plain.port()), &opts)
+            .await
+            .is_err()
+    );
+    // The wss listener is unchanged.
+    let mut ws3 = gw.connect("/echo").await;
+    assert_eq!(common::roundtrip(&mut ws3, "tls").await, "tls");
+}
+
+#[test]
+fn check_warns_about_a_reachable_plain_listener_without_trusted_proxies() {
+    let dir = tempfile::tempdir().unwrap();
+    let warns = |server: &str| {
+        let text = common::config_text(dir.path(), server, common::ECHO_ROUTE);
+        let cfg = wsgate::Config::from_toml_str(&text, "t.toml").unwrap();
+        wsgate::check::warnings(&cfg)
+            .into_iter()
+            .filter(|w| w.contains("listen_plain"))
+            .count()
+    };
+    assert_eq!(warns(""), 0);
+    assert_eq!(warns("listen_plain = [\"127.0.0.1:8080\", \"[::1]:8080\"]"), 0);
+    assert_eq!(warns("listen_plain = [\"0.0.0.0:8080\"]"), 1);
+    assert_eq!(warns("listen_plain = [\"10.0.0.5:8080\"]\ntrusted_proxies = [\"10.0.0.0/24\"]"), 0);
+}
+
+/// A stranger (uid 65534) that reaches the control socket anyway (the test opens its
+/// mode up): it sends a well-formed request and reports how many bytes came back.
+fn stranger_asks(socket: &Path) -> Option<String> {
+    let script = format!(
+        "import os,socket\nos.setgid(65534)\nos.setuid(65534)\ns=socket.socket(socket.AF_UNIX)\ns.settimeout(5)\n\
+         s.connect({:?})\ntry:\n  s.sendall(b'wsgate takeover 1\\n')\n  msg,anc,fl,ad=s.recvmsg(4096,4096)\n  print(len(msg),len(anc))\n\
+         except (BrokenPipeError, ConnectionResetError):\n  print(0,0)\n",
+        socket.display().to_string()
+    );
+    let out = Command::new("python3").args(["-c", &script]).output().ok()?;
+    Some(format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
+}
+
+#[tokio::test]
+async fn takeover_hands_the_listeners_over_refusing_no_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("control.sock");
+    let text = common::config_text(
+        dir.path(),
+        &format!("shutdown_grace = \"2s\"\ncontrol_socket = \"{}\"", socket.display()),
+        &format!(
+            "[limits]\nconnection_rate_per_ip = \"1000/s\"\nconnection_burst_per_ip = 1000\nmax_connections_per_ip = 100\n{}",
+            common::route("open", "/open", "builtin:echo", "none")
+        ),
+    );
+    let config = dir.path().join("gw.toml");
+    std::fs::write(&config, text).unwrap();
+    let old = ChildGw::spawn(&config, &[]);
+    let port = old.port("wss://127.0.0.1:").await;
+    let tls = wsgate::tls::cli_client_config(Some(&dir.path().join("server.crt")), false).unwrap();
+    let url = format!("wss://localhost:{port}/open");
+    let opts = wsgate::client::Options {
+        tls: Some(tls.clone()),
+        ..Default::default()
+    };
+    let (mut live, _) = wsgate::client::connect(&url, &opts).await.unwrap();
+    assert_eq!(common::roundtrip(&mut live, "before").await, "before");
+    common::wait_until("the control socket", Duration::from_secs(10), || async { socket.exists() }).await;
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777, 0o600);
+
+    // A peer of another user gets nothing, even with the file opened up to it.
+    if std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0) {
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+        // (python3 does the setuid; without it this part is skipped.)
+        if let Some(answer) = stranger_asks(&socket) {
+            // The gateway closes the connection without a byte or a descriptor.
+            assert_eq!(answer.trim(), "0 0", "a stranger got: {answer}");
+            common::wait_until("the refusal in the log", Duration::from_secs(10), || async {
+                old.log().contains("a peer of another user")
+            })
+            .await;
+        }
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    // Garbage from our own user: refused, still serving.
+    {
+        use std::io::Write;
+        let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        let _ = s.write_all(b"GET / HTTP/1.1\r\n\r\n");
+    }
+    assert_eq!(common::roundtrip(&mut live, "after strangers").await, "after strangers");
+
+    // Clients keep connecting through the hand-over; none may be refused or reset.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (stop2, url2, opts2) = (stop.clone(), url.clone(), opts.clone());
+    let prober = tokio::spawn(async move {
+        let (mut ok, mut failed) = (0usize, Vec::new());
+        while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
+            match wsgate::client::connect(&url2, &opts2).await {
+                Ok((mut ws, _)) => match tokio::time::timeout(Duration::from_secs(5), common::roundtrip(&mut ws, "probe")).await {
+                    Ok(t) if t == "probe" => ok += 1,
+                    other => failed.push(format!("{other:?}")),
+                },
+                Err(e) => failed.push(e.to_string()),
+            }
+        }
+        (ok, failed)
+    });
+    // A reload racing the takeover changes nothing about it.
+    old.signal("-HUP");
+    let new = ChildGw::spawn_args(&config, &["run", "--takeover", "--config"]);
+    common::wait_for("the new process to take over", Duration::from_secs(20), || async {
+        new.log().contains("took over the listeners").then_some(())
+    })
+    .await;
+    // The old process drains: the live session ends with 1001, the process exits 0.
+    assert_eq!(common::close_code(&mut live).await.0, 1001);
+    let log = old.log();
+    assert_eq!(old.exit_code().await, Some(0), "{log}");
+    // Keep probing the new process alone for a moment.
+    let before = tokio::time::Instant::now();
+    while before.elapsed() < Duration::from_millis(500) {
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(50)).await; // kept: lets the prober run against the new process
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (ok, mut failed) = prober.await.unwrap();
+    let failures = failed.len();
+    failed.truncate(20);
+    assert_eq!(failures, 0, "{failures} connections of {} failed: {failed:?}", ok + failures);
+    assert!(ok >= 10, "only {ok} probes");
+    let (mut ws, _) = wsgate::client::connect(&url, &opts).await.unwrap();
+    assert_eq!(common::roundtrip(&mut ws, "new").await, "new");
+    new.signal("-TERM");
+    assert_eq!(new.exit_code().await, Some(0));
+}
+
+#[tokio::test]
+async fn a_takeover_that_fails_leaves_the_old_process_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("control.sock");
+    let text = common::config_text(
+        dir.path(),
+        &format!("control_socket = \"{}\"", socket.display()),
+        &common::route("open", "/open", "builtin:echo", "none"),
+    );
+    let config = dir.path().join("gw.toml");
+    std::fs::write(&config, text).unwrap();
+    let old = ChildGw::spawn(&config, &[]);
+    let port = old.port("wss://127.0.0.1:").await;
+    let tls = wsgate::tls::cli_client_config(Some(&dir.path().join("server.crt")), false).unwrap();
+    let opts = wsgate::client::Options {
+        tls: Some(tls),
+        ..Default::default()
+    };
+    let url = format!("wss://localhost:{port}/open");
+    let (mut live, _) = wsgate::client::connect(&url, &opts).await.unwrap();
+    common::wait_until("the control socket", Duration::from_secs(10), || async { socket.exists() }).await;
+    // The new process receives the listeners, then cannot load its certificate: it exits
+    // without confirming, and the old process goes on serving.
+    let cert = std::fs::read(dir.path().join("server.crt")).unwrap();
+    std::fs::write(dir.path().join("server.crt"), "not a certificate").unwrap();
+    let new = ChildGw::spawn_args(&config, &["run", "--takeover", "--config"]);
+    let code = new.exit_code().await;
+    assert_ne!(code, Some(0));
+    std::fs::write(dir.path().join("server.crt"), cert).unwrap();
+    common::wait_until("the old process to log the failed takeover", Duration::from_secs(10), || async {
+        old.log().contains("takeover refused or failed")
+    })
+    .await;
+    assert_eq!(common::roundtrip(&mut live, "still here").await, "still here");
+    let (mut ws, _) = wsgate::client::connect(&url, &opts).await.unwrap();
+    assert_eq!(common::roundtrip(&mut ws, "new client").await, "new client");
+    // And a second takeover, now with a good certificate, works.
+    let new = ChildGw::spawn_args(&config, &["run", "--takeover", "--config"]);
+    common::wait_for("the takeover", Duration::from_secs(20), || async {
+        new.log().contains("took over the listeners").then_some(())
+    })
+    .await;
+    assert_eq!(common::close_code(&mut live).await.0, 1001);
+    assert_eq!(old.exit_code().await, Some(0));
+    new.signal("-TERM");
+    assert_eq!(new.exit_code().await, Some(0));
 }

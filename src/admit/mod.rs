@@ -81,6 +81,7 @@ pub(crate) struct Admission {
     rt: Arc<Runtime>,
     peer_ip: IpAddr,
     over_cap: bool,
+    plain: bool,
     verdict: Mutex<Verdict>,
     /// The client certificate the TLS handshake verified.
     cert: std::sync::OnceLock<Arc<ClientCert>>,
@@ -132,8 +133,11 @@ type Answer = (Response<Full<Bytes>>, Admitted);
 impl Admission {
     /// Admission of a connection from `peer_ip`, accepted under `rt` (`over_cap`: past
     /// `max_connections`, refused with 503 once its request is read).
-    pub(crate) fn begin(gw: &Arc<Gateway>, rt: &Arc<Runtime>, peer_ip: IpAddr, over_cap: bool) -> Admission {
+    /// `plain`: the connection came in on a `listen_plain` listener (no TLS, so no
+    /// client certificate: a route that needs one refuses it).
+    pub(crate) fn begin(gw: &Arc<Gateway>, rt: &Arc<Runtime>, peer_ip: IpAddr, (over_cap, plain): (bool, bool)) -> Admission {
         Admission {
+            plain,
             shared_ip: Mutex::new(shared_cap::start_ip_check(gw, rt, peer_ip)),
             gw: gw.clone(),
             rt: rt.clone(),

@@ -48,6 +48,10 @@ impl Admission {
         let route_index = config.route_index(&host, &path).ok_or(Reject::NotFound)?;
         let route = &config.routes[route_index];
         self.note(|i| i.route = Some(route.name.clone()));
+        if self.plain && route.auth.uses_cert() {
+            // Not an auth failure: it must not count toward the balancer's auth ban.
+            return Err(Reject::BadRequest("a client-certificate route on a plain listener"));
+        }
         let upgrade = upgrade::validate(req)?;
         upgrade::check_origin(route, req.headers())?;
         if let Some(left) = self.gw.per_ip().banned(client_ip) {

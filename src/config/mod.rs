@@ -225,6 +225,12 @@ pub struct Server {
     pub client_ip_source: ClientIpSource,
     /// Reload when the config file or a file it names changes (polled, debounced).
     pub watch_config: bool,
+    /// Plain `ws://` listeners for use behind a balancer or mesh that terminates TLS
+    /// (no client certificates, no ACME on them).
+    pub listen_plain: Vec<SocketAddr>,
+    /// The Unix socket `wsgate run --takeover` asks for the listeners on (0600, owner
+    /// only); none unless set.
+    pub control_socket: Option<PathBuf>,
 }
 
 impl Server {

@@ -65,6 +65,8 @@ pub(super) struct Server {
     pub trusted_proxies: Vec<IpNet>,
     pub client_ip_source: Option<ClientIpSource>,
     pub watch_config: Option<bool>,
+    pub listen_plain: Vec<SocketAddr>,
+    pub control_socket: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]

@@ -132,6 +132,8 @@ impl Validator<'_> {
             trusted_proxies: s.trusted_proxies.into_iter().map(|n| n.trunc()).collect(),
             client_ip_source: s.client_ip_source.unwrap_or(ClientIpSource::Peer),
             watch_config: s.watch_config.unwrap_or(false),
+            listen_plain: s.listen_plain.clone(),
+            control_socket: s.control_socket.clone(),
         };
         if server.client_ip_source != ClientIpSource::Peer && server.trusted_proxies.is_empty() {
             return Err(self.err_key("server.client_ip_source", "needs server.trusted_proxies"));

@@ -18,6 +18,9 @@ use std::{
 use tokio::{net::TcpStream, time::Instant};
 use tokio_rustls::server::TlsStream;
 
+mod io;
+use io::ClientStream;
+
 /// hyper refuses read buffers below this size.
 const HYPER_MIN_BUF: usize = 8192;
 /// Header lines an upgrade request may have; more → 431.
@@ -36,15 +39,15 @@ pub(crate) async fn handle(
     tcp: TcpStream,
     peer: SocketAddr,
     accepted: Instant,
-    over_cap: bool,
+    (over_cap, plain): (bool, bool),
 ) {
     let peer_ip = peer.ip().to_canonical();
     // Cluster mode: the shared per-IP check of the TCP peer starts here, while TLS runs.
-    let admission = Arc::new(Admission::begin(&gw, &rt, peer_ip, over_cap));
+    let admission = Arc::new(Admission::begin(&gw, &rt, peer_ip, (over_cap, plain)));
     let result = async {
         // The handshake stages are boxed: their state (TLS accept, hyper's connection
         // and builder) is freed before the session relays, so an idle session stays small.
-        let Some(admitted) = Box::pin(handshake(&rt, tcp, accepted, &admission)).await? else {
+        let Some(admitted) = Box::pin(handshake(&rt, (tcp, plain), accepted, &admission)).await? else {
             return Ok(None);
         };
         relay_session(&gw, &rt, admitted, accepted, &admission, admitted_under)
@@ -102,16 +105,27 @@ fn log_session(gw: &Gateway, info: &Info, client: IpAddr, route: &str, done: &Do
 }
 
 /// TLS, then the upgrade request served by hyper up to the 101: the admitted session.
-async fn handshake(rt: &Runtime, tcp: TcpStream, accepted: Instant, admission: &Arc<Admission>) -> Result<Option<Box<Admitted>>, Reject> {
+/// A plain connection (`listen_plain`) skips TLS: no client certificate, no ACME.
+async fn handshake(
+    rt: &Runtime,
+    (tcp, plain): (TcpStream, bool),
+    accepted: Instant,
+    admission: &Arc<Admission>,
+) -> Result<Option<Box<Admitted>>, Reject> {
     let server = &rt.config.server;
     let deadline = accepted + server.handshake_timeout;
-    let Some((tls, cert)) = accept_tls(rt, tcp, deadline).await? else {
-        return Ok(None);
+    let stream = if plain {
+        ClientStream::Plain(tcp)
+    } else {
+        let Some((tls, cert)) = accept_tls(rt, tcp, deadline).await? else {
+            return Ok(None);
+        };
+        admission.set_cert(cert);
+        // With SNI, every request on this connection must be for a name of the certificate
+        // the handshake chose for it (no domain fronting): the same choice, made again.
+        admission.set_sni_certificate(tls.get_ref().1.server_name().and_then(|sni| rt.certs.for_sni(Some(sni))));
+        ClientStream::Tls(tls)
     };
-    admission.set_cert(cert);
-    // With SNI, every request on this connection must be for a name of the certificate
-    // the handshake chose for it (no domain fronting): the same choice, made again.
-    admission.set_sni_certificate(tls.get_ref().1.server_name().and_then(|sni| rt.certs.for_sni(Some(sni))));
     let ctx = admission.clone();
     let service = service_fn(move |req| {
         let ctx = ctx.clone();
@@ -133,7 +147,7 @@ async fn handshake(rt: &Runtime, tcp: TcpStream, accepted: Instant, admission: &
         server.handshake_timeout + server.upstream_timeout * rt.config.routes.iter().map(|r| r.upstreams.len()).max().unwrap_or(1) as u32;
     let served = tokio::time::timeout(
         guard,
-        Box::pin(builder.serve_connection(TokioIo::new(tls), service).with_upgrades()),
+        Box::pin(builder.serve_connection(TokioIo::new(stream), service).with_upgrades()),
     )
     .await;
 
@@ -195,9 +209,9 @@ async fn accept_tls(
     Ok(Some((tls, cert)))
 }
 
-/// The client side after the 101: the TLS stream, boxed so it is allocated once and
-/// moved by pointer.
-type ClientIo = Box<TlsStream<TcpStream>>;
+/// The client side after the 101: the TLS (or plain) stream, boxed so it is allocated
+/// once and moved by pointer.
+type ClientIo = Box<ClientStream>;
 
 async fn relay_session(
     gw: &Arc<Gateway>,
@@ -238,7 +252,7 @@ async fn open_session(
     // Unwrap hyper's boxed IO back to the TLS stream: the relay then reads and writes it
     // directly, with whatever the client sent right behind its request head.
     let parts = upgraded
-        .downcast::<TokioIo<TlsStream<TcpStream>>>()
+        .downcast::<TokioIo<ClientStream>>()
         .map_err(|_| Reject::BadRequest("upgrade failed"))?;
     let io: ClientIo = Box::new(parts.io.into_inner());
     let mut client = relay::Endpoint::client(io, &parts.read_buf);
@@ -356,7 +370,7 @@ mod tests {
             s,
             peer,
             tokio::time::Instant::now(),
-            false,
+            (false, false),
         );
         let size = std::mem::size_of_val(&f);
         // 2560 until issue 29; +64 for the request id and route that progress lines carry

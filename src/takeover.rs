@@ -1,0 +1,205 @@
+//! Binary upgrades without refusing a connection (DESIGN.md section 17).
+//!
+//! A running gateway with `[server] control_socket` listens there (a Unix socket, 0600,
+//! answering only peers of its own user). `wsgate run --takeover` connects, asks for the
+//! listeners, and receives copies of the listening sockets (wss, plain, admin) by
+//! `SCM_RIGHTS`. It starts accepting on them, answers `ok`, and only then does the old
+//! process stop accepting and drain as on SIGTERM. The kernel keeps one queue per
+//! listening socket, shared by both processes, so no connection attempt meets a closed
+//! port. Anything else (a wrong request, no `ok` within [`CONFIRM_TIMEOUT`], a new
+//! process that exits) leaves the old process serving.
+
+use crate::server::{Listeners, Running};
+use std::io::{IoSlice, IoSliceMut, Read, Write};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+
+/// What the new process sends first.
+const REQUEST: &[u8] = b"wsgate takeover 1\n";
+/// What it sends once it accepts on the listeners.
+const CONFIRM: &[u8] = b"ok\n";
+/// How long a peer has to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the new process has to start serving and confirm.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(60);
+/// At most this many listening sockets are handed over.
+const MAX_FDS: usize = 64;
+
+/// Why a takeover did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum TakeoverError {
+    #[error("no control socket: set [server] control_socket")]
+    NoControlSocket,
+    #[error("cannot reach the running gateway at {0}: {1}")]
+    Connect(PathBuf, std::io::Error),
+    #[error("the running gateway's answer: {0}")]
+    Protocol(&'static str),
+    #[error("control socket: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Bind the control socket at `path` (0600), replacing a stale file or a predecessor's
+/// socket in one rename, so the path always names a live gateway.
+pub fn bind(path: &Path) -> std::io::Result<(UnixListener, u32)> {
+    let tmp = path.with_extension(format!("new.{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    let owner = std::fs::metadata(&tmp)?.uid();
+    std::fs::rename(&tmp, path)?;
+    Ok((listener, owner))
+}
+
+/// Serve takeover requests until one succeeds (then `handed_over` is cancelled and this
+/// returns) or `stop`.
+pub async fn serve(listener: UnixListener, owner: u32, running: Arc<RunningFds>, handed_over: CancellationToken, stop: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(_) => { tokio::time::sleep(Duration::from_millis(100)).await; continue; }
+            },
+        };
+        match answer(stream, owner, &running.0).await {
+            Ok(()) => {
+                tracing::info!("takeover: the new process accepts on the listeners; draining");
+                handed_over.cancel();
+                return;
+            }
+            Err(why) => tracing::warn!(reason = why, "takeover refused or failed; still serving"),
+        }
+    }
+}
+
+/// The listening sockets a takeover hands over.
+pub struct RunningFds(Vec<(&'static str, OwnedFd)>);
+
+impl RunningFds {
+    pub fn of(running: &mut Running) -> Arc<RunningFds> {
+        Arc::new(RunningFds(std::mem::take(&mut running.handover)))
+    }
+}
+
+async fn answer(mut stream: UnixStream, owner: u32, fds: &[(&'static str, OwnedFd)]) -> Result<(), &'static str> {
+    // The socket file is 0600; the peer's credentials are checked all the same (a socket
+    // passed on by a process that could open it is still another user's).
+    let cred = stream.peer_cred().map_err(|_| "no peer credentials")?;
+    if cred.uid() != owner {
+        return Err("a peer of another user");
+    }
+    let mut request = [0u8; REQUEST.len()];
+    tokio::time::timeout(REQUEST_TIMEOUT, stream.read_exact(&mut request))
+        .await
+        .map_err(|_| "no request in time")?
+        .map_err(|_| "short request")?;
+    if request != REQUEST {
+        return Err("not a takeover request");
+    }
+    let text: String = fds
+        .iter()
+        .map(|(kind, fd)| {
+            let addr = std::net::TcpListener::from(fd.try_clone().ok()?).local_addr().ok()?;
+            Some(format!("{kind} {addr}\n"))
+        })
+        .collect::<Option<String>>()
+        .ok_or("a listener is gone")?;
+    let borrowed: Vec<_> = fds.iter().map(|(_, fd)| fd.as_fd()).collect();
+    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut control = rustix::net::SendAncillaryBuffer::new(&mut space);
+    if !control.push(rustix::net::SendAncillaryMessage::ScmRights(&borrowed)) {
+        return Err("too many listeners");
+    }
+    loop {
+        stream.writable().await.map_err(|_| "control socket")?;
+        match rustix::net::sendmsg(
+            &stream,
+            &[IoSlice::new(text.as_bytes())],
+            &mut control,
+            rustix::net::SendFlags::empty(),
+        ) {
+            Ok(n) if n == text.len() => break,
+            Ok(_) => return Err("short send"),
+            Err(rustix::io::Errno::AGAIN) => continue,
+            Err(_) => return Err("cannot send the listeners"),
+        }
+    }
+    let mut confirm = [0u8; CONFIRM.len()];
+    tokio::time::timeout(CONFIRM_TIMEOUT, stream.read_exact(&mut confirm))
+        .await
+        .map_err(|_| "the new process did not confirm in time")?
+        .map_err(|_| "the new process went away before confirming")?;
+    if confirm != CONFIRM {
+        return Err("the new process did not confirm");
+    }
+    let _ = stream.shutdown().await;
+    Ok(())
+}
+
+/// The new process's side: ask the gateway at `path` for its listeners. The returned
+/// stream confirms the takeover once the new process serves ([`confirm`]).
+pub fn receive(path: &Path) -> Result<(Listeners, std::os::unix::net::UnixStream), TakeoverError> {
+    let mut stream = std::os::unix::net::UnixStream::connect(path).map_err(|e| TakeoverError::Connect(path.to_path_buf(), e))?;
+    stream.set_read_timeout(Some(CONFIRM_TIMEOUT))?;
+    stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
+    stream.write_all(REQUEST)?;
+    let mut buf = [0u8; 4096];
+    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut control = rustix::net::RecvAncillaryBuffer::new(&mut space);
+    let got = rustix::net::recvmsg(
+        &stream,
+        &mut [IoSliceMut::new(&mut buf)],
+        &mut control,
+        rustix::net::RecvFlags::CMSG_CLOEXEC,
+    )
+    .map_err(std::io::Error::from)?;
+    let fds: Vec<OwnedFd> = control
+        .drain()
+        .filter_map(|m| match m {
+            rustix::net::RecvAncillaryMessage::ScmRights(fds) => Some(fds.collect::<Vec<_>>()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    let text = std::str::from_utf8(&buf[..got.bytes]).map_err(|_| TakeoverError::Protocol("not text"))?;
+    let lines: Vec<&str> = text.lines().collect();
+    if lines.is_empty() || lines.len() != fds.len() {
+        return Err(TakeoverError::Protocol("the listeners do not match their names"));
+    }
+    let (mut wss, mut plain, mut admin) = (Vec::new(), Vec::new(), None);
+    for (line, fd) in lines.into_iter().zip(fds) {
+        let (kind, addr) = line.split_once(' ').ok_or(TakeoverError::Protocol("unreadable listener line"))?;
+        let listener = std::net::TcpListener::from(fd);
+        // Only a listening TCP socket at the address it was named with is used.
+        if listener.local_addr().ok().map(|a| a.to_string()).as_deref() != Some(addr) {
+            return Err(TakeoverError::Protocol("a listener is not the socket it was named"));
+        }
+        match kind {
+            "wss" => wss.push(listener),
+            "plain" => plain.push(listener),
+            "admin" if admin.is_none() => admin = Some(listener),
+            _ => return Err(TakeoverError::Protocol("unknown listener kind")),
+        }
+    }
+    let admin = admin.ok_or(TakeoverError::Protocol("no admin listener"))?;
+    if wss.is_empty() {
+        return Err(TakeoverError::Protocol("no wss listener"));
+    }
+    Ok((Listeners { wss, plain, admin }, stream))
+}
+
+/// Tell the old process the new one accepts: it stops accepting and drains.
+pub fn confirm(mut stream: std::os::unix::net::UnixStream) -> std::io::Result<()> {
+    stream.write_all(CONFIRM)?;
+    // The old process closes its end once it has read the confirmation.
+    let mut rest = [0u8; 16];
+    let _ = stream.read(&mut rest);
+    Ok(())
+}
