@@ -569,15 +569,20 @@ impl Config {
             files.push(&c.ca);
             files.extend(&c.crl_files);
         }
+        for c in &self.tls.certificates {
+            files.extend([&c.cert, &c.key]);
+        }
         files.extend(&self.admin.token_file);
         files.extend(self.firewall.allow_files.iter().chain(&self.firewall.deny_files));
-        let j = &self.jwt;
-        if let SecretSource::File { path, .. } = &j.secret {
-            files.push(path);
+        // `[jwt]` and every `[providers.NAME]`: secrets, keys, JWKS files, revocation lists.
+        for j in std::iter::once(&self.jwt).chain(self.providers.values()) {
+            if let SecretSource::File { path, .. } = &j.secret {
+                files.push(path);
+            }
+            files.extend(&j.public_key_files);
+            files.extend(j.jwks_file.iter().chain(&j.revoked_jti_file));
+            files.extend(j.jwks_url.as_ref().and_then(|u| u.ca.as_ref()));
         }
-        files.extend(&j.public_key_files);
-        files.extend(j.jwks_file.iter().chain(&j.revoked_jti_file));
-        files.extend(j.jwks_url.as_ref().and_then(|u| u.ca.as_ref()));
         for r in &self.routes {
             files.extend(&r.upstream_ca);
             files.extend(r.validate.as_ref().and_then(|v| v.schema_file.as_ref()));

@@ -458,3 +458,54 @@ fn several_certificates_exclude_the_one_certificate_form_and_sit_beside_acme() {
     let e = err("[[tls.certificates]]\ncert = \"a.crt\"\n");
     assert!(e.message.contains("key"), "{e}");
 }
+
+#[test]
+fn watch_config_watches_several_certificates_and_every_providers_files() {
+    let src = r#"
+[server]
+watch_config = true
+[[tls.certificates]]
+cert = "/cm/a.crt"
+key = "/cm/a.key"
+[[tls.certificates]]
+cert = "/cm/b.crt"
+key = "/cm/b.key"
+[providers.p]
+kind = "jwt"
+issuer = "p"
+secret_file = "/cm/p.secret"
+revoked_jti_file = "/cm/p.revoked"
+[providers.q]
+kind = "jwt"
+issuer = "q"
+algorithms = ["ES256"]
+public_key_files = ["/cm/q.pem"]
+[[routes]]
+name = "echo"
+path = "/echo"
+upstreams = ["builtin:echo"]
+provider = "p"
+"#;
+    let c = Config::from_toml_str(src, "t.toml").unwrap();
+    let files: Vec<String> = c.watched_files().iter().map(|p| p.display().to_string()).collect();
+    for f in [
+        "/cm/a.crt",
+        "/cm/a.key",
+        "/cm/b.crt",
+        "/cm/b.key",
+        "/cm/p.secret",
+        "/cm/p.revoked",
+        "/cm/q.pem",
+    ] {
+        assert!(files.contains(&f.to_string()), "{f} not watched: {files:?}");
+    }
+}
+
+#[test]
+fn a_provider_with_hs_algorithms_needs_its_own_secret() {
+    let src = "[providers.b]\nkind = \"jwt\"\njwks_file = \"kb.jwks\"\nalgorithms = [\"ES256\", \"HS256\"]\n";
+    let e = err(src);
+    assert_eq!(e.key, "providers.b.algorithms", "{e}");
+    assert!(e.message.contains("own secret"), "{e}");
+    Config::from_toml_str(&src.replace("jwks_file", "secret_file = \"b.secret\"\njwks_file"), "t.toml").unwrap();
+}

@@ -397,7 +397,18 @@ impl Validator<'_> {
                     "needs keys of its own: secret_env, secret_file, public_key_files, jwks_file or jwks_url",
                 ));
             }
-            providers.insert(name, self.jwt(j, &p)?);
+            let own_secret = j.secret_env.is_some() || j.secret_file.is_some();
+            let jwt = self.jwt(j, &p)?;
+            // An HS* algorithm verifies with a secret: the provider's own, never `[jwt]`'s
+            // default variable (other keys of its own do not stand in for it).
+            if jwt.uses_secret() && !own_secret {
+                return Err(self.err(
+                    &Spanned::new(span, ()),
+                    &format!("{p}.algorithms"),
+                    "an HS* algorithm needs the provider's own secret_env or secret_file",
+                ));
+            }
+            providers.insert(name, jwt);
         }
         Ok(providers)
     }

@@ -69,6 +69,20 @@ impl Served {
                 }
             }
         }
+        if names.is_empty() {
+            // No subjectAltName: clients that still accept the subject's CN (OpenSSL's do)
+            // reach us under it, so it is the name a request's Host is held to.
+            let cn = parsed.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok());
+            if let Some(cn) = cn
+                .map(|c| c.trim_end_matches('.').to_ascii_lowercase())
+                .filter(|c| !c.is_empty() && c.is_ascii())
+            {
+                names.push(match cn.parse::<std::net::IpAddr>() {
+                    Ok(ip) => crate::config::AcmeIdentifier::Ip(ip),
+                    Err(_) => crate::config::AcmeIdentifier::Dns(cn),
+                });
+            }
+        }
         Ok(Served {
             key: Arc::new(key),
             not_before: validity.not_before.timestamp(),
@@ -276,6 +290,28 @@ pub fn normalize_sni(sni: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A self-signed certificate with `cn` as its subject and `sans` as DNS names.
+    fn cert(cn: &str, sans: Vec<String>) -> Served {
+        let mut p = rcgen::CertificateParams::new(sans).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let c = p.self_signed(&key).unwrap();
+        let der = PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+        Served::new(vec![c.der().clone()], der).unwrap()
+    }
+
+    #[test]
+    fn a_certificate_without_subject_alt_names_is_named_by_its_common_name() {
+        let dns = |n: &str| crate::config::AcmeIdentifier::Dns(n.into());
+        assert_eq!(cert("Chat.Example.Test.", vec![]).names, [dns("chat.example.test")]);
+        assert_eq!(
+            cert("127.0.0.1", vec![]).names,
+            [crate::config::AcmeIdentifier::Ip("127.0.0.1".parse().unwrap())]
+        );
+        // With subjectAltNames the CN is not a name (RFC 6125).
+        assert_eq!(cert("other.test", vec!["a.test".into()]).names, [dns("a.test")]);
+    }
 
     #[test]
     fn a_client_offering_acme_tls_without_http_is_a_validation_server() {
