@@ -5,18 +5,8 @@ use crate::config::{Route, TokenSource, Upstream};
 use crate::error::Reject;
 use crate::util::protocols;
 use http::{HeaderMap, HeaderName, HeaderValue, header};
-use std::{
-    io,
-    net::IpAddr,
-    pin::Pin,
-    sync::Arc,
-    task::{Context, Poll},
-    time::Duration,
-};
-use tokio::{
-    io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf},
-    net::TcpStream,
-};
+use std::{net::IpAddr, sync::Arc, time::Duration};
+use tokio::{io::DuplexStream, net::TcpStream};
 use tokio_tungstenite::tungstenite::{client::IntoClientRequest, protocol::WebSocketConfig};
 
 /// The transport to an upstream. An enum rather than a boxed trait object keeps the
@@ -28,43 +18,7 @@ pub enum UpstreamIo {
     Mem(DuplexStream),
 }
 
-macro_rules! delegate {
-    ($self:ident, $io:ident => $e:expr) => {
-        match $self.get_mut() {
-            UpstreamIo::Tcp($io) => $e,
-            UpstreamIo::Tls($io) => $e,
-            UpstreamIo::Mem($io) => $e,
-        }
-    };
-}
-
-impl AsyncRead for UpstreamIo {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        delegate!(self, io => Pin::new(io).poll_read(cx, buf))
-    }
-}
-
-impl AsyncWrite for UpstreamIo {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        delegate!(self, io => Pin::new(io).poll_write(cx, buf))
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        delegate!(self, io => Pin::new(io).poll_flush(cx))
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        delegate!(self, io => Pin::new(io).poll_shutdown(cx))
-    }
-    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
-        delegate!(self, io => Pin::new(io).poll_write_vectored(cx, bufs))
-    }
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            UpstreamIo::Tcp(io) => io.is_write_vectored(),
-            UpstreamIo::Tls(io) => io.is_write_vectored(),
-            UpstreamIo::Mem(io) => io.is_write_vectored(),
-        }
-    }
-}
+crate::util::delegate_io!(UpstreamIo { Tcp, Tls, Mem });
 
 /// What the gateway knows about the client when it builds the upstream request.
 pub struct ClientFacts<'a> {

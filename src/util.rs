@@ -103,6 +103,61 @@ pub(crate) fn protocols(headers: &http::HeaderMap) -> impl Iterator<Item = &str>
         .filter(|p| !p.is_empty())
 }
 
+/// `AsyncRead` and `AsyncWrite` for an enum whose every variant holds one stream: each
+/// call goes to the stream of the variant at hand (static dispatch, no boxing).
+macro_rules! delegate_io {
+    ($ty:ident { $($variant:ident),+ $(,)? }) => {
+        impl tokio::io::AsyncRead for $ty {
+            fn poll_read(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                buf: &mut tokio::io::ReadBuf<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                match self.get_mut() {
+                    $($ty::$variant(io) => std::pin::Pin::new(io).poll_read(cx, buf),)+
+                }
+            }
+        }
+
+        impl tokio::io::AsyncWrite for $ty {
+            fn poll_write(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                buf: &[u8],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                match self.get_mut() {
+                    $($ty::$variant(io) => std::pin::Pin::new(io).poll_write(cx, buf),)+
+                }
+            }
+            fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+                match self.get_mut() {
+                    $($ty::$variant(io) => std::pin::Pin::new(io).poll_flush(cx),)+
+                }
+            }
+            fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+                match self.get_mut() {
+                    $($ty::$variant(io) => std::pin::Pin::new(io).poll_shutdown(cx),)+
+                }
+            }
+            fn poll_write_vectored(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                bufs: &[std::io::IoSlice<'_>],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                match self.get_mut() {
+                    $($ty::$variant(io) => std::pin::Pin::new(io).poll_write_vectored(cx, bufs),)+
+                }
+            }
+            fn is_write_vectored(&self) -> bool {
+                match self {
+                    $($ty::$variant(io) => io.is_write_vectored(),)+
+                }
+            }
+        }
+    };
+}
+pub(crate) use delegate_io;
+
 #[cfg(test)]
 mod authority_tests {
     use super::authority_port;

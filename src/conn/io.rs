@@ -2,12 +2,6 @@
 //! rather than a boxed trait object keeps the relay's reads and writes statically
 //! dispatched.
 
-use std::{
-    io,
-    pin::Pin,
-    task::{Context, Poll},
-};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
@@ -19,38 +13,4 @@ pub(crate) enum ClientStream {
     Plain(TcpStream),
 }
 
-macro_rules! delegate {
-    ($self:ident, $io:ident => $e:expr) => {
-        match $self.get_mut() {
-            ClientStream::Tls($io) => $e,
-            ClientStream::Plain($io) => $e,
-        }
-    };
-}
-
-impl AsyncRead for ClientStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        delegate!(self, io => Pin::new(io).poll_read(cx, buf))
-    }
-}
-
-impl AsyncWrite for ClientStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        delegate!(self, io => Pin::new(io).poll_write(cx, buf))
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        delegate!(self, io => Pin::new(io).poll_flush(cx))
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        delegate!(self, io => Pin::new(io).poll_shutdown(cx))
-    }
-    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
-        delegate!(self, io => Pin::new(io).poll_write_vectored(cx, bufs))
-    }
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            ClientStream::Tls(io) => io.is_write_vectored(),
-            ClientStream::Plain(io) => io.is_write_vectored(),
-        }
-    }
-}
+crate::util::delegate_io!(ClientStream { Tls, Plain });
