@@ -8,7 +8,7 @@
 
 use crate::config::{Log, LogFormat};
 use std::io::IsTerminal;
-use tracing_subscriber::{EnvFilter, fmt};
+use tracing_subscriber::{EnvFilter, fmt, fmt::writer::BoxMakeWriter};
 
 /// Install the global subscriber. `Err` names what was wrong (e.g. an unwritable file).
 pub fn init(log: &Log) -> Result<(), String> {
@@ -16,36 +16,27 @@ pub fn init(log: &Log) -> Result<(), String> {
         .or_else(|_| EnvFilter::try_new(&log.level))
         .map_err(|e| format!("log.level: {e}"))?;
     let builder = fmt().with_env_filter(filter).with_target(false);
-    let result = match &log.file {
+    // One writer type for a file and stderr, so the format is chosen in one place.
+    let (writer, ansi) = match &log.file {
         Some(path) => {
             let file = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(path)
                 .map_err(|e| format!("log.file: cannot open {}: {e}", path.display()))?;
-            let b = builder.with_ansi(false).with_writer(std::sync::Mutex::new(file));
-            match log.format {
-                LogFormat::Json => b
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(false)
-                    .with_span_list(false)
-                    .try_init(),
-                LogFormat::Text => b.try_init(),
-            }
+            (BoxMakeWriter::new(std::sync::Mutex::new(file)), false)
         }
-        None => {
-            let b = builder.with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr);
-            match log.format {
-                LogFormat::Json => b
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(false)
-                    .with_span_list(false)
-                    .try_init(),
-                LogFormat::Text => b.try_init(),
-            }
-        }
+        None => (BoxMakeWriter::new(std::io::stderr), std::io::stderr().is_terminal()),
+    };
+    let b = builder.with_ansi(ansi).with_writer(writer);
+    let result = match log.format {
+        LogFormat::Json => b
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .try_init(),
+        LogFormat::Text => b.try_init(),
     };
     result.map_err(|e| e.to_string())
 }
