@@ -11,6 +11,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
+# A clean build never reuses incremental caches; they only cost disk (several GB).
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
 step "Debian packages (prometheus, promtool)"
 bash scripts/setup-system.sh
 
