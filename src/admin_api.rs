@@ -46,12 +46,16 @@ const LOGGED_TARGET: usize = 128;
 struct Revocation {
     jti: String,
     exp: Option<u64>,
+    /// The `[providers.NAME]` that issued the token (absent: `[jwt]`).
+    provider: Option<String>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Kick {
     sub: String,
+    /// The `[providers.NAME]` whose user this is (absent: `[jwt]`).
+    provider: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -164,6 +168,17 @@ fn name(value: &str, what: &str) -> Result<(), Answer> {
     Ok(())
 }
 
+/// `provider` names a `[providers.NAME]` of the running config (absent: `[jwt]`).
+fn provider(gw: &Gateway, provider: Option<&str>) -> Result<(), Answer> {
+    match provider {
+        Some(p) if !gw.runtime().config.providers.contains_key(p) => Err(error(
+            StatusCode::BAD_REQUEST,
+            "provider must name a [providers.NAME] of the config (absent: [jwt])",
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn full() -> Answer {
     error(
         StatusCode::INSUFFICIENT_STORAGE,
@@ -189,9 +204,11 @@ fn revoke(gw: &Gateway, body: &[u8]) -> Taken {
         Ok(r) => r,
         Err(a) => return (a, None),
     };
-    if let Err(a) = name(&r.jti, "jti") {
+    if let Err(a) = name(&r.jti, "jti").and_then(|()| provider(gw, r.provider.as_deref())) {
         return (a, None);
     }
+    // Keyed by provider: another provider's token with the same `jti` stays valid.
+    let key = crate::auth::scoped(r.provider.as_deref(), &r.jti);
     // A verifier accepts the token until its `exp` plus the leeway: the revocation lasts
     // that long, here and on every instance, whatever `exp` was sent.
     let config = &gw.runtime().config;
@@ -202,16 +219,25 @@ fn revoke(gw: &Gateway, body: &[u8]) -> Taken {
         .fold(config.jwt.leeway, Duration::max)
         .as_secs();
     let until = r.exp.map(|e| e.saturating_add(leeway));
-    if gw.incidents.revoke(&r.jti, until) == Err(Refusal::Full) {
+    if gw.incidents.revoke(&key, until) == Err(Refusal::Full) {
         return (full(), None);
     }
     gw.recheck_sessions();
-    tracing::warn!(action = "revoke", jti = %escape(&r.jti, LOGGED_TARGET), exp = ?r.exp, "admin: token revoked");
+    tracing::warn!(
+        action = "revoke",
+        jti = %escape(&r.jti, LOGGED_TARGET),
+        provider = r.provider.as_deref().unwrap_or("-"),
+        exp = ?r.exp,
+        "admin: token revoked"
+    );
     // Bounded like a ban: Redis keeps scores as doubles, and the entry must expire.
     let now = crate::cluster::unix_now();
     let exp = until.unwrap_or(now + REVOCATION_WITHOUT_EXP.as_secs()).min(now + MAX_BAN.as_secs());
-    let event = Event::Revoke { jti: r.jti.clone(), exp };
-    ((StatusCode::OK, json!({ "revoked": r.jti, "exp": r.exp })), Some(event))
+    let event = Event::Revoke { jti: key, exp };
+    (
+        (StatusCode::OK, json!({ "revoked": r.jti, "provider": r.provider, "exp": r.exp })),
+        Some(event),
+    )
 }
 
 fn kick(gw: &Gateway, body: &[u8]) -> Taken {
@@ -219,16 +245,27 @@ fn kick(gw: &Gateway, body: &[u8]) -> Taken {
         Ok(k) => k,
         Err(a) => return (a, None),
     };
-    if let Err(a) = name(&k.sub, "sub") {
+    if let Err(a) = name(&k.sub, "sub").and_then(|()| provider(gw, k.provider.as_deref())) {
         return (a, None);
     }
-    let Ok(live) = gw.incidents.kick(&k.sub) else {
+    // Keyed by provider: `alice` of another provider is another user.
+    let user = crate::auth::scoped(k.provider.as_deref(), &k.sub);
+    let Ok(live) = gw.incidents.kick(&user) else {
         return (full(), None);
     };
     gw.recheck_sessions();
-    tracing::warn!(action = "kick", sub = %escape(&k.sub, LOGGED_TARGET), sessions = live, "admin: user kicked");
-    let event = Event::Kick { sub: k.sub.clone() };
-    ((StatusCode::OK, json!({ "kicked": k.sub, "sessions": live })), Some(event))
+    tracing::warn!(
+        action = "kick",
+        sub = %escape(&k.sub, LOGGED_TARGET),
+        provider = k.provider.as_deref().unwrap_or("-"),
+        sessions = live,
+        "admin: user kicked"
+    );
+    let event = Event::Kick { sub: user };
+    (
+        (StatusCode::OK, json!({ "kicked": k.sub, "provider": k.provider, "sessions": live })),
+        Some(event),
+    )
 }
 
 fn ban(gw: &Gateway, body: &[u8]) -> Taken {
@@ -282,21 +319,22 @@ fn unban(gw: &Gateway, raw: &str) -> Taken {
 }
 
 fn sessions(gw: &Gateway, query: Option<&str>) -> Answer {
-    let (mut sub, mut route, mut limit) = (None, None, DEFAULT_LISTED);
+    let (mut sub, mut provider, mut route, mut limit) = (None, None, None, DEFAULT_LISTED);
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let v = crate::util::percent_decode(&v.replace('+', " "));
         match k {
             "sub" => sub = Some(v),
+            "provider" => provider = Some(v),
             "route" => route = Some(v),
             "limit" => match v.parse::<usize>() {
                 Ok(n) if (1..=MAX_LISTED).contains(&n) => limit = n,
                 _ => return error(StatusCode::BAD_REQUEST, "limit must be 1 to 1000"),
             },
-            _ => return error(StatusCode::BAD_REQUEST, "the filters are sub, route and limit"),
+            _ => return error(StatusCode::BAD_REQUEST, "the filters are sub, provider, route and limit"),
         }
     }
-    let (list, truncated) = gw.incidents.sessions(sub.as_deref(), route.as_deref(), limit);
+    let (list, truncated) = gw.incidents.sessions(sub.as_deref(), provider.as_deref(), route.as_deref(), limit);
     tracing::warn!(
         action = "sessions",
         sub = %sub.as_deref().map_or_else(|| "-".into(), |s| escape(s, LOGGED_TARGET)),

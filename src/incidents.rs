@@ -45,6 +45,10 @@ pub enum Refusal {
 pub(crate) struct LiveSession {
     pub route: Arc<str>,
     pub sub: Option<String>,
+    /// The `[providers.NAME]` that verified the session's token (`None`: `[jwt]`).
+    pub provider: Option<String>,
+    /// [`crate::auth::scoped`] `sub`: what kicks name.
+    user: Option<String>,
     pub client_ip: Option<IpAddr>,
     /// Unix seconds.
     pub started: u64,
@@ -207,38 +211,48 @@ impl Incidents {
         revoked.get(jti).is_some_and(|until| *until > Instant::now())
     }
 
-    /// Close every live session of `sub` (they re-check); returns how many are live now.
-    pub fn kick(&self, sub: &str) -> Result<usize, Refusal> {
+    /// Close every live session of `user` ([`crate::auth::scoped`]: provider and
+    /// identity; they re-check); returns how many are live now.
+    pub fn kick(&self, user: &str) -> Result<usize, Refusal> {
         let now = Instant::now();
         let mut kicked = lock(&self.kicked);
         kicked.retain(|_, at| now.duration_since(*at) < KICK_MEMORY);
-        if kicked.len() >= MAX_KICKS && !kicked.contains_key(sub) {
+        if kicked.len() >= MAX_KICKS && !kicked.contains_key(user) {
             return Err(Refusal::Full);
         }
-        kicked.insert(sub.to_string(), now);
+        kicked.insert(user.to_string(), now);
         drop(kicked);
-        Ok(lock(&self.sessions).values().filter(|s| s.sub.as_deref() == Some(sub)).count())
+        Ok(lock(&self.sessions).values().filter(|s| s.user.as_deref() == Some(user)).count())
     }
 
-    /// Whether a session of `sub` that started at `started` has been kicked since (a kick
-    /// counts for `KICK_MEMORY`; sessions re-check at once when it is made).
-    pub fn is_kicked(&self, sub: Option<&str>, started: Instant) -> bool {
-        let Some(sub) = sub else { return false };
+    /// Whether a session of `user` ([`crate::auth::scoped`]) that started at `started`
+    /// has been kicked since (a kick counts for `KICK_MEMORY`; sessions re-check at once
+    /// when it is made).
+    pub fn is_kicked(&self, user: Option<&str>, started: Instant) -> bool {
+        let Some(user) = user else { return false };
         lock(&self.kicked)
-            .get(sub)
+            .get(user)
             .is_some_and(|at| *at >= started && at.elapsed() < KICK_MEMORY)
     }
 
     /// Register a live session whose connection was accepted at `started_at`; it is
     /// listed until the returned guard is dropped.
-    pub fn register(self: &Arc<Self>, route: Arc<str>, sub: Option<String>, client_ip: Option<IpAddr>, started_at: Instant) -> Registered {
+    pub fn register(
+        self: &Arc<Self>,
+        route: Arc<str>,
+        (sub, provider): (Option<String>, Option<String>),
+        client_ip: Option<IpAddr>,
+        started_at: Instant,
+    ) -> Registered {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let counters = Arc::new(LiveCounters::default());
         lock(&self.sessions).insert(
             id,
             LiveSession {
                 route,
+                user: sub.as_deref().map(|s| crate::auth::scoped(provider.as_deref(), s)),
                 sub,
+                provider,
                 client_ip,
                 started: unix_now(),
                 counters: counters.clone(),
@@ -253,13 +267,14 @@ impl Incidents {
         }
     }
 
-    /// Live sessions matching the filters, oldest first, at most `limit`; and whether
-    /// more matched.
-    pub fn sessions(&self, sub: Option<&str>, route: Option<&str>, limit: usize) -> (Vec<SessionView>, bool) {
+    /// Live sessions matching the filters (`sub` of any provider, unless `provider`
+    /// names one), oldest first, at most `limit`; and whether more matched.
+    pub fn sessions(&self, sub: Option<&str>, provider: Option<&str>, route: Option<&str>, limit: usize) -> (Vec<SessionView>, bool) {
         let sessions = lock(&self.sessions);
         let mut matched: Vec<(&u64, &LiveSession)> = sessions
             .iter()
             .filter(|(_, s)| sub.is_none_or(|u| s.sub.as_deref() == Some(u)))
+            .filter(|(_, s)| provider.is_none_or(|p| s.provider.as_deref() == Some(p)))
             .filter(|(_, s)| route.is_none_or(|r| &*s.route == r))
             .collect();
         matched.sort_by_key(|(id, s)| (s.started_at, **id));
@@ -271,6 +286,7 @@ impl Incidents {
                 id: *id,
                 route: s.route.to_string(),
                 sub: s.sub.clone(),
+                provider: s.provider.clone(),
                 client_ip: s.client_ip.map(|i| i.to_string()),
                 started: s.started,
                 messages: s.counters.messages.each_ref().map(|a| a.load(Ordering::Relaxed)),
@@ -287,6 +303,9 @@ pub struct SessionView {
     pub id: u64,
     pub route: String,
     pub sub: Option<String>,
+    /// The provider that verified the token (absent: `[jwt]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
     pub client_ip: Option<String>,
     /// Unix seconds.
     pub started: u64,
@@ -392,15 +411,23 @@ mod tests {
         i.revoke("j1", Some(unix_now() + 3600)).unwrap();
         i.revoke("j2", None).unwrap();
         assert!(i.is_revoked(Some("j1")) && i.is_revoked(Some("j2")) && !i.is_revoked(Some("j3")) && !i.is_revoked(None));
-        let before = i.register("chat".into(), Some("alice".into()), None, Instant::now());
-        assert_eq!(i.kick("alice").unwrap(), 1);
+        let before = i.register("chat".into(), (Some("alice".into()), None), None, Instant::now());
+        let partners = i.register("chat".into(), (Some("alice".into()), Some("partners".into())), None, Instant::now());
+        assert_eq!(i.kick("alice").unwrap(), 1, "[jwt]'s alice only");
         assert!(i.is_kicked(Some("alice"), before.started_at));
-        let after = i.register("chat".into(), Some("alice".into()), None, Instant::now());
+        let partners_alice = crate::auth::scoped(Some("partners"), "alice");
+        assert!(
+            !i.is_kicked(Some(&partners_alice), partners.started_at),
+            "another provider's alice stays"
+        );
+        assert_eq!(i.kick(&partners_alice).unwrap(), 1);
+        let after = i.register("chat".into(), (Some("alice".into()), None), None, Instant::now());
         assert!(!i.is_kicked(Some("alice"), after.started_at), "a new session is not kicked");
-        assert_eq!(i.sessions(Some("alice"), None, 10).0.len(), 2);
-        drop(before);
-        let (list, more) = i.sessions(Some("alice"), Some("chat"), 10);
+        assert_eq!(i.sessions(Some("alice"), None, None, 10).0.len(), 3);
+        assert_eq!(i.sessions(Some("alice"), Some("partners"), None, 10).0.len(), 1);
+        drop((before, partners));
+        let (list, more) = i.sessions(Some("alice"), None, Some("chat"), 10);
         assert_eq!((list.len(), more), (1, false));
-        assert_eq!(i.sessions(None, Some("other"), 10).0.len(), 0);
+        assert_eq!(i.sessions(None, None, Some("other"), 10).0.len(), 0);
     }
 }

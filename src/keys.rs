@@ -26,12 +26,73 @@ const JWKS_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Minimum time between two fetches triggered by unknown `kid`s.
 pub(crate) const JWKS_MIN_REFETCH: Duration = Duration::from_secs(10);
 
+/// SHA-256 of a key's material in one canonical form, whatever file or JWKS it came
+/// from: two providers holding the same key are found out by it.
+pub(crate) type KeyFingerprint = [u8; 32];
+
 /// One verification key.
 pub(crate) struct Key {
     pub kid: Option<String>,
     /// Algorithms this key may verify (all of its family, or the JWK's `alg`).
     pub algorithms: Vec<Algorithm>,
     pub key: DecodingKey,
+    pub fingerprint: KeyFingerprint,
+}
+
+impl Key {
+    fn new(kid: Option<String>, algorithms: Vec<Algorithm>, key: DecodingKey) -> Key {
+        Key {
+            fingerprint: key_fingerprint(&key),
+            kid,
+            algorithms,
+            key,
+        }
+    }
+}
+
+/// The fingerprint of `key`. An RSA key is (n, e) without leading zeros, so a PEM file
+/// (PKCS#1 or SPKI) and a JWK of the same key agree; EC keys are their uncompressed
+/// point and Ed25519 keys their 32 bytes either way; a secret is its bytes. The family
+/// is hashed in, so a secret never equals a public key.
+fn key_fingerprint(key: &DecodingKey) -> KeyFingerprint {
+    use jsonwebtoken::{AlgorithmFamily, DecodingKeyKind};
+    use x509_parser::prelude::FromDer;
+    fn trimmed(b: &[u8]) -> &[u8] {
+        let zeros = b.iter().take_while(|&&x| x == 0).count();
+        &b[zeros..]
+    }
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    let mut part = |b: &[u8]| {
+        ctx.update(&(b.len() as u64).to_be_bytes());
+        ctx.update(b);
+    };
+    let family: &[u8] = match key.family() {
+        AlgorithmFamily::Hmac => b"hmac",
+        AlgorithmFamily::Rsa => b"rsa",
+        AlgorithmFamily::Ec => b"ec",
+        AlgorithmFamily::Ed => b"ed",
+    };
+    part(family);
+    match key.kind() {
+        DecodingKeyKind::RsaModulusExponent { n, e } => {
+            part(trimmed(n));
+            part(trimmed(e));
+        }
+        DecodingKeyKind::SecretOrDer(der) if key.family() == AlgorithmFamily::Rsa => {
+            match x509_parser::public_key::RSAPublicKey::from_der(der) {
+                Ok((_, k)) => {
+                    part(trimmed(k.modulus));
+                    part(trimmed(k.exponent));
+                }
+                Err(_) => part(der),
+            }
+        }
+        DecodingKeyKind::SecretOrDer(bytes) => part(bytes),
+    }
+    let digest = ctx.finish();
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
 }
 
 impl std::fmt::Debug for Key {
@@ -160,13 +221,9 @@ pub(crate) fn pem_key(data: &[u8]) -> Option<Key> {
         (DecodingKey::from_ec_pem, Algorithm::ES256),
         (DecodingKey::from_ed_pem, Algorithm::EdDSA),
     ];
-    tries.iter().find_map(|(f, alg)| {
-        f(data).ok().map(|key| Key {
-            kid: None,
-            algorithms: family_algs(*alg),
-            key,
-        })
-    })
+    tries
+        .iter()
+        .find_map(|(f, alg)| f(data).ok().map(|key| Key::new(None, family_algs(*alg), key)))
 }
 
 /// Keys of a JWKS document; keys that are symmetric, for encryption, or unparsable are skipped.
@@ -199,11 +256,7 @@ pub(crate) fn jwks_keys(set: &JwkSet) -> Vec<Key> {
                 }
             };
             let key = DecodingKey::from_jwk(jwk).ok()?;
-            Some(Key {
-                kid: jwk.common.key_id.clone(),
-                algorithms,
-                key,
-            })
+            Some(Key::new(jwk.common.key_id.clone(), algorithms, key))
         })
         .collect()
 }
@@ -243,11 +296,7 @@ impl KeyStore {
                 .copied()
                 .filter(|a| a.family() == jsonwebtoken::AlgorithmFamily::Hmac)
                 .collect();
-            fixed.push(Key {
-                kid: None,
-                algorithms: hs,
-                key: DecodingKey::from_secret(s.bytes()),
-            });
+            fixed.push(Key::new(None, hs, DecodingKey::from_secret(s.bytes())));
         }
         for file in &cfg.public_key_files {
             let data = crate::fsutil::read_limited(&file.value, crate::fsutil::MAX_KEY_FILE)
@@ -317,6 +366,19 @@ impl KeyStore {
         self.remote.is_some()
     }
 
+    /// Whether a key with `fingerprint` is among these keys now (fixed or JWKS).
+    pub fn holds(&self, fingerprint: &KeyFingerprint) -> bool {
+        self.fixed
+            .iter()
+            .chain(self.jwks.load().iter())
+            .any(|k| k.fingerprint == *fingerprint)
+    }
+
+    /// The fingerprints of every key held now.
+    pub fn fingerprints(&self) -> Vec<KeyFingerprint> {
+        self.fixed.iter().chain(self.jwks.load().iter()).map(|k| k.fingerprint).collect()
+    }
+
     /// Try `f` on every key that may verify a token with `alg` and `kid`: the first
     /// success wins, else the first error. `Err(Lookup)` when there is no such key.
     pub fn try_keys<T, E>(
@@ -324,7 +386,7 @@ impl KeyStore {
         alg: Algorithm,
         kid: Option<&str>,
         mut f: impl FnMut(&DecodingKey) -> Result<T, E>,
-    ) -> Result<Result<T, E>, Lookup> {
+    ) -> Result<Result<(T, KeyFingerprint), E>, Lookup> {
         let jwks = self.jwks.load();
         let fixed = self.fixed.iter().filter(|k| k.algorithms.contains(&alg));
         let from_jwks = jwks
@@ -333,7 +395,7 @@ impl KeyStore {
         let mut first_err = None;
         for key in fixed.chain(from_jwks) {
             match f(&key.key) {
-                Ok(v) => return Ok(Ok(v)),
+                Ok(v) => return Ok(Ok((v, key.fingerprint))),
                 Err(e) => {
                     first_err.get_or_insert(e);
                 }

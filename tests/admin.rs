@@ -323,3 +323,66 @@ async fn a_connection_flood_from_many_addresses_does_not_displace_a_slow_health_
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 200"), "the health check got {answer:?}");
 }
+
+/// Kicks and revocations are keyed by provider and identity (DESIGN 14/15): `alice` of
+/// `[jwt]` and `alice` of `[providers.partners]` are two users, and a `jti` revoked for
+/// one provider leaves the other's token with the same `jti` alone.
+#[tokio::test]
+async fn kicks_and_revocations_name_a_provider_and_touch_no_other() {
+    let secret = tempfile::tempdir().unwrap();
+    let partners = format!(
+        "[providers.partners]\nkind = \"jwt\"\nsecret_file = \"{}/p.secret\"\ngenerate_secret_if_missing = true\n\
+         issuer = \"https://partners.test\"\n\n\
+         [[routes]]\nname = \"partners\"\npath = \"/partners\"\nupstreams = [\"builtin:echo\"]\nprovider = \"partners\"\n",
+        secret.path().display()
+    );
+    let (gw, _dir) = gateway(&partners).await;
+    let cfg = &gw.config.providers["partners"];
+    let key = wsgate::auth::load_secret(&cfg.secret, "test", true).unwrap();
+    let mint = |jti: &str| {
+        let extra = [("jti".to_string(), jti.to_string())];
+        wsgate::auth::mint(cfg, &key, "alice", Duration::from_secs(600), &extra).unwrap()
+    };
+    let connect = |path: &'static str, token: String| {
+        let o = gw.options(Some(token));
+        let gw = &gw;
+        async move { gw.try_connect(path, &o).await.unwrap_or_else(|s| panic!("refused with {s}")).0 }
+    };
+    let mut ours = connect("/echo", gw.token_with("alice", Duration::from_secs(600), &[("jti", "j-1")])).await;
+    let mut theirs = connect("/partners", mint("j-1")).await;
+
+    let (status, body) = admin(&gw, "GET", "/v1/sessions?sub=alice&provider=partners", "").await;
+    assert_eq!(status, 200);
+    assert_eq!(body["sessions"].as_array().map(Vec::len), Some(1), "{body}");
+    assert_eq!(body["sessions"][0]["provider"], "partners");
+    assert_eq!(admin(&gw, "POST", "/v1/kick", r#"{"sub":"alice","provider":"nope"}"#).await.0, 400);
+
+    // The partners' j-1 is revoked: that session ends, [jwt]'s j-1 stays.
+    let (status, body) = admin(&gw, "POST", "/v1/revocations", r#"{"jti":"j-1","provider":"partners"}"#).await;
+    assert_eq!((status, body["provider"].as_str()), (200, Some("partners")));
+    assert_eq!(close_code(&mut theirs).await.0, 1008);
+    assert_eq!(roundtrip(&mut ours, "still").await, "still");
+    assert_eq!(gw.refusal("/partners", &gw.options(Some(mint("j-1")))).await.status(), 401);
+
+    // A kick of the partners' alice closes hers only; [jwt]'s alice is another user.
+    drop(theirs);
+    let mut theirs = connect("/partners", mint("j-2")).await;
+    // (the revoked session is listed until its closing handshake is over)
+    for _ in 0..100 {
+        let (_, body) = admin(&gw, "GET", "/v1/sessions?provider=partners", "").await;
+        if body["sessions"].as_array().map(Vec::len) == Some(1) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, body) = admin(&gw, "POST", "/v1/kick", r#"{"sub":"alice","provider":"partners"}"#).await;
+    assert_eq!((status, body["sessions"].as_u64()), (200, Some(1)));
+    assert_eq!(close_code(&mut theirs).await.0, 1008);
+    assert_eq!(roundtrip(&mut ours, "stays").await, "stays");
+    // And a kick without a provider is [jwt]'s alice.
+    drop(theirs);
+    let mut theirs = connect("/partners", mint("j-3")).await;
+    assert_eq!(admin(&gw, "POST", "/v1/kick", r#"{"sub":"alice"}"#).await.1["sessions"], 1);
+    assert_eq!(close_code(&mut ours).await.0, 1008);
+    assert_eq!(roundtrip(&mut theirs, "partners stay").await, "partners stay");
+}

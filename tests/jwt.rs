@@ -380,3 +380,93 @@ async fn a_reload_stops_the_old_key_sets_refresh_loop() {
     assert!(new_hits.load(Ordering::SeqCst) >= 2, "the current key set is not refreshed");
     assert_eq!(roundtrip(&mut ws, "still here").await, "still here");
 }
+
+/// Two providers holding one key (the same RSA key as a PEM file and in a JWKS, or
+/// served by two JWKS URLs), with nothing apart in issuer or audience, would each
+/// accept the other's tokens. Static keys: a config error naming the key's line.
+/// Fetched keys: every such token is refused. Issuers apart: each passes on its own.
+#[tokio::test]
+async fn providers_sharing_a_key_are_refused_unless_issuers_tell_them_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (private, public) = keypair(&rcgen::PKCS_RSA_SHA256);
+    let pem = dir.path().join("a.pem");
+    std::fs::write(&pem, &public).unwrap();
+    let jwks = dir.path().join("b.json");
+    std::fs::write(&jwks, jwks_doc(&[("k", &private)])).unwrap();
+    let routes = "[[routes]]\nname = \"a\"\npath = \"/a\"\nupstreams = [\"builtin:echo\"]\nprovider = \"a\"\n\
+                  [[routes]]\nname = \"b\"\npath = \"/b\"\nupstreams = [\"builtin:echo\"]\nprovider = \"b\"\n";
+    let text = |a: &str, b: &str| {
+        format!(
+            "[providers.a]\nkind = \"jwt\"\nalgorithms = [\"RS256\"]\n{a}\n\n[providers.b]\nkind = \"jwt\"\nalgorithms = [\"RS256\"]\n{b}\n\n{routes}",
+        )
+    };
+    let files = |extra_a: &str, extra_b: &str| {
+        let t = text(
+            &format!("public_key_files = [\"{}\"]\n{extra_a}", pem.display()),
+            &format!("jwks_file = \"{}\"\n{extra_b}", jwks.display()),
+        );
+        let c = wsgate::Config::from_toml_str(&t, "t.toml").unwrap_or_else(|e| panic!("{e}"));
+        wsgate::auth::Methods::load(&c, None, false).map(|_| ())
+    };
+    let e = files("", "").unwrap_err();
+    assert_eq!((e.key.as_str(), e.line), ("providers.b.jwks_file", Some(10)), "{e}");
+    assert!(e.message.contains("[providers.a]") && e.message.contains("issuer"), "{e}");
+    let e = files("issuer = \"https://a.test\"", "").unwrap_err();
+    assert!(e.message.contains("apart"), "one issuer alone tells nothing apart: {e}");
+    files("issuer = \"https://a.test\"", "issuer = \"https://b.test\"").unwrap();
+    files("audience = [\"a\"]", "audience = [\"b\"]").unwrap();
+    assert!(
+        files("audience = [\"a\", \"c\"]", "audience = [\"b\", \"c\"]").is_err(),
+        "a shared audience"
+    );
+
+    // The same key served by two JWKS URLs: seen only once fetched, so refused per token.
+    let doc = Arc::new(std::sync::Mutex::new(jwks_doc(&[("k", &private)])));
+    let hits = Arc::new(AtomicUsize::new(0));
+    let (port, ca) = jwks_server(dir.path(), doc.clone(), hits.clone()).await;
+    let url = |path: &str, issuer: &str| {
+        format!(
+            "jwks_url = \"https://localhost:{port}/{path}\"\njwks_ca = \"{}\"\n{issuer}",
+            ca.display()
+        )
+    };
+    let claims_of = |iss: Option<&str>| {
+        let mut c = json!({"sub": "alice", "exp": now() + 600});
+        if let Some(i) = iss {
+            c["iss"] = json!(i);
+        }
+        c
+    };
+    let gw = Gw::start(
+        "",
+        &format!(
+            "[limits]\nauth_failures_per_ip = 0\n{}",
+            text(&url("a.json", ""), &url("b.json", ""))
+        ),
+    )
+    .await;
+    let token = sign(Algorithm::RS256, &private, Some("k"), &claims_of(None));
+    assert_eq!(status(&gw, "/a", token.clone()).await, 401);
+    assert_eq!(status(&gw, "/b", token).await, 401);
+    gw.wait_metric(r#"wsgate_auth_failures_total{route="a",reason="bad_signature"}"#, 1.0)
+        .await;
+
+    let apart = text(
+        &url("a.json", "issuer = \"https://a.test\"\n"),
+        &url("b.json", "issuer = \"https://b.test\"\n"),
+    );
+    let gw = Gw::start("", &format!("[limits]\nauth_failures_per_ip = 0\n{apart}")).await;
+    let of_a = sign(Algorithm::RS256, &private, Some("k"), &claims_of(Some("https://a.test")));
+    let of_b = sign(Algorithm::RS256, &private, Some("k"), &claims_of(Some("https://b.test")));
+    assert_eq!(status(&gw, "/a", of_a.clone()).await, 101);
+    assert_eq!(status(&gw, "/b", of_b.clone()).await, 101);
+    assert_eq!(status(&gw, "/b", of_a).await, 401);
+    assert_eq!(status(&gw, "/a", of_b).await, 401);
+}
+
+async fn status(gw: &Gw, path: &str, token: String) -> u16 {
+    match gw.try_connect(path, &gw.options(Some(token))).await {
+        Ok(_) => 101,
+        Err(s) => s,
+    }
+}

@@ -60,6 +60,7 @@ pub(super) async fn complete<S: AsyncRead + AsyncWrite + Unpin>(
         admission.note(|i| {
             i.token_fingerprint = seen.token_fingerprint;
             i.sub = seen.identity;
+            i.provider.clone_from(&route.provider);
         });
         let principal = verified?;
         let user = super::authorize(gw, &rt.config, route, Some(&principal)).await?;

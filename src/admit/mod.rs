@@ -63,6 +63,8 @@ pub(crate) struct Info {
     pub(crate) upstream: Option<String>,
     pub(crate) route: Option<String>,
     pub(crate) sub: Option<String>,
+    /// The `[providers.NAME]` of the route that authenticated `sub` (`None`: `[jwt]`).
+    pub(crate) provider: Option<String>,
     pub(crate) token_fingerprint: Option<String>,
     pub(crate) client_ip: Option<IpAddr>,
 }
@@ -216,6 +218,7 @@ impl Admission {
         self.note(|i| {
             i.token_fingerprint = seen.token_fingerprint;
             i.sub = seen.identity;
+            i.provider.clone_from(&route.provider);
         });
         let principal = match outcome? {
             Outcome::Anonymous => None,
@@ -333,7 +336,7 @@ async fn authorize(
     principal: Option<&Principal>,
 ) -> Result<Option<UserHold>, Reject> {
     let Some(p) = principal else { return Ok(None) };
-    if gw.incidents.is_revoked(p.jti.as_deref()) {
+    if gw.incidents.is_revoked(p.revocation_key().as_deref()) {
         return Err(Reject::Auth(crate::error::AuthFailure::Revoked));
     }
     let Some(user) = p.user_key() else { return Ok(None) };

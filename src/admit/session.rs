@@ -93,7 +93,7 @@ impl crate::relay::Policy for SessionPolicy<'_> {
             return Some(CloseReason::AccessRevoked);
         }
         if let Some(p) = &a.principal
-            && (incidents.is_revoked(p.jti.as_deref()) || incidents.is_kicked(p.identity.as_deref(), a.started))
+            && (incidents.is_revoked(p.revocation_key().as_deref()) || incidents.is_kicked(p.user_key().as_deref(), a.started))
         {
             return Some(CloseReason::AccessRevoked);
         }

@@ -32,6 +32,8 @@ pub struct Identity {
     pub exp: Option<u64>,
     pub claims: Map<String, Value>,
     pub fingerprint: String,
+    /// The key that verified the token.
+    pub(crate) key: crate::keys::KeyFingerprint,
 }
 
 impl fmt::Debug for Identity {
@@ -243,7 +245,7 @@ impl Verifier {
                 crate::keys::Lookup::UnknownKid => AuthFailure::UnknownKid,
                 crate::keys::Lookup::NoKey => AuthFailure::Algorithm,
             })?;
-        let data = outcome.map_err(|e| match e.kind() {
+        let (data, key) = outcome.map_err(|e| match e.kind() {
             ErrorKind::InvalidSignature
             | ErrorKind::InvalidKeyFormat
             | ErrorKind::InvalidEcdsaKey
@@ -304,7 +306,20 @@ impl Verifier {
             exp,
             claims,
             fingerprint: fingerprint(token),
+            key,
         })
+    }
+
+    /// Whether no token can pass both this verifier and `other` whatever keys they
+    /// share: both name an issuer and the issuers differ (a token has one `iss`, and
+    /// it is then required), or both name audiences and none is common (a token made
+    /// for both services is meant for both).
+    pub fn separated_from(&self, other: &Verifier) -> bool {
+        fn disjoint(a: Option<&std::collections::HashSet<String>>, b: Option<&std::collections::HashSet<String>>) -> bool {
+            matches!((a, b), (Some(a), Some(b)) if a.is_disjoint(b))
+        }
+        let (a, b) = (&self.validation, &other.validation);
+        disjoint(a.iss.as_ref(), b.iss.as_ref()) || (a.validate_aud && b.validate_aud && disjoint(a.aud.as_ref(), b.aud.as_ref()))
     }
 
     /// Refuse `alg: none` (any spelling), algorithms outside the allowlist, and `crit`

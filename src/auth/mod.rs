@@ -75,18 +75,31 @@ impl Principal {
     /// provider and the identity otherwise (NUL-separated; a `[jwt]` identity that
     /// starts with NUL is escaped, so no identity of one provider reads as another's).
     pub fn user_key(&self) -> Option<String> {
-        let id = self.identity.as_deref()?;
-        Some(match (&self.provider, id.starts_with('\0')) {
-            (Some(p), _) => format!("\0{p}\0{id}"),
-            (None, true) => format!("\0\0{id}"),
-            (None, false) => id.to_string(),
-        })
+        Some(scoped(self.provider.as_deref(), self.identity.as_deref()?))
+    }
+
+    /// What revocations of this token's `jti` are kept under (scoped by provider).
+    pub fn revocation_key(&self) -> Option<String> {
+        Some(scoped(self.provider.as_deref(), self.jti.as_deref()?))
     }
 
     /// A session keeps its credential (to re-check it) and identity, not every claim.
     pub fn for_session(mut self) -> Principal {
         self.claims = Map::new();
         self
+    }
+}
+
+/// `name` (an identity, a `jti`) as seen by `provider` (`None`: `[jwt]`): per-user caps,
+/// kicks and revocations are keyed by it, so `alice` of two providers are two users and
+/// revoking one provider's `jti` leaves another's alone. `[jwt]`'s names are kept as they
+/// are (one that starts with NUL is escaped); a provider's are `\0NAME\0name`, and
+/// provider names never hold NUL, so no name of one reads as another's.
+pub fn scoped(provider: Option<&str>, name: &str) -> String {
+    match (provider, name.starts_with('\0')) {
+        (Some(p), _) => format!("\0{p}\0{name}"),
+        (None, true) => format!("\0\0{name}"),
+        (None, false) => name.to_string(),
     }
 }
 
@@ -145,11 +158,60 @@ impl Methods {
                 providers.insert(name.clone(), Verifier::load(cfg, &config.origin, create_dev_files)?);
             }
         }
-        Ok(Methods {
+        let methods = Methods {
             jwt,
             providers,
             client_certs,
-        })
+        };
+        methods.refuse_shared_keys(config)?;
+        Ok(methods)
+    }
+
+    /// Two verifiers in use that hold the same key, and that neither issuer nor
+    /// audience tells apart, would each accept the other's tokens (`alice` of one
+    /// provider passing on the other's routes): a config error. Keys fetched later
+    /// (JWKS URLs) are checked per token by [`Methods::exclusive_key`].
+    fn refuse_shared_keys(&self, config: &Config) -> Result<(), ConfigError> {
+        let all: Vec<_> = self.verifiers().collect();
+        for (i, (a_name, a)) in all.iter().enumerate() {
+            let ours = a.keys().fingerprints();
+            for (b_name, b) in &all[i + 1..] {
+                if a.separated_from(b) || !b.keys().fingerprints().iter().any(|f| ours.contains(f)) {
+                    continue;
+                }
+                let section = |n: Option<&str>| n.map_or_else(|| "[jwt]".to_string(), |n| format!("[providers.{n}]"));
+                let (key, line) = key_place(b_name.map_or(&config.jwt, |n| &config.providers[n]), *b_name);
+                return Err(ConfigError {
+                    file: config.origin.clone(),
+                    line,
+                    key,
+                    message: format!(
+                        "verifies with a key {} also holds, and neither issuer nor audience tells their tokens \
+                         apart: each would accept the other's; give each its own keys, or distinct `issuer`s",
+                        section(*a_name)
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// A token of `provider` verified with `key` is refused when another verifier in
+    /// use, not told apart by issuer or audience, holds that key too (two JWKS URLs
+    /// serving one key: found only once they are fetched).
+    fn exclusive_key(&self, provider: Option<&str>, verifier: &Verifier, key: &crate::keys::KeyFingerprint) -> Result<(), AuthFailure> {
+        for (other, v) in self.verifiers() {
+            if other != provider && !verifier.separated_from(v) && v.keys().holds(key) {
+                tracing::error!(
+                    provider = provider.unwrap_or("[jwt]"),
+                    other = other.unwrap_or("[jwt]"),
+                    "token refused: its key is held by another provider too, and neither issuer nor audience \
+                     tells them apart (give each provider its own keys, or distinct issuers)"
+                );
+                return Err(AuthFailure::BadSignature);
+            }
+        }
+        Ok(())
     }
 
     /// The `[jwt]` verifier, when a route uses it.
@@ -232,6 +294,8 @@ impl Methods {
         let verifier = self.verifier(route.provider.as_deref()).ok_or(Reject::Auth(AuthFailure::Missing))?;
         seen.token_fingerprint = Some(fingerprint(token));
         let id = verifier.verify(token).await.map_err(Reject::Auth)?;
+        self.exclusive_key(route.provider.as_deref(), verifier, &id.key)
+            .map_err(Reject::Auth)?;
         seen.identity.clone_from(&id.sub);
         check_binding(&id.claims, cert.map(Arc::as_ref)).map_err(Reject::Auth)?;
         let mut principal = jwt::principal(id, cert.cloned(), route.auth.uses_cert());
@@ -294,6 +358,7 @@ impl Methods {
         }
         match v.verify_now(token) {
             Ok(id) => {
+                self.exclusive_key(issued_by, v, &id.key)?;
                 check_binding(&id.claims, cert.map(Arc::as_ref))?;
                 if claims_grant(&route.require_claims, &id.claims) {
                     Ok(())
@@ -306,6 +371,22 @@ impl Methods {
             Err(f) => Err(f),
         }
     }
+}
+
+/// Where a verifier's keys are configured, for an error: its first key file, its JWKS
+/// file, its secret, else its table.
+fn key_place(j: &crate::config::Jwt, provider: Option<&str>) -> (String, Option<usize>) {
+    use crate::config::SecretSource;
+    let secret = match &j.secret {
+        SecretSource::Env(l) => (l.key.clone(), l.line),
+        SecretSource::File { path, .. } => (path.key.clone(), path.line),
+    };
+    j.public_key_files
+        .first()
+        .or(j.jwks_file.as_ref())
+        .map(|l| (l.key.clone(), l.line))
+        .or(j.uses_secret().then_some(secret))
+        .unwrap_or_else(|| (provider.map_or_else(|| "jwt".to_string(), |n| format!("providers.{n}")), None))
 }
 
 /// The route's policy on an authenticated principal: `require_claims`.

@@ -33,11 +33,12 @@ pub enum Event {
         cidr: String,
     },
     /// `exp` is when the revocation may end: the token's `exp` plus the leeway any
-    /// verifier may still grant it.
+    /// verifier may still grant it. `jti` is scoped by provider ([`crate::auth::scoped`]).
     Revoke {
         jti: String,
         exp: u64,
     },
+    /// `sub` is scoped by provider ([`crate::auth::scoped`]).
     Kick {
         sub: String,
     },

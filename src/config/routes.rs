@@ -195,6 +195,11 @@ impl Validator<'_> {
             Some(rest) => (true, rest),
             None => (false, text.as_str()),
         };
+        // An IPv6 address, bare or in brackets (clients send `Host: [::1]:8443`).
+        let v6 = name.strip_prefix('[').and_then(|n| n.strip_suffix(']')).unwrap_or(name);
+        if let (false, Ok(ip)) = (wildcard, v6.parse::<std::net::Ipv6Addr>()) {
+            return Ok(HostMatch::Exact(ip.to_string()));
+        }
         if name.contains(':') {
             return bad("a host takes no port (hosts are compared without it)");
         }

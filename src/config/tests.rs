@@ -375,6 +375,15 @@ fn route_hosts_are_checked_and_duplicates_name_key_and_line() {
             n.get()
         )
     };
+    // IPv6 addresses, bare or in brackets, in any spelling, are the host a client sends.
+    let c = Config::from_toml_str(&format!("{}{}", route("[::1]", "/a"), route("0:0::0:1", "/b")), "t.toml").unwrap();
+    assert_eq!(c.route("::1", "/a").map(|r| r.name.as_str()), Some("r1"));
+    assert_eq!(
+        c.route(&normalize_host("[::1]:8443").unwrap(), "/b").map(|r| r.name.as_str()),
+        Some("r2")
+    );
+    assert_eq!(err(&route("[::1]:443", "/a")).key, "routes.host");
+    assert_eq!(err(&route("*.::1", "/a")).key, "routes.host");
     let two = format!("{}{}", route("a.example.com", "/ws"), route("A.example.com", "/ws"));
     let e = err(&two);
     assert_eq!((e.key.as_str(), e.line), ("routes.path", Some(9)), "{e}");

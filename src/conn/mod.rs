@@ -92,6 +92,7 @@ fn log_session(gw: &Gateway, info: &Info, client: IpAddr, route: &str, done: &Do
         route,
         upstream = info.upstream.as_deref().unwrap_or("-"),
         sub = info.sub.as_deref().map(|s| escape(s, MAX_LOGGED_NAME)).as_deref().unwrap_or("-"),
+        provider = info.provider.as_deref().unwrap_or("-"),
         code = o.code,
         initiator = o.initiator.label(),
         reason = o.reason.and_then(|r| r.error_kind()).unwrap_or(if o.initiator == Initiator::Gateway { "shutdown" } else { "closed" }),
@@ -273,9 +274,10 @@ async fn run_session(
     let mut session_metrics = gw.metrics.session(&route.name);
     // Listed by the admin API while it runs; a kick closes the sessions accepted before it.
     let (client_ip, sub) = admission.with_info(|i| (i.client_ip, i.sub.clone()));
+    let provider = session.principal.as_ref().and_then(|p| p.provider.clone());
     let registered = gw
         .incidents
-        .register(route.name.as_str().into(), sub.clone(), client_ip, accepted.into_std());
+        .register(route.name.as_str().into(), (sub.clone(), provider), client_ip, accepted.into_std());
     session_metrics.live = Some(registered.counters.clone());
     let validator = rt.validators[session.route_index].clone();
     if validator.is_some() {
@@ -287,7 +289,8 @@ async fn run_session(
     let share = validator.is_some().then(|| {
         let address = client_ip.map(|ip| gw.per_ip().key(ip));
         let timeout = rt.config.limits.assembly_timeout;
-        Arc::new(relay::AssemblyShare::new(gw.assembly_budget(), address, sub.as_deref(), timeout))
+        let user = session.principal.as_ref().and_then(|p| p.user_key());
+        Arc::new(relay::AssemblyShare::new(gw.assembly_budget(), address, user.as_deref(), timeout))
     });
     let mut settings = relay::Settings::from_config(&rt.config, route, validator, share);
     let deadline = session
