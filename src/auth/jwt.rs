@@ -124,9 +124,13 @@ impl Verifier {
         let secret = if cfg.uses_secret() {
             let pending =
                 matches!(&cfg.secret, SecretSource::File { path, generate_if_missing: true } if !create_dev_files && !path.value.exists());
-            // `check` before the first run: the secret will be generated; verify with a stand-in.
+            // `check` before the first run: the secret will be generated; verify with a
+            // stand-in (random, so two pending secrets never look like one shared key).
             Some(if pending {
-                Secret::from(vec![0u8; 32])
+                let mut standin = vec![0u8; 32];
+                // (were random bytes ever missing, zeros would only make `check` stricter)
+                let _ = aws_lc_rs::rand::fill(&mut standin);
+                Secret::from(standin)
             } else {
                 load_secret(&cfg.secret, origin, create_dev_files)?
             })
