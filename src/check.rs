@@ -108,9 +108,10 @@ pub fn warnings(config: &Config) -> Vec<String> {
     w
 }
 
-/// Token verifiers (`[jwt]` and `[providers.NAME]`) that share keys (the same secret,
-/// JWKS URL or file) and no issuer tells apart: a token of one passes on the other's
-/// routes.
+/// Token verifiers (`[jwt]` and `[providers.NAME]`) that neither issuer nor audience
+/// tells apart, one of them with keys fetched from a JWKS URL. Static keys they share
+/// are refused at load; fetched ones can only be found per token: a token both would
+/// accept is then refused (401) on the routes of both.
 fn shared_provider_keys(config: &Config) -> Vec<String> {
     let used = |p: Option<&str>| config.routes.iter().any(|r| r.auth.uses_jwt() && r.provider.as_deref() == p);
     let all: Vec<(String, &crate::config::Jwt)> = std::iter::once(("[jwt]".to_string(), &config.jwt))
@@ -123,24 +124,19 @@ fn shared_provider_keys(config: &Config) -> Vec<String> {
                 .map(|(n, p)| (format!("[providers.{n}]"), p)),
         )
         .collect();
-    let secret = |j: &crate::config::Jwt| match &j.secret {
-        crate::config::SecretSource::Env(e) if j.uses_secret() => Some(format!("env:{}", e.value)),
-        crate::config::SecretSource::File { path, .. } if j.uses_secret() => Some(format!("file:{}", path.value.display())),
-        _ => None,
-    };
-    let remote = |j: &crate::config::Jwt| {
-        j.jwks_url
-            .as_ref()
-            .map(|u| u.url.to_string())
-            .or_else(|| j.jwks_file.as_ref().map(|f| f.value.display().to_string()))
+    let apart = |a: &crate::config::Jwt, b: &crate::config::Jwt| {
+        let issuers = matches!((&a.issuer, &b.issuer), (Some(x), Some(y)) if x != y);
+        let audiences = !a.audience.is_empty() && !b.audience.is_empty() && !a.audience.iter().any(|x| b.audience.contains(x));
+        issuers || audiences
     };
     let mut w = Vec::new();
     for (i, (a, ja)) in all.iter().enumerate() {
         for (b, jb) in &all[i + 1..] {
-            let shared = (secret(ja).is_some() && secret(ja) == secret(jb)) || (remote(ja).is_some() && remote(ja) == remote(jb));
-            if shared && (ja.issuer.is_none() || jb.issuer.is_none() || ja.issuer == jb.issuer) {
+            if (ja.jwks_url.is_some() || jb.jwks_url.is_some()) && !apart(ja, jb) {
                 w.push(format!(
-                    "{a} and {b} share keys and no issuer tells them apart: a token of one passes on the other's routes"
+                    "{a} and {b}: no issuer or audience tells their tokens apart, and keys come from a JWKS URL: \
+                     should both ever hold one key, tokens both would accept are refused on the routes of both; \
+                     set distinct `issuer`s"
                 ));
             }
         }

@@ -401,6 +401,19 @@ impl CloseReason {
     }
 
     /// The `wsgate_errors_total{kind}` label, or `None` for an orderly end.
+    /// What the session's log line names as the reason: the error kind, else what
+    /// ended it (`access_revoked` for a kick, revocation, ban or tightened policy).
+    pub fn log_label(self) -> &'static str {
+        match self {
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::TokenExpired => "token_expired",
+            CloseReason::AccessRevoked => "access_revoked",
+            CloseReason::InvalidMessage(_) => "invalid_message",
+            CloseReason::Overloaded => "overloaded",
+            other => other.error_kind().unwrap_or("closed"),
+        }
+    }
+
     pub fn error_kind(self) -> Option<&'static str> {
         match self {
             // Counted by reason in `wsgate_messages_rejected_total` instead.

@@ -51,9 +51,13 @@ impl Key {
 }
 
 /// The fingerprint of `key`. An RSA key is (n, e) without leading zeros, so a PEM file
-/// (PKCS#1 or SPKI) and a JWK of the same key agree; EC keys are their uncompressed
-/// point and Ed25519 keys their 32 bytes either way; a secret is its bytes. The family
-/// is hashed in, so a secret never equals a public key.
+/// (PKCS#1 or SPKI) and a JWK of the same key agree; an EC key is its point's x
+/// coordinate (the same in uncompressed, compressed and hybrid form; a point and its
+/// negation share it, which only makes the comparison stricter); an Ed25519 key is its
+/// 32 bytes either way; a secret is what HMAC makes of it (HMAC-SHA-256 of a fixed
+/// text), so `s` and `s` with zero bytes appended, or a long `s` and its SHA-256, which
+/// HMAC treats as one key, are one key here too. The family is hashed in, so a secret
+/// never equals a public key.
 fn key_fingerprint(key: &DecodingKey) -> KeyFingerprint {
     use jsonwebtoken::{AlgorithmFamily, DecodingKeyKind};
     use x509_parser::prelude::FromDer;
@@ -86,6 +90,18 @@ fn key_fingerprint(key: &DecodingKey) -> KeyFingerprint {
                 }
                 Err(_) => part(der),
             }
+        }
+        DecodingKeyKind::SecretOrDer(secret) if key.family() == AlgorithmFamily::Hmac => {
+            let k = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, secret);
+            part(aws_lc_rs::hmac::sign(&k, b"wsgate key fingerprint").as_ref());
+        }
+        DecodingKeyKind::SecretOrDer(point) if key.family() == AlgorithmFamily::Ec => {
+            let x = match point.split_first() {
+                Some((0x02 | 0x03, x)) => x,
+                Some((_, xy)) => &xy[..xy.len() / 2],
+                None => point,
+            };
+            part(x);
         }
         DecodingKeyKind::SecretOrDer(bytes) => part(bytes),
     }
@@ -213,8 +229,12 @@ fn family_algs(alg: Algorithm) -> Vec<Algorithm> {
     alg.family().algorithms().to_vec()
 }
 
-/// Load a PEM public key, detecting RSA, EC or Ed25519.
+/// Load a PEM public key, detecting RSA, EC or Ed25519. A private key is refused (its
+/// RSA form would load and then verify nothing).
 pub(crate) fn pem_key(data: &[u8]) -> Option<Key> {
+    if data.windows(b"PRIVATE KEY".len()).any(|w| w == b"PRIVATE KEY") {
+        return None;
+    }
     type Parse = fn(&[u8]) -> jsonwebtoken::errors::Result<DecodingKey>;
     let tries: [(Parse, Algorithm); 3] = [
         (DecodingKey::from_rsa_pem, Algorithm::RS256),
@@ -515,6 +535,42 @@ pub(crate) async fn keep_fresh<T: Send + Sync + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_key_in_any_form_has_one_fingerprint() {
+        let fp = |k: DecodingKey| key_fingerprint(&k);
+        // EC: uncompressed, compressed and hybrid forms of one point.
+        let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let raw = kp.public_key_raw().to_vec();
+        assert_eq!(raw[0], 4);
+        let (x, y) = raw[1..].split_at(32);
+        let odd = y[31] & 1;
+        let compressed = [&[2 | odd][..], x].concat();
+        let hybrid = [&[6 | odd][..], x, y].concat();
+        let pem = pem_key(kp.public_key_pem().as_bytes()).unwrap();
+        assert_eq!(pem.fingerprint, fp(DecodingKey::from_ec_der(&raw)));
+        assert_eq!(pem.fingerprint, fp(DecodingKey::from_ec_der(&compressed)));
+        assert_eq!(pem.fingerprint, fp(DecodingKey::from_ec_der(&hybrid)));
+        let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        assert_ne!(pem.fingerprint, fp(DecodingKey::from_ec_der(other.public_key_raw())));
+        // HMAC: trailing zero bytes, and a key longer than a block and its SHA-256.
+        let s = [b'k'; 40];
+        assert_eq!(
+            fp(DecodingKey::from_secret(&s)),
+            fp(DecodingKey::from_secret(&[&s[..], &[0, 0]].concat()))
+        );
+        let long = [b'L'; 100];
+        let hashed = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &long);
+        assert_eq!(fp(DecodingKey::from_secret(&long)), fp(DecodingKey::from_secret(hashed.as_ref())));
+        assert_ne!(fp(DecodingKey::from_secret(&s)), fp(DecodingKey::from_secret(&[b'j'; 40])));
+        // A secret never equals a public key with the same bytes.
+        assert_ne!(fp(DecodingKey::from_secret(&raw)), pem.fingerprint);
+        // A private key is no public key.
+        assert!(pem_key(kp.serialize_pem().as_bytes()).is_none());
+        let rsa = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
+        assert!(pem_key(rsa.serialize_pem().as_bytes()).is_none());
+        assert!(pem_key(rsa.public_key_pem().as_bytes()).is_some());
+    }
 
     #[test]
     fn an_unset_secret_variable_is_named_only_when_its_name_is_conventional() {

@@ -462,6 +462,40 @@ async fn providers_sharing_a_key_are_refused_unless_issuers_tell_them_apart() {
     assert_eq!(status(&gw, "/b", of_b.clone()).await, 101);
     assert_eq!(status(&gw, "/b", of_a).await, 401);
     assert_eq!(status(&gw, "/a", of_b).await, 401);
+
+    // A provider without an issuer whose JWKS takes in a's key: a's tokens (they carry
+    // a's issuer, which a pins) still pass on a's routes and never on b's; b keeps
+    // tokens only a would never accept (no issuer).
+    let one_sided = text(&url("a.json", "issuer = \"https://a.test\"\n"), &url("b.json", ""));
+    let gw = Gw::start("", &format!("[limits]\nauth_failures_per_ip = 0\n{one_sided}")).await;
+    let of_a = sign(Algorithm::RS256, &private, Some("k"), &claims_of(Some("https://a.test")));
+    let bare = sign(Algorithm::RS256, &private, Some("k"), &claims_of(None));
+    assert_eq!(status(&gw, "/a", of_a.clone()).await, 101);
+    assert_eq!(status(&gw, "/b", of_a).await, 401);
+    assert_eq!(status(&gw, "/a", bare.clone()).await, 401);
+    assert_eq!(status(&gw, "/b", bare).await, 101);
+
+    // Audiences apart, but a token made for both: neither route takes it.
+    let both = text(
+        &url("a.json", "audience = [\"chat\"]\n"),
+        &url("b.json", "audience = [\"partners\"]\n"),
+    );
+    let gw = Gw::start("", &format!("[limits]\nauth_failures_per_ip = 0\n{both}")).await;
+    let mut c = claims_of(None);
+    c["aud"] = json!(["chat", "partners"]);
+    let spanning = sign(Algorithm::RS256, &private, Some("k"), &c);
+    c["aud"] = json!("chat");
+    let chat = sign(Algorithm::RS256, &private, Some("k"), &c);
+    assert_eq!(status(&gw, "/a", spanning.clone()).await, 401);
+    assert_eq!(status(&gw, "/b", spanning).await, 401);
+    assert_eq!(status(&gw, "/a", chat.clone()).await, 101);
+    assert_eq!(status(&gw, "/b", chat).await, 401);
+
+    // The same JWKS URL for both, nothing apart: refused at load.
+    let same = text(&url("a.json", ""), &url("a.json", ""));
+    let c = wsgate::Config::from_toml_str(&common::config_text(dir.path(), "", &same), "t.toml").unwrap();
+    let e = wsgate::auth::Methods::load(&c, None, false).map(|_| ()).unwrap_err();
+    assert!(e.key.starts_with("providers.b") && e.message.contains("[providers.a]"), "{e}");
 }
 
 async fn status(gw: &Gw, path: &str, token: String) -> u16 {

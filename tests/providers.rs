@@ -177,20 +177,48 @@ async fn a_reload_that_gives_a_route_another_provider_ends_its_sessions() {
 }
 
 #[test]
-fn check_warns_about_providers_sharing_keys_without_an_issuer_apart() {
-    let text = |issuer: &str| {
+fn providers_sharing_a_secret_are_refused_and_check_warns_about_jwks_urls_not_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let routes = "[[routes]]\nname = \"a\"\npath = \"/a\"\nupstreams = [\"builtin:echo\"]\n\
+                  [[routes]]\nname = \"b\"\npath = \"/b\"\nupstreams = [\"builtin:echo\"]\nprovider = \"p\"\n";
+    // One secret in two files (the second with a zero byte appended: the same HMAC key).
+    let (f1, f2) = (dir.path().join("s1"), dir.path().join("s2"));
+    std::fs::write(&f1, [b'k'; 40]).unwrap();
+    std::fs::write(&f2, [[b'k'; 40].as_slice(), &[0]].concat()).unwrap();
+    let load = |jwt: &str, p: &str| {
+        let t = format!(
+            "[jwt]\nsecret_file = \"{}\"\n{jwt}\n[providers.p]\nkind = \"jwt\"\nsecret_file = \"{}\"\n{p}\n{routes}",
+            f1.display(),
+            f2.display()
+        );
+        let c = wsgate::Config::from_toml_str(&t, "t.toml").unwrap_or_else(|e| panic!("{e}"));
+        wsgate::auth::Methods::load(&c, None, false).map(|_| ())
+    };
+    let e = load("", "").unwrap_err();
+    assert_eq!((e.key.as_str(), e.line), ("providers.p.secret_file", Some(6)), "{e}");
+    assert!(load("issuer = \"x\"", "").is_err(), "[jwt]'s issuer alone tells nothing apart");
+    load("issuer = \"main\"", "issuer = \"x\"").unwrap();
+
+    // Keys from JWKS URLs are known only once fetched: check warns when nothing tells
+    // the providers apart.
+    let text = |jwt: &str, p: &str| {
         format!(
-            "[jwt]\nsecret_env = \"S\"\n[providers.p]\nkind = \"jwt\"\nsecret_env = \"S\"\n{issuer}\n[[routes]]\nname = \"a\"\npath = \"/a\"\nupstreams = [\"builtin:echo\"]\n[[routes]]\nname = \"b\"\npath = \"/b\"\nupstreams = [\"builtin:echo\"]\nprovider = \"p\"\n"
+            "[jwt]\nalgorithms = [\"RS256\"]\njwks_url = \"https://idp.test/a.json\"\n{jwt}\n\
+             [providers.p]\nkind = \"jwt\"\nalgorithms = [\"RS256\"]\njwks_url = \"https://idp.test/b.json\"\n{p}\n{routes}"
         )
     };
     let warned = |t: String| {
-        let c = wsgate::Config::from_toml_str(&t, "t.toml").unwrap();
-        wsgate::check::warnings(&c).iter().any(|w| w.contains("share keys"))
+        let c = wsgate::Config::from_toml_str(&t, "t.toml").unwrap_or_else(|e| panic!("{e}"));
+        wsgate::check::warnings(&c)
+            .iter()
+            .any(|w| w.contains("no issuer or audience tells"))
     };
-    assert!(warned(text("")));
-    assert!(warned(text("issuer = \"x\"")), "[jwt] has no issuer: a token of p passes there");
-    let one_sided = text("").replace("[jwt]\n", "[jwt]\nissuer = \"main\"\n");
-    assert!(warned(one_sided), "p has no issuer: a token of [jwt] passes there");
-    let apart = text("issuer = \"x\"").replace("[jwt]\n", "[jwt]\nissuer = \"main\"\n");
-    assert!(!warned(apart));
+    assert!(warned(text("", "")));
+    assert!(warned(text("issuer = \"main\"", "")), "p has no issuer");
+    assert!(
+        warned(text("audience = [\"a\", \"c\"]", "audience = [\"b\", \"c\"]")),
+        "a shared audience"
+    );
+    assert!(!warned(text("issuer = \"main\"", "issuer = \"x\"")));
+    assert!(!warned(text("audience = [\"a\"]", "audience = [\"b\"]")));
 }

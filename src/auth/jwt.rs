@@ -102,6 +102,22 @@ pub fn read_revoked(path: &std::path::Path) -> Result<std::collections::HashSet<
         .collect())
 }
 
+/// A stand-in for a secret file not generated yet: SHA-256 of a random value drawn
+/// once per process and the file's path.
+fn standin_secret(path: &std::path::Path) -> Vec<u8> {
+    static SALT: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    let salt = SALT.get_or_init(|| {
+        let mut b = [0u8; 32];
+        // (were random bytes ever missing, a fixed salt still gives one stand-in per path)
+        let _ = aws_lc_rs::rand::fill(&mut b);
+        b
+    });
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    ctx.update(salt);
+    ctx.update(path.as_os_str().as_encoded_bytes());
+    ctx.finish().as_ref().to_vec()
+}
+
 impl Verifier {
     /// Build from `[jwt]` with an already loaded secret (tests, benchmarks).
     pub fn new(cfg: &Jwt, secret: &Secret) -> Verifier {
@@ -125,12 +141,13 @@ impl Verifier {
             let pending =
                 matches!(&cfg.secret, SecretSource::File { path, generate_if_missing: true } if !create_dev_files && !path.value.exists());
             // `check` before the first run: the secret will be generated; verify with a
-            // stand-in (random, so two pending secrets never look like one shared key).
+            // stand-in, one per file (two providers naming one file share a key; two
+            // files never look like one).
             Some(if pending {
-                let mut standin = vec![0u8; 32];
-                // (were random bytes ever missing, zeros would only make `check` stricter)
-                let _ = aws_lc_rs::rand::fill(&mut standin);
-                Secret::from(standin)
+                let SecretSource::File { path, .. } = &cfg.secret else {
+                    unreachable!("matched above")
+                };
+                Secret::from(standin_secret(&path.value))
             } else {
                 load_secret(&cfg.secret, origin, create_dev_files)?
             })
@@ -312,6 +329,32 @@ impl Verifier {
             fingerprint: fingerprint(token),
             key,
         })
+    }
+
+    /// Whether this verifier's issuer and audience rules accept `claims` (keys and
+    /// times aside).
+    pub(crate) fn accepts_claims(&self, claims: &Map<String, Value>) -> bool {
+        let v = &self.validation;
+        let iss_ok = v
+            .iss
+            .as_ref()
+            .is_none_or(|set| claims.get("iss").and_then(Value::as_str).is_some_and(|i| set.contains(i)));
+        let aud_ok = !v.validate_aud
+            || v.aud.as_ref().is_none_or(|set| match claims.get("aud") {
+                Some(Value::String(a)) => set.contains(a),
+                Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).any(|x| set.contains(x)),
+                _ => false,
+            });
+        iss_ok && aud_ok
+    }
+
+    /// Whether this verifier pins strictly more of a token than `other`: an issuer or
+    /// an audience where `other` pins none, and nothing `other` pins that it does not.
+    /// A token both accept was evidently made for the one that pins more.
+    pub(crate) fn pins_more_than(&self, other: &Verifier) -> bool {
+        let pins = |v: &Validation| (v.iss.is_some(), v.validate_aud && v.aud.is_some());
+        let (a, b) = (pins(&self.validation), pins(&other.validation));
+        (a.0 || !b.0) && (a.1 || !b.1) && a != b
     }
 
     /// Whether no token can pass both this verifier and `other` whatever keys they

@@ -27,7 +27,13 @@ use crate::tls::ClientCert;
 use http::HeaderMap;
 use rustls::server::danger::ClientCertVerifier;
 use serde_json::{Map, Value};
-use std::{fmt, sync::Arc};
+use std::{
+    fmt,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
 
 /// Who the client is, whatever the method: what admission, logs, caps, forwarding and
 /// the live re-checks read. `Debug` never shows the credential.
@@ -127,7 +133,12 @@ pub struct Methods {
     /// The verifier of client certificates (`tls.client_ca`): live sessions re-check
     /// their certificate against the one of each new config.
     client_certs: Option<Arc<dyn ClientCertVerifier>>,
+    /// When a token was last refused for a key two providers hold (Unix seconds).
+    ambiguity_logged: AtomicU64,
 }
+
+/// Seconds between two log lines about tokens refused for a shared key.
+const AMBIGUITY_LOG_EVERY: u64 = 60;
 
 impl fmt::Debug for Methods {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -162,6 +173,7 @@ impl Methods {
             jwt,
             providers,
             client_certs,
+            ambiguity_logged: AtomicU64::new(0),
         };
         methods.refuse_shared_keys(config)?;
         Ok(methods)
@@ -175,8 +187,16 @@ impl Methods {
         let all: Vec<_> = self.verifiers().collect();
         for (i, (a_name, a)) in all.iter().enumerate() {
             let ours = a.keys().fingerprints();
+            let jwt_of = |n: Option<&str>| n.map_or(&config.jwt, |n| &config.providers[n]);
+            let remote = |j: &crate::config::Jwt| {
+                let url = j.jwks_url.as_ref().map(|u| u.url.to_string());
+                (url, j.jwks_file.as_ref().map(|f| f.value.clone()))
+            };
+            let (url_a, file_a) = remote(jwt_of(*a_name));
             for (b_name, b) in &all[i + 1..] {
-                if a.separated_from(b) || !b.keys().fingerprints().iter().any(|f| ours.contains(f)) {
+                let (url_b, file_b) = remote(jwt_of(*b_name));
+                let same_source = (url_a.is_some() && url_a == url_b) || (file_a.is_some() && file_a == file_b);
+                if a.separated_from(b) || !(same_source || b.keys().fingerprints().iter().any(|f| ours.contains(f))) {
                     continue;
                 }
                 let section = |n: Option<&str>| n.map_or_else(|| "[jwt]".to_string(), |n| format!("[providers.{n}]"));
@@ -196,18 +216,27 @@ impl Methods {
         Ok(())
     }
 
-    /// A token of `provider` verified with `key` is refused when another verifier in
-    /// use, not told apart by issuer or audience, holds that key too (two JWKS URLs
-    /// serving one key: found only once they are fetched).
-    fn exclusive_key(&self, provider: Option<&str>, verifier: &Verifier, key: &crate::keys::KeyFingerprint) -> Result<(), AuthFailure> {
+    /// A token of `provider` is refused when another verifier in use holds the key that
+    /// verified it and would accept it too (its issuer and audience rules), unless this
+    /// one pins more of it (an issuer or audience the other leaves open: the token was
+    /// made for this one). Keys two JWKS URLs both serve are found only once fetched;
+    /// so a JWKS that takes in another provider's key cannot refuse that provider's
+    /// tokens on its own routes when that provider names its issuer.
+    fn exclusive_key(&self, provider: Option<&str>, verifier: &Verifier, id: &jwt::Identity) -> Result<(), AuthFailure> {
         for (other, v) in self.verifiers() {
-            if other != provider && !verifier.separated_from(v) && v.keys().holds(key) {
-                tracing::error!(
-                    provider = provider.unwrap_or("[jwt]"),
-                    other = other.unwrap_or("[jwt]"),
-                    "token refused: its key is held by another provider too, and neither issuer nor audience \
-                     tells them apart (give each provider its own keys, or distinct issuers)"
-                );
+            if other != provider && v.keys().holds(&id.key) && v.accepts_claims(&id.claims) && !verifier.pins_more_than(v) {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                if self.ambiguity_logged.load(Ordering::Relaxed) + AMBIGUITY_LOG_EVERY <= now {
+                    self.ambiguity_logged.store(now, Ordering::Relaxed);
+                    tracing::error!(
+                        provider = provider.unwrap_or("[jwt]"),
+                        other = other.unwrap_or("[jwt]"),
+                        "tokens refused: signed with a key another provider holds too, which would accept them \
+                         as well (give each provider its own keys, or distinct issuers); logged once a minute"
+                    );
+                }
                 return Err(AuthFailure::BadSignature);
             }
         }
@@ -294,8 +323,7 @@ impl Methods {
         let verifier = self.verifier(route.provider.as_deref()).ok_or(Reject::Auth(AuthFailure::Missing))?;
         seen.token_fingerprint = Some(fingerprint(token));
         let id = verifier.verify(token).await.map_err(Reject::Auth)?;
-        self.exclusive_key(route.provider.as_deref(), verifier, &id.key)
-            .map_err(Reject::Auth)?;
+        self.exclusive_key(route.provider.as_deref(), verifier, &id).map_err(Reject::Auth)?;
         seen.identity.clone_from(&id.sub);
         check_binding(&id.claims, cert.map(Arc::as_ref)).map_err(Reject::Auth)?;
         let mut principal = jwt::principal(id, cert.cloned(), route.auth.uses_cert());
@@ -358,7 +386,7 @@ impl Methods {
         }
         match v.verify_now(token) {
             Ok(id) => {
-                self.exclusive_key(issued_by, v, &id.key)?;
+                self.exclusive_key(issued_by, v, &id)?;
                 check_binding(&id.claims, cert.map(Arc::as_ref))?;
                 if claims_grant(&route.require_claims, &id.claims) {
                     Ok(())

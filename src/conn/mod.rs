@@ -95,7 +95,7 @@ fn log_session(gw: &Gateway, info: &Info, client: IpAddr, route: &str, done: &Do
         provider = info.provider.as_deref().unwrap_or("-"),
         code = o.code,
         initiator = o.initiator.label(),
-        reason = o.reason.and_then(|r| r.error_kind()).unwrap_or(if o.initiator == Initiator::Gateway { "shutdown" } else { "closed" }),
+        reason = o.reason.map_or(if o.initiator == Initiator::Gateway { "shutdown" } else { "closed" }, |r| r.log_label()),
         duration_ms = done.duration.as_millis() as u64,
         bytes_in = o.bytes[0],
         bytes_out = o.bytes[1],
