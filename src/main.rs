@@ -27,10 +27,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the gateway until SIGTERM/SIGINT (the default).
+    /// Run the gateway until SIGTERM/SIGINT (the default); SIGHUP reloads, SIGUSR2 upgrades.
     Run {
-        /// Take the listeners over from the gateway running on [server] control_socket
-        /// (a binary upgrade: it drains and exits once this one accepts).
+        /// Take the listeners over from the gateway running on the control socket (a binary
+        /// upgrade: it drains and exits once this one accepts). Under systemd send the gateway
+        /// SIGUSR2 instead: it starts this inside the unit.
         #[arg(long)]
         takeover: bool,
     },
