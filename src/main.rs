@@ -136,6 +136,7 @@ fn load(path: &std::path::Path) -> Result<Config, u8> {
 }
 
 async fn run(path: &Path, explicit_config: bool, takeover: bool, exe: Option<PathBuf>) -> u8 {
+    let early = install_early_signals();
     // Stamped before the read: a config changed while it loads is reloaded (watch_config).
     let baseline = wsgate::watch::Baseline::config(path);
     let config = match load(path) {
@@ -147,7 +148,7 @@ async fn run(path: &Path, explicit_config: bool, takeover: bool, exe: Option<Pat
         return 2;
     }
     raise_nofile_limit();
-    let signals = install_signals();
+    let signals = install_signals(early);
     let hint = start_hint(&config, path, explicit_config);
     let control = wsgate::takeover::socket_path(config.server.control_socket.as_deref());
     let (mut running, confirm) = match start(config, control.as_deref(), takeover).await {
@@ -287,22 +288,38 @@ type Signals = Option<[tokio::signal::unix::Signal; 4]>;
 #[cfg(not(unix))]
 type Signals = ();
 
+/// SIGHUP and SIGUSR2 handlers, installed first thing: a SIGUSR2 sent to every process of
+/// the unit (`systemctl kill` without `--kill-whom=main`) during an upgrade must not kill
+/// a starting successor by its default action. SIGTERM and SIGINT keep theirs (stop at
+/// once) until the gateway serves.
 #[cfg(unix)]
-fn install_signals() -> Signals {
+type Early = Option<[tokio::signal::unix::Signal; 2]>;
+#[cfg(not(unix))]
+type Early = ();
+
+#[cfg(unix)]
+fn install_early_signals() -> Early {
     use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-        signal(SignalKind::user_defined2()),
-    ) {
-        (Ok(term), Ok(int), Ok(hup), Ok(usr2)) => Some([term, int, hup, usr2]),
+    match (signal(SignalKind::hangup()), signal(SignalKind::user_defined2())) {
+        (Ok(hup), Ok(usr2)) => Some([hup, usr2]),
         _ => None,
     }
 }
 
 #[cfg(not(unix))]
-fn install_signals() -> Signals {}
+fn install_early_signals() -> Early {}
+
+#[cfg(unix)]
+fn install_signals(early: Early) -> Signals {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), early) {
+        (Ok(term), Ok(int), Some([hup, usr2])) => Some([term, int, hup, usr2]),
+        _ => None,
+    }
+}
+
+#[cfg(not(unix))]
+fn install_signals(_: Early) -> Signals {}
 
 /// Until SIGTERM/SIGINT or a takeover: SIGHUP reloads the config file, SIGUSR2 starts
 /// the new binary to take over.
