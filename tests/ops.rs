@@ -497,6 +497,15 @@ async fn json_access_log_is_flat_with_request_id_upstream_route_and_code() {
     // A proxy's id with a character outside A-Za-z0-9._- is replaced too.
     session("127.0.0.13", "a{b}").await;
     assert_ne!(up.header(2, "x-request-id").as_deref(), Some("a{b}"));
+    // 128 characters are kept from a proxy, 129 are not; quotes never reach the log.
+    let (longest, too_long) = ("p".repeat(128), "p".repeat(129));
+    session("127.0.0.13", &longest).await;
+    assert_eq!(up.header(3, "x-request-id").as_deref(), Some(longest.as_str()));
+    session("127.0.0.13", &too_long).await;
+    let sent = up.header(4, "x-request-id").unwrap();
+    assert!(sent.len() == 32 && sent.bytes().all(|b| b.is_ascii_hexdigit()), "{sent}");
+    session("127.0.0.13", "x\",\"level\":\"ERROR").await;
+    assert!(up.header(5, "x-request-id").unwrap().bytes().all(|b| b.is_ascii_hexdigit()));
 
     // A refused request (404) is one flat line with its id and status.
     let opts = wsgate::client::Options {
@@ -519,6 +528,11 @@ async fn json_access_log_is_flat_with_request_id_upstream_route_and_code() {
     assert_eq!(refused["status"], 404);
     assert_eq!(refused["reason"], "not_found");
     assert!(!gw.log().contains("forged-by-client"), "a client's id reached the log");
+    assert!(
+        !gw.log().contains(&too_long) && !gw.log().contains("\"level\":\"ERROR"),
+        "{}",
+        gw.log()
+    );
     gw.signal("-TERM");
     assert_eq!(gw.exit_code().await, Some(0));
 }
@@ -986,4 +1000,65 @@ async fn sigusr2_with_a_broken_config_or_no_control_socket_leaves_the_old_proces
     assert_eq!(common::roundtrip(&mut ws, "alone").await, "alone");
     lone.signal("-TERM");
     assert_eq!(lone.exit_code().await, Some(0));
+}
+
+#[tokio::test]
+async fn a_planted_control_socket_hands_nothing_over_and_is_never_replaced() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0);
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("control.sock");
+    let config = upgrade_config(dir.path(), &format!("control_socket = \"{}\"", socket.display()));
+    // Another user (uid 65534) serves a socket, and a symlink to it is planted at the
+    // control socket's path: `run --takeover` must not take "listeners" from it.
+    if root {
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let evil_dir = dir.path().join("evil");
+        std::fs::create_dir(&evil_dir).unwrap();
+        std::fs::set_permissions(&evil_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let evil = evil_dir.join("evil.sock");
+        let script = format!(
+            "import os,socket\nos.setgid(65534)\nos.setuid(65534)\ns=socket.socket(socket.AF_UNIX)\ns.bind({:?})\n\
+             os.chmod({:?},0o777)\ns.listen(1)\ns.settimeout(20)\nc,_=s.accept()\nc.recv(64)\nc.sendall(b'wss 127.0.0.1:1\\n')\n",
+            evil.display().to_string(),
+            evil.display().to_string()
+        );
+        if let Ok(mut server) = Command::new("python3").args(["-c", &script]).stderr(Stdio::null()).spawn() {
+            common::wait_until("the stranger's socket", Duration::from_secs(10), || async { evil.exists() }).await;
+            std::os::unix::fs::symlink(&evil, &socket).unwrap();
+            let taker = ChildGw::spawn_args(&config, &["run", "--takeover", "--config"]);
+            let log = taker.stderr.clone();
+            assert_eq!(taker.exit_code().await, Some(1));
+            let log = log.lock().unwrap().clone();
+            assert!(log.contains("is served by another user (uid 65534)"), "{log}");
+            let _ = server.kill();
+            let _ = server.wait();
+            std::fs::remove_file(&socket).unwrap();
+        }
+    }
+    // A symlink (or any file) at the path is not replaced by a starting gateway: it
+    // serves without a control socket, says so, and SIGUSR2 changes nothing.
+    let target = dir.path().join("elsewhere");
+    std::fs::write(&target, "keep me").unwrap();
+    std::os::unix::fs::symlink(&target, &socket).unwrap();
+    let gw = ChildGw::spawn(&config, &[]);
+    let port = gw.port("wss://127.0.0.1:").await;
+    common::wait_until("the refusal to replace the symlink", Duration::from_secs(10), || async {
+        gw.log().contains("exists and is not a socket")
+    })
+    .await;
+    gw.signal("-USR2");
+    common::wait_until("the refused upgrade", Duration::from_secs(10), || async {
+        gw.log().contains("upgrade not started, still serving: no control socket")
+    })
+    .await;
+    assert!(std::fs::symlink_metadata(&socket).unwrap().file_type().is_symlink());
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep me");
+    let opts = client_opts(dir.path());
+    let (mut ws, _) = wsgate::client::connect(&format!("wss://localhost:{port}/open"), &opts)
+        .await
+        .unwrap();
+    assert_eq!(common::roundtrip(&mut ws, "serving").await, "serving");
+    gw.signal("-TERM");
+    assert_eq!(gw.exit_code().await, Some(0));
 }
