@@ -240,11 +240,12 @@ fn log_listeners(running: &wsgate::Running, hint: Option<String>) {
 /// Accepting on the handed-over listeners: the old process may stop now, and this one
 /// is the service's main process.
 async fn confirm_takeover(confirm: UnixStream) {
-    if tokio::task::spawn_blocking(move || wsgate::takeover::confirm(confirm))
-        .await
-        .is_err()
-    {
-        tracing::warn!("takeover: could not confirm to the old process");
+    match tokio::task::spawn_blocking(move || wsgate::takeover::confirm(confirm)).await {
+        Ok(Ok(())) => {}
+        // The old process died or gave up: it serves on too if it is alive (both accept
+        // from the same queue), and its log says why.
+        Ok(Err(e)) => tracing::error!(error = %e, "takeover: could not confirm to the old process"),
+        Err(_) => tracing::error!("takeover: could not confirm to the old process"),
     }
     wsgate::notify::main_pid(std::process::id());
     tracing::info!("took over the listeners; the old process drains");
