@@ -201,14 +201,15 @@ async fn start(config: Config, control: Option<&Path>, takeover: bool) -> Result
             tracing::error!("config error: --takeover needs [server] control_socket");
             return Err(2);
         };
-        let (listeners, confirm) = match tokio::task::spawn_blocking(move || wsgate::takeover::receive(&socket)).await {
-            Ok(Ok(got)) => got,
-            Ok(Err(e)) => {
-                tracing::error!("takeover failed, the running gateway keeps serving: {e}");
-                return Err(1);
-            }
-            Err(_) => return Err(1),
-        };
+        let (listeners, confirm) =
+            match tokio::task::spawn_blocking(move || wsgate::takeover::receive(&socket, wsgate::takeover::expected_peer())).await {
+                Ok(Ok(got)) => got,
+                Ok(Err(e)) => {
+                    tracing::error!("takeover failed, the running gateway keeps serving: {e}");
+                    return Err(1);
+                }
+                Err(_) => return Err(1),
+            };
         wsgate::start_on(config, listeners).await.map(|r| (r, Some(confirm)))
     } else {
         wsgate::start(config).await.map(|r| (r, None))

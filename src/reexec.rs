@@ -119,6 +119,7 @@ impl Upgrader {
             .stdin(Stdio::null())
             // systemd's WATCHDOG_PID names this process; the successor must ping too.
             .env_remove("WATCHDOG_PID")
+            .env(takeover::PARENT_ENV, std::process::id().to_string())
             .spawn();
         let child = match child {
             Ok(c) => c,

@@ -41,6 +41,8 @@ pub enum TakeoverError {
     Connect(PathBuf, std::io::Error),
     #[error("{0} is served by another user (uid {1}): not a gateway of ours")]
     Stranger(PathBuf, u32),
+    #[error("{0} is served by pid {1}, not by the gateway that started this one (pid {2}): another gateway took that path")]
+    NotTheParent(PathBuf, u32, u32),
     #[error("the running gateway's answer: {0}")]
     Protocol(&'static str),
     #[error("control socket: {0}")]
@@ -194,9 +196,20 @@ async fn answer(mut stream: UnixStream, owner: u32, fds: &[(&'static str, OwnedF
     Ok(())
 }
 
-/// The new process's side: ask the gateway at `path` for its listeners. The returned
-/// stream confirms the takeover once the new process serves ([`confirm`]).
-pub fn receive(path: &Path) -> Result<(Listeners, std::os::unix::net::UnixStream), TakeoverError> {
+/// Set by a gateway in the environment of the successor it starts on SIGUSR2: its pid,
+/// which the successor requires of the process answering on the control socket.
+pub const PARENT_ENV: &str = "WSGATE_TAKEOVER_FROM_PID";
+
+/// The pid a successor started on SIGUSR2 must take over from (`None` for a `run
+/// --takeover` typed by hand).
+pub fn expected_peer() -> Option<u32> {
+    std::env::var(PARENT_ENV).ok()?.parse().ok()
+}
+
+/// The new process's side: ask the gateway at `path` for its listeners (from the process
+/// `from` when given). The returned stream confirms the takeover once the new process
+/// serves ([`confirm`]).
+pub fn receive(path: &Path, from: Option<u32>) -> Result<(Listeners, std::os::unix::net::UnixStream), TakeoverError> {
     let mut stream = std::os::unix::net::UnixStream::connect(path).map_err(|e| TakeoverError::Connect(path.to_path_buf(), e))?;
     // Listeners are taken only from a process of our own user: a socket planted at the
     // path (or a symlink to one) by anybody else hands over nothing.
@@ -204,6 +217,12 @@ pub fn receive(path: &Path) -> Result<(Listeners, std::os::unix::net::UnixStream
     let me = rustix::process::geteuid();
     if peer.uid != me {
         return Err(TakeoverError::Stranger(path.to_path_buf(), peer.uid.as_raw()));
+    }
+    // Started on SIGUSR2: only the gateway that started this one is taken over, not
+    // another one that has since bound the same path (two instances, one config).
+    let answering = peer.pid.as_raw_nonzero().get().unsigned_abs();
+    if let Some(parent) = from.filter(|p| *p != answering) {
+        return Err(TakeoverError::NotTheParent(path.to_path_buf(), answering, parent));
     }
     stream.set_read_timeout(Some(CONFIRM_TIMEOUT))?;
     stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;

@@ -1062,3 +1062,41 @@ async fn a_planted_control_socket_hands_nothing_over_and_is_never_replaced() {
     gw.signal("-TERM");
     assert_eq!(gw.exit_code().await, Some(0));
 }
+
+#[tokio::test]
+async fn a_successor_takes_over_only_from_the_gateway_that_started_it() {
+    // Two gateways with one control socket (an operator's mistake): the second one
+    // started has the path. SIGUSR2 to the first must not hand the second's listeners
+    // to the first's successor.
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("control.sock");
+    let config = upgrade_config(dir.path(), &format!("control_socket = \"{}\"", socket.display()));
+    let first = ChildGw::spawn(&config, &[]);
+    first.port("wss://127.0.0.1:").await;
+    common::wait_until("the first control socket", Duration::from_secs(10), || async {
+        first.log().contains("control socket: `kill -USR2`")
+    })
+    .await;
+    let second = ChildGw::spawn(&config, &[]);
+    let second_port = second.port("wss://127.0.0.1:").await;
+    common::wait_until("the second control socket", Duration::from_secs(10), || async {
+        second.log().contains("control socket: `kill -USR2`")
+    })
+    .await;
+    first.signal("-USR2");
+    common::wait_until("the refused successor", Duration::from_secs(20), || async {
+        first.log().contains("upgrade failed, still serving: the new process exited")
+    })
+    .await;
+    assert!(first.log().contains("not by the gateway that started this one"), "{}", first.log());
+    assert!(!second.log().contains("takeover: the new process accepts"), "{}", second.log());
+    let opts = client_opts(dir.path());
+    let (mut ws, _) = wsgate::client::connect(&format!("wss://localhost:{second_port}/open"), &opts)
+        .await
+        .unwrap();
+    assert_eq!(common::roundtrip(&mut ws, "second").await, "second");
+    for gw in [first, second] {
+        gw.signal("-TERM");
+        assert_eq!(gw.exit_code().await, Some(0));
+    }
+}
