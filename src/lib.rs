@@ -23,6 +23,7 @@
 //!
 //! | layer | module | what it holds |
 //! |-------|--------|---------------|
+//! | entry | [`reexec`] | SIGUSR2: start the new binary in this cgroup to take the listeners over |
 //! | entry | [`takeover`] | `run --takeover`: the control socket, listeners handed over by fd passing |
 //! | entry | `server` | listeners, accept loops, the three-step drain |
 //! | entry | [`watch`] | reload from the config file (SIGHUP), `watch_config`: the file and those it names, polled |
@@ -106,6 +107,7 @@ pub mod logging;
 pub mod metrics;
 pub mod notify;
 mod proxy_protocol;
+pub mod reexec;
 pub mod relay;
 mod server;
 pub mod takeover;

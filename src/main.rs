@@ -2,7 +2,13 @@
 #![forbid(unsafe_code)]
 
 use clap::{Parser, Subcommand};
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+use std::os::unix::net::UnixStream;
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+use tokio_util::sync::CancellationToken;
 use wsgate::{
     Config,
     config::HumanDuration,
@@ -21,10 +27,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the gateway until SIGTERM/SIGINT (the default).
+    /// Run the gateway until SIGTERM/SIGINT (the default); SIGHUP reloads, SIGUSR2 upgrades.
     Run {
-        /// Take the listeners over from the gateway running on [server] control_socket
-        /// (a binary upgrade: it drains and exits once this one accepts).
+        /// Take the listeners over from the gateway running on the control socket (a binary
+        /// upgrade: it drains and exits once this one accepts). Under systemd send the gateway
+        /// SIGUSR2 instead: it starts this inside the unit.
         #[arg(long)]
         takeover: bool,
     },
@@ -99,7 +106,11 @@ fn main() -> ExitCode {
         }
     };
     let code = match cli.command.unwrap_or(Command::Run { takeover: false }) {
-        Command::Run { takeover } => rt.block_on(run(&config_path, cli.config.is_some(), takeover)),
+        Command::Run { takeover } => {
+            // Captured before anything runs: SIGUSR2 starts whatever file is at this path then.
+            let exe = wsgate::reexec::startup_exe();
+            rt.block_on(run(&config_path, cli.config.is_some(), takeover, exe))
+        }
         Command::Check => check(&config_path),
         Command::Token { sub, ttl, claims } => token(&config_path, &sub, ttl, &claims),
         Command::Echo { listen } => rt.block_on(echo(listen)),
@@ -124,7 +135,8 @@ fn load(path: &std::path::Path) -> Result<Config, u8> {
     })
 }
 
-async fn run(path: &std::path::Path, explicit_config: bool, takeover: bool) -> u8 {
+async fn run(path: &Path, explicit_config: bool, takeover: bool, exe: Option<PathBuf>) -> u8 {
+    let early = install_early_signals();
     // Stamped before the read: a config changed while it loads is reloaded (watch_config).
     let baseline = wsgate::watch::Baseline::config(path);
     let config = match load(path) {
@@ -136,78 +148,23 @@ async fn run(path: &std::path::Path, explicit_config: bool, takeover: bool) -> u
         return 2;
     }
     raise_nofile_limit();
-    let signals = install_signals();
+    let signals = install_signals(early);
     let hint = start_hint(&config, path, explicit_config);
-    let control = config.server.control_socket.clone();
-    let inherited = if takeover {
-        let Some(socket) = control.clone() else {
-            tracing::error!("config error: --takeover needs [server] control_socket");
-            return 2;
-        };
-        match tokio::task::spawn_blocking(move || wsgate::takeover::receive(&socket)).await {
-            Ok(Ok(got)) => Some(got),
-            Ok(Err(e)) => {
-                tracing::error!("takeover failed, the running gateway keeps serving: {e}");
-                return 1;
-            }
-            Err(_) => return 1,
-        }
-    } else {
-        None
+    let control = wsgate::takeover::socket_path(config.server.control_socket.as_deref());
+    let (mut running, confirm) = match start(config, control.as_deref(), takeover).await {
+        Ok(started) => started,
+        Err(code) => return code,
     };
-    let (started, confirm) = match inherited {
-        Some((listeners, confirm)) => (wsgate::start_on(config, listeners).await, Some(confirm)),
-        None => (wsgate::start(config).await, None),
-    };
-    let mut running = match started {
-        Ok(r) => r,
-        Err(e) if e.is::<ConfigError>() => {
-            tracing::error!("config error: {e}");
-            return 2;
-        }
-        Err(e) => {
-            tracing::error!("cannot start: {e}");
-            return 1;
-        }
-    };
-    for addr in &running.wss_addrs {
-        tracing::info!(addr = %addr, "listening on wss://{addr}");
-    }
-    for addr in &running.plain_addrs {
-        tracing::info!(addr = %addr, "listening on ws://{addr} (listen_plain: TLS terminated in front)");
-    }
-    tracing::info!(addr = %running.admin_addr, "metrics on http://{}/metrics", running.admin_addr);
-    if let Some(hint) = hint {
-        tracing::info!("try it: {hint}");
-    }
-    let background = tokio_util::sync::CancellationToken::new();
+    log_listeners(&running, hint);
     if let Some(confirm) = confirm {
-        // Accepting on the handed-over listeners: the old process may stop now.
-        if tokio::task::spawn_blocking(move || wsgate::takeover::confirm(confirm))
-            .await
-            .is_err()
-        {
-            tracing::warn!("takeover: could not confirm to the old process");
-        }
-        wsgate::notify::main_pid(std::process::id());
-        tracing::info!("took over the listeners; the old process drains");
+        confirm_takeover(confirm).await;
     }
-    let handed_over = tokio_util::sync::CancellationToken::new();
-    if let Some(socket) = &control {
-        match wsgate::takeover::bind(socket) {
-            Ok((listener, owner)) => {
-                let fds = wsgate::takeover::RunningFds::of(&mut running);
-                tokio::spawn(wsgate::takeover::serve(
-                    listener,
-                    owner,
-                    fds,
-                    handed_over.clone(),
-                    background.clone(),
-                ));
-            }
-            Err(e) => tracing::warn!(socket = %socket.display(), error = %e, "cannot open the control socket: no takeover possible"),
-        }
-    }
+    let background = CancellationToken::new();
+    let handed_over = CancellationToken::new();
+    let serves_takeovers = control
+        .as_deref()
+        .is_some_and(|socket| serve_control_socket(socket, &mut running, &handed_over, &background));
+    let upgrader = wsgate::reexec::Upgrader::new(exe, path, serves_takeovers, handed_over.clone());
     // Idle unless [server] watch_config is on (looked up at each poll).
     let baseline = baseline.named_files(&running.gateway);
     tokio::spawn(wsgate::watch::run(
@@ -221,7 +178,7 @@ async fn run(path: &std::path::Path, explicit_config: bool, takeover: bool) -> u
         tracing::info!(every_ms = every.as_millis() as u64, "systemd watchdog: pinging");
         tokio::spawn(wsgate::notify::watchdog(every, background.clone()));
     }
-    serve_signals(signals, &running, path, &handed_over).await;
+    serve_signals(signals, &running, path, &handed_over, &upgrader).await;
     if handed_over.is_cancelled() {
         // The new process is the service now (it sent MAINPID=): no STOPPING=1 from here.
         running.hand_over();
@@ -234,6 +191,82 @@ async fn run(path: &std::path::Path, explicit_config: bool, takeover: bool) -> u
     // The watchdog pings through the drain: a drain that hangs is a stuck process too.
     background.cancel();
     0
+}
+
+/// Bind the listeners, or (`--takeover`) receive them from the gateway on `control`.
+/// With them comes the stream that confirms the takeover once this process serves.
+async fn start(config: Config, control: Option<&Path>, takeover: bool) -> Result<(wsgate::Running, Option<UnixStream>), u8> {
+    let started = if takeover {
+        let Some(socket) = control.map(Path::to_path_buf) else {
+            tracing::error!("config error: --takeover needs [server] control_socket");
+            return Err(2);
+        };
+        let (listeners, confirm) =
+            match tokio::task::spawn_blocking(move || wsgate::takeover::receive(&socket, wsgate::takeover::expected_peer())).await {
+                Ok(Ok(got)) => got,
+                Ok(Err(e)) => {
+                    tracing::error!("takeover failed, the running gateway keeps serving: {e}");
+                    return Err(1);
+                }
+                Err(_) => return Err(1),
+            };
+        wsgate::start_on(config, listeners).await.map(|r| (r, Some(confirm)))
+    } else {
+        wsgate::start(config).await.map(|r| (r, None))
+    };
+    started.map_err(|e| {
+        if e.is::<ConfigError>() {
+            tracing::error!("config error: {e}");
+            2
+        } else {
+            tracing::error!("cannot start: {e}");
+            1
+        }
+    })
+}
+
+fn log_listeners(running: &wsgate::Running, hint: Option<String>) {
+    for addr in &running.wss_addrs {
+        tracing::info!(addr = %addr, "listening on wss://{addr}");
+    }
+    for addr in &running.plain_addrs {
+        tracing::info!(addr = %addr, "listening on ws://{addr} (listen_plain: TLS terminated in front)");
+    }
+    tracing::info!(addr = %running.admin_addr, "metrics on http://{}/metrics", running.admin_addr);
+    if let Some(hint) = hint {
+        tracing::info!("try it: {hint}");
+    }
+}
+
+/// Accepting on the handed-over listeners: the old process may stop now, and this one
+/// is the service's main process.
+async fn confirm_takeover(confirm: UnixStream) {
+    match tokio::task::spawn_blocking(move || wsgate::takeover::confirm(confirm)).await {
+        Ok(Ok(())) => {}
+        // The old process died or gave up: it serves on too if it is alive (both accept
+        // from the same queue), and its log says why.
+        Ok(Err(e)) => tracing::error!(error = %e, "takeover: could not confirm to the old process"),
+        Err(_) => tracing::error!("takeover: could not confirm to the old process"),
+    }
+    wsgate::notify::main_pid(std::process::id());
+    tracing::info!("took over the listeners; the old process drains");
+}
+
+/// Answer `run --takeover` on `socket` until one succeeds (`handed_over`). False when the
+/// socket cannot be opened: the gateway serves on, without upgrades.
+fn serve_control_socket(socket: &Path, running: &mut wsgate::Running, handed_over: &CancellationToken, stop: &CancellationToken) -> bool {
+    match wsgate::takeover::bind(socket) {
+        Ok((listener, owner)) => {
+            tracing::info!(socket = %socket.display(), "control socket: `kill -USR2` or `run --takeover` upgrades");
+            let fds = wsgate::takeover::RunningFds::of(running);
+            tokio::spawn(wsgate::takeover::serve(listener, owner, fds, handed_over.clone(), stop.clone()));
+            true
+        }
+        Err(e) => {
+            tracing::warn!(socket = %socket.display(), error = %e, "cannot open the control socket: no takeover possible");
+            false
+        }
+    }
 }
 
 /// Raise the soft open-file limit to the hard limit, as nginx's `worker_rlimit_nofile`
@@ -250,38 +283,57 @@ fn raise_nofile_limit() {
     }
 }
 
-/// SIGTERM, SIGINT and SIGHUP handlers, installed before the gateway says it is ready
-/// (a `systemctl reload` right after READY=1 must not meet SIGHUP's default: exit).
+/// SIGTERM, SIGINT, SIGHUP and SIGUSR2 handlers, installed before the gateway says it is
+/// ready (a `systemctl reload` right after READY=1 must not meet SIGHUP's default: exit).
 #[cfg(unix)]
-type Signals = Option<[tokio::signal::unix::Signal; 3]>;
+type Signals = Option<[tokio::signal::unix::Signal; 4]>;
 #[cfg(not(unix))]
 type Signals = ();
 
+/// SIGHUP and SIGUSR2 handlers, installed first thing: a SIGUSR2 sent to every process of
+/// the unit (`systemctl kill` without `--kill-whom=main`) during an upgrade must not kill
+/// a starting successor by its default action. SIGTERM and SIGINT keep theirs (stop at
+/// once) until the gateway serves.
 #[cfg(unix)]
-fn install_signals() -> Signals {
+type Early = Option<[tokio::signal::unix::Signal; 2]>;
+#[cfg(not(unix))]
+type Early = ();
+
+#[cfg(unix)]
+fn install_early_signals() -> Early {
     use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) {
-        (Ok(term), Ok(int), Ok(hup)) => Some([term, int, hup]),
+    match (signal(SignalKind::hangup()), signal(SignalKind::user_defined2())) {
+        (Ok(hup), Ok(usr2)) => Some([hup, usr2]),
         _ => None,
     }
 }
 
 #[cfg(not(unix))]
-fn install_signals() -> Signals {}
+fn install_early_signals() -> Early {}
 
-/// Until SIGTERM/SIGINT: SIGHUP reloads the config file.
+#[cfg(unix)]
+fn install_signals(early: Early) -> Signals {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), early) {
+        (Ok(term), Ok(int), Some([hup, usr2])) => Some([term, int, hup, usr2]),
+        _ => None,
+    }
+}
+
+#[cfg(not(unix))]
+fn install_signals(_: Early) -> Signals {}
+
+/// Until SIGTERM/SIGINT or a takeover: SIGHUP reloads the config file, SIGUSR2 starts
+/// the new binary to take over.
 #[cfg(unix)]
 async fn serve_signals(
     signals: Signals,
     running: &wsgate::Running,
-    path: &std::path::Path,
-    handed_over: &tokio_util::sync::CancellationToken,
+    path: &Path,
+    handed_over: &CancellationToken,
+    upgrader: &wsgate::reexec::Upgrader,
 ) {
-    let Some([mut term, mut int, mut hup]) = signals else {
+    let Some([mut term, mut int, mut hup, mut usr2]) = signals else {
         tokio::select! {
             _ = wait_for_signal() => {}
             _ = handed_over.cancelled() => {}
@@ -294,12 +346,13 @@ async fn serve_signals(
             _ = term.recv() => return,
             _ = int.recv() => return,
             _ = hup.recv() => { wsgate::watch::reload_file(&running.gateway, path).await; }
+            _ = usr2.recv() => upgrader.upgrade(),
         }
     }
 }
 
 #[cfg(not(unix))]
-async fn serve_signals(_: Signals, _: &wsgate::Running, _: &std::path::Path, _: &tokio_util::sync::CancellationToken) {
+async fn serve_signals(_: Signals, _: &wsgate::Running, _: &Path, _: &CancellationToken, _: &wsgate::reexec::Upgrader) {
     wait_for_signal().await;
 }
 

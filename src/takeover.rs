@@ -39,20 +39,73 @@ pub enum TakeoverError {
     NoControlSocket,
     #[error("cannot reach the running gateway at {0}: {1}")]
     Connect(PathBuf, std::io::Error),
+    #[error("{0} is served by another user (uid {1}): not a gateway of ours")]
+    Stranger(PathBuf, u32),
+    #[error("{0} is served by pid {1}, not by the gateway that started this one (pid {2}): another gateway took that path")]
+    NotTheParent(PathBuf, u32, u32),
     #[error("the running gateway's answer: {0}")]
     Protocol(&'static str),
     #[error("control socket: {0}")]
     Io(#[from] std::io::Error),
 }
 
-/// Bind the control socket at `path` (0600), replacing a stale file or a predecessor's
-/// socket in one rename, so the path always names a live gateway.
+/// The file name of the default control socket in systemd's `RuntimeDirectory=`.
+pub const DEFAULT_SOCKET_NAME: &str = "control.sock";
+
+/// The control socket: `[server] control_socket` when set, else `control.sock` in the
+/// directory systemd names in `$RUNTIME_DIRECTORY` (`RuntimeDirectory=wsgate` in the
+/// unit: `/run/wsgate/control.sock`), else none. Outside systemd there is no default,
+/// so two gateways started side by side (tests, a second instance) never share one.
+pub fn socket_path(configured: Option<&Path>) -> Option<PathBuf> {
+    socket_path_in(configured, std::env::var_os("RUNTIME_DIRECTORY").as_deref())
+}
+
+fn socket_path_in(configured: Option<&Path>, runtime_dir: Option<&std::ffi::OsStr>) -> Option<PathBuf> {
+    if let Some(path) = configured {
+        return Some(path.to_path_buf());
+    }
+    // Several `RuntimeDirectory=` entries arrive colon-separated: the first is ours.
+    let first = runtime_dir?.to_str()?.split(':').next()?;
+    (!first.is_empty()).then(|| Path::new(first).join(DEFAULT_SOCKET_NAME))
+}
+
+/// Bind the control socket at `path` (0600), replacing a stale socket or a predecessor's
+/// in one rename, so the path always names a live gateway. Anything else at the path (a
+/// regular file such as a mistyped config path, a symlink, a directory) is left alone
+/// and the gateway runs without a control socket.
 pub fn bind(path: &Path) -> std::io::Result<(UnixListener, u32)> {
+    use std::os::unix::fs::FileTypeExt;
+    let not_a_socket = |p: &Path| match std::fs::symlink_metadata(p) {
+        Ok(m) if !m.file_type().is_socket() => Some(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            format!(
+                "{} exists and is not a socket (a file, directory or symlink): not replaced",
+                p.display()
+            ),
+        )),
+        _ => None,
+    };
+    if let Some(e) = not_a_socket(path) {
+        return Err(e);
+    }
     let tmp = path.with_extension(format!("new.{}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
     let listener = UnixListener::bind(&tmp)?;
+    // chmod follows symlinks: make sure the name still is the socket just bound.
+    if let Some(e) = not_a_socket(&tmp) {
+        return Err(e);
+    }
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
-    let owner = std::fs::metadata(&tmp)?.uid();
+    let meta = std::fs::symlink_metadata(&tmp)?;
+    let owner = rustix::process::geteuid().as_raw();
+    if !meta.file_type().is_socket() || meta.uid() != owner {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(std::io::Error::other("the control socket was replaced while it was set up"));
+    }
+    if let Some(e) = not_a_socket(path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     std::fs::rename(&tmp, path)?;
     Ok((listener, owner))
 }
@@ -143,10 +196,34 @@ async fn answer(mut stream: UnixStream, owner: u32, fds: &[(&'static str, OwnedF
     Ok(())
 }
 
-/// The new process's side: ask the gateway at `path` for its listeners. The returned
-/// stream confirms the takeover once the new process serves ([`confirm`]).
-pub fn receive(path: &Path) -> Result<(Listeners, std::os::unix::net::UnixStream), TakeoverError> {
+/// Set by a gateway in the environment of the successor it starts on SIGUSR2: its pid,
+/// which the successor requires of the process answering on the control socket.
+pub const PARENT_ENV: &str = "WSGATE_TAKEOVER_FROM_PID";
+
+/// The pid a successor started on SIGUSR2 must take over from (`None` for a `run
+/// --takeover` typed by hand).
+pub fn expected_peer() -> Option<u32> {
+    std::env::var(PARENT_ENV).ok()?.parse().ok()
+}
+
+/// The new process's side: ask the gateway at `path` for its listeners (from the process
+/// `from` when given). The returned stream confirms the takeover once the new process
+/// serves ([`confirm`]).
+pub fn receive(path: &Path, from: Option<u32>) -> Result<(Listeners, std::os::unix::net::UnixStream), TakeoverError> {
     let mut stream = std::os::unix::net::UnixStream::connect(path).map_err(|e| TakeoverError::Connect(path.to_path_buf(), e))?;
+    // Listeners are taken only from a process of our own user: a socket planted at the
+    // path (or a symlink to one) by anybody else hands over nothing.
+    let peer = rustix::net::sockopt::socket_peercred(&stream).map_err(std::io::Error::from)?;
+    let me = rustix::process::geteuid();
+    if peer.uid != me {
+        return Err(TakeoverError::Stranger(path.to_path_buf(), peer.uid.as_raw()));
+    }
+    // Started on SIGUSR2: only the gateway that started this one is taken over, not
+    // another one that has since bound the same path (two instances, one config).
+    let answering = peer.pid.as_raw_nonzero().get().unsigned_abs();
+    if let Some(parent) = from.filter(|p| *p != answering) {
+        return Err(TakeoverError::NotTheParent(path.to_path_buf(), answering, parent));
+    }
     stream.set_read_timeout(Some(CONFIRM_TIMEOUT))?;
     stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
     stream.write_all(REQUEST)?;
@@ -202,4 +279,48 @@ pub fn confirm(mut stream: std::os::unix::net::UnixStream) -> std::io::Result<()
     let mut rest = [0u8; 16];
     let _ = stream.read(&mut rest);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsStr;
+
+    #[test]
+    fn the_control_socket_is_the_configured_one_else_systemds_runtime_directory_else_none() {
+        let set = Path::new("/srv/gw.sock");
+        assert_eq!(socket_path_in(Some(set), Some(OsStr::new("/run/wsgate"))).as_deref(), Some(set));
+        assert_eq!(
+            socket_path_in(None, Some(OsStr::new("/run/wsgate"))),
+            Some(PathBuf::from("/run/wsgate/control.sock"))
+        );
+        assert_eq!(
+            socket_path_in(None, Some(OsStr::new("/run/wsgate:/run/other"))),
+            Some(PathBuf::from("/run/wsgate/control.sock"))
+        );
+        assert_eq!(socket_path_in(None, Some(OsStr::new(""))), None);
+        assert_eq!(socket_path_in(None, None), None);
+    }
+
+    #[tokio::test]
+    async fn bind_replaces_a_stale_socket_but_never_a_file_or_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        // A stale socket (a gateway that died): replaced.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let (_l, _) = bind(&path).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        // A regular file (a mistyped path): left alone.
+        let file = dir.path().join("wsgate.toml");
+        std::fs::write(&file, "[server]\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(bind(&file).is_err());
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "[server]\n");
+        // A symlink planted at the path: neither replaced nor followed.
+        let link = dir.path().join("planted.sock");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        assert!(bind(&link).is_err());
+        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o640);
+    }
 }

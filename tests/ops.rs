@@ -36,6 +36,7 @@ impl ChildGw {
             .env_remove("NOTIFY_SOCKET")
             .env_remove("WATCHDOG_USEC")
             .env_remove("WATCHDOG_PID")
+            .env_remove("RUNTIME_DIRECTORY")
             .stderr(Stdio::piped());
         for (k, v) in env {
             cmd.env(k, v);
@@ -496,6 +497,15 @@ async fn json_access_log_is_flat_with_request_id_upstream_route_and_code() {
     // A proxy's id with a character outside A-Za-z0-9._- is replaced too.
     session("127.0.0.13", "a{b}").await;
     assert_ne!(up.header(2, "x-request-id").as_deref(), Some("a{b}"));
+    // 128 characters are kept from a proxy, 129 are not; quotes never reach the log.
+    let (longest, too_long) = ("p".repeat(128), "p".repeat(129));
+    session("127.0.0.13", &longest).await;
+    assert_eq!(up.header(3, "x-request-id").as_deref(), Some(longest.as_str()));
+    session("127.0.0.13", &too_long).await;
+    let sent = up.header(4, "x-request-id").unwrap();
+    assert!(sent.len() == 32 && sent.bytes().all(|b| b.is_ascii_hexdigit()), "{sent}");
+    session("127.0.0.13", "x\",\"level\":\"ERROR").await;
+    assert!(up.header(5, "x-request-id").unwrap().bytes().all(|b| b.is_ascii_hexdigit()));
 
     // A refused request (404) is one flat line with its id and status.
     let opts = wsgate::client::Options {
@@ -518,6 +528,11 @@ async fn json_access_log_is_flat_with_request_id_upstream_route_and_code() {
     assert_eq!(refused["status"], 404);
     assert_eq!(refused["reason"], "not_found");
     assert!(!gw.log().contains("forged-by-client"), "a client's id reached the log");
+    assert!(
+        !gw.log().contains(&too_long) && !gw.log().contains("\"level\":\"ERROR"),
+        "{}",
+        gw.log()
+    );
     gw.signal("-TERM");
     assert_eq!(gw.exit_code().await, Some(0));
 }
@@ -620,6 +635,51 @@ fn stranger_asks(socket: &Path) -> Option<String> {
     ))
 }
 
+/// Clients opening sessions in a loop (each must echo) while a hand-over happens.
+struct Prober {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<(usize, Vec<String>)>,
+}
+
+impl Prober {
+    fn start(url: &str, opts: &wsgate::client::Options) -> Prober {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (stop2, url, opts) = (stop.clone(), url.to_string(), opts.clone());
+        let task = tokio::spawn(async move {
+            let (mut ok, mut failed) = (0usize, Vec::new());
+            while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
+                match wsgate::client::connect(&url, &opts).await {
+                    Ok((mut ws, _)) => match tokio::time::timeout(Duration::from_secs(5), common::roundtrip(&mut ws, "probe")).await {
+                        Ok(t) if t == "probe" => ok += 1,
+                        other => failed.push(format!("{other:?}")),
+                    },
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (ok, failed)
+        });
+        Prober { stop, task }
+    }
+
+    /// Probe the new process alone for a moment, then check no attempt failed.
+    async fn finish(self) {
+        let before = tokio::time::Instant::now();
+        while before.elapsed() < Duration::from_millis(500) {
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(50)).await; // kept: lets the prober run against the new process
+        }
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (ok, mut failed) = tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .expect("the prober did not stop")
+            .unwrap();
+        let failures = failed.len();
+        failed.truncate(20);
+        assert_eq!(failures, 0, "{failures} connections of {} failed: {failed:?}", ok + failures);
+        assert!(ok >= 10, "only {ok} probes");
+    }
+}
+
 #[tokio::test]
 async fn takeover_hands_the_listeners_over_refusing_no_connection() {
     let dir = tempfile::tempdir().unwrap();
@@ -672,21 +732,7 @@ async fn takeover_hands_the_listeners_over_refusing_no_connection() {
     assert_eq!(common::roundtrip(&mut live, "after strangers").await, "after strangers");
 
     // Clients keep connecting through the hand-over; none may be refused or reset.
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (stop2, url2, opts2) = (stop.clone(), url.clone(), opts.clone());
-    let prober = tokio::spawn(async move {
-        let (mut ok, mut failed) = (0usize, Vec::new());
-        while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
-            match wsgate::client::connect(&url2, &opts2).await {
-                Ok((mut ws, _)) => match tokio::time::timeout(Duration::from_secs(5), common::roundtrip(&mut ws, "probe")).await {
-                    Ok(t) if t == "probe" => ok += 1,
-                    other => failed.push(format!("{other:?}")),
-                },
-                Err(e) => failed.push(e.to_string()),
-            }
-        }
-        (ok, failed)
-    });
+    let prober = Prober::start(&url, &opts);
     // A reload racing the takeover changes nothing about it.
     old.signal("-HUP");
     let new = ChildGw::spawn_args(&config, &["run", "--takeover", "--config"]);
@@ -698,18 +744,7 @@ async fn takeover_hands_the_listeners_over_refusing_no_connection() {
     assert_eq!(common::close_code(&mut live).await.0, 1001);
     let log = old.log();
     assert_eq!(old.exit_code().await, Some(0), "{log}");
-    // Keep probing the new process alone for a moment.
-    let before = tokio::time::Instant::now();
-    while before.elapsed() < Duration::from_millis(500) {
-        tokio::task::yield_now().await;
-        tokio::time::sleep(Duration::from_millis(50)).await; // kept: lets the prober run against the new process
-    }
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let (ok, mut failed) = prober.await.unwrap();
-    let failures = failed.len();
-    failed.truncate(20);
-    assert_eq!(failures, 0, "{failures} connections of {} failed: {failed:?}", ok + failures);
-    assert!(ok >= 10, "only {ok} probes");
+    prober.finish().await;
     let (mut ws, _) = wsgate::client::connect(&url, &opts).await.unwrap();
     assert_eq!(common::roundtrip(&mut ws, "new").await, "new");
     new.signal("-TERM");
@@ -762,4 +797,306 @@ async fn a_takeover_that_fails_leaves_the_old_process_serving() {
     assert_eq!(old.exit_code().await, Some(0));
     new.signal("-TERM");
     assert_eq!(new.exit_code().await, Some(0));
+}
+
+/// A process this test did not start (the gateway's successor): killed if the test
+/// fails, and waited for by its pid.
+struct Successor(u32);
+
+impl Successor {
+    fn from_main_pid(msg: &str) -> Successor {
+        let pid = msg
+            .strip_prefix("MAINPID=")
+            .and_then(|r| r.trim_end().parse().ok())
+            .unwrap_or_else(|| panic!("not MAINPID=: {msg:?}"));
+        Successor(pid)
+    }
+
+    fn signal(&self, sig: &str) {
+        assert!(Command::new("kill").args([sig, &self.0.to_string()]).status().unwrap().success());
+    }
+
+    /// Until it has exited (gone, or a zombie of an init that does not reap).
+    async fn exited(&self) {
+        let stat = format!("/proc/{}/stat", self.0);
+        common::wait_until("the successor to exit", Duration::from_secs(20), || async {
+            std::fs::read_to_string(&stat).map_or(true, |s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+        })
+        .await;
+    }
+}
+
+impl Drop for Successor {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", &self.0.to_string()])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// A gateway config with a short drain, room for the prober, `/open` without auth.
+fn upgrade_config(dir: &Path, extra_server: &str) -> PathBuf {
+    let text = common::config_text(
+        dir,
+        &format!("shutdown_grace = \"2s\"\n{extra_server}"),
+        &format!(
+            "[limits]\nconnection_rate_per_ip = \"1000/s\"\nconnection_burst_per_ip = 1000\nmax_connections_per_ip = 100\n{}",
+            common::route("open", "/open", "builtin:echo", "none")
+        ),
+    );
+    let config = dir.join("gw.toml");
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
+fn client_opts(dir: &Path) -> wsgate::client::Options {
+    let tls = wsgate::tls::cli_client_config(Some(&dir.join("server.crt")), false).unwrap();
+    wsgate::client::Options {
+        tls: Some(tls),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn sigusr2_starts_the_new_binary_in_the_unit_which_takes_over_and_becomes_main_pid() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("control.sock");
+    let config = upgrade_config(dir.path(), &format!("control_socket = \"{}\"", socket.display()));
+    let mut systemd = Systemd::bind(dir.path());
+    let env = [
+        ("NOTIFY_SOCKET", systemd.path.display().to_string()),
+        ("WATCHDOG_USEC", "400000".to_string()),
+    ];
+    let old = ChildGw::spawn(&config, &env);
+    let old_pid = old.child.id();
+    assert_eq!(systemd.next().await, "READY=1\n");
+    let port = old.port("wss://127.0.0.1:").await;
+    let url = format!("wss://localhost:{port}/open");
+    let opts = client_opts(dir.path());
+    let (mut live, _) = wsgate::client::connect(&url, &opts).await.unwrap();
+    assert_eq!(common::roundtrip(&mut live, "before").await, "before");
+    common::wait_until("the control socket", Duration::from_secs(10), || async { socket.exists() }).await;
+
+    // A peer that connects and says nothing holds the control socket (for at most 2 s),
+    // so the successor waits and a second SIGUSR2 meets an upgrade in progress.
+    let stall = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    let prober = Prober::start(&url, &opts);
+    old.signal("-USR2");
+    common::wait_until("the successor to start", Duration::from_secs(10), || async {
+        old.log().contains("upgrade: started the new binary")
+    })
+    .await;
+    old.signal("-USR2");
+    common::wait_until("the second SIGUSR2 to be refused", Duration::from_secs(10), || async {
+        old.log().contains("SIGUSR2 refused: an upgrade is already in progress")
+    })
+    .await;
+    drop(stall);
+
+    // The successor is the unit's main process now; it pings the watchdog.
+    let main_pid = systemd.next().await;
+    let new = Successor::from_main_pid(&main_pid);
+    assert_ne!(new.0, old_pid);
+    assert_eq!(systemd.next().await, "READY=1\n");
+    // The old process drains: the live session ends with 1001, the process exits 0,
+    // and it sent no STOPPING=1 (the unit is not stopping).
+    assert_eq!(common::close_code(&mut live).await.0, 1001);
+    let log = old.log();
+    let old_log = old.stderr.clone();
+    let mut old = old;
+    let status = common::wait_for("the old process to exit", Duration::from_secs(20), || {
+        let exited = old.child.try_wait().unwrap();
+        async move { exited }
+    })
+    .await;
+    assert_eq!(status.code(), Some(0), "{log}");
+    // What is queued may be the old process's; what comes after is the successor's.
+    let mut buf = [0u8; 64];
+    while systemd.sock.try_recv(&mut buf).is_ok() {}
+    for _ in 0..3 {
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(5), systemd.sock.recv(&mut buf))
+            .await
+            .expect("the successor does not ping the watchdog")
+            .unwrap();
+        assert_eq!(&buf[..n], b"WATCHDOG=1\n");
+    }
+    prober.finish().await;
+    let (mut ws, _) = wsgate::client::connect(&url, &opts).await.unwrap();
+    assert_eq!(common::roundtrip(&mut ws, "new").await, "new");
+    assert!(!old_log.lock().unwrap().contains("upgrade failed"));
+
+    // The successor answers SIGUSR2 the same way, and stops on SIGTERM as the unit.
+    new.signal("-TERM");
+    assert_eq!(systemd.next().await, "STOPPING=1\n");
+    new.exited().await;
+}
+
+#[tokio::test]
+async fn sigusr2_with_a_broken_config_or_no_control_socket_leaves_the_old_process_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    // No control_socket in the file: systemd's RuntimeDirectory= gives the default.
+    let run_dir = dir.path().join("run");
+    std::fs::create_dir(&run_dir).unwrap();
+    let config = upgrade_config(dir.path(), "");
+    let mut systemd = Systemd::bind(dir.path());
+    let env = [
+        ("NOTIFY_SOCKET", systemd.path.display().to_string()),
+        ("RUNTIME_DIRECTORY", run_dir.display().to_string()),
+    ];
+    let old = ChildGw::spawn(&config, &env);
+    assert_eq!(systemd.next().await, "READY=1\n");
+    let port = old.port("wss://127.0.0.1:").await;
+    let socket = run_dir.join("control.sock");
+    common::wait_until("the default control socket", Duration::from_secs(10), || async { socket.exists() }).await;
+    let url = format!("wss://localhost:{port}/open");
+    let opts = client_opts(dir.path());
+    let (mut live, _) = wsgate::client::connect(&url, &opts).await.unwrap();
+
+    // The config is broken on disk: the successor exits at once, the old one serves on.
+    let good = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, "[server\nbroken").unwrap();
+    old.signal("-USR2");
+    common::wait_until("the failed upgrade in the log", Duration::from_secs(20), || async {
+        old.log().contains("upgrade failed, still serving: the new process exited")
+    })
+    .await;
+    assert!(old.log().contains("config error"), "{}", old.log());
+    assert_eq!(common::roundtrip(&mut live, "still here").await, "still here");
+    let (mut ws, _) = wsgate::client::connect(&url, &opts).await.unwrap();
+    assert_eq!(common::roundtrip(&mut ws, "new client").await, "new client");
+    let mut buf = [0u8; 256];
+    // kept: proves systemd hears nothing (no MAINPID=) from a failed successor
+    let heard = tokio::time::timeout(Duration::from_millis(300), systemd.sock.recv(&mut buf)).await;
+    assert!(
+        heard.is_err(),
+        "systemd heard {:?}",
+        heard.map(|n| String::from_utf8_lossy(&buf[..n.unwrap()]).to_string())
+    );
+
+    // Fixed: the next SIGUSR2 upgrades (the successor finds the same default socket).
+    std::fs::write(&config, good).unwrap();
+    old.signal("-USR2");
+    let new = Successor::from_main_pid(&systemd.next().await);
+    assert_eq!(common::close_code(&mut live).await.0, 1001);
+    assert_eq!(old.exit_code().await, Some(0));
+    let (mut ws, _) = wsgate::client::connect(&url, &opts).await.unwrap();
+    assert_eq!(common::roundtrip(&mut ws, "upgraded").await, "upgraded");
+    new.signal("-TERM");
+    new.exited().await;
+
+    // No control socket at all (not configured, not under systemd): logged, still serving.
+    let lone = ChildGw::spawn(&config, &[]);
+    let port = lone.port("wss://127.0.0.1:").await;
+    lone.signal("-USR2");
+    common::wait_until("the refusal in the log", Duration::from_secs(10), || async {
+        lone.log().contains("upgrade not started, still serving: no control socket")
+    })
+    .await;
+    let (mut ws, _) = wsgate::client::connect(&format!("wss://localhost:{port}/open"), &opts)
+        .await
+        .unwrap();
+    assert_eq!(common::roundtrip(&mut ws, "alone").await, "alone");
+    lone.signal("-TERM");
+    assert_eq!(lone.exit_code().await, Some(0));
+}
+
+#[tokio::test]
+async fn a_planted_control_socket_hands_nothing_over_and_is_never_replaced() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0);
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("control.sock");
+    let config = upgrade_config(dir.path(), &format!("control_socket = \"{}\"", socket.display()));
+    // Another user (uid 65534) serves a socket, and a symlink to it is planted at the
+    // control socket's path: `run --takeover` must not take "listeners" from it.
+    if root {
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let evil_dir = dir.path().join("evil");
+        std::fs::create_dir(&evil_dir).unwrap();
+        std::fs::set_permissions(&evil_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let evil = evil_dir.join("evil.sock");
+        let script = format!(
+            "import os,socket\nos.setgid(65534)\nos.setuid(65534)\ns=socket.socket(socket.AF_UNIX)\ns.bind({:?})\n\
+             os.chmod({:?},0o777)\ns.listen(1)\ns.settimeout(20)\nc,_=s.accept()\nc.recv(64)\nc.sendall(b'wss 127.0.0.1:1\\n')\n",
+            evil.display().to_string(),
+            evil.display().to_string()
+        );
+        if let Ok(mut server) = Command::new("python3").args(["-c", &script]).stderr(Stdio::null()).spawn() {
+            common::wait_until("the stranger's socket", Duration::from_secs(10), || async { evil.exists() }).await;
+            std::os::unix::fs::symlink(&evil, &socket).unwrap();
+            let taker = ChildGw::spawn_args(&config, &["run", "--takeover", "--config"]);
+            let log = taker.stderr.clone();
+            assert_eq!(taker.exit_code().await, Some(1));
+            let log = log.lock().unwrap().clone();
+            assert!(log.contains("is served by another user (uid 65534)"), "{log}");
+            let _ = server.kill();
+            let _ = server.wait();
+            std::fs::remove_file(&socket).unwrap();
+        }
+    }
+    // A symlink (or any file) at the path is not replaced by a starting gateway: it
+    // serves without a control socket, says so, and SIGUSR2 changes nothing.
+    let target = dir.path().join("elsewhere");
+    std::fs::write(&target, "keep me").unwrap();
+    std::os::unix::fs::symlink(&target, &socket).unwrap();
+    let gw = ChildGw::spawn(&config, &[]);
+    let port = gw.port("wss://127.0.0.1:").await;
+    common::wait_until("the refusal to replace the symlink", Duration::from_secs(10), || async {
+        gw.log().contains("exists and is not a socket")
+    })
+    .await;
+    gw.signal("-USR2");
+    common::wait_until("the refused upgrade", Duration::from_secs(10), || async {
+        gw.log().contains("upgrade not started, still serving: no control socket")
+    })
+    .await;
+    assert!(std::fs::symlink_metadata(&socket).unwrap().file_type().is_symlink());
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep me");
+    let opts = client_opts(dir.path());
+    let (mut ws, _) = wsgate::client::connect(&format!("wss://localhost:{port}/open"), &opts)
+        .await
+        .unwrap();
+    assert_eq!(common::roundtrip(&mut ws, "serving").await, "serving");
+    gw.signal("-TERM");
+    assert_eq!(gw.exit_code().await, Some(0));
+}
+
+#[tokio::test]
+async fn a_successor_takes_over_only_from_the_gateway_that_started_it() {
+    // Two gateways with one control socket (an operator's mistake): the second one
+    // started has the path. SIGUSR2 to the first must not hand the second's listeners
+    // to the first's successor.
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("control.sock");
+    let config = upgrade_config(dir.path(), &format!("control_socket = \"{}\"", socket.display()));
+    let first = ChildGw::spawn(&config, &[]);
+    first.port("wss://127.0.0.1:").await;
+    common::wait_until("the first control socket", Duration::from_secs(10), || async {
+        first.log().contains("control socket: `kill -USR2`")
+    })
+    .await;
+    let second = ChildGw::spawn(&config, &[]);
+    let second_port = second.port("wss://127.0.0.1:").await;
+    common::wait_until("the second control socket", Duration::from_secs(10), || async {
+        second.log().contains("control socket: `kill -USR2`")
+    })
+    .await;
+    first.signal("-USR2");
+    common::wait_until("the refused successor", Duration::from_secs(20), || async {
+        first.log().contains("upgrade failed, still serving: the new process exited")
+    })
+    .await;
+    assert!(first.log().contains("not by the gateway that started this one"), "{}", first.log());
+    assert!(!second.log().contains("takeover: the new process accepts"), "{}", second.log());
+    let opts = client_opts(dir.path());
+    let (mut ws, _) = wsgate::client::connect(&format!("wss://localhost:{second_port}/open"), &opts)
+        .await
+        .unwrap();
+    assert_eq!(common::roundtrip(&mut ws, "second").await, "second");
+    for gw in [first, second] {
+        gw.signal("-TERM");
+        assert_eq!(gw.exit_code().await, Some(0));
+    }
 }
