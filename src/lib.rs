@@ -43,6 +43,7 @@
 //! | stage | [`validation`] | JSON and JSON Schema checks of client messages |
 //! | stage | [`firewall`] | CIDR rules and rule files |
 //! | stage | [`limits`] | per-IP rate and caps, per-user slots, the message rate |
+//! | stage | `framing` | raw request heads checked for smuggling (what hyper hides), client activity |
 //! | stage | [`upgrade`] | the upgrade request: path, headers, Origin, client address, answers |
 //! | stage | [`tls`] | server TLS, the certificate store, client certificates |
 //! | stage | [`metrics`] | metric names, descriptions, the exporter |
@@ -97,6 +98,7 @@ mod conn;
 pub mod echo;
 pub mod error;
 pub mod firewall;
+mod framing;
 mod fsutil;
 pub mod gateway;
 mod incidents;

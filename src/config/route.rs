@@ -135,6 +135,20 @@ pub struct Route {
     pub validate: Option<Validate>,
     /// `[routes.limits]`: what this route overrides; [`Config::limits_of`] resolves it.
     pub limits: RouteLimits,
+    /// `http = true`: plain HTTP/1.1 requests are proxied (DESIGN.md section 13);
+    /// `None`: they get 426.
+    pub http: Option<HttpPolicy>,
+}
+
+/// How a route with `http = true` proxies plain requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpPolicy {
+    /// `http_methods`: others → 405.
+    pub methods: Vec<http::Method>,
+    /// `max_body`: a request body beyond it → 413.
+    pub max_body: u64,
+    /// `http_timeout`: time without a byte either way in one exchange → 504.
+    pub timeout: Duration,
 }
 
 /// `[routes.limits]` as written: `None` inherits (DESIGN.md section 14).
