@@ -172,7 +172,7 @@ impl Scanner {
                     self.buf.extend_from_slice(&data[..nl]);
                     data = &data[nl + 1..];
                     let line = std::mem::take(&mut self.buf);
-                    self.line_done(&line, heads);
+                    self.line_done(&line);
                     self.buf = line;
                     self.buf.clear();
                 }
@@ -201,7 +201,7 @@ impl Scanner {
     }
 
     /// A chunk-size line or a trailer line, without its LF.
-    fn line_done(&mut self, line: &[u8], heads: &Heads) {
+    fn line_done(&mut self, line: &[u8]) {
         let Some(line) = line.strip_suffix(b"\r") else {
             return self.lose("chunk line without CRLF");
         };

@@ -33,6 +33,7 @@
 //! | connection | `admin_api` | the admin API (bans, revocations, kicks, sessions) |
 //! | admission | `admit` | the one owner of admission: request checks, shared caps, auth, upstream choice, `first_message`, live re-checks |
 //! | composition | [`gateway`] | the [`gateway::Runtime`] built from one config, reload, the one place a refusal is counted |
+//! | stage | `proxy` | plain HTTP on `http = true` routes: the exchange, upstream pools, streamed bodies |
 //! | stage | [`upstream`] | the upstream request and WebSocket handshake, TLS to upstreams |
 //! | stage | [`auth`] | methods → one [`auth::Principal`]; JWT, client certificates |
 //! | stage | [`cluster`] | state shared through Redis: connection and breaker, events, leases |
@@ -59,9 +60,10 @@
 //!
 //! # Where the next features live
 //!
-//! - Plain HTTP on routes (DESIGN 13): `admit/http.rs` (the same checks for a plain
-//!   request), a new stage `proxy/` (the HTTP/1.1 exchange with hyper's client, pools)
-//!   above `upstream`, and balancing (`round_robin`, `least_sessions`, `sticky`, health
+//! - Plain HTTP on routes (DESIGN 13), landed in part: `admit/http.rs` (the same
+//!   checks for a plain request), the stage `proxy` (the HTTP/1.1 exchange with hyper's
+//!   client, pools) above `upstream`, `framing` (raw heads checked for smuggling); next,
+//!   balancing (`round_robin`, `least_sessions`, `sticky`, health
 //!   checks, drain) in a new stage `balance/` that `admit/upstream.rs` asks.
 //! - Hosts, SNI and per-route policy (DESIGN 14), landed: certificates by SNI in
 //!   `tls/certs.rs` (the `CertStore`), routing by host in `config::Config::route_index`,
@@ -107,6 +109,7 @@ pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
+mod proxy;
 mod proxy_protocol;
 pub mod relay;
 mod server;

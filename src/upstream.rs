@@ -176,6 +176,75 @@ pub fn upstream_path(route: &Route, upstream_path: Option<&str>, facts: &ClientF
 pub fn build_request(url: &str, facts: &ClientFacts) -> Result<http::Request<()>, Reject> {
     let mut req = url.into_client_request().map_err(|_| Reject::UpstreamUnavailable)?;
     let h = req.headers_mut();
+    forward_client_headers(h, facts);
+    // `bearer.` in any case: an upstream may compare subprotocols without case.
+    let offer: Vec<&str> = protocols(facts.headers)
+        .filter(|p| !p.get(..7).is_some_and(|b| b.eq_ignore_ascii_case("bearer.")))
+        .collect();
+    if !offer.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&offer.join(", "))
+    {
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
+    }
+    Ok(req)
+}
+
+/// The head of a plain HTTP request to `upstream` (`http = true` routes): the client's
+/// method, `path_and_query` (origin form), `Host` the upstream's authority, and the
+/// client's headers as an upgrade forwards them (hop-by-hop, token copies, client
+/// forwarding and identity headers removed; the gateway's own set). `Expect` is
+/// answered by the gateway itself, never forwarded. The body's framing is the
+/// gateway's: `Content-Length` or chunked, written by hyper from the body.
+pub fn http_request_head(method: &http::Method, upstream: &Upstream, path_and_query: &str, facts: &ClientFacts) -> Result<http::request::Parts, Reject> {
+    let authority = match upstream {
+        Upstream::Remote { host, port, .. } if host.contains(':') => format!("[{host}]:{port}"),
+        Upstream::Remote { host, port, .. } => format!("{host}:{port}"),
+        Upstream::BuiltinEcho => "builtin.echo".to_string(),
+    };
+    let (mut parts, ()) = http::Request::builder()
+        .method(method.clone())
+        .uri(path_and_query)
+        .header(header::HOST, authority)
+        .body(())
+        .map_err(|_| Reject::BadRequest("request target not forwardable"))?
+        .into_parts();
+    forward_client_headers(&mut parts.headers, facts);
+    parts.headers.remove(header::EXPECT);
+    Ok(parts)
+}
+
+/// Response headers that describe one hop (RFC 9110 7.6.1), and every header the
+/// upstream's `Connection` names: removed before the answer goes to the client.
+/// `Content-Length` stays (a `HEAD` answer needs it); hyper frames the rest.
+pub fn strip_response_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        if n != header::CONTENT_LENGTH {
+            h.remove(n);
+        }
+    }
+    for n in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        h.remove(n);
+    }
+}
+
+/// The client's headers as they go upstream, with the gateway's own forwarding headers.
+fn forward_client_headers(h: &mut HeaderMap, facts: &ClientFacts) {
     let connection_named: Vec<String> = facts
         .headers
         .get_all(header::CONNECTION)
@@ -217,15 +286,6 @@ pub fn build_request(url: &str, facts: &ClientFacts) -> Result<http::Request<()>
     {
         h.insert(header::AUTHORIZATION, v);
     }
-    // `bearer.` in any case: an upstream may compare subprotocols without case.
-    let offer: Vec<&str> = protocols(facts.headers)
-        .filter(|p| !p.get(..7).is_some_and(|b| b.eq_ignore_ascii_case("bearer.")))
-        .collect();
-    if !offer.is_empty()
-        && let Ok(v) = HeaderValue::from_str(&offer.join(", "))
-    {
-        h.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
-    }
     let prev: Vec<&str> = facts
         .headers
         .get_all("x-forwarded-for")
@@ -256,7 +316,6 @@ pub fn build_request(url: &str, facts: &ClientFacts) -> Result<http::Request<()>
     if let Ok(v) = HeaderValue::from_str(&facts.ip.to_canonical().to_string()) {
         h.insert(HeaderName::from_static("x-real-ip"), v);
     }
-    Ok(req)
 }
 
 /// The value a `forward_claims` entry sends: `cert:*` from the verified certificate only
@@ -336,28 +395,36 @@ pub async fn connect(
     let fut = async {
         let io = match upstream {
             Upstream::BuiltinEcho => UpstreamIo::Mem(crate::echo::spawn_in_memory(ws_config)),
-            Upstream::Remote {
-                tls: use_tls, host, port, ..
-            } => {
-                let tcp = TcpStream::connect((host.as_str(), *port))
-                    .await
-                    .map_err(|_| Reject::UpstreamUnavailable)?;
-                let _ = tcp.set_nodelay(true);
-                if *use_tls {
-                    let connector = tls.ok_or(Reject::UpstreamUnavailable)?;
-                    let name = rustls_pki_types::ServerName::try_from(host.clone()).map_err(|_| Reject::UpstreamUnavailable)?;
-                    let stream = connector.connect(name, tcp).await.map_err(|_| Reject::UpstreamUnavailable)?;
-                    UpstreamIo::Tls(Box::new(stream))
-                } else {
-                    UpstreamIo::Tcp(tcp)
-                }
-            }
+            Upstream::Remote { .. } => open(upstream, tls).await?,
         };
         let mut connected = handshake(io, req).await?;
         connected.target = target_label(upstream);
         Ok(connected)
     };
     tokio::time::timeout(timeout, fut).await.map_err(|_| Reject::UpstreamTimeout)?
+}
+
+/// The transport to a remote upstream: TCP, and TLS for `wss://` (no time bound: the
+/// caller's).
+pub async fn open(upstream: &Upstream, tls: Option<&tokio_rustls::TlsConnector>) -> Result<UpstreamIo, Reject> {
+    let Upstream::Remote {
+        tls: use_tls, host, port, ..
+    } = upstream
+    else {
+        return Err(Reject::UpstreamUnavailable);
+    };
+    let tcp = TcpStream::connect((host.as_str(), *port))
+        .await
+        .map_err(|_| Reject::UpstreamUnavailable)?;
+    let _ = tcp.set_nodelay(true);
+    if *use_tls {
+        let connector = tls.ok_or(Reject::UpstreamUnavailable)?;
+        let name = rustls_pki_types::ServerName::try_from(host.clone()).map_err(|_| Reject::UpstreamUnavailable)?;
+        let stream = connector.connect(name, tcp).await.map_err(|_| Reject::UpstreamUnavailable)?;
+        Ok(UpstreamIo::Tls(Box::new(stream)))
+    } else {
+        Ok(UpstreamIo::Tcp(tcp))
+    }
 }
 
 /// Bytes of the upstream's response head hyper buffers at most.

@@ -89,3 +89,39 @@ pub(super) async fn connect(gw: &Gateway, rt: &Runtime, route_index: usize, fact
     }
     Err(last)
 }
+
+/// A connection to one of an `http` route's upstreams for a plain request, round robin,
+/// skipping upstreams in back-off; a connect failure tries the next (nothing was sent
+/// yet). `None`: the built-in echo answers.
+pub(super) async fn checkout_http(rt: &Runtime, route_index: usize) -> Result<(usize, Option<crate::proxy::Lease>), Reject> {
+    let route = &rt.config.routes[route_index];
+    let Some(policy) = &route.http else {
+        return Err(Reject::NotUpgrade);
+    };
+    let n = route.upstreams.len();
+    let start = rt.next_upstream[route_index].fetch_add(1, Ordering::Relaxed);
+    let mut last = Reject::UpstreamUnavailable;
+    for i in 0..n {
+        let idx = (start + i) % n;
+        let health = &rt.health[route_index][idx];
+        if health.is_down() {
+            continue;
+        }
+        let Some(pool) = rt.http_pools.get(route_index).and_then(|p| p.get(idx)) else {
+            continue;
+        };
+        let Some(pool) = pool else { return Ok((idx, None)) };
+        match pool.checkout(policy.timeout, rt.config.server.upstream_timeout).await {
+            Ok(lease) => {
+                health.succeeded();
+                return Ok((idx, Some(lease)));
+            }
+            Err(e) => {
+                health.failed();
+                tracing::warn!(route = %route.name, upstream = idx, reason = e.label(), "upstream attempt failed");
+                last = e;
+            }
+        }
+    }
+    Err(last)
+}
