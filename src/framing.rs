@@ -179,7 +179,11 @@ impl Scanner {
                 State::ChunkData(left) => {
                     let n = (data.len() as u64).min(left);
                     data = &data[n as usize..];
-                    self.state = if left == n { State::ChunkEnd(0) } else { State::ChunkData(left - n) };
+                    self.state = if left == n {
+                        State::ChunkEnd(0)
+                    } else {
+                        State::ChunkData(left - n)
+                    };
                 }
                 State::ChunkEnd(seen) => {
                     let want = if seen == 0 { b'\r' } else { b'\n' };
@@ -393,11 +397,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = r
             && n > 0

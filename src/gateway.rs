@@ -156,17 +156,19 @@ impl Runtime {
             .routes
             .iter()
             .zip(&connectors)
-            .map(|(r, tls): (&crate::config::Route, &Option<tokio_rustls::TlsConnector>)| match r.http {
-                None => Vec::new(),
-                Some(_) => r
-                    .upstreams
-                    .iter()
-                    .map(|u| match u {
-                        crate::config::Upstream::BuiltinEcho => None,
-                        remote => Some(Arc::new(crate::proxy::Pool::new(remote.clone(), tls.clone()))),
-                    })
-                    .collect(),
-            })
+            .map(
+                |(r, tls): (&crate::config::Route, &Option<tokio_rustls::TlsConnector>)| match r.http {
+                    None => Vec::new(),
+                    Some(_) => r
+                        .upstreams
+                        .iter()
+                        .map(|u| match u {
+                            crate::config::Upstream::BuiltinEcho => None,
+                            remote => Some(Arc::new(crate::proxy::Pool::new(remote.clone(), tls.clone()))),
+                        })
+                        .collect(),
+                },
+            )
             .collect();
         let health = config
             .routes

@@ -35,11 +35,11 @@
 //! | composition | [`gateway`] | the [`gateway::Runtime`] built from one config, reload, the one place a refusal is counted |
 //! | stage | `proxy` | plain HTTP on `http = true` routes: the exchange, upstream pools, streamed bodies |
 //! | stage | [`upstream`] | the upstream request and WebSocket handshake, TLS to upstreams |
-//! | stage | [`auth`] | methods → one [`auth::Principal`]; JWT, client certificates |
 //! | stage | [`cluster`] | state shared through Redis: connection and breaker, events, leases |
-//! | stage | `keys` | JWT keys: secrets, PEM, JWKS and its refresh |
 //! | stage | `acme` | automatic certificates (TLS-ALPN-01) |
 //! | stage | `incidents` | admin bans, revocations, kicks, the live session list |
+//! | stage | [`auth`] | methods → one [`auth::Principal`]; JWT, client certificates |
+//! | stage | `keys` | JWT keys: secrets, PEM, JWKS and its refresh |
 //! | stage | [`relay`] | frames both ways: limits, pings, idle, validation, closing |
 //! | stage | [`validation`] | JSON and JSON Schema checks of client messages |
 //! | stage | [`firewall`] | CIDR rules and rule files |

@@ -121,6 +121,15 @@ impl Limited {
     }
 }
 
+impl Drop for Limited {
+    fn drop(&mut self) {
+        // hyper stops polling a body that says it has ended: ended is sent whole.
+        if self.inner.is_end_stream() {
+            self.upload.done.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
 impl HttpBody for Limited {
     type Data = Bytes;
     type Error = BoxError;
@@ -350,6 +359,10 @@ impl Streamed {
 
 impl Drop for Streamed {
     fn drop(&mut self) {
+        // hyper stops polling an answer that says it has ended (its length read): that
+        // is a clean end. Any other drop (the client left, an error) is not.
+        let clean = self.inner.is_end_stream();
+        self.finish(clean);
         if let Some(f) = self.on_end.take() {
             f();
         }

@@ -195,7 +195,12 @@ pub fn build_request(url: &str, facts: &ClientFacts) -> Result<http::Request<()>
 /// forwarding and identity headers removed; the gateway's own set). `Expect` is
 /// answered by the gateway itself, never forwarded. The body's framing is the
 /// gateway's: `Content-Length` or chunked, written by hyper from the body.
-pub fn http_request_head(method: &http::Method, upstream: &Upstream, path_and_query: &str, facts: &ClientFacts) -> Result<http::request::Parts, Reject> {
+pub fn http_request_head(
+    method: &http::Method,
+    upstream: &Upstream,
+    path_and_query: &str,
+    facts: &ClientFacts,
+) -> Result<http::request::Parts, Reject> {
     let authority = match upstream {
         Upstream::Remote { host, port, .. } if host.contains(':') => format!("[{host}]:{port}"),
         Upstream::Remote { host, port, .. } => format!("{host}:{port}"),

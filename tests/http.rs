@@ -70,7 +70,10 @@ fn text(status: u16, body: impl Into<Bytes>) -> Resp {
 
 async fn handle(req: hyper::Request<Incoming>, peer: SocketAddr, st: AppState) -> Result<Resp, Infallible> {
     let path = req.uri().path().to_string();
-    st.seen.lock().unwrap().push((peer, req.method().to_string(), req.uri().to_string()));
+    st.seen
+        .lock()
+        .unwrap()
+        .push((peer, req.method().to_string(), req.uri().to_string()));
     Ok(match path.as_str() {
         "/app/headers" => {
             let mut out = format!("{} {}\n", req.method(), req.uri());
@@ -155,7 +158,10 @@ struct Answer {
 
 impl Answer {
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
     fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).to_string()
@@ -170,10 +176,7 @@ impl Client {
     async fn connect(gw: &Gw) -> Client {
         let connector = tokio_rustls::TlsConnector::from(gw.tls());
         let tcp = TcpStream::connect(gw.addr).await.unwrap();
-        let s = connector
-            .connect(ServerName::try_from("localhost").unwrap(), tcp)
-            .await
-            .unwrap();
+        let s = connector.connect(ServerName::try_from("localhost").unwrap(), tcp).await.unwrap();
         Client { s, buf: Vec::new() }
     }
 
@@ -201,7 +204,10 @@ impl Client {
                 let mut lines = head.split("\r\n");
                 let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
                 let headers = lines
-                    .filter_map(|l| l.split_once(':').map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string())))
+                    .filter_map(|l| {
+                        l.split_once(':')
+                            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+                    })
                     .collect();
                 return Some((status, headers));
             }
@@ -375,7 +381,11 @@ async fn requests_on_a_kept_alive_connection_are_admitted_each_on_its_own_and_he
     gw.wait_metric(&rejected("auth"), 1.0).await;
     gw.wait_metric(r#"wsgate_http_requests_total{route="app",code="2xx"}"#, 2.0).await;
     gw.wait_metric(r#"wsgate_http_requests_total{route="app",code="4xx"}"#, 1.0).await;
-    assert!(gw.metrics_text().await.contains("wsgate_http_request_duration_seconds_count{route=\"app\"} 3"));
+    assert!(
+        gw.metrics_text()
+            .await
+            .contains("wsgate_http_request_duration_seconds_count{route=\"app\"} 3")
+    );
 
     // Host/SNI: every request on the connection is checked (421 on the second).
     let mut c = Client::connect(&gw).await;
@@ -411,7 +421,10 @@ async fn refusals_have_their_status_and_reason() {
     gw.wait_metric(&rejected("method_not_allowed"), 1.0).await;
     // No token, a foreign Origin.
     assert_eq!(one(get("/app/headers", "")).await, 401);
-    assert_eq!(one(get("/app/headers", &format!("{auth}Origin: https://evil.example\r\n"))).await, 403);
+    assert_eq!(
+        one(get("/app/headers", &format!("{auth}Origin: https://evil.example\r\n"))).await,
+        403
+    );
     gw.wait_metric(&rejected("origin"), 1.0).await;
     // A declared body over max_body: 413 before anything goes upstream.
     let big = format!("POST /app/upload HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Length: 2000\r\n\r\n");
@@ -424,7 +437,8 @@ async fn refusals_have_their_status_and_reason() {
 
     // The built-in echo answers a plain POST with its body.
     let mut c = Client::connect(&gw).await;
-    c.send(b"POST /e HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\n\r\nhello").await;
+    c.send(b"POST /e HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\n\r\nhello")
+        .await;
     let a = c.answer().await.unwrap();
     assert_eq!((a.status, a.text().as_str()), (200, "hello"));
 }
@@ -444,8 +458,11 @@ async fn a_chunked_body_over_max_body_aborts_the_upstream_request_and_its_connec
     let a = c.answer().await.unwrap();
     assert_eq!((a.status, a.text().as_str()), (200, "512"));
     // Over the limit midway: 413, the connection closes.
-    c.send(format!("POST /app/upload HTTP/1.1\r\nHost: localhost\r\n{auth}Transfer-Encoding: chunked\r\n\r\n{chunk}{chunk}{chunk}0\r\n\r\n").as_bytes())
-        .await;
+    c.send(
+        format!("POST /app/upload HTTP/1.1\r\nHost: localhost\r\n{auth}Transfer-Encoding: chunked\r\n\r\n{chunk}{chunk}{chunk}0\r\n\r\n")
+            .as_bytes(),
+    )
+    .await;
     let a = c.answer().await.unwrap();
     assert_eq!(a.status, 413, "{}", a.text());
     assert!(c.closed().await);
@@ -470,7 +487,10 @@ async fn answers_stream_without_being_held_and_a_silent_upstream_gets_504() {
     c.send(&get("/app/stream", &auth)).await;
     let (status, headers) = c.head().await.unwrap();
     assert_eq!(status, 200);
-    assert!(headers.iter().any(|(n, v)| n == "transfer-encoding" && v == "chunked"), "{headers:?}");
+    assert!(
+        headers.iter().any(|(n, v)| n == "transfer-encoding" && v == "chunked"),
+        "{headers:?}"
+    );
     // The first chunk arrives while the upstream still holds the second.
     assert_eq!(c.chunk().await, b"first");
     app.state.release.notify_one();
@@ -516,7 +536,10 @@ async fn request_smuggling_is_refused_and_nothing_behind_it_is_read() {
             "CL twice, different values",
             format!("POST /app/upload HTTP/1.1\r\n{h}Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"),
         ),
-        ("CL list", format!("POST /app/upload HTTP/1.1\r\n{h}Content-Length: 5, 5\r\n\r\nhello")),
+        (
+            "CL list",
+            format!("POST /app/upload HTTP/1.1\r\n{h}Content-Length: 5, 5\r\n\r\nhello"),
+        ),
         ("obs-fold", format!("GET /app/headers HTTP/1.1\r\n{h}X-A: b\r\n c\r\n\r\n")),
         ("bare LF", format!("GET /app/headers HTTP/1.1\n{h}\r\n")),
         ("bare CR", format!("GET /app/headers HTTP/1.1\r\n{h}X-A: b\rX-B: c\r\n\r\n")),
@@ -577,9 +600,8 @@ async fn the_http_rate_per_ip_is_charged_per_request() {
 
 #[test]
 fn bad_http_keys_are_config_errors_naming_key_and_line() {
-    let route = |extra: &str| {
-        format!("[[routes]]\nname = \"a\"\npath = \"/a/*\"\nupstreams = [\"ws://127.0.0.1:1\"]\nauth = \"none\"\n{extra}\n")
-    };
+    let route =
+        |extra: &str| format!("[[routes]]\nname = \"a\"\npath = \"/a/*\"\nupstreams = [\"ws://127.0.0.1:1\"]\nauth = \"none\"\n{extra}\n");
     for (text, key, line) in [
         (route("http_methods = [\"GET\"]"), "routes.http_methods", 6),
         (route("http = true\nhttp_methods = [\"get\"]"), "routes.http_methods", 7),
@@ -595,7 +617,14 @@ fn bad_http_keys_are_config_errors_naming_key_and_line() {
     }
     let c = wsgate::Config::from_toml_str(&route("http = true"), "t.toml").unwrap();
     let p = c.routes[0].http.as_ref().unwrap();
-    assert_eq!(p.methods.iter().map(|m| m.as_str()).collect::<Vec<_>>(), ["GET", "POST", "OPTIONS", "HEAD"]);
+    assert_eq!(
+        p.methods.iter().map(|m| m.as_str()).collect::<Vec<_>>(),
+        ["GET", "POST", "OPTIONS", "HEAD"]
+    );
     assert_eq!((p.max_body, p.timeout), (1 << 20, Duration::from_secs(60)));
-    assert!(wsgate::Config::from_toml_str(&route(""), "t.toml").unwrap().routes[0].http.is_none());
+    assert!(
+        wsgate::Config::from_toml_str(&route(""), "t.toml").unwrap().routes[0]
+            .http
+            .is_none()
+    );
 }

@@ -163,7 +163,10 @@ impl Validator<'_> {
             return Ok(None);
         }
         let methods = match &r.http_methods {
-            None => DEFAULT_HTTP_METHODS.iter().filter_map(|m| http::Method::from_bytes(m.as_bytes()).ok()).collect(),
+            None => DEFAULT_HTTP_METHODS
+                .iter()
+                .filter_map(|m| http::Method::from_bytes(m.as_bytes()).ok())
+                .collect(),
             Some(list) => {
                 let mut methods: Vec<http::Method> = Vec::new();
                 for m in list.get_ref() {
