@@ -241,16 +241,33 @@ impl Admission {
         }
     }
 
-    /// `wsgate_http_requests_total` now, the duration once the answer has ended.
+    /// `wsgate_http_requests_total` now, the duration once the answer has ended. An
+    /// answered request is logged then, one line each (a refusal is logged with the
+    /// connection's end, once).
     fn count_http(&self, route: String, mut resp: Response<Body>, t0: tokio::time::Instant) -> Response<Body> {
-        let metrics = &self.gw.metrics;
-        metrics.http_request(&route, resp.status().as_u16());
-        match resp.body_mut() {
-            Body::Upstream(s) => {
-                let metrics = metrics.clone();
-                s.on_end(Box::new(move || metrics.http_duration(&route, t0.elapsed().as_secs_f64())));
+        let metrics = self.gw.metrics.clone();
+        let status = resp.status().as_u16();
+        metrics.http_request(&route, status);
+        let answered = !matches!(resp.body(), Body::Full(_));
+        let (request_id, client, upstream) = self.with_info(|i| (i.request_id.clone(), i.client_ip, i.upstream.clone()));
+        let done = move || {
+            let took = t0.elapsed();
+            metrics.http_duration(&route, took.as_secs_f64());
+            if answered {
+                tracing::info!(
+                    request_id = request_id.as_deref().unwrap_or("-"),
+                    peer = %client.map_or_else(|| "-".to_string(), |c| c.to_string()),
+                    route,
+                    upstream = upstream.as_deref().unwrap_or("-"),
+                    status,
+                    duration_ms = took.as_millis() as u64,
+                    "http request"
+                );
             }
-            _ => metrics.http_duration(&route, t0.elapsed().as_secs_f64()),
+        };
+        match resp.body_mut() {
+            Body::Upstream(s) => s.on_end(Box::new(done)),
+            _ => done(),
         }
         resp
     }
