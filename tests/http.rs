@@ -122,6 +122,27 @@ async fn handle(req: hyper::Request<Incoming>, peer: SocketAddr, st: AppState) -
 }
 
 async fn app() -> App {
+    app_on(None).await
+}
+
+/// The app behind TLS (an `https://` upstream for a `wss://` URL) with the certificate
+/// `dir/app.crt`, signed by `dir/app-ca.pem`.
+async fn tls_app(dir: &std::path::Path) -> App {
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    write_ca_signed_server_cert(dir, "app");
+    let certs = CertificateDer::pem_file_iter(dir.join("app.crt"))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(dir.join("app.key")).unwrap();
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    app_on(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))).await
+}
+
+async fn app_on(tls: Option<tokio_rustls::TlsAcceptor>) -> App {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let state = AppState::default();
@@ -130,11 +151,17 @@ async fn app() -> App {
         loop {
             let Ok((s, peer)) = listener.accept().await else { return };
             let st = st.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| handle(req, peer, st.clone()));
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
-                    .await;
+                let http = hyper::server::conn::http1::Builder::new();
+                let _ = match tls {
+                    None => http.serve_connection(hyper_util::rt::TokioIo::new(s), svc).await,
+                    Some(acceptor) => {
+                        let Ok(s) = acceptor.accept(s).await else { return };
+                        http.serve_connection(hyper_util::rt::TokioIo::new(s), svc).await
+                    }
+                };
             });
         }
     });
@@ -627,4 +654,41 @@ fn bad_http_keys_are_config_errors_naming_key_and_line() {
             .http
             .is_none()
     );
+}
+
+#[tokio::test]
+async fn a_wss_upstream_gets_https_and_an_upgrade_may_follow_plain_requests_on_one_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = tls_app(dir.path()).await;
+    let text = format!(
+        "{LIMITS}\n[[routes]]\nname = \"app\"\npath = \"/app/*\"\nupstreams = [\"wss://localhost:{}\"]\nupstream_ca = \"{}\"\nauth = \"none\"\nhttp = true\n\n\
+         [[routes]]\nname = \"echo\"\npath = \"/e\"\nupstreams = [\"builtin:echo\"]\nauth = \"none\"\nhttp = true\n",
+        app.addr.port(),
+        dir.path().join("app-ca.pem").display()
+    );
+    let gw = Gw::start("", &text).await;
+    let mut c = Client::connect(&gw).await;
+    c.send(&get("/app/headers", "")).await;
+    let a = c.answer().await.unwrap();
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert!(a.text().starts_with("GET /app/headers\n"), "{}", a.text());
+    assert_eq!(app.seen().len(), 1);
+
+    // A plain request, then the upgrade, on one connection: the session relays.
+    c.send(b"POST /e HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\nhi").await;
+    assert_eq!(c.answer().await.unwrap().text(), "hi");
+    c.send(&get(
+        "/e",
+        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+    ))
+    .await;
+    let (status, _) = c.head().await.unwrap();
+    assert_eq!(status, 101);
+    // One masked text frame "ping"; the echo sends it back unmasked.
+    let mask = [1u8, 2, 3, 4];
+    let mut frame = vec![0x81, 0x80 | 4];
+    frame.extend(mask);
+    frame.extend(b"ping".iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    c.send(&frame).await;
+    assert_eq!(c.exact(6).await, [0x81, 4, b'p', b'i', b'n', b'g']);
 }
