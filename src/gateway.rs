@@ -82,6 +82,8 @@ pub struct Runtime {
     /// index; `None` for the built-in echo. Empty for other routes. A reload starts new
     /// pools; the old ones close as their last exchange ends.
     pub http_pools: Vec<Vec<Option<Arc<crate::proxy::Pool>>>>,
+    /// The upstream choice and load, by route index.
+    pub balancers: Vec<crate::balance::Balancer>,
     /// WebSocket settings of the built-in echo backend, with the configured size
     /// limits. (The relay itself works on frames, see [`crate::relay`].)
     pub ws_config: WebSocketConfig,
@@ -152,6 +154,11 @@ impl Runtime {
             .map(|f| admin_token(f, &config.origin))
             .transpose()?;
         let next_upstream = config.routes.iter().map(|_| AtomicUsize::new(0)).collect();
+        let balancers = config
+            .routes
+            .iter()
+            .map(|r| crate::balance::Balancer::new(r, crate::balance::process_key()))
+            .collect();
         let http_pools = config
             .routes
             .iter()
@@ -201,6 +208,7 @@ impl Runtime {
             next_upstream,
             health,
             http_pools,
+            balancers,
             ws_config,
             validators,
             identity_headers,

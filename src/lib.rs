@@ -35,6 +35,7 @@
 //! | composition | [`gateway`] | the [`gateway::Runtime`] built from one config, reload, the one place a refusal is counted |
 //! | stage | `proxy` | plain HTTP on `http = true` routes: the exchange, upstream pools, streamed bodies |
 //! | stage | [`upstream`] | the upstream request and WebSocket handshake, TLS to upstreams |
+//! | stage | `balance` | choosing an upstream: round robin, least sessions, the signed sticky cookie; load per upstream |
 //! | stage | [`cluster`] | state shared through Redis: connection and breaker, events, leases |
 //! | stage | `acme` | automatic certificates (TLS-ALPN-01) |
 //! | stage | `incidents` | admin bans, revocations, kicks, the live session list |
@@ -92,6 +93,7 @@ mod admin;
 mod admin_api;
 mod admit;
 pub mod auth;
+mod balance;
 pub mod check;
 pub mod client;
 pub mod cluster;

@@ -213,6 +213,7 @@ impl Pool {
                     _permit: permit,
                     reusable: false,
                     reused: true,
+                    load: None,
                 });
             }
         }
@@ -225,6 +226,7 @@ impl Pool {
             _permit: permit,
             reusable: false,
             reused: false,
+            load: None,
         })
     }
 
@@ -253,6 +255,8 @@ pub struct Lease {
     reusable: bool,
     /// Taken from the pool (not new): the tests' and the logs' view of reuse.
     pub reused: bool,
+    /// The request counted on its upstream (`least_sessions`, the admin API).
+    pub load: Option<crate::balance::Held>,
 }
 
 impl Drop for Lease {

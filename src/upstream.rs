@@ -44,6 +44,8 @@ pub struct ClientFacts<'a> {
     pub identity_headers: &'a [HeaderName],
     /// Sent as `X-Request-Id` (a client's own copy is never forwarded).
     pub request_id: Option<&'a str>,
+    /// The gateway's own cookie (`sticky_cookie`): never forwarded.
+    pub gateway_cookie: Option<&'a str>,
 }
 
 /// Header names compared the way proxies and frameworks conflate them: case, and every
@@ -278,7 +280,7 @@ fn forward_client_headers(h: &mut HeaderMap, facts: &ClientFacts) {
         }
         h.append(name.clone(), value.clone());
     }
-    if facts.token_sources.iter().any(|s| matches!(s, TokenSource::Cookie(_))) {
+    if facts.gateway_cookie.is_some() || facts.token_sources.iter().any(|s| matches!(s, TokenSource::Cookie(_))) {
         strip_token_cookies(h, facts);
     }
     for (claim, header) in facts.forward_claims {
@@ -349,6 +351,7 @@ fn strip_token_cookies(h: &mut HeaderMap, facts: &ClientFacts) {
             TokenSource::Cookie(n) => Some(n.as_str()),
             _ => None,
         })
+        .chain(facts.gateway_cookie)
         .collect();
     let kept: Vec<String> = h
         .get_all(header::COOKIE)
@@ -378,6 +381,9 @@ pub struct Connected {
     pub protocol: Option<HeaderValue>,
     /// Which upstream answered (`host:port`, `builtin:echo`), for the access log.
     pub target: String,
+    /// Its index in the route's list, and the session counted on it while this lives.
+    pub index: usize,
+    pub load: Option<crate::balance::Held>,
 }
 
 /// An upstream as the access log names it: `host:port` (IPv6 in brackets), or `builtin:echo`.
@@ -475,6 +481,8 @@ async fn handshake(io: UpstreamIo, req: http::Request<()>) -> Result<Connected, 
         ws,
         protocol,
         target: String::new(),
+        index: 0,
+        load: None,
     })
 }
 
@@ -640,6 +648,7 @@ mod tests {
             forward_claims: &[],
             identity_headers: &[],
             request_id: None,
+            gateway_cookie: None,
         }
     }
 

@@ -190,6 +190,13 @@ impl Answer {
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     }
+    /// The gateway's sticky cookie among the answer's `Set-Cookie` headers.
+    fn sticky(&self) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, v)| n == "set-cookie" && v.starts_with("wsgate_sticky="))
+            .map(|(_, v)| v.as_str())
+    }
     fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).to_string()
     }
@@ -691,4 +698,96 @@ async fn a_wss_upstream_gets_https_and_an_upgrade_may_follow_plain_requests_on_o
     frame.extend(b"ping".iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
     c.send(&frame).await;
     assert_eq!(c.exact(6).await, [0x81, 4, b'p', b'i', b'n', b'g']);
+}
+
+const ADMIN_TOKEN: &str = "0123456789abcdef0123456789abcdef-admin";
+
+#[tokio::test]
+async fn sticky_keeps_a_client_on_its_upstream_a_forged_cookie_is_ignored_and_the_admin_api_lists_upstreams() {
+    let (a, b) = (app().await, app().await);
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("admin.token");
+    std::fs::write(&token_file, format!("{ADMIN_TOKEN}\n")).unwrap();
+    let text = format!(
+        "{LIMITS}\n[[routes]]\nname = \"app\"\npath = \"/app/*\"\nupstreams = [\"{}\", \"{}\"]\nauth = \"none\"\nhttp = true\nbalance = \"sticky\"\n",
+        a.url(),
+        b.url()
+    );
+    let gw = Gw::start_with("", &text, |t| {
+        t.replacen(
+            "[admin]\nlisten = \"127.0.0.1:0\"\n",
+            &format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n", token_file.display()),
+            1,
+        )
+    })
+    .await;
+    let mut c = Client::connect(&gw).await;
+    // No cookie: balanced, and a signed cookie that names no address.
+    c.send(&get("/app/headers", "")).await;
+    let first = c.answer().await.unwrap();
+    let cookie = first.sticky().unwrap().to_string();
+    assert_eq!(first.header("set-cookie"), Some("sid=1; Path=/"), "the app's own cookie passes");
+    assert!(
+        cookie.starts_with("wsgate_sticky=") && cookie.contains("HttpOnly") && cookie.contains("Secure"),
+        "{cookie}"
+    );
+    assert!(!cookie.contains("127.0.0.1"), "{cookie}");
+    let value = cookie.split(';').next().unwrap().to_string();
+    let on_a = a.seen().len() == 1;
+    // With the cookie: every request lands on the same upstream, no new cookie, and the
+    // cookie never reaches the upstream.
+    for _ in 0..6 {
+        c.send(&get("/app/headers", &format!("Cookie: {value}; app=1\r\n"))).await;
+        let r = c.answer().await.unwrap();
+        assert_eq!(r.status, 200);
+        assert!(r.sticky().is_none(), "{:?}", r.headers);
+        assert!(
+            !r.text().contains("wsgate_sticky") && r.text().contains("cookie: app=1"),
+            "{}",
+            r.text()
+        );
+    }
+    let (mine, other) = if on_a { (&a, &b) } else { (&b, &a) };
+    assert_eq!((mine.seen().len(), other.seen().len()), (7, 0));
+    // A forged or foreign cookie is ignored: the request is balanced and gets a new one.
+    for forged in [
+        "wsgate_sticky=AAEAAAAAAAAAAAAAAAAAAAAAAA",
+        "wsgate_sticky=garbage",
+        "wsgate_sticky=",
+    ] {
+        c.send(&get("/app/headers", &format!("Cookie: {forged}\r\n"))).await;
+        let r = c.answer().await.unwrap();
+        assert_eq!(r.status, 200);
+        assert!(r.sticky().is_some(), "{forged}");
+    }
+
+    // The admin API lists both, with the long poll in flight on its upstream.
+    c.send(&get("/app/stream", &format!("Cookie: {value}\r\n"))).await;
+    let (status, _) = c.head().await.unwrap();
+    assert_eq!(status, 200);
+    let (code, body) = http_request(
+        gw.admin,
+        "GET",
+        "/v1/upstreams",
+        &format!("Authorization: Bearer {ADMIN_TOKEN}\r\n"),
+        "",
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let list = v["upstreams"].as_array().unwrap();
+    assert_eq!(list.len(), 2);
+    for (i, app) in [&a, &b].into_iter().enumerate() {
+        assert_eq!(list[i]["route"], "app");
+        assert_eq!(list[i]["upstream"], format!("ws://{}", app.addr));
+        assert_eq!(list[i]["index"], i);
+        assert_eq!(list[i]["state"], "up");
+        assert_eq!(list[i]["healthy"], true);
+        assert_eq!(list[i]["sessions"], 0);
+        let busy = std::ptr::eq(app, mine);
+        assert_eq!(list[i]["in_flight"], u64::from(busy), "{body}");
+    }
+    let (code, _) = http_request(gw.admin, "GET", "/v1/upstreams", "", "").await;
+    assert_eq!(code, 401);
+    mine.state.release.notify_one();
 }

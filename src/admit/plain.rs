@@ -62,11 +62,13 @@ impl Admission {
             self.cert().map(Arc::as_ref),
         );
         facts.request_id = request_id.as_deref();
-        let (index, lease) = upstream::checkout_http(rt, checked.route_index).await?;
+        let sticky = upstream::sticky_choice(rt, checked.route_index, &parts.headers);
+        let (index, lease) = upstream::checkout_http(rt, checked.route_index, sticky).await?;
+        let set_cookie = upstream::sticky_cookie(rt, checked.route_index, sticky, index, !self.plain);
         let target = &route.upstreams[index];
         self.note(|i| i.upstream = Some(crate::upstream::target_label(target)));
         let Some(lease) = lease else {
-            return Ok(proxy::echo(body));
+            return Ok(with_cookie(proxy::echo(body), set_cookie));
         };
         let base = match target {
             crate::config::Upstream::Remote { path, .. } => path.as_deref(),
@@ -78,6 +80,14 @@ impl Admission {
         if let Err(e) = &resp {
             tracing::info!(route = %route.name, upstream = index, reason = e.label(), "plain request not answered by the upstream");
         }
-        resp
+        resp.map(|r| with_cookie(r, set_cookie))
     }
+}
+
+/// The answer with the gateway's sticky cookie added (the app's own cookies kept).
+fn with_cookie(mut resp: Response<Body>, cookie: Option<http::HeaderValue>) -> Response<Body> {
+    if let Some(c) = cookie {
+        resp.headers_mut().append(http::header::SET_COOKIE, c);
+    }
+    resp
 }

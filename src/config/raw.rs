@@ -259,6 +259,8 @@ pub(super) struct Route {
     pub http_methods: Option<Spanned<Vec<String>>>,
     pub max_body: Option<Spanned<ByteSize>>,
     pub http_timeout: Option<Spanned<HumanDuration>>,
+    pub balance: Option<super::Balance>,
+    pub sticky_cookie: Option<Spanned<String>>,
 }
 
 /// `[routes.limits]`: this route's overrides of `[limits]`, `[server]` and `[jwt]` keys.

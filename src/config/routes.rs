@@ -143,7 +143,26 @@ impl Validator<'_> {
             validate: r.validate.as_ref().map(|v| self.validate_section(v)).transpose()?,
             limits: r.limits.as_ref().map(|l| self.route_limits(l)).transpose()?.unwrap_or_default(),
             http: self.http_policy(r)?,
+            balance: r.balance.unwrap_or_default(),
+            sticky_cookie: self.sticky_cookie(r)?,
         })
+    }
+
+    /// `sticky_cookie`: only with `balance = "sticky"`; a cookie name of letters,
+    /// digits, `_` and `-`.
+    fn sticky_cookie(&self, r: &raw::Route) -> Result<Option<String>, ConfigError> {
+        let sticky = r.balance == Some(Balance::Sticky);
+        match &r.sticky_cookie {
+            None => Ok(sticky.then(|| DEFAULT_STICKY_COOKIE.to_string())),
+            Some(c) if !sticky => Err(self.err(c, "routes.sticky_cookie", "needs balance = \"sticky\" on this route")),
+            Some(c) => {
+                let name = c.get_ref();
+                if name.is_empty() || name.len() > 64 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+                    return Err(self.err(c, "routes.sticky_cookie", "use 1 to 64 letters, digits, '_' and '-'"));
+                }
+                Ok(Some(name.clone()))
+            }
+        }
     }
 
     /// `http`, `http_methods`, `max_body`, `http_timeout` (DESIGN.md section 13). The
