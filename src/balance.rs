@@ -23,6 +23,8 @@ const MAC_LEN: usize = 16;
 /// What one upstream carries now.
 #[derive(Debug, Default)]
 pub struct Load {
+    /// The upstream's index in its route's list.
+    index: usize,
     sessions: AtomicUsize,
     in_flight: AtomicUsize,
 }
@@ -41,16 +43,26 @@ impl Load {
     }
 }
 
-/// One session or one request counted on an upstream, until dropped.
+/// One session (`SESSION`) or one plain request counted on an upstream, until dropped.
+/// One pointer: a session holds it for its whole life.
 #[derive(Debug)]
-pub struct Held {
-    load: Arc<Load>,
-    session: bool,
+pub struct Held<const SESSION: bool>(Arc<Load>);
+
+/// A WebSocket session counted on its upstream.
+pub(crate) type SessionHeld = Held<true>;
+/// An in-flight plain request counted on its upstream.
+pub(crate) type RequestHeld = Held<false>;
+
+impl<const SESSION: bool> Held<SESSION> {
+    /// The upstream's index in its route's list.
+    pub fn index(&self) -> usize {
+        self.0.index
+    }
 }
 
-impl Drop for Held {
+impl<const SESSION: bool> Drop for Held<SESSION> {
     fn drop(&mut self) {
-        let counter = if self.session { &self.load.sessions } else { &self.load.in_flight };
+        let counter = if SESSION { &self.0.sessions } else { &self.0.in_flight };
         counter.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -106,7 +118,9 @@ impl Balancer {
                 .iter()
                 .map(|u| format!("{}\0{}", route.name, configured_url(u)))
                 .collect(),
-            loads: route.upstreams.iter().map(|_| Arc::default()).collect(),
+            loads: (0..route.upstreams.len())
+                .map(|index| Arc::new(Load { index, ..Load::default() }))
+                .collect(),
             next: AtomicUsize::new(0),
             key,
         }
@@ -116,12 +130,12 @@ impl Balancer {
         self.loads.get(index)
     }
 
-    /// Count a session (`session`) or a plain request on upstream `index`.
-    pub fn hold(&self, index: usize, session: bool) -> Option<Held> {
+    /// Count a session (`SESSION`) or a plain request on upstream `index`.
+    pub fn hold<const SESSION: bool>(&self, index: usize) -> Option<Held<SESSION>> {
         let load = self.loads.get(index)?.clone();
-        let counter = if session { &load.sessions } else { &load.in_flight };
+        let counter = if SESSION { &load.sessions } else { &load.in_flight };
         counter.fetch_add(1, Ordering::Relaxed);
-        Some(Held { load, session })
+        Some(Held(load))
     }
 
     /// The upstreams to try, best first (`sticky`: the cookie's upstream, if valid).
@@ -225,11 +239,11 @@ mod tests {
     #[test]
     fn least_sessions_prefers_the_least_loaded_and_round_robin_rotates() {
         let b = Balancer::new(&route("least_sessions"), new_key());
-        let _s0 = b.hold(0, true);
-        let _s1 = b.hold(1, false);
+        let _s0 = b.hold::<true>(0);
+        let _s1 = b.hold::<false>(1);
         assert_eq!(b.order(None)[0], 2);
-        let h = b.hold(2, true);
-        let _h2 = b.hold(2, true);
+        let h = b.hold::<true>(2);
+        let _h2 = b.hold::<true>(2);
         assert_ne!(b.order(None)[0], 2);
         drop(h);
         assert_eq!(b.load(2).unwrap().sessions(), 1);

@@ -256,7 +256,7 @@ pub struct Lease {
     /// Taken from the pool (not new): the tests' and the logs' view of reuse.
     pub reused: bool,
     /// The request counted on its upstream (`least_sessions`, the admin API).
-    pub load: Option<crate::balance::Held>,
+    pub load: Option<crate::balance::RequestHeld>,
 }
 
 impl Drop for Lease {

@@ -380,10 +380,9 @@ pub struct Connected {
     pub ws: crate::relay::Endpoint<UpstreamIo>,
     pub protocol: Option<HeaderValue>,
     /// Which upstream answered (`host:port`, `builtin:echo`), for the access log.
-    pub target: String,
-    /// Its index in the route's list, and the session counted on it while this lives.
-    pub index: usize,
-    pub load: Option<crate::balance::Held>,
+    pub target: Box<str>,
+    /// The session counted on the upstream while this lives (and the upstream's index).
+    pub load: Option<crate::balance::SessionHeld>,
 }
 
 /// An upstream as the access log names it: `host:port` (IPv6 in brackets), or `builtin:echo`.
@@ -409,7 +408,7 @@ pub async fn connect(
             Upstream::Remote { .. } => open(upstream, tls).await?,
         };
         let mut connected = handshake(io, req).await?;
-        connected.target = target_label(upstream);
+        connected.target = target_label(upstream).into_boxed_str();
         Ok(connected)
     };
     tokio::time::timeout(timeout, fut).await.map_err(|_| Reject::UpstreamTimeout)?
@@ -480,8 +479,7 @@ async fn handshake(io: UpstreamIo, req: http::Request<()>) -> Result<Connected, 
     Ok(Connected {
         ws,
         protocol,
-        target: String::new(),
-        index: 0,
+        target: Box::from(""),
         load: None,
     })
 }

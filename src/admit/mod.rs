@@ -341,10 +341,11 @@ impl Admission {
         );
         facts.request_id = request_id.as_deref();
         let connected = upstream::connect(&self.gw, &self.rt, checked.route_index, &facts).await?;
-        self.note(|i| i.upstream = Some(connected.target.clone()));
+        self.note(|i| i.upstream = Some(connected.target.to_string()));
         let mut resp = upgrade::switching_protocols(&upgrade, connected.protocol.clone());
         let had = upstream::sticky_choice(&self.rt, checked.route_index, req.headers());
-        if let Some(c) = upstream::sticky_cookie(&self.rt, checked.route_index, had, connected.index, !self.plain) {
+        let index = connected.load.as_ref().map(crate::balance::SessionHeld::index);
+        if let Some(c) = index.and_then(|i| upstream::sticky_cookie(&self.rt, checked.route_index, had, i, !self.plain)) {
             resp.headers_mut().append(http::header::SET_COOKIE, c);
         }
         let admitted = self.admitted(req, checked, ip_lease, (Some(connected), principal), None, user);

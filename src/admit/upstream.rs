@@ -91,8 +91,7 @@ pub(super) async fn connect(gw: &Gateway, rt: &Runtime, route_index: usize, fact
             Ok(mut c) => {
                 health.succeeded();
                 gw.metrics.upstream_connect(&route.name, t0.elapsed().as_secs_f64());
-                c.index = idx;
-                c.load = balancer.hold(idx, true);
+                c.load = balancer.hold(idx);
                 return Ok(c);
             }
             // A 4xx is the application's answer to this client, not a fault of the
@@ -138,7 +137,7 @@ pub(super) async fn checkout_http(
         match pool.checkout(policy.timeout, rt.config.server.upstream_timeout).await {
             Ok(mut lease) => {
                 health.succeeded();
-                lease.load = balancer.hold(idx, false);
+                lease.load = balancer.hold(idx);
                 return Ok((idx, Some(lease)));
             }
             Err(e) => {
