@@ -8,7 +8,7 @@
 //! | 1 | accept, global cap; client address from PROXY protocol v1/v2 | `server`, `proxy_protocol` |
 //! | 2–3 | firewall, per-IP rate and concurrency limits (before TLS) | [`firewall`], [`limits`], [`gateway::Gateway`] |
 //! | 4 | TLS handshake under `handshake_timeout`; client certificate verified (mTLS) | [`tls`], `conn` |
-//! | 5 | upgrade request: head read by hyper with size/time bounds, route, validate | [`upgrade`], `admit` |
+//! | 5 | upgrade request: head read by hyper with size/time bounds (raw heads checked for smuggling), route, validate; on `http = true` routes a plain request is admitted the same way and proxied | [`upgrade`], `framing`, `admit`, `proxy` |
 //! | 6 | authentication: client certificate and/or JWT, certificate-bound tokens | [`auth`], `keys`, `admit` |
 //! | 7 | upstream connect + handshake, before the 101 | [`upstream`], [`echo`] |
 //! | 8 | 101 with the upstream's subprotocol | [`upgrade`] |

@@ -224,6 +224,10 @@ pub fn http_request_head(
 /// upstream's `Connection` names: removed before the answer goes to the client.
 /// `Content-Length` stays (a `HEAD` answer needs it); hyper frames the rest.
 pub fn strip_response_hop_by_hop(h: &mut HeaderMap) {
+    // hyper read a chunked answer as chunked: a length sent beside it is not the body's.
+    if h.contains_key(header::TRANSFER_ENCODING) {
+        h.remove(header::CONTENT_LENGTH);
+    }
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()

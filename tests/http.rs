@@ -791,3 +791,51 @@ async fn sticky_keeps_a_client_on_its_upstream_a_forged_cookie_is_ignored_and_th
     assert_eq!(code, 401);
     mine.state.release.notify_one();
 }
+
+#[tokio::test]
+async fn a_sticky_upgrade_lands_where_the_cookie_says_and_sessions_count_for_least_sessions() {
+    let (a, b) = (upstream(Behaviour::Echo).await, upstream(Behaviour::Echo).await);
+    let text = format!(
+        "[[routes]]\nname = \"ws\"\npath = \"/ws\"\nupstreams = [\"{}\", \"{}\"]\nauth = \"none\"\nbalance = \"sticky\"\n",
+        a.url(),
+        b.url()
+    );
+    let gw = Gw::start("", &text).await;
+    let upgrade = |cookie: &str| {
+        get(
+            "/ws",
+            &format!(
+                "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{cookie}"
+            ),
+        )
+    };
+    // The first upgrade: a cookie on the 101, and its session counted on its upstream.
+    let mut first = Client::connect(&gw).await;
+    first.send(&upgrade("")).await;
+    let (status, headers) = first.head().await.unwrap();
+    assert_eq!(status, 101);
+    let cookie = headers
+        .iter()
+        .find(|(n, v)| n == "set-cookie" && v.starts_with("wsgate_sticky="))
+        .map(|(_, v)| v.split(';').next().unwrap().to_string())
+        .expect("no sticky cookie on the 101");
+    let first_on_a = a.requests() == 1;
+    // With the cookie: the same upstream each time, although it holds more sessions.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut c = Client::connect(&gw).await;
+        c.send(&upgrade(&format!("Cookie: {cookie}\r\n"))).await;
+        let (status, headers) = c.head().await.unwrap();
+        assert_eq!(status, 101);
+        assert!(!headers.iter().any(|(n, _)| n == "set-cookie"), "{headers:?}");
+        held.push(c);
+    }
+    let (mine, other) = if first_on_a { (&a, &b) } else { (&b, &a) };
+    assert_eq!((mine.requests(), other.requests()), (4, 0));
+    assert!(mine.header(1, "cookie").is_none(), "the sticky cookie reached the upstream");
+    // Without a cookie: the least loaded upstream.
+    let mut c = Client::connect(&gw).await;
+    c.send(&upgrade("")).await;
+    assert_eq!(c.head().await.unwrap().0, 101);
+    assert_eq!(other.requests(), 1);
+}
