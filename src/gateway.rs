@@ -405,6 +405,13 @@ impl Gateway {
     pub fn render_metrics(&self) -> String {
         self.metrics.limiter_evictions(self.per_ip().evicted());
         self.certificate_expiries();
+        let rt = self.runtime();
+        for (r, route) in rt.config.routes.iter().enumerate() {
+            for i in 0..route.upstreams.len() {
+                let sessions = rt.balancers[r].load(i).map_or(0, |l| l.sessions());
+                self.metrics.upstream_state(&route.name, i, sessions, !rt.health[r][i].is_down());
+            }
+        }
         self.metrics.render()
     }
 

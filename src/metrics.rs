@@ -36,6 +36,8 @@ pub const ACME_ORDERS: &str = "wsgate_acme_orders_total";
 pub const CONNECTIONS_MAX: &str = "wsgate_connections_max";
 pub const HTTP_REQUESTS: &str = "wsgate_http_requests_total";
 pub const HTTP_REQUEST_DURATION: &str = "wsgate_http_request_duration_seconds";
+pub const UPSTREAM_SESSIONS: &str = "wsgate_upstream_sessions";
+pub const UPSTREAM_UP: &str = "wsgate_upstream_up";
 /// The process metrics below come from `metrics-process` (its names and help texts), read
 /// on each scrape; listed here so the alert rules and the dashboard have one place to look.
 pub const PROCESS_OPEN_FDS: &str = "process_open_fds";
@@ -60,6 +62,14 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
         "Time to connect to an upstream and complete its WebSocket handshake.",
     ),
     (CONFIG_RELOADS, "Configuration reloads, by result."),
+    (
+        UPSTREAM_SESSIONS,
+        "Live WebSocket sessions per upstream, by route and upstream (its index in the route's list).",
+    ),
+    (
+        UPSTREAM_UP,
+        "1 while an upstream is chosen, 0 while it is in back-off after failures, by route and upstream index.",
+    ),
     (
         HTTP_REQUESTS,
         "Plain HTTP requests on routes with http = true, by route and status class (1xx..5xx), refusals included.",
@@ -280,6 +290,17 @@ impl Metrics {
             _ => "5xx",
         };
         self.counter(HTTP_REQUESTS, &[("route", route), ("code", class)]).increment(1);
+    }
+
+    /// One upstream's state, read when the metrics are rendered.
+    pub fn upstream_state(&self, route: &str, index: usize, sessions: usize, up: bool) {
+        let labels = || vec![Label::new("route", route.to_string()), Label::new("upstream", index.to_string())];
+        self.recorder
+            .register_gauge(&Key::from_parts(UPSTREAM_SESSIONS, labels()), &metadata())
+            .set(sessions as f64);
+        self.recorder
+            .register_gauge(&Key::from_parts(UPSTREAM_UP, labels()), &metadata())
+            .set(if up { 1.0 } else { 0.0 });
     }
 
     pub fn http_duration(&self, route: &str, seconds: f64) {

@@ -832,6 +832,11 @@ async fn a_sticky_upgrade_lands_where_the_cookie_says_and_sessions_count_for_lea
     }
     let (mine, other) = if first_on_a { (&a, &b) } else { (&b, &a) };
     assert_eq!((mine.requests(), other.requests()), (4, 0));
+    let index = if first_on_a { 0 } else { 1 };
+    gw.wait_metric(&format!("wsgate_upstream_sessions{{route=\"ws\",upstream=\"{index}\"}}"), 4.0)
+        .await;
+    gw.wait_metric(&format!("wsgate_upstream_up{{route=\"ws\",upstream=\"{}\"}}", 1 - index), 1.0)
+        .await;
     assert!(mine.header(1, "cookie").is_none(), "the sticky cookie reached the upstream");
     // Without a cookie: the least loaded upstream.
     let mut c = Client::connect(&gw).await;
