@@ -44,6 +44,8 @@ struct AppState {
     seen: Arc<Mutex<Vec<(SocketAddr, String, String)>>>,
     /// `/app/stream` sends its second chunk once notified.
     release: Arc<Notify>,
+    /// `/app/big` answers whose reader went away before the end.
+    big_cut: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 struct App {
@@ -104,9 +106,13 @@ async fn handle(req: hyper::Request<Incoming>, peer: SocketAddr, st: AppState) -
         }
         "/app/big" => {
             let (tx, rx) = mpsc::channel(2);
+            let cut = st.big_cut.clone();
+            // `?huge`: 256 MiB, more than the sockets between here and the client hold.
+            let chunks: usize = if req.uri().query() == Some("huge") { 4096 } else { 64 };
             tokio::spawn(async move {
-                for i in 0..64u8 {
-                    if tx.send(Bytes::from(vec![i; 64 * 1024])).await.is_err() {
+                for i in 0..chunks {
+                    if tx.send(Bytes::from(vec![i as u8; 64 * 1024])).await.is_err() {
+                        cut.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         return;
                     }
                 }
@@ -843,4 +849,22 @@ async fn a_sticky_upgrade_lands_where_the_cookie_says_and_sessions_count_for_lea
     c.send(&upgrade("")).await;
     assert_eq!(c.head().await.unwrap().0, 101);
     assert_eq!(other.requests(), 1);
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_its_answer_is_dropped_and_the_upstream_exchange_ends() {
+    let app = app().await;
+    let gw = Gw::start("handshake_timeout = \"1s\"\nupstream_timeout = \"1s\"\n", &routes(&app, "")).await;
+    let auth = bearer(&gw);
+    let mut c = Client::connect(&gw).await;
+    c.send(&get("/app/big?huge", &auth)).await;
+    // Never read: the answer (256 MiB) cannot all be written, nothing moves on the client
+    // connection, and the gateway ends it (handshake + upstream + http timeouts, 3 s).
+    let t0 = std::time::Instant::now();
+    wait_until("the upstream's answer cut", Duration::from_secs(8), || async {
+        app.state.big_cut.load(std::sync::atomic::Ordering::Relaxed) == 1
+    })
+    .await;
+    assert!(t0.elapsed() >= Duration::from_secs(2), "cut after {:?}", t0.elapsed());
+    drop(c);
 }

@@ -103,6 +103,8 @@ pub(crate) struct Admission {
     heads: Arc<crate::framing::Heads>,
     /// Plain requests answered so far on this connection.
     served: std::sync::atomic::AtomicUsize,
+    /// The `http_timeout` of the last plain request's route (ms; 0 before any).
+    http_timeout_ms: std::sync::atomic::AtomicU64,
 }
 
 /// A client admitted by the request stage, waiting for the 101 to be written.
@@ -171,7 +173,13 @@ impl Admission {
             conn_lease: Mutex::default(),
             heads: crate::framing::Heads::new(),
             served: std::sync::atomic::AtomicUsize::new(0),
+            http_timeout_ms: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// The `http_timeout` of the plain exchange on this connection (zero before any).
+    pub(crate) fn http_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.http_timeout_ms.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// The raw request heads of this connection, for the stream that feeds hyper.

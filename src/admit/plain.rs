@@ -21,6 +21,8 @@ impl Admission {
         let Some(policy) = route.http.as_ref() else {
             return Err(Reject::NotUpgrade);
         };
+        let ms = u64::try_from(policy.timeout.as_millis()).unwrap_or(u64::MAX);
+        self.http_timeout_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
         // Cluster mode: the first request on the connection takes the per-IP lease the
         // accept started, held while the connection lives.
         let started = lock(&self.shared_ip).take().filter(|_| checked.client_ip == self.peer_ip);

@@ -148,17 +148,17 @@ async fn handshake(
         .half_close(false);
     // The request stage itself is bounded (head timeout, upstream timeout, an
     // exchange's `http_timeout`); this watchdog also bounds a client that stops reading
-    // its answer: no byte either way on the connection for this long ends it.
-    let http_timeout = rt.config.routes.iter().filter_map(|r| r.http.as_ref().map(|h| h.timeout)).max();
-    let quiet_limit = server.handshake_timeout
-        + server.upstream_timeout * rt.config.routes.iter().map(|r| r.upstreams.len()).max().unwrap_or(1) as u32
-        + http_timeout.unwrap_or(Duration::ZERO);
+    // its answer: no byte either way on the connection for this long ends it (plus the
+    // `http_timeout` of the route of its last plain request).
+    let quiet_base =
+        server.handshake_timeout + server.upstream_timeout * rt.config.routes.iter().map(|r| r.upstreams.len()).max().unwrap_or(1) as u32;
     let heads = admission.heads();
     let io = crate::framing::Guarded::new(stream, heads.clone(), max_head);
     let serve = Box::pin(builder.serve_connection(TokioIo::new(io), service).with_upgrades());
     let watchdog = async {
         loop {
             let quiet = heads.idle_for();
+            let quiet_limit = quiet_base + admission.http_timeout();
             if quiet >= quiet_limit {
                 return;
             }
