@@ -61,11 +61,11 @@
 //!
 //! # Where the next features live
 //!
-//! - Plain HTTP on routes (DESIGN 13), landed in part: `admit/http.rs` (the same
+//! - Plain HTTP on routes (DESIGN 13), landed in part: `admit/plain.rs` (the same
 //!   checks for a plain request), the stage `proxy` (the HTTP/1.1 exchange with hyper's
-//!   client, pools) above `upstream`, `framing` (raw heads checked for smuggling); next,
-//!   balancing (`round_robin`, `least_sessions`, `sticky`, health
-//!   checks, drain) in a new stage `balance/` that `admit/upstream.rs` asks.
+//!   client, pools), `framing` (raw heads checked for smuggling), `balance` (round
+//!   robin, least sessions, the sticky cookie) that `admit/upstream.rs` asks; next,
+//!   active health checks and drain (in `balance`, listed by `admin_api`).
 //! - Hosts, SNI and per-route policy (DESIGN 14), landed: certificates by SNI in
 //!   `tls/certs.rs` (the `CertStore`), routing by host in `config::Config::route_index`,
 //!   the 421 check in `admit/request.rs`, per-route limits in `config::Config::limits_of`
