@@ -271,36 +271,41 @@ impl Drop for Lease {
 }
 
 /// Send the request on `lease` and wait for the answer's head, for at most `timeout`
-/// without a byte either way (504). The answer streams back as a [`Streamed`].
+/// without a byte either way (504). The answer streams back as a [`Streamed`]. A pooled
+/// connection that turns out closed before the request went out on it (the upstream
+/// closed it while idle) is replaced once by a new one (within `connect_timeout`):
+/// nothing was sent, so nothing is sent twice.
 pub(crate) async fn exchange(
     mut lease: Lease,
     head: http::request::Parts,
     body: Limited,
-    timeout: Duration,
+    (timeout, connect_timeout): (Duration, Duration),
 ) -> Result<Response<Body>, Reject> {
     let upload = body.upload.clone();
     upload.touch();
-    let Some(sender) = lease.sender.as_mut() else {
-        return Err(Reject::UpstreamUnavailable);
-    };
-    let send = sender.send_request(http::Request::from_parts(head, body));
-    tokio::pin!(send);
-    let result = loop {
-        let deadline = upload.last_progress() + timeout;
-        tokio::select! {
-            r = &mut send => break r,
-            () = tokio::time::sleep_until(deadline) => {
-                if upload.last_progress() + timeout <= Instant::now() {
-                    return Err(upload.client_fault().unwrap_or(Reject::UpstreamTimeout));
+    let mut req = http::Request::from_parts(head, body);
+    let resp = loop {
+        let Some(sender) = lease.sender.as_mut() else {
+            return Err(Reject::UpstreamUnavailable);
+        };
+        let send = sender.try_send_request(req);
+        match within(send, &upload, timeout).await? {
+            Ok(resp) => break resp,
+            Err(mut e) => match e.take_message() {
+                Some(unsent) if lease.reused => {
+                    tracing::debug!("a pooled upstream connection closed before the request went out: one new one");
+                    let sender = tokio::time::timeout(connect_timeout, lease.pool.connect())
+                        .await
+                        .map_err(|_| Reject::UpstreamTimeout)??;
+                    lease.sender = Some(sender);
+                    lease.reused = false;
+                    req = unsent;
                 }
-            }
-        }
-    };
-    let resp = match result {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::debug!(error = %e, "upstream exchange failed");
-            return Err(upload.client_fault().unwrap_or(Reject::UpstreamUnavailable));
+                _ => {
+                    tracing::debug!(error = %e.error(), "upstream exchange failed");
+                    return Err(upload.client_fault().unwrap_or(Reject::UpstreamUnavailable));
+                }
+            },
         }
     };
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -311,6 +316,23 @@ pub(crate) async fn exchange(
     crate::upstream::strip_response_hop_by_hop(&mut parts.headers);
     let streamed = Streamed::new(incoming, lease, upload, timeout);
     Ok(Response::from_parts(parts, Body::Upstream(Box::new(streamed))))
+}
+
+/// `fut`, unless no byte moved either way for `timeout` (the client's fault when its
+/// body failed, else 504).
+async fn within<T>(fut: impl Future<Output = T>, upload: &Upload, timeout: Duration) -> Result<T, Reject> {
+    tokio::pin!(fut);
+    loop {
+        let deadline = upload.last_progress() + timeout;
+        tokio::select! {
+            r = &mut fut => return Ok(r),
+            () = tokio::time::sleep_until(deadline) => {
+                if upload.last_progress() + timeout <= Instant::now() {
+                    return Err(upload.client_fault().unwrap_or(Reject::UpstreamTimeout));
+                }
+            }
+        }
+    }
 }
 
 /// The built-in echo on an `http` route: 200, the request body sent back.

@@ -78,7 +78,7 @@ impl Admission {
         };
         let path = crate::upstream::upstream_path(route, base, &facts);
         let head = crate::upstream::http_request_head(&parts.method, target, &path, &facts)?;
-        let resp = proxy::exchange(lease, head, body, policy.timeout).await;
+        let resp = proxy::exchange(lease, head, body, (policy.timeout, rt.config.server.upstream_timeout)).await;
         if let Err(e) = &resp {
             tracing::info!(route = %route.name, upstream = index, reason = e.label(), "plain request not answered by the upstream");
         }
