@@ -70,6 +70,8 @@ fn limiter(c: &mut Criterion) {
     let settings = AdmissionLimits {
         connection_rate: "20/s".parse().unwrap(),
         connection_burst: 40,
+        http_rate: wsgate::config::DEFAULT_HTTP_RATE,
+        http_burst: 2,
         max_connections_per_ip: 100,
         ipv6_prefix: 64,
         auth_failures_per_ip: 10,

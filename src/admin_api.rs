@@ -113,6 +113,7 @@ async fn route(gw: &Gateway, req: Request<Incoming>) -> (&'static str, Answer) {
         (&Method::POST, "/v1/bans") => "ban",
         (&Method::DELETE, p) if p.starts_with("/v1/bans/") => "unban",
         (&Method::GET, "/v1/sessions") => "sessions",
+        (&Method::GET, "/v1/upstreams") => "upstreams",
         _ => return ("unknown", error(StatusCode::NOT_FOUND, "no such action")),
     };
     if !authorized(&req, token.bytes()) {
@@ -140,6 +141,7 @@ async fn route(gw: &Gateway, req: Request<Incoming>) -> (&'static str, Answer) {
         "kick" => kick(gw, &body),
         "ban" => ban(gw, &body),
         "unban" => unban(gw, &path["/v1/bans/".len()..]),
+        "upstreams" => (upstreams(gw), None),
         _ => (sessions(gw, query.as_deref()), None),
     };
     (action, share(gw, answer, event).await)
@@ -343,4 +345,29 @@ fn sessions(gw: &Gateway, query: Option<&str>) -> Answer {
         "admin: sessions listed"
     );
     (StatusCode::OK, json!({ "sessions": list, "truncated": truncated }))
+}
+
+/// `GET /v1/upstreams`: every route's upstreams, as configured, with their state (`up`,
+/// or `down` while in back-off after failures), live sessions and in-flight plain
+/// requests (DESIGN.md section 13).
+fn upstreams(gw: &Gateway) -> Answer {
+    let rt = gw.runtime();
+    let mut list = Vec::new();
+    for (r, route) in rt.config.routes.iter().enumerate() {
+        for (i, u) in route.upstreams.iter().enumerate() {
+            let down = rt.health[r][i].is_down();
+            let load = rt.balancers[r].load(i);
+            list.push(json!({
+                "route": route.name,
+                "upstream": crate::balance::configured_url(u),
+                "index": i,
+                "state": if down { "down" } else { "up" },
+                "healthy": !down,
+                "sessions": load.map_or(0, |l| l.sessions()),
+                "in_flight": load.map_or(0, |l| l.in_flight()),
+            }));
+        }
+    }
+    tracing::info!(action = "upstreams", listed = list.len(), "admin: upstreams listed");
+    (StatusCode::OK, json!({ "upstreams": list }))
 }

@@ -55,6 +55,12 @@ pub enum Reject {
     UnsupportedVersion,
     #[error("not a WebSocket upgrade")]
     NotUpgrade,
+    /// A plain request whose method is not in the route's `http_methods`.
+    #[error("method not allowed on this route")]
+    MethodNotAllowed,
+    /// A plain request whose body is larger than the route's `max_body`.
+    #[error("request body too large")]
+    BodyTooLarge,
     #[error("no route for path")]
     NotFound,
     /// The client sent SNI and a `Host` that is not a name of the certificate its TLS
@@ -156,6 +162,8 @@ impl Reject {
             Reject::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Reject::UnsupportedVersion | Reject::NotUpgrade => StatusCode::UPGRADE_REQUIRED,
             Reject::NotFound => StatusCode::NOT_FOUND,
+            Reject::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Reject::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Reject::Misdirected => StatusCode::MISDIRECTED_REQUEST,
             Reject::Auth(AuthFailure::Forbidden) => StatusCode::FORBIDDEN,
             Reject::Auth(_) => StatusCode::UNAUTHORIZED,
@@ -180,6 +188,8 @@ impl Reject {
             Reject::HandshakeTimeout => "handshake_timeout",
             Reject::BadRequest(_) | Reject::HeadTooLarge | Reject::UnsupportedVersion | Reject::NotUpgrade => "bad_request",
             Reject::NotFound => "not_found",
+            Reject::MethodNotAllowed => "method_not_allowed",
+            Reject::BodyTooLarge => "body_too_large",
             Reject::Misdirected => "misdirected",
             Reject::Auth(_) => "auth",
             Reject::ClientCert => "client_cert",
@@ -203,6 +213,8 @@ impl Reject {
             Reject::UnsupportedVersion => "websocket version 13 required\n",
             Reject::NotUpgrade => "websocket upgrade required\n",
             Reject::NotFound => "not found\n",
+            Reject::MethodNotAllowed => "method not allowed\n",
+            Reject::BodyTooLarge => "request body too large\n",
             Reject::Misdirected => "misdirected request\n",
             Reject::Auth(_) => "unauthorized\n",
             Reject::ClientCert => "client certificate required\n",
@@ -459,6 +471,8 @@ mod tests {
             (Reject::NotUpgrade, Some(426), "bad_request"),
             (Reject::NotFound, Some(404), "not_found"),
             (Reject::Misdirected, Some(421), "misdirected"),
+            (Reject::MethodNotAllowed, Some(405), "method_not_allowed"),
+            (Reject::BodyTooLarge, Some(413), "body_too_large"),
             (Reject::Auth(AuthFailure::Expired), Some(401), "auth"),
             (Reject::Auth(AuthFailure::Forbidden), Some(403), "auth"),
             (Reject::Auth(AuthFailure::CertBinding), Some(401), "auth"),

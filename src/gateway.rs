@@ -78,6 +78,12 @@ pub struct Runtime {
     pub next_upstream: Vec<AtomicUsize>,
     /// Passive health, by route index and upstream index.
     pub health: Vec<Vec<crate::upstream::Health>>,
+    /// Plain HTTP connection pools (`http = true` routes), by route index and upstream
+    /// index; `None` for the built-in echo. Empty for other routes. A reload starts new
+    /// pools; the old ones close as their last exchange ends.
+    pub http_pools: Vec<Vec<Option<Arc<crate::proxy::Pool>>>>,
+    /// The upstream choice and load, by route index.
+    pub balancers: Vec<crate::balance::Balancer>,
     /// WebSocket settings of the built-in echo backend, with the configured size
     /// limits. (The relay itself works on frames, see [`crate::relay`].)
     pub ws_config: WebSocketConfig,
@@ -113,7 +119,7 @@ impl Runtime {
         let tls = TlsAcceptor::from(server_tls);
         let firewall = Firewall::load(&config.firewall, &config.origin)?;
         let auth = crate::auth::Methods::load(&config, client_auth, create_dev_files)?;
-        let connectors = config
+        let connectors: Vec<Option<tokio_rustls::TlsConnector>> = config
             .routes
             .iter()
             .map(|r| crate::upstream::connector(r, &config.origin))
@@ -148,6 +154,29 @@ impl Runtime {
             .map(|f| admin_token(f, &config.origin))
             .transpose()?;
         let next_upstream = config.routes.iter().map(|_| AtomicUsize::new(0)).collect();
+        let balancers = config
+            .routes
+            .iter()
+            .map(|r| crate::balance::Balancer::new(r, crate::balance::process_key()))
+            .collect();
+        let http_pools = config
+            .routes
+            .iter()
+            .zip(&connectors)
+            .map(
+                |(r, tls): (&crate::config::Route, &Option<tokio_rustls::TlsConnector>)| match r.http {
+                    None => Vec::new(),
+                    Some(_) => r
+                        .upstreams
+                        .iter()
+                        .map(|u| match u {
+                            crate::config::Upstream::BuiltinEcho => None,
+                            remote => Some(Arc::new(crate::proxy::Pool::new(remote.clone(), tls.clone()))),
+                        })
+                        .collect(),
+                },
+            )
+            .collect();
         let health = config
             .routes
             .iter()
@@ -178,6 +207,8 @@ impl Runtime {
             connectors,
             next_upstream,
             health,
+            http_pools,
+            balancers,
             ws_config,
             validators,
             identity_headers,
@@ -374,6 +405,13 @@ impl Gateway {
     pub fn render_metrics(&self) -> String {
         self.metrics.limiter_evictions(self.per_ip().evicted());
         self.certificate_expiries();
+        let rt = self.runtime();
+        for (r, route) in rt.config.routes.iter().enumerate() {
+            for i in 0..route.upstreams.len() {
+                let sessions = rt.balancers[r].load(i).map_or(0, |l| l.sessions());
+                self.metrics.upstream_state(&route.name, i, sessions, !rt.health[r][i].is_down());
+            }
+        }
         self.metrics.render()
     }
 
@@ -467,6 +505,16 @@ impl Gateway {
             return Err(Reject::Firewall);
         }
         self.per_ip().admit(ip)
+    }
+
+    /// A plain HTTP request from `ip` (each on a kept-alive connection): the firewall and
+    /// admin bans (which may have changed since the connection was accepted), then
+    /// `http_rate_per_ip`.
+    pub(crate) fn check_http(&self, rt: &Runtime, ip: IpAddr) -> Result<(), Reject> {
+        if !rt.firewall.allows(ip) || self.incidents.is_banned(ip) {
+            return Err(Reject::Firewall);
+        }
+        self.per_ip().admit_http(ip)
     }
 
     /// The one place a refusal is counted and logged, before TLS or after it. (Its

@@ -8,7 +8,7 @@
 //! | 1 | accept, global cap; client address from PROXY protocol v1/v2 | `server`, `proxy_protocol` |
 //! | 2–3 | firewall, per-IP rate and concurrency limits (before TLS) | [`firewall`], [`limits`], [`gateway::Gateway`] |
 //! | 4 | TLS handshake under `handshake_timeout`; client certificate verified (mTLS) | [`tls`], `conn` |
-//! | 5 | upgrade request: head read by hyper with size/time bounds, route, validate | [`upgrade`], `admit` |
+//! | 5 | upgrade request: head read by hyper with size/time bounds (raw heads checked for smuggling), route, validate; on `http = true` routes a plain request is admitted the same way and proxied | [`upgrade`], `framing`, `admit`, `proxy` |
 //! | 6 | authentication: client certificate and/or JWT, certificate-bound tokens | [`auth`], `keys`, `admit` |
 //! | 7 | upstream connect + handshake, before the 101 | [`upstream`], [`echo`] |
 //! | 8 | 101 with the upstream's subprotocol | [`upgrade`] |
@@ -34,7 +34,9 @@
 //! | connection | `admin_api` | the admin API (bans, revocations, kicks, sessions) |
 //! | admission | `admit` | the one owner of admission: request checks, shared caps, auth, upstream choice, `first_message`, live re-checks |
 //! | composition | [`gateway`] | the [`gateway::Runtime`] built from one config, reload, the one place a refusal is counted |
+//! | stage | `proxy` | plain HTTP on `http = true` routes: the exchange, upstream pools, streamed bodies |
 //! | stage | [`upstream`] | the upstream request and WebSocket handshake, TLS to upstreams |
+//! | stage | `balance` | choosing an upstream: round robin, least sessions, the signed sticky cookie; load per upstream |
 //! | stage | [`cluster`] | state shared through Redis: connection and breaker, events, leases |
 //! | stage | `acme` | automatic certificates (TLS-ALPN-01) |
 //! | stage | `incidents` | admin bans, revocations, kicks, the live session list |
@@ -44,6 +46,7 @@
 //! | stage | [`validation`] | JSON and JSON Schema checks of client messages |
 //! | stage | [`firewall`] | CIDR rules and rule files |
 //! | stage | [`limits`] | per-IP rate and caps, per-user slots, the message rate |
+//! | stage | `framing` | raw request heads checked for smuggling (what hyper hides), client activity |
 //! | stage | [`upgrade`] | the upgrade request: path, headers, Origin, client address, answers |
 //! | stage | [`tls`] | server TLS, the certificate store, client certificates |
 //! | stage | [`metrics`] | metric names, descriptions, the exporter |
@@ -59,10 +62,11 @@
 //!
 //! # Where the next features live
 //!
-//! - Plain HTTP on routes (DESIGN 13): `admit/http.rs` (the same checks for a plain
-//!   request), a new stage `proxy/` (the HTTP/1.1 exchange with hyper's client, pools)
-//!   above `upstream`, and balancing (`round_robin`, `least_sessions`, `sticky`, health
-//!   checks, drain) in a new stage `balance/` that `admit/upstream.rs` asks.
+//! - Plain HTTP on routes (DESIGN 13), landed in part: `admit/plain.rs` (the same
+//!   checks for a plain request), the stage `proxy` (the HTTP/1.1 exchange with hyper's
+//!   client, pools), `framing` (raw heads checked for smuggling), `balance` (round
+//!   robin, least sessions, the sticky cookie) that `admit/upstream.rs` asks; next,
+//!   active health checks and drain (in `balance`, listed by `admin_api`).
 //! - Hosts, SNI and per-route policy (DESIGN 14), landed: certificates by SNI in
 //!   `tls/certs.rs` (the `CertStore`), routing by host in `config::Config::route_index`,
 //!   the 421 check in `admit/request.rs`, per-route limits in `config::Config::limits_of`
@@ -90,6 +94,7 @@ mod admin;
 mod admin_api;
 mod admit;
 pub mod auth;
+mod balance;
 pub mod check;
 pub mod client;
 pub mod cluster;
@@ -98,6 +103,7 @@ mod conn;
 pub mod echo;
 pub mod error;
 pub mod firewall;
+mod framing;
 mod fsutil;
 pub mod gateway;
 mod incidents;
@@ -106,6 +112,7 @@ pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
+mod proxy;
 mod proxy_protocol;
 pub mod reexec;
 pub mod relay;

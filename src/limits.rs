@@ -222,6 +222,8 @@ pub type UserSlot = Slot<String>;
 pub struct PerIp {
     settings: AdmissionLimits,
     rate: KeyedLimiter,
+    /// Plain HTTP requests (`http = true` routes), apart from the connection rate.
+    http_rate: KeyedLimiter,
     open: Arc<Counted<IpKey>>,
     /// Shared with the admission that replaces this one on a reload: bans survive it.
     failures: Arc<Mutex<HashMap<IpKey, Failures>>>,
@@ -244,8 +246,13 @@ impl PerIp {
             .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
             .allow_burst(burst);
         let store = BoundedStore::new(cap, batch, evicted.clone());
+        let http_burst = NonZeroU32::new(settings.http_burst.max(1)).unwrap_or(NonZeroU32::MIN);
+        let http_quota = Quota::with_period(settings.http_rate.interval().max(Duration::from_nanos(1)))
+            .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
+            .allow_burst(http_burst);
         PerIp {
             rate: RateLimiter::new(quota, store, DefaultClock::default()),
+            http_rate: RateLimiter::new(http_quota, BoundedStore::new(cap, batch, evicted.clone()), DefaultClock::default()),
             settings,
             open: Arc::default(),
             failures: Arc::default(),
@@ -289,6 +296,16 @@ impl PerIp {
         self.open
             .acquire(&key, self.settings.max_connections_per_ip)
             .ok_or(Reject::IpConnLimit)
+    }
+
+    /// One plain HTTP request from `ip` under `http_rate_per_ip` (each request on a
+    /// kept-alive connection is charged).
+    pub fn admit_http(&self, ip: IpAddr) -> Result<(), Reject> {
+        let key = self.key(ip);
+        if self.http_rate.len() >= self.cap {
+            self.http_rate.retain_recent();
+        }
+        self.http_rate.check_key(&key).map_err(|_| Reject::RateLimited)
     }
 
     /// How long `ip` stays banned for auth failures, if it is.
@@ -373,6 +390,8 @@ impl PerIp {
     pub fn prune(&self) {
         self.rate.retain_recent();
         self.rate.shrink_to_fit();
+        self.http_rate.retain_recent();
+        self.http_rate.shrink_to_fit();
         let mut failures = lock(&self.failures);
         prune_failures(&mut failures, &self.settings, Instant::now());
         failures.shrink_to_fit();
@@ -468,6 +487,8 @@ mod reload_tests {
         AdmissionLimits {
             connection_rate: "100/s".parse().unwrap(),
             connection_burst: 100,
+            http_rate: crate::config::DEFAULT_HTTP_RATE,
+            http_burst: 2,
             max_connections_per_ip: max_per_ip,
             ipv6_prefix: 64,
             auth_failures_per_ip: 2,
@@ -522,6 +543,8 @@ mod tests {
         AdmissionLimits {
             connection_rate: "1000/s".parse().unwrap(),
             connection_burst: 2,
+            http_rate: crate::config::DEFAULT_HTTP_RATE,
+            http_burst: 2,
             max_connections_per_ip: 2,
             ipv6_prefix: 64,
             auth_failures_per_ip: 3,
@@ -615,6 +638,8 @@ mod key_cap_tests {
         let settings = AdmissionLimits {
             connection_rate: "1/h".parse().unwrap(),
             connection_burst: 3,
+            http_rate: crate::config::DEFAULT_HTTP_RATE,
+            http_burst: 2,
             max_connections_per_ip: 100,
             ipv6_prefix: 64,
             auth_failures_per_ip: 0,

@@ -34,6 +34,10 @@ pub const MESSAGES_REJECTED: &str = "wsgate_messages_rejected_total";
 pub const TLS_CERT_EXPIRY: &str = "wsgate_tls_certificate_expiry_timestamp_seconds";
 pub const ACME_ORDERS: &str = "wsgate_acme_orders_total";
 pub const CONNECTIONS_MAX: &str = "wsgate_connections_max";
+pub const HTTP_REQUESTS: &str = "wsgate_http_requests_total";
+pub const HTTP_REQUEST_DURATION: &str = "wsgate_http_request_duration_seconds";
+pub const UPSTREAM_SESSIONS: &str = "wsgate_upstream_sessions";
+pub const UPSTREAM_UP: &str = "wsgate_upstream_up";
 /// The process metrics below come from `metrics-process` (its names and help texts), read
 /// on each scrape; listed here so the alert rules and the dashboard have one place to look.
 pub const PROCESS_OPEN_FDS: &str = "process_open_fds";
@@ -58,6 +62,22 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
         "Time to connect to an upstream and complete its WebSocket handshake.",
     ),
     (CONFIG_RELOADS, "Configuration reloads, by result."),
+    (
+        UPSTREAM_SESSIONS,
+        "Live WebSocket sessions per upstream, by route and upstream (its index in the route's list).",
+    ),
+    (
+        UPSTREAM_UP,
+        "1 while an upstream is chosen, 0 while it is in back-off after failures, by route and upstream index.",
+    ),
+    (
+        HTTP_REQUESTS,
+        "Plain HTTP requests on routes with http = true, by route and status class (1xx..5xx), refusals included.",
+    ),
+    (
+        HTTP_REQUEST_DURATION,
+        "Time of plain HTTP exchanges, by route: from the request head to the last byte of the answer.",
+    ),
     (
         CONNECTIONS_MAX,
         "The configured server.max_connections: connections beyond it are refused (503).",
@@ -141,6 +161,8 @@ pub struct SessionMetrics {
 
 const SECONDS_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 const SESSION_BUCKETS: &[f64] = &[0.1, 1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0];
+/// HTTP exchanges: long polls (25 s for Socket.IO) must land in a bucket of their own.
+const HTTP_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -156,6 +178,12 @@ impl Metrics {
                 b.set_buckets_for_metric(
                     metrics_exporter_prometheus::Matcher::Full(CONNECTION_DURATION.into()),
                     SESSION_BUCKETS,
+                )
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full(HTTP_REQUEST_DURATION.into()),
+                    HTTP_BUCKETS,
                 )
             })
             .unwrap_or_else(|_| PrometheusBuilder::new());
@@ -250,6 +278,33 @@ impl Metrics {
 
     pub fn session_duration(&self, route: &str, seconds: f64) {
         self.histogram(CONNECTION_DURATION, &[("route", route)]).record(seconds);
+    }
+
+    /// One plain HTTP request answered (or refused) with `status` on `route`.
+    pub fn http_request(&self, route: &str, status: u16) {
+        let class = match status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.counter(HTTP_REQUESTS, &[("route", route), ("code", class)]).increment(1);
+    }
+
+    /// One upstream's state, read when the metrics are rendered.
+    pub fn upstream_state(&self, route: &str, index: usize, sessions: usize, up: bool) {
+        let labels = || vec![Label::new("route", route.to_string()), Label::new("upstream", index.to_string())];
+        self.recorder
+            .register_gauge(&Key::from_parts(UPSTREAM_SESSIONS, labels()), &metadata())
+            .set(sessions as f64);
+        self.recorder
+            .register_gauge(&Key::from_parts(UPSTREAM_UP, labels()), &metadata())
+            .set(if up { 1.0 } else { 0.0 });
+    }
+
+    pub fn http_duration(&self, route: &str, seconds: f64) {
+        self.histogram(HTTP_REQUEST_DURATION, &[("route", route)]).record(seconds);
     }
 
     pub fn upstream_connect(&self, route: &str, seconds: f64) {

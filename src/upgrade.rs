@@ -26,6 +26,12 @@ fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
+/// Whether the request asks for a WebSocket upgrade at all (`Upgrade: websocket`):
+/// the rest of it is checked by [`validate`].
+pub fn wants_websocket(headers: &HeaderMap) -> bool {
+    has_token(headers, header::UPGRADE, "websocket")
+}
+
 /// Check that `req` is a well-formed WebSocket upgrade (RFC 6455 4.2.1).
 pub fn validate<B>(req: &Request<B>) -> Result<Upgrade, Reject> {
     let h = req.headers();

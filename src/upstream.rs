@@ -44,6 +44,8 @@ pub struct ClientFacts<'a> {
     pub identity_headers: &'a [HeaderName],
     /// Sent as `X-Request-Id` (a client's own copy is never forwarded).
     pub request_id: Option<&'a str>,
+    /// The gateway's own cookie (`sticky_cookie`): never forwarded.
+    pub gateway_cookie: Option<&'a str>,
 }
 
 /// Header names compared the way proxies and frameworks conflate them: case, and every
@@ -176,6 +178,84 @@ pub fn upstream_path(route: &Route, upstream_path: Option<&str>, facts: &ClientF
 pub fn build_request(url: &str, facts: &ClientFacts) -> Result<http::Request<()>, Reject> {
     let mut req = url.into_client_request().map_err(|_| Reject::UpstreamUnavailable)?;
     let h = req.headers_mut();
+    forward_client_headers(h, facts);
+    // `bearer.` in any case: an upstream may compare subprotocols without case.
+    let offer: Vec<&str> = protocols(facts.headers)
+        .filter(|p| !p.get(..7).is_some_and(|b| b.eq_ignore_ascii_case("bearer.")))
+        .collect();
+    if !offer.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&offer.join(", "))
+    {
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
+    }
+    Ok(req)
+}
+
+/// The head of a plain HTTP request to `upstream` (`http = true` routes): the client's
+/// method, `path_and_query` (origin form), `Host` the upstream's authority, and the
+/// client's headers as an upgrade forwards them (hop-by-hop, token copies, client
+/// forwarding and identity headers removed; the gateway's own set). `Expect` is
+/// answered by the gateway itself, never forwarded. The body's framing is the
+/// gateway's: `Content-Length` or chunked, written by hyper from the body.
+pub fn http_request_head(
+    method: &http::Method,
+    upstream: &Upstream,
+    path_and_query: &str,
+    facts: &ClientFacts,
+) -> Result<http::request::Parts, Reject> {
+    let authority = match upstream {
+        Upstream::Remote { host, port, .. } if host.contains(':') => format!("[{host}]:{port}"),
+        Upstream::Remote { host, port, .. } => format!("{host}:{port}"),
+        Upstream::BuiltinEcho => "builtin.echo".to_string(),
+    };
+    let (mut parts, ()) = http::Request::builder()
+        .method(method.clone())
+        .uri(path_and_query)
+        .header(header::HOST, authority)
+        .body(())
+        .map_err(|_| Reject::BadRequest("request target not forwardable"))?
+        .into_parts();
+    forward_client_headers(&mut parts.headers, facts);
+    parts.headers.remove(header::EXPECT);
+    Ok(parts)
+}
+
+/// Response headers that describe one hop (RFC 9110 7.6.1), and every header the
+/// upstream's `Connection` names: removed before the answer goes to the client.
+/// `Content-Length` stays (a `HEAD` answer needs it); hyper frames the rest.
+pub fn strip_response_hop_by_hop(h: &mut HeaderMap) {
+    // hyper read a chunked answer as chunked: a length sent beside it is not the body's.
+    if h.contains_key(header::TRANSFER_ENCODING) {
+        h.remove(header::CONTENT_LENGTH);
+    }
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        if n != header::CONTENT_LENGTH {
+            h.remove(n);
+        }
+    }
+    for n in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        h.remove(n);
+    }
+}
+
+/// The client's headers as they go upstream, with the gateway's own forwarding headers.
+fn forward_client_headers(h: &mut HeaderMap, facts: &ClientFacts) {
     let connection_named: Vec<String> = facts
         .headers
         .get_all(header::CONNECTION)
@@ -204,7 +284,7 @@ pub fn build_request(url: &str, facts: &ClientFacts) -> Result<http::Request<()>
         }
         h.append(name.clone(), value.clone());
     }
-    if facts.token_sources.iter().any(|s| matches!(s, TokenSource::Cookie(_))) {
+    if facts.gateway_cookie.is_some() || facts.token_sources.iter().any(|s| matches!(s, TokenSource::Cookie(_))) {
         strip_token_cookies(h, facts);
     }
     for (claim, header) in facts.forward_claims {
@@ -216,15 +296,6 @@ pub fn build_request(url: &str, facts: &ClientFacts) -> Result<http::Request<()>
         && let Ok(v) = HeaderValue::from_str(&format!("Bearer {token}"))
     {
         h.insert(header::AUTHORIZATION, v);
-    }
-    // `bearer.` in any case: an upstream may compare subprotocols without case.
-    let offer: Vec<&str> = protocols(facts.headers)
-        .filter(|p| !p.get(..7).is_some_and(|b| b.eq_ignore_ascii_case("bearer.")))
-        .collect();
-    if !offer.is_empty()
-        && let Ok(v) = HeaderValue::from_str(&offer.join(", "))
-    {
-        h.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
     }
     let prev: Vec<&str> = facts
         .headers
@@ -256,7 +327,6 @@ pub fn build_request(url: &str, facts: &ClientFacts) -> Result<http::Request<()>
     if let Ok(v) = HeaderValue::from_str(&facts.ip.to_canonical().to_string()) {
         h.insert(HeaderName::from_static("x-real-ip"), v);
     }
-    Ok(req)
 }
 
 /// The value a `forward_claims` entry sends: `cert:*` from the verified certificate only
@@ -285,6 +355,7 @@ fn strip_token_cookies(h: &mut HeaderMap, facts: &ClientFacts) {
             TokenSource::Cookie(n) => Some(n.as_str()),
             _ => None,
         })
+        .chain(facts.gateway_cookie)
         .collect();
     let kept: Vec<String> = h
         .get_all(header::COOKIE)
@@ -313,7 +384,9 @@ pub struct Connected {
     pub ws: crate::relay::Endpoint<UpstreamIo>,
     pub protocol: Option<HeaderValue>,
     /// Which upstream answered (`host:port`, `builtin:echo`), for the access log.
-    pub target: String,
+    pub target: Box<str>,
+    /// The session counted on the upstream while this lives (and the upstream's index).
+    pub load: Option<crate::balance::SessionHeld>,
 }
 
 /// An upstream as the access log names it: `host:port` (IPv6 in brackets), or `builtin:echo`.
@@ -336,28 +409,36 @@ pub async fn connect(
     let fut = async {
         let io = match upstream {
             Upstream::BuiltinEcho => UpstreamIo::Mem(crate::echo::spawn_in_memory(ws_config)),
-            Upstream::Remote {
-                tls: use_tls, host, port, ..
-            } => {
-                let tcp = TcpStream::connect((host.as_str(), *port))
-                    .await
-                    .map_err(|_| Reject::UpstreamUnavailable)?;
-                let _ = tcp.set_nodelay(true);
-                if *use_tls {
-                    let connector = tls.ok_or(Reject::UpstreamUnavailable)?;
-                    let name = rustls_pki_types::ServerName::try_from(host.clone()).map_err(|_| Reject::UpstreamUnavailable)?;
-                    let stream = connector.connect(name, tcp).await.map_err(|_| Reject::UpstreamUnavailable)?;
-                    UpstreamIo::Tls(Box::new(stream))
-                } else {
-                    UpstreamIo::Tcp(tcp)
-                }
-            }
+            Upstream::Remote { .. } => open(upstream, tls).await?,
         };
         let mut connected = handshake(io, req).await?;
-        connected.target = target_label(upstream);
+        connected.target = target_label(upstream).into_boxed_str();
         Ok(connected)
     };
     tokio::time::timeout(timeout, fut).await.map_err(|_| Reject::UpstreamTimeout)?
+}
+
+/// The transport to a remote upstream: TCP, and TLS for `wss://` (no time bound: the
+/// caller's).
+pub async fn open(upstream: &Upstream, tls: Option<&tokio_rustls::TlsConnector>) -> Result<UpstreamIo, Reject> {
+    let Upstream::Remote {
+        tls: use_tls, host, port, ..
+    } = upstream
+    else {
+        return Err(Reject::UpstreamUnavailable);
+    };
+    let tcp = TcpStream::connect((host.as_str(), *port))
+        .await
+        .map_err(|_| Reject::UpstreamUnavailable)?;
+    let _ = tcp.set_nodelay(true);
+    if *use_tls {
+        let connector = tls.ok_or(Reject::UpstreamUnavailable)?;
+        let name = rustls_pki_types::ServerName::try_from(host.clone()).map_err(|_| Reject::UpstreamUnavailable)?;
+        let stream = connector.connect(name, tcp).await.map_err(|_| Reject::UpstreamUnavailable)?;
+        Ok(UpstreamIo::Tls(Box::new(stream)))
+    } else {
+        Ok(UpstreamIo::Tcp(tcp))
+    }
 }
 
 /// Bytes of the upstream's response head hyper buffers at most.
@@ -402,7 +483,8 @@ async fn handshake(io: UpstreamIo, req: http::Request<()>) -> Result<Connected, 
     Ok(Connected {
         ws,
         protocol,
-        target: String::new(),
+        target: Box::from(""),
+        load: None,
     })
 }
 
@@ -568,6 +650,7 @@ mod tests {
             forward_claims: &[],
             identity_headers: &[],
             request_id: None,
+            gateway_cookie: None,
         }
     }
 

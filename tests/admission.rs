@@ -311,6 +311,8 @@ fn limiter_state_stays_bounded_under_many_distinct_clients() {
     let settings = AdmissionLimits {
         connection_rate: "100/s".parse().unwrap(),
         connection_burst: 5,
+        http_rate: wsgate::config::DEFAULT_HTTP_RATE,
+        http_burst: 2,
         max_connections_per_ip: 10,
         ipv6_prefix: 64,
         auth_failures_per_ip: 3,

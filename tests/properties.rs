@@ -168,6 +168,7 @@ fn facts<'a>(path: &'a str, headers: &'a HeaderMap) -> wsgate::upstream::ClientF
         forward_claims: &[],
         identity_headers: &[],
         request_id: None,
+        gateway_cookie: None,
     }
 }
 

@@ -24,10 +24,12 @@
 //! - `session.rs`: [`SessionPolicy`], a live session's re-check after a reload or an
 //!   admin action.
 //!
-//! Plain HTTP on routes (`http = true`) becomes a fourth entry point here: the same
-//! checks, then a proxied exchange instead of an upgrade.
+//! - `plain.rs`: a plain request on a route with `http = true`: the same checks, then a
+//!   proxied exchange instead of an upgrade; each request on a kept-alive connection is
+//!   admitted on its own.
 
 mod first_message;
+mod plain;
 mod request;
 mod session;
 mod shared_cap;
@@ -39,6 +41,7 @@ use crate::auth::{Outcome, Principal, Seen};
 use crate::error::Reject;
 use crate::gateway::{Gateway, Runtime};
 use crate::limits::IpSlot;
+use crate::proxy::Body;
 use crate::tls::ClientCert;
 use crate::upgrade;
 use crate::upstream::Connected;
@@ -67,6 +70,8 @@ pub(crate) struct Info {
     pub(crate) provider: Option<String>,
     pub(crate) token_fingerprint: Option<String>,
     pub(crate) client_ip: Option<IpAddr>,
+    /// The request's route has `http = true` (a plain request there is proxied).
+    pub(crate) http: bool,
 }
 
 /// What the request stage decided, and what it learned on the way.
@@ -91,6 +96,15 @@ pub(crate) struct Admission {
     sni_certificate: std::sync::OnceLock<Arc<crate::tls::Served>>,
     /// Cluster mode: the shared per-IP check of the TCP peer, started at accept.
     shared_ip: Mutex<Option<SharedIpCheck>>,
+    /// Cluster mode: the per-IP lease the first plain request took, held while the
+    /// connection lives (an upgrade later on it takes it over).
+    conn_lease: Mutex<Option<crate::cluster::Lease>>,
+    /// The raw heads of this connection's requests, checked as hyper reads them.
+    heads: Arc<crate::framing::Heads>,
+    /// Plain requests answered so far on this connection.
+    served: std::sync::atomic::AtomicUsize,
+    /// The `http_timeout` of the last plain request's route (ms; 0 before any).
+    http_timeout_ms: std::sync::atomic::AtomicU64,
 }
 
 /// A client admitted by the request stage, waiting for the 101 to be written.
@@ -132,6 +146,14 @@ pub(crate) struct Session {
 
 type Answer = (Response<Full<Bytes>>, Admitted);
 
+/// What the request stage answers one request with.
+enum Answered {
+    /// A 101 (the session follows) or, with `first_message`, a 101 that waits for the token.
+    Upgrade(Box<Answer>),
+    /// A plain request proxied (its answer streams).
+    Http(Response<Body>),
+}
+
 impl Admission {
     /// Admission of a connection from `peer_ip`, accepted under `rt` (`over_cap`: past
     /// `max_connections`, refused with 503 once its request is read).
@@ -148,7 +170,26 @@ impl Admission {
             verdict: Mutex::default(),
             cert: std::sync::OnceLock::new(),
             sni_certificate: std::sync::OnceLock::new(),
+            conn_lease: Mutex::default(),
+            heads: crate::framing::Heads::new(),
+            served: std::sync::atomic::AtomicUsize::new(0),
+            http_timeout_ms: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// The `http_timeout` of the plain exchange on this connection (zero before any).
+    pub(crate) fn http_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.http_timeout_ms.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// The raw request heads of this connection, for the stream that feeds hyper.
+    pub(crate) fn heads(&self) -> Arc<crate::framing::Heads> {
+        self.heads.clone()
+    }
+
+    /// Plain requests answered (proxied) on this connection so far.
+    pub(crate) fn served(&self) -> usize {
+        self.served.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The client certificate TLS verified (set once, before the request is read).
@@ -169,19 +210,74 @@ impl Admission {
         self.cert.get()
     }
 
-    /// hyper's service: answer the one request on this connection.
-    pub(crate) async fn answer(&self, mut req: Request<Incoming>) -> Response<Full<Bytes>> {
-        match self.admit(&mut req).await {
-            Ok((resp, admitted)) => {
+    /// hyper's service: answer one request on this connection. An upgrade or a refusal
+    /// is the last request (the verdict the connection reads); a proxied plain request
+    /// leaves the connection open for the next one.
+    pub(crate) async fn answer(&self, req: Request<Incoming>) -> Response<Body> {
+        let t0 = tokio::time::Instant::now();
+        let plain = !upgrade::wants_websocket(req.headers());
+        self.note(|i| {
+            i.route = None;
+            i.http = false;
+        });
+        // hyper hides what a proxy must refuse (a length next to chunked, a length
+        // twice, a bare LF): the raw head, checked before hyper read it, decides first.
+        let result = match self.heads.next() {
+            crate::framing::HeadCheck::Refused(why) => Err(Reject::BadRequest(why)),
+            crate::framing::HeadCheck::Clean => self.admit(req).await,
+        };
+        let (resp, counted) = match result {
+            Ok(Answered::Upgrade(answer)) => {
+                let (resp, admitted) = *answer;
                 lock(&self.verdict).result = Some(Ok(Box::new(admitted)));
-                resp
+                (resp.map(Body::from), false)
+            }
+            Ok(Answered::Http(resp)) => {
+                self.served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                (resp, true)
             }
             Err(reject) => {
                 let resp = upgrade::refusal(&reject);
                 lock(&self.verdict).result = Some(Err(reject));
-                resp
+                (resp.map(Body::from), plain)
             }
+        };
+        let route = self.with_info(|i| i.route.clone().filter(|_| i.http));
+        match route {
+            Some(route) if counted => self.count_http(route, resp, t0),
+            _ => resp,
         }
+    }
+
+    /// `wsgate_http_requests_total` now, the duration once the answer has ended. An
+    /// answered request is logged then, one line each (a refusal is logged with the
+    /// connection's end, once).
+    fn count_http(&self, route: String, mut resp: Response<Body>, t0: tokio::time::Instant) -> Response<Body> {
+        let metrics = self.gw.metrics.clone();
+        let status = resp.status().as_u16();
+        metrics.http_request(&route, status);
+        let answered = !matches!(resp.body(), Body::Full(_));
+        let (request_id, client, upstream) = self.with_info(|i| (i.request_id.clone(), i.client_ip, i.upstream.clone()));
+        let done = move || {
+            let took = t0.elapsed();
+            metrics.http_duration(&route, took.as_secs_f64());
+            if answered {
+                tracing::info!(
+                    request_id = request_id.as_deref().unwrap_or("-"),
+                    peer = %client.map_or_else(|| "-".to_string(), |c| c.to_string()),
+                    route,
+                    upstream = upstream.as_deref().unwrap_or("-"),
+                    status,
+                    duration_ms = took.as_millis() as u64,
+                    "http request"
+                );
+            }
+        };
+        match resp.body_mut() {
+            Body::Upstream(s) => s.on_end(Box::new(done)),
+            _ => done(),
+        }
+        resp
     }
 
     /// What the request stage decided (`None`: it never ran to the end).
@@ -204,10 +300,20 @@ impl Admission {
     }
 
     /// Stages 5–7 in order; the first refusal wins.
-    async fn admit(&self, req: &mut Request<Incoming>) -> Result<Answer, Reject> {
-        let checked = self.check(req)?;
-        let started = lock(&self.shared_ip).take().filter(|_| checked.client_ip == self.peer_ip);
-        let ip_lease = shared_cap::hold_ip(&self.gw, &self.rt.config, checked.client_ip, started).await?;
+    async fn admit(&self, mut req: Request<Incoming>) -> Result<Answered, Reject> {
+        let mut checked = self.check(&req)?;
+        let Some(upgrade) = checked.upgrade.take() else {
+            return self.http(req, checked).await.map(Answered::Http);
+        };
+        let req = &mut req;
+        let held = lock(&self.conn_lease).take();
+        let ip_lease = match held {
+            Some(lease) => Some(lease),
+            None => {
+                let started = lock(&self.shared_ip).take().filter(|_| checked.client_ip == self.peer_ip);
+                shared_cap::hold_ip(&self.gw, &self.rt.config, checked.client_ip, started).await?
+            }
+        };
         let route = &self.rt.config.routes[checked.route_index];
         let mut seen = Seen::default();
         let outcome = self
@@ -225,9 +331,9 @@ impl Admission {
             Outcome::Authenticated(p) => Some(p),
             Outcome::Deferred => {
                 let pending = first_message::Pending::new(req.headers().clone(), &checked, self.peer_ip);
-                let resp = upgrade::switching_protocols(&checked.upgrade, None);
+                let resp = upgrade::switching_protocols(&upgrade, None);
                 let admitted = self.admitted(req, checked, ip_lease, (None, None), Some(pending), None);
-                return Ok((resp, admitted));
+                return Ok(Answered::Upgrade(Box::new((resp, admitted))));
             }
         };
         let user = authorize(&self.gw, &self.rt.config, route, principal.as_ref()).await?;
@@ -243,10 +349,15 @@ impl Admission {
         );
         facts.request_id = request_id.as_deref();
         let connected = upstream::connect(&self.gw, &self.rt, checked.route_index, &facts).await?;
-        self.note(|i| i.upstream = Some(connected.target.clone()));
-        let resp = upgrade::switching_protocols(&checked.upgrade, connected.protocol.clone());
+        self.note(|i| i.upstream = Some(connected.target.to_string()));
+        let mut resp = upgrade::switching_protocols(&upgrade, connected.protocol.clone());
+        let had = upstream::sticky_choice(&self.rt, checked.route_index, req.headers());
+        let index = connected.load.as_ref().map(crate::balance::SessionHeld::index);
+        if let Some(c) = index.and_then(|i| upstream::sticky_cookie(&self.rt, checked.route_index, had, i, !self.plain)) {
+            resp.headers_mut().append(http::header::SET_COOKIE, c);
+        }
         let admitted = self.admitted(req, checked, ip_lease, (Some(connected), principal), None, user);
-        Ok((resp, admitted))
+        Ok(Answered::Upgrade(Box::new((resp, admitted))))
     }
 
     /// The admitted client: what the checks held for it (`checked`, the shared per-IP

@@ -16,7 +16,8 @@ pub(super) struct Checked {
     pub(super) path: String,
     pub(super) query: Option<String>,
     pub(super) client_ip: IpAddr,
-    pub(super) upgrade: Upgrade,
+    /// `None`: a plain request on a route with `http = true`.
+    pub(super) upgrade: Option<Upgrade>,
     pub(super) ip_slot: Option<IpSlot>,
     /// The client's `Origin` (one at most: checked), for the live re-checks.
     pub(super) origin: Option<http::HeaderValue>,
@@ -52,14 +53,29 @@ impl Admission {
             // Not an auth failure: it must not count toward the balancer's auth ban.
             return Err(Reject::BadRequest("a client-certificate route on a plain listener"));
         }
-        let upgrade = upgrade::validate(req)?;
+        self.note(|i| i.http = route.http.is_some());
+        // A plain request on an `http` route is proxied: its method first (DESIGN.md
+        // section 13: route, method, then admission).
+        let upgrade = match (upgrade::validate(req), &route.http) {
+            (Err(Reject::NotUpgrade), Some(policy)) => {
+                if !policy.methods.contains(req.method()) {
+                    return Err(Reject::MethodNotAllowed);
+                }
+                None
+            }
+            (r, _) => Some(r?),
+        };
         upgrade::check_origin(route, req.headers())?;
         if let Some(left) = self.gw.per_ip().banned(client_ip) {
             return Err(Reject::AuthBanned(left));
         }
         // The TCP peer passed the pre-TLS checks; a client a trusted proxy names by
-        // `X-Forwarded-For` gets them now.
-        let ip_slot = if client_ip == self.peer_ip {
+        // `X-Forwarded-For` gets them now. A plain request is charged to the client's
+        // `http_rate_per_ip`, each one on a kept-alive connection.
+        let ip_slot = if upgrade.is_none() {
+            self.gw.check_http(&self.rt, client_ip)?;
+            None
+        } else if client_ip == self.peer_ip {
             None
         } else {
             Some(self.gw.check_client(&self.rt, client_ip)?)

@@ -8,7 +8,7 @@ use crate::gateway::{Gateway, Runtime};
 use crate::tls::ClientCert;
 use crate::upstream::{self, ClientFacts, Connected};
 use http::HeaderMap;
-use std::{net::IpAddr, sync::atomic::Ordering};
+use std::net::IpAddr;
 use tokio::time::Instant;
 
 /// What the upstream request is built from. `(client, peer)` addresses, `(path, query)`.
@@ -43,18 +43,37 @@ pub(super) fn facts<'a>(
         forward_claims: &route.forward_claims,
         identity_headers: &rt.identity_headers,
         request_id: None,
+        gateway_cookie: route.sticky_cookie.as_deref(),
     }
 }
 
-/// Try the route's upstreams round robin, each under `upstream_timeout`; the first
-/// that completes its handshake wins.
+/// The upstream a request's sticky cookie names, when the route is `sticky` and the
+/// cookie is valid.
+pub(super) fn sticky_choice(rt: &Runtime, route_index: usize, headers: &HeaderMap) -> Option<usize> {
+    let route = &rt.config.routes[route_index];
+    let name = route.sticky_cookie.as_deref()?;
+    rt.balancers[route_index].read_cookie(crate::balance::cookie(headers, name)?)
+}
+
+/// `Set-Cookie` for a `sticky` route whose client was not already on upstream `index`.
+pub(super) fn sticky_cookie(rt: &Runtime, route_index: usize, had: Option<usize>, index: usize, secure: bool) -> Option<http::HeaderValue> {
+    let name = rt.config.routes[route_index].sticky_cookie.as_deref()?;
+    if had == Some(index) {
+        return None;
+    }
+    let value = rt.balancers[route_index].cookie_value(index)?;
+    let secure = if secure { "; Secure" } else { "" };
+    http::HeaderValue::from_str(&format!("{name}={value}; Path=/; HttpOnly; SameSite=Lax{secure}")).ok()
+}
+
+/// Try the route's upstreams in the balancer's order (`sticky`: the cookie's first),
+/// each under `upstream_timeout`; the first that completes its handshake wins, and
+/// its session is counted on it.
 pub(super) async fn connect(gw: &Gateway, rt: &Runtime, route_index: usize, facts: &ClientFacts<'_>) -> Result<Connected, Reject> {
     let route = &rt.config.routes[route_index];
-    let n = route.upstreams.len();
-    let start = rt.next_upstream[route_index].fetch_add(1, Ordering::Relaxed);
+    let balancer = &rt.balancers[route_index];
     let mut last = Reject::UpstreamUnavailable;
-    for i in 0..n {
-        let idx = (start + i) % n;
+    for idx in balancer.order(sticky_choice(rt, route_index, facts.headers)) {
         let health = &rt.health[route_index][idx];
         if health.is_down() {
             continue; // in back-off after repeated failures
@@ -69,9 +88,10 @@ pub(super) async fn connect(gw: &Gateway, rt: &Runtime, route_index: usize, fact
         let t0 = Instant::now();
         let timeout = rt.config.server.upstream_timeout;
         match upstream::connect(target, rt.connectors[route_index].as_ref(), request, rt.ws_config, timeout).await {
-            Ok(c) => {
+            Ok(mut c) => {
                 health.succeeded();
                 gw.metrics.upstream_connect(&route.name, t0.elapsed().as_secs_f64());
+                c.load = balancer.hold(idx);
                 return Ok(c);
             }
             // A 4xx is the application's answer to this client, not a fault of the
@@ -79,6 +99,46 @@ pub(super) async fn connect(gw: &Gateway, rt: &Runtime, route_index: usize, fact
             Err(e @ Reject::UpstreamRefused(_)) => {
                 tracing::info!(route = %route.name, upstream = idx, reason = e.label(), "upstream refused the upgrade");
                 return Err(e);
+            }
+            Err(e) => {
+                health.failed();
+                tracing::warn!(route = %route.name, upstream = idx, reason = e.label(), "upstream attempt failed");
+                last = e;
+            }
+        }
+    }
+    Err(last)
+}
+
+/// A connection to one of an `http` route's upstreams for a plain request, in the
+/// balancer's order (`sticky`: the one `sticky` names first), skipping upstreams in
+/// back-off; a connect failure tries the next (nothing was sent yet). `None`: the
+/// built-in echo answers. The request is counted on its upstream while it runs.
+pub(super) async fn checkout_http(
+    rt: &Runtime,
+    route_index: usize,
+    sticky: Option<usize>,
+) -> Result<(usize, Option<crate::proxy::Lease>), Reject> {
+    let route = &rt.config.routes[route_index];
+    let Some(policy) = &route.http else {
+        return Err(Reject::NotUpgrade);
+    };
+    let balancer = &rt.balancers[route_index];
+    let mut last = Reject::UpstreamUnavailable;
+    for idx in balancer.order(sticky) {
+        let health = &rt.health[route_index][idx];
+        if health.is_down() {
+            continue;
+        }
+        let Some(pool) = rt.http_pools.get(route_index).and_then(|p| p.get(idx)) else {
+            continue;
+        };
+        let Some(pool) = pool else { return Ok((idx, None)) };
+        match pool.checkout(policy.timeout, rt.config.server.upstream_timeout).await {
+            Ok(mut lease) => {
+                health.succeeded();
+                lease.load = balancer.hold(idx);
+                return Ok((idx, Some(lease)));
             }
             Err(e) => {
                 health.failed();

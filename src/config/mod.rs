@@ -68,6 +68,19 @@ pub const DEFAULT_CONNECTION_RATE: Rate = Rate {
     per: Duration::from_secs(1),
 };
 pub const DEFAULT_CONNECTION_BURST: u32 = 40;
+/// Default `limits.http_rate_per_ip`: plain HTTP requests per client IP (`http = true` routes).
+pub const DEFAULT_HTTP_RATE: Rate = Rate {
+    count: 50,
+    per: Duration::from_secs(1),
+};
+/// Default `limits.http_burst_per_ip`.
+pub const DEFAULT_HTTP_BURST: u32 = 100;
+/// Default `routes.http_methods`.
+pub const DEFAULT_HTTP_METHODS: [&str; 4] = ["GET", "POST", "OPTIONS", "HEAD"];
+/// Default `routes.max_body`: a plain request's body; larger → 413.
+pub const DEFAULT_MAX_BODY: u64 = 1 << 20;
+/// Default `routes.http_timeout`: time without a byte either way in one exchange → 504.
+pub const DEFAULT_HTTP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Concurrent connections per client IP.
 pub const DEFAULT_MAX_CONNECTIONS_PER_IP: u32 = 100;
 /// IPv6 clients are keyed by this prefix length.
@@ -402,6 +415,10 @@ pub struct Limits {
 pub struct AdmissionLimits {
     pub connection_rate: Rate,
     pub connection_burst: u32,
+    /// Plain HTTP requests per client IP on `http = true` routes (GCRA), apart from
+    /// the connection rate.
+    pub http_rate: Rate,
+    pub http_burst: u32,
     pub max_connections_per_ip: u32,
     pub ipv6_prefix: u8,
     pub auth_failures_per_ip: u32,

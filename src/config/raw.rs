@@ -139,6 +139,8 @@ pub(super) struct Limits {
     pub auth_failure_window: Option<HumanDuration>,
     pub auth_ban: Option<HumanDuration>,
     pub max_connections_per_user: Option<u32>,
+    pub http_rate_per_ip: Option<Rate>,
+    pub http_burst_per_ip: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -253,6 +255,12 @@ pub(super) struct Route {
     pub forward_claims: Option<Spanned<std::collections::BTreeMap<String, String>>>,
     pub validate: Option<Spanned<Validate>>,
     pub limits: Option<Spanned<RouteLimits>>,
+    pub http: Option<bool>,
+    pub http_methods: Option<Spanned<Vec<String>>>,
+    pub max_body: Option<Spanned<ByteSize>>,
+    pub http_timeout: Option<Spanned<HumanDuration>>,
+    pub balance: Option<super::Balance>,
+    pub sticky_cookie: Option<Spanned<String>>,
 }
 
 /// `[routes.limits]`: this route's overrides of `[limits]`, `[server]` and `[jwt]` keys.

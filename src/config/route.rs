@@ -135,6 +135,39 @@ pub struct Route {
     pub validate: Option<Validate>,
     /// `[routes.limits]`: what this route overrides; [`Config::limits_of`] resolves it.
     pub limits: RouteLimits,
+    /// `http = true`: plain HTTP/1.1 requests are proxied (DESIGN.md section 13);
+    /// `None`: they get 426.
+    pub http: Option<HttpPolicy>,
+    /// `balance`: how an upstream is chosen.
+    pub balance: Balance,
+    /// `sticky_cookie` (with `balance = "sticky"`, default `wsgate_sticky`).
+    pub sticky_cookie: Option<String>,
+}
+
+/// `balance` (DESIGN.md section 13).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    #[default]
+    RoundRobin,
+    /// Live WebSocket sessions plus in-flight plain requests, fewest first.
+    LeastSessions,
+    /// A signed cookie keeps a client on one upstream while it is up.
+    Sticky,
+}
+
+/// Default `routes.sticky_cookie`.
+pub const DEFAULT_STICKY_COOKIE: &str = "wsgate_sticky";
+
+/// How a route with `http = true` proxies plain requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpPolicy {
+    /// `http_methods`: others → 405.
+    pub methods: Vec<http::Method>,
+    /// `max_body`: a request body beyond it → 413.
+    pub max_body: u64,
+    /// `http_timeout`: time without a byte either way in one exchange → 504.
+    pub timeout: Duration,
 }
 
 /// `[routes.limits]` as written: `None` inherits (DESIGN.md section 14).

@@ -142,7 +142,87 @@ impl Validator<'_> {
             forward_claims: self.forward_claims(r.forward_claims.as_ref())?,
             validate: r.validate.as_ref().map(|v| self.validate_section(v)).transpose()?,
             limits: r.limits.as_ref().map(|l| self.route_limits(l)).transpose()?.unwrap_or_default(),
+            http: self.http_policy(r)?,
+            balance: r.balance.unwrap_or_default(),
+            sticky_cookie: self.sticky_cookie(r)?,
         })
+    }
+
+    /// `sticky_cookie`: only with `balance = "sticky"`; a cookie name of letters,
+    /// digits, `_` and `-`.
+    fn sticky_cookie(&self, r: &raw::Route) -> Result<Option<String>, ConfigError> {
+        let sticky = r.balance == Some(Balance::Sticky);
+        match &r.sticky_cookie {
+            None => Ok(sticky.then(|| DEFAULT_STICKY_COOKIE.to_string())),
+            Some(c) if !sticky => Err(self.err(c, "routes.sticky_cookie", "needs balance = \"sticky\" on this route")),
+            Some(c) => {
+                let name = c.get_ref();
+                if name.is_empty() || name.len() > 64 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+                    return Err(self.err(c, "routes.sticky_cookie", "use 1 to 64 letters, digits, '_' and '-'"));
+                }
+                Ok(Some(name.clone()))
+            }
+        }
+    }
+
+    /// `http`, `http_methods`, `max_body`, `http_timeout` (DESIGN.md section 13). The
+    /// other keys without `http = true` would do nothing: refused, so a typo in the
+    /// intent shows.
+    fn http_policy(&self, r: &raw::Route) -> Result<Option<HttpPolicy>, ConfigError> {
+        if r.http != Some(true) {
+            if let Some(m) = &r.http_methods {
+                return Err(self.err(m, "routes.http_methods", "needs http = true on this route"));
+            }
+            if let Some(t) = &r.http_timeout {
+                return Err(self.err(t, "routes.http_timeout", "needs http = true on this route"));
+            }
+            if let Some(b) = &r.max_body {
+                return Err(self.err(b, "routes.max_body", "needs http = true on this route"));
+            }
+            return Ok(None);
+        }
+        let methods = match &r.http_methods {
+            None => DEFAULT_HTTP_METHODS
+                .iter()
+                .filter_map(|m| http::Method::from_bytes(m.as_bytes()).ok())
+                .collect(),
+            Some(list) => {
+                let mut methods: Vec<http::Method> = Vec::new();
+                for m in list.get_ref() {
+                    // Methods are case-sensitive (RFC 9110 9.1): `get` is not `GET`.
+                    let ok = !m.is_empty() && m.len() <= 32 && m.bytes().all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_');
+                    let method = http::Method::from_bytes(m.as_bytes()).ok().filter(|_| ok);
+                    match method {
+                        Some(method) if method == http::Method::CONNECT || method == http::Method::TRACE => {
+                            return Err(self.err(list, "routes.http_methods", format!("\"{}\" is not proxied", shown(m))));
+                        }
+                        Some(method) if !methods.contains(&method) => methods.push(method),
+                        Some(_) => {}
+                        None => {
+                            return Err(self.err(
+                                list,
+                                "routes.http_methods",
+                                format!("\"{}\" is not a method (upper case, e.g. \"GET\")", shown(m)),
+                            ));
+                        }
+                    }
+                }
+                if methods.is_empty() {
+                    return Err(self.err(list, "routes.http_methods", "needs at least one method"));
+                }
+                methods
+            }
+        };
+        let timeout = match &r.http_timeout {
+            None => DEFAULT_HTTP_TIMEOUT,
+            Some(t) if t.get_ref().0.is_zero() => return Err(self.err(t, "routes.http_timeout", "must be longer than zero")),
+            Some(t) => t.get_ref().0,
+        };
+        Ok(Some(HttpPolicy {
+            methods,
+            max_body: r.max_body.as_ref().map_or(DEFAULT_MAX_BODY, |b| b.get_ref().0),
+            timeout,
+        }))
     }
 
     /// `[routes.limits]`: each key as in `[limits]`, `[server]` or `[jwt]`; zero is refused.

@@ -253,6 +253,14 @@ impl Validator<'_> {
             admission: AdmissionLimits {
                 connection_rate: l.connection_rate_per_ip.unwrap_or(DEFAULT_CONNECTION_RATE),
                 connection_burst: l.connection_burst_per_ip.unwrap_or(DEFAULT_CONNECTION_BURST).max(1),
+                http_rate: match l.http_rate_per_ip {
+                    Some(r) if r.count == 0 => return Err(self.err_key("limits.http_rate_per_ip", "must be larger than zero")),
+                    r => r.unwrap_or(DEFAULT_HTTP_RATE),
+                },
+                http_burst: match l.http_burst_per_ip {
+                    Some(0) => return Err(self.err_key("limits.http_burst_per_ip", "must be at least 1")),
+                    b => b.unwrap_or(DEFAULT_HTTP_BURST),
+                },
                 max_connections_per_ip: l.max_connections_per_ip.unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_IP).max(1),
                 ipv6_prefix,
                 auth_failures_per_ip: l.auth_failures_per_ip.unwrap_or(DEFAULT_AUTH_FAILURES_PER_IP),

@@ -60,6 +60,8 @@ pub(crate) async fn handle(
     let client = info.client_ip.unwrap_or(peer_ip);
     match result {
         Ok(Some(done)) => log_session(&gw, &info, client, route, &done),
+        // A connection of plain requests: each was counted and logged on its own.
+        Ok(None) if admission.served() > 0 => {}
         Ok(None) => tracing::info!(peer = %client, "answered an ACME TLS-ALPN-01 validation"),
         Err(reject) => gw.refused(
             &reject,
@@ -133,24 +135,41 @@ async fn handshake(
         async move { Ok::<_, Infallible>(ctx.answer(req).await) }
     });
     // Keep-alive stays on so hyper does not add `close` to the 101's `Connection`
-    // header; every refusal carries `Connection: close`, so hyper closes after it and
-    // never reads a pipelined second request.
+    // header, and so plain requests on `http = true` routes can follow each other;
+    // every refusal carries `Connection: close`, so hyper closes after it and never
+    // reads a pipelined second request.
     let mut builder = http1::Builder::new();
+    let max_head = server.max_request_head.max(HYPER_MIN_BUF);
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)))
-        .max_buf_size(server.max_request_head.max(HYPER_MIN_BUF))
+        .max_buf_size(max_head)
         .max_headers(MAX_REQUEST_HEADERS)
         .half_close(false);
-    // The request stage itself is bounded (head timeout, upstream timeout); this guard
-    // also bounds writing the answer to a client that never reads it.
-    let guard =
+    // The request stage itself is bounded (head timeout, upstream timeout, an
+    // exchange's `http_timeout`); this watchdog also bounds a client that stops reading
+    // its answer: no byte either way on the connection for this long ends it (plus the
+    // `http_timeout` of the route of its last plain request).
+    let quiet_base =
         server.handshake_timeout + server.upstream_timeout * rt.config.routes.iter().map(|r| r.upstreams.len()).max().unwrap_or(1) as u32;
-    let served = tokio::time::timeout(
-        guard,
-        Box::pin(builder.serve_connection(TokioIo::new(stream), service).with_upgrades()),
-    )
-    .await;
+    let heads = admission.heads();
+    let io = crate::framing::Guarded::new(stream, heads.clone(), max_head);
+    let serve = Box::pin(builder.serve_connection(TokioIo::new(io), service).with_upgrades());
+    let watchdog = async {
+        loop {
+            let quiet = heads.idle_for();
+            let quiet_limit = quiet_base + admission.http_timeout();
+            if quiet >= quiet_limit {
+                return;
+            }
+            tokio::time::sleep(quiet_limit - quiet).await;
+        }
+    };
+    let served = tokio::select! {
+        r = serve => Ok(r),
+        () = watchdog => Err(()),
+    };
+    let plain_requests = admission.served();
 
     let admission = match (admission.verdict(), served) {
         (Some(Err(reject)), _) => return Err(reject),
@@ -163,10 +182,13 @@ async fn handshake(
             return Err(Reject::BadRequest("client left before the upgrade completed"));
         }
         (None, Ok(Err(e))) if e.is_parse_too_large() => return Err(Reject::HeadTooLarge),
-        (None, Ok(Err(e))) if e.is_timeout() => return Err(Reject::HandshakeTimeout),
         (None, Ok(Err(e))) if e.is_parse() || e.is_parse_status() => return Err(Reject::BadRequest("unparsable request head")),
+        // Plain requests were answered; the connection ended (the client left, kept it
+        // idle past the head timeout, or an exchange failed midway).
+        (None, _) if plain_requests > 0 => return Ok(None),
+        (None, Ok(Err(e))) if e.is_timeout() => return Err(Reject::HandshakeTimeout),
         (None, Ok(_)) => return Err(Reject::BadRequest("connection closed without a request")),
-        (None, Err(_)) => return Err(Reject::HandshakeTimeout),
+        (None, Err(())) => return Err(Reject::HandshakeTimeout),
     };
     Ok(Some(admission))
 }
@@ -253,9 +275,9 @@ async fn open_session(
     // Unwrap hyper's boxed IO back to the TLS stream: the relay then reads and writes it
     // directly, with whatever the client sent right behind its request head.
     let parts = upgraded
-        .downcast::<TokioIo<ClientStream>>()
+        .downcast::<TokioIo<crate::framing::Guarded<ClientStream>>>()
         .map_err(|_| Reject::BadRequest("upgrade failed"))?;
-    let io: ClientIo = Box::new(parts.io.into_inner());
+    let io: ClientIo = Box::new(parts.io.into_inner().into_inner());
     let mut client = relay::Endpoint::client(io, &parts.read_buf);
     let session = admitted.complete(admission, &mut client).await?;
     Ok((client, session))
