@@ -94,7 +94,6 @@ fn log_session(gw: &Gateway, info: &Info, client: IpAddr, route: &str, done: &Do
         route,
         upstream = info.upstream.as_deref().unwrap_or("-"),
         sub = info.sub.as_deref().map(|s| escape(s, MAX_LOGGED_NAME)).as_deref().unwrap_or("-"),
-        provider = info.provider.as_deref().unwrap_or("-"),
         code = o.code,
         initiator = o.initiator.label(),
         reason = o.reason.map_or(if o.initiator == Initiator::Gateway { "shutdown" } else { "closed" }, |r| r.log_label()),
@@ -103,6 +102,8 @@ fn log_session(gw: &Gateway, info: &Info, client: IpAddr, route: &str, done: &Do
         bytes_out = o.bytes[1],
         messages_in = o.messages[0],
         messages_out = o.messages[1],
+        // Last, so the fields before keep the order log searches rely on.
+        provider = info.provider.as_deref().unwrap_or("-"),
         "session closed"
     );
 }
