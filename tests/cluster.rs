@@ -483,7 +483,10 @@ async fn a_call_that_times_out_but_runs_later_leaves_no_lease_behind() {
     let port = redis.port;
     let busy = tokio::spawn(async move {
         let client = redis::Client::open(format!("redis://127.0.0.1:{port}/0")).unwrap();
-        let mut con = client.get_multiplexed_async_connection().await.unwrap();
+        // The script runs longer than redis-rs' default 500 ms response timeout on a
+        // loaded machine: this connection waits for it as long as it takes.
+        let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+        let mut con = client.get_multiplexed_async_connection_with_config(&config).await.unwrap();
         let _: i64 = redis::cmd("EVAL")
             .arg("local i = 0 while i < 20000000 do i = i + 1 end return 1")
             .arg(0)
