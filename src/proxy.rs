@@ -194,11 +194,12 @@ impl Pool {
 
     /// A connection for one exchange: a pooled one that is still ready, else a new one
     /// (connected within `connect_timeout`). Waits at most `wait` for a free place.
-    pub async fn checkout(self: &Arc<Self>, wait: Duration, connect_timeout: Duration) -> Result<Lease, Reject> {
+    pub async fn checkout(self: &Arc<Self>, wait: Duration, connect_timeout: Duration) -> Result<Lease, Checkout> {
         let permit = match tokio::time::timeout(wait, self.busy.clone().acquire_owned()).await {
             Ok(Ok(p)) => p,
-            Ok(Err(_)) => return Err(Reject::UpstreamUnavailable),
-            Err(_) => return Err(Reject::UpstreamTimeout),
+            Ok(Err(_)) => return Err(Checkout::Busy(Reject::UpstreamUnavailable)),
+            // Every place taken (long polls held open): the upstream itself did nothing wrong.
+            Err(_) => return Err(Checkout::Busy(Reject::UpstreamTimeout)),
         };
         loop {
             let next = crate::util::lock(&self.idle).pop();
@@ -219,7 +220,8 @@ impl Pool {
         }
         let sender = tokio::time::timeout(connect_timeout, self.connect())
             .await
-            .map_err(|_| Reject::UpstreamTimeout)??;
+            .map_err(|_| Checkout::Transport(Reject::UpstreamTimeout))?
+            .map_err(Checkout::Transport)?;
         Ok(Lease {
             sender: Some(sender),
             pool: self.clone(),
@@ -244,6 +246,16 @@ impl Pool {
         });
         Ok(sender)
     }
+}
+
+/// Why [`Pool::checkout`] lent no connection.
+#[derive(Debug)]
+pub enum Checkout {
+    /// No free place within the wait: the pool is full of exchanges in progress. Not the
+    /// upstream's failure (clients holding long polls must not mark it down for others).
+    Busy(Reject),
+    /// Connecting failed: counts against the upstream's health.
+    Transport(Reject),
 }
 
 /// One connection lent for one exchange; back to the pool on drop only when marked

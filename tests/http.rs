@@ -119,6 +119,19 @@ async fn handle(req: hyper::Request<Incoming>, peer: SocketAddr, st: AppState) -
             });
             hyper::Response::new(Chan(rx).boxed())
         }
+        "/app/trickle" => {
+            // A long poll that stays alive: a byte every 300 ms for 9 s.
+            let (tx, rx) = mpsc::channel(1);
+            tokio::spawn(async move {
+                for _ in 0..30 {
+                    if tx.send(Bytes::from_static(b".")).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            });
+            hyper::Response::new(Chan(rx).boxed())
+        }
         "/app/slow" => {
             tokio::time::sleep(Duration::from_secs(30)).await;
             text(200, "late")
@@ -867,4 +880,54 @@ async fn a_client_that_stops_reading_its_answer_is_dropped_and_the_upstream_exch
     .await;
     assert!(t0.elapsed() >= Duration::from_secs(2), "cut after {:?}", t0.elapsed());
     drop(c);
+}
+
+#[tokio::test]
+async fn clients_filling_the_pool_with_long_polls_do_not_mark_the_upstream_down_for_others() {
+    let app = app().await;
+    // Requests that find every place of the pool taken wait `http_timeout` and get 504;
+    // that is charged to the request, not to the upstream: a full pool is not a failing
+    // upstream, and the next request once places free up is served.
+    let text = format!(
+        "[limits]\nhttp_rate_per_ip = \"10000/s\"\nhttp_burst_per_ip = 10000\nmax_connections_per_ip = 1000\n\
+         connection_rate_per_ip = \"10000/s\"\nconnection_burst_per_ip = 10000\n\
+         [[routes]]\nname = \"app\"\npath = \"/app/*\"\nupstreams = [\"{}\"]\nauth = \"none\"\nhttp = true\nhttp_timeout = \"2s\"\n",
+        app.url()
+    );
+    let gw = Gw::start("", &text).await;
+    let mut holders = Vec::new();
+    for _ in 0..256 {
+        let mut c = Client::connect(&gw).await;
+        c.send(&get("/app/trickle", "")).await;
+        holders.push(c);
+    }
+    // Every place taken (the app holds them all, each answer still streaming).
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while app.seen().len() < 256 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} long polls reached the app",
+            app.seen().len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Four more (more than the failures that put an upstream in back-off) wait for a
+    // place and time out.
+    let mut waiting = Vec::new();
+    for _ in 0..4 {
+        let mut c = Client::connect(&gw).await;
+        c.send(&get("/app/headers", "")).await;
+        waiting.push(c);
+    }
+    for c in &mut waiting {
+        assert_eq!(c.answer().await.map(|a| a.status), Some(504));
+    }
+    assert_eq!(app.seen().len(), 256, "a waiting request reached the app");
+    // The long polls end (their clients leave); the upstream is still in: the next
+    // client is served at once.
+    drop(holders);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut c = Client::connect(&gw).await;
+    c.send(&get("/app/headers", "")).await;
+    assert_eq!(c.answer().await.map(|a| a.status), Some(200));
 }

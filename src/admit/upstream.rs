@@ -140,9 +140,13 @@ pub(super) async fn checkout_http(
                 lease.load = balancer.hold(idx);
                 return Ok((idx, Some(lease)));
             }
-            Err(e) => {
+            Err(crate::proxy::Checkout::Transport(e)) => {
                 health.failed();
                 tracing::warn!(route = %route.name, upstream = idx, reason = e.label(), "upstream attempt failed");
+                last = e;
+            }
+            Err(crate::proxy::Checkout::Busy(e)) => {
+                tracing::warn!(route = %route.name, upstream = idx, reason = e.label(), "upstream pool full");
                 last = e;
             }
         }
