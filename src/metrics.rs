@@ -34,6 +34,7 @@ pub const MESSAGES_REJECTED: &str = "wsgate_messages_rejected_total";
 pub const TLS_CERT_EXPIRY: &str = "wsgate_tls_certificate_expiry_timestamp_seconds";
 pub const ACME_ORDERS: &str = "wsgate_acme_orders_total";
 pub const CONNECTIONS_MAX: &str = "wsgate_connections_max";
+pub const COMPRESSED_BYTES: &str = "wsgate_compressed_bytes_total";
 /// The process metrics below come from `metrics-process` (its names and help texts), read
 /// on each scrape; listed here so the alert rules and the dashboard have one place to look.
 pub const PROCESS_OPEN_FDS: &str = "process_open_fds";
@@ -94,6 +95,10 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
         "ACME certificate orders, by result (issued, failed); a failed order keeps the current certificate.",
     ),
     (
+        COMPRESSED_BYTES,
+        "Sessions with permessage-deflate only: payload bytes of their messages on the compressed hop's wire (form=wire) and the same messages uncompressed (form=payload), by route and direction; wire/payload is the ratio.",
+    ),
+    (
         LIMITER_EVICTIONS,
         "Client addresses the per-IP rate limiter forgot early because it was full (coldest first).",
     ),
@@ -137,6 +142,9 @@ pub struct SessionMetrics {
     pub rejected: Option<[Counter; 4]>,
     /// The session's own running totals, for the admin API's session list.
     pub live: Option<std::sync::Arc<LiveCounters>>,
+    /// `wsgate_compressed_bytes_total` by direction, then form (wire, payload): only for
+    /// a session with permessage-deflate (see [`Metrics::compressed`]).
+    pub compressed: Option<[[Counter; 2]; 2]>,
 }
 
 const SECONDS_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -365,7 +373,16 @@ impl Metrics {
             active,
             rejected: None,
             live: None,
+            compressed: None,
         }
+    }
+
+    /// `wsgate_compressed_bytes_total` handles of a session with permessage-deflate, by
+    /// direction, then form (`wire`, `payload`).
+    pub fn compressed(&self, route: &str) -> [[Counter; 2]; 2] {
+        [Direction::ClientToUpstream, Direction::UpstreamToClient].map(|d| {
+            ["wire", "payload"].map(|form| self.counter(COMPRESSED_BYTES, &[("route", route), ("direction", d.label()), ("form", form)]))
+        })
     }
 
     /// `wsgate_messages_rejected_total` handles of a validated route, one per reason

@@ -104,6 +104,8 @@ pub(crate) struct Admitted {
     holds: Holds,
     /// The client's `Origin`, checked again when the route's policy changes.
     origin: Option<http::HeaderValue>,
+    /// permessage-deflate as agreed with the client in the 101.
+    deflate: Option<crate::extension::Deflate>,
 }
 
 /// What an admitted client holds for its session, given back when dropped.
@@ -114,6 +116,9 @@ struct Holds {
     /// In cluster mode, the client's place under the per-IP cap across instances.
     _ip_lease: Option<crate::cluster::Lease>,
     user: Option<UserHold>,
+    /// The deflate/inflate state the session keeps between messages (context takeover),
+    /// under `limits.max_compression_memory`.
+    _compression: Vec<crate::relay::deflate::Reservation>,
 }
 
 /// A session ready to relay: the upstream connected, the principal known.
@@ -125,6 +130,8 @@ pub(crate) struct Session {
     cert: Option<Arc<ClientCert>>,
     /// The client's `Origin`, checked again when the route's policy changes.
     pub(super) origin: Option<http::HeaderValue>,
+    /// permessage-deflate as agreed with the client (the upstream's is in `upstream`).
+    pub(crate) deflate: Option<crate::extension::Deflate>,
     _holds: Holds,
 }
 
@@ -241,8 +248,19 @@ impl Admission {
         facts.request_id = request_id.as_deref();
         let connected = upstream::connect(&self.gw, &self.rt, checked.route_index, &facts).await?;
         self.note(|i| i.upstream = Some(connected.target.clone()));
-        let resp = upgrade::switching_protocols(&checked.upgrade, connected.protocol.clone());
-        let admitted = self.admitted(req, checked, ip_lease, (Some(connected), principal), None, user);
+        let mut resp = upgrade::switching_protocols(&checked.upgrade, connected.protocol.clone());
+        let mut held = Vec::new();
+        if let Some(r) = connected.deflate.as_ref().and_then(|d| reserve(&self.gw, d)) {
+            held.push(r);
+        }
+        let deflate = negotiate(&self.gw, route, req.headers()).map(|(d, answer, r)| {
+            resp.headers_mut().insert(http::header::SEC_WEBSOCKET_EXTENSIONS, answer);
+            held.extend(r);
+            d
+        });
+        let mut admitted = self.admitted(req, checked, ip_lease, (Some(connected), principal), None, user);
+        admitted.deflate = deflate;
+        admitted.holds._compression = held;
         Ok((resp, admitted))
     }
 
@@ -268,9 +286,48 @@ impl Admission {
                 _ip_slot: checked.ip_slot,
                 _ip_lease: ip_lease,
                 user,
+                _compression: Vec::new(),
             },
             origin: checked.origin,
+            deflate: None,
         }
+    }
+}
+
+/// permessage-deflate with the client (DESIGN.md section 16): on a route with
+/// `compression = true`, the first offer the gateway can honour, while
+/// `limits.max_compression_memory` has room for the session's state (reserved now when
+/// it keeps state between messages, else one message's worth must fit). `None`: the
+/// 101 carries no extension.
+fn negotiate(
+    gw: &Gateway,
+    route: &crate::config::Route,
+    headers: &http::HeaderMap,
+) -> Option<(
+    crate::extension::Deflate,
+    http::HeaderValue,
+    Option<crate::relay::deflate::Reservation>,
+)> {
+    if !route.compression.client {
+        return None;
+    }
+    let (d, answer) = crate::extension::answer_client(headers, route.compression.context_takeover)?;
+    if !gw.compression.has_room(crate::relay::deflate::message_memory(&d)) {
+        tracing::debug!(route = %route.name, "compression memory full: session goes uncompressed");
+        return None;
+    }
+    let reservation = match crate::relay::deflate::session_memory(&d) {
+        0 => None,
+        _ => Some(reserve(gw, &d)?),
+    };
+    Some((d, answer, reservation))
+}
+
+/// Reserve what a hop keeps between messages; `None` when nothing or no room.
+fn reserve(gw: &Gateway, d: &crate::extension::Deflate) -> Option<crate::relay::deflate::Reservation> {
+    match crate::relay::deflate::session_memory(d) {
+        0 => None,
+        n => gw.compression.reserve(n),
     }
 }
 
@@ -290,6 +347,7 @@ impl Admitted {
             pending,
             mut holds,
             origin,
+            deflate,
             ..
         } = self;
         let (upstream, principal) = match (upstream, pending) {
@@ -307,6 +365,7 @@ impl Admitted {
             principal: principal.map(|p| Box::new(p.for_session())),
             cert,
             origin,
+            deflate,
             _holds: holds,
         })
     }

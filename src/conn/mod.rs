@@ -290,6 +290,16 @@ async fn run_session(
         Arc::new(relay::AssemblyShare::new(gw.assembly_budget(), address, sub.as_deref(), timeout))
     });
     let mut settings = relay::Settings::from_config(&rt.config, route, validator, share);
+    let hops = [session.deflate, session.upstream.deflate];
+    if hops.iter().any(Option::is_some) {
+        settings.compression = Some(relay::Compression {
+            hops,
+            level: route.compression.level,
+            min_size: route.compression.min_size,
+            budget: Some(gw.compression.clone()),
+        });
+        session_metrics.compressed = Some(gw.metrics.compressed(&route.name));
+    }
     let deadline = session
         .principal
         .as_ref()
