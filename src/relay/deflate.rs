@@ -195,6 +195,14 @@ impl Inflater {
     }
 }
 
+/// The zlib-rs level for `compression_level`. zlib-rs' (and zlib-ng's) level 1 is a
+/// "quick" strategy with static Huffman codes only, which leaves a 300-byte JSON message
+/// at 92% of its size; zlib's own level 1 builds codes per block. Level 1 here is that:
+/// zlib-rs' level 2 (74% for the same message, still the fast match finder).
+fn zlib_level(level: u32) -> u32 {
+    level.clamp(2, 9)
+}
+
 /// Compression of the messages the gateway sends to one peer.
 pub(crate) struct Deflater {
     no_context: bool,
@@ -227,7 +235,7 @@ impl Deflater {
             {
                 self.held = Some(b.reserve(deflate_memory(self.window_bits)).ok_or(NoRoom)?);
             }
-            let level = flate2::Compression::new(self.level);
+            let level = flate2::Compression::new(zlib_level(self.level));
             self.state = Some(Box::new(Compress::new_with_window_bits(level, false, self.window_bits)));
         }
         Ok(())
@@ -332,6 +340,17 @@ mod tests {
             assert_eq!(d.state.is_none(), no_context, "no state kept between messages");
             assert_eq!(i.state.is_none(), no_context);
         }
+    }
+
+    #[test]
+    fn level_1_shrinks_a_short_json_message() {
+        let msg = br#"{"type":"message","id":"msg-00000003","room":"general","user":{"id":1003,"name":"alice","avatar":"https://cdn.example.com/a/1.png"},"text":"Hey, did you see the deploy notes for today? The gateway now compresses messages.","ts":1765000003,"reactions":[],"thread":null}"#;
+        let mut d = Deflater::new(&hop(true), 1, None);
+        d.begin().unwrap();
+        let mut out = Vec::new();
+        d.put(msg, &mut out);
+        d.finish(&mut out);
+        assert!(out.len() * 100 < msg.len() * 80, "{} of {}", out.len(), msg.len());
     }
 
     #[test]
