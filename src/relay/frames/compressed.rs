@@ -110,59 +110,60 @@ impl Codec {
         self.inflater.is_some()
     }
 
-    /// Write `data` of the message in progress to the receiver: held until the
-    /// compression decision, then as a (non-final) frame.
-    fn write(&mut self, data: &[u8], ready: &mut BytesMut) {
-        if self.out.compress.is_none() {
-            self.out.pending.extend_from_slice(data);
-            if self.out.pending.len() < self.min_size.max(1) {
-                return;
+    /// Take `data` of the message in progress for the receiver: held until the
+    /// compression decision, then compressed (or not) into `pending`, which goes out as
+    /// one frame per piece of input ([`Codec::flush`]) or at the end of the message.
+    fn write(&mut self, data: &[u8]) {
+        match self.out.compress {
+            None => {
+                self.out.pending.extend_from_slice(data);
+                if self.out.pending.len() >= self.min_size.max(1) {
+                    self.decide(true);
+                }
             }
-            self.decide(true);
-            let pending = std::mem::take(&mut self.out.pending);
-            self.emit(&pending, false, ready);
-            return;
+            Some(true) => {
+                if let Some(d) = self.deflater.as_mut() {
+                    d.put(data, &mut self.out.pending);
+                }
+            }
+            Some(false) => self.out.pending.extend_from_slice(data),
         }
-        self.emit(data, false, ready);
     }
 
-    /// The message ends: what is pending goes, then the final frame.
-    fn finish(&mut self, ready: &mut BytesMut) {
-        if self.out.compress.is_none() {
-            let big = self.out.pending.len() >= self.min_size;
-            self.decide(big);
-        }
-        let pending = std::mem::take(&mut self.out.pending);
-        self.emit(&pending, true, ready);
-        self.out = OutMessage::default();
-    }
-
+    /// Decide whether the message goes compressed; what is pending is compressed then.
     fn decide(&mut self, compress: bool) {
         let compress = compress && self.deflater.as_mut().is_some_and(|d| d.begin().is_ok());
         self.out.compress = Some(compress);
+        if compress && let Some(d) = self.deflater.as_mut() {
+            let plain = std::mem::take(&mut self.out.pending);
+            d.put(&plain, &mut self.out.pending);
+        }
     }
 
-    fn emit(&mut self, data: &[u8], fin: bool, ready: &mut BytesMut) {
-        let mut deflated = Vec::new();
-        let payload = match (self.out.compress, self.deflater.as_mut()) {
-            (Some(true), Some(d)) => {
-                d.put(data, &mut deflated);
-                if fin {
-                    d.finish(&mut deflated);
-                }
-                &deflated[..]
+    /// What is pending goes out as a frame: a non-final one after a piece of input
+    /// (nothing when nothing is ready), the final one when the message ends.
+    fn flush(&mut self, fin: bool, ready: &mut BytesMut) {
+        if fin {
+            if self.out.compress.is_none() {
+                let big = self.out.pending.len() >= self.min_size;
+                self.decide(big);
             }
-            _ => data,
-        };
-        if payload.is_empty() && !fin {
+            if let (Some(true), Some(d)) = (self.out.compress, self.deflater.as_mut()) {
+                d.finish(&mut self.out.pending);
+            }
+        } else if self.out.compress.is_none() || self.out.pending.is_empty() {
             return;
         }
+        let payload = std::mem::take(&mut self.out.pending);
         let opcode = if self.out.started { OP_CONTINUATION } else { self.out.opcode };
         let rsv1 = !self.out.started && self.out.compress == Some(true);
-        put_frame(ready, opcode, fin, rsv1, payload, self.masked);
+        put_frame(ready, opcode, fin, rsv1, &payload, self.masked);
         self.out.started = true;
         if !self.measure_sender {
             self.sizes[0] += payload.len() as u64;
+        }
+        if fin {
+            self.out = OutMessage::default();
         }
     }
 }
@@ -227,14 +228,22 @@ impl Core {
             wire::apply_mask(&mut piece[used..], wire::rotate(m, at + used));
         }
         let dec = &mut self.dec[from as usize];
+        let mut ends_message = false;
         if let Some(f) = dec.frame.as_mut() {
             f.left -= used as u64;
             f.offset = ((at + used) % 4) as u8;
+            ends_message = f.fin && f.left == 0;
         }
+        let streamed = dec.frame.is_some_and(|f| f.mode == Mode::Stream);
         if let Some(c) = self.codec[from as usize].as_deref_mut() {
             c.wire_len += used as u64;
             if c.measure_sender {
                 c.sizes[0] += used as u64;
+            }
+            // What this piece gave goes on now, as one frame; the last piece of the
+            // message waits for its end (the tail may add to it).
+            if streamed && !ends_message {
+                c.flush(false, &mut self.ready);
             }
         }
         Ok(used)
@@ -273,7 +282,8 @@ impl Core {
                 if !full && u == 0 {
                     return Ok(used); // no progress possible (not reached with zlib)
                 }
-                if !drain && used > 0 && !full && self.ready.len() >= READY_LIMIT {
+                let waiting = self.ready.len() + self.codec[from as usize].as_ref().map_or(0, |c| c.out.pending.len());
+                if !drain && used > 0 && !full && waiting >= READY_LIMIT {
                     return Ok(used);
                 }
             }
@@ -305,7 +315,7 @@ impl Core {
             }
             Mode::Skip => {}
             Mode::Stream => {
-                c.write(data, &mut self.ready);
+                c.write(data);
                 self.bytes[from as usize] += data.len() as u64;
             }
         }
@@ -349,7 +359,7 @@ impl Core {
         c.inflating = false;
         c.wire_len = 0;
         if mode == Mode::Stream {
-            c.finish(&mut self.ready);
+            c.flush(true, &mut self.ready);
         }
         Ok(())
     }
@@ -363,8 +373,8 @@ impl Core {
                     opcode,
                     ..OutMessage::default()
                 };
-                c.write(payload, &mut self.ready);
-                c.finish(&mut self.ready);
+                c.write(payload);
+                c.flush(true, &mut self.ready);
             }
             None => wire::put_frame(&mut self.ready, opcode, payload, from == Side::Client),
         }
@@ -400,5 +410,185 @@ fn bad(from: Side, v: Violation) -> CloseReason {
     match super::violation(from, v) {
         super::Event::End(reason) => reason,
         _ => CloseReason::ClientProtocol,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{frame, frames};
+    use super::super::{Settings, Stop};
+    use super::*;
+    use crate::extension::Deflate;
+    use crate::wire::OP_TEXT;
+    use flate2::{Compress, FlushCompress};
+
+    fn hop() -> Deflate {
+        Deflate {
+            send_window_bits: 15,
+            send_no_context: true,
+            recv_no_context: true,
+        }
+    }
+
+    /// A core whose client hop agreed to permessage-deflate (the upstream's did not).
+    fn core(max: usize) -> Core {
+        let mut s = Settings::unthrottled(max);
+        s.compression = Some(Compression {
+            hops: [Some(hop()), None],
+            level: 1,
+            min_size: 16,
+            budget: None,
+        });
+        Core::new(&s)
+    }
+
+    fn deflate(data: &[u8]) -> Vec<u8> {
+        let mut c = Compress::new(flate2::Compression::new(6), false);
+        let mut out = Vec::with_capacity(data.len() + 1024);
+        c.compress_vec(data, &mut out, FlushCompress::Sync).unwrap();
+        assert!(out.ends_with(&TAIL));
+        out.truncate(out.len() - 4);
+        out
+    }
+
+    fn inflate(data: &[u8]) -> Vec<u8> {
+        let mut d = flate2::Decompress::new(false);
+        let mut input = data.to_vec();
+        input.extend_from_slice(&TAIL);
+        let mut out = Vec::with_capacity(1 << 20);
+        d.decompress_vec(&input, &mut out, flate2::FlushDecompress::Sync).unwrap();
+        out
+    }
+
+    /// Run `input` through the core in pieces of `step` bytes, as the pump would; returns
+    /// what went on and how it stopped.
+    fn relay(c: &mut Core, side: Side, input: &[u8], step: usize) -> (Vec<u8>, Option<Stop>) {
+        let (mut out, mut held, mut at) = (Vec::new(), Vec::new(), 0);
+        loop {
+            let end = (at + step).min(input.len());
+            held.extend_from_slice(&input[at..end]);
+            at = end;
+            loop {
+                let p = c.process(side, &mut held, &mut BytesMut::new(), side == Side::Upstream);
+                out.extend_from_slice(&held[..p.out]);
+                out.extend_from_slice(&std::mem::take(&mut c.ready));
+                held.drain(..p.used);
+                if p.stop.is_some() {
+                    return (out, p.stop);
+                }
+                if p.used == 0 {
+                    break;
+                }
+            }
+            if at == input.len() {
+                return (out, None);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn compressed_messages_in_any_pieces_go_on_plain() {
+        let text = r#"{"type":"chat","text":"héllo wörld, héllo wörld"}"#.repeat(50);
+        let z = deflate(text.as_bytes());
+        let key = Some([1, 2, 3, 4]);
+        let mut input = frame(OP_TEXT, false, &z[..z.len() / 3], key);
+        input[0] |= 0x40;
+        input.extend(frame(crate::wire::OP_PING, true, b"p", key));
+        input.extend(frame(OP_CONTINUATION, true, &z[z.len() / 3..], key));
+        for step in [1, 7, 100, 1 << 20] {
+            let mut c = core(1 << 20);
+            let (out, stop) = relay(&mut c, Side::Client, &input, step);
+            assert!(stop.is_none(), "step {step}");
+            let got: Vec<u8> = frames(&out)
+                .into_iter()
+                .filter(|(op, _, _)| *op != crate::wire::OP_PING)
+                .flat_map(|(_, _, p)| p)
+                .collect();
+            assert_eq!(got, text.as_bytes(), "step {step}");
+            // Every frame to the upstream is masked, none has RSV1 (its hop has no extension).
+            let mut rest = &out[..];
+            while let Some(h) = crate::wire::parse(rest).unwrap() {
+                assert!(h.mask.is_some() && !h.rsv1);
+                rest = &rest[h.header_len + h.len as usize..];
+            }
+            assert_eq!((c.counts[0], c.bytes[0]), (1, text.len() as u64));
+            let codec = c.codec[0].as_ref().unwrap();
+            assert_eq!(codec.sizes, [z.len() as u64, text.len() as u64]);
+        }
+    }
+
+    #[tokio::test]
+    async fn plain_upstream_messages_go_to_the_client_compressed_when_large() {
+        let big = "abcabcabc ".repeat(3000);
+        let mut input = frame(OP_TEXT, true, big.as_bytes(), None);
+        input.extend(frame(OP_TEXT, true, b"short", None));
+        let mut c = core(1 << 20);
+        let (out, stop) = relay(&mut c, Side::Upstream, &input, 4096);
+        assert!(stop.is_none());
+        let mut rest = &out[..];
+        let (mut first, mut msgs) = (Vec::new(), Vec::new());
+        let mut rsv1 = Vec::new();
+        while let Some(h) = crate::wire::parse(rest).unwrap() {
+            let p = &rest[h.header_len..h.header_len + h.len as usize];
+            assert!(h.mask.is_none());
+            if h.opcode != OP_CONTINUATION {
+                rsv1.push(h.rsv1);
+            } else {
+                assert!(!h.rsv1, "RSV1 on the first frame only");
+            }
+            first.extend_from_slice(p);
+            if h.fin {
+                msgs.push(std::mem::take(&mut first));
+            }
+            rest = &rest[h.header_len + h.len as usize..];
+        }
+        assert_eq!(rsv1, [true, false], "the short one goes plain");
+        assert_eq!(inflate(&msgs[0]), big.as_bytes());
+        assert!(msgs[0].len() < big.len() / 20);
+        assert_eq!(msgs[1], b"short");
+    }
+
+    /// A frame that inflates to far more than the limit: each call holds at most about
+    /// READY_LIMIT of output, and the message limit ends it with 1009.
+    #[tokio::test]
+    async fn a_bomb_is_inflated_a_bounded_piece_at_a_time() {
+        let zeros = vec![0u8; 8 << 20];
+        let z = deflate(&zeros);
+        let mut input = frame(crate::wire::OP_BINARY, true, &z, Some([9, 9, 9, 9]));
+        input[0] |= 0x40;
+        let mut c = core(4 << 20);
+        let mut held = input;
+        let mut peak = 0;
+        let stop = loop {
+            let p = c.process(Side::Client, &mut held, &mut BytesMut::new(), false);
+            peak = peak.max(c.ready.len());
+            c.ready.clear();
+            held.drain(..p.used);
+            if let Some(s) = p.stop {
+                break s;
+            }
+            assert!(p.used > 0, "progress");
+        };
+        assert!(matches!(stop, Stop::Event(super::super::Event::End(CloseReason::ClientTooBig))));
+        assert!(peak <= READY_LIMIT + INFLATE_CHUNK + 64, "{peak} held at once");
+    }
+
+    #[tokio::test]
+    async fn rsv1_where_it_is_not_allowed() {
+        let key = Some([1, 1, 1, 1]);
+        // From the upstream, whose hop has no extension.
+        let mut up = frame(OP_TEXT, true, b"x", None);
+        up[0] |= 0x40;
+        let mut c = core(1 << 20);
+        let p = c.process(Side::Upstream, &mut up, &mut BytesMut::new(), true);
+        assert!(matches!(p.stop, Some(Stop::Event(super::super::Event::End(CloseReason::UpstreamProtocol)))));
+        // On a continuation.
+        let mut cont = frame(OP_TEXT, false, b"a", key);
+        let mut second = frame(OP_CONTINUATION, true, b"b", key);
+        second[0] |= 0x40;
+        cont.extend(second);
+        let mut c = core(1 << 20);
+        let p = c.process(Side::Client, &mut cont, &mut BytesMut::new(), false);
+        assert!(matches!(p.stop, Some(Stop::Event(super::super::Event::End(CloseReason::ClientProtocol)))));
     }
 }
