@@ -144,7 +144,7 @@ pub struct SessionMetrics {
     pub live: Option<std::sync::Arc<LiveCounters>>,
     /// `wsgate_compressed_bytes_total` by direction, then form (wire, payload): only for
     /// a session with permessage-deflate (see [`Metrics::compressed`]).
-    pub compressed: Option<[[Counter; 2]; 2]>,
+    pub compressed: Option<Box<[[Counter; 2]; 2]>>,
 }
 
 const SECONDS_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];

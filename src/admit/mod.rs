@@ -118,7 +118,7 @@ struct Holds {
     user: Option<UserHold>,
     /// The deflate/inflate state the session keeps between messages (context takeover),
     /// under `limits.max_compression_memory`.
-    _compression: Vec<crate::relay::deflate::Reservation>,
+    _compression: Option<crate::relay::deflate::Reservation>,
 }
 
 /// A session ready to relay: the upstream connected, the principal known.
@@ -249,18 +249,18 @@ impl Admission {
         let connected = upstream::connect(&self.gw, &self.rt, checked.route_index, &facts).await?;
         self.note(|i| i.upstream = Some(connected.target.clone()));
         let mut resp = upgrade::switching_protocols(&checked.upgrade, connected.protocol.clone());
-        let mut held = Vec::new();
-        if let Some(r) = connected.deflate.as_ref().and_then(|d| reserve(&self.gw, d)) {
-            held.push(r);
-        }
-        let deflate = negotiate(&self.gw, route, req.headers()).map(|(d, answer, r)| {
-            resp.headers_mut().insert(http::header::SEC_WEBSOCKET_EXTENSIONS, answer);
-            held.extend(r);
-            d
-        });
+        let upstream_state = connected.deflate.as_ref().map_or(0, crate::relay::deflate::session_memory);
+        let negotiated = negotiate(&self.gw, route, req.headers(), upstream_state);
         let mut admitted = self.admitted(req, checked, ip_lease, (Some(connected), principal), None, user);
-        admitted.deflate = deflate;
-        admitted.holds._compression = held;
+        if let Some((d, answer, reservation)) = negotiated {
+            resp.headers_mut().insert(http::header::SEC_WEBSOCKET_EXTENSIONS, answer);
+            admitted.deflate = Some(d);
+            admitted.holds._compression = reservation;
+        } else if upstream_state > 0 {
+            // The upstream keeps its context (it did not agree to server_no_context_takeover):
+            // counted when there is room; the session goes on either way (the 101 is due).
+            admitted.holds._compression = self.gw.compression.reserve(upstream_state);
+        }
         Ok((resp, admitted))
     }
 
@@ -286,7 +286,7 @@ impl Admission {
                 _ip_slot: checked.ip_slot,
                 _ip_lease: ip_lease,
                 user,
-                _compression: Vec::new(),
+                _compression: None,
             },
             origin: checked.origin,
             deflate: None,
@@ -296,13 +296,14 @@ impl Admission {
 
 /// permessage-deflate with the client (DESIGN.md section 16): on a route with
 /// `compression = true`, the first offer the gateway can honour, while
-/// `limits.max_compression_memory` has room for the session's state (reserved now when
-/// it keeps state between messages, else one message's worth must fit). `None`: the
-/// 101 carries no extension.
+/// `limits.max_compression_memory` has room for the session's state (reserved now,
+/// with `upstream_state` the upstream hop keeps, when it keeps state between messages;
+/// else one message's worth must fit). `None`: the 101 carries no extension.
 fn negotiate(
     gw: &Gateway,
     route: &crate::config::Route,
     headers: &http::HeaderMap,
+    upstream_state: usize,
 ) -> Option<(
     crate::extension::Deflate,
     http::HeaderValue,
@@ -316,19 +317,11 @@ fn negotiate(
         tracing::debug!(route = %route.name, "compression memory full: session goes uncompressed");
         return None;
     }
-    let reservation = match crate::relay::deflate::session_memory(&d) {
+    let reservation = match crate::relay::deflate::session_memory(&d) + upstream_state {
         0 => None,
-        _ => Some(reserve(gw, &d)?),
+        n => Some(gw.compression.reserve(n)?),
     };
     Some((d, answer, reservation))
-}
-
-/// Reserve what a hop keeps between messages; `None` when nothing or no room.
-fn reserve(gw: &Gateway, d: &crate::extension::Deflate) -> Option<crate::relay::deflate::Reservation> {
-    match crate::relay::deflate::session_memory(d) {
-        0 => None,
-        n => gw.compression.reserve(n),
-    }
 }
 
 impl Admitted {

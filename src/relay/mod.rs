@@ -90,7 +90,8 @@ pub struct Settings {
     pub assembly: Option<std::sync::Arc<AssemblyShare>>,
     /// permessage-deflate as agreed with each hop (`None`: with neither; frames stream
     /// as they came and RSV1 is a violation).
-    pub compression: Option<Compression>,
+    /// Boxed: most sessions have none, and the session future stays small.
+    pub compression: Option<Box<Compression>>,
 }
 
 impl Settings {

@@ -80,12 +80,12 @@ struct OutMessage {
 
 impl Codec {
     /// The codec of the direction from `from`, when either hop agreed to compress.
-    pub(super) fn new(c: &Compression, from: Side) -> Option<Box<Codec>> {
+    pub(super) fn new(c: &Compression, from: Side) -> Option<Codec> {
         let (sender, receiver) = (c.hops[from as usize], c.hops[from.other() as usize]);
         if sender.is_none() && receiver.is_none() {
             return None;
         }
-        Some(Box::new(Codec {
+        Some(Codec {
             inflater: sender.map(|h| Inflater::new(&h, c.budget.clone())),
             deflater: receiver.map(|h| Deflater::new(&h, c.level, c.budget.clone())),
             min_size: c.min_size,
@@ -101,7 +101,7 @@ impl Codec {
             out: OutMessage::default(),
             sizes: [0; 2],
             reported: [0; 2],
-        }))
+        })
     }
 
     /// Whether a frame with RSV1 may come from this direction's sender (the first frame
@@ -188,7 +188,7 @@ impl Core {
     /// A data message from `from` starts in a direction with a codec (`rsv1`: it came
     /// compressed).
     pub(super) fn start_coded(&mut self, from: Side, opcode: u8, rsv1: bool) -> Result<(), CloseReason> {
-        let Some(c) = self.codec[from as usize].as_deref_mut() else {
+        let Some(c) = self.codec.as_deref_mut().and_then(|a| a[from as usize].as_mut()) else {
             return Ok(());
         };
         c.inflating = rsv1;
@@ -214,7 +214,11 @@ impl Core {
         if let Some(m) = key {
             wire::apply_mask(piece, wire::rotate(m, at));
         }
-        let inflating = self.codec[from as usize].as_ref().is_some_and(|c| c.inflating);
+        let inflating = self
+            .codec
+            .as_deref()
+            .and_then(|a| a[from as usize].as_ref())
+            .is_some_and(|c| c.inflating);
         let used = if inflating {
             self.inflate(from, piece, false)?
         } else {
@@ -235,7 +239,7 @@ impl Core {
             ends_message = f.fin && f.left == 0;
         }
         let streamed = dec.frame.is_some_and(|f| f.mode == Mode::Stream);
-        if let Some(c) = self.codec[from as usize].as_deref_mut() {
+        if let Some(c) = self.codec.as_deref_mut().and_then(|a| a[from as usize].as_mut()) {
             c.wire_len += used as u64;
             if c.measure_sender {
                 c.sizes[0] += used as u64;
@@ -264,7 +268,12 @@ impl Core {
             };
             let mut used = 0;
             loop {
-                let Some(i) = self.codec[from as usize].as_mut().and_then(|c| c.inflater.as_mut()) else {
+                let Some(i) = self
+                    .codec
+                    .as_deref_mut()
+                    .and_then(|a| a[from as usize].as_mut())
+                    .and_then(|c| c.inflater.as_mut())
+                else {
                     return Ok(used);
                 };
                 let rest = &input[used..];
@@ -282,7 +291,12 @@ impl Core {
                 if !full && u == 0 {
                     return Ok(used); // no progress possible (not reached with zlib)
                 }
-                let waiting = self.ready.len() + self.codec[from as usize].as_ref().map_or(0, |c| c.out.pending.len());
+                let waiting = self.ready.len()
+                    + self
+                        .codec
+                        .as_deref()
+                        .and_then(|a| a[from as usize].as_ref())
+                        .map_or(0, |c| c.out.pending.len());
                 if !drain && used > 0 && !full && waiting >= READY_LIMIT {
                     return Ok(used);
                 }
@@ -303,7 +317,7 @@ impl Core {
         if f.text {
             dec.utf8.feed(data, false).map_err(|v| bad(from, v))?;
         }
-        let Some(c) = self.codec[from as usize].as_deref_mut() else {
+        let Some(c) = self.codec.as_deref_mut().and_then(|a| a[from as usize].as_mut()) else {
             return Ok(());
         };
         c.sizes[1] += data.len() as u64;
@@ -326,12 +340,18 @@ impl Core {
     /// compressed message is inflated, the text check completed, and the message ends
     /// for the receiver (its last frame), unless it is held for validation.
     pub(super) fn finish_coded(&mut self, from: Side, mode: Mode) -> Result<(), CloseReason> {
-        let inflating = self.codec[from as usize].as_ref().is_some_and(|c| c.inflating);
+        let inflating = self
+            .codec
+            .as_deref()
+            .and_then(|a| a[from as usize].as_ref())
+            .is_some_and(|c| c.inflating);
         if inflating {
             let mut tail_used = 0;
             while tail_used < TAIL.len() {
-                let ended = self.codec[from as usize]
-                    .as_ref()
+                let ended = self
+                    .codec
+                    .as_deref()
+                    .and_then(|a| a[from as usize].as_ref())
                     .and_then(|c| c.inflater.as_ref())
                     .is_none_or(Inflater::ended);
                 if ended {
@@ -350,7 +370,7 @@ impl Core {
         if dec.frame.is_some_and(|f| f.text) {
             dec.utf8.feed(&[], true).map_err(|v| bad(from, v))?;
         }
-        let Some(c) = self.codec[from as usize].as_deref_mut() else {
+        let Some(c) = self.codec.as_deref_mut().and_then(|a| a[from as usize].as_mut()) else {
             return Ok(());
         };
         if let Some(i) = c.inflater.as_mut() {
@@ -367,7 +387,7 @@ impl Core {
     /// A whole message the gateway passes on itself (a validated one) to the receiver
     /// of `from`'s messages: compressed when that hop agreed and it is large enough.
     pub(super) fn put_message(&mut self, from: Side, opcode: u8, payload: &[u8]) {
-        match self.codec[from as usize].as_deref_mut() {
+        match self.codec.as_deref_mut().and_then(|a| a[from as usize].as_mut()) {
             Some(c) => {
                 c.out = OutMessage {
                     opcode,
@@ -382,7 +402,7 @@ impl Core {
 
     /// Whether `from`'s direction takes frames apart (a codec on either hop).
     pub(super) fn coded(&self, from: Side) -> bool {
-        self.codec[from as usize].is_some()
+        self.codec.as_deref().is_some_and(|a| a[from as usize].is_some())
     }
 
     /// A frame header from `from` against the extension: RSV1 only on the first frame
@@ -390,7 +410,7 @@ impl Core {
     /// compressed message are held to the message limit too (an endless run of empty
     /// deflate blocks inflates to nothing).
     pub(super) fn check_coded(&self, from: Side, h: &wire::Header) -> Result<(), Violation> {
-        let codec = self.codec[from as usize].as_deref();
+        let codec = self.codec.as_deref().and_then(|a| a[from as usize].as_ref());
         if h.rsv1 && (h.opcode == OP_CONTINUATION || !codec.is_some_and(Codec::accepts_rsv1)) {
             return Err(Violation::Protocol);
         }
@@ -433,12 +453,12 @@ mod tests {
     /// A core whose client hop agreed to permessage-deflate (the upstream's did not).
     fn core(max: usize) -> Core {
         let mut s = Settings::unthrottled(max);
-        s.compression = Some(Compression {
+        s.compression = Some(Box::new(Compression {
             hops: [Some(hop()), None],
             level: 1,
             min_size: 16,
             budget: None,
-        });
+        }));
         Core::new(&s)
     }
 
@@ -512,7 +532,7 @@ mod tests {
                 rest = &rest[h.header_len + h.len as usize..];
             }
             assert_eq!((c.counts[0], c.bytes[0]), (1, text.len() as u64));
-            let codec = c.codec[0].as_ref().unwrap();
+            let codec = c.codec.as_deref().unwrap()[0].as_ref().unwrap();
             assert_eq!(codec.sizes, [z.len() as u64, text.len() as u64]);
         }
     }
@@ -581,7 +601,10 @@ mod tests {
         up[0] |= 0x40;
         let mut c = core(1 << 20);
         let p = c.process(Side::Upstream, &mut up, &mut BytesMut::new(), true);
-        assert!(matches!(p.stop, Some(Stop::Event(super::super::Event::End(CloseReason::UpstreamProtocol)))));
+        assert!(matches!(
+            p.stop,
+            Some(Stop::Event(super::super::Event::End(CloseReason::UpstreamProtocol)))
+        ));
         // On a continuation.
         let mut cont = frame(OP_TEXT, false, b"a", key);
         let mut second = frame(OP_CONTINUATION, true, b"b", key);
@@ -589,6 +612,9 @@ mod tests {
         cont.extend(second);
         let mut c = core(1 << 20);
         let p = c.process(Side::Client, &mut cont, &mut BytesMut::new(), false);
-        assert!(matches!(p.stop, Some(Stop::Event(super::super::Event::End(CloseReason::ClientProtocol)))));
+        assert!(matches!(
+            p.stop,
+            Some(Stop::Event(super::super::Event::End(CloseReason::ClientProtocol)))
+        ));
     }
 }

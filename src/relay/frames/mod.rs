@@ -160,7 +160,8 @@ pub(super) struct Core {
     rejected_reported: [u64; 4],
     /// permessage-deflate, by sending side: its messages inflated and/or deflated for
     /// the receiver (`None`: neither hop agreed to it; frames stream as they came).
-    codec: [Option<Box<compressed::Codec>>; 2],
+    /// Boxed, both directions in one: most sessions have none.
+    codec: Option<Box<[Option<compressed::Codec>; 2]>>,
 }
 
 impl Core {
@@ -189,10 +190,10 @@ impl Core {
             ready: BytesMut::new(),
             rejected: [0; 4],
             rejected_reported: [0; 4],
-            codec: match &settings.compression {
-                Some(c) => [compressed::Codec::new(c, Side::Client), compressed::Codec::new(c, Side::Upstream)],
-                None => [None, None],
-            },
+            codec: settings
+                .compression
+                .as_deref()
+                .map(|c| Box::new([compressed::Codec::new(c, Side::Client), compressed::Codec::new(c, Side::Upstream)])),
         }
     }
 
@@ -321,7 +322,13 @@ impl Core {
         // Both hold before any byte of the frame goes on.
         // A compressed frame's size is its wire size: what it inflates to is counted as
         // it inflates (`compressed.rs`).
-        let deflated = h.rsv1 || (h.opcode == OP_CONTINUATION && self.codec[from as usize].as_ref().is_some_and(|c| c.inflating));
+        let deflated = h.rsv1
+            || (h.opcode == OP_CONTINUATION
+                && self
+                    .codec
+                    .as_deref()
+                    .and_then(|a| a[from as usize].as_ref())
+                    .is_some_and(|c| c.inflating));
         if (from == Side::Client && h.len > self.max_frame) || (!deflated && dec.message_len.saturating_add(h.len) > self.max_message) {
             return Err(Violation::TooBig);
         }
@@ -572,9 +579,9 @@ impl Core {
             }
             self.rejected_reported = self.rejected;
         }
-        if let Some(counters) = &metrics.compressed {
-            for (codec, by_form) in self.codec.iter_mut().zip(counters) {
-                if let Some(c) = codec.as_deref_mut() {
+        if let (Some(counters), Some(codecs)) = (&metrics.compressed, self.codec.as_deref_mut()) {
+            for (codec, by_form) in codecs.iter_mut().zip(counters.iter()) {
+                if let Some(c) = codec.as_mut() {
                     for (form, counter) in by_form.iter().enumerate() {
                         counter.increment(c.sizes[form] - c.reported[form]);
                     }
