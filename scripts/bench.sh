@@ -407,9 +407,9 @@ if wants chat && [[ " $TARGETS " == *" wsgate "* ]]; then
   done
   for ((r = 1; r <= REPEAT; r++)); do
     for variant in plain deflate; do
+      restart wsgate
       args=(--idle --connections 1000 --rss-pid "${PID[wsgate]}")
       [[ $variant == plain ]] || args+=(--deflate)
-      restart wsgate
       measure wsgate "chat-idle-$variant" chat "${args[@]}"
     done
   done

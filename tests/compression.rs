@@ -5,7 +5,6 @@
 mod common;
 use common::*;
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
-use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wsgate::wire;
 
@@ -354,5 +353,19 @@ fn bad_compression_keys_name_key_and_line() {
         (r.client, r.level, r.min_size, r.context_takeover, r.upstream),
         (false, 9, 1024, true, true)
     );
-    let _ = Arc::new(());
+}
+
+#[test]
+fn check_warns_about_costly_compression_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let routes = format!(
+        "{}context_takeover = true\ncompression_level = 9\n{}",
+        route("keep", "/keep", "builtin:echo", "none"),
+        route("plain", "/plain", "builtin:echo", "none")
+    );
+    let cfg = wsgate::Config::from_toml_str(&config_text(dir.path(), "", &routes), "t.toml").unwrap();
+    let w = wsgate::check::warnings(&cfg);
+    assert!(w.iter().any(|w| w.contains("\"keep\" has context_takeover = true")), "{w:?}");
+    assert!(w.iter().any(|w| w.contains("\"keep\" has compression_level = 9")), "{w:?}");
+    assert!(!w.iter().any(|w| w.contains("\"plain\" has co")), "{w:?}");
 }

@@ -10,8 +10,59 @@
 
 use crate::extension::{Deflate, MAX_WINDOW_BITS};
 use flate2::{Compress, Decompress, FlushCompress, FlushDecompress, Status};
+use std::cell::RefCell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// zlib states kept per worker thread for the next message, at most: without context
+/// takeover a state lives for one message, and allocating (and clearing) ~300 KiB of
+/// deflate state per 300-byte message doubled the CPU per message. Spares belong to
+/// threads, not sessions: an idle session still holds none.
+const SPARES: usize = 2;
+
+thread_local! {
+    /// Deflaters by (level, window bits), reset before reuse.
+    static SPARE_DEFLATERS: RefCell<Vec<(u32, u8, Box<Compress>)>> = const { RefCell::new(Vec::new()) };
+    /// Inflaters (all use the largest window), reset before reuse.
+    static SPARE_INFLATERS: RefCell<Vec<Box<Decompress>>> = const { RefCell::new(Vec::new()) };
+}
+
+fn spare_deflater(level: u32, bits: u8) -> Option<Box<Compress>> {
+    SPARE_DEFLATERS
+        .try_with(|s| {
+            let mut s = s.try_borrow_mut().ok()?;
+            let i = s.iter().position(|(l, b, _)| (*l, *b) == (level, bits))?;
+            Some(s.swap_remove(i).2)
+        })
+        .ok()
+        .flatten()
+}
+
+fn keep_deflater(level: u32, bits: u8, mut c: Box<Compress>) {
+    c.reset();
+    let _ = SPARE_DEFLATERS.try_with(|s| {
+        if let Ok(mut s) = s.try_borrow_mut()
+            && s.len() < SPARES
+        {
+            s.push((level, bits, c));
+        }
+    });
+}
+
+fn spare_inflater() -> Option<Box<Decompress>> {
+    SPARE_INFLATERS.try_with(|s| s.try_borrow_mut().ok()?.pop()).ok().flatten()
+}
+
+fn keep_inflater(mut d: Box<Decompress>) {
+    d.reset(false);
+    let _ = SPARE_INFLATERS.try_with(|s| {
+        if let Ok(mut s) = s.try_borrow_mut()
+            && s.len() < SPARES
+        {
+            s.push(d);
+        }
+    });
+}
 
 /// What RFC 7692 section 7.2.1 strips from the end of a compressed message, and
 /// section 7.2.2 appends before inflating it.
@@ -151,7 +202,7 @@ impl Inflater {
             {
                 self.held = Some(b.reserve(INFLATE_MEMORY).ok_or(NoRoom)?);
             }
-            self.state = Some(Box::new(Decompress::new_with_window_bits(false, MAX_WINDOW_BITS)));
+            self.state = Some(spare_inflater().unwrap_or_else(|| Box::new(Decompress::new_with_window_bits(false, MAX_WINDOW_BITS))));
         }
         self.ended = false;
         Ok(())
@@ -188,7 +239,9 @@ impl Inflater {
     /// the peer ended its stream, the state goes.
     pub(crate) fn end(&mut self) {
         if self.no_context || self.ended {
-            self.state = None;
+            if let Some(d) = self.state.take() {
+                keep_inflater(d);
+            }
             self.held = None;
         }
         self.ended = false;
@@ -235,8 +288,11 @@ impl Deflater {
             {
                 self.held = Some(b.reserve(deflate_memory(self.window_bits)).ok_or(NoRoom)?);
             }
-            let level = flate2::Compression::new(zlib_level(self.level));
-            self.state = Some(Box::new(Compress::new_with_window_bits(level, false, self.window_bits)));
+            let (level, bits) = (zlib_level(self.level), self.window_bits);
+            self.state = Some(
+                spare_deflater(level, bits)
+                    .unwrap_or_else(|| Box::new(Compress::new_with_window_bits(flate2::Compression::new(level), false, bits))),
+            );
         }
         Ok(())
     }
@@ -256,7 +312,9 @@ impl Deflater {
             out.push(0x00);
         }
         if self.no_context {
-            self.state = None;
+            if let Some(c) = self.state.take() {
+                keep_deflater(zlib_level(self.level), self.window_bits, c);
+            }
             self.held = None;
         }
     }
