@@ -24,7 +24,7 @@ thread_local! {
     /// Deflaters by (level, window bits), reset before reuse.
     static SPARE_DEFLATERS: RefCell<Vec<(u32, u8, Box<Compress>)>> = const { RefCell::new(Vec::new()) };
     /// Inflaters (all use the largest window), reset before reuse.
-    static SPARE_INFLATERS: RefCell<Vec<Box<Decompress>>> = const { RefCell::new(Vec::new()) };
+    static SPARE_INFLATERS: RefCell<Vec<Decompress>> = const { RefCell::new(Vec::new()) };
 }
 
 fn spare_deflater(level: u32, bits: u8) -> Option<Box<Compress>> {
@@ -50,7 +50,11 @@ fn keep_deflater(level: u32, bits: u8, mut c: Box<Compress>) {
 }
 
 fn spare_inflater() -> Option<Box<Decompress>> {
-    SPARE_INFLATERS.try_with(|s| s.try_borrow_mut().ok()?.pop()).ok().flatten()
+    SPARE_INFLATERS
+        .try_with(|s| s.try_borrow_mut().ok()?.pop())
+        .ok()
+        .flatten()
+        .map(Box::new)
 }
 
 fn keep_inflater(mut d: Box<Decompress>) {
@@ -59,7 +63,7 @@ fn keep_inflater(mut d: Box<Decompress>) {
         if let Ok(mut s) = s.try_borrow_mut()
             && s.len() < SPARES
         {
-            s.push(d);
+            s.push(*d);
         }
     });
 }
