@@ -11,7 +11,7 @@
 #   BENCH_HOLD [3/1]            seconds the idle sockets are held before the echo check
 #   BENCH_IDLE_COUNTS ["1000 9000"]  idle socket counts
 #   BENCH_TARGETS ["direct wsgate nginx"]
-#   BENCH_TESTS ["tp16 tp1 hs hsr lat idle features hosts"]  measurements to run (a subset for focused A/B runs)
+#   BENCH_TESTS ["tp16 tp1 hs hsr lat idle features hosts chat"]  measurements to run (a subset for focused A/B runs)
 #   BENCH_SKIP_BUILD=1          use the binaries already in target/release
 #
 # Three targets stand in front of ONE plain-ws echo backend (`wsgate echo`, its own process):
@@ -28,7 +28,11 @@
 # route without it, and handshakes/s with a client certificate on an `auth = "mtls"` route
 # against the JWT route without one. Hosts (wsgate only): handshakes/s with SNI and Host
 # `localhost`, with two certificates ([[tls.certificates]]) and 50 more routes over 10 hosts,
-# against the one-certificate, one-route config.
+# against the one-certificate, one-route config. Chat (wsgate only): ~300-byte JSON chat
+# messages echoed over 32 connections (`wsgate-bench chat`, its own permessage-deflate client)
+# without compression, with it (the default: no context takeover) and on a route with
+# `context_takeover = true`: bytes on the wire per message (TCP, TLS included) and server CPU
+# per message; and server memory per idle socket at 1000 sockets with and without it.
 #
 # Output: the table on stdout and in target/bench/results.md, every RESULT line in
 # target/bench/raw.txt, server and client logs in target/bench/logs/.
@@ -43,8 +47,10 @@ else
   REPEAT=${BENCH_REPEAT:-3} DURATION=${BENCH_DURATION:-5} WARMUP=${BENCH_WARMUP:-1} HOLD=${BENCH_HOLD:-3}
 fi
 IDLE_COUNTS=${BENCH_IDLE_COUNTS:-"1000 9000"}
+# Messages per connection in each chat run (32 connections, one in flight each).
+CHAT_MESSAGES=$((${DURATION%.*} * 400))
 TARGETS=${BENCH_TARGETS:-"direct wsgate nginx"}
-TESTS=" ${BENCH_TESTS:-tp16 tp1 hs hsr lat idle features hosts} "
+TESTS=" ${BENCH_TESTS:-tp16 tp1 hs hsr lat idle features hosts chat} "
 wants() { [[ $TESTS == *" $1 "* ]]; }
 SOURCES=$(seq -s, -f '127.0.0.%g' 1 20)
 
@@ -231,6 +237,14 @@ path = "/echo"
 upstreams = ["ws://127.0.0.1:$ECHO_PORT"]
 auth = "jwt"
 forward_token = false
+
+# The chat rows: permessage-deflate keeping its context between messages.
+[[routes]]
+name = "keep"
+path = "/keep"
+upstreams = ["ws://127.0.0.1:$ECHO_PORT"]
+auth = "jwt"
+context_takeover = true
 EOF
 }
 
@@ -330,6 +344,11 @@ measure() {
       summary+="; server CPU $(field server_cpu_pct "$line")% ($(field server_cpu_us_per_unit "$line") µs each), client $(field client_cpu_pct "$line")%"
       ;;
     idle) summary="$(field kb_per_socket "$line") KB/socket, $(field echoed "$line")/$(field count "$line") echoed, opened in $(field open_s "$line") s" ;;
+    chat) if [[ $* == *--idle* ]]; then
+        summary="$(field kb_per_socket "$line") KB/socket, deflate $(field deflate "$line")"
+      else
+        summary="$(field wire_per_msg "$line") B/msg on the wire ($(field wire_ratio "$line") of payload), server $(field server_cpu_us_per_unit "$line") µs/msg, deflate $(field deflate "$line")"
+      fi ;;
   esac
   say "  [$RUN] $test $target: $summary"
 }
@@ -373,6 +392,28 @@ wants idle && for ((r = 1; r <= REPEAT; r++)); do
     done
   done
 done
+
+# Chat: JSON messages of ~300 B with and without permessage-deflate (wsgate only).
+if wants chat && [[ " $TARGETS " == *" wsgate "* ]]; then
+  say "bench: chat (permessage-deflate)"
+  for ((r = 1; r <= REPEAT; r++)); do
+    for variant in plain deflate keep; do
+      args=(--connections 32 --messages "$CHAT_MESSAGES" --cpu-pid "${PID[wsgate]}")
+      [[ $variant == plain ]] || args+=(--deflate)
+      path=/echo
+      [[ $variant == keep ]] && path=/keep
+      URL_PATH=$path measure wsgate "chat-$variant" chat "${args[@]}"
+    done
+  done
+  for ((r = 1; r <= REPEAT; r++)); do
+    for variant in plain deflate; do
+      restart wsgate
+      args=(--idle --connections 1000 --rss-pid "${PID[wsgate]}")
+      [[ $variant == plain ]] || args+=(--deflate)
+      measure wsgate "chat-idle-$variant" chat "${args[@]}"
+    done
+  done
+fi
 
 # Features: one wsgate with client certificates accepted (optional) and two more routes.
 if wants features && [[ " $TARGETS " == *" wsgate "* ]]; then

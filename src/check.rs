@@ -97,6 +97,30 @@ pub fn warnings(config: &Config) -> Vec<String> {
         if r.auth == AuthMode::None && public {
             w.push(format!("route {:?} has auth = \"none\" on a public listener", r.name));
         }
+        let c = &r.compression;
+        if (c.client || c.upstream) && c.context_takeover {
+            let per_session =
+                crate::relay::deflate::deflate_memory(crate::extension::MAX_WINDOW_BITS) + crate::relay::deflate::INFLATE_MEMORY;
+            w.push(format!(
+                "route {:?} has context_takeover = true: each compressed session keeps about {} KiB of deflate/inflate state per hop, idle or not; limits.max_compression_memory ({} MiB) holds about {} such sessions, later ones go uncompressed",
+                r.name,
+                per_session >> 10,
+                config.limits.max_compression_memory >> 20,
+                config.limits.max_compression_memory / per_session
+            ));
+        }
+        if (c.client || c.upstream) && c.level >= 7 {
+            w.push(format!(
+                "route {:?} has compression_level = {}: several times the CPU of level 1 per message, for a few percent on short messages",
+                r.name, c.level
+            ));
+        }
+        if a_first_message_route(config, r) && c.client {
+            w.push(format!(
+                "route {:?} takes its token in the first message: clients are answered without permessage-deflate there (the 101 goes before the token is read)",
+                r.name
+            ));
+        }
         if r.allowed_origins.iter().any(|o| o == "*") {
             w.push(format!(
                 "route {:?} has allowed_origins = [\"*\"]: any web page may open sockets",
@@ -106,6 +130,16 @@ pub fn warnings(config: &Config) -> Vec<String> {
     }
     w.extend(shared_provider_keys(config));
     w
+}
+
+/// Whether `route` may take its token in the first message (so its 101 goes out first).
+fn a_first_message_route(config: &Config, route: &crate::config::Route) -> bool {
+    route.auth.uses_jwt()
+        && config
+            .jwt_of(route)
+            .token_sources
+            .iter()
+            .any(|s| matches!(s, crate::config::TokenSource::FirstMessage))
 }
 
 /// Token verifiers (`[jwt]` and `[providers.NAME]`) that neither issuer nor audience

@@ -236,6 +236,9 @@ pub struct Gateway {
     /// What validated messages being assembled may hold together
     /// (`limits.max_assembly_memory`; a reload that changes it starts a new budget).
     assembly: ArcSwap<crate::relay::AssemblyBudget>,
+    /// What every session's deflate/inflate state may hold together
+    /// (`limits.max_compression_memory`; a reload changes the limit in place).
+    pub compression: Arc<crate::relay::deflate::CompressionBudget>,
     /// Concurrent sessions per JWT `sub`.
     pub users: Arc<UserSlots>,
     /// Cancelled when sessions must close (drain).
@@ -374,6 +377,7 @@ impl Gateway {
             let budget = crate::relay::AssemblyBudget::new(nl.max_assembly_memory, nl.max_assembly_memory_per_client);
             self.assembly.store(Arc::new(budget));
         }
+        self.compression.set_limit(nl.max_compression_memory);
         if new.config.limits.admission != old.config.limits.admission {
             let next = self.per_ip().reconfigured(new.config.limits.admission.clone());
             self.per_ip.store(Arc::new(next));
@@ -468,6 +472,7 @@ impl Gateway {
         let per_ip = PerIp::new(runtime.config.limits.admission.clone());
         let l = &runtime.config.limits;
         let assembly = crate::relay::AssemblyBudget::new(l.max_assembly_memory, l.max_assembly_memory_per_client);
+        let compression = Arc::new(crate::relay::deflate::CompressionBudget::new(l.max_compression_memory));
         Gateway {
             runtime: ArcSwap::from_pointee(runtime),
             metrics,
@@ -477,6 +482,7 @@ impl Gateway {
             incidents: Arc::default(),
             cluster,
             assembly: ArcSwap::from_pointee(assembly),
+            compression,
             users: Arc::default(),
             sessions: CancellationToken::new(),
             tracker: TaskTracker::new(),

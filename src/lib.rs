@@ -51,6 +51,7 @@
 //! | stage | [`tls`] | server TLS, the certificate store, client certificates |
 //! | stage | [`metrics`] | metric names, descriptions, the exporter |
 //! | stage | [`echo`] | the built-in echo backend |
+//! | stage | [`extension`] | `Sec-WebSocket-Extensions`: permessage-deflate offers and answers, per hop |
 //! | stage | [`wire`] | WebSocket frame headers, masking, UTF-8, close payloads |
 //! | stage | [`logging`] | tracing setup |
 //! | stage | [`notify`] | systemd notifications: ready, reloading, stopping, watchdog, main pid |
@@ -75,7 +76,9 @@
 //! - Auth providers (DESIGN 15): `auth/oidc.rs`, `auth/introspection.rs`,
 //!   `auth/forward.rs`, each returning an [`auth::Principal`] and re-checked through
 //!   [`auth::Methods::recheck`].
-//! - Compression (DESIGN 16): `relay/deflate.rs`, inside the frame path.
+//! - Compression (DESIGN 16), landed: negotiation per hop in [`extension`] (the client's
+//!   offer in `admit`, the upstream's answer in [`upstream`]), the codec in
+//!   `relay/deflate.rs` and the frame path in `relay/frames/compressed.rs`.
 //! - Sentinel, Redis Cluster, the state file (DESIGN 7): `cluster/connection.rs` and a
 //!   new `cluster/state_file.rs`.
 //! - Upgrades, systemd, process metrics (DESIGN 17): new `takeover.rs` and `notify.rs`
@@ -102,6 +105,7 @@ pub mod config;
 mod conn;
 pub mod echo;
 pub mod error;
+pub mod extension;
 pub mod firewall;
 mod framing;
 mod fsutil;

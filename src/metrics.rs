@@ -38,6 +38,7 @@ pub const HTTP_REQUESTS: &str = "wsgate_http_requests_total";
 pub const HTTP_REQUEST_DURATION: &str = "wsgate_http_request_duration_seconds";
 pub const UPSTREAM_SESSIONS: &str = "wsgate_upstream_sessions";
 pub const UPSTREAM_UP: &str = "wsgate_upstream_up";
+pub const COMPRESSED_BYTES: &str = "wsgate_compressed_bytes_total";
 /// The process metrics below come from `metrics-process` (its names and help texts), read
 /// on each scrape; listed here so the alert rules and the dashboard have one place to look.
 pub const PROCESS_OPEN_FDS: &str = "process_open_fds";
@@ -114,6 +115,10 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
         "ACME certificate orders, by result (issued, failed); a failed order keeps the current certificate.",
     ),
     (
+        COMPRESSED_BYTES,
+        "Sessions with permessage-deflate only: payload bytes of their messages on the compressed hop's wire (form=wire) and the same messages uncompressed (form=payload), by route and direction; wire/payload is the ratio.",
+    ),
+    (
         LIMITER_EVICTIONS,
         "Client addresses the per-IP rate limiter forgot early because it was full (coldest first).",
     ),
@@ -157,6 +162,9 @@ pub struct SessionMetrics {
     pub rejected: Option<[Counter; 4]>,
     /// The session's own running totals, for the admin API's session list.
     pub live: Option<std::sync::Arc<LiveCounters>>,
+    /// `wsgate_compressed_bytes_total` by direction, then form (wire, payload): only for
+    /// a session with permessage-deflate (see [`Metrics::compressed`]).
+    pub compressed: Option<Box<[[Counter; 2]; 2]>>,
 }
 
 const SECONDS_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -420,7 +428,16 @@ impl Metrics {
             active,
             rejected: None,
             live: None,
+            compressed: None,
         }
+    }
+
+    /// `wsgate_compressed_bytes_total` handles of a session with permessage-deflate, by
+    /// direction, then form (`wire`, `payload`).
+    pub fn compressed(&self, route: &str) -> [[Counter; 2]; 2] {
+        [Direction::ClientToUpstream, Direction::UpstreamToClient].map(|d| {
+            ["wire", "payload"].map(|form| self.counter(COMPRESSED_BYTES, &[("route", route), ("direction", d.label()), ("form", form)]))
+        })
     }
 
     /// `wsgate_messages_rejected_total` handles of a validated route, one per reason

@@ -383,6 +383,9 @@ fn strip_token_cookies(h: &mut HeaderMap, facts: &ClientFacts) {
 pub struct Connected {
     pub ws: crate::relay::Endpoint<UpstreamIo>,
     pub protocol: Option<HeaderValue>,
+    /// permessage-deflate as the upstream agreed to it (`upstream_compression = true`
+    /// and an upstream that accepted the gateway's offer).
+    pub deflate: Option<crate::extension::Deflate>,
     /// Which upstream answered (`host:port`, `builtin:echo`), for the access log.
     pub target: Box<str>,
     /// The session counted on the upstream while this lives (and the upstream's index).
@@ -459,6 +462,11 @@ async fn handshake(io: UpstreamIo, req: http::Request<()>) -> Result<Connected, 
         .get(header::SEC_WEBSOCKET_KEY)
         .cloned()
         .ok_or_else(|| handshake_failed("no key"))?;
+    // The gateway's own permessage-deflate offer (`upstream_compression`), if it made one.
+    let extension_offer = parts
+        .headers
+        .get(header::SEC_WEBSOCKET_EXTENSIONS)
+        .map(|v| v.as_bytes() == crate::extension::upstream_offer(true).as_bytes());
     let offered: Vec<String> = parts
         .headers
         .get(header::SEC_WEBSOCKET_PROTOCOL)
@@ -475,6 +483,8 @@ async fn handshake(io: UpstreamIo, req: http::Request<()>) -> Result<Connected, 
     let req = http::Request::from_parts(parts, http_body_util::Empty::<bytes::Bytes>::new());
     let mut resp = exchange(io, req).await?;
     let protocol = check_switching(&resp, &key, &offered)?;
+    let deflate = crate::extension::accept_upstream(resp.headers(), extension_offer.is_some(), extension_offer == Some(true))
+        .map_err(|_| handshake_failed("extension not offered or not usable"))?;
     let upgraded = hyper::upgrade::on(&mut resp).await.map_err(|_| handshake_failed("upgrade"))?;
     let parts = upgraded
         .downcast::<hyper_util::rt::TokioIo<UpstreamIo>>()
@@ -483,6 +493,7 @@ async fn handshake(io: UpstreamIo, req: http::Request<()>) -> Result<Connected, 
     Ok(Connected {
         ws,
         protocol,
+        deflate,
         target: Box::from(""),
         load: None,
     })
@@ -540,7 +551,8 @@ async fn exchange(
 }
 
 /// Check the upstream's 101 (RFC 6455 4.2.2 from the client side): upgrade headers,
-/// the accept key, a subprotocol we offered, no extension. Returns the subprotocol.
+/// the accept key, a subprotocol we offered. Returns the subprotocol; extensions are
+/// checked against the gateway's offer by [`crate::extension::accept_upstream`].
 fn check_switching<B>(resp: &http::Response<B>, key: &HeaderValue, offered: &[String]) -> Result<Option<HeaderValue>, Reject> {
     if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
         return Err(handshake_failed("status"));
@@ -565,9 +577,6 @@ fn check_switching<B>(resp: &http::Response<B>, key: &HeaderValue, offered: &[St
         && !offered.iter().any(|o| p.as_bytes() == o.as_bytes())
     {
         return Err(handshake_failed("protocol not offered"));
-    }
-    if h.contains_key(header::SEC_WEBSOCKET_EXTENSIONS) {
-        return Err(handshake_failed("extension not offered"));
     }
     Ok(protocol)
 }

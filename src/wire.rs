@@ -35,6 +35,9 @@ pub enum Violation {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Header {
     pub fin: bool,
+    /// RSV1: on the first frame of a message, "compressed" where permessage-deflate was
+    /// agreed (RFC 7692); a violation everywhere else, which the caller checks.
+    pub rsv1: bool,
     pub opcode: u8,
     pub mask: Option<[u8; 4]>,
     pub len: u64,
@@ -49,19 +52,22 @@ impl Header {
 }
 
 /// Parse the frame header at the start of `buf`: `Ok(None)` when more bytes are needed.
-/// Refuses reserved bits (no extension is ever negotiated), unknown opcodes,
-/// fragmented or long control frames and lengths with the top bit set.
+/// Refuses RSV2 and RSV3 (no extension uses them), RSV1 on a control frame (RFC 7692
+/// section 6.1), unknown opcodes, fragmented or long control frames and lengths with
+/// the top bit set. RSV1 on a data frame is reported in [`Header::rsv1`]: whether it
+/// is allowed depends on the session (permessage-deflate agreed, first frame).
 pub fn parse(buf: &[u8]) -> Result<Option<Header>, Violation> {
     let [b0, b1, ..] = *buf else { return Ok(None) };
-    if b0 & 0x70 != 0 {
+    if b0 & 0x30 != 0 {
         return Err(Violation::Protocol);
     }
     let fin = b0 & 0x80 != 0;
+    let rsv1 = b0 & 0x40 != 0;
     let opcode = b0 & 0x0F;
     let short = b1 & 0x7F;
     match opcode {
         OP_CONTINUATION | OP_TEXT | OP_BINARY => {}
-        OP_CLOSE | OP_PING | OP_PONG if fin && usize::from(short) <= MAX_CONTROL => {}
+        OP_CLOSE | OP_PING | OP_PONG if fin && !rsv1 && usize::from(short) <= MAX_CONTROL => {}
         _ => return Err(Violation::Protocol),
     }
     let (len, mut at) = match short {
@@ -90,6 +96,7 @@ pub fn parse(buf: &[u8]) -> Result<Option<Header>, Violation> {
     };
     Ok(Some(Header {
         fin,
+        rsv1,
         opcode,
         mask,
         len,
@@ -290,7 +297,11 @@ mod tests {
 
     #[test]
     fn bad_headers_are_violations() {
-        assert_eq!(parse(&[0x82 | 0x40, 0]), Err(Violation::Protocol)); // RSV1
+        assert!(parse(&[0x82 | 0x40, 0]).unwrap().unwrap().rsv1, "RSV1 on data: the session decides");
+        assert_eq!(parse(&[0x82 | 0x20, 0]), Err(Violation::Protocol)); // RSV2
+        assert_eq!(parse(&[0x82 | 0x10, 0]), Err(Violation::Protocol)); // RSV3
+        assert_eq!(parse(&[0x89 | 0x40, 0]), Err(Violation::Protocol)); // RSV1 on a ping
+        assert_eq!(parse(&[0x88 | 0x40, 0]), Err(Violation::Protocol)); // RSV1 on a close
         assert_eq!(parse(&[0x83, 0]), Err(Violation::Protocol)); // reserved opcode
         assert_eq!(parse(&[0x8B, 0]), Err(Violation::Protocol)); // reserved control opcode
         assert_eq!(parse(&[0x09, 0]), Err(Violation::Protocol)); // fragmented ping

@@ -608,7 +608,7 @@ proptest! {
         let (fin, len) = if control { (true, len % 126) } else { (fin, len) };
         let (h, n) = wsgate::wire::header(opcode, fin, len, mask);
         let parsed = wsgate::wire::parse(&h[..n]).unwrap().unwrap();
-        prop_assert_eq!(parsed, wsgate::wire::Header { fin, opcode, mask, len: len as u64, header_len: n });
+        prop_assert_eq!(parsed, wsgate::wire::Header { fin, rsv1: false, opcode, mask, len: len as u64, header_len: n });
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! script: `tls-echo` (the "direct" target: an echo that speaks wss itself),
 //! `self-signed`, `free-ports` and `report` (the markdown table).
 
+mod chat;
 mod client;
 mod handshakes;
 mod idle;
@@ -45,6 +46,9 @@ enum Command {
     Handshakes(handshakes::Args),
     /// Hold N idle sockets from several source addresses; check each still echoes.
     Idle(idle::Args),
+    /// JSON chat messages with or without permessage-deflate: wire bytes and server CPU
+    /// per message; with --idle, server memory per idle socket.
+    Chat(chat::Args),
     /// N clients each send part of one large frame and stall; server RSS growth.
     Stall(stall::Args),
     /// A wss echo server (the benchmark's "direct" target).
@@ -98,6 +102,7 @@ fn main() -> ExitCode {
         Command::Handshakes(a) => rt.block_on(handshakes::run(a)),
         Command::Idle(a) => rt.block_on(idle::run(a)),
         Command::Stall(a) => rt.block_on(stall::run(a)),
+        Command::Chat(a) => rt.block_on(chat::run(a)),
         Command::TlsEcho { listen, cert, key } => rt.block_on(tls_echo::run(listen, &cert, &key)),
         Command::SelfSigned { cert, key } => wsgate::tls::write_self_signed(&cert, &key).map_err(Into::into),
         Command::FreePorts { n } => free_ports(n),

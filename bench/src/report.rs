@@ -76,7 +76,7 @@ pub fn run(raw: &Path, out: Option<&Path>) -> anyhow::Result<()> {
         runs.entry((test, target)).or_default().push(v);
     }
     let r = Results { runs };
-    let table = table(&r) + &features(&r);
+    let table = table(&r) + &features(&r) + &compression(&r);
     print!("{table}");
     if let Some(out) = out {
         std::fs::write(out, &table)?;
@@ -415,6 +415,86 @@ fn features(r: &Results) -> String {
             "| {label}: {base_text} → {with_text} | {} | {} | {} | {goal_text} | {met} |",
             fmt(b, decimals),
             fmt(w, decimals),
+            fmt(q, 2)
+        );
+    }
+    s
+}
+
+/// The chat workload with and without permessage-deflate (`chat-*` tests, wsgate only).
+fn compression(r: &Results) -> String {
+    let mut s = String::new();
+    let rows = [
+        (
+            "bytes on the wire per message (TLS included, mean of both ways)",
+            "chat-plain",
+            "chat-deflate",
+            "wire_per_msg",
+            Some(0.4),
+            "uncompressed",
+            "permessage-deflate (default: no context takeover)",
+        ),
+        (
+            "bytes on the wire per message (TLS included, mean of both ways)",
+            "chat-plain",
+            "chat-keep",
+            "wire_per_msg",
+            Some(0.4),
+            "uncompressed",
+            "permessage-deflate, `context_takeover = true`",
+        ),
+        (
+            "server CPU µs per message (echoed: inflate + deflate)",
+            "chat-plain",
+            "chat-deflate",
+            "server_cpu_us_per_unit",
+            None,
+            "uncompressed",
+            "permessage-deflate (default)",
+        ),
+        (
+            "server CPU µs per message (echoed: inflate + deflate)",
+            "chat-plain",
+            "chat-keep",
+            "server_cpu_us_per_unit",
+            None,
+            "uncompressed",
+            "`context_takeover = true`",
+        ),
+        (
+            "idle KB per socket (1 message each, then idle)",
+            "chat-idle-plain",
+            "chat-idle-deflate",
+            "kb_per_socket",
+            None,
+            "uncompressed",
+            "permessage-deflate (default)",
+        ),
+    ];
+    let mut any = false;
+    for (label, base, with, field, goal, base_text, with_text) in rows {
+        let (b, w) = (r.median(base, "wsgate", field), r.median(with, "wsgate", field));
+        if b.is_none() && w.is_none() {
+            continue;
+        }
+        if !any {
+            let _ = writeln!(
+                s,
+                "\n## Compression (wsgate, JSON chat messages of ~300 B, echoed)\n\n\
+                 | measurement (median of runs) | without | with | with/without | goal | met |\n|---|---:|---:|---:|---|---|"
+            );
+            any = true;
+        }
+        let q = ratio(w, b);
+        let (goal_text, met) = match goal {
+            Some(x) => (format!("≤ {x}×"), q.map(|q| if q <= x { "yes" } else { "**no**" }).unwrap_or("")),
+            None => (String::new(), ""),
+        };
+        let _ = writeln!(
+            s,
+            "| {label}: {base_text} → {with_text} | {} | {} | {} | {goal_text} | {met} |",
+            fmt(b, 1),
+            fmt(w, 1),
             fmt(q, 2)
         );
     }

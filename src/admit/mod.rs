@@ -120,6 +120,8 @@ pub(crate) struct Admitted {
     holds: Holds,
     /// The client's `Origin`, checked again when the route's policy changes.
     origin: Option<http::HeaderValue>,
+    /// permessage-deflate as agreed with the client in the 101.
+    deflate: Option<crate::extension::Deflate>,
 }
 
 /// What an admitted client holds for its session, given back when dropped.
@@ -130,6 +132,9 @@ struct Holds {
     /// In cluster mode, the client's place under the per-IP cap across instances.
     _ip_lease: Option<crate::cluster::Lease>,
     user: Option<UserHold>,
+    /// The deflate/inflate state the session keeps between messages (context takeover),
+    /// under `limits.max_compression_memory`.
+    _compression: Option<crate::relay::deflate::Reservation>,
 }
 
 /// A session ready to relay: the upstream connected, the principal known.
@@ -141,6 +146,8 @@ pub(crate) struct Session {
     cert: Option<Arc<ClientCert>>,
     /// The client's `Origin`, checked again when the route's policy changes.
     pub(super) origin: Option<http::HeaderValue>,
+    /// permessage-deflate as agreed with the client (the upstream's is in `upstream`).
+    pub(crate) deflate: Option<crate::extension::Deflate>,
     _holds: Holds,
 }
 
@@ -356,7 +363,18 @@ impl Admission {
         if let Some(c) = index.and_then(|i| upstream::sticky_cookie(&self.rt, checked.route_index, had, i, !self.plain)) {
             resp.headers_mut().append(http::header::SET_COOKIE, c);
         }
-        let admitted = self.admitted(req, checked, ip_lease, (Some(connected), principal), None, user);
+        let upstream_state = connected.deflate.as_ref().map_or(0, crate::relay::deflate::session_memory);
+        let negotiated = negotiate(&self.gw, route, req.headers(), upstream_state);
+        let mut admitted = self.admitted(req, checked, ip_lease, (Some(connected), principal), None, user);
+        if let Some((d, answer, reservation)) = negotiated {
+            resp.headers_mut().insert(http::header::SEC_WEBSOCKET_EXTENSIONS, answer);
+            admitted.deflate = Some(d);
+            admitted.holds._compression = reservation;
+        } else if upstream_state > 0 {
+            // The upstream keeps its context (it did not agree to server_no_context_takeover):
+            // counted when there is room; the session goes on either way (the 101 is due).
+            admitted.holds._compression = self.gw.compression.reserve(upstream_state);
+        }
         Ok(Answered::Upgrade(Box::new((resp, admitted))))
     }
 
@@ -382,10 +400,42 @@ impl Admission {
                 _ip_slot: checked.ip_slot,
                 _ip_lease: ip_lease,
                 user,
+                _compression: None,
             },
             origin: checked.origin,
+            deflate: None,
         }
     }
+}
+
+/// permessage-deflate with the client (DESIGN.md section 16): on a route with
+/// `compression = true`, the first offer the gateway can honour, while
+/// `limits.max_compression_memory` has room for the session's state (reserved now,
+/// with `upstream_state` the upstream hop keeps, when it keeps state between messages;
+/// else one message's worth must fit). `None`: the 101 carries no extension.
+fn negotiate(
+    gw: &Gateway,
+    route: &crate::config::Route,
+    headers: &http::HeaderMap,
+    upstream_state: usize,
+) -> Option<(
+    crate::extension::Deflate,
+    http::HeaderValue,
+    Option<crate::relay::deflate::Reservation>,
+)> {
+    if !route.compression.client {
+        return None;
+    }
+    let (d, answer) = crate::extension::answer_client(headers, route.compression.context_takeover)?;
+    if !gw.compression.has_room(crate::relay::deflate::message_memory(&d)) {
+        tracing::debug!(route = %route.name, "compression memory full: session goes uncompressed");
+        return None;
+    }
+    let reservation = match crate::relay::deflate::session_memory(&d) + upstream_state {
+        0 => None,
+        n => Some(gw.compression.reserve(n)?),
+    };
+    Some((d, answer, reservation))
 }
 
 impl Admitted {
@@ -404,6 +454,7 @@ impl Admitted {
             pending,
             mut holds,
             origin,
+            deflate,
             ..
         } = self;
         let (upstream, principal) = match (upstream, pending) {
@@ -421,6 +472,7 @@ impl Admitted {
             principal: principal.map(|p| Box::new(p.for_session())),
             cert,
             origin,
+            deflate,
             _holds: holds,
         })
     }

@@ -84,7 +84,13 @@ pub(super) async fn connect(gw: &Gateway, rt: &Runtime, route_index: usize, fact
             Upstream::BuiltinEcho => None,
         };
         let url = upstream::url_for(target, &upstream::upstream_path(route, upstream_path, facts));
-        let request = upstream::build_request(&url, facts)?;
+        let mut request = upstream::build_request(&url, facts)?;
+        let room = crate::relay::deflate::deflate_memory(crate::extension::MAX_WINDOW_BITS) + crate::relay::deflate::INFLATE_MEMORY;
+        if route.compression.upstream && gw.compression.has_room(room) {
+            // Each hop negotiates on its own: the client's offer never goes upstream.
+            let offer = crate::extension::upstream_offer(route.compression.context_takeover);
+            request.headers_mut().insert(http::header::SEC_WEBSOCKET_EXTENSIONS, offer);
+        }
         let t0 = Instant::now();
         let timeout = rt.config.server.upstream_timeout;
         match upstream::connect(target, rt.connectors[route_index].as_ref(), request, rt.ws_config, timeout).await {

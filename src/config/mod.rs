@@ -378,6 +378,8 @@ pub const DEFAULT_MAX_ASSEMBLY_MEMORY: usize = 256 << 20;
 /// Default `limits.max_assembly_memory_per_client`: this share of `max_assembly_memory`
 /// (but at least `max_message_size`), so one client cannot hold the whole budget.
 pub const DEFAULT_ASSEMBLY_SHARE_DIVISOR: usize = 4;
+/// Default `limits.max_compression_memory`.
+pub const DEFAULT_MAX_COMPRESSION_MEMORY: usize = 256 << 20;
 /// Default `limits.assembly_timeout`.
 pub const DEFAULT_ASSEMBLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default interval of the progress event for long sessions.
@@ -399,6 +401,9 @@ pub struct Limits {
     /// A message being assembled for validation must be complete this long after its
     /// first frame, else the session is closed with 1001.
     pub assembly_timeout: Duration,
+    /// What the deflate/inflate state of all sessions with permessage-deflate may hold
+    /// together; beyond it a new session's 101 carries no extension.
+    pub max_compression_memory: usize,
     /// Per-IP admission (new-connection rate, concurrency, auth-failure bans).
     pub admission: AdmissionLimits,
     /// Client → upstream messages (pings included) per connection.

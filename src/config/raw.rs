@@ -128,6 +128,7 @@ pub(super) struct Limits {
     pub max_assembly_memory: Option<ByteSize>,
     pub max_assembly_memory_per_client: Option<ByteSize>,
     pub assembly_timeout: Option<HumanDuration>,
+    pub max_compression_memory: Option<ByteSize>,
     pub connection_rate_per_ip: Option<Rate>,
     pub connection_burst_per_ip: Option<u32>,
     pub max_connections_per_ip: Option<u32>,
@@ -261,6 +262,11 @@ pub(super) struct Route {
     pub http_timeout: Option<Spanned<HumanDuration>>,
     pub balance: Option<super::Balance>,
     pub sticky_cookie: Option<Spanned<String>>,
+    pub compression: Option<bool>,
+    pub compression_level: Option<Spanned<i64>>,
+    pub compression_min_size: Option<Spanned<ByteSize>>,
+    pub context_takeover: Option<bool>,
+    pub upstream_compression: Option<bool>,
 }
 
 /// `[routes.limits]`: this route's overrides of `[limits]`, `[server]` and `[jwt]` keys.

@@ -142,6 +142,41 @@ pub struct Route {
     pub balance: Balance,
     /// `sticky_cookie` (with `balance = "sticky"`, default `wsgate_sticky`).
     pub sticky_cookie: Option<String>,
+    /// permessage-deflate (RFC 7692) on this route's hops (DESIGN.md section 16).
+    pub compression: Compression,
+}
+
+/// Default `routes.compression_level`: fast (a chat message gains little from more).
+pub const DEFAULT_COMPRESSION_LEVEL: u32 = 1;
+/// Default `routes.compression_min_size`: smaller messages go uncompressed.
+pub const DEFAULT_COMPRESSION_MIN_SIZE: usize = 256;
+
+/// A route's permessage-deflate settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compression {
+    /// Negotiate with clients that offer it (`compression`, default true).
+    pub client: bool,
+    /// Also negotiate with the upstream (`upstream_compression`, default false).
+    pub upstream: bool,
+    /// 1 (fast) … 9 (`compression_level`).
+    pub level: u32,
+    /// Messages the gateway sends that are smaller go uncompressed (`compression_min_size`).
+    pub min_size: usize,
+    /// Keep deflate/inflate state between messages (`context_takeover`, default false:
+    /// no state kept, so an idle socket holds none).
+    pub context_takeover: bool,
+}
+
+impl Default for Compression {
+    fn default() -> Self {
+        Compression {
+            client: true,
+            upstream: false,
+            level: DEFAULT_COMPRESSION_LEVEL,
+            min_size: DEFAULT_COMPRESSION_MIN_SIZE,
+            context_takeover: false,
+        }
+    }
 }
 
 /// `balance` (DESIGN.md section 13).

@@ -145,6 +145,29 @@ impl Validator<'_> {
             http: self.http_policy(r)?,
             balance: r.balance.unwrap_or_default(),
             sticky_cookie: self.sticky_cookie(r)?,
+            compression: self.compression(r)?,
+        })
+    }
+
+    /// The route's permessage-deflate keys (DESIGN.md section 16).
+    fn compression(&self, r: &raw::Route) -> Result<Compression, ConfigError> {
+        let level = match &r.compression_level {
+            None => DEFAULT_COMPRESSION_LEVEL,
+            Some(l) => match u32::try_from(*l.get_ref()) {
+                Ok(v @ 1..=9) => v,
+                _ => return Err(self.err(l, "routes.compression_level", "must be 1 (fast) … 9 (small)")),
+            },
+        };
+        let min_size = match &r.compression_min_size {
+            None => DEFAULT_COMPRESSION_MIN_SIZE,
+            Some(m) => usize::try_from(m.get_ref().0).map_err(|_| self.err(m, "routes.compression_min_size", "too large"))?,
+        };
+        Ok(Compression {
+            client: r.compression.unwrap_or(true),
+            upstream: r.upstream_compression.unwrap_or(false),
+            level,
+            min_size,
+            context_takeover: r.context_takeover.unwrap_or(false),
         })
     }
 

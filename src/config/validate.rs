@@ -245,6 +245,7 @@ impl Validator<'_> {
                 |v| v.0 as usize,
             ),
             assembly_timeout: self.nonzero(l.assembly_timeout, DEFAULT_ASSEMBLY_TIMEOUT, "limits.assembly_timeout")?,
+            max_compression_memory: l.max_compression_memory.map_or(DEFAULT_MAX_COMPRESSION_MEMORY, |v| v.0 as usize),
             max_fragments: match l.max_fragments {
                 None => DEFAULT_MAX_FRAGMENTS,
                 Some(0) => return Err(self.err_key("limits.max_fragments", "must be at least 1")),

@@ -316,6 +316,16 @@ async fn run_session(
         Arc::new(relay::AssemblyShare::new(gw.assembly_budget(), address, user.as_deref(), timeout))
     });
     let mut settings = relay::Settings::from_config(&rt.config, route, validator, share);
+    let hops = [session.deflate, session.upstream.deflate];
+    if hops.iter().any(Option::is_some) {
+        settings.compression = Some(Box::new(relay::Compression {
+            hops,
+            level: route.compression.level,
+            min_size: route.compression.min_size,
+            budget: Some(gw.compression.clone()),
+        }));
+        session_metrics.compressed = Some(Box::new(gw.metrics.compressed(&route.name)));
+    }
     let deadline = session
         .principal
         .as_ref()
@@ -400,7 +410,9 @@ mod tests {
         );
         let size = std::mem::size_of_val(&f);
         // 2560 until issue 29; +64 for the request id and route that progress lines carry
-        // (flat JSON lines have no span to take them from).
-        assert!(size <= 2624, "connection future is {size} bytes");
+        // (flat JSON lines have no span to take them from); +64 for permessage-deflate
+        // (issue 26: what each hop agreed to, and the reservation of their state; the
+        // codecs and settings themselves are boxed).
+        assert!(size <= 2688, "connection future is {size} bytes");
     }
 }

@@ -238,7 +238,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Endpoint<S> {
         loop {
             match wire::parse(&self.rx) {
                 Err(_) => return None,
-                Ok(Some(h)) if h.len > max as u64 => return None,
+                // No extension is agreed on a route that waits for its token: RSV1 is a violation.
+                Ok(Some(h)) if h.rsv1 || h.len > max as u64 => return None,
                 Ok(Some(h)) if self.rx.len() as u64 >= h.header_len as u64 + h.len => {
                     let mask = h.mask?; // a client's frames are masked
                     frames += 1;

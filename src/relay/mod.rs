@@ -42,15 +42,20 @@
 //! - `frames.rs`: the per-frame state machine (`Core`): header checks, fragmentation,
 //!   size limits, UTF-8, masking, ping/pong bookkeeping, counting and rate charging.
 //! - `closing.rs`: the close handshakes once the session ends.
+//! - `deflate.rs`: permessage-deflate's inflater and deflater (flate2 on zlib-rs) and
+//!   the memory budget of their state; `frames/compressed.rs`: directions where either
+//!   hop agreed to it, whose frames are taken apart, inflated a bounded buffer at a
+//!   time, checked, and put together again for the receiver.
 
 mod closing;
+pub mod deflate;
 mod endpoint;
 mod frames;
 mod pump;
 mod timers;
 
 pub use endpoint::Endpoint;
-pub use frames::{AssemblyBudget, AssemblyShare};
+pub use frames::{AssemblyBudget, AssemblyShare, Compression};
 
 use crate::error::{CloseReason, Initiator};
 use crate::metrics::SessionMetrics;
@@ -83,6 +88,10 @@ pub struct Settings {
     /// The gateway-wide budget for validated messages being assembled, this client's
     /// share of it, and how long a message may take (`None`: unbounded, for benches).
     pub assembly: Option<std::sync::Arc<AssemblyShare>>,
+    /// permessage-deflate as agreed with each hop (`None`: with neither; frames stream
+    /// as they came and RSV1 is a violation).
+    /// Boxed: most sessions have none, and the session future stays small.
+    pub compression: Option<Box<Compression>>,
 }
 
 impl Settings {
@@ -109,6 +118,7 @@ impl Settings {
             max_fragments: r.max_fragments,
             validator,
             assembly,
+            compression: None,
         }
     }
 
@@ -130,6 +140,7 @@ impl Settings {
             max_fragments: u32::MAX,
             validator: None,
             assembly: None,
+            compression: None,
         }
     }
 }

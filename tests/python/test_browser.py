@@ -102,7 +102,7 @@ function ev(type, extra) { report.events.push(Object.assign({type: type}, extra 
 setTimeout(() => { ev("page_timeout"); done(); }, CASE.timeout_ms);
 try {
   const ws = new WebSocket(CASE.url, CASE.protocols);
-  ws.onopen = () => { ev("open", {protocol: ws.protocol}); ws.send("hello"); };
+  ws.onopen = () => { ev("open", {protocol: ws.protocol, extensions: ws.extensions}); ws.send(CASE.message || "hello"); };
   ws.onmessage = (m) => { ev("message", {data: String(m.data)}); ws.close(1000, "done"); };
   ws.onerror = () => ev("error");
   ws.onclose = (c) => { ev("close", {code: c.code, reason: c.reason, wasClean: c.wasClean}); done(); };
@@ -252,9 +252,11 @@ class Env:
         claims.update(overrides)
         return jwt.encode(claims, self.secret, algorithm="HS256")
 
-    def open(self, name: str, protocols: list[str], server: PageServer | None = None) -> dict:
+    def open(self, name: str, protocols: list[str], server: PageServer | None = None, message: str | None = None) -> dict:
         server = server or self.pages
         server.cases[name] = {"name": name, "url": self.ws_url, "protocols": protocols, "timeout_ms": 20000}
+        if message is not None:
+            server.cases[name]["message"] = message
         return run_page(f"{server.origin}/case/{name}", server, name, self.dir / f"chromium-{name}",
                         self.spki, self.dir / "chromium.log")
 
@@ -360,3 +362,26 @@ def test_browser_foreign_origin_is_refused(env):
     # Refused before auth and before any upstream connection.
     assert metric(after, "wsgate_auth_failures_total") == metric(before, "wsgate_auth_failures_total")
     assert len(env.upstream.handshakes) == upstream_before
+
+
+def test_browser_negotiates_permessage_deflate(env):
+    """Chromium offers permessage-deflate; the gateway answers it on the client hop (the
+    upstream hop stays plain) and a JSON message of a few KB goes both ways compressed."""
+    before = env.metrics()
+    message = json.dumps([{"type": "message", "room": "general", "user": f"user-{i}",
+                           "text": "The quick brown fox jumps over the lazy dog."} for i in range(40)])
+    result = env.open("deflate", ["bearer." + env.token(), "chat"], message=message)
+    opened = events(result, "open")
+    assert opened, result
+    assert opened[0]["extensions"].startswith("permessage-deflate"), result
+    assert "client_no_context_takeover" in opened[0]["extensions"], result
+    assert [e["data"] for e in events(result, "message")] == [message], "the echo, whole"
+    closed = events(result, "close")
+    assert closed and closed[0]["code"] == 1000 and closed[0]["wasClean"], result
+    assert "sec-websocket-extensions" not in env.upstream.handshakes[-1], "each hop on its own"
+    after = env.metrics()
+    name = "wsgate_compressed_bytes_total"
+    for d in ("client_to_upstream", "upstream_to_client"):
+        wire = metric(after, name, route="echo", direction=d, form="wire") - metric(before, name, route="echo", direction=d, form="wire")
+        payload = metric(after, name, route="echo", direction=d, form="payload") - metric(before, name, route="echo", direction=d, form="payload")
+        assert payload == len(message) and 0 < wire < payload / 3, (d, wire, payload)

@@ -139,7 +139,7 @@ def test_dashboard_queries_parse_and_read_contract_metrics(tmp_path):
                    "wsgate_upstream_connect_duration_seconds", "wsgate_config_reloads_total",
                    "wsgate_cluster_up", "wsgate_cluster_mode", "wsgate_cluster_ops_total",
                    "wsgate_cluster_op_duration_seconds", "wsgate_admin_requests_total",
-                   "wsgate_connections_max"):
+                   "wsgate_connections_max", "wsgate_compressed_bytes_total"):
         assert needed in used, f"no panel shows {needed}"
     text = "\n".join(exprs)
     for needed in ("process_open_fds", "process_max_fds", "process_resident_memory_bytes", "process_cpu_seconds_total"):

@@ -18,6 +18,7 @@ use crate::metrics::SessionMetrics;
 use crate::validation::{Invalid, Validator};
 use crate::wire::{self, OP_BINARY, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, Utf8, Violation};
 use bytes::{Bytes, BytesMut};
+pub use compressed::Compression;
 use std::{collections::VecDeque, pin::Pin, sync::Arc, task::Context, time::Duration};
 use tokio::time::{Instant, Sleep, sleep_until};
 pub use validated::{AssemblyBudget, AssemblyShare};
@@ -31,6 +32,7 @@ pub(super) const PING_LEN: usize = PING_PREFIX.len() + 8;
 /// reading from it.
 pub(super) const REPLY_LIMIT: usize = 4 * 1024;
 
+mod compressed;
 mod validated;
 
 /// Pings passed on to a side and not yet answered, at most; beyond this a ping is
@@ -156,6 +158,10 @@ pub(super) struct Core {
     /// has been reported of them.
     rejected: [u64; 4],
     rejected_reported: [u64; 4],
+    /// permessage-deflate, by sending side: its messages inflated and/or deflated for
+    /// the receiver (`None`: neither hop agreed to it; frames stream as they came).
+    /// Boxed, both directions in one: most sessions have none.
+    codec: Option<Box<[Option<compressed::Codec>; 2]>>,
 }
 
 impl Core {
@@ -184,6 +190,10 @@ impl Core {
             ready: BytesMut::new(),
             rejected: [0; 4],
             rejected_reported: [0; 4],
+            codec: settings
+                .compression
+                .as_deref()
+                .map(|c| Box::new([compressed::Codec::new(c, Side::Client), compressed::Codec::new(c, Side::Upstream)])),
         }
     }
 
@@ -231,13 +241,18 @@ impl Core {
                     Ok(mode) => mode,
                     Err(reason) => return done(w, r, Some(Stop::Event(Event::End(reason)))),
                 };
+                if h.opcode != OP_CONTINUATION
+                    && let Err(reason) = self.start_coded(from, h.opcode, h.rsv1)
+                {
+                    return done(w, r, Some(Stop::Event(Event::End(reason))));
+                }
                 let head = &mut buf[r..r + h.header_len];
                 self.start_frame(from, &h, head, mode);
                 if mode == Mode::Assemble && h.opcode != OP_CONTINUATION && self.assembly.is_some() {
                     // The message's memory is held from now: it must be whole in time.
                     self.assembly_started = Some(*self.now.get_or_insert_with(Instant::now));
                 }
-                if mode == Mode::Stream {
+                if mode == Mode::Stream && !self.coded(from) {
                     w = self.emit(buf, r..r + h.header_len, w);
                 }
                 r += h.header_len;
@@ -285,7 +300,7 @@ impl Core {
     /// Whether a data frame from `from` is partly relayed: its receiver must get the rest
     /// of it before any frame of the gateway's.
     pub(super) fn in_frame(&self, from: Side) -> bool {
-        self.dec[from as usize].frame.is_some_and(|f| f.mode == Mode::Stream)
+        self.dec[from as usize].frame.is_some_and(|f| f.mode == Mode::Stream) && !self.coded(from)
     }
 
     /// Masking, size and fragmentation rules for a header from `from`.
@@ -294,6 +309,7 @@ impl Core {
         if h.mask.is_some() != (from == Side::Client) {
             return Err(Violation::Protocol);
         }
+        self.check_coded(from, h)?;
         if h.is_control() {
             return Ok(());
         }
@@ -304,7 +320,16 @@ impl Core {
         // `max_frame_size` bounds client frames only (browsers send a message as one
         // frame); the message limit bounds both sides, however a message is fragmented.
         // Both hold before any byte of the frame goes on.
-        if (from == Side::Client && h.len > self.max_frame) || dec.message_len.saturating_add(h.len) > self.max_message {
+        // A compressed frame's size is its wire size: what it inflates to is counted as
+        // it inflates (`compressed.rs`).
+        let deflated = h.rsv1
+            || (h.opcode == OP_CONTINUATION
+                && self
+                    .codec
+                    .as_deref()
+                    .and_then(|a| a[from as usize].as_ref())
+                    .is_some_and(|c| c.inflating));
+        if (from == Side::Client && h.len > self.max_frame) || (!deflated && dec.message_len.saturating_add(h.len) > self.max_message) {
             return Err(Violation::TooBig);
         }
         // Thousands of (empty) fragments are one message too many: 1009.
@@ -347,6 +372,9 @@ impl Core {
             Event::End(reason) => reason,
             _ => CloseReason::ClientProtocol, // violation() only ends sessions
         };
+        if self.coded(from) {
+            return self.coded_payload(from, buf).map(|n| (n, false));
+        }
         let dec = &mut self.dec[from as usize];
         let Some(f) = dec.frame.as_mut() else { return Ok((0, false)) };
         let n = usize::try_from(f.left).unwrap_or(usize::MAX).min(buf.len());
@@ -393,6 +421,13 @@ impl Core {
     /// toward the message rate (a stream of empty fragments costs the client like
     /// messages do).
     fn end_frame(&mut self, from: Side, replies: &mut BytesMut) -> Option<Stop> {
+        let ending = self.dec[from as usize].frame.filter(|f| f.fin);
+        if let Some(f) = ending
+            && self.coded(from)
+            && let Err(reason) = self.finish_coded(from, f.mode)
+        {
+            return Some(Stop::Event(Event::End(reason)));
+        }
         let dec = &mut self.dec[from as usize];
         let f = dec.frame.take()?;
         // As when frames were held whole, a frame counts against the idle timeout when it
@@ -543,6 +578,16 @@ impl Core {
                 c.increment(self.rejected[i] - self.rejected_reported[i]);
             }
             self.rejected_reported = self.rejected;
+        }
+        if let (Some(counters), Some(codecs)) = (&metrics.compressed, self.codec.as_deref_mut()) {
+            for (codec, by_form) in codecs.iter_mut().zip(counters.iter()) {
+                if let Some(c) = codec.as_mut() {
+                    for (form, counter) in by_form.iter().enumerate() {
+                        counter.increment(c.sizes[form] - c.reported[form]);
+                    }
+                    c.reported = c.sizes;
+                }
+            }
         }
     }
 }

@@ -208,7 +208,7 @@ impl Core {
         };
         match checked {
             Ok(()) => {
-                wire::put_frame(&mut self.ready, OP_TEXT, &text, true);
+                self.put_message(from, OP_TEXT, &text);
                 self.counts[from as usize] += 1;
                 self.bytes[from as usize] += text.len() as u64;
                 None
