@@ -254,8 +254,12 @@ impl Core {
     }
 
     /// Inflate `input` (all of it when `drain`, as the tail is), handing each buffer of
-    /// output on; stops early, after some input, once [`READY_LIMIT`] is waiting.
+    /// output on; stops early, after some input, once [`READY_LIMIT`] is waiting. What
+    /// waits for the receiver goes on as a frame once it reaches the frame cap (the
+    /// smaller of `READY_LIMIT` and `max_frame_size`): a highly compressed message is
+    /// never passed on as one frame the size of the message.
     fn inflate(&mut self, from: Side, input: &[u8], drain: bool) -> Result<usize, CloseReason> {
+        let cap = READY_LIMIT.min(usize::try_from(self.max_frame).unwrap_or(usize::MAX)).max(1);
         OUT.with(|cell| {
             let mut own;
             let mut borrowed = cell.try_borrow_mut();
@@ -268,6 +272,21 @@ impl Core {
             };
             let mut used = 0;
             loop {
+                let mut pending = self.pending(from);
+                if pending >= cap
+                    && let Some(c) = self.codec.as_deref_mut().and_then(|a| a[from as usize].as_mut())
+                {
+                    c.flush(false, &mut self.ready);
+                    pending = c.out.pending.len();
+                }
+                if !drain && used > 0 && self.ready.len() + pending >= READY_LIMIT {
+                    return Ok(used);
+                }
+                // Room up to the cap (all of the buffer when what is pending could not go).
+                let room = match cap.checked_sub(pending) {
+                    Some(r) if r > 0 => r.min(out.len()),
+                    _ => out.len(),
+                };
                 let Some(i) = self
                     .codec
                     .as_deref_mut()
@@ -280,28 +299,27 @@ impl Core {
                 let (u, wrote) = if rest.is_empty() && drain && i.ended() {
                     (0, 0)
                 } else {
-                    i.step(rest, out).map_err(|_| bad(from, Violation::Utf8))?
+                    i.step(rest, &mut out[..room]).map_err(|_| bad(from, Violation::Utf8))?
                 };
                 used += u;
                 self.plain(from, &out[..wrote])?;
-                let full = wrote == out.len();
+                let full = wrote == room;
                 if used == input.len() && !full {
                     return Ok(used);
                 }
                 if !full && u == 0 {
                     return Ok(used); // no progress possible (not reached with zlib)
                 }
-                let waiting = self.ready.len()
-                    + self
-                        .codec
-                        .as_deref()
-                        .and_then(|a| a[from as usize].as_ref())
-                        .map_or(0, |c| c.out.pending.len());
-                if !drain && used > 0 && !full && waiting >= READY_LIMIT {
-                    return Ok(used);
-                }
             }
         })
+    }
+
+    /// Bytes of the message in progress from `from` waiting to go to the receiver.
+    fn pending(&self, from: Side) -> usize {
+        self.codec
+            .as_deref()
+            .and_then(|a| a[from as usize].as_ref())
+            .map_or(0, |c| c.out.pending.len())
     }
 
     /// Plain bytes of the message in progress: counted against the message limit, text
@@ -590,6 +608,45 @@ mod tests {
             assert!(p.used > 0, "progress");
         };
         assert!(matches!(stop, Stop::Event(super::super::Event::End(CloseReason::ClientTooBig))));
+        assert!(peak <= READY_LIMIT + INFLATE_CHUNK + 64, "{peak} held at once");
+    }
+
+    /// A bomb that stays under the message limit (so no 1009 ends it): each call still
+    /// hands at most about READY_LIMIT of output on, the rest of the frame waiting in
+    /// the read buffer, and the message arrives whole in the end. Found by the red-team
+    /// pass: a step that filled the output buffer never checked what was waiting, so one
+    /// call inflated the whole message (up to max_message_size) into memory at once.
+    #[tokio::test]
+    async fn a_bomb_under_the_limit_is_handed_on_a_bounded_piece_at_a_time() {
+        let zeros = vec![0u8; 3 << 20];
+        let z = deflate(&zeros);
+        let mut input = frame(crate::wire::OP_BINARY, true, &z, Some([9, 9, 9, 9]));
+        input[0] |= 0x40;
+        let mut s = Settings::unthrottled(4 << 20);
+        s.max_frame_size = 100_000;
+        s.compression = Some(Box::new(Compression {
+            hops: [Some(hop()), None],
+            level: 1,
+            min_size: 16,
+            budget: None,
+        }));
+        let mut c = Core::new(&s);
+        let mut held = input;
+        let (mut peak, mut total) = (0, 0);
+        while !held.is_empty() {
+            let p = c.process(Side::Client, &mut held, &mut BytesMut::new(), false);
+            assert!(p.stop.is_none());
+            assert!(p.used > 0, "progress");
+            let pending = c.codec.as_deref().unwrap()[0].as_ref().unwrap().out.pending.len();
+            peak = peak.max(c.ready.len() + pending);
+            for (_, _, p) in frames(&std::mem::take(&mut c.ready)) {
+                // No frame to the upstream larger than max_frame_size.
+                assert!(p.len() <= 100_000, "a frame of {}", p.len());
+                total += p.len();
+            }
+            held.drain(..p.used);
+        }
+        assert_eq!(total, zeros.len());
         assert!(peak <= READY_LIMIT + INFLATE_CHUNK + 64, "{peak} held at once");
     }
 
