@@ -369,3 +369,33 @@ fn check_warns_about_costly_compression_settings() {
     assert!(w.iter().any(|w| w.contains("\"keep\" has compression_level = 9")), "{w:?}");
     assert!(!w.iter().any(|w| w.contains("\"plain\" has co")), "{w:?}");
 }
+
+/// A compressed client message holds inflate state taken from `max_compression_memory`
+/// while it is in progress: one that is not complete `assembly_timeout` after its first
+/// frame ends the session (1001), so clients that never finish their messages cannot
+/// hold the budget other sessions compress with. A slow message inside the deadline
+/// goes through.
+#[tokio::test]
+async fn a_compressed_message_left_unfinished_is_closed_at_the_deadline() {
+    let gw = Gw::start_with("", ROUTES, |t| t.replace("[limits]\n", "[limits]\nassembly_timeout = \"1s\"\n")).await;
+    let offer = Some("permessage-deflate");
+    let z = deflate(chat(1).as_bytes());
+    let (first, rest) = z.split_at(z.len() / 2);
+    // Finished in time, in two fragments 300 ms apart.
+    let mut c = Raw::open(&gw, "/echo", offer).await;
+    c.send(wire::OP_TEXT, false, true, first).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    c.send(wire::OP_CONTINUATION, true, false, rest).await;
+    let (_, echoed) = c.frame().await.unwrap();
+    assert_eq!(inflate(&echoed), chat(1).as_bytes());
+    // Never finished.
+    let t0 = std::time::Instant::now();
+    c.send(wire::OP_TEXT, false, true, first).await;
+    assert_eq!(c.close_code().await, 1001);
+    let took = t0.elapsed();
+    assert!(
+        took >= std::time::Duration::from_millis(900) && took < std::time::Duration::from_secs(5),
+        "{took:?}"
+    );
+    gw.stop().await;
+}

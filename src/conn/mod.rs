@@ -323,6 +323,7 @@ async fn run_session(
             level: route.compression.level,
             min_size: route.compression.min_size,
             budget: Some(gw.compression.clone()),
+            message_timeout: Some(rt.config.limits.assembly_timeout),
         }));
         session_metrics.compressed = Some(Box::new(gw.metrics.compressed(&route.name)));
     }

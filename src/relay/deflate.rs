@@ -233,6 +233,12 @@ impl Inflater {
         Ok((used, wrote))
     }
 
+    /// Whether the state of a message in progress is taken from the budget for that
+    /// message (no context takeover), rather than reserved for the whole session.
+    pub(crate) fn holds_per_message(&self) -> bool {
+        self.no_context && self.budget.is_some()
+    }
+
     /// The peer ended its deflate stream (a final block) in this message: no tail
     /// follows it (section 7.2.3.1 of the RFC leaves BFINAL to the sender).
     pub(crate) fn ended(&self) -> bool {

@@ -144,15 +144,23 @@ impl Timers {
         None
     }
 
-    /// A message being assembled for validation that is not complete by its deadline
-    /// ends the session (1001): its memory is not held for a client that stalls or
-    /// trickles.
+    /// A client message that holds shared memory (assembled for validation, or inflated
+    /// with state taken from the compression budget) and is not complete by its
+    /// deadline ends the session (1001): that memory is not held for a client that
+    /// stalls or trickles.
     pub(super) fn poll_assembly(&mut self, cx: &mut Context<'_>, settings: &Settings, core: &Core) -> Option<Event> {
-        let (Some(started), Some(share)) = (core.assembly_started, settings.assembly.as_ref()) else {
+        let assembled = core
+            .assembly_started
+            .zip(settings.assembly.as_ref())
+            .map(|(at, share)| at + share.timeout);
+        let inflated = core
+            .inflate_started
+            .zip(settings.compression.as_ref().and_then(|c| c.message_timeout))
+            .map(|(at, timeout)| at + timeout);
+        let Some(deadline) = assembled.into_iter().chain(inflated).min() else {
             self.assembly = None;
             return None;
         };
-        let deadline = started + share.timeout;
         match &mut self.assembly {
             Some(sleep) if sleep.deadline() == deadline => {}
             Some(sleep) => sleep.as_mut().reset(deadline),

@@ -19,6 +19,7 @@ use crate::relay::deflate::{CompressionBudget, Deflater, Inflater, TAIL};
 use crate::wire::{self, OP_CONTINUATION, Violation};
 use bytes::BytesMut;
 use std::{cell::RefCell, sync::Arc};
+use tokio::time::Instant;
 
 /// Inflated output one call of `process` produces at most before it returns (the
 /// receiver takes it before more is read).
@@ -42,6 +43,10 @@ pub struct Compression {
     pub min_size: usize,
     /// State taken per message (without context takeover) counts here.
     pub budget: Option<Arc<CompressionBudget>>,
+    /// A compressed client message that holds per-message state must be complete this
+    /// long after its first frame, else close 1001 (`limits.assembly_timeout`; `None`:
+    /// no deadline, for benches and tests of the codec).
+    pub message_timeout: Option<std::time::Duration>,
 }
 
 /// One direction's compression: the sender's messages inflated, the receiver's deflated.
@@ -196,6 +201,9 @@ impl Core {
         c.out.opcode = opcode;
         if rsv1 && let Some(i) = c.inflater.as_mut() {
             i.begin().map_err(|_| CloseReason::Overloaded)?;
+            if from == Side::Client && i.holds_per_message() {
+                self.inflate_started = Some(*self.now.get_or_insert_with(Instant::now));
+            }
         }
         Ok(())
     }
@@ -394,6 +402,9 @@ impl Core {
         if let Some(i) = c.inflater.as_mut() {
             i.end();
         }
+        if from == Side::Client {
+            self.inflate_started = None;
+        }
         c.inflating = false;
         c.wire_len = 0;
         if mode == Mode::Stream {
@@ -476,6 +487,7 @@ mod tests {
             level: 1,
             min_size: 16,
             budget: None,
+            message_timeout: None,
         }));
         Core::new(&s)
     }
@@ -629,6 +641,7 @@ mod tests {
             level: 1,
             min_size: 16,
             budget: None,
+            message_timeout: None,
         }));
         let mut c = Core::new(&s);
         let mut held = input;
