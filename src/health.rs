@@ -285,10 +285,13 @@ impl Drop for DrainWatch {
     }
 }
 
+/// The states of one route's upstreams, by upstream index.
+pub type ByUpstream = Vec<Arc<Health>>;
+
 /// The state of every upstream of `routes`, taking over `old`'s for each (route name,
 /// upstream as configured) it already had: drains and verdicts survive a reload.
 /// Upstreams of routes without `health_check` forget any active verdict.
-pub fn adopt(routes: &[Route], old: Option<(&[Route], &[Vec<Arc<Health>>])>) -> Vec<Vec<Arc<Health>>> {
+pub fn adopt(routes: &[Route], old: Option<(&[Route], &[ByUpstream])>) -> Vec<ByUpstream> {
     routes
         .iter()
         .map(|r| {
@@ -317,7 +320,7 @@ pub fn adopt(routes: &[Route], old: Option<(&[Route], &[Vec<Arc<Health>>])>) -> 
 pub fn start_checkers(
     routes: &[Route],
     connectors: &[Option<tokio_rustls::TlsConnector>],
-    health: &[Vec<Arc<Health>>],
+    health: &[ByUpstream],
     metrics: &crate::metrics::Metrics,
     until: &CancellationToken,
 ) {

@@ -83,7 +83,7 @@ async fn readyz_reports_a_route_without_reachable_upstreams() {
 #[tokio::test(start_paused = true)]
 async fn backoff_starts_at_the_third_failure_doubles_and_a_success_clears_it() {
     use tokio::time::advance;
-    use wsgate::upstream::{FIRST_BACKOFF, Health, MAX_BACKOFF};
+    use wsgate::health::{FIRST_BACKOFF, Health, MAX_BACKOFF};
     let h = Health::default();
     h.failed();
     h.failed();
