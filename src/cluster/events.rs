@@ -297,9 +297,10 @@ impl Cluster {
                 gw.auth_ban(key, until_from_now(*until));
                 false // refused at the next request; no live session to re-check
             }
-            // Sessions watch their upstream themselves: no re-check needed.
+            // Sessions watch their upstream themselves: no re-check needed. `over` is
+            // bounded where the drain is applied (24 h at most).
             Event::Drain { route, upstream, over_ms } => {
-                let over = std::time::Duration::from_millis(*over_ms).min(crate::health::MAX_DRAIN_OVER);
+                let over = std::time::Duration::from_millis(*over_ms);
                 gw.set_drain(route, upstream, Some(over));
                 false
             }
@@ -446,7 +447,7 @@ impl Cluster {
             let Ok((route, upstream)) = serde_json::from_str::<(String, String)>(&field) else {
                 continue;
             };
-            let over = std::time::Duration::from_millis(over.parse().unwrap_or(0)).min(crate::health::MAX_DRAIN_OVER);
+            let over = std::time::Duration::from_millis(over.parse().unwrap_or(0));
             let pair = (route, upstream);
             if !pending_undrain.contains(&pair) && gw.set_drain(&pair.0, &pair.1, Some(over)) == Some(true) {
                 tracing::warn!(route = %crate::util::escape(&pair.0, 128), upstream = %crate::util::escape(&pair.1, 128), "cluster: upstream drained (resync)");
