@@ -450,10 +450,12 @@ impl Gateway {
         }
     }
 
-    /// Ready to serve: not draining, and every route has an upstream that is neither
-    /// down nor drained.
+    /// Ready to serve: not draining, and every route has an upstream that is not down.
+    /// A drained upstream counts as present: a drain is an operator's choice, applied
+    /// on every instance in cluster mode, and must not take the whole fleet (and its
+    /// other routes) out of the load balancer.
     pub fn is_ready(&self) -> bool {
-        !self.is_draining() && self.runtime().health.iter().all(|route| route.iter().any(|h| h.is_available()))
+        !self.is_draining() && self.runtime().health.iter().all(|route| route.iter().any(|h| !h.is_down()))
     }
 
     /// Drain (`Some(over)`) or undrain (`None`) upstream `url` (as configured) of route

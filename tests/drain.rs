@@ -376,6 +376,11 @@ async fn a_drain_moves_new_sessions_and_closes_live_ones_with_1012_spread_over_o
     let refused = gw.refusal("/ws", &gw.options(None)).await;
     assert_eq!(refused.status(), 503);
     assert!(refused.headers().get("retry-after").is_some());
+    assert_eq!(
+        http_get(gw.admin, "/readyz").await.0,
+        200,
+        "a drain alone never makes the instance unready"
+    );
     // Undrained: sessions come back; the session on b was left alone by undraining it.
     admin(&gw, "DELETE", "/v1/upstreams/drain", &drain_body("ws", &b.url(), "")).await;
     let (status, _) = admin(&gw, "DELETE", "/v1/upstreams/drain", &drain_body("ws", &a.url(), "")).await;
