@@ -66,6 +66,20 @@ struct Ban {
     duration: Option<String>,
 }
 
+/// `POST`/`DELETE /v1/upstreams/drain`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DrainOrder {
+    route: String,
+    /// The upstream as configured (as `GET /v1/upstreams` lists it).
+    upstream: String,
+    /// `POST`: the time over which its sessions are closed (default [`DEFAULT_DRAIN_OVER`]).
+    over: Option<String>,
+}
+
+/// A drain without `over`.
+const DEFAULT_DRAIN_OVER: Duration = Duration::from_secs(60);
+
 /// An answer: status and JSON body.
 type Answer = (StatusCode, serde_json::Value);
 
@@ -114,6 +128,8 @@ async fn route(gw: &Gateway, req: Request<Incoming>) -> (&'static str, Answer) {
         (&Method::DELETE, p) if p.starts_with("/v1/bans/") => "unban",
         (&Method::GET, "/v1/sessions") => "sessions",
         (&Method::GET, "/v1/upstreams") => "upstreams",
+        (&Method::POST, "/v1/upstreams/drain") => "drain",
+        (&Method::DELETE, "/v1/upstreams/drain") => "undrain",
         _ => return ("unknown", error(StatusCode::NOT_FOUND, "no such action")),
     };
     if !authorized(&req, token.bytes()) {
@@ -142,6 +158,8 @@ async fn route(gw: &Gateway, req: Request<Incoming>) -> (&'static str, Answer) {
         "ban" => ban(gw, &body),
         "unban" => unban(gw, &path["/v1/bans/".len()..]),
         "upstreams" => (upstreams(gw), None),
+        "drain" => drain(gw, &body, true),
+        "undrain" => drain(gw, &body, false),
         _ => (sessions(gw, query.as_deref()), None),
     };
     (action, share(gw, answer, event).await)
@@ -347,22 +365,76 @@ fn sessions(gw: &Gateway, query: Option<&str>) -> Answer {
     (StatusCode::OK, json!({ "sessions": list, "truncated": truncated }))
 }
 
-/// `GET /v1/upstreams`: every route's upstreams, as configured, with their state (`up`,
-/// or `down` while in back-off after failures), live sessions and in-flight plain
-/// requests (DESIGN.md section 13).
+/// `POST /v1/upstreams/drain` (`drain`) or `DELETE` (undrain): answered 202 at once;
+/// the sessions close at their points ([`crate::health`]). 404 for a route or upstream
+/// the running config does not have; in cluster mode it is announced to every instance.
+fn drain(gw: &Gateway, body: &[u8], drain: bool) -> Taken {
+    let d: DrainOrder = match parse(body) {
+        Ok(d) => d,
+        Err(a) => return (a, None),
+    };
+    if let Err(a) = name(&d.route, "route").and_then(|()| name(&d.upstream, "upstream")) {
+        return (a, None);
+    }
+    let over = match (drain, d.over.as_deref().map(str::parse::<humantime::Duration>)) {
+        (false, _) | (true, None) => DEFAULT_DRAIN_OVER,
+        (true, Some(Ok(o))) if *o <= crate::health::MAX_DRAIN_OVER => *o,
+        (true, Some(_)) => {
+            return (
+                error(StatusCode::BAD_REQUEST, "over must be a duration from 0s to 24h (\"5m\", \"30s\")"),
+                None,
+            );
+        }
+    };
+    let Some(changed) = gw.set_drain(&d.route, &d.upstream, drain.then_some(over)) else {
+        return (
+            error(
+                StatusCode::NOT_FOUND,
+                "no such route, or no such upstream on it (name it as GET /v1/upstreams lists it)",
+            ),
+            None,
+        );
+    };
+    let route = escape(&d.route, LOGGED_TARGET);
+    let upstream = escape(&d.upstream, LOGGED_TARGET);
+    let over_ms = u64::try_from(over.as_millis()).unwrap_or(u64::MAX);
+    if drain {
+        tracing::warn!(action = "drain", %route, %upstream, over_ms, changed, "admin: upstream drained");
+        let event = Event::Drain {
+            route: d.route.clone(),
+            upstream: d.upstream.clone(),
+            over_ms,
+        };
+        let body = json!({ "drained": d.upstream, "route": d.route, "over_ms": over_ms, "changed": changed });
+        ((StatusCode::ACCEPTED, body), Some(event))
+    } else {
+        tracing::warn!(action = "undrain", %route, %upstream, changed, "admin: upstream back in");
+        let event = Event::Undrain {
+            route: d.route.clone(),
+            upstream: d.upstream.clone(),
+        };
+        let body = json!({ "undrained": d.upstream, "route": d.route, "changed": changed });
+        ((StatusCode::OK, body), Some(event))
+    }
+}
+
+/// `GET /v1/upstreams`: every route's upstreams, as configured, with their state (`up`;
+/// `down` while in back-off after failures or failing its `health_check`; `drained`),
+/// whether it is healthy (drain aside), live sessions and in-flight plain requests
+/// (DESIGN.md section 13).
 fn upstreams(gw: &Gateway) -> Answer {
     let rt = gw.runtime();
     let mut list = Vec::new();
     for (r, route) in rt.config.routes.iter().enumerate() {
         for (i, u) in route.upstreams.iter().enumerate() {
-            let down = rt.health[r][i].is_down();
+            let health = &rt.health[r][i];
             let load = rt.balancers[r].load(i);
             list.push(json!({
                 "route": route.name,
                 "upstream": crate::balance::configured_url(u),
                 "index": i,
-                "state": if down { "down" } else { "up" },
-                "healthy": !down,
+                "state": health.state().label(),
+                "healthy": !health.is_down(),
                 "sessions": load.map_or(0, |l| l.sessions()),
                 "in_flight": load.map_or(0, |l| l.in_flight()),
             }));

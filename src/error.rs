@@ -75,6 +75,10 @@ pub enum Reject {
     ClientCert,
     #[error("upstream unavailable")]
     UpstreamUnavailable,
+    /// Every upstream of the route is out (down, in back-off or drained): nothing was
+    /// tried. 503 with `Retry-After`, as for a gateway that cannot take the request now.
+    #[error("no upstream available (all down or drained)")]
+    NoUpstream,
     #[error("upstream timed out")]
     UpstreamTimeout,
     /// The application answered the upgrade with a well-formed 4xx: its answer to this
@@ -169,6 +173,7 @@ impl Reject {
             Reject::Auth(_) => StatusCode::UNAUTHORIZED,
             Reject::ClientCert => StatusCode::FORBIDDEN,
             Reject::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            Reject::NoUpstream => StatusCode::SERVICE_UNAVAILABLE,
             Reject::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Reject::UpstreamRefused(a) => a.status,
         })
@@ -193,7 +198,7 @@ impl Reject {
             Reject::Misdirected => "misdirected",
             Reject::Auth(_) => "auth",
             Reject::ClientCert => "client_cert",
-            Reject::UpstreamUnavailable => "upstream_unavailable",
+            Reject::UpstreamUnavailable | Reject::NoUpstream => "upstream_unavailable",
             Reject::UpstreamTimeout => "upstream_timeout",
             Reject::UpstreamRefused(_) => "upstream_refused",
         }
@@ -219,6 +224,7 @@ impl Reject {
             Reject::Auth(_) => "unauthorized\n",
             Reject::ClientCert => "client certificate required\n",
             Reject::UpstreamUnavailable => "upstream unavailable\n",
+            Reject::NoUpstream => "no upstream available\n",
             Reject::UpstreamTimeout => "upstream timeout\n",
             Reject::UpstreamRefused(_) => "",
         }
@@ -233,6 +239,7 @@ impl Reject {
                 | Reject::ClientCert
                 | Reject::Origin
                 | Reject::UpstreamUnavailable
+                | Reject::NoUpstream
                 | Reject::UpstreamTimeout
         )
     }
@@ -240,7 +247,7 @@ impl Reject {
     /// `Retry-After` to send, if any.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Reject::GlobalConnLimit | Reject::Draining => Some(RETRY_AFTER_BUSY),
+            Reject::GlobalConnLimit | Reject::Draining | Reject::NoUpstream => Some(RETRY_AFTER_BUSY),
             Reject::AuthBanned(left) => Some(*left),
             Reject::UserConnLimit => Some(RETRY_AFTER_USER_LIMIT),
             _ => None,
@@ -251,7 +258,7 @@ impl Reject {
     /// that fails, an upstream that cannot be reached once it verified).
     pub fn close_after_upgrade(&self) -> (u16, &'static str) {
         match self {
-            Reject::UpstreamUnavailable | Reject::UpstreamTimeout => (CLOSE_INTERNAL_ERROR, "upstream unavailable"),
+            Reject::UpstreamUnavailable | Reject::UpstreamTimeout | Reject::NoUpstream => (CLOSE_INTERNAL_ERROR, "upstream unavailable"),
             Reject::UpstreamRefused(_) => (CLOSE_POLICY, "refused by the application"),
             Reject::UserConnLimit => (CLOSE_POLICY, "too many sessions for this user"),
             _ => (CLOSE_POLICY, "authentication failed"),
@@ -282,6 +289,8 @@ impl Initiator {
 pub enum CloseReason {
     /// SIGTERM/SIGINT drain.
     Shutdown,
+    /// The session's upstream is drained (admin API): 1012, reconnect elsewhere.
+    UpstreamDrained,
     /// No data frame either way for `idle_timeout`.
     IdleTimeout,
     /// The client did not answer the gateway's ping within `ping_interval`.
@@ -383,6 +392,7 @@ impl CloseReason {
             CloseReason::RateAbuse | CloseReason::AccessRevoked => (Policy, Policy),
             CloseReason::InvalidMessage(r) => (r.close_code(), r.close_code()),
             CloseReason::Overloaded => (Again, Again),
+            CloseReason::UpstreamDrained => (Restart, Restart),
         }
     }
 
@@ -390,6 +400,7 @@ impl CloseReason {
     pub fn text(self) -> &'static str {
         match self {
             CloseReason::Shutdown => "gateway shutting down",
+            CloseReason::UpstreamDrained => "upstream drained, reconnect",
             CloseReason::IdleTimeout => "idle timeout",
             CloseReason::PingTimeout => "client did not answer ping",
             CloseReason::ClientProtocol => "client protocol violation",
@@ -418,6 +429,7 @@ impl CloseReason {
     pub fn log_label(self) -> &'static str {
         match self {
             CloseReason::Shutdown => "shutdown",
+            CloseReason::UpstreamDrained => "upstream_drained",
             CloseReason::TokenExpired => "token_expired",
             CloseReason::AccessRevoked => "access_revoked",
             CloseReason::InvalidMessage(_) => "invalid_message",
@@ -432,6 +444,7 @@ impl CloseReason {
             // Overload is the gateway's state, not a fault of either peer: seen in
             // `wsgate_closes_total{code="1013"}`.
             CloseReason::Shutdown
+            | CloseReason::UpstreamDrained
             | CloseReason::TokenExpired
             | CloseReason::AccessRevoked
             | CloseReason::InvalidMessage(_)
@@ -478,6 +491,7 @@ mod tests {
             (Reject::Auth(AuthFailure::CertBinding), Some(401), "auth"),
             (Reject::ClientCert, Some(403), "client_cert"),
             (Reject::UpstreamUnavailable, Some(502), "upstream_unavailable"),
+            (Reject::NoUpstream, Some(503), "upstream_unavailable"),
             (Reject::UpstreamTimeout, Some(504), "upstream_timeout"),
             (
                 Reject::UpstreamRefused(Box::new(UpstreamAnswer {
@@ -501,6 +515,7 @@ mod tests {
     fn close_table() {
         let rows: &[(CloseReason, u16, u16, Option<&str>)] = &[
             (CloseReason::Shutdown, 1001, 1001, None),
+            (CloseReason::UpstreamDrained, 1012, 1012, None),
             (CloseReason::IdleTimeout, 1001, 1001, Some("idle_timeout")),
             (CloseReason::MessageStalled, 1001, 1001, Some("idle_timeout")),
             (CloseReason::Overloaded, 1013, 1013, None),

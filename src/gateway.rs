@@ -76,8 +76,9 @@ pub struct Runtime {
     pub connectors: Vec<Option<tokio_rustls::TlsConnector>>,
     /// Round-robin position, by route index.
     pub next_upstream: Vec<AtomicUsize>,
-    /// Passive health, by route index and upstream index.
-    pub health: Vec<Vec<crate::upstream::Health>>,
+    /// Each upstream's state (passive and active health, drain), by route index and
+    /// upstream index; carried over by a reload for the (route, upstream) pairs it keeps.
+    pub health: Vec<Vec<Arc<crate::health::Health>>>,
     /// Plain HTTP connection pools (`http = true` routes), by route index and upstream
     /// index; `None` for the built-in echo. Empty for other routes. A reload starts new
     /// pools; the old ones close as their last exchange ends.
@@ -177,11 +178,7 @@ impl Runtime {
                 },
             )
             .collect();
-        let health = config
-            .routes
-            .iter()
-            .map(|r| r.upstreams.iter().map(|_| Default::default()).collect())
-            .collect();
+        let health = crate::health::adopt(&config.routes, None);
         // The upstream side's ceiling: the largest any route allows (each session's
         // relay holds its own route's limits).
         let (max_message, max_frame) = config
@@ -273,6 +270,12 @@ impl crate::cluster::Host for Gateway {
     fn auth_bans(&self) -> Vec<(String, Duration)> {
         self.per_ip().auth_bans().into_iter().map(|(k, d)| (k.label(), d)).collect()
     }
+    fn set_drain(&self, route: &str, upstream: &str, over: Option<Duration>) -> Option<bool> {
+        Gateway::set_drain(self, route, upstream, over)
+    }
+    fn drained(&self) -> Vec<(String, String)> {
+        Gateway::drained(self)
+    }
 }
 
 impl Gateway {
@@ -335,7 +338,11 @@ impl Gateway {
             }),
         };
         let new = match loaded {
-            Ok(rt) => Arc::new(rt),
+            Ok(mut rt) => {
+                // Drains and health verdicts of the upstreams the new config keeps stay.
+                rt.health = crate::health::adopt(&rt.config.routes, Some((&old.config.routes, &old.health)));
+                Arc::new(rt)
+            }
             Err(e) => {
                 self.metrics.reload(false);
                 return Err(e);
@@ -397,6 +404,8 @@ impl Gateway {
         // old runtime's loop ends now, even while old sessions still hold that runtime.
         let next_generation = CancellationToken::new();
         start_jwks_refresh(&new, &self.metrics, next_generation.clone()).await;
+        // The old generation's health checkers end with it; the new config's start.
+        crate::health::start_checkers(&new.config.routes, &new.connectors, &new.health, &self.metrics, &next_generation);
         self.runtime.store(new);
         self.generation.swap(Arc::new(next_generation)).cancel();
         self.recheck_sessions();
@@ -413,7 +422,8 @@ impl Gateway {
         for (r, route) in rt.config.routes.iter().enumerate() {
             for i in 0..route.upstreams.len() {
                 let sessions = rt.balancers[r].load(i).map_or(0, |l| l.sessions());
-                self.metrics.upstream_state(&route.name, i, sessions, !rt.health[r][i].is_down());
+                self.metrics
+                    .upstream_state(&route.name, i, sessions, rt.health[r][i].is_available());
             }
         }
         self.metrics.render()
@@ -440,9 +450,42 @@ impl Gateway {
         }
     }
 
-    /// Ready to serve: not draining, and every route has an upstream not in back-off.
+    /// Ready to serve: not draining, and every route has an upstream that is not down.
+    /// A drained upstream counts as present: a drain is an operator's choice, applied
+    /// on every instance in cluster mode, and must not take the whole fleet (and its
+    /// other routes) out of the load balancer.
     pub fn is_ready(&self) -> bool {
         !self.is_draining() && self.runtime().health.iter().all(|route| route.iter().any(|h| !h.is_down()))
+    }
+
+    /// Drain (`Some(over)`) or undrain (`None`) upstream `url` (as configured) of route
+    /// `route`. `None` when the running config has no such pair; else whether it changed.
+    pub fn set_drain(&self, route: &str, url: &str, over: Option<Duration>) -> Option<bool> {
+        let rt = self.runtime();
+        let r = rt.config.routes.iter().position(|x| x.name == route)?;
+        let i = rt.config.routes[r]
+            .upstreams
+            .iter()
+            .position(|u| crate::balance::configured_url(u) == url)?;
+        let h = &rt.health[r][i];
+        Some(match over {
+            Some(over) => h.drain(over),
+            None => h.undrain(),
+        })
+    }
+
+    /// Every drained upstream: (route, upstream as configured).
+    pub fn drained(&self) -> Vec<(String, String)> {
+        let rt = self.runtime();
+        let mut out = Vec::new();
+        for (r, route) in rt.config.routes.iter().enumerate() {
+            for (i, u) in route.upstreams.iter().enumerate() {
+                if rt.health[r][i].is_drained() {
+                    out.push((route.name.clone(), crate::balance::configured_url(u)));
+                }
+            }
+        }
+        out
     }
 
     /// Cluster mode: whether the local copy holds the cluster's bans and revocations (a

@@ -35,6 +35,7 @@
 //! | admission | `admit` | the one owner of admission: request checks, shared caps, auth, upstream choice, `first_message`, live re-checks |
 //! | composition | [`gateway`] | the [`gateway::Runtime`] built from one config, reload, the one place a refusal is counted |
 //! | stage | `proxy` | plain HTTP on `http = true` routes: the exchange, upstream pools, streamed bodies |
+//! | stage | [`health`] | each upstream's state: passive back-off, active health checks, drain (1012 spread over `over`) |
 //! | stage | [`upstream`] | the upstream request and WebSocket handshake, TLS to upstreams |
 //! | stage | `balance` | choosing an upstream: round robin, least sessions, the signed sticky cookie; load per upstream |
 //! | stage | [`cluster`] | state shared through Redis: connection and breaker, events, leases |
@@ -66,8 +67,9 @@
 //! - Plain HTTP on routes (DESIGN 13), landed in part: `admit/plain.rs` (the same
 //!   checks for a plain request), the stage `proxy` (the HTTP/1.1 exchange with hyper's
 //!   client, pools), `framing` (raw heads checked for smuggling), `balance` (round
-//!   robin, least sessions, the sticky cookie) that `admit/upstream.rs` asks; next,
-//!   active health checks and drain (in `balance`, listed by `admin_api`).
+//!   robin, least sessions, the sticky cookie) that `admit/upstream.rs` asks, and
+//!   [`health`] (active health checks and drain, listed and ordered by `admin_api`,
+//!   shared by `cluster` events).
 //! - Hosts, SNI and per-route policy (DESIGN 14), landed: certificates by SNI in
 //!   `tls/certs.rs` (the `CertStore`), routing by host in `config::Config::route_index`,
 //!   the 421 check in `admit/request.rs`, per-route limits in `config::Config::limits_of`
@@ -110,6 +112,7 @@ pub mod firewall;
 mod framing;
 mod fsutil;
 pub mod gateway;
+pub mod health;
 mod incidents;
 mod keys;
 pub mod limits;

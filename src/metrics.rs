@@ -38,6 +38,7 @@ pub const HTTP_REQUESTS: &str = "wsgate_http_requests_total";
 pub const HTTP_REQUEST_DURATION: &str = "wsgate_http_request_duration_seconds";
 pub const UPSTREAM_SESSIONS: &str = "wsgate_upstream_sessions";
 pub const UPSTREAM_UP: &str = "wsgate_upstream_up";
+pub const UPSTREAM_HEALTH_CHECKS: &str = "wsgate_upstream_health_checks_total";
 pub const COMPRESSED_BYTES: &str = "wsgate_compressed_bytes_total";
 /// The process metrics below come from `metrics-process` (its names and help texts), read
 /// on each scrape; listed here so the alert rules and the dashboard have one place to look.
@@ -69,7 +70,11 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     ),
     (
         UPSTREAM_UP,
-        "1 while an upstream is chosen, 0 while it is in back-off after failures, by route and upstream index.",
+        "1 while an upstream is chosen, 0 while it is out (back-off after failures, failing its health_check, or drained), by route and upstream index.",
+    ),
+    (
+        UPSTREAM_HEALTH_CHECKS,
+        "Active health checks (health_check) of upstreams, by route, upstream index and result (pass, fail).",
     ),
     (
         HTTP_REQUESTS,
@@ -298,6 +303,17 @@ impl Metrics {
             _ => "5xx",
         };
         self.counter(HTTP_REQUESTS, &[("route", route), ("code", class)]).increment(1);
+    }
+
+    /// One active health check of upstream `index` of `route`.
+    pub fn health_check(&self, route: &str, index: usize, pass: bool) {
+        let index = index.to_string();
+        let result = if pass { "pass" } else { "fail" };
+        self.counter(
+            UPSTREAM_HEALTH_CHECKS,
+            &[("route", route), ("upstream", &index), ("result", result)],
+        )
+        .increment(1);
     }
 
     /// One upstream's state, read when the metrics are rendered.

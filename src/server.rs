@@ -136,6 +136,16 @@ async fn serve_on(runtime: Runtime, given: Listeners) -> anyhow::Result<Running>
     };
     let gateway = Arc::new(Gateway::new(runtime, cluster.clone()));
     crate::gateway::start_jwks_refresh(&gateway.runtime(), &gateway.metrics, gateway.generation()).await;
+    {
+        let rt = gateway.runtime();
+        crate::health::start_checkers(
+            &rt.config.routes,
+            &rt.connectors,
+            &rt.health,
+            &gateway.metrics,
+            &gateway.generation(),
+        );
+    }
     let stop = CancellationToken::new();
     if let Some(c) = cluster {
         gateway.metrics.cluster_up(false);
@@ -197,6 +207,8 @@ async fn serve(
     if tokio::time::timeout(grace, gw.tracker.wait()).await.is_err() {
         tracing::warn!(open = gw.open_connections(), "shutdown grace expired with connections still open");
     }
+    // The config generation's tasks (health checkers, key refresh) end with the server.
+    gw.generation().cancel();
     admin_stop.cancel();
     let _ = admin_task.await;
     tracing::info!("stopped");

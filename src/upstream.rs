@@ -390,6 +390,8 @@ pub struct Connected {
     pub target: Box<str>,
     /// The session counted on the upstream while this lives (and the upstream's index).
     pub load: Option<crate::balance::SessionHeld>,
+    /// Watches the upstream for a drain (the session's point to close with 1012).
+    pub drain: Option<Box<dyn crate::relay::Due>>,
 }
 
 /// An upstream as the access log names it: `host:port` (IPv6 in brackets), or `builtin:echo`.
@@ -496,6 +498,7 @@ async fn handshake(io: UpstreamIo, req: http::Request<()>) -> Result<Connected, 
         deflate,
         target: Box::from(""),
         load: None,
+        drain: None,
     })
 }
 
@@ -600,44 +603,6 @@ pub fn connector(route: &Route, origin: &str) -> Result<Option<tokio_rustls::Tls
     }
     let cc: Arc<rustls::ClientConfig> = crate::tls::upstream_client_config(route.upstream_ca.as_ref(), origin)?;
     Ok(Some(tokio_rustls::TlsConnector::from(cc)))
-}
-
-/// Passive health of one upstream: consecutive failures put it in back-off, during
-/// which it is skipped; the first success clears it.
-#[derive(Default, Debug)]
-pub struct Health {
-    state: std::sync::Mutex<(u32, Option<tokio::time::Instant>)>,
-}
-
-/// Consecutive failures before an upstream is skipped.
-pub const FAILURES_BEFORE_BACKOFF: u32 = 3;
-/// First back-off; doubles with each further failure, up to [`MAX_BACKOFF`].
-pub const FIRST_BACKOFF: Duration = Duration::from_secs(1);
-pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
-
-impl Health {
-    fn lock(&self) -> std::sync::MutexGuard<'_, (u32, Option<tokio::time::Instant>)> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Whether the upstream is in back-off now.
-    pub fn is_down(&self) -> bool {
-        self.lock().1.is_some_and(|until| until > tokio::time::Instant::now())
-    }
-
-    pub fn failed(&self) {
-        let mut s = self.lock();
-        s.0 = s.0.saturating_add(1);
-        if s.0 >= FAILURES_BEFORE_BACKOFF {
-            let doublings = (s.0 - FAILURES_BEFORE_BACKOFF).min(8);
-            let backoff = (FIRST_BACKOFF * 2u32.pow(doublings)).min(MAX_BACKOFF);
-            s.1 = Some(tokio::time::Instant::now() + backoff);
-        }
-    }
-
-    pub fn succeeded(&self) {
-        *self.lock() = (0, None);
-    }
 }
 
 #[cfg(test)]

@@ -583,3 +583,46 @@ async fn a_flood_of_auth_bans_while_redis_is_away_does_not_undo_a_revocation() {
     let resp = gw.refusal("/echo", &from(&gw, token, "127.0.0.21")).await;
     assert_eq!(resp.status(), 401, "the revocation made while Redis was away still holds");
 }
+
+/// The state `GET /v1/upstreams` gives the built-in echo of route `echo` on `gw`.
+async fn echo_state(gw: &Gw) -> String {
+    let (status, v) = admin(gw.admin, "GET", "/v1/upstreams", "").await;
+    assert_eq!(status, 200);
+    v["upstreams"][0]["state"].as_str().unwrap_or("?").to_string()
+}
+
+#[tokio::test]
+async fn a_drain_on_one_instance_applies_on_every_instance_and_so_does_its_undrain() {
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let a = instance(&redis, dir.path()).await;
+    let b = instance(&redis, dir.path()).await;
+    let mut live = b.connect("/echo").await;
+    assert_eq!(roundtrip(&mut live, "x").await, "x");
+    let body = r#"{"route":"echo","upstream":"builtin:echo","over":"1s"}"#;
+    let (status, v) = admin(a.admin, "POST", "/v1/upstreams/drain", body).await;
+    assert_eq!((status, v["shared"].as_bool()), (202, Some(true)), "{v}");
+    // On the other instance: its live session gets 1012 within `over`, and new ones 503.
+    let started = Instant::now();
+    assert_eq!(close_code(&mut live).await.0, 1012);
+    assert!(started.elapsed() < Duration::from_secs(2), "closed after {:?}", started.elapsed());
+    assert_eq!(echo_state(&b).await, "drained");
+    assert_eq!(b.try_connect("/echo", &b.options(Some(b.token("alice")))).await.err(), Some(503));
+    // An instance that starts now learns it from Redis.
+    let c = instance(&redis, dir.path()).await;
+    wait_until("the new instance holds the drain", TIMEOUT, || async {
+        echo_state(&c).await == "drained"
+    })
+    .await;
+    // Undrained on another instance: back everywhere.
+    let (status, v) = admin(b.admin, "DELETE", "/v1/upstreams/drain", body).await;
+    assert_eq!((status, v["shared"].as_bool()), (200, Some(true)), "{v}");
+    for gw in [&a, &b, &c] {
+        wait_until("the undrain reached the instance", Duration::from_secs(1), || async {
+            echo_state(gw).await == "up"
+        })
+        .await;
+        let mut ws = gw.connect("/echo").await;
+        assert_eq!(roundtrip(&mut ws, "back").await, "back");
+    }
+}

@@ -65,8 +65,11 @@ async fn readyz_reports_a_route_without_reachable_upstreams() {
         http_get(gw.admin, "/readyz").await,
         (503, "no reachable upstream for a route\n".to_string())
     );
-    // In back-off: refused at once without touching the upstream.
-    assert_eq!(gw.refusal("/lonely", &gw.options(None)).await.status(), 502);
+    // In back-off: refused at once without touching the upstream, 503 with Retry-After
+    // (no upstream was tried: the route has none in, as when all are drained).
+    let refused = gw.refusal("/lonely", &gw.options(None)).await;
+    assert_eq!(refused.status(), 503);
+    assert!(refused.headers().get("retry-after").is_some());
     assert_eq!(hits.load(Ordering::SeqCst), 3);
     // After the back-off (1 s) /readyz turns ready again and the upstream is tried again.
     wait_until("the back-off to end", TIMEOUT, || async {
@@ -83,7 +86,7 @@ async fn readyz_reports_a_route_without_reachable_upstreams() {
 #[tokio::test(start_paused = true)]
 async fn backoff_starts_at_the_third_failure_doubles_and_a_success_clears_it() {
     use tokio::time::advance;
-    use wsgate::upstream::{FIRST_BACKOFF, Health, MAX_BACKOFF};
+    use wsgate::health::{FIRST_BACKOFF, Health, MAX_BACKOFF};
     let h = Health::default();
     h.failed();
     h.failed();

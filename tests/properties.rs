@@ -500,12 +500,13 @@ fn all_close_reasons() -> Vec<wsgate::error::CloseReason> {
         AccessRevoked,
         Overloaded,
         MessageStalled,
+        UpstreamDrained,
     ];
     for r in &all {
         match r {
             Shutdown | IdleTimeout | PingTimeout | ClientProtocol | ClientInvalidUtf8 | ClientTooBig | ClientIo | UpstreamReset
             | UpstreamProtocol | UpstreamInvalidUtf8 | UpstreamTooBig | TokenExpired | RateAbuse | AccessRevoked | InvalidMessage(_)
-            | Overloaded | MessageStalled => {}
+            | Overloaded | MessageStalled | UpstreamDrained => {}
         }
     }
     let mut all = all;

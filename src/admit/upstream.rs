@@ -67,16 +67,18 @@ pub(super) fn sticky_cookie(rt: &Runtime, route_index: usize, had: Option<usize>
 }
 
 /// Try the route's upstreams in the balancer's order (`sticky`: the cookie's first),
-/// each under `upstream_timeout`; the first that completes its handshake wins, and
+/// skipping those down or drained (all of them: [`Reject::NoUpstream`], 503), each
+/// under `upstream_timeout`; the first that completes its handshake wins, and
 /// its session is counted on it.
 pub(super) async fn connect(gw: &Gateway, rt: &Runtime, route_index: usize, facts: &ClientFacts<'_>) -> Result<Connected, Reject> {
     let route = &rt.config.routes[route_index];
     let balancer = &rt.balancers[route_index];
-    let mut last = Reject::UpstreamUnavailable;
+    // Every upstream out (down, in back-off, drained): 503, nothing tried.
+    let mut last = Reject::NoUpstream;
     for idx in balancer.order(sticky_choice(rt, route_index, facts.headers)) {
         let health = &rt.health[route_index][idx];
-        if health.is_down() {
-            continue; // in back-off after repeated failures
+        if !health.is_available() {
+            continue; // down (back-off, failing health checks) or drained
         }
         let target = &route.upstreams[idx];
         let upstream_path = match target {
@@ -98,6 +100,7 @@ pub(super) async fn connect(gw: &Gateway, rt: &Runtime, route_index: usize, fact
                 health.succeeded();
                 gw.metrics.upstream_connect(&route.name, t0.elapsed().as_secs_f64());
                 c.load = balancer.hold(idx);
+                c.drain = Some(Box::new(health.watch()));
                 return Ok(c);
             }
             // A 4xx is the application's answer to this client, not a fault of the
@@ -117,8 +120,8 @@ pub(super) async fn connect(gw: &Gateway, rt: &Runtime, route_index: usize, fact
 }
 
 /// A connection to one of an `http` route's upstreams for a plain request, in the
-/// balancer's order (`sticky`: the one `sticky` names first), skipping upstreams in
-/// back-off; a connect failure tries the next (nothing was sent yet). `None`: the
+/// balancer's order (`sticky`: the one `sticky` names first), skipping upstreams that
+/// are down or drained (all of them: [`Reject::NoUpstream`], 503); a connect failure tries the next (nothing was sent yet). `None`: the
 /// built-in echo answers. The request is counted on its upstream while it runs.
 pub(super) async fn checkout_http(
     rt: &Runtime,
@@ -130,11 +133,11 @@ pub(super) async fn checkout_http(
         return Err(Reject::NotUpgrade);
     };
     let balancer = &rt.balancers[route_index];
-    let mut last = Reject::UpstreamUnavailable;
+    let mut last = Reject::NoUpstream;
     for idx in balancer.order(sticky) {
         let health = &rt.health[route_index][idx];
-        if health.is_down() {
-            continue;
+        if !health.is_available() {
+            continue; // down or drained: no new request
         }
         let Some(pool) = rt.http_pools.get(route_index).and_then(|p| p.get(idx)) else {
             continue;

@@ -20,6 +20,10 @@ const MAX_EVENT: usize = 4096;
 const MAX_PENDING: usize = 10_000;
 /// Events from other instances logged per [`RESYNC`] period, at most.
 const LOGGED_EVENTS: u32 = 20;
+/// Drained upstreams a resync reads at most (more: the hash is not ours, skipped).
+pub(super) const MAX_DRAINS: usize = 4096;
+/// Life of the drains hash; renewed by each resync of any instance.
+pub(super) const DRAINS_TTL: std::time::Duration = std::time::Duration::from_secs(30 * 86400);
 
 /// One admin action, as announced to the other instances.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -47,6 +51,21 @@ pub enum Event {
         key: String,
         until: u64,
     },
+    /// An upstream (as configured) of a route drained: its sessions close over `over_ms`.
+    Drain {
+        route: String,
+        upstream: String,
+        over_ms: u64,
+    },
+    Undrain {
+        route: String,
+        upstream: String,
+    },
+}
+
+/// The field of a drained upstream in the drains hash.
+fn drain_field(route: &str, upstream: &str) -> String {
+    serde_json::json!([route, upstream]).to_string()
 }
 
 #[derive(Serialize, Deserialize)]
@@ -63,6 +82,7 @@ impl Event {
             Event::Ban { .. } | Event::Unban { .. } | Event::AuthBan { .. } => "ban",
             // DESIGN section 7 counts a kick ("revoke by sub") with revocations.
             Event::Revoke { .. } | Event::Kick { .. } => "revoke",
+            Event::Drain { .. } | Event::Undrain { .. } => "drain",
         }
     }
 }
@@ -145,6 +165,13 @@ impl Cluster {
                 }
                 Event::AuthBan { key, until } => {
                     pipe.zadd(&self.auth_bans, key, *until).ignore();
+                }
+                Event::Drain { route, upstream, over_ms } => {
+                    pipe.hset(&self.drains, drain_field(route, upstream), *over_ms).ignore();
+                    pipe.expire(&self.drains, DRAINS_TTL.as_secs() as i64).ignore();
+                }
+                Event::Undrain { route, upstream } => {
+                    pipe.hdel(&self.drains, drain_field(route, upstream)).ignore();
                 }
                 Event::Kick { .. } => {}
             }
@@ -270,6 +297,17 @@ impl Cluster {
                 gw.auth_ban(key, until_from_now(*until));
                 false // refused at the next request; no live session to re-check
             }
+            // Sessions watch their upstream themselves: no re-check needed. `over` is
+            // bounded where the drain is applied (24 h at most).
+            Event::Drain { route, upstream, over_ms } => {
+                let over = std::time::Duration::from_millis(*over_ms);
+                gw.set_drain(route, upstream, Some(over));
+                false
+            }
+            Event::Undrain { route, upstream } => {
+                gw.set_drain(route, upstream, None);
+                false
+            }
         };
         self.state_changed();
         if self.logged.fetch_add(1, Ordering::Relaxed) < LOGGED_EVENTS {
@@ -279,6 +317,8 @@ impl Cluster {
                 Event::Revoke { jti, .. } => ("revoke", jti.as_str()),
                 Event::Kick { sub } => ("kick", sub.as_str()),
                 Event::AuthBan { key, .. } => ("auth_ban", key.as_str()),
+                Event::Drain { upstream, .. } => ("drain", upstream.as_str()),
+                Event::Undrain { upstream, .. } => ("undrain", upstream.as_str()),
             };
             let target = crate::util::escape(target, 128);
             let from = crate::util::escape(&envelope.from, 32);
@@ -303,10 +343,11 @@ impl Cluster {
             let bans: Vec<(String, f64)> = con.zrevrange_withscores(&self.bans, 0, MAX_BANS as isize - 1).await?;
             let revoked: Vec<(String, f64)> = con.zrevrange_withscores(&self.revoked, 0, MAX_REVOCATIONS as isize - 1).await?;
             let auth_bans: Vec<(String, f64)> = con.zrevrange_withscores(&self.auth_bans, 0, MAX_BANS as isize - 1).await?;
-            Ok::<_, redis::RedisError>((bans, revoked, auth_bans))
+            let drains: Option<Vec<(String, String)>> = self.read_drains(&mut con).await?;
+            Ok::<_, redis::RedisError>((bans, revoked, auth_bans, drains))
         };
         let started = tokio::time::Instant::now();
-        let (bans, revoked, auth_bans) = match tokio::time::timeout(ACTION_TIMEOUT * 2, read).await {
+        let (bans, revoked, auth_bans, drains) = match tokio::time::timeout(ACTION_TIMEOUT * 2, read).await {
             Ok(Ok(x)) => x,
             Ok(Err(e)) => {
                 gw.metrics().cluster_op("sync", "error", started.elapsed());
@@ -355,6 +396,9 @@ impl Cluster {
                 gw.incidents().unrevoke(&jti);
             }
         }
+        if let Some(drains) = drains {
+            self.resync_drains(gw, drains);
+        }
         if changed {
             gw.recheck_sessions();
         }
@@ -363,6 +407,58 @@ impl Cluster {
         }
         self.state_changed();
         Ok(())
+    }
+
+    /// The drains hash, renewed; `None` when it holds more than [`MAX_DRAINS`] fields
+    /// (not read: the local drains stay as they are).
+    async fn read_drains(&self, con: &mut super::connection::Conn) -> redis::RedisResult<Option<Vec<(String, String)>>> {
+        let n: usize = con.hlen(&self.drains).await?;
+        if n > MAX_DRAINS {
+            return Ok(None);
+        }
+        if n > 0 {
+            let _: () = con.expire(&self.drains, DRAINS_TTL.as_secs() as i64).await?;
+        }
+        let all: Vec<(String, String)> = con.hgetall(&self.drains).await?;
+        Ok(Some(all))
+    }
+
+    /// Make the local drains match Redis: drained there and not here → drained here (over
+    /// the `over` it was given); drained here and not there → undrained, unless a pending
+    /// action is still to write it.
+    fn resync_drains(&self, gw: &dyn Host, shared: Vec<(String, String)>) {
+        let mut pending_drain = HashSet::new();
+        let mut pending_undrain = HashSet::new();
+        for e in crate::util::lock(&self.pending).iter() {
+            match e {
+                Event::Drain { route, upstream, .. } => {
+                    pending_undrain.remove(&(route.clone(), upstream.clone()));
+                    pending_drain.insert((route.clone(), upstream.clone()));
+                }
+                Event::Undrain { route, upstream } => {
+                    pending_drain.remove(&(route.clone(), upstream.clone()));
+                    pending_undrain.insert((route.clone(), upstream.clone()));
+                }
+                _ => {}
+            }
+        }
+        let mut in_redis = HashSet::new();
+        for (field, over) in shared {
+            let Ok((route, upstream)) = serde_json::from_str::<(String, String)>(&field) else {
+                continue;
+            };
+            let over = std::time::Duration::from_millis(over.parse().unwrap_or(0));
+            let pair = (route, upstream);
+            if !pending_undrain.contains(&pair) && gw.set_drain(&pair.0, &pair.1, Some(over)) == Some(true) {
+                tracing::warn!(route = %crate::util::escape(&pair.0, 128), upstream = %crate::util::escape(&pair.1, 128), "cluster: upstream drained (resync)");
+            }
+            in_redis.insert(pair);
+        }
+        for pair in gw.drained() {
+            if !in_redis.contains(&pair) && !pending_drain.contains(&pair) && gw.set_drain(&pair.0, &pair.1, None) == Some(true) {
+                tracing::warn!(route = %crate::util::escape(&pair.0, 128), upstream = %crate::util::escape(&pair.1, 128), "cluster: upstream undrained (resync)");
+            }
+        }
     }
 
     /// Ranges and token ids that pending actions will write to Redis: bans, revocations,
@@ -385,7 +481,7 @@ impl Cluster {
                         bans.remove(&canonical(net));
                     }
                 }
-                Event::Kick { .. } | Event::AuthBan { .. } => {}
+                Event::Kick { .. } | Event::AuthBan { .. } | Event::Drain { .. } | Event::Undrain { .. } => {}
             }
         }
         (bans, revoked, lifted)

@@ -7,6 +7,10 @@
 //! - bans: sorted set `<prefix>:bans` (member the range, score its end in Unix seconds);
 //! - revocations: sorted set `<prefix>:revoked` (member the `jti`, score the token's `exp`);
 //! - kicks: the channel only (they close live sessions; nothing to keep);
+//! - drains (admin API `/v1/upstreams/drain`): hash `<prefix>:drains` (field the JSON
+//!   `[route, upstream]`, value `over` in ms); an undrain removes the field. The key's
+//!   TTL ([`events::DRAINS_TTL`]) is renewed by every resync, so it outlives no cluster;
+//!   a resync reads at most [`events::MAX_DRAINS`] fields;
 //! - channel `<prefix>:events`: one JSON event per action, with the sender's instance id.
 //!
 //! Redis holds the shared state while it is reachable. A lost message is repaired by a
@@ -89,6 +93,12 @@ pub trait Host: Send + Sync {
     fn auth_ban(&self, key: &str, left: Duration) -> bool;
     /// This instance's auth-failure bans: client key and time left.
     fn auth_bans(&self) -> Vec<(String, Duration)>;
+    /// Drain (`Some(over)`) or undrain (`None`) an upstream (route, upstream as
+    /// configured); `None` when this instance's config has no such pair, else whether
+    /// it changed.
+    fn set_drain(&self, route: &str, upstream: &str, over: Option<Duration>) -> Option<bool>;
+    /// The upstreams drained here: (route, upstream as configured).
+    fn drained(&self) -> Vec<(String, String)>;
 }
 
 pub struct Cluster {
@@ -101,6 +111,8 @@ pub struct Cluster {
     revoked: String,
     /// Auth-failure bans: member the client key's label, score the ban's end.
     auth_bans: String,
+    /// Drained upstreams: a hash, field `[route, upstream]` (JSON), value `over` in ms.
+    drains: String,
     channel: String,
     /// This instance's id: its own events are not applied twice.
     instance: String,
@@ -154,6 +166,7 @@ impl Cluster {
             bans: format!("{p}:bans"),
             revoked: format!("{p}:revoked"),
             auth_bans: format!("{p}:auth_bans"),
+            drains: format!("{p}:drains"),
             channel: format!("{p}:{db}:events"),
             instance: id.iter().map(|b| format!("{b:02x}")).collect(),
             conn: tokio::sync::Mutex::new(None),

@@ -262,11 +262,21 @@ pub(super) struct Route {
     pub http_timeout: Option<Spanned<HumanDuration>>,
     pub balance: Option<super::Balance>,
     pub sticky_cookie: Option<Spanned<String>>,
+    pub health_check: Option<Spanned<HealthCheck>>,
     pub compression: Option<bool>,
     pub compression_level: Option<Spanned<i64>>,
     pub compression_min_size: Option<Spanned<ByteSize>>,
     pub context_takeover: Option<bool>,
     pub upstream_compression: Option<bool>,
+}
+
+/// `health_check = { path, interval, timeout }`: active checks of each upstream.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct HealthCheck {
+    pub path: String,
+    pub interval: Option<HumanDuration>,
+    pub timeout: Option<HumanDuration>,
 }
 
 /// `[routes.limits]`: this route's overrides of `[limits]`, `[server]` and `[jwt]` keys.

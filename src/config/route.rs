@@ -142,6 +142,8 @@ pub struct Route {
     pub balance: Balance,
     /// `sticky_cookie` (with `balance = "sticky"`, default `wsgate_sticky`).
     pub sticky_cookie: Option<String>,
+    /// `health_check`: active checks of each upstream (`None`: only transport failures count).
+    pub health_check: Option<HealthCheck>,
     /// permessage-deflate (RFC 7692) on this route's hops (DESIGN.md section 16).
     pub compression: Compression,
 }
@@ -190,6 +192,27 @@ pub enum Balance {
     /// A signed cookie keeps a client on one upstream while it is up.
     Sticky,
 }
+
+/// `routes.health_check` (DESIGN.md section 13): `GET path` on each upstream every
+/// `interval`; a pass is a 2xx within `timeout`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// Origin-form path (and query), starting with `/`.
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+/// Default `health_check.interval`.
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+/// Default `health_check.timeout`.
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+/// Shortest `health_check.interval`: a check costs the upstream a connection.
+pub const MIN_HEALTH_INTERVAL: Duration = Duration::from_millis(100);
+/// Longest `health_check.interval`.
+pub const MAX_HEALTH_INTERVAL: Duration = Duration::from_secs(3600);
+/// Longest `health_check.path`.
+pub const MAX_HEALTH_PATH: usize = 1024;
 
 /// Default `routes.sticky_cookie`.
 pub const DEFAULT_STICKY_COOKIE: &str = "wsgate_sticky";

@@ -145,6 +145,7 @@ impl Validator<'_> {
             http: self.http_policy(r)?,
             balance: r.balance.unwrap_or_default(),
             sticky_cookie: self.sticky_cookie(r)?,
+            health_check: r.health_check.as_ref().map(|h| self.health_check(h)).transpose()?,
             compression: self.compression(r)?,
         })
     }
@@ -168,6 +169,40 @@ impl Validator<'_> {
             level,
             min_size,
             context_takeover: r.context_takeover.unwrap_or(false),
+        })
+    }
+
+    /// `health_check`: a path in origin form (starts with `/`, visible ASCII, at most
+    /// [`MAX_HEALTH_PATH`] bytes); `interval` from [`MIN_HEALTH_INTERVAL`] to
+    /// [`MAX_HEALTH_INTERVAL`]; `timeout` above zero and below `interval`.
+    fn health_check(&self, spanned: &Spanned<raw::HealthCheck>) -> Result<HealthCheck, ConfigError> {
+        let h = spanned.get_ref();
+        let bad = |key: &str, m: &str| Err(self.err(spanned, &format!("routes.health_check.{key}"), m));
+        let p = &h.path;
+        if !p.starts_with('/') || p.starts_with("//") || p.len() > MAX_HEALTH_PATH || !p.bytes().all(|b| b.is_ascii_graphic()) {
+            return bad(
+                "path",
+                "must be a path starting with '/' (visible ASCII, no spaces, at most 1024 bytes), e.g. \"/healthz\"",
+            );
+        }
+        if p.parse::<http::uri::PathAndQuery>().is_err() || p.contains('#') {
+            return bad("path", "is not a valid request path");
+        }
+        let interval = h.interval.map_or(DEFAULT_HEALTH_INTERVAL, |d| d.0);
+        let timeout = h.timeout.map_or(DEFAULT_HEALTH_TIMEOUT, |d| d.0);
+        if !(MIN_HEALTH_INTERVAL..=MAX_HEALTH_INTERVAL).contains(&interval) {
+            return bad("interval", "must be from 100ms to 1h");
+        }
+        if timeout.is_zero() {
+            return bad("timeout", "must be longer than zero");
+        }
+        if timeout >= interval {
+            return bad("timeout", "must be shorter than interval");
+        }
+        Ok(HealthCheck {
+            path: p.clone(),
+            interval,
+            timeout,
         })
     }
 

@@ -159,6 +159,12 @@ pub trait Policy: Sync {
     }
 }
 
+/// Ready when the session must end because its upstream is drained (admin API): the
+/// session then closes with 1012 to both peers.
+pub trait Due: Send + Sync {
+    fn poll_due(&mut self, cx: &mut std::task::Context<'_>) -> bool;
+}
+
 /// What a reload changes in a live session: the message rate and the timers. Sizes
 /// stay as the session started (a frame may be half read).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -175,6 +181,8 @@ pub struct Control<'a> {
     /// so clients do not all reconnect at the same instant.
     pub shutdown: &'a CancellationToken,
     pub drain_spread: Duration,
+    /// The upstream's drain (admin API): its point closes the session with 1012.
+    pub upstream_drain: Option<Box<dyn Due>>,
     /// Token expiry.
     pub deadline: Option<(Instant, CloseReason)>,
     pub policy: Option<&'a dyn Policy>,
@@ -191,6 +199,7 @@ impl<'a> Control<'a> {
         Control {
             shutdown,
             drain_spread: Duration::ZERO,
+            upstream_drain: None,
             deadline: None,
             policy: None,
             progress: None,
@@ -218,7 +227,7 @@ pub async fn run<C, U>(
     upstream: &mut Endpoint<U>,
     settings: &mut Settings,
     metrics: &SessionMetrics,
-    control: Control<'_>,
+    mut control: Control<'_>,
 ) -> Outcome
 where
     C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -230,6 +239,7 @@ where
         core.continue_rate(rate, wait); // what the frames before a `first_message` token paid
     }
     let mut timers = timers::Timers::new(settings, &control);
+    timers.upstream_drain = control.upstream_drain.take();
     let cancelled = control.shutdown.cancelled();
     tokio::pin!(cancelled);
 

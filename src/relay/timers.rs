@@ -19,6 +19,8 @@ pub(super) struct Timers {
     expiry: Option<(Pin<Box<Sleep>>, CloseReason)>,
     /// Set once shutdown is signalled: the 1001 goes out when it fires.
     drain: Option<Pin<Box<Sleep>>>,
+    /// The upstream's drain: its point ends the session with 1012.
+    pub(super) upstream_drain: Option<Box<dyn super::Due>>,
     generation: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     progress: Option<Pin<Box<Sleep>>>,
     started: Instant,
@@ -37,6 +39,7 @@ impl Timers {
             ping: Box::pin(sleep_until(now + settings.ping_interval)),
             expiry: control.deadline.map(|(at, reason)| (Box::pin(sleep_until(at)), reason)),
             drain: None,
+            upstream_drain: None,
             generation: control.policy.map(|p| Box::pin(p.generation().cancelled_owned())),
             progress: control.progress.map(|every| Box::pin(sleep_until(now + every))),
             started: now,
@@ -82,6 +85,9 @@ impl Timers {
         }
         if self.drain.as_mut().is_some_and(|d| fired(d, cx)) {
             return Some(Event::End(CloseReason::Shutdown));
+        }
+        if self.upstream_drain.as_mut().is_some_and(|d| d.poll_due(cx)) {
+            return Some(Event::End(CloseReason::UpstreamDrained));
         }
         if let (Some(g), Some(policy)) = (self.generation.as_mut(), control.policy) {
             while g.as_mut().poll(cx).is_ready() {
