@@ -155,15 +155,11 @@ impl Timers {
     /// deadline ends the session (1001): that memory is not held for a client that
     /// stalls or trickles.
     pub(super) fn poll_assembly(&mut self, cx: &mut Context<'_>, settings: &Settings, core: &Core) -> Option<Event> {
-        let assembled = core
-            .assembly_started
-            .zip(settings.assembly.as_ref())
-            .map(|(at, share)| at + share.timeout);
-        let inflated = core
-            .inflate_started
-            .zip(settings.compression.as_ref().and_then(|c| c.message_timeout))
-            .map(|(at, timeout)| at + timeout);
-        let Some(deadline) = assembled.into_iter().chain(inflated).min() else {
+        let timeout = (settings.assembly.as_ref().map(|share| share.timeout))
+            .into_iter()
+            .chain(settings.compression.as_ref().and_then(|c| c.message_timeout))
+            .min();
+        let Some(deadline) = core.assembly_started.zip(timeout).map(|(at, timeout)| at + timeout) else {
             self.assembly = None;
             return None;
         };

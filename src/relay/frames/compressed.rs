@@ -202,7 +202,7 @@ impl Core {
         if rsv1 && let Some(i) = c.inflater.as_mut() {
             i.begin().map_err(|_| CloseReason::Overloaded)?;
             if from == Side::Client && i.holds_per_message() {
-                self.inflate_started = Some(*self.now.get_or_insert_with(Instant::now));
+                self.assembly_started = Some(*self.now.get_or_insert_with(Instant::now));
             }
         }
         Ok(())
@@ -403,7 +403,7 @@ impl Core {
             i.end();
         }
         if from == Side::Client {
-            self.inflate_started = None;
+            self.assembly_started = None;
         }
         c.inflating = false;
         c.wire_len = 0;

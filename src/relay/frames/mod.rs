@@ -147,14 +147,12 @@ pub(super) struct Core {
     /// What every session's assembly buffers may hold together, and this session's share.
     assembly: Option<Arc<AssemblyShare>>,
     held: usize,
-    /// When the message being assembled started (its memory is held from then; it must
-    /// be complete `assembly_timeout` later); `None` while none is.
+    /// When the client message in progress that holds shared memory started: one being
+    /// assembled for validation, or a compressed one whose inflate state is taken from
+    /// the compression budget for the message (no context takeover). It must be
+    /// complete `assembly_timeout` later, or a client that never finishes its messages
+    /// would hold what other sessions need; `None` while none is.
     pub(super) assembly_started: Option<Instant>,
-    /// When the compressed client message in progress started, if its inflate state is
-    /// taken from the shared budget for the message (no context takeover): it must be
-    /// complete `Compression::message_timeout` later, or a client that never finishes
-    /// its messages would hold the budget that other sessions compress with.
-    pub(super) inflate_started: Option<Instant>,
     /// Validated client messages, each whole as one frame under a gateway key, and what
     /// followed them in the same call: written to the upstream right after the output
     /// `process` returned (so a read full of small messages is one write, not one each).
@@ -192,7 +190,6 @@ impl Core {
             assembly: settings.assembly.clone(),
             held: 0,
             assembly_started: None,
-            inflate_started: None,
             ready: BytesMut::new(),
             rejected: [0; 4],
             rejected_reported: [0; 4],
