@@ -67,7 +67,8 @@ pub(super) fn sticky_cookie(rt: &Runtime, route_index: usize, had: Option<usize>
 }
 
 /// Try the route's upstreams in the balancer's order (`sticky`: the cookie's first),
-/// skipping those down or drained (all of them: [`Reject::NoUpstream`], 503), each
+/// skipping those down or drained (all of them: [`Reject::NoUpstream`], 503, or 502
+/// when one is out only for its transport failures), each
 /// under `upstream_timeout`; the first that completes its handshake wins, and
 /// its session is counted on it.
 pub(super) async fn connect(gw: &Gateway, rt: &Runtime, route_index: usize, facts: &ClientFacts<'_>) -> Result<Connected, Reject> {
@@ -78,7 +79,12 @@ pub(super) async fn connect(gw: &Gateway, rt: &Runtime, route_index: usize, fact
     for idx in balancer.order(sticky_choice(rt, route_index, facts.headers)) {
         let health = &rt.health[route_index][idx];
         if !health.is_available() {
-            continue; // down (back-off, failing health checks) or drained
+            if !health.is_drained() && !health.is_checked_down() {
+                // In back-off after transport failures: 502, as when it was last tried
+                // (DESIGN.md section 5); 503 is for drained and checked-down upstreams.
+                last = Reject::UpstreamUnavailable;
+            }
+            continue;
         }
         let target = &route.upstreams[idx];
         let upstream_path = match target {
@@ -137,6 +143,9 @@ pub(super) async fn checkout_http(
     for idx in balancer.order(sticky) {
         let health = &rt.health[route_index][idx];
         if !health.is_available() {
+            if !health.is_drained() && !health.is_checked_down() {
+                last = Reject::UpstreamUnavailable; // in back-off: 502, as above
+            }
             continue; // down or drained: no new request
         }
         let Some(pool) = rt.http_pools.get(route_index).and_then(|p| p.get(idx)) else {
