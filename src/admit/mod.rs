@@ -302,6 +302,20 @@ impl Admission {
         f(&lock(&self.verdict).info)
     }
 
+    /// The route's authentication of one request (an upgrade or a plain request),
+    /// noting in the access log what it saw: the token's fingerprint, the identity and
+    /// the provider.
+    async fn authenticate(&self, route: &crate::config::Route, headers: &http::HeaderMap, query: Option<&str>) -> Result<Outcome, Reject> {
+        let mut seen = Seen::default();
+        let outcome = self.rt.auth.authenticate(route, headers, query, self.cert(), &mut seen).await;
+        self.note(|i| {
+            i.token_fingerprint = seen.token_fingerprint;
+            i.sub = seen.identity;
+            i.provider.clone_from(&route.provider);
+        });
+        outcome
+    }
+
     fn note(&self, f: impl FnOnce(&mut Info)) {
         f(&mut lock(&self.verdict).info)
     }
@@ -322,18 +336,7 @@ impl Admission {
             }
         };
         let route = &self.rt.config.routes[checked.route_index];
-        let mut seen = Seen::default();
-        let outcome = self
-            .rt
-            .auth
-            .authenticate(route, req.headers(), checked.query.as_deref(), self.cert(), &mut seen)
-            .await;
-        self.note(|i| {
-            i.token_fingerprint = seen.token_fingerprint;
-            i.sub = seen.identity;
-            i.provider.clone_from(&route.provider);
-        });
-        let principal = match outcome? {
+        let principal = match self.authenticate(route, req.headers(), checked.query.as_deref()).await? {
             Outcome::Anonymous => None,
             Outcome::Authenticated(p) => Some(p),
             Outcome::Deferred => {

@@ -6,7 +6,7 @@
 
 use super::request::Checked;
 use super::{Admission, shared_cap, upstream};
-use crate::auth::{Outcome, Seen};
+use crate::auth::Outcome;
 use crate::error::{AuthFailure, Reject};
 use crate::proxy::{self, Body};
 use crate::util::lock;
@@ -30,17 +30,7 @@ impl Admission {
             let lease = shared_cap::hold_ip(&self.gw, &rt.config, checked.client_ip, started).await?;
             *lock(&self.conn_lease) = lease;
         }
-        let mut seen = Seen::default();
-        let outcome = rt
-            .auth
-            .authenticate(route, req.headers(), checked.query.as_deref(), self.cert(), &mut seen)
-            .await;
-        self.note(|i| {
-            i.token_fingerprint = seen.token_fingerprint;
-            i.sub = seen.identity;
-            i.provider.clone_from(&route.provider);
-        });
-        let principal = match outcome? {
+        let principal = match self.authenticate(route, req.headers(), checked.query.as_deref()).await? {
             Outcome::Anonymous => None,
             Outcome::Authenticated(p) => Some(p),
             // A token sent as the first WebSocket message has no place in a plain request.

@@ -479,8 +479,8 @@ mod tests {
         }
     }
 
-    /// A core whose client hop agreed to permessage-deflate (the upstream's did not).
-    fn core(max: usize) -> Core {
+    /// Settings whose client hop agreed to permessage-deflate (the upstream's did not).
+    fn settings(max: usize) -> Settings {
         let mut s = Settings::unthrottled(max);
         s.compression = Some(Box::new(Compression {
             hops: [Some(hop()), None],
@@ -489,7 +489,12 @@ mod tests {
             budget: None,
             message_timeout: None,
         }));
-        Core::new(&s)
+        s
+    }
+
+    /// A core with [`settings`].
+    fn core(max: usize) -> Core {
+        Core::new(&settings(max))
     }
 
     fn deflate(data: &[u8]) -> Vec<u8> {
@@ -634,15 +639,8 @@ mod tests {
         let z = deflate(&zeros);
         let mut input = frame(crate::wire::OP_BINARY, true, &z, Some([9, 9, 9, 9]));
         input[0] |= 0x40;
-        let mut s = Settings::unthrottled(4 << 20);
+        let mut s = settings(4 << 20);
         s.max_frame_size = 100_000;
-        s.compression = Some(Box::new(Compression {
-            hops: [Some(hop()), None],
-            level: 1,
-            min_size: 16,
-            budget: None,
-            message_timeout: None,
-        }));
         let mut c = Core::new(&s);
         let mut held = input;
         let (mut peak, mut total) = (0, 0);
