@@ -11,7 +11,7 @@
 #   BENCH_HOLD [3/1]            seconds the idle sockets are held before the echo check
 #   BENCH_IDLE_COUNTS ["1000 9000"]  idle socket counts
 #   BENCH_TARGETS ["direct wsgate nginx"]
-#   BENCH_TESTS ["tp16 tp1 hs hsr lat idle features hosts chat"]  measurements to run (a subset for focused A/B runs)
+#   BENCH_TESTS ["tp16 tp1 hs hsr lat http idle features hosts chat"]  measurements to run (a subset for focused A/B runs)
 #   BENCH_SKIP_BUILD=1          use the binaries already in target/release
 #
 # Three targets stand in front of ONE plain-ws echo backend (`wsgate echo`, its own process):
@@ -21,7 +21,10 @@
 # Measurements (targets interleaved, each repeated): throughput at 16 and 1 messages in flight
 # (64 connections × 64 B), handshakes/s with 32 concurrent clients (full TLS handshakes, and
 # resumed ones for returning clients), p99 latency at 5000 msg/s
-# over 64 connections (open loop), and idle memory per socket at 1000 and 9000 sockets (server
+# over 64 connections (open loop), plain HTTP requests/s through an `http = true` route (`http`:
+# 64 kept-alive TLS connections, one small GET in flight each, to `wsgate-bench http-app`, its
+# own process, which answers 200 with 64 bytes; nginx proxies the same app with upstream
+# keepalive; no direct target), and idle memory per socket at 1000 and 9000 sockets (server
 # RSS, nginx master + workers, with the target restarted fresh for each reading).
 # Features (wsgate only, restarted with client_ca and two more routes): JSON throughput through
 # a route with [routes.validate] (config/chat.schema.json) against the same messages on a
@@ -50,7 +53,7 @@ IDLE_COUNTS=${BENCH_IDLE_COUNTS:-"1000 9000"}
 # Messages per connection in each chat run (32 connections, one in flight each).
 CHAT_MESSAGES=$((${DURATION%.*} * 400))
 TARGETS=${BENCH_TARGETS:-"direct wsgate nginx"}
-TESTS=" ${BENCH_TESTS:-tp16 tp1 hs hsr lat idle features hosts chat} "
+TESTS=" ${BENCH_TESTS:-tp16 tp1 hs hsr lat http idle features hosts chat} "
 wants() { [[ $TESTS == *" $1 "* ]]; }
 SOURCES=$(seq -s, -f '127.0.0.%g' 1 20)
 
@@ -138,6 +141,7 @@ wait_port() {
 port_of() {
   case $1 in
     echo) echo "$ECHO_PORT" ;;
+    app) echo "$APP_PORT" ;;
     direct) echo "$DIRECT_PORT" ;;
     wsgate) echo "$WSGATE_PORT" ;;
     nginx) echo "$NGINX_PORT" ;;
@@ -149,6 +153,7 @@ start() {
   local name=$1
   case $name in
     echo) "$WSGATE" echo --listen "127.0.0.1:$ECHO_PORT" >>"$LOGS/echo.log" 2>&1 & ;;
+    app) "$BENCH" http-app --listen "127.0.0.1:$APP_PORT" --size 64 >>"$LOGS/app.log" 2>&1 & ;;
     direct) "$BENCH" tls-echo --listen "127.0.0.1:$DIRECT_PORT" --cert "$CERT" --key "$KEY" >>"$LOGS/direct.log" 2>&1 & ;;
     wsgate) "$WSGATE" run --config "$WSGATE_CONFIG" >>"$LOGS/wsgate.log" 2>&1 & ;;
     nginx) "$NGINX" -p "$WORK/nginx/" -c "$WORK/nginx/nginx.conf" -e "$WORK/nginx/error.log" >>"$LOGS/nginx.log" 2>&1 & ;;
@@ -167,7 +172,7 @@ restart() {
 CERT=$WORK/server.crt KEY=$WORK/server.key
 "$BENCH" self-signed --cert "$CERT" --key "$KEY"
 (umask 077 && head -c 32 /dev/urandom | od -An -v -tx1 | tr -d ' \n' >"$WORK/jwt.secret")
-read -r ECHO_PORT DIRECT_PORT WSGATE_PORT ADMIN_PORT NGINX_PORT REDIS_PORT < <("$BENCH" free-ports 6)
+read -r ECHO_PORT DIRECT_PORT WSGATE_PORT ADMIN_PORT NGINX_PORT REDIS_PORT APP_PORT < <("$BENCH" free-ports 7)
 
 # --- wsgate config --------------------------------------------------------------------------
 # write_wsgate_config FILE SECURITY: SECURITY=1 includes the firewall and the per-IP, per-user
@@ -214,6 +219,8 @@ ${c}max_connections_per_user = 20000
 ${c}auth_failures_per_ip = 1000
 ${c}auth_failure_window = "1m"
 ${c}auth_ban = "10s"
+${c}http_rate_per_ip = "1000000/s"
+${c}http_burst_per_ip = 1000000
 
 # --- firewall (firewall/limits issue): a few deny rules, none matching 127.0.0.0/8
 ${c}[firewall]
@@ -237,6 +244,14 @@ path = "/echo"
 upstreams = ["ws://127.0.0.1:$ECHO_PORT"]
 auth = "jwt"
 forward_token = false
+
+# The HTTP row: plain requests through the same admission (JWT, firewall, per-IP rate).
+[[routes]]
+name = "http"
+path = "/http"
+upstreams = ["ws://127.0.0.1:$APP_PORT"]
+auth = "jwt"
+http = true
 
 # The chat rows: permessage-deflate keeping its context between messages.
 [[routes]]
@@ -286,6 +301,12 @@ http {
     uwsgi_temp_path $WORK/nginx/tmp/uwsgi;
     scgi_temp_path $WORK/nginx/tmp/scgi;
 
+    upstream http_app {
+        server 127.0.0.1:$APP_PORT;
+        keepalive 64;
+        keepalive_requests 10000000;
+    }
+
     map \$http_upgrade \$connection_upgrade {
         default upgrade;
         ''      close;
@@ -309,6 +330,19 @@ http {
             proxy_set_header X-Forwarded-Proto https;
             proxy_read_timeout 3600s;
             proxy_send_timeout 3600s;
+        }
+
+        # The HTTP row: the same app as wsgate's http route, upstream connections kept alive,
+        # client connections too for the whole run (nginx closes one after 1000 requests by default).
+        location /http {
+            keepalive_requests 10000000;
+            keepalive_timeout 300s;
+            proxy_pass http://http_app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host \$host;
+            proxy_set_header X-Forwarded-For \$remote_addr;
+            proxy_set_header X-Forwarded-Proto https;
         }
     }
 }
@@ -338,9 +372,10 @@ measure() {
     throughput) summary="$(field msgs_per_s "$line") msg/s, $(field mismatches "$line") mismatches, $(field errors "$line") errors" ;;
     latency) summary="p50 $(field p50_ms "$line") ms, p99 $(field p99_ms "$line") ms, p99.9 $(field p999_ms "$line") ms, lost $(field lost "$line")" ;;
     handshakes) summary="$(field per_s "$line")/s, p99 $(field p99_ms "$line") ms, failed $(field failed "$line")" ;;
+    http) summary="$(field per_s "$line") req/s, p99 $(field p99_ms "$line") ms, errors $(field errors "$line")" ;;
   esac
   case $1 in
-    throughput | latency | handshakes)
+    throughput | latency | handshakes | http)
       summary+="; server CPU $(field server_cpu_pct "$line")% ($(field server_cpu_us_per_unit "$line") µs each), client $(field client_cpu_pct "$line")%"
       ;;
     idle) summary="$(field kb_per_socket "$line") KB/socket, $(field echoed "$line")/$(field count "$line") echoed, opened in $(field open_s "$line") s" ;;
@@ -355,6 +390,7 @@ measure() {
 
 say "bench: repeat=$REPEAT duration=${DURATION}s warmup=${WARMUP}s targets: $TARGETS; security config: $SECURITY"
 start echo
+wants http && start app
 for t in $TARGETS; do start "$t"; done
 
 for ((r = 1; r <= REPEAT; r++)); do
@@ -378,6 +414,12 @@ for ((r = 1; r <= REPEAT; r++)); do
   done
   wants lat && for t in $TARGETS; do
     measure "$t" lat latency --connections 64 --rate 5000 --duration "$DURATION" --warmup "$WARMUP" \
+      --cpu-pid "${PID[$t]}"
+  done
+  # Plain HTTP: only wsgate and nginx proxy it (direct is a WebSocket echo).
+  wants http && for t in $TARGETS; do
+    [[ $t == direct ]] && continue
+    URL_PATH=/http measure "$t" http http --connections 64 --duration "$DURATION" --warmup "$WARMUP" \
       --cpu-pid "${PID[$t]}"
   done
 done
@@ -504,6 +546,7 @@ fi
 
 for t in $TARGETS; do stop "$t"; done
 stop echo
+stop app
 
 # --- report ---------------------------------------------------------------------------------
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo '?')

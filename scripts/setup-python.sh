@@ -63,7 +63,7 @@ setup_tests() {
   rm -rf .venv
   "$py" -m venv .venv
   .venv/bin/python -m pip install -q -r "$req"
-  .venv/bin/python -c 'import websockets, jwt, cryptography, pytest'
+  .venv/bin/python -c 'import websockets, jwt, cryptography, pytest, socketio, aiohttp'
   echo "$h" > .venv/.wsgate-setup-stamp
   log ".venv ready in $((SECONDS - start))s"
 }

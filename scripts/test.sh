@@ -4,7 +4,7 @@
 #   scripts/test.sh            format and lint checks, dependency audit, Rust tests,
 #                              Python client tests, Autobahn|Testsuite conformance
 #
-# Needs: cargo (Rust 1.88+), pyenv Pythons 3.11 and 2.7.18 (for Autobahn), git, and the
+# Needs: cargo (Rust 1.88+), Node 20+ with npm (tests/node), pyenv Pythons 3.11 and 2.7.18 (for Autobahn), git, and the
 # RustSec advisory database snapshot in ../shared/advisory-db (beside the repository).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -55,7 +55,12 @@ fi
 step "cargo test"
 cargo test --locked
 
-step "Python tests (websockets client, PyJWT, Prometheus, Chromium, deployment kit)"
+step "Node packages for the Socket.IO tests (tests/node: npm ci, pinned by package-lock.json)"
+command -v node >/dev/null || { echo "node (20+) is needed by tests/python/test_socketio.py" >&2; exit 1; }
+# npm ci installs exactly the lock file and leaves it untouched; it is fast when the cache has the tarballs.
+(cd tests/node && npm ci --no-audit --no-fund --loglevel=error)
+
+step "Python tests (websockets client, PyJWT, Prometheus, Chromium, deployment kit, Socket.IO)"
 cargo build --locked --quiet
 bin="${CARGO_TARGET_DIR:-target}/debug/wsgate"
 WSGATE_BIN="$bin" .venv/bin/python -m pytest -q tests/python

@@ -422,8 +422,9 @@ impl Gateway {
         for (r, route) in rt.config.routes.iter().enumerate() {
             for i in 0..route.upstreams.len() {
                 let sessions = rt.balancers[r].load(i).map_or(0, |l| l.sessions());
+                let health = &rt.health[r][i];
                 self.metrics
-                    .upstream_state(&route.name, i, sessions, rt.health[r][i].is_available());
+                    .upstream_state(&route.name, i, sessions, (health.is_available(), health.is_drained()));
             }
         }
         self.metrics.render()

@@ -38,6 +38,7 @@ pub const HTTP_REQUESTS: &str = "wsgate_http_requests_total";
 pub const HTTP_REQUEST_DURATION: &str = "wsgate_http_request_duration_seconds";
 pub const UPSTREAM_SESSIONS: &str = "wsgate_upstream_sessions";
 pub const UPSTREAM_UP: &str = "wsgate_upstream_up";
+pub const UPSTREAM_DRAINED: &str = "wsgate_upstream_drained";
 pub const UPSTREAM_HEALTH_CHECKS: &str = "wsgate_upstream_health_checks_total";
 pub const COMPRESSED_BYTES: &str = "wsgate_compressed_bytes_total";
 /// The process metrics below come from `metrics-process` (its names and help texts), read
@@ -71,6 +72,10 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     (
         UPSTREAM_UP,
         "1 while an upstream is chosen, 0 while it is out (back-off after failures, failing its health_check, or drained), by route and upstream index.",
+    ),
+    (
+        UPSTREAM_DRAINED,
+        "1 while an upstream is drained (POST /v1/upstreams/drain), by route and upstream index: alerts tell a drain from a failure with it.",
     ),
     (
         UPSTREAM_HEALTH_CHECKS,
@@ -317,7 +322,7 @@ impl Metrics {
     }
 
     /// One upstream's state, read when the metrics are rendered.
-    pub fn upstream_state(&self, route: &str, index: usize, sessions: usize, up: bool) {
+    pub fn upstream_state(&self, route: &str, index: usize, sessions: usize, (up, drained): (bool, bool)) {
         let labels = || vec![Label::new("route", route.to_string()), Label::new("upstream", index.to_string())];
         self.recorder
             .register_gauge(&Key::from_parts(UPSTREAM_SESSIONS, labels()), &metadata())
@@ -325,6 +330,9 @@ impl Metrics {
         self.recorder
             .register_gauge(&Key::from_parts(UPSTREAM_UP, labels()), &metadata())
             .set(if up { 1.0 } else { 0.0 });
+        self.recorder
+            .register_gauge(&Key::from_parts(UPSTREAM_DRAINED, labels()), &metadata())
+            .set(if drained { 1.0 } else { 0.0 });
     }
 
     pub fn http_duration(&self, route: &str, seconds: f64) {

@@ -149,13 +149,34 @@ impl Connector {
         Ok(tcp)
     }
 
-    /// TCP connect, TLS handshake (wss), WebSocket upgrade.
-    pub async fn connect(&self) -> anyhow::Result<Ws> {
+    /// TCP connect and TLS handshake (wss): the stream a WebSocket upgrade or plain
+    /// HTTP requests go over.
+    pub async fn connect_io(&self) -> anyhow::Result<UpstreamIo> {
         let tcp = self.tcp().await.context("TCP connect")?;
-        let io = match &self.tls {
+        Ok(match &self.tls {
             Some((c, name)) => UpstreamIo::Tls(Box::new(c.connect(name.clone(), tcp).await.context("TLS handshake")?)),
             None => UpstreamIo::Tcp(tcp),
-        };
+        })
+    }
+
+    /// The `Authorization` header value from `--token`, if any.
+    pub fn auth(&self) -> Option<&HeaderValue> {
+        self.auth.as_ref()
+    }
+
+    /// The path and query of `--url`.
+    pub fn path(&self) -> String {
+        self.url
+            .as_str()
+            .into_client_request()
+            .ok()
+            .and_then(|r| r.uri().path_and_query().map(|p| p.as_str().to_string()))
+            .unwrap_or_else(|| "/".into())
+    }
+
+    /// TCP connect, TLS handshake (wss), WebSocket upgrade.
+    pub async fn connect(&self) -> anyhow::Result<Ws> {
+        let io = self.connect_io().await?;
         let mut req = self.url.as_str().into_client_request()?;
         if let Some(v) = &self.auth {
             req.headers_mut().insert(AUTHORIZATION, v.clone());

@@ -3,12 +3,14 @@
 //! Each load subcommand ends with one machine-readable line, `RESULT {json}`, that
 //! carries the `--tag KEY=VALUE` pairs it was given. `stall` is not part of
 //! `scripts/bench.sh`: it measures the memory a server holds for large frames in progress. Hidden helpers serve the
-//! script: `tls-echo` (the "direct" target: an echo that speaks wss itself),
+//! script: `tls-echo` (the "direct" target: an echo that speaks wss itself), `http-app`
+//! (the plain HTTP app behind the HTTP row),
 //! `self-signed`, `free-ports` and `report` (the markdown table).
 
 mod chat;
 mod client;
 mod handshakes;
+mod http;
 mod idle;
 mod latency;
 mod report;
@@ -49,6 +51,18 @@ enum Command {
     /// JSON chat messages with or without permessage-deflate: wire bytes and server CPU
     /// per message; with --idle, server memory per idle socket.
     Chat(chat::Args),
+    /// Plain HTTP/1.1 GETs over kept-alive connections (one in flight each); requests/s,
+    /// p50/p99 and server CPU per request.
+    Http(http::Args),
+    /// The plain HTTP app behind the targets of the HTTP row: 200 with a fixed body.
+    #[command(hide = true)]
+    HttpApp {
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Body bytes of every answer.
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+    },
     /// N clients each send part of one large frame and stall; server RSS growth.
     Stall(stall::Args),
     /// A wss echo server (the benchmark's "direct" target).
@@ -103,6 +117,8 @@ fn main() -> ExitCode {
         Command::Idle(a) => rt.block_on(idle::run(a)),
         Command::Stall(a) => rt.block_on(stall::run(a)),
         Command::Chat(a) => rt.block_on(chat::run(a)),
+        Command::Http(a) => rt.block_on(http::run(a)),
+        Command::HttpApp { listen, size } => rt.block_on(http::serve_app(listen, size)),
         Command::TlsEcho { listen, cert, key } => rt.block_on(tls_echo::run(listen, &cert, &key)),
         Command::SelfSigned { cert, key } => wsgate::tls::write_self_signed(&cert, &key).map_err(Into::into),
         Command::FreePorts { n } => free_ports(n),

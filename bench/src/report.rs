@@ -204,6 +204,26 @@ fn table(r: &Results) -> String {
             "",
         );
     }
+    if let Some(f) = r.first("http") {
+        let c = &f["connections"];
+        row(
+            format!("HTTP requests/s, {c} kept-alive conns × small GET, 1 in flight (http = true route)"),
+            "http",
+            "per_s",
+            0,
+            Goal::RatioAtLeast(1.0),
+            "≥ nginx",
+        );
+        row(format!("HTTP request p99 (ms), {c} conns"), "http", "p99_ms", 3, Goal::None, "");
+        row(
+            "HTTP: server CPU µs per request".into(),
+            "http",
+            "server_cpu_us_per_unit",
+            2,
+            Goal::RatioAtMost(1.0),
+            "≤ nginx",
+        );
+    }
     if let Some(f) = r.first("lat") {
         let what = format!("@ {} msg/s over {} conns", f["rate"].as_f64().unwrap_or(f64::NAN), f["connections"]);
         row(format!("latency p50 (ms) {what}"), "lat", "p50_ms", 3, Goal::None, "");

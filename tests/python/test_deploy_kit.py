@@ -87,6 +87,17 @@ def test_rules_only_read_contract_metrics():
     assert used <= known, f"rules read metrics wsgate does not export: {sorted(used - known)}"
 
 
+def test_rules_alert_on_upstreams_and_plain_http():
+    """Issue 23: the per-upstream and plain HTTP series have alerts (their promtool cases are in the test file)."""
+    text = RULES.read_text()
+    tests = (DEPLOY / "wsgate.rules.test.yml").read_text()
+    for metric in ("wsgate_upstream_up", "wsgate_http_requests_total"):
+        assert metric in text, f"no rule reads {metric}"
+    for alert in ("WsgateUpstreamDown", "WsgateRouteUpstreamsAllDown", "WsgateHttp5xxHigh"):
+        assert f"alert: {alert}" in text, f"missing alert {alert}"
+        assert f"alertname: {alert}" in tests, f"no promtool test case for {alert}"
+
+
 # --- Grafana dashboard ------------------------------------------------------------------------
 
 def dashboard_exprs(node) -> list[str]:
@@ -139,7 +150,9 @@ def test_dashboard_queries_parse_and_read_contract_metrics(tmp_path):
                    "wsgate_upstream_connect_duration_seconds", "wsgate_config_reloads_total",
                    "wsgate_cluster_up", "wsgate_cluster_mode", "wsgate_cluster_ops_total",
                    "wsgate_cluster_op_duration_seconds", "wsgate_admin_requests_total",
-                   "wsgate_connections_max", "wsgate_compressed_bytes_total"):
+                   "wsgate_connections_max", "wsgate_compressed_bytes_total",
+                   "wsgate_http_requests_total", "wsgate_http_request_duration_seconds",
+                   "wsgate_upstream_sessions", "wsgate_upstream_up"):
         assert needed in used, f"no panel shows {needed}"
     text = "\n".join(exprs)
     for needed in ("process_open_fds", "process_max_fds", "process_resident_memory_bytes", "process_cpu_seconds_total"):
