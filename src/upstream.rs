@@ -51,7 +51,7 @@ pub struct ClientFacts<'a> {
 /// Header names compared the way proxies and frameworks conflate them: case, and every
 /// character but letters and digits (CGI maps `-`, `.`, `~` alike to `_`).
 fn same_header(a: &str, b: &str) -> bool {
-    param_key(a) == param_key(b)
+    key_bytes(a).eq(key_bytes(b))
 }
 
 /// Request headers that describe one hop, never forwarded (RFC 9110 7.6.1), plus the
@@ -122,18 +122,15 @@ fn decoded_param_name(raw: &str) -> String {
 /// A parameter name reduced to its letters and digits, lower case: frameworks read
 /// `access.token`, `access token`, `access_token[]`, `access_token%00` and
 /// `ACCESS_TOKEN` as `access_token` (PHP, qs, Rack), so they all compare equal.
-fn param_key(name: &str) -> String {
-    name.chars()
-        .filter(char::is_ascii_alphanumeric)
-        .map(|c| c.to_ascii_lowercase())
-        .collect()
+fn key_bytes(name: &str) -> impl Iterator<Item = u8> + '_ {
+    name.bytes().filter(u8::is_ascii_alphanumeric).map(|b| b.to_ascii_lowercase())
 }
 
 /// Whether a query parameter named `raw` could be read by the upstream as the token
-/// parameter `name`: the decoded name reduced by [`param_key`]. Every such copy is
+/// parameter `name`: the decoded name reduced by [`key_bytes`]. Every such copy is
 /// removed, not only the exact one (over-matching only ever removes a parameter).
 fn is_token_param(raw: &str, name: &str) -> bool {
-    param_key(&decoded_param_name(raw)) == param_key(name)
+    key_bytes(&decoded_param_name(raw)).eq(key_bytes(name))
 }
 
 /// The path and query the upstream sees: the client's, with token query parameters
