@@ -12,6 +12,14 @@ const MIN_SECRET_LEN: usize = 32;
 /// Insecure settings worth a warning from `wsgate check` (they are allowed, not errors).
 pub fn warnings(config: &Config) -> Vec<String> {
     let mut w = Vec::new();
+    if config.server.sticky_key_file.is_none()
+        && let Some(r) = config.routes.iter().find(|r| r.balance == crate::config::Balance::Sticky)
+    {
+        w.push(format!(
+            "route {:?} has balance = \"sticky\" and server.sticky_key_file is not set: each process signs its cookies with its own key, so after a restart, a binary upgrade or on another instance clients are balanced anew once (Socket.IO then starts a new session); give every instance the same sticky_key_file",
+            r.name
+        ));
+    }
     if config.tls.self_signed_if_missing {
         w.push("tls.self_signed_if_missing = true: a self-signed development certificate may be served".to_string());
     }

@@ -55,6 +55,27 @@ fn admin_token(f: &crate::config::Located<std::path::PathBuf>, origin: &str) -> 
     Ok(crate::keys::Secret::from(token.to_vec()))
 }
 
+/// `server.sticky_key_file`: at least this many bytes of secret.
+const MIN_STICKY_KEY: usize = 32;
+
+/// The sticky cookies' key from `server.sticky_key_file`: derived from the file's secret
+/// (HMAC-SHA256 under a fixed label), so the same file used for something else gives
+/// an unrelated key here.
+fn sticky_key(f: &crate::config::Located<std::path::PathBuf>, origin: &str) -> Result<Arc<aws_lc_rs::hmac::Key>, ConfigError> {
+    let data =
+        crate::fsutil::read_limited(&f.value, 4096).map_err(|e| f.error(origin, format!("cannot read {}: {e}", f.value.display())))?;
+    let secret = data.trim_ascii();
+    if secret.len() < MIN_STICKY_KEY {
+        return Err(f.error(
+            origin,
+            format!("the sticky key must be at least {MIN_STICKY_KEY} bytes (it is {})", secret.len()),
+        ));
+    }
+    let file_key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, secret);
+    let derived = aws_lc_rs::hmac::sign(&file_key, b"wsgate sticky cookie key v1");
+    Ok(Arc::new(aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, derived.as_ref())))
+}
+
 /// How long a reload may take to read and check its files.
 const RELOAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -155,10 +176,14 @@ impl Runtime {
             .map(|f| admin_token(f, &config.origin))
             .transpose()?;
         let next_upstream = config.routes.iter().map(|_| AtomicUsize::new(0)).collect();
+        let sticky_key = match &config.server.sticky_key_file {
+            Some(f) => sticky_key(f, &config.origin)?,
+            None => crate::balance::process_key(),
+        };
         let balancers = config
             .routes
             .iter()
-            .map(|r| crate::balance::Balancer::new(r, crate::balance::process_key()))
+            .map(|r| crate::balance::Balancer::new(r, sticky_key.clone()))
             .collect();
         let http_pools = config
             .routes

@@ -931,3 +931,65 @@ async fn clients_filling_the_pool_with_long_polls_do_not_mark_the_upstream_down_
     c.send(&get("/app/headers", "")).await;
     assert_eq!(c.answer().await.map(|a| a.status), Some(200));
 }
+
+/// `server.sticky_key_file`: gateways given the same file (other instances, or the
+/// process after a restart or binary upgrade) honour each other's sticky cookies; one
+/// with its own key balances such a client anew. A key file that is too short is a
+/// config error naming the key.
+#[tokio::test]
+async fn instances_sharing_a_sticky_key_file_honour_each_others_cookies() {
+    let (a, b) = (app().await, app().await);
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("sticky.key");
+    std::fs::write(&key_file, "0123456789abcdef0123456789abcdef-shared\n").unwrap();
+    let text = format!(
+        "{LIMITS}\n[[routes]]\nname = \"app\"\npath = \"/app/*\"\nupstreams = [\"{}\", \"{}\"]\nauth = \"none\"\nhttp = true\nbalance = \"sticky\"\n",
+        a.url(),
+        b.url()
+    );
+    let with_key = |t: String| {
+        t.replacen(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n",
+            &format!(
+                "[server]\nlisten = [\"127.0.0.1:0\"]\nsticky_key_file = \"{}\"\n",
+                key_file.display()
+            ),
+            1,
+        )
+    };
+    let one = Gw::start_with("", &text, with_key).await;
+    let two = Gw::start_with("", &text, with_key).await;
+    let own = Gw::start("", &text).await;
+    // `wsgate check` says what a per-process key means for sticky routes.
+    let warned = |cfg: &wsgate::config::Config| wsgate::check::warnings(cfg).iter().any(|w| w.contains("sticky_key_file"));
+    assert!(warned(&own.config));
+    assert!(!warned(&one.config));
+    let mut c = Client::connect(&one).await;
+    c.send(&get("/app/headers", "")).await;
+    let cookie = c.answer().await.unwrap().sticky().unwrap().to_string();
+    let value = cookie.split(';').next().unwrap().to_string();
+    let on_a = a.seen().len() == 1;
+    // The other instance with the same key: same upstream, no new cookie, every time.
+    for _ in 0..4 {
+        let mut c = Client::connect(&two).await;
+        c.send(&get("/app/headers", &format!("Cookie: {value}\r\n"))).await;
+        let r = c.answer().await.unwrap();
+        assert_eq!(r.status, 200);
+        assert!(r.sticky().is_none(), "instance two did not honour the cookie: {:?}", r.headers);
+    }
+    let (mine, other) = if on_a { (&a, &b) } else { (&b, &a) };
+    assert_eq!((mine.seen().len(), other.seen().len()), (5, 0));
+    // A process with its own key: the cookie is foreign, the client gets a new one.
+    let mut c = Client::connect(&own).await;
+    c.send(&get("/app/headers", &format!("Cookie: {value}\r\n"))).await;
+    assert!(c.answer().await.unwrap().sticky().is_some());
+    // Too short a secret.
+    std::fs::write(&key_file, "short\n").unwrap();
+    let config = wsgate::config::Config::from_toml_str(&with_key(common::config_text(dir.path(), "", &text)), "test.toml").unwrap();
+    let e = wsgate::start(config)
+        .await
+        .err()
+        .expect("a short sticky key was accepted")
+        .to_string();
+    assert!(e.contains("sticky_key_file") && e.contains("at least 32 bytes"), "{e}");
+}

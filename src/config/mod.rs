@@ -244,6 +244,10 @@ pub struct Server {
     /// The Unix socket `wsgate run --takeover` asks for the listeners on (0600, owner
     /// only); none unless set.
     pub control_socket: Option<PathBuf>,
+    /// The secret sticky cookies are signed with (`balance = "sticky"`): the same file
+    /// on every instance, kept across restarts and binary upgrades, lets a cookie made
+    /// by one process steer on another. `None`: a random key per process.
+    pub sticky_key_file: Option<Located<PathBuf>>,
 }
 
 impl Server {
@@ -595,6 +599,7 @@ impl Config {
             files.extend([&c.cert, &c.key]);
         }
         files.extend(&self.admin.token_file);
+        files.extend(&self.server.sticky_key_file);
         files.extend(self.firewall.allow_files.iter().chain(&self.firewall.deny_files));
         // `[jwt]` and every `[providers.NAME]`: secrets, keys, JWKS files, revocation lists.
         for j in std::iter::once(&self.jwt).chain(self.providers.values()) {

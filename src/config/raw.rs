@@ -67,6 +67,7 @@ pub(super) struct Server {
     pub watch_config: Option<bool>,
     pub listen_plain: Vec<SocketAddr>,
     pub control_socket: Option<PathBuf>,
+    pub sticky_key_file: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Deserialize, Default)]

@@ -134,6 +134,7 @@ impl Validator<'_> {
             watch_config: s.watch_config.unwrap_or(false),
             listen_plain: s.listen_plain.clone(),
             control_socket: s.control_socket.clone(),
+            sticky_key_file: s.sticky_key_file.as_ref().map(|f| self.located(f, "server.sticky_key_file")),
         };
         if server.client_ip_source != ClientIpSource::Peer && server.trusted_proxies.is_empty() {
             return Err(self.err_key("server.client_ip_source", "needs server.trusted_proxies"));
