@@ -343,7 +343,11 @@ fn carries_token(header: &str, sources: &[TokenSource]) -> bool {
 
 /// Remove token cookies from the `Cookie` headers the upstream sees: every cookie whose
 /// name an upstream could read as a token cookie's (compared as query parameter names
-/// are, so `WSGATE_TOKEN`, `wsgate%5Ftoken` and `wsgate_token ` go too).
+/// are, so `WSGATE_TOKEN`, `wsgate%5Ftoken` and `wsgate_token ` go too). A pair is
+/// also removed when a name behind a `,` or whitespace inside it is one: RFC 2109
+/// parsers (Tomcat's legacy one) and Python's `http.cookies` read `a=1, wsgate_token=x`
+/// and `a=1 wsgate_token=x` as two cookies, so a token the gateway never saw (it splits
+/// on `;` only) would reach the upstream under the token cookie's name.
 fn strip_token_cookies(h: &mut HeaderMap, facts: &ClientFacts) {
     let names: Vec<&str> = facts
         .token_sources
@@ -362,9 +366,12 @@ fn strip_token_cookies(h: &mut HeaderMap, facts: &ClientFacts) {
         .map(str::trim)
         .filter(|c| {
             !c.is_empty()
-                && !names
-                    .iter()
-                    .any(|n| is_token_param(c.split_once('=').map_or(*c, |(k, _)| k).trim(), n))
+                && !c
+                    .split([',', ' ', '\t'])
+                    .chain(std::iter::once(*c))
+                    .map(|piece| piece.split_once('=').map_or(piece, |(k, _)| k).trim())
+                    .filter(|k| !k.is_empty())
+                    .any(|k| names.iter().any(|n| is_token_param(k, n)))
         })
         .map(str::to_string)
         .collect();

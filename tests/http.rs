@@ -452,6 +452,28 @@ async fn requests_on_a_kept_alive_connection_are_admitted_each_on_its_own_and_he
 }
 
 #[tokio::test]
+async fn a_token_or_sticky_cookie_behind_a_comma_or_space_in_a_cookie_pair_never_reaches_the_upstream() {
+    // Found by the red-team pass (rt23): the gateway split `Cookie` on `;` only, so
+    // `a=1, wsgate_token=x` passed whole; RFC 2109 parsers and Python's `http.cookies`
+    // read a `wsgate_token` cookie in it (a token the gateway never verified).
+    let app = app().await;
+    let gw = Gw::start("", &routes(&app, "balance = \"sticky\"")).await;
+    let auth = bearer(&gw);
+    let mut c = Client::connect(&gw).await;
+    let extra = format!(
+        "{auth}Cookie: a=1, wsgate_token=forged; b=2 wsgate_token=forged2; c=3,\tWSGATE_TOKEN=forged3; keep=1\r\nCookie: d=4, wsgate_sticky=forged4\r\n"
+    );
+    c.send(&get("/app/headers", &extra)).await;
+    let a = c.answer().await.unwrap();
+    assert_eq!(a.status, 200, "{}", a.text());
+    let seen = a.text().to_ascii_lowercase();
+    assert!(seen.contains("cookie: keep=1\n"), "{seen}");
+    for gone in ["forged", "wsgate_token", "wsgate_sticky"] {
+        assert!(!seen.contains(gone), "{gone} reached the upstream: {seen}");
+    }
+}
+
+#[tokio::test]
 async fn refusals_have_their_status_and_reason() {
     let app = app().await;
     let gw = Gw::start("", &routes(&app, "")).await;
