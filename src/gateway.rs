@@ -190,14 +190,18 @@ impl Runtime {
             .iter()
             .zip(&connectors)
             .map(
-                |(r, tls): (&crate::config::Route, &Option<tokio_rustls::TlsConnector>)| match r.http {
+                |(r, tls): (&crate::config::Route, &Option<tokio_rustls::TlsConnector>)| match &r.http {
                     None => Vec::new(),
-                    Some(_) => r
+                    Some(policy) => r
                         .upstreams
                         .iter()
                         .map(|u| match u {
                             crate::config::Upstream::BuiltinEcho => None,
-                            remote => Some(Arc::new(crate::proxy::Pool::new(remote.clone(), tls.clone()))),
+                            remote => Some(Arc::new(crate::proxy::Pool::new(
+                                remote.clone(),
+                                tls.clone(),
+                                policy.max_connections,
+                            ))),
                         })
                         .collect(),
                 },

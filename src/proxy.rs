@@ -2,7 +2,7 @@
 //! the upstream, after admission let the request through.
 //!
 //! - [`Pool`]: one per remote upstream of an `http` route. Connections are hyper's
-//!   HTTP/1.1 client connections; at most [`MAX_CONNECTIONS_PER_UPSTREAM`] carry
+//!   HTTP/1.1 client connections; at most `routes.http_max_connections` carry
 //!   requests at once (a request waits for one within `http_timeout`), at most
 //!   [`MAX_IDLE_PER_UPSTREAM`] wait idle. A connection goes back to the pool only after
 //!   a clean exchange: the request body sent whole, the answer read to its end.
@@ -33,9 +33,7 @@ use std::{
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 
-/// Connections to one upstream carrying a request at once.
-pub(crate) const MAX_CONNECTIONS_PER_UPSTREAM: usize = 256;
-/// Idle connections kept per upstream: half the busy cap, so that a burst of up to 128
+/// Idle connections kept per upstream, so that a burst of up to 128
 /// concurrent requests finds its connections again on the next one instead of
 /// connecting anew (with 32, a load of 64 kept-alive clients spent a tenth of the
 /// gateway's CPU in connect/close to the upstream). Each expires after [`IDLE_EXPIRY`].
@@ -181,12 +179,14 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn new(upstream: Upstream, tls: Option<tokio_rustls::TlsConnector>) -> Pool {
+    /// A pool of at most `max_busy` connections carrying a request at once
+    /// (`routes.http_max_connections`).
+    pub fn new(upstream: Upstream, tls: Option<tokio_rustls::TlsConnector>, max_busy: usize) -> Pool {
         Pool {
             upstream,
             tls,
             idle: Mutex::default(),
-            busy: Arc::new(Semaphore::new(MAX_CONNECTIONS_PER_UPSTREAM)),
+            busy: Arc::new(Semaphore::new(max_busy.clamp(1, Semaphore::MAX_PERMITS))),
         }
     }
 

@@ -684,6 +684,13 @@ fn bad_http_keys_are_config_errors_naming_key_and_line() {
         (route("http = true\nhttp_methods = [\"CONNECT\"]"), "routes.http_methods", 7),
         (route("http = true\nhttp_timeout = \"0s\""), "routes.http_timeout", 7),
         (route("max_body = \"1KiB\""), "routes.max_body", 6),
+        (route("http_max_connections = 8"), "routes.http_max_connections", 6),
+        (route("http = true\nhttp_max_connections = 0"), "routes.http_max_connections", 7),
+        (
+            route("http = true\nhttp_max_connections = 100000"),
+            "routes.http_max_connections",
+            7,
+        ),
         ("[limits]\nhttp_rate_per_ip = \"0/s\"\n".to_string(), "limits.http_rate_per_ip", 2),
         ("[limits]\nhttp_burst_per_ip = 0\n".to_string(), "limits.http_burst_per_ip", 2),
     ] {
@@ -696,7 +703,7 @@ fn bad_http_keys_are_config_errors_naming_key_and_line() {
         p.methods.iter().map(|m| m.as_str()).collect::<Vec<_>>(),
         ["GET", "POST", "OPTIONS", "HEAD"]
     );
-    assert_eq!((p.max_body, p.timeout), (1 << 20, Duration::from_secs(60)));
+    assert_eq!((p.max_body, p.timeout, p.max_connections), (1 << 20, Duration::from_secs(60), 1024));
     assert!(
         wsgate::Config::from_toml_str(&route(""), "t.toml").unwrap().routes[0]
             .http
@@ -913,19 +920,19 @@ async fn clients_filling_the_pool_with_long_polls_do_not_mark_the_upstream_down_
     let text = format!(
         "[limits]\nhttp_rate_per_ip = \"10000/s\"\nhttp_burst_per_ip = 10000\nmax_connections_per_ip = 1000\n\
          connection_rate_per_ip = \"10000/s\"\nconnection_burst_per_ip = 10000\n\
-         [[routes]]\nname = \"app\"\npath = \"/app/*\"\nupstreams = [\"{}\"]\nauth = \"none\"\nhttp = true\nhttp_timeout = \"2s\"\n",
+         [[routes]]\nname = \"app\"\npath = \"/app/*\"\nupstreams = [\"{}\"]\nauth = \"none\"\nhttp = true\nhttp_timeout = \"2s\"\nhttp_max_connections = 16\n",
         app.url()
     );
     let gw = Gw::start("", &text).await;
     let mut holders = Vec::new();
-    for _ in 0..256 {
+    for _ in 0..16 {
         let mut c = Client::connect(&gw).await;
         c.send(&get("/app/trickle", "")).await;
         holders.push(c);
     }
     // Every place taken (the app holds them all, each answer still streaming).
     let deadline = tokio::time::Instant::now() + TIMEOUT;
-    while app.seen().len() < 256 {
+    while app.seen().len() < 16 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "only {} long polls reached the app",
@@ -944,7 +951,7 @@ async fn clients_filling_the_pool_with_long_polls_do_not_mark_the_upstream_down_
     for c in &mut waiting {
         assert_eq!(c.answer().await.map(|a| a.status), Some(504));
     }
-    assert_eq!(app.seen().len(), 256, "a waiting request reached the app");
+    assert_eq!(app.seen().len(), 16, "a waiting request reached the app");
     // The long polls end (their clients leave); the upstream is still in: the next
     // client is served at once.
     drop(holders);

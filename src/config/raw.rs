@@ -260,6 +260,7 @@ pub(super) struct Route {
     pub http: Option<bool>,
     pub http_methods: Option<Spanned<Vec<String>>>,
     pub max_body: Option<Spanned<ByteSize>>,
+    pub http_max_connections: Option<Spanned<i64>>,
     pub http_timeout: Option<Spanned<HumanDuration>>,
     pub balance: Option<super::Balance>,
     pub sticky_cookie: Option<Spanned<String>>,

@@ -226,7 +226,18 @@ pub struct HttpPolicy {
     pub max_body: u64,
     /// `http_timeout`: time without a byte either way in one exchange → 504.
     pub timeout: Duration,
+    /// `http_max_connections`: connections to each upstream carrying a request at once
+    /// (long polls hold one each); a request that finds none free within `http_timeout`
+    /// gets 504.
+    pub max_connections: usize,
 }
+
+/// Default `routes.http_max_connections`: enough for a node's Socket.IO clients that
+/// stay on long polling (each holds a connection for up to 25 s), a bound on what the
+/// gateway holds per upstream (about 30 KiB each while busy).
+pub const DEFAULT_HTTP_MAX_CONNECTIONS: usize = 1024;
+/// Largest `routes.http_max_connections`.
+pub const MAX_HTTP_MAX_CONNECTIONS: usize = 65536;
 
 /// `[routes.limits]` as written: `None` inherits (DESIGN.md section 14).
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -237,6 +237,9 @@ impl Validator<'_> {
             if let Some(b) = &r.max_body {
                 return Err(self.err(b, "routes.max_body", "needs http = true on this route"));
             }
+            if let Some(m) = &r.http_max_connections {
+                return Err(self.err(m, "routes.http_max_connections", "needs http = true on this route"));
+            }
             return Ok(None);
         }
         let methods = match &r.http_methods {
@@ -276,10 +279,20 @@ impl Validator<'_> {
             Some(t) if t.get_ref().0.is_zero() => return Err(self.err(t, "routes.http_timeout", "must be longer than zero")),
             Some(t) => t.get_ref().0,
         };
+        let max_connections = match &r.http_max_connections {
+            None => DEFAULT_HTTP_MAX_CONNECTIONS,
+            Some(m) => match usize::try_from(*m.get_ref()) {
+                Ok(n @ 1..=MAX_HTTP_MAX_CONNECTIONS) => n,
+                _ => {
+                    return Err(self.err(m, "routes.http_max_connections", format!("must be 1 … {MAX_HTTP_MAX_CONNECTIONS}")));
+                }
+            },
+        };
         Ok(Some(HttpPolicy {
             methods,
             max_body: r.max_body.as_ref().map_or(DEFAULT_MAX_BODY, |b| b.get_ref().0),
             timeout,
+            max_connections,
         }))
     }
 
