@@ -62,6 +62,9 @@ impl fmt::Debug for FoundToken {
 pub struct Verifier {
     keys: crate::keys::KeyStore,
     validation: Validation,
+    /// `validation` for each allowed algorithm alone, made once: cloning it per token
+    /// (its issuer and audience sets) cost an allocation or three per request.
+    by_alg: Vec<(Algorithm, Validation)>,
     allowed: Vec<Algorithm>,
     /// Claims that must be present beyond the registered ones jsonwebtoken checks itself.
     extra_required: Vec<String>,
@@ -192,9 +195,19 @@ impl Verifier {
         } else {
             validation.set_audience(&cfg.audience);
         }
+        let by_alg = cfg
+            .algorithms
+            .iter()
+            .map(|&alg| {
+                let mut v = validation.clone();
+                v.algorithms = vec![alg];
+                (alg, v)
+            })
+            .collect();
         Verifier {
             keys,
             validation,
+            by_alg,
             allowed: cfg.algorithms.clone(),
             extra_required: cfg
                 .required_claims
@@ -257,11 +270,19 @@ impl Verifier {
     }
 
     fn verify_with_keys(&self, token: &str, alg: Algorithm, kid: Option<&str>) -> Result<Identity, AuthFailure> {
-        let mut validation = self.validation.clone();
-        validation.algorithms = vec![alg];
+        let made;
+        let validation = match self.by_alg.iter().find(|(a, _)| *a == alg) {
+            Some((_, v)) => v,
+            None => {
+                let mut v = self.validation.clone();
+                v.algorithms = vec![alg];
+                made = v;
+                &made
+            }
+        };
         let outcome = self
             .keys
-            .try_keys(alg, kid, |key| jsonwebtoken::decode::<Map<String, Value>>(token, key, &validation))
+            .try_keys(alg, kid, |key| jsonwebtoken::decode::<Map<String, Value>>(token, key, validation))
             .map_err(|l| match l {
                 crate::keys::Lookup::UnknownKid => AuthFailure::UnknownKid,
                 crate::keys::Lookup::NoKey => AuthFailure::Algorithm,
