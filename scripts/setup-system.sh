@@ -7,6 +7,7 @@
 #   redis-server  tests/cluster.rs starts its own on a free loopback port (cluster mode)
 #   haproxy     tests/cluster_ha.rs runs deploy/haproxy.cfg (TCP mode, PROXY v2) in front of three
 #               instances on free loopback ports
+#   nodejs npm  Node 18+ for the Socket.IO apps of tests/node (only when no node/npm is installed)
 #   pebble      Let's Encrypt's test ACME server: tests/acme.rs starts its own on free loopback
 #               ports, its validation authority pointed at the gateway's listener ([tls.acme])
 set -euo pipefail
@@ -25,6 +26,14 @@ if ! command -v pebble >/dev/null 2>&1; then
 fi
 if ! command -v haproxy >/dev/null 2>&1; then
   need+=(haproxy)
+fi
+# Node 18+ and npm: tests/python/test_socketio.py runs real Socket.IO servers and clients
+# (tests/node). Debian's nodejs (18 on bookworm) when none is installed.
+if ! command -v node >/dev/null 2>&1; then
+  need+=(nodejs)
+fi
+if ! command -v npm >/dev/null 2>&1; then
+  need+=(npm)
 fi
 if ((${#need[@]})); then
   echo "setup-system: installing ${need[*]}" >&2

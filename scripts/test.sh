@@ -4,7 +4,7 @@
 #   scripts/test.sh            format and lint checks, dependency audit, Rust tests,
 #                              Python client tests, Autobahn|Testsuite conformance
 #
-# Needs: cargo (Rust 1.88+), Node 20+ with npm (tests/node), pyenv Pythons 3.11 and 2.7.18 (for Autobahn), git, and the
+# Needs: cargo (Rust 1.88+), pyenv Pythons 3.11 and 2.7.18 (for Autobahn), git, and the
 # RustSec advisory database snapshot in ../shared/advisory-db (beside the repository).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -14,7 +14,7 @@ step() { printf '\n==> %s\n' "$*"; }
 # A clean build never reuses incremental caches; they only cost disk (several GB).
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
-step "Debian packages (prometheus, promtool)"
+step "Debian packages (prometheus, chromium, redis, haproxy, pebble, nodejs when missing)"
 bash scripts/setup-system.sh
 
 step "Python environments (tests, Autobahn)"
@@ -56,7 +56,7 @@ step "cargo test"
 cargo test --locked
 
 step "Node packages for the Socket.IO tests (tests/node: npm ci, pinned by package-lock.json)"
-command -v node >/dev/null || { echo "node (20+) is needed by tests/python/test_socketio.py" >&2; exit 1; }
+command -v node >/dev/null || { echo "node (18+) is needed by tests/python/test_socketio.py (scripts/setup-system.sh installs Debian's)" >&2; exit 1; }
 # npm ci installs exactly the lock file and leaves it untouched; it is fast when the cache has the tarballs.
 (cd tests/node && npm ci --no-audit --no-fund --loglevel=error)
 
