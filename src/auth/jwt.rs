@@ -74,6 +74,51 @@ pub struct Verifier {
     identity_claim: String,
     /// Set explicitly in the config: a token without it is refused.
     identity_required: bool,
+    /// Tokens this verifier accepted lately (see [`Memo`]).
+    memo: std::sync::Mutex<Memo>,
+}
+
+/// Tokens verified lately, by their exact text: a client on a kept-alive connection
+/// sends the same token with every request, and checking its signature and parsing its
+/// claims again was the largest part of a plain request's CPU. At most [`MEMO_SIZE`]
+/// entries (the oldest go first). A remembered token is used again only while it has
+/// not expired (with the leeway), is not revoked and the key that verified it is still
+/// held; everything after verification (the exclusive-key rule, certificate binding,
+/// the route's claims) runs on every request as before. Only successes are kept, and
+/// the memo belongs to one loaded config: a reload starts with none.
+#[derive(Default)]
+struct Memo {
+    by_token: std::collections::HashMap<Box<str>, Identity>,
+    order: std::collections::VecDeque<Box<str>>,
+}
+
+/// Entries of a verifier's [`Memo`].
+const MEMO_SIZE: usize = 1024;
+/// Tokens longer than this are not remembered (a few KiB is already a large JWT).
+const MEMO_MAX_TOKEN: usize = 4096;
+
+impl Memo {
+    fn get(&self, token: &str) -> Option<&Identity> {
+        self.by_token.get(token)
+    }
+
+    fn put(&mut self, id: &Identity) {
+        if id.token.len() > MEMO_MAX_TOKEN || self.by_token.contains_key(&id.token) {
+            return;
+        }
+        while self.by_token.len() >= MEMO_SIZE {
+            let Some(old) = self.order.pop_front() else { break };
+            self.by_token.remove(&old);
+        }
+        self.order.push_back(id.token.clone());
+        self.by_token.insert(id.token.clone(), id.clone());
+    }
+
+    fn forget(&mut self, token: &str) {
+        if self.by_token.remove(token).is_some() {
+            self.order.retain(|t| &**t != token);
+        }
+    }
 }
 
 impl fmt::Debug for Verifier {
@@ -219,6 +264,7 @@ impl Verifier {
             revoked,
             identity_claim: cfg.identity_claim().to_string(),
             identity_required: cfg.identity_claim.is_some(),
+            memo: std::sync::Mutex::default(),
         }
     }
 
@@ -246,10 +292,37 @@ impl Verifier {
     /// Check algorithm, key, signature and claims. An unknown `kid` triggers one
     /// (rate-limited) JWKS refetch before it is refused.
     pub async fn verify(&self, token: &str) -> Result<Identity, AuthFailure> {
+        if let Some(id) = self.remembered(token) {
+            return Ok(id);
+        }
         let (alg, kid) = self.check_header(token)?;
-        match self.verify_with_keys(token, alg, kid.as_deref()) {
+        let verified = match self.verify_with_keys(token, alg, kid.as_deref()) {
             Err(AuthFailure::UnknownKid) if self.keys.refetch_for_unknown_kid().await => self.verify_with_keys(token, alg, kid.as_deref()),
             other => other,
+        };
+        if let Ok(id) = &verified {
+            crate::util::lock(&self.memo).put(id);
+        }
+        verified
+    }
+
+    /// `token` as verified before, if it still stands: not expired (leeway included),
+    /// not revoked, its key still held. One that no longer stands is forgotten, and
+    /// verified afresh by the caller (which then gives the precise reason).
+    fn remembered(&self, token: &str) -> Option<Identity> {
+        let mut memo = crate::util::lock(&self.memo);
+        let id = memo.get(token)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let stands = id.exp.is_none_or(|exp| exp.saturating_add(self.validation.leeway) > now)
+            && !self.is_revoked(jti_text(&id.claims).as_deref())
+            && self.keys.holds(&id.key);
+        if stands {
+            Some(id.clone())
+        } else {
+            memo.forget(token);
+            None
         }
     }
 
@@ -609,6 +682,34 @@ mod tests {
             source: TokenSource::Authorization,
         };
         assert!(!format!("{found:?}").contains(&t));
+    }
+
+    #[tokio::test]
+    async fn a_remembered_token_is_used_again_only_while_it_stands_and_the_memo_is_bounded() {
+        let cfg = Config::from_toml_str("[jwt]\nissuer = \"me\"\naudience = [\"wsgate\"]\nleeway = \"0s\"\n", "t").unwrap();
+        let secret = Secret::from(b"0123456789abcdef0123456789abcdef".to_vec());
+        let v = Verifier::new(&cfg.jwt, &secret);
+        let t = mint(&cfg.jwt, &secret, "alice", Duration::from_secs(1), &[]).unwrap();
+        assert_eq!(v.verify(&t).await.unwrap().sub.as_deref(), Some("alice"));
+        assert!(v.remembered(&t).is_some(), "a verified token is remembered");
+        assert_eq!(v.verify(&t).await.unwrap().sub.as_deref(), Some("alice"));
+        // Failures are never remembered.
+        assert!(v.verify("garbage").await.is_err());
+        assert!(v.remembered("garbage").is_none());
+        // Past its expiry the remembered token no longer stands: verified afresh, refused.
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        assert_eq!(v.verify(&t).await.unwrap_err(), AuthFailure::Expired);
+        assert!(v.remembered(&t).is_none());
+        // Bounded: the oldest go first.
+        let first = mint(&cfg.jwt, &secret, "u0", Duration::from_secs(60), &[]).unwrap();
+        v.verify(&first).await.unwrap();
+        for i in 1..(MEMO_SIZE + 10) {
+            let t = mint(&cfg.jwt, &secret, &format!("u{i}"), Duration::from_secs(60), &[]).unwrap();
+            v.verify(&t).await.unwrap();
+        }
+        let memo = crate::util::lock(&v.memo);
+        assert_eq!((memo.by_token.len(), memo.order.len()), (MEMO_SIZE, MEMO_SIZE));
+        assert!(memo.get(&first).is_none());
     }
 
     #[test]
