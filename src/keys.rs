@@ -206,6 +206,9 @@ pub struct KeyStore {
     jwks: ArcSwap<Vec<Key>>,
     remote: Option<Remote>,
     has_jwks: bool,
+    /// Bumped at every change of the JWKS keys: what was verified under other keys is
+    /// verified again (the JWT memo).
+    generation: std::sync::atomic::AtomicU64,
 }
 
 struct Remote {
@@ -355,6 +358,7 @@ impl KeyStore {
             jwks: ArcSwap::from_pointee(jwks),
             remote,
             has_jwks,
+            generation: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -368,6 +372,7 @@ impl KeyStore {
         let keys = jwks_keys(&set);
         let n = keys.len();
         self.jwks.store(Arc::new(keys));
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         Ok(n)
     }
 
@@ -375,11 +380,17 @@ impl KeyStore {
     /// last good set instead of none).
     pub fn adopt_jwks(&self, from: &KeyStore) {
         self.jwks.store(from.jwks.load_full());
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// The JWKS URL, if any.
     pub fn remote_url(&self) -> Option<&http::Uri> {
         self.remote.as_ref().map(|r| &r.url)
+    }
+
+    /// Changes whenever the JWKS keys change.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub fn has_remote(&self) -> bool {

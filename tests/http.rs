@@ -1022,3 +1022,29 @@ async fn instances_sharing_a_sticky_key_file_honour_each_others_cookies() {
         .to_string();
     assert!(e.contains("sticky_key_file") && e.contains("at least 32 bytes"), "{e}");
 }
+
+/// A kept-alive connection follows reloads: each request is admitted under the config
+/// in force when it comes, not the one its connection was accepted under (a route that
+/// now needs a token refuses the next request on the same connection).
+#[tokio::test]
+async fn a_kept_alive_connection_is_admitted_under_the_newest_config() {
+    let app = app().await;
+    let routes = |auth: &str| {
+        format!(
+            "{LIMITS}\n[[routes]]\nname = \"app\"\npath = \"/app/*\"\nupstreams = [\"{}\"]\nauth = \"{auth}\"\nhttp = true\n",
+            app.url()
+        )
+    };
+    let gw = Gw::start("", &routes("none")).await;
+    let mut c = Client::connect(&gw).await;
+    c.send(&get("/app/headers", "")).await;
+    assert_eq!(c.answer().await.map(|a| a.status), Some(200));
+    gw.reload(&common::config_text(gw.dir.path(), "", &routes("jwt"))).await.unwrap();
+    c.send(&get("/app/headers", "")).await;
+    assert_eq!(
+        c.answer().await.map(|a| a.status),
+        Some(401),
+        "the old config admitted a request after the reload"
+    );
+    assert_eq!(app.seen().len(), 1);
+}

@@ -44,7 +44,7 @@ pub(super) async fn complete<S: AsyncRead + AsyncWrite + Unpin>(
     pending: Pending,
     cert: Option<&Arc<ClientCert>>,
 ) -> Result<(Connected, Principal, Option<UserHold>), Reject> {
-    let (gw, rt) = (&admission.gw, &admission.rt);
+    let (gw, rt) = (&admission.gw, &admission.rt());
     let route = &rt.config.routes[route_index];
     let result = async {
         let l = rt.config.limits_of(route);

@@ -85,7 +85,11 @@ struct Verdict {
 /// read by the connection once hyper is done.
 pub(crate) struct Admission {
     gw: Arc<Gateway>,
-    rt: Arc<Runtime>,
+    /// The runtime of the request being admitted: the newest at the start of each
+    /// request ([`Admission::answer`]), so a kept-alive connection follows reloads (a
+    /// revoked token, a removed key, a changed route apply to its next request). One
+    /// request is admitted and served under one runtime throughout.
+    rt: Mutex<Arc<Runtime>>,
     peer_ip: IpAddr,
     over_cap: bool,
     plain: bool,
@@ -171,7 +175,7 @@ impl Admission {
             plain,
             shared_ip: Mutex::new(shared_cap::start_ip_check(gw, rt, peer_ip)),
             gw: gw.clone(),
-            rt: rt.clone(),
+            rt: Mutex::new(rt.clone()),
             peer_ip,
             over_cap,
             verdict: Mutex::default(),
@@ -222,6 +226,7 @@ impl Admission {
     /// leaves the connection open for the next one.
     pub(crate) async fn answer(&self, req: Request<Incoming>) -> Response<Body> {
         let t0 = tokio::time::Instant::now();
+        *lock(&self.rt) = self.gw.runtime();
         let plain = !upgrade::wants_websocket(req.headers());
         self.note(|i| {
             i.route = None;
@@ -307,7 +312,7 @@ impl Admission {
     /// the provider.
     async fn authenticate(&self, route: &crate::config::Route, headers: &http::HeaderMap, query: Option<&str>) -> Result<Outcome, Reject> {
         let mut seen = Seen::default();
-        let outcome = self.rt.auth.authenticate(route, headers, query, self.cert(), &mut seen).await;
+        let outcome = self.rt().auth.authenticate(route, headers, query, self.cert(), &mut seen).await;
         self.note(|i| {
             i.token_fingerprint = seen.token_fingerprint;
             i.sub = seen.identity;
@@ -316,12 +321,18 @@ impl Admission {
         outcome
     }
 
+    /// The runtime the current request is admitted under (see the field).
+    pub(crate) fn rt(&self) -> Arc<Runtime> {
+        lock(&self.rt).clone()
+    }
+
     fn note(&self, f: impl FnOnce(&mut Info)) {
         f(&mut lock(&self.verdict).info)
     }
 
     /// Stages 5–7 in order; the first refusal wins.
     async fn admit(&self, mut req: Request<Incoming>) -> Result<Answered, Reject> {
+        let rt = self.rt();
         let mut checked = self.check(&req)?;
         let Some(upgrade) = checked.upgrade.take() else {
             return self.http(req, checked).await.map(Answered::Http);
@@ -332,10 +343,10 @@ impl Admission {
             Some(lease) => Some(lease),
             None => {
                 let started = lock(&self.shared_ip).take().filter(|_| checked.client_ip == self.peer_ip);
-                shared_cap::hold_ip(&self.gw, &self.rt.config, checked.client_ip, started).await?
+                shared_cap::hold_ip(&self.gw, &rt.config, checked.client_ip, started).await?
             }
         };
-        let route = &self.rt.config.routes[checked.route_index];
+        let route = &rt.config.routes[checked.route_index];
         let principal = match self.authenticate(route, req.headers(), checked.query.as_deref()).await? {
             Outcome::Anonymous => None,
             Outcome::Authenticated(p) => Some(p),
@@ -346,10 +357,10 @@ impl Admission {
                 return Ok(Answered::Upgrade(Box::new((resp, admitted))));
             }
         };
-        let user = authorize(&self.gw, &self.rt.config, route, principal.as_ref()).await?;
+        let user = authorize(&self.gw, &rt.config, route, principal.as_ref()).await?;
         let request_id = self.with_info(|i| i.request_id.clone());
         let mut facts = upstream::facts(
-            &self.rt,
+            &rt,
             route,
             (checked.client_ip, self.peer_ip),
             (&checked.path, checked.query.as_deref()),
@@ -358,12 +369,12 @@ impl Admission {
             self.cert().map(Arc::as_ref),
         );
         facts.request_id = request_id.as_deref();
-        let connected = upstream::connect(&self.gw, &self.rt, checked.route_index, &facts).await?;
+        let connected = upstream::connect(&self.gw, &rt, checked.route_index, &facts).await?;
         self.note(|i| i.upstream = Some(connected.target.to_string()));
         let mut resp = upgrade::switching_protocols(&upgrade, connected.protocol.clone());
-        let had = upstream::sticky_choice(&self.rt, checked.route_index, req.headers());
+        let had = upstream::sticky_choice(&rt, checked.route_index, req.headers());
         let index = connected.load.as_ref().map(crate::balance::SessionHeld::index);
-        if let Some(c) = index.and_then(|i| upstream::sticky_cookie(&self.rt, checked.route_index, had, i, !self.plain)) {
+        if let Some(c) = index.and_then(|i| upstream::sticky_cookie(&rt, checked.route_index, had, i, !self.plain)) {
             resp.headers_mut().append(http::header::SET_COOKIE, c);
         }
         let upstream_state = connected.deflate.as_ref().map_or(0, crate::relay::deflate::session_memory);

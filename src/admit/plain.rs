@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 impl Admission {
     pub(super) async fn http(&self, req: Request<Incoming>, checked: Checked) -> Result<Response<Body>, Reject> {
-        let rt = &self.rt;
+        let rt = &self.rt();
         let route = &rt.config.routes[checked.route_index];
         let Some(policy) = route.http.as_ref() else {
             return Err(Reject::NotUpgrade);

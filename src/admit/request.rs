@@ -27,7 +27,8 @@ impl Admission {
     /// Client address, drain and cap, path, route, upgrade headers, Origin, ban, per-IP
     /// limits behind a proxy.
     pub(super) fn check(&self, req: &Request<Incoming>) -> Result<Checked, Reject> {
-        let config: &Config = &self.rt.config;
+        let rt = self.rt();
+        let config: &Config = &rt.config;
         let request_id = upgrade::request_id(config.server.is_trusted_proxy(self.peer_ip), req.headers());
         self.note(|i| i.request_id = Some(request_id));
         let client_ip = upgrade::client_ip(config, self.peer_ip, req.headers())?;
@@ -73,12 +74,12 @@ impl Admission {
         // `X-Forwarded-For` gets them now. A plain request is charged to the client's
         // `http_rate_per_ip`, each one on a kept-alive connection.
         let ip_slot = if upgrade.is_none() {
-            self.gw.check_http(&self.rt, client_ip)?;
+            self.gw.check_http(&rt, client_ip)?;
             None
         } else if client_ip == self.peer_ip {
             None
         } else {
-            Some(self.gw.check_client(&self.rt, client_ip)?)
+            Some(self.gw.check_client(&rt, client_ip)?)
         };
         Ok(Checked {
             route_index,

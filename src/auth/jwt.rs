@@ -14,6 +14,7 @@ use http::HeaderMap;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, Validation, errors::ErrorKind};
 use serde_json::{Map, Value};
 use std::fmt;
+use std::sync::Arc;
 
 /// First 8 bytes of the token's SHA-256, hex: lets logs correlate a token without holding it.
 pub fn fingerprint(token: &str) -> String {
@@ -88,30 +89,33 @@ pub struct Verifier {
 /// the memo belongs to one loaded config: a reload starts with none.
 #[derive(Default)]
 struct Memo {
-    by_token: std::collections::HashMap<Box<str>, Identity>,
-    order: std::collections::VecDeque<Box<str>>,
+    /// Each token's identity and the key store's generation it was verified under.
+    by_token: std::collections::HashMap<Arc<str>, (Arc<Identity>, u64)>,
+    order: std::collections::VecDeque<Arc<str>>,
 }
 
 /// Entries of a verifier's [`Memo`].
 const MEMO_SIZE: usize = 1024;
-/// Tokens longer than this are not remembered (a few KiB is already a large JWT).
-const MEMO_MAX_TOKEN: usize = 4096;
+/// Tokens longer than this are not remembered, which bounds the memo's memory (parsed
+/// claims take several times their text).
+const MEMO_MAX_TOKEN: usize = 2048;
 
 impl Memo {
-    fn get(&self, token: &str) -> Option<&Identity> {
+    fn get(&self, token: &str) -> Option<&(Arc<Identity>, u64)> {
         self.by_token.get(token)
     }
 
-    fn put(&mut self, id: &Identity) {
-        if id.token.len() > MEMO_MAX_TOKEN || self.by_token.contains_key(&id.token) {
+    fn put(&mut self, id: &Identity, generation: u64) {
+        if id.token.len() > MEMO_MAX_TOKEN || self.by_token.contains_key(&*id.token) {
             return;
         }
         while self.by_token.len() >= MEMO_SIZE {
             let Some(old) = self.order.pop_front() else { break };
             self.by_token.remove(&old);
         }
-        self.order.push_back(id.token.clone());
-        self.by_token.insert(id.token.clone(), id.clone());
+        let key: Arc<str> = Arc::from(&*id.token);
+        self.order.push_back(key.clone());
+        self.by_token.insert(key, (Arc::new(id.clone()), generation));
     }
 
     fn forget(&mut self, token: &str) {
@@ -295,35 +299,40 @@ impl Verifier {
         if let Some(id) = self.remembered(token) {
             return Ok(id);
         }
+        let generation = self.keys.generation();
         let (alg, kid) = self.check_header(token)?;
         let verified = match self.verify_with_keys(token, alg, kid.as_deref()) {
             Err(AuthFailure::UnknownKid) if self.keys.refetch_for_unknown_kid().await => self.verify_with_keys(token, alg, kid.as_deref()),
             other => other,
         };
         if let Ok(id) = &verified {
-            crate::util::lock(&self.memo).put(id);
+            crate::util::lock(&self.memo).put(id, generation);
         }
         verified
     }
 
     /// `token` as verified before, if it still stands: not expired (leeway included),
-    /// not revoked, its key still held. One that no longer stands is forgotten, and
-    /// verified afresh by the caller (which then gives the precise reason).
+    /// not revoked, and the keys unchanged since (a JWKS refresh that drops a key,
+    /// renames its `kid` or narrows its `alg` makes every remembered token verify
+    /// afresh). One that no longer stands is forgotten, and verified afresh by the
+    /// caller (which then gives the precise reason).
     fn remembered(&self, token: &str) -> Option<Identity> {
-        let mut memo = crate::util::lock(&self.memo);
-        let id = memo.get(token)?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let stands = id.exp.is_none_or(|exp| exp.saturating_add(self.validation.leeway) > now)
-            && !self.is_revoked(jti_text(&id.claims).as_deref())
-            && self.keys.holds(&id.key);
-        if stands {
-            Some(id.clone())
-        } else {
-            memo.forget(token);
-            None
-        }
+        let id = {
+            let mut memo = crate::util::lock(&self.memo);
+            let (id, generation) = memo.get(token)?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let stands = *generation == self.keys.generation()
+                && id.exp.is_none_or(|exp| exp.saturating_add(self.validation.leeway) > now)
+                && !self.is_revoked(jti_text(&id.claims).as_deref());
+            if !stands {
+                memo.forget(token);
+                return None;
+            }
+            id.clone()
+        };
+        Some((*id).clone())
     }
 
     /// Whether a live session's token still passes under this (reloaded) config:
@@ -693,6 +702,11 @@ mod tests {
         assert_eq!(v.verify(&t).await.unwrap().sub.as_deref(), Some("alice"));
         assert!(v.remembered(&t).is_some(), "a verified token is remembered");
         assert_eq!(v.verify(&t).await.unwrap().sub.as_deref(), Some("alice"));
+        // A change of the JWKS keys: remembered tokens are verified afresh.
+        v.keys().adopt_jwks(Verifier::new(&cfg.jwt, &secret).keys());
+        assert!(v.remembered(&t).is_none(), "remembered across a change of keys");
+        assert_eq!(v.verify(&t).await.unwrap().sub.as_deref(), Some("alice"));
+        assert!(v.remembered(&t).is_some());
         // Failures are never remembered.
         assert!(v.verify("garbage").await.is_err());
         assert!(v.remembered("garbage").is_none());

@@ -50,9 +50,7 @@ pub(crate) async fn handle(
         let Some(admitted) = Box::pin(handshake(&rt, (tcp, plain), accepted, &admission)).await? else {
             return Ok(None);
         };
-        relay_session(&gw, &rt, admitted, accepted, &admission, admitted_under)
-            .await
-            .map(Some)
+        relay_session(&gw, admitted, accepted, &admission, admitted_under).await.map(Some)
     }
     .await;
     let info = admission.info();
@@ -239,12 +237,14 @@ type ClientIo = Box<ClientStream>;
 
 async fn relay_session(
     gw: &Arc<Gateway>,
-    rt: &Arc<Runtime>,
     admitted: Box<Admitted>,
     accepted: Instant,
     admission: &Admission,
     admitted_under: tokio_util::sync::CancellationToken,
 ) -> Result<Done, Reject> {
+    // The runtime the request was admitted under (the newest when it came, not
+    // necessarily the connection's at accept): its route index points into that config.
+    let rt = &admission.rt();
     // Opening is boxed: its state (hyper's upgrade, the first-message exchange) is freed
     // before the long relay phase, so an idle session holds only what it needs.
     let (mut client, mut session) = Box::pin(open_session(rt, admitted, admission)).await?;
