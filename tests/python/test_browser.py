@@ -39,7 +39,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from websockets.asyncio.server import serve
 
-from wsgate_harness import Gateway, default_binary, render_config, toml_str
+from wsgate_harness import Gateway, default_binary, render_config, stop_group, toml_str
 
 CHROMIUM = Path("/usr/bin/chromium")
 BROWSER_WAIT = 30.0  # seconds for the page to report
@@ -210,18 +210,7 @@ def run_page(page_url: str, pages: PageServer, name: str, profile: Path, spki: s
         return result
     finally:
         if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                proc.wait(STEP)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait(5)
+            stop_group(proc, STEP)
         else:
             try:  # helpers left behind by a browser that exited on its own
                 os.killpg(proc.pid, signal.SIGKILL)

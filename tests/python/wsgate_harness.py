@@ -82,6 +82,44 @@ auth = {toml_str(auth)}
 {route_extra}"""
 
 
+
+def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM to the process group `proc` leads (started with start_new_session=True), then
+    SIGKILL after `grace` seconds. Safe to call on a process that has already exited."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(5)
+
+
+def render_example(path: Path, tmp: Path, extra: list[tuple[str, str]]) -> str:
+    """An example gateway.toml as shipped, with its listeners on port 0, its certificate and
+    secret files in `tmp`, and the `extra` replacements; each string to replace must occur
+    exactly once (else the example changed under the test)."""
+    text = path.read_text()
+    replacements = [
+        ('listen = ["127.0.0.1:8443"]', 'listen = ["127.0.0.1:0"]'),
+        ('listen = "127.0.0.1:9090"', 'listen = "127.0.0.1:0"'),
+        ('"certs/dev/server.crt"', toml_str(tmp / "server.crt")),
+        ('"certs/dev/server.key"', toml_str(tmp / "server.key")),
+        ('"certs/dev/jwt.secret"', toml_str(tmp / "jwt.secret")),
+        *extra,
+    ]
+    for old, new in replacements:
+        assert text.count(old) == 1, f"{path.relative_to(REPO_ROOT)} changed: expected {old!r} exactly once"
+        text = text.replace(old, new)
+    return text
+
 class Gateway:
     """A running `wsgate run` process. Use as a context manager or call stop()."""
 
@@ -151,19 +189,7 @@ class Gateway:
 
     def stop(self, grace: float = 10.0) -> int | None:
         """SIGTERM, then SIGKILL after `grace` seconds. Returns the exit code. Safe to call twice."""
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.proc.wait(5)
+        stop_group(self.proc, grace)
         self._join_readers()
         with self._lock:
             if not self._log.closed:
