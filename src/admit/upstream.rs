@@ -66,6 +66,17 @@ pub(super) fn sticky_cookie(rt: &Runtime, route_index: usize, had: Option<usize>
     http::HeaderValue::from_str(&format!("{name}={value}; Path=/; HttpOnly; SameSite=Lax{secure}")).ok()
 }
 
+/// The answer so far once an upstream that is out is skipped: 502 when it is out only
+/// in back-off after its own transport failures, as when it was last tried (DESIGN.md
+/// section 5); a drained or checked-down one leaves `last` (503 when every one is out).
+fn skipped(health: &crate::health::Health, last: Reject) -> Reject {
+    if health.is_drained() || health.is_checked_down() {
+        last
+    } else {
+        Reject::UpstreamUnavailable
+    }
+}
+
 /// Try the route's upstreams in the balancer's order (`sticky`: the cookie's first),
 /// skipping those down or drained (all of them: [`Reject::NoUpstream`], 503, or 502
 /// when one is out only for its transport failures), each
@@ -79,11 +90,7 @@ pub(super) async fn connect(gw: &Gateway, rt: &Runtime, route_index: usize, fact
     for idx in balancer.order(sticky_choice(rt, route_index, facts.headers)) {
         let health = &rt.health[route_index][idx];
         if !health.is_available() {
-            if !health.is_drained() && !health.is_checked_down() {
-                // In back-off after transport failures: 502, as when it was last tried
-                // (DESIGN.md section 5); 503 is for drained and checked-down upstreams.
-                last = Reject::UpstreamUnavailable;
-            }
+            last = skipped(health, last);
             continue;
         }
         let target = &route.upstreams[idx];
@@ -143,10 +150,8 @@ pub(super) async fn checkout_http(
     for idx in balancer.order(sticky) {
         let health = &rt.health[route_index][idx];
         if !health.is_available() {
-            if !health.is_drained() && !health.is_checked_down() {
-                last = Reject::UpstreamUnavailable; // in back-off: 502, as above
-            }
-            continue; // down or drained: no new request
+            last = skipped(health, last); // down or drained: no new request
+            continue;
         }
         let Some(pool) = rt.http_pools.get(route_index).and_then(|p| p.get(idx)) else {
             continue;
