@@ -178,7 +178,7 @@ pub fn load_secret(src: &SecretSource, origin: &str, generate: bool) -> Result<S
                 }
                 let mut raw = [0u8; GENERATED_SECRET_LEN];
                 aws_lc_rs::rand::fill(&mut raw).map_err(|_| path.error(origin, "no randomness available"))?;
-                let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+                let hex = crate::util::hex(&raw);
                 crate::fsutil::write_private(p, format!("{hex}\n").as_bytes())
                     .map_err(|e| path.error(origin, format!("cannot create {}: {e}", p.display())))?;
                 tracing::warn!(file = %p.display(), "created a random development JWT secret");

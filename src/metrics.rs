@@ -159,7 +159,34 @@ pub struct Metrics {
     handshake: Histogram,
     /// `certificate` labels of the expiry gauge set so far (indices below this).
     cert_series: Arc<std::sync::atomic::AtomicUsize>,
+    /// Each route's plain-request series, resolved on its first request (a request then
+    /// counts without building label sets). Grows with route names only.
+    http_routes: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<HttpRouteMetrics>>>>,
     process: metrics_process::Collector,
+}
+
+/// One route's plain-request series ([`Metrics::http_route`]).
+pub struct HttpRouteMetrics {
+    pub route: Arc<str>,
+    /// `wsgate_http_requests_total` by status class (1xx..5xx), each registered on first use.
+    codes: [std::sync::OnceLock<Counter>; 5],
+    duration: Histogram,
+    metrics: Metrics,
+}
+
+impl HttpRouteMetrics {
+    /// One plain HTTP request answered (or refused) with `status`.
+    pub fn request(&self, status: u16) {
+        const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+        let i = usize::from((status / 100).clamp(1, 5) - 1);
+        self.codes[i]
+            .get_or_init(|| self.metrics.counter(HTTP_REQUESTS, &[("route", &self.route), ("code", CLASSES[i])]))
+            .increment(1);
+    }
+
+    pub fn duration(&self, seconds: f64) {
+        self.duration.record(seconds);
+    }
 }
 
 /// Per-session counters, resolved once when the session starts.
@@ -235,6 +262,7 @@ impl Metrics {
             accepted,
             handshake,
             cert_series: Arc::default(),
+            http_routes: Arc::default(),
             process,
         };
         m.counter(CONFIG_RELOADS, &[("result", "success")]).increment(0);
@@ -298,16 +326,29 @@ impl Metrics {
         self.histogram(CONNECTION_DURATION, &[("route", route)]).record(seconds);
     }
 
-    /// One plain HTTP request answered (or refused) with `status` on `route`.
-    pub fn http_request(&self, route: &str, status: u16) {
-        let class = match status {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
-        };
-        self.counter(HTTP_REQUESTS, &[("route", route), ("code", class)]).increment(1);
+    /// The plain-request series of `route`.
+    pub fn http_route(&self, route: &str) -> Arc<HttpRouteMetrics> {
+        let mut routes = crate::util::lock(&self.http_routes);
+        if let Some(m) = routes.get(route) {
+            return m.clone();
+        }
+        let m = Arc::new(HttpRouteMetrics {
+            route: route.into(),
+            codes: Default::default(),
+            duration: self.histogram(HTTP_REQUEST_DURATION, &[("route", route)]),
+            metrics: self.clone_without_routes(),
+        });
+        routes.insert(route.to_string(), m.clone());
+        m
+    }
+
+    /// A handle that registers series but keeps no route cache (held by the cache's
+    /// own entries, which would otherwise hold the cache).
+    fn clone_without_routes(&self) -> Metrics {
+        Metrics {
+            http_routes: Arc::default(),
+            ..self.clone()
+        }
     }
 
     /// One active health check of upstream `index` of `route`.
@@ -333,10 +374,6 @@ impl Metrics {
         self.recorder
             .register_gauge(&Key::from_parts(UPSTREAM_DRAINED, labels()), &metadata())
             .set(if drained { 1.0 } else { 0.0 });
-    }
-
-    pub fn http_duration(&self, route: &str, seconds: f64) {
-        self.histogram(HTTP_REQUEST_DURATION, &[("route", route)]).record(seconds);
     }
 
     pub fn upstream_connect(&self, route: &str, seconds: f64) {

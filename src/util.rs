@@ -13,6 +13,17 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// `bytes` in lower-case hex, in one allocation (digests, fingerprints, random ids).
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    s
+}
+
 /// A client- or file-controlled string made safe for a log line or an error message:
 /// at most `max` characters, control characters and quotes escaped.
 pub fn escape(s: &str, max: usize) -> String {
@@ -179,5 +190,14 @@ mod authority_tests {
         ] {
             assert_eq!(authority_port(bad), Err(()), "{bad}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn hex_is_lower_case_two_digits_per_byte() {
+        assert_eq!(super::hex(&[0x00, 0x0f, 0xab, 0xff, 0x10]), "000fabff10");
+        assert_eq!(super::hex(&[]), "");
     }
 }

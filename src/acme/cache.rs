@@ -188,7 +188,7 @@ fn short_hash(parts: &[&[u8]]) -> String {
         ctx.update(&(p.len() as u64).to_be_bytes());
         ctx.update(p);
     }
-    ctx.finish().as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
+    crate::util::hex(&ctx.finish().as_ref()[..8])
 }
 
 /// `tls.acme.cache_dir` must be a directory only the gateway's user (and root) can

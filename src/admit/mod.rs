@@ -254,9 +254,9 @@ impl Admission {
                 (resp.map(Body::from), plain)
             }
         };
-        let route = self.with_info(|i| i.route.clone().filter(|_| i.http));
-        match route {
-            Some(route) if counted => self.count_http(route, resp, t0),
+        let series = self.with_info(|i| i.route.as_deref().filter(|_| i.http).map(|r| self.gw.metrics.http_route(r)));
+        match series {
+            Some(series) if counted => self.count_http(series, resp, t0),
             _ => resp,
         }
     }
@@ -264,20 +264,24 @@ impl Admission {
     /// `wsgate_http_requests_total` now, the duration once the answer has ended. An
     /// answered request is logged then, one line each (a refusal is logged with the
     /// connection's end, once).
-    fn count_http(&self, route: String, mut resp: Response<Body>, t0: tokio::time::Instant) -> Response<Body> {
-        let metrics = self.gw.metrics.clone();
+    fn count_http(
+        &self,
+        metrics: Arc<crate::metrics::HttpRouteMetrics>,
+        mut resp: Response<Body>,
+        t0: tokio::time::Instant,
+    ) -> Response<Body> {
         let status = resp.status().as_u16();
-        metrics.http_request(&route, status);
+        metrics.request(status);
         let answered = !matches!(resp.body(), Body::Full(_));
         let (request_id, client, upstream) = self.with_info(|i| (i.request_id.clone(), i.client_ip, i.upstream.clone()));
         let done = move || {
             let took = t0.elapsed();
-            metrics.http_duration(&route, took.as_secs_f64());
+            metrics.duration(took.as_secs_f64());
             if answered {
                 tracing::info!(
                     request_id = request_id.as_deref().unwrap_or("-"),
                     peer = %client.map_or_else(|| "-".to_string(), |c| c.to_string()),
-                    route,
+                    route = &*metrics.route,
                     upstream = upstream.as_deref().unwrap_or("-"),
                     status,
                     duration_ms = took.as_millis() as u64,

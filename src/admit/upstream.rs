@@ -38,7 +38,7 @@ pub(super) fn facts<'a>(
         } else {
             &[]
         },
-        claims: principal.map(|p| &p.claims),
+        claims: principal.map(|p| &*p.claims),
         cert,
         forward_claims: &route.forward_claims,
         identity_headers: &rt.identity_headers,

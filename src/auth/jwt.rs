@@ -19,7 +19,7 @@ use std::sync::Arc;
 /// First 8 bytes of the token's SHA-256, hex: lets logs correlate a token without holding it.
 pub fn fingerprint(token: &str) -> String {
     let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
-    d.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
+    crate::util::hex(&d.as_ref()[..8])
 }
 
 /// Who the client is, after a successful verification.
@@ -31,7 +31,8 @@ pub struct Identity {
     pub token: Box<str>,
     /// Expiry, seconds since the epoch.
     pub exp: Option<u64>,
-    pub claims: Map<String, Value>,
+    /// Shared: a remembered token's identity is handed out without copying its claims.
+    pub claims: Arc<Map<String, Value>>,
     pub fingerprint: String,
     /// The key that verified the token.
     pub(crate) key: crate::keys::KeyFingerprint,
@@ -428,7 +429,7 @@ impl Verifier {
             sub,
             token: token.into(),
             exp,
-            claims,
+            claims: Arc::new(claims),
             fingerprint: fingerprint(token),
             key,
         })

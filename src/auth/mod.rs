@@ -45,7 +45,7 @@ pub struct Principal {
     pub provider: Option<String>,
     /// Claims the route policy and `forward_claims` read (a certificate's identity is
     /// `sub`). Dropped once the session relays ([`Principal::for_session`]).
-    pub claims: Map<String, Value>,
+    pub claims: Arc<Map<String, Value>>,
     /// When the credential stops being valid, seconds since the epoch.
     pub expires_at: Option<u64>,
     /// The token id revocations name.
@@ -91,7 +91,7 @@ impl Principal {
 
     /// A session keeps its credential (to re-check it) and identity, not every claim.
     pub fn for_session(mut self) -> Principal {
-        self.claims = Map::new();
+        self.claims = Arc::default();
         self
     }
 }
@@ -433,7 +433,7 @@ mod tests {
         Principal {
             identity: Some(identity.to_string()),
             provider: provider.map(str::to_string),
-            claims: Map::new(),
+            claims: Arc::default(),
             expires_at: None,
             jti: None,
             credential: Credential::default(),

@@ -13,7 +13,7 @@ pub(super) fn principal(cert: Option<&Arc<ClientCert>>) -> Option<Principal> {
     Some(Principal {
         provider: None,
         identity: Some(sub.clone()),
-        claims: sub_claims(sub),
+        claims: Arc::new(sub_claims(sub)),
         expires_at: None,
         jti: None,
         credential: Credential {

@@ -155,7 +155,7 @@ impl Cluster {
     /// The user's hash key: a hash tag of the SHA-256 of `sub` (any length, any bytes).
     fn user_key(&self, sub: &str) -> String {
         let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, sub.as_bytes());
-        let hex: String = d.as_ref()[..16].iter().map(|b| format!("{b:02x}")).collect();
+        let hex = crate::util::hex(&d.as_ref()[..16]);
         format!("{}:{{u:{hex}}}", self.prefix)
     }
 

@@ -168,7 +168,7 @@ impl Cluster {
             auth_bans: format!("{p}:auth_bans"),
             drains: format!("{p}:drains"),
             channel: format!("{p}:{db}:events"),
-            instance: id.iter().map(|b| format!("{b:02x}")).collect(),
+            instance: crate::util::hex(&id),
             conn: tokio::sync::Mutex::new(None),
             up: AtomicBool::new(false),
             pending: std::sync::Mutex::default(),

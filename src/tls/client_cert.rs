@@ -167,7 +167,7 @@ impl ClientCert {
 
     /// SHA-256 of the DER leaf, lower-case hex (`cert:fingerprint`).
     pub fn fingerprint_hex(&self) -> String {
-        self.sha256.iter().map(|b| format!("{b:02x}")).collect()
+        crate::util::hex(&self.sha256)
     }
 
     /// The subject as an RFC 4514 string, every byte outside printable ASCII and every
@@ -274,7 +274,7 @@ fn attribute(a: &x509_parser::x509::AttributeTypeAndValue<'_>) -> String {
     match a.as_str() {
         Ok(v) => format!("{name}={}", escape_rfc4514(v)),
         Err(_) => {
-            let der: String = a.attr_value().data.iter().map(|b| format!("{b:02x}")).collect();
+            let der = crate::util::hex(a.attr_value().data);
             format!("{name}=#{der}")
         }
     }
