@@ -6,11 +6,6 @@
 //!   requests at once (a request waits for one within `http_timeout`), at most
 //!   [`MAX_IDLE_PER_UPSTREAM`] wait idle. A connection goes back to the pool only after
 //!   a clean exchange: the request body sent whole, the answer read to its end.
-//! - [`Conn`]: a connection is driven by the task of the request it carries (the
-//!   client's connection task), not by a task of its own: the request goes out and the
-//!   answer comes back without handing over between tasks (two cross-thread wake-ups
-//!   per request saved). An idle pooled connection is not polled; the checkout polls it
-//!   once to learn whether the upstream closed it meanwhile.
 //! - [`Limited`]: the client's body on its way up, cut at `max_body` (the upstream
 //!   request is aborted and its connection dropped).
 //! - [`Streamed`]: the upstream's answer on its way to the client, frame by frame
@@ -51,58 +46,6 @@ const READY_WAIT: Duration = Duration::from_millis(50);
 const UPSTREAM_HEAD_BUFFER: usize = 64 * 1024;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// hyper's side of one upstream connection: what reads and writes its socket.
-type Driver = hyper::client::conn::http1::Connection<hyper_util::rt::TokioIo<UpstreamIo>, Limited>;
-
-/// One upstream connection: the handle requests are sent on and the future that moves
-/// its bytes, polled by whoever holds the connection (see the module's notes).
-pub(crate) struct Conn {
-    sender: SendRequest<Limited>,
-    driver: Option<Pin<Box<Driver>>>,
-}
-
-impl Conn {
-    /// Move the connection's bytes as far as they go now. Once the connection has ended
-    /// (the upstream closed it, or it failed) the sender reports closed.
-    fn drive(&mut self, cx: &mut Context<'_>) {
-        if let Some(d) = self.driver.as_mut()
-            && d.as_mut().poll(cx).is_ready()
-        {
-            self.driver = None;
-        }
-    }
-
-    fn is_closed(&self) -> bool {
-        self.driver.is_none() || self.sender.is_closed()
-    }
-
-    /// Ready for a request within `wait`, driving the connection meanwhile (a pooled
-    /// connection that the upstream closed while idle learns it here).
-    async fn ready(&mut self, wait: Duration) -> bool {
-        let ready = std::future::poll_fn(|cx| {
-            self.drive(cx);
-            if self.driver.is_none() {
-                return Poll::Ready(false);
-            }
-            self.sender.poll_ready(cx).map(|r| r.is_ok())
-        });
-        matches!(tokio::time::timeout(wait, ready).await, Ok(true))
-    }
-
-    /// `fut` (an exchange on this connection), with the connection driven while it waits.
-    async fn driving<F: Future>(&mut self, fut: F) -> F::Output {
-        tokio::pin!(fut);
-        std::future::poll_fn(|cx| {
-            if let Poll::Ready(out) = fut.as_mut().poll(cx) {
-                return Poll::Ready(out);
-            }
-            self.drive(cx);
-            fut.as_mut().poll(cx)
-        })
-        .await
-    }
-}
 
 /// What happened to a request body on its way up, shared with the answer's stream.
 #[derive(Debug)]
@@ -231,7 +174,7 @@ impl HttpBody for Limited {
 pub struct Pool {
     upstream: Upstream,
     tls: Option<tokio_rustls::TlsConnector>,
-    idle: Mutex<Vec<(Conn, Instant)>>,
+    idle: Mutex<Vec<(SendRequest<Limited>, Instant)>>,
     busy: Arc<Semaphore>,
 }
 
@@ -263,13 +206,13 @@ impl Pool {
         };
         loop {
             let next = crate::util::lock(&self.idle).pop();
-            let Some((mut conn, since)) = next else { break };
-            if conn.is_closed() || since.elapsed() > IDLE_EXPIRY {
+            let Some((mut sender, since)) = next else { break };
+            if sender.is_closed() || since.elapsed() > IDLE_EXPIRY {
                 continue;
             }
-            if conn.ready(READY_WAIT).await {
+            if matches!(tokio::time::timeout(READY_WAIT, sender.ready()).await, Ok(Ok(()))) {
                 return Ok(Lease {
-                    conn: Some(conn),
+                    sender: Some(sender),
                     pool: self.clone(),
                     _permit: permit,
                     reusable: false,
@@ -278,12 +221,12 @@ impl Pool {
                 });
             }
         }
-        let conn = tokio::time::timeout(connect_timeout, self.connect())
+        let sender = tokio::time::timeout(connect_timeout, self.connect())
             .await
             .map_err(|_| Checkout::Transport(Reject::UpstreamTimeout))?
             .map_err(Checkout::Transport)?;
         Ok(Lease {
-            conn: Some(conn),
+            sender: Some(sender),
             pool: self.clone(),
             _permit: permit,
             reusable: false,
@@ -292,18 +235,19 @@ impl Pool {
         })
     }
 
-    async fn connect(&self) -> Result<Conn, Reject> {
+    async fn connect(&self) -> Result<SendRequest<Limited>, Reject> {
         let io: UpstreamIo = crate::upstream::open(&self.upstream, self.tls.as_ref()).await?;
-        let (sender, driver) = hyper::client::conn::http1::Builder::new()
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .max_buf_size(UPSTREAM_HEAD_BUFFER)
             .handshake(hyper_util::rt::TokioIo::new(io))
             .await
             .map_err(|_| Reject::UpstreamUnavailable)?;
-        // Closed with the socket when the `Conn` is dropped (not reused, or evicted).
-        Ok(Conn {
-            sender,
-            driver: Some(Box::pin(driver)),
-        })
+        // Ends when the upstream closes, or once the sender is dropped (a connection
+        // not reused, or evicted from the pool).
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(sender)
     }
 }
 
@@ -320,7 +264,7 @@ pub enum Checkout {
 /// One connection lent for one exchange; back to the pool on drop only when marked
 /// reusable (a clean exchange).
 pub struct Lease {
-    conn: Option<Conn>,
+    sender: Option<SendRequest<Limited>>,
     pool: Arc<Pool>,
     _permit: OwnedSemaphorePermit,
     reusable: bool,
@@ -332,10 +276,10 @@ pub struct Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        if let Some(conn) = self.conn.take().filter(|c| self.reusable && !c.is_closed()) {
+        if let Some(sender) = self.sender.take().filter(|s| self.reusable && !s.is_closed()) {
             let mut idle = crate::util::lock(&self.pool.idle);
             if idle.len() < MAX_IDLE_PER_UPSTREAM {
-                idle.push((conn, Instant::now()));
+                idle.push((sender, Instant::now()));
             }
         }
     }
@@ -356,19 +300,19 @@ pub(crate) async fn exchange(
     upload.touch();
     let mut req = http::Request::from_parts(head, body);
     let resp = loop {
-        let Some(conn) = lease.conn.as_mut() else {
+        let Some(sender) = lease.sender.as_mut() else {
             return Err(Reject::UpstreamUnavailable);
         };
-        let send = conn.sender.try_send_request(req);
-        match within(conn.driving(send), &upload, timeout).await? {
+        let send = sender.try_send_request(req);
+        match within(send, &upload, timeout).await? {
             Ok(resp) => break resp,
             Err(mut e) => match e.take_message() {
                 Some(unsent) if lease.reused => {
                     tracing::debug!("a pooled upstream connection closed before the request went out: one new one");
-                    let conn = tokio::time::timeout(connect_timeout, lease.pool.connect())
+                    let sender = tokio::time::timeout(connect_timeout, lease.pool.connect())
                         .await
                         .map_err(|_| Reject::UpstreamTimeout)??;
-                    lease.conn = Some(conn);
+                    lease.sender = Some(sender);
                     lease.reused = false;
                     req = unsent;
                 }
@@ -472,15 +416,7 @@ impl HttpBody for Streamed {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let mut polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if polled.is_pending()
-            && let Some(conn) = this.lease.as_mut().and_then(|l| l.conn.as_mut())
-        {
-            // The answer's bytes move only when its connection is driven (here).
-            conn.drive(cx);
-            polled = Pin::new(&mut this.inner).poll_frame(cx);
-        }
-        match polled {
+        match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 this.upload.touch();
                 this.timer.as_mut().reset(Instant::now() + this.idle);
