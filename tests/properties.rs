@@ -501,12 +501,13 @@ fn all_close_reasons() -> Vec<wsgate::error::CloseReason> {
         Overloaded,
         MessageStalled,
         UpstreamDrained,
+        RefreshRefused,
     ];
     for r in &all {
         match r {
             Shutdown | IdleTimeout | PingTimeout | ClientProtocol | ClientInvalidUtf8 | ClientTooBig | ClientIo | UpstreamReset
             | UpstreamProtocol | UpstreamInvalidUtf8 | UpstreamTooBig | TokenExpired | RateAbuse | AccessRevoked | InvalidMessage(_)
-            | Overloaded | MessageStalled | UpstreamDrained => {}
+            | Overloaded | MessageStalled | UpstreamDrained | RefreshRefused => {}
         }
     }
     let mut all = all;
