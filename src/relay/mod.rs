@@ -46,6 +46,9 @@
 //!   the memory budget of their state; `frames/compressed.rs`: directions where either
 //!   hop agreed to it, whose frames are taken apart, inflated a bounded buffer at a
 //!   time, checked, and put together again for the receiver.
+//! - `frames/refresh.rs`: routes with `refresh = true`, whose small client text messages
+//!   are held whole; one that is `{"token": "..."}` stops the pump with its token, which
+//!   `run` hands to [`Policy::refresh`] (the expiry timer follows the verdict).
 
 mod closing;
 pub mod deflate;

@@ -10,6 +10,8 @@
 //! under a gateway key ([`Core::ready`]); an invalid one ends the session or is answered
 //! with an error message, and never reaches the upstream. Refused binary messages are
 //! skipped the same way. Control frames between the fragments are handled as always.
+//! On a route with `refresh = true`, client text messages of at most 16 KiB are held
+//! the same way to be looked at for a refresh token (`refresh.rs`).
 
 use super::Settings;
 use crate::error::CloseReason;
