@@ -21,13 +21,17 @@ use wsgate::wire;
 
 const LEEWAY: u64 = 30; // the default `leeway`
 
-/// A gateway whose route `/app` (to a recording echo upstream) takes its token from the
-/// `Authorization` header or as the first message, and refreshes.
+/// Tokens come from the `Authorization` header or as the first message.
+fn first_message_sources(config: String) -> String {
+    let sources = "audience = [\"wsgate\"]\ntoken_sources = [\"authorization\", \"first_message\"]";
+    config.replace("audience = [\"wsgate\"]", sources)
+}
+
+/// A gateway whose route `/app` (to a recording echo upstream) refreshes.
 async fn start() -> (Gw, Upstream) {
     let up = upstream(Behaviour::Echo).await;
     let rest = format!("{}refresh = true\n", route("app", "/app", &up.url(), "jwt"));
-    let sources = "audience = [\"wsgate\"]\ntoken_sources = [\"authorization\", \"first_message\"]";
-    let gw = Gw::start_with("", &rest, |t| t.replace("audience = [\"wsgate\"]", sources)).await;
+    let gw = Gw::start_with("", &rest, first_message_sources).await;
     (gw, up)
 }
 
@@ -53,7 +57,13 @@ async fn session(gw: &Gw, token: &str) -> wsgate::client::ClientStream {
 /// The text messages the upstream received.
 fn upstream_texts(up: &Upstream) -> Vec<String> {
     let log = up.log.lock().unwrap();
-    log.messages.iter().filter_map(|m| m.to_text().ok().map(str::to_string)).collect()
+    log.messages
+        .iter()
+        .filter_map(|m| match m {
+            Message::Text(t) => Some(t.to_string()),
+            _ => None,
+        })
+        .collect()
 }
 
 #[tokio::test]
@@ -140,7 +150,7 @@ async fn messages_that_are_not_exactly_a_refresh_are_relayed() {
     // A text message over 16 KiB streams as always, whatever it holds.
     let big = json!({ "token": "x".repeat(20_000) }).to_string();
     assert_eq!(roundtrip(&mut ws, &big).await, big);
-    assert_eq!(upstream_texts(&up).len(), 1 + others.len() + 2, "the binary one reads as text too");
+    assert_eq!(upstream_texts(&up).len(), 1 + others.len() + 1);
     assert_eq!(gw.metric(r#"wsgate_token_refreshes_total{route="app",result="ok"}"#).await, 0.0);
 }
 
@@ -233,4 +243,78 @@ async fn a_compressed_refresh_is_seen_inflated() {
         upstream_texts(&up) == ["after", "later"]
     })
     .await;
+}
+
+/// `/app` as in [`start`], with `require_claims = { scope = "chat" }`.
+fn scoped_route(up: &Upstream, refresh: bool) -> String {
+    let app = route("app", "/app", &up.url(), "jwt");
+    format!("{app}refresh = {refresh}\nrequire_claims = {{ scope = \"chat\" }}\n")
+}
+
+#[tokio::test]
+async fn a_refresh_meets_the_route_policy_revocations_and_reloads() {
+    let up = upstream(Behaviour::Echo).await;
+    let gw = Gw::start_with("", &scoped_route(&up, true), first_message_sources).await;
+    let chat = |jti: &str| gw.token_with("alice", Duration::from_secs(600), &[("scope", "chat"), ("jti", jti)]);
+    // Without the claims the route requires.
+    let mut ws = session(&gw, &chat("j-1")).await;
+    ws.send(refresh(&gw.token("alice"))).await.unwrap();
+    assert_eq!(close_code(&mut ws).await.0, 1008);
+    gw.wait_metric(r#"wsgate_token_refreshes_total{route="app",result="forbidden"}"#, 1.0)
+        .await;
+    // Revoked through the admin side (not the revocation file).
+    let incidents = &gw.running.as_ref().unwrap().gateway.incidents;
+    incidents.revoke("j-2", None).unwrap();
+    let mut ws = session(&gw, &chat("j-1")).await;
+    ws.send(refresh(&chat("j-2"))).await.unwrap();
+    assert_eq!(close_code(&mut ws).await.0, 1008);
+    gw.wait_metric(r#"wsgate_token_refreshes_total{route="app",result="revoked"}"#, 1.0)
+        .await;
+    // A good one passes; after a reload that turns refresh off, refreshes end the session.
+    let mut ws = session(&gw, &chat("j-1")).await;
+    ws.send(refresh(&chat("j-3"))).await.unwrap();
+    assert_eq!(roundtrip(&mut ws, "ok").await, "ok");
+    gw.wait_metric(r#"wsgate_token_refreshes_total{route="app",result="ok"}"#, 1.0)
+        .await;
+    let off = first_message_sources(config_text(gw.dir.path(), "", &scoped_route(&up, false)));
+    gw.reload(&off).await.unwrap();
+    assert_eq!(roundtrip(&mut ws, "after the reload").await, "after the reload");
+    ws.send(refresh(&chat("j-4"))).await.unwrap();
+    assert_eq!(close_code(&mut ws).await.0, 1008);
+    gw.wait_metric(r#"wsgate_token_refreshes_total{route="app",result="not_allowed"}"#, 1.0)
+        .await;
+    let seen = upstream_texts(&up);
+    assert!(seen.iter().all(|m| !m.contains("token")), "{seen:?}");
+}
+
+/// A message held to be looked at that never ends holds its memory only until the idle
+/// timeout: pings meanwhile do not keep the session alive.
+#[tokio::test]
+async fn a_held_message_that_never_ends_is_closed_when_idle() {
+    let up = upstream(Behaviour::Echo).await;
+    let limits = "[routes.limits]\nidle_timeout = \"1s\"\n";
+    let rest = format!("{}refresh = true\n{limits}", route("app", "/app", &up.url(), "jwt"));
+    let gw = Gw::start_with("", &rest, first_message_sources).await;
+    let mut ws = session(&gw, &gw.token("alice")).await;
+    let start = Frame::message(b"{\"token\":\"".to_vec(), OpCode::Data(Data::Text), false);
+    ws.send(Message::Frame(start)).await.unwrap();
+    let t0 = Instant::now();
+    let (tx, mut rx) = ws.split();
+    let pinger = tokio::spawn(async move {
+        let mut tx = tx;
+        while tx.send(Message::Ping(b"keep".to_vec().into())).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let code = loop {
+        match tokio::time::timeout(TIMEOUT, rx.next()).await.expect("closed in time") {
+            Some(Ok(Message::Close(Some(f)))) => break u16::from(f.code),
+            Some(Ok(_)) => continue,
+            _ => break 1006,
+        }
+    };
+    pinger.abort();
+    assert_eq!(code, 1001);
+    assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
+    assert_eq!(upstream_texts(&up), ["admitted"]);
 }
