@@ -124,30 +124,30 @@ impl crate::relay::Policy for SessionPolicy<'_> {
         let a = &self.admitted;
         let route = rt.config.routes.iter().find(|r| *r.name == *a.route);
         let mut principal = lock(&a.principal);
-        let judged = match principal.as_ref() {
-            Some(current) => rt.auth.refresh(route, current, token),
-            None => Err(RefreshRefusal::NotAllowed),
+        // A removed route, or an anonymous session, has nothing to refresh.
+        let judged = match (route, principal.as_ref()) {
+            (Some(route), Some(current)) => rt.auth.refresh(route, current, token).map(|new| (route, new)),
+            _ => Err(RefreshRefusal::NotAllowed),
         };
         // Revoked through the admin API (or the cluster) as well as by the file.
-        let judged = judged.and_then(|new| {
+        let judged = judged.and_then(|(route, new)| {
             if self.gw.incidents.is_revoked(new.revocation_key().as_deref()) {
                 return Err(RefreshRefusal::Auth(AuthFailure::Revoked));
             }
-            Ok(new)
+            Ok((route, new))
         });
         let result = judged.as_ref().map_or_else(|r| r.label(), |_| "ok");
         self.gw.metrics.token_refresh(&a.route, result);
         let token_fingerprint = crate::auth::fingerprint(token);
-        match (judged, route) {
-            (Ok(new), Some(route)) => {
+        match judged {
+            Ok((route, new)) => {
                 let deadline = token_deadline(&rt.config, route, new.expires_at);
                 tracing::debug!(route = %a.route, token_fingerprint, exp = new.expires_at, "token refreshed");
                 *principal = Some(new);
                 Ok(deadline)
             }
-            (judged, _) => {
-                let reason = judged.err().map_or("not_allowed", RefreshRefusal::label);
-                tracing::info!(route = %a.route, reason, token_fingerprint, "token refresh refused");
+            Err(refusal) => {
+                tracing::info!(route = %a.route, reason = refusal.label(), token_fingerprint, "token refresh refused");
                 Err(CloseReason::RefreshRefused)
             }
         }

@@ -337,11 +337,11 @@ impl Methods {
     /// revocation list, the exclusive-key rule, the certificate binding, the route's
     /// `require_claims`), without network access, and naming the same user as
     /// `current`. Returns the principal the session goes on with.
-    pub fn refresh(&self, route: Option<&Route>, current: &Principal, token: &str) -> Result<Principal, RefreshRefusal> {
+    pub fn refresh(&self, route: &Route, current: &Principal, token: &str) -> Result<Principal, RefreshRefusal> {
         let issued_by = current.provider.as_deref();
-        let route = route
-            .filter(|r| r.refresh && r.auth.uses_jwt() && r.provider.as_deref() == issued_by)
-            .ok_or(RefreshRefusal::NotAllowed)?;
+        if !(route.refresh && route.auth.uses_jwt() && route.provider.as_deref() == issued_by) {
+            return Err(RefreshRefusal::NotAllowed);
+        }
         let verifier = self.verifier(issued_by).ok_or(RefreshRefusal::NotAllowed)?;
         let id = verifier.verify_offline(token).map_err(RefreshRefusal::Auth)?;
         self.exclusive_key(issued_by, verifier, &id).map_err(RefreshRefusal::Auth)?;
