@@ -153,6 +153,31 @@ impl AuthFailure {
     }
 }
 
+/// Why a live refresh (`refresh = true`, DESIGN.md section 15) was refused: the
+/// `result` label of `wsgate_token_refreshes_total` (beside `ok`). The session then
+/// closes with 1008 ([`CloseReason::RefreshRefused`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefreshRefusal {
+    /// The token fails as it would at admission (signature, expiry, issuer, audience,
+    /// claims, revocation, certificate binding).
+    Auth(AuthFailure),
+    /// A valid token for someone else (or a session without an identity to compare).
+    OtherIdentity,
+    /// The session's route no longer allows refreshes (a reload turned `refresh` off,
+    /// moved the route to another provider, or removed it).
+    NotAllowed,
+}
+
+impl RefreshRefusal {
+    pub fn label(self) -> &'static str {
+        match self {
+            RefreshRefusal::Auth(f) => f.label(),
+            RefreshRefusal::OtherIdentity => "other_identity",
+            RefreshRefusal::NotAllowed => "not_allowed",
+        }
+    }
+}
+
 impl Reject {
     /// The HTTP status answered to the client, or `None` when the TCP connection is
     /// simply closed (no HTTP exchange is possible or wanted).
@@ -324,6 +349,8 @@ pub enum CloseReason {
     Overloaded,
     /// A message being assembled for validation was not complete within `assembly_timeout`.
     MessageStalled,
+    /// A live refresh token (`refresh = true`) was bad, expired or someone else's.
+    RefreshRefused,
 }
 
 /// Why a client message was refused on a route with `[routes.validate]`: the `reason`
@@ -389,7 +416,7 @@ impl CloseReason {
             CloseReason::UpstreamInvalidUtf8 => (Error, Invalid),
             CloseReason::UpstreamTooBig => (Size, Size),
             CloseReason::TokenExpired => (Library(CLOSE_TOKEN_EXPIRED), Library(CLOSE_TOKEN_EXPIRED)),
-            CloseReason::RateAbuse | CloseReason::AccessRevoked => (Policy, Policy),
+            CloseReason::RateAbuse | CloseReason::AccessRevoked | CloseReason::RefreshRefused => (Policy, Policy),
             CloseReason::InvalidMessage(r) => (r.close_code(), r.close_code()),
             CloseReason::Overloaded => (Again, Again),
             CloseReason::UpstreamDrained => (Restart, Restart),
@@ -420,6 +447,7 @@ impl CloseReason {
             CloseReason::InvalidMessage(MessageRejection::Binary) => "binary messages not allowed",
             CloseReason::Overloaded => "gateway busy, try again later",
             CloseReason::MessageStalled => "client message not completed in time",
+            CloseReason::RefreshRefused => "token refresh refused",
         }
     }
 
@@ -432,6 +460,7 @@ impl CloseReason {
             CloseReason::UpstreamDrained => "upstream_drained",
             CloseReason::TokenExpired => "token_expired",
             CloseReason::AccessRevoked => "access_revoked",
+            CloseReason::RefreshRefused => "refresh_refused",
             CloseReason::InvalidMessage(_) => "invalid_message",
             CloseReason::Overloaded => "overloaded",
             other => other.error_kind().unwrap_or("closed"),
@@ -447,6 +476,7 @@ impl CloseReason {
             | CloseReason::UpstreamDrained
             | CloseReason::TokenExpired
             | CloseReason::AccessRevoked
+            | CloseReason::RefreshRefused
             | CloseReason::InvalidMessage(_)
             | CloseReason::Overloaded => None,
             CloseReason::IdleTimeout | CloseReason::MessageStalled => Some("idle_timeout"),
@@ -531,6 +561,7 @@ mod tests {
             (CloseReason::TokenExpired, 4401, 4401, None),
             (CloseReason::RateAbuse, 1008, 1008, Some("protocol")),
             (CloseReason::AccessRevoked, 1008, 1008, None),
+            (CloseReason::RefreshRefused, 1008, 1008, None),
             (CloseReason::InvalidMessage(MessageRejection::NotJson), 1007, 1007, None),
             (CloseReason::InvalidMessage(MessageRejection::TooDeep), 1008, 1008, None),
             (CloseReason::InvalidMessage(MessageRejection::Schema), 1008, 1008, None),

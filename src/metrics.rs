@@ -41,6 +41,7 @@ pub const UPSTREAM_UP: &str = "wsgate_upstream_up";
 pub const UPSTREAM_DRAINED: &str = "wsgate_upstream_drained";
 pub const UPSTREAM_HEALTH_CHECKS: &str = "wsgate_upstream_health_checks_total";
 pub const COMPRESSED_BYTES: &str = "wsgate_compressed_bytes_total";
+pub const TOKEN_REFRESHES: &str = "wsgate_token_refreshes_total";
 /// The process metrics below come from `metrics-process` (its names and help texts), read
 /// on each scrape; listed here so the alert rules and the dashboard have one place to look.
 pub const PROCESS_OPEN_FDS: &str = "process_open_fds";
@@ -127,6 +128,10 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     (
         COMPRESSED_BYTES,
         "Sessions with permessage-deflate only: payload bytes of their messages on the compressed hop's wire (form=wire) and the same messages uncompressed (form=payload), by route and direction; wire/payload is the ratio.",
+    ),
+    (
+        TOKEN_REFRESHES,
+        "Live token refreshes on routes with refresh = true, by route and result: ok, or why it was refused (an auth failure reason, other_identity, not_allowed); a refused one closes the session with 1008.",
     ),
     (
         LIMITER_EVICTIONS,
@@ -304,6 +309,11 @@ impl Metrics {
 
     pub fn auth_failure(&self, route: &str, reason: &'static str) {
         self.counter(AUTH_FAILURES, &[("route", route), ("reason", reason)]).increment(1);
+    }
+
+    /// A live refresh on `route`: `ok`, or why it was refused (a bounded set of labels).
+    pub fn token_refresh(&self, route: &str, result: &'static str) {
+        self.counter(TOKEN_REFRESHES, &[("route", route), ("result", result)]).increment(1);
     }
 
     pub fn error(&self, kind: &'static str) {

@@ -473,6 +473,26 @@ proptest! {
             }
         }
     }
+
+    /// A live refresh (`refresh = true`) is exactly `{"token": "<string>"}`: any string
+    /// round-trips through it, and a message is one only when it is an object whose one
+    /// member is `token` (so a second member, or any other JSON, is relayed instead).
+    #[test]
+    fn refresh_messages_are_exactly_one_string_token(
+        token in any::<String>(),
+        other in any::<String>(),
+        bytes in proptest::collection::vec(any::<u8>(), 0..64),
+    ) {
+        let text = serde_json::json!({ "token": token }).to_string();
+        prop_assert_eq!(wsgate::relay::refresh_token(text.as_bytes()), Some(token.clone()));
+        let two = serde_json::json!({ "token": token, other.clone() + "_": 1 }).to_string();
+        prop_assert_eq!(wsgate::relay::refresh_token(two.as_bytes()), None);
+        prop_assert_eq!(wsgate::relay::refresh_token(serde_json::json!([token]).to_string().as_bytes()), None);
+        if let Some(t) = wsgate::relay::refresh_token(&bytes) {
+            let v: serde_json::Value = serde_json::from_slice(&bytes).expect("a refresh is JSON");
+            prop_assert_eq!(v, serde_json::json!({ "token": t }));
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -501,12 +521,13 @@ fn all_close_reasons() -> Vec<wsgate::error::CloseReason> {
         Overloaded,
         MessageStalled,
         UpstreamDrained,
+        RefreshRefused,
     ];
     for r in &all {
         match r {
             Shutdown | IdleTimeout | PingTimeout | ClientProtocol | ClientInvalidUtf8 | ClientTooBig | ClientIo | UpstreamReset
             | UpstreamProtocol | UpstreamInvalidUtf8 | UpstreamTooBig | TokenExpired | RateAbuse | AccessRevoked | InvalidMessage(_)
-            | Overloaded | MessageStalled | UpstreamDrained => {}
+            | Overloaded | MessageStalled | UpstreamDrained | RefreshRefused => {}
         }
     }
     let mut all = all;

@@ -35,6 +35,7 @@ mod session;
 mod shared_cap;
 mod upstream;
 
+pub(crate) use session::token_deadline;
 pub(crate) use shared_cap::{SharedIpCheck, UserHold};
 
 use crate::auth::{Outcome, Principal, Seen};

@@ -4,13 +4,20 @@
 //! passes the route's auth mode and claims under the new config
 //! ([`crate::auth::Methods::recheck`]). A session whose route was removed keeps going
 //! on its credential alone (nothing in the new config speaks for it or against it).
+//!
+//! On a route with `refresh = true` the client may replace its token mid-session
+//! ([`crate::relay::Policy::refresh`]): the new one is verified as at admission, must
+//! name the same user, and then is the session's credential (re-checks, revocations and
+//! the expiry follow it).
 
 use super::Session;
 use crate::auth::Principal;
-use crate::error::CloseReason;
+use crate::config::{Config, Route};
+use crate::error::{AuthFailure, CloseReason, RefreshRefusal};
 use crate::gateway::Gateway;
 use crate::util::lock;
-use std::{net::IpAddr, sync::Mutex};
+use std::{net::IpAddr, sync::Mutex, time::Duration};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// What a live session is re-checked by, for [`crate::relay::Policy`].
@@ -26,9 +33,12 @@ pub(crate) struct SessionPolicy<'a> {
 struct Admitted {
     /// The route's name: its policy is looked up by it in each new config.
     route: Box<str>,
+    /// The route had `refresh = true` when the session started.
+    refresh: bool,
     origin: Option<http::HeaderValue>,
     client_ip: Option<IpAddr>,
-    principal: Option<Principal>,
+    /// Replaced by a refresh (`refresh = true`); otherwise as admitted.
+    principal: Mutex<Option<Principal>>,
     /// The certificate of a client whose route does not authenticate with it.
     cert: Option<std::sync::Arc<crate::tls::ClientCert>>,
     /// When the connection was accepted: a kick closes sessions accepted before it.
@@ -42,7 +52,7 @@ impl Session {
     pub(crate) fn policy<'a>(
         &mut self,
         gw: &'a Gateway,
-        route: &str,
+        route: &Route,
         admitted_under: CancellationToken,
         client_ip: Option<IpAddr>,
         started: std::time::Instant,
@@ -51,10 +61,11 @@ impl Session {
             gw,
             admitted_under: Mutex::new(Some(admitted_under)),
             admitted: Box::new(Admitted {
-                route: route.into(),
+                route: route.name.as_str().into(),
+                refresh: route.refresh,
                 origin: self.origin.take(),
                 client_ip,
-                principal: self.principal.take().map(|p| *p),
+                principal: Mutex::new(self.principal.take().map(|p| *p)),
                 cert: self.cert.take(),
                 started,
             }),
@@ -92,14 +103,81 @@ impl crate::relay::Policy for SessionPolicy<'_> {
             tracing::info!(route = %a.route, reason = "origin", "a live session no longer passes its route's policy");
             return Some(CloseReason::AccessRevoked);
         }
-        if let Some(p) = &a.principal
+        let principal = lock(&a.principal);
+        if let Some(p) = principal.as_ref()
             && (incidents.is_revoked(p.revocation_key().as_deref()) || incidents.is_kicked(p.user_key().as_deref(), a.started))
         {
             return Some(CloseReason::AccessRevoked);
         }
         // Key rotation, a new CRL, a removed CA, a tightened auth mode or claims.
-        let failed = rt.auth.recheck(route, a.principal.as_ref(), a.cert.as_ref()).err()?;
+        let failed = rt.auth.recheck(route, principal.as_ref(), a.cert.as_ref()).err()?;
         tracing::info!(route = %a.route, reason = failed.label(), "a live session no longer passes its route's policy");
         Some(CloseReason::AccessRevoked)
+    }
+
+    fn refreshes(&self) -> bool {
+        self.admitted.refresh
+    }
+
+    fn refresh(&self, token: &str) -> Result<Option<Instant>, CloseReason> {
+        let rt = self.gw.runtime();
+        let a = &self.admitted;
+        let route = rt.config.routes.iter().find(|r| *r.name == *a.route);
+        let mut principal = lock(&a.principal);
+        // A removed route, or an anonymous session, has nothing to refresh.
+        let judged = match (route, principal.as_ref()) {
+            (Some(route), Some(current)) => rt.auth.refresh(route, current, token).map(|new| (route, new)),
+            _ => Err(RefreshRefusal::NotAllowed),
+        };
+        // Revoked through the admin API (or the cluster) as well as by the file.
+        let judged = judged.and_then(|(route, new)| {
+            if self.gw.incidents.is_revoked(new.revocation_key().as_deref()) {
+                return Err(RefreshRefusal::Auth(AuthFailure::Revoked));
+            }
+            Ok((route, new))
+        });
+        let result = judged.as_ref().map_or_else(|r| r.label(), |_| "ok");
+        self.gw.metrics.token_refresh(&a.route, result);
+        let token_fingerprint = crate::auth::fingerprint(token);
+        match judged {
+            Ok((route, new)) => {
+                let deadline = token_deadline(&rt.config, route, new.expires_at);
+                tracing::debug!(route = %a.route, token_fingerprint, exp = new.expires_at, "token refreshed");
+                *principal = Some(new);
+                Ok(deadline)
+            }
+            Err(refusal) => {
+                tracing::info!(route = %a.route, reason = refusal.label(), token_fingerprint, "token refresh refused");
+                Err(CloseReason::RefreshRefused)
+            }
+        }
+    }
+}
+
+/// When a session on `route` whose token expires at `exp` (seconds since the epoch)
+/// must end: `exp` plus the leeway, when its verifier has `close_on_expiry`.
+pub(crate) fn token_deadline(config: &Config, route: &Route, exp: Option<u64>) -> Option<Instant> {
+    let jwt = config.jwt_of(route);
+    exp.filter(|_| jwt.close_on_expiry).map(|exp| expiry_instant(exp, jwt.leeway))
+}
+
+/// The monotonic instant at which a token with `exp` (seconds since the epoch) expires, plus `leeway`.
+pub(crate) fn expiry_instant(exp: u64, leeway: Duration) -> Instant {
+    let now_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    // `exp` comes from the token: saturate instead of overflowing near u64::MAX.
+    let remaining = Duration::from_secs(exp).saturating_add(leeway).saturating_sub(now_unix);
+    Instant::now() + remaining.min(Duration::from_secs(10 * 365 * 86400))
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn expiry_at_the_edge_of_the_integer_range_does_not_panic() {
+        let far = super::expiry_instant(u64::MAX, std::time::Duration::from_secs(u64::MAX));
+        assert!(far > tokio::time::Instant::now() + std::time::Duration::from_secs(86400));
+        let past = super::expiry_instant(0, std::time::Duration::ZERO);
+        assert!(past <= tokio::time::Instant::now());
     }
 }

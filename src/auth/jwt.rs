@@ -346,6 +346,22 @@ impl Verifier {
         }
     }
 
+    /// [`Verifier::verify`] without any network access: a token remembered and still
+    /// standing is not checked again, one verified here is remembered. For checks made
+    /// inside a live session (a refresh), where waiting on a JWKS refetch would stall
+    /// the relay: an unknown `kid` is refused at once.
+    pub fn verify_offline(&self, token: &str) -> Result<Identity, AuthFailure> {
+        if let Some(id) = self.remembered(token) {
+            return Ok(id);
+        }
+        let generation = self.keys.generation();
+        let verified = self.verify_now(token);
+        if let Ok(id) = &verified {
+            crate::util::lock(&self.memo).put(id, generation);
+        }
+        verified
+    }
+
     /// Verification without any network access (no JWKS refetch).
     pub fn verify_now(&self, token: &str) -> Result<Identity, AuthFailure> {
         let (alg, kid) = self.check_header(token)?;

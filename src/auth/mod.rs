@@ -22,7 +22,7 @@ pub use jwt::{FoundToken, Identity, Verifier, claims_grant, fingerprint, jti_tex
 pub(crate) use jwt::{check_binding, claim_header_value};
 
 use crate::config::{AuthMode, Config, ConfigError, Route, TokenSource};
-use crate::error::{AuthFailure, Reject};
+use crate::error::{AuthFailure, RefreshRefusal, Reject};
 use crate::tls::ClientCert;
 use http::HeaderMap;
 use rustls::server::danger::ClientCertVerifier;
@@ -329,6 +329,34 @@ impl Methods {
         let mut principal = jwt::principal(id, cert.cloned(), route.auth.uses_cert());
         principal.provider.clone_from(&route.provider);
         Ok(principal)
+    }
+
+    /// A live session's new token (`refresh = true` on `route`, its route in the current
+    /// config): verified as at admission by the provider that verified `current`
+    /// (signature, expiry with the leeway, issuer, audience, required claims, the
+    /// revocation list, the exclusive-key rule, the certificate binding, the route's
+    /// `require_claims`), without network access, and naming the same user as
+    /// `current`. Returns the principal the session goes on with.
+    pub fn refresh(&self, route: &Route, current: &Principal, token: &str) -> Result<Principal, RefreshRefusal> {
+        let issued_by = current.provider.as_deref();
+        if !(route.refresh && route.auth.uses_jwt() && route.provider.as_deref() == issued_by) {
+            return Err(RefreshRefusal::NotAllowed);
+        }
+        let verifier = self.verifier(issued_by).ok_or(RefreshRefusal::NotAllowed)?;
+        let id = verifier.verify_offline(token).map_err(RefreshRefusal::Auth)?;
+        self.exclusive_key(issued_by, verifier, &id).map_err(RefreshRefusal::Auth)?;
+        let cert = current.credential.cert.clone();
+        check_binding(&id.claims, cert.as_deref()).map_err(RefreshRefusal::Auth)?;
+        // Without an identity there is no telling whose token it is.
+        if current.identity.is_none() || id.sub != current.identity {
+            return Err(RefreshRefusal::OtherIdentity);
+        }
+        if !claims_grant(&route.require_claims, &id.claims) {
+            return Err(RefreshRefusal::Auth(AuthFailure::Forbidden));
+        }
+        let mut principal = jwt::principal(id, cert, current.credential.cert_authenticates);
+        principal.provider.clone_from(&current.provider);
+        Ok(principal.for_session())
     }
 
     /// Whether a live session still passes under this (reloaded) config, as a new

@@ -250,6 +250,7 @@ pub(super) struct Route {
     pub upstreams: Spanned<Vec<String>>,
     pub auth: Option<AuthMode>,
     pub forward_token: Option<bool>,
+    pub refresh: Option<Spanned<bool>>,
     pub upstream_ca: Option<Spanned<PathBuf>>,
     pub allowed_origins: Option<Spanned<Vec<String>>>,
     pub allow_missing_origin: Option<bool>,

@@ -122,6 +122,9 @@ pub struct Route {
     pub upstreams: Vec<Upstream>,
     pub auth: AuthMode,
     pub forward_token: bool,
+    /// `refresh = true` (jwt routes with `first_message`): a client message that is
+    /// exactly `{"token": "<jwt>"}` replaces the session's token (DESIGN.md section 15).
+    pub refresh: bool,
     /// Extra trust anchors (PEM) for `wss://` upstreams, besides the webpki roots.
     pub upstream_ca: Option<Located<PathBuf>>,
     /// Normalised origins (`scheme://host[:port]`, default ports removed); `"*"` allows any.

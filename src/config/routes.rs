@@ -70,10 +70,16 @@ impl Validator<'_> {
         Ok(())
     }
 
-    pub(super) fn routes(&self, raws: Vec<raw::Route>) -> Result<Vec<Route>, ConfigError> {
+    pub(super) fn routes(
+        &self,
+        raws: Vec<raw::Route>,
+        jwt: &Jwt,
+        providers: &std::collections::BTreeMap<String, Jwt>,
+    ) -> Result<Vec<Route>, ConfigError> {
         let mut routes: Vec<Route> = Vec::with_capacity(raws.len());
         for r in raws {
             let route = self.route(&r)?;
+            self.refresh(&r, &route, jwt, providers)?;
             if routes.iter().any(|o| o.name == route.name) {
                 return Err(self.err(&r.name, "routes.name", "duplicate route name"));
             }
@@ -131,6 +137,7 @@ impl Validator<'_> {
             upstreams,
             auth,
             forward_token: r.forward_token.unwrap_or(false),
+            refresh: r.refresh.as_ref().is_some_and(|f| *f.get_ref()),
             upstream_ca: r.upstream_ca.as_ref().map(|c| self.located(c, "routes.upstream_ca")),
             allowed_origins: self.allowed_origins(r.allowed_origins.as_ref())?,
             allow_missing_origin: r.allow_missing_origin.unwrap_or(true),
@@ -148,6 +155,41 @@ impl Validator<'_> {
             health_check: r.health_check.as_ref().map(|h| self.health_check(h)).transpose()?,
             compression: self.compression(r)?,
         })
+    }
+
+    /// `refresh = true` needs a route whose tokens come as a message: `auth = "jwt"` (or
+    /// `"jwt+mtls"`) with `first_message` among its verifier's `token_sources`. A route
+    /// whose `provider` is unknown is left to [`Validator::route_providers`].
+    fn refresh(
+        &self,
+        r: &raw::Route,
+        route: &Route,
+        jwt: &Jwt,
+        providers: &std::collections::BTreeMap<String, Jwt>,
+    ) -> Result<(), ConfigError> {
+        let Some(flag) = r.refresh.as_ref().filter(|f| *f.get_ref()) else {
+            return Ok(());
+        };
+        let verifier = match &route.provider {
+            None => Some(jwt),
+            Some(name) => providers.get(name),
+        };
+        let first_message = verifier.is_none_or(|j| j.token_sources.contains(&TokenSource::FirstMessage));
+        if !route.auth.uses_jwt() || !first_message {
+            return Err(self.err(
+                flag,
+                "routes.refresh",
+                format!(
+                    "route \"{}\": refresh needs auth = \"jwt\" (or \"jwt+mtls\") and \"first_message\" in the token_sources of {}",
+                    route.name,
+                    route
+                        .provider
+                        .as_ref()
+                        .map_or_else(|| "[jwt]".to_string(), |p| format!("[providers.{}]", shown(p)))
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// The route's permessage-deflate keys (DESIGN.md section 16).

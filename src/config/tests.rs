@@ -518,3 +518,30 @@ fn a_provider_with_hs_algorithms_needs_its_own_secret() {
     assert!(e.message.contains("own secret"), "{e}");
     Config::from_toml_str(&src.replace("jwks_file", "secret_file = \"b.secret\"\njwks_file"), "t.toml").unwrap();
 }
+
+#[test]
+fn refresh_needs_a_jwt_route_with_first_message() {
+    let route = |auth: &str| {
+        format!("[[routes]]\nname = \"a\"\npath = \"/a\"\nupstreams = [\"builtin:echo\"]\nauth = \"{auth}\"\nrefresh = true\n")
+    };
+    // The default token sources have no first_message.
+    let e = err(&route("jwt"));
+    assert_eq!((e.key.as_str(), e.line), ("routes.refresh", Some(6)), "{e}");
+    assert!(e.message.contains("first_message") && e.message.contains("[jwt]"), "{e}");
+    let fm = "[jwt]\ntoken_sources = [\"authorization\", \"first_message\"]\n";
+    let e = err(&format!("{fm}{}", route("none")));
+    assert_eq!((e.key.as_str(), e.line), ("routes.refresh", Some(8)), "{e}");
+    let c = Config::from_toml_str(&format!("{fm}{}", route("jwt")), "t.toml").unwrap();
+    assert!(c.routes[0].refresh);
+    // A provider's own token sources count, not [jwt]'s.
+    let provider = "[providers.p]\nkind = \"jwt\"\nissuer = \"p\"\nsecret_env = \"X\"\ntoken_sources = [\"authorization\"]\n";
+    let e = err(&format!(
+        "{fm}{provider}{}",
+        route("jwt").replace("auth =", "provider = \"p\"\nauth =")
+    ));
+    assert_eq!(e.key, "routes.refresh", "{e}");
+    assert!(e.message.contains("[providers.p]"), "{e}");
+    // Off is fine anywhere.
+    let c = Config::from_toml_str(&route("none").replace("true", "false"), "t.toml").unwrap();
+    assert!(!c.routes[0].refresh);
+}

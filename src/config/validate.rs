@@ -82,7 +82,7 @@ impl Validator<'_> {
         let firewall = self.firewall(raw.firewall)?;
         let jwt = self.jwt(raw.jwt, "jwt")?;
         let providers = self.providers(raw.providers)?;
-        let routes = self.routes(raw.routes)?;
+        let routes = self.routes(raw.routes, &jwt, &providers)?;
         let cluster = raw.cluster.as_ref().map(|c| self.cluster(c)).transpose()?;
         self.jwt_routes(&jwt, None, &routes)?;
         for (name, provider) in &providers {

@@ -327,13 +327,9 @@ async fn run_session(
         }));
         session_metrics.compressed = Some(Box::new(gw.metrics.compressed(&route.name)));
     }
-    let deadline = session
-        .principal
-        .as_ref()
-        .and_then(|p| p.expires_at)
-        .filter(|_| rt.config.jwt_of(route).close_on_expiry)
-        .map(|exp| (expiry_instant(exp, rt.config.jwt_of(route).leeway), CloseReason::TokenExpired));
-    let policy = session.policy(gw, &route.name, admitted_under, client_ip, registered.started_at);
+    let expires_at = session.principal.as_ref().and_then(|p| p.expires_at);
+    let deadline = crate::admit::token_deadline(&rt.config, route, expires_at).map(|at| (at, CloseReason::TokenExpired));
+    let policy = session.policy(gw, route, admitted_under, client_ip, registered.started_at);
     let request_id = admission.with_info(|i| i.request_id.clone()).unwrap_or_default();
     let control = relay::Control {
         shutdown: &gw.sessions,
@@ -363,26 +359,8 @@ async fn run_session(
     })
 }
 
-/// The monotonic instant at which a token with `exp` (seconds since the epoch) expires, plus `leeway`.
-pub(crate) fn expiry_instant(exp: u64, leeway: Duration) -> Instant {
-    let now_unix = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    // `exp` comes from the token: saturate instead of overflowing near u64::MAX.
-    let remaining = Duration::from_secs(exp).saturating_add(leeway).saturating_sub(now_unix);
-    Instant::now() + remaining.min(Duration::from_secs(10 * 365 * 86400))
-}
-
 #[cfg(test)]
 mod tests {
-    #[tokio::test]
-    async fn expiry_at_the_edge_of_the_integer_range_does_not_panic() {
-        let far = super::expiry_instant(u64::MAX, std::time::Duration::from_secs(u64::MAX));
-        assert!(far > tokio::time::Instant::now() + std::time::Duration::from_secs(86400));
-        let past = super::expiry_instant(0, std::time::Duration::ZERO);
-        assert!(past <= tokio::time::Instant::now());
-    }
-
     /// Idle memory per session is dominated by the connection's future: keep it small
     /// (the handshake stages are boxed and freed before the relay phase).
     #[tokio::test]

@@ -36,6 +36,8 @@ where
         } => upstream_closed(client, upstream, &payload[..len], timeout).await,
         Event::End(reason) if is_client_fault(reason) => client_fault(core, client, upstream, reason, timeout).await,
         Event::End(reason) => gateway_ends(core, client, upstream, reason, timeout).await,
+        // `run` judges refreshes and goes on; one is never how a session ends.
+        Event::Refresh(_) => gateway_ends(core, client, upstream, CloseReason::RefreshRefused, timeout).await,
     }
 }
 

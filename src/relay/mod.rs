@@ -46,6 +46,9 @@
 //!   the memory budget of their state; `frames/compressed.rs`: directions where either
 //!   hop agreed to it, whose frames are taken apart, inflated a bounded buffer at a
 //!   time, checked, and put together again for the receiver.
+//! - `frames/refresh.rs`: routes with `refresh = true`, whose small client text messages
+//!   are held whole; one that is `{"token": "..."}` stops the pump with its token, which
+//!   `run` hands to [`Policy::refresh`] (the expiry timer follows the verdict).
 
 mod closing;
 pub mod deflate;
@@ -55,7 +58,7 @@ mod pump;
 mod timers;
 
 pub use endpoint::Endpoint;
-pub use frames::{AssemblyBudget, AssemblyShare, Compression};
+pub use frames::{AssemblyBudget, AssemblyShare, Compression, refresh_token};
 
 use crate::error::{CloseReason, Initiator};
 use crate::metrics::SessionMetrics;
@@ -157,6 +160,18 @@ pub trait Policy: Sync {
     fn live_limits(&self) -> Option<LiveLimits> {
         None
     }
+    /// Whether the session's route has `refresh = true` (DESIGN.md section 15): client
+    /// text messages of at most 16 KiB are then held whole, and one that is exactly
+    /// `{"token": "..."}` goes to [`Policy::refresh`] instead of the upstream.
+    fn refreshes(&self) -> bool {
+        false
+    }
+    /// A refresh message's token (`refresh = true`): on success the session goes on
+    /// with it, until the returned instant (`None`: no expiry); on failure the session
+    /// ends with the reason. Called inside the relay's poll: it must not block.
+    fn refresh(&self, _token: &str) -> Result<Option<Instant>, CloseReason> {
+        Err(CloseReason::RefreshRefused)
+    }
 }
 
 /// Ready when the session must end because its upstream is drained (admin API): the
@@ -234,6 +249,9 @@ where
     U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let mut core = Core::new(settings);
+    if control.policy.is_some_and(|p| p.refreshes()) {
+        core.look_for_refreshes();
+    }
     if let Some(paid) = client.paid.take() {
         let (rate, wait) = *paid;
         core.continue_rate(rate, wait); // what the frames before a `first_message` token paid
@@ -256,8 +274,16 @@ where
         if let Some(ev) = timers.poll_keepalive(cx, settings, &mut core, client) {
             return Poll::Ready(ev);
         }
-        if let Some(ev) = pump::pump(&mut core, Side::Client, client, upstream, cx) {
-            return Poll::Ready(ev);
+        match pump::pump(&mut core, Side::Client, client, upstream, cx) {
+            Some(Event::Refresh(token)) => {
+                if let Some(ev) = timers.refresh(cx, &control, &token) {
+                    return Poll::Ready(ev);
+                }
+                // What the client sent behind the refresh waits in its buffer: come back for it.
+                cx.waker().wake_by_ref();
+            }
+            Some(ev) => return Poll::Ready(ev),
+            None => {}
         }
         if let Some(ev) = pump::pump(&mut core, Side::Upstream, upstream, client, cx) {
             return Poll::Ready(ev);

@@ -67,6 +67,30 @@ impl Timers {
         }
     }
 
+    /// A refresh message's token: the policy judges it; on success the expiry moves to
+    /// the new token's (or goes, for a token without one).
+    pub(super) fn refresh(&mut self, cx: &mut Context<'_>, control: &Control<'_>, token: &str) -> Option<Event> {
+        let judged = control.policy.map_or(Err(CloseReason::RefreshRefused), |p| p.refresh(token));
+        match judged {
+            Err(reason) => Some(Event::End(reason)),
+            Ok(None) => {
+                self.expiry = None;
+                None
+            }
+            Ok(Some(at)) => {
+                match &mut self.expiry {
+                    Some((timer, _)) => rearm(timer, at, cx),
+                    slot => {
+                        let mut timer = Box::pin(sleep_until(at));
+                        let _ = timer.as_mut().poll(cx);
+                        *slot = Some((timer, CloseReason::TokenExpired));
+                    }
+                }
+                None
+            }
+        }
+    }
+
     /// Frames went through: the idle timer starts again.
     pub(super) fn active(&mut self) {
         self.last_activity = Instant::now();

@@ -348,6 +348,9 @@ impl Core {
         };
         c.sizes[1] += data.len() as u64;
         match f.mode {
+            Mode::Probe => {
+                self.hold(data);
+            }
             Mode::Assemble => {
                 let share = self.assembly.as_deref();
                 self.held += super::grow(&mut dec.assembly, data.len(), max_message as usize, share).ok_or(CloseReason::Overloaded)?;
@@ -426,6 +429,14 @@ impl Core {
                 c.flush(true, &mut self.ready);
             }
             None => wire::put_frame(&mut self.ready, opcode, payload, from == Side::Client),
+        }
+    }
+
+    /// Plain bytes of the message in progress from `from`, handed to its receiver's side
+    /// of the codec (a held message that turned out not to be a refresh).
+    pub(super) fn write_coded(&mut self, from: Side, data: &[u8]) {
+        if let Some(c) = self.codec.as_deref_mut().and_then(|a| a[from as usize].as_mut()) {
+            c.write(data);
         }
     }
 

@@ -10,6 +10,8 @@
 //! under a gateway key ([`Core::ready`]); an invalid one ends the session or is answered
 //! with an error message, and never reaches the upstream. Refused binary messages are
 //! skipped the same way. Control frames between the fragments are handled as always.
+//! On a route with `refresh = true`, client text messages of at most 16 KiB are held
+//! the same way to be looked at for a refresh token (`refresh.rs`).
 
 use super::Settings;
 use crate::error::CloseReason;
@@ -19,6 +21,7 @@ use crate::validation::{Invalid, Validator};
 use crate::wire::{self, OP_BINARY, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, Utf8, Violation};
 use bytes::{Bytes, BytesMut};
 pub use compressed::Compression;
+pub use refresh::refresh_token;
 use std::{collections::VecDeque, pin::Pin, sync::Arc, task::Context, time::Duration};
 use tokio::time::{Instant, Sleep, sleep_until};
 pub use validated::{AssemblyBudget, AssemblyShare};
@@ -33,6 +36,7 @@ pub(super) const PING_LEN: usize = PING_PREFIX.len() + 8;
 pub(super) const REPLY_LIMIT: usize = 4 * 1024;
 
 mod compressed;
+mod refresh;
 mod validated;
 
 /// Pings passed on to a side and not yet answered, at most; beyond this a ping is
@@ -63,6 +67,9 @@ pub(super) enum Event {
     },
     /// The gateway ends the session.
     End(CloseReason),
+    /// A client message that is a refresh (`refresh = true`): its token, for the session
+    /// to judge before anything the client sent after it is processed. Never relayed.
+    Refresh(Box<str>),
 }
 
 /// Where processing a run of input stopped.
@@ -99,6 +106,10 @@ struct Decoder {
     /// The text message being assembled for validation; empty, without capacity,
     /// between messages.
     assembly: Vec<u8>,
+    /// Client side of a route with `refresh = true`: small text messages are held and
+    /// looked at (`refresh.rs`). Here rather than in `Core`, where it would cost the
+    /// session future 8 bytes.
+    refresh: bool,
 }
 
 /// A data frame in progress. Frames are streamed, never held whole: a session's memory
@@ -243,6 +254,11 @@ impl Core {
                 let mode = match self.message_mode(from, &h) {
                     Ok(mode) => mode,
                     Err(reason) => return done(w, r, Some(Stop::Event(Event::End(reason)))),
+                };
+                let mode = if self.dec[from as usize].refresh {
+                    self.probe_mode(&h, mode)
+                } else {
+                    mode
                 };
                 if h.opcode != OP_CONTINUATION
                     && let Err(reason) = self.start_coded(from, h.opcode, h.rsv1)
@@ -394,6 +410,14 @@ impl Core {
                 self.held += grow(&mut dec.assembly, n, max_message, self.assembly.as_deref()).ok_or(CloseReason::Overloaded)?;
                 dec.assembly.extend_from_slice(piece);
             }
+            Mode::Probe => {
+                if let Some((m, _)) = f.keys {
+                    wire::apply_mask(piece, wire::rotate(m, at));
+                }
+                dec.utf8.feed(piece, last).map_err(bad)?;
+                // `probe_mode` keeps such a message within `MAX_REFRESH_MESSAGE`.
+                dec.assembly.extend_from_slice(piece);
+            }
             Mode::Skip => {}
         }
         let passed = f.mode == Mode::Stream;
@@ -437,7 +461,7 @@ impl Core {
         // is complete: a frame that never ends does not keep a session alive. A message
         // held for validation counts only when it is whole, so its memory is held at most
         // `idle_timeout` past the last activity, pings or not.
-        self.activity |= f.fin || f.mode != Mode::Assemble;
+        self.activity |= f.fin || !matches!(f.mode, Mode::Assemble | Mode::Probe);
         if f.fin {
             dec.message = None;
             dec.message_len = 0;
@@ -449,8 +473,16 @@ impl Core {
                     None
                 }
                 Mode::Assemble => self.finish_message(from, replies),
+                Mode::Probe => self.finish_probe(),
                 Mode::Skip => self.reject(Invalid::binary(), Some(replies)),
             };
+            if let Some(Stop::Event(Event::Refresh(token))) = refused {
+                // A refresh pays like a message; the rate's verdict on it comes first.
+                return match self.charge(from) {
+                    Some(Stop::Event(ev)) => Some(Stop::Event(ev)),
+                    _ => Some(Stop::Event(Event::Refresh(token))),
+                };
+            }
             if refused.is_some() {
                 return refused; // the session ends: nothing left to charge
             }

@@ -157,6 +157,9 @@ pub(super) enum Mode {
     Assemble,
     /// Refused (a binary message with `on_invalid = "reply"`): read and dropped.
     Skip,
+    /// Held whole while it may be a refresh (`refresh = true`, `refresh.rs`): at most
+    /// `MAX_REFRESH_MESSAGE` bytes, then relayed as one frame unless it is one.
+    Probe,
 }
 
 impl Core {
@@ -170,7 +173,7 @@ impl Core {
     /// Whether a message from `from` is being assembled for validation (its memory is
     /// held until it is whole): pings and pongs then do not count as activity.
     pub(super) fn assembling(&self, from: Side) -> bool {
-        self.dec[from as usize].mode == Mode::Assemble
+        matches!(self.dec[from as usize].mode, Mode::Assemble | Mode::Probe)
     }
 
     /// How the message a data frame from `from` starts or continues is handled: streamed,
@@ -202,6 +205,12 @@ impl Core {
         let text = std::mem::take(&mut self.dec[from as usize].assembly);
         self.release_assembly(); // `text` is freed before this returns
         self.assembly_started = None;
+        if self.dec[from as usize].refresh
+            && text.len() <= super::refresh::MAX_REFRESH_MESSAGE
+            && let Some(token) = super::refresh::refresh_token(&text)
+        {
+            return Some(Stop::Event(Event::Refresh(token.into_boxed_str())));
+        }
         let checked = match &self.validator {
             Some(v) => v.check(&text),
             None => Ok(()),
