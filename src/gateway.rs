@@ -606,7 +606,7 @@ impl Gateway {
         let peer = who.peer;
         let request_id = who.request_id.unwrap_or("-");
         let status = reject.status().map(|s| s.as_u16());
-        if let Reject::Auth(failure) = reject {
+        if let Some(failure) = reject.auth_failure() {
             if let (Some((key, ban)), Some(cluster)) = (self.per_ip().auth_failed(peer), &self.cluster) {
                 // Shared: the address is refused on every instance, not only here.
                 let event = crate::cluster::Event::AuthBan {
@@ -652,6 +652,7 @@ impl Refused<'_> {
 /// Fetch the JWKS URL once now, then keep it fresh until `until` is cancelled (the next
 /// reload) or the runtime is gone: one refresh loop per live key set.
 pub(crate) async fn start_jwks_refresh(rt: &Arc<Runtime>, metrics: &Metrics, until: CancellationToken) {
+    rt.auth.bind_metrics(metrics);
     if let Some(every) = rt.config.jwt.jwks_url.as_ref().map(|u| u.refresh) {
         let metrics = metrics.clone();
         let report = move |ok| metrics.jwks_refresh(ok);

@@ -516,6 +516,7 @@ pub(super) fn principal(id: Identity, cert: Option<std::sync::Arc<crate::tls::Cl
             token: Some(id.token),
             cert,
             cert_authenticates,
+            forward: None,
         },
     }
 }

@@ -14,11 +14,13 @@
 //! | `units.rs` | durations, byte sizes and rates as written in the file |
 
 mod acme;
+mod forward;
 mod located;
 mod raw;
 mod route;
 mod routes;
 pub mod units;
+pub use forward::FORWARD_DERIVED;
 mod validate;
 
 pub use acme::{MAX_ACME_DOMAINS, parse_identifier};
@@ -136,6 +138,8 @@ pub struct Config {
     pub jwt: Jwt,
     /// `[providers.NAME]` of kind jwt, by name (DESIGN.md section 15).
     pub providers: std::collections::BTreeMap<String, Jwt>,
+    /// `[providers.NAME]` of kind forward, by name (DESIGN.md section 15).
+    pub forward_providers: std::collections::BTreeMap<String, Forward>,
     pub routes: Vec<Route>,
     /// `[cluster]`: absent, one instance with in-process state.
     pub cluster: Option<Cluster>,
@@ -460,6 +464,31 @@ impl FirewallRules {
     pub fn has_deny_rules(&self) -> bool {
         !self.deny.is_empty() || !self.deny_files.is_empty()
     }
+}
+
+/// Default `pass_headers` of a forward provider: what a cookie-session app reads.
+pub const DEFAULT_FORWARD_PASS_HEADERS: [&str; 3] = ["cookie", "authorization", "origin"];
+/// Default `timeout` of a forward provider: the whole exchange with the auth endpoint.
+pub const DEFAULT_FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `[providers.NAME]` of kind `"forward"`: the app's endpoint decides (cookie sessions).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    /// `http://` or `https://`, without credentials.
+    pub url: http::Uri,
+    /// The client's headers sent to `url` (lower case; only these).
+    pub pass_headers: Vec<http::HeaderName>,
+    /// The answer's header naming the user.
+    pub identity_header: http::HeaderName,
+    /// Answer headers sent upstream; client copies of these names are removed.
+    pub copy_headers: Vec<http::HeaderName>,
+    /// How long an answer may be reused (zero: never).
+    pub cache: Duration,
+    /// Live sessions are asked again this often (`None`: never).
+    pub recheck: Option<Duration>,
+    pub timeout: Duration,
+    /// Extra trust anchor for an `https` url.
+    pub ca_file: Option<Located<PathBuf>>,
 }
 
 /// Where a JWKS comes from.

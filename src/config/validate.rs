@@ -81,14 +81,14 @@ impl Validator<'_> {
         let limits = self.limits(raw.limits)?;
         let firewall = self.firewall(raw.firewall)?;
         let jwt = self.jwt(raw.jwt, "jwt")?;
-        let providers = self.providers(raw.providers)?;
+        let (providers, forward_providers) = self.providers(raw.providers)?;
         let routes = self.routes(raw.routes)?;
         let cluster = raw.cluster.as_ref().map(|c| self.cluster(c)).transpose()?;
         self.jwt_routes(&jwt, None, &routes)?;
         for (name, provider) in &providers {
             self.jwt_routes(provider, Some(name), &routes)?;
         }
-        self.route_providers(&providers, &routes)?;
+        self.route_providers(&providers, &forward_providers, &routes)?;
         self.cert_routes(&tls, &routes)?;
         Ok(Config {
             origin: self.origin.to_string(),
@@ -100,6 +100,7 @@ impl Validator<'_> {
             firewall,
             jwt,
             providers,
+            forward_providers,
             routes,
             cluster,
         })
@@ -370,11 +371,13 @@ impl Validator<'_> {
 
     /// `[providers.NAME]`: each a self-contained `[jwt]` (keys it does not set take
     /// `[jwt]`'s defaults, not its values) of kind `"jwt"`, with key material of its own.
+    #[allow(clippy::type_complexity)]
     fn providers(
         &self,
         raws: std::collections::BTreeMap<String, Spanned<raw::Provider>>,
-    ) -> Result<std::collections::BTreeMap<String, Jwt>, ConfigError> {
+    ) -> Result<(std::collections::BTreeMap<String, Jwt>, std::collections::BTreeMap<String, Forward>), ConfigError> {
         let mut providers = std::collections::BTreeMap::new();
+        let mut forwards = std::collections::BTreeMap::new();
         for (name, spanned) in raws {
             let p = format!("providers.{name}");
             if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
@@ -385,12 +388,26 @@ impl Validator<'_> {
                 ));
             }
             let span = spanned.span();
-            let (kind, j) = spanned.into_inner().split();
-            if kind.get_ref() != "jwt" {
+            let (kind, j, f) = spanned.into_inner().split();
+            match kind.get_ref().as_str() {
+                "jwt" => {}
+                "forward" => {
+                    forwards.insert(name.clone(), self.forward(j, f, &p, span)?);
+                    continue;
+                }
+                other => {
+                    return Err(self.err(
+                        &kind,
+                        &format!("{p}.kind"),
+                        format!("unknown kind \"{}\" (this version has \"jwt\" and \"forward\")", shown(other)),
+                    ));
+                }
+            }
+            if let Some((key, at)) = f.first_set() {
                 return Err(self.err(
-                    &kind,
-                    &format!("{p}.kind"),
-                    format!("unknown kind \"{}\" (this version has \"jwt\")", shown(kind.get_ref())),
+                    &Spanned::new(at, ()),
+                    &format!("{p}.{key}"),
+                    "a key of kind \"forward\", not \"jwt\"",
                 ));
             }
             let own_keys = j.secret_env.is_some()
@@ -420,7 +437,7 @@ impl Validator<'_> {
             }
             providers.insert(name, jwt);
         }
-        Ok(providers)
+        Ok((providers, forwards))
     }
 
     fn algorithms(&self, names: Option<&Spanned<Vec<String>>>, p: &str) -> Result<Vec<Algorithm>, ConfigError> {
