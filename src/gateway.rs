@@ -167,6 +167,11 @@ impl Runtime {
         if config.routes.iter().any(|r| r.forward_token) {
             identity_headers.push(http::header::AUTHORIZATION);
         }
+        // What forward auth endpoints vouch for (`copy_headers`, `identity_header`).
+        for f in config.forward_providers.values() {
+            identity_headers.extend(f.copy_headers.iter().cloned());
+            identity_headers.push(f.identity_header.clone());
+        }
         identity_headers.sort_by(|a, b| a.as_str().cmp(b.as_str()));
         identity_headers.dedup();
         let admin_token = config

@@ -10,8 +10,14 @@ use crate::auth::Principal;
 use crate::error::CloseReason;
 use crate::gateway::Gateway;
 use crate::util::lock;
-use std::{net::IpAddr, sync::Mutex};
-use tokio_util::sync::CancellationToken;
+use std::{
+    net::IpAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 /// What a live session is re-checked by, for [`crate::relay::Policy`].
 pub(crate) struct SessionPolicy<'a> {
@@ -20,6 +26,19 @@ pub(crate) struct SessionPolicy<'a> {
     admitted_under: Mutex<Option<CancellationToken>>,
     /// Boxed: read only on a re-check, so an idle session's future stays small.
     admitted: Box<Admitted>,
+    /// What the forward auth recheck timer shares with the relay (`None`: no timer).
+    forward: Option<Arc<Rechecked>>,
+    /// Ends the recheck timer with the session.
+    _timer: Option<DropGuard>,
+}
+
+/// A forward-auth session's recheck timer and the relay meet here: a refusal sets
+/// `denied` and cancels the generation the relay waits on, so it checks at once.
+#[derive(Default)]
+struct Rechecked {
+    denied: AtomicBool,
+    /// The token last handed to the relay (a child of the gateway's generation).
+    current: Mutex<Option<CancellationToken>>,
 }
 
 /// What the session was admitted as.
@@ -47,6 +66,11 @@ impl Session {
         client_ip: Option<IpAddr>,
         started: std::time::Instant,
     ) -> SessionPolicy<'a> {
+        let principal = self.principal.take().map(|p| *p);
+        let (forward, timer) = match principal.as_ref().and_then(|p| recheck_timer(gw, p)) {
+            Some((shared, guard)) => (Some(shared), Some(guard)),
+            None => (None, None),
+        };
         SessionPolicy {
             gw,
             admitted_under: Mutex::new(Some(admitted_under)),
@@ -54,18 +78,67 @@ impl Session {
                 route: route.into(),
                 origin: self.origin.take(),
                 client_ip,
-                principal: self.principal.take().map(|p| *p),
+                principal,
                 cert: self.cert.take(),
                 started,
             }),
+            forward,
+            _timer: timer,
         }
     }
+}
+
+/// For a client admitted by a forward provider with `recheck`: a task that asks the
+/// endpoint again every `recheck` (never the cache). A refusal (401/403, a redirect, or
+/// another identity) ends the session with 1008; an endpoint that cannot answer leaves
+/// it alone and is asked again sooner ([`crate::auth::forward::retry_after`]).
+fn recheck_timer(gw: &Gateway, p: &Principal) -> Option<(Arc<Rechecked>, DropGuard)> {
+    use crate::auth::forward::Answer;
+    let fwd = p.credential.forward.as_deref()?;
+    let checker = gw.runtime().auth.forward(p.provider.as_deref()?)?.clone();
+    let every = checker.config().recheck?;
+    let asked = fwd.asked.clone();
+    let identity = p.identity.clone();
+    let shared = Arc::new(Rechecked::default());
+    let stop = CancellationToken::new();
+    let (task_shared, task_stop) = (shared.clone(), stop.clone());
+    tokio::spawn(async move {
+        let rounds = async {
+            let mut wait = every;
+            loop {
+                tokio::time::sleep(wait).await;
+                match checker.ask(&asked).await {
+                    Ok(Answer::Allow { identity: now, .. }) if Some(&now) == identity.as_ref() => wait = every,
+                    Ok(_) => return,
+                    Err(_) => wait = crate::auth::forward::retry_after(every),
+                }
+            }
+        };
+        tokio::select! {
+            () = task_stop.cancelled() => {}
+            () = rounds => {
+                task_shared.denied.store(true, Ordering::SeqCst);
+                if let Some(t) = lock(&task_shared.current).as_ref() {
+                    t.cancel();
+                }
+            }
+        }
+    });
+    Some((shared, stop.drop_guard()))
 }
 
 impl crate::relay::Policy for SessionPolicy<'_> {
     fn generation(&self) -> CancellationToken {
         let first = lock(&self.admitted_under).take();
-        first.unwrap_or_else(|| self.gw.recheck_token())
+        let generation = first.unwrap_or_else(|| self.gw.recheck_token());
+        let Some(f) = &self.forward else { return generation };
+        let child = generation.child_token();
+        *lock(&f.current) = Some(child.clone());
+        // A refusal that came before the relay held this token.
+        if f.denied.load(Ordering::SeqCst) {
+            child.cancel();
+        }
+        child
     }
 
     fn live_limits(&self) -> Option<crate::relay::LiveLimits> {
@@ -84,6 +157,10 @@ impl crate::relay::Policy for SessionPolicy<'_> {
         let rt = self.gw.runtime();
         let incidents = &self.gw.incidents;
         let a = &self.admitted;
+        if self.forward.as_ref().is_some_and(|f| f.denied.load(Ordering::SeqCst)) {
+            tracing::info!(route = %a.route, reason = "denied", "the forward auth endpoint no longer admits a live session");
+            return Some(CloseReason::AccessRevoked);
+        }
         if a.client_ip.is_some_and(|ip| !rt.firewall.allows(ip) || incidents.is_banned(ip)) {
             return Some(CloseReason::AccessRevoked);
         }
