@@ -131,15 +131,13 @@ async fn admitted_with_identity_and_copies_and_no_client_copies() {
         up.header(0, "cookie").is_some_and(|c| c.contains("session=good")),
         "the app reads its own cookie"
     );
-    let log = up.log.lock().unwrap();
-    let headers = &log.requests[0].1;
-    for (k, v) in headers {
+    let headers = up.log.lock().unwrap().requests[0].1.clone();
+    for (k, v) in &headers {
         assert!(
             !["mallory", "root", "/evil", "DELETE", "evil.example"].contains(&v.as_str()),
             "{k}: {v} reached upstream"
         );
     }
-    drop(log);
 
     let seen = state.seen.lock().unwrap()[0].clone();
     assert_eq!(seen.get("x-forwarded-uri").unwrap(), "/app?room=1");
