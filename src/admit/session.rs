@@ -26,10 +26,6 @@ pub(crate) struct SessionPolicy<'a> {
     admitted_under: Mutex<Option<CancellationToken>>,
     /// Boxed: read only on a re-check, so an idle session's future stays small.
     admitted: Box<Admitted>,
-    /// What the forward auth recheck timer shares with the relay (`None`: no timer).
-    forward: Option<Arc<Rechecked>>,
-    /// Ends the recheck timer with the session.
-    _timer: Option<DropGuard>,
 }
 
 /// A forward-auth session's recheck timer and the relay meet here: a refusal sets
@@ -52,6 +48,10 @@ struct Admitted {
     cert: Option<std::sync::Arc<crate::tls::ClientCert>>,
     /// When the connection was accepted: a kick closes sessions accepted before it.
     started: std::time::Instant,
+    /// What the forward auth recheck timer shares with the relay (`None`: no timer).
+    forward: Option<Arc<Rechecked>>,
+    /// Ends the recheck timer with the session.
+    _timer: Option<DropGuard>,
 }
 
 impl Session {
@@ -81,9 +81,9 @@ impl Session {
                 principal,
                 cert: self.cert.take(),
                 started,
+                forward,
+                _timer: timer,
             }),
-            forward,
-            _timer: timer,
         }
     }
 }
@@ -131,7 +131,7 @@ impl crate::relay::Policy for SessionPolicy<'_> {
     fn generation(&self) -> CancellationToken {
         let first = lock(&self.admitted_under).take();
         let generation = first.unwrap_or_else(|| self.gw.recheck_token());
-        let Some(f) = &self.forward else { return generation };
+        let Some(f) = &self.admitted.forward else { return generation };
         let child = generation.child_token();
         *lock(&f.current) = Some(child.clone());
         // A refusal that came before the relay held this token.
@@ -157,7 +157,7 @@ impl crate::relay::Policy for SessionPolicy<'_> {
         let rt = self.gw.runtime();
         let incidents = &self.gw.incidents;
         let a = &self.admitted;
-        if self.forward.as_ref().is_some_and(|f| f.denied.load(Ordering::SeqCst)) {
+        if a.forward.as_ref().is_some_and(|f| f.denied.load(Ordering::SeqCst)) {
             tracing::info!(route = %a.route, reason = "denied", "the forward auth endpoint no longer admits a live session");
             return Some(CloseReason::AccessRevoked);
         }
