@@ -98,9 +98,11 @@ pub enum Reject {
 /// A forward auth endpoint's refusal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Denied {
-    /// 401 or 403.
+    /// 401, 403, or a redirect to a plain HTTP request (an upgrade gets 401 instead).
     pub status: StatusCode,
     pub www_authenticate: Option<http::HeaderValue>,
+    /// The redirect's `Location`, passed as it is.
+    pub location: Option<http::HeaderValue>,
 }
 
 /// A 4xx the upstream answered to the upgrade request.

@@ -273,6 +273,9 @@ pub fn refusal(reject: &Reject) -> Response<Full<Bytes>> {
             if let Some(w) = &d.www_authenticate {
                 h.insert(header::WWW_AUTHENTICATE, w.clone());
             }
+            if let Some(l) = &d.location {
+                h.insert(header::LOCATION, l.clone());
+            }
         }
         Reject::NotUpgrade => {
             h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));

@@ -19,6 +19,7 @@ const LOGGED_OUT: u8 = 1;
 const FAILING: u8 = 2;
 const HANGING: u8 = 3;
 const HUGE: u8 = 4;
+const REDIRECT: u8 = 5;
 
 #[derive(Default)]
 struct Auth {
@@ -52,6 +53,11 @@ async fn auth_endpoint() -> (SocketAddr, Arc<Auth>) {
                         match st.mode.load(Ordering::SeqCst) {
                             HANGING => tokio::time::sleep(Duration::from_secs(30)).await,
                             FAILING => *resp.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR,
+                            REDIRECT => {
+                                *resp.status_mut() = http::StatusCode::FOUND;
+                                resp.headers_mut()
+                                    .insert(http::header::LOCATION, "/login?next=%2Fapp".parse().unwrap());
+                            }
                             HUGE => {
                                 resp.headers_mut().insert("x-user-id", "alice".parse().unwrap());
                                 resp.headers_mut().insert("x-big", "a".repeat(20_000).parse().unwrap());
@@ -214,4 +220,42 @@ async fn logout_closes_the_socket_and_an_unreachable_endpoint_does_not() {
     state.mode.store(LOGGED_OUT, Ordering::SeqCst);
     let (code, _) = close_code(&mut ws).await;
     assert_eq!(code, 1008);
+}
+
+/// One plain HTTP/1.1 GET over TLS to the gateway; the answer's head, as text.
+async fn plain_get(gw: &Gw, path: &str, cookie: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut s = tokio_rustls::TlsConnector::from(gw.tls()).connect(name, tcp).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nCookie: {cookie}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(TIMEOUT, s.read_to_end(&mut buf)).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).to_string();
+    text.split_once("\r\n\r\n").map_or(text.clone(), |(h, _)| h.to_string())
+}
+
+#[tokio::test]
+async fn a_login_redirect_passes_to_a_plain_request_and_is_401_for_an_upgrade() {
+    let (auth, state) = auth_endpoint().await;
+    let gw = Gw::start(
+        "",
+        &forward_config(auth, "builtin:echo", "").replace("provider = \"app\"", "provider = \"app\"\nhttp = true"),
+    )
+    .await;
+    state.mode.store(REDIRECT, Ordering::SeqCst);
+
+    let head = plain_get(&gw, "/app", "session=none").await;
+    assert!(head.starts_with("HTTP/1.1 302"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("location: /login?next=%2fapp"), "{head}");
+
+    let resp = gw.refusal("/app", &with_cookie(&gw, "session=none", &[])).await;
+    assert_eq!(resp.status(), 401);
+    assert!(resp.headers().get("location").is_none());
+
+    // A logged-in browser's request passes to the app.
+    state.mode.store(OK, Ordering::SeqCst);
+    let head = plain_get(&gw, "/app", "session=good").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
 }

@@ -310,7 +310,13 @@ impl Admission {
     /// The route's authentication of one request (an upgrade or a plain request),
     /// noting in the access log what it saw: the token's fingerprint, the identity and
     /// the provider.
-    async fn authenticate(&self, route: &crate::config::Route, req: &Request<Incoming>, checked: &Checked) -> Result<Outcome, Reject> {
+    async fn authenticate(
+        &self,
+        route: &crate::config::Route,
+        req: &Request<Incoming>,
+        checked: &Checked,
+        upgrade: bool,
+    ) -> Result<Outcome, Reject> {
         let mut seen = Seen::default();
         let requested = crate::auth::forward::Requested {
             client_ip: checked.client_ip,
@@ -318,6 +324,7 @@ impl Admission {
             path: &checked.path,
             query: checked.query.as_deref(),
             method: req.method(),
+            upgrade,
         };
         let query = checked.query.as_deref();
         let outcome = self
@@ -359,7 +366,7 @@ impl Admission {
             }
         };
         let route = &rt.config.routes[checked.route_index];
-        let principal = match self.authenticate(route, req, &checked).await? {
+        let principal = match self.authenticate(route, req, &checked, true).await? {
             Outcome::Anonymous => None,
             Outcome::Authenticated(p) => Some(p),
             Outcome::Deferred => {

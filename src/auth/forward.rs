@@ -5,7 +5,8 @@
 //! forwarding headers it derives itself. A 2xx admits with the identity of
 //! `identity_header` (an answer without a usable one is the endpoint's fault: 503,
 //! never an admission); 401/403 are the app's refusal (passed with its
-//! `WWW-Authenticate`); a redirect (a login page) is a 401; anything else, a timeout, an
+//! `WWW-Authenticate`); a redirect (a login page) is passed as it is (with its
+//! `Location`) to a plain HTTP request and is a 401 for an upgrade; anything else, a timeout, an
 //! answer head over [`MAX_ANSWER_HEAD`] → 503 `auth_unavailable`. The answer's body is
 //! never read.
 //!
@@ -62,6 +63,8 @@ pub struct Requested<'a> {
     pub path: &'a str,
     pub query: Option<&'a str>,
     pub method: &'a Method,
+    /// An upgrade (a redirect is then a 401), not a plain HTTP request.
+    pub upgrade: bool,
 }
 
 impl Asked {
@@ -117,9 +120,11 @@ pub enum Answer {
         copies: Vec<(HeaderName, HeaderValue)>,
     },
     Deny {
-        /// 401 or 403.
+        /// 401, 403 or a redirect (3xx).
         status: StatusCode,
         www_authenticate: Option<HeaderValue>,
+        /// A redirect's `Location`.
+        location: Option<HeaderValue>,
     },
 }
 
@@ -341,10 +346,12 @@ impl Checker {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Ok(Answer::Deny {
                 status,
                 www_authenticate: headers.get(header::WWW_AUTHENTICATE).cloned(),
+                location: None,
             }),
             s if s.is_redirection() => Ok(Answer::Deny {
-                status: StatusCode::UNAUTHORIZED,
+                status: s,
                 www_authenticate: None,
+                location: headers.get(header::LOCATION).cloned(),
             }),
             _ => Err(Unanswered::Error),
         }
@@ -445,6 +452,7 @@ mod tests {
             path: "/ws",
             query: None,
             method: &Method::GET,
+            upgrade: true,
         };
         Asked::new(&cfg(Duration::ZERO), &h, &req).unwrap()
     }
@@ -478,10 +486,12 @@ mod tests {
             }
             _ => panic!("admitted"),
         }
+        h.insert(header::LOCATION, HeaderValue::from_static("/login"));
         assert!(matches!(
             c.judge(StatusCode::FOUND, &h),
             Ok(Answer::Deny {
-                status: StatusCode::UNAUTHORIZED,
+                status: StatusCode::FOUND,
+                location: Some(_),
                 ..
             })
         ));
@@ -502,6 +512,7 @@ mod tests {
         let deny = Answer::Deny {
             status: StatusCode::UNAUTHORIZED,
             www_authenticate: None,
+            location: None,
         };
         for i in 0..(MAX_CACHED + 50) {
             let mut k = [0u8; 32];

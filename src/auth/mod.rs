@@ -367,9 +367,23 @@ impl Methods {
                     ..Credential::default()
                 },
             }),
-            Ok(forward::Answer::Deny { status, www_authenticate }) => {
-                Err(Reject::Denied(Box::new(crate::error::Denied { status, www_authenticate })))
+            // A login page for a browser's request; an upgrade cannot follow it.
+            Ok(forward::Answer::Deny { status, .. }) if status.is_redirection() && requested.upgrade => {
+                Err(Reject::Denied(Box::new(crate::error::Denied {
+                    status: http::StatusCode::UNAUTHORIZED,
+                    www_authenticate: None,
+                    location: None,
+                })))
             }
+            Ok(forward::Answer::Deny {
+                status,
+                www_authenticate,
+                location,
+            }) => Err(Reject::Denied(Box::new(crate::error::Denied {
+                status,
+                www_authenticate,
+                location,
+            }))),
             Err(_) => Err(Reject::AuthUnavailable),
         }
     }
