@@ -494,10 +494,15 @@ pub struct Forward {
 /// Where a JWKS comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JwksUrl {
+    /// The JWKS, or (`discovery`) the issuer's discovery document.
     pub url: http::Uri,
     pub refresh: Duration,
     /// Extra trust anchor for the identity provider (tests, private CAs).
     pub ca: Option<Located<PathBuf>>,
+    /// OIDC discovery (`discovery = true`): `url` is
+    /// `{issuer}/.well-known/openid-configuration`, whose `issuer` must be this one
+    /// exactly; the keys are at its `jwks_uri` (https, the same trust anchors).
+    pub discovery: Option<Located<String>>,
 }
 
 /// Where the HS* secret comes from. Holds names, never the secret itself.

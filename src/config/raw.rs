@@ -166,6 +166,8 @@ pub(super) struct Jwt {
     pub revoked_jti_file: Option<Spanned<PathBuf>>,
     pub first_message_timeout: Option<HumanDuration>,
     pub identity_claim: Option<Spanned<String>>,
+    /// OIDC discovery from `issuer` (DESIGN.md section 15).
+    pub discovery: Option<Spanned<bool>>,
 }
 
 /// `[providers.NAME]`: a `kind` and, for kind `"jwt"`, every key of `[jwt]`.
@@ -209,6 +211,8 @@ pub(super) struct Provider {
     pub first_message_timeout: Option<HumanDuration>,
     #[serde(default)]
     pub identity_claim: Option<Spanned<String>>,
+    #[serde(default)]
+    pub discovery: Option<Spanned<bool>>,
     // Kind "forward" (DESIGN.md section 15).
     #[serde(default)]
     pub url: Option<Spanned<String>>,
@@ -249,6 +253,7 @@ impl Jwt {
             || self.revoked_jti_file.is_some()
             || self.first_message_timeout.is_some()
             || self.identity_claim.is_some()
+            || self.discovery.is_some()
     }
 }
 
@@ -305,6 +310,7 @@ impl Provider {
                 revoked_jti_file: self.revoked_jti_file,
                 first_message_timeout: self.first_message_timeout,
                 identity_claim: self.identity_claim,
+                discovery: self.discovery,
             },
             ForwardKeys {
                 url: self.url,

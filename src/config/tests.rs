@@ -518,3 +518,47 @@ fn a_provider_with_hs_algorithms_needs_its_own_secret() {
     assert!(e.message.contains("own secret"), "{e}");
     Config::from_toml_str(&src.replace("jwks_file", "secret_file = \"b.secret\"\njwks_file"), "t.toml").unwrap();
 }
+
+#[test]
+fn discovery_errors_name_the_key_and_line() {
+    let route = "\n[[routes]]\nname = \"p\"\npath = \"/p\"\nupstreams = [\"builtin:echo\"]\nprovider = \"p\"\n";
+    let ok = format!(
+        "[providers.p]\nkind = \"jwt\"\nissuer = \"https://idp.example/realm/\"\ndiscovery = true\nalgorithms = [\"RS256\"]\nca_file = \"ca.pem\"\n{route}"
+    );
+    let c = Config::from_toml_str(&ok, "t.toml").unwrap_or_else(|e| panic!("{e}"));
+    let u = c.providers["p"].jwks_url.as_ref().unwrap();
+    assert_eq!(u.url.to_string(), "https://idp.example/realm/.well-known/openid-configuration");
+    assert_eq!(
+        u.discovery.as_ref().map(|d| (d.value.as_str(), d.line)),
+        Some(("https://idp.example/realm/", Some(3)))
+    );
+    assert_eq!(u.ca.as_ref().map(|c| c.key.as_str()), Some("providers.p.ca_file"));
+
+    let cases = [
+        ("kind = \"jwt\"\ndiscovery = true\n", "providers.p.discovery", 3),
+        (
+            "kind = \"jwt\"\nissuer = \"http://idp.example\"\ndiscovery = true\n",
+            "providers.p.issuer",
+            3,
+        ),
+        (
+            "kind = \"jwt\"\nissuer = \"https://idp.example?x=1\"\ndiscovery = true\n",
+            "providers.p.issuer",
+            3,
+        ),
+        (
+            "kind = \"jwt\"\nissuer = \"https://idp.example\"\ndiscovery = true\njwks_url = \"https://idp.example/k\"\n",
+            "providers.p.jwks_url",
+            5,
+        ),
+        (
+            "kind = \"jwt\"\njwks_url = \"https://idp.example/k\"\nca_file = \"ca.pem\"\n",
+            "providers.p.ca_file",
+            4,
+        ),
+    ];
+    for (keys, key, line) in cases {
+        let e = err(&format!("[providers.p]\n{keys}algorithms = [\"RS256\"]\n{route}"));
+        assert_eq!((e.key.as_str(), e.line), (key, Some(line)), "{keys}: {e}");
+    }
+}
