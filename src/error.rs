@@ -151,6 +151,9 @@ pub enum AuthFailure {
     /// The forward auth endpoint answered 401/403 (or a redirect).
     #[error("refused by the auth provider")]
     Denied,
+    /// The introspection endpoint said the token is not active (RFC 7662).
+    #[error("token not active")]
+    Inactive,
 }
 
 impl AuthFailure {
@@ -170,6 +173,7 @@ impl AuthFailure {
             AuthFailure::Revoked => "revoked",
             AuthFailure::CertBinding => "cert_binding",
             AuthFailure::Denied => "denied",
+            AuthFailure::Inactive => "inactive",
         }
     }
 }
@@ -526,6 +530,7 @@ mod tests {
             (Reject::Auth(AuthFailure::Expired), Some(401), "auth"),
             (Reject::Auth(AuthFailure::Forbidden), Some(403), "auth"),
             (Reject::Auth(AuthFailure::CertBinding), Some(401), "auth"),
+            (Reject::Auth(AuthFailure::Inactive), Some(401), "auth"),
             (Reject::ClientCert, Some(403), "client_cert"),
             (Reject::UpstreamUnavailable, Some(502), "upstream_unavailable"),
             (Reject::NoUpstream, Some(503), "upstream_unavailable"),

@@ -403,7 +403,7 @@ fn start_hint(config: &Config, path: &std::path::Path, explicit_config: bool) ->
         AuthMode::Jwt => format!(" --token \"$({exe} token --sub dev{cfg_arg})\""),
         AuthMode::Mtls => " --cert certs/dev/dev.crt --key certs/dev/dev.key".to_string(),
         AuthMode::JwtMtls => format!(" --token \"$({exe} token --sub dev{cfg_arg})\" --cert certs/dev/dev.crt --key certs/dev/dev.key"),
-        AuthMode::None | AuthMode::Forward => String::new(),
+        AuthMode::None | AuthMode::Forward | AuthMode::Introspection => String::new(),
     };
     Some(format!("{exe} client wss://{host}:{}{route_path}{ca}{token}", addr.port()))
 }

@@ -28,11 +28,13 @@ pub(crate) struct SessionPolicy<'a> {
     admitted: Box<Admitted>,
 }
 
-/// A forward-auth session's recheck timer and the relay meet here: a refusal sets
+/// A provider session's recheck timer and the relay meet here: a refusal sets
 /// `denied` and cancels the generation the relay waits on, so it checks at once.
 #[derive(Default)]
 struct Rechecked {
     denied: AtomicBool,
+    /// The auth failure reason a refusal is logged with (`denied`, `inactive`).
+    reason: &'static str,
     /// The token last handed to the relay (a child of the gateway's generation).
     current: Mutex<Option<CancellationToken>>,
 }
@@ -48,7 +50,7 @@ struct Admitted {
     cert: Option<std::sync::Arc<crate::tls::ClientCert>>,
     /// When the connection was accepted: a kick closes sessions accepted before it.
     started: std::time::Instant,
-    /// What the forward auth recheck timer shares with the relay (`None`: no timer).
+    /// What the provider's recheck timer shares with the relay (`None`: no timer).
     forward: Option<Arc<Rechecked>>,
     /// Ends the recheck timer with the session.
     _timer: Option<DropGuard>,
@@ -88,18 +90,68 @@ impl Session {
     }
 }
 
-/// For a client admitted by a forward provider with `recheck`: a task that asks the
-/// endpoint again every `recheck` (never the cache). A refusal (401/403, a redirect, or
-/// another identity) ends the session with 1008; an endpoint that cannot answer leaves
-/// it alone and is asked again sooner ([`crate::auth::forward::retry_after`]).
-fn recheck_timer(gw: &Gateway, p: &Principal) -> Option<(Arc<Rechecked>, DropGuard)> {
-    use crate::auth::forward::Answer;
-    let fwd = p.credential.forward.as_deref()?;
-    let checker = gw.runtime().auth.forward(p.provider.as_deref()?)?.clone();
-    let every = checker.config().recheck?;
-    let asked = fwd.asked.clone();
+/// What one recheck round found.
+enum Round {
+    /// The provider still admits the same identity.
+    Stands,
+    /// A refusal (401/403, a redirect, an inactive token) or another identity.
+    Refused,
+    /// The provider gave no answer (it is asked again sooner).
+    Unanswered,
+}
+
+/// One round of asking the session's provider again (never its cache).
+type Ask = Box<dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Round> + Send>> + Send + Sync>;
+
+/// How a live session's provider is asked again, and how often (`recheck`), for a
+/// client admitted by a forward or an introspection provider.
+fn recheck_of(gw: &Gateway, p: &Principal) -> Option<(Ask, std::time::Duration, &'static str)> {
+    use crate::auth::{forward::Answer, introspection::Verdict};
+    let rt = gw.runtime();
+    let provider = p.provider.as_deref()?;
     let identity = p.identity.clone();
-    let shared = Arc::new(Rechecked::default());
+    if let Some(fwd) = p.credential.forward.as_deref() {
+        let checker = rt.auth.forward(provider)?.clone();
+        let every = checker.config().recheck?;
+        let asked = fwd.asked.clone();
+        let ask: Ask = Box::new(move || {
+            let (checker, asked, identity) = (checker.clone(), asked.clone(), identity.clone());
+            Box::pin(async move {
+                match checker.ask(&asked).await {
+                    Ok(Answer::Allow { identity: now, .. }) if Some(&now) == identity.as_ref() => Round::Stands,
+                    Ok(_) => Round::Refused,
+                    Err(_) => Round::Unanswered,
+                }
+            })
+        });
+        return Some((ask, every, "denied"));
+    }
+    let introspector = rt.auth.introspector(provider)?.clone();
+    let every = introspector.config().recheck?;
+    let token: Arc<str> = p.credential.token.as_deref()?.into();
+    let ask: Ask = Box::new(move || {
+        let (introspector, token, identity) = (introspector.clone(), token.clone(), identity.clone());
+        Box::pin(async move {
+            match introspector.ask(&token).await {
+                Ok((Verdict::Active(a), _)) if Some(&a.identity) == identity.as_ref() => Round::Stands,
+                Ok(_) => Round::Refused,
+                Err(_) => Round::Unanswered,
+            }
+        })
+    });
+    Some((ask, every, "inactive"))
+}
+
+/// For a client admitted by a forward or introspection provider with `recheck`: a task
+/// that asks the provider again every `recheck`. A refusal ends the session with 1008;
+/// a provider that cannot answer leaves it alone and is asked again sooner
+/// ([`crate::auth::forward::retry_after`]).
+fn recheck_timer(gw: &Gateway, p: &Principal) -> Option<(Arc<Rechecked>, DropGuard)> {
+    let (ask, every, reason) = recheck_of(gw, p)?;
+    let shared = Arc::new(Rechecked {
+        reason,
+        ..Rechecked::default()
+    });
     let stop = CancellationToken::new();
     let (task_shared, task_stop) = (shared.clone(), stop.clone());
     tokio::spawn(async move {
@@ -107,10 +159,10 @@ fn recheck_timer(gw: &Gateway, p: &Principal) -> Option<(Arc<Rechecked>, DropGua
             let mut wait = every;
             loop {
                 tokio::time::sleep(wait).await;
-                match checker.ask(&asked).await {
-                    Ok(Answer::Allow { identity: now, .. }) if Some(&now) == identity.as_ref() => wait = every,
-                    Ok(_) => return,
-                    Err(_) => wait = crate::auth::forward::retry_after(every),
+                match ask().await {
+                    Round::Stands => wait = every,
+                    Round::Refused => return,
+                    Round::Unanswered => wait = crate::auth::forward::retry_after(every),
                 }
             }
         };
@@ -157,8 +209,8 @@ impl crate::relay::Policy for SessionPolicy<'_> {
         let rt = self.gw.runtime();
         let incidents = &self.gw.incidents;
         let a = &self.admitted;
-        if a.forward.as_ref().is_some_and(|f| f.denied.load(Ordering::SeqCst)) {
-            tracing::info!(route = %a.route, reason = "denied", "the forward auth endpoint no longer admits a live session");
+        if let Some(f) = a.forward.as_ref().filter(|f| f.denied.load(Ordering::SeqCst)) {
+            tracing::info!(route = %a.route, reason = f.reason, "the auth provider no longer admits a live session");
             return Some(CloseReason::AccessRevoked);
         }
         if a.client_ip.is_some_and(|ip| !rt.firewall.allows(ip) || incidents.is_banned(ip)) {

@@ -34,11 +34,7 @@ pub(super) fn facts<'a>(
         query,
         headers,
         forward_token: token.filter(|_| route.forward_token),
-        token_sources: if strips_tokens {
-            &rt.config.jwt_of(route).token_sources
-        } else {
-            &[]
-        },
+        token_sources: if strips_tokens { rt.config.token_sources_of(route) } else { &[] },
         claims: principal.map(|p| &p.claims),
         cert,
         forward_claims: &route.forward_claims,

@@ -11,29 +11,23 @@
 //! never read.
 //!
 //! Answers may be kept `cache` long in a bounded map keyed by SHA-256 of what was sent
-//! (never the raw cookie); identical checks in flight at once are made once.
+//! (never the raw cookie); identical checks in flight at once are made once
+//! ([`super::cache::AnswerCache`]).
 
+use super::cache::{AnswerCache, Key, key_of};
 use crate::config::Forward as ForwardConfig;
-use crate::util::lock;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use std::{
-    collections::{HashMap, VecDeque},
     fmt,
     net::IpAddr,
-    sync::{Arc, Mutex, OnceLock},
+    sync::OnceLock,
     time::{Duration, Instant},
 };
 
 /// The largest answer head read from the auth endpoint (hyper's read buffer); more → 503.
 pub const MAX_ANSWER_HEAD: usize = 16 * 1024;
-/// Answers kept at most (the oldest go first).
-pub const MAX_CACHED: usize = 10_000;
-/// Distinct checks in flight that share one request; beyond this each asks on its own.
-const MAX_IN_FLIGHT: usize = 10_000;
 /// The longest identity taken from the answer.
-const MAX_IDENTITY: usize = 256;
-
-type Key = [u8; 32];
+pub(crate) const MAX_IDENTITY: usize = 256;
 
 /// What the gateway asks the endpoint about one client: the client's passed headers and
 /// what the gateway derived. `Debug` shows header names only (a cookie is a credential).
@@ -92,22 +86,14 @@ impl Asked {
     /// SHA-256 of what was sent, each part length-prefixed: the header names and values,
     /// host, path and query, method. The client IP is not part of it.
     fn key(&self) -> Key {
-        let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
-        let mut part = |b: &[u8]| {
-            ctx.update(&(b.len() as u64).to_be_bytes());
-            ctx.update(b);
-        };
-        for (n, v) in &self.passed {
-            part(n.as_str().as_bytes());
-            part(v.as_bytes());
-        }
-        part(b"\0derived");
-        part(self.host.as_bytes());
-        part(self.uri.as_bytes());
-        part(self.method.as_str().as_bytes());
-        let mut key = [0u8; 32];
-        key.copy_from_slice(ctx.finish().as_ref());
-        key
+        let passed = self.passed.iter().flat_map(|(n, v)| [n.as_str().as_bytes(), v.as_bytes()]);
+        let derived = [
+            b"\0derived".as_slice(),
+            self.host.as_bytes(),
+            self.uri.as_bytes(),
+            self.method.as_str().as_bytes(),
+        ];
+        key_of(passed.chain(derived))
     }
 }
 
@@ -145,19 +131,12 @@ impl Unanswered {
     }
 }
 
-struct Cache {
-    map: HashMap<Key, (Instant, Answer)>,
-    /// Insertion order: (key, when inserted), for evicting the oldest.
-    order: VecDeque<(Key, Instant)>,
-}
-
 /// One forward provider at run time.
 pub struct Checker {
     name: String,
     cfg: ForwardConfig,
     tls: Option<tokio_rustls::TlsConnector>,
-    cache: Mutex<Cache>,
-    in_flight: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
+    cache: AnswerCache<Answer>,
     metrics: OnceLock<crate::metrics::Metrics>,
 }
 
@@ -181,11 +160,7 @@ impl Checker {
             name: name.to_string(),
             cfg: cfg.clone(),
             tls,
-            cache: Mutex::new(Cache {
-                map: HashMap::new(),
-                order: VecDeque::new(),
-            }),
-            in_flight: Mutex::new(HashMap::new()),
+            cache: AnswerCache::default(),
             metrics: OnceLock::new(),
         })
     }
@@ -215,23 +190,10 @@ impl Checker {
         if self.cfg.cache.is_zero() {
             return self.ask(asked).await;
         }
-        let key = asked.key();
-        if let Some(a) = self.cached(&key) {
+        let keep = |_: &Answer| Some(Instant::now() + self.cfg.cache);
+        let (answer, hit) = self.cache.get_or_ask(asked.key(), || self.ask(asked), keep).await;
+        if hit {
             self.count("cache_hit");
-            return Ok(a);
-        }
-        let flight = Flight::join(self, key);
-        let _turn = match &flight {
-            Some(f) => Some(f.gate.lock().await),
-            None => None,
-        };
-        if let Some(a) = self.cached(&key) {
-            self.count("cache_hit");
-            return Ok(a);
-        }
-        let answer = self.ask(asked).await;
-        if let Ok(a) = &answer {
-            self.store(key, a.clone());
         }
         answer
     }
@@ -248,32 +210,6 @@ impl Checker {
             Err(u) => u.label(),
         });
         result
-    }
-
-    fn cached(&self, key: &Key) -> Option<Answer> {
-        let mut c = lock(&self.cache);
-        match c.map.get(key) {
-            Some((until, a)) if Instant::now() < *until => Some(a.clone()),
-            Some(_) => {
-                c.map.remove(key);
-                None
-            }
-            None => None,
-        }
-    }
-
-    fn store(&self, key: Key, answer: Answer) {
-        let now = Instant::now();
-        let mut c = lock(&self.cache);
-        while c.map.len() >= MAX_CACHED || c.order.len() >= 2 * MAX_CACHED {
-            let Some((old, at)) = c.order.pop_front() else { break };
-            // Only the entry this order record is about (a key stored again is newer).
-            if c.map.get(&old).is_some_and(|(until, _)| *until == at + self.cfg.cache) {
-                c.map.remove(&old);
-            }
-        }
-        c.map.insert(key, (now + self.cfg.cache, answer));
-        c.order.push_back((key, now));
     }
 
     async fn exchange(&self, asked: &Asked) -> Result<Answer, Unanswered> {
@@ -390,36 +326,6 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
-/// A place in the line of identical checks; leaving it (even by cancellation) removes
-/// the line once nobody else is in it.
-struct Flight<'a> {
-    checker: &'a Checker,
-    key: Key,
-    gate: Arc<tokio::sync::Mutex<()>>,
-}
-
-impl<'a> Flight<'a> {
-    /// `None` when too many distinct checks are in flight (this one asks alone).
-    fn join(checker: &'a Checker, key: Key) -> Option<Flight<'a>> {
-        let mut m = lock(&checker.in_flight);
-        if m.len() >= MAX_IN_FLIGHT && !m.contains_key(&key) {
-            return None;
-        }
-        let gate = m.entry(key).or_default().clone();
-        Some(Flight { checker, key, gate })
-    }
-}
-
-impl Drop for Flight<'_> {
-    fn drop(&mut self) {
-        let mut m = lock(&self.checker.in_flight);
-        // The map's and ours: nobody else waits.
-        if Arc::strong_count(&self.gate) <= 2 {
-            m.remove(&self.key);
-        }
-    }
-}
-
 /// How long a session waits before asking again after the endpoint could not answer.
 pub fn retry_after(recheck: Duration) -> Duration {
     recheck.min(Duration::from_secs(10))
@@ -504,23 +410,5 @@ mod tests {
         ));
         assert_eq!(c.judge(StatusCode::BAD_GATEWAY, &h).err(), Some(Unanswered::Error));
         assert_eq!(c.judge(StatusCode::NOT_FOUND, &h).err(), Some(Unanswered::Error));
-    }
-
-    #[test]
-    fn the_cache_is_bounded_and_expires() {
-        let c = Checker::new("app", &cfg(Duration::from_secs(60)), "<inline>").unwrap();
-        let deny = Answer::Deny {
-            status: StatusCode::UNAUTHORIZED,
-            www_authenticate: None,
-            location: None,
-        };
-        for i in 0..(MAX_CACHED + 50) {
-            let mut k = [0u8; 32];
-            k[..8].copy_from_slice(&(i as u64).to_be_bytes());
-            c.store(k, deny.clone());
-        }
-        let cache = lock(&c.cache);
-        assert!(cache.map.len() <= MAX_CACHED);
-        assert!(cache.order.len() <= 2 * MAX_CACHED);
     }
 }

@@ -14,7 +14,9 @@
 //! its config table, one module here returning a [`Principal`], its arm in
 //! [`Methods::authenticate`] / [`Methods::recheck`], and its reasons in `error.rs`.
 
+mod cache;
 pub mod forward;
+pub mod introspection;
 mod jwt;
 mod mtls;
 
@@ -142,6 +144,8 @@ pub struct Methods {
     providers: std::collections::BTreeMap<String, Verifier>,
     /// `[providers.NAME]` of kind forward that routes use, by name.
     forwards: std::collections::BTreeMap<String, Arc<forward::Checker>>,
+    /// `[providers.NAME]` of kind introspection that routes use, by name.
+    introspectors: std::collections::BTreeMap<String, Arc<introspection::Introspector>>,
     /// The verifier of client certificates (`tls.client_ca`): live sessions re-check
     /// their certificate against the one of each new config.
     client_certs: Option<Arc<dyn ClientCertVerifier>>,
@@ -158,6 +162,7 @@ impl fmt::Debug for Methods {
             .field("jwt", &self.jwt)
             .field("providers", &self.providers)
             .field("forwards", &self.forwards.keys().collect::<Vec<_>>())
+            .field("introspectors", &self.introspectors.keys().collect::<Vec<_>>())
             .field("client_certs", &self.client_certs.is_some())
             .finish()
     }
@@ -192,10 +197,21 @@ impl Methods {
                 forwards.insert(name.clone(), Arc::new(forward::Checker::new(name, cfg, &config.origin)?));
             }
         }
+        let mut introspectors = std::collections::BTreeMap::new();
+        for (name, cfg) in &config.introspection_providers {
+            if config
+                .routes
+                .iter()
+                .any(|r| r.auth == AuthMode::Introspection && r.provider.as_deref() == Some(name))
+            {
+                introspectors.insert(name.clone(), Arc::new(introspection::Introspector::new(name, cfg, &config.origin)?));
+            }
+        }
         let methods = Methods {
             jwt,
             providers,
             forwards,
+            introspectors,
             client_certs,
             ambiguity_logged: AtomicU64::new(0),
         };
@@ -293,10 +309,18 @@ impl Methods {
         self.forwards.get(name)
     }
 
+    /// The introspection provider `name`, when a route uses it.
+    pub fn introspector(&self, name: &str) -> Option<&Arc<introspection::Introspector>> {
+        self.introspectors.get(name)
+    }
+
     /// Count provider checks into `metrics` (once per runtime).
     pub fn bind_metrics(&self, metrics: &crate::metrics::Metrics) {
         for f in self.forwards.values() {
             f.bind_metrics(metrics);
+        }
+        for i in self.introspectors.values() {
+            i.bind_metrics(metrics);
         }
     }
 
@@ -342,6 +366,7 @@ impl Methods {
                 seen.identity.clone_from(&p.identity);
                 p
             }
+            AuthMode::Introspection => self.introspected(route, headers, query, seen).await?,
         };
         check_policy(route, &principal).map_err(Reject::Auth)?;
         Ok(Outcome::Authenticated(principal))
@@ -384,6 +409,35 @@ impl Methods {
                 www_authenticate,
                 location,
             }))),
+            Err(_) => Err(Reject::AuthUnavailable),
+        }
+    }
+
+    /// Ask the route's introspection endpoint (or its cache) about the client's token.
+    async fn introspected(&self, route: &Route, headers: &HeaderMap, query: Option<&str>, seen: &mut Seen) -> Result<Principal, Reject> {
+        let introspector = route
+            .provider
+            .as_deref()
+            .and_then(|n| self.introspectors.get(n))
+            .ok_or(Reject::AuthUnavailable)?;
+        let token = jwt::find_token_in(&introspector.config().token_sources, headers, query).ok_or(Reject::Auth(AuthFailure::Missing))?;
+        seen.token_fingerprint = Some(fingerprint(&token));
+        match introspector.check(&token).await {
+            Ok(introspection::Verdict::Active(a)) => {
+                seen.identity = Some(a.identity.clone());
+                Ok(Principal {
+                    identity: Some(a.identity.clone()),
+                    provider: route.provider.clone(),
+                    claims: a.claims.clone(),
+                    expires_at: a.exp,
+                    jti: a.jti.clone(),
+                    credential: Credential {
+                        token: Some(token.into()),
+                        ..Credential::default()
+                    },
+                })
+            }
+            Ok(introspection::Verdict::Refused(f)) => Err(Reject::Auth(f)),
             Err(_) => Err(Reject::AuthUnavailable),
         }
     }
@@ -454,11 +508,14 @@ impl Methods {
             AuthMode::JwtMtls if cert.is_none() => return Err(AuthFailure::CertBinding),
             _ => {}
         }
-        // A forward session is asked again by its own timer (`recheck`); here only
-        // whether the route still sends it to the same provider.
-        if route.auth == AuthMode::Forward {
-            let forwarded = principal.is_some_and(|p| p.credential.forward.is_some());
-            return if forwarded && route.provider.as_deref() == issued_by {
+        // A forward or introspection session is asked again by its own timer
+        // (`recheck`); here only whether the route still sends it to the same provider.
+        if matches!(route.auth, AuthMode::Forward | AuthMode::Introspection) {
+            let held = principal.is_some_and(|p| match route.auth {
+                AuthMode::Forward => p.credential.forward.is_some(),
+                _ => p.credential.token.is_some(),
+            });
+            return if held && route.provider.as_deref() == issued_by {
                 Ok(())
             } else {
                 Err(AuthFailure::BadIssuer)

@@ -15,6 +15,7 @@
 
 mod acme;
 mod forward;
+mod introspection;
 mod located;
 mod raw;
 mod route;
@@ -140,6 +141,8 @@ pub struct Config {
     pub providers: std::collections::BTreeMap<String, Jwt>,
     /// `[providers.NAME]` of kind forward, by name (DESIGN.md section 15).
     pub forward_providers: std::collections::BTreeMap<String, Forward>,
+    /// `[providers.NAME]` of kind introspection, by name (DESIGN.md section 15).
+    pub introspection_providers: std::collections::BTreeMap<String, Introspection>,
     pub routes: Vec<Route>,
     /// `[cluster]`: absent, one instance with in-process state.
     pub cluster: Option<Cluster>,
@@ -491,6 +494,32 @@ pub struct Forward {
     pub ca_file: Option<Located<PathBuf>>,
 }
 
+/// A `[providers.NAME]` of kind `"introspection"`: RFC 7662 for opaque tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Introspection {
+    /// The introspection endpoint (https).
+    pub url: http::Uri,
+    pub client_id: String,
+    /// The client secret's file or variable (the secret itself is read when the
+    /// runtime is built, never kept in the config).
+    pub client_secret: SecretSource,
+    /// How long an answer may be reused (zero: never); never past the token's `exp`.
+    pub cache: Duration,
+    /// Live sessions are introspected again this often (`None`: never).
+    pub recheck: Option<Duration>,
+    pub timeout: Duration,
+    /// Extra trust anchor for the endpoint's HTTPS.
+    pub ca_file: Option<Located<PathBuf>>,
+    /// The answer's `iss` must be this one, when set.
+    pub issuer: Option<String>,
+    /// The answer's `aud` must hold one of these, when set.
+    pub audience: Vec<String>,
+    /// The claim that names the user (`None`: `sub`, else `username`, else `client_id`).
+    pub identity_claim: Option<String>,
+    /// Where the token is found (`[jwt]`'s sources unless set; never `first_message`).
+    pub token_sources: Vec<TokenSource>,
+}
+
 /// Where a JWKS comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JwksUrl {
@@ -568,6 +597,14 @@ impl Config {
         route.provider.as_ref().and_then(|p| self.providers.get(p)).unwrap_or(&self.jwt)
     }
 
+    /// Where `route`'s token is found (and what is removed before its upstream).
+    pub fn token_sources_of(&self, route: &Route) -> &[TokenSource] {
+        match route.provider.as_ref().and_then(|p| self.introspection_providers.get(p)) {
+            Some(i) => &i.token_sources,
+            None => &self.jwt_of(route).token_sources,
+        }
+    }
+
     /// The limits of `route`'s sessions: its `[routes.limits]`, else the global ones.
     /// A route that raises `max_message_size` without `max_frame_size` takes frames as
     /// large as its messages (a browser sends a message as one frame).
@@ -643,6 +680,15 @@ impl Config {
             files.extend(&j.public_key_files);
             files.extend(j.jwks_file.iter().chain(&j.revoked_jti_file));
             files.extend(j.jwks_url.as_ref().and_then(|u| u.ca.as_ref()));
+        }
+        for f in self.forward_providers.values() {
+            files.extend(&f.ca_file);
+        }
+        for i in self.introspection_providers.values() {
+            if let SecretSource::File { path, .. } = &i.client_secret {
+                files.push(path);
+            }
+            files.extend(&i.ca_file);
         }
         for r in &self.routes {
             files.extend(&r.upstream_ca);

@@ -230,6 +230,33 @@ pub(super) struct Provider {
     pub timeout: Option<Spanned<HumanDuration>>,
     #[serde(default)]
     pub ca_file: Option<Spanned<PathBuf>>,
+    // Kind "introspection" (DESIGN.md section 15); it shares url, cache, recheck,
+    // timeout and ca_file with "forward".
+    #[serde(default)]
+    pub client_id: Option<Spanned<String>>,
+    #[serde(default)]
+    pub client_secret_file: Option<Spanned<PathBuf>>,
+    #[serde(default)]
+    pub client_secret_env: Option<Spanned<String>>,
+}
+
+/// The keys only a `[providers.NAME]` of kind `"introspection"` takes.
+pub(super) struct IntrospectionKeys {
+    pub client_id: Option<Spanned<String>>,
+    pub client_secret_file: Option<Spanned<PathBuf>>,
+    pub client_secret_env: Option<Spanned<String>>,
+}
+
+impl IntrospectionKeys {
+    /// The first key set (for an error on a provider of another kind).
+    pub(super) fn first_set(&self) -> Option<(&'static str, std::ops::Range<usize>)> {
+        let spans = [
+            ("client_id", self.client_id.as_ref().map(Spanned::span)),
+            ("client_secret_file", self.client_secret_file.as_ref().map(Spanned::span)),
+            ("client_secret_env", self.client_secret_env.as_ref().map(Spanned::span)),
+        ];
+        spans.into_iter().find_map(|(k, s)| s.map(|s| (k, s)))
+    }
 }
 
 impl Jwt {
@@ -287,8 +314,8 @@ impl ForwardKeys {
 }
 
 impl Provider {
-    /// The kind, the keys as `[jwt]` holds them, and the forward keys.
-    pub(super) fn split(self) -> (Spanned<String>, Jwt, ForwardKeys) {
+    /// The kind, the keys as `[jwt]` holds them, the forward keys and the introspection keys.
+    pub(super) fn split(self) -> (Spanned<String>, Jwt, ForwardKeys, IntrospectionKeys) {
         (
             self.kind,
             Jwt {
@@ -321,6 +348,11 @@ impl Provider {
                 recheck: self.recheck,
                 timeout: self.timeout,
                 ca_file: self.ca_file,
+            },
+            IntrospectionKeys {
+                client_id: self.client_id,
+                client_secret_file: self.client_secret_file,
+                client_secret_env: self.client_secret_env,
             },
         )
     }

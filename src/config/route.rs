@@ -15,6 +15,9 @@ pub enum AuthMode {
     JwtMtls,
     /// The app's own endpoint decides (a `[providers.NAME]` of kind `"forward"`).
     Forward,
+    /// An opaque token judged by RFC 7662 introspection (a `[providers.NAME]` of kind
+    /// `"introspection"`).
+    Introspection,
     None,
 }
 

@@ -58,9 +58,31 @@ impl Validator<'_> {
         &self,
         providers: &std::collections::BTreeMap<String, Jwt>,
         forwards: &std::collections::BTreeMap<String, Forward>,
+        introspections: &std::collections::BTreeMap<String, Introspection>,
         routes: &[Route],
     ) -> Result<(), ConfigError> {
         for r in routes {
+            if r.auth == AuthMode::Introspection {
+                let Some(name) = &r.provider else {
+                    return Err(self.err_key(
+                        "routes.auth",
+                        format!("route \"{}\": auth = \"introspection\" needs provider = \"NAME\"", r.name),
+                    ));
+                };
+                if !introspections.contains_key(name) {
+                    return Err(self.err_key(
+                        "routes.provider",
+                        format!("route \"{}\": no [providers.{}] of kind \"introspection\"", r.name, shown(name)),
+                    ));
+                }
+                continue;
+            }
+            if r.provider.as_ref().is_some_and(|n| introspections.contains_key(n)) {
+                return Err(self.err_key(
+                    "routes.provider",
+                    format!("route \"{}\": an introspection provider needs auth = \"introspection\"", r.name),
+                ));
+            }
             if r.auth == AuthMode::Forward {
                 let Some(name) = &r.provider else {
                     return Err(self.err_key(

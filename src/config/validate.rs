@@ -81,14 +81,18 @@ impl Validator<'_> {
         let limits = self.limits(raw.limits)?;
         let firewall = self.firewall(raw.firewall)?;
         let jwt = self.jwt(raw.jwt, "jwt")?;
-        let (providers, forward_providers) = self.providers(raw.providers)?;
+        let Providers {
+            jwt: providers,
+            forward: forward_providers,
+            introspection: introspection_providers,
+        } = self.providers(raw.providers, &jwt.token_sources)?;
         let routes = self.routes(raw.routes)?;
         let cluster = raw.cluster.as_ref().map(|c| self.cluster(c)).transpose()?;
         self.jwt_routes(&jwt, None, &routes)?;
         for (name, provider) in &providers {
             self.jwt_routes(provider, Some(name), &routes)?;
         }
-        self.route_providers(&providers, &forward_providers, &routes)?;
+        self.route_providers(&providers, &forward_providers, &introspection_providers, &routes)?;
         self.cert_routes(&tls, &routes)?;
         Ok(Config {
             origin: self.origin.to_string(),
@@ -101,6 +105,7 @@ impl Validator<'_> {
             jwt,
             providers,
             forward_providers,
+            introspection_providers,
             routes,
             cluster,
         })
@@ -371,13 +376,14 @@ impl Validator<'_> {
 
     /// `[providers.NAME]`: each a self-contained `[jwt]` (keys it does not set take
     /// `[jwt]`'s defaults, not its values) of kind `"jwt"`, with key material of its own.
-    #[allow(clippy::type_complexity)]
     fn providers(
         &self,
         raws: std::collections::BTreeMap<String, Spanned<raw::Provider>>,
-    ) -> Result<(std::collections::BTreeMap<String, Jwt>, std::collections::BTreeMap<String, Forward>), ConfigError> {
+        default_sources: &[TokenSource],
+    ) -> Result<Providers, ConfigError> {
         let mut providers = std::collections::BTreeMap::new();
         let mut forwards = std::collections::BTreeMap::new();
+        let mut introspections = std::collections::BTreeMap::new();
         for (name, spanned) in raws {
             let p = format!("providers.{name}");
             if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
@@ -388,18 +394,30 @@ impl Validator<'_> {
                 ));
             }
             let span = spanned.span();
-            let (kind, j, mut f) = spanned.into_inner().split();
+            let (kind, j, mut f, i) = spanned.into_inner().split();
+            let introspection_key = i.first_set();
             match kind.get_ref().as_str() {
+                "jwt" | "forward" if introspection_key.is_some() => {
+                    let (key, at) = introspection_key.unwrap_or(("client_id", span));
+                    return Err(self.err(&Spanned::new(at, ()), &format!("{p}.{key}"), "a key of kind \"introspection\" only"));
+                }
                 "jwt" => {}
                 "forward" => {
                     forwards.insert(name.clone(), self.forward(j, f, &p, span)?);
+                    continue;
+                }
+                "introspection" => {
+                    introspections.insert(name.clone(), self.introspection(j, f, i, &p, span, default_sources)?);
                     continue;
                 }
                 other => {
                     return Err(self.err(
                         &kind,
                         &format!("{p}.kind"),
-                        format!("unknown kind \"{}\" (this version has \"jwt\" and \"forward\")", shown(other)),
+                        format!(
+                            "unknown kind \"{}\" (this version has \"jwt\", \"introspection\" and \"forward\")",
+                            shown(other)
+                        ),
                     ));
                 }
             }
@@ -449,7 +467,11 @@ impl Validator<'_> {
             }
             providers.insert(name, jwt);
         }
-        Ok((providers, forwards))
+        Ok(Providers {
+            jwt: providers,
+            forward: forwards,
+            introspection: introspections,
+        })
     }
 
     fn algorithms(&self, names: Option<&Spanned<Vec<String>>>, p: &str) -> Result<Vec<Algorithm>, ConfigError> {
@@ -638,7 +660,7 @@ impl Validator<'_> {
         })
     }
 
-    fn token_sources(&self, sources: Option<&Spanned<Vec<String>>>, p: &str) -> Result<Vec<TokenSource>, ConfigError> {
+    pub(super) fn token_sources(&self, sources: Option<&Spanned<Vec<String>>>, p: &str) -> Result<Vec<TokenSource>, ConfigError> {
         let Some(sources) = sources else {
             return Ok(DEFAULT_TOKEN_SOURCES.iter().filter_map(|s| parse_token_source(s)).collect());
         };
@@ -709,6 +731,13 @@ impl Validator<'_> {
             }),
         })
     }
+}
+
+/// The `[providers.NAME]` tables by kind.
+struct Providers {
+    jwt: std::collections::BTreeMap<String, Jwt>,
+    forward: std::collections::BTreeMap<String, Forward>,
+    introspection: std::collections::BTreeMap<String, Introspection>,
 }
 
 /// `{issuer}/.well-known/openid-configuration` (OpenID Connect Discovery 1.0, section
