@@ -173,3 +173,178 @@ async fn an_issuer_that_differs_even_slightly_is_a_config_error_at_start() {
         assert!(e.line.is_some() && e.message.contains("issuer"), "{e}");
     }
 }
+
+fn introspection_config(dir: &Path, url: &str, issuer: &str, upstream: &str, extra: &str) -> String {
+    std::fs::write(dir.join("introspect.secret"), format!("{GATEWAY_SECRET}\n")).unwrap();
+    format!(
+        r#"
+[providers.opaque]
+kind = "introspection"
+url = "{url}"
+client_id = "wsgate"
+client_secret_file = "{secret}"
+ca_file = "{ca}"
+issuer = "{issuer}"
+timeout = "1s"
+{extra}
+
+[[routes]]
+name = "opaque"
+path = "/opaque"
+upstreams = ["{upstream}"]
+auth = "introspection"
+provider = "opaque"
+require_claims = {{ scope = "chat" }}
+forward_claims = {{ client_id = "x-client-id", scope = "x-scope" }}
+"#,
+        secret = dir.join("introspect.secret").display(),
+        ca = dir.join("idp-ca.pem").display(),
+    )
+}
+
+const PROVIDER: &str = "wsgate_provider_requests_total{provider=\"opaque\",result=";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_introspected_opaque_token_admits_with_its_identity_and_a_revoked_one_is_closed() {
+    let idp_dir = tempfile::tempdir().unwrap();
+    let mut idp = Idp::start(idp_dir.path());
+    let url = format!("{}/token/introspection", idp.issuer());
+    let up = upstream(Behaviour::Echo).await;
+    let extra = "cache = \"30s\"\nrecheck = \"300ms\"";
+    let gw = Gw::start("", &introspection_config(idp_dir.path(), &url, &idp.issuer(), &up.url(), extra)).await;
+
+    let token = idp.token("opaque");
+    let (mut ws, _) = wsgate::client::connect(&gw.url("/opaque"), &gw.options(Some(token.clone())))
+        .await
+        .expect("an active token admits");
+    assert_eq!(roundtrip(&mut ws, "hi").await, "hi");
+    assert_eq!(
+        up.header(0, "x-client-id").as_deref(),
+        Some("app"),
+        "the answer's claims go upstream"
+    );
+    assert_eq!(up.header(0, "x-scope").as_deref(), Some("chat"));
+    assert!(up.header(0, "authorization").is_none(), "the token is not passed upstream");
+    gw.wait_metric(&format!("{PROVIDER}\"allow\"}}"), 1.0).await;
+
+    // A second client with the same token: the cached answer.
+    let (mut again, _) = wsgate::client::connect(&gw.url("/opaque"), &gw.options(Some(token.clone())))
+        .await
+        .expect("admitted from the cache");
+    assert_eq!(roundtrip(&mut again, "x").await, "x");
+    gw.wait_metric(&format!("{PROVIDER}\"cache_hit\"}}"), 1.0).await;
+
+    // An unknown token: inactive.
+    let resp = gw
+        .refusal("/opaque", &gw.options(Some("not-a-token-of-this-provider".into())))
+        .await;
+    assert_eq!(resp.status(), 401);
+    gw.wait_metric("wsgate_auth_failures_total{route=\"opaque\",reason=\"inactive\"}", 1.0)
+        .await;
+
+    // Revoked at the provider: both sessions end within `recheck`.
+    assert_eq!(idp.command(&format!("revoke {token}")), "REVOKED 200");
+    assert_eq!(close_code(&mut ws).await.0, 1008);
+    assert_eq!(close_code(&mut again).await.0, 1008);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_is_down_refuses_with_503_and_live_sessions_stay() {
+    let idp_dir = tempfile::tempdir().unwrap();
+    let mut idp = Idp::start(idp_dir.path());
+    let url = format!("{}/token/introspection", idp.issuer());
+    let gw = Gw::start(
+        "",
+        &introspection_config(idp_dir.path(), &url, &idp.issuer(), "builtin:echo", "recheck = \"200ms\""),
+    )
+    .await;
+    let (mut ws, _) = wsgate::client::connect(&gw.url("/opaque"), &gw.options(Some(idp.token("opaque"))))
+        .await
+        .expect("admitted");
+    let other = idp.token("opaque");
+    idp.stop();
+    let resp = gw.refusal("/opaque", &gw.options(Some(other))).await;
+    assert_eq!(resp.status(), 503, "never admitted without an answer");
+    gw.wait_metric_min(&format!("{PROVIDER}\"error\"}}"), 3.0).await;
+    assert_eq!(
+        roundtrip(&mut ws, "still here").await,
+        "still here",
+        "an unreachable provider ends no session"
+    );
+}
+
+/// An HTTPS endpoint that answers every request in one hostile way.
+async fn hostile_endpoint(dir: &Path, answer: &'static [u8], hang: bool) -> u16 {
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let certs = CertificateDer::pem_file_iter(dir.join("idp.crt"))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(dir.join("idp.key")).unwrap();
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut s) = acceptor.accept(tcp).await else { return };
+                let mut buf = vec![0u8; 16 * 1024];
+                let _ = s.read(&mut buf).await;
+                if hang {
+                    tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+                    return;
+                }
+                let _ = s.write_all(answer).await;
+                if answer.ends_with(b"\r\n\r\n") {
+                    // A body that never ends, as long as anyone reads.
+                    let chunk = vec![b' '; 64 * 1024];
+                    while s.write_all(&chunk).await.is_ok() {}
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_slow_huge_or_refused_answers_are_503_and_never_admit() {
+    let dir = tempfile::tempdir().unwrap();
+    write_ca_signed_server_cert(dir.path(), "idp");
+    let cases: [(&'static [u8], bool, &str); 5] = [
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 5\r\n\r\nhello",
+            false,
+            "error",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 15\r\n\r\n{\"active\": \"1\"}",
+            false,
+            "error",
+        ),
+        (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\r\n", false, "error"),
+        (b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n", false, "error"),
+        (b"", true, "timeout"),
+    ];
+    for (answer, hang, result) in cases {
+        let port = hostile_endpoint(dir.path(), answer, hang).await;
+        let url = format!("https://localhost:{port}/introspect");
+        let gw = Gw::start(
+            "",
+            &introspection_config(dir.path(), &url, "https://idp.example", "builtin:echo", ""),
+        )
+        .await;
+        let t0 = std::time::Instant::now();
+        let resp = gw.refusal("/opaque", &gw.options(Some("some-opaque-token".into()))).await;
+        assert_eq!(resp.status(), 503, "{}", String::from_utf8_lossy(answer));
+        assert!(t0.elapsed() < std::time::Duration::from_secs(5), "bounded in time");
+        gw.wait_metric(&format!("{PROVIDER}\"{result}\"}}"), 1.0).await;
+        assert!(!gw.metrics_text().await.contains("some-opaque-token"));
+        gw.stop().await;
+    }
+}
