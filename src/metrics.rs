@@ -57,7 +57,7 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     (AUTH_FAILURES, "Failed token checks, by route and reason."),
     (
         PROVIDER_REQUESTS,
-        "Checks by an auth provider (forward auth), by provider and result (allow, deny, error, timeout, cache_hit).",
+        "Checks by an auth provider (forward auth, introspection), by provider and result (allow, deny: refused or inactive, error, timeout, cache_hit).",
     ),
     (ERRORS, "Errors that ended or disturbed a session, by kind."),
     (MESSAGES, "Data messages relayed, by route and direction."),

@@ -246,6 +246,8 @@ async fn an_introspected_opaque_token_admits_with_its_identity_and_a_revoked_one
     assert_eq!(idp.command(&format!("revoke {token}")), "REVOKED 200");
     assert_eq!(close_code(&mut ws).await.0, 1008);
     assert_eq!(close_code(&mut again).await.0, 1008);
+    let resp = gw.refusal("/opaque", &gw.options(Some(token))).await;
+    assert_eq!(resp.status(), 401, "the recheck's refusal replaced the kept answer (cache = 30s)");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

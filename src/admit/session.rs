@@ -132,8 +132,8 @@ fn recheck_of(gw: &Gateway, p: &Principal) -> Option<(Ask, std::time::Duration, 
     let ask: Ask = Box::new(move || {
         let (introspector, token, identity) = (introspector.clone(), token.clone(), identity.clone());
         Box::pin(async move {
-            match introspector.ask(&token).await {
-                Ok((Verdict::Active(a), _)) if Some(&a.identity) == identity.as_ref() => Round::Stands,
+            match introspector.recheck(&token).await {
+                Ok(Verdict::Active(a)) if Some(&a.identity) == identity.as_ref() => Round::Stands,
                 Ok(_) => Round::Refused,
                 Err(_) => Round::Unanswered,
             }

@@ -133,8 +133,20 @@ impl Introspector {
         answer.map(|(v, _)| v)
     }
 
-    /// Ask the endpoint now (a recheck never reads the cache). With the verdict, the
-    /// answer's size.
+    /// Ask again about a live session's token (never from the cache). A refusal also
+    /// replaces a kept answer: a revoked token admits no new client from the cache.
+    pub async fn recheck(&self, token: &str) -> Result<Verdict, Unanswered> {
+        let answer = self.ask(token).await;
+        if let Ok((v @ Verdict::Refused(_), size)) = &answer
+            && !self.cfg.cache.is_zero()
+        {
+            self.cache
+                .store(key_of([token.as_bytes()]), (v.clone(), *size), Instant::now() + self.cfg.cache);
+        }
+        answer.map(|(v, _)| v)
+    }
+
+    /// Ask the endpoint now. With the verdict, the answer's size.
     pub async fn ask(&self, token: &str) -> Result<(Verdict, usize), Unanswered> {
         let result = match tokio::time::timeout(self.cfg.timeout, self.exchange(token)).await {
             Err(_) => Err(Unanswered::Timeout),
