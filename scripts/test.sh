@@ -52,6 +52,10 @@ if grep -q "couldn't check if the package is yanked" target/cargo-audit.log; the
     exit 1
 fi
 
+step "Node OpenID provider for tests/oidc.rs (tests/oidc: npm ci, pinned by package-lock.json)"
+command -v node >/dev/null || { echo "node (18+) is needed by tests/oidc.rs (scripts/setup-system.sh installs Debian's)" >&2; exit 1; }
+(cd tests/oidc && npm ci --no-audit --no-fund --loglevel=error)
+
 step "cargo test"
 cargo test --locked
 

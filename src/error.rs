@@ -69,6 +69,13 @@ pub enum Reject {
     Misdirected,
     #[error("authentication failed: {0}")]
     Auth(AuthFailure),
+    /// The forward auth endpoint refused the client (401/403, or a redirect to a login
+    /// page: 401): its status and `WWW-Authenticate` go back to the client.
+    #[error("refused by the auth provider ({})", .0.status)]
+    Denied(Box<Denied>),
+    /// An auth provider gave no usable answer (timeout, 5xx, garbage): never an admission.
+    #[error("auth provider unavailable")]
+    AuthUnavailable,
     /// A route that needs a client certificate (`mtls`, `jwt+mtls`) got none, or one
     /// that names no usable identity (`client_auth = "optional"`).
     #[error("no usable client certificate")]
@@ -86,6 +93,16 @@ pub enum Reject {
     /// effect on the upstream's health.
     #[error("upstream refused the upgrade with {}", .0.status)]
     UpstreamRefused(Box<UpstreamAnswer>),
+}
+
+/// A forward auth endpoint's refusal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denied {
+    /// 401, 403, or a redirect to a plain HTTP request (an upgrade gets 401 instead).
+    pub status: StatusCode,
+    pub www_authenticate: Option<http::HeaderValue>,
+    /// The redirect's `Location`, passed as it is.
+    pub location: Option<http::HeaderValue>,
 }
 
 /// A 4xx the upstream answered to the upgrade request.
@@ -131,6 +148,12 @@ pub enum AuthFailure {
     /// or to none the gateway can check.
     #[error("token not bound to this client certificate")]
     CertBinding,
+    /// The forward auth endpoint answered 401/403 (or a redirect).
+    #[error("refused by the auth provider")]
+    Denied,
+    /// The introspection endpoint said the token is not active (RFC 7662).
+    #[error("token not active")]
+    Inactive,
 }
 
 impl AuthFailure {
@@ -149,6 +172,8 @@ impl AuthFailure {
             AuthFailure::Forbidden => "forbidden",
             AuthFailure::Revoked => "revoked",
             AuthFailure::CertBinding => "cert_binding",
+            AuthFailure::Denied => "denied",
+            AuthFailure::Inactive => "inactive",
         }
     }
 }
@@ -179,6 +204,15 @@ impl RefreshRefusal {
 }
 
 impl Reject {
+    /// The auth failure this refusal counts as (metric, ban), if it is one.
+    pub fn auth_failure(&self) -> Option<AuthFailure> {
+        match self {
+            Reject::Auth(f) => Some(*f),
+            Reject::Denied(_) => Some(AuthFailure::Denied),
+            _ => None,
+        }
+    }
+
     /// The HTTP status answered to the client, or `None` when the TCP connection is
     /// simply closed (no HTTP exchange is possible or wanted).
     pub fn status(&self) -> Option<StatusCode> {
@@ -196,6 +230,8 @@ impl Reject {
             Reject::Misdirected => StatusCode::MISDIRECTED_REQUEST,
             Reject::Auth(AuthFailure::Forbidden) => StatusCode::FORBIDDEN,
             Reject::Auth(_) => StatusCode::UNAUTHORIZED,
+            Reject::Denied(d) => d.status,
+            Reject::AuthUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Reject::ClientCert => StatusCode::FORBIDDEN,
             Reject::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Reject::NoUpstream => StatusCode::SERVICE_UNAVAILABLE,
@@ -221,7 +257,8 @@ impl Reject {
             Reject::MethodNotAllowed => "method_not_allowed",
             Reject::BodyTooLarge => "body_too_large",
             Reject::Misdirected => "misdirected",
-            Reject::Auth(_) => "auth",
+            Reject::Auth(_) | Reject::Denied(_) => "auth",
+            Reject::AuthUnavailable => "auth_unavailable",
             Reject::ClientCert => "client_cert",
             Reject::UpstreamUnavailable | Reject::NoUpstream => "upstream_unavailable",
             Reject::UpstreamTimeout => "upstream_timeout",
@@ -246,7 +283,8 @@ impl Reject {
             Reject::MethodNotAllowed => "method not allowed\n",
             Reject::BodyTooLarge => "request body too large\n",
             Reject::Misdirected => "misdirected request\n",
-            Reject::Auth(_) => "unauthorized\n",
+            Reject::Auth(_) | Reject::Denied(_) => "unauthorized\n",
+            Reject::AuthUnavailable => "authentication unavailable\n",
             Reject::ClientCert => "client certificate required\n",
             Reject::UpstreamUnavailable => "upstream unavailable\n",
             Reject::NoUpstream => "no upstream available\n",
@@ -260,6 +298,8 @@ impl Reject {
         matches!(
             self,
             Reject::Auth(_)
+                | Reject::Denied(_)
+                | Reject::AuthUnavailable
                 | Reject::AuthBanned(_)
                 | Reject::ClientCert
                 | Reject::Origin
@@ -284,6 +324,7 @@ impl Reject {
     pub fn close_after_upgrade(&self) -> (u16, &'static str) {
         match self {
             Reject::UpstreamUnavailable | Reject::UpstreamTimeout | Reject::NoUpstream => (CLOSE_INTERNAL_ERROR, "upstream unavailable"),
+            Reject::AuthUnavailable => (CLOSE_INTERNAL_ERROR, "authentication unavailable"),
             Reject::UpstreamRefused(_) => (CLOSE_POLICY, "refused by the application"),
             Reject::UserConnLimit => (CLOSE_POLICY, "too many sessions for this user"),
             _ => (CLOSE_POLICY, "authentication failed"),
@@ -519,6 +560,7 @@ mod tests {
             (Reject::Auth(AuthFailure::Expired), Some(401), "auth"),
             (Reject::Auth(AuthFailure::Forbidden), Some(403), "auth"),
             (Reject::Auth(AuthFailure::CertBinding), Some(401), "auth"),
+            (Reject::Auth(AuthFailure::Inactive), Some(401), "auth"),
             (Reject::ClientCert, Some(403), "client_cert"),
             (Reject::UpstreamUnavailable, Some(502), "upstream_unavailable"),
             (Reject::NoUpstream, Some(503), "upstream_unavailable"),

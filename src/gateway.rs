@@ -167,6 +167,11 @@ impl Runtime {
         if config.routes.iter().any(|r| r.forward_token) {
             identity_headers.push(http::header::AUTHORIZATION);
         }
+        // What forward auth endpoints vouch for (`copy_headers`, `identity_header`).
+        for f in config.forward_providers.values() {
+            identity_headers.extend(f.copy_headers.iter().cloned());
+            identity_headers.push(f.identity_header.clone());
+        }
         identity_headers.sort_by(|a, b| a.as_str().cmp(b.as_str()));
         identity_headers.dedup();
         let admin_token = config
@@ -421,8 +426,25 @@ impl Gateway {
         for r in &new.config.routes {
             self.metrics.register_route(&r.name, r.validate.is_some());
         }
+        // Discovery again: a provider whose issuer no longer answers (or answers with
+        // another `issuer`) keeps the keys it had; a new one has none to keep.
+        for (provider, n) in new.auth.verifiers() {
+            if let Err(e) = discover_one(&new, provider, n).await {
+                let kept = old
+                    .auth
+                    .verifier(provider)
+                    .is_some_and(|o| o.keys().remote_url() == n.keys().remote_url());
+                if !kept {
+                    self.metrics.reload(false);
+                    return Err(e);
+                }
+                tracing::error!(error = %e, "reload: OIDC discovery failed; the provider keeps its last good keys");
+                notes.push(format!("{e}: the last good keys stay"));
+            }
+        }
         for (provider, n) in new.auth.verifiers() {
             if let Some(o) = old.auth.verifier(provider)
+                && !n.keys().fetched_within(crate::keys::JWKS_MIN_REFETCH)
                 && n.keys().remote_url().is_some()
                 && n.keys().remote_url() == o.keys().remote_url()
             {
@@ -606,7 +628,7 @@ impl Gateway {
         let peer = who.peer;
         let request_id = who.request_id.unwrap_or("-");
         let status = reject.status().map(|s| s.as_u16());
-        if let Reject::Auth(failure) = reject {
+        if let Some(failure) = reject.auth_failure() {
             if let (Some((key, ban)), Some(cluster)) = (self.per_ip().auth_failed(peer), &self.cluster) {
                 // Shared: the address is refused on every instance, not only here.
                 let event = crate::cluster::Event::AuthBan {
@@ -649,9 +671,44 @@ impl Refused<'_> {
     }
 }
 
+/// OIDC discovery of every verifier in use that has it, now: the document (its
+/// `issuer` exactly the configured one), then the JWKS at its `jwks_uri`. At start (no
+/// keys: no start) and in `wsgate check`. The error names the provider's `issuer` key
+/// and what failed.
+pub async fn discover(rt: &Runtime) -> Result<(), ConfigError> {
+    for (name, v) in rt.auth.verifiers() {
+        discover_one(rt, name, v).await?;
+    }
+    Ok(())
+}
+
+async fn discover_one(rt: &Runtime, name: Option<&str>, v: &crate::auth::Verifier) -> Result<(), ConfigError> {
+    if !v.keys().discovers() {
+        return Ok(());
+    }
+    let cfg = match name {
+        None => Some(&rt.config.jwt),
+        Some(n) => rt.config.providers.get(n),
+    };
+    let at = cfg.and_then(|c| c.jwks_url.as_ref()).and_then(|u| u.discovery.as_ref());
+    v.keys().refresh().await.map(|_| ()).map_err(|e| {
+        let message = format!("OIDC discovery failed: {e}");
+        match at {
+            Some(at) => at.error(&rt.config.origin, message),
+            None => ConfigError {
+                file: rt.config.origin.clone(),
+                line: None,
+                key: name.map_or_else(|| "jwt".to_string(), |n| format!("providers.{n}")),
+                message,
+            },
+        }
+    })
+}
+
 /// Fetch the JWKS URL once now, then keep it fresh until `until` is cancelled (the next
 /// reload) or the runtime is gone: one refresh loop per live key set.
 pub(crate) async fn start_jwks_refresh(rt: &Arc<Runtime>, metrics: &Metrics, until: CancellationToken) {
+    rt.auth.bind_metrics(metrics);
     if let Some(every) = rt.config.jwt.jwks_url.as_ref().map(|u| u.refresh) {
         let metrics = metrics.clone();
         let report = move |ok| metrics.jwks_refresh(ok);

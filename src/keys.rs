@@ -1,11 +1,14 @@
 //! JWT verification keys: the HS* secret, PEM public keys, and JWKS from a file or an
-//! HTTPS URL (refreshed on a timer and on an unknown `kid`, rate-limited).
+//! HTTPS URL (refreshed on a timer and on an unknown `kid`, rate-limited), given as
+//! `jwks_url` or found by OIDC discovery (the issuer's `jwks_uri`, looked up again at
+//! every fetch, the document's `issuer` checked each time).
 //!
 //! Every key carries its algorithm family and is only ever tried with algorithms of
 //! that family: an RSA public key can never verify an HS256 token. Symmetric (`oct`)
 //! keys in a JWKS are ignored: a key set is public material.
 
 use crate::config::{ConfigError, Jwt, SecretSource};
+use crate::util::lock;
 use arc_swap::ArcSwap;
 use jsonwebtoken::{
     Algorithm, DecodingKey,
@@ -212,7 +215,14 @@ pub struct KeyStore {
 }
 
 struct Remote {
+    /// The JWKS, or (`discovery`) the discovery document.
     url: http::Uri,
+    /// The issuer the discovery document must name exactly (`None`: `url` is the JWKS).
+    discovery: Option<String>,
+    /// The discovery document's `jwks_uri` of the last good lookup.
+    jwks_uri: Mutex<Option<http::Uri>>,
+    /// When a fetch last succeeded.
+    fetched: Mutex<Option<Instant>>,
     tls: Arc<rustls::ClientConfig>,
     /// When an unknown `kid` last caused a fetch (scheduled refreshes do not count).
     last_kid_refetch: Mutex<Option<Instant>>,
@@ -346,6 +356,9 @@ impl KeyStore {
                 let tls = crate::tls::upstream_client_config(u.ca.as_ref(), origin)?;
                 Some(Remote {
                     url: u.url.clone(),
+                    discovery: u.discovery.as_ref().map(|d| d.value.clone()),
+                    jwks_uri: Mutex::new(None),
+                    fetched: Mutex::new(None),
                     tls,
                     last_kid_refetch: Mutex::new(None),
                     fetch_lock: tokio::sync::Mutex::new(()),
@@ -367,19 +380,51 @@ impl KeyStore {
     pub async fn refresh(&self) -> Result<usize, String> {
         let Some(remote) = &self.remote else { return Ok(0) };
         let _one_at_a_time = remote.fetch_lock.lock().await;
-        let body = fetch(&remote.url, remote.tls.clone()).await?;
-        let set: JwkSet = serde_json::from_slice(&body).map_err(|e| format!("not a JWKS: {e}"))?;
+        let jwks_url = match &remote.discovery {
+            None => remote.url.clone(),
+            Some(issuer) => {
+                let doc = fetch(&remote.url, remote.tls.clone())
+                    .await
+                    .map_err(|e| format!("discovery document {}: {e}", remote.url))?;
+                let uri = discovered_jwks_uri(&doc, issuer).map_err(|e| format!("discovery document {}: {e}", remote.url))?;
+                *lock(&remote.jwks_uri) = Some(uri.clone());
+                uri
+            }
+        };
+        let body = fetch(&jwks_url, remote.tls.clone())
+            .await
+            .map_err(|e| format!("JWKS {jwks_url}: {e}"))?;
+        let set: JwkSet = serde_json::from_slice(&body).map_err(|e| format!("JWKS {jwks_url}: not a JWKS: {e}"))?;
         let keys = jwks_keys(&set);
         let n = keys.len();
         self.jwks.store(Arc::new(keys));
         self.generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        *lock(&remote.fetched) = Some(Instant::now());
         Ok(n)
+    }
+
+    /// Whether a fetch succeeded within `d` (the first fetch of a loop is then skipped:
+    /// discovery at start or on reload just made it).
+    pub fn fetched_within(&self, d: Duration) -> bool {
+        self.remote
+            .as_ref()
+            .and_then(|r| *lock(&r.fetched))
+            .is_some_and(|t| t.elapsed() < d)
+    }
+
+    /// Whether the keys come by OIDC discovery.
+    pub fn discovers(&self) -> bool {
+        self.remote.as_ref().is_some_and(|r| r.discovery.is_some())
     }
 
     /// Start from another store's JWKS keys (a reload while the IdP is down keeps the
     /// last good set instead of none).
     pub fn adopt_jwks(&self, from: &KeyStore) {
         self.jwks.store(from.jwks.load_full());
+        if let (Some(to), Some(from)) = (&self.remote, &from.remote) {
+            let uri = lock(&from.jwks_uri).clone();
+            *lock(&to.jwks_uri) = uri;
+        }
         self.generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
@@ -460,6 +505,35 @@ impl KeyStore {
     }
 }
 
+/// The `jwks_uri` of an OIDC discovery document whose `issuer` is exactly `issuer`
+/// (an https URL with a host). The errors name what failed, never echo the document.
+fn discovered_jwks_uri(doc: &[u8], issuer: &str) -> Result<http::Uri, String> {
+    #[derive(serde::Deserialize)]
+    struct Discovery {
+        issuer: Option<serde_json::Value>,
+        jwks_uri: Option<serde_json::Value>,
+    }
+    let d: Discovery = serde_json::from_slice(doc).map_err(|_| "not a JSON object".to_string())?;
+    match d.issuer.as_ref().and_then(serde_json::Value::as_str) {
+        Some(i) if i == issuer => {}
+        Some(_) => return Err(format!("its \"issuer\" is not \"{issuer}\" (they must be equal exactly)")),
+        None => return Err("no \"issuer\" string".to_string()),
+    }
+    let uri = d
+        .jwks_uri
+        .as_ref()
+        .and_then(serde_json::Value::as_str)
+        .ok_or("no \"jwks_uri\" string")?;
+    let url: http::Uri = uri.parse().map_err(|_| "its \"jwks_uri\" is not a URL".to_string())?;
+    if url.scheme_str() != Some("https")
+        || url.host().is_none_or(str::is_empty)
+        || url.authority().is_some_and(|a| a.as_str().contains('@'))
+    {
+        return Err("its \"jwks_uri\" is not an https:// URL with a host".to_string());
+    }
+    Ok(url)
+}
+
 /// GET an https URL with a bounded time and body size.
 pub(crate) async fn fetch(url: &http::Uri, tls: Arc<rustls::ClientConfig>) -> Result<Vec<u8>, String> {
     use http_body_util::{BodyExt, Empty, Limited};
@@ -512,7 +586,9 @@ pub(crate) async fn keep_fresh<T: Send + Sync + 'static>(
     let Some(keys) = store(owner).filter(|k| k.has_remote()) else {
         return;
     };
-    match keys.refresh().await {
+    let fresh = keys.fetched_within(JWKS_MIN_REFETCH);
+    match if fresh { Ok(0) } else { keys.refresh().await } {
+        Ok(_) if fresh => {}
         Ok(n) => {
             report(true);
             tracing::info!(keys = n, "JWKS loaded");
@@ -546,6 +622,27 @@ pub(crate) async fn keep_fresh<T: Send + Sync + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_discovery_document_must_name_our_issuer_exactly_and_an_https_jwks_uri() {
+        let issuer = "https://idp.example";
+        let doc = |i: &str, j: &str| format!("{{\"issuer\": {i}, \"jwks_uri\": {j}}}");
+        let ok = discovered_jwks_uri(doc("\"https://idp.example\"", "\"https://keys.example/jwks\"").as_bytes(), issuer);
+        assert_eq!(ok.map(|u| u.to_string()).ok().as_deref(), Some("https://keys.example/jwks"));
+        for (i, j) in [
+            ("\"https://idp.example/\"", "\"https://keys.example/jwks\""),
+            ("\"https://IDP.example\"", "\"https://keys.example/jwks\""),
+            ("[\"https://idp.example\"]", "\"https://keys.example/jwks\""),
+            ("null", "\"https://keys.example/jwks\""),
+            ("\"https://idp.example\"", "\"http://keys.example/jwks\""),
+            ("\"https://idp.example\"", "\"https://u:p@keys.example/jwks\""),
+            ("\"https://idp.example\"", "42"),
+        ] {
+            let e = discovered_jwks_uri(doc(i, j).as_bytes(), issuer).unwrap_err();
+            assert!(!e.contains("keys.example"), "no echo of the document: {e}");
+        }
+        assert!(discovered_jwks_uri(b"<html>", issuer).is_err());
+    }
 
     #[test]
     fn one_key_in_any_form_has_one_fingerprint() {

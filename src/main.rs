@@ -111,7 +111,7 @@ fn main() -> ExitCode {
             let exe = wsgate::reexec::startup_exe();
             rt.block_on(run(&config_path, cli.config.is_some(), takeover, exe))
         }
-        Command::Check => check(&config_path),
+        Command::Check => rt.block_on(check(&config_path)),
         Command::Token { sub, ttl, claims } => token(&config_path, &sub, ttl, &claims),
         Command::Echo { listen } => rt.block_on(echo(listen)),
         Command::Client {
@@ -403,12 +403,12 @@ fn start_hint(config: &Config, path: &std::path::Path, explicit_config: bool) ->
         AuthMode::Jwt => format!(" --token \"$({exe} token --sub dev{cfg_arg})\""),
         AuthMode::Mtls => " --cert certs/dev/dev.crt --key certs/dev/dev.key".to_string(),
         AuthMode::JwtMtls => format!(" --token \"$({exe} token --sub dev{cfg_arg})\" --cert certs/dev/dev.crt --key certs/dev/dev.key"),
-        AuthMode::None => String::new(),
+        AuthMode::None | AuthMode::Forward | AuthMode::Introspection => String::new(),
     };
     Some(format!("{exe} client wss://{host}:{}{route_path}{ca}{token}", addr.port()))
 }
 
-fn check(path: &std::path::Path) -> u8 {
+async fn check(path: &std::path::Path) -> u8 {
     wsgate::logging::init_default();
     let config = match load(path) {
         Ok(c) => c,
@@ -424,7 +424,11 @@ fn check(path: &std::path::Path) -> u8 {
         eprintln!("wsgate: config error: {e}");
         return 1;
     }
-    match wsgate::gateway::Runtime::load(config, false) {
+    let loaded = match wsgate::gateway::Runtime::load(config, false) {
+        Ok(rt) => wsgate::gateway::discover(&rt).await.map(|()| rt),
+        Err(e) => Err(e),
+    };
+    match loaded {
         Ok(rt) => {
             for w in wsgate::check::host_warnings(&rt.config, &rt.certs) {
                 println!("warning: {w}");

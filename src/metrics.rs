@@ -42,6 +42,7 @@ pub const UPSTREAM_DRAINED: &str = "wsgate_upstream_drained";
 pub const UPSTREAM_HEALTH_CHECKS: &str = "wsgate_upstream_health_checks_total";
 pub const COMPRESSED_BYTES: &str = "wsgate_compressed_bytes_total";
 pub const TOKEN_REFRESHES: &str = "wsgate_token_refreshes_total";
+pub const PROVIDER_REQUESTS: &str = "wsgate_provider_requests_total";
 /// The process metrics below come from `metrics-process` (its names and help texts), read
 /// on each scrape; listed here so the alert rules and the dashboard have one place to look.
 pub const PROCESS_OPEN_FDS: &str = "process_open_fds";
@@ -55,6 +56,10 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     (CONNECTIONS_ACTIVE, "WebSocket sessions currently relayed, by route."),
     (CONNECTIONS_REJECTED, "Connections refused before the 101, by reason."),
     (AUTH_FAILURES, "Failed token checks, by route and reason."),
+    (
+        PROVIDER_REQUESTS,
+        "Checks by an auth provider (forward auth, introspection), by provider and result (allow, deny: refused or inactive, error, timeout, cache_hit).",
+    ),
     (ERRORS, "Errors that ended or disturbed a session, by kind."),
     (MESSAGES, "Data messages relayed, by route and direction."),
     (BYTES, "Payload bytes relayed, by route and direction."),
@@ -388,6 +393,12 @@ impl Metrics {
 
     pub fn upstream_connect(&self, route: &str, seconds: f64) {
         self.histogram(UPSTREAM_CONNECT_DURATION, &[("route", route)]).record(seconds);
+    }
+
+    /// One check by `provider` (a configured name, never a client's value).
+    pub fn provider_request(&self, provider: &str, result: &'static str) {
+        self.counter(PROVIDER_REQUESTS, &[("provider", provider), ("result", result)])
+            .increment(1);
     }
 
     pub fn jwks_refresh(&self, ok: bool) {

@@ -134,6 +134,8 @@ async fn serve_on(runtime: Runtime, given: Listeners) -> anyhow::Result<Running>
         ),
         _ => None,
     };
+    // OIDC discovery: a provider without keys is a config error at start.
+    crate::gateway::discover(&runtime).await?;
     let gateway = Arc::new(Gateway::new(runtime, cluster.clone()));
     crate::gateway::start_jwks_refresh(&gateway.runtime(), &gateway.metrics, gateway.generation()).await;
     {

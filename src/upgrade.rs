@@ -269,6 +269,14 @@ pub fn refusal(reject: &Reject) -> Response<Full<Bytes>> {
         Reject::Auth(_) => {
             h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer error=\"invalid_token\""));
         }
+        Reject::Denied(d) => {
+            if let Some(w) = &d.www_authenticate {
+                h.insert(header::WWW_AUTHENTICATE, w.clone());
+            }
+            if let Some(l) = &d.location {
+                h.insert(header::LOCATION, l.clone());
+            }
+        }
         Reject::NotUpgrade => {
             h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         }

@@ -46,6 +46,9 @@ pub struct ClientFacts<'a> {
     pub request_id: Option<&'a str>,
     /// The gateway's own cookie (`sticky_cookie`): never forwarded.
     pub gateway_cookie: Option<&'a str>,
+    /// The headers a forward auth endpoint answered with (`copy_headers`): sent upstream
+    /// (their names are among `identity_headers`, so client copies are gone).
+    pub copied: &'a [(HeaderName, HeaderValue)],
 }
 
 /// Header names compared the way proxies and frameworks conflate them: case, and every
@@ -93,6 +96,7 @@ const CLIENT_FORWARDING: &[&str] = &[
     "x-client-ip",
     "x-original-url",
     "x-rewrite-url",
+    "x-original-method",
     "x-original-forwarded-for",
     "true-client-ip",
     "x-request-id",
@@ -288,6 +292,9 @@ fn forward_client_headers(h: &mut HeaderMap, facts: &ClientFacts) {
         if let Some(v) = forwarded_value(claim, facts) {
             h.insert(header.clone(), v);
         }
+    }
+    for (name, v) in facts.copied {
+        h.append(name.clone(), v.clone());
     }
     if let Some(token) = facts.forward_token
         && let Ok(v) = HeaderValue::from_str(&format!("Bearer {token}"))
@@ -629,6 +636,7 @@ mod tests {
             identity_headers: &[],
             request_id: None,
             gateway_cookie: None,
+            copied: &[],
         }
     }
 

@@ -576,3 +576,20 @@ fn check_refuses_a_cache_directory_others_could_replace() {
         assert!(err.contains("repoint"), "{err}");
     }
 }
+
+#[test]
+fn check_and_run_name_a_provider_whose_oidc_discovery_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let rest = "[providers.idp]\nkind = \"jwt\"\nissuer = \"https://127.0.0.1:1\"\ndiscovery = true\nalgorithms = [\"RS256\"]\n\n\
+                [[routes]]\nname = \"a\"\npath = \"/a\"\nupstreams = [\"builtin:echo\"]\nprovider = \"idp\"\n";
+    let path = write_config(dir.path(), rest);
+    let out = Command::new(BIN).args(["check", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("providers.idp.issuer: OIDC discovery failed: discovery document"),
+        "{err}"
+    );
+    let out = Command::new(BIN).args(["run", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "no keys, no start");
+}

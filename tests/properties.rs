@@ -169,6 +169,7 @@ fn facts<'a>(path: &'a str, headers: &'a HeaderMap) -> wsgate::upstream::ClientF
         identity_headers: &[],
         request_id: None,
         gateway_cookie: None,
+        copied: &[],
     }
 }
 

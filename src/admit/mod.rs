@@ -315,9 +315,28 @@ impl Admission {
     /// The route's authentication of one request (an upgrade or a plain request),
     /// noting in the access log what it saw: the token's fingerprint, the identity and
     /// the provider.
-    async fn authenticate(&self, route: &crate::config::Route, headers: &http::HeaderMap, query: Option<&str>) -> Result<Outcome, Reject> {
+    async fn authenticate(
+        &self,
+        route: &crate::config::Route,
+        req: &Request<Incoming>,
+        checked: &Checked,
+        upgrade: bool,
+    ) -> Result<Outcome, Reject> {
         let mut seen = Seen::default();
-        let outcome = self.rt().auth.authenticate(route, headers, query, self.cert(), &mut seen).await;
+        let requested = crate::auth::forward::Requested {
+            client_ip: checked.client_ip,
+            host: &checked.host,
+            path: &checked.path,
+            query: checked.query.as_deref(),
+            method: req.method(),
+            upgrade,
+        };
+        let query = checked.query.as_deref();
+        let outcome = self
+            .rt()
+            .auth
+            .authenticate(route, req.headers(), query, self.cert(), &requested, &mut seen)
+            .await;
         self.note(|i| {
             i.token_fingerprint = seen.token_fingerprint;
             i.sub = seen.identity;
@@ -352,7 +371,7 @@ impl Admission {
             }
         };
         let route = &rt.config.routes[checked.route_index];
-        let principal = match self.authenticate(route, req.headers(), checked.query.as_deref()).await? {
+        let principal = match self.authenticate(route, req, &checked, true).await? {
             Outcome::Anonymous => None,
             Outcome::Authenticated(p) => Some(p),
             Outcome::Deferred => {

@@ -30,7 +30,7 @@ impl Admission {
             let lease = shared_cap::hold_ip(&self.gw, &rt.config, checked.client_ip, started).await?;
             *lock(&self.conn_lease) = lease;
         }
-        let principal = match self.authenticate(route, req.headers(), checked.query.as_deref()).await? {
+        let principal = match self.authenticate(route, &req, &checked, false).await? {
             Outcome::Anonymous => None,
             Outcome::Authenticated(p) => Some(p),
             // A token sent as the first WebSocket message has no place in a plain request.

@@ -14,6 +14,8 @@ use std::net::IpAddr;
 pub(super) struct Checked {
     pub(super) route_index: usize,
     pub(super) path: String,
+    /// The `Host` as routed.
+    pub(super) host: String,
     pub(super) query: Option<String>,
     pub(super) client_ip: IpAddr,
     /// `None`: a plain request on a route with `http = true`.
@@ -84,6 +86,7 @@ impl Admission {
         Ok(Checked {
             route_index,
             path,
+            host,
             query: req.uri().query().map(str::to_string),
             client_ip,
             upgrade,

@@ -16,9 +16,16 @@ use crate::config::{Config, Route};
 use crate::error::{AuthFailure, CloseReason, RefreshRefusal};
 use crate::gateway::Gateway;
 use crate::util::lock;
-use std::{net::IpAddr, sync::Mutex, time::Duration};
+use std::{
+    net::IpAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 /// What a live session is re-checked by, for [`crate::relay::Policy`].
 pub(crate) struct SessionPolicy<'a> {
@@ -27,6 +34,17 @@ pub(crate) struct SessionPolicy<'a> {
     admitted_under: Mutex<Option<CancellationToken>>,
     /// Boxed: read only on a re-check, so an idle session's future stays small.
     admitted: Box<Admitted>,
+}
+
+/// A provider session's recheck timer and the relay meet here: a refusal sets
+/// `denied` and cancels the generation the relay waits on, so it checks at once.
+#[derive(Default)]
+struct Rechecked {
+    denied: AtomicBool,
+    /// The auth failure reason a refusal is logged with (`denied`, `inactive`).
+    reason: &'static str,
+    /// The token last handed to the relay (a child of the gateway's generation).
+    current: Mutex<Option<CancellationToken>>,
 }
 
 /// What the session was admitted as.
@@ -43,6 +61,10 @@ struct Admitted {
     cert: Option<std::sync::Arc<crate::tls::ClientCert>>,
     /// When the connection was accepted: a kick closes sessions accepted before it.
     started: std::time::Instant,
+    /// What the provider's recheck timer shares with the relay (`None`: no timer).
+    forward: Option<Arc<Rechecked>>,
+    /// Ends the recheck timer with the session.
+    _timer: Option<DropGuard>,
 }
 
 impl Session {
@@ -57,6 +79,11 @@ impl Session {
         client_ip: Option<IpAddr>,
         started: std::time::Instant,
     ) -> SessionPolicy<'a> {
+        let principal = self.principal.take().map(|p| *p);
+        let (forward, timer) = match principal.as_ref().and_then(|p| recheck_timer(gw, p)) {
+            Some((shared, guard)) => (Some(shared), Some(guard)),
+            None => (None, None),
+        };
         SessionPolicy {
             gw,
             admitted_under: Mutex::new(Some(admitted_under)),
@@ -65,18 +92,117 @@ impl Session {
                 refresh: route.refresh,
                 origin: self.origin.take(),
                 client_ip,
-                principal: Mutex::new(self.principal.take().map(|p| *p)),
+                principal: Mutex::new(principal),
                 cert: self.cert.take(),
                 started,
+                forward,
+                _timer: timer,
             }),
         }
     }
 }
 
+/// What one recheck round found.
+enum Round {
+    /// The provider still admits the same identity.
+    Stands,
+    /// A refusal (401/403, a redirect, an inactive token) or another identity.
+    Refused,
+    /// The provider gave no answer (it is asked again sooner).
+    Unanswered,
+}
+
+/// One round of asking the session's provider again (never its cache).
+type Ask = Box<dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Round> + Send>> + Send + Sync>;
+
+/// How a live session's provider is asked again, and how often (`recheck`), for a
+/// client admitted by a forward or an introspection provider.
+fn recheck_of(gw: &Gateway, p: &Principal) -> Option<(Ask, std::time::Duration, &'static str)> {
+    use crate::auth::{forward::Answer, introspection::Verdict};
+    let rt = gw.runtime();
+    let provider = p.provider.as_deref()?;
+    let identity = p.identity.clone();
+    if let Some(fwd) = p.credential.forward.as_deref() {
+        let checker = rt.auth.forward(provider)?.clone();
+        let every = checker.config().recheck?;
+        let asked = fwd.asked.clone();
+        let ask: Ask = Box::new(move || {
+            let (checker, asked, identity) = (checker.clone(), asked.clone(), identity.clone());
+            Box::pin(async move {
+                match checker.ask(&asked).await {
+                    Ok(Answer::Allow { identity: now, .. }) if Some(&now) == identity.as_ref() => Round::Stands,
+                    Ok(_) => Round::Refused,
+                    Err(_) => Round::Unanswered,
+                }
+            })
+        });
+        return Some((ask, every, "denied"));
+    }
+    let introspector = rt.auth.introspector(provider)?.clone();
+    let every = introspector.config().recheck?;
+    let token: Arc<str> = p.credential.token.as_deref()?.into();
+    let ask: Ask = Box::new(move || {
+        let (introspector, token, identity) = (introspector.clone(), token.clone(), identity.clone());
+        Box::pin(async move {
+            match introspector.recheck(&token).await {
+                Ok(Verdict::Active(a)) if Some(&a.identity) == identity.as_ref() => Round::Stands,
+                Ok(_) => Round::Refused,
+                Err(_) => Round::Unanswered,
+            }
+        })
+    });
+    Some((ask, every, "inactive"))
+}
+
+/// For a client admitted by a forward or introspection provider with `recheck`: a task
+/// that asks the provider again every `recheck`. A refusal ends the session with 1008;
+/// a provider that cannot answer leaves it alone and is asked again sooner
+/// ([`crate::auth::forward::retry_after`]).
+fn recheck_timer(gw: &Gateway, p: &Principal) -> Option<(Arc<Rechecked>, DropGuard)> {
+    let (ask, every, reason) = recheck_of(gw, p)?;
+    let shared = Arc::new(Rechecked {
+        reason,
+        ..Rechecked::default()
+    });
+    let stop = CancellationToken::new();
+    let (task_shared, task_stop) = (shared.clone(), stop.clone());
+    tokio::spawn(async move {
+        let rounds = async {
+            let mut wait = every;
+            loop {
+                tokio::time::sleep(wait).await;
+                match ask().await {
+                    Round::Stands => wait = every,
+                    Round::Refused => return,
+                    Round::Unanswered => wait = crate::auth::forward::retry_after(every),
+                }
+            }
+        };
+        tokio::select! {
+            () = task_stop.cancelled() => {}
+            () = rounds => {
+                task_shared.denied.store(true, Ordering::SeqCst);
+                if let Some(t) = lock(&task_shared.current).as_ref() {
+                    t.cancel();
+                }
+            }
+        }
+    });
+    Some((shared, stop.drop_guard()))
+}
+
 impl crate::relay::Policy for SessionPolicy<'_> {
     fn generation(&self) -> CancellationToken {
         let first = lock(&self.admitted_under).take();
-        first.unwrap_or_else(|| self.gw.recheck_token())
+        let generation = first.unwrap_or_else(|| self.gw.recheck_token());
+        let Some(f) = &self.admitted.forward else { return generation };
+        let child = generation.child_token();
+        *lock(&f.current) = Some(child.clone());
+        // A refusal that came before the relay held this token.
+        if f.denied.load(Ordering::SeqCst) {
+            child.cancel();
+        }
+        child
     }
 
     fn live_limits(&self) -> Option<crate::relay::LiveLimits> {
@@ -95,6 +221,10 @@ impl crate::relay::Policy for SessionPolicy<'_> {
         let rt = self.gw.runtime();
         let incidents = &self.gw.incidents;
         let a = &self.admitted;
+        if let Some(f) = a.forward.as_ref().filter(|f| f.denied.load(Ordering::SeqCst)) {
+            tracing::info!(route = %a.route, reason = f.reason, "the auth provider no longer admits a live session");
+            return Some(CloseReason::AccessRevoked);
+        }
         if a.client_ip.is_some_and(|ip| !rt.firewall.allows(ip) || incidents.is_banned(ip)) {
             return Some(CloseReason::AccessRevoked);
         }

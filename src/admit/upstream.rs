@@ -23,7 +23,8 @@ pub(super) fn facts<'a>(
 ) -> ClientFacts<'a> {
     // An `mtls` route reads no token, but removes every copy before the upstream: an
     // unverified token must not travel next to the identity the gateway vouches for.
-    let strips_tokens = route.auth != AuthMode::None;
+    // A forward route's app reads its own session cookie: nothing is stripped for it.
+    let strips_tokens = !matches!(route.auth, AuthMode::None | AuthMode::Forward);
     let token = principal.and_then(|p| p.credential.token.as_deref());
     ClientFacts {
         ip: client_ip,
@@ -33,17 +34,16 @@ pub(super) fn facts<'a>(
         query,
         headers,
         forward_token: token.filter(|_| route.forward_token),
-        token_sources: if strips_tokens {
-            &rt.config.jwt_of(route).token_sources
-        } else {
-            &[]
-        },
+        token_sources: if strips_tokens { rt.config.token_sources_of(route) } else { &[] },
         claims: principal.map(|p| &*p.claims),
         cert,
         forward_claims: &route.forward_claims,
         identity_headers: &rt.identity_headers,
         request_id: None,
         gateway_cookie: route.sticky_cookie.as_deref(),
+        copied: principal
+            .and_then(|p| p.credential.forward.as_deref())
+            .map_or(&[], |f| f.copies.as_slice()),
     }
 }
 

@@ -533,6 +533,7 @@ pub(super) fn principal(id: Identity, cert: Option<std::sync::Arc<crate::tls::Cl
             token: Some(id.token),
             cert,
             cert_authenticates,
+            forward: None,
         },
     }
 }
@@ -623,6 +624,11 @@ pub fn token_from_message(text: &str) -> Option<String> {
 }
 
 /// Find a token in one source. Values are returned as sent; nothing is logged here.
+/// The first token found in `sources` (an introspection provider's own sources).
+pub(crate) fn find_token_in(sources: &[TokenSource], headers: &HeaderMap, query: Option<&str>) -> Option<String> {
+    sources.iter().find_map(|s| find_in(s, headers, query))
+}
+
 fn find_in(source: &TokenSource, headers: &HeaderMap, query: Option<&str>) -> Option<String> {
     match source {
         TokenSource::Authorization => headers.get_all(http::header::AUTHORIZATION).iter().find_map(|v| {

@@ -14,6 +14,9 @@
 //! its config table, one module here returning a [`Principal`], its arm in
 //! [`Methods::authenticate`] / [`Methods::recheck`], and its reasons in `error.rs`.
 
+mod cache;
+pub mod forward;
+pub mod introspection;
 mod jwt;
 mod mtls;
 
@@ -63,6 +66,15 @@ pub struct Credential {
     pub cert: Option<Arc<ClientCert>>,
     /// The route authenticated with the certificate (`mtls`, `jwt+mtls`).
     pub cert_authenticates: bool,
+    /// What a forward auth endpoint was asked (the client's cookie: never in `Debug`),
+    /// to ask again on `recheck`, and the answer's `copy_headers` for the upstream.
+    pub forward: Option<Box<ForwardCredential>>,
+}
+
+/// A client admitted by a forward auth endpoint.
+pub struct ForwardCredential {
+    pub asked: forward::Asked,
+    pub copies: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
 impl fmt::Debug for Principal {
@@ -130,6 +142,10 @@ pub struct Methods {
     jwt: Option<Verifier>,
     /// `[providers.NAME]` that routes use, by name: each with its own keys.
     providers: std::collections::BTreeMap<String, Verifier>,
+    /// `[providers.NAME]` of kind forward that routes use, by name.
+    forwards: std::collections::BTreeMap<String, Arc<forward::Checker>>,
+    /// `[providers.NAME]` of kind introspection that routes use, by name.
+    introspectors: std::collections::BTreeMap<String, Arc<introspection::Introspector>>,
     /// The verifier of client certificates (`tls.client_ca`): live sessions re-check
     /// their certificate against the one of each new config.
     client_certs: Option<Arc<dyn ClientCertVerifier>>,
@@ -145,6 +161,8 @@ impl fmt::Debug for Methods {
         f.debug_struct("Methods")
             .field("jwt", &self.jwt)
             .field("providers", &self.providers)
+            .field("forwards", &self.forwards.keys().collect::<Vec<_>>())
+            .field("introspectors", &self.introspectors.keys().collect::<Vec<_>>())
             .field("client_certs", &self.client_certs.is_some())
             .finish()
     }
@@ -169,9 +187,31 @@ impl Methods {
                 providers.insert(name.clone(), Verifier::load(cfg, &config.origin, create_dev_files)?);
             }
         }
+        let mut forwards = std::collections::BTreeMap::new();
+        for (name, cfg) in &config.forward_providers {
+            if config
+                .routes
+                .iter()
+                .any(|r| r.auth == AuthMode::Forward && r.provider.as_deref() == Some(name))
+            {
+                forwards.insert(name.clone(), Arc::new(forward::Checker::new(name, cfg, &config.origin)?));
+            }
+        }
+        let mut introspectors = std::collections::BTreeMap::new();
+        for (name, cfg) in &config.introspection_providers {
+            if config
+                .routes
+                .iter()
+                .any(|r| r.auth == AuthMode::Introspection && r.provider.as_deref() == Some(name))
+            {
+                introspectors.insert(name.clone(), Arc::new(introspection::Introspector::new(name, cfg, &config.origin)?));
+            }
+        }
         let methods = Methods {
             jwt,
             providers,
+            forwards,
+            introspectors,
             client_certs,
             ambiguity_logged: AtomicU64::new(0),
         };
@@ -264,6 +304,26 @@ impl Methods {
             .chain(self.providers.iter().map(|(n, v)| (Some(n.as_str()), v)))
     }
 
+    /// The forward auth provider `name`, when a route uses it.
+    pub fn forward(&self, name: &str) -> Option<&Arc<forward::Checker>> {
+        self.forwards.get(name)
+    }
+
+    /// The introspection provider `name`, when a route uses it.
+    pub fn introspector(&self, name: &str) -> Option<&Arc<introspection::Introspector>> {
+        self.introspectors.get(name)
+    }
+
+    /// Count provider checks into `metrics` (once per runtime).
+    pub fn bind_metrics(&self, metrics: &crate::metrics::Metrics) {
+        for f in self.forwards.values() {
+            f.bind_metrics(metrics);
+        }
+        for i in self.introspectors.values() {
+            i.bind_metrics(metrics);
+        }
+    }
+
     /// The client certificate verifier, when `tls.client_ca` is set.
     pub fn client_certs(&self) -> Option<&Arc<dyn ClientCertVerifier>> {
         self.client_certs.as_ref()
@@ -278,6 +338,7 @@ impl Methods {
         headers: &HeaderMap,
         query: Option<&str>,
         cert: Option<&Arc<ClientCert>>,
+        requested: &forward::Requested<'_>,
         seen: &mut Seen,
     ) -> Result<Outcome, Reject> {
         if route.auth.uses_cert() && cert.is_none() {
@@ -300,9 +361,85 @@ impl Methods {
                 };
                 self.token(route, &found.token, cert, seen).await?
             }
+            AuthMode::Forward => {
+                let p = self.forwarded(route, headers, requested).await?;
+                seen.identity.clone_from(&p.identity);
+                p
+            }
+            AuthMode::Introspection => self.introspected(route, headers, query, seen).await?,
         };
         check_policy(route, &principal).map_err(Reject::Auth)?;
         Ok(Outcome::Authenticated(principal))
+    }
+
+    /// Ask the route's forward auth endpoint (or its cache) about this client.
+    async fn forwarded(&self, route: &Route, headers: &HeaderMap, requested: &forward::Requested<'_>) -> Result<Principal, Reject> {
+        let checker = route
+            .provider
+            .as_deref()
+            .and_then(|n| self.forwards.get(n))
+            .ok_or(Reject::AuthUnavailable)?;
+        let asked = forward::Asked::new(checker.config(), headers, requested).ok_or(Reject::AuthUnavailable)?;
+        match checker.check(&asked).await {
+            Ok(forward::Answer::Allow { identity, copies }) => Ok(Principal {
+                identity: Some(identity),
+                provider: route.provider.clone(),
+                claims: Arc::default(),
+                expires_at: None,
+                jti: None,
+                credential: Credential {
+                    forward: Some(Box::new(ForwardCredential { asked, copies })),
+                    ..Credential::default()
+                },
+            }),
+            // A login page for a browser's request; an upgrade cannot follow it.
+            Ok(forward::Answer::Deny { status, .. }) if status.is_redirection() && requested.upgrade => {
+                Err(Reject::Denied(Box::new(crate::error::Denied {
+                    status: http::StatusCode::UNAUTHORIZED,
+                    www_authenticate: None,
+                    location: None,
+                })))
+            }
+            Ok(forward::Answer::Deny {
+                status,
+                www_authenticate,
+                location,
+            }) => Err(Reject::Denied(Box::new(crate::error::Denied {
+                status,
+                www_authenticate,
+                location,
+            }))),
+            Err(_) => Err(Reject::AuthUnavailable),
+        }
+    }
+
+    /// Ask the route's introspection endpoint (or its cache) about the client's token.
+    async fn introspected(&self, route: &Route, headers: &HeaderMap, query: Option<&str>, seen: &mut Seen) -> Result<Principal, Reject> {
+        let introspector = route
+            .provider
+            .as_deref()
+            .and_then(|n| self.introspectors.get(n))
+            .ok_or(Reject::AuthUnavailable)?;
+        let token = jwt::find_token_in(&introspector.config().token_sources, headers, query).ok_or(Reject::Auth(AuthFailure::Missing))?;
+        seen.token_fingerprint = Some(fingerprint(&token));
+        match introspector.check(&token).await {
+            Ok(introspection::Verdict::Active(a)) => {
+                seen.identity = Some(a.identity.clone());
+                Ok(Principal {
+                    identity: Some(a.identity.clone()),
+                    provider: route.provider.clone(),
+                    claims: a.claims.clone(),
+                    expires_at: a.exp,
+                    jti: a.jti.clone(),
+                    credential: Credential {
+                        token: Some(token.into()),
+                        ..Credential::default()
+                    },
+                })
+            }
+            Ok(introspection::Verdict::Refused(f)) => Err(Reject::Auth(f)),
+            Err(_) => Err(Reject::AuthUnavailable),
+        }
     }
 
     /// Authenticate a token sent as the first message on `route` (`first_message`).
@@ -398,6 +535,19 @@ impl Methods {
             AuthMode::Mtls if cert.and_then(|c| c.identity()).is_none() => return Err(AuthFailure::CertBinding),
             AuthMode::JwtMtls if cert.is_none() => return Err(AuthFailure::CertBinding),
             _ => {}
+        }
+        // A forward or introspection session is asked again by its own timer
+        // (`recheck`); here only whether the route still sends it to the same provider.
+        if matches!(route.auth, AuthMode::Forward | AuthMode::Introspection) {
+            let held = principal.is_some_and(|p| match route.auth {
+                AuthMode::Forward => p.credential.forward.is_some(),
+                _ => p.credential.token.is_some(),
+            });
+            return if held && route.provider.as_deref() == issued_by {
+                Ok(())
+            } else {
+                Err(AuthFailure::BadIssuer)
+            };
         }
         if !route.auth.uses_jwt() {
             return Ok(());

@@ -20,6 +20,7 @@ pub(super) fn principal(cert: Option<&Arc<ClientCert>>) -> Option<Principal> {
             token: None,
             cert: Some(cert.clone()),
             cert_authenticates: true,
+            forward: None,
         },
     })
 }

@@ -14,11 +14,14 @@
 //! | `units.rs` | durations, byte sizes and rates as written in the file |
 
 mod acme;
+mod forward;
+mod introspection;
 mod located;
 mod raw;
 mod route;
 mod routes;
 pub mod units;
+pub use forward::FORWARD_DERIVED;
 mod validate;
 
 pub use acme::{MAX_ACME_DOMAINS, parse_identifier};
@@ -136,6 +139,10 @@ pub struct Config {
     pub jwt: Jwt,
     /// `[providers.NAME]` of kind jwt, by name (DESIGN.md section 15).
     pub providers: std::collections::BTreeMap<String, Jwt>,
+    /// `[providers.NAME]` of kind forward, by name (DESIGN.md section 15).
+    pub forward_providers: std::collections::BTreeMap<String, Forward>,
+    /// `[providers.NAME]` of kind introspection, by name (DESIGN.md section 15).
+    pub introspection_providers: std::collections::BTreeMap<String, Introspection>,
     pub routes: Vec<Route>,
     /// `[cluster]`: absent, one instance with in-process state.
     pub cluster: Option<Cluster>,
@@ -462,13 +469,69 @@ impl FirewallRules {
     }
 }
 
+/// Default `pass_headers` of a forward provider: what a cookie-session app reads.
+pub const DEFAULT_FORWARD_PASS_HEADERS: [&str; 3] = ["cookie", "authorization", "origin"];
+/// Default `timeout` of a forward provider: the whole exchange with the auth endpoint.
+pub const DEFAULT_FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `[providers.NAME]` of kind `"forward"`: the app's endpoint decides (cookie sessions).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    /// `http://` or `https://`, without credentials.
+    pub url: http::Uri,
+    /// The client's headers sent to `url` (lower case; only these).
+    pub pass_headers: Vec<http::HeaderName>,
+    /// The answer's header naming the user.
+    pub identity_header: http::HeaderName,
+    /// Answer headers sent upstream; client copies of these names are removed.
+    pub copy_headers: Vec<http::HeaderName>,
+    /// How long an answer may be reused (zero: never).
+    pub cache: Duration,
+    /// Live sessions are asked again this often (`None`: never).
+    pub recheck: Option<Duration>,
+    pub timeout: Duration,
+    /// Extra trust anchor for an `https` url.
+    pub ca_file: Option<Located<PathBuf>>,
+}
+
+/// A `[providers.NAME]` of kind `"introspection"`: RFC 7662 for opaque tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Introspection {
+    /// The introspection endpoint (https).
+    pub url: http::Uri,
+    pub client_id: String,
+    /// The client secret's file or variable (the secret itself is read when the
+    /// runtime is built, never kept in the config).
+    pub client_secret: SecretSource,
+    /// How long an answer may be reused (zero: never); never past the token's `exp`.
+    pub cache: Duration,
+    /// Live sessions are introspected again this often (`None`: never).
+    pub recheck: Option<Duration>,
+    pub timeout: Duration,
+    /// Extra trust anchor for the endpoint's HTTPS.
+    pub ca_file: Option<Located<PathBuf>>,
+    /// The answer's `iss` must be this one, when set.
+    pub issuer: Option<String>,
+    /// The answer's `aud` must hold one of these, when set.
+    pub audience: Vec<String>,
+    /// The claim that names the user (`None`: `sub`, else `username`, else `client_id`).
+    pub identity_claim: Option<String>,
+    /// Where the token is found (`[jwt]`'s sources unless set; never `first_message`).
+    pub token_sources: Vec<TokenSource>,
+}
+
 /// Where a JWKS comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JwksUrl {
+    /// The JWKS, or (`discovery`) the issuer's discovery document.
     pub url: http::Uri,
     pub refresh: Duration,
     /// Extra trust anchor for the identity provider (tests, private CAs).
     pub ca: Option<Located<PathBuf>>,
+    /// OIDC discovery (`discovery = true`): `url` is
+    /// `{issuer}/.well-known/openid-configuration`, whose `issuer` must be this one
+    /// exactly; the keys are at its `jwks_uri` (https, the same trust anchors).
+    pub discovery: Option<Located<String>>,
 }
 
 /// Where the HS* secret comes from. Holds names, never the secret itself.
@@ -532,6 +595,14 @@ impl Config {
     /// The token settings of `route`: its provider's, or `[jwt]`.
     pub fn jwt_of(&self, route: &Route) -> &Jwt {
         route.provider.as_ref().and_then(|p| self.providers.get(p)).unwrap_or(&self.jwt)
+    }
+
+    /// Where `route`'s token is found (and what is removed before its upstream).
+    pub fn token_sources_of(&self, route: &Route) -> &[TokenSource] {
+        match route.provider.as_ref().and_then(|p| self.introspection_providers.get(p)) {
+            Some(i) => &i.token_sources,
+            None => &self.jwt_of(route).token_sources,
+        }
     }
 
     /// The limits of `route`'s sessions: its `[routes.limits]`, else the global ones.
@@ -609,6 +680,15 @@ impl Config {
             files.extend(&j.public_key_files);
             files.extend(j.jwks_file.iter().chain(&j.revoked_jti_file));
             files.extend(j.jwks_url.as_ref().and_then(|u| u.ca.as_ref()));
+        }
+        for f in self.forward_providers.values() {
+            files.extend(&f.ca_file);
+        }
+        for i in self.introspection_providers.values() {
+            if let SecretSource::File { path, .. } = &i.client_secret {
+                files.push(path);
+            }
+            files.extend(&i.ca_file);
         }
         for r in &self.routes {
             files.extend(&r.upstream_ca);

@@ -166,6 +166,8 @@ pub(super) struct Jwt {
     pub revoked_jti_file: Option<Spanned<PathBuf>>,
     pub first_message_timeout: Option<HumanDuration>,
     pub identity_claim: Option<Spanned<String>>,
+    /// OIDC discovery from `issuer` (DESIGN.md section 15).
+    pub discovery: Option<Spanned<bool>>,
 }
 
 /// `[providers.NAME]`: a `kind` and, for kind `"jwt"`, every key of `[jwt]`.
@@ -209,11 +211,111 @@ pub(super) struct Provider {
     pub first_message_timeout: Option<HumanDuration>,
     #[serde(default)]
     pub identity_claim: Option<Spanned<String>>,
+    #[serde(default)]
+    pub discovery: Option<Spanned<bool>>,
+    // Kind "forward" (DESIGN.md section 15).
+    #[serde(default)]
+    pub url: Option<Spanned<String>>,
+    #[serde(default)]
+    pub pass_headers: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    pub identity_header: Option<Spanned<String>>,
+    #[serde(default)]
+    pub copy_headers: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    pub cache: Option<Spanned<HumanDuration>>,
+    #[serde(default)]
+    pub recheck: Option<Spanned<HumanDuration>>,
+    #[serde(default)]
+    pub timeout: Option<Spanned<HumanDuration>>,
+    #[serde(default)]
+    pub ca_file: Option<Spanned<PathBuf>>,
+    // Kind "introspection" (DESIGN.md section 15); it shares url, cache, recheck,
+    // timeout and ca_file with "forward".
+    #[serde(default)]
+    pub client_id: Option<Spanned<String>>,
+    #[serde(default)]
+    pub client_secret_file: Option<Spanned<PathBuf>>,
+    #[serde(default)]
+    pub client_secret_env: Option<Spanned<String>>,
+}
+
+/// The keys only a `[providers.NAME]` of kind `"introspection"` takes.
+pub(super) struct IntrospectionKeys {
+    pub client_id: Option<Spanned<String>>,
+    pub client_secret_file: Option<Spanned<PathBuf>>,
+    pub client_secret_env: Option<Spanned<String>>,
+}
+
+impl IntrospectionKeys {
+    /// The first key set (for an error on a provider of another kind).
+    pub(super) fn first_set(&self) -> Option<(&'static str, std::ops::Range<usize>)> {
+        let spans = [
+            ("client_id", self.client_id.as_ref().map(Spanned::span)),
+            ("client_secret_file", self.client_secret_file.as_ref().map(Spanned::span)),
+            ("client_secret_env", self.client_secret_env.as_ref().map(Spanned::span)),
+        ];
+        spans.into_iter().find_map(|(k, s)| s.map(|s| (k, s)))
+    }
+}
+
+impl Jwt {
+    /// Whether any key is set (a forward provider takes none of them).
+    pub(super) fn has_any_key(&self) -> bool {
+        self.algorithms.is_some()
+            || self.secret_env.is_some()
+            || self.secret_file.is_some()
+            || self.generate_secret_if_missing.is_some()
+            || self.issuer.is_some()
+            || self.audience.is_some()
+            || self.leeway.is_some()
+            || self.required_claims.is_some()
+            || self.token_sources.is_some()
+            || self.close_on_expiry.is_some()
+            || self.public_key_files.is_some()
+            || self.jwks_file.is_some()
+            || self.jwks_url.is_some()
+            || self.jwks_refresh.is_some()
+            || self.jwks_ca.is_some()
+            || self.revoked_jti_file.is_some()
+            || self.first_message_timeout.is_some()
+            || self.identity_claim.is_some()
+            || self.discovery.is_some()
+    }
+}
+
+/// The keys of a `[providers.NAME]` of kind `"forward"`.
+pub(super) struct ForwardKeys {
+    pub url: Option<Spanned<String>>,
+    pub pass_headers: Option<Spanned<Vec<String>>>,
+    pub identity_header: Option<Spanned<String>>,
+    pub copy_headers: Option<Spanned<Vec<String>>>,
+    pub cache: Option<Spanned<HumanDuration>>,
+    pub recheck: Option<Spanned<HumanDuration>>,
+    pub timeout: Option<Spanned<HumanDuration>>,
+    pub ca_file: Option<Spanned<PathBuf>>,
+}
+
+impl ForwardKeys {
+    /// The first forward key set (for an error on a provider of another kind).
+    pub(super) fn first_set(&self) -> Option<(&'static str, std::ops::Range<usize>)> {
+        let spans = [
+            ("url", self.url.as_ref().map(Spanned::span)),
+            ("pass_headers", self.pass_headers.as_ref().map(Spanned::span)),
+            ("identity_header", self.identity_header.as_ref().map(Spanned::span)),
+            ("copy_headers", self.copy_headers.as_ref().map(Spanned::span)),
+            ("cache", self.cache.as_ref().map(Spanned::span)),
+            ("recheck", self.recheck.as_ref().map(Spanned::span)),
+            ("timeout", self.timeout.as_ref().map(Spanned::span)),
+            ("ca_file", self.ca_file.as_ref().map(Spanned::span)),
+        ];
+        spans.into_iter().find_map(|(k, s)| s.map(|s| (k, s)))
+    }
 }
 
 impl Provider {
-    /// The kind, and the keys as `[jwt]` holds them.
-    pub(super) fn split(self) -> (Spanned<String>, Jwt) {
+    /// The kind, the keys as `[jwt]` holds them, the forward keys and the introspection keys.
+    pub(super) fn split(self) -> (Spanned<String>, Jwt, ForwardKeys, IntrospectionKeys) {
         (
             self.kind,
             Jwt {
@@ -235,6 +337,22 @@ impl Provider {
                 revoked_jti_file: self.revoked_jti_file,
                 first_message_timeout: self.first_message_timeout,
                 identity_claim: self.identity_claim,
+                discovery: self.discovery,
+            },
+            ForwardKeys {
+                url: self.url,
+                pass_headers: self.pass_headers,
+                identity_header: self.identity_header,
+                copy_headers: self.copy_headers,
+                cache: self.cache,
+                recheck: self.recheck,
+                timeout: self.timeout,
+                ca_file: self.ca_file,
+            },
+            IntrospectionKeys {
+                client_id: self.client_id,
+                client_secret_file: self.client_secret_file,
+                client_secret_env: self.client_secret_env,
             },
         )
     }

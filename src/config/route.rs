@@ -13,6 +13,11 @@ pub enum AuthMode {
     /// (`cnf.x5t#S256`) must be bound to this one.
     #[serde(rename = "jwt+mtls")]
     JwtMtls,
+    /// The app's own endpoint decides (a `[providers.NAME]` of kind `"forward"`).
+    Forward,
+    /// An opaque token judged by RFC 7662 introspection (a `[providers.NAME]` of kind
+    /// `"introspection"`).
+    Introspection,
     None,
 }
 

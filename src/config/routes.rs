@@ -54,9 +54,57 @@ impl Validator<'_> {
     }
 
     /// A route's `provider` names a `[providers.NAME]`, and its `auth` uses tokens.
-    pub(super) fn route_providers(&self, providers: &std::collections::BTreeMap<String, Jwt>, routes: &[Route]) -> Result<(), ConfigError> {
+    pub(super) fn route_providers(
+        &self,
+        providers: &std::collections::BTreeMap<String, Jwt>,
+        forwards: &std::collections::BTreeMap<String, Forward>,
+        introspections: &std::collections::BTreeMap<String, Introspection>,
+        routes: &[Route],
+    ) -> Result<(), ConfigError> {
         for r in routes {
+            if r.auth == AuthMode::Introspection {
+                let Some(name) = &r.provider else {
+                    return Err(self.err_key(
+                        "routes.auth",
+                        format!("route \"{}\": auth = \"introspection\" needs provider = \"NAME\"", r.name),
+                    ));
+                };
+                if !introspections.contains_key(name) {
+                    return Err(self.err_key(
+                        "routes.provider",
+                        format!("route \"{}\": no [providers.{}] of kind \"introspection\"", r.name, shown(name)),
+                    ));
+                }
+                continue;
+            }
+            if r.provider.as_ref().is_some_and(|n| introspections.contains_key(n)) {
+                return Err(self.err_key(
+                    "routes.provider",
+                    format!("route \"{}\": an introspection provider needs auth = \"introspection\"", r.name),
+                ));
+            }
+            if r.auth == AuthMode::Forward {
+                let Some(name) = &r.provider else {
+                    return Err(self.err_key(
+                        "routes.auth",
+                        format!("route \"{}\": auth = \"forward\" needs provider = \"NAME\"", r.name),
+                    ));
+                };
+                if !forwards.contains_key(name) {
+                    return Err(self.err_key(
+                        "routes.provider",
+                        format!("route \"{}\": no [providers.{}] of kind \"forward\"", r.name, shown(name)),
+                    ));
+                }
+                continue;
+            }
             let Some(name) = &r.provider else { continue };
+            if forwards.contains_key(name) {
+                return Err(self.err_key(
+                    "routes.provider",
+                    format!("route \"{}\": a forward provider needs auth = \"forward\"", r.name),
+                ));
+            }
             if !providers.contains_key(name) {
                 return Err(self.err_key("routes.provider", format!("route \"{}\": no [providers.{}]", r.name, shown(name))));
             }

@@ -545,3 +545,134 @@ fn refresh_needs_a_jwt_route_with_first_message() {
     let c = Config::from_toml_str(&route("none").replace("true", "false"), "t.toml").unwrap();
     assert!(!c.routes[0].refresh);
 }
+
+#[test]
+fn discovery_errors_name_the_key_and_line() {
+    let route = "\n[[routes]]\nname = \"p\"\npath = \"/p\"\nupstreams = [\"builtin:echo\"]\nprovider = \"p\"\n";
+    let ok = format!(
+        "[providers.p]\nkind = \"jwt\"\nissuer = \"https://idp.example/realm/\"\ndiscovery = true\nalgorithms = [\"RS256\"]\nca_file = \"ca.pem\"\n{route}"
+    );
+    let c = Config::from_toml_str(&ok, "t.toml").unwrap_or_else(|e| panic!("{e}"));
+    let u = c.providers["p"].jwks_url.as_ref().unwrap();
+    assert_eq!(u.url.to_string(), "https://idp.example/realm/.well-known/openid-configuration");
+    assert_eq!(
+        u.discovery.as_ref().map(|d| (d.value.as_str(), d.line)),
+        Some(("https://idp.example/realm/", Some(3)))
+    );
+    assert_eq!(u.ca.as_ref().map(|c| c.key.as_str()), Some("providers.p.ca_file"));
+
+    let cases = [
+        ("kind = \"jwt\"\ndiscovery = true\n", "providers.p.discovery", 3),
+        (
+            "kind = \"jwt\"\nissuer = \"http://idp.example\"\ndiscovery = true\n",
+            "providers.p.issuer",
+            3,
+        ),
+        (
+            "kind = \"jwt\"\nissuer = \"https://idp.example?x=1\"\ndiscovery = true\n",
+            "providers.p.issuer",
+            3,
+        ),
+        (
+            "kind = \"jwt\"\nissuer = \"https://idp.example\"\ndiscovery = true\njwks_url = \"https://idp.example/k\"\n",
+            "providers.p.jwks_url",
+            5,
+        ),
+        (
+            "kind = \"jwt\"\njwks_url = \"https://idp.example/k\"\nca_file = \"ca.pem\"\n",
+            "providers.p.ca_file",
+            4,
+        ),
+    ];
+    for (keys, key, line) in cases {
+        let e = err(&format!("[providers.p]\n{keys}algorithms = [\"RS256\"]\n{route}"));
+        assert_eq!((e.key.as_str(), e.line), (key, Some(line)), "{keys}: {e}");
+    }
+}
+
+#[test]
+fn introspection_providers_validate_and_errors_name_the_key_and_line() {
+    let route = "\n[[routes]]\nname = \"o\"\npath = \"/o\"\nupstreams = [\"builtin:echo\"]\nauth = \"introspection\"\nprovider = \"o\"\n";
+    let head = "[providers.o]\nkind = \"introspection\"\n";
+    let good = "url = \"https://idp.example/introspect\"\nclient_id = \"wsgate\"\nclient_secret_file = \"s\"\n";
+    let c = Config::from_toml_str(&format!("{head}{good}cache = \"60s\"\nrecheck = \"5m\"\n{route}"), "t.toml")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let i = &c.introspection_providers["o"];
+    assert_eq!((i.cache, i.recheck), (Duration::from_secs(60), Some(Duration::from_secs(300))));
+    assert!(!i.token_sources.contains(&TokenSource::FirstMessage) && !i.token_sources.is_empty());
+    assert_eq!(c.token_sources_of(&c.routes[0]), i.token_sources.as_slice());
+    assert!(c.watched_files().iter().any(|p| p.ends_with("s")), "the secret file is watched");
+
+    let cases = [
+        (
+            "url = \"http://idp.example/i\"\nclient_id = \"w\"\nclient_secret_file = \"s\"\n",
+            "providers.o.url",
+            3,
+        ),
+        (
+            "url = \"https://u:p@idp.example/i\"\nclient_id = \"w\"\nclient_secret_file = \"s\"\n",
+            "providers.o.url",
+            3,
+        ),
+        (
+            "url = \"https://idp.example/i\"\nclient_secret_file = \"s\"\n",
+            "providers.o.client_id",
+            1,
+        ),
+        (
+            "url = \"https://idp.example/i\"\nclient_id = \"w\"\n",
+            "providers.o.client_secret_file",
+            1,
+        ),
+        (
+            "url = \"https://idp.example/i\"\nclient_id = \"w\"\nclient_secret_file = \"s\"\nclient_secret_env = \"S\"\n",
+            "providers.o.client_secret_env",
+            6,
+        ),
+        (
+            "url = \"https://idp.example/i\"\nclient_id = \"w\"\nclient_secret_env = \"hunter2 secret\"\n",
+            "providers.o.client_secret_env",
+            5,
+        ),
+        (
+            "url = \"https://idp.example/i\"\nclient_id = \"w\"\nclient_secret_file = \"s\"\ntimeout = \"2m\"\n",
+            "providers.o.timeout",
+            6,
+        ),
+        (
+            "url = \"https://idp.example/i\"\nclient_id = \"w\"\nclient_secret_file = \"s\"\nrecheck = \"0s\"\n",
+            "providers.o.recheck",
+            6,
+        ),
+        (
+            "url = \"https://idp.example/i\"\nclient_id = \"w\"\nclient_secret_file = \"s\"\nidentity_header = \"x\"\n",
+            "providers.o.identity_header",
+            6,
+        ),
+        (
+            "url = \"https://idp.example/i\"\nclient_id = \"w\"\nclient_secret_file = \"s\"\njwks_file = \"k\"\n",
+            "providers.o.kind",
+            1,
+        ),
+        (
+            "url = \"https://idp.example/i\"\nclient_id = \"w\"\nclient_secret_file = \"s\"\ntoken_sources = [\"first_message\"]\n",
+            "providers.o.token_sources",
+            6,
+        ),
+    ];
+    for (keys, key, line) in cases {
+        let e = err(&format!("{head}{keys}{route}"));
+        assert_eq!((e.key.as_str(), e.line), (key, Some(line)), "{keys}: {e}");
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+    }
+    // A route and its provider must agree on the kind.
+    let e = err(&format!(
+        "{head}{good}{}",
+        route.replace("auth = \"introspection\"", "auth = \"jwt\"")
+    ));
+    assert_eq!(e.key, "routes.provider", "{e}");
+    let e = err(&format!(
+        "[providers.o]\nkind = \"jwt\"\nsecret_file = \"s\"\nclient_id = \"w\"\n{route}"
+    ));
+    assert_eq!((e.key.as_str(), e.line), ("providers.o.client_id", Some(4)), "{e}");
+}

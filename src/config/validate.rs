@@ -81,14 +81,18 @@ impl Validator<'_> {
         let limits = self.limits(raw.limits)?;
         let firewall = self.firewall(raw.firewall)?;
         let jwt = self.jwt(raw.jwt, "jwt")?;
-        let providers = self.providers(raw.providers)?;
+        let Providers {
+            jwt: providers,
+            forward: forward_providers,
+            introspection: introspection_providers,
+        } = self.providers(raw.providers, &jwt.token_sources)?;
         let routes = self.routes(raw.routes, &jwt, &providers)?;
         let cluster = raw.cluster.as_ref().map(|c| self.cluster(c)).transpose()?;
         self.jwt_routes(&jwt, None, &routes)?;
         for (name, provider) in &providers {
             self.jwt_routes(provider, Some(name), &routes)?;
         }
-        self.route_providers(&providers, &routes)?;
+        self.route_providers(&providers, &forward_providers, &introspection_providers, &routes)?;
         self.cert_routes(&tls, &routes)?;
         Ok(Config {
             origin: self.origin.to_string(),
@@ -100,6 +104,8 @@ impl Validator<'_> {
             firewall,
             jwt,
             providers,
+            forward_providers,
+            introspection_providers,
             routes,
             cluster,
         })
@@ -373,8 +379,11 @@ impl Validator<'_> {
     fn providers(
         &self,
         raws: std::collections::BTreeMap<String, Spanned<raw::Provider>>,
-    ) -> Result<std::collections::BTreeMap<String, Jwt>, ConfigError> {
+        default_sources: &[TokenSource],
+    ) -> Result<Providers, ConfigError> {
         let mut providers = std::collections::BTreeMap::new();
+        let mut forwards = std::collections::BTreeMap::new();
+        let mut introspections = std::collections::BTreeMap::new();
         for (name, spanned) in raws {
             let p = format!("providers.{name}");
             if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
@@ -385,30 +394,68 @@ impl Validator<'_> {
                 ));
             }
             let span = spanned.span();
-            let (kind, j) = spanned.into_inner().split();
-            if kind.get_ref() != "jwt" {
+            let (kind, j, mut f, i) = spanned.into_inner().split();
+            let introspection_key = i.first_set();
+            match kind.get_ref().as_str() {
+                "jwt" | "forward" if introspection_key.is_some() => {
+                    let (key, at) = introspection_key.unwrap_or(("client_id", span));
+                    return Err(self.err(&Spanned::new(at, ()), &format!("{p}.{key}"), "a key of kind \"introspection\" only"));
+                }
+                "jwt" => {}
+                "forward" => {
+                    forwards.insert(name.clone(), self.forward(j, f, &p, span)?);
+                    continue;
+                }
+                "introspection" => {
+                    introspections.insert(name.clone(), self.introspection(j, f, i, &p, span, default_sources)?);
+                    continue;
+                }
+                other => {
+                    return Err(self.err(
+                        &kind,
+                        &format!("{p}.kind"),
+                        format!(
+                            "unknown kind \"{}\" (this version has \"jwt\", \"introspection\" and \"forward\")",
+                            shown(other)
+                        ),
+                    ));
+                }
+            }
+            // A jwt provider's `ca_file` is the trust anchor of its discovery.
+            let ca_file = f.ca_file.take();
+            if let Some((key, at)) = f.first_set() {
                 return Err(self.err(
-                    &kind,
-                    &format!("{p}.kind"),
-                    format!("unknown kind \"{}\" (this version has \"jwt\")", shown(kind.get_ref())),
+                    &Spanned::new(at, ()),
+                    &format!("{p}.{key}"),
+                    "a key of kind \"forward\", not \"jwt\"",
                 ));
             }
             let own_keys = j.secret_env.is_some()
                 || j.secret_file.is_some()
                 || j.public_key_files.is_some()
                 || j.jwks_file.is_some()
-                || j.jwks_url.is_some();
+                || j.jwks_url.is_some()
+                || j.discovery.as_ref().is_some_and(|d| *d.get_ref());
             if !own_keys {
                 // The default secret variable is `[jwt]`'s: sharing it would let one
                 // provider's tokens pass on another's routes.
                 return Err(self.err(
                     &Spanned::new(span, ()),
                     &p,
-                    "needs keys of its own: secret_env, secret_file, public_key_files, jwks_file or jwks_url",
+                    "needs keys of its own: secret_env, secret_file, public_key_files, jwks_file, jwks_url or discovery",
                 ));
             }
             let own_secret = j.secret_env.is_some() || j.secret_file.is_some();
-            let jwt = self.jwt(j, &p)?;
+            let has_jwks_ca = j.jwks_ca.is_some();
+            let mut jwt = self.jwt(j, &p)?;
+            if let Some(c) = &ca_file {
+                let key = format!("{p}.ca_file");
+                match jwt.jwks_url.as_mut() {
+                    Some(u) if u.discovery.is_some() && !has_jwks_ca => u.ca = Some(self.located(c, &key)),
+                    Some(u) if u.discovery.is_some() => return Err(self.err(c, &key, "not with jwks_ca (one trust anchor file)")),
+                    _ => return Err(self.err(c, &key, "on a jwt provider only with discovery = true (else jwks_ca)")),
+                }
+            }
             // An HS* algorithm verifies with a secret: the provider's own, never `[jwt]`'s
             // default variable (other keys of its own do not stand in for it).
             if jwt.uses_secret() && !own_secret {
@@ -420,7 +467,11 @@ impl Validator<'_> {
             }
             providers.insert(name, jwt);
         }
-        Ok(providers)
+        Ok(Providers {
+            jwt: providers,
+            forward: forwards,
+            introspection: introspections,
+        })
     }
 
     fn algorithms(&self, names: Option<&Spanned<Vec<String>>>, p: &str) -> Result<Vec<Algorithm>, ConfigError> {
@@ -609,7 +660,7 @@ impl Validator<'_> {
         })
     }
 
-    fn token_sources(&self, sources: Option<&Spanned<Vec<String>>>, p: &str) -> Result<Vec<TokenSource>, ConfigError> {
+    pub(super) fn token_sources(&self, sources: Option<&Spanned<Vec<String>>>, p: &str) -> Result<Vec<TokenSource>, ConfigError> {
         let Some(sources) = sources else {
             return Ok(DEFAULT_TOKEN_SOURCES.iter().filter_map(|s| parse_token_source(s)).collect());
         };
@@ -632,6 +683,9 @@ impl Validator<'_> {
     }
 
     fn jwks_url(&self, j: &raw::Jwt, p: &str) -> Result<Option<JwksUrl>, ConfigError> {
+        if let Some(d) = j.discovery.as_ref().filter(|d| *d.get_ref()) {
+            return self.discovery(j, d, p).map(Some);
+        }
         let Some(u) = &j.jwks_url else { return Ok(None) };
         let url: http::Uri = u
             .get_ref()
@@ -644,8 +698,63 @@ impl Validator<'_> {
             url,
             refresh: self.nonzero(j.jwks_refresh, DEFAULT_JWKS_REFRESH, &format!("{p}.jwks_refresh"))?,
             ca: j.jwks_ca.as_ref().map(|c| self.located(c, &format!("{p}.jwks_ca"))),
+            discovery: None,
         }))
     }
+
+    /// `discovery = true`: the keys come from the `jwks_uri` of the `issuer`'s discovery
+    /// document, fetched like a `jwks_url` (https, refreshed, the last good set kept).
+    fn discovery(&self, j: &raw::Jwt, d: &Spanned<bool>, p: &str) -> Result<JwksUrl, ConfigError> {
+        if let Some(u) = &j.jwks_url {
+            return Err(self.err(
+                u,
+                &format!("{p}.jwks_url"),
+                "not with discovery = true (the discovery document names the JWKS)",
+            ));
+        }
+        let key = format!("{p}.issuer");
+        let Some(issuer) = &j.issuer else {
+            return Err(self.err(d, &format!("{p}.discovery"), format!("needs {key} (the OIDC issuer URL)")));
+        };
+        let url = discovery_url(issuer)
+            .ok_or_else(|| self.err_key(&key, "discovery needs an https:// issuer URL with a host and no query or fragment"))?;
+        let (table, leaf) = key.rsplit_once('.').unwrap_or(("", key.as_str()));
+        let line = find_key_line(self.src, table, leaf);
+        Ok(JwksUrl {
+            url,
+            refresh: self.nonzero(j.jwks_refresh, DEFAULT_JWKS_REFRESH, &format!("{p}.jwks_refresh"))?,
+            ca: j.jwks_ca.as_ref().map(|c| self.located(c, &format!("{p}.jwks_ca"))),
+            discovery: Some(Located {
+                value: issuer.clone(),
+                key,
+                line,
+            }),
+        })
+    }
+}
+
+/// The `[providers.NAME]` tables by kind.
+struct Providers {
+    jwt: std::collections::BTreeMap<String, Jwt>,
+    forward: std::collections::BTreeMap<String, Forward>,
+    introspection: std::collections::BTreeMap<String, Introspection>,
+}
+
+/// `{issuer}/.well-known/openid-configuration` (OpenID Connect Discovery 1.0, section
+/// 4: a trailing `/` of the issuer is dropped first); `None` unless the issuer is an
+/// https URL with a host, no credentials, no query and no fragment.
+fn discovery_url(issuer: &str) -> Option<http::Uri> {
+    let u: http::Uri = issuer.parse().ok()?;
+    let authority = u.authority()?;
+    if u.scheme_str() != Some("https") || authority.as_str().contains('@') || u.host().is_none_or(str::is_empty) {
+        return None;
+    }
+    if u.query().is_some() || issuer.contains('#') {
+        return None;
+    }
+    format!("{}/.well-known/openid-configuration", issuer.trim_end_matches('/'))
+        .parse()
+        .ok()
 }
 
 /// The algorithms `jwt.algorithms` may name (`none` never).

@@ -1,0 +1,261 @@
+//! Forward auth (`[providers.NAME] kind = "forward"`): a real hyper auth endpoint that
+//! checks a session cookie, a real TLS gateway, an upstream that logs its handshake.
+
+mod common;
+
+use common::*;
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU8, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+const OK: u8 = 0;
+const LOGGED_OUT: u8 = 1;
+const FAILING: u8 = 2;
+const HANGING: u8 = 3;
+const HUGE: u8 = 4;
+const REDIRECT: u8 = 5;
+
+#[derive(Default)]
+struct Auth {
+    mode: AtomicU8,
+    calls: AtomicUsize,
+    seen: Mutex<Vec<http::HeaderMap>>,
+}
+
+/// The app's auth endpoint: 200 with `x-user-id: alice` and `x-user-roles: admin` for
+/// the cookie `session=good`, else 401 with a `WWW-Authenticate` of its own.
+async fn auth_endpoint() -> (SocketAddr, Arc<Auth>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let state = Arc::new(Auth::default());
+    let st = state.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let st = st.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let st = st.clone();
+                    async move {
+                        st.calls.fetch_add(1, Ordering::SeqCst);
+                        st.seen.lock().unwrap().push(req.headers().clone());
+                        let logged_in = req
+                            .headers()
+                            .get_all(http::header::COOKIE)
+                            .iter()
+                            .any(|v| v.to_str().unwrap_or("").contains("session=good"));
+                        let mut resp = http::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(b"ok")));
+                        match st.mode.load(Ordering::SeqCst) {
+                            HANGING => tokio::time::sleep(Duration::from_secs(30)).await,
+                            FAILING => *resp.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR,
+                            REDIRECT => {
+                                *resp.status_mut() = http::StatusCode::FOUND;
+                                resp.headers_mut()
+                                    .insert(http::header::LOCATION, "/login?next=%2Fapp".parse().unwrap());
+                            }
+                            HUGE => {
+                                resp.headers_mut().insert("x-user-id", "alice".parse().unwrap());
+                                resp.headers_mut().insert("x-big", "a".repeat(20_000).parse().unwrap());
+                            }
+                            mode if mode == OK && logged_in => {
+                                resp.headers_mut().insert("x-user-id", "alice".parse().unwrap());
+                                resp.headers_mut().insert("x-user-roles", "admin".parse().unwrap());
+                            }
+                            _ => {
+                                *resp.status_mut() = http::StatusCode::UNAUTHORIZED;
+                                resp.headers_mut()
+                                    .insert(http::header::WWW_AUTHENTICATE, "Cookie realm=\"app\"".parse().unwrap());
+                            }
+                        }
+                        Ok::<_, Infallible>(resp)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, state)
+}
+
+fn forward_config(auth: SocketAddr, upstream: &str, extra: &str) -> String {
+    format!(
+        r#"
+[providers.app]
+kind = "forward"
+url = "http://{auth}/ws-auth"
+identity_header = "x-user-id"
+copy_headers = ["x-user-id", "x-user-roles"]
+timeout = "300ms"
+{extra}
+
+[[routes]]
+name = "app"
+path = "/app"
+upstreams = ["{upstream}"]
+auth = "forward"
+provider = "app"
+"#
+    )
+}
+
+fn with_cookie(gw: &Gw, cookie: &str, extra: &[(&str, &str)]) -> wsgate::client::Options {
+    let mut o = gw.options(None);
+    o.headers.push(("cookie".into(), cookie.into()));
+    for (k, v) in extra {
+        o.headers.push(((*k).into(), (*v).into()));
+    }
+    o
+}
+
+#[tokio::test]
+async fn admitted_with_identity_and_copies_and_no_client_copies() {
+    let (auth, state) = auth_endpoint().await;
+    let up = upstream(Behaviour::Echo).await;
+    let gw = Gw::start("", &forward_config(auth, &up.url(), "")).await;
+    let forged = [
+        ("x-user-id", "mallory"),
+        ("X_User_Roles", "root"),
+        ("x-forwarded-uri", "/evil"),
+        ("x-original-method", "DELETE"),
+        ("x-forwarded-host", "evil.example"),
+    ];
+    let opts = with_cookie(&gw, "session=good", &forged);
+    let url = format!("{}?room=1", gw.url("/app"));
+    let (mut ws, _) = wsgate::client::connect(&url, &opts).await.expect("admitted");
+    assert_eq!(roundtrip(&mut ws, "hi").await, "hi");
+
+    assert_eq!(up.header(0, "x-user-id").as_deref(), Some("alice"));
+    assert_eq!(up.header(0, "x-user-roles").as_deref(), Some("admin"));
+    assert!(
+        up.header(0, "cookie").is_some_and(|c| c.contains("session=good")),
+        "the app reads its own cookie"
+    );
+    let headers = up.log.lock().unwrap().requests[0].1.clone();
+    for (k, v) in &headers {
+        assert!(
+            !["mallory", "root", "/evil", "DELETE", "evil.example"].contains(&v.as_str()),
+            "{k}: {v} reached upstream"
+        );
+    }
+
+    let seen = state.seen.lock().unwrap()[0].clone();
+    assert_eq!(seen.get("x-forwarded-uri").unwrap(), "/app?room=1");
+    assert_eq!(seen.get("x-original-method").unwrap(), "GET");
+    assert_eq!(seen.get("x-forwarded-proto").unwrap(), "https");
+    assert_eq!(seen.get("x-forwarded-for").unwrap(), "127.0.0.1");
+    assert_eq!(seen.get("x-forwarded-host").unwrap(), "localhost");
+    assert_eq!(seen.get_all("x-forwarded-uri").iter().count(), 1);
+    assert!(
+        seen.get("x-user-id").is_none() && seen.get("x_user_roles").is_none(),
+        "only pass_headers go to the endpoint"
+    );
+    gw.wait_metric("wsgate_provider_requests_total{provider=\"app\",result=\"allow\"}", 1.0)
+        .await;
+}
+
+#[tokio::test]
+async fn refusals_pass_through_and_failures_are_503() {
+    let (auth, state) = auth_endpoint().await;
+    let up = upstream(Behaviour::Echo).await;
+    let gw = Gw::start("", &forward_config(auth, &up.url(), "")).await;
+
+    let resp = gw.refusal("/app", &with_cookie(&gw, "session=bad", &[])).await;
+    assert_eq!(resp.status(), 401);
+    assert_eq!(resp.headers().get("www-authenticate").unwrap(), "Cookie realm=\"app\"");
+
+    for (mode, result) in [(FAILING, "error"), (HANGING, "timeout"), (HUGE, "error")] {
+        state.mode.store(mode, Ordering::SeqCst);
+        let resp = gw.refusal("/app", &with_cookie(&gw, "session=good", &[])).await;
+        assert_eq!(resp.status(), 503, "mode {mode}");
+        let series = format!("wsgate_provider_requests_total{{provider=\"app\",result=\"{result}\"}}");
+        assert!(gw.metric(&series).await >= 1.0, "{series}");
+    }
+    assert_eq!(up.requests(), 0, "nothing reached the upstream");
+    let text = gw.metrics_text().await;
+    assert!(!text.contains("session=good"), "no cookie in metrics");
+}
+
+#[tokio::test]
+async fn a_cached_answer_saves_the_second_call() {
+    let (auth, state) = auth_endpoint().await;
+    let up = upstream(Behaviour::Echo).await;
+    let gw = Gw::start("", &forward_config(auth, &up.url(), "cache = \"30s\"")).await;
+    for _ in 0..2 {
+        let opts = with_cookie(&gw, "session=good", &[]);
+        let (mut ws, _) = wsgate::client::connect(&gw.url("/app"), &opts).await.expect("admitted");
+        assert_eq!(roundtrip(&mut ws, "x").await, "x");
+    }
+    assert_eq!(state.calls.load(Ordering::SeqCst), 1);
+    gw.wait_metric("wsgate_provider_requests_total{provider=\"app\",result=\"cache_hit\"}", 1.0)
+        .await;
+    // Another cookie is another key.
+    let resp = gw.refusal("/app", &with_cookie(&gw, "session=other", &[])).await;
+    assert_eq!(resp.status(), 401);
+    assert_eq!(state.calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn logout_closes_the_socket_and_an_unreachable_endpoint_does_not() {
+    let (auth, state) = auth_endpoint().await;
+    let up = upstream(Behaviour::Echo).await;
+    let gw = Gw::start("", &forward_config(auth, &up.url(), "recheck = \"200ms\"")).await;
+    let opts = with_cookie(&gw, "session=good", &[]);
+    let (mut ws, _) = wsgate::client::connect(&gw.url("/app"), &opts).await.expect("admitted");
+
+    state.mode.store(FAILING, Ordering::SeqCst);
+    let before = state.calls.load(Ordering::SeqCst);
+    wait_until("two failed rechecks", TIMEOUT, || async {
+        state.calls.load(Ordering::SeqCst) >= before + 2
+    })
+    .await;
+    assert_eq!(roundtrip(&mut ws, "still here").await, "still here");
+
+    state.mode.store(LOGGED_OUT, Ordering::SeqCst);
+    let (code, _) = close_code(&mut ws).await;
+    assert_eq!(code, 1008);
+}
+
+/// One plain HTTP/1.1 GET over TLS to the gateway; the answer's head, as text.
+async fn plain_get(gw: &Gw, path: &str, cookie: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut s = tokio_rustls::TlsConnector::from(gw.tls()).connect(name, tcp).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nCookie: {cookie}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(TIMEOUT, s.read_to_end(&mut buf)).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).to_string();
+    text.split_once("\r\n\r\n").map_or(text.clone(), |(h, _)| h.to_string())
+}
+
+#[tokio::test]
+async fn a_login_redirect_passes_to_a_plain_request_and_is_401_for_an_upgrade() {
+    let (auth, state) = auth_endpoint().await;
+    let gw = Gw::start(
+        "",
+        &forward_config(auth, "builtin:echo", "").replace("provider = \"app\"", "provider = \"app\"\nhttp = true"),
+    )
+    .await;
+    state.mode.store(REDIRECT, Ordering::SeqCst);
+
+    let head = plain_get(&gw, "/app", "session=none").await;
+    assert!(head.starts_with("HTTP/1.1 302"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("location: /login?next=%2fapp"), "{head}");
+
+    let resp = gw.refusal("/app", &with_cookie(&gw, "session=none", &[])).await;
+    assert_eq!(resp.status(), 401);
+    assert!(resp.headers().get("location").is_none());
+
+    // A logged-in browser's request passes to the app.
+    state.mode.store(OK, Ordering::SeqCst);
+    let head = plain_get(&gw, "/app", "session=good").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+}
