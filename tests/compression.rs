@@ -53,16 +53,7 @@ impl Raw {
     }
 
     async fn send(&mut self, opcode: u8, fin: bool, rsv1: bool, payload: &[u8]) {
-        let key = [0x12, 0x34, 0x56, 0x78];
-        let (mut h, n) = wire::header(opcode, fin, payload.len(), Some(key));
-        if rsv1 {
-            h[0] |= 0x40;
-        }
-        let mut f = h[..n].to_vec();
-        let start = f.len();
-        f.extend_from_slice(payload);
-        wire::apply_mask(&mut f[start..], key);
-        self.io.write_all(&f).await.unwrap();
+        self.io.write_all(&masked_frame(opcode, fin, rsv1, payload)).await.unwrap();
     }
 
     /// The next frame: (first header byte, payload); `None` at the end of the stream.

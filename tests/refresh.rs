@@ -54,18 +54,6 @@ async fn session(gw: &Gw, token: &str) -> wsgate::client::ClientStream {
     ws
 }
 
-/// The text messages the upstream received.
-fn upstream_texts(up: &Upstream) -> Vec<String> {
-    let log = up.log.lock().unwrap();
-    log.messages
-        .iter()
-        .filter_map(|m| match m {
-            Message::Text(t) => Some(t.to_string()),
-            _ => None,
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn a_refresh_extends_the_session_past_the_first_token_and_is_not_relayed() {
     let (gw, up) = start().await;
@@ -84,7 +72,7 @@ async fn a_refresh_extends_the_session_past_the_first_token_and_is_not_relayed()
     assert_eq!(close_code(&mut ws).await, (4401, "token expired".into()));
     let lasted = t0.elapsed();
     assert!(lasted > Duration::from_secs(4) && lasted < Duration::from_secs(7), "{lasted:?}");
-    let seen = upstream_texts(&up);
+    let seen = up.texts();
     assert_eq!(seen, ["admitted", "refreshed", "after the first exp"], "no token went upstream");
     assert!(!gw.metrics_text().await.contains(&second));
 }
@@ -115,7 +103,7 @@ async fn a_foreign_expired_or_forged_refresh_closes_1008_and_is_not_relayed() {
         let series = format!(r#"wsgate_token_refreshes_total{{route="app",result="{result}"}}"#);
         gw.wait_metric(&series, 1.0).await;
     }
-    let seen = upstream_texts(&up);
+    let seen = up.texts();
     assert!(seen.iter().all(|m| m == "admitted"), "{seen:?}");
     assert_eq!(
         gw.metric(r#"wsgate_closes_total{route="app",code="1008",initiator="gateway"}"#)
@@ -150,7 +138,7 @@ async fn messages_that_are_not_exactly_a_refresh_are_relayed() {
     // A text message over 16 KiB streams as always, whatever it holds.
     let big = json!({ "token": "x".repeat(20_000) }).to_string();
     assert_eq!(roundtrip(&mut ws, &big).await, big);
-    assert_eq!(upstream_texts(&up).len(), 1 + others.len() + 1);
+    assert_eq!(up.texts().len(), 1 + others.len() + 1);
     assert_eq!(gw.metric(r#"wsgate_token_refreshes_total{route="app",result="ok"}"#).await, 0.0);
 }
 
@@ -172,7 +160,7 @@ async fn a_fragmented_refresh_is_a_refresh() {
         .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(roundtrip(&mut ws, "still here").await, "still here");
-    assert_eq!(upstream_texts(&up), ["admitted", "still here"]);
+    assert_eq!(up.texts(), ["admitted", "still here"]);
 }
 
 /// Raw deflate of one message, the tail stripped (RFC 7692 7.2.1).
@@ -182,20 +170,6 @@ fn deflate(data: &[u8]) -> Vec<u8> {
     z.compress_vec(data, &mut out, FlushCompress::Sync).unwrap();
     out.truncate(out.len() - 4);
     out
-}
-
-/// A masked client frame, compressed (RSV1) when `rsv1`.
-fn raw_frame(opcode: u8, fin: bool, rsv1: bool, payload: &[u8]) -> Vec<u8> {
-    let key = [9, 8, 7, 6];
-    let (mut h, n) = wire::header(opcode, fin, payload.len(), Some(key));
-    if rsv1 {
-        h[0] |= 0x40;
-    }
-    let mut f = h[..n].to_vec();
-    let start = f.len();
-    f.extend_from_slice(payload);
-    wire::apply_mask(&mut f[start..], key);
-    f
 }
 
 /// A session admitted by its `Authorization` header (one admitted by a first message
@@ -224,23 +198,23 @@ async fn a_compressed_refresh_is_seen_inflated() {
     assert!(head.starts_with("http/1.1 101") && head.contains("permessage-deflate"), "{head}");
     // The refresh, compressed and in two frames; then a message behind it.
     let z = deflate(json!({ "token": lapsing(&gw, "alice", 600) }).to_string().as_bytes());
-    let mut out = raw_frame(wire::OP_TEXT, false, true, &z[..z.len() / 2]);
-    out.extend(raw_frame(wire::OP_CONTINUATION, true, false, &z[z.len() / 2..]));
-    out.extend(raw_frame(wire::OP_TEXT, true, true, &deflate(b"after")));
+    let mut out = masked_frame(wire::OP_TEXT, false, true, &z[..z.len() / 2]);
+    out.extend(masked_frame(wire::OP_CONTINUATION, true, false, &z[z.len() / 2..]));
+    out.extend(masked_frame(wire::OP_TEXT, true, true, &deflate(b"after")));
     io.write_all(&out).await.unwrap();
     gw.wait_metric(r#"wsgate_token_refreshes_total{route="app",result="ok"}"#, 1.0)
         .await;
     wait_until("the message behind the refresh at the upstream", TIMEOUT, || async {
-        upstream_texts(&up) == ["after"]
+        up.texts() == ["after"]
     })
     .await;
     // Past the first token's expiry the socket is still open.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    io.write_all(&raw_frame(wire::OP_TEXT, true, true, &deflate(b"later")))
+    io.write_all(&masked_frame(wire::OP_TEXT, true, true, &deflate(b"later")))
         .await
         .unwrap();
     wait_until("a later message at the upstream", TIMEOUT, || async {
-        upstream_texts(&up) == ["after", "later"]
+        up.texts() == ["after", "later"]
     })
     .await;
 }
@@ -283,7 +257,7 @@ async fn a_refresh_meets_the_route_policy_revocations_and_reloads() {
     assert_eq!(close_code(&mut ws).await.0, 1008);
     gw.wait_metric(r#"wsgate_token_refreshes_total{route="app",result="not_allowed"}"#, 1.0)
         .await;
-    let seen = upstream_texts(&up);
+    let seen = up.texts();
     assert!(seen.iter().all(|m| !m.contains("token")), "{seen:?}");
 }
 
@@ -316,5 +290,5 @@ async fn a_held_message_that_never_ends_is_closed_when_idle() {
     pinger.abort();
     assert_eq!(code, 1001);
     assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
-    assert_eq!(upstream_texts(&up), ["admitted"]);
+    assert_eq!(up.texts(), ["admitted"]);
 }

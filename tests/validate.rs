@@ -57,14 +57,7 @@ async fn setup(limits: &str, validate: &str, schema: &str) -> Setup {
 impl Setup {
     /// The text messages the upstream received, in order.
     fn upstream_texts(&self) -> Vec<String> {
-        let log = self.up.log.lock().unwrap();
-        log.messages
-            .iter()
-            .filter_map(|m| match m {
-                Message::Text(t) => Some(t.to_string()),
-                _ => None,
-            })
-            .collect()
+        self.up.texts()
     }
 
     async fn rejected(&self, reason: &str) -> f64 {

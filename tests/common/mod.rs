@@ -443,6 +443,17 @@ impl Upstream {
         })
         .await
     }
+    /// The text messages received, in order.
+    pub fn texts(&self) -> Vec<String> {
+        let log = self.log.lock().unwrap();
+        log.messages
+            .iter()
+            .filter_map(|m| match m {
+                Message::Text(t) => Some(t.to_string()),
+                _ => None,
+            })
+            .collect()
+    }
     pub fn header(&self, i: usize, name: &str) -> Option<String> {
         self.log
             .lock()
@@ -546,4 +557,18 @@ async fn upstream_session(tcp: TcpStream, behaviour: Behaviour, log: Arc<Mutex<U
             _ => {}
         }
     }
+}
+
+/// A client frame on the wire (masked), compressed (RSV1) when `rsv1`.
+pub fn masked_frame(opcode: u8, fin: bool, rsv1: bool, payload: &[u8]) -> Vec<u8> {
+    let key = [0x12, 0x34, 0x56, 0x78];
+    let (mut h, n) = wsgate::wire::header(opcode, fin, payload.len(), Some(key));
+    if rsv1 {
+        h[0] |= 0x40;
+    }
+    let mut f = h[..n].to_vec();
+    let start = f.len();
+    f.extend_from_slice(payload);
+    wsgate::wire::apply_mask(&mut f[start..], key);
+    f
 }

@@ -529,27 +529,8 @@ mod tests {
     /// Run `input` through the core in pieces of `step` bytes, as the pump would; returns
     /// what went on and how it stopped.
     fn relay(c: &mut Core, side: Side, input: &[u8], step: usize) -> (Vec<u8>, Option<Stop>) {
-        let (mut out, mut held, mut at) = (Vec::new(), Vec::new(), 0);
-        loop {
-            let end = (at + step).min(input.len());
-            held.extend_from_slice(&input[at..end]);
-            at = end;
-            loop {
-                let p = c.process(side, &mut held, &mut BytesMut::new(), side == Side::Upstream);
-                out.extend_from_slice(&held[..p.out]);
-                out.extend_from_slice(&std::mem::take(&mut c.ready));
-                held.drain(..p.used);
-                if p.stop.is_some() {
-                    return (out, p.stop);
-                }
-                if p.used == 0 {
-                    break;
-                }
-            }
-            if at == input.len() {
-                return (out, None);
-            }
-        }
+        let (out, stop, _) = super::super::tests::relay_in_steps(c, side, input, step);
+        (out, stop)
     }
 
     #[tokio::test]

@@ -678,7 +678,33 @@ pub(super) mod tests {
         f
     }
 
-    /// Unmask every frame in `buf` and return (opcode, fin, payload) of each.
+    /// Run `input` from `side` through the core in pieces of `step` bytes, as the pump
+    /// would: what went on, how it stopped, and how many input bytes were left behind
+    /// the stop (or held at the end).
+    pub(crate) fn relay_in_steps(c: &mut Core, side: Side, input: &[u8], step: usize) -> (Vec<u8>, Option<Stop>, usize) {
+        let (mut out, mut held, mut at) = (Vec::new(), Vec::new(), 0);
+        loop {
+            let end = (at + step).min(input.len());
+            held.extend_from_slice(&input[at..end]);
+            at = end;
+            loop {
+                let p = c.process(side, &mut held, &mut BytesMut::new(), side == Side::Upstream);
+                out.extend_from_slice(&held[..p.out]);
+                out.extend_from_slice(&std::mem::take(&mut c.ready));
+                held.drain(..p.used);
+                if p.stop.is_some() {
+                    return (out, p.stop, held.len() + input.len() - at);
+                }
+                if p.used == 0 {
+                    break;
+                }
+            }
+            if at == input.len() {
+                return (out, None, held.len());
+            }
+        }
+    }
+
     /// Unmask every frame in `buf` and return (opcode, fin, payload) of each.
     pub(crate) fn frames(mut buf: &[u8]) -> Vec<(u8, bool, Vec<u8>)> {
         let mut out = vec![];

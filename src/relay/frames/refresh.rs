@@ -126,7 +126,7 @@ impl Core {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{frame, frames};
+    use super::super::tests::{frame, frames, relay_in_steps};
     use super::super::{Compression, Settings};
     use super::*;
     use crate::wire::{OP_BINARY, OP_PING};
@@ -163,27 +163,8 @@ mod tests {
     /// Feed `input` in pieces of `step` bytes as the pump would; what went on (frames,
     /// unmasked) and how it stopped, with the input left behind the stop.
     fn relay(c: &mut Core, input: &[u8], step: usize) -> (Vec<Frame>, Option<Stop>, usize) {
-        let (mut out, mut held, mut at) = (Vec::new(), Vec::new(), 0);
-        loop {
-            let end = (at + step).min(input.len());
-            held.extend_from_slice(&input[at..end]);
-            at = end;
-            loop {
-                let p = c.process(Side::Client, &mut held, &mut BytesMut::new(), false);
-                out.extend_from_slice(&held[..p.out]);
-                out.extend_from_slice(&std::mem::take(&mut c.ready));
-                held.drain(..p.used);
-                if p.stop.is_some() {
-                    return (frames(&out), p.stop, held.len() + input.len() - at);
-                }
-                if p.used == 0 {
-                    break;
-                }
-            }
-            if at == input.len() {
-                return (frames(&out), None, held.len());
-            }
-        }
+        let (out, stop, left) = relay_in_steps(c, Side::Client, input, step);
+        (frames(&out), stop, left)
     }
 
     fn refreshed(stop: &Option<Stop>) -> Option<&str> {
