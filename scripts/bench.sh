@@ -11,7 +11,9 @@
 #   BENCH_HOLD [3/1]            seconds the idle sockets are held before the echo check
 #   BENCH_IDLE_COUNTS ["1000 9000"]  idle socket counts
 #   BENCH_TARGETS ["direct wsgate nginx"]
-#   BENCH_TESTS ["tp16 tp1 hs hsr lat http idle features hosts chat"]  measurements to run (a subset for focused A/B runs)
+#   BENCH_TESTS ["tp16 tp1 hs hsr lat many http idle features hosts chat"]  measurements to run (a subset for focused A/B runs)
+#   BENCH_MANY [4000/1000]      sockets of the many-sockets row, each sending 1 msg/s
+#   BENCH_MANY_DURATION [20/3]  seconds measured in the many-sockets row
 #   BENCH_SKIP_BUILD=1          use the binaries already in target/release
 #
 # Three targets stand in front of ONE plain-ws echo backend (`wsgate echo`, its own process):
@@ -21,7 +23,8 @@
 # Measurements (targets interleaved, each repeated): throughput at 16 and 1 messages in flight
 # (64 connections × 64 B), handshakes/s with 32 concurrent clients (full TLS handshakes, and
 # resumed ones for returning clients), p99 latency at 5000 msg/s
-# over 64 connections (open loop), plain HTTP requests/s through an `http = true` route (`http`:
+# over 64 connections (open loop), many mostly idle sockets (`many`: BENCH_MANY sockets at 1 msg/s
+# each, open loop: p99 and CPU per message), plain HTTP requests/s through an `http = true` route (`http`:
 # 64 kept-alive TLS connections, one small GET in flight each, to `wsgate-bench http-app`, its
 # own process, which answers 200 with 64 bytes; nginx proxies the same app with upstream
 # keepalive; no direct target), and idle memory per socket at 1000 and 9000 sockets (server
@@ -37,6 +40,10 @@
 # `context_takeover = true`: bytes on the wire per message (TCP, TLS included) and server CPU
 # per message; and server memory per idle socket at 1000 sockets with and without it.
 #
+# Kernel crossings: the throughput and many-sockets rows also give each target's system calls
+# per message (`perf stat -e raw_syscalls:sys_enter` on its processes, when perf is installed
+# and may attach; else left out) and context switches per message (/proc, every thread).
+#
 # Output: the table on stdout and in target/bench/results.md, every RESULT line in
 # target/bench/raw.txt, server and client logs in target/bench/logs/.
 # Installs nginx with apt-get when it is missing (needs root). Only loopback addresses are used;
@@ -50,10 +57,15 @@ else
   REPEAT=${BENCH_REPEAT:-3} DURATION=${BENCH_DURATION:-5} WARMUP=${BENCH_WARMUP:-1} HOLD=${BENCH_HOLD:-3}
 fi
 IDLE_COUNTS=${BENCH_IDLE_COUNTS:-"1000 9000"}
+if [[ ${BENCH_QUICK:-0} == 1 ]]; then
+  MANY=${BENCH_MANY:-1000} MANY_DURATION=${BENCH_MANY_DURATION:-3}
+else
+  MANY=${BENCH_MANY:-4000} MANY_DURATION=${BENCH_MANY_DURATION:-20}
+fi
 # Messages per connection in each chat run (32 connections, one in flight each).
 CHAT_MESSAGES=$((${DURATION%.*} * 400))
 TARGETS=${BENCH_TARGETS:-"direct wsgate nginx"}
-TESTS=" ${BENCH_TESTS:-tp16 tp1 hs hsr lat http idle features hosts chat} "
+TESTS=" ${BENCH_TESTS:-tp16 tp1 hs hsr lat many http idle features hosts chat} "
 wants() { [[ $TESTS == *" $1 "* ]]; }
 SOURCES=$(seq -s, -f '127.0.0.%g' 1 20)
 
@@ -377,6 +389,8 @@ measure() {
   case $1 in
     throughput | latency | handshakes | http)
       summary+="; server CPU $(field server_cpu_pct "$line")% ($(field server_cpu_us_per_unit "$line") µs each), client $(field client_cpu_pct "$line")%"
+      [[ $1 == throughput || $1 == latency ]] &&
+        summary+=", per message $(field server_syscalls_per_unit "$line") syscalls, $(field server_ctx_per_unit "$line") context switches"
       ;;
     idle) summary="$(field kb_per_socket "$line") KB/socket, $(field echoed "$line")/$(field count "$line") echoed, opened in $(field open_s "$line") s" ;;
     chat) if [[ $* == *--idle* ]]; then
@@ -415,6 +429,12 @@ for ((r = 1; r <= REPEAT; r++)); do
   wants lat && for t in $TARGETS; do
     measure "$t" lat latency --connections 64 --rate 5000 --duration "$DURATION" --warmup "$WARMUP" \
       --cpu-pid "${PID[$t]}"
+  done
+  # Many sockets, mostly idle: each sends one message a second (what delays a message when
+  # thousands of sockets wait).
+  wants many && for t in $TARGETS; do
+    measure "$t" many latency --connections "$MANY" --rate "$MANY" --duration "$MANY_DURATION" --warmup "$WARMUP" \
+      --sources "$SOURCES" --cpu-pid "${PID[$t]}"
   done
   # Plain HTTP: only wsgate and nginx proxy it (direct is a WebSocket echo).
   wants http && for t in $TARGETS; do

@@ -114,9 +114,12 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     );
     let cpu = tokio::spawn(async move {
         tokio::time::sleep_until(window_start.into()).await;
+        let syscalls = crate::util::SyscallCount::start(&cpu_pids);
         let before = CpuMark::now(&cpu_pids);
         tokio::time::sleep_until(window_end.into()).await;
-        (before, CpuMark::now(&cpu_pids))
+        let after = CpuMark::now(&cpu_pids);
+        let syscalls = tokio::task::spawn_blocking(move || syscalls.finish()).await.ok().flatten();
+        (before, after, syscalls)
     });
 
     let pacer_notifies = notifies.clone();
@@ -157,7 +160,12 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     }
     let _ = pacer.join();
     let cpu = match cpu.await {
-        Ok((before, after)) => before.fields(&after, (a.duration * a.rate) as u64),
+        Ok((before, after, syscalls)) => {
+            let units = (a.duration * a.rate) as u64;
+            let mut m = before.fields(&after, units);
+            m.insert("server_syscalls_per_unit".into(), crate::util::per_unit(syscalls, units));
+            m
+        }
         Err(_) => Default::default(),
     };
     print_result(

@@ -147,6 +147,7 @@ fn table(r: &Results) -> String {
                 Goal::None,
                 "",
             );
+            kernel_rows(&mut row, test, &format!("{k} in flight"));
         }
     }
     if let Some(f) = r.first("hs") {
@@ -245,6 +246,26 @@ fn table(r: &Results) -> String {
             "",
         );
         row(format!("latency: {cpu}"), "lat", "server_cpu_us_per_unit", 2, Goal::None, "");
+    }
+    if let Some(f) = r.first("many") {
+        let what = format!("{} sockets, {} msg/s in all", f["connections"], f["rate"]);
+        row(
+            format!("many sockets: latency p99 (ms), {what}"),
+            "many",
+            "p99_ms",
+            3,
+            Goal::RatioAtMost(1.0),
+            "≤ nginx",
+        );
+        row(
+            format!("many sockets: {cpu}"),
+            "many",
+            "server_cpu_us_per_unit",
+            1,
+            Goal::RatioAtMost(0.8),
+            "≤ 0.8× nginx",
+        );
+        kernel_rows(&mut row, "many", "many sockets");
     }
     // Idle sockets: one row per socket count, in increasing order.
     let mut idle: Vec<(u64, String)> = r
@@ -519,4 +540,25 @@ fn compression(r: &Results) -> String {
         );
     }
     s
+}
+
+/// The kernel crossings per message of `test`: system calls (perf stat) and context
+/// switches (/proc), each target's processes only.
+fn kernel_rows(row: &mut impl FnMut(String, &str, &str, usize, Goal, &str), test: &str, what: &str) {
+    row(
+        format!("server system calls per message, {what}"),
+        test,
+        "server_syscalls_per_unit",
+        3,
+        Goal::RatioAtMost(1.0),
+        "≤ nginx",
+    );
+    row(
+        format!("server context switches per message, {what}"),
+        test,
+        "server_ctx_per_unit",
+        3,
+        Goal::None,
+        "",
+    );
 }

@@ -81,9 +81,11 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         .collect();
 
     tokio::time::sleep(Duration::from_secs_f64(a.warmup)).await;
+    let syscalls = crate::util::SyscallCount::start(&a.conn.cpu_pids);
     let (c0, t0, cpu0) = (sum(&counters), Instant::now(), CpuMark::now(&a.conn.cpu_pids));
     tokio::time::sleep(Duration::from_secs_f64(a.duration)).await;
     let (c1, t1, cpu1) = (sum(&counters), Instant::now(), CpuMark::now(&a.conn.cpu_pids));
+    let syscalls = tokio::task::spawn_blocking(move || syscalls.finish()).await.ok().flatten();
     stop.store(true, Ordering::Relaxed);
 
     let mut total = Outcome::default();
@@ -124,7 +126,11 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
                 "connect_failures": connect_failures,
                 "first_error": total.error.or(connect_error),
             }),
-            cpu0.fields(&cpu1, msgs),
+            {
+                let mut m = cpu0.fields(&cpu1, msgs);
+                m.insert("server_syscalls_per_unit".into(), crate::util::per_unit(syscalls, msgs));
+                m
+            },
         ),
     );
     Ok(())

@@ -117,6 +117,12 @@ pub fn tighten_timer_slack() {
 /// their child processes: the server's cost per message, independent of how the
 /// two cores happened to be shared.
 pub fn cpu_tree_ns(pids: &[u32]) -> Option<u64> {
+    let all = tree(pids)?;
+    all.iter().map(|&p| cpu_ns(&p.to_string())).sum()
+}
+
+/// `pids` and their child processes (nginx: master and workers); `None` when empty.
+fn tree(pids: &[u32]) -> Option<Vec<u32>> {
     if pids.is_empty() {
         return None;
     }
@@ -129,7 +135,73 @@ pub fn cpu_tree_ns(pids: &[u32]) -> Option<u64> {
             }
         }
     }
-    all.iter().map(|&p| cpu_ns(&p.to_string())).sum()
+    Some(all)
+}
+
+/// Context switches (voluntary and not) of every thread of `pids` and their children.
+pub fn ctx_switches_tree(pids: &[u32]) -> Option<u64> {
+    let mut total = 0;
+    for pid in tree(pids)? {
+        for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+            let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+                continue;
+            };
+            total += status
+                .lines()
+                .filter(|l| l.starts_with("voluntary_ctxt_switches:") || l.starts_with("nonvoluntary_ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+    }
+    Some(total)
+}
+
+/// System calls made by the server's processes during a window, counted by `perf stat`
+/// (the `raw_syscalls:sys_enter` tracepoint) when perf is installed and allowed to
+/// attach; otherwise the figure is left out. Threads started during the window are
+/// counted too (perf follows the processes, not a thread list).
+pub struct SyscallCount {
+    child: Option<std::process::Child>,
+}
+
+impl SyscallCount {
+    pub fn start(pids: &[u32]) -> SyscallCount {
+        let child = tree(pids).and_then(|all| {
+            let list: Vec<String> = all.iter().map(u32::to_string).collect();
+            std::process::Command::new("perf")
+                .args(["stat", "-x", ",", "-e", "raw_syscalls:sys_enter", "-p", &list.join(",")])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .ok()
+        });
+        SyscallCount { child }
+    }
+
+    /// Stop counting (SIGINT, as perf expects) and read the count.
+    pub fn finish(self) -> Option<u64> {
+        let child = self.child?;
+        let pid = i32::try_from(child.id()).ok()?;
+        // SAFETY: kill only sends a signal to the perf process this struct started.
+        unsafe {
+            libc::kill(pid, libc::SIGINT);
+        }
+        let out = child.wait_with_output().ok()?;
+        let text = String::from_utf8_lossy(&out.stderr);
+        // CSV: "count,unit,event,...": the count of our one event.
+        text.lines()
+            .find(|l| l.contains("raw_syscalls:sys_enter"))
+            .and_then(|l| l.split(',').next()?.trim().parse().ok())
+    }
+}
+
+/// `count` per unit, rounded to 3 decimals (`null` when unknown or no units).
+pub fn per_unit(count: Option<u64>, units: u64) -> Value {
+    match count {
+        Some(c) if units > 0 => num(round3(c as f64 / units as f64)),
+        _ => Value::Null,
+    }
 }
 
 /// This process's CPU time, ns.
@@ -174,6 +246,7 @@ pub fn cpu_use(before: Option<u64>, after: Option<u64>, wall: Duration, units: u
 pub struct CpuMark {
     server: Option<u64>,
     client: Option<u64>,
+    ctx: Option<u64>,
     at: std::time::Instant,
 }
 
@@ -182,6 +255,7 @@ impl CpuMark {
         CpuMark {
             server: cpu_tree_ns(pids),
             client: self_cpu_ns(),
+            ctx: ctx_switches_tree(pids),
             at: std::time::Instant::now(),
         }
     }
@@ -195,6 +269,8 @@ impl CpuMark {
         m.insert("server_cpu_pct".into(), server_pct);
         m.insert("server_cpu_us_per_unit".into(), server_per);
         m.insert("client_cpu_pct".into(), client_pct);
+        let ctx = self.ctx.zip(later.ctx).and_then(|(a, b)| b.checked_sub(a));
+        m.insert("server_ctx_per_unit".into(), per_unit(ctx, units));
         m
     }
 }
