@@ -595,7 +595,7 @@ pub(crate) async fn keep_fresh<T: Send + Sync + 'static>(
         }
         Err(e) => {
             report(false);
-            tracing::error!(error = %e, "JWKS fetch failed; tokens needing it are refused until a fetch succeeds");
+            tracing::error!(error = %e, "JWKS fetch failed; the last good keys (if any) stay in use, tokens signed by other keys are refused until a fetch succeeds");
         }
     }
     let weak = Arc::downgrade(owner);

@@ -207,13 +207,26 @@ impl Introspector {
 
     /// The verdict an answer carries; `Err` for an answer that is not RFC 7662's.
     fn judge(&self, body: &[u8]) -> Result<Verdict, Unanswered> {
-        let Ok(Value::Object(mut claims)) = serde_json::from_slice::<Value>(body) else {
+        // A member named twice (`{"active": false, "active": true}`) makes the answer
+        // ambiguous: unreadable, never the last copy's word.
+        let Ok(UniqueObject(mut claims)) = serde_json::from_slice::<UniqueObject>(body) else {
             return Err(Unanswered::Error);
         };
         match claims.remove("active") {
             Some(Value::Bool(true)) => {}
             Some(Value::Bool(false)) => return Ok(Verdict::Refused(AuthFailure::Inactive)),
             _ => return Err(Unanswered::Error),
+        }
+        // A refresh token is active too (RFC 7662 answers for any token the server
+        // issued), but it is no bearer credential: refused like an inactive one.
+        let refresh = |name: &str| {
+            claims
+                .get(name)
+                .and_then(Value::as_str)
+                .is_some_and(|t| t.eq_ignore_ascii_case("refresh_token") || t.eq_ignore_ascii_case("refresh"))
+        };
+        if refresh("token_type") || refresh("token_use") {
+            return Ok(Verdict::Refused(AuthFailure::Inactive));
         }
         Ok(match self.active(claims) {
             Ok(a) => Verdict::Active(Arc::new(a)),
@@ -256,7 +269,7 @@ impl Introspector {
                 return Err(AuthFailure::BadAudience);
             }
         }
-        let identity = self.identity(&claims).ok_or(AuthFailure::MissingClaim)?;
+        let identity = self.identity(&claims)?;
         let jti = claims.get("jti").and_then(Value::as_str).map(str::to_string);
         Ok(Active {
             identity,
@@ -266,16 +279,51 @@ impl Introspector {
         })
     }
 
-    /// `identity_claim`, else `sub`, else `username`, else `client_id`: a usable string.
-    fn identity(&self, claims: &Map<String, Value>) -> Option<String> {
-        let usable = |name: &str| {
-            let s = claims.get(name)?.as_str()?;
-            (!s.is_empty() && s.len() <= MAX_IDENTITY && !s.chars().any(char::is_control)).then(|| s.to_string())
+    /// `identity_claim`, else the first of `sub`, `username`, `client_id` the answer
+    /// has: a string or a number, non-empty, without control characters. A claim that is
+    /// there but unusable refuses the token (`malformed`), never falls back to the next
+    /// one: users whose `sub` is broken must not all become their client's one identity.
+    fn identity(&self, claims: &Map<String, Value>) -> Result<String, AuthFailure> {
+        let present = |name: &str| claims.get(name).filter(|v| !v.is_null());
+        let found = match &self.cfg.identity_claim {
+            Some(c) => present(c),
+            None => ["sub", "username", "client_id"].into_iter().find_map(present),
         };
-        match &self.cfg.identity_claim {
-            Some(c) => usable(c),
-            None => ["sub", "username", "client_id"].into_iter().find_map(usable),
+        let text = match found.ok_or(AuthFailure::MissingClaim)? {
+            Value::String(s) => s.clone(),
+            Value::Number(n) => n.to_string(),
+            _ => return Err(AuthFailure::Malformed),
+        };
+        if text.is_empty() || text.len() > MAX_IDENTITY || text.chars().any(char::is_control) {
+            return Err(AuthFailure::Malformed);
         }
+        Ok(text)
+    }
+}
+
+/// A JSON object whose members are each named once.
+struct UniqueObject(Map<String, Value>);
+
+impl<'de> serde::Deserialize<'de> for UniqueObject {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Members;
+        impl<'de> serde::de::Visitor<'de> for Members {
+            type Value = UniqueObject;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object, each member once")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut access: A) -> Result<UniqueObject, A::Error> {
+                let mut members = Map::new();
+                while let Some((name, value)) = access.next_entry::<String, Value>()? {
+                    if members.contains_key(&name) {
+                        return Err(serde::de::Error::custom("a member named twice"));
+                    }
+                    members.insert(name, value);
+                }
+                Ok(UniqueObject(members))
+            }
+        }
+        d.deserialize_map(Members)
     }
 }
 
@@ -383,8 +431,40 @@ mod tests {
         );
         assert_eq!(
             refused(judge(&i, &ok.replace("\"client_id\": \"app\"", "\"client_id\": \"\""))),
+            Some(AuthFailure::Malformed)
+        );
+        assert_eq!(
+            refused(judge(&i, &ok.replace("\"client_id\": \"app\", ", ""))),
             Some(AuthFailure::MissingClaim)
         );
+        // A sub that is there decides, usable or not: never the client's identity instead.
+        let with_sub = |sub: &str| ok.replace("\"client_id\"", &format!("\"sub\": {sub}, \"client_id\""));
+        assert!(matches!(judge(&i, &with_sub("777")), Ok(Verdict::Active(a)) if a.identity == "777"));
+        for bad in [
+            r#""ali\u0000ce""#,
+            r#""""#,
+            "[1]",
+            "true",
+            &format!("\"{}\"", "x".repeat(MAX_IDENTITY + 1)),
+        ] {
+            assert_eq!(refused(judge(&i, &with_sub(bad))), Some(AuthFailure::Malformed), "{bad}");
+        }
+        // A refresh token is active but no bearer credential.
+        for t in [r#""token_type": "refresh_token""#, r#""token_use": "Refresh_Token""#] {
+            let answer = ok.replace("\"scope\"", &format!("{t}, \"scope\""));
+            assert_eq!(refused(judge(&i, &answer)), Some(AuthFailure::Inactive), "{t}");
+        }
+        assert!(matches!(
+            judge(&i, &ok.replace("\"scope\"", "\"token_type\": \"Bearer\", \"scope\"")),
+            Ok(Verdict::Active(_))
+        ));
+        // A member named twice is ambiguous: unreadable, whichever copy comes last.
+        for dup in [
+            r#"{"active": false, "active": true, "sub": "a"}"#,
+            r#"{"active": true, "sub": "a", "sub": "b"}"#,
+        ] {
+            assert_eq!(judge(&i, dup).err(), Some(Unanswered::Error), "{dup}");
+        }
         for garbage in ["", "[]", "{}", r#"{"active": "true"}"#, r#"{"active": 1}"#, "<html>"] {
             assert_eq!(judge(&i, garbage).err(), Some(Unanswered::Error), "{garbage}");
         }
