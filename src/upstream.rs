@@ -53,8 +53,13 @@ pub struct ClientFacts<'a> {
 
 /// Header names compared the way proxies and frameworks conflate them: case, and every
 /// character but letters and digits (CGI maps `-`, `.`, `~` alike to `_`).
-fn same_header(a: &str, b: &str) -> bool {
+pub(crate) fn same_header(a: &str, b: &str) -> bool {
     key_bytes(a).eq(key_bytes(b))
+}
+
+/// Whether `name`, in any spelling, is a forwarding header only the gateway may set.
+pub(crate) fn is_client_forwarding(name: &str) -> bool {
+    CLIENT_FORWARDING.iter().any(|f| same_header(f, name))
 }
 
 /// Request headers that describe one hop, never forwarded (RFC 9110 7.6.1), plus the

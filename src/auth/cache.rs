@@ -1,7 +1,9 @@
 //! The answers of an auth provider (forward auth, introspection), kept for a while:
 //! a bounded map keyed by SHA-256 of the credential (never the credential itself), each
 //! answer with its own end, the oldest evicted first; identical checks in flight at once
-//! make one request (single flight, bounded, cancellation-safe). Failures are never kept.
+//! make one request (single flight, bounded, cancellation-safe): its answer, a failure
+//! included, is every waiter's, so a provider that times out costs each of N identical
+//! checks one `timeout`, not N of them one after another. Failures are never kept.
 
 use crate::util::lock;
 use std::{
@@ -37,13 +39,16 @@ struct Entries<V> {
     order: VecDeque<(Key, Instant)>,
 }
 
+/// What the identical checks in flight share: the one answer, once it is in.
+type Shared<V, E> = Arc<tokio::sync::OnceCell<Result<V, E>>>;
+
 /// A bounded cache of answers with single flight per key.
-pub(crate) struct AnswerCache<V> {
+pub(crate) struct AnswerCache<V, E = super::forward::Unanswered> {
     entries: Mutex<Entries<V>>,
-    in_flight: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
+    in_flight: Mutex<HashMap<Key, Shared<V, E>>>,
 }
 
-impl<V> Default for AnswerCache<V> {
+impl<V, E> Default for AnswerCache<V, E> {
     fn default() -> Self {
         AnswerCache {
             entries: Mutex::new(Entries {
@@ -55,12 +60,14 @@ impl<V> Default for AnswerCache<V> {
     }
 }
 
-impl<V: Clone> AnswerCache<V> {
-    /// The answer for `key`, from the cache while it lasts, else from `ask` (once for
-    /// identical checks in flight; the others wait and read what it stored). `keep`
-    /// says until when an answer may be reused (`None`: not at all). The flag: whether
-    /// the answer came from the cache.
-    pub(crate) async fn get_or_ask<E, Fut>(
+impl<V: Clone, E: Clone> AnswerCache<V, E> {
+    /// The answer for `key`, from the cache while it lasts, else from `ask`, once for
+    /// identical checks in flight: the others wait for that one answer, a failure
+    /// included (if the check that asks is cancelled, a waiter asks instead). `keep`
+    /// says until when an answer may be reused (`None`: not at all; identical checks in
+    /// flight still share it). The flag: whether this check made no request of its own
+    /// (a kept answer, or one shared in flight).
+    pub(crate) async fn get_or_ask<Fut>(
         &self,
         key: Key,
         ask: impl FnOnce() -> Fut,
@@ -72,21 +79,22 @@ impl<V: Clone> AnswerCache<V> {
         if let Some(v) = self.get(&key) {
             return (Ok(v), true);
         }
-        let flight = Flight::join(self, key);
-        let _turn = match &flight {
-            Some(f) => Some(f.gate.lock().await),
-            None => None,
+        let asked = std::sync::atomic::AtomicBool::new(false);
+        let ask_and_keep = || async {
+            asked.store(true, std::sync::atomic::Ordering::Relaxed);
+            let answer = ask().await;
+            if let Ok(v) = &answer
+                && let Some(until) = keep(v)
+            {
+                self.store(key, v.clone(), until);
+            }
+            answer
         };
-        if let Some(v) = self.get(&key) {
-            return (Ok(v), true);
-        }
-        let answer = ask().await;
-        if let Ok(v) = &answer
-            && let Some(until) = keep(v)
-        {
-            self.store(key, v.clone(), until);
-        }
-        (answer, false)
+        let Some(flight) = Flight::join(self, key) else {
+            return (ask_and_keep().await, false);
+        };
+        let answer = flight.shared.get_or_init(ask_and_keep).await.clone();
+        (answer, !asked.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// The answer kept for `key`, while it lasts.
@@ -126,31 +134,31 @@ impl<V: Clone> AnswerCache<V> {
     }
 }
 
-/// A place in the line of identical checks; leaving it (even by cancellation) removes
-/// the line once nobody else is in it.
-struct Flight<'a, V> {
-    cache: &'a AnswerCache<V>,
+/// A place among the identical checks in flight; leaving it (even by cancellation)
+/// removes their shared answer once nobody else is there, so a later check asks anew.
+struct Flight<'a, V, E> {
+    cache: &'a AnswerCache<V, E>,
     key: Key,
-    gate: Arc<tokio::sync::Mutex<()>>,
+    shared: Shared<V, E>,
 }
 
-impl<'a, V> Flight<'a, V> {
+impl<'a, V, E> Flight<'a, V, E> {
     /// `None` when too many distinct checks are in flight (this one asks alone).
-    fn join(cache: &'a AnswerCache<V>, key: Key) -> Option<Flight<'a, V>> {
+    fn join(cache: &'a AnswerCache<V, E>, key: Key) -> Option<Flight<'a, V, E>> {
         let mut m = lock(&cache.in_flight);
         if m.len() >= MAX_IN_FLIGHT && !m.contains_key(&key) {
             return None;
         }
-        let gate = m.entry(key).or_default().clone();
-        Some(Flight { cache, key, gate })
+        let shared = m.entry(key).or_default().clone();
+        Some(Flight { cache, key, shared })
     }
 }
 
-impl<V> Drop for Flight<'_, V> {
+impl<V, E> Drop for Flight<'_, V, E> {
     fn drop(&mut self) {
         let mut m = lock(&self.cache.in_flight);
         // The map's and ours: nobody else waits.
-        if Arc::strong_count(&self.gate) <= 2 {
+        if Arc::strong_count(&self.shared) <= 2 {
             m.remove(&self.key);
         }
     }
@@ -170,7 +178,7 @@ mod tests {
 
     #[test]
     fn bounded_and_expiring() {
-        let c = AnswerCache::<u8>::default();
+        let c = AnswerCache::<u8, ()>::default();
         let later = Instant::now() + Duration::from_secs(60);
         for i in 0..(MAX_CACHED + 50) {
             c.store(key(i), 1, later);
@@ -189,8 +197,62 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn identical_checks_in_flight_share_one_failure_in_one_timeout() {
+        let c = Arc::new(AnswerCache::<u8, &'static str>::default());
+        let asked = Arc::new(AtomicUsize::new(0));
+        let t0 = tokio::time::Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let (c, asked) = (c.clone(), asked.clone());
+            tasks.push(tokio::spawn(async move {
+                let ask = || async {
+                    asked.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    Err::<u8, _>("timeout")
+                };
+                c.get_or_ask(key(1), ask, |_| None).await
+            }));
+        }
+        let mut shared = 0;
+        for t in tasks {
+            let (r, no_request) = t.await.unwrap();
+            assert_eq!(r, Err("timeout"));
+            shared += usize::from(no_request);
+        }
+        assert_eq!(asked.load(Ordering::SeqCst), 1, "one request for all");
+        assert_eq!(shared, 7);
+        assert!(
+            t0.elapsed() < Duration::from_millis(600),
+            "one timeout, not eight in a row: {:?}",
+            t0.elapsed()
+        );
+        assert!(lock(&c.in_flight).is_empty(), "no line left behind");
+        // Later checks ask anew: a failure is never kept.
+        let (r, _) = c.get_or_ask(key(1), || async { Ok(3) }, |_| None).await;
+        assert_eq!(r, Ok(3));
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_asker_leaves_the_answer_to_a_waiter() {
+        let c = Arc::new(AnswerCache::<u8, ()>::default());
+        let first = {
+            let c = c.clone();
+            tokio::spawn(async move { c.get_or_ask(key(5), std::future::pending::<Result<u8, ()>>, |_| None).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let second = {
+            let c = c.clone();
+            tokio::spawn(async move { c.get_or_ask(key(5), || async { Ok(9) }, |_| None).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        first.abort();
+        let (r, no_request) = tokio::time::timeout(Duration::from_secs(2), second).await.unwrap().unwrap();
+        assert_eq!((r, no_request), (Ok(9), false));
+    }
+
+    #[tokio::test]
     async fn identical_checks_in_flight_ask_once_and_failures_are_not_kept() {
-        let c = Arc::new(AnswerCache::<u8>::default());
+        let c = Arc::new(AnswerCache::<u8, &'static str>::default());
         let asked = Arc::new(AtomicUsize::new(0));
         let later = Instant::now() + Duration::from_secs(60);
         let mut tasks = Vec::new();
@@ -200,7 +262,7 @@ mod tests {
                 let ask = || async {
                     asked.fetch_add(1, Ordering::SeqCst);
                     tokio::time::sleep(Duration::from_millis(20)).await;
-                    Ok::<u8, ()>(7)
+                    Ok::<u8, &'static str>(7)
                 };
                 c.get_or_ask(key(1), ask, |_| Some(later)).await.0
             }));
@@ -209,7 +271,7 @@ mod tests {
             assert_eq!(t.await.unwrap(), Ok(7));
         }
         assert_eq!(asked.load(Ordering::SeqCst), 1);
-        let (r, hit) = c.get_or_ask(key(2), || async { Err::<u8, &str>("down") }, |_| Some(later)).await;
+        let (r, hit) = c.get_or_ask(key(2), || async { Err::<u8, _>("down") }, |_| Some(later)).await;
         assert!(r.is_err() && !hit);
         assert_eq!(c.get(&key(2)), None);
         assert!(lock(&c.in_flight).is_empty(), "no line left behind");

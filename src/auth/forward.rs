@@ -184,15 +184,13 @@ impl Checker {
         }
     }
 
-    /// The decision for a new client: from the cache when `cache` allows, else asked
-    /// (once for identical checks in flight).
+    /// The decision for a new client: from the cache when `cache` allows, else asked,
+    /// once for identical checks in flight (with `cache = "0s"` too: they share the one
+    /// answer, which is then not kept).
     pub async fn check(&self, asked: &Asked) -> Result<Answer, Unanswered> {
-        if self.cfg.cache.is_zero() {
-            return self.ask(asked).await;
-        }
-        let keep = |_: &Answer| Some(Instant::now() + self.cfg.cache);
-        let (answer, hit) = self.cache.get_or_ask(asked.key(), || self.ask(asked), keep).await;
-        if hit {
+        let keep = |_: &Answer| (!self.cfg.cache.is_zero()).then(|| Instant::now() + self.cfg.cache);
+        let (answer, shared) = self.cache.get_or_ask(asked.key(), || self.ask(asked), keep).await;
+        if shared && answer.is_ok() {
             self.count("cache_hit");
         }
         answer
@@ -262,7 +260,10 @@ impl Checker {
     /// The decision an answer head carries.
     fn judge(&self, status: StatusCode, headers: &HeaderMap) -> Result<Answer, Unanswered> {
         if status.is_success() {
-            let Some(identity) = headers.get(&self.cfg.identity_header).and_then(usable_identity) else {
+            // Named twice, the answer is ambiguous: frameworks may join the copies or take
+            // the last, while the gateway would log and cap the first.
+            let once = headers.get_all(&self.cfg.identity_header).iter().count() == 1;
+            let Some(identity) = headers.get(&self.cfg.identity_header).filter(|_| once).and_then(usable_identity) else {
                 tracing::warn!(
                     provider = %self.name,
                     header = %self.cfg.identity_header,
@@ -392,6 +393,13 @@ mod tests {
             }
             _ => panic!("admitted"),
         }
+        let mut twice = h.clone();
+        twice.append("x-user", HeaderValue::from_static("admin"));
+        assert_eq!(
+            c.judge(StatusCode::OK, &twice).err(),
+            Some(Unanswered::Error),
+            "an identity named twice is ambiguous: never admitted"
+        );
         h.insert(header::LOCATION, HeaderValue::from_static("/login"));
         assert!(matches!(
             c.judge(StatusCode::FOUND, &h),

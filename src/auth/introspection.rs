@@ -107,15 +107,12 @@ impl Introspector {
     /// The verdict on a new client's token: from the cache when `cache` allows (never
     /// past `exp`), else asked (once per token in flight).
     pub async fn check(&self, token: &str) -> Result<Verdict, Unanswered> {
-        if self.cfg.cache.is_zero() {
-            return self.ask(token).await.map(|(v, _)| v);
-        }
         let key = key_of([token.as_bytes()]);
         let ask = || async { self.ask(token).await };
         let keep = |(v, size): &(Verdict, usize)| {
             let now = Instant::now();
             match v {
-                _ if *size > MAX_CACHED_ANSWER => None,
+                _ if *size > MAX_CACHED_ANSWER || self.cfg.cache.is_zero() => None,
                 Verdict::Active(a) => match a.exp {
                     None => Some(now + self.cfg.cache),
                     Some(exp) => {
@@ -126,8 +123,8 @@ impl Introspector {
                 Verdict::Refused(_) => Some(now + self.cfg.cache),
             }
         };
-        let (answer, hit) = self.cache.get_or_ask(key, ask, keep).await;
-        if hit {
+        let (answer, shared) = self.cache.get_or_ask(key, ask, keep).await;
+        if shared && answer.is_ok() {
             self.count("cache_hit");
         }
         answer.map(|(v, _)| v)

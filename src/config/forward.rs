@@ -55,7 +55,13 @@ impl Validator<'_> {
                 .collect(),
             Some(list) => {
                 let names = self.header_names(list, &format!("{p}.pass_headers"))?;
-                if let Some(h) = names.iter().find(|h| FORWARD_DERIVED.contains(&h.as_str())) {
+                // In any spelling (`x_forwarded_for`, `X-Real-IP`): the endpoint would read a
+                // client's copy as the gateway's word.
+                let derived = |h: &http::HeaderName| {
+                    FORWARD_DERIVED.iter().any(|d| crate::upstream::same_header(d, h.as_str()))
+                        || crate::upstream::is_client_forwarding(h.as_str())
+                };
+                if let Some(h) = names.iter().find(|h| derived(h)) {
                     return Err(self.err(
                         list,
                         &format!("{p}.pass_headers"),

@@ -676,3 +676,21 @@ fn introspection_providers_validate_and_errors_name_the_key_and_line() {
     ));
     assert_eq!((e.key.as_str(), e.line), ("providers.o.client_id", Some(4)), "{e}");
 }
+
+#[test]
+fn forward_pass_headers_never_name_a_forwarding_header_in_any_spelling() {
+    for name in [
+        "x_forwarded_for",
+        "X-Forwarded-Host",
+        "x-real-ip",
+        "forwarded",
+        "x.original.method",
+        "HOST",
+    ] {
+        let text = format!(
+            "[providers.app]\nkind = \"forward\"\nurl = \"http://127.0.0.1:9/auth\"\nidentity_header = \"x-user\"\npass_headers = [\"cookie\", \"{name}\"]\n"
+        );
+        let e = err(&text);
+        assert_eq!((e.key.as_str(), e.line), ("providers.app.pass_headers", Some(5)), "{name}: {e}");
+    }
+}
