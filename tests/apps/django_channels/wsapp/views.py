@@ -1,0 +1,35 @@
+from django.contrib.auth import authenticate, login, logout
+from django.http import HttpResponse, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_GET, require_POST
+
+
+# csrf_exempt: only so the test can log in with a plain form POST and no CSRF round trip.
+# A real app keeps CSRF protection on its login form.
+@csrf_exempt
+@require_POST
+def login_view(request):
+    user = authenticate(request, username=request.POST.get("username"), password=request.POST.get("password"))
+    if user is None:
+        return JsonResponse({"ok": False}, status=401)
+    login(request, user)  # a new session; its id goes out in the sessionid cookie
+    return JsonResponse({"ok": True, "user": user.get_username()})
+
+
+@csrf_exempt  # as above: the test logs out with a plain POST
+@require_POST
+def logout_view(request):
+    logout(request)  # deletes the session row: /ws-auth/ answers 401 for that cookie from now on
+    return JsonResponse({"ok": True})
+
+
+@require_GET
+def ws_auth(request):
+    """wsgate's forward-auth endpoint: asked with the client's Cookie (and Origin,
+    Authorization, X-Forwarded-*) before each upgrade and every `recheck` while the socket lives.
+    200 + X-User-Id admits; 401 refuses (and closes live sockets with 1008)."""
+    if not request.user.is_authenticated:
+        return HttpResponse(status=401)
+    response = HttpResponse(status=200)
+    response["X-User-Id"] = request.user.get_username()
+    return response
