@@ -45,7 +45,7 @@ APP_DIR = REPO_ROOT / "tests" / "apps" / "django_channels"
 EXAMPLE = REPO_ROOT / "examples" / "django-channels" / "gateway.toml"
 STEP = 20  # seconds allowed for any single step
 RECHECK = 1.0  # seconds: the test's recheck period
-USERS = {"alice": "alice-pw-1", "bob": "bob-pw-2"}
+USERS = {"alice": "alice-pw-1", "bob": "bob-pw-2", "josé": "jose-pw-3", "Дима": "dima-pw-4"}
 
 ENV = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
 ENV["PYTHONUNBUFFERED"] = "1"
@@ -125,8 +125,8 @@ class Stack:
         self.env = dict(ENV, WSAPP_DB=str(tmp / "db.sqlite3"), WSAPP_SECRET_KEY="test-" + os.urandom(16).hex())
         try:
             self.manage("migrate", "--noinput", "-v", "0")
-            for user, password in USERS.items():
-                self.manage("createsuperuser", "--noinput", "--username", user, "--email", f"{user}@example.com",
+            for i, (user, password) in enumerate(USERS.items()):
+                self.manage("createsuperuser", "--noinput", "--username", user, "--email", f"user{i}@example.com",
                             extra_env={"DJANGO_SUPERUSER_PASSWORD": password})
             self.daphnes["web"] = Daphne("web", tmp, self.env)
             self.start_auth()
@@ -277,6 +277,18 @@ def test_the_app_sees_the_identity_the_gateway_vouched_for(stack):
 
     asyncio.run(go())
     assert stack.provider_results().get("allow", 0) >= 2
+
+
+def test_non_ascii_names_are_sent_percent_encoded(stack):
+    """The view percent-encodes the name: UTF-8 text the gateway takes as the identity
+    (Django would write "josé" as Latin-1 bytes, and an identity that is not UTF-8 is 503)."""
+    async def go():
+        for user, sent in (("josé", "jos%C3%A9"), ("Дима", "%D0%94%D0%B8%D0%BC%D0%B0")):
+            async with stack.ws(cookie=stack.login(user)) as ws:
+                got = await exchange(ws, "hi")
+                assert got == {"echo": "hi", "user": user, "x_user_id": [sent]}, got
+
+    asyncio.run(go())
 
 
 def test_logout_closes_the_live_socket_with_1008(stack):

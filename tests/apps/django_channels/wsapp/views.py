@@ -1,3 +1,5 @@
+from urllib.parse import quote
+
 from django.contrib.auth import authenticate, login, logout
 from django.http import HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
@@ -27,9 +29,13 @@ def logout_view(request):
 def ws_auth(request):
     """wsgate's forward-auth endpoint: asked with the client's Cookie (and Origin,
     Authorization, X-Forwarded-*) before each upgrade and every `recheck` while the socket lives.
-    200 + X-User-Id admits; 401 refuses (and closes live sockets with 1008)."""
+    200 + X-User-Id admits; 401 refuses (and closes live sockets with 1008).
+    The gateway never reads the body; a 302 to a login page would be a 401 for an upgrade."""
     if not request.user.is_authenticated:
         return HttpResponse(status=401)
     response = HttpResponse(status=200)
-    response["X-User-Id"] = request.user.get_username()
+    # Percent-encoded UTF-8: wsgate takes only UTF-8 text as an identity, and Django writes a
+    # header value as Latin-1 bytes (or an RFC 2047 word beyond Latin-1). "alice" stays
+    # "alice"; "josé" is "jos%C3%A9" (one spelling per user: "%" itself is encoded).
+    response["X-User-Id"] = quote(request.user.get_username(), safe="@.+-_")
     return response
