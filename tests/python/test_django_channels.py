@@ -114,6 +114,49 @@ def render_example_config(tmp: Path, web_port: int, auth_port: int) -> str:
     return text
 
 
+class Browser:
+    """A browser of the site: its cookie jar, and Origin on every POST (as browsers send it,
+    same-origin too). Plain requests go through the gateway's "pages" route."""
+
+    def __init__(self, stack: "Stack"):
+        self.stack = stack
+        self.cookies: dict[str, str] = {}
+        self.csrf = ""
+
+    @property
+    def cookie(self) -> str:
+        return "; ".join(f"{k}={v}" for k, v in self.cookies.items())
+
+    def request(self, method: str, path: str, form: dict | None = None) -> tuple[int, dict]:
+        data = urllib.parse.urlencode(form).encode() if form is not None else None
+        req = urllib.request.Request(self.stack.base + path, data=data, method=method)
+        if method == "POST":
+            req.add_header("Origin", self.stack.origin)
+        if self.cookies:
+            req.add_header("Cookie", self.cookie)
+        try:
+            with urllib.request.urlopen(req, context=self.stack.ctx, timeout=STEP) as resp:
+                status, headers, body = resp.status, resp.headers, resp.read()
+        except urllib.error.HTTPError as e:
+            status, headers, body = e.code, e.headers, e.read()
+        for line in headers.get_all("Set-Cookie") or []:
+            name, _, rest = line.partition("=")
+            value = rest.split(";", 1)[0]
+            if value in ("", '""'):
+                self.cookies.pop(name.strip(), None)  # deleted (expires in 1970)
+            else:
+                self.cookies[name.strip()] = value
+        try:
+            return status, json.loads(body or b"{}")
+        except ValueError:
+            return status, {"html": body[:200]}
+
+    def logout(self):
+        status, body = self.request("POST", "/logout/", {"csrfmiddlewaretoken": self.csrf})
+        assert status == 200 and body == {"ok": True}, (status, body)
+        assert "sessionid" not in self.cookies
+
+
 class Stack:
     """The app (two daphnes on one database) and the gateway. `gateway` is what conftest's
     failure hook attaches the log of."""
@@ -158,31 +201,17 @@ class Stack:
         for d in self.daphnes.values():
             d.stop()
 
-    def post(self, path: str, form: dict, cookie: str | None = None) -> tuple[int, dict, dict]:
-        """A form POST through the gateway's "pages" route: (status, JSON body, cookies set)."""
-        req = urllib.request.Request(self.base + path, data=urllib.parse.urlencode(form).encode(), method="POST")
-        if cookie:
-            req.add_header("Cookie", cookie)
-        try:
-            with urllib.request.urlopen(req, context=self.ctx, timeout=STEP) as resp:
-                status, headers, body = resp.status, resp.headers, resp.read()
-        except urllib.error.HTTPError as e:
-            status, headers, body = e.code, e.headers, e.read()
-        cookies = {}
-        for line in headers.get_all("Set-Cookie") or []:
-            name, _, rest = line.partition("=")
-            cookies[name.strip()] = rest.split(";", 1)[0]
-        return status, json.loads(body or b"{}"), cookies
-
-    def login(self, user: str) -> str:
-        status, body, cookies = self.post("/login/", {"username": user, "password": USERS[user]})
-        assert status == 200 and body == {"ok": True, "user": user}, (status, body)
-        assert cookies.get("sessionid"), f"no session cookie: {cookies}"
-        return f"sessionid={cookies['sessionid']}"
-
-    def logout(self, cookie: str):
-        status, body, _ = self.post("/logout/", {}, cookie)
-        assert status == 200 and body == {"ok": True}, (status, body)
+    def login(self, user: str) -> "Browser":
+        """A new browser logged in as `user` through the gateway, as a login form would."""
+        b = Browser(self)
+        status, body = b.request("GET", "/login/")
+        assert status == 200 and body.get("csrf") and b.cookies.get("csrftoken"), (status, body, b.cookies)
+        form = {"username": user, "password": USERS[user], "csrfmiddlewaretoken": body["csrf"]}
+        status, body = b.request("POST", "/login/", form)
+        assert status == 200 and body["ok"] and body["user"] == user, (status, body)
+        assert b.cookies.get("sessionid"), f"no session cookie: {b.cookies}"
+        b.csrf = body["csrf"]  # login() rotates the CSRF token
+        return b
 
     def ws(self, cookie: str | None = None, origin: str | None = "default", headers: dict | None = None):
         h = dict(headers or {})
@@ -249,6 +278,39 @@ def test_readme_shows_the_example(stack):
         "README.md must show examples/django-channels/gateway.toml's provider and routes as they are"
 
 
+def test_login_through_the_gateway_keeps_djangos_csrf_check(stack):
+    """Django's CSRF check works behind the gateway (CSRF_TRUSTED_ORIGINS names the site:
+    Django sees the upstream address as Host); the gateway's Origin check comes first."""
+    b = Browser(stack)
+    status, body = b.request("POST", "/login/", {"username": "alice", "password": USERS["alice"]})
+    assert status == 403 and "sessionid" not in b.cookies, "no CSRF token: Django refuses"
+    status, body = b.request("GET", "/login/")
+    form = {"username": "alice", "password": USERS["alice"], "csrfmiddlewaretoken": body["csrf"]}
+    req = urllib.request.Request(stack.base + "/login/", data=urllib.parse.urlencode(form).encode(), method="POST",
+                                 headers={"Origin": "https://evil.example", "Cookie": b.cookie})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(req, context=stack.ctx, timeout=STEP)
+    assert refused.value.code == 403 and refused.value.headers.get("Server") != "daphne", "refused by the gateway"
+    status, body = b.request("POST", "/login/", form)
+    assert status == 200 and body["user"] == "alice" and "sessionid" in b.cookies, (status, body)
+
+
+def test_an_upgrade_outside_ws_is_refused_by_the_app_and_breaks_nothing(stack):
+    """An upgrade on another path goes to the "pages" route (auth = "none"): the app's
+    catch-all refuses it with 403, which the gateway passes through (a 500 there would count
+    as an upstream failure and put the route's upstream in back-off, login page included)."""
+    async def go():
+        for path in ("/nothing/", "/login/", "/ws-auth/") * 2:
+            with pytest.raises(websockets.InvalidStatus) as refused:
+                async with connect(f"wss://127.0.0.1:{stack.gateway.port}{path}", ssl=stack.ctx,
+                                   origin=stack.origin, open_timeout=STEP):
+                    pass
+            assert refused.value.response.status_code == 403, path
+
+    asyncio.run(go())
+    assert stack.login("bob").cookie  # the login page still answers
+
+
 def test_without_a_session_the_upgrade_is_401(stack):
     assert stack.status_of() == 401
     assert stack.status_of(cookie="sessionid=forged0123456789abcdefghijklmnopqr") == 401
@@ -258,7 +320,7 @@ def test_without_a_session_the_upgrade_is_401(stack):
 
 
 def test_the_app_sees_the_identity_the_gateway_vouched_for(stack):
-    alice, bob = stack.login("alice"), stack.login("bob")
+    alice, bob = stack.login("alice").cookie, stack.login("bob").cookie
     # A browser page of another site: refused before the app is asked.
     asked = sum(stack.provider_results().values())
     assert stack.status_of(cookie=alice, origin="https://evil.example") == 403
@@ -284,7 +346,7 @@ def test_non_ascii_names_are_sent_percent_encoded(stack):
     (Django would write "josé" as Latin-1 bytes, and an identity that is not UTF-8 is 503)."""
     async def go():
         for user, sent in (("josé", "jos%C3%A9"), ("Дима", "%D0%94%D0%B8%D0%BC%D0%B0")):
-            async with stack.ws(cookie=stack.login(user)) as ws:
+            async with stack.ws(cookie=stack.login(user).cookie) as ws:
                 got = await exchange(ws, "hi")
                 assert got == {"echo": "hi", "user": user, "x_user_id": [sent]}, got
 
@@ -292,8 +354,9 @@ def test_non_ascii_names_are_sent_percent_encoded(stack):
 
 
 def test_logout_closes_the_live_socket_with_1008(stack):
-    cookie = stack.login("alice")
-    other = stack.login("alice")  # a second session of the same user stays logged in
+    browser = stack.login("alice")
+    cookie = browser.cookie  # what the socket was opened with (replayed below)
+    other = stack.login("alice").cookie  # a second session of the same user stays logged in
 
     async def go():
         async with stack.ws(cookie=cookie) as ws, stack.ws(cookie=other) as stays:
@@ -301,7 +364,7 @@ def test_logout_closes_the_live_socket_with_1008(stack):
             # A few rechecks pass while logged in.
             await asyncio.sleep(2.5 * RECHECK)
             assert (await exchange(ws, "still"))["echo"] == "still"
-            stack.logout(cookie)
+            browser.logout()
             t0 = time.monotonic()
             code = await closed_with(ws, 5 * RECHECK + 5)
             assert code == 1008, code
@@ -314,7 +377,7 @@ def test_logout_closes_the_live_socket_with_1008(stack):
 
 
 def test_auth_endpoint_down_refuses_new_sockets_and_keeps_live_ones(stack):
-    cookie = stack.login("bob")
+    cookie = stack.login("bob").cookie
 
     async def go():
         async with stack.ws(cookie=cookie) as ws:

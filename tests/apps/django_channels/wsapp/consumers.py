@@ -25,3 +25,10 @@ class EchoConsumer(AsyncWebsocketConsumer):
                 }
             )
         )
+
+
+class NoConsumer(AsyncWebsocketConsumer):
+    """No consumer on this path: refused before the handshake (daphne answers 403)."""
+
+    async def connect(self):
+        await self.close()

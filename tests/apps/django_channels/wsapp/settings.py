@@ -48,6 +48,10 @@ DATABASES = {
 SESSION_ENGINE = "django.contrib.sessions.backends.db"
 SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SAMESITE = "Lax"
+# Behind wsgate Django sees the upstream address as Host (127.0.0.1:8000), so its CSRF check
+# cannot match the browser's Origin by itself: name the site's origin (the gateway's).
+CSRF_TRUSTED_ORIGINS = os.environ.get("WSAPP_SITE_ORIGINS", "https://127.0.0.1:8443").split()
+
 # Production: True (the browser only sends the cookie over https, which wsgate terminates).
 # The test logs in to daphne over plain http on loopback, so it is off here.
 SESSION_COOKIE_SECURE = os.environ.get("WSAPP_SECURE_COOKIES") == "1"

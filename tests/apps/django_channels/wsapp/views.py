@@ -2,23 +2,23 @@ from urllib.parse import quote
 
 from django.contrib.auth import authenticate, login, logout
 from django.http import HttpResponse, JsonResponse
-from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_GET, require_POST
+from django.middleware.csrf import get_token
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 
-# csrf_exempt: only so the test can log in with a plain form POST and no CSRF round trip.
-# A real app keeps CSRF protection on its login form.
-@csrf_exempt
-@require_POST
+@require_http_methods(["GET", "POST"])
 def login_view(request):
+    """GET: the CSRF token (and its cookie) a login form would carry. POST: username and
+    password, with that token (Django's CSRF check, as for any form) → a session cookie."""
+    if request.method == "GET":
+        return JsonResponse({"csrf": get_token(request)})
     user = authenticate(request, username=request.POST.get("username"), password=request.POST.get("password"))
     if user is None:
         return JsonResponse({"ok": False}, status=401)
-    login(request, user)  # a new session; its id goes out in the sessionid cookie
-    return JsonResponse({"ok": True, "user": user.get_username()})
+    login(request, user)  # a new session (sessionid cookie) and a new CSRF token (csrftoken cookie)
+    return JsonResponse({"ok": True, "user": user.get_username(), "csrf": get_token(request)})
 
 
-@csrf_exempt  # as above: the test logs out with a plain POST
 @require_POST
 def logout_view(request):
     logout(request)  # deletes the session row: /ws-auth/ answers 401 for that cookie from now on
