@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up the Python environments used by the test suite (idempotent; fast when already done).
 #
-#   .venv            Python 3.11 + tests/python/requirements.txt (pytest suite, run_autobahn.py)
+#   .venv            Python 3.11 + tests/python/requirements.txt (pytest suite, run_autobahn.py),
+#                    which includes tests/apps/django_channels/requirements.txt (Django, channels, daphne)
 #   .venv-tools      Python 3 + virtualenv==20.21.1 (the last release that creates Python 2.7 envs)
 #   .venv-autobahn   Python 2.7.18 (pyenv) + the pinned Autobahn|Testsuite set (wstest 25.10.1)
 #
@@ -54,16 +55,17 @@ find_python27() {
 }
 
 setup_tests() {
-  local req="tests/python/requirements.txt" py h start
+  # tests/python/requirements.txt includes the Django Channels app's pins (-r): both are hashed.
+  local req="tests/python/requirements.txt" app_req="tests/apps/django_channels/requirements.txt" py h start
   py="$(find_python3)"
-  h="$(hash_of "$req" "$0" | cut -c1-16)-$("$py" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])')"
+  h="$(hash_of "$req" "$app_req" "$0" | cut -c1-16)-$("$py" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])')"
   if stamp_ok .venv "$h"; then log ".venv up to date"; return; fi
   start=$SECONDS
   log "creating .venv with $py"
   rm -rf .venv
   "$py" -m venv .venv
   .venv/bin/python -m pip install -q -r "$req"
-  .venv/bin/python -c 'import websockets, jwt, cryptography, pytest, socketio, aiohttp'
+  .venv/bin/python -c 'import websockets, jwt, cryptography, pytest, socketio, aiohttp, django, channels, daphne'
   echo "$h" > .venv/.wsgate-setup-stamp
   log ".venv ready in $((SECONDS - start))s"
 }

@@ -188,14 +188,26 @@ fn name(value: &str, what: &str) -> Result<(), Answer> {
     Ok(())
 }
 
-/// `provider` names a `[providers.NAME]` of the running config (absent: `[jwt]`).
-fn provider(gw: &Gateway, provider: Option<&str>) -> Result<(), Answer> {
-    match provider {
-        Some(p) if !gw.runtime().config.providers.contains_key(p) => Err(error(
+/// `provider` names a `[providers.NAME]` of the running config (absent: `[jwt]`): any
+/// kind for a kick (forward and introspection sessions have users too), a jwt provider
+/// for a revocation (it names a JWT's `jti`).
+fn provider(gw: &Gateway, provider: Option<&str>, jwt_only: bool) -> Result<(), Answer> {
+    let Some(p) = provider else { return Ok(()) };
+    let config = &gw.runtime().config;
+    if config.providers.contains_key(p) {
+        return Ok(());
+    }
+    let other_kind = config.forward_providers.contains_key(p) || config.introspection_providers.contains_key(p);
+    match (other_kind, jwt_only) {
+        (true, false) => Ok(()),
+        (true, true) => Err(error(
+            StatusCode::BAD_REQUEST,
+            "a revocation names a provider of kind jwt (absent: [jwt]); kick the user of a forward or introspection provider",
+        )),
+        (false, _) => Err(error(
             StatusCode::BAD_REQUEST,
             "provider must name a [providers.NAME] of the config (absent: [jwt])",
         )),
-        _ => Ok(()),
     }
 }
 
@@ -224,7 +236,7 @@ fn revoke(gw: &Gateway, body: &[u8]) -> Taken {
         Ok(r) => r,
         Err(a) => return (a, None),
     };
-    if let Err(a) = name(&r.jti, "jti").and_then(|()| provider(gw, r.provider.as_deref())) {
+    if let Err(a) = name(&r.jti, "jti").and_then(|()| provider(gw, r.provider.as_deref(), true)) {
         return (a, None);
     }
     // Keyed by provider: another provider's token with the same `jti` stays valid.
@@ -265,7 +277,7 @@ fn kick(gw: &Gateway, body: &[u8]) -> Taken {
         Ok(k) => k,
         Err(a) => return (a, None),
     };
-    if let Err(a) = name(&k.sub, "sub").and_then(|()| provider(gw, k.provider.as_deref())) {
+    if let Err(a) = name(&k.sub, "sub").and_then(|()| provider(gw, k.provider.as_deref(), false)) {
         return (a, None);
     }
     // Keyed by provider: `alice` of another provider is another user.

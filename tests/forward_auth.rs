@@ -259,3 +259,48 @@ async fn a_login_redirect_passes_to_a_plain_request_and_is_401_for_an_upgrade() 
     let head = plain_get(&gw, "/app", "session=good").await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
 }
+
+/// The admin API kicks a forward provider's user by name (`"provider"` names any kind of
+/// provider for a kick); a revocation, which names a JWT's `jti`, takes a jwt provider only.
+#[tokio::test]
+async fn an_admin_kick_names_the_forward_provider() {
+    const ADMIN_TOKEN: &str = "0123456789abcdef0123456789abcdef-admin";
+    let (auth, _state) = auth_endpoint().await;
+    let up = upstream(Behaviour::Echo).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("admin.token");
+    std::fs::write(&token_file, ADMIN_TOKEN).unwrap();
+    let line = format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n", token_file.display());
+    let gw = Gw::start_with("", &forward_config(auth, &up.url(), ""), |t| {
+        t.replacen("[admin]\nlisten = \"127.0.0.1:0\"\n", &line, 1)
+    })
+    .await;
+    let admin = |method: &'static str, path: &'static str, body: &'static str| {
+        let addr = gw.admin;
+        async move {
+            let head = format!("Authorization: Bearer {ADMIN_TOKEN}\r\nContent-Type: application/json\r\n");
+            let (status, text) = http_request(addr, method, path, &head, body).await;
+            (
+                status,
+                serde_json::from_str::<serde_json::Value>(&text).unwrap_or_else(|_| panic!("not JSON: {text}")),
+            )
+        }
+    };
+    let (mut ws, _) = wsgate::client::connect(&gw.url("/app"), &with_cookie(&gw, "session=good", &[]))
+        .await
+        .expect("admitted");
+    assert_eq!(roundtrip(&mut ws, "hi").await, "hi");
+    let (status, body) = admin("GET", "/v1/sessions?provider=app", "").await;
+    assert_eq!((status, body["sessions"][0]["sub"].as_str()), (200, Some("alice")), "{body}");
+
+    // [jwt]'s alice is another user: nothing closed.
+    let (status, body) = admin("POST", "/v1/kick", r#"{"sub":"alice"}"#).await;
+    assert_eq!((status, body["sessions"].as_u64()), (200, Some(0)), "{body}");
+    let (status, body) = admin("POST", "/v1/revocations", r#"{"jti":"j-1","provider":"app"}"#).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(roundtrip(&mut ws, "still").await, "still");
+
+    let (status, body) = admin("POST", "/v1/kick", r#"{"sub":"alice","provider":"app"}"#).await;
+    assert_eq!((status, body["sessions"].as_u64()), (200, Some(1)), "{body}");
+    assert_eq!(close_code(&mut ws).await.0, 1008);
+}

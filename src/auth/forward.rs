@@ -262,14 +262,23 @@ impl Checker {
         if status.is_success() {
             // Named twice, the answer is ambiguous: frameworks may join the copies or take
             // the last, while the gateway would log and cap the first.
-            let once = headers.get_all(&self.cfg.identity_header).iter().count() == 1;
-            let Some(identity) = headers.get(&self.cfg.identity_header).filter(|_| once).and_then(usable_identity) else {
-                tracing::warn!(
-                    provider = %self.name,
-                    header = %self.cfg.identity_header,
-                    "the forward auth endpoint admitted a client without a usable identity header: refused (503)"
-                );
-                return Err(Unanswered::Error);
+            let mut copies = headers.get_all(&self.cfg.identity_header).iter();
+            let found = match (copies.next(), copies.next()) {
+                (Some(v), None) => Some(usable_identity(v)),
+                (Some(_), Some(_)) => Some(Err("named twice")),
+                (None, _) => None,
+            };
+            let identity = match found {
+                Some(Ok(identity)) => identity,
+                problem => {
+                    tracing::warn!(
+                        provider = %self.name,
+                        header = %self.cfg.identity_header,
+                        problem = problem.map_or("missing", |p| p.err().unwrap_or_default()),
+                        "the forward auth endpoint admitted a client without a usable identity header: refused (503)"
+                    );
+                    return Err(Unanswered::Error);
+                }
             };
             let copies = self
                 .cfg
@@ -295,10 +304,21 @@ impl Checker {
     }
 }
 
-/// An identity: visible ASCII/UTF-8 without control characters, not empty, bounded.
-fn usable_identity(v: &HeaderValue) -> Option<String> {
-    let s = std::str::from_utf8(v.as_bytes()).ok()?.trim();
-    (!s.is_empty() && s.len() <= MAX_IDENTITY && !s.chars().any(char::is_control)).then(|| s.to_string())
+/// An identity: visible ASCII/UTF-8 without control characters, not empty, bounded; else
+/// what is wrong with it (for the log; never the value). Bytes that are not UTF-8 are not
+/// guessed at: a Latin-1 reading would make two users of one app the same identity (the
+/// Latin-1 bytes of "Ã©" are the UTF-8 of "é"). Django, for one, writes a name that fits
+/// Latin-1 in Latin-1: the endpoint should send names percent-encoded (README).
+fn usable_identity(v: &HeaderValue) -> Result<String, &'static str> {
+    let s = std::str::from_utf8(v.as_bytes())
+        .map_err(|_| "not UTF-8 (send non-ASCII names percent-encoded)")?
+        .trim();
+    match s {
+        "" => Err("empty"),
+        s if s.len() > MAX_IDENTITY => Err("longer than 256 bytes"),
+        s if s.chars().any(char::is_control) => Err("control characters"),
+        s => Ok(s.to_string()),
+    }
 }
 
 /// One exchange on a fresh connection: the answer's head only. The connection task is
@@ -375,6 +395,19 @@ mod tests {
     fn keys_differ_by_cookie() {
         assert_ne!(asked("s=1").key(), asked("s=2").key());
         assert_eq!(asked("s=1").key(), asked("s=1").key());
+    }
+
+    #[test]
+    fn identities_must_be_utf8_text() {
+        let v = |b: &[u8]| usable_identity(&HeaderValue::from_bytes(b).unwrap());
+        assert_eq!(v(b" jos%C3%A9 "), Ok("jos%C3%A9".to_string()));
+        assert_eq!(v("josé".as_bytes()), Ok("josé".to_string()));
+        // Django's "josé" (Latin-1) is not guessed at; nor is its RFC 2047 form decoded.
+        assert!(v(b"jos\xe9").unwrap_err().starts_with("not UTF-8"));
+        assert_eq!(v(b"=?utf-8?b?0JTQuNC80LA=?="), Ok("=?utf-8?b?0JTQuNC80LA=?=".to_string()));
+        assert_eq!(v(b"  "), Err("empty"));
+        assert_eq!(v(b"a\tb"), Err("control characters"));
+        assert_eq!(v(&[b'a'; 257]), Err("longer than 256 bytes"));
     }
 
     #[test]
