@@ -259,3 +259,26 @@ async fn a_login_redirect_passes_to_a_plain_request_and_is_401_for_an_upgrade() 
     let head = plain_get(&gw, "/app", "session=good").await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
 }
+
+/// The endpoint hears the scheme the client used: `http` on a `listen_plain` listener.
+#[tokio::test]
+async fn x_forwarded_proto_is_http_on_a_plain_listener() {
+    let (auth, state) = auth_endpoint().await;
+    let up = upstream(Behaviour::Echo).await;
+    let gw = Gw::start("listen_plain = [\"127.0.0.1:0\"]", &forward_config(auth, &up.url(), "")).await;
+    let plain = gw.running.as_ref().unwrap().plain_addrs[0];
+    let mut opts = wsgate::client::Options::default();
+    opts.headers.push(("cookie".into(), "session=good".into()));
+    let (mut ws, _) = wsgate::client::connect(&format!("ws://{plain}/app"), &opts)
+        .await
+        .expect("admitted on the plain listener");
+    assert_eq!(roundtrip(&mut ws, "plain").await, "plain");
+    let (mut wss, _) = wsgate::client::connect(&gw.url("/app"), &with_cookie(&gw, "session=good", &[]))
+        .await
+        .expect("admitted over TLS");
+    assert_eq!(roundtrip(&mut wss, "tls").await, "tls");
+
+    let seen = state.seen.lock().unwrap().clone();
+    let protos: Vec<_> = seen.iter().map(|h| h.get("x-forwarded-proto").unwrap().clone()).collect();
+    assert_eq!(protos, ["http", "https"]);
+}
