@@ -282,3 +282,20 @@ async fn x_forwarded_proto_is_http_on_a_plain_listener() {
     let protos: Vec<_> = seen.iter().map(|h| h.get("x-forwarded-proto").unwrap().clone()).collect();
     assert_eq!(protos, ["http", "https"]);
 }
+
+/// A forward auth answer carries no claims: `require_claims` on a forward route is a
+/// config error naming the key and its line (it would otherwise never be checked).
+#[test]
+fn require_claims_on_a_forward_route_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let routes = forward_config("127.0.0.1:9".parse().unwrap(), "builtin:echo", "")
+        .replace("provider = \"app\"", "provider = \"app\"\nrequire_claims = { role = \"admin\" }");
+    let text = config_text(dir.path(), "", &routes);
+    let e = wsgate::Config::from_toml_str(&text, "t.toml").unwrap_err();
+    let line = text.lines().position(|l| l.starts_with("require_claims")).unwrap() + 1;
+    assert_eq!((e.key.as_str(), e.line), ("routes.require_claims", Some(line)), "{e}");
+    assert!(e.message.contains("no claims"), "{e}");
+    // Without it the route loads.
+    let text = config_text(dir.path(), "", &forward_config("127.0.0.1:9".parse().unwrap(), "builtin:echo", ""));
+    wsgate::Config::from_toml_str(&text, "t.toml").unwrap();
+}
