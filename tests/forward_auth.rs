@@ -260,6 +260,50 @@ async fn a_login_redirect_passes_to_a_plain_request_and_is_401_for_an_upgrade() 
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
 }
 
+/// A live session's recheck asks the provider as the current config has it: a reload
+/// that moves the endpoint (and turns `recheck` on for a session admitted without it)
+/// sends the next rounds to the new endpoint, whose refusal closes the session.
+#[tokio::test]
+async fn a_reload_moves_live_rechecks_to_the_new_endpoint() {
+    let (old, old_state) = auth_endpoint().await;
+    let (new, new_state) = auth_endpoint().await;
+    let up = upstream(Behaviour::Echo).await;
+    let gw = Gw::start("", &forward_config(old, &up.url(), "")).await;
+    let opts = with_cookie(&gw, "session=good", &[]);
+    let (mut ws, _) = wsgate::client::connect(&gw.url("/app"), &opts).await.expect("admitted");
+    assert_eq!(old_state.calls.load(Ordering::SeqCst), 1);
+
+    let text = config_text(gw.dir.path(), "", &forward_config(new, &up.url(), "recheck = \"200ms\""));
+    gw.reload(&text).await.expect("reload");
+    wait_until("a recheck at the new endpoint", TIMEOUT, || async {
+        new_state.calls.load(Ordering::SeqCst) >= 2
+    })
+    .await;
+    assert_eq!(old_state.calls.load(Ordering::SeqCst), 1, "the old endpoint is not asked again");
+    assert_eq!(roundtrip(&mut ws, "still here").await, "still here");
+
+    new_state.mode.store(LOGGED_OUT, Ordering::SeqCst);
+    let (code, _) = close_code(&mut ws).await;
+    assert_eq!(code, 1008);
+}
+
+/// A reload that removes the session's provider (and so its route) closes the session:
+/// nothing can vouch for its cookie any more. Sessions of other routes stay.
+#[tokio::test]
+async fn a_reload_that_removes_the_provider_closes_its_sessions() {
+    let (auth, _state) = auth_endpoint().await;
+    let up = upstream(Behaviour::Echo).await;
+    let gw = Gw::start("", &format!("{}{ECHO_ROUTE}", forward_config(auth, &up.url(), ""))).await;
+    let opts = with_cookie(&gw, "session=good", &[]);
+    let (mut ws, _) = wsgate::client::connect(&gw.url("/app"), &opts).await.expect("admitted");
+    let mut other = gw.connect("/echo").await;
+
+    gw.reload(&config_text(gw.dir.path(), "", ECHO_ROUTE)).await.expect("reload");
+    let (code, _) = close_code(&mut ws).await;
+    assert_eq!(code, 1008);
+    assert_eq!(roundtrip(&mut other, "jwt").await, "jwt", "a JWT session is not the provider's");
+}
+
 /// The endpoint hears the scheme the client used: `http` on a `listen_plain` listener.
 #[tokio::test]
 async fn x_forwarded_proto_is_http_on_a_plain_listener() {
