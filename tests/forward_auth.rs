@@ -343,3 +343,63 @@ fn require_claims_on_a_forward_route_is_refused() {
     let text = config_text(dir.path(), "", &forward_config("127.0.0.1:9".parse().unwrap(), "builtin:echo", ""));
     wsgate::Config::from_toml_str(&text, "t.toml").unwrap();
 }
+
+/// The trust anchors of forward, introspection and discovery providers are watched for
+/// reload (`watch_config`) like every other file the config names.
+#[test]
+fn provider_ca_files_are_watched() {
+    let dir = tempfile::tempdir().unwrap();
+    let rest = r#"
+[providers.app]
+kind = "forward"
+url = "https://auth.example/ws-auth"
+identity_header = "x-user-id"
+ca_file = "/cm/forward-ca.pem"
+
+[providers.opaque]
+kind = "introspection"
+url = "https://idp.example/introspect"
+client_id = "wsgate"
+client_secret_file = "/cm/introspect.secret"
+ca_file = "/cm/introspect-ca.pem"
+
+[providers.oidc]
+kind = "jwt"
+issuer = "https://idp.example"
+discovery = true
+algorithms = ["RS256"]
+audience = ["chat"]
+ca_file = "/cm/discovery-ca.pem"
+
+[[routes]]
+name = "app"
+path = "/app"
+upstreams = ["builtin:echo"]
+auth = "forward"
+provider = "app"
+
+[[routes]]
+name = "opaque"
+path = "/opaque"
+upstreams = ["builtin:echo"]
+auth = "introspection"
+provider = "opaque"
+
+[[routes]]
+name = "oidc"
+path = "/oidc"
+upstreams = ["builtin:echo"]
+provider = "oidc"
+"#;
+    let text = config_text(dir.path(), "watch_config = true", rest);
+    let c = wsgate::Config::from_toml_str(&text, "t.toml").unwrap_or_else(|e| panic!("{e}"));
+    let files = c.watched_files();
+    for f in [
+        "/cm/forward-ca.pem",
+        "/cm/introspect-ca.pem",
+        "/cm/introspect.secret",
+        "/cm/discovery-ca.pem",
+    ] {
+        assert!(files.iter().any(|p| p == std::path::Path::new(f)), "{f} not in {files:?}");
+    }
+}
