@@ -11,7 +11,7 @@
 #   BENCH_HOLD [3/1]            seconds the idle sockets are held before the echo check
 #   BENCH_IDLE_COUNTS ["1000 9000"]  idle socket counts
 #   BENCH_TARGETS ["direct wsgate nginx"]
-#   BENCH_TESTS ["tp16 tp1 hs hsr lat many http idle features hosts chat"]  measurements to run (a subset for focused A/B runs)
+#   BENCH_TESTS ["tp16 tp1 hs hsr lat many http fwd idle features hosts chat"]  measurements to run (a subset for focused A/B runs)
 #   BENCH_MANY [4000/1000]      sockets of the many-sockets row, each sending 1 msg/s
 #   BENCH_MANY_DURATION [20/3]  seconds measured in the many-sockets row
 #   BENCH_SKIP_BUILD=1          use the binaries already in target/release
@@ -29,6 +29,14 @@
 # own process, which answers 200 with 64 bytes; nginx proxies the same app with upstream
 # keepalive; no direct target), and idle memory per socket at 1000 and 9000 sockets (server
 # RSS, nginx master + workers, with the target restarted fresh for each reading).
+# Forward auth (`fwd`, wsgate only: nginx's auth_request has no identity, cache or recheck of its
+# own to compare): handshakes/s as in the `hs` row (same client, 32 concurrent, same wsgate
+# process, interleaved with it) on two `auth = "forward"` routes whose endpoint is
+# `wsgate-bench auth-app` (its own process, hyper: 200 with `x-user-id: bench` for the cookie
+# `session=bench`, else 401), the client sending that cookie: one provider with `cache = "30s"`
+# (every client carries the same cookie, so after the first check each handshake is a cache hit)
+# and one with `cache = "0s"` (one HTTP round trip to the endpoint per connection), against the
+# JWT route of the `hs` row.
 # Features (wsgate only, restarted with client_ca and two more routes): JSON throughput through
 # a route with [routes.validate] (config/chat.schema.json) against the same messages on a
 # route without it, and handshakes/s with a client certificate on an `auth = "mtls"` route
@@ -65,7 +73,7 @@ fi
 # Messages per connection in each chat run (32 connections, one in flight each).
 CHAT_MESSAGES=$((${DURATION%.*} * 400))
 TARGETS=${BENCH_TARGETS:-"direct wsgate nginx"}
-TESTS=" ${BENCH_TESTS:-tp16 tp1 hs hsr lat many http idle features hosts chat} "
+TESTS=" ${BENCH_TESTS:-tp16 tp1 hs hsr lat many http fwd idle features hosts chat} "
 wants() { [[ $TESTS == *" $1 "* ]]; }
 SOURCES=$(seq -s, -f '127.0.0.%g' 1 20)
 
@@ -158,6 +166,7 @@ port_of() {
     wsgate) echo "$WSGATE_PORT" ;;
     nginx) echo "$NGINX_PORT" ;;
     redis) echo "$REDIS_PORT" ;;
+    auth) echo "$AUTH_PORT" ;;
   esac
 }
 
@@ -169,6 +178,7 @@ start() {
     direct) "$BENCH" tls-echo --listen "127.0.0.1:$DIRECT_PORT" --cert "$CERT" --key "$KEY" >>"$LOGS/direct.log" 2>&1 & ;;
     wsgate) "$WSGATE" run --config "$WSGATE_CONFIG" >>"$LOGS/wsgate.log" 2>&1 & ;;
     nginx) "$NGINX" -p "$WORK/nginx/" -c "$WORK/nginx/nginx.conf" -e "$WORK/nginx/error.log" >>"$LOGS/nginx.log" 2>&1 & ;;
+    auth) "$BENCH" auth-app --listen "127.0.0.1:$AUTH_PORT" --cookie "$AUTH_COOKIE" --user bench >>"$LOGS/auth.log" 2>&1 & ;;
     redis) redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no >>"$LOGS/redis.log" 2>&1 & ;;
   esac
   PID[$name]=$!
@@ -184,7 +194,9 @@ restart() {
 CERT=$WORK/server.crt KEY=$WORK/server.key
 "$BENCH" self-signed --cert "$CERT" --key "$KEY"
 (umask 077 && head -c 32 /dev/urandom | od -An -v -tx1 | tr -d ' \n' >"$WORK/jwt.secret")
-read -r ECHO_PORT DIRECT_PORT WSGATE_PORT ADMIN_PORT NGINX_PORT REDIS_PORT APP_PORT < <("$BENCH" free-ports 7)
+read -r ECHO_PORT DIRECT_PORT WSGATE_PORT ADMIN_PORT NGINX_PORT REDIS_PORT APP_PORT AUTH_PORT < <("$BENCH" free-ports 8)
+# The session cookie of the forward-auth rows (what auth-app admits).
+AUTH_COOKIE=session=bench
 
 # --- wsgate config --------------------------------------------------------------------------
 # write_wsgate_config FILE SECURITY: SECURITY=1 includes the firewall and the per-IP, per-user
@@ -273,6 +285,40 @@ upstreams = ["ws://127.0.0.1:$ECHO_PORT"]
 auth = "jwt"
 context_takeover = true
 EOF
+  # The forward-auth rows: the same echo behind the app's own endpoint (auth-app).
+  wants fwd && cat >>"$file" <<EOF
+
+[providers.appcache]
+kind = "forward"
+url = "http://127.0.0.1:$AUTH_PORT/ws-auth"
+identity_header = "x-user-id"
+copy_headers = ["x-user-id"]
+cache = "30s"
+timeout = "2s"
+
+[providers.appnocache]
+kind = "forward"
+url = "http://127.0.0.1:$AUTH_PORT/ws-auth"
+identity_header = "x-user-id"
+copy_headers = ["x-user-id"]
+cache = "0s"
+timeout = "2s"
+
+[[routes]]
+name = "fwd_cache"
+path = "/fwd-cache"
+upstreams = ["ws://127.0.0.1:$ECHO_PORT"]
+auth = "forward"
+provider = "appcache"
+
+[[routes]]
+name = "fwd_nocache"
+path = "/fwd-nocache"
+upstreams = ["ws://127.0.0.1:$ECHO_PORT"]
+auth = "forward"
+provider = "appnocache"
+EOF
+  return 0
 }
 
 WSGATE_CONFIG=$WORK/wsgate.toml
@@ -405,6 +451,7 @@ measure() {
 say "bench: repeat=$REPEAT duration=${DURATION}s warmup=${WARMUP}s targets: $TARGETS; security config: $SECURITY"
 start echo
 wants http && start app
+wants fwd && start auth
 for t in $TARGETS; do start "$t"; done
 
 for ((r = 1; r <= REPEAT; r++)); do
@@ -420,6 +467,11 @@ for ((r = 1; r <= REPEAT; r++)); do
   wants hs && for t in $TARGETS; do
     measure "$t" hs handshakes --concurrency 32 --duration "$DURATION" --warmup "$WARMUP" --sources "$SOURCES" \
       --cpu-pid "${PID[$t]}"
+  done
+  # Forward auth (wsgate only): the hs measurement on the forward routes, cookie sent.
+  wants fwd && [[ " $TARGETS " == *" wsgate "* ]] && for variant in cache nocache; do
+    URL_PATH=/fwd-$variant measure wsgate "fwd-$variant" handshakes --header "cookie: $AUTH_COOKIE" --concurrency 32 \
+      --duration "$DURATION" --warmup "$WARMUP" --sources "$SOURCES" --cpu-pid "${PID[wsgate]}"
   done
   # Returning clients: each client keeps its TLS session (tickets or the session cache).
   wants hsr && for t in $TARGETS; do
@@ -567,6 +619,8 @@ fi
 for t in $TARGETS; do stop "$t"; done
 stop echo
 stop app
+stop auth
+[[ -f $LOGS/auth.log ]] && say "bench: $(tail -1 "$LOGS/auth.log")"
 
 # --- report ---------------------------------------------------------------------------------
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo '?')

@@ -304,3 +304,147 @@ async fn an_admin_kick_names_the_forward_provider() {
     assert_eq!((status, body["sessions"].as_u64()), (200, Some(1)), "{body}");
     assert_eq!(close_code(&mut ws).await.0, 1008);
 }
+
+/// A live session's recheck asks the provider as the current config has it: a reload
+/// that moves the endpoint (and turns `recheck` on for a session admitted without it)
+/// sends the next rounds to the new endpoint, whose refusal closes the session.
+#[tokio::test]
+async fn a_reload_moves_live_rechecks_to_the_new_endpoint() {
+    let (old, old_state) = auth_endpoint().await;
+    let (new, new_state) = auth_endpoint().await;
+    let up = upstream(Behaviour::Echo).await;
+    let gw = Gw::start("", &forward_config(old, &up.url(), "")).await;
+    let opts = with_cookie(&gw, "session=good", &[]);
+    let (mut ws, _) = wsgate::client::connect(&gw.url("/app"), &opts).await.expect("admitted");
+    assert_eq!(old_state.calls.load(Ordering::SeqCst), 1);
+
+    let text = config_text(gw.dir.path(), "", &forward_config(new, &up.url(), "recheck = \"200ms\""));
+    gw.reload(&text).await.expect("reload");
+    wait_until("a recheck at the new endpoint", TIMEOUT, || async {
+        new_state.calls.load(Ordering::SeqCst) >= 2
+    })
+    .await;
+    assert_eq!(old_state.calls.load(Ordering::SeqCst), 1, "the old endpoint is not asked again");
+    assert_eq!(roundtrip(&mut ws, "still here").await, "still here");
+
+    new_state.mode.store(LOGGED_OUT, Ordering::SeqCst);
+    let (code, _) = close_code(&mut ws).await;
+    assert_eq!(code, 1008);
+}
+
+/// A reload that removes the session's provider (and so its route) closes the session:
+/// nothing can vouch for its cookie any more. Sessions of other routes stay.
+#[tokio::test]
+async fn a_reload_that_removes_the_provider_closes_its_sessions() {
+    let (auth, _state) = auth_endpoint().await;
+    let up = upstream(Behaviour::Echo).await;
+    let gw = Gw::start("", &format!("{}{ECHO_ROUTE}", forward_config(auth, &up.url(), ""))).await;
+    let opts = with_cookie(&gw, "session=good", &[]);
+    let (mut ws, _) = wsgate::client::connect(&gw.url("/app"), &opts).await.expect("admitted");
+    let mut other = gw.connect("/echo").await;
+
+    gw.reload(&config_text(gw.dir.path(), "", ECHO_ROUTE)).await.expect("reload");
+    let (code, _) = close_code(&mut ws).await;
+    assert_eq!(code, 1008);
+    assert_eq!(roundtrip(&mut other, "jwt").await, "jwt", "a JWT session is not the provider's");
+}
+
+/// The endpoint hears the scheme the client used: `http` on a `listen_plain` listener.
+#[tokio::test]
+async fn x_forwarded_proto_is_http_on_a_plain_listener() {
+    let (auth, state) = auth_endpoint().await;
+    let up = upstream(Behaviour::Echo).await;
+    let gw = Gw::start("listen_plain = [\"127.0.0.1:0\"]", &forward_config(auth, &up.url(), "")).await;
+    let plain = gw.running.as_ref().unwrap().plain_addrs[0];
+    let mut opts = wsgate::client::Options::default();
+    opts.headers.push(("cookie".into(), "session=good".into()));
+    let (mut ws, _) = wsgate::client::connect(&format!("ws://{plain}/app"), &opts)
+        .await
+        .expect("admitted on the plain listener");
+    assert_eq!(roundtrip(&mut ws, "plain").await, "plain");
+    let (mut wss, _) = wsgate::client::connect(&gw.url("/app"), &with_cookie(&gw, "session=good", &[]))
+        .await
+        .expect("admitted over TLS");
+    assert_eq!(roundtrip(&mut wss, "tls").await, "tls");
+
+    let seen = state.seen.lock().unwrap().clone();
+    let protos: Vec<_> = seen.iter().map(|h| h.get("x-forwarded-proto").unwrap().clone()).collect();
+    assert_eq!(protos, ["http", "https"]);
+}
+
+/// A forward auth answer carries no claims: `require_claims` on a forward route is a
+/// config error naming the key and its line (it would otherwise never be checked).
+#[test]
+fn require_claims_on_a_forward_route_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let routes = forward_config("127.0.0.1:9".parse().unwrap(), "builtin:echo", "")
+        .replace("provider = \"app\"", "provider = \"app\"\nrequire_claims = { role = \"admin\" }");
+    let text = config_text(dir.path(), "", &routes);
+    let e = wsgate::Config::from_toml_str(&text, "t.toml").unwrap_err();
+    let line = text.lines().position(|l| l.starts_with("require_claims")).unwrap() + 1;
+    assert_eq!((e.key.as_str(), e.line), ("routes.require_claims", Some(line)), "{e}");
+    assert!(e.message.contains("no claims"), "{e}");
+    // Without it the route loads.
+    let text = config_text(dir.path(), "", &forward_config("127.0.0.1:9".parse().unwrap(), "builtin:echo", ""));
+    wsgate::Config::from_toml_str(&text, "t.toml").unwrap();
+}
+
+/// The trust anchors of forward, introspection and discovery providers are watched for
+/// reload (`watch_config`) like every other file the config names.
+#[test]
+fn provider_ca_files_are_watched() {
+    let dir = tempfile::tempdir().unwrap();
+    let rest = r#"
+[providers.app]
+kind = "forward"
+url = "https://auth.example/ws-auth"
+identity_header = "x-user-id"
+ca_file = "/cm/forward-ca.pem"
+
+[providers.opaque]
+kind = "introspection"
+url = "https://idp.example/introspect"
+client_id = "wsgate"
+client_secret_file = "/cm/introspect.secret"
+ca_file = "/cm/introspect-ca.pem"
+
+[providers.oidc]
+kind = "jwt"
+issuer = "https://idp.example"
+discovery = true
+algorithms = ["RS256"]
+audience = ["chat"]
+ca_file = "/cm/discovery-ca.pem"
+
+[[routes]]
+name = "app"
+path = "/app"
+upstreams = ["builtin:echo"]
+auth = "forward"
+provider = "app"
+
+[[routes]]
+name = "opaque"
+path = "/opaque"
+upstreams = ["builtin:echo"]
+auth = "introspection"
+provider = "opaque"
+
+[[routes]]
+name = "oidc"
+path = "/oidc"
+upstreams = ["builtin:echo"]
+provider = "oidc"
+"#;
+    let text = config_text(dir.path(), "watch_config = true", rest);
+    let c = wsgate::Config::from_toml_str(&text, "t.toml").unwrap_or_else(|e| panic!("{e}"));
+    let files = c.watched_files();
+    for f in [
+        "/cm/forward-ca.pem",
+        "/cm/introspect-ca.pem",
+        "/cm/introspect.secret",
+        "/cm/discovery-ca.pem",
+    ] {
+        assert!(files.iter().any(|p| p == std::path::Path::new(f)), "{f} not in {files:?}");
+    }
+}

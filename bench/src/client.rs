@@ -17,7 +17,7 @@ use tokio_tungstenite::{
     WebSocketStream,
     tungstenite::{
         client::IntoClientRequest,
-        http::{HeaderValue, header::AUTHORIZATION},
+        http::{HeaderName, HeaderValue, header::AUTHORIZATION},
         protocol::WebSocketConfig,
     },
 };
@@ -34,6 +34,10 @@ pub struct ConnArgs {
     /// Sent as `Authorization: Bearer <token>`.
     #[arg(long)]
     pub token: Option<String>,
+    /// An extra request header, `NAME: VALUE` (repeatable), e.g. `--header 'cookie: session=x'`
+    /// for a forward-auth route; sent on every upgrade and plain HTTP request.
+    #[arg(long = "header", value_parser = parse_header)]
+    pub headers: Vec<(String, String)>,
     /// Trust this CA (PEM) for wss://.
     #[arg(long, conflicts_with = "insecure")]
     pub ca: Option<PathBuf>,
@@ -63,6 +67,13 @@ pub struct ConnArgs {
     pub cpu_pids: Vec<u32>,
 }
 
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    s.split_once(':')
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| "use NAME: VALUE".to_string())
+}
+
 fn parse_tag(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .filter(|(k, _)| !k.is_empty())
@@ -75,6 +86,7 @@ pub struct Connector {
     addr: SocketAddr,
     tls: Option<(TlsConnector, ServerName<'static>)>,
     auth: Option<HeaderValue>,
+    headers: Vec<(HeaderName, HeaderValue)>,
     sources: Vec<IpAddr>,
     next_source: AtomicUsize,
     ws_config: WebSocketConfig,
@@ -119,6 +131,15 @@ impl Connector {
             Some(t) => Some(HeaderValue::from_str(&format!("Bearer {t}")).context("bad --token")?),
             None => None,
         };
+        let headers = a
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                let name = HeaderName::from_bytes(k.as_bytes()).with_context(|| format!("bad --header name {k:?}"))?;
+                let value = HeaderValue::from_str(v).with_context(|| format!("bad --header value for {k}"))?;
+                anyhow::Ok((name, value))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         if a.sources.iter().any(|s| s.is_ipv4() != addr.is_ipv4()) {
             bail!("--sources must be of the same address family as the target");
         }
@@ -127,6 +148,7 @@ impl Connector {
             addr,
             tls,
             auth,
+            headers,
             sources: a.sources.clone(),
             next_source: AtomicUsize::new(0),
             // Small buffers: the idle test holds thousands of these in one process.
@@ -164,6 +186,11 @@ impl Connector {
         self.auth.as_ref()
     }
 
+    /// The `--header` pairs.
+    pub fn headers(&self) -> &[(HeaderName, HeaderValue)] {
+        &self.headers
+    }
+
     /// The path and query of `--url`.
     pub fn path(&self) -> String {
         self.url
@@ -180,6 +207,9 @@ impl Connector {
         let mut req = self.url.as_str().into_client_request()?;
         if let Some(v) = &self.auth {
             req.headers_mut().insert(AUTHORIZATION, v.clone());
+        }
+        for (k, v) in &self.headers {
+            req.headers_mut().append(k.clone(), v.clone());
         }
         let (ws, _) = tokio_tungstenite::client_async_with_config(req, io, Some(self.ws_config))
             .await

@@ -52,6 +52,9 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     if let Some(v) = connector.auth() {
         request.push_str(&format!("Authorization: {}\r\n", v.to_str()?));
     }
+    for (k, v) in connector.headers() {
+        request.push_str(&format!("{k}: {}\r\n", v.to_str()?));
+    }
     request.push_str("\r\n");
     let request: Arc<[u8]> = Arc::from(request.into_bytes());
 

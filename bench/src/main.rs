@@ -4,9 +4,11 @@
 //! carries the `--tag KEY=VALUE` pairs it was given. `stall` is not part of
 //! `scripts/bench.sh`: it measures the memory a server holds for large frames in progress. Hidden helpers serve the
 //! script: `tls-echo` (the "direct" target: an echo that speaks wss itself), `http-app`
-//! (the plain HTTP app behind the HTTP row),
+//! (the plain HTTP app behind the HTTP row), `auth-app` (the forward-auth endpoint behind the
+//! forward-auth rows),
 //! `self-signed`, `free-ports` and `report` (the markdown table).
 
+mod auth_app;
 mod chat;
 mod client;
 mod handshakes;
@@ -62,6 +64,19 @@ enum Command {
         /// Body bytes of every answer.
         #[arg(long, default_value_t = 64)]
         size: usize,
+    },
+    /// The forward-auth endpoint behind the forward-auth rows: 200 with `x-user-id` for a
+    /// request carrying the cookie, else 401.
+    #[command(hide = true)]
+    AuthApp {
+        #[arg(long)]
+        listen: SocketAddr,
+        /// The cookie pair (`name=value`) a logged-in client carries.
+        #[arg(long, default_value = "session=bench")]
+        cookie: String,
+        /// The identity answered in `x-user-id`.
+        #[arg(long, default_value = "bench")]
+        user: String,
     },
     /// N clients each send part of one large frame and stall; server RSS growth.
     Stall(stall::Args),
@@ -119,6 +134,7 @@ fn main() -> ExitCode {
         Command::Chat(a) => rt.block_on(chat::run(a)),
         Command::Http(a) => rt.block_on(http::run(a)),
         Command::HttpApp { listen, size } => rt.block_on(http::serve_app(listen, size)),
+        Command::AuthApp { listen, cookie, user } => rt.block_on(auth_app::serve(listen, cookie, user)),
         Command::TlsEcho { listen, cert, key } => rt.block_on(tls_echo::run(listen, &cert, &key)),
         Command::SelfSigned { cert, key } => wsgate::tls::write_self_signed(&cert, &key).map_err(Into::into),
         Command::FreePorts { n } => free_ports(n),

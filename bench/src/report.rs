@@ -76,7 +76,7 @@ pub fn run(raw: &Path, out: Option<&Path>) -> anyhow::Result<()> {
         runs.entry((test, target)).or_default().push(v);
     }
     let r = Results { runs };
-    let table = table(&r) + &features(&r) + &compression(&r);
+    let table = table(&r) + &forward(&r) + &features(&r) + &compression(&r);
     print!("{table}");
     if let Some(out) = out {
         std::fs::write(out, &table)?;
@@ -368,6 +368,99 @@ fn table(r: &Results) -> String {
          the target's processes only (nginx: master + workers): the echo backend behind wsgate and nginx is \
          left out, while direct's figure is a whole wss echo."
     );
+    s
+}
+
+/// Forward auth against the JWT route (`hs` and `fwd-*` tests, target wsgate): handshakes/s
+/// with the endpoint's answer cached and with one HTTP round trip to it per connection.
+fn forward(r: &Results) -> String {
+    let mut s = String::new();
+    let hs = |test: &str, field: &str| r.median(test, "wsgate", field);
+    if r.runs.keys().all(|(t, _)| !t.starts_with("fwd-")) {
+        return s;
+    }
+    let c = r.first("fwd-cache").or(r.first("fwd-nocache")).map(|f| f["concurrency"].clone());
+    let _ = writeln!(
+        s,
+        "\n## Forward auth (wsgate only; {} concurrent handshakes, connect+TLS+upgrade+echo+close, as the `hs` row)\n\n\
+         | measurement (median of runs) | JWT route | forward auth | forward/JWT | goal | met |\n|---|---:|---:|---:|---|---|",
+        c.unwrap_or_default()
+    );
+    let rows = [
+        ("handshakes/s", "per_s", 0, "fwd-cache", "`cache = \"30s\"`", Some(0.8)),
+        (
+            "handshakes/s",
+            "per_s",
+            0,
+            "fwd-nocache",
+            "no cache (one HTTP round trip per connection)",
+            None,
+        ),
+        (
+            "server CPU µs per handshake",
+            "server_cpu_us_per_unit",
+            1,
+            "fwd-cache",
+            "`cache = \"30s\"`",
+            None,
+        ),
+        (
+            "server CPU µs per handshake",
+            "server_cpu_us_per_unit",
+            1,
+            "fwd-nocache",
+            "no cache",
+            None,
+        ),
+        (
+            "upgrade p50 (ms, TCP connect to 101)",
+            "upgrade_p50_ms",
+            2,
+            "fwd-cache",
+            "`cache = \"30s\"`",
+            None,
+        ),
+        (
+            "upgrade p50 (ms, TCP connect to 101)",
+            "upgrade_p50_ms",
+            2,
+            "fwd-nocache",
+            "no cache",
+            None,
+        ),
+    ];
+    for (label, field, decimals, test, what, goal) in rows {
+        let (b, w) = (hs("hs", field), hs(test, field));
+        if w.is_none() {
+            continue;
+        }
+        let q = ratio(w, b);
+        let (goal_text, met) = match goal {
+            Some(x) => (format!("≥ {x}×"), q.map(|q| if q >= x { "yes" } else { "**no**" }).unwrap_or("")),
+            None => (String::new(), ""),
+        };
+        let _ = writeln!(
+            s,
+            "| {label}: {what} | {} | {} | {} | {goal_text} | {met} |",
+            fmt(b, decimals),
+            fmt(w, decimals),
+            fmt(q, 2)
+        );
+    }
+    // The cost of no cache, per connection, against the cached route (same client, same process).
+    let diff = |field: &str, d: usize| fmt(hs("fwd-nocache", field).zip(hs("fwd-cache", field)).map(|(a, b)| a - b), d);
+    if hs("fwd-nocache", "per_s").is_some() && hs("fwd-cache", "per_s").is_some() {
+        let _ = writeln!(
+            s,
+            "\nNo cache costs one HTTP round trip to the endpoint per connection (a fresh TCP connection, one GET, \
+             the answer head): {} handshakes/s ({}×), {} µs more server CPU and {} ms more upgrade p50 per handshake \
+             than `cache = \"30s\"`; the endpoint's own CPU (auth-app, its own process) is not counted.",
+            diff("per_s", 0),
+            fmt(ratio(hs("fwd-nocache", "per_s"), hs("fwd-cache", "per_s")), 2),
+            diff("server_cpu_us_per_unit", 1),
+            diff("upgrade_p50_ms", 2),
+        );
+    }
     s
 }
 

@@ -330,6 +330,7 @@ impl Admission {
             query: checked.query.as_deref(),
             method: req.method(),
             upgrade,
+            tls: !self.plain,
         };
         let query = checked.query.as_deref();
         let outcome = self

@@ -5,6 +5,14 @@
 //! ([`crate::auth::Methods::recheck`]). A session whose route was removed keeps going
 //! on its credential alone (nothing in the new config speaks for it or against it).
 //!
+//! A client admitted by a forward or an introspection provider is also asked about again
+//! by a timer of its own ([`recheck_timer`]): every `recheck` of its provider *as the
+//! current runtime configures it* (looked up by name each round, so a reload's url,
+//! timeout and recheck apply to live sessions). A reload that leaves no running provider
+//! of that name and kind (removed, or no route uses it any more) closes the session with
+//! 1008: its credential is a cookie or an opaque token that only that provider can vouch
+//! for, and a gateway must not keep trusting what its operator stopped trusting.
+//!
 //! On a route with `refresh = true` the client may replace its token mid-session
 //! ([`crate::relay::Policy::refresh`]): the new one is verified as at admission, must
 //! name the same user, and then is the session's credential (re-checks, revocations and
@@ -14,14 +22,11 @@ use super::Session;
 use crate::auth::Principal;
 use crate::config::{Config, Route};
 use crate::error::{AuthFailure, CloseReason, RefreshRefusal};
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, Runtime};
 use crate::util::lock;
 use std::{
     net::IpAddr,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, Mutex, OnceLock, Weak},
     time::Duration,
 };
 use tokio::time::Instant;
@@ -37,14 +42,24 @@ pub(crate) struct SessionPolicy<'a> {
 }
 
 /// A provider session's recheck timer and the relay meet here: a refusal sets
-/// `denied` and cancels the generation the relay waits on, so it checks at once.
-#[derive(Default)]
+/// `denied` (with the reason it is logged with) and cancels the generation the relay
+/// waits on, so it checks at once.
 struct Rechecked {
-    denied: AtomicBool,
-    /// The auth failure reason a refusal is logged with (`denied`, `inactive`).
-    reason: &'static str,
+    recheck: Recheck,
+    /// `denied` (forward), `inactive` (introspection) or `provider_removed`.
+    denied: OnceLock<&'static str>,
     /// The token last handed to the relay (a child of the gateway's generation).
     current: Mutex<Option<CancellationToken>>,
+}
+
+impl Rechecked {
+    /// The session's provider no longer admits it: tell the relay.
+    fn deny(&self, reason: &'static str) {
+        let _ = self.denied.set(reason);
+        if let Some(t) = lock(&self.current).as_ref() {
+            t.cancel();
+        }
+    }
 }
 
 /// What the session was admitted as.
@@ -61,8 +76,9 @@ struct Admitted {
     cert: Option<std::sync::Arc<crate::tls::ClientCert>>,
     /// When the connection was accepted: a kick closes sessions accepted before it.
     started: std::time::Instant,
-    /// What the provider's recheck timer shares with the relay (`None`: no timer).
-    forward: Option<Arc<Rechecked>>,
+    /// What the provider's recheck timer shares with the relay (`None`: no timer, the
+    /// session was not admitted by a forward or introspection provider).
+    provided: Option<Arc<Rechecked>>,
     /// Ends the recheck timer with the session.
     _timer: Option<DropGuard>,
 }
@@ -73,14 +89,14 @@ impl Session {
     /// at once).
     pub(crate) fn policy<'a>(
         &mut self,
-        gw: &'a Gateway,
+        gw: &'a Arc<Gateway>,
         route: &Route,
         admitted_under: CancellationToken,
         client_ip: Option<IpAddr>,
         started: std::time::Instant,
     ) -> SessionPolicy<'a> {
         let principal = self.principal.take().map(|p| *p);
-        let (forward, timer) = match principal.as_ref().and_then(|p| recheck_timer(gw, p)) {
+        let (provided, timer) = match principal.as_ref().and_then(|p| recheck_timer(gw, p)) {
             Some((shared, guard)) => (Some(shared), Some(guard)),
             None => (None, None),
         };
@@ -95,7 +111,7 @@ impl Session {
                 principal: Mutex::new(principal),
                 cert: self.cert.take(),
                 started,
-                forward,
+                provided,
                 _timer: timer,
             }),
         }
@@ -112,78 +128,110 @@ enum Round {
     Unanswered,
 }
 
-/// One round of asking the session's provider again (never its cache).
-type Ask = Box<dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Round> + Send>> + Send + Sync>;
-
-/// How a live session's provider is asked again, and how often (`recheck`), for a
-/// client admitted by a forward or an introspection provider.
-fn recheck_of(gw: &Gateway, p: &Principal) -> Option<(Ask, std::time::Duration, &'static str)> {
-    use crate::auth::{forward::Answer, introspection::Verdict};
-    let rt = gw.runtime();
-    let provider = p.provider.as_deref()?;
-    let identity = p.identity.clone();
-    if let Some(fwd) = p.credential.forward.as_deref() {
-        let checker = rt.auth.forward(provider)?.clone();
-        let every = checker.config().recheck?;
-        let asked = fwd.asked.clone();
-        let ask: Ask = Box::new(move || {
-            let (checker, asked, identity) = (checker.clone(), asked.clone(), identity.clone());
-            Box::pin(async move {
-                match checker.ask(&asked).await {
-                    Ok(Answer::Allow { identity: now, .. }) if Some(&now) == identity.as_ref() => Round::Stands,
-                    Ok(_) => Round::Refused,
-                    Err(_) => Round::Unanswered,
-                }
-            })
-        });
-        return Some((ask, every, "denied"));
-    }
-    let introspector = rt.auth.introspector(provider)?.clone();
-    let every = introspector.config().recheck?;
-    let token: Arc<str> = p.credential.token.as_deref()?.into();
-    let ask: Ask = Box::new(move || {
-        let (introspector, token, identity) = (introspector.clone(), token.clone(), identity.clone());
-        Box::pin(async move {
-            match introspector.recheck(&token).await {
-                Ok(Verdict::Active(a)) if Some(&a.identity) == identity.as_ref() => Round::Stands,
-                Ok(_) => Round::Refused,
-                Err(_) => Round::Unanswered,
-            }
-        })
-    });
-    Some((ask, every, "inactive"))
+/// What a provider session is asked about again.
+enum Asking {
+    /// What the forward endpoint was asked at admission (the client's passed headers).
+    Forward(crate::auth::forward::Asked),
+    /// The opaque token introspected at admission.
+    Introspection(Arc<str>),
 }
 
-/// For a client admitted by a forward or introspection provider with `recheck`: a task
-/// that asks the provider again every `recheck`. A refusal ends the session with 1008;
-/// a provider that cannot answer leaves it alone and is asked again sooner
-/// ([`crate::auth::forward::retry_after`]).
-fn recheck_timer(gw: &Gateway, p: &Principal) -> Option<(Arc<Rechecked>, DropGuard)> {
-    let (ask, every, reason) = recheck_of(gw, p)?;
+/// A running provider, as one round asks it.
+enum Provider {
+    Forward(Arc<crate::auth::forward::Checker>),
+    Introspection(Arc<crate::auth::introspection::Introspector>),
+}
+
+impl Provider {
+    /// Its `recheck` (`None`: live sessions are not asked again).
+    fn every(&self) -> Option<Duration> {
+        match self {
+            Provider::Forward(c) => c.config().recheck,
+            Provider::Introspection(i) => i.config().recheck,
+        }
+    }
+}
+
+/// A session admitted by a forward or an introspection provider: which provider (by
+/// name: looked up in the current runtime at each round), what to ask, whom it admitted.
+struct Recheck {
+    provider: Box<str>,
+    identity: Option<String>,
+    asking: Asking,
+}
+
+impl Recheck {
+    /// For a client admitted by a forward or an introspection provider of `rt`.
+    fn of(rt: &Runtime, p: &Principal) -> Option<Recheck> {
+        let provider = p.provider.as_deref()?;
+        let asking = match p.credential.forward.as_deref() {
+            Some(f) => Asking::Forward(f.asked.clone()),
+            None if rt.auth.introspector(provider).is_some() => Asking::Introspection(p.credential.token.as_deref()?.into()),
+            None => return None,
+        };
+        Some(Recheck {
+            provider: provider.into(),
+            identity: p.identity.clone(),
+            asking,
+        })
+    }
+
+    /// The auth failure reason a refusal is logged with.
+    fn reason(&self) -> &'static str {
+        match self.asking {
+            Asking::Forward(_) => "denied",
+            Asking::Introspection(_) => "inactive",
+        }
+    }
+
+    /// The session's provider in `rt`, by name and kind (`None`: none runs there).
+    fn provider(&self, rt: &Runtime) -> Option<Provider> {
+        match self.asking {
+            Asking::Forward(_) => rt.auth.forward(&self.provider).cloned().map(Provider::Forward),
+            Asking::Introspection(_) => rt.auth.introspector(&self.provider).cloned().map(Provider::Introspection),
+        }
+    }
+
+    /// Ask `provider` now (never its cache).
+    async fn ask(&self, provider: &Provider) -> Round {
+        use crate::auth::{forward::Answer, introspection::Verdict};
+        let identity = self.identity.as_ref();
+        match (provider, &self.asking) {
+            (Provider::Forward(checker), Asking::Forward(asked)) => match checker.ask(asked).await {
+                Ok(Answer::Allow { identity: now, .. }) if Some(&now) == identity => Round::Stands,
+                Ok(_) => Round::Refused,
+                Err(_) => Round::Unanswered,
+            },
+            (Provider::Introspection(introspector), Asking::Introspection(token)) => match introspector.recheck(token).await {
+                Ok(Verdict::Active(a)) if Some(&a.identity) == identity => Round::Stands,
+                Ok(_) => Round::Refused,
+                Err(_) => Round::Unanswered,
+            },
+            // `provider` looks up the kind `asking` names.
+            _ => Round::Refused,
+        }
+    }
+}
+
+/// For a client admitted by a forward or an introspection provider: a task that asks
+/// the provider again every `recheck` ([`rounds`]). A refusal, or a reload that leaves
+/// no such provider, ends the session with 1008; a provider that cannot answer leaves it
+/// alone and is asked again sooner ([`crate::auth::forward::retry_after`]).
+fn recheck_timer(gw: &Arc<Gateway>, p: &Principal) -> Option<(Arc<Rechecked>, DropGuard)> {
+    let recheck = Recheck::of(&gw.runtime(), p)?;
     let shared = Arc::new(Rechecked {
-        reason,
-        ..Rechecked::default()
+        recheck,
+        denied: OnceLock::new(),
+        current: Mutex::new(None),
     });
     let stop = CancellationToken::new();
-    let (task_shared, task_stop) = (shared.clone(), stop.clone());
+    let (weak, task_shared, task_stop) = (Arc::downgrade(gw), shared.clone(), stop.clone());
     tokio::spawn(async move {
-        let rounds = async {
-            let mut wait = every;
-            loop {
-                tokio::time::sleep(wait).await;
-                match ask().await {
-                    Round::Stands => wait = every,
-                    Round::Refused => return,
-                    Round::Unanswered => wait = crate::auth::forward::retry_after(every),
-                }
-            }
-        };
         tokio::select! {
             () = task_stop.cancelled() => {}
-            () = rounds => {
-                task_shared.denied.store(true, Ordering::SeqCst);
-                if let Some(t) = lock(&task_shared.current).as_ref() {
-                    t.cancel();
+            denied = rounds(weak, &task_shared.recheck) => {
+                if let Some(reason) = denied {
+                    task_shared.deny(reason);
                 }
             }
         }
@@ -191,15 +239,54 @@ fn recheck_timer(gw: &Gateway, p: &Principal) -> Option<(Arc<Rechecked>, DropGua
     Some((shared, stop.drop_guard()))
 }
 
+/// The recheck rounds of one session: every `recheck` of its provider as the current
+/// runtime has it (a reload wakes the wait: the provider is looked up again and its new
+/// `recheck` counts from the last answer). Ends with the reason to close the session
+/// (`None`: the gateway is gone).
+async fn rounds(gw: Weak<Gateway>, r: &Recheck) -> Option<&'static str> {
+    let mut last = Instant::now();
+    let mut retry = false;
+    loop {
+        let g = gw.upgrade()?;
+        // Taken before the runtime is read: a reload after this read ends the wait.
+        let reloaded = g.recheck_token();
+        let provider = r.provider(&g.runtime());
+        drop(g);
+        let Some(provider) = provider else {
+            return Some("provider_removed");
+        };
+        let due = provider.every().map(|every| {
+            let wait = if retry { crate::auth::forward::retry_after(every) } else { every };
+            last + wait
+        });
+        let due = async {
+            match due {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = reloaded.cancelled() => continue,
+            () = due => {}
+        }
+        match r.ask(&provider).await {
+            Round::Stands => retry = false,
+            Round::Refused => return Some(r.reason()),
+            Round::Unanswered => retry = true,
+        }
+        last = Instant::now();
+    }
+}
+
 impl crate::relay::Policy for SessionPolicy<'_> {
     fn generation(&self) -> CancellationToken {
         let first = lock(&self.admitted_under).take();
         let generation = first.unwrap_or_else(|| self.gw.recheck_token());
-        let Some(f) = &self.admitted.forward else { return generation };
+        let Some(f) = &self.admitted.provided else { return generation };
         let child = generation.child_token();
         *lock(&f.current) = Some(child.clone());
         // A refusal that came before the relay held this token.
-        if f.denied.load(Ordering::SeqCst) {
+        if f.denied.get().is_some() {
             child.cancel();
         }
         child
@@ -221,9 +308,17 @@ impl crate::relay::Policy for SessionPolicy<'_> {
         let rt = self.gw.runtime();
         let incidents = &self.gw.incidents;
         let a = &self.admitted;
-        if let Some(f) = a.forward.as_ref().filter(|f| f.denied.load(Ordering::SeqCst)) {
-            tracing::info!(route = %a.route, reason = f.reason, "the auth provider no longer admits a live session");
-            return Some(CloseReason::AccessRevoked);
+        if let Some(f) = &a.provided {
+            // A reload that left no such provider: nothing vouches for the session any more.
+            let reason = f
+                .denied
+                .get()
+                .copied()
+                .or_else(|| f.recheck.provider(&rt).is_none().then_some("provider_removed"));
+            if let Some(reason) = reason {
+                tracing::info!(route = %a.route, provider = %f.recheck.provider, reason, "the auth provider no longer admits a live session");
+                return Some(CloseReason::AccessRevoked);
+            }
         }
         if a.client_ip.is_some_and(|ip| !rt.firewall.allows(ip) || incidents.is_banned(ip)) {
             return Some(CloseReason::AccessRevoked);

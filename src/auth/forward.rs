@@ -38,6 +38,8 @@ pub struct Asked {
     host: HeaderValue,
     uri: HeaderValue,
     method: Method,
+    /// `X-Forwarded-Proto`: `https`, or `http` for a connection on a `listen_plain` listener.
+    proto: &'static str,
 }
 
 impl fmt::Debug for Asked {
@@ -59,6 +61,8 @@ pub struct Requested<'a> {
     pub method: &'a Method,
     /// An upgrade (a redirect is then a 401), not a plain HTTP request.
     pub upgrade: bool,
+    /// The connection came over TLS (not on a `listen_plain` listener).
+    pub tls: bool,
 }
 
 impl Asked {
@@ -80,11 +84,12 @@ impl Asked {
             host: HeaderValue::from_str(req.host).ok()?,
             uri: HeaderValue::from_str(&uri).ok()?,
             method: req.method.clone(),
+            proto: if req.tls { "https" } else { "http" },
         })
     }
 
     /// SHA-256 of what was sent, each part length-prefixed: the header names and values,
-    /// host, path and query, method. The client IP is not part of it.
+    /// host, path and query, method, scheme. The client IP is not part of it.
     fn key(&self) -> Key {
         let passed = self.passed.iter().flat_map(|(n, v)| [n.as_str().as_bytes(), v.as_bytes()]);
         let derived = [
@@ -92,6 +97,7 @@ impl Asked {
             self.host.as_bytes(),
             self.uri.as_bytes(),
             self.method.as_str().as_bytes(),
+            self.proto.as_bytes(),
         ];
         key_of(passed.chain(derived))
     }
@@ -247,7 +253,7 @@ impl Checker {
             "x-forwarded-for",
             HeaderValue::from_str(&asked.client_ip.to_string()).map_err(|_| Unanswered::Error)?,
         );
-        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        h.insert("x-forwarded-proto", HeaderValue::from_static(asked.proto));
         h.insert("x-forwarded-host", asked.host.clone());
         h.insert("x-forwarded-uri", asked.uri.clone());
         h.insert(
@@ -370,6 +376,10 @@ mod tests {
     }
 
     fn asked(cookie: &str) -> Asked {
+        asked_on(cookie, true)
+    }
+
+    fn asked_on(cookie: &str, tls: bool) -> Asked {
         let mut h = HeaderMap::new();
         h.insert(header::COOKIE, HeaderValue::from_str(cookie).unwrap());
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer x"));
@@ -380,6 +390,7 @@ mod tests {
             query: None,
             method: &Method::GET,
             upgrade: true,
+            tls,
         };
         Asked::new(&cfg(Duration::ZERO), &h, &req).unwrap()
     }
@@ -408,6 +419,15 @@ mod tests {
         assert_eq!(v(b"  "), Err("empty"));
         assert_eq!(v(b"a\tb"), Err("control characters"));
         assert_eq!(v(&[b'a'; 257]), Err("longer than 256 bytes"));
+    }
+
+    #[test]
+    fn the_scheme_is_what_the_client_connected_with() {
+        let c = Checker::new("app", &cfg(Duration::ZERO), "<inline>").unwrap();
+        let proto = |tls| c.request(&asked_on("s=1", tls)).unwrap().headers()["x-forwarded-proto"].clone();
+        assert_eq!(proto(true), "https");
+        assert_eq!(proto(false), "http", "a listen_plain connection");
+        assert_ne!(asked_on("s=1", true).key(), asked_on("s=1", false).key());
     }
 
     #[test]

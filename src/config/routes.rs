@@ -168,13 +168,23 @@ impl Validator<'_> {
             .map(|u| parse_upstream(u).map_err(|m| self.err(&r.upstreams, "routes.upstreams", m)))
             .collect::<Result<Vec<_>, _>>()?;
         let auth = r.auth.unwrap_or(AuthMode::Jwt);
-        if let Some(req) = r
-            .require_claims
-            .as_ref()
-            .filter(|m| auth == AuthMode::Mtls && !m.get_ref().is_empty())
-        {
-            // A certificate has no claims: silently ignoring them would leave the route open wider than written.
-            return Err(self.err(req, "routes.require_claims", "needs a token: use auth = \"jwt+mtls\" on this route"));
+        // A certificate, or a forward auth answer, has no claims: silently ignoring them
+        // would leave the route open wider than written.
+        if let Some(req) = r.require_claims.as_ref().filter(|m| !m.get_ref().is_empty()) {
+            match auth {
+                AuthMode::Mtls => {
+                    return Err(self.err(req, "routes.require_claims", "needs a token: use auth = \"jwt+mtls\" on this route"));
+                }
+                AuthMode::Forward => {
+                    return Err(self.err(
+                        req,
+                        "routes.require_claims",
+                        "a forward auth answer carries no claims: let the app's endpoint refuse (401/403) \
+                         whom the route must not admit",
+                    ));
+                }
+                _ => {}
+            }
         }
         let host = r.host.as_ref().map(|h| self.route_host(h)).transpose()?;
         Ok(Route {

@@ -285,7 +285,7 @@ async fn open_session(
 }
 
 async fn run_session(
-    gw: &Gateway,
+    gw: &Arc<Gateway>,
     rt: &Runtime,
     client: &mut relay::Endpoint<ClientIo>,
     session: &mut Session,
