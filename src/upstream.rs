@@ -3,7 +3,7 @@
 
 use crate::config::{Route, TokenSource, Upstream};
 use crate::error::Reject;
-use crate::util::protocols;
+use crate::util::{protocols, same_header};
 use http::{HeaderMap, HeaderName, HeaderValue, header};
 use std::{net::IpAddr, sync::Arc, time::Duration};
 use tokio::{io::DuplexStream, net::TcpStream};
@@ -51,17 +51,6 @@ pub struct ClientFacts<'a> {
     pub copied: &'a [(HeaderName, HeaderValue)],
 }
 
-/// Header names compared the way proxies and frameworks conflate them: case, and every
-/// character but letters and digits (CGI maps `-`, `.`, `~` alike to `_`).
-pub(crate) fn same_header(a: &str, b: &str) -> bool {
-    key_bytes(a).eq(key_bytes(b))
-}
-
-/// Whether `name`, in any spelling, is a forwarding header only the gateway may set.
-pub(crate) fn is_client_forwarding(name: &str) -> bool {
-    CLIENT_FORWARDING.iter().any(|f| same_header(f, name))
-}
-
 /// Request headers that describe one hop, never forwarded (RFC 9110 7.6.1), plus the
 /// handshake headers the gateway generates itself for the upstream hop.
 const HOP_BY_HOP: &[&str] = &[
@@ -85,43 +74,6 @@ const HOP_BY_HOP: &[&str] = &[
     "x-forwarded-proto",
 ];
 
-/// Forwarding headers a backend behind the gateway may trust (nginx realip, Spring,
-/// Express `trust proxy`): a client's copies are dropped in any spelling (case, `_`),
-/// and the gateway sets `X-Forwarded-For`, `X-Forwarded-Proto` and `X-Real-IP` itself.
-const CLIENT_FORWARDING: &[&str] = &[
-    "forwarded",
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-forwarded-host",
-    "x-forwarded-port",
-    "x-forwarded-prefix",
-    "x-forwarded-server",
-    "x-forwarded-ssl",
-    "x-real-ip",
-    "x-client-ip",
-    "x-original-url",
-    "x-rewrite-url",
-    "x-original-method",
-    "x-original-forwarded-for",
-    "true-client-ip",
-    "x-request-id",
-    "client-ip",
-    "cf-connecting-ip",
-    "x-cluster-client-ip",
-    "fastly-client-ip",
-    "x-original-uri",
-    "x-forwarded-uri",
-    "x-forwarded-path",
-    "x-forwarded-scheme",
-    "x-forwarded-protocol",
-    "x-scheme",
-    "x-url-scheme",
-    "front-end-https",
-    "x-host",
-    "x-original-host",
-    "x-envoy-external-address",
-];
-
 /// A query parameter name as an upstream framework would read it: percent-decoded
 /// (`+` as a space). Invalid escapes stay as they are.
 fn decoded_param_name(raw: &str) -> String {
@@ -132,7 +84,7 @@ fn decoded_param_name(raw: &str) -> String {
 /// `access.token`, `access token`, `access_token[]`, `access_token%00` and
 /// `ACCESS_TOKEN` as `access_token` (PHP, qs, Rack), so they all compare equal.
 fn key_bytes(name: &str) -> impl Iterator<Item = u8> + '_ {
-    name.bytes().filter(u8::is_ascii_alphanumeric).map(|b| b.to_ascii_lowercase())
+    crate::util::name_key(name)
 }
 
 /// Whether a query parameter named `raw` could be read by the upstream as the token
@@ -275,7 +227,7 @@ fn forward_client_headers(h: &mut HeaderMap, facts: &ClientFacts) {
         if HOP_BY_HOP.contains(&n) || connection_named.iter().any(|c| c == n) || carries_token(n, facts.token_sources) {
             continue;
         }
-        if CLIENT_FORWARDING.iter().any(|f| same_header(f, n)) {
+        if crate::config::is_client_forwarding(n) {
             continue;
         }
         // Identity headers come from the gateway only: a client's copy, in any spelling, is dropped.

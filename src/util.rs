@@ -13,6 +13,17 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// A name reduced to its letters and digits, lower case: how proxies and frameworks
+/// conflate header and parameter names (case; CGI maps `-`, `.`, `~` alike to `_`).
+pub(crate) fn name_key(name: &str) -> impl Iterator<Item = u8> + '_ {
+    name.bytes().filter(u8::is_ascii_alphanumeric).map(|b| b.to_ascii_lowercase())
+}
+
+/// Header names compared the way proxies and frameworks conflate them ([`name_key`]).
+pub(crate) fn same_header(a: &str, b: &str) -> bool {
+    name_key(a).eq(name_key(b))
+}
+
 /// `bytes` in lower-case hex, in one allocation (digests, fingerprints, random ids).
 pub(crate) fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";

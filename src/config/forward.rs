@@ -58,8 +58,7 @@ impl Validator<'_> {
                 // In any spelling (`x_forwarded_for`, `X-Real-IP`): the endpoint would read a
                 // client's copy as the gateway's word.
                 let derived = |h: &http::HeaderName| {
-                    FORWARD_DERIVED.iter().any(|d| crate::upstream::same_header(d, h.as_str()))
-                        || crate::upstream::is_client_forwarding(h.as_str())
+                    FORWARD_DERIVED.iter().any(|d| crate::util::same_header(d, h.as_str())) || super::is_client_forwarding(h.as_str())
                 };
                 if let Some(h) = names.iter().find(|h| derived(h)) {
                     return Err(self.err(

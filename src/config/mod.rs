@@ -40,6 +40,48 @@ use std::{
 };
 
 /// Default config file, relative to the working directory.
+/// Forwarding headers a backend behind the gateway may trust (nginx realip, Spring,
+/// Express `trust proxy`): a client's copies are dropped in any spelling (case, `_`),
+/// and the gateway sets `X-Forwarded-For`, `X-Forwarded-Proto` and `X-Real-IP` itself.
+pub(crate) const CLIENT_FORWARDING: &[&str] = &[
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-server",
+    "x-forwarded-ssl",
+    "x-real-ip",
+    "x-client-ip",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-original-method",
+    "x-original-forwarded-for",
+    "true-client-ip",
+    "x-request-id",
+    "client-ip",
+    "cf-connecting-ip",
+    "x-cluster-client-ip",
+    "fastly-client-ip",
+    "x-original-uri",
+    "x-forwarded-uri",
+    "x-forwarded-path",
+    "x-forwarded-scheme",
+    "x-forwarded-protocol",
+    "x-scheme",
+    "x-url-scheme",
+    "front-end-https",
+    "x-host",
+    "x-original-host",
+    "x-envoy-external-address",
+];
+
+/// Whether `name`, in any spelling, is a forwarding header only the gateway may set.
+pub(crate) fn is_client_forwarding(name: &str) -> bool {
+    CLIENT_FORWARDING.iter().any(|f| crate::util::same_header(f, name))
+}
+
 pub const DEFAULT_CONFIG_PATH: &str = "config/gateway.toml";
 /// The wss listener unless `server.listen` says otherwise.
 pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8443);
