@@ -196,31 +196,46 @@ mod tests {
         assert_ne!(key_of([b"ab".as_slice(), b"c"]), key_of([b"a".as_slice(), b"bc"]));
     }
 
-    #[tokio::test]
-    async fn identical_checks_in_flight_share_one_failure_in_one_timeout() {
-        let c = Arc::new(AnswerCache::<u8, &'static str>::default());
+    type Shared = Arc<AnswerCache<u8, &'static str>>;
+
+    /// `n` identical checks at once on `key`, each of whose requests would take `delay`
+    /// and answer `answer`, kept until `keep`: what each got (with its no-request flag),
+    /// and how many requests were made.
+    async fn at_once(
+        c: &Shared,
+        n: usize,
+        delay: Duration,
+        answer: Result<u8, &'static str>,
+        keep: Option<Instant>,
+    ) -> (Vec<(Result<u8, &'static str>, bool)>, usize) {
         let asked = Arc::new(AtomicUsize::new(0));
-        let t0 = tokio::time::Instant::now();
         let mut tasks = Vec::new();
-        for _ in 0..8 {
+        for _ in 0..n {
             let (c, asked) = (c.clone(), asked.clone());
             tasks.push(tokio::spawn(async move {
                 let ask = || async {
                     asked.fetch_add(1, Ordering::SeqCst);
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    Err::<u8, _>("timeout")
+                    tokio::time::sleep(delay).await;
+                    answer
                 };
-                c.get_or_ask(key(1), ask, |_| None).await
+                c.get_or_ask(key(1), ask, |_| keep).await
             }));
         }
-        let mut shared = 0;
+        let mut got = Vec::new();
         for t in tasks {
-            let (r, no_request) = t.await.unwrap();
-            assert_eq!(r, Err("timeout"));
-            shared += usize::from(no_request);
+            got.push(t.await.unwrap());
         }
-        assert_eq!(asked.load(Ordering::SeqCst), 1, "one request for all");
-        assert_eq!(shared, 7);
+        (got, asked.load(Ordering::SeqCst))
+    }
+
+    #[tokio::test]
+    async fn identical_checks_in_flight_share_one_failure_in_one_timeout() {
+        let c = Shared::default();
+        let t0 = tokio::time::Instant::now();
+        let (got, asked) = at_once(&c, 8, Duration::from_millis(200), Err("timeout"), None).await;
+        assert!(got.iter().all(|(r, _)| *r == Err("timeout")));
+        assert_eq!(asked, 1, "one request for all");
+        assert_eq!(got.iter().filter(|(_, shared)| *shared).count(), 7);
         assert!(
             t0.elapsed() < Duration::from_millis(600),
             "one timeout, not eight in a row: {:?}",
@@ -252,25 +267,11 @@ mod tests {
 
     #[tokio::test]
     async fn identical_checks_in_flight_ask_once_and_failures_are_not_kept() {
-        let c = Arc::new(AnswerCache::<u8, &'static str>::default());
-        let asked = Arc::new(AtomicUsize::new(0));
+        let c = Shared::default();
         let later = Instant::now() + Duration::from_secs(60);
-        let mut tasks = Vec::new();
-        for _ in 0..8 {
-            let (c, asked) = (c.clone(), asked.clone());
-            tasks.push(tokio::spawn(async move {
-                let ask = || async {
-                    asked.fetch_add(1, Ordering::SeqCst);
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    Ok::<u8, &'static str>(7)
-                };
-                c.get_or_ask(key(1), ask, |_| Some(later)).await.0
-            }));
-        }
-        for t in tasks {
-            assert_eq!(t.await.unwrap(), Ok(7));
-        }
-        assert_eq!(asked.load(Ordering::SeqCst), 1);
+        let (got, asked) = at_once(&c, 8, Duration::from_millis(20), Ok(7), Some(later)).await;
+        assert!(got.iter().all(|(r, _)| *r == Ok(7)));
+        assert_eq!(asked, 1);
         let (r, hit) = c.get_or_ask(key(2), || async { Err::<u8, _>("down") }, |_| Some(later)).await;
         assert!(r.is_err() && !hit);
         assert_eq!(c.get(&key(2)), None);

@@ -20,7 +20,6 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use std::{
     fmt,
     net::IpAddr,
-    sync::OnceLock,
     time::{Duration, Instant},
 };
 
@@ -139,16 +138,15 @@ impl Unanswered {
 
 /// One forward provider at run time.
 pub struct Checker {
-    name: String,
+    requests: super::ProviderRequests,
     cfg: ForwardConfig,
     tls: Option<tokio_rustls::TlsConnector>,
     cache: AnswerCache<Answer>,
-    metrics: OnceLock<crate::metrics::Metrics>,
 }
 
 impl fmt::Debug for Checker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Checker").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("Checker").field("name", &self.name()).finish_non_exhaustive()
     }
 }
 
@@ -163,11 +161,10 @@ impl Checker {
             None
         };
         Ok(Checker {
-            name: name.to_string(),
+            requests: super::ProviderRequests::new(name),
             cfg: cfg.clone(),
             tls,
             cache: AnswerCache::default(),
-            metrics: OnceLock::new(),
         })
     }
 
@@ -176,18 +173,16 @@ impl Checker {
     }
 
     pub fn name(&self) -> &str {
-        &self.name
+        self.requests.name()
     }
 
     /// Count into these metrics from now on (set once, when the runtime starts).
     pub fn bind_metrics(&self, metrics: &crate::metrics::Metrics) {
-        let _ = self.metrics.set(metrics.clone());
+        self.requests.bind(metrics);
     }
 
     fn count(&self, result: &'static str) {
-        if let Some(m) = self.metrics.get() {
-            m.provider_request(&self.name, result);
-        }
+        self.requests.count(result);
     }
 
     /// The decision for a new client: from the cache when `cache` allows, else asked,
@@ -278,7 +273,7 @@ impl Checker {
                 Some(Ok(identity)) => identity,
                 problem => {
                     tracing::warn!(
-                        provider = %self.name,
+                        provider = %self.name(),
                         header = %self.cfg.identity_header,
                         problem = problem.map_or("missing", |p| p.err().unwrap_or_default()),
                         "the forward auth endpoint admitted a client without a usable identity header: refused (503)"

@@ -21,7 +21,7 @@ use http::{HeaderValue, StatusCode, header};
 use serde_json::{Map, Value};
 use std::{
     fmt,
-    sync::{Arc, OnceLock},
+    sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -49,19 +49,20 @@ pub struct Active {
 
 /// One introspection provider at run time.
 pub struct Introspector {
-    name: String,
+    requests: super::ProviderRequests,
     cfg: IntrospectionConfig,
     /// `Basic base64(id:secret)`, marked sensitive.
     authorization: HeaderValue,
     tls: tokio_rustls::TlsConnector,
     /// Verdicts with the size of the answer they came in.
     cache: AnswerCache<(Verdict, usize)>,
-    metrics: OnceLock<crate::metrics::Metrics>,
 }
 
 impl fmt::Debug for Introspector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Introspector").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("Introspector")
+            .field("name", &self.requests.name())
+            .finish_non_exhaustive()
     }
 }
 
@@ -80,12 +81,11 @@ impl Introspector {
         authorization.set_sensitive(true);
         let tls = tokio_rustls::TlsConnector::from(crate::tls::upstream_client_config(cfg.ca_file.as_ref(), origin)?);
         Ok(Introspector {
-            name: name.to_string(),
+            requests: super::ProviderRequests::new(name),
             cfg: cfg.clone(),
             authorization,
             tls,
             cache: AnswerCache::default(),
-            metrics: OnceLock::new(),
         })
     }
 
@@ -95,13 +95,11 @@ impl Introspector {
 
     /// Count into these metrics from now on (set once, when the runtime starts).
     pub fn bind_metrics(&self, metrics: &crate::metrics::Metrics) {
-        let _ = self.metrics.set(metrics.clone());
+        self.requests.bind(metrics);
     }
 
     fn count(&self, result: &'static str) {
-        if let Some(m) = self.metrics.get() {
-            m.provider_request(&self.name, result);
-        }
+        self.requests.count(result);
     }
 
     /// The verdict on a new client's token: from the cache when `cache` allows (never
@@ -191,7 +189,7 @@ impl Introspector {
         let resp = sender.send_request(req).await.map_err(|_| Unanswered::Error)?;
         if resp.status() != StatusCode::OK {
             if matches!(resp.status(), StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
-                tracing::warn!(provider = %self.name, status = resp.status().as_u16(), "the introspection endpoint refused the gateway's client credentials (503)");
+                tracing::warn!(provider = %self.requests.name(), status = resp.status().as_u16(), "the introspection endpoint refused the gateway's client credentials (503)");
             }
             return Err(Unanswered::Error);
         }

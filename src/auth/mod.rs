@@ -38,6 +38,36 @@ use std::{
     },
 };
 
+/// A provider's name and the `wsgate_provider_requests_total` series its requests count
+/// into (bound once, when the runtime starts).
+pub(crate) struct ProviderRequests {
+    name: String,
+    metrics: std::sync::OnceLock<crate::metrics::Metrics>,
+}
+
+impl ProviderRequests {
+    pub(crate) fn new(name: &str) -> ProviderRequests {
+        ProviderRequests {
+            name: name.to_string(),
+            metrics: std::sync::OnceLock::new(),
+        }
+    }
+
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub(crate) fn bind(&self, metrics: &crate::metrics::Metrics) {
+        let _ = self.metrics.set(metrics.clone());
+    }
+
+    pub(crate) fn count(&self, result: &'static str) {
+        if let Some(m) = self.metrics.get() {
+            m.provider_request(&self.name, result);
+        }
+    }
+}
+
 /// Who the client is, whatever the method: what admission, logs, caps, forwarding and
 /// the live re-checks read. `Debug` never shows the credential.
 pub struct Principal {
