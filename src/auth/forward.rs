@@ -230,17 +230,8 @@ impl Checker {
     }
 
     fn request(&self, asked: &Asked) -> Result<http::Request<http_body_util::Empty<bytes::Bytes>>, Unanswered> {
-        let url = &self.cfg.url;
-        let mut req = http::Request::new(http_body_util::Empty::new());
-        *req.method_mut() = Method::GET;
-        *req.uri_mut() = url
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .parse()
-            .map_err(|_| Unanswered::Error)?;
+        let mut req = endpoint_request(&self.cfg.url, Method::GET, http_body_util::Empty::new())?;
         let h = req.headers_mut();
-        let authority = url.authority().map(|a| a.as_str()).unwrap_or_default();
-        h.insert(header::HOST, HeaderValue::from_str(authority).map_err(|_| Unanswered::Error)?);
         for (n, v) in &asked.passed {
             h.append(n.clone(), v.clone());
         }
@@ -351,6 +342,21 @@ impl<T> Drop for AbortOnDrop<T> {
 /// How long a session waits before asking again after the endpoint could not answer.
 pub fn retry_after(recheck: Duration) -> Duration {
     recheck.min(Duration::from_secs(10))
+}
+
+/// A request to a provider's endpoint `url` (origin form, `Host` its authority).
+pub(super) fn endpoint_request<B>(url: &http::Uri, method: Method, body: B) -> Result<http::Request<B>, Unanswered> {
+    let mut req = http::Request::new(body);
+    *req.method_mut() = method;
+    *req.uri_mut() = url
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .parse()
+        .map_err(|_| Unanswered::Error)?;
+    let authority = url.authority().map(|a| a.as_str()).unwrap_or_default();
+    req.headers_mut()
+        .insert(header::HOST, HeaderValue::from_str(authority).map_err(|_| Unanswered::Error)?);
+    Ok(req)
 }
 
 #[cfg(test)]

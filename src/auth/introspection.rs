@@ -173,16 +173,8 @@ impl Introspector {
         let task = tokio::spawn(conn);
         let _end = AbortOnDrop(task);
         let body = format!("token={}&token_type_hint=access_token", form_encode(token.as_bytes()));
-        let mut req = http::Request::new(Full::new(bytes::Bytes::from(body)));
-        *req.method_mut() = http::Method::POST;
-        *req.uri_mut() = url
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .parse()
-            .map_err(|_| Unanswered::Error)?;
+        let mut req = super::forward::endpoint_request(url, http::Method::POST, Full::new(bytes::Bytes::from(body)))?;
         let h = req.headers_mut();
-        let authority = url.authority().map(|a| a.as_str()).unwrap_or_default();
-        h.insert(header::HOST, HeaderValue::from_str(authority).map_err(|_| Unanswered::Error)?);
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-www-form-urlencoded"));
         h.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
         h.insert(header::AUTHORIZATION, self.authorization.clone());
