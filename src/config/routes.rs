@@ -186,6 +186,22 @@ impl Validator<'_> {
                 _ => {}
             }
         }
+        // The same for a claim to forward: it would send nothing, and the app would take the
+        // missing header for an anonymous user. The endpoint's own headers go by `copy_headers`.
+        if auth == AuthMode::Forward
+            && let Some(m) = r.forward_claims.as_ref()
+            && let Some(claim) = m.get_ref().keys().find(|c| !c.starts_with("cert:"))
+        {
+            return Err(self.err(
+                m,
+                "routes.forward_claims",
+                format!(
+                    "\"{}\": a forward auth answer carries no claims: name the endpoint's headers in the \
+                     provider's copy_headers",
+                    shown(claim)
+                ),
+            ));
+        }
         let host = r.host.as_ref().map(|h| self.route_host(h)).transpose()?;
         Ok(Route {
             name,

@@ -694,3 +694,21 @@ fn forward_pass_headers_never_name_a_forwarding_header_in_any_spelling() {
         assert_eq!((e.key.as_str(), e.line), ("providers.app.pass_headers", Some(5)), "{name}: {e}");
     }
 }
+
+#[test]
+fn forward_claims_on_a_forward_route_are_refused_but_certificate_ones() {
+    let text = |claims: &str| {
+        format!(
+            "[providers.app]\nkind = \"forward\"\nurl = \"http://127.0.0.1:9/auth\"\nidentity_header = \"x-user\"\n\n\
+             [[routes]]\nname = \"a\"\npath = \"/a\"\nupstreams = [\"builtin:echo\"]\nauth = \"forward\"\nprovider = \"app\"\n\
+             forward_claims = {{ {claims} }}\n"
+        )
+    };
+    let e = err(&text(r#"sub = "x-sub""#));
+    assert_eq!((e.key.as_str(), e.line), ("routes.forward_claims", Some(12)), "{e}");
+    assert!(e.message.contains("copy_headers"), "{e}");
+    // A certificate's fields are no claims of the answer: refused only for want of a client CA.
+    let e = err(&text(r#""cert:fingerprint" = "x-cert""#));
+    assert_eq!(e.key, "tls.client_ca", "{e}");
+    Config::from_toml_str(&text(""), "t.toml").unwrap_or_else(|e| panic!("{e}"));
+}
