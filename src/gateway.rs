@@ -277,6 +277,8 @@ pub struct Gateway {
     pub(crate) tracker: TaskTracker,
     pub(crate) open: AtomicUsize,
     pub(crate) draining: AtomicBool,
+    /// Connections per worker thread, once the workers run (`server::start_workers`).
+    pub(crate) workers: std::sync::OnceLock<Arc<crate::workers::Load>>,
     /// One reload at a time (SIGHUP, the config watcher, tests): two racing reloads
     /// would otherwise both load, and the older file could be stored last.
     reloading: tokio::sync::Mutex<()>,
@@ -395,6 +397,9 @@ impl Gateway {
         if new.config.admin.listen != old.config.admin.listen {
             notes.push("admin.listen changed: takes effect after a restart".to_string());
         }
+        if new.config.server.workers != old.config.server.workers {
+            notes.push("server.workers changed: takes effect after a restart".to_string());
+        }
         if new.config.log.format != old.config.log.format
             || new.config.log.level != old.config.log.level
             || new.config.log.file != old.config.log.file
@@ -477,6 +482,9 @@ impl Gateway {
                 self.metrics
                     .upstream_state(&route.name, i, sessions, (health.is_available(), health.is_drained()));
             }
+        }
+        if let Some(load) = self.workers.get() {
+            self.metrics.worker_connections(&load.open());
         }
         self.metrics.render()
     }
@@ -583,6 +591,7 @@ impl Gateway {
             tracker: TaskTracker::new(),
             open: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
+            workers: std::sync::OnceLock::new(),
             reloading: tokio::sync::Mutex::new(()),
         }
     }

@@ -61,6 +61,7 @@
 //! | leaf | [`error`] | every reason → status, close code, metric label |
 //! | leaf | `fsutil` | bounded, checked file reads |
 //! | leaf | `util` | small helpers shared by several stages (escape, percent-decoding, lock) |
+//! | leaf | `workers` | thread per core: the connection threads, one current-thread runtime each, and which one this is |
 //!
 //! # Where the next features live
 //!
@@ -132,6 +133,7 @@ mod util;
 pub mod validation;
 pub mod watch;
 pub mod wire;
+mod workers;
 
 pub use config::Config;
 pub use server::{Listeners, Running, start, start_on};

@@ -34,6 +34,7 @@ pub const MESSAGES_REJECTED: &str = "wsgate_messages_rejected_total";
 pub const TLS_CERT_EXPIRY: &str = "wsgate_tls_certificate_expiry_timestamp_seconds";
 pub const ACME_ORDERS: &str = "wsgate_acme_orders_total";
 pub const CONNECTIONS_MAX: &str = "wsgate_connections_max";
+pub const WORKER_CONNECTIONS: &str = "wsgate_worker_connections";
 pub const HTTP_REQUESTS: &str = "wsgate_http_requests_total";
 pub const HTTP_REQUEST_DURATION: &str = "wsgate_http_request_duration_seconds";
 pub const UPSTREAM_SESSIONS: &str = "wsgate_upstream_sessions";
@@ -98,6 +99,10 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     (
         CONNECTIONS_MAX,
         "The configured server.max_connections: connections beyond it are refused (503).",
+    ),
+    (
+        WORKER_CONNECTIONS,
+        "Client connections open on each worker thread (server.workers), by worker (1..N): how evenly they are spread.",
     ),
     (BUILD_INFO, "Always 1; the version label names the running build."),
     (
@@ -292,6 +297,14 @@ impl Metrics {
         self.recorder
             .register_gauge(&Key::from_name(CONNECTIONS_MAX), &metadata())
             .set(max as f64);
+    }
+
+    /// Connections open on each worker thread, `open[i]` on worker `i + 1`.
+    pub fn worker_connections(&self, open: &[usize]) {
+        for (i, n) in open.iter().enumerate() {
+            let key = Key::from_parts(WORKER_CONNECTIONS, vec![Label::new("worker", (i + 1).to_string())]);
+            self.recorder.register_gauge(&key, &metadata()).set(*n as f64);
+        }
     }
 
     fn counter(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Counter {

@@ -174,7 +174,7 @@ impl HttpBody for Limited {
 pub struct Pool {
     upstream: Upstream,
     tls: Option<tokio_rustls::TlsConnector>,
-    idle: Mutex<Vec<(SendRequest<Limited>, Instant)>>,
+    idle: Mutex<Vec<(SendRequest<Limited>, Instant, usize)>>,
     busy: Arc<Semaphore>,
 }
 
@@ -205,8 +205,13 @@ impl Pool {
             Err(_) => return Err(Checkout::Busy(Reject::UpstreamTimeout)),
         };
         loop {
-            let next = crate::util::lock(&self.idle).pop();
-            let Some((mut sender, since)) = next else { break };
+            // One of this worker's own: its driver task runs on this thread.
+            let next = {
+                let me = crate::workers::current();
+                let mut idle = crate::util::lock(&self.idle);
+                idle.iter().rposition(|e| e.2 == me).map(|i| idle.remove(i))
+            };
+            let Some((mut sender, since, _)) = next else { break };
             if sender.is_closed() || since.elapsed() > IDLE_EXPIRY {
                 continue;
             }
@@ -279,7 +284,7 @@ impl Drop for Lease {
         if let Some(sender) = self.sender.take().filter(|s| self.reusable && !s.is_closed()) {
             let mut idle = crate::util::lock(&self.pool.idle);
             if idle.len() < MAX_IDLE_PER_UPSTREAM {
-                idle.push((sender, Instant::now()));
+                idle.push((sender, Instant::now(), crate::workers::current()));
             }
         }
     }

@@ -8,17 +8,21 @@
 use crate::config::Config;
 use crate::error::Reject;
 use crate::gateway::{Gateway, Refused, Runtime};
+use crate::workers::Load;
+use anyhow::Context;
 use std::{
     net::SocketAddr,
     sync::{Arc, atomic::Ordering},
     time::Duration,
 };
+use tokio::sync::oneshot;
 use tokio::{
     net::{TcpListener, TcpStream},
     task::JoinHandle,
     time::Instant,
 };
 use tokio_util::sync::CancellationToken;
+use tokio_util::sync::DropGuard;
 
 /// Connections beyond `max_connections` that still get a 503; past this the TCP
 /// connection is closed at once, so a flood cannot make the gateway do TLS work.
@@ -160,7 +164,8 @@ async fn serve_on(runtime: Runtime, given: Listeners) -> anyhow::Result<Running>
         tokio::spawn(acme.run(move |issued| gw.metrics.acme_order(Some(issued)), stop.clone()));
     }
     let handing_over = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let task = tokio::spawn(serve(gateway.clone(), listeners, admin, (stop.clone(), handing_over.clone())));
+    let accepting = start_workers(&gateway, listeners, &stop)?;
+    let task = tokio::spawn(serve(gateway.clone(), accepting, admin, (stop.clone(), handing_over.clone())));
     Ok(Running {
         wss_addrs,
         plain_addrs,
@@ -175,16 +180,12 @@ async fn serve_on(runtime: Runtime, given: Listeners) -> anyhow::Result<Running>
 
 async fn serve(
     gw: Arc<Gateway>,
-    listeners: Vec<(TcpListener, bool)>,
+    (accepting, _stop_accepting_if_dropped): (Vec<oneshot::Receiver<()>>, DropGuard),
     admin: TcpListener,
     (stop, handing_over): (CancellationToken, Arc<std::sync::atomic::AtomicBool>),
 ) {
     let admin_stop = CancellationToken::new();
     let admin_task = tokio::spawn(crate::admin::serve(gw.clone(), admin, admin_stop.clone()));
-    let accept_tasks: Vec<_> = listeners
-        .into_iter()
-        .map(|(l, plain)| tokio::spawn(accept_loop(gw.clone(), l, plain, stop.clone())))
-        .collect();
     let prune_task = tokio::spawn(prune_loop(gw.clone(), stop.clone()));
 
     stop.cancelled().await;
@@ -195,8 +196,8 @@ async fn serve(
     if !handed_over {
         gw.draining.store(true, Ordering::Relaxed);
     }
-    for t in accept_tasks {
-        let _ = t.await;
+    for worker in accepting {
+        let _ = worker.await;
     }
 
     let _ = prune_task.await;
@@ -216,9 +217,68 @@ async fn serve(
     tracing::info!("stopped");
 }
 
+/// Start the worker threads (`[server] workers`), each accepting from its own copy of
+/// every listener. Returns, per worker, a receiver that completes once it accepts no
+/// more, and a guard that stops the accepting if the server task is dropped without a
+/// drain (a test's runtime ending): the workers then end with their connections.
+fn start_workers(
+    gw: &Arc<Gateway>,
+    listeners: Vec<(TcpListener, bool)>,
+    stop: &CancellationToken,
+) -> anyhow::Result<(Vec<oneshot::Receiver<()>>, DropGuard)> {
+    let count = match gw.runtime().config.server.workers {
+        0 => crate::workers::default_count(),
+        n => n,
+    };
+    let listeners = listeners
+        .into_iter()
+        .map(|(l, plain)| Ok((l.into_std()?, plain)))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let mut each = Vec::with_capacity(count);
+    for _ in 0..count {
+        let copies = listeners
+            .iter()
+            .map(|(l, plain)| Ok((l.try_clone()?, *plain)))
+            .collect::<std::io::Result<Vec<_>>>()
+            .context("copying the listening sockets for the workers")?;
+        each.push(copies);
+    }
+    drop(listeners);
+    let accepting = stop.child_token();
+    let load = Load::new(count);
+    let _ = gw.workers.set(load.clone());
+    let (gw, token) = (gw.clone(), accepting.clone());
+    let done = crate::workers::start(each, move |_, copies: Vec<(std::net::TcpListener, bool)>| {
+        let (gw, stop, load) = (gw.clone(), token.clone(), load.clone());
+        async move {
+            let mut loops = Vec::new();
+            for (l, plain) in copies {
+                match TcpListener::from_std(l) {
+                    Ok(l) => loops.push(tokio::spawn(accept_loop(gw.clone(), (l, load.clone()), plain, stop.clone()))),
+                    Err(e) => tracing::error!(error = %e, "a worker could not watch a listener"),
+                }
+            }
+            for l in loops {
+                let _ = l.await;
+            }
+        }
+    })
+    .context("starting the worker threads")?;
+    tracing::debug!(workers = count, "worker threads accepting");
+    Ok((done, accepting.drop_guard()))
+}
+
 /// `plain`: a `listen_plain` listener (no TLS).
-async fn accept_loop(gw: Arc<Gateway>, listener: TcpListener, plain: bool, stop: CancellationToken) {
+async fn accept_loop(gw: Arc<Gateway>, (listener, load): (TcpListener, Arc<Load>), plain: bool, stop: CancellationToken) {
+    let me = crate::workers::current();
     loop {
+        // Far ahead of another worker: let it take the next connections.
+        while load.ahead(me) {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(crate::workers::AHEAD_PAUSE) => {}
+            }
+        }
         let (tcp, peer) = tokio::select! {
             _ = stop.cancelled() => return,
             r = listener.accept() => match r {
@@ -249,11 +309,11 @@ async fn accept_loop(gw: Arc<Gateway>, listener: TcpListener, plain: bool, stop:
                 gw.refused(&Reject::Firewall, &Refused::peer(peer.ip()));
                 continue;
             }
-            let gw2 = gw.clone();
-            gw.tracker.spawn(async move {
-                let _guard = guard;
+            let (gw2, on_worker) = (gw.clone(), load.hold(me));
+            crate::workers::spawn(gw.tracker.track_future(async move {
+                let _guard = (guard, on_worker);
                 proxied(gw2, (rt, admitted_under), tcp, peer, accepted, (over_cap, plain)).await;
-            });
+            }));
             continue;
         }
         // Cheap checks before any TLS work: firewall, then per-IP rate and concurrency.
@@ -264,11 +324,11 @@ async fn accept_loop(gw: Arc<Gateway>, listener: TcpListener, plain: bool, stop:
                 continue;
             }
         };
-        let gw2 = gw.clone();
-        gw.tracker.spawn(async move {
-            let _guard = (guard, slot);
+        let (gw2, on_worker) = (gw.clone(), load.hold(me));
+        crate::workers::spawn(gw.tracker.track_future(async move {
+            let _guard = (guard, slot, on_worker);
             crate::conn::handle(gw2, (rt, admitted_under), tcp, peer, accepted, (over_cap, plain)).await;
-        });
+        }));
     }
 }
 

@@ -350,6 +350,9 @@ async fn kicks_and_revocations_name_a_provider_and_touch_no_other() {
     };
     let mut ours = connect("/echo", gw.token_with("alice", Duration::from_secs(600), &[("jti", "j-1")])).await;
     let mut theirs = connect("/partners", mint("j-1")).await;
+    // An echo means the relay runs: the session is listed (that happens right after the 101).
+    assert_eq!(roundtrip(&mut ours, "ours").await, "ours");
+    assert_eq!(roundtrip(&mut theirs, "theirs").await, "theirs");
 
     let (status, body) = admin(&gw, "GET", "/v1/sessions?sub=alice&provider=partners", "").await;
     assert_eq!(status, 200);

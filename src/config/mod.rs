@@ -297,6 +297,9 @@ pub struct Server {
     /// on every instance, kept across restarts and binary upgrades, lets a cookie made
     /// by one process steer on another. `None`: a random key per process.
     pub sticky_key_file: Option<Located<PathBuf>>,
+    /// Threads serving client connections, each running its own single-threaded
+    /// runtime (thread per core); 0: one per core the process may use.
+    pub workers: usize,
 }
 
 impl Server {

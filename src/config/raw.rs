@@ -68,6 +68,7 @@ pub(super) struct Server {
     pub listen_plain: Vec<SocketAddr>,
     pub control_socket: Option<PathBuf>,
     pub sticky_key_file: Option<Spanned<PathBuf>>,
+    pub workers: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]

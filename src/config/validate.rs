@@ -12,6 +12,8 @@ const SHOWN_VALUE: usize = 64;
 const MAX_ENV_NAME: usize = 128;
 /// Smallest `server.max_request_head`.
 const MIN_REQUEST_HEAD: usize = 1024;
+/// `server.workers`: more threads than this is a typo, not a machine.
+const MAX_WORKERS: usize = 1024;
 /// Smallest `log.progress_interval`.
 const MIN_PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -125,7 +127,12 @@ impl Validator<'_> {
         if max_connections == 0 {
             return Err(self.err_key("server.max_connections", "must be at least 1"));
         }
+        let workers = s.workers.unwrap_or(0);
+        if workers > MAX_WORKERS {
+            return Err(self.err_key("server.workers", format!("must be at most {MAX_WORKERS} (0: one per core)")));
+        }
         let server = Server {
+            workers,
             listen,
             handshake_timeout: self.nonzero(s.handshake_timeout, DEFAULT_HANDSHAKE_TIMEOUT, "server.handshake_timeout")?,
             max_request_head,
