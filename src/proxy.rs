@@ -283,9 +283,12 @@ impl Drop for Lease {
     fn drop(&mut self) {
         if let Some(sender) = self.sender.take().filter(|s| self.reusable && !s.is_closed()) {
             let mut idle = crate::util::lock(&self.pool.idle);
-            if idle.len() < MAX_IDLE_PER_UPSTREAM {
-                idle.push((sender, Instant::now(), crate::workers::current()));
-            }
+            // Full: the oldest makes room (it may belong to a worker that no longer asks
+            // for one, and would otherwise hold its place until it expires).
+            let evicted = (idle.len() >= MAX_IDLE_PER_UPSTREAM).then(|| idle.remove(0));
+            idle.push((sender, Instant::now(), crate::workers::current()));
+            drop(idle);
+            drop(evicted);
         }
     }
 }
