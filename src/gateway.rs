@@ -644,8 +644,10 @@ impl Gateway {
                     key: key.label(),
                     until: crate::cluster::unix_now() + ban.as_secs(),
                 };
-                let (cluster, metrics) = (cluster.clone(), self.metrics.clone());
-                tokio::spawn(async move { cluster.publish(event, &metrics).await });
+                let (c, metrics) = (cluster.clone(), self.metrics.clone());
+                cluster.spawn(async move {
+                    c.publish(event, &metrics).await;
+                });
             }
             self.metrics.auth_failure(route, failure.label());
             let token = who.token_fingerprint.unwrap_or("-");

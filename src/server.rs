@@ -244,20 +244,27 @@ fn start_workers(
         each.push(copies);
     }
     drop(listeners);
+    // Made first: if starting fails, dropping the guard stops the workers that started.
     let accepting = stop.child_token();
+    let guard = accepting.clone().drop_guard();
     let load = Load::new(count);
     let _ = gw.workers.set(load.clone());
-    let (gw, token) = (gw.clone(), accepting.clone());
-    let done = crate::workers::start(each, move |_, copies: Vec<(std::net::TcpListener, bool)>| {
+    let (gw, token) = (gw.clone(), accepting);
+    let open = |copies: Vec<(std::net::TcpListener, bool)>| {
+        copies
+            .into_iter()
+            .map(|(l, plain)| Ok((TcpListener::from_std(l)?, plain)))
+            .collect::<std::io::Result<Vec<_>>>()
+    };
+    let done = crate::workers::start(each, open, move |me, listeners: Vec<(TcpListener, bool)>| {
         let (gw, stop, load) = (gw.clone(), token.clone(), load.clone());
         async move {
-            let mut loops = Vec::new();
-            for (l, plain) in copies {
-                match TcpListener::from_std(l) {
-                    Ok(l) => loops.push(tokio::spawn(accept_loop(gw.clone(), (l, load.clone()), plain, stop.clone()))),
-                    Err(e) => tracing::error!(error = %e, "a worker could not watch a listener"),
-                }
-            }
+            // However the loops end (stopped, or a panic): the others stop waiting for it.
+            let _retire = load.retire_on_drop(me);
+            let loops: Vec<_> = listeners
+                .into_iter()
+                .map(|(l, plain)| tokio::spawn(accept_loop(gw.clone(), (l, load.clone()), plain, stop.clone())))
+                .collect();
             for l in loops {
                 let _ = l.await;
             }
@@ -265,7 +272,7 @@ fn start_workers(
     })
     .context("starting the worker threads")?;
     tracing::debug!(workers = count, "worker threads accepting");
-    Ok((done, accepting.drop_guard()))
+    Ok((done, guard))
 }
 
 /// `plain`: a `listen_plain` listener (no TLS).
@@ -273,10 +280,10 @@ async fn accept_loop(gw: Arc<Gateway>, (listener, load): (TcpListener, Arc<Load>
     let me = crate::workers::current();
     loop {
         // Far ahead of another worker: let it take the next connections.
-        while load.ahead(me) {
+        if load.ahead(me) {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(crate::workers::AHEAD_PAUSE) => {}
+                _ = load.wait_turn(me) => {}
             }
         }
         let (tcp, peer) = tokio::select! {

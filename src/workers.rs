@@ -26,8 +26,11 @@ use tokio_util::task::TaskTracker;
 
 /// How many connections a worker may hold beyond the least loaded one and still accept.
 const AHEAD_SLACK: usize = 16;
-/// How long a worker that is ahead waits before looking again.
-pub(crate) const AHEAD_PAUSE: Duration = Duration::from_millis(2);
+/// A worker that is ahead looks again when any count changes, and at least this often.
+pub(crate) const AHEAD_RECHECK: Duration = Duration::from_millis(100);
+/// Blocking threads (DNS lookups of upstream hosts) for all workers together, as one
+/// multi-thread runtime would have.
+const BLOCKING_THREADS: usize = 512;
 
 thread_local! {
     static WORKER: Cell<usize> = const { Cell::new(0) };
@@ -62,13 +65,37 @@ where
 /// Connections open on each worker.
 pub(crate) struct Load {
     open: Box<[AtomicUsize]>,
+    /// Workers that accept no more (their accept loops ended): not counted as the least
+    /// loaded, or the others would wait for them forever.
+    retired: Box<[std::sync::atomic::AtomicBool]>,
+    /// Fired when a count changes: a worker that is ahead looks again.
+    changed: tokio::sync::Notify,
 }
 
 impl Load {
     pub(crate) fn new(workers: usize) -> Arc<Load> {
         Arc::new(Load {
             open: (0..workers.max(1)).map(|_| AtomicUsize::new(0)).collect(),
+            retired: (0..workers.max(1)).map(|_| Default::default()).collect(),
+            changed: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Wait until worker `me` is no longer [`Load::ahead`].
+    pub(crate) async fn wait_turn(&self, me: usize) {
+        loop {
+            // Made before the check: a change between the two still wakes it.
+            let changed = self.changed.notified();
+            if !self.ahead(me) {
+                return;
+            }
+            let _ = tokio::time::timeout(AHEAD_RECHECK, changed).await;
+        }
+    }
+
+    /// Marks worker `me` as accepting no more once the guard is dropped.
+    pub(crate) fn retire_on_drop(self: &Arc<Self>, me: usize) -> Retire {
+        Retire { load: self.clone(), me }
     }
 
     /// Whether worker `me` (1-based; 0 is never ahead) should let the others accept.
@@ -76,14 +103,22 @@ impl Load {
         let Some(mine) = me.checked_sub(1).and_then(|i| self.open.get(i)) else {
             return false;
         };
-        let least = self.open.iter().map(|o| o.load(Ordering::Relaxed)).min().unwrap_or(0);
-        mine.load(Ordering::Relaxed) > least + AHEAD_SLACK
+        let least = self
+            .open
+            .iter()
+            .zip(&self.retired)
+            .filter(|(_, retired)| !retired.load(Ordering::Relaxed))
+            .map(|(o, _)| o.load(Ordering::Relaxed))
+            .min();
+        // No other worker accepting: this one takes everything.
+        least.is_some_and(|least| mine.load(Ordering::Relaxed) > least + AHEAD_SLACK)
     }
 
     /// Count one connection on worker `me` while the guard lives.
     pub(crate) fn hold(self: &Arc<Self>, me: usize) -> OnWorker {
         if let Some(open) = me.checked_sub(1).and_then(|i| self.open.get(i)) {
             open.fetch_add(1, Ordering::Relaxed);
+            self.changed.notify_waiters();
         }
         OnWorker { load: self.clone(), me }
     }
@@ -104,31 +139,74 @@ impl Drop for OnWorker {
     fn drop(&mut self) {
         if let Some(open) = self.me.checked_sub(1).and_then(|i| self.load.open.get(i)) {
             open.fetch_sub(1, Ordering::Relaxed);
+            self.load.changed.notify_waiters();
         }
     }
 }
 
-/// Start one worker thread per item of `each`: worker `i` (1-based) runs `serve(i, item)`
-/// (its accept loops) on its own current-thread runtime, then every task it spawned
-/// through [`spawn`] to the end, then its thread ends. Each receiver completes when its
-/// worker's `serve` has returned (it accepts no more).
-pub(crate) fn start<T, F, Fut>(each: Vec<T>, serve: F) -> std::io::Result<Vec<oneshot::Receiver<()>>>
+/// Marks a worker retired when dropped: its accept loops ended (stopped, or a panic).
+pub(crate) struct Retire {
+    load: Arc<Load>,
+    me: usize,
+}
+
+impl Drop for Retire {
+    fn drop(&mut self) {
+        if let Some(retired) = self.me.checked_sub(1).and_then(|i| self.load.retired.get(i)) {
+            retired.store(true, Ordering::Relaxed);
+            self.load.changed.notify_waiters();
+        }
+    }
+}
+
+/// Start one worker thread per item of `each`. Worker `i` (1-based) first runs
+/// `open(item)` in its own current-thread runtime (registering its listeners there);
+/// once every worker has opened, each runs `serve(i, opened)` (its accept loops), then
+/// every task it spawned through [`spawn`] to the end, then its thread ends. An error
+/// of any `open` is returned (the workers that did open are told to end; `serve` is run
+/// by none). Each receiver completes when its worker's `serve` has returned.
+pub(crate) fn start<T, L, O, F, Fut>(each: Vec<T>, open: O, serve: F) -> std::io::Result<Vec<oneshot::Receiver<()>>>
 where
     T: Send + 'static,
-    F: Fn(usize, T) -> Fut + Send + Sync + 'static,
+    O: Fn(T) -> std::io::Result<L> + Send + Sync + 'static,
+    F: Fn(usize, L) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + 'static,
 {
-    let serve = Arc::new(serve);
-    let mut accepting = Vec::with_capacity(each.len());
+    let count = each.len();
+    let (open, serve) = (Arc::new(open), Arc::new(serve));
+    let (opened_tx, opened) = std::sync::mpsc::channel();
+    let mut accepting = Vec::with_capacity(count);
+    let mut go = Vec::with_capacity(count);
     for (i, item) in each.into_iter().enumerate() {
         let me = i + 1;
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .max_blocking_threads((BLOCKING_THREADS / count).max(8))
+            .build()?;
         let (done, rx) = oneshot::channel();
-        let serve = serve.clone();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<bool>();
+        let (open, serve, opened_tx) = (open.clone(), serve.clone(), opened_tx.clone());
         std::thread::Builder::new().name(format!("wsgate-worker-{me}")).spawn(move || {
             let tasks = TaskTracker::new();
             WORKER.with(|w| w.set(me));
             TASKS.with(|t| *t.borrow_mut() = Some(tasks.clone()));
+            let item = {
+                let _in_runtime = runtime.enter();
+                open(item)
+            };
+            let item = match item {
+                Ok(item) => {
+                    let _ = opened_tx.send(Ok(()));
+                    item
+                }
+                Err(e) => {
+                    let _ = opened_tx.send(Err(e));
+                    return;
+                }
+            };
+            if go_rx.recv() != Ok(true) {
+                return;
+            }
             runtime.block_on(async move {
                 serve(me, item).await;
                 let _ = done.send(());
@@ -138,8 +216,24 @@ where
             TASKS.with(|t| t.borrow_mut().take());
         })?;
         accepting.push(rx);
+        go.push(go_tx);
     }
-    Ok(accepting)
+    drop(opened_tx);
+    let mut failed = None;
+    for _ in 0..count {
+        match opened.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failed = failed.or(Some(e)),
+            Err(_) => failed = failed.or(Some(std::io::Error::other("a worker thread ended while starting"))),
+        }
+    }
+    for g in go {
+        let _ = g.send(failed.is_none());
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(accepting),
+    }
 }
 
 #[cfg(test)]
@@ -161,10 +255,37 @@ mod tests {
     }
 
     #[test]
+    fn a_worker_that_accepts_no_more_holds_no_other_back() {
+        let load = Load::new(2);
+        let held: Vec<_> = (0..=AHEAD_SLACK + 5).map(|_| load.hold(1)).collect();
+        assert!(load.ahead(1));
+        drop(load.retire_on_drop(2));
+        assert!(!load.ahead(1), "worker 2 retired: worker 1 takes everything");
+        drop(held);
+    }
+
+    #[test]
+    fn a_worker_that_cannot_open_fails_the_start_and_none_serves() {
+        let served = Arc::new(AtomicUsize::new(0));
+        let counted = served.clone();
+        let started = start(
+            vec![true, false, true],
+            |ok| if ok { Ok(()) } else { Err(std::io::Error::other("no listener")) },
+            move |_, ()| {
+                counted.fetch_add(1, Ordering::SeqCst);
+                async {}
+            },
+        );
+        assert_eq!(started.err().map(|e| e.to_string()), Some("no listener".to_string()));
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(served.load(Ordering::SeqCst), 0, "a worker served after a failed start");
+    }
+
+    #[test]
     fn tasks_spawned_on_a_worker_keep_its_thread_until_they_end() {
         let (tx, rx) = std::sync::mpsc::channel();
         let (release, wait) = tokio::sync::oneshot::channel::<()>();
-        let done = start(vec![(tx, wait)], |me, (tx, wait)| async move {
+        let done = start(vec![(tx, wait)], Ok, |me, (tx, wait)| async move {
             spawn(async move {
                 let _ = wait.await;
                 let _ = tx.send((current(), std::thread::current().name().map(str::to_string)));

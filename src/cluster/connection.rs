@@ -12,7 +12,10 @@ use super::Cluster;
 use crate::config::{ConfigError, Located, RedisServers};
 use crate::metrics::Metrics;
 use redis::IntoConnectionInfo;
-use std::{sync::atomic::Ordering, time::Duration};
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 use tokio::time::Instant;
 
 /// Budget of an admin action's Redis write (the connect path's `timeout` is for calls a
@@ -26,10 +29,12 @@ const BREAK_AFTER: u32 = 3;
 pub(super) const BREAK_FOR: Duration = Duration::from_secs(1);
 
 /// Where Redis is, as built from `[cluster]`.
+// One per process: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Servers {
     One(redis::Client),
     /// Asked for the current master at each (re)connect.
-    Sentinel(tokio::sync::Mutex<redis::sentinel::SentinelClient>),
+    Sentinel(Arc<tokio::sync::Mutex<redis::sentinel::SentinelClient>>),
     /// Commands go through the cluster client (routed by key slot); pub/sub through a
     /// plain connection to one seed (a Redis Cluster delivers `PUBLISH` to every node).
     Cluster {
@@ -172,7 +177,7 @@ impl Servers {
                 .set_client_to_sentinel_certificates(certs);
         }
         let sentinel = b.build().map_err(|_| first.error(origin, "not usable Sentinel settings"))?;
-        Ok((Servers::Sentinel(tokio::sync::Mutex::new(sentinel)), db))
+        Ok((Servers::Sentinel(Arc::new(tokio::sync::Mutex::new(sentinel))), db))
     }
 
     /// A Redis Cluster from its seed nodes.
@@ -196,12 +201,14 @@ impl Servers {
 
     /// A plain client for the master (Sentinel: asked now) or, for a Redis Cluster, each
     /// seed in turn.
-    async fn plain_clients(&self) -> redis::RedisResult<Vec<redis::Client>> {
+    async fn plain_clients(&self, main: Option<&tokio::runtime::Handle>) -> redis::RedisResult<Vec<redis::Client>> {
         match self {
             Servers::One(c) => Ok(vec![c.clone()]),
             Servers::Sentinel(s) => {
-                let mut s = s.lock().await;
-                let ask = s.async_get_client();
+                // The Sentinel client keeps its connections to the Sentinels: made on the
+                // main runtime, like every connection here (see `on_main`).
+                let s = s.clone();
+                let ask = on_main(main, async move { s.lock().await.async_get_client().await });
                 match tokio::time::timeout(ACTION_TIMEOUT, ask).await {
                     Ok(r) => Ok(vec![r?]),
                     Err(_) => Err(super::timeout_error()),
@@ -266,17 +273,20 @@ impl Cluster {
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(ACTION_TIMEOUT))
             .set_response_timeout(Some(ACTION_TIMEOUT));
+        let main = self.main.as_ref();
         let c = match &self.servers {
             Servers::Cluster { client, .. } => {
-                let connect = client.get_async_connection();
+                let client = client.clone();
+                let connect = on_main(main, async move { client.get_async_connection().await });
                 match tokio::time::timeout(ACTION_TIMEOUT * 2, connect).await {
                     Ok(c) => Conn::Cluster(c?),
                     Err(_) => return Err(super::timeout_error()),
                 }
             }
             servers => {
-                let client = servers.plain_clients().await?.remove(0);
-                Conn::One(client.get_multiplexed_async_connection_with_config(&config).await?)
+                let client = servers.plain_clients(main).await?.remove(0);
+                let connect = async move { client.get_multiplexed_async_connection_with_config(&config).await };
+                Conn::One(on_main(main, connect).await?)
             }
         };
         *cached = Some(c.clone());
@@ -291,7 +301,7 @@ impl Cluster {
     /// Redis Cluster seed that answers.
     pub(super) async fn pubsub(&self) -> redis::RedisResult<redis::aio::PubSub> {
         let mut last = super::timeout_error();
-        for client in self.servers.plain_clients().await? {
+        for client in self.servers.plain_clients(self.main.as_ref()).await? {
             match tokio::time::timeout(ACTION_TIMEOUT, client.get_async_pubsub()).await {
                 Ok(Ok(p)) => return Ok(p),
                 Ok(Err(e)) => last = e,
@@ -329,5 +339,21 @@ impl Cluster {
             None => self.call_ok(metrics),
             Some(_) => self.call_failed(metrics),
         }
+    }
+}
+
+/// Run `connect` on the main runtime (`main`: captured when the cluster was made) and
+/// wait for it. redis-rs spawns a connection's driver task on the runtime that makes
+/// it; made from a connection's worker thread (`server.workers`), the one shared
+/// connection would be driven by that worker (delayed by its TLS handshakes) and would
+/// die with the worker's runtime at the drain.
+async fn on_main<T, F>(main: Option<&tokio::runtime::Handle>, connect: F) -> redis::RedisResult<T>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = redis::RedisResult<T>> + Send + 'static,
+{
+    match main {
+        Some(main) => main.spawn(connect).await.unwrap_or_else(|_| Err(super::timeout_error())),
+        None => connect.await,
     }
 }

@@ -109,31 +109,30 @@ pub struct Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         let (cluster, key) = (self.cluster.clone(), std::mem::take(&mut self.key));
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                let release = async {
-                    let mut con = cluster.connection().await?;
-                    cluster
-                        .scripts
-                        .release
-                        .key(&key)
-                        .arg(&cluster.instance)
-                        .invoke_async::<i64>(&mut con)
-                        .await
-                };
-                // A release that does not arrive: the next heartbeat asserts this
-                // instance's true count for the key (0 when it holds none any more).
-                let started = tokio::time::Instant::now();
-                let result = match tokio::time::timeout(ACTION_TIMEOUT, release).await {
-                    Ok(Ok(_)) => "ok",
-                    Ok(Err(_)) => "error",
-                    Err(_) => "timeout",
-                };
-                if let Some(m) = cluster.metrics.get() {
-                    m.cluster_op("release", result, started.elapsed());
-                }
-            });
-        }
+        let owner = cluster.clone();
+        owner.spawn(async move {
+            let release = async {
+                let mut con = cluster.connection().await?;
+                cluster
+                    .scripts
+                    .release
+                    .key(&key)
+                    .arg(&cluster.instance)
+                    .invoke_async::<i64>(&mut con)
+                    .await
+            };
+            // A release that does not arrive: the next heartbeat asserts this
+            // instance's true count for the key (0 when it holds none any more).
+            let started = tokio::time::Instant::now();
+            let result = match tokio::time::timeout(ACTION_TIMEOUT, release).await {
+                Ok(Ok(_)) => "ok",
+                Ok(Err(_)) => "error",
+                Err(_) => "timeout",
+            };
+            if let Some(m) = cluster.metrics.get() {
+                m.cluster_op("release", result, started.elapsed());
+            }
+        });
     }
 }
 

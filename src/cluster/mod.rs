@@ -117,6 +117,9 @@ pub struct Cluster {
     /// This instance's id: its own events are not applied twice.
     instance: String,
     conn: tokio::sync::Mutex<Option<connection::Conn>>,
+    /// The runtime the cluster was made on (the main one): Redis connections are made,
+    /// and background calls from connections spawned, there (`connection::on_main`).
+    main: Option<tokio::runtime::Handle>,
     up: AtomicBool,
     /// Bans, unbans and revocations that did not reach Redis, written again on reconnect.
     pending: std::sync::Mutex<std::collections::VecDeque<events::Event>>,
@@ -170,6 +173,7 @@ impl Cluster {
             channel: format!("{p}:{db}:events"),
             instance: crate::util::hex(&id),
             conn: tokio::sync::Mutex::new(None),
+            main: tokio::runtime::Handle::try_current().ok(),
             up: AtomicBool::new(false),
             pending: std::sync::Mutex::default(),
             logged: std::sync::atomic::AtomicU32::new(0),
@@ -182,6 +186,20 @@ impl Cluster {
             has_state: AtomicBool::new(false),
             metrics: std::sync::OnceLock::new(),
         })
+    }
+}
+
+impl Cluster {
+    /// Spawn a background call (a lease's release, an event's publish) on the main
+    /// runtime: it outlives the connection and the worker thread that asked for it.
+    pub(crate) fn spawn<F>(&self, call: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        // Made outside any runtime (a unit test) and called outside one: nothing to run on.
+        if let Some(rt) = self.main.clone().or_else(|| tokio::runtime::Handle::try_current().ok()) {
+            drop(rt.spawn(call));
+        }
     }
 }
 
