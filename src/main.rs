@@ -161,9 +161,11 @@ async fn run(path: &Path, explicit_config: bool, takeover: bool, exe: Option<Pat
     }
     let background = CancellationToken::new();
     let handed_over = CancellationToken::new();
+    // Ends the control socket's task, and with it the listeners' copies it holds.
+    let control_stop = background.child_token();
     let serves_takeovers = control
         .as_deref()
-        .is_some_and(|socket| serve_control_socket(socket, &mut running, &handed_over, &background));
+        .is_some_and(|socket| serve_control_socket(socket, &mut running, &handed_over, &control_stop));
     let upgrader = wsgate::reexec::Upgrader::new(exe, path, serves_takeovers, handed_over.clone());
     // Idle unless [server] watch_config is on (looked up at each poll).
     let baseline = baseline.named_files(&running.gateway);
@@ -186,6 +188,11 @@ async fn run(path: &Path, explicit_config: bool, takeover: bool, exe: Option<Pat
         tracing::info!("shutdown requested");
         wsgate::notify::stopping();
         running.shutdown();
+        // No takeover from here on: the last copies of the listening sockets close with
+        // the accept loops, so a new connection is refused at once (its client tries
+        // another instance) instead of waiting in the backlog through the drain.
+        control_stop.cancel();
+        running.handover.clear();
     }
     running.wait().await;
     // The watchdog pings through the drain: a drain that hangs is a stuck process too.

@@ -185,6 +185,49 @@ async fn systemd_hears_ready_reloading_ready_watchdog_and_stopping() {
     assert_eq!(gw.exit_code().await, Some(0), "{log}");
 }
 
+/// SIGTERM closes the listening sockets at once, the copies kept for a takeover
+/// included: a new connection is refused (its client tries another instance) while a
+/// live session still drains, instead of waiting in the backlog to be reset at exit.
+#[tokio::test]
+async fn a_drain_refuses_new_connections_at_once_while_a_live_session_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "shutdown_grace = \"10s\"\nclose_timeout = \"3s\"\ncontrol_socket = \"{}/control.sock\"",
+        dir.path().display()
+    );
+    let path = dir.path().join("gw.toml");
+    let open_route = common::route("open", "/open", "builtin:echo", "none");
+    std::fs::write(&path, common::config_text(dir.path(), &extra, &open_route)).unwrap();
+    let gw = ChildGw::spawn(&path, &[]);
+    let port = gw.port("wss://127.0.0.1:").await;
+    let tls = wsgate::tls::cli_client_config(Some(&dir.path().join("server.crt")), false).unwrap();
+    let opts = wsgate::client::Options {
+        tls: Some(tls),
+        ..Default::default()
+    };
+    let url = format!("wss://localhost:{port}/open");
+    let (mut live, _) = wsgate::client::connect(&url, &opts).await.expect("connected");
+    assert_eq!(common::roundtrip(&mut live, "before").await, "before");
+
+    // The session does not answer the gateway's close: the drain lasts close_timeout.
+    gw.signal("-TERM");
+    common::wait_for("the drain to start", Duration::from_secs(10), || async {
+        gw.log().contains("draining").then_some(())
+    })
+    .await;
+    let refused = tokio::net::TcpStream::connect(("127.0.0.1", port)).await;
+    assert_eq!(
+        refused.as_ref().map_err(std::io::Error::kind).err(),
+        Some(std::io::ErrorKind::ConnectionRefused),
+        "a connection during the drain: {refused:?}\n{}",
+        gw.log()
+    );
+    assert!(!gw.log().contains("stopped"), "the drain ended already: {}", gw.log());
+    drop(live);
+    let log = gw.log();
+    assert_eq!(gw.exit_code().await, Some(0), "{log}");
+}
+
 #[tokio::test]
 async fn a_watchdog_for_another_pid_is_not_pinged_and_no_socket_is_no_error() {
     let dir = tempfile::tempdir().unwrap();
