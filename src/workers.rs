@@ -94,8 +94,12 @@ impl Load {
     }
 
     /// Marks worker `me` as accepting no more once the guard is dropped.
-    pub(crate) fn retire_on_drop(self: &Arc<Self>, me: usize) -> Retire {
-        Retire { load: self.clone(), me }
+    pub(crate) fn retire_on_drop(self: &Arc<Self>, me: usize) -> Mark {
+        Mark {
+            load: self.clone(),
+            me,
+            retires: true,
+        }
     }
 
     /// Whether worker `me` (1-based; 0 is never ahead) should let the others accept.
@@ -115,12 +119,16 @@ impl Load {
     }
 
     /// Count one connection on worker `me` while the guard lives.
-    pub(crate) fn hold(self: &Arc<Self>, me: usize) -> OnWorker {
+    pub(crate) fn hold(self: &Arc<Self>, me: usize) -> Mark {
         if let Some(open) = me.checked_sub(1).and_then(|i| self.open.get(i)) {
             open.fetch_add(1, Ordering::Relaxed);
             self.changed.notify_waiters();
         }
-        OnWorker { load: self.clone(), me }
+        Mark {
+            load: self.clone(),
+            me,
+            retires: false,
+        }
     }
 
     /// Connections open on each worker, in worker order.
@@ -129,33 +137,26 @@ impl Load {
     }
 }
 
-/// One connection counted on its worker.
-pub(crate) struct OnWorker {
+/// Undone or done when dropped: one connection counted on its worker ([`Load::hold`]),
+/// or the worker marked retired once its accept loops end, stopped or by a panic
+/// ([`Load::retire_on_drop`]).
+pub(crate) struct Mark {
     load: Arc<Load>,
     me: usize,
+    retires: bool,
 }
 
-impl Drop for OnWorker {
+impl Drop for Mark {
     fn drop(&mut self) {
-        if let Some(open) = self.me.checked_sub(1).and_then(|i| self.load.open.get(i)) {
-            open.fetch_sub(1, Ordering::Relaxed);
-            self.load.changed.notify_waiters();
+        let Some(i) = self.me.checked_sub(1).filter(|i| *i < self.load.open.len()) else {
+            return;
+        };
+        if self.retires {
+            self.load.retired[i].store(true, Ordering::Relaxed);
+        } else {
+            self.load.open[i].fetch_sub(1, Ordering::Relaxed);
         }
-    }
-}
-
-/// Marks a worker retired when dropped: its accept loops ended (stopped, or a panic).
-pub(crate) struct Retire {
-    load: Arc<Load>,
-    me: usize,
-}
-
-impl Drop for Retire {
-    fn drop(&mut self) {
-        if let Some(retired) = self.me.checked_sub(1).and_then(|i| self.load.retired.get(i)) {
-            retired.store(true, Ordering::Relaxed);
-            self.load.changed.notify_waiters();
-        }
+        self.load.changed.notify_waiters();
     }
 }
 

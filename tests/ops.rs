@@ -185,27 +185,32 @@ async fn systemd_hears_ready_reloading_ready_watchdog_and_stopping() {
     assert_eq!(gw.exit_code().await, Some(0), "{log}");
 }
 
+/// A gateway process with `[server] control_socket` (in `dir`) and `extra_server`, and
+/// an `/open` route (no auth) to the echo; its config file, the route's URL and client
+/// options that trust its certificate.
+async fn open_gateway(dir: &Path, extra_server: &str) -> (ChildGw, PathBuf, (String, wsgate::client::Options)) {
+    let extra = format!("control_socket = \"{}\"\n{extra_server}", dir.join("control.sock").display());
+    let config = dir.join("gw.toml");
+    let open_route = common::route("open", "/open", "builtin:echo", "none");
+    std::fs::write(&config, common::config_text(dir, &extra, &open_route)).unwrap();
+    let gw = ChildGw::spawn(&config, &[]);
+    let port = gw.port("wss://127.0.0.1:").await;
+    let tls = wsgate::tls::cli_client_config(Some(&dir.join("server.crt")), false).unwrap();
+    let opts = wsgate::client::Options {
+        tls: Some(tls),
+        ..Default::default()
+    };
+    (gw, config, (format!("wss://localhost:{port}/open"), opts))
+}
+
 /// SIGTERM closes the listening sockets at once, the copies kept for a takeover
 /// included: a new connection is refused (its client tries another instance) while a
 /// live session still drains, instead of waiting in the backlog to be reset at exit.
 #[tokio::test]
 async fn a_drain_refuses_new_connections_at_once_while_a_live_session_finishes() {
     let dir = tempfile::tempdir().unwrap();
-    let extra = format!(
-        "shutdown_grace = \"10s\"\nclose_timeout = \"3s\"\ncontrol_socket = \"{}/control.sock\"",
-        dir.path().display()
-    );
-    let path = dir.path().join("gw.toml");
-    let open_route = common::route("open", "/open", "builtin:echo", "none");
-    std::fs::write(&path, common::config_text(dir.path(), &extra, &open_route)).unwrap();
-    let gw = ChildGw::spawn(&path, &[]);
-    let port = gw.port("wss://127.0.0.1:").await;
-    let tls = wsgate::tls::cli_client_config(Some(&dir.path().join("server.crt")), false).unwrap();
-    let opts = wsgate::client::Options {
-        tls: Some(tls),
-        ..Default::default()
-    };
-    let url = format!("wss://localhost:{port}/open");
+    let (gw, _, (url, opts)) = open_gateway(dir.path(), "shutdown_grace = \"10s\"\nclose_timeout = \"3s\"").await;
+    let port: u16 = url.split(':').nth(2).and_then(|p| p.split('/').next()?.parse().ok()).unwrap();
     let (mut live, _) = wsgate::client::connect(&url, &opts).await.expect("connected");
     assert_eq!(common::roundtrip(&mut live, "before").await, "before");
 
@@ -798,21 +803,7 @@ async fn takeover_hands_the_listeners_over_refusing_no_connection() {
 async fn a_takeover_that_fails_leaves_the_old_process_serving() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("control.sock");
-    let text = common::config_text(
-        dir.path(),
-        &format!("control_socket = \"{}\"", socket.display()),
-        &common::route("open", "/open", "builtin:echo", "none"),
-    );
-    let config = dir.path().join("gw.toml");
-    std::fs::write(&config, text).unwrap();
-    let old = ChildGw::spawn(&config, &[]);
-    let port = old.port("wss://127.0.0.1:").await;
-    let tls = wsgate::tls::cli_client_config(Some(&dir.path().join("server.crt")), false).unwrap();
-    let opts = wsgate::client::Options {
-        tls: Some(tls),
-        ..Default::default()
-    };
-    let url = format!("wss://localhost:{port}/open");
+    let (old, config, (url, opts)) = open_gateway(dir.path(), "").await;
     let (mut live, _) = wsgate::client::connect(&url, &opts).await.unwrap();
     common::wait_until("the control socket", Duration::from_secs(10), || async { socket.exists() }).await;
     // The new process receives the listeners, then cannot load its certificate: it exits
