@@ -170,11 +170,20 @@ impl HttpBody for Limited {
     }
 }
 
+/// A connection waiting in the pool.
+struct Idle {
+    sender: SendRequest<Limited>,
+    since: Instant,
+    /// The worker thread its driver task runs on ([`crate::workers::current`]): only
+    /// that worker is lent it.
+    worker: usize,
+}
+
 /// The connections to one remote upstream.
 pub struct Pool {
     upstream: Upstream,
     tls: Option<tokio_rustls::TlsConnector>,
-    idle: Mutex<Vec<(SendRequest<Limited>, Instant, usize)>>,
+    idle: Mutex<Vec<Idle>>,
     busy: Arc<Semaphore>,
 }
 
@@ -205,13 +214,12 @@ impl Pool {
             Err(_) => return Err(Checkout::Busy(Reject::UpstreamTimeout)),
         };
         loop {
-            // One of this worker's own: its driver task runs on this thread.
             let next = {
                 let me = crate::workers::current();
                 let mut idle = crate::util::lock(&self.idle);
-                idle.iter().rposition(|e| e.2 == me).map(|i| idle.remove(i))
+                idle.iter().rposition(|e| e.worker == me).map(|i| idle.remove(i))
             };
-            let Some((mut sender, since, _)) = next else { break };
+            let Some(Idle { mut sender, since, .. }) = next else { break };
             if sender.is_closed() || since.elapsed() > IDLE_EXPIRY {
                 continue;
             }
@@ -286,7 +294,11 @@ impl Drop for Lease {
             // Full: the oldest makes room (it may belong to a worker that no longer asks
             // for one, and would otherwise hold its place until it expires).
             let evicted = (idle.len() >= MAX_IDLE_PER_UPSTREAM).then(|| idle.remove(0));
-            idle.push((sender, Instant::now(), crate::workers::current()));
+            idle.push(Idle {
+                sender,
+                since: Instant::now(),
+                worker: crate::workers::current(),
+            });
             drop(idle);
             drop(evicted);
         }

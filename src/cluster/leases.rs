@@ -109,8 +109,7 @@ pub struct Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         let (cluster, key) = (self.cluster.clone(), std::mem::take(&mut self.key));
-        let owner = cluster.clone();
-        owner.spawn(async move {
+        self.cluster.spawn(async move {
             let release = async {
                 let mut con = cluster.connection().await?;
                 cluster
