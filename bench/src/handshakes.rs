@@ -58,9 +58,12 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let cpu_pids = a.conn.cpu_pids.clone();
     let cpu = tokio::spawn(async move {
         tokio::time::sleep_until(window_start.into()).await;
+        let syscalls = crate::util::SyscallCount::start(&cpu_pids);
         let before = CpuMark::now(&cpu_pids);
         tokio::time::sleep_until(window_end.into()).await;
-        (before, CpuMark::now(&cpu_pids))
+        let after = CpuMark::now(&cpu_pids);
+        let syscalls = tokio::task::spawn_blocking(move || syscalls.finish()).await.ok().flatten();
+        (before, after, syscalls)
     });
     let mut total = histogram();
     let mut upgrade = histogram();
@@ -78,7 +81,11 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         }
     }
     let cpu = match cpu.await {
-        Ok((before, after)) => before.fields(&after, ok),
+        Ok((before, after, syscalls)) => {
+            let mut m = before.fields(&after, ok);
+            m.insert("server_syscalls_per_unit".into(), crate::util::per_unit(syscalls, ok));
+            m
+        }
         Err(_) => Default::default(),
     };
     print_result(

@@ -96,9 +96,11 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
 
     tokio::time::sleep(Duration::from_secs_f64(a.warmup)).await;
     measuring.store(true, Ordering::Relaxed);
+    let syscalls = crate::util::SyscallCount::start(&a.conn.cpu_pids);
     let (c0, t0, cpu0) = (sum(&counters), Instant::now(), CpuMark::now(&a.conn.cpu_pids));
     tokio::time::sleep(Duration::from_secs_f64(a.duration)).await;
     let (c1, t1, cpu1) = (sum(&counters), Instant::now(), CpuMark::now(&a.conn.cpu_pids));
+    let syscalls = tokio::task::spawn_blocking(move || syscalls.finish()).await.ok().flatten();
     measuring.store(false, Ordering::Relaxed);
     stop.store(true, Ordering::Relaxed);
 
@@ -135,7 +137,11 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
                 "connect_failures": connect_failures,
                 "first_error": first_error.or(connect_error),
             }),
-            cpu0.fields(&cpu1, requests),
+            {
+                let mut m = cpu0.fields(&cpu1, requests);
+                m.insert("server_syscalls_per_unit".into(), crate::util::per_unit(syscalls, requests));
+                m
+            },
         ),
     );
     Ok(())
