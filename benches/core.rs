@@ -235,8 +235,8 @@ fn relay_with(
             };
             let metrics = wsgate::metrics::Metrics::new().session("bench");
             let shutdown = tokio_util::sync::CancellationToken::new();
-            let control = wsgate::relay::Control::new(&shutdown);
-            wsgate::relay::run(&mut gw_client, &mut gw_up, &mut settings, &metrics, control).await
+            let mut control = wsgate::relay::Control::new(&shutdown);
+            wsgate::relay::run(&mut gw_client, &mut gw_up, &mut settings, &metrics, &mut control).await
         });
         (client, task)
     });

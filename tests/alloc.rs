@@ -61,7 +61,7 @@ fn relaying_allocates_nothing_per_message() {
             let mut control = relay::Control::new(&shutdown);
             control.progress = Some(Duration::from_secs(3600));
             let (mut c, mut u) = (relay::Endpoint::client(gw_client, &[]), relay::Endpoint::upstream(gw_up, &[]));
-            relay::run(&mut c, &mut u, &mut settings, &metrics, control).await
+            relay::run(&mut c, &mut u, &mut settings, &metrics, &mut control).await
         });
         // A batch of masked binary frames, as a client sends them.
         let mut batch = Vec::new();

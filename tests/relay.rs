@@ -261,6 +261,27 @@ async fn idle_session_closes_1001() {
     gw.wait_metric(r#"wsgate_errors_total{kind="idle_timeout"}"#, 1.0).await;
 }
 
+/// One alarm serves every deadline of a session: activity moves the idle deadline later
+/// without moving the alarm, which rings at the old point, finds the session active and
+/// is set again. A session kept busy past `idle_timeout` stays; silence after it still
+/// closes it, one `idle_timeout` after the last frame.
+#[tokio::test]
+async fn activity_keeps_a_session_past_idle_timeout_and_silence_then_closes_it() {
+    let gw = Gw::start("idle_timeout = \"300ms\"", ECHO_ROUTE).await;
+    let mut ws = gw.connect("/echo").await;
+    let busy_until = std::time::Instant::now() + Duration::from_millis(900);
+    while std::time::Instant::now() < busy_until {
+        assert_eq!(roundtrip(&mut ws, "busy").await, "busy");
+        // Kept: frames 100 ms apart, three times within each idle_timeout.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let last = std::time::Instant::now();
+    assert_eq!(close_code(&mut ws).await, (1001, "idle timeout".into()));
+    let quiet = last.elapsed();
+    assert!(quiet >= Duration::from_millis(150), "closed {quiet:?} after the last frame");
+    assert!(quiet < Duration::from_secs(3), "closed {quiet:?} after the last frame");
+}
+
 #[tokio::test]
 async fn client_that_stops_answering_pings_is_closed() {
     let up = upstream(Behaviour::Echo).await;
@@ -622,7 +643,7 @@ async fn a_reload_that_lands_during_a_recheck_makes_the_session_check_again() {
     let mut control = relay::Control::new(&shutdown);
     control.policy = Some(&policy);
     let (mut c, mut u) = (relay::Endpoint::client(gw_client, &[]), relay::Endpoint::upstream(gw_up, &[]));
-    let relay = relay::run(&mut c, &mut u, &mut settings, &metrics, control);
+    let relay = relay::run(&mut c, &mut u, &mut settings, &metrics, &mut control);
     tokio::pin!(relay);
     // The relay starts and waits on the generation it was admitted under.
     assert!(tokio::time::timeout(Duration::from_millis(100), relay.as_mut()).await.is_err());

@@ -331,7 +331,7 @@ async fn run_session(
     let deadline = crate::admit::token_deadline(&rt.config, route, expires_at).map(|at| (at, CloseReason::TokenExpired));
     let policy = session.policy(gw, route, admitted_under, client_ip, registered.started_at);
     let request_id = admission.with_info(|i| i.request_id.clone()).unwrap_or_default();
-    let control = relay::Control {
+    let mut control = relay::Control {
         shutdown: &gw.sessions,
         drain_spread: rt.config.server.shutdown_grace / 2,
         upstream_drain: session.upstream.drain.take(),
@@ -348,7 +348,7 @@ async fn run_session(
         sub = %sub.as_deref().map(|s| escape(s, MAX_LOGGED_NAME)).unwrap_or_else(|| "-".into()),
     );
     let outcome = tracing::Instrument::instrument(
-        relay::run(client, &mut session.upstream.ws, &mut settings, &session_metrics, control),
+        relay::run(client, &mut session.upstream.ws, &mut settings, &session_metrics, &mut control),
         span,
     )
     .await;

@@ -242,7 +242,7 @@ pub async fn run<C, U>(
     upstream: &mut Endpoint<U>,
     settings: &mut Settings,
     metrics: &SessionMetrics,
-    mut control: Control<'_>,
+    control: &mut Control<'_>,
 ) -> Outcome
 where
     C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -256,27 +256,27 @@ where
         let (rate, wait) = *paid;
         core.continue_rate(rate, wait); // what the frames before a `first_message` token paid
     }
-    let mut timers = timers::Timers::new(settings, &control);
+    let mut timers = timers::Timers::new(settings, control);
     timers.upstream_drain = control.upstream_drain.take();
     let cancelled = control.shutdown.cancelled();
     tokio::pin!(cancelled);
 
     let event = poll_fn(|cx| {
         core.now = None;
-        if let Some(ev) = timers.poll_control(cx, &control, cancelled.as_mut(), &core) {
+        if let Some(ev) = timers.poll_control(cx, control, cancelled.as_mut(), &core) {
             return Poll::Ready(ev);
         }
         if std::mem::take(&mut timers.reloaded)
             && let Some(limits) = control.policy.and_then(|p| p.live_limits())
         {
-            timers.apply(cx, limits, settings, &mut core);
+            timers.apply(limits, settings, &mut core);
         }
-        if let Some(ev) = timers.poll_keepalive(cx, settings, &mut core, client) {
+        if let Some(ev) = timers.poll_keepalive(settings, &mut core, client) {
             return Poll::Ready(ev);
         }
         match pump::pump(&mut core, Side::Client, client, upstream, cx) {
             Some(Event::Refresh(token)) => {
-                if let Some(ev) = timers.refresh(cx, &control, &token) {
+                if let Some(ev) = timers.refresh(control, &token) {
                     return Poll::Ready(ev);
                 }
                 // What the client sent behind the refresh waits in its buffer: come back for it.
@@ -298,7 +298,7 @@ where
             timers.active();
             core.report(metrics);
         }
-        if let Some(ev) = timers.poll_assembly(cx, settings, &core) {
+        if let Some(ev) = timers.poll_assembly(settings, &core) {
             return Poll::Ready(ev);
         }
         timers.poll_idle(cx, settings).map_or(Poll::Pending, Poll::Ready)
@@ -349,7 +349,7 @@ mod pipe_tests {
             let metrics = crate::metrics::Metrics::new().session("t");
             let shutdown = CancellationToken::new();
             let (mut c, mut u) = (Endpoint::client(gw_client_io, &[]), Endpoint::upstream(gw_up_io, &[]));
-            run(&mut c, &mut u, &mut settings, &metrics, Control::new(&shutdown)).await
+            run(&mut c, &mut u, &mut settings, &metrics, &mut Control::new(&shutdown)).await
         });
         (client, relay)
     }
@@ -428,7 +428,7 @@ mod pipe_tests {
             let metrics = crate::metrics::Metrics::new().session("t");
             let shutdown = CancellationToken::new();
             let (mut c, mut u) = (Endpoint::client(gw_client_io, &[]), Endpoint::upstream(gw_up_io, &[]));
-            run(&mut c, &mut u, &mut settings, &metrics, Control::new(&shutdown)).await
+            run(&mut c, &mut u, &mut settings, &metrics, &mut Control::new(&shutdown)).await
         });
         (client_io, up_io, relay)
     }

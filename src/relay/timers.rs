@@ -12,21 +12,28 @@ use std::{future::Future, pin::Pin, task::Context};
 use tokio::time::{Instant, Sleep, sleep_until};
 use tokio_util::sync::{WaitForCancellationFuture, WaitForCancellationFutureOwned};
 
-/// The timers of one session, all registered with the waker of the relay's `poll_fn`.
+/// The deadlines of one session behind ONE timer, the `alarm`, set to the earliest of
+/// them at the end of every round of the relay (`poll_idle`, the round's last call). An
+/// idle session holds one timer entry instead of six (memory per idle socket), and a
+/// round reads the clock only when the alarm has rung or a deadline was just set.
 pub(super) struct Timers {
-    idle: Pin<Box<Sleep>>,
-    ping: Pin<Box<Sleep>>,
-    expiry: Option<(Pin<Box<Sleep>>, CloseReason)>,
-    /// Set once shutdown is signalled: the 1001 goes out when it fires.
-    drain: Option<Pin<Box<Sleep>>>,
+    alarm: Pin<Box<Sleep>>,
+    /// The alarm rang at the start of this round: the deadlines are compared with the time.
+    rang: bool,
+    /// The time, read at most once per round (when a deadline is compared).
+    now: Option<Instant>,
+    ping_at: Instant,
+    expiry: Option<(Instant, CloseReason)>,
+    /// Set once shutdown is signalled: the 1001 goes out at this point.
+    drain_at: Option<Instant>,
     /// The upstream's drain: its point ends the session with 1012.
     pub(super) upstream_drain: Option<Box<dyn super::Due>>,
     generation: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
-    progress: Option<Pin<Box<Sleep>>>,
+    progress_at: Option<Instant>,
     started: Instant,
     last_activity: Instant,
-    /// Armed for the deadline of the message being assembled, if any.
-    assembly: Option<Pin<Box<Sleep>>>,
+    /// The deadline of the message being assembled, if any.
+    assembly_at: Option<Instant>,
     /// A reload's re-check passed: the session goes on with its route's new rate and timers.
     pub(super) reloaded: bool,
 }
@@ -34,42 +41,54 @@ pub(super) struct Timers {
 impl Timers {
     pub(super) fn new(settings: &Settings, control: &Control<'_>) -> Timers {
         let now = Instant::now();
+        let ping_at = now + settings.ping_interval;
         Timers {
-            idle: Box::pin(sleep_until(now + settings.idle_timeout)),
-            ping: Box::pin(sleep_until(now + settings.ping_interval)),
-            expiry: control.deadline.map(|(at, reason)| (Box::pin(sleep_until(at)), reason)),
-            drain: None,
+            alarm: Box::pin(sleep_until(ping_at.min(now + settings.idle_timeout))),
+            rang: false,
+            now: None,
+            ping_at,
+            expiry: control.deadline,
+            drain_at: None,
             upstream_drain: None,
             generation: control.policy.map(|p| Box::pin(p.generation().cancelled_owned())),
-            progress: control.progress.map(|every| Box::pin(sleep_until(now + every))),
+            progress_at: control.progress.map(|every| now + every),
             started: now,
             last_activity: now,
-            assembly: None,
+            assembly_at: None,
             reloaded: false,
         }
     }
 
+    /// The time of this round (read once).
+    fn now(&mut self) -> Instant {
+        *self.now.get_or_insert_with(Instant::now)
+    }
+
+    /// `at` has come: checked only when the alarm rang (the alarm is never later than
+    /// any deadline, so otherwise none has come), or when `fresh` (just set this round).
+    fn passed(&mut self, at: Instant, fresh: bool) -> bool {
+        (self.rang || fresh) && at <= self.now()
+    }
+
     /// Go on with a reload's rate and timers: the idle timer counts from the last
     /// activity, the next ping comes one new interval from now.
-    pub(super) fn apply(&mut self, cx: &mut Context<'_>, limits: super::LiveLimits, settings: &mut Settings, core: &mut Core) {
+    pub(super) fn apply(&mut self, limits: super::LiveLimits, settings: &mut Settings, core: &mut Core) {
         if (limits.message_rate, limits.message_burst) != (settings.message_rate, settings.message_burst) {
             settings.message_rate = limits.message_rate;
             settings.message_burst = limits.message_burst;
             core.reconfigure_rate(limits.message_rate, limits.message_burst);
         }
-        if limits.idle_timeout != settings.idle_timeout {
-            settings.idle_timeout = limits.idle_timeout;
-            rearm(&mut self.idle, self.last_activity + limits.idle_timeout, cx);
-        }
+        // The idle deadline is read from `settings` when the alarm is set.
+        settings.idle_timeout = limits.idle_timeout;
         if limits.ping_interval != settings.ping_interval {
             settings.ping_interval = limits.ping_interval;
-            rearm(&mut self.ping, Instant::now() + limits.ping_interval, cx);
+            self.ping_at = self.now() + limits.ping_interval;
         }
     }
 
     /// A refresh message's token: the policy judges it; on success the expiry moves to
     /// the new token's (or goes, for a token without one).
-    pub(super) fn refresh(&mut self, cx: &mut Context<'_>, control: &Control<'_>, token: &str) -> Option<Event> {
+    pub(super) fn refresh(&mut self, control: &Control<'_>, token: &str) -> Option<Event> {
         let judged = control.policy.map_or(Err(CloseReason::RefreshRefused), |p| p.refresh(token));
         match judged {
             Err(reason) => Some(Event::End(reason)),
@@ -78,14 +97,8 @@ impl Timers {
                 None
             }
             Ok(Some(at)) => {
-                match &mut self.expiry {
-                    Some((timer, _)) => rearm(timer, at, cx),
-                    slot => {
-                        let mut timer = Box::pin(sleep_until(at));
-                        let _ = timer.as_mut().poll(cx);
-                        *slot = Some((timer, CloseReason::TokenExpired));
-                    }
-                }
+                let reason = self.expiry.map_or(CloseReason::TokenExpired, |(_, r)| r);
+                self.expiry = Some((at, reason));
                 None
             }
         }
@@ -96,7 +109,8 @@ impl Timers {
         self.last_activity = Instant::now();
     }
 
-    /// Drain, reloads, expiry and progress events.
+    /// Drain, reloads, expiry and progress events. The first call of a round: it
+    /// notes whether the alarm rang.
     pub(super) fn poll_control(
         &mut self,
         cx: &mut Context<'_>,
@@ -104,10 +118,15 @@ impl Timers {
         cancelled: Pin<&mut WaitForCancellationFuture<'_>>,
         core: &Core,
     ) -> Option<Event> {
-        if self.drain.is_none() && cancelled.poll(cx).is_ready() {
-            self.drain = Some(Box::pin(sleep_until(Instant::now() + crate::util::jitter(control.drain_spread))));
+        self.now = None;
+        self.rang = self.alarm.as_mut().poll(cx).is_ready();
+        let fresh_drain = self.drain_at.is_none() && cancelled.poll(cx).is_ready();
+        if fresh_drain {
+            self.drain_at = Some(self.now() + crate::util::jitter(control.drain_spread));
         }
-        if self.drain.as_mut().is_some_and(|d| fired(d, cx)) {
+        if let Some(at) = self.drain_at
+            && self.passed(at, fresh_drain)
+        {
             return Some(Event::End(CloseReason::Shutdown));
         }
         if self.upstream_drain.as_mut().is_some_and(|d| d.poll_due(cx)) {
@@ -125,8 +144,8 @@ impl Timers {
                 *g = next;
             }
         }
-        if let (Some(p), Some(every)) = (self.progress.as_mut(), control.progress)
-            && fired(p, cx)
+        if let (Some(at), Some(every)) = (self.progress_at, control.progress)
+            && self.passed(at, false)
         {
             tracing::info!(
                 request_id = control.log_as.0,
@@ -138,27 +157,22 @@ impl Timers {
                 messages_out = core.counts[1],
                 "session progress"
             );
-            rearm(p, Instant::now() + every, cx);
+            self.progress_at = Some(self.now() + every);
         }
-        let (timer, reason) = self.expiry.as_mut()?;
-        fired(timer, cx).then_some(Event::End(*reason))
+        // An expiry a refresh set in the past makes the alarm due at once (`poll_idle`).
+        let (at, reason) = self.expiry?;
+        self.passed(at, false).then_some(Event::End(reason))
     }
 
     /// Ping the client every `ping_interval`; a ping still unanswered at the next one ends the session.
-    pub(super) fn poll_keepalive<C>(
-        &mut self,
-        cx: &mut Context<'_>,
-        settings: &Settings,
-        core: &mut Core,
-        client: &mut Endpoint<C>,
-    ) -> Option<Event> {
-        if !fired(&mut self.ping, cx) {
+    pub(super) fn poll_keepalive<C>(&mut self, settings: &Settings, core: &mut Core, client: &mut Endpoint<C>) -> Option<Event> {
+        if !self.passed(self.ping_at, false) {
             return None;
         }
+        self.ping_at = self.now() + settings.ping_interval;
         if client.open {
             // A frame to the client is in progress: a ping would have to wait behind it,
             // and the client could not answer in time through no fault of its own.
-            rearm(&mut self.ping, Instant::now() + settings.ping_interval, cx);
             return None;
         }
         if core.ping_payload.is_some() {
@@ -170,7 +184,6 @@ impl Timers {
         payload[PING_PREFIX.len()..].copy_from_slice(&core.ping_seq.to_be_bytes());
         core.ping_payload = Some(payload);
         client.put(OP_PING, &payload);
-        rearm(&mut self.ping, Instant::now() + settings.ping_interval, cx);
         None
     }
 
@@ -178,42 +191,38 @@ impl Timers {
     /// with state taken from the compression budget) and is not complete by its
     /// deadline ends the session (1001): that memory is not held for a client that
     /// stalls or trickles.
-    pub(super) fn poll_assembly(&mut self, cx: &mut Context<'_>, settings: &Settings, core: &Core) -> Option<Event> {
+    pub(super) fn poll_assembly(&mut self, settings: &Settings, core: &Core) -> Option<Event> {
         let timeout = (settings.assembly.as_ref().map(|share| share.timeout))
             .into_iter()
             .chain(settings.compression.as_ref().and_then(|c| c.message_timeout))
             .min();
-        let Some(deadline) = core.assembly_started.zip(timeout).map(|(at, timeout)| at + timeout) else {
-            self.assembly = None;
-            return None;
-        };
-        match &mut self.assembly {
-            Some(sleep) if sleep.deadline() == deadline => {}
-            Some(sleep) => sleep.as_mut().reset(deadline),
-            slot => *slot = Some(Box::pin(sleep_until(deadline))),
-        }
-        let sleep = self.assembly.as_mut()?;
-        fired(sleep, cx).then_some(Event::End(CloseReason::MessageStalled))
+        let deadline = core.assembly_started.zip(timeout).map(|(at, timeout)| at + timeout);
+        let fresh = deadline != self.assembly_at;
+        self.assembly_at = deadline;
+        let at = deadline?;
+        self.passed(at, fresh).then_some(Event::End(CloseReason::MessageStalled))
     }
 
-    /// No frame either way for `idle_timeout` ends the session.
+    /// No frame either way for `idle_timeout` ends the session. The round's last call:
+    /// the alarm is set to the earliest deadline.
     pub(super) fn poll_idle(&mut self, cx: &mut Context<'_>, settings: &Settings) -> Option<Event> {
-        if fired(&mut self.idle, cx) {
-            if self.last_activity.elapsed() >= settings.idle_timeout {
-                return Some(Event::End(CloseReason::IdleTimeout));
-            }
-            rearm(&mut self.idle, self.last_activity + settings.idle_timeout, cx);
+        let idle_at = self.last_activity + settings.idle_timeout;
+        if self.passed(idle_at, false) {
+            return Some(Event::End(CloseReason::IdleTimeout));
+        }
+        let next = [self.expiry.map(|(at, _)| at), self.drain_at, self.progress_at, self.assembly_at]
+            .into_iter()
+            .flatten()
+            .fold(idle_at.min(self.ping_at), Instant::min);
+        // Moved only when it rang or must ring sooner: activity moves the idle deadline
+        // later on every frame, and an alarm that rings early is simply set again.
+        if self.rang || next < self.alarm.deadline() {
+            self.alarm.as_mut().reset(next);
+        }
+        if self.alarm.as_mut().poll(cx).is_ready() {
+            // Already due (a deadline set in the past): another round handles it.
+            cx.waker().wake_by_ref();
         }
         None
     }
-}
-
-fn fired(s: &mut Pin<Box<Sleep>>, cx: &mut Context<'_>) -> bool {
-    s.as_mut().poll(cx).is_ready()
-}
-
-/// Set the timer to `at` and register it with the waker again.
-fn rearm(s: &mut Pin<Box<Sleep>>, at: Instant, cx: &mut Context<'_>) {
-    s.as_mut().reset(at);
-    let _ = s.as_mut().poll(cx);
 }
