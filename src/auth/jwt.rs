@@ -28,12 +28,13 @@ pub struct Identity {
     pub sub: Option<String>,
     /// The verified token, kept so a live session can be re-verified after a reload
     /// (a removed key or a changed issuer/audience cuts it). Never in `Debug`.
-    pub token: Box<str>,
+    /// Shared (`Arc`): a remembered token's sessions and the memo hold one copy.
+    pub token: Arc<str>,
     /// Expiry, seconds since the epoch.
     pub exp: Option<u64>,
     /// Shared: a remembered token's identity is handed out without copying its claims.
     pub claims: Arc<Map<String, Value>>,
-    pub fingerprint: String,
+    pub fingerprint: Arc<str>,
     /// The key that verified the token.
     pub(crate) key: crate::keys::KeyFingerprint,
 }
@@ -114,7 +115,7 @@ impl Memo {
             let Some(old) = self.order.pop_front() else { break };
             self.by_token.remove(&old);
         }
-        let key: Arc<str> = Arc::from(&*id.token);
+        let key = id.token.clone();
         self.order.push_back(key.clone());
         self.by_token.insert(key, (Arc::new(id.clone()), generation));
     }
@@ -446,7 +447,7 @@ impl Verifier {
             token: token.into(),
             exp,
             claims: Arc::new(claims),
-            fingerprint: fingerprint(token),
+            fingerprint: fingerprint(token).into(),
             key,
         })
     }

@@ -91,7 +91,7 @@ pub struct Principal {
 #[derive(Default)]
 pub struct Credential {
     /// A verified bearer token. Never in `Debug`.
-    pub token: Option<Box<str>>,
+    pub token: Option<Arc<str>>,
     /// The verified client certificate, whether or not the route authenticates with it.
     pub cert: Option<Arc<ClientCert>>,
     /// The route authenticated with the certificate (`mtls`, `jwt+mtls`).
