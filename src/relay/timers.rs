@@ -216,12 +216,13 @@ impl Timers {
             .fold(idle_at.min(self.ping_at), Instant::min);
         // Moved only when it rang or must ring sooner: activity moves the idle deadline
         // later on every frame, and an alarm that rings early is simply set again.
+        // (Otherwise the poll at the round's start registered the waker: one poll a round.)
         if self.rang || next < self.alarm.deadline() {
             self.alarm.as_mut().reset(next);
-        }
-        if self.alarm.as_mut().poll(cx).is_ready() {
-            // Already due (a deadline set in the past): another round handles it.
-            cx.waker().wake_by_ref();
+            if self.alarm.as_mut().poll(cx).is_ready() {
+                // Already due (a deadline set in the past): another round handles it.
+                cx.waker().wake_by_ref();
+            }
         }
         None
     }
