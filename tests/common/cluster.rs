@@ -145,12 +145,22 @@ pub fn from(gw: &Gw, token: String, source: &str) -> wsgate::client::Options {
     o
 }
 
-/// Whether a connection from `source` is served (an echo comes back).
+/// Whether a connection from `source` is served (an echo comes back). A session that a
+/// ban arriving meanwhile closes (1008) is not served: that is the ban working.
 pub async fn served(gw: &Gw, source: &str) -> bool {
     let o = from(gw, gw.token("probe"), source);
-    match tokio::time::timeout(TIMEOUT, wsgate::client::connect(&gw.url("/echo"), &o)).await {
-        Ok(Ok((mut ws, _))) => roundtrip(&mut ws, "p").await == "p",
-        _ => false,
+    let Ok(Ok((mut ws, _))) = tokio::time::timeout(TIMEOUT, wsgate::client::connect(&gw.url("/echo"), &o)).await else {
+        return false;
+    };
+    if ws.send(Message::text("p")).await.is_err() {
+        return false;
+    }
+    loop {
+        match tokio::time::timeout(TIMEOUT, ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => return t.as_str() == "p",
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+            _ => return false,
+        }
     }
 }
 
