@@ -4,7 +4,7 @@
 
 use crate::{
     client::{ConnArgs, Connector, tls_info},
-    util::{CpuMark, histogram, merge, ms, num, payload, print_result, record},
+    util::{Window, histogram, merge, ms, num, payload, print_result, record},
 };
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
@@ -58,12 +58,9 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let cpu_pids = a.conn.cpu_pids.clone();
     let cpu = tokio::spawn(async move {
         tokio::time::sleep_until(window_start.into()).await;
-        let syscalls = crate::util::SyscallCount::start(&cpu_pids);
-        let before = CpuMark::now(&cpu_pids);
+        let window = Window::start(&cpu_pids);
         tokio::time::sleep_until(window_end.into()).await;
-        let after = CpuMark::now(&cpu_pids);
-        let syscalls = tokio::task::spawn_blocking(move || syscalls.finish()).await.ok().flatten();
-        (before, after, syscalls)
+        window.end().await
     });
     let mut total = histogram();
     let mut upgrade = histogram();
@@ -81,11 +78,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         }
     }
     let cpu = match cpu.await {
-        Ok((before, after, syscalls)) => {
-            let mut m = before.fields(&after, ok);
-            m.insert("server_syscalls_per_unit".into(), crate::util::per_unit(syscalls, ok));
-            m
-        }
+        Ok(measured) => measured.fields(ok),
         Err(_) => Default::default(),
     };
     print_result(

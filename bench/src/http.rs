@@ -5,7 +5,7 @@
 
 use crate::{
     client::{ConnArgs, Connector},
-    util::{CpuMark, Padded, histogram, merge, ms, print_result, record, sum},
+    util::{Padded, Window, histogram, merge, ms, print_result, record, sum},
 };
 use serde_json::json;
 use std::{
@@ -96,11 +96,11 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
 
     tokio::time::sleep(Duration::from_secs_f64(a.warmup)).await;
     measuring.store(true, Ordering::Relaxed);
-    let syscalls = crate::util::SyscallCount::start(&a.conn.cpu_pids);
-    let (c0, t0, cpu0) = (sum(&counters), Instant::now(), CpuMark::now(&a.conn.cpu_pids));
+    let window = Window::start(&a.conn.cpu_pids);
+    let (c0, t0) = (sum(&counters), Instant::now());
     tokio::time::sleep(Duration::from_secs_f64(a.duration)).await;
-    let (c1, t1, cpu1) = (sum(&counters), Instant::now(), CpuMark::now(&a.conn.cpu_pids));
-    let syscalls = tokio::task::spawn_blocking(move || syscalls.finish()).await.ok().flatten();
+    let (c1, t1) = (sum(&counters), Instant::now());
+    let measured = window.end().await;
     measuring.store(false, Ordering::Relaxed);
     stop.store(true, Ordering::Relaxed);
 
@@ -137,11 +137,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
                 "connect_failures": connect_failures,
                 "first_error": first_error.or(connect_error),
             }),
-            {
-                let mut m = cpu0.fields(&cpu1, requests);
-                m.insert("server_syscalls_per_unit".into(), crate::util::per_unit(syscalls, requests));
-                m
-            },
+            measured.fields(requests),
         ),
     );
     Ok(())

@@ -9,7 +9,7 @@
 
 use crate::{
     client::{ConnArgs, Connector, Ws},
-    util::{CpuMark, histogram, merge, ms, num, print_result, record},
+    util::{Window, histogram, merge, ms, num, print_result, record},
 };
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
@@ -114,12 +114,9 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     );
     let cpu = tokio::spawn(async move {
         tokio::time::sleep_until(window_start.into()).await;
-        let syscalls = crate::util::SyscallCount::start(&cpu_pids);
-        let before = CpuMark::now(&cpu_pids);
+        let window = Window::start(&cpu_pids);
         tokio::time::sleep_until(window_end.into()).await;
-        let after = CpuMark::now(&cpu_pids);
-        let syscalls = tokio::task::spawn_blocking(move || syscalls.finish()).await.ok().flatten();
-        (before, after, syscalls)
+        window.end().await
     });
 
     let pacer_notifies = notifies.clone();
@@ -160,12 +157,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     }
     let _ = pacer.join();
     let cpu = match cpu.await {
-        Ok((before, after, syscalls)) => {
-            let units = (a.duration * a.rate) as u64;
-            let mut m = before.fields(&after, units);
-            m.insert("server_syscalls_per_unit".into(), crate::util::per_unit(syscalls, units));
-            m
-        }
+        Ok(measured) => measured.fields((a.duration * a.rate) as u64),
         Err(_) => Default::default(),
     };
     print_result(

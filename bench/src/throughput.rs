@@ -4,7 +4,7 @@
 
 use crate::{
     client::{ConnArgs, Connector, Ws},
-    util::{CpuMark, Padded, merge, payload, print_result, round1, sum},
+    util::{Padded, Window, merge, payload, print_result, round1, sum},
 };
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde_json::json;
@@ -81,11 +81,11 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         .collect();
 
     tokio::time::sleep(Duration::from_secs_f64(a.warmup)).await;
-    let syscalls = crate::util::SyscallCount::start(&a.conn.cpu_pids);
-    let (c0, t0, cpu0) = (sum(&counters), Instant::now(), CpuMark::now(&a.conn.cpu_pids));
+    let window = Window::start(&a.conn.cpu_pids);
+    let (c0, t0) = (sum(&counters), Instant::now());
     tokio::time::sleep(Duration::from_secs_f64(a.duration)).await;
-    let (c1, t1, cpu1) = (sum(&counters), Instant::now(), CpuMark::now(&a.conn.cpu_pids));
-    let syscalls = tokio::task::spawn_blocking(move || syscalls.finish()).await.ok().flatten();
+    let (c1, t1) = (sum(&counters), Instant::now());
+    let measured = window.end().await;
     stop.store(true, Ordering::Relaxed);
 
     let mut total = Outcome::default();
@@ -126,11 +126,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
                 "connect_failures": connect_failures,
                 "first_error": total.error.or(connect_error),
             }),
-            {
-                let mut m = cpu0.fields(&cpu1, msgs);
-                m.insert("server_syscalls_per_unit".into(), crate::util::per_unit(syscalls, msgs));
-                m
-            },
+            measured.fields(msgs),
         ),
     );
     Ok(())

@@ -275,6 +275,54 @@ impl CpuMark {
     }
 }
 
+/// A measuring window over the server's processes: CPU, context switches and (perf
+/// permitting) system calls, from [`Window::start`] to [`Window::end`].
+pub struct Window {
+    before: CpuMark,
+    syscalls: SyscallCount,
+    pids: Vec<u32>,
+}
+
+/// A closed [`Window`].
+pub struct Measured {
+    before: CpuMark,
+    after: CpuMark,
+    syscalls: Option<u64>,
+}
+
+impl Window {
+    pub fn start(pids: &[u32]) -> Window {
+        let syscalls = SyscallCount::start(pids);
+        Window {
+            before: CpuMark::now(pids),
+            syscalls,
+            pids: pids.to_vec(),
+        }
+    }
+
+    /// Close the window now (perf is stopped and read off the runtime's threads).
+    pub async fn end(self) -> Measured {
+        let after = CpuMark::now(&self.pids);
+        let syscalls = self.syscalls;
+        let syscalls = tokio::task::spawn_blocking(move || syscalls.finish()).await.ok().flatten();
+        Measured {
+            before: self.before,
+            after,
+            syscalls,
+        }
+    }
+}
+
+impl Measured {
+    /// The RESULT fields per unit (messages, requests or handshakes): CPU, context
+    /// switches and system calls.
+    pub fn fields(&self, units: u64) -> Map<String, Value> {
+        let mut m = self.before.fields(&self.after, units);
+        m.insert("server_syscalls_per_unit".into(), per_unit(self.syscalls, units));
+        m
+    }
+}
+
 /// Add `extra` to a JSON object.
 pub fn merge(mut v: Value, extra: Map<String, Value>) -> Value {
     if let Value::Object(m) = &mut v {
