@@ -301,7 +301,11 @@ where
         if let Some(ev) = timers.poll_assembly(settings, &core) {
             return Poll::Ready(ev);
         }
-        timers.poll_idle(cx, settings).map_or(Poll::Pending, Poll::Ready)
+        if let Some(ev) = timers.poll_idle(settings) {
+            return Poll::Ready(ev);
+        }
+        timers.arm(cx, settings);
+        Poll::Pending
     })
     .await;
 

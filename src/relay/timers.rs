@@ -13,7 +13,7 @@ use tokio::time::{Instant, Sleep, sleep_until};
 use tokio_util::sync::{WaitForCancellationFuture, WaitForCancellationFutureOwned};
 
 /// The deadlines of one session behind ONE timer, the `alarm`, set to the earliest of
-/// them at the end of every round of the relay (`poll_idle`, the round's last call). An
+/// them at the end of every round of the relay that goes on ([`Timers::arm`]). An
 /// idle session holds one timer entry instead of six (memory per idle socket), and a
 /// round reads the clock only when the alarm has rung or a deadline was just set.
 pub(super) struct Timers {
@@ -159,7 +159,7 @@ impl Timers {
             );
             self.progress_at = Some(self.now() + every);
         }
-        // An expiry a refresh set in the past makes the alarm due at once (`poll_idle`).
+        // An expiry a refresh set in the past makes the alarm due at once (`arm`).
         let (at, reason) = self.expiry?;
         self.passed(at, false).then_some(Event::End(reason))
     }
@@ -203,20 +203,21 @@ impl Timers {
         self.passed(at, fresh).then_some(Event::End(CloseReason::MessageStalled))
     }
 
-    /// No frame either way for `idle_timeout` ends the session. The round's last call:
-    /// the alarm is set to the earliest deadline.
-    pub(super) fn poll_idle(&mut self, cx: &mut Context<'_>, settings: &Settings) -> Option<Event> {
+    /// No frame either way for `idle_timeout` ends the session.
+    pub(super) fn poll_idle(&mut self, settings: &Settings) -> Option<Event> {
         let idle_at = self.last_activity + settings.idle_timeout;
-        if self.passed(idle_at, false) {
-            return Some(Event::End(CloseReason::IdleTimeout));
-        }
+        self.passed(idle_at, false).then_some(Event::End(CloseReason::IdleTimeout))
+    }
+
+    /// The end of a round that goes on: the alarm is set to the earliest deadline, and
+    /// moved only when it rang or must ring sooner (activity moves the idle deadline later
+    /// on every frame; an alarm that rings early is simply set again). Otherwise the poll
+    /// at the round's start registered the waker: one poll a round.
+    pub(super) fn arm(&mut self, cx: &mut Context<'_>, settings: &Settings) {
         let next = [self.expiry.map(|(at, _)| at), self.drain_at, self.progress_at, self.assembly_at]
             .into_iter()
             .flatten()
-            .fold(idle_at.min(self.ping_at), Instant::min);
-        // Moved only when it rang or must ring sooner: activity moves the idle deadline
-        // later on every frame, and an alarm that rings early is simply set again.
-        // (Otherwise the poll at the round's start registered the waker: one poll a round.)
+            .fold((self.last_activity + settings.idle_timeout).min(self.ping_at), Instant::min);
         if self.rang || next < self.alarm.deadline() {
             self.alarm.as_mut().reset(next);
             if self.alarm.as_mut().poll(cx).is_ready() {
@@ -224,6 +225,5 @@ impl Timers {
                 cx.waker().wake_by_ref();
             }
         }
-        None
     }
 }

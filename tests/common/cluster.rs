@@ -149,18 +149,9 @@ pub fn from(gw: &Gw, token: String, source: &str) -> wsgate::client::Options {
 /// ban arriving meanwhile closes (1008) is not served: that is the ban working.
 pub async fn served(gw: &Gw, source: &str) -> bool {
     let o = from(gw, gw.token("probe"), source);
-    let Ok(Ok((mut ws, _))) = tokio::time::timeout(TIMEOUT, wsgate::client::connect(&gw.url("/echo"), &o)).await else {
-        return false;
-    };
-    if ws.send(Message::text("p")).await.is_err() {
-        return false;
-    }
-    loop {
-        match tokio::time::timeout(TIMEOUT, ws.next()).await {
-            Ok(Some(Ok(Message::Text(t)))) => return t.as_str() == "p",
-            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
-            _ => return false,
-        }
+    match tokio::time::timeout(TIMEOUT, wsgate::client::connect(&gw.url("/echo"), &o)).await {
+        Ok(Ok((mut ws, _))) => try_roundtrip(&mut ws, "p").await.is_ok_and(|t| t == "p"),
+        _ => false,
     }
 }
 

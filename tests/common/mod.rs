@@ -375,12 +375,20 @@ fn tracing_init() -> Result<(), ()> {
 
 /// Send a text message and wait for the next text message.
 pub async fn roundtrip(ws: &mut ClientStream, text: &str) -> String {
-    ws.send(Message::text(text)).await.unwrap();
+    try_roundtrip(ws, text).await.unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`roundtrip`], with what came instead of a text reply as the error.
+pub async fn try_roundtrip(ws: &mut ClientStream, text: &str) -> Result<String, String> {
+    ws.send(Message::text(text)).await.map_err(|e| format!("send failed: {e}"))?;
     loop {
-        match tokio::time::timeout(TIMEOUT, ws.next()).await.expect("no reply in time") {
-            Some(Ok(Message::Text(t))) => return t.to_string(),
+        match tokio::time::timeout(TIMEOUT, ws.next())
+            .await
+            .map_err(|_| "no reply in time".to_string())?
+        {
+            Some(Ok(Message::Text(t))) => return Ok(t.to_string()),
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            other => panic!("expected a text reply, got {other:?}"),
+            other => return Err(format!("expected a text reply, got {other:?}")),
         }
     }
 }
