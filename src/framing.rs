@@ -142,6 +142,12 @@ impl Scanner {
                         self.lose("request head too large");
                         return;
                     }
+                    if end.is_some() && self.buf.is_empty() {
+                        // The whole head in this read (the usual case): checked where it lies.
+                        self.head_done(&data[..take], heads);
+                        data = &data[take..];
+                        continue;
+                    }
                     self.buf.extend_from_slice(&data[..take]);
                     data = &data[take..];
                     if end.is_some() {
@@ -250,20 +256,14 @@ impl Scanner {
 /// The index in `data` just past the end of a head whose first bytes are `buf`: past
 /// an empty line (`\n\n` or `\n\r\n`, as httparse ends a head).
 fn find_head_end(buf: &[u8], data: &[u8]) -> Option<usize> {
-    // The last two bytes already seen, then the new ones.
-    let tail = &buf[buf.len().saturating_sub(2)..];
-    let mut prev: [u8; 2] = match tail {
-        [a, b] => [*a, *b],
-        [b] => [0, *b],
-        _ => [0, 0],
+    // The byte `back` places before `data[i]`, looking into `buf` before `data` starts.
+    let before = |i: usize, back: usize| match i.checked_sub(back) {
+        Some(j) => data.get(j).copied(),
+        None => buf.len().checked_sub(back - i).and_then(|j| buf.get(j).copied()),
     };
-    for (i, &b) in data.iter().enumerate() {
-        if b == b'\n' && (prev[1] == b'\n' || (prev[1] == b'\r' && prev[0] == b'\n')) {
-            return Some(i + 1);
-        }
-        prev = [prev[1], b];
-    }
-    None
+    memchr::memchr_iter(b'\n', data)
+        .find(|&i| before(i, 1) == Some(b'\n') || (before(i, 1) == Some(b'\r') && before(i, 2) == Some(b'\n')))
+        .map(|i| i + 1)
 }
 
 /// How the body after a head is framed.
@@ -277,21 +277,25 @@ enum Framing {
 fn check_head(head: &[u8]) -> (HeadCheck, Option<Framing>) {
     // Line ends: every LF after a CR, every CR before an LF (RFC 9112 2.2: a bare CR
     // or LF must not be taken as a line end by a proxy).
-    for (i, &b) in head.iter().enumerate() {
-        if b == b'\n' && (i == 0 || head[i - 1] != b'\r') {
+    for i in memchr::memchr2_iter(b'\r', b'\n', head) {
+        if head[i] == b'\r' {
+            if head.get(i + 1) != Some(&b'\n') {
+                return (HeadCheck::Refused("bare CR in the request head"), None);
+            }
+            continue;
+        }
+        if i == 0 || head[i - 1] != b'\r' {
             return (HeadCheck::Refused("bare LF in the request head"), None);
         }
-        if b == b'\r' && head.get(i + 1) != Some(&b'\n') {
-            return (HeadCheck::Refused("bare CR in the request head"), None);
-        }
         // obs-fold: a line that starts with whitespace continues the one before.
-        if b == b'\n' && matches!(head.get(i + 1), Some(b' ' | b'\t')) {
+        if matches!(head.get(i + 1), Some(b' ' | b'\t')) {
             return (HeadCheck::Refused("obsolete line folding"), None);
         }
     }
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    match req.parse(head) {
+    // Header slots left uninitialised (128 of them per head would be 4 KiB to clear).
+    let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    match httparse::ParserConfig::default().parse_request_with_uninit_headers(&mut req, head, &mut headers) {
         Ok(httparse::Status::Complete(_)) => {}
         // hyper refuses these itself (400 or 431); nothing to follow.
         _ => return (HeadCheck::Refused("unparsable request head"), None),
@@ -441,6 +445,10 @@ mod tests {
         // Byte by byte: the same.
         let bytes: Vec<&[u8]> = input.chunks(1).collect();
         assert_eq!(checks(&bytes), [HeadCheck::Clean; 3]);
+        // Split in two at every place: the same.
+        for k in 1..input.len() {
+            assert_eq!(checks(&[&input[..k], &input[k..]]), [HeadCheck::Clean; 3], "split at {k}");
+        }
     }
 
     #[test]
@@ -464,6 +472,10 @@ mod tests {
             (b"GET / HTTP/1.1\r\nHost: x\r\nA: b\r\n c\r\n\r\n", "obsolete line folding"),
         ] {
             assert_eq!(checks(&[head]), [HeadCheck::Refused(why)], "{}", String::from_utf8_lossy(head));
+            // Split in two at every place (a head read whole, or gathered across reads): the same.
+            for k in 1..head.len() {
+                assert_eq!(checks(&[&head[..k], &head[k..]]), [HeadCheck::Refused(why)], "split at {k}");
+            }
         }
         // After a refused head nothing more is followed: a request behind it is refused too.
         let heads = Heads::new();

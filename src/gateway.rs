@@ -116,6 +116,8 @@ pub struct Runtime {
     pub identity_headers: Vec<http::HeaderName>,
     /// The admin API's bearer token (`admin.token_file`); `None`: the API is off.
     pub admin_token: Option<crate::keys::Secret>,
+    /// Each route's name, by route index, shared by the log fields of its requests.
+    pub route_names: Vec<Arc<str>>,
 }
 
 impl Runtime {
@@ -228,7 +230,9 @@ impl Runtime {
             .max_write_buffer_size(WS_WRITE_BUFFER + max_message + WS_WRITE_SLACK)
             .max_message_size(Some(max_message))
             .max_frame_size(Some(max_frame));
+        let route_names = config.routes.iter().map(|r| Arc::from(r.name.as_str())).collect();
         Ok(Runtime {
+            route_names,
             config,
             tls,
             certs,

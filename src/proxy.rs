@@ -182,6 +182,9 @@ struct Idle {
 /// The connections to one remote upstream.
 pub struct Pool {
     upstream: Upstream,
+    /// Its `Host` header and its name in the access log, made once.
+    host: http::HeaderValue,
+    label: Arc<str>,
     tls: Option<tokio_rustls::TlsConnector>,
     idle: Mutex<Vec<Idle>>,
     busy: Arc<Semaphore>,
@@ -192,6 +195,8 @@ impl Pool {
     /// (`routes.http_max_connections`).
     pub fn new(upstream: Upstream, tls: Option<tokio_rustls::TlsConnector>, max_busy: usize) -> Pool {
         Pool {
+            host: crate::upstream::host_header(&upstream),
+            label: crate::upstream::target_label(&upstream).into(),
             upstream,
             tls,
             idle: Mutex::default(),
@@ -285,6 +290,18 @@ pub struct Lease {
     pub reused: bool,
     /// The request counted on its upstream (`least_sessions`, the admin API).
     pub load: Option<crate::balance::RequestHeld>,
+}
+
+impl Lease {
+    /// The `Host` header its upstream is asked with.
+    pub fn host_header(&self) -> &http::HeaderValue {
+        &self.pool.host
+    }
+
+    /// Its upstream as the access log names it.
+    pub fn label(&self) -> Arc<str> {
+        self.pool.label.clone()
+    }
 }
 
 impl Drop for Lease {
@@ -384,14 +401,16 @@ pub(crate) struct Streamed {
     lease: Option<Lease>,
     upload: Arc<Upload>,
     idle: Duration,
-    timer: Pin<Box<Sleep>>,
+    /// Made on the first wait for the upstream (a short answer that is read whole at
+    /// once never needs one).
+    timer: Option<Pin<Box<Sleep>>>,
     on_end: Option<Box<dyn FnOnce() + Send + Sync>>,
 }
 
 impl Streamed {
     fn new(inner: Incoming, lease: Lease, upload: Arc<Upload>, idle: Duration) -> Streamed {
         let mut s = Streamed {
-            timer: Box::pin(tokio::time::sleep(idle)),
+            timer: None,
             inner,
             lease: Some(lease),
             upload,
@@ -439,7 +458,6 @@ impl HttpBody for Streamed {
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 this.upload.touch();
-                this.timer.as_mut().reset(Instant::now() + this.idle);
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
@@ -451,7 +469,13 @@ impl HttpBody for Streamed {
                 Poll::Ready(None)
             }
             Poll::Pending => {
-                if this.timer.as_mut().poll(cx).is_ready() {
+                // `idle` after the last byte either way; the timer moves only when a byte did.
+                let deadline = this.upload.last_progress() + this.idle;
+                let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if timer.deadline() != deadline {
+                    timer.as_mut().reset(deadline);
+                }
+                if timer.as_mut().poll(cx).is_ready() {
                     this.finish(false);
                     return Poll::Ready(Some(Err("no byte from the upstream within http_timeout".into())));
                 }

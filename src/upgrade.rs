@@ -125,7 +125,7 @@ pub fn check_path(path: &str) -> Result<(), Reject> {
         }
     }
     for segment in path[1..].split('/') {
-        let mut s = segment.to_string();
+        let mut s = std::borrow::Cow::Borrowed(segment);
         for round in 0..=PATH_DECODE_ROUNDS + 1 {
             // `..;x` is `..` to Tomcat and Spring (path parameters), `..%00` to C code,
             // `..%3f` and `..%23` to a backend that decodes before splitting off the
@@ -149,19 +149,23 @@ pub fn check_path(path: &str) -> Result<(), Reject> {
             if s.chars().any(|c| LOOKALIKES.contains(&c)) {
                 return Err(Reject::BadRequest("a look-alike of '.', '/' or '\\' in the path"));
             }
+            if !s.contains('%') {
+                // Nothing to decode: decoding would give the same text back.
+                break;
+            }
             let next = percent_decode(&s);
             // Escapes whose bytes are not UTF-8 (`%C0%AE`, an overlong `.`) are a dot or
             // a slash to lenient decoders (CVE-2008-2938): refused, not replaced.
             if next.contains('\u{FFFD}') {
                 return Err(Reject::BadRequest("percent-encoded bytes that are not UTF-8 in the path"));
             }
-            if next == s {
+            if next == *s {
                 break;
             }
             if round > PATH_DECODE_ROUNDS {
                 return Err(Reject::BadRequest("path encoded too many times"));
             }
-            s = next;
+            s = std::borrow::Cow::Owned(next);
         }
     }
     Ok(())

@@ -52,27 +52,31 @@ pub struct ClientFacts<'a> {
 }
 
 /// Request headers that describe one hop, never forwarded (RFC 9110 7.6.1), plus the
-/// handshake headers the gateway generates itself for the upstream hop.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "host",
-    "content-length",
-    "sec-websocket-key",
-    "sec-websocket-version",
-    "sec-websocket-accept",
-    "sec-websocket-extensions",
-    "sec-websocket-protocol",
-    "x-forwarded-for",
-    "x-forwarded-proto",
-];
+/// handshake headers the gateway generates itself for the upstream hop. `name` is a
+/// `HeaderName`'s text (lower case).
+fn is_hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "host"
+            | "content-length"
+            | "sec-websocket-key"
+            | "sec-websocket-version"
+            | "sec-websocket-accept"
+            | "sec-websocket-extensions"
+            | "sec-websocket-protocol"
+            | "x-forwarded-for"
+            | "x-forwarded-proto"
+    )
+}
 
 /// A query parameter name as an upstream framework would read it: percent-decoded
 /// (`+` as a space). Invalid escapes stay as they are.
@@ -157,56 +161,67 @@ pub fn build_request(url: &str, facts: &ClientFacts) -> Result<http::Request<()>
 /// gateway's: `Content-Length` or chunked, written by hyper from the body.
 pub fn http_request_head(
     method: &http::Method,
-    upstream: &Upstream,
+    host: &HeaderValue,
     path_and_query: &str,
     facts: &ClientFacts,
 ) -> Result<http::request::Parts, Reject> {
+    let (mut parts, ()) = http::Request::new(()).into_parts();
+    parts.method = method.clone();
+    parts.uri = path_and_query
+        .parse()
+        .map_err(|_| Reject::BadRequest("request target not forwardable"))?;
+    // The client's headers and the gateway's own (forwarding, request id, identity).
+    parts.headers = HeaderMap::with_capacity(facts.headers.len() + 8);
+    parts.headers.insert(header::HOST, host.clone());
+    forward_client_headers(&mut parts.headers, facts);
+    parts.headers.remove(header::EXPECT);
+    Ok(parts)
+}
+
+/// The `Host` an upstream is asked with: its authority (IPv6 in brackets).
+pub fn host_header(upstream: &Upstream) -> HeaderValue {
     let authority = match upstream {
         Upstream::Remote { host, port, .. } if host.contains(':') => format!("[{host}]:{port}"),
         Upstream::Remote { host, port, .. } => format!("{host}:{port}"),
         Upstream::BuiltinEcho => "builtin.echo".to_string(),
     };
-    let (mut parts, ()) = http::Request::builder()
-        .method(method.clone())
-        .uri(path_and_query)
-        .header(header::HOST, authority)
-        .body(())
-        .map_err(|_| Reject::BadRequest("request target not forwardable"))?
-        .into_parts();
-    forward_client_headers(&mut parts.headers, facts);
-    parts.headers.remove(header::EXPECT);
-    Ok(parts)
+    // A host from the config is a URL's host: always a valid header value.
+    HeaderValue::from_str(&authority).unwrap_or_else(|_| HeaderValue::from_static("invalid.host"))
 }
 
 /// Response headers that describe one hop (RFC 9110 7.6.1), and every header the
 /// upstream's `Connection` names: removed before the answer goes to the client.
 /// `Content-Length` stays (a `HEAD` answer needs it); hyper frames the rest.
 pub fn strip_response_hop_by_hop(h: &mut HeaderMap) {
+    const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+    const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
     // hyper read a chunked answer as chunked: a length sent beside it is not the body's.
     if h.contains_key(header::TRANSFER_ENCODING) {
         h.remove(header::CONTENT_LENGTH);
     }
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        if n != header::CONTENT_LENGTH {
-            h.remove(n);
+    if h.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            if n != header::CONTENT_LENGTH {
+                h.remove(n);
+            }
         }
     }
     for n in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
+        header::CONNECTION,
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+        header::PROXY_AUTHENTICATE,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
     ] {
         h.remove(n);
     }
@@ -222,12 +237,16 @@ fn forward_client_headers(h: &mut HeaderMap, facts: &ClientFacts) {
         .flat_map(|v| v.split(','))
         .map(|t| t.trim().to_ascii_lowercase())
         .collect();
+    let mut buf = [0u8; crate::util::NAME_KEY_MAX];
     for (name, value) in facts.headers {
         let n = name.as_str();
-        if HOP_BY_HOP.contains(&n) || connection_named.iter().any(|c| c == n) || carries_token(n, facts.token_sources) {
+        if is_hop_by_hop(n) || connection_named.iter().any(|c| c == n) || carries_token(n, facts.token_sources) {
             continue;
         }
-        if crate::config::is_client_forwarding(n) {
+        // The name reduced once ([`crate::util::name_key`]) for both lists below; a name
+        // too long to reduce on the stack is compared the slow way.
+        let key = crate::util::name_key_in(n, &mut buf);
+        if key.is_some_and(crate::config::is_client_forwarding_key) {
             continue;
         }
         // Identity headers come from the gateway only: a client's copy, in any spelling, is dropped.
@@ -236,7 +255,10 @@ fn forward_client_headers(h: &mut HeaderMap, facts: &ClientFacts) {
             .iter()
             .map(|(_, h)| h)
             .chain(facts.identity_headers)
-            .any(|h| same_header(h.as_str(), n))
+            .any(|h| match key {
+                Some(k) => crate::util::name_key(h.as_str()).eq(k.iter().copied()),
+                None => same_header(h.as_str(), n),
+            })
         {
             continue;
         }
@@ -276,16 +298,23 @@ fn forward_client_headers(h: &mut HeaderMap, facts: &ClientFacts) {
         hops.push(facts.peer.to_canonical().to_string());
         hops.join(", ")
     } else {
-        facts.ip.to_canonical().to_string()
+        String::new()
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    // The client's address, formatted once for both headers that carry it.
+    let real_ip = HeaderValue::from_maybe_shared(bytes::Bytes::from(facts.ip.to_canonical().to_string())).ok();
+    let xff = if xff.is_empty() {
+        real_ip.clone()
+    } else {
+        HeaderValue::from_str(&xff).ok()
+    };
+    if let Some(v) = xff {
         h.insert(HeaderName::from_static("x-forwarded-for"), v);
     }
     h.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("https"));
     if let Some(v) = facts.request_id.and_then(|id| HeaderValue::from_str(id).ok()) {
         h.insert(HeaderName::from_static("x-request-id"), v);
     }
-    if let Ok(v) = HeaderValue::from_str(&facts.ip.to_canonical().to_string()) {
+    if let Some(v) = real_ip {
         h.insert(HeaderName::from_static("x-real-ip"), v);
     }
 }

@@ -19,6 +19,21 @@ pub(crate) fn name_key(name: &str) -> impl Iterator<Item = u8> + '_ {
     name.bytes().filter(u8::is_ascii_alphanumeric).map(|b| b.to_ascii_lowercase())
 }
 
+/// Longest [`name_key`] kept on the stack by [`name_key_in`]; every key the gateway
+/// compares against by its own lists is shorter.
+pub(crate) const NAME_KEY_MAX: usize = 64;
+
+/// [`name_key`] of `name` written into `buf`: `None` when it is longer than the buffer
+/// (then it equals no key of at most [`NAME_KEY_MAX`] bytes).
+pub(crate) fn name_key_in<'b>(name: &str, buf: &'b mut [u8; NAME_KEY_MAX]) -> Option<&'b [u8]> {
+    let mut n = 0;
+    for b in name_key(name) {
+        *buf.get_mut(n)? = b;
+        n += 1;
+    }
+    Some(&buf[..n])
+}
+
 /// Header names compared the way proxies and frameworks conflate them ([`name_key`]).
 pub(crate) fn same_header(a: &str, b: &str) -> bool {
     name_key(a).eq(name_key(b))

@@ -76,7 +76,7 @@ pub(super) async fn complete<S: AsyncRead + AsyncWrite + Unpin>(
         );
         facts.request_id = request_id.as_deref();
         let upstream = super::upstream::connect(gw, rt, route_index, &facts).await?;
-        admission.note(|i| i.upstream = Some(upstream.target.to_string()));
+        admission.note(|i| i.upstream = Some(std::sync::Arc::from(&*upstream.target)));
         Ok((upstream, principal, user))
     }
     .await;

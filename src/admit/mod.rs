@@ -64,12 +64,12 @@ pub(crate) struct Info {
     /// `X-Request-Id` from a trusted proxy, else generated; sent upstream.
     pub(crate) request_id: Option<String>,
     /// The upstream that answered (`host:port`).
-    pub(crate) upstream: Option<String>,
-    pub(crate) route: Option<String>,
+    pub(crate) upstream: Option<Arc<str>>,
+    pub(crate) route: Option<Arc<str>>,
     pub(crate) sub: Option<String>,
     /// The `[providers.NAME]` of the route that authenticated `sub` (`None`: `[jwt]`).
     pub(crate) provider: Option<String>,
-    pub(crate) token_fingerprint: Option<String>,
+    pub(crate) token_fingerprint: Option<Arc<str>>,
     pub(crate) client_ip: Option<IpAddr>,
     /// The request's route has `http = true` (a plain request there is proxied).
     pub(crate) http: bool,
@@ -395,7 +395,7 @@ impl Admission {
         );
         facts.request_id = request_id.as_deref();
         let connected = upstream::connect(&self.gw, &rt, checked.route_index, &facts).await?;
-        self.note(|i| i.upstream = Some(connected.target.to_string()));
+        self.note(|i| i.upstream = Some(Arc::from(&*connected.target)));
         let mut resp = upgrade::switching_protocols(&upgrade, connected.protocol.clone());
         let had = upstream::sticky_choice(&rt, checked.route_index, req.headers());
         let index = connected.load.as_ref().map(crate::balance::SessionHeld::index);

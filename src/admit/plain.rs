@@ -58,16 +58,17 @@ impl Admission {
         let (index, lease) = upstream::checkout_http(rt, checked.route_index, sticky).await?;
         let set_cookie = upstream::sticky_cookie(rt, checked.route_index, sticky, index, !self.plain);
         let target = &route.upstreams[index];
-        self.note(|i| i.upstream = Some(crate::upstream::target_label(target)));
         let Some(lease) = lease else {
+            self.note(|i| i.upstream = Some(crate::upstream::target_label(target).into()));
             return Ok(with_cookie(proxy::echo(body), set_cookie));
         };
+        self.note(|i| i.upstream = Some(lease.label()));
         let base = match target {
             crate::config::Upstream::Remote { path, .. } => path.as_deref(),
             crate::config::Upstream::BuiltinEcho => None,
         };
         let path = crate::upstream::upstream_path(route, base, &facts);
-        let head = crate::upstream::http_request_head(&parts.method, target, &path, &facts)?;
+        let head = crate::upstream::http_request_head(&parts.method, lease.host_header(), &path, &facts)?;
         let resp = proxy::exchange(lease, head, body, (policy.timeout, rt.config.server.upstream_timeout)).await;
         if let Err(e) = &resp {
             tracing::info!(route = %route.name, upstream = index, reason = e.label(), "plain request not answered by the upstream");

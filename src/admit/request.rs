@@ -51,7 +51,7 @@ impl Admission {
         upgrade::check_path(&path)?;
         let route_index = config.route_index(&host, &path).ok_or(Reject::NotFound)?;
         let route = &config.routes[route_index];
-        self.note(|i| i.route = Some(route.name.clone()));
+        self.note(|i| i.route = rt.route_names.get(route_index).cloned());
         if self.plain && route.auth.uses_cert() {
             // Not an auth failure: it must not count toward the balancer's auth ban.
             return Err(Reject::BadRequest("a client-certificate route on a plain listener"));

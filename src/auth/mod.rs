@@ -163,7 +163,8 @@ pub enum Outcome {
 /// What authentication saw of a refused client, for the log line (never the token).
 #[derive(Default)]
 pub struct Seen {
-    pub token_fingerprint: Option<String>,
+    /// Shared with the verified identity (computed once per remembered token).
+    pub token_fingerprint: Option<Arc<str>>,
     pub identity: Option<String>,
 }
 
@@ -451,7 +452,7 @@ impl Methods {
             .and_then(|n| self.introspectors.get(n))
             .ok_or(Reject::AuthUnavailable)?;
         let token = jwt::find_token_in(&introspector.config().token_sources, headers, query).ok_or(Reject::Auth(AuthFailure::Missing))?;
-        seen.token_fingerprint = Some(fingerprint(&token));
+        seen.token_fingerprint = Some(fingerprint(&token).into());
         match introspector.check(&token).await {
             Ok(introspection::Verdict::Active(a)) => {
                 seen.identity = Some(a.identity.clone());
@@ -488,8 +489,16 @@ impl Methods {
 
     async fn token(&self, route: &Route, token: &str, cert: Option<&Arc<ClientCert>>, seen: &mut Seen) -> Result<Principal, Reject> {
         let verifier = self.verifier(route.provider.as_deref()).ok_or(Reject::Auth(AuthFailure::Missing))?;
-        seen.token_fingerprint = Some(fingerprint(token));
-        let id = verifier.verify(token).await.map_err(Reject::Auth)?;
+        // A remembered token's fingerprint comes with its identity; a refused token's is
+        // computed for the log line only then.
+        let id = match verifier.verify(token).await {
+            Ok(id) => id,
+            Err(f) => {
+                seen.token_fingerprint = Some(fingerprint(token).into());
+                return Err(Reject::Auth(f));
+            }
+        };
+        seen.token_fingerprint = Some(id.fingerprint.clone());
         self.exclusive_key(route.provider.as_deref(), verifier, &id).map_err(Reject::Auth)?;
         seen.identity.clone_from(&id.sub);
         check_binding(&id.claims, cert.map(Arc::as_ref)).map_err(Reject::Auth)?;

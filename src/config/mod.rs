@@ -79,7 +79,16 @@ pub(crate) const CLIENT_FORWARDING: &[&str] = &[
 
 /// Whether `name`, in any spelling, is a forwarding header only the gateway may set.
 pub(crate) fn is_client_forwarding(name: &str) -> bool {
-    CLIENT_FORWARDING.iter().any(|f| crate::util::same_header(f, name))
+    let mut buf = [0u8; crate::util::NAME_KEY_MAX];
+    crate::util::name_key_in(name, &mut buf).is_some_and(is_client_forwarding_key)
+}
+
+/// [`is_client_forwarding`] of a name already reduced by [`crate::util::name_key`]
+/// (a request's header is reduced once for every list it is compared with).
+pub(crate) fn is_client_forwarding_key(key: &[u8]) -> bool {
+    static KEYS: std::sync::LazyLock<Vec<Vec<u8>>> =
+        std::sync::LazyLock::new(|| CLIENT_FORWARDING.iter().map(|f| crate::util::name_key(f).collect()).collect());
+    KEYS.iter().any(|k| k.as_slice() == key)
 }
 
 pub const DEFAULT_CONFIG_PATH: &str = "config/gateway.toml";
