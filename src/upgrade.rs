@@ -330,7 +330,7 @@ pub const MAX_REQUEST_ID: usize = 128;
 /// `X-Request-Id` when it is 1–128 characters of `A-Za-z0-9._-`, else a new one (32 hex
 /// digits). A client's own value is never kept: it could forge another request's id in
 /// the logs, or smuggle text into them.
-pub fn request_id(peer_trusted: bool, headers: &HeaderMap) -> String {
+pub fn request_id(peer_trusted: bool, headers: &HeaderMap) -> std::sync::Arc<str> {
     let mut given = headers.get_all("x-request-id").iter();
     if peer_trusted
         && let (Some(v), None) = (given.next(), given.next())
@@ -340,9 +340,10 @@ pub fn request_id(peer_trusted: bool, headers: &HeaderMap) -> String {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
         && let Ok(v) = v.to_str()
     {
-        return v.to_string();
+        return v.into();
     }
-    hex(&new_request_id())
+    // One shared copy: the log fields and the upstream header of the request all point at it.
+    std::str::from_utf8(&hex(new_request_id())).unwrap_or("0").into()
 }
 
 /// A new request id: 128 bits of SipHash, under per-process random keys, of a random
@@ -371,15 +372,15 @@ fn new_request_id() -> [u8; 16] {
     id
 }
 
-/// Lower-case hex of `bytes`, in one allocation (this runs once per request).
-fn hex(bytes: &[u8]) -> String {
+/// Lower-case hex of a request id, on the stack (this runs once per request).
+fn hex(id: [u8; 16]) -> [u8; 32] {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    let mut text = [0u8; 32];
+    for (pair, b) in text.chunks_exact_mut(2).zip(id) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0xf)];
     }
-    s
+    text
 }
 
 /// One `X-Forwarded-For` hop: `ip`, `ip:port`, `[v6]` or `[v6]:port`, canonical.
@@ -527,15 +528,17 @@ mod client_ip_tests {
 
     #[test]
     fn generated_request_ids_differ() {
-        let ids: std::collections::HashSet<String> = (0..10_000).map(|_| request_id(false, &HeaderMap::new())).collect();
+        let ids: std::collections::HashSet<std::sync::Arc<str>> = (0..10_000).map(|_| request_id(false, &HeaderMap::new())).collect();
         assert_eq!(ids.len(), 10_000);
         assert!(ids.iter().all(|i| i.len() == 32 && i.bytes().all(|b| b.is_ascii_hexdigit())));
     }
 
     #[test]
     fn hex_is_two_lower_case_digits_per_byte() {
-        assert_eq!(hex(&[0x00, 0x0f, 0xa5, 0xff]), "000fa5ff");
-        assert_eq!(hex(&[]), "");
+        let mut id = [0u8; 16];
+        id[..4].copy_from_slice(&[0x00, 0x0f, 0xa5, 0xff]);
+        id[15] = 0x9c;
+        assert_eq!(&hex(id), b"000fa5ff00000000000000000000009c");
     }
 
     #[test]
@@ -548,9 +551,9 @@ mod client_ip_tests {
             h
         };
         let generated = |id: &str| id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit());
-        assert_eq!(request_id(true, &with(&["abc.DEF_1-2"])), "abc.DEF_1-2");
+        assert_eq!(&*request_id(true, &with(&["abc.DEF_1-2"])), "abc.DEF_1-2");
         let longest = "a".repeat(MAX_REQUEST_ID);
-        assert_eq!(request_id(true, &with(&[&longest])), longest);
+        assert_eq!(*request_id(true, &with(&[&longest])), *longest);
         // A client's own value is replaced, however well-formed.
         assert!(generated(&request_id(false, &with(&["abc"]))));
         for bad in [&"a".repeat(MAX_REQUEST_ID + 1), "", "a b", "a\"b", "{\"x\":1}", "a/b", "é"] {

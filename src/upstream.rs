@@ -154,28 +154,21 @@ pub fn build_request(url: &str, facts: &ClientFacts) -> Result<http::Request<()>
 }
 
 /// The head of a plain HTTP request to `upstream` (`http = true` routes): the client's
-/// method, `path_and_query` (origin form), `Host` the upstream's authority, and the
+/// method, `uri` (origin form), `Host` the upstream's authority, and the
 /// client's headers as an upgrade forwards them (hop-by-hop, token copies, client
 /// forwarding and identity headers removed; the gateway's own set). `Expect` is
 /// answered by the gateway itself, never forwarded. The body's framing is the
 /// gateway's: `Content-Length` or chunked, written by hyper from the body.
-pub fn http_request_head(
-    method: &http::Method,
-    host: &HeaderValue,
-    path_and_query: &str,
-    facts: &ClientFacts,
-) -> Result<http::request::Parts, Reject> {
+pub fn http_request_head(method: &http::Method, host: &HeaderValue, uri: http::Uri, facts: &ClientFacts) -> http::request::Parts {
     let (mut parts, ()) = http::Request::new(()).into_parts();
     parts.method = method.clone();
-    parts.uri = path_and_query
-        .parse()
-        .map_err(|_| Reject::BadRequest("request target not forwardable"))?;
+    parts.uri = uri;
     // The client's headers and the gateway's own (forwarding, request id, identity).
     parts.headers = HeaderMap::with_capacity(facts.headers.len() + 8);
     parts.headers.insert(header::HOST, host.clone());
     forward_client_headers(&mut parts.headers, facts);
     parts.headers.remove(header::EXPECT);
-    Ok(parts)
+    parts
 }
 
 /// The `Host` an upstream is asked with: its authority (IPv6 in brackets).

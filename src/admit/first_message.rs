@@ -16,8 +16,7 @@ const MAX_TOKEN_MESSAGE: usize = 16 * 1024;
 
 /// What the upstream request needs when it is built after the 101.
 pub(super) struct Pending {
-    path: String,
-    query: Option<String>,
+    target: http::uri::PathAndQuery,
     headers: HeaderMap,
     client_ip: IpAddr,
     peer_ip: IpAddr,
@@ -26,8 +25,7 @@ pub(super) struct Pending {
 impl Pending {
     pub(super) fn new(headers: HeaderMap, checked: &Checked, peer_ip: IpAddr) -> Pending {
         Pending {
-            path: checked.path.clone(),
-            query: checked.query.clone(),
+            target: checked.target.clone(),
             headers,
             client_ip: checked.client_ip,
             peer_ip,
@@ -69,7 +67,7 @@ pub(super) async fn complete<S: AsyncRead + AsyncWrite + Unpin>(
             rt,
             route,
             (pending.client_ip, pending.peer_ip),
-            (&pending.path, pending.query.as_deref()),
+            (pending.target.path(), pending.target.query()),
             &pending.headers,
             Some(&principal),
             cert.map(Arc::as_ref),

@@ -62,7 +62,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 #[derive(Default)]
 pub(crate) struct Info {
     /// `X-Request-Id` from a trusted proxy, else generated; sent upstream.
-    pub(crate) request_id: Option<String>,
+    pub(crate) request_id: Option<Arc<str>>,
     /// The upstream that answered (`host:port`).
     pub(crate) upstream: Option<Arc<str>>,
     pub(crate) route: Option<Arc<str>>,
@@ -326,13 +326,13 @@ impl Admission {
         let requested = crate::auth::forward::Requested {
             client_ip: checked.client_ip,
             host: &checked.host,
-            path: &checked.path,
-            query: checked.query.as_deref(),
+            path: checked.path(),
+            query: checked.query(),
             method: req.method(),
             upgrade,
             tls: !self.plain,
         };
-        let query = checked.query.as_deref();
+        let query = checked.query();
         let outcome = self
             .rt()
             .auth
@@ -388,7 +388,7 @@ impl Admission {
             &rt,
             route,
             (checked.client_ip, self.peer_ip),
-            (&checked.path, checked.query.as_deref()),
+            (checked.path(), checked.query()),
             req.headers(),
             principal.as_ref(),
             self.cert().map(Arc::as_ref),

@@ -48,7 +48,7 @@ impl Admission {
             rt,
             route,
             (checked.client_ip, self.peer_ip),
-            (&checked.path, checked.query.as_deref()),
+            (checked.path(), checked.query()),
             &parts.headers,
             principal.as_ref(),
             self.cert().map(Arc::as_ref),
@@ -67,8 +67,16 @@ impl Admission {
             crate::config::Upstream::Remote { path, .. } => path.as_deref(),
             crate::config::Upstream::BuiltinEcho => None,
         };
-        let path = crate::upstream::upstream_path(route, base, &facts);
-        let head = crate::upstream::http_request_head(&parts.method, lease.host_header(), &path, &facts)?;
+        // The client's target as it came, when nothing in it changes (no path of the
+        // upstream's own, no query that could carry a token copy): not copied again.
+        let uri = if base.is_none() && checked.query().is_none() && checked.target.as_str().starts_with('/') {
+            http::Uri::from(checked.target.clone())
+        } else {
+            crate::upstream::upstream_path(route, base, &facts)
+                .parse()
+                .map_err(|_| Reject::BadRequest("request target not forwardable"))?
+        };
+        let head = crate::upstream::http_request_head(&parts.method, lease.host_header(), uri, &facts);
         let resp = proxy::exchange(lease, head, body, (policy.timeout, rt.config.server.upstream_timeout)).await;
         if let Err(e) = &resp {
             tracing::info!(route = %route.name, upstream = index, reason = e.label(), "plain request not answered by the upstream");

@@ -5,7 +5,7 @@ use crate::config::Config;
 use crate::error::Reject;
 use crate::limits::IpSlot;
 use crate::upgrade::{self, Upgrade};
-use http::Request;
+use http::{Request, uri::PathAndQuery};
 use hyper::body::Incoming;
 use std::net::IpAddr;
 
@@ -13,16 +13,26 @@ use std::net::IpAddr;
 /// per-IP slot held.
 pub(super) struct Checked {
     pub(super) route_index: usize,
-    pub(super) path: String,
+    /// The request target's path and query, as sent (shares hyper's read buffer).
+    pub(super) target: PathAndQuery,
     /// The `Host` as routed.
     pub(super) host: String,
-    pub(super) query: Option<String>,
     pub(super) client_ip: IpAddr,
     /// `None`: a plain request on a route with `http = true`.
     pub(super) upgrade: Option<Upgrade>,
     pub(super) ip_slot: Option<IpSlot>,
     /// The client's `Origin` (one at most: checked), for the live re-checks.
     pub(super) origin: Option<http::HeaderValue>,
+}
+
+impl Checked {
+    pub(super) fn path(&self) -> &str {
+        self.target.path()
+    }
+
+    pub(super) fn query(&self) -> Option<&str> {
+        self.target.query()
+    }
 }
 
 impl Admission {
@@ -47,9 +57,11 @@ impl Admission {
         {
             return Err(Reject::Misdirected);
         }
-        let path = req.uri().path().to_string();
-        upgrade::check_path(&path)?;
-        let route_index = config.route_index(&host, &path).ok_or(Reject::NotFound)?;
+        // No path at all (an authority-form target): refused as a path without '/'.
+        let target = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static(""));
+        let path = target.path();
+        upgrade::check_path(if req.uri().path_and_query().is_some() { path } else { "" })?;
+        let route_index = config.route_index(&host, path).ok_or(Reject::NotFound)?;
         let route = &config.routes[route_index];
         self.note(|i| i.route = rt.route_names.get(route_index).cloned());
         if self.plain && route.auth.uses_cert() {
@@ -85,9 +97,8 @@ impl Admission {
         };
         Ok(Checked {
             route_index,
-            path,
+            target,
             host,
-            query: req.uri().query().map(str::to_string),
             client_ip,
             upgrade,
             ip_slot,
