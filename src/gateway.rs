@@ -192,6 +192,10 @@ impl Runtime {
             .iter()
             .map(|r| crate::balance::Balancer::new(r, sticky_key.clone()))
             .collect();
+        let workers = match config.server.workers {
+            0 => crate::workers::default_count(),
+            n => n,
+        };
         let http_pools = config
             .routes
             .iter()
@@ -208,6 +212,7 @@ impl Runtime {
                                 remote.clone(),
                                 tls.clone(),
                                 policy.max_connections,
+                                workers,
                             ))),
                         })
                         .collect(),

@@ -4,7 +4,7 @@
 //! - [`Pool`]: one per remote upstream of an `http` route. Connections are hyper's
 //!   HTTP/1.1 client connections; at most `routes.http_max_connections` carry
 //!   requests at once (a request waits for one within `http_timeout`), at most
-//!   [`MAX_IDLE_PER_UPSTREAM`] wait idle. A connection goes back to the pool only after
+//!   [`MAX_IDLE_PER_UPSTREAM`] per worker thread wait idle. A connection goes back to the pool only after
 //!   a clean exchange: the request body sent whole, the answer read to its end.
 //! - [`Limited`]: the client's body on its way up, cut at `max_body` (the upstream
 //!   request is aborted and its connection dropped).
@@ -33,7 +33,7 @@ use std::{
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 
-/// Idle connections kept per upstream, so that a burst of up to 128
+/// Idle connections kept per upstream and worker thread, so that a burst of up to 128
 /// concurrent requests finds its connections again on the next one instead of
 /// connecting anew (with 32, a load of 64 kept-alive clients spent a tenth of the
 /// gateway's CPU in connect/close to the upstream). Each expires after [`IDLE_EXPIRY`].
@@ -170,14 +170,18 @@ impl HttpBody for Limited {
     }
 }
 
-/// A connection waiting in the pool.
+/// A connection waiting in the pool (in the list of the worker its driver task runs on).
 struct Idle {
     sender: SendRequest<Limited>,
     since: Instant,
-    /// The worker thread its driver task runs on ([`crate::workers::current`]): only
-    /// that worker is lent it.
-    worker: usize,
 }
+
+/// The idle connections whose driver tasks run on one worker thread (aligned: two
+/// workers' lists never share a cache line, so returning a connection on one thread does
+/// not stall the other).
+#[derive(Default)]
+#[repr(align(128))]
+struct Shard(Mutex<Vec<Idle>>);
 
 /// The connections to one remote upstream.
 pub struct Pool {
@@ -186,49 +190,59 @@ pub struct Pool {
     host: http::HeaderValue,
     label: Arc<str>,
     tls: Option<tokio_rustls::TlsConnector>,
-    idle: Mutex<Vec<Idle>>,
+    /// By worker ([`crate::workers::current`], modulo their number): a request is only
+    /// lent a connection whose driver runs on its own thread.
+    idle: Box<[Shard]>,
     busy: Arc<Semaphore>,
 }
 
 impl Pool {
     /// A pool of at most `max_busy` connections carrying a request at once
-    /// (`routes.http_max_connections`).
-    pub fn new(upstream: Upstream, tls: Option<tokio_rustls::TlsConnector>, max_busy: usize) -> Pool {
+    /// (`routes.http_max_connections`), for a gateway of `workers` worker threads.
+    pub fn new(upstream: Upstream, tls: Option<tokio_rustls::TlsConnector>, max_busy: usize, workers: usize) -> Pool {
         Pool {
             host: crate::upstream::host_header(&upstream),
             label: crate::upstream::target_label(&upstream).into(),
             upstream,
             tls,
-            idle: Mutex::default(),
+            // Worker numbers are 1..=N; 0 is any other thread.
+            idle: (0..=workers.max(1)).map(|_| Shard::default()).collect(),
             busy: Arc::new(Semaphore::new(max_busy.clamp(1, Semaphore::MAX_PERMITS))),
         }
     }
 
     /// Connections waiting idle now.
     pub fn idle_count(&self) -> usize {
-        crate::util::lock(&self.idle).len()
+        self.idle.iter().map(|s| crate::util::lock(&s.0).len()).sum()
+    }
+
+    /// This thread's idle connections.
+    fn shard(&self) -> &Mutex<Vec<Idle>> {
+        &self.idle[crate::workers::current() % self.idle.len()].0
     }
 
     /// A connection for one exchange: a pooled one that is still ready, else a new one
     /// (connected within `connect_timeout`). Waits at most `wait` for a free place.
     pub async fn checkout(self: &Arc<Self>, wait: Duration, connect_timeout: Duration) -> Result<Lease, Checkout> {
-        let permit = match tokio::time::timeout(wait, self.busy.clone().acquire_owned()).await {
-            Ok(Ok(p)) => p,
-            Ok(Err(_)) => return Err(Checkout::Busy(Reject::UpstreamUnavailable)),
-            // Every place taken (long polls held open): the upstream itself did nothing wrong.
-            Err(_) => return Err(Checkout::Busy(Reject::UpstreamTimeout)),
+        // A free place at once (the usual case) needs no timer.
+        let permit = match self.busy.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(tokio::sync::TryAcquireError::Closed) => return Err(Checkout::Busy(Reject::UpstreamUnavailable)),
+            Err(tokio::sync::TryAcquireError::NoPermits) => match tokio::time::timeout(wait, self.busy.clone().acquire_owned()).await {
+                Ok(Ok(p)) => p,
+                Ok(Err(_)) => return Err(Checkout::Busy(Reject::UpstreamUnavailable)),
+                // Every place taken (long polls held open): the upstream itself did nothing wrong.
+                Err(_) => return Err(Checkout::Busy(Reject::UpstreamTimeout)),
+            },
         };
         loop {
-            let next = {
-                let me = crate::workers::current();
-                let mut idle = crate::util::lock(&self.idle);
-                idle.iter().rposition(|e| e.worker == me).map(|i| idle.remove(i))
-            };
-            let Some(Idle { mut sender, since, .. }) = next else { break };
+            // The most recently returned first.
+            let next = crate::util::lock(self.shard()).pop();
+            let Some(Idle { mut sender, since }) = next else { break };
             if sender.is_closed() || since.elapsed() > IDLE_EXPIRY {
                 continue;
             }
-            if matches!(tokio::time::timeout(READY_WAIT, sender.ready()).await, Ok(Ok(()))) {
+            if sender.is_ready() || matches!(tokio::time::timeout(READY_WAIT, sender.ready()).await, Ok(Ok(()))) {
                 return Ok(Lease {
                     sender: Some(sender),
                     pool: self.clone(),
@@ -307,15 +321,11 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         if let Some(sender) = self.sender.take().filter(|s| self.reusable && !s.is_closed()) {
-            let mut idle = crate::util::lock(&self.pool.idle);
-            // Full: the oldest makes room (it may belong to a worker that no longer asks
-            // for one, and would otherwise hold its place until it expires).
+            let since = Instant::now();
+            let mut idle = crate::util::lock(self.pool.shard());
+            // Full: the oldest makes room.
             let evicted = (idle.len() >= MAX_IDLE_PER_UPSTREAM).then(|| idle.remove(0));
-            idle.push(Idle {
-                sender,
-                since: Instant::now(),
-                worker: crate::workers::current(),
-            });
+            idle.push(Idle { sender, since });
             drop(idle);
             drop(evicted);
         }
@@ -401,8 +411,10 @@ pub(crate) struct Streamed {
     lease: Option<Lease>,
     upload: Arc<Upload>,
     idle: Duration,
-    /// Made on the first wait for the upstream (a short answer that is read whole at
-    /// once never needs one).
+    /// When the answer's head or its last byte came from the upstream.
+    last: Instant,
+    /// `idle` after `last`; made on the first wait for the upstream (a short answer read
+    /// whole at once never needs one), moved only when a byte came meanwhile.
     timer: Option<Pin<Box<Sleep>>>,
     on_end: Option<Box<dyn FnOnce() + Send + Sync>>,
 }
@@ -411,6 +423,7 @@ impl Streamed {
     fn new(inner: Incoming, lease: Lease, upload: Arc<Upload>, idle: Duration) -> Streamed {
         let mut s = Streamed {
             timer: None,
+            last: Instant::now(),
             inner,
             lease: Some(lease),
             upload,
@@ -458,6 +471,7 @@ impl HttpBody for Streamed {
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 this.upload.touch();
+                this.last = Instant::now();
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
@@ -469,8 +483,8 @@ impl HttpBody for Streamed {
                 Poll::Ready(None)
             }
             Poll::Pending => {
-                // `idle` after the last byte either way; the timer moves only when a byte did.
-                let deadline = this.upload.last_progress() + this.idle;
+                // No byte from the upstream for `idle` (a client's upload does not extend it).
+                let deadline = this.last + this.idle;
                 let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
                 if timer.deadline() != deadline {
                     timer.as_mut().reset(deadline);

@@ -132,6 +132,17 @@ async fn handle(req: hyper::Request<Incoming>, peer: SocketAddr, st: AppState) -
             });
             hyper::Response::new(Chan(rx).boxed())
         }
+        "/app/late" => {
+            // The head after 2 s, its body 2 s after the head (`http_timeout` 3 s: each
+            // wait is under it, the whole exchange is over it).
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let (tx, rx) = mpsc::channel(1);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let _ = tx.send(Bytes::from_static(b"late body")).await;
+            });
+            hyper::Response::new(Chan(rx).boxed())
+        }
         "/app/slow" => {
             tokio::time::sleep(Duration::from_secs(30)).await;
             text(200, "late")
@@ -516,6 +527,54 @@ async fn refusals_have_their_status_and_reason() {
         .await;
     let a = c.answer().await.unwrap();
     assert_eq!((a.status, a.text().as_str()), (200, "hello"));
+}
+
+#[tokio::test]
+async fn odd_request_targets_reach_routing_and_the_upstream_as_before() {
+    let app = app().await;
+    let url = app.url();
+    let gw = Gw::start(
+        "",
+        &format!(
+            r#"{LIMITS}
+[[routes]]
+name = "late"
+path = "/app/late"
+upstreams = ["{url}"]
+auth = "jwt"
+http = true
+http_timeout = "3s"
+
+[[routes]]
+name = "root"
+path = "/"
+upstreams = ["{url}"]
+auth = "jwt"
+http = true
+"#
+        ),
+    )
+    .await;
+    let auth = bearer(&gw);
+    // An authority-form target (no path at all): 400, the connection closed, nothing upstream.
+    let mut c = Client::connect(&gw).await;
+    c.send(b"GET localhost HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
+    let a = c.answer().await.unwrap();
+    assert_eq!(a.status, 400);
+    assert!(c.closed().await);
+    // An absolute-form target whose path is empty once its fragment is cut: `/` upstream.
+    let mut c = Client::connect(&gw).await;
+    c.send(format!("GET http://localhost#x HTTP/1.1\r\nHost: localhost\r\n{auth}\r\n").as_bytes())
+        .await;
+    let a = c.answer().await.unwrap();
+    assert_eq!(a.status, 404, "{}", a.text());
+    assert_eq!(app.seen().last().map(|s| s.2.clone()).as_deref(), Some("/"));
+    // `http_timeout` counts from the answer's head, then from each of its bytes: a head
+    // after 2 s and its body 2 s later (4 s in all, each wait under 3 s) arrive whole.
+    c.send(&get("/app/late", &auth)).await;
+    let a = c.answer().await.unwrap();
+    assert_eq!((a.status, a.text().as_str()), (200, "late body"));
+    assert_eq!(app.seen().len(), 2);
 }
 
 #[tokio::test]

@@ -68,9 +68,11 @@ impl Admission {
             crate::config::Upstream::BuiltinEcho => None,
         };
         // The client's target as it came, when nothing in it changes (no path of the
-        // upstream's own, no query that could carry a token copy): not copied again.
-        let uri = if base.is_none() && checked.query().is_none() && checked.target.as_str().starts_with('/') {
-            http::Uri::from(checked.target.clone())
+        // upstream's own, no query that could carry a token copy): not copied again. An
+        // empty one (`http://host#x` leaves none) is written as `/` by the general way.
+        let same = http::Uri::from(checked.target.clone());
+        let uri = if base.is_none() && checked.query().is_none() && same.path().starts_with('/') {
+            same
         } else {
             crate::upstream::upstream_path(route, base, &facts)
                 .parse()

@@ -58,9 +58,11 @@ impl Admission {
             return Err(Reject::Misdirected);
         }
         // No path at all (an authority-form target): refused as a path without '/'.
-        let target = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static(""));
+        let Some(target) = req.uri().path_and_query().cloned() else {
+            return Err(Reject::BadRequest("the path must start with '/'"));
+        };
         let path = target.path();
-        upgrade::check_path(if req.uri().path_and_query().is_some() { path } else { "" })?;
+        upgrade::check_path(path)?;
         let route_index = config.route_index(&host, path).ok_or(Reject::NotFound)?;
         let route = &config.routes[route_index];
         self.note(|i| i.route = rt.route_names.get(route_index).cloned());
