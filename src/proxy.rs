@@ -191,7 +191,10 @@ pub struct Pool {
     label: Arc<str>,
     tls: Option<tokio_rustls::TlsConnector>,
     /// By worker ([`crate::workers::current`], modulo their number): a request is only
-    /// lent a connection whose driver runs on its own thread.
+    /// lent a connection whose driver runs on its own thread. (The number comes from the
+    /// config this pool was made under; a reload that changes `server.workers`, which
+    /// takes effect only at a restart, can make two workers share a list: still correct,
+    /// a connection is safe to use from any thread, only a little slower.)
     idle: Box<[Shard]>,
     busy: Arc<Semaphore>,
 }
