@@ -358,20 +358,21 @@ fn get(path: &str, extra: &str) -> Vec<u8> {
 
 const LIMITS: &str = "[limits]\nhttp_rate_per_ip = \"1000/s\"\nhttp_burst_per_ip = 1000\n";
 
+/// A JWT route with `http = true` to the app at `url`, with `extra` keys.
+fn http_route(name: &str, path: &str, url: &str, extra: &str) -> String {
+    format!("[[routes]]\nname = \"{name}\"\npath = \"{path}\"\nupstreams = [\"{url}\"]\nauth = \"jwt\"\nhttp = true\n{extra}\n")
+}
+
 fn routes(app: &App, extra: &str) -> String {
+    let app_route = http_route(
+        "app",
+        "/app/*",
+        &app.url(),
+        &format!("max_body = \"1KiB\"\nhttp_timeout = \"1s\"\nallowed_origins = [\"https://good.example\"]\n{extra}"),
+    );
     format!(
         r#"{LIMITS}
-[[routes]]
-name = "app"
-path = "/app/*"
-upstreams = ["{}"]
-auth = "jwt"
-http = true
-max_body = "1KiB"
-http_timeout = "1s"
-allowed_origins = ["https://good.example"]
-{extra}
-
+{app_route}
 [[routes]]
 name = "ws"
 path = "/ws"
@@ -385,8 +386,7 @@ upstreams = ["builtin:echo"]
 auth = "none"
 http = true
 http_methods = ["GET", "POST"]
-"#,
-        app.url()
+"#
     )
 }
 
@@ -533,28 +533,12 @@ async fn refusals_have_their_status_and_reason() {
 async fn odd_request_targets_reach_routing_and_the_upstream_as_before() {
     let app = app().await;
     let url = app.url();
-    let gw = Gw::start(
-        "",
-        &format!(
-            r#"{LIMITS}
-[[routes]]
-name = "late"
-path = "/app/late"
-upstreams = ["{url}"]
-auth = "jwt"
-http = true
-http_timeout = "3s"
-
-[[routes]]
-name = "root"
-path = "/"
-upstreams = ["{url}"]
-auth = "jwt"
-http = true
-"#
-        ),
-    )
-    .await;
+    let config = format!(
+        "{LIMITS}\n{}\n{}",
+        http_route("late", "/app/late", &url, "http_timeout = \"3s\""),
+        http_route("root", "/", &url, "")
+    );
+    let gw = Gw::start("", &config).await;
     let auth = bearer(&gw);
     // An authority-form target (no path at all): 400, the connection closed, nothing upstream.
     let mut c = Client::connect(&gw).await;
