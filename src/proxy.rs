@@ -4,8 +4,9 @@
 //! - [`Pool`]: one per remote upstream of an `http` route. Connections are hyper's
 //!   HTTP/1.1 client connections; at most `routes.http_max_connections` carry
 //!   requests at once (a request waits for one within `http_timeout`), at most
-//!   [`MAX_IDLE_PER_UPSTREAM`] per worker thread wait idle. A connection goes back to the pool only after
-//!   a clean exchange: the request body sent whole, the answer read to its end.
+//!   [`MAX_IDLE_PER_UPSTREAM`] per worker thread wait idle. A connection goes back to
+//!   the pool only after a clean exchange: the request body sent whole, the answer read
+//!   to its end.
 //! - [`Limited`]: the client's body on its way up, cut at `max_body` (the upstream
 //!   request is aborted and its connection dropped).
 //! - [`Streamed`]: the upstream's answer on its way to the client, frame by frame
