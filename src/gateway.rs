@@ -192,10 +192,7 @@ impl Runtime {
             .iter()
             .map(|r| crate::balance::Balancer::new(r, sticky_key.clone()))
             .collect();
-        let workers = match config.server.workers {
-            0 => crate::workers::default_count(),
-            n => n,
-        };
+        let workers = crate::workers::count(config.server.workers);
         let http_pools = config
             .routes
             .iter()

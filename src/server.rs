@@ -226,10 +226,7 @@ fn start_workers(
     listeners: Vec<(TcpListener, bool)>,
     stop: &CancellationToken,
 ) -> anyhow::Result<(Vec<oneshot::Receiver<()>>, DropGuard)> {
-    let count = match gw.runtime().config.server.workers {
-        0 => crate::workers::default_count(),
-        n => n,
-    };
+    let count = crate::workers::count(gw.runtime().config.server.workers);
     let listeners = listeners
         .into_iter()
         .map(|(l, plain)| Ok((l.into_std()?, plain)))

@@ -374,12 +374,8 @@ fn new_request_id() -> [u8; 16] {
 
 /// Lower-case hex of a request id, on the stack (this runs once per request).
 fn hex(id: [u8; 16]) -> [u8; 32] {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut text = [0u8; 32];
-    for (pair, b) in text.chunks_exact_mut(2).zip(id) {
-        pair[0] = DIGITS[usize::from(b >> 4)];
-        pair[1] = DIGITS[usize::from(b & 0xf)];
-    }
+    crate::util::hex_into(&id, &mut text);
     text
 }
 

@@ -173,13 +173,11 @@ pub fn http_request_head(method: &http::Method, host: &HeaderValue, uri: http::U
 
 /// The `Host` an upstream is asked with: its authority (IPv6 in brackets).
 pub fn host_header(upstream: &Upstream) -> HeaderValue {
-    let authority = match upstream {
-        Upstream::Remote { host, port, .. } if host.contains(':') => format!("[{host}]:{port}"),
-        Upstream::Remote { host, port, .. } => format!("{host}:{port}"),
-        Upstream::BuiltinEcho => "builtin.echo".to_string(),
-    };
-    // A host from the config is a URL's host: always a valid header value.
-    HeaderValue::from_str(&authority).unwrap_or_else(|_| HeaderValue::from_static("invalid.host"))
+    match upstream {
+        Upstream::BuiltinEcho => HeaderValue::from_static("builtin.echo"),
+        // A host from the config is a URL's host: always a valid header value.
+        remote => HeaderValue::from_str(&target_label(remote)).unwrap_or_else(|_| HeaderValue::from_static("invalid.host")),
+    }
 }
 
 /// Response headers that describe one hop (RFC 9110 7.6.1), and every header the
@@ -279,6 +277,8 @@ fn forward_client_headers(h: &mut HeaderMap, facts: &ClientFacts) {
         .iter()
         .filter_map(|v| v.to_str().ok())
         .collect();
+    // The client's address, formatted once for both headers that carry it.
+    let real_ip = HeaderValue::from_maybe_shared(bytes::Bytes::from(facts.ip.to_canonical().to_string())).ok();
     let xff = if facts.peer_trusted && !prev.is_empty() {
         // Every hop in one form, as the gateway itself reads them (bans, `X-Real-IP`):
         // the bare address, IPv4-mapped IPv6 as IPv4, IPv6 in RFC 5952 text. A hop that
@@ -289,16 +289,9 @@ fn forward_client_headers(h: &mut HeaderMap, facts: &ClientFacts) {
             .map(|hop| crate::upgrade::parse_hop(hop).map_or_else(|| "unknown".to_string(), |ip| ip.to_string()))
             .collect();
         hops.push(facts.peer.to_canonical().to_string());
-        hops.join(", ")
+        HeaderValue::from_str(&hops.join(", ")).ok()
     } else {
-        String::new()
-    };
-    // The client's address, formatted once for both headers that carry it.
-    let real_ip = HeaderValue::from_maybe_shared(bytes::Bytes::from(facts.ip.to_canonical().to_string())).ok();
-    let xff = if xff.is_empty() {
         real_ip.clone()
-    } else {
-        HeaderValue::from_str(&xff).ok()
     };
     if let Some(v) = xff {
         h.insert(HeaderName::from_static("x-forwarded-for"), v);

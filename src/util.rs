@@ -41,13 +41,19 @@ pub(crate) fn same_header(a: &str, b: &str) -> bool {
 
 /// `bytes` in lower-case hex, in one allocation (digests, fingerprints, random ids).
 pub(crate) fn hex(bytes: &[u8]) -> String {
+    let mut out = vec![0u8; bytes.len() * 2];
+    hex_into(bytes, &mut out);
+    // Hex digits are ASCII: never the empty fallback.
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// `bytes` in lower-case hex written into `out` (two digits a byte; `out` is that long).
+pub(crate) fn hex_into(bytes: &[u8], out: &mut [u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0xf)];
     }
-    s
 }
 
 /// A client- or file-controlled string made safe for a log line or an error message:

@@ -50,6 +50,14 @@ pub(crate) fn default_count() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// The worker threads `[server] workers` asks for (0: [`default_count`]).
+pub(crate) fn count(configured: usize) -> usize {
+    match configured {
+        0 => default_count(),
+        n => n,
+    }
+}
+
 /// Spawn a connection's task on this thread's runtime; on a worker, tracked so the
 /// worker's thread outlives it.
 pub(crate) fn spawn<F>(task: F)
