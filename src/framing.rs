@@ -53,6 +53,13 @@ pub(crate) struct Heads {
     checks: Mutex<VecDeque<HeadCheck>>,
     /// Milliseconds after `start` of the last byte read or written.
     last_activity: AtomicU64,
+    /// Heads read whole, and answers ended (their bodies dropped by hyper): while every
+    /// head read has had its answer, the connection waits for the next head.
+    read: AtomicU64,
+    answered: AtomicU64,
+    /// Milliseconds after `start` when the last answer ended (0: none yet): when the
+    /// wait for the next head began.
+    waiting_since: AtomicU64,
     start: Instant,
 }
 
@@ -61,8 +68,39 @@ impl Heads {
         Arc::new(Heads {
             checks: Mutex::default(),
             last_activity: AtomicU64::new(0),
+            read: AtomicU64::new(0),
+            answered: AtomicU64::new(0),
+            waiting_since: AtomicU64::new(0),
             start: Instant::now(),
         })
+    }
+
+    /// When the connection began (the first head is due `head_timeout` after it).
+    pub(crate) fn start(&self) -> Instant {
+        self.start
+    }
+
+    /// An answer ended: the wait for the next head begins now.
+    pub(crate) fn answered(&self) {
+        self.waiting_since.store(self.millis(), Ordering::Relaxed);
+        self.answered.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// When the next request head must be whole, if the connection is waiting for one
+    /// (no request in progress): `within` after the last answer ended (or the start).
+    /// A head dribbled in does not move it.
+    pub(crate) fn head_due(&self, within: Duration) -> Option<Instant> {
+        let waiting = self.answered.load(Ordering::Relaxed) >= self.read.load(Ordering::Relaxed);
+        waiting.then(|| self.start + Duration::from_millis(self.waiting_since.load(Ordering::Relaxed)) + within)
+    }
+
+    /// When the last byte moved either way on the client connection.
+    pub(crate) fn last_activity(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_activity.load(Ordering::Relaxed))
+    }
+
+    fn millis(&self) -> u64 {
+        self.start.elapsed().as_millis().min(u128::from(u64::MAX)) as u64
     }
 
     /// The check of the next request head hyper hands over. No check queued means the
@@ -79,18 +117,48 @@ impl Heads {
             return false;
         }
         q.push_back(check);
+        self.read.fetch_add(1, Ordering::Relaxed);
         true
     }
 
     fn touch(&self) {
-        let ms = self.start.elapsed().as_millis().min(u128::from(u64::MAX)) as u64;
-        self.last_activity.store(ms, Ordering::Relaxed);
+        self.last_activity.store(self.millis(), Ordering::Relaxed);
+    }
+}
+
+/// An answer's body as hyper writes it; dropped (written whole, or abandoned), it tells
+/// [`Heads`] the answer ended.
+pub(crate) struct Answering<B> {
+    body: B,
+    heads: Arc<Heads>,
+}
+
+impl<B> Answering<B> {
+    pub(crate) fn new(body: B, heads: Arc<Heads>) -> Answering<B> {
+        Answering { body, heads }
+    }
+}
+
+impl<B> Drop for Answering<B> {
+    fn drop(&mut self) {
+        self.heads.answered();
+    }
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for Answering<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
     }
 
-    /// Time since the last byte either way on the client connection.
-    pub(crate) fn idle_for(&self) -> Duration {
-        let last = Duration::from_millis(self.last_activity.load(Ordering::Relaxed));
-        self.start.elapsed().saturating_sub(last)
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 

@@ -118,6 +118,9 @@ pub struct Runtime {
     pub admin_token: Option<crate::keys::Secret>,
     /// Each route's name, by route index, shared by the log fields of its requests.
     pub route_names: Vec<Arc<str>>,
+    /// Each route's HTTP request series, by route index, found on the route's first
+    /// plain request (not looked up by name per request).
+    pub http_series: Vec<std::sync::OnceLock<Arc<crate::metrics::HttpRouteMetrics>>>,
 }
 
 impl Runtime {
@@ -233,8 +236,10 @@ impl Runtime {
             .max_message_size(Some(max_message))
             .max_frame_size(Some(max_frame));
         let route_names = config.routes.iter().map(|r| Arc::from(r.name.as_str())).collect();
+        let http_series = config.routes.iter().map(|_| std::sync::OnceLock::new()).collect();
         Ok(Runtime {
             route_names,
+            http_series,
             config,
             tls,
             certs,

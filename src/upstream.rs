@@ -278,7 +278,7 @@ fn forward_client_headers(h: &mut HeaderMap, facts: &ClientFacts) {
         .filter_map(|v| v.to_str().ok())
         .collect();
     // The client's address, formatted once for both headers that carry it.
-    let real_ip = HeaderValue::from_maybe_shared(bytes::Bytes::from(facts.ip.to_canonical().to_string())).ok();
+    let real_ip = crate::util::ip_header_value(facts.ip);
     let xff = if facts.peer_trusted && !prev.is_empty() {
         // Every hop in one form, as the gateway itself reads them (bans, `X-Real-IP`):
         // the bare address, IPv4-mapped IPv6 as IPv4, IPv6 in RFC 5952 text. A hop that

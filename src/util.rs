@@ -56,6 +56,35 @@ pub(crate) fn hex_into(bytes: &[u8], out: &mut [u8]) {
     }
 }
 
+/// An address as a header value: IPv4 written digit by digit (the per-request common case,
+/// without the formatting machinery), IPv4-mapped IPv6 as IPv4, other IPv6 in RFC 5952 text.
+pub(crate) fn ip_header_value(ip: std::net::IpAddr) -> Option<http::HeaderValue> {
+    match ip.to_canonical() {
+        std::net::IpAddr::V4(v4) => {
+            let mut buf = [0u8; 15];
+            let mut n = 0;
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    buf[n] = b'.';
+                    n += 1;
+                }
+                if octet >= 100 {
+                    buf[n] = b'0' + octet / 100;
+                    n += 1;
+                }
+                if octet >= 10 {
+                    buf[n] = b'0' + octet / 10 % 10;
+                    n += 1;
+                }
+                buf[n] = b'0' + octet % 10;
+                n += 1;
+            }
+            http::HeaderValue::from_bytes(&buf[..n]).ok()
+        }
+        v6 => http::HeaderValue::from_str(&v6.to_string()).ok(),
+    }
+}
+
 /// A client- or file-controlled string made safe for a log line or an error message:
 /// at most `max` characters, control characters and quotes escaped.
 pub fn escape(s: &str, max: usize) -> String {
@@ -231,5 +260,23 @@ mod tests {
     fn hex_is_lower_case_two_digits_per_byte() {
         assert_eq!(super::hex(&[0x00, 0x0f, 0xab, 0xff, 0x10]), "000fabff10");
         assert_eq!(super::hex(&[]), "");
+    }
+
+    #[test]
+    fn an_address_header_value_is_the_address_text() {
+        for text in [
+            "0.0.0.0",
+            "255.255.255.255",
+            "10.0.100.9",
+            "192.168.1.10",
+            "1.20.255.3",
+            "::1",
+            "2001:db8::7",
+        ] {
+            let ip: std::net::IpAddr = text.parse().unwrap();
+            assert_eq!(super::ip_header_value(ip).unwrap(), text);
+        }
+        let mapped: std::net::IpAddr = "::ffff:203.0.113.9".parse().unwrap();
+        assert_eq!(super::ip_header_value(mapped).unwrap(), "203.0.113.9");
     }
 }

@@ -561,6 +561,61 @@ async fn odd_request_targets_reach_routing_and_the_upstream_as_before() {
     assert_eq!(app.seen().len(), 2);
 }
 
+/// Between plain requests a kept-alive connection waits for its next request head no
+/// longer than `handshake_timeout`, counted from the end of the last answer: a head
+/// dripped slowly is cut, and so is a connection left silent. A request in progress is
+/// not: neither an upstream slower than that to answer, nor an answer streamed for longer.
+#[tokio::test]
+async fn a_kept_alive_connection_waits_for_its_next_head_no_longer_than_handshake_timeout() {
+    let app = app().await;
+    let url = app.url();
+    let config = format!(
+        "{LIMITS}\n{}\n{}",
+        http_route("late", "/app/late", &url, "http_timeout = \"3s\""),
+        http_route("app", "/app/*", &url, "http_timeout = \"3s\"")
+    );
+    let gw = Gw::start("handshake_timeout = \"1s\"", &config).await;
+    let auth = bearer(&gw);
+    let mut c = Client::connect(&gw).await;
+    // The upstream's head comes after 2 s, its body 2 s later: the connection stays.
+    c.send(&get("/app/late", &auth)).await;
+    let a = c.answer().await.unwrap();
+    assert_eq!((a.status, a.text().as_str()), (200, "late body"));
+    // An answer streamed for 1.5 s (its second chunk held): the connection stays.
+    c.send(&get("/app/stream", &auth)).await;
+    assert_eq!(c.head().await.unwrap().0, 200);
+    assert_eq!(c.chunk().await, b"first");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    app.state.release.notify_one();
+    assert_eq!(c.chunk().await, b"second");
+    assert!(c.chunk().await.is_empty());
+    // Then silence: cut about 1 s after the end of the answer.
+    let t0 = std::time::Instant::now();
+    assert!(c.closed().await, "a silent kept-alive connection stayed");
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_millis(700) && waited < Duration::from_secs(3),
+        "cut after {waited:?}"
+    );
+    // A next head dripped a byte every 100 ms: cut before it is whole.
+    let mut c = Client::connect(&gw).await;
+    c.send(&get("/app/headers", &auth)).await;
+    assert_eq!(c.answer().await.unwrap().status, 200);
+    let t0 = std::time::Instant::now();
+    let mut cut = false;
+    for b in get("/app/headers", &auth).iter().take(40) {
+        if c.s.write_all(&[*b]).await.is_err() || c.s.flush().await.is_err() {
+            cut = true;
+            break;
+        }
+        // Kept: a client dripping its request head slowly is the point of this case.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(cut || c.closed().await, "a dripped head was not cut");
+    assert!(t0.elapsed() < Duration::from_millis(3500), "cut after {:?}", t0.elapsed());
+    assert_eq!(app.seen().len(), 3, "the dripped head reached the upstream");
+}
+
 #[tokio::test]
 async fn a_chunked_body_over_max_body_aborts_the_upstream_request_and_its_connection_is_not_reused() {
     let app = app().await;

@@ -227,7 +227,16 @@ impl Admission {
     /// leaves the connection open for the next one.
     pub(crate) async fn answer(&self, req: Request<Incoming>) -> Response<Body> {
         let t0 = tokio::time::Instant::now();
-        *lock(&self.rt) = self.gw.runtime();
+        // The newest runtime, loaded once for the request and passed down by reference
+        // (its count is shared by every connection: one increment per request, not one
+        // per stage); kept for the session when it changed.
+        let rt = self.gw.runtime();
+        {
+            let mut current = lock(&self.rt);
+            if !Arc::ptr_eq(&current, &rt) {
+                *current = rt.clone();
+            }
+        }
         let plain = !upgrade::wants_websocket(req.headers());
         self.note(|i| {
             i.route = None;
@@ -237,7 +246,7 @@ impl Admission {
         // twice, a bare LF): the raw head, checked before hyper read it, decides first.
         let result = match self.heads.next() {
             crate::framing::HeadCheck::Refused(why) => Err(Reject::BadRequest(why)),
-            crate::framing::HeadCheck::Clean => self.admit(req).await,
+            crate::framing::HeadCheck::Clean => self.admit(&rt, req).await,
         };
         let (resp, counted) = match result {
             Ok(Answered::Upgrade(answer)) => {
@@ -255,7 +264,12 @@ impl Admission {
                 (resp.map(Body::from), plain)
             }
         };
-        let series = self.with_info(|i| i.route.as_deref().filter(|_| i.http).map(|r| self.gw.metrics.http_route(r)));
+        let series = self.with_info(|i| i.route.clone().filter(|_| i.http)).map(|name| {
+            match rt.route_names.iter().position(|n| Arc::ptr_eq(n, &name)) {
+                Some(index) => rt.http_series[index].get_or_init(|| self.gw.metrics.http_route(&name)).clone(),
+                None => self.gw.metrics.http_route(&name),
+            }
+        });
         match series {
             Some(series) if counted => self.count_http(series, resp, t0),
             _ => resp,
@@ -317,6 +331,7 @@ impl Admission {
     /// the provider.
     async fn authenticate(
         &self,
+        rt: &Runtime,
         route: &crate::config::Route,
         req: &Request<Incoming>,
         checked: &Checked,
@@ -333,8 +348,7 @@ impl Admission {
             tls: !self.plain,
         };
         let query = checked.query();
-        let outcome = self
-            .rt()
+        let outcome = rt
             .auth
             .authenticate(route, req.headers(), query, self.cert(), &requested, &mut seen)
             .await;
@@ -356,11 +370,10 @@ impl Admission {
     }
 
     /// Stages 5–7 in order; the first refusal wins.
-    async fn admit(&self, mut req: Request<Incoming>) -> Result<Answered, Reject> {
-        let rt = self.rt();
-        let mut checked = self.check(&req)?;
+    async fn admit(&self, rt: &Arc<Runtime>, mut req: Request<Incoming>) -> Result<Answered, Reject> {
+        let mut checked = self.check(rt, &req)?;
         let Some(upgrade) = checked.upgrade.take() else {
-            return self.http(req, checked).await.map(Answered::Http);
+            return self.http(rt, req, checked).await.map(Answered::Http);
         };
         let req = &mut req;
         let held = lock(&self.conn_lease).take();
@@ -372,7 +385,7 @@ impl Admission {
             }
         };
         let route = &rt.config.routes[checked.route_index];
-        let principal = match self.authenticate(route, req, &checked, true).await? {
+        let principal = match self.authenticate(rt, route, req, &checked, true).await? {
             Outcome::Anonymous => None,
             Outcome::Authenticated(p) => Some(p),
             Outcome::Deferred => {

@@ -8,6 +8,7 @@ use super::request::Checked;
 use super::{Admission, shared_cap, upstream};
 use crate::auth::Outcome;
 use crate::error::{AuthFailure, Reject};
+use crate::gateway::Runtime;
 use crate::proxy::{self, Body};
 use crate::util::lock;
 use http::{Request, Response};
@@ -15,8 +16,7 @@ use hyper::body::Incoming;
 use std::sync::Arc;
 
 impl Admission {
-    pub(super) async fn http(&self, req: Request<Incoming>, checked: Checked) -> Result<Response<Body>, Reject> {
-        let rt = &self.rt();
+    pub(super) async fn http(&self, rt: &Runtime, req: Request<Incoming>, checked: Checked) -> Result<Response<Body>, Reject> {
         let route = &rt.config.routes[checked.route_index];
         let Some(policy) = route.http.as_ref() else {
             return Err(Reject::NotUpgrade);
@@ -30,7 +30,7 @@ impl Admission {
             let lease = shared_cap::hold_ip(&self.gw, &rt.config, checked.client_ip, started).await?;
             *lock(&self.conn_lease) = lease;
         }
-        let principal = match self.authenticate(route, &req, &checked, false).await? {
+        let principal = match self.authenticate(rt, route, &req, &checked, false).await? {
             Outcome::Anonymous => None,
             Outcome::Authenticated(p) => Some(p),
             // A token sent as the first WebSocket message has no place in a plain request.

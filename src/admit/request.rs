@@ -3,6 +3,7 @@
 use super::Admission;
 use crate::config::Config;
 use crate::error::Reject;
+use crate::gateway::Runtime;
 use crate::limits::IpSlot;
 use crate::upgrade::{self, Upgrade};
 use http::{Request, uri::PathAndQuery};
@@ -38,8 +39,7 @@ impl Checked {
 impl Admission {
     /// Client address, drain and cap, path, route, upgrade headers, Origin, ban, per-IP
     /// limits behind a proxy.
-    pub(super) fn check(&self, req: &Request<Incoming>) -> Result<Checked, Reject> {
-        let rt = self.rt();
+    pub(super) fn check(&self, rt: &Runtime, req: &Request<Incoming>) -> Result<Checked, Reject> {
         let config: &Config = &rt.config;
         let request_id = upgrade::request_id(config.server.is_trusted_proxy(self.peer_ip), req.headers());
         self.note(|i| i.request_id = Some(request_id));

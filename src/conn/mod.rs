@@ -8,11 +8,12 @@ use crate::gateway::{Gateway, Refused, Runtime};
 use crate::relay::{self, Outcome};
 use crate::util::escape;
 use hyper::{server::conn::http1, service::service_fn};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use std::{
     convert::Infallible,
     net::{IpAddr, SocketAddr},
     sync::Arc,
+    task::Poll,
     time::Duration,
 };
 use tokio::{net::TcpStream, time::Instant};
@@ -129,9 +130,14 @@ async fn handshake(
         ClientStream::Tls(tls)
     };
     let ctx = admission.clone();
+    let heads = admission.heads();
     let service = service_fn(move |req| {
         let ctx = ctx.clone();
-        async move { Ok::<_, Infallible>(ctx.answer(req).await) }
+        let heads = heads.clone();
+        async move {
+            let resp = ctx.answer(req).await;
+            Ok::<_, Infallible>(resp.map(|body| crate::framing::Answering::new(body, heads)))
+        }
     });
     // Keep-alive stays on so hyper does not add `close` to the 101's `Connection`
     // header, and so plain requests on `http = true` routes can follow each other;
@@ -139,9 +145,10 @@ async fn handshake(
     // reads a pipelined second request.
     let mut builder = http1::Builder::new();
     let max_head = server.max_request_head.max(HYPER_MIN_BUF);
+    // The wait for each request head is bounded below (the watchdog), not by hyper's
+    // `header_read_timeout`, which made and dropped a timer per request.
     builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)))
+        .header_read_timeout(None)
         .max_buf_size(max_head)
         .max_headers(MAX_REQUEST_HEADERS)
         .half_close(false);
@@ -153,21 +160,43 @@ async fn handshake(
         server.handshake_timeout + server.upstream_timeout * rt.config.routes.iter().map(|r| r.upstreams.len()).max().unwrap_or(1) as u32;
     let heads = admission.heads();
     let io = crate::framing::Guarded::new(stream, heads.clone(), max_head);
-    let serve = Box::pin(builder.serve_connection(TokioIo::new(io), service).with_upgrades());
-    let watchdog = async {
-        loop {
-            let quiet = heads.idle_for();
-            let quiet_limit = quiet_base + admission.http_timeout();
-            if quiet >= quiet_limit {
-                return;
-            }
-            tokio::time::sleep(quiet_limit - quiet).await;
+    let mut serve = Box::pin(builder.serve_connection(TokioIo::new(io), service).with_upgrades());
+    // The watchdog's two limits, one timer for both: the next request head whole within
+    // `handshake_timeout` of the end of the last answer (the first one by `deadline`; a
+    // request in progress has none), and no byte either way for `quiet_limit`. The
+    // alarm is never set further than `head_within` ahead: a request in progress that
+    // ends later makes the next head due later than that, so an alarm set while it ran
+    // never rings past that head's due time (and the end of an answer need not move it).
+    let head_within = deadline.saturating_duration_since(heads.start()).max(Duration::from_millis(1));
+    let due = || {
+        let quiet = heads.last_activity() + quiet_base + admission.http_timeout();
+        let head = heads.head_due(head_within).unwrap_or_else(|| Instant::now() + head_within);
+        head.min(quiet)
+    };
+    let mut alarm = std::pin::pin!(tokio::time::sleep_until(due()));
+    // The waker the alarm holds: while it is this task's and the alarm has not rung, the
+    // alarm is not polled again on every wake of the connection.
+    let mut armed: Option<std::task::Waker> = None;
+    let served = std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = serve.as_mut().poll(cx) {
+            return Poll::Ready(Ok(r));
         }
-    };
-    let served = tokio::select! {
-        r = serve => Ok(r),
-        () = watchdog => Err(()),
-    };
+        if armed.as_ref().is_some_and(|w| w.will_wake(cx.waker())) && !alarm.is_elapsed() {
+            return Poll::Pending;
+        }
+        loop {
+            if alarm.as_mut().poll(cx).is_pending() {
+                armed = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            let next = due();
+            if next <= Instant::now() {
+                return Poll::Ready(Err(()));
+            }
+            alarm.as_mut().reset(next);
+        }
+    })
+    .await;
     let plain_requests = admission.served();
 
     let admission = match (admission.verdict(), served) {
