@@ -23,7 +23,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
@@ -51,8 +51,9 @@ pub(crate) enum HeadCheck {
 #[derive(Debug)]
 pub(crate) struct Heads {
     checks: Mutex<VecDeque<HeadCheck>>,
-    /// Milliseconds after `start` of the last byte read or written.
-    last_activity: AtomicU64,
+    /// A byte was read or written since the watchdog last looked (no clock read per
+    /// read and write: the watchdog, which looks at least every head timeout, dates it).
+    active: AtomicBool,
     /// Heads read whole, and answers ended (their bodies dropped by hyper): while every
     /// head read has had its answer, the connection waits for the next head.
     read: AtomicU64,
@@ -67,7 +68,7 @@ impl Heads {
     pub(crate) fn new() -> Arc<Heads> {
         Arc::new(Heads {
             checks: Mutex::default(),
-            last_activity: AtomicU64::new(0),
+            active: AtomicBool::new(false),
             read: AtomicU64::new(0),
             answered: AtomicU64::new(0),
             waiting_since: AtomicU64::new(0),
@@ -94,9 +95,9 @@ impl Heads {
         waiting.then(|| self.start + Duration::from_millis(self.waiting_since.load(Ordering::Relaxed)) + within)
     }
 
-    /// When the last byte moved either way on the client connection.
-    pub(crate) fn last_activity(&self) -> Instant {
-        self.start + Duration::from_millis(self.last_activity.load(Ordering::Relaxed))
+    /// Whether a byte moved either way since the last call.
+    pub(crate) fn take_activity(&self) -> bool {
+        self.active.swap(false, Ordering::Relaxed)
     }
 
     fn millis(&self) -> u64 {
@@ -122,7 +123,7 @@ impl Heads {
     }
 
     fn touch(&self) {
-        self.last_activity.store(self.millis(), Ordering::Relaxed);
+        self.active.store(true, Ordering::Relaxed);
     }
 }
 

@@ -347,8 +347,8 @@ pub(crate) async fn exchange(
     body: Limited,
     (timeout, connect_timeout): (Duration, Duration),
 ) -> Result<Response<Body>, Reject> {
+    // Its progress counts from when the body was taken (`Limited::new`, just before).
     let upload = body.upload.clone();
-    upload.touch();
     let mut req = http::Request::from_parts(head, body);
     let resp = loop {
         let Some(sender) = lease.sender.as_mut() else {
@@ -415,9 +415,10 @@ pub(crate) struct Streamed {
     lease: Option<Lease>,
     upload: Arc<Upload>,
     idle: Duration,
-    /// When the answer's head or its last byte came from the upstream.
-    last: Instant,
-    /// `idle` after `last`; made on the first wait for the upstream (a short answer read
+    /// Since when the answer has waited for the upstream: set on the first wait after
+    /// the head or a byte (no clock read for an answer that never waits).
+    waiting: Option<Instant>,
+    /// `idle` after `waiting`; made on the first wait for the upstream (a short answer read
     /// whole at once never needs one), moved only when a byte came meanwhile.
     timer: Option<Pin<Box<Sleep>>>,
     on_end: Option<Box<dyn FnOnce() + Send + Sync>>,
@@ -427,7 +428,7 @@ impl Streamed {
     fn new(inner: Incoming, lease: Lease, upload: Arc<Upload>, idle: Duration) -> Streamed {
         let mut s = Streamed {
             timer: None,
-            last: Instant::now(),
+            waiting: None,
             inner,
             lease: Some(lease),
             upload,
@@ -474,8 +475,7 @@ impl HttpBody for Streamed {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                this.upload.touch();
-                this.last = Instant::now();
+                this.waiting = None;
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
@@ -488,7 +488,7 @@ impl HttpBody for Streamed {
             }
             Poll::Pending => {
                 // No byte from the upstream for `idle` (a client's upload does not extend it).
-                let deadline = this.last + this.idle;
+                let deadline = *this.waiting.get_or_insert_with(Instant::now) + this.idle;
                 let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
                 if timer.deadline() != deadline {
                     timer.as_mut().reset(deadline);

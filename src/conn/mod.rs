@@ -167,11 +167,17 @@ async fn handshake(
     // alarm is never set further than `head_within` ahead: a request in progress that
     // ends later makes the next head due later than that, so an alarm set while it ran
     // never rings past that head's due time (and the end of an answer need not move it).
+    // Activity is dated when the alarm rings (reads and writes only flag it), so the
+    // quiet limit holds to within `head_within` more.
     let head_within = deadline.saturating_duration_since(heads.start()).max(Duration::from_millis(1));
-    let due = || {
-        let quiet = heads.last_activity() + quiet_base + admission.http_timeout();
-        let head = heads.head_due(head_within).unwrap_or_else(|| Instant::now() + head_within);
-        head.min(quiet)
+    let mut last_active = heads.start();
+    let mut due = || {
+        let now = Instant::now();
+        if heads.take_activity() {
+            last_active = now;
+        }
+        let quiet = last_active + quiet_base + admission.http_timeout();
+        heads.head_due(head_within).unwrap_or(now + head_within).min(quiet)
     };
     let mut alarm = std::pin::pin!(tokio::time::sleep_until(due()));
     // The waker the alarm holds: while it is this task's and the alarm has not rung, the
