@@ -257,7 +257,7 @@ impl Pool {
                 });
             }
         }
-        let sender = tokio::time::timeout(connect_timeout, self.connect())
+        let sender = tokio::time::timeout(connect_timeout, Box::pin(self.connect()))
             .await
             .map_err(|_| Checkout::Transport(Reject::UpstreamTimeout))?
             .map_err(Checkout::Transport)?;
@@ -360,7 +360,7 @@ pub(crate) async fn exchange(
             Err(mut e) => match e.take_message() {
                 Some(unsent) if lease.reused => {
                     tracing::debug!("a pooled upstream connection closed before the request went out: one new one");
-                    let sender = tokio::time::timeout(connect_timeout, lease.pool.connect())
+                    let sender = tokio::time::timeout(connect_timeout, Box::pin(lease.pool.connect()))
                         .await
                         .map_err(|_| Reject::UpstreamTimeout)??;
                     lease.sender = Some(sender);

@@ -103,7 +103,9 @@ pub(super) async fn hold_ip(gw: &Gateway, config: &Config, ip: IpAddr, started: 
         }
         Ok(())
     };
-    SharedCap { cluster }.hold(op, share).await
+    // Boxed: the Redis exchange is some 14 KB of future, which would otherwise be part of
+    // every request's future (and copied with it) even without a cluster.
+    SharedCap { cluster }.hold(Box::pin(op), share).await
 }
 
 /// Take one of `sub`'s sessions: the local cap first (no Redis call when it is full),
@@ -124,7 +126,7 @@ pub(super) async fn hold_user(gw: &Gateway, max: u32, sub: &str) -> Result<UserH
                 Some(_) => Ok(()),
                 None => Err(Reject::GlobalConnLimit), // how many share the cap is not known yet
             };
-            SharedCap { cluster }.hold(op, share).await?
+            SharedCap { cluster }.hold(Box::pin(op), share).await?
         }
     };
     Ok(UserHold {

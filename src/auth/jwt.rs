@@ -304,7 +304,9 @@ impl Verifier {
         let generation = self.keys.generation();
         let (alg, kid) = self.check_header(token)?;
         let verified = match self.verify_with_keys(token, alg, kid.as_deref()) {
-            Err(AuthFailure::UnknownKid) if self.keys.refetch_for_unknown_kid().await => self.verify_with_keys(token, alg, kid.as_deref()),
+            Err(AuthFailure::UnknownKid) if Box::pin(self.keys.refetch_for_unknown_kid()).await => {
+                self.verify_with_keys(token, alg, kid.as_deref())
+            }
             other => other,
         };
         if let Ok(id) = &verified {

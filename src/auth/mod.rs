@@ -411,7 +411,9 @@ impl Methods {
             .and_then(|n| self.forwards.get(n))
             .ok_or(Reject::AuthUnavailable)?;
         let asked = forward::Asked::new(checker.config(), headers, requested).ok_or(Reject::AuthUnavailable)?;
-        match checker.check(&asked).await {
+        // Boxed (here and for introspection and a JWKS refetch): a network exchange's
+        // future, only when there is one, not inline in every request's future.
+        match Box::pin(checker.check(&asked)).await {
             Ok(forward::Answer::Allow { identity, copies }) => Ok(Principal {
                 identity: Some(identity),
                 provider: route.provider.clone(),
@@ -453,7 +455,7 @@ impl Methods {
             .ok_or(Reject::AuthUnavailable)?;
         let token = jwt::find_token_in(&introspector.config().token_sources, headers, query).ok_or(Reject::Auth(AuthFailure::Missing))?;
         seen.token_fingerprint = Some(fingerprint(&token).into());
-        match introspector.check(&token).await {
+        match Box::pin(introspector.check(&token)).await {
             Ok(introspection::Verdict::Active(a)) => {
                 seen.identity = Some(a.identity.clone());
                 Ok(Principal {
