@@ -398,7 +398,7 @@ impl Admission {
         let user = authorize(&self.gw, &rt.config, route, principal.as_ref()).await?;
         let request_id = self.with_info(|i| i.request_id.clone());
         let mut facts = upstream::facts(
-            &rt,
+            rt,
             route,
             (checked.client_ip, self.peer_ip),
             (checked.path(), checked.query()),
@@ -407,12 +407,12 @@ impl Admission {
             self.cert().map(Arc::as_ref),
         );
         facts.request_id = request_id.as_deref();
-        let connected = upstream::connect(&self.gw, &rt, checked.route_index, &facts).await?;
+        let connected = upstream::connect(&self.gw, rt, checked.route_index, &facts).await?;
         self.note(|i| i.upstream = Some(Arc::from(&*connected.target)));
         let mut resp = upgrade::switching_protocols(&upgrade, connected.protocol.clone());
-        let had = upstream::sticky_choice(&rt, checked.route_index, req.headers());
+        let had = upstream::sticky_choice(rt, checked.route_index, req.headers());
         let index = connected.load.as_ref().map(crate::balance::SessionHeld::index);
-        if let Some(c) = index.and_then(|i| upstream::sticky_cookie(&rt, checked.route_index, had, i, !self.plain)) {
+        if let Some(c) = index.and_then(|i| upstream::sticky_cookie(rt, checked.route_index, had, i, !self.plain)) {
             resp.headers_mut().append(http::header::SET_COOKIE, c);
         }
         let upstream_state = connected.deflate.as_ref().map_or(0, crate::relay::deflate::session_memory);

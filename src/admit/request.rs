@@ -90,12 +90,12 @@ impl Admission {
         // `X-Forwarded-For` gets them now. A plain request is charged to the client's
         // `http_rate_per_ip`, each one on a kept-alive connection.
         let ip_slot = if upgrade.is_none() {
-            self.gw.check_http(&rt, client_ip)?;
+            self.gw.check_http(rt, client_ip)?;
             None
         } else if client_ip == self.peer_ip {
             None
         } else {
-            Some(self.gw.check_client(&rt, client_ip)?)
+            Some(self.gw.check_client(rt, client_ip)?)
         };
         Ok(Checked {
             route_index,
