@@ -54,12 +54,18 @@ pub(crate) struct Heads {
     /// A byte was read or written since the watchdog last looked (no clock read per
     /// read and write: the watchdog, which looks at least every head timeout, dates it).
     active: AtomicBool,
-    /// Heads read whole, and answers ended (their bodies dropped by hyper): while every
-    /// head read has had its answer, the connection waits for the next head.
+    /// Heads read whole; answers whose bodies hyper dropped (taken whole, or abandoned);
+    /// answers written out (the first flush that completed after that). While every
+    /// head read has its answer written and no request body is still coming, the
+    /// connection waits for the next head.
     read: AtomicU64,
+    ended: AtomicU64,
     answered: AtomicU64,
-    /// Milliseconds after `start` when the last answer ended (0: none yet): when the
-    /// wait for the next head began.
+    /// A request body is still coming (the guard follows it), possibly after its answer.
+    in_body: AtomicBool,
+    /// Milliseconds after `start` when the last answer was written out or the last
+    /// request body came whole, whichever was later (0: neither yet): when the wait for
+    /// the next head began.
     waiting_since: AtomicU64,
     start: Instant,
 }
@@ -70,7 +76,9 @@ impl Heads {
             checks: Mutex::default(),
             active: AtomicBool::new(false),
             read: AtomicU64::new(0),
+            ended: AtomicU64::new(0),
             answered: AtomicU64::new(0),
+            in_body: AtomicBool::new(false),
             waiting_since: AtomicU64::new(0),
             start: Instant::now(),
         })
@@ -81,17 +89,34 @@ impl Heads {
         self.start
     }
 
-    /// An answer ended: the wait for the next head begins now.
-    pub(crate) fn answered(&self) {
-        self.waiting_since.store(self.millis(), Ordering::Relaxed);
-        self.answered.fetch_add(1, Ordering::Relaxed);
+    /// A flush of the client connection completed: an answer whose body ended before it
+    /// is now written out, and the wait for the next head begins (unless a request
+    /// body is still coming). Not at the body's end: hyper and TLS may still hold its
+    /// last bytes for a client slow to read them.
+    fn flushed(&self) {
+        let ended = self.ended.load(Ordering::Relaxed);
+        if ended > self.answered.load(Ordering::Relaxed) {
+            self.waiting_since.fetch_max(self.millis(), Ordering::Relaxed);
+            self.answered.store(ended, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the guard is inside a request body; the end of one is when the wait for
+    /// the next head begins, if its answer was written out before.
+    fn set_in_body(&self, in_body: bool) {
+        if self.in_body.load(Ordering::Relaxed) != in_body {
+            if !in_body {
+                self.waiting_since.fetch_max(self.millis(), Ordering::Relaxed);
+            }
+            self.in_body.store(in_body, Ordering::Relaxed);
+        }
     }
 
     /// When the next request head must be whole, if the connection is waiting for one
-    /// (no request in progress): `within` after the last answer ended (or the start).
-    /// A head dribbled in does not move it.
+    /// (no request in progress: every answer written out, no body still coming):
+    /// `within` after that wait began (or the start). A head dribbled in does not move it.
     pub(crate) fn head_due(&self, within: Duration) -> Option<Instant> {
-        let waiting = self.answered.load(Ordering::Relaxed) >= self.read.load(Ordering::Relaxed);
+        let waiting = self.answered.load(Ordering::Relaxed) >= self.read.load(Ordering::Relaxed) && !self.in_body.load(Ordering::Relaxed);
         waiting.then(|| self.start + Duration::from_millis(self.waiting_since.load(Ordering::Relaxed)) + within)
     }
 
@@ -127,8 +152,8 @@ impl Heads {
     }
 }
 
-/// An answer's body as hyper writes it; dropped (written whole, or abandoned), it tells
-/// [`Heads`] the answer ended.
+/// An answer's body as hyper writes it; dropped (taken whole, or abandoned), it tells
+/// [`Heads`] the answer ended, counted as written out at the next completed flush.
 pub(crate) struct Answering<B> {
     body: B,
     heads: Arc<Heads>,
@@ -142,7 +167,7 @@ impl<B> Answering<B> {
 
 impl<B> Drop for Answering<B> {
     fn drop(&mut self) {
-        self.heads.answered();
+        self.heads.ended.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -271,6 +296,14 @@ impl Scanner {
                 }
             }
         }
+    }
+
+    /// Inside a request body (a length or chunks still to come).
+    fn in_body(&self) -> bool {
+        matches!(
+            self.state,
+            State::Body(_) | State::ChunkSize | State::ChunkData(_) | State::ChunkEnd(_) | State::Trailers
+        )
     }
 
     fn lose(&mut self, why: &'static str) {
@@ -445,6 +478,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
             if !new.is_empty() {
                 this.heads.touch();
                 this.scanner.feed(new, &this.heads);
+                this.heads.set_in_body(this.scanner.in_body());
             }
         }
         r
@@ -463,7 +497,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        if let Poll::Ready(Ok(())) = r {
+            self.heads.flushed();
+        }
+        r
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {

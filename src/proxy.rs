@@ -347,8 +347,10 @@ pub(crate) async fn exchange(
     body: Limited,
     (timeout, connect_timeout): (Duration, Duration),
 ) -> Result<Response<Body>, Reject> {
-    // Its progress counts from when the body was taken (`Limited::new`, just before).
+    // Its progress counts from now: a wait for a place in the pool or a connect came
+    // before, and is not the upstream's time to answer.
     let upload = body.upload.clone();
+    upload.touch();
     let mut req = http::Request::from_parts(head, body);
     let resp = loop {
         let Some(sender) = lease.sender.as_mut() else {

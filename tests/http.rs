@@ -46,6 +46,8 @@ struct AppState {
     release: Arc<Notify>,
     /// `/app/big` answers whose reader went away before the end.
     big_cut: Arc<std::sync::atomic::AtomicUsize>,
+    /// Body bytes `/app/early` read after its answer.
+    early: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 struct App {
@@ -107,8 +109,13 @@ async fn handle(req: hyper::Request<Incoming>, peer: SocketAddr, st: AppState) -
         "/app/big" => {
             let (tx, rx) = mpsc::channel(2);
             let cut = st.big_cut.clone();
-            // `?huge`: 256 MiB, more than the sockets between here and the client hold.
-            let chunks: usize = if req.uri().query() == Some("huge") { 4096 } else { 64 };
+            // `?huge`: 256 MiB, more than the sockets between here and the client hold;
+            // `?N`: N chunks.
+            let chunks: usize = match req.uri().query() {
+                Some("huge") => 4096,
+                Some(n) => n.parse().unwrap_or(64),
+                None => 64,
+            };
             tokio::spawn(async move {
                 for i in 0..chunks {
                     if tx.send(Bytes::from(vec![i as u8; 64 * 1024])).await.is_err() {
@@ -142,6 +149,23 @@ async fn handle(req: hyper::Request<Incoming>, peer: SocketAddr, st: AppState) -
                 let _ = tx.send(Bytes::from_static(b"late body")).await;
             });
             hyper::Response::new(Chan(rx).boxed())
+        }
+        "/app/pause" => {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            text(200, "paused")
+        }
+        "/app/early" => {
+            // Answered at once; the body read afterwards.
+            let early = st.early.clone();
+            let mut body = req.into_body();
+            tokio::spawn(async move {
+                while let Some(Ok(frame)) = body.frame().await {
+                    if let Some(d) = frame.data_ref() {
+                        early.fetch_add(d.len(), std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            });
+            text(200, "early")
         }
         "/app/slow" => {
             tokio::time::sleep(Duration::from_secs(30)).await;
@@ -614,6 +638,89 @@ async fn a_kept_alive_connection_waits_for_its_next_head_no_longer_than_handshak
     assert!(cut || c.closed().await, "a dripped head was not cut");
     assert!(t0.elapsed() < Duration::from_millis(3500), "cut after {:?}", t0.elapsed());
     assert_eq!(app.seen().len(), 3, "the dripped head reached the upstream");
+}
+
+/// The wait for the next head starts once the last answer is written out and the last
+/// request body came whole, not before: a client slow to read the end of a large answer
+/// gets all of it, and a body still uploading after an early answer is not cut.
+#[tokio::test]
+async fn the_wait_for_the_next_head_starts_after_the_answer_is_written_and_the_body_is_in() {
+    let app = app().await;
+    let url = app.url();
+    let config = format!(
+        "{LIMITS}\n{}",
+        http_route("app", "/app/*", &url, "http_timeout = \"5s\"\nmax_body = \"4MiB\"")
+    );
+    let gw = Gw::start("handshake_timeout = \"1s\"", &config).await;
+    let auth = bearer(&gw);
+    // Answers around what the sockets and buffers between the gateway and a client
+    // that does not read hold (the client's receive buffer made small): for some of
+    // them the last frame leaves the upstream's body while its bytes still wait in the
+    // gateway. The client reads 2 s later, all of it.
+    let reads = (46..58).map(|chunks: usize| {
+        let (gw, auth) = (&gw, &auth);
+        async move {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.set_recv_buffer_size(8 * 1024).unwrap();
+            let tcp = socket.connect(gw.addr).await.unwrap();
+            let s = tokio_rustls::TlsConnector::from(gw.tls())
+                .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                .await
+                .unwrap();
+            let mut c = Client { s, buf: Vec::new() };
+            c.send(&get(&format!("/app/big?{chunks}"), auth)).await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let a = c.answer().await.expect("answer cut");
+            (chunks, a.body.len())
+        }
+    });
+    for (chunks, got) in futures_util::future::join_all(reads).await {
+        assert_eq!(got, chunks * 64 * 1024, "answer of {chunks} chunks cut short");
+    }
+    // A body sent over 2 s (32 KiB every 250 ms) to an upstream that answered at once:
+    // uploaded whole, and the connection serves the next request.
+    let mut c = Client::connect(&gw).await;
+    let total = 8 * 32 * 1024;
+    c.send(format!("POST /app/early HTTP/1.1\r\nHost: localhost\r\nContent-Length: {total}\r\n{auth}\r\n").as_bytes())
+        .await;
+    let chunk = vec![b'x'; 32 * 1024];
+    for _ in 0..8 {
+        c.send(&chunk).await;
+        // Kept: a body arriving slowly after its answer is the point of this case.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let a = c.answer().await.expect("no answer");
+    assert_eq!((a.status, a.text().as_str()), (200, "early"));
+    wait_until("the body uploaded whole", TIMEOUT, || async {
+        app.state.early.load(std::sync::atomic::Ordering::Relaxed) == total
+    })
+    .await;
+    c.send(&get("/app/headers", &auth)).await;
+    assert_eq!(c.answer().await.map(|a| a.status), Some(200));
+}
+
+/// A request that waited for a place in a full pool still has all of `http_timeout` for
+/// its upstream to answer: the wait is not charged to the upstream.
+#[tokio::test]
+async fn time_spent_waiting_for_a_pool_place_is_not_the_upstreams_time_to_answer() {
+    let app = app().await;
+    let url = app.url();
+    let config = format!(
+        "{LIMITS}\n{}",
+        http_route("app", "/app/*", &url, "http_timeout = \"2s\"\nhttp_max_connections = 1")
+    );
+    let gw = Gw::start("", &config).await;
+    let auth = bearer(&gw);
+    // A takes the only place for 1.5 s; B waits about 1.4 s for it, then its upstream
+    // answers in 1.5 s: 2.9 s in all, each wait under 2 s.
+    let mut a = Client::connect(&gw).await;
+    let mut b = Client::connect(&gw).await;
+    a.send(&get("/app/pause", &auth)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    b.send(&get("/app/pause", &auth)).await;
+    let (ra, rb) = tokio::join!(a.answer(), b.answer());
+    assert_eq!(ra.map(|r| r.status), Some(200));
+    assert_eq!(rb.map(|r| (r.status, r.text())), Some((200, "paused".to_string())));
 }
 
 #[tokio::test]
