@@ -96,7 +96,8 @@ impl Heads {
     fn flushed(&self) {
         let ended = self.ended.load(Ordering::Relaxed);
         if ended > self.answered.load(Ordering::Relaxed) {
-            self.waiting_since.fetch_max(self.millis(), Ordering::Relaxed);
+            self.waiting_since
+                .fetch_max(crate::util::millis_since(self.start), Ordering::Relaxed);
             self.answered.store(ended, Ordering::Relaxed);
         }
     }
@@ -106,7 +107,8 @@ impl Heads {
     fn set_in_body(&self, in_body: bool) {
         if self.in_body.load(Ordering::Relaxed) != in_body {
             if !in_body {
-                self.waiting_since.fetch_max(self.millis(), Ordering::Relaxed);
+                self.waiting_since
+                    .fetch_max(crate::util::millis_since(self.start), Ordering::Relaxed);
             }
             self.in_body.store(in_body, Ordering::Relaxed);
         }
@@ -123,10 +125,6 @@ impl Heads {
     /// Whether a byte moved either way since the last call.
     pub(crate) fn take_activity(&self) -> bool {
         self.active.swap(false, Ordering::Relaxed)
-    }
-
-    fn millis(&self) -> u64 {
-        self.start.elapsed().as_millis().min(u128::from(u64::MAX)) as u64
     }
 
     /// The check of the next request head hyper hands over. No check queued means the

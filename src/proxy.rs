@@ -72,8 +72,7 @@ impl Upload {
     }
 
     fn touch(&self) {
-        let ms = self.start.elapsed().as_millis().min(u128::from(u64::MAX)) as u64;
-        self.last.store(ms, Ordering::Relaxed);
+        self.last.store(crate::util::millis_since(self.start), Ordering::Relaxed);
     }
 
     fn last_progress(&self) -> Instant {

@@ -56,6 +56,11 @@ pub(crate) fn hex_into(bytes: &[u8], out: &mut [u8]) {
     }
 }
 
+/// Milliseconds since `start`, for a time kept in an `AtomicU64` relative to it.
+pub(crate) fn millis_since(start: tokio::time::Instant) -> u64 {
+    start.elapsed().as_millis().min(u128::from(u64::MAX)) as u64
+}
+
 /// An address as a header value: IPv4 written digit by digit (the per-request common case,
 /// without the formatting machinery), IPv4-mapped IPv6 as IPv4, other IPv6 in RFC 5952 text.
 pub(crate) fn ip_header_value(ip: std::net::IpAddr) -> Option<http::HeaderValue> {

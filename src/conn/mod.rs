@@ -131,9 +131,10 @@ async fn handshake(
     };
     let ctx = admission.clone();
     let heads = admission.heads();
+    let answer_heads = heads.clone();
     let service = service_fn(move |req| {
         let ctx = ctx.clone();
-        let heads = heads.clone();
+        let heads = answer_heads.clone();
         async move {
             let resp = ctx.answer(req).await;
             Ok::<_, Infallible>(resp.map(|body| crate::framing::Answering::new(body, heads)))
@@ -158,7 +159,6 @@ async fn handshake(
     // `http_timeout` of the route of its last plain request).
     let quiet_base =
         server.handshake_timeout + server.upstream_timeout * rt.config.routes.iter().map(|r| r.upstreams.len()).max().unwrap_or(1) as u32;
-    let heads = admission.heads();
     let io = crate::framing::Guarded::new(stream, heads.clone(), max_head);
     let mut serve = Box::pin(builder.serve_connection(TokioIo::new(io), service).with_upgrades());
     // The watchdog's two limits, one timer for both: the next request head whole within
